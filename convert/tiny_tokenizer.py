@@ -1,0 +1,120 @@
+"""A tiny tokenizer in Gemma 4's format, for test checkpoints.
+
+Gemma 4 checkpoints ship `tokenizer.json` (BPE, byte fallback, spaces normalised to "▁"),
+`tokenizer_config.json` (`GemmaTokenizer` with named extra special tokens) and
+`chat_template.jinja`. This module lays out a small vocabulary the same way — control tokens at
+Gemma 4's ids, the 256 byte tokens at ids 238-493, learned BPE pieces in the free slots, the
+multimodal tokens last — and saves it with transformers' own `GemmaTokenizer.save_pretrained`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Gemma 4 control tokens at their real ids (all < 238, so they fit every tiny vocabulary)
+FIXED_TOKENS: dict[int, str] = {
+    0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 5: "[multimodal]",
+    46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>",
+    51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>", 100: "<|channel>", 101: "<channel|>",
+    105: "<|turn>", 106: "<turn|>", 107: "\n", 108: "\n\n", 109: "\n\n\n",
+}
+BYTE_TOKENS_START = 238  # <0x00> .. <0xFF> occupy 238..493, as in Gemma 4
+# multimodal tokens: at 255999.. in the real vocabulary, the last ids of a tiny one
+MULTIMODAL_TOKENS = ("<|image>", "<|audio>", "<|image|>", "<|audio|>", "<image|>", "<audio|>", "<|video|>")
+MIN_VOCAB = BYTE_TOKENS_START + 256 + len(MULTIMODAL_TOKENS) + 8
+
+# The attribute names Gemma 4's tokenizer_config.json gives its extra special tokens
+EXTRA_SPECIAL_TOKENS = {
+    "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>", "audio_token": "<|audio|>",
+    "boa_token": "<|audio>", "eoa_token": "<audio|>", "sot_token": "<|turn>", "eot_token": "<turn|>",
+    "soc_token": "<|channel>", "eoc_token": "<channel|>", "think_token": "<|think|>", "escape_token": '<|"|>',
+    "str_token": "<|tool_response>", "etr_token": "<tool_response|>", "stc_token": "<|tool_call>",
+    "etc_token": "<tool_call|>", "std_token": "<|tool>", "etd_token": "<tool|>",
+}
+
+# Renders text conversations as Gemma 4's template does (large-model variant: an empty thought
+# channel after the generation prompt when thinking is off). Written for dgemma; tools and
+# images are not part of it.
+CHAT_TEMPLATE = """{{- bos_token -}}
+{%- set thinking = enable_thinking | default(false) -%}
+{%- set loop_messages = messages -%}
+{%- if thinking or (messages and messages[0]['role'] in ['system', 'developer']) -%}
+{{- '<|turn>system\\n' -}}
+{%- if thinking -%}{{- '<|think|>\\n' -}}{%- endif -%}
+{%- if messages and messages[0]['role'] in ['system', 'developer'] -%}
+{{- messages[0]['content'] | trim -}}
+{%- set loop_messages = messages[1:] -%}
+{%- endif -%}
+{{- '<turn|>\\n' -}}
+{%- endif -%}
+{%- for message in loop_messages -%}
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+{{- '<|turn>' + role + '\\n' + (message['content'] | trim) + '<turn|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|turn>model\\n' -}}
+{%- if not thinking -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}
+{%- endif -%}"""
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun.",
+    "Once upon a time there was a little model that learned to write text out of noise.",
+    "Diffusion models start from random tokens and refine the whole canvas at every step.",
+    "def add(a, b):\n    return a + b\n\n\nfor i in range(10):\n    print(i, add(i, i))\n",
+    "if x > 0:\n\tprint('positive')\nelse:\n\tprint('negative')\n",
+    "Hello, world! How are you today? I am fine, thank you.\nSee you tomorrow.",
+    "  leading spaces,   runs of spaces, and trailing spaces  \n\n\n",
+    "Numbers like 3.14159, 2026 and 1e-6 appear in text; so do symbols: #, @, %, &, *.",
+] * 4
+
+
+def _learned_pieces(n: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Train a byte-fallback BPE on CORPUS with Gemma's normaliser; return its pieces and merges."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    trainer = trainers.BpeTrainer(vocab_size=n, show_progress=False, special_tokens=[])
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    model = tok.to_str()
+    import json
+
+    data = json.loads(model)["model"]
+    vocab = sorted(data["vocab"].items(), key=lambda kv: kv[1])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in data["merges"]]
+    return [piece for piece, _ in vocab], merges
+
+
+def build_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"tiny Gemma 4 tokenizer needs vocab_size >= {MIN_VOCAB}, got {vocab_size}")
+    ids: dict[int, str] = dict(FIXED_TOKENS)
+    for b in range(256):
+        ids[BYTE_TOKENS_START + b] = f"<0x{b:02X}>"
+    for i, tok in enumerate(MULTIMODAL_TOKENS):
+        ids[vocab_size - len(MULTIMODAL_TOKENS) + i] = tok
+    free = [i for i in range(vocab_size) if i not in ids]
+    taken = set(ids.values())
+    pieces, merges = _learned_pieces(len(free) + len(taken))
+    pieces = [p for p in pieces if p not in taken]
+    for slot, piece in zip(free, pieces):
+        ids[slot] = piece
+    for n, slot in enumerate(i for i in free if i not in ids):
+        ids[slot] = f"<unused{n}>"
+    vocab = {tok: i for i, tok in ids.items()}
+    merges = [(a, b) for a, b in merges if a in vocab and b in vocab and a + b in vocab]
+    return vocab, merges
+
+
+def make_tokenizer(vocab_size: int):
+    from transformers import GemmaTokenizer
+
+    vocab, merges = build_vocab(vocab_size)
+    return GemmaTokenizer(
+        vocab=vocab, merges=merges, add_bos_token=False, padding_side="left",
+        extra_special_tokens=dict(EXTRA_SPECIAL_TOKENS), chat_template=CHAT_TEMPLATE,
+    )
+
+
+def save_tokenizer(out_dir: str | Path, vocab_size: int) -> None:
+    make_tokenizer(vocab_size).save_pretrained(str(out_dir))

@@ -1,0 +1,103 @@
+"""The `dgemma` command: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dgemma import __version__
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> int:
+    print(f"dgemma: error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from dgemma.convert import ConvertError, convert
+
+    try:
+        result = convert(args.src, args.output, args.type, force=args.force, quiet=args.quiet)
+    except ConvertError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail(f"{args.output}: interrupted; nothing was written", EXIT_INTERRUPTED)
+    if not args.quiet:
+        print(f"wrote {result.path} ({result.n_tensors} tensors, {result.nbytes:,} bytes, {args.type.upper()})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import InspectError, format_summary, summarize
+
+    try:
+        print(format_summary(summarize(args.file)))
+    except InspectError as e:
+        return _fail(str(e))
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    try:
+        from dgemma.convert.tiny import TinySpec, build_checkpoint
+    except ImportError as e:
+        return _fail(f"make-tiny needs the dev extra (pip install -e '.[dev]'): {e}")
+    spec = TinySpec(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=len(args.layers),
+                    layer_types=tuple("full_attention" if c == "G" else "sliding_attention" for c in args.layers),
+                    seed=args.seed, dtype=args.dtype)
+    out = build_checkpoint(spec, args.out)
+    print(f"wrote a tiny random DiffusionGemma checkpoint to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dgemma.convert.writer import OUTPUT_TYPES
+
+    p = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma locally: convert, inspect (run and serve come next).")
+    p.add_argument("--version", action="version", version=f"dgemma {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a Hugging Face DiffusionGemma checkpoint folder to one GGUF file",
+                       description="Convert a Hugging Face DiffusionGemma checkpoint folder (config.json, "
+                                   "safetensors shards, tokenizer) into one GGUF file that dgemma and llama.cpp read.")
+    c.add_argument("src", metavar="SRC_DIR", help="checkpoint folder")
+    c.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="output file")
+    c.add_argument("--type", default="BF16", metavar="TYPE",
+                   help=f"weight type: {', '.join(OUTPUT_TYPES)} (default BF16; norms, scales and the router stay F32)")
+    c.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+    c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("inspect", help="summarize a DiffusionGemma GGUF file",
+                       description="Architecture, parameter count, tensors per GGML type, sampler defaults, tokenizer.")
+    i.add_argument("file", metavar="FILE.gguf")
+    i.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("make-tiny", help="write a tiny random DiffusionGemma checkpoint (needs the dev extra)",
+                       description="Build a tiny random DiffusionGemma checkpoint with transformers, for trying "
+                                   "the converter without downloading a model.")
+    t.add_argument("out", metavar="OUT_DIR")
+    t.add_argument("--vocab", type=int, default=512, help="vocabulary size (>= 509; default 512)")
+    t.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
+    t.add_argument("--layers", default="ssG", help="layer pattern, s = sliding, G = global; last must be G (default ssG)")
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_make_tiny)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_ERROR
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random DiffusionGemma checkpoints built with transformers, cached per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dgemma.convert.tiny import TinySpec, build_checkpoint
+
+# Three shapes of model, differing in every dimension the converter reads.
+SPECS = {
+    "base": TinySpec(),
+    "bf16_wide": TinySpec(
+        vocab_size=640, hidden_size=96, intermediate_size=128, num_hidden_layers=6,
+        layer_types=("sliding_attention",) * 5 + ("full_attention",), num_attention_heads=2,
+        num_key_value_heads=1, num_global_key_value_heads=1, head_dim=32, global_head_dim=64,
+        num_experts=8, top_k_experts=3, moe_intermediate_size=96, sliding_window=16, canvas_length=32,
+        dtype="bfloat16", seed=1,
+    ),
+    # rows that are not multiples of 32 (expert width 48) and a global layer in the middle
+    "odd": TinySpec(
+        num_hidden_layers=4, layer_types=("sliding_attention", "full_attention", "sliding_attention", "full_attention"),
+        moe_intermediate_size=48, intermediate_size=80, num_experts=3, top_k_experts=1, seed=2,
+        sampler=dict(max_denoising_steps=24, t_min=0.3, t_max=0.9, stability_threshold=2,
+                     confidence_threshold=0.01, entropy_bound=0.2),
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    cache: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("checkpoints")
+
+    def make(spec: TinySpec) -> Path:
+        key = spec.key()
+        if key not in cache:
+            cache[key] = build_checkpoint(spec, root / key)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(checkpoint_factory) -> Path:
+    return checkpoint_factory(SPECS["base"])
+
+
+@pytest.fixture(params=sorted(SPECS))
+def any_checkpoint(request, checkpoint_factory) -> tuple[str, TinySpec, Path]:
+    spec = SPECS[request.param]
+    return request.param, spec, checkpoint_factory(spec)
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
