@@ -18,12 +18,15 @@ class InspectError(Exception):
 
 
 def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    """A field's value; float32 scalars come back at float32 precision (0.1, not 0.10000000149)."""
     f = reader.fields.get(key)
     if f is None:
         return default
     value = f.contents()
     if f.types and f.types[0] == GGUFValueType.ARRAY:
         return list(value)
+    if f.types and f.types[0] == GGUFValueType.FLOAT32:
+        return float(f"{value:.7g}")
     return value
 
 

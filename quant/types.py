@@ -60,7 +60,8 @@ class F16(QuantType, qtype=GGMLQuantizationType.F16):
     # ggml_fp32_to_fp16: IEEE round to nearest even, as numpy's cast
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        return blocks.astype(np.float16).view(np.uint8)
+        with np.errstate(over="ignore"):  # |x| > 65504 becomes inf, as in ggml
+            return blocks.astype(np.float16).view(np.uint8)
 
     @classmethod
     def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -71,10 +72,12 @@ class BF16(QuantType, qtype=GGMLQuantizationType.BF16):
     # ggml_compute_fp32_to_bf16 (ggml-impl.h): NaN -> quiet NaN, otherwise round to nearest even
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        bits = np.ascontiguousarray(blocks, dtype=np.float32).view(np.uint32).astype(np.uint64)
-        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        quiet_nan = (bits >> 16) | 0x40
+        bits = np.ascontiguousarray(blocks, dtype=np.float32).view(np.uint32)
+        is_nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+        # no uint32 overflow for non-NaN inputs (at most 0xFF800000 + 0x8000); NaN lanes are replaced
+        with np.errstate(over="ignore"):
+            rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+        quiet_nan = (bits >> 16) | np.uint32(0x40)
         out = np.where(is_nan, quiet_nan, rounded).astype(np.uint16)
         return out.view(np.uint8)
 
