@@ -1,0 +1,233 @@
+"""The engine: load a DiffusionGemma GGUF, generate text canvas by canvas, report what happened.
+
+    engine = Engine.load("model.gguf")                      # backend="torch", device="cpu"
+    for event in engine.generate("Why is the sky blue?", GenerateOptions(seed=1)):
+        if isinstance(event, TextEvent): print(event.text, end="")
+        else: print(event.done_reason, event.eval_count)
+
+A prompt string is wrapped in the model's chat template as a single user turn (as `ollama run` does)
+unless `raw=True`; a list of messages always goes through the template; `prompt_ids` feeds tokens as-is.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .chat import render_chat
+from .config import ModelConfig, SamplerDefaults
+from .inspect import open_gguf
+from .model import DiffusionGemma, KVCache
+from .sampler import StepInfo, denoise_canvas
+from .tokenizer import Tokenizer
+from .weights import load_weights
+
+DEFAULT_MAX_TOKENS = 1024
+BACKENDS = ("torch",)
+
+
+class EngineError(ValueError):
+    """A one-line, user-facing error from loading or generating."""
+
+
+@dataclass
+class GenerateOptions:
+    max_tokens: int | None = None  # None: DEFAULT_MAX_TOKENS; generation stops at an end-of-generation token
+    seed: int | None = None  # None: a random seed (reported in the final event)
+    steps: int | None = None  # max denoising steps per canvas (diffusion.eb_max_steps)
+    t_min: float | None = None
+    t_max: float | None = None
+    entropy_bound: float | None = None
+    stop: list[str] = field(default_factory=list)
+    raw: bool = False  # a string prompt is used as-is (BOS prepended) instead of a chat turn
+    eos_ids: set[int] | None = None  # None: the model's end-of-generation tokens
+    cancel: threading.Event | Callable[[], bool] | None = None  # checked between denoising steps
+    on_step: Callable[[StepInfo], None] | None = None
+
+    def cancelled(self) -> bool:
+        if self.cancel is None:
+            return False
+        return self.cancel.is_set() if isinstance(self.cancel, threading.Event) else bool(self.cancel())
+
+
+@dataclass
+class TextEvent:
+    text: str  # new text from the canvas just finished
+    token_ids: list[int]  # the canvas's tokens that count (cut at EOG / max_tokens)
+    canvas: int  # 0-based canvas index
+    steps: int
+
+
+@dataclass
+class DoneEvent:
+    done_reason: str  # "stop" (EOG or stop string), "length" (max_tokens) or "cancelled"
+    prompt_eval_count: int
+    eval_count: int  # generated tokens reported
+    token_ids: list[int]
+    canvases: list[list[int]]  # every whole canvas, as denoised (before cutting)
+    steps_per_canvas: list[int]
+    tokens_per_forward: float
+    seed: int
+    total_duration: int  # nanoseconds
+    load_duration: int
+    prompt_eval_duration: int
+    eval_duration: int
+
+
+Event = TextEvent | DoneEvent
+
+
+class Engine:
+    def __init__(self, path: Path, cfg: ModelConfig, tokenizer: Tokenizer, model: DiffusionGemma, load_ns: int) -> None:
+        self.path, self.cfg, self.tokenizer, self.model, self.load_duration = path, cfg, tokenizer, model, load_ns
+        self._lock = threading.Lock()  # one generation at a time per engine
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "torch", device: str = "cpu") -> "Engine":
+        if backend not in BACKENDS:
+            raise EngineError(f"backend '{backend}' is not available (have: {', '.join(BACKENDS)})")
+        if device != "cpu":
+            raise EngineError(f"device '{device}' is not supported by the torch reference backend yet (use cpu)")
+        t0 = time.perf_counter_ns()
+        path = Path(path)
+        try:
+            reader = open_gguf(path)
+            cfg = ModelConfig.from_gguf(reader, path)
+            tokenizer = Tokenizer.from_gguf(reader, path)
+            model = DiffusionGemma(cfg, load_weights(reader, cfg, path))
+        except ValueError as e:  # InspectError and friends
+            raise EngineError(str(e)) from None
+        return cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0)
+
+    # ---- prompt ---------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | list[dict[str, Any]] | list[int], raw: bool = False, **template_kwargs) -> list[int]:
+        tok = self.tokenizer
+        if isinstance(prompt, list) and all(isinstance(x, int) for x in prompt) and prompt:
+            ids = list(prompt)
+        elif isinstance(prompt, str) and raw:
+            ids = tok.encode(prompt, add_bos=True)
+        else:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            ids = tok.encode(render_chat(tok, messages, **template_kwargs))
+        if not ids:
+            raise EngineError("empty prompt")
+        bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
+        if bad:
+            raise EngineError(f"token id {bad[0]} is outside the vocabulary of {self.cfg.vocab_size}")
+        return ids
+
+    def sampler_settings(self, o: GenerateOptions) -> SamplerDefaults:
+        s = replace(self.cfg.sampler)
+        for attr, value in (("max_steps", o.steps), ("t_min", o.t_min), ("t_max", o.t_max), ("entropy_bound", o.entropy_bound)):
+            if value is not None:
+                setattr(s, attr, value)
+        if s.max_steps < 1:
+            raise EngineError(f"steps must be at least 1 (got {s.max_steps})")
+        return s
+
+    # ---- generation -----------------------------------------------------------------------------
+    def generate(self, prompt: str | list[dict[str, Any]] | list[int], options: GenerateOptions | None = None,
+                 **template_kwargs) -> Iterator[Event]:
+        o = options or GenerateOptions()
+        ids = self.prompt_ids(prompt, o.raw, **template_kwargs)
+        s = self.sampler_settings(o)
+        max_tokens = DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens
+        room = self.cfg.context_length - len(ids)
+        if room <= 0:
+            raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {self.cfg.context_length}")
+        max_tokens = min(max_tokens, room)
+        eos = self.tokenizer.eog_ids if o.eos_ids is None else set(o.eos_ids)
+        seed = o.seed if o.seed is not None else int.from_bytes(os.urandom(4), "little")
+        with self._lock:
+            yield from self._generate(ids, o, s, max_tokens, eos, seed)
+
+    def _generate(self, ids: list[int], o: GenerateOptions, s: SamplerDefaults, max_tokens: int, eos: set[int],
+                  seed: int) -> Iterator[Event]:
+        t_start = time.perf_counter_ns()
+        gen = torch.Generator().manual_seed(seed)
+        cache = KVCache()
+        self.model.encode(torch.tensor([ids]), cache)
+        t_prompt = time.perf_counter_ns()
+        C, V = self.cfg.canvas_length, self.cfg.vocab_size
+        decode = lambda canvas, sc: self.model.decode(canvas, cache, sc)  # noqa: E731
+        cancelled = False
+
+        def on_step(info: StepInfo) -> bool:
+            nonlocal cancelled
+            if o.on_step is not None:
+                o.on_step(info)
+            cancelled = o.cancelled()
+            return cancelled
+
+        text = _TextAssembler(self.tokenizer, o.stop)
+        out_ids: list[int] = []
+        canvases: list[list[int]] = []
+        steps: list[int] = []
+        reason = "length"
+        for index in range(math.ceil(max_tokens / C)):
+            if o.cancelled():
+                reason = "cancelled"
+                break
+            result = denoise_canvas(decode, C, V, s, gen, on_step)
+            canvas = result.tokens.tolist()
+            canvases.append(canvas)
+            steps.append(result.steps)
+            keep = canvas[: max_tokens - len(out_ids)]
+            hit_eos = next((n for n, t in enumerate(keep) if t in eos), None)
+            if hit_eos is not None:
+                keep = keep[:hit_eos]
+            out_ids += keep
+            new_text, hit_stop = text.add(keep, final=hit_eos is not None or len(out_ids) >= max_tokens or cancelled)
+            if new_text or keep:
+                yield TextEvent(new_text, keep, index, result.steps)
+            if cancelled:
+                reason = "cancelled"
+                break
+            if hit_eos is not None or hit_stop:
+                reason = "stop"
+                break
+            if len(out_ids) >= max_tokens:
+                break
+            self.model.encode(torch.tensor([canvas]), cache)
+        t_end = time.perf_counter_ns()
+        forwards = sum(steps)
+        yield DoneEvent(
+            done_reason=reason, prompt_eval_count=len(ids), eval_count=len(out_ids), token_ids=out_ids,
+            canvases=canvases, steps_per_canvas=steps, tokens_per_forward=len(out_ids) / forwards if forwards else 0.0,
+            seed=seed, total_duration=t_end - t_start + self.load_duration, load_duration=self.load_duration,
+            prompt_eval_duration=t_prompt - t_start, eval_duration=t_end - t_prompt,
+        )
+
+
+class _TextAssembler:
+    """Turns canvases of token ids into text deltas: whole UTF-8 characters only, cut at stop strings,
+    holding back a tail that could be the start of a stop string split across canvases."""
+
+    def __init__(self, tok: Tokenizer, stop: list[str]) -> None:
+        self.tok, self.stop = tok, [x for x in stop if x]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.emitted = "", 0
+
+    def add(self, ids: list[int], final: bool) -> tuple[str, bool]:
+        self.text += self.decoder.decode(self.tok.decode_bytes(ids, skip_special=True), final=final)
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.emitted - len(s) + 1))
+            if at != -1:
+                self.text = self.text[:at]
+                return self._flush(len(self.text)), True
+        hold = 0 if final or not self.stop else max(len(s) for s in self.stop) - 1
+        return self._flush(max(self.emitted, len(self.text) - hold)), False
+
+    def _flush(self, upto: int) -> str:
+        piece = self.text[self.emitted : upto]
+        self.emitted = max(self.emitted, upto)
+        return piece

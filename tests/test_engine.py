@@ -1,0 +1,153 @@
+"""The torch engine against transformers: decoder logits within 1e-4, generate() token for token."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SPECS
+from oracle import hf_generate, hf_logits
+
+from dgemma.convert import convert
+from dgemma.convert.tiny import TinySpec
+from dgemma.plugin.engine import DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
+from dgemma.plugin.model import KVCache
+
+# three shapes: global layer last / in the middle, 4-8 experts, head dims 16/32 and 32/64, canvas 16 or 32
+ENGINE_SPECS = {
+    "base": SPECS["base"],
+    "odd": SPECS["odd"],
+    "wide": TinySpec(
+        vocab_size=640, hidden_size=96, intermediate_size=128, num_hidden_layers=4,
+        layer_types=("sliding_attention", "sliding_attention", "sliding_attention", "full_attention"),
+        num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1, head_dim=32, global_head_dim=64,
+        num_experts=8, top_k_experts=3, moe_intermediate_size=64, sliding_window=12, canvas_length=32, seed=3,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory, checkpoint_factory):
+    out = tmp_path_factory.mktemp("engine")
+    cache: dict[str, tuple[Path, Engine]] = {}
+
+    def get(name: str) -> tuple[Path, Engine]:
+        if name not in cache:
+            ckpt = checkpoint_factory(ENGINE_SPECS[name])
+            path = out / f"{name}.gguf"
+            convert(ckpt, path, "F32", quiet=True)
+            cache[name] = ckpt, Engine.load(path)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_SPECS))
+@pytest.mark.parametrize("prompt_len", [5, 29])  # shorter and longer than every sliding window
+def test_decoder_logits_match_transformers(engines, name, prompt_len):
+    ckpt, engine = engines(name)
+    cfg = engine.cfg
+    g = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
+    cache = KVCache()
+    engine.model.encode(prompt, cache)
+
+    ours = engine.model.decode(canvas, cache)
+    ref = hf_logits(ckpt, prompt, canvas)
+    assert ours.shape == ref.shape == (1, cfg.canvas_length, cfg.vocab_size)
+    assert (ours - ref).abs().max().item() < 1e-4
+
+    sc = ref / 0.65  # a previous step's processed logits
+    assert (engine.model.decode(canvas, cache, sc) - hf_logits(ckpt, prompt, canvas, sc)).abs().max().item() < 1e-4
+
+
+def test_logits_after_a_second_encoded_chunk(engines):
+    """Multi-canvas: the finished canvas is encoded after the prompt; the sliding cache keeps the window."""
+    ckpt, engine = engines("wide")
+    cfg = engine.cfg
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 9), generator=g)
+    chunk = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
+    cache = KVCache()
+    engine.model.encode(prompt, cache)
+    engine.model.encode(chunk, cache)
+    assert (engine.model.decode(canvas, cache) - hf_logits(ckpt, prompt, canvas, second_chunk=chunk)).abs().max() < 1e-4
+
+
+def generate_ids(engine: Engine, prompt: list[int], seed: int, **opts) -> DoneEvent:
+    events = list(engine.generate(prompt, GenerateOptions(seed=seed, **opts)))
+    assert isinstance(events[-1], DoneEvent)
+    return events[-1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_generate_matches_transformers_token_for_token(engines, seed):
+    ckpt, engine = engines("base")
+    prompt = [2, 105, 40, 41, 42, 106, 107, 105, 60]
+    done = generate_ids(engine, prompt, seed, max_tokens=48, eos_ids={1})
+    ref, ref_tpf = hf_generate(ckpt, prompt, seed, max_new_tokens=48)
+    assert sum(done.canvases, []) == ref
+    assert done.steps_per_canvas == [48, 48, 48]
+    assert done.tokens_per_forward == pytest.approx(ref_tpf)
+
+
+def test_generate_matches_with_early_stopping_and_eos(engines):
+    """With stability off and a loose confidence threshold every canvas stops after one step; an EOS id in
+    the first canvas ends generation (transformers pads what follows it)."""
+    ckpt, engine = engines("wide")
+    prompt = [2, 105, 50, 51, 52, 53, 106]
+    kw = dict(confidence_threshold=100.0, stability_threshold=0)
+    saved = engine.cfg.sampler
+    engine.cfg.sampler = replace(saved, confidence_threshold=100.0, stability_threshold=0)
+    try:
+        done = generate_ids(engine, prompt, 5, max_tokens=96, eos_ids={1})
+        ref, _ = hf_generate(ckpt, prompt, 5, max_new_tokens=96, **kw)
+        assert sum(done.canvases, []) == ref and done.steps_per_canvas == [1, 1, 1]
+        eos = done.canvases[1][5]
+        done = generate_ids(engine, prompt, 5, max_tokens=96, eos_ids={eos})
+        ref, _ = hf_generate(ckpt, prompt, 5, max_new_tokens=96, eos_token_id=eos, pad_token_id=0, **kw)
+    finally:
+        engine.cfg.sampler = saved
+    cut = sum(done.canvases, []).index(eos)
+    assert done.token_ids == sum(done.canvases, [])[:cut] and done.done_reason == "stop"
+    assert ref[: cut + 1] == sum(done.canvases, [])[: cut + 1] and set(ref[cut + 1 :]) <= {0}
+
+
+def test_events_text_stats_and_limits(engines):
+    _, engine = engines("base")
+    events = list(engine.generate([2, 105, 40], GenerateOptions(seed=3, max_tokens=20, steps=4, eos_ids=set())))
+    texts = [e for e in events if isinstance(e, TextEvent)]
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.done_reason == "length"
+    assert len(texts) == 2 and done.eval_count == 20 and len(done.token_ids) == 20  # 16 + 4 of the second canvas
+    assert done.steps_per_canvas == [4, 4] and done.tokens_per_forward == pytest.approx(20 / 8)
+    assert "".join(t.text for t in texts) == engine.tokenizer.decode(done.token_ids, skip_special=True)
+    assert done.prompt_eval_count == 3 and done.seed == 3
+    assert done.total_duration >= done.prompt_eval_duration + done.eval_duration > 0
+
+
+def test_stop_string_and_cancellation(engines):
+    _, engine = engines("base")
+    done = generate_ids(engine, [2, 105, 40], 4, max_tokens=32, eos_ids=set())
+    full = engine.tokenizer.decode(done.token_ids, skip_special=True)
+    stop = full[20:23]
+    events = list(engine.generate([2, 105, 40], GenerateOptions(seed=4, max_tokens=32, eos_ids=set(), stop=[stop])))
+    text = "".join(e.text for e in events if isinstance(e, TextEvent))
+    assert events[-1].done_reason == "stop" and text == full[: full.index(stop)]
+
+    seen = []
+    opts = GenerateOptions(seed=4, max_tokens=64, eos_ids=set(), on_step=seen.append, cancel=lambda: len(seen) >= 3)
+    events = list(engine.generate([2, 105, 40], opts))
+    assert events[-1].done_reason == "cancelled" and len(seen) == 3 and events[-1].steps_per_canvas == [3]
+
+
+def test_bad_prompts_are_refused(engines):
+    _, engine = engines("base")
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        list(engine.generate([2, 99999]))
+    with pytest.raises(EngineError, match="steps must be at least 1"):
+        list(engine.generate([2, 3], GenerateOptions(steps=0)))
