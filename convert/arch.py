@@ -278,6 +278,15 @@ class DiffusionGemma(ModelConverter):
             return (e,) if suffix == "scale" else (e, d, ffe)
         return per_layer.get(base, (d,))  # every remaining per-layer tensor is a [hidden] norm
 
+    def hf_names(self) -> list[str]:
+        """The checkpoint tensors a complete text-only DiffusionGemma folder holds (inverse of map_name)."""
+        names = list(_GLOBAL_MAP)
+        for bid in range(self.n_layer):
+            names += [f"model.decoder.layers.{bid}.{sub}" for sub, (base, _) in _LAYER_MAP.items()
+                      if base != C.ATTN_V or self.is_swa[bid]]
+            names.append(f"model.encoder.language_model.layers.{bid}.layer_scalar")
+        return names
+
     def required_names(self) -> list[str]:
         """Every GGUF tensor a complete file has (v_proj only on sliding layers: K = V on global ones)."""
         names = [C.gguf_name(n) for n in (C.TOKEN_EMBD, C.OUTPUT_NORM, C.SELF_COND_PRE_NORM, C.SELF_COND_GATE,

@@ -9,6 +9,8 @@ multimodal tokens last — and saves it with transformers' own `GemmaTokenizer.s
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
 # Gemma 4 control tokens at their real ids (all < 238, so they fit every tiny vocabulary)
@@ -68,21 +70,38 @@ CORPUS = [
 ] * 4
 
 
-def _learned_pieces(n: int) -> tuple[list[str], list[tuple[str, str]]]:
-    """Train a byte-fallback BPE on CORPUS with Gemma's normaliser; return its pieces and merges."""
-    from tokenizers import Tokenizer, models, normalizers, trainers
+def _merge_pair(seq: list[str], pair: tuple[str, str], merged: str) -> list[str]:
+    out, i = [], 0
+    while i < len(seq):
+        if i + 1 < len(seq) and seq[i] == pair[0] and seq[i + 1] == pair[1]:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
 
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    trainer = trainers.BpeTrainer(vocab_size=n, show_progress=False, special_tokens=[])
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    model = tok.to_str()
-    import json
 
-    data = json.loads(model)["model"]
-    vocab = sorted(data["vocab"].items(), key=lambda kv: kv[1])
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in data["merges"]]
-    return [piece for piece, _ in vocab], merges
+def train_bpe(texts: list[str], n_pieces: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """A plain BPE trainer over whole texts with Gemma's normaliser (" " -> "▁", no pre-splitting):
+    start from the characters, merge the most frequent adjacent pair (ties: the smallest pair) until
+    `n_pieces` pieces exist or no pair occurs twice. Deterministic, pure Python."""
+    seqs = [list(t.replace(" ", "▁")) for t in texts if t]
+    pieces = sorted({c for s in seqs for c in s})
+    merges: list[tuple[str, str]] = []
+    while len(pieces) < n_pieces:
+        counts = Counter(p for s in seqs for p in zip(s, s[1:]))
+        if not counts:
+            break
+        pair, n = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        if n < 2:
+            break
+        merged = pair[0] + pair[1]
+        merges.append(pair)
+        if merged not in pieces:
+            pieces.append(merged)
+        seqs = [_merge_pair(s, pair, merged) for s in seqs]
+    return pieces, merges
 
 
 def build_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -95,7 +114,7 @@ def build_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]
         ids[vocab_size - len(MULTIMODAL_TOKENS) + i] = tok
     free = [i for i in range(vocab_size) if i not in ids]
     taken = set(ids.values())
-    pieces, merges = _learned_pieces(len(free) + len(taken))
+    pieces, merges = train_bpe(CORPUS, len(free) + len(taken))
     pieces = [p for p in pieces if p not in taken]
     for slot, piece in zip(free, pieces):
         ids[slot] = piece
@@ -104,6 +123,48 @@ def build_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]
     vocab = {tok: i for i, tok in ids.items()}
     merges = [(a, b) for a, b in merges if a in vocab and b in vocab and a + b in vocab]
     return vocab, merges
+
+
+def tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> dict:
+    """tokenizer.json exactly as transformers' GemmaTokenizer.save_pretrained lays it out."""
+    specials = {"<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *EXTRA_SPECIAL_TOKENS.values()}
+    added = [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if t in specials
+    ]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False},
+        "post_processor": {
+            "type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {},
+        },
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
+        ]},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+            "vocab": vocab, "merges": [list(m) for m in merges],
+        },
+    }
+
+
+def write_tokenizer_files(out_dir: str | Path, vocab_size: int) -> None:
+    """The three tokenizer files of a Gemma 4 checkpoint, written without transformers."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_vocab(vocab_size)
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(vocab, merges), ensure_ascii=False, indent=2))
+    config = {"backend": "tokenizers", "bos_token": "<bos>", "eos_token": "<eos>", "extra_special_tokens": [],
+              "mask_token": "<mask>", "model_max_length": 1000000000000000019884624838656, "pad_token": "<pad>",
+              "padding_side": "left", "tokenizer_class": "GemmaTokenizer", "unk_token": "<unk>",
+              **EXTRA_SPECIAL_TOKENS}
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2, ensure_ascii=False))
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
 def make_tokenizer(vocab_size: int):

@@ -54,12 +54,26 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import cmd_run as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dgemma.convert.writer import OUTPUT_TYPES
 
-    p = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma locally: convert, inspect (run and serve come next).")
+    from .run import add_arguments as add_run_arguments
+
+    p = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma locally: convert, inspect, run.")
     p.add_argument("--version", action="version", version=f"dgemma {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="generate text with a DiffusionGemma GGUF (streams one canvas at a time)",
+                       description="Generate text: the prompt goes through the model's chat template as a user "
+                                   "turn (unless --raw), and text streams out a canvas at a time.")
+    add_run_arguments(r)
+    r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("convert", help="convert a Hugging Face DiffusionGemma checkpoint folder to one GGUF file",
                        description="Convert a Hugging Face DiffusionGemma checkpoint folder (config.json, "

@@ -13,7 +13,7 @@ from gguf import GGUFReader, GGUFValueType
 from dgemma.convert import constants as C
 
 
-class InspectError(Exception):
+class InspectError(ValueError):
     """A one-line, user-facing error about a GGUF file."""
 
 
@@ -32,6 +32,8 @@ def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
 
 def open_gguf(path: str | Path, *, require_arch: bool = True) -> GGUFReader:
     path = Path(path)
+    if path.is_dir():
+        raise InspectError(f"{path}: is a directory, not a GGUF file (convert a checkpoint with 'dgemma convert')")
     if not path.is_file():
         raise InspectError(f"{path}: no such file")
     with path.open("rb") as f:

@@ -3,7 +3,7 @@
 One set of weights, two ways to run it:
 - `encode(tokens, cache)`: the causal encoder. Appends the tokens' keys/values to the KV cache
   (sliding-window mask on local layers); each layer's output is scaled by its encoder scalar.
-- `decode(canvas, cache, sc_logits)`: the bidirectional decoder over a canvas. Reads the cache without
+- `decode(canvas, cache, sc_probs)`: the bidirectional decoder over a canvas. Reads the cache without
   changing it (all of it on global layers, its last window-1 positions on sliding ones), adds the
   self-conditioning signal from the previous step's processed logits, and returns softcapped logits.
 Global layers have no V projection (V is the raw K projection, normalised without weight) and use
@@ -104,18 +104,25 @@ class DiffusionGemma:
             inv = inv / self.w.rope_freqs.float()  # proportional RoPE: pairs past the rotated part stand still
         return inv
 
-    def rope(self, i: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[i].to(positions.device)[None, :]  # [L, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [L, hd]
-        return emb.cos(), emb.sin()
+    def rope(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) [L, hd] for every layer; computed once per layer kind."""
+        by_kind: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, swa in enumerate(self.cfg.is_swa):
+            if swa not in by_kind:
+                freqs = positions.float()[:, None] * self.inv_freq[i][None, :]  # [L, hd/2]
+                emb = torch.cat((freqs, freqs), dim=-1)  # [L, hd]
+                by_kind[swa] = (emb.cos(), emb.sin())
+        return [by_kind[swa] for swa in self.cfg.is_swa]
 
     # ---- blocks --------------------------------------------------------------------------------
-    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, *, encoder: bool):
-        """x: [B, L, D]. Encoder: causal, appends to the cache. Decoder: bidirectional, cache read-only."""
+    def attention(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, *,
+                  encoder: bool):
+        """x: [B, L, D]; rope: this layer's (cos, sin) [L, hd]. Encoder: causal, appends to the cache.
+        Decoder: bidirectional, cache read-only."""
         cfg, lw = self.cfg, self.w.layers[i]
         B, L, _ = x.shape
         hd, n_kv = cfg.head_dim[i], cfg.n_head_kv[i]
-        cos, sin = self.rope(i, positions)  # [L, hd]
+        cos, sin = rope
         q = F.linear(x, lw.wq).view(B, L, cfg.n_head, hd)
         q = rms_norm(q, lw.q_norm, cfg.rms_eps)
         q = (q * cos[:, None] + rotate_half(q) * sin[:, None]).transpose(1, 2)  # [B, H, L, hd]
@@ -147,14 +154,13 @@ class DiffusionGemma:
             keys = k if past_k is None else torch.cat([past_k, k], dim=2)
             values = v if past_v is None else torch.cat([past_v, v], dim=2)
             mask = None
-        groups = cfg.n_head // n_kv
-        keys = keys.repeat_interleave(groups, dim=1)  # [B, H, S, hd]
-        values = values.repeat_interleave(groups, dim=1)
-        scores = q @ keys.transpose(2, 3)  # [B, H, L, S]; Gemma 4 attention scale is 1.0
+        groups = cfg.n_head // n_kv  # query heads h = kv * groups + g share KV head kv
+        q = q.reshape(B, n_kv, groups * L, hd)  # [B, KV, G*L, hd]
+        scores = q @ keys.transpose(2, 3)  # [B, KV, G*L, S]; Gemma 4 attention scale is 1.0
         if mask is not None:
-            scores = scores + mask
+            scores = scores + mask.repeat(groups, 1)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = (probs @ values).transpose(1, 2).reshape(B, L, cfg.n_head * hd)  # [B, L, H*hd]
+        out = (probs @ values).view(B, cfg.n_head, L, hd).transpose(1, 2).reshape(B, L, cfg.n_head * hd)
         return F.linear(out, lw.wo)
 
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -167,17 +173,27 @@ class DiffusionGemma:
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w = top_w * lw.expert_scale[top_i]
         x = rms_norm(flat, lw.pre_ffw_norm_2, cfg.rms_eps)  # [N, D]
+        # group the N*K (token, expert) assignments by expert, then one GEMM pair per expert used
+        order = torch.argsort(top_i.flatten(), stable=True)  # [N*K]
+        rows = order // cfg.n_expert_used
+        weights = top_w.flatten()[order]
+        counts = torch.bincount(top_i.flatten(), minlength=cfg.n_expert).tolist()
         out = torch.zeros_like(x)
-        for e in torch.unique(top_i).tolist():
-            rows, slot = torch.where(top_i == e)
-            gate, up = F.linear(x[rows], lw.gate_up_exps[e]).chunk(2, dim=-1)  # [n, Fe] each
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            r = rows[start : start + n]
+            gate, up = F.linear(x[r], lw.gate_up_exps[e]).chunk(2, dim=-1)  # [n, Fe] each
             y = F.linear(F.gelu(gate, approximate="tanh") * up, lw.down_exps[e])  # [n, D]
-            out.index_add_(0, rows, y * top_w[rows, slot, None])
+            out.index_add_(0, r, y * weights[start : start + n, None])
+            start += n
         return out.view_as(h)
 
-    def layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, *, encoder: bool):
+    def layer(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, *,
+              encoder: bool):
         cfg, lw = self.cfg, self.w.layers[i]
-        a = self.attention(i, rms_norm(x, lw.attn_norm, cfg.rms_eps), positions, cache, encoder=encoder)
+        a = self.attention(i, rms_norm(x, lw.attn_norm, cfg.rms_eps), rope, cache, encoder=encoder)
         h = x + rms_norm(a, lw.post_attn_norm, cfg.rms_eps)
         dense = gelu_mlp(rms_norm(h, lw.ffn_norm, cfg.rms_eps), lw.ffn_gate, lw.ffn_up, lw.ffn_down)
         ffn = rms_norm(dense, lw.post_ffw_norm_1, cfg.rms_eps) + rms_norm(self.moe(i, h), lw.post_ffw_norm_2, cfg.rms_eps)
@@ -191,31 +207,31 @@ class DiffusionGemma:
     @torch.no_grad()
     def encode(self, tokens: torch.Tensor, cache: KVCache) -> None:
         """tokens: [B, L] at positions cache.length.. ; fills the cache."""
-        positions = torch.arange(cache.length, cache.length + tokens.shape[1])
+        rope = self.rope(torch.arange(cache.length, cache.length + tokens.shape[1]))
         x = self.embed(tokens)
         for i in range(self.cfg.n_layer):
-            x = self.layer(i, x, positions, cache, encoder=True)
+            x = self.layer(i, x, rope[i], cache, encoder=True)
         cache.length += tokens.shape[1]
 
-    def self_conditioning(self, x: torch.Tensor, sc_logits: torch.Tensor | None) -> torch.Tensor:
-        """Decoder input: weightless RMSNorm(embedding + MLP(RMSNorm(softmax(sc_logits) @ E · √D)))."""
+    def self_conditioning(self, x: torch.Tensor, sc_probs: torch.Tensor | None) -> torch.Tensor:
+        """Decoder input: weightless RMSNorm(embedding + MLP(RMSNorm(sc_probs @ E · √D))), where sc_probs is
+        softmax of the previous step's processed logits (None on the first step: no signal)."""
         w = self.w
-        if sc_logits is None:
+        if sc_probs is None:
             soft = torch.zeros_like(x)
         else:
-            probs = sc_logits.softmax(dim=-1, dtype=torch.float32).to(w.embed.dtype)  # [B, L, V]
-            soft = (probs @ w.embed) * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)  # [B, L, D]
+            soft = (sc_probs.to(w.embed.dtype) @ w.embed) * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)  # [B, L, D]
         signal = gelu_mlp(rms_norm(soft, w.sc_pre_norm, self.cfg.rms_eps), w.sc_gate, w.sc_up, w.sc_down)
         return rms_norm(x + signal, None, self.cfg.rms_eps)
 
     @torch.no_grad()
-    def decode(self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """canvas: [B, C] token ids; sc_logits: [B, C, V] processed logits of the previous step or None.
-        Returns softcapped float32 logits [B, C, V]."""
-        positions = torch.arange(cache.length, cache.length + canvas.shape[1])
-        x = self.self_conditioning(self.embed(canvas), sc_logits)
+    def decode(self, canvas: torch.Tensor, cache: KVCache, sc_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """canvas: [B, C] token ids; sc_probs: [B, C, V] softmax of the previous step's processed logits, or
+        None. Returns softcapped float32 logits [B, C, V]."""
+        rope = self.rope(torch.arange(cache.length, cache.length + canvas.shape[1]))
+        x = self.self_conditioning(self.embed(canvas), sc_probs)
         for i in range(self.cfg.n_layer):
-            x = self.layer(i, x, positions, cache, encoder=False)
+            x = self.layer(i, x, rope[i], cache, encoder=False)
         x = rms_norm(x, self.w.output_norm, self.cfg.rms_eps)
         logits = F.linear(x, self.w.embed).float()  # [B, C, V]
         if self.cfg.softcap:

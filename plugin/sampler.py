@@ -55,10 +55,10 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.clamp(min=torch.finfo(logp.dtype).min) * p).sum(-1)  # [1, C]
 
 
-def sample(processed: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)  # [1, C, V]
+def sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per position from probs [1, C, V]."""
     drawn = torch.multinomial(probs.view(-1, probs.shape[-1]), num_samples=1, generator=gen)  # [C, 1]
-    return drawn.view(processed.shape[:-1])  # [1, C]
+    return drawn.view(probs.shape[:-1])  # [1, C]
 
 
 def accept(current: torch.Tensor, denoised: torch.Tensor, entropy: torch.Tensor, bound: float):
@@ -90,25 +90,25 @@ class StableAndConfident:
         return bool(stable and (entropy.mean() < self.confidence).item())
 
 
-Decoder = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (canvas, sc_logits) -> logits
+Decoder = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (canvas, sc_probs) -> logits
 
 
 def denoise_canvas(decode: Decoder, length: int, vocab_size: int, s: SamplerDefaults, gen: torch.Generator,
                    on_step: Callable[[StepInfo], bool | None] | None = None) -> CanvasResult:
     """Run the sampler loop on one canvas. `on_step` may return True to cancel (the loop stops there)."""
     canvas = init_canvas(length, vocab_size, gen)
-    argmax, sc_logits = canvas, None
+    argmax, probs = canvas, None
     stop = StableAndConfident(s)
     entropies: list[float] = []
     steps, stopped = 0, False
     for step in range(s.max_steps, 0, -1):
-        processed = decode(canvas, sc_logits) / temperature(step, s)  # [1, C, V]
-        denoised = sample(processed, gen)
+        processed = decode(canvas, probs) / temperature(step, s)  # [1, C, V]
+        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)  # also the next step's self-conditioning
+        denoised = sample(probs, gen)
         argmax = processed.argmax(dim=-1)
         entropy = token_entropy(processed)
         accepted, mask = accept(canvas, denoised, entropy, s.entropy_bound)
         canvas = renoise(accepted, mask, vocab_size, gen)
-        sc_logits = processed
         steps += 1
         entropies.append(entropy.mean().item())
         done = stop(argmax, entropy)

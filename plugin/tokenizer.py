@@ -132,8 +132,8 @@ class Tokenizer:
         for i in ids:
             if i in self._byte_of:
                 out.append(self._byte_of[i])
-            elif skip_special and self.types[i] == C.TokenType.CONTROL:
-                continue
+            elif skip_special and self.types[i] in (C.TokenType.CONTROL, C.TokenType.USER_DEFINED):
+                continue  # as HF's skip_special_tokens: every added special token
             else:
                 out += self.tokens[i].replace(SPACE, " ").encode("utf-8")
         return bytes(out)

@@ -60,8 +60,9 @@ def test_decoder_logits_match_transformers(engines, name, prompt_len):
     assert ours.shape == ref.shape == (1, cfg.canvas_length, cfg.vocab_size)
     assert (ours - ref).abs().max().item() < 1e-4
 
-    sc = ref / 0.65  # a previous step's processed logits
-    assert (engine.model.decode(canvas, cache, sc) - hf_logits(ckpt, prompt, canvas, sc)).abs().max().item() < 1e-4
+    sc = ref / 0.65  # a previous step's processed logits; our decoder takes their softmax
+    ours = engine.model.decode(canvas, cache, torch.softmax(sc, dim=-1, dtype=torch.float32))
+    assert (ours - hf_logits(ckpt, prompt, canvas, sc)).abs().max().item() < 1e-4
 
 
 def test_logits_after_a_second_encoded_chunk(engines):

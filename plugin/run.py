@@ -1,0 +1,142 @@
+"""`dgemma run MODEL PROMPT`: stream text canvas by canvas, or watch it condense out of noise."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from typing import Any
+
+from .engine import DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
+from .registry import ModelNotFound, resolve_model
+from .sampler import StepInfo
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a .gguf path, 'default' (the bundled tiny model) or a model name")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (read from stdin when omitted)")
+    p.add_argument("--seed", type=int, help="random seed (default: random, shown by --stats)")
+    p.add_argument("--max-tokens", type=int, help="stop after this many tokens (default 1024)")
+    p.add_argument("--steps", type=int, help="max denoising steps per canvas (default: the model's, usually 48)")
+    p.add_argument("--system", help="a system message for the chat template")
+    p.add_argument("--raw", action="store_true", help="send PROMPT as-is (with BOS), without the chat template")
+    p.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids to use as the prompt, e.g. 2,10,11")
+    p.add_argument("--stats", action="store_true", help="print timings, steps per canvas and tokens per forward")
+    p.add_argument("--visualize", action="store_true", help="redraw the canvas at every denoising step")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the token ids and the stats")
+
+
+def _prompt(args: argparse.Namespace) -> str | list[Any]:
+    if args.prompt_ids:
+        try:
+            return [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise EngineError(f"--prompt-ids must be comma-separated integers (got '{args.prompt_ids}')") from None
+    text = args.prompt
+    if text is None:
+        if sys.stdin.isatty():
+            raise EngineError("no PROMPT given (pass it as an argument or on stdin)")
+        text = sys.stdin.read()
+    if args.system and not args.raw:
+        return [{"role": "system", "content": args.system}, {"role": "user", "content": text}]
+    return text
+
+
+def stats_lines(d: DoneEvent) -> list[str]:
+    def rate(n: int, ns: int) -> str:
+        return f"{n / (ns / 1e9):.2f} tokens/s" if ns else "-"
+
+    return [
+        f"total duration:       {d.total_duration / 1e6:.1f} ms",
+        f"load duration:        {d.load_duration / 1e6:.1f} ms",
+        f"prompt eval count:    {d.prompt_eval_count} token(s)",
+        f"prompt eval duration: {d.prompt_eval_duration / 1e6:.1f} ms ({rate(d.prompt_eval_count, d.prompt_eval_duration)})",
+        f"eval count:           {d.eval_count} token(s)",
+        f"eval duration:        {d.eval_duration / 1e6:.1f} ms ({rate(d.eval_count, d.eval_duration)})",
+        f"canvases:             {len(d.steps_per_canvas)} (steps: {', '.join(map(str, d.steps_per_canvas))})",
+        f"tokens per forward:   {d.tokens_per_forward:.2f}",
+        f"seed:                 {d.seed}",
+        f"done reason:          {d.done_reason}",
+    ]
+
+
+class CanvasView:
+    """A rich Live view: finished text, then the current canvas, accepted tokens bright, noise dim."""
+
+    def __init__(self, engine: Engine) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.engine, self.done_text = engine, ""
+        self.console = Console()
+        self.live = Live(console=self.console, auto_refresh=False, transient=False)
+
+    def __enter__(self) -> "CanvasView":
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.live.__exit__(*exc)
+
+    def step(self, info: StepInfo) -> None:
+        from rich.text import Text
+
+        tok = self.engine.tokenizer
+        view = Text(self.done_text)
+        for token, ok in zip(info.canvas.tolist(), info.accepted.tolist()):
+            view.append(tok.token_text(token), style="bold green" if ok else "dim")
+        view.append(f"\n[step {info.index}, {int(info.accepted.sum())}/{len(info.canvas)} accepted, "
+                    f"mean entropy {info.mean_entropy:.3f}]", style="cyan")
+        self.live.update(view, refresh=True)
+
+    def finish_canvas(self, text: str) -> None:
+        from rich.text import Text
+
+        self.done_text += text
+        self.live.update(Text(self.done_text), refresh=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .cli import EXIT_INTERRUPTED, _fail
+
+    try:
+        path = resolve_model(args.model)
+        engine = Engine.load(path)
+        prompt = _prompt(args)
+        cancel = threading.Event()
+        opts = GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps, raw=args.raw, cancel=cancel)
+        view = CanvasView(engine) if args.visualize and not args.json else None
+        if view is not None:
+            opts.on_step = view.step
+        done: DoneEvent | None = None
+        try:
+            if view is not None:
+                view.__enter__()
+            for event in engine.generate(prompt, opts):
+                if isinstance(event, TextEvent):
+                    if view is not None:
+                        view.finish_canvas(event.text)
+                    elif not args.json:
+                        sys.stdout.write(event.text)
+                        sys.stdout.flush()
+                else:
+                    done = event
+        finally:
+            if view is not None:
+                view.__exit__(None, None, None)
+    except (EngineError, ModelNotFound) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    assert done is not None
+    if args.json:
+        stats = {k: v for k, v in vars(done).items() if k not in ("token_ids", "canvases")}
+        print(json.dumps({"model": str(path), "token_ids": done.token_ids, "canvases": done.canvases,
+                          "text": engine.tokenizer.decode(done.token_ids, skip_special=True), **stats}))
+    elif not args.visualize:
+        print()
+    if args.stats and not args.json:
+        print("\n".join(stats_lines(done)), file=sys.stderr)
+    return 0

@@ -1,0 +1,80 @@
+"""Tokenizer and chat template rebuilt from the GGUF alone, against the HF tokenizer of the fixture."""
+
+from __future__ import annotations
+
+import pytest
+from gguf import GGUFReader
+
+from dgemma.convert import convert
+from dgemma.plugin.chat import render_chat
+from dgemma.plugin.tokenizer import Tokenizer
+
+CORPUS = [
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog.",
+    "  leading and trailing spaces  ",
+    "runs     of     spaces",
+    "new\nlines\n\n\nand\r\nwindows line ends\n",
+    "\ttabs\tand\t\tmore tabs",
+    "def add(a, b):\n    return a + b\n\n\nfor i in range(10):\n    print(i, add(i, i))\n",
+    "if x > 0:\n\tprint('positive')\nelse:\n\tprint('negative')\n",
+    "中文字符和日本語のテキスト",
+    "emoji 🙂🚀 and accents: café, naïve, Zürich",
+    "<|turn>user\nHi there<turn|>\n<|turn>model\n",
+    "<bos>text with <eos> inside and <|channel>thought\n<channel|> too",
+    "partial specials: <|turn <turn| <|tool_call",
+    "numbers 3.14159, 2026, 1e-6; symbols # @ % & * ~ ^ | \\ / ` $",
+    "",
+    " ",
+    "\n",
+    "a" * 40 + " " + "ab" * 30,
+]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, base_checkpoint):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "m.gguf"
+    convert(base_checkpoint, path, "F16", quiet=True)
+    return AutoTokenizer.from_pretrained(base_checkpoint), Tokenizer.from_gguf(GGUFReader(path))
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_encode_and_decode_equal_hf(pair, text):
+    hf, ours = pair
+    ids = ours.encode(text)
+    assert ids == hf.encode(text, add_special_tokens=False)
+    assert ours.decode(ids) == hf.decode(ids)
+    assert ours.decode(ids, skip_special=True) == hf.decode(ids, skip_special_tokens=True)
+
+
+def test_bos_is_added_only_when_asked(pair):
+    hf, ours = pair
+    assert ours.encode("hi", add_bos=True) == [hf.bos_token_id] + hf.encode("hi", add_special_tokens=False)
+    assert hf.encode("hi") == hf.encode("hi", add_special_tokens=False)  # Gemma 4's post-processor adds nothing
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}],
+    [
+        {"role": "system", "content": "  You are helpful.  "},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi! How can I help?"},
+        {"role": "user", "content": "Write a haiku\nabout rain."},
+    ],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("gen_prompt", [True, False])
+@pytest.mark.parametrize("thinking", [None, True])
+def test_chat_template_renders_as_hf(pair, messages, gen_prompt, thinking):
+    hf, ours = pair
+    kw = {} if thinking is None else {"enable_thinking": thinking}
+    text = render_chat(ours, messages, add_generation_prompt=gen_prompt, **kw)
+    assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt, **kw)
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt, **kw)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert ours.encode(text) == list(ids)
