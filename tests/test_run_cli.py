@@ -1,0 +1,92 @@
+"""`dgemma run` and the bundled default model, through the real command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+from dgemma.plugin.default_model import ensure_default_model
+from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions, TextEvent
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("models")
+    ensure_default_model(d)
+    return d
+
+
+def run_cli(models: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DGEMMA_MODELS": str(models)}
+    return subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "run", *args], capture_output=True, text=True,
+                          input=stdin, env=env, timeout=300)
+
+
+def test_default_model_is_deterministic_and_loads(tmp_path, models):
+    other = ensure_default_model(tmp_path)
+    assert other.read_bytes() == (models / "default.gguf").read_bytes()
+    engine = Engine.load(other)
+    assert engine.cfg.n_layer == 4 and engine.cfg.is_swa == [True, True, True, False] and engine.cfg.n_expert == 4
+    assert engine.tokenizer.chat_template and engine.tokenizer.vocab_size == 512
+
+
+def test_run_streams_what_the_engine_generates(models):
+    engine = Engine.load(models / "default.gguf")
+    events = list(engine.generate("Once upon a time", GenerateOptions(seed=7, max_tokens=40)))
+    expected = "".join(e.text for e in events if isinstance(e, TextEvent))
+    proc = run_cli(models, "default", "Once upon a time", "--seed", "7", "--max-tokens", "40")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected + "\n"
+
+
+def test_run_json_with_prompt_ids_and_stats(models):
+    proc = run_cli(models, "default", "--prompt-ids", "2,105,40,41", "--json", "--max-tokens", "10", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    engine = Engine.load(models / "default.gguf")
+    done = list(engine.generate([2, 105, 40, 41], GenerateOptions(seed=1, max_tokens=10)))[-1]
+    assert isinstance(done, DoneEvent)
+    assert out["token_ids"] == done.token_ids and out["canvases"] == done.canvases
+    assert out["prompt_eval_count"] == 4 and out["seed"] == 1 and out["steps_per_canvas"] == done.steps_per_canvas
+    proc = run_cli(models, "default", "hello", "--stats", "--max-tokens", "8", "--steps", "3", "--seed", "2")
+    assert proc.returncode == 0 and "tokens per forward:" in proc.stderr and "steps: 3" in proc.stderr
+
+
+def test_run_reads_the_prompt_from_stdin_and_can_visualize(models):
+    a = run_cli(models, "default", "--seed", "3", "--max-tokens", "12", stdin="Hello there")
+    b = run_cli(models, "default", "Hello there", "--seed", "3", "--max-tokens", "12")
+    assert a.returncode == 0 and a.stdout == b.stdout
+    v = run_cli(models, "default", "Hello there", "--seed", "3", "--max-tokens", "12", "--visualize")
+    assert v.returncode == 0 and b.stdout.strip()[:5] in v.stdout
+
+
+def test_run_errors_are_one_line(models, tmp_path):
+    llama = tmp_path / "llama.gguf"
+    w = GGUFWriter(llama, "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    junk = tmp_path / "junk.gguf"
+    junk.write_text("not a gguf")
+    cases = [
+        (str(tmp_path / "missing.gguf"), "no such file"),
+        (str(junk), "not a GGUF file"),
+        (str(llama), "architecture is 'llama'"),
+        (str(tmp_path), "is a directory"),
+        ("no-such-model", "not found"),
+    ]
+    for model, needle in cases:
+        proc = run_cli(models, model, "hi")
+        lines = [x for x in proc.stderr.splitlines() if x.strip()]
+        assert proc.returncode == 1 and len(lines) == 1 and needle in lines[0], (model, proc.stderr)
+    proc = run_cli(models, "default", "--prompt-ids", "2,x")
+    assert proc.returncode == 1 and "--prompt-ids" in proc.stderr
