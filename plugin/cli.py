@@ -60,12 +60,69 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .server.app import ServerConfig, serve
+    from .server.serving import ApiError, parse_keep_alive
+
+    try:
+        keep = parse_keep_alive(args.keep_alive)
+        serve(ServerConfig(host=args.host, port=args.port, models=Path(args.models) if args.models else None,
+                           api_key=args.api_key, insecure=args.insecure, upstream=args.upstream,
+                           upstream_openai=args.upstream_openai, upstream_openai_key=args.upstream_openai_key,
+                           keep_alive=keep))
+    except (ApiError, ValueError) as e:
+        return _fail(getattr(e, "message", str(e)))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .inspect import InspectError
+    from .registry import Registry, RegistryError, read_model_info
+    from .server.protocol import human_number
+
+    try:
+        rows = []
+        for e in Registry().list():
+            info = read_model_info(e.path)
+            rows.append((e.name, info.quantization, human_number(info.n_params), e.size, e.modified_at))
+    except (RegistryError, InspectError) as e:
+        return _fail(str(e))
+    print(f"{'NAME':<40} {'QUANT':<8} {'PARAMS':>8} {'SIZE':>10}  MODIFIED")
+    for name, q, params, size, mtime in rows:
+        print(f"{name:<40} {q:<8} {params:>8} {size / 1e6:>8.1f}MB  {mtime:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .registry import Registry, RegistryError
+
+    try:
+        entry = Registry().import_file(args.file, args.name, force=args.force)
+    except RegistryError as e:
+        return _fail(str(e))
+    print(f"imported {args.file} as {entry.name} ({entry.path})")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from .registry import ModelNotFound, Registry, RegistryError
+
+    try:
+        Registry().remove(args.name)
+    except (ModelNotFound, RegistryError) as e:
+        return _fail(str(e))
+    print(f"deleted {args.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dgemma.convert.writer import OUTPUT_TYPES
 
     from .run import add_arguments as add_run_arguments
 
-    p = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma locally: convert, inspect, run.")
+    p = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma locally: convert, inspect, run, serve.")
     p.add_argument("--version", action="version", version=f"dgemma {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -74,6 +131,33 @@ def build_parser() -> argparse.ArgumentParser:
                                    "turn (unless --raw), and text streams out a canvas at a time.")
     add_run_arguments(r)
     r.set_defaults(func=cmd_run)
+
+    sv = sub.add_parser("serve", help="serve models over the Ollama and OpenAI APIs",
+                        description="An Ollama-compatible (/api) and OpenAI-compatible (/v1) server for the models "
+                                    "in the models directory ($DGEMMA_MODELS, default ~/.dgemma/models), plus the "
+                                    "bundled default model.")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=11435, help="port (default 11435; Ollama itself uses 11434)")
+    sv.add_argument("--models", metavar="DIR", help="models directory (default: $DGEMMA_MODELS or ~/.dgemma/models)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (needed to listen beyond loopback)")
+    sv.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
+    sv.add_argument("--upstream", metavar="URL", help="an Ollama server whose models are listed and proxied too")
+    sv.add_argument("--upstream-openai", metavar="URL",
+                    help="an OpenAI-compatible server (e.g. vLLM at http://host:8000/v1) merged into /v1")
+    sv.add_argument("--upstream-openai-key", metavar="KEY", help="API key for --upstream-openai")
+    sv.add_argument("--keep-alive", default="5m", help="how long an idle model stays loaded (default 5m; -1: forever)")
+    sv.set_defaults(func=cmd_serve)
+
+    ls = sub.add_parser("list", help="list the models dgemma serves")
+    ls.set_defaults(func=cmd_list)
+    im = sub.add_parser("import", help="add a DiffusionGemma GGUF to the models directory")
+    im.add_argument("file", metavar="FILE.gguf")
+    im.add_argument("--name", help="model name (default from metadata, e.g. diffusiongemma:26b-a4b-q4_K_M)")
+    im.add_argument("--force", action="store_true", help="replace a model of the same name")
+    im.set_defaults(func=cmd_import)
+    rm = sub.add_parser("rm", help="remove a model from the models directory")
+    rm.add_argument("name", metavar="NAME")
+    rm.set_defaults(func=cmd_rm)
 
     c = sub.add_parser("convert", help="convert a Hugging Face DiffusionGemma checkpoint folder to one GGUF file",
                        description="Convert a Hugging Face DiffusionGemma checkpoint folder (config.json, "

@@ -42,6 +42,7 @@ class EngineError(ValueError):
 @dataclass
 class GenerateOptions:
     max_tokens: int | None = None  # None: DEFAULT_MAX_TOKENS; generation stops at an end-of-generation token
+    num_ctx: int | None = None  # context limit for prompt + output (None: the model's context length)
     seed: int | None = None  # None: a random seed (reported in the final event)
     steps: int | None = None  # max denoising steps per canvas (diffusion.eb_max_steps)
     t_min: float | None = None
@@ -135,17 +136,22 @@ class Engine:
         return s
 
     # ---- generation -----------------------------------------------------------------------------
+    def settings(self, ids: list[int], o: GenerateOptions) -> tuple[SamplerDefaults, int, set[int]]:
+        """Check a request before generating: sampler settings, token budget, end-of-generation ids."""
+        s = self.sampler_settings(o)
+        context = min(self.cfg.context_length, o.num_ctx or self.cfg.context_length)
+        room = context - len(ids)
+        if room <= 0:
+            raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {context}")
+        max_tokens = min(DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens, room)
+        eos = self.tokenizer.eog_ids if o.eos_ids is None else set(o.eos_ids)
+        return s, max_tokens, eos
+
     def generate(self, prompt: str | list[dict[str, Any]] | list[int], options: GenerateOptions | None = None,
                  **template_kwargs) -> Iterator[Event]:
         o = options or GenerateOptions()
         ids = self.prompt_ids(prompt, o.raw, **template_kwargs)
-        s = self.sampler_settings(o)
-        max_tokens = DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens
-        room = self.cfg.context_length - len(ids)
-        if room <= 0:
-            raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {self.cfg.context_length}")
-        max_tokens = min(max_tokens, room)
-        eos = self.tokenizer.eog_ids if o.eos_ids is None else set(o.eos_ids)
+        s, max_tokens, eos = self.settings(ids, o)
         seed = o.seed if o.seed is not None else int.from_bytes(os.urandom(4), "little")
         with self._lock:
             yield from self._generate(ids, o, s, max_tokens, eos, seed)

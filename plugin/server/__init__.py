@@ -1,0 +1,1 @@
+"""dgemma serve: the Ollama- and OpenAI-compatible HTTP server."""

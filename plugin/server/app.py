@@ -1,0 +1,247 @@
+"""The FastAPI app: state, error handlers, API-key check, upstream merging, and `serve()`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..registry import ModelEntry, ModelInfo, ModelNotFound, Registry, read_model_info
+from . import ollama, openai
+from . import protocol as P
+from .serving import DEFAULT_KEEP_ALIVE, ApiError, ModelManager
+
+T = TypeVar("T")
+UPSTREAM_LIST_TTL = 5.0  # seconds a fetched upstream model list is reused
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 11435
+    models: Path | None = None
+    api_key: str | None = None
+    insecure: bool = False
+    upstream: str | None = None  # an Ollama server whose models are merged in
+    upstream_openai: str | None = None  # an OpenAI-compatible server whose models are merged in
+    upstream_openai_key: str | None = None
+    keep_alive: float = DEFAULT_KEEP_ALIVE
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class AppState:
+    config: ServerConfig
+    registry: Registry
+    manager: ModelManager
+    http: httpx.AsyncClient | None = None
+    _info: dict[tuple[Path, int, float], ModelInfo] = field(default_factory=dict)
+    _upstream_lists: dict[str, tuple[float, list[dict[str, Any]]]] = field(default_factory=dict)
+
+    def info(self, entry: ModelEntry) -> ModelInfo:
+        key = (entry.path, entry.size, entry.modified_at.timestamp())
+        if key not in self._info:
+            self._info[key] = read_model_info(entry.path)
+        return self._info[key]
+
+    async def until_disconnected(self, request: Request, work: Awaitable[T]) -> T:
+        """Await `work`, cancelling it (and so the generation) if the client goes away first."""
+        task = asyncio.ensure_future(work)
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.1)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise ApiError(499, "request canceled")
+        return task.result()
+
+    # ---- upstreams ------------------------------------------------------------------------------
+    async def _cached_list(self, key: str, fetch) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        hit = self._upstream_lists.get(key)
+        if hit and now - hit[0] < UPSTREAM_LIST_TTL:
+            return hit[1]
+        try:
+            items = await fetch()
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            items = []  # an unreachable upstream hides its models; it never breaks ours
+        self._upstream_lists[key] = (now, items)
+        return items
+
+    def _local_names(self) -> set[str]:
+        entries = self.registry.list()
+        return {P.display_name(e.name) for e in entries} | {e.name for e in entries}
+
+    async def upstream_ollama_models(self) -> list[dict[str, Any]]:
+        if not self.config.upstream or self.http is None:
+            return []
+
+        async def fetch():
+            r = await self.http.get(f"{self.config.upstream.rstrip('/')}/api/tags")
+            r.raise_for_status()
+            return list(r.json().get("models") or [])
+
+        local = await asyncio.to_thread(self._local_names)
+        return [m for m in await self._cached_list("ollama", fetch) if m.get("name") not in local]
+
+    async def upstream_openai_models(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        local = await asyncio.to_thread(self._local_names)
+        if self.config.upstream_openai and self.http is not None:
+            async def fetch():
+                r = await self.http.get(f"{self.config.upstream_openai.rstrip('/')}/models", headers=self._openai_auth())
+                r.raise_for_status()
+                return list(r.json().get("data") or [])
+
+            items += await self._cached_list("openai", fetch)
+        # an Ollama upstream serves /v1 too: its models appear here as well
+        items += [{"id": m["name"], "object": "model", "created": 0, "owned_by": "ollama"}
+                  for m in await self.upstream_ollama_models()]
+        seen: set[str] = set()
+        return [m for m in items if m.get("id") not in local and not (m.get("id") in seen or seen.add(m.get("id")))]
+
+    def _openai_auth(self) -> dict[str, str]:
+        key = self.config.upstream_openai_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def upstream_owns(self, name: str, openai: bool = False) -> bool:
+        """True when `name` is not ours and an upstream lists it."""
+        if not (self.config.upstream or self.config.upstream_openai):
+            return False
+        try:
+            await asyncio.to_thread(self.registry.resolve, name)
+            return False
+        except ModelNotFound:
+            pass
+        names = {m.get("name") for m in await self.upstream_ollama_models()}
+        if openai:
+            names |= {m.get("id") for m in await self.upstream_openai_models()}
+        return name in names or P.display_name(name) in names
+
+    async def upstream_ollama_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = await self.http.post(f"{self.config.upstream.rstrip('/')}{path}", json=body)
+        if r.status_code >= 400:
+            raise ApiError(r.status_code, _error_text(r))
+        return r.json()
+
+    async def _proxy(self, request: Request, url: str, headers: dict[str, str]) -> Response:
+        body = await request.body()
+        req = self.http.build_request("POST", url, content=body,
+                                      headers={"Content-Type": "application/json", **headers}, timeout=None)
+        upstream = await self.http.send(req, stream=True)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for piece in upstream.aiter_raw():
+                    yield piece
+            finally:
+                await upstream.aclose()
+
+        media = upstream.headers.get("content-type", "application/json")
+        return StreamingResponse(relay(), status_code=upstream.status_code, media_type=media)
+
+    async def upstream_ollama_proxy(self, request: Request, path: str) -> Response:
+        return await self._proxy(request, f"{self.config.upstream.rstrip('/')}{path}", {})
+
+    async def upstream_openai_proxy(self, request: Request, path: str, model: str) -> Response:
+        if self.config.upstream_openai:
+            _, listed = self._upstream_lists.get("openai", (0.0, []))  # refreshed by upstream_owns just before
+            if model in {m.get("id") for m in listed}:
+                return await self._proxy(request, f"{self.config.upstream_openai.rstrip('/')}{path}", self._openai_auth())
+        return await self._proxy(request, f"{self.config.upstream.rstrip('/')}/v1{path}", {})
+
+
+def _error_text(r: httpx.Response) -> str:
+    try:
+        body = r.json()
+        err = body.get("error")
+        return err.get("message", str(err)) if isinstance(err, dict) else str(err or r.text)
+    except ValueError:
+        return r.text
+
+
+def create_app(config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    registry = Registry(config.models)
+    state = AppState(config, registry, ModelManager(registry, config.keep_alive))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
+        reaper = asyncio.create_task(state.manager.reaper())
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            await state.http.aclose()
+
+    app = FastAPI(title="dgemma", description="DiffusionGemma behind the Ollama and OpenAI APIs", lifespan=lifespan)
+    app.state.dgemma = state
+
+    def is_openai(request: Request) -> bool:
+        return request.url.path.startswith("/v1")
+
+    def error(request: Request, status: int, message: str, code: str | None = None) -> JSONResponse:
+        body = P.openai_error(message, status, code) if is_openai(request) else {"error": message}
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error(request, exc.status, exc.message, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        if first.get("type") == "missing" and not where:
+            return error(request, 400, "missing request body")
+        return error(request, 400, f"invalid request: {where or 'body'}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        return error(request, 500, f"internal error: {type(exc).__name__}: {exc}")
+
+    if config.api_key:
+        @app.middleware("http")
+        async def check_key(request: Request, call_next):
+            if request.url.path not in ("/", "/api/version") and \
+                    request.headers.get("authorization") != f"Bearer {config.api_key}":
+                return error(request, 401, "missing or wrong API key (send 'Authorization: Bearer KEY')")
+            return await call_next(request)
+
+    app.include_router(ollama.router)
+    app.include_router(openai.router)
+    return app
+
+
+def serve(config: ServerConfig) -> None:
+    import uvicorn
+
+    if not is_loopback(config.host) and not (config.api_key or config.insecure):
+        raise ApiError(400, f"refusing to listen on {config.host} without --api-key (or --insecure): "
+                            "anyone on the network could use this machine")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")

@@ -1,0 +1,287 @@
+"""Ollama's API (/api/*): thin routes over serving.py, shapes from protocol.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import datetime, timedelta, timezone
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from ..engine import DoneEvent, EngineError, TextEvent
+from ..registry import DEFAULT_NAME, ModelNotFound, RegistryError, normalize_name
+from . import protocol as P
+from .serving import (
+    DEFAULT_NUM_CTX,
+    ApiError,
+    LoadedModel,
+    check_request,
+    collect,
+    generate_options,
+    generate_stream,
+    parse_keep_alive,
+    prompt_ids,
+)
+
+router = APIRouter()
+NDJSON = "application/x-ndjson"
+
+
+def _state(request: Request):
+    return request.app.state.dgemma
+
+
+def _keep_alive(request: Request, value: Any) -> float:
+    try:
+        return parse_keep_alive(value, _state(request).manager.default_keep_alive)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def _model_name(name: str | None) -> str:
+    if not name:
+        raise ApiError(400, "model is required")
+    return name
+
+
+async def _load(request: Request, name: str) -> tuple[LoadedModel, int]:
+    t0 = time.perf_counter_ns()
+    try:
+        model = await _state(request).manager.get(name)
+    except ModelNotFound:
+        raise ApiError(404, f"model '{name}' not found") from None
+    except (EngineError, RegistryError) as e:
+        raise ApiError(500, f"model '{name}' failed to load: {e}") from None
+    return model, time.perf_counter_ns() - t0
+
+
+def _unsupported(**fields: Any) -> None:
+    reasons = {
+        "images": "images are not supported: dgemma serves DiffusionGemma as a text-only model",
+        "format": "structured output ('format') is not supported by dgemma yet: it cannot be enforced on a diffusion canvas",
+        "suffix": "fill-in-the-middle ('suffix') is not supported",
+        "tools": "tools are not supported by dgemma yet",
+    }
+    for key, value in fields.items():
+        if value:
+            raise ApiError(400, reasons[key])
+
+
+async def _ndjson(lines: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """NDJSON with Ollama's error convention: a failure after the first line becomes a final {"error"} line."""
+    try:
+        async for line in lines:
+            yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
+    except (ApiError, EngineError) as e:
+        yield (json.dumps({"error": getattr(e, "message", str(e))}) + "\n").encode()
+    except Exception as e:  # noqa: BLE001 - the server must not crash on a request
+        yield (json.dumps({"error": f"an error was encountered while running the model: {e}"}) + "\n").encode()
+
+
+def _think(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, bool):
+        return {"enable_thinking": value}
+    if value in ("low", "medium", "high", "max"):
+        return {"enable_thinking": True}
+    raise ApiError(400, f'invalid think value: {json.dumps(value)} (must be "high", "medium", "low", "max", true, or false)')
+
+
+async def _respond(request: Request, model: LoadedModel, ids: list[int], opts, keep: float, stream: bool,
+                   t_start: int, load_ns: int, chunk, final) -> Response:
+    """Stream NDJSON chunks (chunk(text) per canvas, then final(done)) or answer one object."""
+    check_request(model.engine, ids, opts)
+    state = _state(request)
+    events = generate_stream(state.manager, model, ids, opts, keep)
+    if stream:
+        async def lines() -> AsyncIterator[dict[str, Any]]:
+            async for event in events:
+                if isinstance(event, TextEvent):
+                    if event.text:
+                        yield chunk(event.text)
+                elif isinstance(event, DoneEvent):
+                    yield final(event, "", time.perf_counter_ns() - t_start)
+
+        return StreamingResponse(_ndjson(lines()), media_type=NDJSON)
+    text, done = await state.until_disconnected(request, collect(events))
+    return JSONResponse(final(done, text, time.perf_counter_ns() - t_start))
+
+
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+async def root() -> Response:
+    return PlainTextResponse("Ollama is running")
+
+
+@router.api_route("/api/version", methods=["GET", "HEAD"])
+async def version() -> dict[str, str]:
+    return {"version": P.OLLAMA_VERSION}
+
+
+@router.api_route("/api/tags", methods=["GET", "HEAD"])
+async def tags(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    models = []
+    for entry in await asyncio.to_thread(state.registry.list):
+        info = await asyncio.to_thread(state.info, entry)
+        models.append(P.tag_entry(entry, info))
+    models += await state.upstream_ollama_models()
+    return {"models": models}
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    out = []
+    for name, m in sorted(state.manager.loaded.items(), key=lambda kv: -kv[1].expires_at):
+        left = m.expires_at - time.monotonic()
+        expires = P.FOREVER if left == float("inf") else P.rfc3339(datetime.now(timezone.utc) + timedelta(seconds=max(0.0, left)))
+        entry = P.tag_entry(m.entry, m.info)
+        out.append({**entry, "expires_at": expires, "size_vram": 0, "context_length": m.engine.cfg.context_length})
+    return {"models": out}
+
+
+@router.post("/api/show")
+async def show(request: Request, req: P.ShowRequest) -> dict[str, Any]:
+    name = _model_name(req.model or req.name)
+    state = _state(request)
+    if await state.upstream_owns(name):
+        return await state.upstream_ollama_json("/api/show", req.model_dump(exclude_none=True))
+    try:
+        entry = await asyncio.to_thread(state.registry.resolve, name)
+    except ModelNotFound:
+        raise ApiError(404, f"model '{P.display_name(normalize_name(name))}' not found") from None
+    info = await asyncio.to_thread(state.info, entry)
+    from ..inspect import open_gguf
+    from ..tokenizer import Tokenizer
+
+    tok = await asyncio.to_thread(lambda: Tokenizer.from_gguf(open_gguf(entry.path), entry.path))
+    stops = [tok.tokens[i] for i in sorted(tok.eog_ids)]
+    params = [("num_ctx", DEFAULT_NUM_CTX)] + [("stop", s) for s in stops]
+    params += [(k, info.metadata[key]) for k, key in P.SHOW_SAMPLER_PARAMS if key in info.metadata]
+    model_info = {k: v for k, v in info.metadata.items() if k not in ("general.name",)}
+    if not req.verbose:
+        model_info = {k: (v if not isinstance(v, list) or len(v) <= 5 else []) for k, v in model_info.items()}
+    return {
+        "license": "",
+        "modelfile": f"# Modelfile generated by dgemma\nFROM {entry.path}\n"
+                     + "".join(f"PARAMETER {k} {json.dumps(v)}\n" for k, v in params),
+        "parameters": "\n".join(f"{k:<30} {json.dumps(v)}" for k, v in params),
+        "template": tok.chat_template or "",
+        "details": P.details(info),
+        "model_info": model_info,
+        "capabilities": ["completion"],
+        "modified_at": P.rfc3339(entry.modified_at),
+    }
+
+
+@router.post("/api/generate")
+async def generate(request: Request, req: P.GenerateRequest) -> Response:
+    t_start = time.perf_counter_ns()
+    name = _model_name(req.model)
+    state = _state(request)
+    if await state.upstream_owns(name):
+        return await state.upstream_ollama_proxy(request, "/api/generate")
+    keep = _keep_alive(request, req.keep_alive)
+    _unsupported(images=req.images, format=req.format, suffix=req.suffix)
+    if req.raw and (req.system or req.template or req.context):
+        raise ApiError(400, "raw mode does not support template, system, or context")
+    if req.template:
+        raise ApiError(400, "template overrides are not supported: dgemma renders the model's own chat template")
+    model, load_ns = await _load(request, name)
+    created = P.now_rfc3339()
+    if not req.prompt:  # load (or, with keep_alive 0, unload) the model
+        state.manager.touch(model, keep)
+        reason = "unload" if keep == 0 else "load"
+        return JSONResponse({"model": req.model, "created_at": created, "response": "", "done": True, "done_reason": reason})
+    opts = generate_options(model.engine, req.options)
+    if req.raw:
+        ids = prompt_ids(model.engine, req.prompt, raw=True)
+    else:
+        messages = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.prompt}]
+        ids = list(req.context or []) + prompt_ids(model.engine, messages, **_think(req.think))
+
+    def chunk(text: str) -> dict[str, Any]:
+        return {"model": req.model, "created_at": P.now_rfc3339(), "response": text, "done": False}
+
+    def final(done: DoneEvent, text: str, total_ns: int) -> dict[str, Any]:
+        out = {"model": req.model, "created_at": P.now_rfc3339(), "response": text, "done": True,
+               "done_reason": "stop" if done.done_reason == "cancelled" else done.done_reason}
+        if not req.raw:
+            out["context"] = ids + done.token_ids
+        return {**out, **P.metrics(done, total_ns, load_ns)}
+
+    return await _respond(request, model, ids, opts, keep, req.stream is not False, t_start, load_ns, chunk, final)
+
+
+@router.post("/api/chat")
+async def chat(request: Request, req: P.ChatRequest) -> Response:
+    t_start = time.perf_counter_ns()
+    name = _model_name(req.model)
+    state = _state(request)
+    if await state.upstream_owns(name):
+        return await state.upstream_ollama_proxy(request, "/api/chat")
+    keep = _keep_alive(request, req.keep_alive)
+    messages = req.messages or []
+    _unsupported(images=any(m.images for m in messages), format=req.format, tools=req.tools)
+    model, load_ns = await _load(request, name)
+    if not messages:
+        state.manager.touch(model, keep)
+        return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(),
+                             "message": {"role": "assistant", "content": ""}, "done": True,
+                             "done_reason": "unload" if keep == 0 else "load"})
+    opts = generate_options(model.engine, req.options)
+    conv = [{"role": m.role.lower(), "content": m.content or ""} for m in messages]
+    ids = prompt_ids(model.engine, conv, **_think(req.think))
+
+    def chunk(text: str) -> dict[str, Any]:
+        return {"model": req.model, "created_at": P.now_rfc3339(), "message": {"role": "assistant", "content": text},
+                "done": False}
+
+    def final(done: DoneEvent, text: str, total_ns: int) -> dict[str, Any]:
+        return {"model": req.model, "created_at": P.now_rfc3339(), "message": {"role": "assistant", "content": text},
+                "done": True, "done_reason": "stop" if done.done_reason == "cancelled" else done.done_reason,
+                **P.metrics(done, total_ns, load_ns)}
+
+    return await _respond(request, model, ids, opts, keep, req.stream is not False, t_start, load_ns, chunk, final)
+
+
+@router.api_route("/api/delete", methods=["DELETE", "POST"])
+async def delete(request: Request, req: P.DeleteRequest) -> Response:
+    name = _model_name(req.model or req.name)
+    state = _state(request)
+    try:
+        await asyncio.to_thread(state.registry.remove, name)
+    except ModelNotFound:
+        raise ApiError(404, f"model '{name}' not found") from None
+    except RegistryError as e:
+        raise ApiError(400, str(e)) from None
+    state.manager.unload(normalize_name(name))
+    return Response(status_code=200)
+
+
+_NOT_HERE = {
+    "/api/pull": "dgemma does not download models: convert a checkpoint with 'dgemma convert' and add it with 'dgemma import'",
+    "/api/push": "dgemma does not push models",
+    "/api/create": "dgemma cannot create models from a Modelfile: use 'dgemma import FILE.gguf --name NAME'",
+    "/api/copy": "dgemma cannot copy models: use 'dgemma import FILE.gguf --name NAME'",
+    "/api/embed": "DiffusionGemma is a generative model: embeddings are not supported",
+    "/api/embeddings": "DiffusionGemma is a generative model: embeddings are not supported",
+}
+
+
+def _refuse(message: str):
+    async def handler() -> Response:
+        raise ApiError(400 if "not supported" in message else 501, message)
+
+    return handler
+
+
+for _path, _message in _NOT_HERE.items():
+    router.add_api_route(_path, _refuse(_message), methods=["POST"], include_in_schema=False)
+
+__all__ = ["router", "DEFAULT_NAME"]

@@ -1,0 +1,177 @@
+"""OpenAI's API (/v1/*) as Ollama and LM Studio serve it: thin routes over serving.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..engine import DoneEvent, EngineError, TextEvent
+from ..registry import ModelNotFound, normalize_name
+from . import protocol as P
+from .serving import ApiError, check_request, collect, generate_options, generate_stream, prompt_ids
+
+router = APIRouter(prefix="/v1")
+
+
+def _state(request: Request):
+    return request.app.state.dgemma
+
+
+def _model_object(name: str, created: int, owner: str = "dgemma") -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": owner}
+
+
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    data = [_model_object(P.display_name(e.name), int(e.modified_at.timestamp()))
+            for e in await asyncio.to_thread(state.registry.list)]
+    data += await state.upstream_openai_models()
+    return {"object": "list", "data": data}
+
+
+@router.get("/models/{model:path}")
+async def model(request: Request, model: str) -> dict[str, Any]:
+    state = _state(request)
+    try:
+        entry = await asyncio.to_thread(state.registry.resolve, model)
+    except ModelNotFound:
+        for m in await state.upstream_openai_models():
+            if m["id"] == model:
+                return m
+        raise ApiError(404, f"model '{model}' not found", code="model_not_found") from None
+    return _model_object(P.display_name(entry.name), int(entry.modified_at.timestamp()))
+
+
+def _text(content: Any) -> str:
+    """OpenAI message content: a string or a list of parts; only text parts are supported."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise ApiError(400, f"content part of type '{part.get('type')}' is not supported (text only)")
+        texts.append(part.get("text", ""))
+    return "".join(texts)
+
+
+async def _load(request: Request, name: str):
+    try:
+        return await _state(request).manager.get(name)
+    except ModelNotFound:
+        raise ApiError(404, f"model '{name}' not found", code="model_not_found") from None
+    except EngineError as e:
+        raise ApiError(500, f"model '{name}' failed to load: {e}") from None
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+async def _sse_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    try:
+        async for c in chunks:
+            yield _sse(c)
+    except (ApiError, EngineError) as e:
+        yield _sse(P.openai_error(getattr(e, "message", str(e)), 500))
+    except Exception as e:  # noqa: BLE001 - the server must not crash on a request
+        yield _sse(P.openai_error(f"an error was encountered while running the model: {e}", 500))
+    yield _sse("[DONE]")
+
+
+def _common(req, max_tokens: int | None):
+    if req.n not in (None, 1):
+        raise ApiError(400, "n > 1 is not supported", code="unsupported_parameter")
+    return dict(max_tokens=max_tokens, temperature=req.temperature, seed=req.seed, stop=req.stop)
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Response:
+    state = _state(request)
+    if await state.upstream_owns(req.model, openai=True):
+        return await state.upstream_openai_proxy(request, "/chat/completions", req.model)
+    if not req.messages:
+        raise ApiError(400, "[] is too short - 'messages'", code="invalid_request")
+    if req.tools:
+        raise ApiError(400, "tools are not supported by dgemma yet", code="unsupported_parameter")
+    if req.response_format and req.response_format.get("type") not in (None, "text"):
+        raise ApiError(400, "response_format other than text is not supported", code="unsupported_parameter")
+    model = await _load(request, req.model)
+    opts = generate_options(model.engine, None, **_common(req, req.max_completion_tokens or req.max_tokens))
+    conv = [{"role": m.role if m.role != "developer" else "system", "content": _text(m.content)} for m in req.messages]
+    ids = prompt_ids(model.engine, conv)
+    check_request(model.engine, ids, opts)
+    keep = state.manager.default_keep_alive
+    cid, created = P.completion_id("chatcmpl"), int(time.time())
+    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+            "system_fingerprint": "dgemma"}
+    events = generate_stream(state.manager, model, ids, opts, keep)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+            async for event in events:
+                if isinstance(event, TextEvent) and event.text:
+                    yield {**head, "choices": [{"index": 0, "delta": {"content": event.text}, "finish_reason": None}]}
+                elif isinstance(event, DoneEvent):
+                    yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": P.finish_reason(event)}]}
+                    if include_usage:
+                        yield {**head, "choices": [], "usage": P.usage(event)}
+
+        return StreamingResponse(_sse_stream(chunks()), media_type="text/event-stream")
+    text, done = await state.until_disconnected(request, collect(events))
+    return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+                         "system_fingerprint": "dgemma",
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                      "finish_reason": P.finish_reason(done)}],
+                         "usage": P.usage(done)})
+
+
+@router.post("/completions")
+async def completions(request: Request, req: P.CompletionRequest) -> Response:
+    state = _state(request)
+    if await state.upstream_owns(req.model, openai=True):
+        return await state.upstream_openai_proxy(request, "/completions", req.model)
+    if req.suffix:
+        raise ApiError(400, "suffix (fill-in-the-middle) is not supported", code="unsupported_parameter")
+    prompt = req.prompt if isinstance(req.prompt, str) else None
+    if prompt is None:
+        if len(req.prompt) != 1:
+            raise ApiError(400, "exactly one prompt is supported", code="unsupported_parameter")
+        prompt = req.prompt[0]
+    model = await _load(request, req.model)
+    opts = generate_options(model.engine, None, **_common(req, req.max_tokens))
+    ids = prompt_ids(model.engine, prompt, raw=True)
+    check_request(model.engine, ids, opts)
+    cid, created = P.completion_id("cmpl"), int(time.time())
+    head = {"id": cid, "object": "text_completion", "created": created, "model": req.model, "system_fingerprint": "dgemma"}
+    events = generate_stream(state.manager, model, ids, opts, state.manager.default_keep_alive)
+    echo = prompt if req.echo else ""
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            if echo:
+                yield {**head, "choices": [{"index": 0, "text": echo, "finish_reason": None}]}
+            async for event in events:
+                if isinstance(event, TextEvent) and event.text:
+                    yield {**head, "choices": [{"index": 0, "text": event.text, "finish_reason": None}]}
+                elif isinstance(event, DoneEvent):
+                    yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": P.finish_reason(event)}]}
+                    if include_usage:
+                        yield {**head, "choices": [], "usage": P.usage(event)}
+
+        return StreamingResponse(_sse_stream(chunks()), media_type="text/event-stream")
+    text, done = await state.until_disconnected(request, collect(events))
+    return JSONResponse({**head, "choices": [{"index": 0, "text": echo + text, "finish_reason": P.finish_reason(done)}],
+                         "usage": P.usage(done)})
+
+
+__all__ = ["router", "normalize_name"]

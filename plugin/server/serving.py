@@ -1,0 +1,224 @@
+"""Serving logic shared by the Ollama and OpenAI routers: loaded models, keep-alive, and generation
+bridged from the engine's worker thread to async streams.
+
+Models load on first use and unload when their keep-alive expires. Requests for one model are queued:
+the engine runs one generation at a time (a queued request costs nothing while it waits), so concurrent
+clients never interleave and each gets exactly what it would get alone. A client that goes away sets
+its request's cancel flag; the engine checks it between denoising steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions
+from ..registry import ModelEntry, Registry, read_model_info
+
+DEFAULT_KEEP_ALIVE = 300.0  # seconds, Ollama's default "5m"
+
+
+def parse_keep_alive(value: Any, default: float = DEFAULT_KEEP_ALIVE) -> float:
+    """Ollama keep_alive: seconds (number), a duration string ("5m", "1h30m", "10s"), 0 (unload now) or
+    negative (forever: inf)."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        raise ValueError(f"keep_alive must be a duration, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float("inf") if value < 0 else float(value)
+    text = str(value).strip()
+    try:
+        seconds = float(text)
+        return float("inf") if seconds < 0 else seconds
+    except ValueError:
+        pass
+    import re
+
+    parts = re.fullmatch(r"(-)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?", text)
+    if not parts or not any(parts.groups()[1:]):
+        raise ValueError(f"keep_alive '{value}' is not a duration (examples: 5m, 30s, 1h, 0, -1)")
+    sign, h, m, s, ms = parts.groups()
+    seconds = float(h or 0) * 3600 + float(m or 0) * 60 + float(s or 0) + float(ms or 0) / 1000
+    return float("inf") if sign else seconds
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    engine: Engine
+    info: Any  # registry.ModelInfo
+    expires_at: float = float("inf")  # monotonic seconds
+    busy: int = 0  # requests holding or waiting for it
+    queue: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class ModelManager:
+    def __init__(self, registry: Registry, default_keep_alive: float = DEFAULT_KEEP_ALIVE) -> None:
+        self.registry = registry
+        self.default_keep_alive = default_keep_alive
+        self.loaded: dict[str, LoadedModel] = {}
+        self._loading: dict[str, asyncio.Lock] = {}
+
+    async def get(self, name: str) -> LoadedModel:
+        """The loaded model for `name`, loading it (in a worker thread) on first use."""
+        entry = self.registry.resolve(name)  # raises ModelNotFound
+        lock = self._loading.setdefault(entry.name, asyncio.Lock())
+        async with lock:
+            model = self.loaded.get(entry.name)
+            if model is None or model.entry.path != entry.path:
+                engine = await asyncio.to_thread(Engine.load, entry.path)
+                info = await asyncio.to_thread(read_model_info, entry.path)
+                model = self.loaded[entry.name] = LoadedModel(entry, engine, info)
+        return model
+
+    def touch(self, model: LoadedModel, keep_alive: float) -> None:
+        model.expires_at = time.monotonic() + keep_alive if keep_alive != float("inf") else float("inf")
+        if keep_alive == 0 and model.busy == 0:
+            self.unload(model.entry.name)
+
+    def unload(self, name: str) -> bool:
+        return self.loaded.pop(name, None) is not None
+
+    def reap(self) -> None:
+        now = time.monotonic()
+        for name, model in list(self.loaded.items()):
+            if model.busy == 0 and model.expires_at <= now:
+                self.unload(name)
+
+    async def reaper(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.reap()
+
+
+async def generate_stream(manager: ModelManager, model: LoadedModel, prompt: Any, options: GenerateOptions,
+                          keep_alive: float, **template_kwargs: Any) -> AsyncIterator[Event]:
+    """Run one generation in a worker thread, one request at a time per model, yielding engine events.
+    Closing the iterator early (client gone) cancels the generation at the next denoising step."""
+    cancel = threading.Event()
+    options.cancel = cancel
+    model.busy += 1
+    try:
+        async with model.queue:
+            # prompt errors (chat template, vocabulary) surface here, before any output
+            iterator = model.engine.generate(prompt, options, **template_kwargs)
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue[Any] = asyncio.Queue()
+            sentinel = object()
+
+            def work() -> None:
+                try:
+                    for event in iterator:
+                        loop.call_soon_threadsafe(events.put_nowait, event)
+                except BaseException as e:  # noqa: BLE001 - handed to the async side
+                    loop.call_soon_threadsafe(events.put_nowait, e)
+                finally:
+                    loop.call_soon_threadsafe(events.put_nowait, sentinel)
+
+            worker = threading.Thread(target=work, name="dgemma-generate", daemon=True)
+            worker.start()
+            try:
+                while True:
+                    item = await events.get()
+                    if item is sentinel:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                cancel.set()
+                await asyncio.to_thread(worker.join)
+    finally:
+        model.busy -= 1
+        manager.touch(model, keep_alive)
+
+
+async def collect(stream: AsyncIterator[Event]) -> tuple[str, DoneEvent]:
+    text, done = [], None
+    async for event in stream:
+        if isinstance(event, DoneEvent):
+            done = event
+        else:
+            text.append(event.text)
+    if done is None:
+        raise EngineError("generation ended without a result")
+    return "".join(text), done
+
+
+class ApiError(Exception):
+    """An error answered with an HTTP status: {"error": message} on /api, OpenAI's shape on /v1."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+DEFAULT_NUM_CTX = 4096  # Ollama's default context when a request does not set num_ctx
+MIN_TEMPERATURE = 1e-3
+
+
+def _number(options: dict[str, Any], key: str, kind: type) -> Any:
+    value = options.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, f"option '{key}' must be a number (got {value!r})")
+    return kind(value)
+
+
+def generate_options(engine: Engine, options: dict[str, Any] | None, *, max_tokens: int | None = None,
+                     temperature: float | None = None, seed: int | None = None, stop: Any = None) -> GenerateOptions:
+    """Ollama `options` (and OpenAI's top-level fields) -> GenerateOptions; unknown options are ignored.
+
+    temperature T rescales the annealed schedule: t_max becomes T and t_min keeps its ratio to t_max.
+    Diffusion options: diffusion_steps, entropy_bound, t_min, t_max. num_predict < 0 (Ollama's default,
+    "infinite") runs until an end-of-generation token or the context (num_ctx, default 4096) is full."""
+    o = dict(options or {})
+    s = engine.cfg.sampler
+    out = GenerateOptions()
+    out.num_ctx = _number(o, "num_ctx", int) or DEFAULT_NUM_CTX
+    num_predict = max_tokens if max_tokens is not None else _number(o, "num_predict", int)
+    out.max_tokens = out.num_ctx if num_predict is None or num_predict < 0 else num_predict
+    seed = seed if seed is not None else _number(o, "seed", int)
+    out.seed = seed if seed is not None and seed >= 0 else None
+    temp = temperature if temperature is not None else _number(o, "temperature", float)
+    if temp is not None:
+        t = max(temp, MIN_TEMPERATURE)
+        out.t_max, out.t_min = t, s.t_min * t / s.t_max
+    for key, attr, kind in (("t_min", "t_min", float), ("t_max", "t_max", float),
+                            ("diffusion_steps", "steps", int), ("entropy_bound", "entropy_bound", float)):
+        value = _number(o, key, kind)
+        if value is not None:
+            setattr(out, attr, value)
+    if out.steps is not None and out.steps < 1:
+        raise ApiError(400, f"option 'diffusion_steps' must be at least 1 (got {out.steps})")
+    stop = stop if stop is not None else o.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(x, str) for x in stop)):
+        raise ApiError(400, f"option 'stop' must be a string or a list of strings (got {stop!r})")
+    out.stop = list(stop or [])
+    return out
+
+
+def prompt_ids(engine: Engine, prompt: Any, *, raw: bool = False, **template_kwargs: Any) -> list[int]:
+    """Tokenize (through the chat template unless raw) before any response is sent, so that a bad
+    prompt is a 400 and not a broken stream."""
+    from ..chat import ChatTemplateError
+
+    try:
+        return engine.prompt_ids(prompt, raw, **template_kwargs)
+    except (EngineError, ChatTemplateError) as e:
+        raise ApiError(400, str(e)) from None
+
+
+def check_request(engine: Engine, ids: list[int], options: GenerateOptions) -> None:
+    try:
+        engine.settings(ids, options)
+    except EngineError as e:
+        raise ApiError(400, str(e)) from None

@@ -1,0 +1,205 @@
+"""`dgemma serve` on loopback, driven by the official ollama and openai clients."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import ollama
+import openai
+import pytest
+from server_util import running_server
+
+from dgemma.plugin.default_model import ensure_default_model
+from dgemma.plugin.engine import Engine, GenerateOptions, TextEvent
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("served")
+    ensure_default_model(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory) -> str:
+    log = tmp_path_factory.mktemp("log") / "serve.log"
+    with running_server(models, log=log) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def engine(models) -> Engine:
+    return Engine.load(models / "default.gguf")
+
+
+def alone(engine: Engine, messages, seed: int, n: int) -> str:
+    """What the engine generates for a chat with no server in between."""
+    from dgemma.plugin.server.serving import generate_options
+
+    opts = generate_options(engine, {"seed": seed, "num_predict": n})
+    return "".join(e.text for e in engine.generate(messages, opts) if isinstance(e, TextEvent))
+
+
+def test_root_version_tags_show_ps(server, models):
+    assert httpx.get(server).text == "Ollama is running" and httpx.head(server).status_code == 200
+    client = ollama.Client(host=server)
+    listed = client.list()
+    names = [m.model for m in listed.models]
+    assert "default:latest" in names
+    default = next(m for m in listed.models if m.model == "default:latest")
+    assert default.size == (models / "default.gguf").stat().st_size and len(default.digest) == 64
+    assert default.details.format == "gguf" and default.details.family == "diffusiongemma"
+    assert default.details.quantization_level == "Q8_0" and default.details.parameter_size.endswith("M")
+    shown = client.show("default")
+    assert shown.modelinfo["general.architecture"] == "diffusion-gemma"
+    assert shown.modelinfo["general.parameter_count"] > 0 and "completion" in shown.capabilities
+    assert "num_ctx" in shown.parameters and "<|turn>" in shown.template
+    # Continue asks with the legacy field
+    legacy = httpx.post(f"{server}/api/show", json={"name": "default"}).json()
+    assert legacy["model_info"] == json.loads(shown.model_dump_json(by_alias=True))["model_info"]
+    client.generate(model="default", prompt="")  # load
+    assert [m.model for m in client.ps().models] == ["default:latest"]
+    assert client.generate(model="default", prompt="", keep_alive=0).done_reason == "unload"
+    assert client.ps().models == []
+
+
+def test_generate_and_chat_streaming_and_not(server, engine):
+    client = ollama.Client(host=server)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    expected = alone(engine, messages, seed=11, n=40)
+    full = client.chat(model="default", messages=messages, options={"seed": 11, "num_predict": 40})
+    assert full.message.role == "assistant" and full.message.content == expected
+    assert full.done and full.done_reason == "length" and full.eval_count == 40
+    assert full.prompt_eval_count > 0 and full.total_duration >= full.eval_duration > 0
+    parts = list(client.chat(model="default", messages=messages, stream=True, options={"seed": 11, "num_predict": 40}))
+    assert "".join(p.message.content for p in parts) == expected
+    assert parts[-1].done and not any(p.done for p in parts[:-1]) and parts[-1].eval_count == 40
+
+    gen_expected = alone(engine, [{"role": "user", "content": "Once upon a time"}], seed=5, n=24)
+    r = client.generate(model="default", prompt="Once upon a time", options={"seed": 5, "num_predict": 24})
+    assert r.response == gen_expected and r.context and r.done_reason == "length"
+    chunks = list(client.generate(model="default:latest", prompt="Once upon a time", stream=True,
+                                  options={"seed": 5, "num_predict": 24}))
+    assert "".join(c.response for c in chunks) == gen_expected
+
+
+def test_errors(server):
+    client = ollama.Client(host=server)
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 404 and "not found" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="no-such-model", prompt="hi", stream=False)
+    assert e.value.status_code == 404
+    for path, body, needle in [
+        ("/api/generate", {"model": "default", "prompt": "hi", "images": ["aGk="]}, "images"),
+        ("/api/generate", {"model": "default", "prompt": "hi", "format": "json"}, "format"),
+        ("/api/generate", {"model": "default", "prompt": "hi", "keep_alive": "soon"}, "keep_alive"),
+        ("/api/chat", {"model": "default", "messages": [{"role": "user", "content": "hi"}], "tools": [{}]}, "tools"),
+        ("/api/chat", {"model": "default", "messages": "nope"}, "invalid request"),
+        ("/api/pull", {"model": "x"}, "dgemma import"),
+        ("/api/embed", {"model": "default", "input": "x"}, "embeddings"),
+        ("/api/generate", {"model": "default", "prompt": "hi", "options": {"num_predict": "ten"}}, "num_predict"),
+    ]:
+        r = httpx.post(f"{server}{path}", json=body)
+        assert 400 <= r.status_code < 600 and needle in r.json()["error"], (path, r.text)
+    r = httpx.post(f"{server}/api/chat", content=b"{broken")
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_openai_client(server, engine):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    assert "default:latest" in [m.id for m in client.models.list()]
+    assert client.models.retrieve("default:latest").id == "default:latest"
+    messages = [{"role": "user", "content": "Hello there"}]
+    expected = alone(engine, messages, seed=9, n=30)
+    r = client.chat.completions.create(model="default", messages=messages, max_tokens=30, seed=9)
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 30 and r.usage.total_tokens == r.usage.prompt_tokens + 30
+    stream = client.chat.completions.create(model="default", messages=messages, max_tokens=30, seed=9, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    done = client.completions.create(model="default", prompt="Once upon", max_tokens=12, seed=2)
+    assert done.object == "text_completion" and done.usage.completion_tokens <= 12
+    assert (done.choices[0].finish_reason == "length") == (done.usage.completion_tokens == 12)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=messages)
+    assert e.value.body["type"] == "not_found_error"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="default", messages=[])
+
+
+def test_concurrent_streams_equal_running_alone(server, engine):
+    """16 clients at once, distinct seeds: each gets exactly what the engine gives it alone."""
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    expected = {seed: alone(engine, messages, seed, 20) for seed in range(16)}
+    got: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            client = ollama.Client(host=server)
+            parts = client.chat(model="default", messages=messages, stream=True,
+                                options={"seed": seed, "num_predict": 20})
+            got[seed] = "".join(p.message.content for p in parts)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and got == expected
+
+
+def test_disconnect_frees_the_slot(server):
+    """A long stream abandoned after its first chunk stops at the next step: the next request is not stuck."""
+    body = {"model": "default", "messages": [{"role": "user", "content": "go on"}],
+            "options": {"seed": 1, "num_predict": 4000}}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", f"{server}/api/chat", json=body) as r:
+            first = next(r.iter_lines())
+            assert json.loads(first)["done"] is False
+        # the connection is closed here, mid-generation
+    t = time.monotonic()
+    r = httpx.post(f"{server}/api/chat", json={**body, "options": {"seed": 2, "num_predict": 16}, "stream": False},
+                   timeout=60)
+    waited = time.monotonic() - t
+    assert r.status_code == 200 and r.json()["eval_count"] == 16
+    alone_long = 4000 / 32 * 16 * 0.003  # the abandoned request would hold the model for seconds
+    assert waited < max(2.0, alone_long / 2)
+
+
+def test_upstream_servers_are_merged(models, tmp_path, engine):
+    """A second server (an Ollama stand-in that really speaks the protocol) is merged in: its models are
+    listed on /api/tags and /v1/models and requests for them are proxied, streaming included."""
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    shutil.copy(models / "default.gguf", other_dir / "upstream-model.gguf")
+    with running_server(other_dir) as upstream, \
+            running_server(models, "--upstream", upstream, "--upstream-openai", f"{upstream}/v1") as front:
+        client = ollama.Client(host=front)
+        names = [m.model for m in client.list().models]
+        assert "default:latest" in names and "upstream-model:latest" in names
+        messages = [{"role": "user", "content": "hi"}]
+        direct = ollama.Client(host=upstream).chat(model="upstream-model", messages=messages,
+                                                   options={"seed": 4, "num_predict": 10})
+        via = client.chat(model="upstream-model", messages=messages, options={"seed": 4, "num_predict": 10})
+        assert via.message.content == direct.message.content
+        streamed = list(client.chat(model="upstream-model", messages=messages, stream=True,
+                                    options={"seed": 4, "num_predict": 10}))
+        assert "".join(p.message.content for p in streamed) == direct.message.content
+        oa = openai.OpenAI(base_url=f"{front}/v1", api_key="x")
+        ids = [m.id for m in oa.models.list()]
+        assert "default:latest" in ids and "upstream-model:latest" in ids
+        r = oa.chat.completions.create(model="upstream-model:latest", messages=messages, max_tokens=10, seed=4)
+        assert r.choices[0].message.content == direct.message.content
