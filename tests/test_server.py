@@ -203,3 +203,33 @@ def test_upstream_servers_are_merged(models, tmp_path, engine):
         assert "default:latest" in ids and "upstream-model:latest" in ids
         r = oa.chat.completions.create(model="upstream-model:latest", messages=messages, max_tokens=10, seed=4)
         assert r.choices[0].message.content == direct.message.content
+
+
+def test_keep_alive_unloads_after_expiry(server):
+    client = ollama.Client(host=server)
+    client.generate(model="default", prompt="", keep_alive="1s")
+    assert [m.model for m in client.ps().models] == ["default:latest"]
+    deadline = time.monotonic() + 10
+    while client.ps().models and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.ps().models == []
+    client.generate(model="default", prompt="", keep_alive=-1)
+    assert client.ps().models[0].expires_at.year > 2200
+
+
+def test_api_key_and_non_loopback_refusal(models):
+    import subprocess
+    import sys
+
+    with running_server(models, "--api-key", "s3cret") as url:
+        assert httpx.get(f"{url}/api/version").status_code == 200  # health checks stay open
+        r = httpx.get(f"{url}/api/tags")
+        assert r.status_code == 401 and "API key" in r.json()["error"]
+        assert httpx.get(f"{url}/v1/models").json()["error"]["type"] == "authentication_error"
+        ok = httpx.get(f"{url}/api/tags", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["models"]
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret")
+        assert oa.models.list().data
+    proc = subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "serve", "--host", "0.0.0.0", "--models",
+                           str(models)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "--api-key" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
