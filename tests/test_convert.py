@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from dgemma.convert import constants as C
 from dgemma.convert import convert
-from dgemma.convert import writer as writer_mod
 
 TYPES = ["F32", "F16", "BF16", "Q8_0"]
 QTYPE = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0}

@@ -15,7 +15,7 @@ import pytest
 from server_util import running_server
 
 from dgemma.plugin.default_model import ensure_default_model
-from dgemma.plugin.engine import Engine, GenerateOptions, TextEvent
+from dgemma.plugin.engine import Engine, TextEvent
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ..engine import DoneEvent, EngineError, TextEvent
-from ..registry import DEFAULT_NAME, ModelNotFound, RegistryError, normalize_name
+from ..registry import ModelNotFound, RegistryError, normalize_name
 from . import protocol as P
 from .serving import (
     DEFAULT_NUM_CTX,
@@ -283,5 +283,3 @@ def _refuse(message: str):
 
 for _path, _message in _NOT_HERE.items():
     router.add_api_route(_path, _refuse(_message), methods=["POST"], include_in_schema=False)
-
-__all__ = ["router", "DEFAULT_NAME"]

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import DoneEvent, EngineError, TextEvent
-from ..registry import ModelNotFound, normalize_name
+from ..registry import ModelNotFound
 from . import protocol as P
 from .serving import ApiError, check_request, collect, generate_options, generate_stream, prompt_ids
 
@@ -173,5 +173,3 @@ async def completions(request: Request, req: P.CompletionRequest) -> Response:
     return JSONResponse({**head, "choices": [{"index": 0, "text": echo + text, "finish_reason": P.finish_reason(done)}],
                          "usage": P.usage(done)})
 
-
-__all__ = ["router", "normalize_name"]

@@ -66,7 +66,7 @@ class ModelManager:
 
     async def get(self, name: str) -> LoadedModel:
         """The loaded model for `name`, loading it (in a worker thread) on first use."""
-        entry = self.registry.resolve(name)  # raises ModelNotFound
+        entry = await asyncio.to_thread(self.registry.resolve, name)  # raises ModelNotFound
         lock = self._loading.setdefault(entry.name, asyncio.Lock())
         async with lock:
             model = self.loaded.get(entry.name)
