@@ -117,6 +117,24 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_manifests(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .manifests import render, write
+    from .registry import Registry, RegistryError
+    from .server.protocol import display_name
+
+    try:
+        models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else \
+            [display_name(e.name) for e in Registry().list()]
+    except RegistryError as e:
+        return _fail(str(e))
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    for path in write(Path(args.out), render(f"http://{host}:{args.port}", models)):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dgemma.convert.writer import OUTPUT_TYPES
 
@@ -147,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--upstream-openai-key", metavar="KEY", help="API key for --upstream-openai")
     sv.add_argument("--keep-alive", default="5m", help="how long an idle model stays loaded (default 5m; -1: forever)")
     sv.set_defaults(func=cmd_serve)
+
+    mf = sub.add_parser("manifests", help="write provider files for Open WebUI, Continue, LiteLLM, AnythingLLM, Jan, "
+                                          "LM Studio", description="Render drop-in provider files pointing at dgemma serve.")
+    mf.add_argument("--out", required=True, metavar="DIR")
+    mf.add_argument("--host", default="127.0.0.1")
+    mf.add_argument("--port", type=int, default=11435)
+    mf.add_argument("--models", help="comma-separated model names (default: every model dgemma serves)")
+    mf.set_defaults(func=cmd_manifests)
 
     ls = sub.add_parser("list", help="list the models dgemma serves")
     ls.set_defaults(func=cmd_list)
