@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import torch
 from gguf import GGMLQuantizationType
 
+from dgemma.quant.presets import ModelFacts
+
 from . import constants as C
 from .source import Checkpoint, ConvertError
 
@@ -81,6 +83,14 @@ class ModelConverter:
     def required_names(self) -> list[str]:
         """GGUF tensors a complete file must have (checked before writing)."""
         return []
+
+    def model_facts(self) -> ModelFacts:
+        """What llama.cpp's per-tensor quantization rules read about the model."""
+        return ModelFacts(n_layer=1, n_gqa=1, n_expert=1)
+
+
+def _natural_key(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
 _BLK = re.compile(r"^model\.decoder\.layers\.(\d+)\.(.+)$")
@@ -298,6 +308,24 @@ class DiffusionGemma(ModelConverter):
                 names.append(C.blk(bid, base, suffix))
             names.append(C.blk(bid, C.ENC_LAYER_OUTPUT_SCALE))
         return names
+
+    def gguf_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(GGUF name, shape) of every tensor of a complete file, from the config alone (no weights)."""
+        names = [self.map_name(n) for n in self.hf_names()] + [name for name, _ in self.generate_extra_tensors()]
+        return [(n, tuple(self.expected_shape(n))) for n in sorted(names, key=_natural_key)]
+
+    def model_dims(self):
+        from dgemma.quant.planner import ModelDims
+
+        layers = [(swa, self.n_head_kv_swa if swa else self.n_head_kv_full,
+                   self.head_dim if swa else self.global_head_dim) for swa in self.is_swa]
+        return ModelDims(n_layer=self.n_layer, n_embd=self.n_embd, canvas=self.canvas_length,
+                         sliding_window=self.sliding_window, layers=layers, n_expert_used=self.n_expert_used,
+                         n_ff_exp=self.n_ff_exp, n_ff=self.n_ff)
+
+    def model_facts(self) -> ModelFacts:
+        kv0 = self.n_head_kv_swa if self.is_swa[0] else self.n_head_kv_full  # llama.cpp reads layer 0
+        return ModelFacts(n_layer=self.n_layer, n_gqa=self.n_head // kv0, n_expert=self.n_expert)
 
     def tensor_force_quant(self, name: str, shape: tuple[int, ...]) -> GGMLQuantizationType | None:
         # llama.cpp keeps these in F32 whatever the file type: vectors, norms, the router, scales

@@ -105,7 +105,8 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
 
     @classmethod
-    def open(cls, root: str | Path) -> "Checkpoint":
+    def open(cls, root: str | Path, *, weights: bool = True) -> "Checkpoint":
+        """Read and check a checkpoint folder; with weights=False only its configs (for planning)."""
         root = Path(root)
         if not root.exists():
             raise ConvertError(f"{root}: no such directory (expected a Hugging Face checkpoint folder)")
@@ -115,7 +116,7 @@ class Checkpoint:
         gen_path = root / GENERATION_CONFIG_FILE
         generation_config = read_json(gen_path, "generation config") if gen_path.exists() else {}
         tensors: dict[str, TensorInfo] = {}
-        for shard in cls._shards(root):
+        for shard in cls._shards(root) if weights else []:
             for name, info in read_safetensors_header(shard).items():
                 if name in tensors:
                     raise ConvertError(f"{shard}: tensor '{name}' also stored in {tensors[name].shard.name}")

@@ -21,19 +21,14 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 from tqdm import tqdm
 
 from dgemma import quant
+from dgemma.quant.presets import PRESETS, Preset, preset_types
 
 from . import constants as C
 from .arch import KV, ModelConverter, converter_for
 from .source import Checkpoint, ConvertError
 from .vocab import load_vocab
 
-# --type NAME -> (GGML type of the weight matrices, general.file_type)
-OUTPUT_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
-    "F32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
-    "F16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
-    "BF16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
-    "Q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-}
+OUTPUT_TYPES = PRESETS  # --type NAME -> preset (default GGML type, general.file_type, per-tensor rules)
 CHUNK_ELEMENTS = 1 << 22  # values converted per write: bounds the float32 working set to 16 MiB
 
 
@@ -50,29 +45,23 @@ class PlannedTensor:
         return quant.nbytes(self.shape, self.qtype)
 
 
-def parse_type(name: str) -> tuple[GGMLQuantizationType, LlamaFileType]:
-    try:
-        return OUTPUT_TYPES[name.upper()]
-    except KeyError:
-        raise ConvertError(f"--type '{name}' is not supported (choose {', '.join(OUTPUT_TYPES)})") from None
+def parse_type(name: str) -> Preset:
+    for key, preset in PRESETS.items():
+        if key.upper() == name.upper():
+            return preset
+    raise ConvertError(f"--type '{name}' is not supported (choose {', '.join(PRESETS)})")
 
 
 def _natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def choose_type(conv: ModelConverter, name: str, shape: tuple[int, ...], wanted: GGMLQuantizationType) -> GGMLQuantizationType:
-    forced = conv.tensor_force_quant(name, shape)
-    if forced is not None:
-        return forced
-    if not quant.can_quantize(shape, wanted):
-        return GGMLQuantizationType.F16  # llama.cpp's fallback when rows do not fill whole blocks
-    return wanted
-
-
-def plan_tensors(ckpt: Checkpoint, conv: ModelConverter, wanted: GGMLQuantizationType) -> list[PlannedTensor]:
-    """Names, shapes and types of every output tensor, checked against the config; no data read."""
-    plan: dict[str, PlannedTensor] = {}
+def plan_tensors(ckpt: Checkpoint, conv: ModelConverter, preset: Preset,
+                 overrides: dict[str, GGMLQuantizationType] | None = None) -> list[PlannedTensor]:
+    """Names, shapes and types of every output tensor, checked against the config; no data read.
+    Types: the architecture's forced types (F32 vectors, norms, router), then `overrides` (a --fit plan),
+    then the preset's rules (dgemma.quant.presets)."""
+    found: dict[str, tuple[str | None, tuple[int, ...], Callable[[], torch.Tensor]]] = {}
 
     def add(name: str, source: str | None, meta: torch.Tensor, load: Callable[[], torch.Tensor]) -> None:
         shape = tuple(conv.modify_tensors(name, meta).shape)
@@ -80,9 +69,9 @@ def plan_tensors(ckpt: Checkpoint, conv: ModelConverter, wanted: GGMLQuantizatio
         if expected is not None and shape != tuple(expected):
             where = f"{ckpt.info(source).shard}: tensor '{source}'" if source else f"generated tensor '{name}'"
             raise ConvertError(f"{where} has shape {list(shape)}, but config.json implies {list(expected)}")
-        if name in plan:
-            raise ConvertError(f"{ckpt.root}: tensors '{plan[name].source}' and '{source}' both map to '{name}'")
-        plan[name] = PlannedTensor(name, source, shape, choose_type(conv, name, shape, wanted), load)
+        if name in found:
+            raise ConvertError(f"{ckpt.root}: tensors '{found[name][0]}' and '{source}' both map to '{name}'")
+        found[name] = (source, shape, load)
 
     for name, data in conv.generate_extra_tensors():
         add(name, None, data.to("meta"), lambda data=data: data)
@@ -90,10 +79,17 @@ def plan_tensors(ckpt: Checkpoint, conv: ModelConverter, wanted: GGMLQuantizatio
         name = conv.map_name(hf_name)
         if name is not None:
             add(name, hf_name, ckpt.meta(hf_name), lambda hf_name=hf_name: ckpt.load(hf_name))
-    missing = [n for n in conv.required_names() if n not in plan]
+    missing = [n for n in conv.required_names() if n not in found]
     if missing:
         raise ConvertError(f"{ckpt.root}: checkpoint has no tensor for '{missing[0]}' ({len(missing)} missing in all)")
-    return [plan[n] for n in sorted(plan, key=_natural_key)]
+    order = sorted(found, key=_natural_key)
+    types = preset_types([(n, found[n][1]) for n in order], preset, conv.model_facts())
+    plan = []
+    for name in order:
+        source, shape, load = found[name]
+        qtype = conv.tensor_force_quant(name, shape) or (overrides or {}).get(name) or types[name]
+        plan.append(PlannedTensor(name, source, shape, qtype, load))
+    return plan
 
 
 def build_metadata(ckpt: Checkpoint, conv: ModelConverter, file_type: LlamaFileType) -> KV:
@@ -161,17 +157,17 @@ class ConvertResult:
 
 
 def convert(src: str | Path, out: str | Path, out_type: str = "BF16", *, force: bool = False,
-            quiet: bool = False) -> ConvertResult:
+            quiet: bool = False, overrides: dict[str, GGMLQuantizationType] | None = None) -> ConvertResult:
     out = Path(out)
-    wanted, file_type = parse_type(out_type)
+    preset = parse_type(out_type)
     if out.exists() and not force:
         raise ConvertError(f"{out}: already exists (use --force to overwrite)")
     if not out.parent.is_dir():
         raise ConvertError(f"{out}: directory {out.parent} does not exist")
     ckpt = Checkpoint.open(src)
     conv = converter_for(ckpt)
-    plan = plan_tensors(ckpt, conv, wanted)
-    kv = build_metadata(ckpt, conv, file_type)
+    plan = plan_tensors(ckpt, conv, preset, overrides)
+    kv = build_metadata(ckpt, conv, preset.ftype)
 
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
     os.close(fd)

@@ -19,9 +19,22 @@ def _fail(message: str, code: int = EXIT_ERROR) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from dgemma.convert import ConvertError, convert
+    from dgemma.convert.plan import format_plan, make_plan
 
     try:
-        result = convert(args.src, args.output, args.type, force=args.force, quiet=args.quiet)
+        overrides = None
+        if args.dry_run or args.fit:
+            plan = make_plan(args.src, args.type, args.fit, args.ctx)
+            if args.dry_run or not args.quiet:
+                print(format_plan(plan, per_tensor=args.dry_run))
+            if args.dry_run:
+                return 0
+            if plan.fit is not None and not plan.fit.fits:
+                return _fail(f"--fit {args.fit}: no plan fits (see the notes above)")
+            overrides = plan.overrides()
+        if not args.output:
+            return _fail("-o/--output is required (or use --dry-run)")
+        result = convert(args.src, args.output, args.type, force=args.force, quiet=args.quiet, overrides=overrides)
     except ConvertError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -189,9 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert a Hugging Face DiffusionGemma checkpoint folder (config.json, "
                                    "safetensors shards, tokenizer) into one GGUF file that dgemma and llama.cpp read.")
     c.add_argument("src", metavar="SRC_DIR", help="checkpoint folder")
-    c.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="output file")
+    c.add_argument("-o", "--output", metavar="OUT.gguf", help="output file")
     c.add_argument("--type", default="BF16", metavar="TYPE",
-                   help=f"weight type: {', '.join(OUTPUT_TYPES)} (default BF16; norms, scales and the router stay F32)")
+                   help=f"preset: {', '.join(OUTPUT_TYPES)} (default BF16). K presets follow llama.cpp's per-tensor "
+                        "rules; norms, scales and the router stay F32")
+    c.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and the file size; write nothing "
+                                                          "(works from config.json alone)")
+    c.add_argument("--fit", metavar="SIZE", help="choose types so that the VRAM estimate stays under SIZE (e.g. 12GB; "
+                                                 "GB means GiB), starting from --type (a K preset, default Q4_K_M)")
+    c.add_argument("--ctx", type=int, default=8192, help="context length the --fit estimate reserves KV cache for")
     c.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=cmd_convert)

@@ -136,8 +136,8 @@ def test_unknown_architecture(ckpt, out):
 
 
 def test_unknown_type(ckpt, out):
-    assert_clean_failure(run_cli("convert", str(ckpt), "-o", str(out), "--type", "Q4_K_M"), out, "--type",
-                         "Q4_K_M", "F32, F16, BF16, Q8_0")
+    assert_clean_failure(run_cli("convert", str(ckpt), "-o", str(out), "--type", "Q7_X"), out, "--type",
+                         "Q7_X", "F32, F16, BF16, Q8_0, Q6_K, Q5_K_M")
 
 
 def test_existing_output_is_kept(ckpt, out):

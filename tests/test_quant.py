@@ -71,4 +71,4 @@ def test_rows_not_multiple_of_block_are_refused():
     with pytest.raises(quant.QuantError, match="not a multiple of 32"):
         quant.quantize(np.zeros((4, 48), np.float32), Q.Q8_0)
     with pytest.raises(quant.QuantError, match="not implemented"):
-        quant.qtype_class(Q.Q4_K)
+        quant.qtype_class(Q.IQ2_XXS)

@@ -1,0 +1,218 @@
+"""Fit a model into a VRAM budget: choose GGML types per tensor class, estimate what the GPU will hold.
+
+Estimate = weights + KV cache at the requested context + canvas activations + workspace + CUDA context.
+Starting from the Q4_K_M preset (llama.cpp's rules), the planner lowers whole tensor classes one type
+step at a time, cheapest quality first: expert gate_up, expert down, dense FFN, self-conditioning,
+attention, embeddings. Rows that are not multiples of 256 (expert down rows of 704, dense down rows of
+2112) can only take 32-block types in a llama.cpp-compatible file, so their floor is Q4_0. When even
+the floors do not fit, the plan says so and prices two ways out: zero-padding the expert down rows to a
+multiple of 256 (a dgemma-only layout) and keeping some layers' experts in host RAM.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .presets import PRESETS, ModelFacts, Preset, block_size, preset_types
+
+Q = GGMLQuantizationType
+GiB = 1 << 30
+MiB = 1 << 20
+
+CUDA_CONTEXT = 450 * MiB  # driver context + cuBLAS handles, measured typically 300-500 MiB
+WORKSPACE = 256 * MiB  # dequant scratch, MoE grouping buffers, attention temporaries
+
+# type ladders, best first; a step down moves one rung
+LADDER_K = [Q.Q8_0, Q.Q6_K, Q.Q5_K, Q.Q4_K, Q.Q3_K, Q.Q2_K]  # rows that are multiples of 256
+LADDER_32 = [Q.Q8_0, Q.Q5_0, Q.Q4_0]  # rows that are multiples of 32 only
+CLASS_ORDER = ["expert_gate_up", "expert_down", "dense_ffn", "self_cond", "attention", "embedding"]
+
+
+def tensor_class(name: str) -> str:
+    if name.endswith("ffn_gate_up_exps.weight"):
+        return "expert_gate_up"
+    if name.endswith("ffn_down_exps.weight"):
+        return "expert_down"
+    if re.search(r"\.ffn_(gate|up|down)\.weight$", name):
+        return "dense_ffn"
+    if re.fullmatch(r"self_cond_(gate|up|down)\.weight", name):
+        return "self_cond"
+    if re.search(r"\.attn_(q|k|v|output)\.weight$", name):
+        return "attention"
+    if name == "token_embd.weight":
+        return "embedding"
+    return "other"  # F32 vectors, norms, router
+
+
+def nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    return n // bs * ts
+
+
+def parse_size(text: str) -> int:
+    """'12GB' / '12GiB' / '12288MiB' / '11.5G' -> bytes. GB means GiB: a '12 GB' card has 12 GiB."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B?)\s*", text, re.I)
+    if not m:
+        raise ValueError(f"size '{text}' is not understood (examples: 12GB, 10GiB, 8192MiB)")
+    scale = {"": 1, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+@dataclass
+class ModelDims:
+    """The shapes the runtime estimate needs (KV cache and activations)."""
+
+    n_layer: int
+    n_embd: int
+    canvas: int
+    sliding_window: int
+    layers: list[tuple[bool, int, int]]  # per layer: (sliding, kv heads, head dim)
+    n_expert_used: int
+    n_ff_exp: int
+    n_ff: int
+
+
+@dataclass
+class Breakdown:
+    weights: int
+    kv_cache: int
+    activations: int
+    workspace: int = WORKSPACE
+    cuda_context: int = CUDA_CONTEXT
+    host_weights: int = 0  # weights kept in host RAM (offloaded experts)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.workspace + self.cuda_context
+
+    def lines(self) -> list[str]:
+        rows = [("weights", self.weights), ("KV cache", self.kv_cache), ("canvas activations", self.activations),
+                ("workspace", self.workspace), ("CUDA context", self.cuda_context), ("total VRAM", self.total)]
+        out = [f"  {k:<20} {v / GiB:7.2f} GiB" for k, v in rows]
+        if self.host_weights:
+            out.append(f"  {'host RAM (experts)':<20} {self.host_weights / GiB:7.2f} GiB")
+        return out
+
+
+def kv_cache_bytes(d: ModelDims, ctx: int, bytes_per_value: int = 2) -> int:
+    """K and V (f16) for every layer: all positions on global layers, the window on sliding ones,
+    plus one canvas of positions being denoised."""
+    total = 0
+    for sliding, kv, hd in d.layers:
+        positions = (min(ctx, d.sliding_window) if sliding else ctx) + d.canvas
+        total += 2 * positions * kv * hd * bytes_per_value
+    return total
+
+
+def activation_bytes(d: ModelDims) -> int:
+    """The canvas step's live tensors (f16): hidden states, attention scores over the window, the routed
+    expert intermediates, the fused head's per-position statistics. The [canvas, vocab] logits are never
+    materialized (fused head)."""
+    c = d.canvas
+    hidden = 6 * c * d.n_embd
+    moe = c * d.n_expert_used * 2 * d.n_ff_exp * 2
+    dense = c * 3 * d.n_ff
+    return 2 * (hidden + moe + dense)
+
+
+@dataclass
+class Plan:
+    types: dict[str, GGMLQuantizationType]
+    breakdown: Breakdown
+    budget: int
+    fits: bool
+    steps: list[str] = field(default_factory=list)  # what was lowered, in order
+    notes: list[str] = field(default_factory=list)
+
+    def class_types(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name, t in self.types.items():
+            cls = tensor_class(name)
+            out.setdefault(cls, {}).setdefault(t.name, 0)
+            out[cls][t.name] += 1
+        return out
+
+
+def _lower(qtype: GGMLQuantizationType, ncols: int) -> GGMLQuantizationType | None:
+    ladder = LADDER_K if ncols % 256 == 0 else LADDER_32
+    if qtype not in ladder:
+        ladder = LADDER_32 if qtype in LADDER_32 else LADDER_K
+    i = ladder.index(qtype) if qtype in ladder else -1
+    if i < 0 or i + 1 >= len(ladder):
+        return None
+    nxt = ladder[i + 1]
+    return nxt if ncols % block_size(nxt) == 0 else None
+
+
+def weights_bytes(types: dict[str, GGMLQuantizationType], shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(nbytes(shapes[n], t) for n, t in types.items())
+
+
+def fit(tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts, dims: ModelDims, budget: int, ctx: int,
+        start: Preset | None = None) -> Plan:
+    start = start or PRESETS["Q4_K_M"]
+    shapes = dict(tensors)
+    types = preset_types(tensors, start, facts)
+    runtime = kv_cache_bytes(dims, ctx) + activation_bytes(dims)
+
+    def breakdown() -> Breakdown:
+        return Breakdown(weights_bytes(types, shapes), kv_cache_bytes(dims, ctx), activation_bytes(dims))
+
+    steps: list[str] = []
+    b = breakdown()
+    for cls in CLASS_ORDER:
+        while b.total > budget:
+            members = [n for n in types if tensor_class(n) == cls]
+            lowered = {n: _lower(types[n], shapes[n][-1]) for n in members}
+            if not members or all(v is None for v in lowered.values()):
+                break
+            for n, t in lowered.items():
+                if t is not None:
+                    types[n] = t
+            kinds = sorted({types[n].name for n in members})
+            steps.append(f"{cls} -> {'/'.join(kinds)}")
+            b = breakdown()
+        if b.total <= budget:
+            break
+    plan = Plan(dict(types), b, budget, b.total <= budget, steps)
+    if not plan.fits:
+        plan.notes += _ways_out(types, shapes, facts, dims, budget, runtime)
+    return plan
+
+
+def _ways_out(types, shapes, facts: ModelFacts, dims: ModelDims, budget: int, runtime: int) -> list[str]:
+    fixed = runtime + WORKSPACE + CUDA_CONTEXT
+    notes = [f"no llama.cpp-compatible plan fits {budget / GiB:.1f} GiB: at the lowest types the estimate is "
+             f"{(weights_bytes(types, shapes) + fixed) / GiB:.2f} GiB (expert down rows of "
+             f"{next((s[-1] for n, s in shapes.items() if tensor_class(n) == 'expert_down'), 0)} cannot go below Q4_0)"]
+    padded = dict(types)
+    pad_shapes = dict(shapes)
+    for n, s in shapes.items():
+        if tensor_class(n) == "expert_down" and s[-1] % 256:
+            cols = -(-s[-1] // 256) * 256
+            pad_shapes[n] = (*s[:-1], cols)
+            padded[n] = Q.Q2_K
+    pad_total = weights_bytes(padded, pad_shapes) + fixed
+    notes.append(f"--pad-experts (zero-pad expert down rows to a multiple of 256, Q2_K; a dgemma-only layout): "
+                 f"{pad_total / GiB:.2f} GiB" + (" - fits" if pad_total <= budget else " - still over"))
+    per_layer = {}
+    for n, t in types.items():
+        if tensor_class(n) in ("expert_gate_up", "expert_down"):
+            layer = int(n.split(".")[1])
+            per_layer[layer] = per_layer.get(layer, 0) + nbytes(shapes[n], t)
+    total = weights_bytes(types, shapes) + fixed
+    host, moved = 0, 0
+    for layer in sorted(per_layer, reverse=True):
+        if total - host <= budget:
+            break
+        host += per_layer[layer]
+        moved += 1
+    notes.append(f"experts of {moved} of {facts.n_layer} layers in host RAM (run on the CPU): VRAM "
+                 f"{(total - host) / GiB:.2f} GiB, host RAM {host / GiB:.2f} GiB")
+    return notes
