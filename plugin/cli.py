@@ -148,6 +148,27 @@ def cmd_manifests(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quant_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .engine import Engine, EngineError
+    from .quant_eval import evaluate, plot
+
+    try:
+        ref = Engine.load(args.ref)
+        quants = [Engine.load(p) for p in args.quant]
+        results = evaluate(ref, quants, args.cases)
+        print(f"reference {args.ref}; {args.cases} prompts x 2 steps x canvas {ref.cfg.canvas_length}")
+        for r in results:
+            print(r.line())
+        if args.plot:
+            plot(results, Path(args.plot), title=f"KLD vs {Path(args.ref).name}")
+            print(f"wrote {args.plot}")
+    except (EngineError, ValueError) as e:
+        return _fail(str(e))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dgemma.convert.writer import OUTPUT_TYPES
 
@@ -186,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--port", type=int, default=11435)
     mf.add_argument("--models", help="comma-separated model names (default: every model dgemma serves)")
     mf.set_defaults(func=cmd_manifests)
+
+    qe = sub.add_parser("quant-eval", help="KL divergence and top-1 agreement of quantized files against a reference",
+                        description="Compare decoder logits of QUANT files with REF (e.g. the F16 file) on fixed, "
+                                    "seeded prompts and canvases, as llama.cpp's --kl-divergence reports them.")
+    qe.add_argument("ref", metavar="REF.gguf")
+    qe.add_argument("quant", metavar="QUANT.gguf", nargs="+")
+    qe.add_argument("--cases", type=int, default=8, help="number of prompt/canvas pairs (default 8)")
+    qe.add_argument("--plot", metavar="FILE.png", help="draw file size against mean KLD (needs matplotlib)")
+    qe.set_defaults(func=cmd_quant_eval)
 
     ls = sub.add_parser("list", help="list the models dgemma serves")
     ls.set_defaults(func=cmd_list)
