@@ -28,7 +28,7 @@ from .source import Checkpoint, ConvertError
 ARCHITECTURES: dict[str, type["ModelConverter"]] = {}
 
 
-def converter_for(ckpt: Checkpoint) -> "ModelConverter":
+def converter_for(ckpt: Checkpoint, *, pad_experts: bool = False) -> "ModelConverter":
     archs = ckpt.config.get("architectures") or []
     if not isinstance(archs, list) or not archs:
         raise ConvertError(f"{ckpt.root / 'config.json'}: field 'architectures' missing or empty")
@@ -38,7 +38,10 @@ def converter_for(ckpt: Checkpoint) -> "ModelConverter":
         raise ConvertError(
             f"{ckpt.root / 'config.json'}: architecture '{archs[0]}' is not supported (supported: {supported})"
         )
-    return cls(ckpt)
+    conv = cls(ckpt)
+    if pad_experts:
+        conv.enable_expert_padding()
+    return conv
 
 
 class KV:
@@ -61,6 +64,9 @@ class ModelConverter:
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
+
+    def enable_expert_padding(self) -> None:
+        raise ConvertError(f"--pad-experts is not available for {type(self).__name__}")
 
     def set_gguf_parameters(self, kv: KV) -> None:
         raise NotImplementedError
@@ -160,6 +166,7 @@ class DiffusionGemma(ModelConverter):
         self.n_expert_used = need("top_k_experts")
         self.n_ff_exp = need("moe_intermediate_size")
         self.sliding_window = need("sliding_window")
+        self.ff_exp_padded = self.n_ff_exp  # expert down row length as stored (see enable_expert_padding)
         self.canvas_length = need("canvas_length")
         if self.canvas_length <= 0:
             raise ConvertError(f"{cfg_path}: field 'canvas_length' must be positive (got {self.canvas_length})")
@@ -215,6 +222,8 @@ class DiffusionGemma(ModelConverter):
         kv.add(C.KEY_LENGTH_SWA, self.head_dim, "uint32")
         kv.add(C.VALUE_LENGTH_SWA, self.head_dim, "uint32")
         kv.add(C.EXPERT_FEED_FORWARD_LENGTH, self.n_ff_exp, "uint32")
+        if self.ff_exp_padded != self.n_ff_exp:
+            kv.add(C.DGEMMA_EXPERT_DOWN_PADDED, self.ff_exp_padded, "uint32")
         kv.add(C.ROPE_DIMENSION_COUNT, self.global_head_dim, "uint32")  # partial rotation lives in rope_freqs
         kv.add(C.ROPE_DIMENSION_COUNT_SWA, self.head_dim, "uint32")
         kv.add(C.CAUSAL, False, "bool")
@@ -245,9 +254,17 @@ class DiffusionGemma(ModelConverter):
             return None  # vision tower, embed_vision, encoder backbone and head are tied or not used
         raise ConvertError(f"{self.ckpt.root}: tensor '{hf_name}' is not part of DiffusionGemma's text model")
 
+    def enable_expert_padding(self) -> None:
+        """--pad-experts: zero-pad expert down rows (704 in the 26B) to a multiple of 256, so that K-quants
+        and 2-bit types apply. A dgemma-only layout, flagged in metadata; dgemma's engine slices it back."""
+        self.ff_exp_padded = -(-self.n_ff_exp // C.EXPERT_PAD_MULTIPLE) * C.EXPERT_PAD_MULTIPLE
+
     def modify_tensors(self, name: str, data: torch.Tensor) -> torch.Tensor:
         # Gemma 4 stores norm weights as the multiplier itself (x̂·w): no "+1" shift, unlike
-        # Gemma 1-3; experts stay fused (gate half first) and untransposed. Nothing to change.
+        # Gemma 1-3; experts stay fused (gate half first) and untransposed. The only change is the
+        # opt-in zero padding of expert down rows.
+        if self.ff_exp_padded != self.n_ff_exp and name.endswith(f".{C.FFN_DOWN_EXPS}.weight"):
+            return torch.nn.functional.pad(data, (0, self.ff_exp_padded - data.shape[-1]))  # [E, D, Fe_pad]
         return data
 
     def generate_extra_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -285,7 +302,7 @@ class DiffusionGemma(ModelConverter):
         if base == C.FFN_GATE_INP:
             return (d,) if suffix == "scale" else (e, d)
         if base == C.FFN_DOWN_EXPS:
-            return (e,) if suffix == "scale" else (e, d, ffe)
+            return (e,) if suffix == "scale" else (e, d, self.ff_exp_padded)
         return per_layer.get(base, (d,))  # every remaining per-layer tensor is a [hidden] norm
 
     def hf_names(self) -> list[str]:

@@ -71,6 +71,11 @@ SAMPLER_KEYS: dict[str, tuple[str, str | None, type, float | int]] = {
     EB_CONFIDENCE_THRESHOLD: ("confidence_threshold", None, float, 0.005),
 }
 
+# ---- dgemma-only layouts (llama.cpp cannot read these files) ------------------------------------------
+# --pad-experts: expert down rows zero-padded from expert_feed_forward_length to this width
+DGEMMA_EXPERT_DOWN_PADDED = "dgemma.expert_down_padded_length"
+EXPERT_PAD_MULTIPLE = 256
+
 # ---- tokenizer.* -------------------------------------------------------------------------------
 TOKENIZER_MODEL = "tokenizer.ggml.model"
 TOKENIZER_MODEL_NAME = "gemma4"

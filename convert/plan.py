@@ -44,7 +44,8 @@ def _shapes(ckpt: Checkpoint, conv: ModelConverter) -> list[tuple[str, tuple[int
     return conv.gguf_shapes()
 
 
-def make_plan(src, out_type: str = "Q4_K_M", fit_size: str | None = None, ctx: int = DEFAULT_CTX) -> ConversionPlan:
+def make_plan(src, out_type: str = "Q4_K_M", fit_size: str | None = None, ctx: int = DEFAULT_CTX,
+              pad_experts: bool = False) -> ConversionPlan:
     preset = parse_type(out_type)
     try:
         ckpt = Checkpoint.open(src)
@@ -52,7 +53,7 @@ def make_plan(src, out_type: str = "Q4_K_M", fit_size: str | None = None, ctx: i
         if "no safetensors weights" not in str(e):
             raise
         ckpt = Checkpoint.open(src, weights=False)  # plan from the config alone
-    conv = converter_for(ckpt)
+    conv = converter_for(ckpt, pad_experts=pad_experts)
     shapes = _shapes(ckpt, conv)
     fitted = None
     if fit_size is not None:

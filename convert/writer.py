@@ -157,7 +157,8 @@ class ConvertResult:
 
 
 def convert(src: str | Path, out: str | Path, out_type: str = "BF16", *, force: bool = False,
-            quiet: bool = False, overrides: dict[str, GGMLQuantizationType] | None = None) -> ConvertResult:
+            quiet: bool = False, overrides: dict[str, GGMLQuantizationType] | None = None,
+            pad_experts: bool = False) -> ConvertResult:
     out = Path(out)
     preset = parse_type(out_type)
     if out.exists() and not force:
@@ -165,7 +166,7 @@ def convert(src: str | Path, out: str | Path, out_type: str = "BF16", *, force: 
     if not out.parent.is_dir():
         raise ConvertError(f"{out}: directory {out.parent} does not exist")
     ckpt = Checkpoint.open(src)
-    conv = converter_for(ckpt)
+    conv = converter_for(ckpt, pad_experts=pad_experts)
     plan = plan_tensors(ckpt, conv, preset, overrides)
     kv = build_metadata(ckpt, conv, preset.ftype)
 

@@ -24,7 +24,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         overrides = None
         if args.dry_run or args.fit:
-            plan = make_plan(args.src, args.type, args.fit, args.ctx)
+            plan = make_plan(args.src, args.type, args.fit, args.ctx, args.pad_experts)
             if args.dry_run or not args.quiet:
                 print(format_plan(plan, per_tensor=args.dry_run))
             if args.dry_run:
@@ -34,7 +34,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             overrides = plan.overrides()
         if not args.output:
             return _fail("-o/--output is required (or use --dry-run)")
-        result = convert(args.src, args.output, args.type, force=args.force, quiet=args.quiet, overrides=overrides)
+        result = convert(args.src, args.output, args.type, force=args.force, quiet=args.quiet, overrides=overrides,
+                         pad_experts=args.pad_experts)
     except ConvertError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -241,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fit", metavar="SIZE", help="choose types so that the VRAM estimate stays under SIZE (e.g. 12GB; "
                                                  "GB means GiB), starting from --type (a K preset, default Q4_K_M)")
     c.add_argument("--ctx", type=int, default=8192, help="context length the --fit estimate reserves KV cache for")
+    c.add_argument("--pad-experts", action="store_true",
+                   help="zero-pad expert down rows to a multiple of 256 so K-quants apply (a dgemma-only layout "
+                        "that llama.cpp cannot read)")
     c.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=cmd_convert)

@@ -81,6 +81,9 @@ def summarize(path: str | Path) -> Summary:
     hparams = {k: field_value(reader, key) for k, key in hkeys.items()}
     pattern = field_value(reader, C.SLIDING_WINDOW_PATTERN) or []
     hparams["layer_pattern"] = "".join("s" if s else "G" for s in pattern)
+    padded = field_value(reader, C.DGEMMA_EXPERT_DOWN_PADDED)
+    if padded is not None:
+        hparams["layout"] = f"dgemma-only: expert down rows padded {hparams['expert_ffn']} -> {padded} (llama.cpp cannot read it)"
     sampler: dict[str, Any] = {"canvas_length": field_value(reader, C.CANVAS_LENGTH)}
     for key, (fname, _section, _kind, default) in C.SAMPLER_KEYS.items():
         value = field_value(reader, key)

@@ -13,7 +13,7 @@ from dgemma import quant
 from dgemma.convert import constants as C
 
 from .config import ModelConfig
-from .inspect import InspectError
+from .inspect import InspectError, field_value
 from .model import LayerWeights, Weights
 
 
@@ -44,6 +44,18 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig, path: str | Path = "", dt
     def blk(i: int, base: str, suffix: str = "weight", optional: bool = False) -> torch.Tensor | None:
         return get(C.blk(i, base, suffix), optional)
 
+    padded = field_value(reader, C.DGEMMA_EXPERT_DOWN_PADDED)
+
+    def down_exps(i: int) -> torch.Tensor:
+        """[E, D, Fe]; a --pad-experts file stores [E, D, Fe_padded] with zero columns: drop them."""
+        w = blk(i, C.FFN_DOWN_EXPS)
+        if w.shape[-1] != cfg.n_ff_exp:
+            if padded is None or w.shape[-1] != int(padded):
+                raise InspectError(f"{path}: tensor '{C.blk(i, C.FFN_DOWN_EXPS)}' has rows of {w.shape[-1]}, "
+                                   f"expected {cfg.n_ff_exp}")
+            w = w[..., : cfg.n_ff_exp].contiguous()
+        return w
+
     sc_pre_norm = get(C.gguf_name(C.SELF_COND_PRE_NORM), optional=True)
     if sc_pre_norm is None:  # PR #24427 names it self_cond_norm
         sc_pre_norm = get(C.gguf_name(C.SELF_COND_NORM_ALT))
@@ -56,7 +68,7 @@ def load_weights(reader: GGUFReader, cfg: ModelConfig, path: str | Path = "", dt
             post_ffw_norm_1=blk(i, C.POST_FFW_NORM_1), pre_ffw_norm_2=blk(i, C.PRE_FFW_NORM_2),
             router=blk(i, C.FFN_GATE_INP), router_scale=blk(i, C.FFN_GATE_INP, "scale"),
             expert_scale=blk(i, C.FFN_DOWN_EXPS, "scale"), gate_up_exps=blk(i, C.FFN_GATE_UP_EXPS),
-            down_exps=blk(i, C.FFN_DOWN_EXPS), post_ffw_norm_2=blk(i, C.POST_FFW_NORM_2),
+            down_exps=down_exps(i), post_ffw_norm_2=blk(i, C.POST_FFW_NORM_2),
             post_ffw_norm=blk(i, C.POST_FFW_NORM), dec_scale=blk(i, C.LAYER_OUTPUT_SCALE),
             enc_scale=blk(i, C.ENC_LAYER_OUTPUT_SCALE),
         )

@@ -188,31 +188,33 @@ def fit(tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts, dims: Mod
 
 def _ways_out(types, shapes, facts: ModelFacts, dims: ModelDims, budget: int, runtime: int) -> list[str]:
     fixed = runtime + WORKSPACE + CUDA_CONTEXT
-    notes = [f"no llama.cpp-compatible plan fits {budget / GiB:.1f} GiB: at the lowest types the estimate is "
-             f"{(weights_bytes(types, shapes) + fixed) / GiB:.2f} GiB (expert down rows of "
-             f"{next((s[-1] for n, s in shapes.items() if tensor_class(n) == 'expert_down'), 0)} cannot go below Q4_0)"]
-    padded = dict(types)
-    pad_shapes = dict(shapes)
-    for n, s in shapes.items():
-        if tensor_class(n) == "expert_down" and s[-1] % 256:
-            cols = -(-s[-1] // 256) * 256
-            pad_shapes[n] = (*s[:-1], cols)
-            padded[n] = Q.Q2_K
-    pad_total = weights_bytes(padded, pad_shapes) + fixed
-    notes.append(f"--pad-experts (zero-pad expert down rows to a multiple of 256, Q2_K; a dgemma-only layout): "
-                 f"{pad_total / GiB:.2f} GiB" + (" - fits" if pad_total <= budget else " - still over"))
-    per_layer = {}
+    floor = weights_bytes(types, shapes) + fixed
+    down_cols = next((s[-1] for n, s in shapes.items() if tensor_class(n) == "expert_down"), 0)
+    notes = []
+    if down_cols % 256:
+        notes.append(f"no llama.cpp-compatible plan fits {budget / GiB:.1f} GiB: at the lowest types the estimate is "
+                     f"{floor / GiB:.2f} GiB (expert down rows of {down_cols} cannot go below Q4_0)")
+        padded, pad_shapes = dict(types), dict(shapes)
+        for n, s in shapes.items():
+            if tensor_class(n) == "expert_down":
+                pad_shapes[n] = (*s[:-1], -(-s[-1] // 256) * 256)
+                padded[n] = Q.Q2_K
+        pad_total = weights_bytes(padded, pad_shapes) + fixed
+        notes.append(f"--pad-experts (zero-pad expert down rows to a multiple of 256, Q2_K; a dgemma-only layout): "
+                     f"{pad_total / GiB:.2f} GiB" + (" - fits" if pad_total <= budget else " - still over"))
+    else:
+        notes.append(f"no plan fits {budget / GiB:.1f} GiB: at the lowest types the estimate is {floor / GiB:.2f} GiB")
+    per_layer: dict[int, int] = {}
     for n, t in types.items():
         if tensor_class(n) in ("expert_gate_up", "expert_down"):
             layer = int(n.split(".")[1])
             per_layer[layer] = per_layer.get(layer, 0) + nbytes(shapes[n], t)
-    total = weights_bytes(types, shapes) + fixed
     host, moved = 0, 0
     for layer in sorted(per_layer, reverse=True):
-        if total - host <= budget:
+        if floor - host <= budget:
             break
         host += per_layer[layer]
         moved += 1
     notes.append(f"experts of {moved} of {facts.n_layer} layers in host RAM (run on the CPU): VRAM "
-                 f"{(total - host) / GiB:.2f} GiB, host RAM {host / GiB:.2f} GiB")
+                 f"{(floor - host) / GiB:.2f} GiB, host RAM {host / GiB:.2f} GiB")
     return notes
