@@ -1,4 +1,4 @@
-"""Q4_0, Q5_0 and the K-quants (Q2_K .. Q6_K): ggml's reference quantizers, vectorised.
+"""Q4_0, Q5_0, Q5_1 and the K-quants (Q2_K .. Q6_K): ggml's reference quantizers, vectorised.
 
 Each class reproduces ggml's `quantize_row_*_ref` (ggml/src/ggml-quants.c) bit for bit; that is
 what `ggml_quantize_chunk` runs for these types when no importance matrix is given. The searches
@@ -361,6 +361,41 @@ class Q5_0(QuantType, qtype=GGMLQuantizationType.Q5_0):
         ql = np.concatenate([qs & 0x0F, qs >> 4], axis=1)
         q = (ql | (qh << 4)).astype(np.int8) - np.int8(16)
         return d * q.astype(F)
+
+
+class Q5_1(QuantType, qtype=GGMLQuantizationType.Q5_1):
+    # quantize_row_q5_1_ref: d = (max - min) / 31, m = min, q = (uint8_t)((x - min) * id + 0.5f);
+    # layout d, m (fp16), qh (bit 4 of each q), qs (low nibbles: j and j + 16 share a byte).
+    # The llama.cpp fallback for Q5_K rows that are not a multiple of 256.
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return _blockwise(cls._quantize, blocks, 32)
+
+    @classmethod
+    def _quantize(cls, blocks: np.ndarray) -> np.ndarray:  # [n, 32]
+        rows = np.arange(len(blocks))
+        # the first minimum / maximum, as the C's strict `<` / `>` keep it (the sign of a zero min is stored)
+        lo, hi = blocks[rows, blocks.argmin(axis=1)], blocks[rows, blocks.argmax(axis=1)]  # [n]
+        d = (hi - lo) / F(31)
+        with np.errstate(divide="ignore"):
+            inv_d = np.where(d != 0, F(1) / d, F(0)).astype(F)
+        with np.errstate(invalid="ignore"):
+            q = _u8(((blocks - lo[:, None]) * inv_d[:, None] + F(0.5)).astype(np.int32))  # [n, 32]
+        qs = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+        qh = np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+        head = np.stack([_fp16(d), _fp16(lo)], axis=1).view(np.uint8)  # [n, 4]
+        return np.concatenate([head, qh, qs], axis=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        # gguf-py Q5_1.dequantize_blocks
+        blocks = np.ascontiguousarray(blocks)
+        d = blocks[:, 0:2].copy().view(np.float16).astype(F)
+        m = blocks[:, 2:4].copy().view(np.float16).astype(F)
+        qh = np.unpackbits(blocks[:, 4:8], axis=1, bitorder="little")  # [n, 32]
+        qs = blocks[:, 8:]
+        q = (np.concatenate([qs & 0x0F, qs >> 4], axis=1) | (qh << 4)).astype(F)
+        return d * q + m
 
 
 # ---------------------------------------------------------------- K-quants

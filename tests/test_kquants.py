@@ -1,4 +1,4 @@
-"""dgemma.quant's Q4_0, Q5_0 and K-quants against the real libggml (llama-cpp-python's bundled copy).
+"""dgemma.quant's Q4_0, Q5_0, Q5_1 and K-quants against the real libggml (llama-cpp-python's bundled copy).
 
 Our bytes must equal `ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row, imatrix=NULL)`,
 which runs the `quantize_row_*_ref` reference quantizers for these types. Equality is exact: the
@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as Q
 from dgemma import quant
 from dgemma.quant import kquants
 
-LEGACY = [Q.Q4_0, Q.Q5_0]
+LEGACY = [Q.Q4_0, Q.Q5_0, Q.Q5_1]
 KQUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 TYPES = LEGACY + KQUANTS
 KINDS = ["normal", "heavy_tailed", "zeros", "constant", "tiny", "huge", "mixed"]
