@@ -1,0 +1,43 @@
+// Host harness for csrc/quant/blocks.cuh: runs the kernels' dequantization on the CPU.
+// usage: dequant_host TYPE K < blocks.bin > floats.bin   (rows of K values, raw GGML bytes in, float32 out)
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "../quant/blocks.cuh"
+
+int main(int argc, char ** argv) {
+    if (argc != 3) {
+        std::fprintf(stderr, "usage: %s GGML_TYPE K < blocks > floats\n", argv[0]);
+        return 2;
+    }
+    const int type = std::atoi(argv[1]);
+    const int k = std::atoi(argv[2]);
+    std::vector<unsigned char> in;
+    unsigned char buf[1 << 16];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, stdin)) > 0) in.insert(in.end(), buf, buf + n);
+    int qk = 0, size = 0;
+    switch (type) {
+#define DG_T(T) case dg::T: qk = dg::Traits<dg::T>::QK; size = dg::Traits<dg::T>::SIZE; break;
+        DG_T(T_F32) DG_T(T_F16) DG_T(T_BF16) DG_T(T_Q4_0) DG_T(T_Q5_0) DG_T(T_Q5_1) DG_T(T_Q8_0)
+        DG_T(T_Q2_K) DG_T(T_Q3_K) DG_T(T_Q4_K) DG_T(T_Q5_K) DG_T(T_Q6_K)
+#undef DG_T
+        default: std::fprintf(stderr, "unknown type %d\n", type); return 2;
+    }
+    if (k % qk) {
+        std::fprintf(stderr, "K=%d is not a multiple of the block (%d)\n", k, qk);
+        return 2;
+    }
+    const size_t row_bytes = (size_t)(k / qk) * size;
+    if (in.size() % row_bytes) {
+        std::fprintf(stderr, "input of %zu bytes is not whole rows of %zu\n", in.size(), row_bytes);
+        return 2;
+    }
+    std::vector<float> out(k);
+    for (size_t r = 0; r < in.size() / row_bytes; ++r) {
+        dg::dequant_row(type, in.data() + r * row_bytes, out.data(), k);
+        std::fwrite(out.data(), sizeof(float), out.size(), stdout);
+    }
+    return 0;
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One call on a bare GPU machine (PyTorch and CuPy there, no package registry): install this checkout and
+# the wheels carried in .gpu_wheels/ (made by scripts/gpu_prepare.sh), run the GPU tests, then the
+# benchmark. Use with the device tool: carry [".gpu_wheels"], command "bash scripts/gpu_check.sh".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv 2>&1 | tee "$OUT/gpu.txt"
+if ls .gpu_wheels/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --find-links .gpu_wheels gguf pytest >"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
+fi
+if ! $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$OUT/install.log" 2>&1; then
+  # no setuptools there: lay the package out by links (dgemma.convert -> convert/, ...) and use PYTHONPATH
+  echo "pip install -e . failed (see install.log); using a linked package tree"
+  site=$(mktemp -d) && mkdir -p "$site/dgemma"
+  ln -s "$PWD/dgemma/__init__.py" "$site/dgemma/__init__.py"
+  for d in convert quant plugin csrc; do ln -s "$PWD/$d" "$site/dgemma/$d"; done
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+$PY -c "import dgemma.plugin.cuda as c; print('compute capability', c.check_cuda())" 2>&1 | tee -a "$OUT/gpu.txt"
+echo "== GPU tests"
+timeout 300 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
+echo "== benchmark"
+timeout 240 $PY bench/step_gpu.py 2>&1 | tee "$OUT/bench.txt"

@@ -1,0 +1,71 @@
+"""csrc kernels against their torch references on odd shapes (needs an NVIDIA GPU and CuPy: marked gpu)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from dgemma import quant
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from dgemma.plugin.cuda import CudaUnavailable, check_cuda
+
+    try:
+        check_cuda()
+    except CudaUnavailable as e:
+        pytest.skip(str(e))
+    from dgemma.plugin.cuda import ops
+
+    return ops
+
+
+TYPES_32 = [Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0]
+TYPES_K = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+FLOAT = [Q.F32, Q.F16, Q.BF16]
+
+
+def cases():
+    for t in TYPES_32 + FLOAT:
+        for m, n, k in [(1, 1, 32), (17, 33, 704), (256, 300, 2112), (300, 17, 96)]:
+            yield t, m, n, k
+    for t in TYPES_K:
+        for m, n, k in [(1, 1, 256), (17, 33, 768), (256, 300, 2816), (300, 17, 512)]:
+            yield t, m, n, k
+
+
+@pytest.mark.parametrize("qtype,m,n,k", list(cases()), ids=lambda v: getattr(v, "name", str(v)))
+def test_qmatmul_matches_dequant_reference(ops, qtype, m, n, k):
+    rng = np.random.default_rng(m * 7 + n * 13 + k)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    wq = torch.from_numpy(quant.quantize(w, qtype).reshape(n, -1)).cuda()
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).cuda()
+    y = ops.qmatmul(x, wq, qtype, k)
+    ref = ops.qmatmul_reference(x, wq, qtype, k)
+    scale = (x.abs().double().cpu() @ torch.from_numpy(np.abs(quant.dequantize(wq.cpu().numpy(), qtype).reshape(n, k))).double().T)
+    err = (y.cpu().double() - ref.double()).abs() / (scale + 1e-6)
+    assert y.shape == (m, n) and float(err.max()) < 1e-5  # float32 accumulation over K terms
+
+
+def test_qmatmul_rejects_bad_shapes(ops):
+    x = torch.zeros(4, 100, device="cuda")
+    with pytest.raises(ValueError, match="not a multiple"):
+        ops.qmatmul(x, torch.zeros(3, 10, dtype=torch.uint8, device="cuda"), Q.Q4_K, 100)
+
+
+@pytest.mark.parametrize("b,c", [(1, 1), (1, 17), (3, 256), (2, 300)])
+@pytest.mark.parametrize("bound", [0.0, 0.1, 2.0])
+def test_accept_renoise_matches_sampler(ops, b, c, bound):
+    g = torch.Generator().manual_seed(b * 1000 + c)
+    entropy = torch.rand(b, c, generator=g) * 3
+    entropy[:, : c // 4] *= 1e-3  # a confident prefix, as late denoising steps have
+    denoised = torch.randint(0, 1000, (b, c), generator=g)
+    fresh = torch.randint(0, 1000, (b, c), generator=g)
+    nxt, acc = ops.accept_renoise(entropy.cuda(), denoised.cuda(), fresh.cuda(), bound)
+    ref_next, ref_mask = ops.accept_renoise_reference(entropy, denoised, fresh, bound)
+    assert torch.equal(acc.cpu(), ref_mask) and torch.equal(nxt.cpu().long(), ref_next)
