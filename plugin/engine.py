@@ -32,7 +32,7 @@ from .tokenizer import Tokenizer
 from .weights import load_weights
 
 DEFAULT_MAX_TOKENS = 1024
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "cuda")
 
 
 class EngineError(ValueError):
@@ -90,24 +90,45 @@ Event = TextEvent | DoneEvent
 class Engine:
     def __init__(self, path: Path, cfg: ModelConfig, tokenizer: Tokenizer, model: DiffusionGemma, load_ns: int) -> None:
         self.path, self.cfg, self.tokenizer, self.model, self.load_duration = path, cfg, tokenizer, model, load_ns
+        self.device = torch.device("cpu")
         self._lock = threading.Lock()  # one generation at a time per engine
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "torch", device: str = "cpu") -> "Engine":
+    def load(cls, path: str | Path, backend: str = "torch", device: str | None = None) -> "Engine":
+        """backend "torch": the reference (float32 weights, CPU or a CUDA device); "cuda": weights stay
+        quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU)."""
         if backend not in BACKENDS:
             raise EngineError(f"backend '{backend}' is not available (have: {', '.join(BACKENDS)})")
-        if device != "cpu":
-            raise EngineError(f"device '{device}' is not supported by the torch reference backend yet (use cpu)")
+        device = device or ("cuda" if backend == "cuda" else "cpu")
+        if backend == "cuda" or device.startswith("cuda"):
+            from .cuda import CudaUnavailable, check_cuda
+
+            try:
+                check_cuda() if backend == "cuda" else None
+            except CudaUnavailable as e:
+                raise EngineError(str(e)) from None
+            if not torch.cuda.is_available():
+                raise EngineError("no CUDA GPU is visible to PyTorch (use device='cpu')")
         t0 = time.perf_counter_ns()
         path = Path(path)
         try:
             reader = open_gguf(path)
             cfg = ModelConfig.from_gguf(reader, path)
             tokenizer = Tokenizer.from_gguf(reader, path)
-            model = DiffusionGemma(cfg, load_weights(reader, cfg, path))
+            if backend == "cuda":
+                from .cuda.weights import load_cuda_weights
+
+                weights = load_cuda_weights(reader, cfg, path, device)
+            else:
+                weights = load_weights(reader, cfg, path)
+                if device != "cpu":
+                    weights = _to_device(weights, device)
+            model = DiffusionGemma(cfg, weights)
         except ValueError as e:  # InspectError and friends
             raise EngineError(str(e)) from None
-        return cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0)
+        engine = cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0)
+        engine.device = torch.device(device)
+        return engine
 
     # ---- prompt ---------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[dict[str, Any]] | list[int], raw: bool = False, **template_kwargs) -> list[int]:
@@ -161,10 +182,16 @@ class Engine:
         t_start = time.perf_counter_ns()
         gen = torch.Generator().manual_seed(seed)
         cache = KVCache()
-        self.model.encode(torch.tensor([ids]), cache)
+        dev = self.device
+        self.model.encode(torch.tensor([ids], device=dev), cache)
         t_prompt = time.perf_counter_ns()
         C, V = self.cfg.canvas_length, self.cfg.vocab_size
-        decode = lambda canvas, sc: self.model.decode(canvas, cache, sc)  # noqa: E731
+
+        def decode(canvas: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
+            # the sampler runs on the CPU with one torch.Generator, so every backend draws the same numbers
+            logits = self.model.decode(canvas.to(dev), cache, None if sc is None else sc.to(dev))
+            return logits.cpu()
+
         cancelled = False
 
         def on_step(info: StepInfo) -> bool:
@@ -203,7 +230,7 @@ class Engine:
                 break
             if len(out_ids) >= max_tokens:
                 break
-            self.model.encode(torch.tensor([canvas]), cache)
+            self.model.encode(torch.tensor([canvas], device=dev), cache)
         t_end = time.perf_counter_ns()
         forwards = sum(steps)
         yield DoneEvent(
@@ -212,6 +239,22 @@ class Engine:
             seed=seed, total_duration=t_end - t_start + self.load_duration, load_duration=self.load_duration,
             prompt_eval_duration=t_prompt - t_start, eval_duration=t_end - t_prompt,
         )
+
+
+def _to_device(w, device: str):
+    """Every tensor of a Weights (and its layers) moved to `device`."""
+    from dataclasses import fields, replace as dc_replace
+
+    def move(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.to(device)
+        if isinstance(obj, list):
+            return [move(x) for x in obj]
+        if hasattr(obj, "__dataclass_fields__"):
+            return dc_replace(obj, **{f.name: move(getattr(obj, f.name)) for f in fields(obj)})
+        return obj
+
+    return move(w)
 
 
 class _TextAssembler:

@@ -34,8 +34,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def gelu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.gelu(F.linear(x, gate), approximate="tanh") * F.linear(x, up), down)
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w^T for a float weight tensor, or a backend's weight object (e.g. quantized bytes on the GPU)
+    that is callable on x."""
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+
+
+def gelu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    return linear(F.gelu(linear(x, gate), approximate="tanh") * linear(x, up), down)
 
 
 @dataclass
@@ -75,6 +81,7 @@ class Weights:
     sc_up: torch.Tensor
     sc_down: torch.Tensor
     layers: list[LayerWeights]
+    head: object = None  # the tied head as a backend weight object (quantized); None: F.linear with embed
 
 
 @dataclass
@@ -109,7 +116,7 @@ class DiffusionGemma:
         by_kind: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, swa in enumerate(self.cfg.is_swa):
             if swa not in by_kind:
-                freqs = positions.float()[:, None] * self.inv_freq[i][None, :]  # [L, hd/2]
+                freqs = positions.float()[:, None] * self.inv_freq[i].to(positions.device)[None, :]  # [L, hd/2]
                 emb = torch.cat((freqs, freqs), dim=-1)  # [L, hd]
                 by_kind[swa] = (emb.cos(), emb.sin())
         return [by_kind[swa] for swa in self.cfg.is_swa]
@@ -123,11 +130,11 @@ class DiffusionGemma:
         B, L, _ = x.shape
         hd, n_kv = cfg.head_dim[i], cfg.n_head_kv[i]
         cos, sin = rope
-        q = F.linear(x, lw.wq).view(B, L, cfg.n_head, hd)
+        q = linear(x, lw.wq).view(B, L, cfg.n_head, hd)
         q = rms_norm(q, lw.q_norm, cfg.rms_eps)
         q = (q * cos[:, None] + rotate_half(q) * sin[:, None]).transpose(1, 2)  # [B, H, L, hd]
-        k_raw = F.linear(x, lw.wk).view(B, L, n_kv, hd)
-        v = F.linear(x, lw.wv).view(B, L, n_kv, hd) if lw.wv is not None else k_raw
+        k_raw = linear(x, lw.wk).view(B, L, n_kv, hd)
+        v = linear(x, lw.wv).view(B, L, n_kv, hd) if lw.wv is not None else k_raw
         k = rms_norm(k_raw, lw.k_norm, cfg.rms_eps)
         k = (k * cos[:, None] + rotate_half(k) * sin[:, None]).transpose(1, 2)  # [B, KV, L, hd]
         v = rms_norm(v, None, cfg.rms_eps).transpose(1, 2)  # [B, KV, L, hd]
@@ -142,12 +149,12 @@ class DiffusionGemma:
             else:
                 cache.keys.append(keys)
                 cache.values.append(values)
-            q_pos = torch.arange(T, T + L)[:, None]  # [L, 1]
-            k_pos = torch.arange(T + L)[None, :]  # [1, T+L]
+            q_pos = torch.arange(T, T + L, device=x.device)[:, None]  # [L, 1]
+            k_pos = torch.arange(T + L, device=x.device)[None, :]  # [1, T+L]
             allowed = k_pos <= q_pos
             if cfg.is_swa[i]:
                 allowed &= q_pos - k_pos < cfg.sliding_window
-            mask = torch.zeros(L, T + L).masked_fill(~allowed, float("-inf"))  # [L, T+L]
+            mask = torch.zeros(L, T + L, device=x.device).masked_fill(~allowed, float("-inf"))  # [L, T+L]
         else:
             if past_k is not None and cfg.is_swa[i]:
                 past_k, past_v = past_k[:, :, -(cfg.sliding_window - 1):], past_v[:, :, -(cfg.sliding_window - 1):]
@@ -161,14 +168,14 @@ class DiffusionGemma:
             scores = scores + mask.repeat(groups, 1)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = (probs @ values).view(B, cfg.n_head, L, hd).transpose(1, 2).reshape(B, L, cfg.n_head * hd)
-        return F.linear(out, lw.wo)
+        return linear(out, lw.wo)
 
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Routed experts on the residual stream h: [B, L, D] -> [B, L, D]."""
         cfg, lw = self.cfg, self.w.layers[i]
         flat = h.reshape(-1, cfg.n_embd)  # [N, D]
         r = rms_norm(flat, None, cfg.rms_eps) * lw.router_scale * cfg.n_embd**-0.5
-        probs = torch.softmax(F.linear(r, lw.router), dim=-1, dtype=torch.float32)  # [N, E]
+        probs = torch.softmax(linear(r, lw.router), dim=-1, dtype=torch.float32)  # [N, E]
         top_w, top_i = torch.topk(probs, k=cfg.n_expert_used, dim=-1)  # [N, K]
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w = top_w * lw.expert_scale[top_i]
@@ -184,8 +191,8 @@ class DiffusionGemma:
             if n == 0:
                 continue
             r = rows[start : start + n]
-            gate, up = F.linear(x[r], lw.gate_up_exps[e]).chunk(2, dim=-1)  # [n, Fe] each
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, lw.down_exps[e])  # [n, D]
+            gate, up = linear(x[r], lw.gate_up_exps[e]).chunk(2, dim=-1)  # [n, Fe] each
+            y = linear(F.gelu(gate, approximate="tanh") * up, lw.down_exps[e])  # [n, D]
             out.index_add_(0, r, y * weights[start : start + n, None])
             start += n
         return out.view_as(h)
@@ -207,7 +214,7 @@ class DiffusionGemma:
     @torch.no_grad()
     def encode(self, tokens: torch.Tensor, cache: KVCache) -> None:
         """tokens: [B, L] at positions cache.length.. ; fills the cache."""
-        rope = self.rope(torch.arange(cache.length, cache.length + tokens.shape[1]))
+        rope = self.rope(torch.arange(cache.length, cache.length + tokens.shape[1], device=tokens.device))
         x = self.embed(tokens)
         for i in range(self.cfg.n_layer):
             x = self.layer(i, x, rope[i], cache, encoder=True)
@@ -228,12 +235,12 @@ class DiffusionGemma:
     def decode(self, canvas: torch.Tensor, cache: KVCache, sc_probs: torch.Tensor | None = None) -> torch.Tensor:
         """canvas: [B, C] token ids; sc_probs: [B, C, V] softmax of the previous step's processed logits, or
         None. Returns softcapped float32 logits [B, C, V]."""
-        rope = self.rope(torch.arange(cache.length, cache.length + canvas.shape[1]))
+        rope = self.rope(torch.arange(cache.length, cache.length + canvas.shape[1], device=canvas.device))
         x = self.self_conditioning(self.embed(canvas), sc_probs)
         for i in range(self.cfg.n_layer):
             x = self.layer(i, x, rope[i], cache, encoder=False)
         x = rms_norm(x, self.w.output_norm, self.cfg.rms_eps)
-        logits = F.linear(x, self.w.embed).float()  # [B, C, V]
+        logits = linear(x, self.w.head if self.w.head is not None else self.w.embed).float()  # [B, C, V]
         if self.cfg.softcap:
             logits = torch.tanh(logits / self.cfg.softcap) * self.cfg.softcap
         return logits

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true", help="print timings, steps per canvas and tokens per forward")
     p.add_argument("--visualize", action="store_true", help="redraw the canvas at every denoising step")
     p.add_argument("--json", action="store_true", help="print one JSON object with the token ids and the stats")
+    p.add_argument("--backend", choices=["torch", "cuda"], default="torch",
+                   help="torch (reference; CPU or --device cuda) or cuda (quantized weights in VRAM, csrc kernels)")
+    p.add_argument("--device", help="torch device for the torch backend (default cpu)")
 
 
 def _prompt(args: argparse.Namespace) -> str | list[Any]:
@@ -102,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         path = resolve_model(args.model)
-        engine = Engine.load(path)
+        engine = Engine.load(path, backend=args.backend, device=args.device)
         prompt = _prompt(args)
         cancel = threading.Event()
         opts = GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps, raw=args.raw, cancel=cancel)

@@ -69,3 +69,40 @@ def test_accept_renoise_matches_sampler(ops, b, c, bound):
     nxt, acc = ops.accept_renoise(entropy.cuda(), denoised.cuda(), fresh.cuda(), bound)
     ref_next, ref_mask = ops.accept_renoise_reference(entropy, denoised, fresh, bound)
     assert torch.equal(acc.cpu(), ref_mask) and torch.equal(nxt.cpu().long(), ref_next)
+
+
+@pytest.fixture(scope="module")
+def default_gguf(tmp_path_factory):
+    from dgemma.plugin.default_model import ensure_default_model
+
+    return ensure_default_model(tmp_path_factory.mktemp("models"))
+
+
+def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf):
+    from dgemma.plugin.engine import Engine
+    from dgemma.plugin.model import KVCache
+
+    ref, gpu = Engine.load(default_gguf), Engine.load(default_gguf, backend="cuda")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, ref.cfg.vocab_size, (1, 40), generator=g)
+    canvas = torch.randint(0, ref.cfg.vocab_size, (1, ref.cfg.canvas_length), generator=g)
+    c1, c2 = KVCache(), KVCache()
+    ref.model.encode(prompt, c1)
+    gpu.model.encode(prompt.cuda(), c2)
+    a = ref.model.decode(canvas, c1)
+    b = gpu.model.decode(canvas.cuda(), c2).cpu()
+    assert (a - b).abs().max().item() < 1e-3
+    sc = torch.softmax(a / 0.8, dim=-1)
+    assert (ref.model.decode(canvas, c1, sc) - gpu.model.decode(canvas.cuda(), c2, sc.cuda()).cpu()).abs().max() < 1e-3
+
+
+def test_cuda_backend_generates_the_torch_backends_tokens(ops, default_gguf):
+    from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions
+
+    outs = []
+    for backend in ("torch", "cuda"):
+        engine = Engine.load(default_gguf, backend=backend)
+        done = list(engine.generate("Once upon a time", GenerateOptions(seed=3, max_tokens=64)))[-1]
+        assert isinstance(done, DoneEvent)
+        outs.append((done.canvases, done.steps_per_canvas))
+    assert outs[0] == outs[1]
