@@ -69,13 +69,13 @@ def test_every_file_points_at_a_url_and_model_the_server_serves(tmp_path):
         files = render(url, ["default:latest", "second:latest"])
         for name, kind, base, model in endpoints(files):
             if kind == "ollama":
-                served = [m["name"] for m in httpx.get(f"{base}/api/tags").json()["models"]]
+                served = [m["name"] for m in httpx.get(f"{base}/api/tags", timeout=120).json()["models"]]
             else:
-                served = [m["id"] for m in httpx.get(f"{base}/models").json()["data"]]
+                served = [m["id"] for m in httpx.get(f"{base}/models", timeout=120).json()["data"]]
             assert served and (model is None or model in served), (name, base, model, served)
         # Continue names both models; the chat endpoint it will call answers
         r = httpx.post(f"{url}/api/chat", json={"model": "second:latest", "messages": [{"role": "user", "content": "hi"}],
-                                               "stream": False, "options": {"num_predict": 4, "seed": 1}})
+                                               "stream": False, "options": {"num_predict": 4, "seed": 1}}, timeout=120)
         assert r.status_code == 200 and r.json()["done"]
 
 
