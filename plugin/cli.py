@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file", metavar="FILE.gguf")
     i.set_defaults(func=cmd_inspect)
 
-    t = sub.add_parser("make-tiny", help="write a tiny random DiffusionGemma checkpoint (needs the dev extra)",
+    t = sub.add_parser("make-tiny", help="write a tiny random DiffusionGemma checkpoint (needs the tiny or dev extra)",
                        description="Build a tiny random DiffusionGemma checkpoint with transformers, for trying "
                                    "the converter without downloading a model.")
     t.add_argument("out", metavar="OUT_DIR")
