@@ -59,7 +59,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     try:
         from dgemma.convert.tiny import TinySpec, build_checkpoint
     except ImportError as e:
-        return _fail(f"make-tiny needs the dev extra (pip install -e '.[dev]'): {e}")
+        return _fail(f"make-tiny needs transformers: pip install -e '.[tiny]' ({e})")
     spec = TinySpec(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=len(args.layers),
                     layer_types=tuple("full_attention" if c == "G" else "sliding_attention" for c in args.layers),
                     seed=args.seed, dtype=args.dtype)
