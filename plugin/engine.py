@@ -88,9 +88,10 @@ Event = TextEvent | DoneEvent
 
 
 class Engine:
-    def __init__(self, path: Path, cfg: ModelConfig, tokenizer: Tokenizer, model: DiffusionGemma, load_ns: int) -> None:
+    def __init__(self, path: Path, cfg: ModelConfig, tokenizer: Tokenizer, model: DiffusionGemma, load_ns: int,
+                 device: torch.device | None = None) -> None:
         self.path, self.cfg, self.tokenizer, self.model, self.load_duration = path, cfg, tokenizer, model, load_ns
-        self.device = torch.device("cpu")
+        self.device = device or torch.device("cpu")
         self._lock = threading.Lock()  # one generation at a time per engine
 
     @classmethod
@@ -100,15 +101,15 @@ class Engine:
         if backend not in BACKENDS:
             raise EngineError(f"backend '{backend}' is not available (have: {', '.join(BACKENDS)})")
         device = device or ("cuda" if backend == "cuda" else "cpu")
-        if backend == "cuda" or device.startswith("cuda"):
+        if backend == "cuda":
             from .cuda import CudaUnavailable, check_cuda
 
             try:
-                check_cuda() if backend == "cuda" else None
+                check_cuda()
             except CudaUnavailable as e:
                 raise EngineError(str(e)) from None
-            if not torch.cuda.is_available():
-                raise EngineError("no CUDA GPU is visible to PyTorch (use device='cpu')")
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineError("no CUDA GPU is visible to PyTorch (use device='cpu')")
         t0 = time.perf_counter_ns()
         path = Path(path)
         try:
@@ -126,9 +127,7 @@ class Engine:
             model = DiffusionGemma(cfg, weights)
         except ValueError as e:  # InspectError and friends
             raise EngineError(str(e)) from None
-        engine = cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0)
-        engine.device = torch.device(device)
-        return engine
+        return cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device))
 
     # ---- prompt ---------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[dict[str, Any]] | list[int], raw: bool = False, **template_kwargs) -> list[int]:
