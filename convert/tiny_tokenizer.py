@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 # Gemma 4 control tokens at their real ids (all < 238, so they fit every tiny vocabulary)
@@ -104,7 +105,16 @@ def train_bpe(texts: list[str], n_pieces: int) -> tuple[list[str], list[tuple[st
     return pieces, merges
 
 
-def build_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+Trainer = Callable[[int], tuple[list[str], list[tuple[str, str]]]]
+
+
+def _default_train(n_pieces: int) -> tuple[list[str], list[tuple[str, str]]]:
+    return train_bpe(CORPUS, n_pieces)
+
+
+def build_vocab(vocab_size: int, train: Trainer | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Gemma 4's layout at `vocab_size`; the learned pieces come from `train(n_pieces)` (default: the
+    pure-Python `train_bpe` over the built-in CORPUS), which returns (pieces in priority order, merges)."""
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"tiny Gemma 4 tokenizer needs vocab_size >= {MIN_VOCAB}, got {vocab_size}")
     ids: dict[int, str] = dict(FIXED_TOKENS)
@@ -114,7 +124,7 @@ def build_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]
         ids[vocab_size - len(MULTIMODAL_TOKENS) + i] = tok
     free = [i for i in range(vocab_size) if i not in ids]
     taken = set(ids.values())
-    pieces, merges = train_bpe(CORPUS, len(free) + len(taken))
+    pieces, merges = (train or _default_train)(len(free) + len(taken))
     pieces = [p for p in pieces if p not in taken]
     for slot, piece in zip(free, pieces):
         ids[slot] = piece
@@ -153,11 +163,12 @@ def tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> dict
     }
 
 
-def write_tokenizer_files(out_dir: str | Path, vocab_size: int) -> None:
-    """The three tokenizer files of a Gemma 4 checkpoint, written without transformers."""
+def write_tokenizer_files(out_dir: str | Path, vocab_size: int, train: Trainer | None = None) -> None:
+    """The three tokenizer files of a Gemma 4 checkpoint, written without transformers (`train`: as in
+    `build_vocab`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_vocab(vocab_size)
+    vocab, merges = build_vocab(vocab_size, train)
     (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(vocab, merges), ensure_ascii=False, indent=2))
     config = {"backend": "tokenizers", "bos_token": "<bos>", "eos_token": "<eos>", "extra_special_tokens": [],
               "mask_token": "<mask>", "model_max_length": 1000000000000000019884624838656, "pad_token": "<pad>",

@@ -33,8 +33,9 @@ def test_default_model_is_deterministic_and_loads(tmp_path, models):
     other = ensure_default_model(tmp_path)
     assert other.read_bytes() == (models / "default.gguf").read_bytes()
     engine = Engine.load(other)
-    assert engine.cfg.n_layer == 4 and engine.cfg.is_swa == [True, True, True, False] and engine.cfg.n_expert == 4
-    assert engine.tokenizer.chat_template and engine.tokenizer.vocab_size == 512
+    assert engine.cfg.n_layer == 4 and engine.cfg.is_swa == [True, True, True, False] and engine.cfg.n_expert == 8
+    assert engine.cfg.n_embd == 256 and engine.cfg.canvas_length == 32
+    assert engine.tokenizer.chat_template and engine.tokenizer.vocab_size == 4096
 
 
 def test_run_streams_what_the_engine_generates(models):

@@ -74,15 +74,15 @@ def test_generate_and_chat_streaming_and_not(server, engine):
     expected = alone(engine, messages, seed=11, n=40)
     full = client.chat(model="default", messages=messages, options={"seed": 11, "num_predict": 40})
     assert full.message.role == "assistant" and full.message.content == expected
-    assert full.done and full.done_reason == "length" and full.eval_count == 40
+    assert full.done and full.eval_count <= 40 and (full.done_reason == "length") == (full.eval_count == 40)
     assert full.prompt_eval_count > 0 and full.total_duration >= full.eval_duration > 0
     parts = list(client.chat(model="default", messages=messages, stream=True, options={"seed": 11, "num_predict": 40}))
     assert "".join(p.message.content for p in parts) == expected
-    assert parts[-1].done and not any(p.done for p in parts[:-1]) and parts[-1].eval_count == 40
+    assert parts[-1].done and not any(p.done for p in parts[:-1]) and parts[-1].eval_count == full.eval_count
 
     gen_expected = alone(engine, [{"role": "user", "content": "Once upon a time"}], seed=5, n=24)
     r = client.generate(model="default", prompt="Once upon a time", options={"seed": 5, "num_predict": 24})
-    assert r.response == gen_expected and r.context and r.done_reason == "length"
+    assert r.response == gen_expected and r.context and r.done_reason in ("stop", "length")
     chunks = list(client.generate(model="default:latest", prompt="Once upon a time", stream=True,
                                   options={"seed": 5, "num_predict": 24}))
     assert "".join(c.response for c in chunks) == gen_expected
@@ -119,14 +119,15 @@ def test_openai_client(server, engine):
     messages = [{"role": "user", "content": "Hello there"}]
     expected = alone(engine, messages, seed=9, n=30)
     r = client.chat.completions.create(model="default", messages=messages, max_tokens=30, seed=9)
-    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "length"
-    assert r.usage.completion_tokens == 30 and r.usage.total_tokens == r.usage.prompt_tokens + 30
+    n = r.usage.completion_tokens
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == ("length" if n == 30 else "stop")
+    assert n <= 30 and r.usage.total_tokens == r.usage.prompt_tokens + n
     stream = client.chat.completions.create(model="default", messages=messages, max_tokens=30, seed=9, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
     done = client.completions.create(model="default", prompt="Once upon", max_tokens=12, seed=2)
     assert done.object == "text_completion" and done.usage.completion_tokens <= 12
     assert (done.choices[0].finish_reason == "length") == (done.usage.completion_tokens == 12)
@@ -178,7 +179,7 @@ def test_disconnect_frees_the_slot(server):
     t = time.monotonic()
     r = httpx.post(f"{server}/api/chat", json=one, timeout=120)
     waited = time.monotonic() - t
-    assert r.status_code == 200 and r.json()["eval_count"] == 32
+    assert r.status_code == 200 and r.json()["eval_count"] <= 32
     assert waited < 10 * per_canvas + 1.0  # not the ~125 canvases the abandoned request would still run
 
 
