@@ -22,16 +22,21 @@ from .config import ModelConfig
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Gemma-4 RMSNorm in float32: x / sqrt(mean(x²) + eps) · w (no "+1")."""
+    if x.dtype == torch.float32:  # the CPU path: no dtype round trips
+        out = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+        return out if weight is None else out * weight
     xf = x.float()
-    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    out = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps)
     if weight is not None:
         out = out * weight.float()
     return out.type_as(x)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x · cos + rotate_half(x) · sin, with rotate_half(x) = [-x2, x1] written as roll(x) · [-sin1, sin2]
+    (the same products, the sign moved onto sin: bit-identical, four ops instead of seven).
+    x: [B, L, H, hd]; cos, sin_signed: [L, hd]."""
+    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed[:, None]
 
 
 def linear(x: torch.Tensor, w) -> torch.Tensor:
@@ -40,8 +45,19 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
     return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
 
 
-def gelu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
-    return linear(F.gelu(linear(x, gate), approximate="tanh") * linear(x, up), down)
+def gelu_mlp(x: torch.Tensor, gate, up, down, gate_up: torch.Tensor | None = None) -> torch.Tensor:
+    """down(gelu_tanh(gate(x)) · up(x)); gate_up: the [2F, D] rows of both, for one GEMM instead of two."""
+    if gate_up is not None:
+        g, u = F.linear(x, gate_up).chunk(2, dim=-1)
+    else:
+        g, u = linear(x, gate), linear(x, up)
+    return linear(F.gelu(g, approximate="tanh") * u, down)
+
+
+# Below this many FLOPs for all experts on all tokens, the CPU path runs every expert on every token in
+# one batched GEMM pair (unrouted pairs weighted 0) instead of a GEMM pair per used expert: at tiny sizes
+# the per-expert loop's ~10 ops each cost more than the extra arithmetic (bench/engine_cpu.py).
+DENSE_MOE_MAX_FLOP = 4e6
 
 
 @dataclass
@@ -69,6 +85,27 @@ class LayerWeights:
     post_ffw_norm: torch.Tensor  # after dense + experts
     dec_scale: torch.Tensor  # [1]
     enc_scale: torch.Tensor  # [1]
+    # set by fuse_projections() when the matrices are plain tensors: one GEMM instead of three / two
+    wqkv: torch.Tensor | None = None  # [(H + 2*KV)*hd, D] rows of wq, wk, wv (global layers: wk twice, V = K)
+    qkv_norm: torch.Tensor | None = None  # [H + 2*KV, hd] q_norm per q head, k_norm per k head, ones for v
+    ffn_gate_up: torch.Tensor | None = None  # [2F, D] rows of ffn_gate, ffn_up (views of it)
+
+    def fuse_projections(self) -> None:
+        """Concatenate Q/K/V and the dense gate/up rows into one matrix each and make the separate weights
+        views of it (no extra memory). Skipped for backend weight objects (quantized GPU weights)."""
+        qkv = [self.wq, self.wk, self.wk if self.wv is None else self.wv]
+        if all(isinstance(w, torch.Tensor) for w in qkv) and self.wqkv is None:
+            self.wqkv = torch.cat(qkv)
+            parts = self.wqkv.split([w.shape[0] for w in qkv])
+            self.wq, self.wk = parts[0], parts[1]
+            self.wv = parts[2] if self.wv is not None else None
+            hd = self.q_norm.shape[0]
+            n_q, n_kv = self.wq.shape[0] // hd, self.wk.shape[0] // hd
+            self.qkv_norm = torch.cat([self.q_norm.expand(n_q, hd), self.k_norm.expand(n_kv, hd),
+                                       torch.ones(n_kv, hd, dtype=self.q_norm.dtype, device=self.q_norm.device)])
+        if isinstance(self.ffn_gate, torch.Tensor) and isinstance(self.ffn_up, torch.Tensor) and self.ffn_gate_up is None:
+            self.ffn_gate_up = torch.cat([self.ffn_gate, self.ffn_up])
+            self.ffn_gate, self.ffn_up = self.ffn_gate_up.split([self.ffn_gate.shape[0], self.ffn_up.shape[0]])
 
 
 @dataclass
@@ -99,7 +136,11 @@ class KVCache:
 class DiffusionGemma:
     def __init__(self, cfg: ModelConfig, w: Weights) -> None:
         self.cfg, self.w = cfg, w
+        for lw in w.layers:
+            lw.fuse_projections()  # plain tensors only; backend weight objects stay as they are
         self.inv_freq = [self._inv_freq(i) for i in range(cfg.n_layer)]
+        self._rope_key: tuple | None = None  # the decoder's steps on one canvas share their positions
+        self._rope: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---- positions -----------------------------------------------------------------------------
     def _inv_freq(self, i: int) -> torch.Tensor:
@@ -111,15 +152,22 @@ class DiffusionGemma:
             inv = inv / self.w.rope_freqs.float()  # proportional RoPE: pairs past the rotated part stand still
         return inv
 
-    def rope(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(cos, sin) [L, hd] for every layer; computed once per layer kind."""
-        by_kind: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
-        for i, swa in enumerate(self.cfg.is_swa):
-            if swa not in by_kind:
-                freqs = positions.float()[:, None] * self.inv_freq[i].to(positions.device)[None, :]  # [L, hd/2]
-                emb = torch.cat((freqs, freqs), dim=-1)  # [L, hd]
-                by_kind[swa] = (emb.cos(), emb.sin())
-        return [by_kind[swa] for swa in self.cfg.is_swa]
+    def rope(self, start: int, length: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin_signed) [L, hd] for positions start..start+L-1 and every layer, sin_signed = [-sin1, sin2]
+        (see apply_rope); computed once per layer kind and kept for the next call with the same positions."""
+        key = (start, length, str(device))
+        if key != self._rope_key:
+            positions = torch.arange(start, start + length, device=device)
+            by_kind: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+            for i, swa in enumerate(self.cfg.is_swa):
+                if swa not in by_kind:
+                    freqs = positions.float()[:, None] * self.inv_freq[i].to(device)[None, :]  # [L, hd/2]
+                    emb = torch.cat((freqs, freqs), dim=-1)  # [L, hd]
+                    sin = emb.sin()
+                    half = sin.shape[-1] // 2
+                    by_kind[swa] = (emb.cos(), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
+            self._rope_key, self._rope = key, [by_kind[swa] for swa in self.cfg.is_swa]
+        return self._rope
 
     # ---- blocks --------------------------------------------------------------------------------
     def attention(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, *,
@@ -128,22 +176,25 @@ class DiffusionGemma:
         Decoder: bidirectional, cache read-only."""
         cfg, lw = self.cfg, self.w.layers[i]
         B, L, _ = x.shape
-        hd, n_kv = cfg.head_dim[i], cfg.n_head_kv[i]
+        H, hd, n_kv, eps = cfg.n_head, cfg.head_dim[i], cfg.n_head_kv[i], cfg.rms_eps
         cos, sin = rope
-        q = linear(x, lw.wq).view(B, L, cfg.n_head, hd)
-        q = rms_norm(q, lw.q_norm, cfg.rms_eps)
-        q = (q * cos[:, None] + rotate_half(q) * sin[:, None]).transpose(1, 2)  # [B, H, L, hd]
-        k_raw = linear(x, lw.wk).view(B, L, n_kv, hd)
-        v = linear(x, lw.wv).view(B, L, n_kv, hd) if lw.wv is not None else k_raw
-        k = rms_norm(k_raw, lw.k_norm, cfg.rms_eps)
-        k = (k * cos[:, None] + rotate_half(k) * sin[:, None]).transpose(1, 2)  # [B, KV, L, hd]
-        v = rms_norm(v, None, cfg.rms_eps).transpose(1, 2)  # [B, KV, L, hd]
+        if lw.wqkv is not None:  # plain tensors: one GEMM, one norm and one rotation for all heads
+            qkv = rms_norm(linear(x, lw.wqkv).view(B, L, H + 2 * n_kv, hd), None, eps) * lw.qkv_norm  # [B, L, H+2KV, hd]
+            qk = apply_rope(qkv[:, :, : H + n_kv], cos, sin)
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + n_kv :]
+        else:
+            q = apply_rope(rms_norm(linear(x, lw.wq).view(B, L, H, hd), lw.q_norm, eps), cos, sin)  # [B, L, H, hd]
+            k_raw = linear(x, lw.wk).view(B, L, n_kv, hd)
+            v = linear(x, lw.wv).view(B, L, n_kv, hd) if lw.wv is not None else k_raw  # global layers: V = K
+            k = apply_rope(rms_norm(k_raw, lw.k_norm, eps), cos, sin)  # [B, L, KV, hd]
+            v = rms_norm(v, None, eps)  # V is normalised without a weight
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, hd]
 
         past_k, past_v = cache.layer(i)
         T = 0 if past_k is None else past_k.shape[2]
         if encoder:
-            keys = k if past_k is None else torch.cat([past_k, k], dim=2)  # [B, KV, T+L, hd]
-            values = v if past_v is None else torch.cat([past_v, v], dim=2)
+            keys = k.contiguous() if past_k is None else torch.cat([past_k, k], dim=2)  # [B, KV, T+L, hd]
+            values = v.contiguous() if past_v is None else torch.cat([past_v, v], dim=2)
             if i < len(cache.keys):
                 cache.keys[i], cache.values[i] = keys, values
             else:
@@ -151,35 +202,36 @@ class DiffusionGemma:
                 cache.values.append(values)
             q_pos = torch.arange(T, T + L, device=x.device)[:, None]  # [L, 1]
             k_pos = torch.arange(T + L, device=x.device)[None, :]  # [1, T+L]
-            allowed = k_pos <= q_pos
+            mask = k_pos <= q_pos  # [L, T+L], True: attend
             if cfg.is_swa[i]:
-                allowed &= q_pos - k_pos < cfg.sliding_window
-            mask = torch.zeros(L, T + L, device=x.device).masked_fill(~allowed, float("-inf"))  # [L, T+L]
+                mask &= q_pos - k_pos < cfg.sliding_window
         else:
             if past_k is not None and cfg.is_swa[i]:
                 past_k, past_v = past_k[:, :, -(cfg.sliding_window - 1):], past_v[:, :, -(cfg.sliding_window - 1):]
             keys = k if past_k is None else torch.cat([past_k, k], dim=2)
             values = v if past_v is None else torch.cat([past_v, v], dim=2)
             mask = None
-        groups = cfg.n_head // n_kv  # query heads h = kv * groups + g share KV head kv
-        q = q.reshape(B, n_kv, groups * L, hd)  # [B, KV, G*L, hd]
-        scores = q @ keys.transpose(2, 3)  # [B, KV, G*L, S]; Gemma 4 attention scale is 1.0
-        if mask is not None:
-            scores = scores + mask.repeat(groups, 1)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = (probs @ values).view(B, cfg.n_head, L, hd).transpose(1, 2).reshape(B, L, cfg.n_head * hd)
-        return linear(out, lw.wo)
+        # query heads h = kv * (H / KV) + g share KV head kv (enable_gqa); Gemma 4's attention scale is 1.0
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)  # [B, H, L, hd]
+        return linear(out.transpose(1, 2).reshape(B, L, H * hd), lw.wo)
 
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Routed experts on the residual stream h: [B, L, D] -> [B, L, D]."""
         cfg, lw = self.cfg, self.w.layers[i]
         flat = h.reshape(-1, cfg.n_embd)  # [N, D]
-        r = rms_norm(flat, None, cfg.rms_eps) * lw.router_scale * cfg.n_embd**-0.5
+        normed = rms_norm(flat, None, cfg.rms_eps)  # [N, D]: the router's input and, weighted, the experts'
+        r = normed * lw.router_scale * cfg.n_embd**-0.5
         probs = torch.softmax(linear(r, lw.router), dim=-1, dtype=torch.float32)  # [N, E]
         top_w, top_i = torch.topk(probs, k=cfg.n_expert_used, dim=-1)  # [N, K]
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w = top_w * lw.expert_scale[top_i]
-        x = rms_norm(flat, lw.pre_ffw_norm_2, cfg.rms_eps)  # [N, D]
+        x = normed * lw.pre_ffw_norm_2.to(normed.dtype)  # [N, D]
+        E, N = cfg.n_expert, flat.shape[0]
+        if isinstance(lw.gate_up_exps, torch.Tensor) and 6 * N * E * cfg.n_ff_exp * cfg.n_embd <= DENSE_MOE_MAX_FLOP:
+            gate, up = torch.matmul(x, lw.gate_up_exps.transpose(1, 2)).chunk(2, dim=-1)  # [E, N, Fe] each
+            y = torch.matmul(F.gelu(gate, approximate="tanh") * up, lw.down_exps.transpose(1, 2))  # [E, N, D]
+            routed = torch.zeros(N, E, dtype=y.dtype, device=y.device).scatter_(1, top_i, top_w.to(y.dtype))  # [N, E]
+            return (y * routed.t()[:, :, None]).sum(0).view_as(h)
         # group the N*K (token, expert) assignments by expert, then one GEMM pair per expert used
         order = torch.argsort(top_i.flatten(), stable=True)  # [N*K]
         rows = order // cfg.n_expert_used
@@ -202,7 +254,7 @@ class DiffusionGemma:
         cfg, lw = self.cfg, self.w.layers[i]
         a = self.attention(i, rms_norm(x, lw.attn_norm, cfg.rms_eps), rope, cache, encoder=encoder)
         h = x + rms_norm(a, lw.post_attn_norm, cfg.rms_eps)
-        dense = gelu_mlp(rms_norm(h, lw.ffn_norm, cfg.rms_eps), lw.ffn_gate, lw.ffn_up, lw.ffn_down)
+        dense = gelu_mlp(rms_norm(h, lw.ffn_norm, cfg.rms_eps), lw.ffn_gate, lw.ffn_up, lw.ffn_down, lw.ffn_gate_up)
         ffn = rms_norm(dense, lw.post_ffw_norm_1, cfg.rms_eps) + rms_norm(self.moe(i, h), lw.post_ffw_norm_2, cfg.rms_eps)
         out = h + rms_norm(ffn, lw.post_ffw_norm, cfg.rms_eps)
         return out * (lw.enc_scale if encoder else lw.dec_scale)
@@ -211,10 +263,10 @@ class DiffusionGemma:
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.w.embed[tokens] * torch.tensor(self.cfg.embed_scale, dtype=self.w.embed.dtype)  # [B, L, D]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode(self, tokens: torch.Tensor, cache: KVCache) -> None:
         """tokens: [B, L] at positions cache.length.. ; fills the cache."""
-        rope = self.rope(torch.arange(cache.length, cache.length + tokens.shape[1], device=tokens.device))
+        rope = self.rope(cache.length, tokens.shape[1], tokens.device)
         x = self.embed(tokens)
         for i in range(self.cfg.n_layer):
             x = self.layer(i, x, rope[i], cache, encoder=True)
@@ -231,11 +283,11 @@ class DiffusionGemma:
         signal = gelu_mlp(rms_norm(soft, w.sc_pre_norm, self.cfg.rms_eps), w.sc_gate, w.sc_up, w.sc_down)
         return rms_norm(x + signal, None, self.cfg.rms_eps)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, canvas: torch.Tensor, cache: KVCache, sc_probs: torch.Tensor | None = None) -> torch.Tensor:
         """canvas: [B, C] token ids; sc_probs: [B, C, V] softmax of the previous step's processed logits, or
         None. Returns softcapped float32 logits [B, C, V]."""
-        rope = self.rope(torch.arange(cache.length, cache.length + canvas.shape[1], device=canvas.device))
+        rope = self.rope(cache.length, canvas.shape[1], canvas.device)
         x = self.self_conditioning(self.embed(canvas), sc_probs)
         for i in range(self.cfg.n_layer):
             x = self.layer(i, x, rope[i], cache, encoder=False)
