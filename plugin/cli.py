@@ -158,8 +158,15 @@ def cmd_quant_eval(args: argparse.Namespace) -> int:
     try:
         ref = Engine.load(args.ref)
         quants = [Engine.load(p) for p in args.quant]
-        results = evaluate(ref, quants, args.cases)
-        print(f"reference {args.ref}; {args.cases} prompts x 2 steps x canvas {ref.cfg.canvas_length}")
+        text = None
+        if args.text:
+            try:
+                text = Path(args.text).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"--text {args.text}: cannot read it as UTF-8 text ({e})") from None
+        results = evaluate(ref, quants, args.cases, text)
+        source = f"windows of {args.text}" if text is not None else "random"
+        print(f"reference {args.ref}; {args.cases} {source} prompts x 2 steps x canvas {ref.cfg.canvas_length}")
         for r in results:
             print(r.line())
         if args.plot:
@@ -215,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     qe.add_argument("ref", metavar="REF.gguf")
     qe.add_argument("quant", metavar="QUANT.gguf", nargs="+")
     qe.add_argument("--cases", type=int, default=8, help="number of prompt/canvas pairs (default 8)")
+    qe.add_argument("--text", metavar="FILE", help="prompts from this UTF-8 text (windows spread over it) instead of "
+                                                   "random tokens")
     qe.add_argument("--plot", metavar="FILE.png", help="draw file size against mean KLD (needs matplotlib)")
     qe.set_defaults(func=cmd_quant_eval)
 

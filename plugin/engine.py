@@ -176,6 +176,7 @@ class Engine:
         with self._lock:
             yield from self._generate(ids, o, s, max_tokens, eos, seed)
 
+    @torch.inference_mode()  # on a generator: torch enters and leaves the mode around each resumption
     def _generate(self, ids: list[int], o: GenerateOptions, s: SamplerDefaults, max_tokens: int, eos: set[int],
                   seed: int) -> Iterator[Event]:
         t_start = time.perf_counter_ns()

@@ -4,6 +4,8 @@ For a fixed, seeded set of prompts and canvases, both models' decoder logits are
 position: KL(P_ref || P_quant) (mean, median, p99, max) and how often their top-1 tokens agree. Each
 case is one denoising step on a random canvas (the first step of a canvas: no self-conditioning) and one
 with self-conditioning taken from the reference's own first step, so both decoder paths are measured.
+Prompts are random tokens, or with `--text FILE` consecutive windows of that text (as llama.cpp reads a
+text file; a trained model's activations on real text are what its quantization has to keep).
 `--plot FILE.png` draws file size against mean KLD (matplotlib).
 """
 
@@ -39,10 +41,20 @@ class EvalResult:
                 f"same top-1 {self.top1 * 100:6.2f}%  ({self.positions} positions)")
 
 
-def cases(vocab: int, canvas: int, n: int = DEFAULT_CASES, prompt_len: int = DEFAULT_PROMPT_LEN, seed: int = SEED):
+def cases(vocab: int, canvas: int, n: int = DEFAULT_CASES, prompt_len: int = DEFAULT_PROMPT_LEN, seed: int = SEED,
+          text_ids: list[int] | None = None):
+    """n (prompt [1, prompt_len], canvas [1, canvas]) pairs: random prompts, or windows of text_ids spread
+    evenly over it (text_ids starts with BOS, kept in front of every window); canvases are random (a
+    canvas's first denoising step)."""
     g = torch.Generator().manual_seed(seed)
-    for _ in range(n):
-        prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    if text_ids is not None and len(text_ids) < prompt_len:
+        raise ValueError(f"--text: {len(text_ids) - 1} tokens, need at least {prompt_len - 1}")
+    for i in range(n):
+        if text_ids is None:
+            prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
+        else:
+            start = (len(text_ids) - prompt_len) * i // max(1, n)
+            prompt = torch.tensor([text_ids[:1] + text_ids[1:][start : start + prompt_len - 1]])
         yield prompt, torch.randint(0, vocab, (1, canvas), generator=g)
 
 
@@ -59,15 +71,16 @@ def kld(ref_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
-def evaluate(ref: Engine, quants: list[Engine], n_cases: int = DEFAULT_CASES) -> list[EvalResult]:
+def evaluate(ref: Engine, quants: list[Engine], n_cases: int = DEFAULT_CASES, text: str | None = None) -> list[EvalResult]:
     cfg = ref.cfg
+    text_ids = ref.tokenizer.encode(text, add_bos=True) if text is not None else None
     for q in quants:
         if (q.cfg.vocab_size, q.cfg.n_embd, q.cfg.n_layer) != (cfg.vocab_size, cfg.n_embd, cfg.n_layer):
             raise ValueError(f"{q.path}: not the same model as {ref.path} (vocabulary, width or depth differ)")
     klds: list[list[torch.Tensor]] = [[] for _ in quants]
     agree = [0 for _ in quants]
     total = 0
-    for prompt, canvas in cases(cfg.vocab_size, cfg.canvas_length, n_cases):
+    for prompt, canvas in cases(cfg.vocab_size, cfg.canvas_length, n_cases, text_ids=text_ids):
         r1 = logits_for(ref, prompt, canvas, None)
         sc = torch.softmax(r1 / cfg.sampler.t_max, dim=-1)
         r2 = logits_for(ref, prompt, canvas, sc)

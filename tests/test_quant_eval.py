@@ -53,3 +53,36 @@ def test_different_models_are_refused(files, tmp_path, checkpoint_factory):
     proc = subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "quant-eval", str(files / "F32.gguf"), str(wide)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "not the same model" in proc.stderr
+
+
+def test_text_prompts_are_windows_of_the_text(files):
+    from dgemma.plugin.quant_eval import cases
+
+    ref = Engine.load(files / "F32.gguf")
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    ids = ref.tokenizer.encode(text, add_bos=True)
+    got = list(cases(ref.cfg.vocab_size, ref.cfg.canvas_length, 3, prompt_len=16, text_ids=ids))
+    assert len(got) == 3
+    for i, (prompt, canvas) in enumerate(got):
+        p = prompt[0].tolist()
+        assert len(p) == 16 and p[0] == ref.tokenizer.bos_id
+        start = (len(ids) - 16) * i // 3
+        assert p[1:] == ids[1:][start : start + 15]
+        assert canvas.shape == (1, ref.cfg.canvas_length)
+    with pytest.raises(ValueError, match="--text: .* tokens, need at least 15"):
+        list(cases(ref.cfg.vocab_size, ref.cfg.canvas_length, 1, prompt_len=16, text_ids=ids[:5]))
+
+
+def test_cli_text_option(files, tmp_path):
+    txt = tmp_path / "t.txt"
+    txt.write_text("Fools rush in where angels fear to tread, and get the best seats in the house. " * 20)
+    run = [sys.executable, "-m", "dgemma.plugin.cli", "quant-eval", str(files / "F32.gguf"), str(files / "Q8_0.gguf"),
+           "--cases", "2"]
+    proc = subprocess.run(run + ["--text", str(txt)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"windows of {txt}" in proc.stdout and "Q8_0.gguf" in proc.stdout
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00bad")
+    proc = subprocess.run(run + ["--text", str(bad)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "--text" in proc.stderr and "UTF-8" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
