@@ -45,10 +45,10 @@ MODELS = REPO / "plugin" / "models"
 SPEC = objective.ModelSpec(
     vocab_size=4096, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
     num_global_key_value_heads=1, head_dim=64, global_head_dim=128, num_experts=8, top_k_experts=2,
-    moe_intermediate_size=256, sliding_window=128, canvas_length=32,
+    moe_intermediate_size=256, sliding_window=128, canvas_length=8,
     layer_types=("sliding_attention", "sliding_attention", "sliding_attention", "full_attention"),
 )
-SAMPLER = dict(max_denoising_steps=24, t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.005,
+SAMPLER = dict(max_denoising_steps=12, t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.005,
                entropy_bound=0.1)
 EVAL_SEED = 4242
 
@@ -57,9 +57,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def prepare(work: Path) -> tuple[list[data.Fortune], list[data.Fortune], Path]:
+def prepare(work: Path, max_chars: int = 0) -> tuple[list[data.Fortune], list[data.Fortune], Path]:
     data.ensure_installed()
     fortunes = data.read_fortunes()
+    if max_chars:  # the short fortunes only (docs/DEFAULT_MODEL.md: why)
+        fortunes = [f for f in fortunes if len(f.text) <= max_chars]
     train_f, held_f = data.split(fortunes)
     tok_dir = work / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
@@ -113,28 +115,33 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    train_f, held_f, tok_dir = prepare(work)
+    train_f, held_f, tok_dir = prepare(work, cfg.max_chars)
     tok = tokenizer.load(tok_dir)
     train_eps = Episodes([f.text for f in train_f], tok, canvas=SPEC.canvas_length, blocks=cfg.blocks, p_chat=cfg.p_chat)
     held_eps = Episodes([f.text for f in held_f], tok, canvas=SPEC.canvas_length, blocks=cfg.blocks, p_chat=cfg.p_chat)
     held = HeldOut(held_eps, cfg.eval_rows, EVAL_SEED, cfg.variant)
-    model = objective.make_model(SPEC, cfg.seed)
+    model = objective.make_model(SPEC, cfg.seed, qk_norm_init=bool(cfg.qk_norm_init))
     model.config.text_config._experts_implementation = "eager"
     n_params = objective.text_parameter_count(model)
     log(f"model: {n_params / 1e6:.2f} M text parameters, {len(SPEC.layer_types)} layers, vocab {SPEC.vocab_size}")
 
+    run_file = work / "run.json"  # how the checkpoint was made, for --export-only
     if args.export_only:
         state = torch.load(work / "checkpoint.pt", weights_only=False)
         model.load_state_dict(state["model"])
         history = state["history"]
+        run = json.loads(run_file.read_text()) if run_file.exists() else {}
     else:
         history = train(model, train_eps, held, cfg, work, args.resume, log=log)
+        run = {"command": "python scripts/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "total_wall_min": round((time.time() - t0) / 60, 1)}
+        run_file.write_text(json.dumps(run) + "\n")
     if args.no_export:
         return 0
     final_sc = held.loss(model, self_conditioning=True)
     evals = history["eval"]
     summary = {
-        "command": "python scripts/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": run.get("command", "python scripts/train_tiny.py").strip(),
         "data": {"packages": list(data.PACKAGES), "fortunes": len(train_f) + len(held_f), "train": len(train_f),
                  "heldout": len(held_f), "train_tokens": sum(len(i) for i in train_eps.ids)},
         "model": {**asdict(SPEC), "text_parameters": n_params},
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             "curve": [[e["step"], round(e["loss"], 4)] for e in evals],
         },
         "train_loss_curve": [[h["step"], round(h["diffusion_ema"], 4)] for h in history["train"]][::5],
-        "total_wall_min": round((time.time() - t0) / 60, 1),
+        "total_wall_min": run.get("total_wall_min"),  # data + tokenizer + training, before the export
     }
     export(model, tok_dir, work, summary, [f.text for f in train_f])
     return 0

@@ -85,4 +85,4 @@ def test_ensure_default_model_copies_atomically_and_replaces_a_stale_file(tmp_pa
 def test_training_words_are_a_plain_list(corpus_words):
     assert {"the", "once", "upon", "time", "computer"} <= corpus_words
     assert all(w == w.lower() and " " not in w for w in corpus_words)
-    assert len(corpus_words) > 10_000 and Path(MODELS / "default-words.txt.gz").stat().st_size < 500_000
+    assert len(corpus_words) > 5_000 and Path(MODELS / "default-words.txt.gz").stat().st_size < 500_000

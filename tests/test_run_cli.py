@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from dgemma.plugin.default_model import ensure_default_model
+from dgemma.plugin.default_model import BUNDLED, ensure_default_model
 from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions, TextEvent
 
 
@@ -34,7 +34,8 @@ def test_default_model_is_deterministic_and_loads(tmp_path, models):
     assert other.read_bytes() == (models / "default.gguf").read_bytes()
     engine = Engine.load(other)
     assert engine.cfg.n_layer == 4 and engine.cfg.is_swa == [True, True, True, False] and engine.cfg.n_expert == 8
-    assert engine.cfg.n_embd == 256 and engine.cfg.canvas_length == 32
+    trained = json.loads((BUNDLED.parent / "default-train.json").read_text())["model"]
+    assert engine.cfg.n_embd == 256 and engine.cfg.canvas_length == trained["canvas_length"]
     assert engine.tokenizer.chat_template and engine.tokenizer.vocab_size == 4096
 
 

@@ -33,11 +33,11 @@ EVAL_T = (0.1, 0.3, 0.5, 0.7, 0.9)
 class TrainConfig:
     seed: int = 1
     batch: int = 12  # rows per step
-    blocks: int = 4  # canvases per row
+    blocks: int = 16  # canvases per row
     steps: int = 0  # 0: sized from the measured speed to fit budget_min
     budget_min: float = 52.0  # wall-clock minutes for the training loop (evaluations included)
     measure_steps: int = 12  # steps timed before sizing the run
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_frac: float = 0.1
     warmup: int = 40
     weight_decay: float = 0.05
@@ -46,7 +46,9 @@ class TrainConfig:
     encoder_ar_weight: float = 1.0
     balance_weight: float = 0.01
     p_chat: float = 0.5
+    max_chars: int = 80  # train on fortunes of at most this many characters (0: all)
     variant: str = "loo"  # "loo": leave-one-out parameterisation (train/objective.py); "base": plain CE
+    qk_norm_init: int = 1  # 1: q/k norm weights start at head_dim**-0.25 (objective.make_model)
     eval_every: int = 100
     eval_rows: int = 24
     ckpt_minutes: float = 3.0

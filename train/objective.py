@@ -73,9 +73,14 @@ class ModelSpec:
                     final_logit_softcapping=30.0, bos_token_id=2, eos_token_id=1, pad_token_id=0)
 
 
-def make_model(spec: ModelSpec, seed: int):
+def make_model(spec: ModelSpec, seed: int, qk_norm_init: bool = False):
     """A fresh DiffusionGemmaForBlockDiffusion (float32, sdpa) with a deliberately tiny vision tower
-    (the converter skips it; transformers builds a 167M-parameter default one otherwise)."""
+    (the converter skips it; transformers builds a 167M-parameter default one otherwise).
+
+    qk_norm_init: start the q/k RMSNorm weights at head_dim**-0.25 instead of 1. Gemma 4 attends with
+    scale 1.0 on unit-RMS queries and keys, so at initialisation the attention logits have a standard
+    deviation of sqrt(head_dim) (8 here) and every head is nearly one-hot on a random key; this start
+    makes them ~1 (what 1/sqrt(d) scaling gives). Only the initial values change, not the architecture."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     from dgemma.convert.tiny import TINY_VISION
@@ -85,6 +90,11 @@ def make_model(spec: ModelSpec, seed: int):
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config)
+    if qk_norm_init:
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if "vision" not in name and name.endswith(("q_norm", "k_norm")):
+                    module.weight.fill_(module.weight.shape[0] ** -0.25)
     model.requires_grad_(False)
     for p in text_parameters(model):
         p.requires_grad_(True)
