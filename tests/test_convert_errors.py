@@ -184,8 +184,11 @@ BIG = TinySpec(vocab_size=65536, hidden_size=512, intermediate_size=64, num_hidd
 def test_ctrl_c_mid_write(tmp_path, checkpoint_factory):
     ckpt = checkpoint_factory(BIG)  # a 128 MB embedding: converting takes long enough to interrupt
     out = tmp_path / "model.gguf"
+    # a shell running the tests in the background passes SIGINT on as ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition, as a terminal's Ctrl-C finds it
     proc = subprocess.Popen([sys.executable, "-m", "dgemma.plugin.cli", "convert", str(ckpt), "-o", str(out),
-                             "--type", "Q8_0", "--quiet"], stderr=subprocess.PIPE, text=True)
+                             "--type", "Q8_0", "--quiet"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("*.partial")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
