@@ -3,8 +3,8 @@
 The `tokenizers` library's BpeTrainer learns the pieces on words: Gemma's normaliser (" " -> "▁"), then,
 for training only, a split before every "▁" and around every newline, so a piece holds at most one
 "▁" and only as its first character (SentencePiece's split_by_whitespace). The saved tokenizer.json has
-Gemma 4's layout (no pre-tokenizer); it encodes exactly as the split would, since no merge puts a "▁"
-after a piece's first character. Word-aligned pieces ("▁have", never "have▁" or "I▁have") leave a
+Gemma 4's layout (its pre-tokenizer splits on " ", which the normaliser has already replaced: a no-op);
+it encodes exactly as the split would, since no merge puts a "▁" after a piece's first character. Word-aligned pieces ("▁have", never "have▁" or "I▁have") leave a
 small model one segmentation per word: the first run let pieces span words and its samples were full of
 doubled spaces ("I have " + " the"; docs/DEFAULT_MODEL.md). `dgemma.convert.tiny_tokenizer`
 lays them out exactly like every other tiny tokenizer in this repository (control tokens at Gemma 4's
