@@ -22,10 +22,7 @@ from .config import ModelConfig
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Gemma-4 RMSNorm in float32: x / sqrt(mean(x²) + eps) · w (no "+1")."""
-    if x.dtype == torch.float32:  # the CPU path: no dtype round trips
-        out = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
-        return out if weight is None else out * weight
-    xf = x.float()
+    xf = x.float()  # the same tensor when x is float32
     out = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps)
     if weight is not None:
         out = out * weight.float()

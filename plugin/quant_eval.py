@@ -54,7 +54,7 @@ def cases(vocab: int, canvas: int, n: int = DEFAULT_CASES, prompt_len: int = DEF
             prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
         else:
             start = (len(text_ids) - prompt_len) * i // max(1, n)
-            prompt = torch.tensor([text_ids[:1] + text_ids[1:][start : start + prompt_len - 1]])
+            prompt = torch.tensor([text_ids[:1] + text_ids[1 + start : start + prompt_len]])
         yield prompt, torch.randint(0, vocab, (1, canvas), generator=g)
 
 
