@@ -56,10 +56,18 @@ class ModelConfig:
     # derived
     head_dim: list[int] = field(init=False)
     embed_scale: float = field(init=False)
+    decode_flops_per_token: int = field(init=False)  # matmul FLOPs of one canvas position (attention scores aside)
 
     def __post_init__(self) -> None:
         self.head_dim = [self.head_dim_swa if s else self.head_dim_full for s in self.is_swa]
         self.embed_scale = self.n_embd**0.5
+        D = self.n_embd
+        per_layer = sum(
+            (2 * self.n_head + 2 * kv) * hd * D  # q, k, v, o
+            + 3 * self.n_ff * D + self.n_expert * D + 3 * self.n_expert_used * self.n_ff_exp * D  # dense MLP, router, experts
+            for kv, hd in zip(self.n_head_kv, self.head_dim))
+        # the layers, the self-conditioning input (probs @ E, its MLP) and the tied head
+        self.decode_flops_per_token = 2 * (per_layer + 2 * self.vocab_size * D + 3 * self.n_ff * D)
 
     @classmethod
     def from_gguf(cls, reader: GGUFReader, path: str | Path = "") -> "ModelConfig":

@@ -25,6 +25,7 @@ import torch
 
 from .chat import render_chat
 from .config import ModelConfig, SamplerDefaults
+from .fast_decode import FastDecoder
 from .inspect import open_gguf
 from .model import DiffusionGemma, KVCache
 from .sampler import StepInfo, denoise_canvas
@@ -92,6 +93,8 @@ class Engine:
                  device: torch.device | None = None) -> None:
         self.path, self.cfg, self.tokenizer, self.model, self.load_duration = path, cfg, tokenizer, model, load_ns
         self.device = device or torch.device("cpu")
+        # small float32 models on the CPU: the same decoder step in fewer torch calls (plugin/fast_decode.py)
+        self.decode_step = FastDecoder(model).decode if FastDecoder.supports(model) else model.decode
         self._lock = threading.Lock()  # one generation at a time per engine
 
     @classmethod
@@ -189,7 +192,7 @@ class Engine:
 
         def decode(canvas: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
             # the sampler runs on the CPU with one torch.Generator, so every backend draws the same numbers
-            logits = self.model.decode(canvas.to(dev), cache, None if sc is None else sc.to(dev))
+            logits = self.decode_step(canvas.to(dev), cache, None if sc is None else sc.to(dev))
             return logits.cpu()
 
         cancelled = False

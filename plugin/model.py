@@ -22,11 +22,9 @@ from .config import ModelConfig
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Gemma-4 RMSNorm in float32: x / sqrt(mean(x²) + eps) · w (no "+1")."""
-    xf = x.float()  # the same tensor when x is float32
-    out = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        out = out * weight.float()
-    return out.type_as(x)
+    # torch's rms_norm computes exactly x * rsqrt(mean(x * x) + eps) * w (bit for bit), in fewer dispatches
+    w = None if weight is None else weight.float()
+    return F.rms_norm(x.float(), (x.shape[-1],), w, eps).type_as(x)  # x.float(): the same tensor on float32
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -55,6 +53,28 @@ def gelu_mlp(x: torch.Tensor, gate, up, down, gate_up: torch.Tensor | None = Non
 # one batched GEMM pair (unrouted pairs weighted 0) instead of a GEMM pair per used expert: at tiny sizes
 # the per-expert loop's ~10 ops each cost more than the extra arithmetic (bench/engine_cpu.py).
 DENSE_MOE_MAX_FLOP = 4e6
+
+
+def grouped_experts(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, gate_up_exps, down_exps) -> torch.Tensor:
+    """sum_k top_w[n, k] · expert_{top_i[n, k]}(x[n]): the N*K (token, expert) assignments grouped by expert,
+    then one GEMM pair per expert used. x: [N, D]; top_w, top_i: [N, K]; gate_up_exps: [E, 2Fe, D] (gate
+    half first); down_exps: [E, D, Fe]. Returns [N, D]."""
+    K, E = top_i.shape[1], gate_up_exps.shape[0]
+    order = torch.argsort(top_i.flatten(), stable=True)  # [N*K]
+    rows = order // K
+    weights = top_w.flatten()[order]
+    counts = torch.bincount(top_i.flatten(), minlength=E).tolist()
+    out = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        r = rows[start : start + n]
+        gate, up = linear(x[r], gate_up_exps[e]).chunk(2, dim=-1)  # [n, Fe] each
+        y = linear(F.gelu(gate, approximate="tanh") * up, down_exps[e])  # [n, D]
+        out.index_add_(0, r, y * weights[start : start + n, None])
+        start += n
+    return out
 
 
 @dataclass
@@ -86,6 +106,7 @@ class LayerWeights:
     wqkv: torch.Tensor | None = None  # [(H + 2*KV)*hd, D] rows of wq, wk, wv (global layers: wk twice, V = K)
     qkv_norm: torch.Tensor | None = None  # [H + 2*KV, hd] q_norm per q head, k_norm per k head, ones for v
     ffn_gate_up: torch.Tensor | None = None  # [2F, D] rows of ffn_gate, ffn_up (views of it)
+    down_exps_flat: torch.Tensor | None = None  # [D, E*Fe]: every expert's down matrix side by side (dense MoE path)
 
     def fuse_projections(self) -> None:
         """Concatenate Q/K/V and the dense gate/up rows into one matrix each and make the separate weights
@@ -103,6 +124,15 @@ class LayerWeights:
         if isinstance(self.ffn_gate, torch.Tensor) and isinstance(self.ffn_up, torch.Tensor) and self.ffn_gate_up is None:
             self.ffn_gate_up = torch.cat([self.ffn_gate, self.ffn_up])
             self.ffn_gate, self.ffn_up = self.ffn_gate_up.split([self.ffn_gate.shape[0], self.ffn_up.shape[0]])
+
+    def dense_moe_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E*2Fe, D], down [D, E*Fe]) for running all experts as two plain GEMMs: the first is a
+        view of gate_up_exps, the second a copy made on first use (only models small enough for the dense
+        path ever make it)."""
+        E, two_fe, D = self.gate_up_exps.shape
+        if self.down_exps_flat is None:
+            self.down_exps_flat = self.down_exps.permute(1, 0, 2).reshape(D, -1).contiguous()
+        return self.gate_up_exps.view(E * two_fe, D), self.down_exps_flat
 
 
 @dataclass
@@ -220,31 +250,20 @@ class DiffusionGemma:
         r = normed * lw.router_scale * cfg.n_embd**-0.5
         probs = torch.softmax(linear(r, lw.router), dim=-1, dtype=torch.float32)  # [N, E]
         top_w, top_i = torch.topk(probs, k=cfg.n_expert_used, dim=-1)  # [N, K]
+        x = normed * lw.pre_ffw_norm_2.to(normed.dtype)  # [N, D]
+        E, Fe, N = cfg.n_expert, cfg.n_ff_exp, flat.shape[0]
+        if isinstance(lw.gate_up_exps, torch.Tensor) and 6 * N * E * Fe * cfg.n_embd <= DENSE_MOE_MAX_FLOP:
+            # every expert on every token: expert e's hidden units weighted by its routing weight (0 when not
+            # chosen), then one GEMM over all experts' hidden units sums the weighted outputs
+            routed = torch.zeros_like(probs).scatter_(1, top_i, top_w)  # [N, E]
+            routed = routed * (lw.expert_scale / top_w.sum(dim=-1, keepdim=True))
+            gate_up, down = lw.dense_moe_weights()
+            gate, up = linear(x, gate_up).view(N, E, 2, Fe).unbind(2)  # [N, E, Fe] each
+            hidden = F.gelu(gate, approximate="tanh") * up * routed.to(x.dtype)[:, :, None]  # [N, E, Fe]
+            return linear(hidden.view(N, E * Fe), down).view_as(h)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w = top_w * lw.expert_scale[top_i]
-        x = normed * lw.pre_ffw_norm_2.to(normed.dtype)  # [N, D]
-        E, N = cfg.n_expert, flat.shape[0]
-        if isinstance(lw.gate_up_exps, torch.Tensor) and 6 * N * E * cfg.n_ff_exp * cfg.n_embd <= DENSE_MOE_MAX_FLOP:
-            gate, up = torch.matmul(x, lw.gate_up_exps.transpose(1, 2)).chunk(2, dim=-1)  # [E, N, Fe] each
-            y = torch.matmul(F.gelu(gate, approximate="tanh") * up, lw.down_exps.transpose(1, 2))  # [E, N, D]
-            routed = torch.zeros(N, E, dtype=y.dtype, device=y.device).scatter_(1, top_i, top_w.to(y.dtype))  # [N, E]
-            return (y * routed.t()[:, :, None]).sum(0).view_as(h)
-        # group the N*K (token, expert) assignments by expert, then one GEMM pair per expert used
-        order = torch.argsort(top_i.flatten(), stable=True)  # [N*K]
-        rows = order // cfg.n_expert_used
-        weights = top_w.flatten()[order]
-        counts = torch.bincount(top_i.flatten(), minlength=cfg.n_expert).tolist()
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            r = rows[start : start + n]
-            gate, up = linear(x[r], lw.gate_up_exps[e]).chunk(2, dim=-1)  # [n, Fe] each
-            y = linear(F.gelu(gate, approximate="tanh") * up, lw.down_exps[e])  # [n, D]
-            out.index_add_(0, r, y * weights[start : start + n, None])
-            start += n
-        return out.view_as(h)
+        return grouped_experts(x, top_w, top_i, lw.gate_up_exps, lw.down_exps).view_as(h)
 
     def layer(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, *,
               encoder: bool):

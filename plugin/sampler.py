@@ -48,16 +48,41 @@ def init_canvas(length: int, vocab_size: int, gen: torch.Generator) -> torch.Ten
     return torch.randint(0, vocab_size, (1, length), generator=gen)  # [1, C]
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per position, computed as torch.distributions.Categorical does."""
-    logp = logits - logits.logsumexp(dim=-1, keepdim=True)  # [1, C, V]
-    p = torch.softmax(logp, dim=-1)
-    return -(logp.clamp(min=torch.finfo(logp.dtype).min) * p).sum(-1)  # [1, C]
+def token_entropy(logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy -Σ p·log p of softmax(logits) per position (torch.distributions.Categorical's value to
+    float rounding); probs: softmax(logits) when the caller has it. Logits must be finite (ours are)."""
+    probs = torch.softmax(logits, dim=-1) if probs is None else probs
+    return -(probs * torch.log_softmax(logits, dim=-1)).sum(-1)  # [1, C]
+
+
+def _exponential(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """float32 Exp(1) draws, the numbers `Tensor.exponential_` draws from `gen` (-log1p(-u) of float64
+    uniforms, as ATen's CPU kernel computes them), in a few vectorised ops instead of a scalar loop."""
+    return torch.log1p(-torch.rand(shape, dtype=torch.float64, generator=gen)).neg_().float()
+
+
+def _exponential_is_torchs() -> bool:
+    """Whether _exponential draws exactly what this torch's exponential_ draws (checked once)."""
+    a, b = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(1234)
+    want = torch.empty(4096).exponential_(generator=a)
+    return torch.equal(_exponential(want.shape, b), want) and torch.equal(a.get_state(), b.get_state())
+
+
+_FAST_EXPONENTIAL: bool | None = None
 
 
 def sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One token per position from probs [1, C, V]."""
-    drawn = torch.multinomial(probs.view(-1, probs.shape[-1]), num_samples=1, generator=gen)  # [C, 1]
+    """One token per position from probs [1, C, V]: torch.multinomial(probs, 1), which is the Gumbel-style
+    argmax(probs / Exp(1)) with exponential_'s draws; written out with the faster equal draws where this
+    torch's exponential_ is known to match them (tests/test_sampler.py compares the two)."""
+    global _FAST_EXPONENTIAL
+    if _FAST_EXPONENTIAL is None:
+        _FAST_EXPONENTIAL = _exponential_is_torchs()
+    flat = probs.view(-1, probs.shape[-1])  # [C, V]
+    if _FAST_EXPONENTIAL and flat.device.type == "cpu" and flat.dtype == torch.float32:
+        drawn = (flat / _exponential(flat.shape, gen)).argmax(dim=-1)
+    else:
+        drawn = torch.multinomial(flat, num_samples=1, generator=gen)  # [C, 1]
     return drawn.view(probs.shape[:-1])  # [1, C]
 
 
@@ -106,7 +131,7 @@ def denoise_canvas(decode: Decoder, length: int, vocab_size: int, s: SamplerDefa
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)  # also the next step's self-conditioning
         denoised = sample(probs, gen)
         argmax = processed.argmax(dim=-1)
-        entropy = token_entropy(processed)
+        entropy = token_entropy(processed, probs)
         accepted, mask = accept(canvas, denoised, entropy, s.entropy_bound)
         canvas = renoise(accepted, mask, vocab_size, gen)
         steps += 1

@@ -13,6 +13,7 @@ from oracle import hf_generate, hf_logits
 from dgemma.convert import convert
 from dgemma.convert.tiny import TinySpec
 from dgemma.plugin.engine import DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
+from dgemma.plugin.fast_decode import FastDecoder
 from dgemma.plugin.model import KVCache
 
 # three shapes: global layer last / in the middle, 4-8 experts, head dims 16/32 and 32/64, canvas 16 or 32
@@ -55,14 +56,16 @@ def test_decoder_logits_match_transformers(engines, name, prompt_len):
     cache = KVCache()
     engine.model.encode(prompt, cache)
 
-    ours = engine.model.decode(canvas, cache)
     ref = hf_logits(ckpt, prompt, canvas)
-    assert ours.shape == ref.shape == (1, cfg.canvas_length, cfg.vocab_size)
-    assert (ours - ref).abs().max().item() < 1e-4
-
     sc = ref / 0.65  # a previous step's processed logits; our decoder takes their softmax
-    ours = engine.model.decode(canvas, cache, torch.softmax(sc, dim=-1, dtype=torch.float32))
-    assert (ours - hf_logits(ckpt, prompt, canvas, sc)).abs().max().item() < 1e-4
+    ref_sc = hf_logits(ckpt, prompt, canvas, sc)
+    assert isinstance(engine.decode_step.__self__, FastDecoder)  # the engine's step; model.decode: the reference
+    for decode in (engine.model.decode, engine.decode_step):
+        ours = decode(canvas, cache)
+        assert ours.shape == ref.shape == (1, cfg.canvas_length, cfg.vocab_size)
+        assert (ours - ref).abs().max().item() < 1e-4
+        ours = decode(canvas, cache, torch.softmax(sc, dim=-1, dtype=torch.float32))
+        assert (ours - ref_sc).abs().max().item() < 1e-4
 
 
 def test_logits_after_a_second_encoded_chunk(engines):

@@ -11,6 +11,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
+from dgemma.plugin import sampler as S
 from dgemma.plugin.config import SamplerDefaults
 from dgemma.plugin.sampler import StableAndConfident, accept, temperature, token_entropy
 
@@ -27,7 +28,22 @@ def test_entropy_equals_categorical():
     logits = torch.randn(1, 7, 300) * 4
     logits[0, 3, 5] = 1e4  # one-hot-ish: p log p with p = 0 must not give NaN
     ref = torch.distributions.Categorical(logits=logits).entropy()
-    assert torch.equal(token_entropy(logits), ref)
+    torch.testing.assert_close(token_entropy(logits), ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(token_entropy(logits, torch.softmax(logits, -1)), ref, atol=1e-6, rtol=1e-6)
+    assert token_entropy(logits)[0, 3] < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2), (1, 7, 300), (1, 256, 4096)])
+def test_sample_draws_what_multinomial_draws(shape):
+    """The written-out Gumbel-style draw takes the same tokens and leaves the generator in the same state
+    as torch.multinomial, so a seed reproduces transformers' generate() either way."""
+    assert S._exponential_is_torchs()
+    for seed in range(20):
+        probs = torch.softmax(torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3, -1)
+        a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        want = torch.multinomial(probs.view(-1, shape[-1]), 1, generator=a).view(shape[:-1])
+        assert torch.equal(S.sample(probs, b), want)
+        assert torch.equal(a.get_state(), b.get_state())
 
 
 @pytest.mark.parametrize("bound", [0.0, 0.1, 1.0, 50.0])
