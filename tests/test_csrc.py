@@ -66,3 +66,55 @@ def test_kernel_block_decoding_equals_gguf_py(harness, qtype):
 def test_harness_refuses_bad_input(harness):
     proc = subprocess.run([str(harness), str(int(Q.Q4_K)), "100"], input=b"", capture_output=True, timeout=60)
     assert proc.returncode == 2 and b"not a multiple" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def head_harness(tmp_path_factory):
+    exe = tmp_path_factory.mktemp("head") / "head_host"
+    proc = subprocess.run([nvcc, "-std=c++17", "-O2", "-Werror", "all-warnings", "-o", str(exe),
+                           str(CSRC / "tools" / "head_host.cu")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return exe
+
+
+@pytest.mark.parametrize("qtype,L,D,V,splits,softcap,temp", [
+    (Q.F32, 1, 32, 1, 1, 0.0, 1.0),
+    (Q.Q8_0, 3, 96, 1000, 7, 30.0, 0.6),  # V not a multiple of the splits
+    (Q.Q6_K, 5, 256, 777, 13, 30.0, 0.8),
+    (Q.Q4_K, 2, 512, 300, 300, 0.0, 0.4),  # one row per split
+], ids=lambda v: getattr(v, "name", str(v)))
+def test_head_split_merge_equals_head_reference(head_harness, qtype, L, D, V, splits, softcap, temp):
+    """csrc/head.cuh's online update and merge, run in the kernels' split order on the CPU, give the
+    statistics of plugin/cuda/head_ref.py's plain computation on the full logits (float64)."""
+    import torch
+
+    from dgemma.plugin.cuda.head_ref import head_stats_reference
+
+    rng = np.random.default_rng(L * 1000 + V)
+    h = (rng.standard_normal((L, D)) * 2).astype(np.float32)
+    e = (rng.standard_normal((V, D)) * 0.1).astype(np.float32)
+    if V > 10:
+        e[V // 2] = e[3]  # a tie between two rows in different splits: argmax keeps the lower index
+        h[0] = e[3] * 50
+    data = e if qtype == Q.F32 else quant.quantize(e, qtype)
+    proc = subprocess.run([str(head_harness), str(int(qtype)), str(L), str(D), str(V), str(splits), str(softcap), str(temp)],
+                          input=h.tobytes() + data.tobytes(), capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = np.frombuffer(proc.stdout, np.uint8)
+    mx, arg, lse, ent = (np.frombuffer(out[i * 4 * L:(i + 1) * 4 * L].tobytes(), np.int32 if i == 1 else np.float32)
+                         for i in range(4))
+    sc = np.frombuffer(out[16 * L:].tobytes(), np.float32).reshape(L, D)
+    ef = e if qtype == Q.F32 else quant.dequantize(data, qtype).reshape(V, D)
+    ref = head_stats_reference(torch.from_numpy(h).double(), torch.from_numpy(ef).double(), softcap, temp)
+    np.testing.assert_array_equal(arg, ref.argmax.numpy())
+    if V > 10:
+        assert arg[0] == 3
+    for ours, want in ((mx, ref.max), (lse, ref.lse), (ent, ref.entropy)):
+        np.testing.assert_allclose(ours, want.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sc, ref.sc.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_head_harness_refuses_bad_input(head_harness):
+    proc = subprocess.run([str(head_harness), str(int(Q.Q4_K)), "1", "100", "4", "1", "0", "1"], input=b"",
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 2 and b"multiple of 256" in proc.stderr

@@ -71,6 +71,30 @@ def test_accept_renoise_matches_sampler(ops, b, c, bound):
     assert torch.equal(acc.cpu(), ref_mask) and torch.equal(nxt.cpu().long(), ref_next)
 
 
+@pytest.mark.parametrize("qtype,L,D,V,splits", [
+    (Q.F32, 1, 32, 1, None), (Q.Q8_0, 17, 96, 1000, 7), (Q.Q6_K, 256, 256, 4099, None), (Q.Q4_K, 300, 512, 300, 300),
+    (Q.Q6_K, 3, 2816, 2048, None),  # DiffusionGemma's width
+], ids=lambda v: getattr(v, "name", str(v)))
+def test_head_stats_match_full_logits(ops, qtype, L, D, V, splits):
+    rng = np.random.default_rng(L + V)
+    h = (rng.standard_normal((L, D)) * 2).astype(np.float32)
+    e = (rng.standard_normal((V, D)) * 0.1).astype(np.float32)
+    data = torch.from_numpy((e if qtype == Q.F32 else quant.quantize(e, qtype)).reshape(V, -1).view(np.uint8)).cuda()
+    for softcap, temp in ((30.0, 0.8), (0.0, 0.4)):
+        got = ops.head_stats(torch.from_numpy(h).cuda(), data, qtype, softcap, temp, splits)
+        ref = ops.head_stats_reference(torch.from_numpy(h), data, qtype, softcap, temp)
+        assert torch.equal(got.argmax.cpu(), ref.argmax)
+        for a, b in ((got.max, ref.max), (got.lse, ref.lse), (got.entropy, ref.entropy)):
+            torch.testing.assert_close(a.cpu().double(), b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.sc.cpu().double(), ref.sc, rtol=1e-4, atol=1e-5)
+
+
+def test_head_stats_rejects_bad_input(ops):
+    h = torch.zeros(2, 100, device="cuda")
+    with pytest.raises(ValueError, match="Q4_K rows of 100|not a multiple"):
+        ops.head_stats(h, torch.zeros(3, 10, dtype=torch.uint8, device="cuda"), Q.Q4_K, 30.0, 0.8)
+
+
 @pytest.fixture(scope="module")
 def default_gguf(tmp_path_factory):
     from dgemma.plugin.default_model import ensure_default_model

@@ -18,6 +18,8 @@ SUPPORTED = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizatio
              GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K,
              GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
 _QMATMUL_NAMES = tuple(f"dg::qmatmul<{int(t)}>" for t in SUPPORTED)
+_HEAD_NAMES = tuple(f"dg::head_partials<{int(t)}>" for t in SUPPORTED)
+HEAD_L, HEAD_THREADS, HEAD_MAX_D, HEAD_MAX_SPLITS = 4, 256, 4096, 1024  # csrc/head.cu
 
 
 def _cupy(t: torch.Tensor):
@@ -97,3 +99,70 @@ def accept_renoise_reference(entropy, denoised, fresh, bound: float):
 
     accepted, mask = accept(torch.zeros_like(denoised), denoised, entropy, bound)
     return torch.where(mask, accepted, fresh), mask
+
+
+def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float, temperature: float,
+               splits: int | None = None):
+    """Per-position max, argmax, log-sum-exp, entropy of softcap(h · E_v) / T and sc = softmax @ E, for
+    h [L, D] float32 and the head E as GGML rows [V, row_bytes] uint8 (csrc/head.cu; the [L, V] logits
+    are never formed). Returns plugin.cuda.head_ref.HeadStats; head_stats_reference is its reference."""
+    import numpy as np
+
+    from .head_ref import HeadStats
+
+    qtype = GGMLQuantizationType(qtype)
+    if qtype not in SUPPORTED:
+        raise ValueError(f"head_stats: GGML type {qtype.name} is not supported")
+    if not (h.is_cuda and embed.is_cuda and h.device == embed.device):
+        raise ValueError("head_stats: h and the head must be CUDA tensors on the same device")
+    if h.dtype != torch.float32 or h.dim() != 2 or not 1 <= h.shape[1] <= HEAD_MAX_D:
+        raise ValueError(f"head_stats: h must be float32 [L, D<={HEAD_MAX_D}] (got {h.dtype} {tuple(h.shape)})")
+    L, D = h.shape
+    if embed.dtype != torch.uint8 or embed.dim() != 2 or embed.shape[1] != row_bytes(qtype, D) or not embed.is_contiguous():
+        raise ValueError(f"head_stats: the head must be contiguous uint8 [V, {row_bytes(qtype, D)}] for {qtype.name} rows of {D}")
+    if not temperature > 0:
+        raise ValueError(f"head_stats: temperature must be > 0 (got {temperature})")
+    V = embed.shape[0]
+    S = splits or min(HEAD_MAX_SPLITS, V, max(1, 4 * torch.cuda.get_device_properties(h.device).multi_processor_count
+                                               // max(1, (L + HEAD_L - 1) // HEAD_L)))
+    if not 1 <= S <= min(V, HEAD_MAX_SPLITS):
+        raise ValueError(f"head_stats: splits must be in 1..{min(V, HEAD_MAX_SPLITS)} (got {S})")
+    rows = (V + S - 1) // S
+    S = (V + rows - 1) // rows  # no empty split
+    h = h.contiguous()
+    dev = h.device
+    mst = torch.empty(S, L, 3, dtype=torch.float32, device=dev)
+    arg = torch.empty(S, L, dtype=torch.int32, device=dev)
+    acc = torch.empty(S, L, D, dtype=torch.float32, device=dev)
+    out = HeadStats(torch.empty(L, device=dev), torch.empty(L, dtype=torch.int32, device=dev), torch.empty(L, device=dev),
+                    torch.empty(L, device=dev), torch.empty(L, D, device=dev))
+    f32 = np.float32
+    part = kernel("head.cu", f"dg::head_partials<{int(qtype)}>", _HEAD_NAMES)
+    _launch_shared(part, (S, (L + HEAD_L - 1) // HEAD_L), (HEAD_THREADS,), D * 4,
+                   (_cupy(h), np.int32(L), np.int32(D), _cupy(embed), np.int32(V), np.int32(rows), f32(softcap),
+                    f32(1.0 / temperature), _cupy(mst), _cupy(arg), _cupy(acc)))
+    merge = kernel("head.cu", "head_merge", _HEAD_NAMES)
+    _launch(merge, (L,), (HEAD_THREADS,), (_cupy(mst), _cupy(arg), _cupy(acc), np.int32(S), np.int32(L), np.int32(D),
+                                           _cupy(out.max), _cupy(out.argmax), _cupy(out.lse), _cupy(out.entropy),
+                                           _cupy(out.sc)))
+    out.argmax = out.argmax.long()
+    return out
+
+
+def head_stats_reference(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float,
+                         temperature: float):
+    """Dequantize the head on the CPU and compute the statistics on the full logits in float64."""
+    from dgemma import quant
+
+    from .head_ref import head_stats_reference as full
+
+    D = h.shape[1]
+    e = torch.from_numpy(quant.dequantize(embed.cpu().numpy(), qtype).reshape(embed.shape[0], D)).double()
+    return full(h.double().cpu(), e, softcap, temperature)
+
+
+def _launch_shared(fn, grid, block, shared_bytes: int, args) -> None:
+    import cupy
+
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        fn(grid, block, args, shared_mem=shared_bytes)

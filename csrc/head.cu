@@ -1,0 +1,152 @@
+// The fused vocabulary head: per-position statistics of softcap(h · E_v) / T over the whole vocabulary
+// and the self-conditioning input Σ softmax · E, without ever writing the [L, V] logits.
+//
+// head_partials<T>: block (s, y) takes positions y*HEAD_L .. +HEAD_L and the vocabulary rows of split s.
+// Each thread keeps its share of h (columns d = tid + j*HEAD_THREADS) and of the accumulator
+// Σ exp(z - m)·E_v in registers; per row, the row is dequantized into shared memory, the HEAD_L dot
+// products are reduced over the block, and every thread applies the same online update (csrc/head.cuh).
+// Partials go to global memory: [S, L] (m, s, t, arg) and [S, L, D] acc.
+// head_merge: one block per position merges the S partials in split order (ties keep the lowest row)
+// and writes max, argmax, lse, entropy [L] and sc = acc / s [L, D].
+// Correctness first: one row at a time, float FMAs; the tensor-core epilogue version is measured
+// against it on a GPU (issue 5). Shapes: D a multiple of the type's block and <= HEAD_THREADS*HEAD_MAXJ.
+#include "head.cuh"
+
+namespace dg {
+
+constexpr int HEAD_L = 4;          // positions per block
+constexpr int HEAD_THREADS = 256;
+constexpr int HEAD_MAXJ = 16;      // columns per thread: D <= 4096
+constexpr int HEAD_WARPS = HEAD_THREADS / 32;
+
+template <int T>
+__global__ void __launch_bounds__(HEAD_THREADS) head_partials(
+        const float * __restrict__ h, int L, int D, const uint8_t * __restrict__ E, int V, int rows_per_split,
+        float softcap, float inv_temperature, float * __restrict__ part_mst, int * __restrict__ part_arg,
+        float * __restrict__ part_acc) {
+    constexpr int QK = Traits<T>::QK;
+    constexpr int SIZE = Traits<T>::SIZE;
+    extern __shared__ float e_row[];            // [D]
+    __shared__ float red[HEAD_WARPS][HEAD_L];   // per-warp partial dot products
+    __shared__ float z_s[HEAD_L];
+
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int s = blockIdx.x;
+    const int l0 = blockIdx.y * HEAD_L;
+    const int v0 = s * rows_per_split;
+    const int v1 = min(V, v0 + rows_per_split);
+    const long row_bytes = (long)(D / QK) * SIZE;
+
+    float hr[HEAD_L][HEAD_MAXJ], acc[HEAD_L][HEAD_MAXJ];
+#pragma unroll
+    for (int l = 0; l < HEAD_L; ++l)
+#pragma unroll
+        for (int j = 0; j < HEAD_MAXJ; ++j) {
+            const int d = tid + j * HEAD_THREADS;
+            hr[l][j] = (l0 + l < L && d < D) ? h[(long)(l0 + l) * D + d] : 0.0f;
+            acc[l][j] = 0.0f;
+        }
+    HeadPartial p[HEAD_L];
+    for (int l = 0; l < HEAD_L; ++l) p[l] = head_empty();
+
+    for (int v = v0; v < v1; ++v) {
+        const uint8_t * row = E + (long)v * row_bytes;
+        for (int b = tid; b < D / QK; b += HEAD_THREADS) {
+            float tmp[QK];
+            dequant_block<T>(row + (long)b * SIZE, tmp);
+            for (int i = 0; i < QK; ++i) e_row[b * QK + i] = tmp[i];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int l = 0; l < HEAD_L; ++l) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int j = 0; j < HEAD_MAXJ; ++j) {
+                const int d = tid + j * HEAD_THREADS;
+                if (d < D) dot = fmaf(hr[l][j], e_row[d], dot);
+            }
+            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+            if (lane == 0) red[warp][l] = dot;
+        }
+        __syncthreads();
+        if (tid < HEAD_L) {
+            float dot = 0.0f;
+            for (int w = 0; w < HEAD_WARPS; ++w) dot += red[w][tid];
+            z_s[tid] = head_logit(dot, softcap, inv_temperature);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int l = 0; l < HEAD_L; ++l) {  // every thread runs the same update on the same numbers
+            float scale, w;
+            head_update(p[l], z_s[l], v, scale, w);
+#pragma unroll
+            for (int j = 0; j < HEAD_MAXJ; ++j) {
+                const int d = tid + j * HEAD_THREADS;
+                if (d < D) acc[l][j] = acc[l][j] * scale + w * e_row[d];
+            }
+        }
+        __syncthreads();  // e_row and z_s are rewritten by the next row
+    }
+#pragma unroll
+    for (int l = 0; l < HEAD_L; ++l) {
+        if (l0 + l >= L) break;
+        const long o = (long)s * L + l0 + l;
+        if (tid == 0) {
+            part_mst[o * 3 + 0] = p[l].m;
+            part_mst[o * 3 + 1] = p[l].s;
+            part_mst[o * 3 + 2] = p[l].t;
+            part_arg[o] = p[l].arg;
+        }
+#pragma unroll
+        for (int j = 0; j < HEAD_MAXJ; ++j) {
+            const int d = tid + j * HEAD_THREADS;
+            if (d < D) part_acc[o * D + d] = acc[l][j];
+        }
+    }
+}
+
+constexpr int HEAD_MAX_SPLITS = 1024;
+
+extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge(
+        const float * __restrict__ part_mst, const int * __restrict__ part_arg, const float * __restrict__ part_acc,
+        int S, int L, int D, float * __restrict__ out_max, int * __restrict__ out_arg, float * __restrict__ out_lse,
+        float * __restrict__ out_entropy, float * __restrict__ out_sc) {
+    __shared__ float factor[HEAD_MAX_SPLITS];  // what each split's acc is multiplied by
+    __shared__ float inv_s;
+    const int l = blockIdx.x, tid = threadIdx.x;
+    if (tid == 0) {
+        HeadPartial a = head_empty();
+        for (int s = 0; s < S; ++s) {
+            const long o = (long)s * L + l;
+            const HeadPartial b{part_mst[o * 3 + 0], part_mst[o * 3 + 1], part_mst[o * 3 + 2], part_arg[o]};
+            float fa, fb;
+            head_merge(a, b, fa, fb);
+            for (int r = 0; r < s; ++r) factor[r] *= fa;  // earlier splits rescale to the new max
+            factor[s] = fb;
+        }
+        out_max[l] = a.m;
+        out_arg[l] = a.arg;
+        out_lse[l] = head_lse(a);
+        out_entropy[l] = head_entropy(a);
+        inv_s = 1.0f / a.s;
+    }
+    __syncthreads();
+    for (int d = tid; d < D; d += HEAD_THREADS) {
+        float sum = 0.0f;
+        for (int s = 0; s < S; ++s) sum = fmaf(part_acc[((long)s * L + l) * D + d], factor[s], sum);
+        out_sc[(long)l * D + d] = sum * inv_s;
+    }
+}
+
+}  // namespace dg
+
+#ifndef __CUDACC_RTC__
+// nvcc builds (CI's compile check) instantiate every type; at run time NVRTC instantiates by name
+#define DG_HEAD_INST(T)                                                                                   \
+    template __global__ void dg::head_partials<T>(const float *, int, int, const uint8_t *, int, int, float, float, \
+                                                  float *, int *, float *);
+DG_HEAD_INST(dg::T_F32) DG_HEAD_INST(dg::T_F16) DG_HEAD_INST(dg::T_BF16) DG_HEAD_INST(dg::T_Q4_0)
+DG_HEAD_INST(dg::T_Q5_0) DG_HEAD_INST(dg::T_Q5_1) DG_HEAD_INST(dg::T_Q8_0) DG_HEAD_INST(dg::T_Q2_K)
+DG_HEAD_INST(dg::T_Q3_K) DG_HEAD_INST(dg::T_Q4_K) DG_HEAD_INST(dg::T_Q5_K) DG_HEAD_INST(dg::T_Q6_K)
+#undef DG_HEAD_INST
+#endif

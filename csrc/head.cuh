@@ -1,0 +1,64 @@
+// The fused vocabulary head's per-position statistics, as __host__ __device__ code: the online update
+// with one logit and the merge of two partials (plugin/cuda/head_ref.py is the contract in torch).
+//
+// For logits z_v (after the softcap, divided by the temperature) a partial over some rows v holds
+//   m = max z, s = Σ exp(z - m), t = Σ exp(z - m)·z, arg = the first v with z_v = m,
+// and, kept by the caller, acc = Σ exp(z - m)·E_v. Adding a row or merging two partials rescales the
+// side with the smaller max (flash attention's online softmax, over the vocabulary). The kernel
+// (csrc/head.cu) and the host harness (csrc/tools/head_host.cu, tested on the CPU) share these.
+#pragma once
+#include "quant/blocks.cuh"
+#ifndef __CUDACC_RTC__
+#include <math.h>
+#endif
+
+namespace dg {
+
+struct HeadPartial {
+    float m, s, t;
+    int arg;
+};
+
+DG_HD HeadPartial head_empty() { return HeadPartial{0.0f, 0.0f, 0.0f, -1}; }  // arg < 0: no row yet
+
+// the processed logit: softcap(dot) / T (softcap 0: none)
+DG_HD float head_logit(float dot, float softcap, float inv_temperature) {
+    const float z = softcap > 0.0f ? tanhf(dot / softcap) * softcap : dot;
+    return z * inv_temperature;
+}
+
+// add row v with logit z; returns (scale for the old acc, weight of E_v): acc = acc·scale + w·E_v
+DG_HD void head_update(HeadPartial &p, float z, int v, float &scale, float &w) {
+    if (p.arg < 0 || z > p.m) {  // a new maximum (ties keep the earlier row)
+        scale = p.arg < 0 ? 0.0f : expf(p.m - z);
+        w = 1.0f;
+        p.s = p.s * scale + 1.0f;
+        p.t = p.t * scale + z;
+        p.m = z;
+        p.arg = v;
+    } else {
+        scale = 1.0f;
+        w = expf(z - p.m);
+        p.s += w;
+        p.t += w * z;
+    }
+}
+
+// merge b (rows after a's) into a; returns the factors for a's and b's acc: acc = acc_a·fa + acc_b·fb
+DG_HD void head_merge(HeadPartial &a, const HeadPartial &b, float &fa, float &fb) {
+    if (b.arg < 0) { fa = 1.0f; fb = 0.0f; return; }
+    if (a.arg < 0) { a = b; fa = 0.0f; fb = 1.0f; return; }
+    const float m = a.m > b.m ? a.m : b.m;
+    fa = expf(a.m - m);
+    fb = expf(b.m - m);
+    a.s = a.s * fa + b.s * fb;
+    a.t = a.t * fa + b.t * fb;
+    if (b.m > a.m) a.arg = b.arg;  // ties keep the lower index, as argmax does
+    a.m = m;
+}
+
+// the final statistics: log-sum-exp and entropy = lse - Σ p·z
+DG_HD float head_lse(const HeadPartial &p) { return p.m + logf(p.s); }
+DG_HD float head_entropy(const HeadPartial &p) { return head_lse(p) - p.t / p.s; }
+
+}  // namespace dg
