@@ -28,6 +28,14 @@ SPECS = {
     ),
 }
 
+# the engine tests' third shape: 8 experts top-3 at widths past the dense-MoE threshold, canvas 32
+WIDE_SPEC = TinySpec(
+    vocab_size=640, hidden_size=96, intermediate_size=128, num_hidden_layers=4,
+    layer_types=("sliding_attention", "sliding_attention", "sliding_attention", "full_attention"),
+    num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1, head_dim=32, global_head_dim=64,
+    num_experts=8, top_k_experts=3, moe_intermediate_size=64, sliding_window=12, canvas_length=32, seed=3,
+)
+
 
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):

@@ -37,13 +37,18 @@ def test_kernel_compiles_for_every_architecture(source, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    exe = tmp_path_factory.mktemp("harness") / "dequant_host"
+def build_host_tool(name: str, out_dir: Path) -> Path:
+    """Compile csrc/tools/NAME.cu for the CPU (nvcc, warnings as errors)."""
+    exe = out_dir / name
     proc = subprocess.run([nvcc, "-std=c++17", "-O2", "-Werror", "all-warnings", "-o", str(exe),
-                           str(CSRC / "tools" / "dequant_host.cu")], capture_output=True, text=True, timeout=600)
+                           str(CSRC / "tools" / f"{name}.cu")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return exe
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return build_host_tool("dequant_host", tmp_path_factory.mktemp("harness"))
 
 
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -70,11 +75,7 @@ def test_harness_refuses_bad_input(harness):
 
 @pytest.fixture(scope="module")
 def head_harness(tmp_path_factory):
-    exe = tmp_path_factory.mktemp("head") / "head_host"
-    proc = subprocess.run([nvcc, "-std=c++17", "-O2", "-Werror", "all-warnings", "-o", str(exe),
-                           str(CSRC / "tools" / "head_host.cu")], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return exe
+    return build_host_tool("head_host", tmp_path_factory.mktemp("head"))
 
 
 @pytest.mark.parametrize("qtype,L,D,V,splits,softcap,temp", [

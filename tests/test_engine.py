@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SPECS
+from conftest import SPECS, WIDE_SPEC
 from oracle import hf_generate, hf_logits
 
 from dgemma.convert import convert
-from dgemma.convert.tiny import TinySpec
 from dgemma.plugin.engine import DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
 from dgemma.plugin.fast_decode import FastDecoder
 from dgemma.plugin.model import KVCache
@@ -20,12 +19,7 @@ from dgemma.plugin.model import KVCache
 ENGINE_SPECS = {
     "base": SPECS["base"],
     "odd": SPECS["odd"],
-    "wide": TinySpec(
-        vocab_size=640, hidden_size=96, intermediate_size=128, num_hidden_layers=4,
-        layer_types=("sliding_attention", "sliding_attention", "sliding_attention", "full_attention"),
-        num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1, head_dim=32, global_head_dim=64,
-        num_experts=8, top_k_experts=3, moe_intermediate_size=64, sliding_window=12, canvas_length=32, seed=3,
-    ),
+    "wide": WIDE_SPEC,
 }
 
 

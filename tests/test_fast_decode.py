@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SPECS
+from conftest import SPECS, WIDE_SPEC
 from dgemma.convert import convert
-from dgemma.convert.tiny import TinySpec
 from dgemma.plugin import fast_decode
 from dgemma.plugin.engine import Engine
 from dgemma.plugin.fast_decode import FastDecoder
@@ -17,12 +16,7 @@ from dgemma.plugin.model import KVCache
 FAST_SPECS = {
     "base": SPECS["base"],  # every expert on every token (one GEMM pair for all)
     "odd": SPECS["odd"],  # global layers in the middle, 3 experts top-1
-    "grouped": TinySpec(  # expert shapes past DENSE_MOE_MAX_FLOP: one GEMM pair per used expert
-        vocab_size=640, hidden_size=96, intermediate_size=128, num_hidden_layers=4,
-        layer_types=("sliding_attention", "sliding_attention", "sliding_attention", "full_attention"),
-        num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1, head_dim=32, global_head_dim=64,
-        num_experts=8, top_k_experts=3, moe_intermediate_size=64, sliding_window=12, canvas_length=32, seed=3,
-    ),
+    "grouped": WIDE_SPEC,  # expert shapes past DENSE_MOE_MAX_FLOP: one GEMM pair per used expert
 }
 
 

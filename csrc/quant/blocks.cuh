@@ -257,6 +257,17 @@ template <> DG_HD void dequant_block<T_Q6_K>(const uint8_t * b, float * y) {
     }
 }
 
+// values and bytes per block of a runtime type id (host harnesses); false for an unknown type
+DG_HD bool block_shape(int type, int &qk, int &size) {
+#define DG_CASE(T) case T: qk = Traits<T>::QK; size = Traits<T>::SIZE; return true;
+    switch (type) {
+        DG_CASE(T_F32) DG_CASE(T_F16) DG_CASE(T_BF16) DG_CASE(T_Q4_0) DG_CASE(T_Q5_0) DG_CASE(T_Q5_1)
+        DG_CASE(T_Q8_0) DG_CASE(T_Q2_K) DG_CASE(T_Q3_K) DG_CASE(T_Q4_K) DG_CASE(T_Q5_K) DG_CASE(T_Q6_K)
+        default: return false;
+    }
+#undef DG_CASE
+}
+
 // dispatch on a runtime type id (host harness)
 DG_HD bool dequant_row(int type, const uint8_t * row, float * y, int k) {
 #define DG_CASE(T)                                                                          \

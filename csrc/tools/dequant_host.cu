@@ -18,12 +18,9 @@ int main(int argc, char ** argv) {
     size_t n;
     while ((n = std::fread(buf, 1, sizeof buf, stdin)) > 0) in.insert(in.end(), buf, buf + n);
     int qk = 0, size = 0;
-    switch (type) {
-#define DG_T(T) case dg::T: qk = dg::Traits<dg::T>::QK; size = dg::Traits<dg::T>::SIZE; break;
-        DG_T(T_F32) DG_T(T_F16) DG_T(T_BF16) DG_T(T_Q4_0) DG_T(T_Q5_0) DG_T(T_Q5_1) DG_T(T_Q8_0)
-        DG_T(T_Q2_K) DG_T(T_Q3_K) DG_T(T_Q4_K) DG_T(T_Q5_K) DG_T(T_Q6_K)
-#undef DG_T
-        default: std::fprintf(stderr, "unknown type %d\n", type); return 2;
+    if (!dg::block_shape(type, qk, size)) {
+        std::fprintf(stderr, "unknown type %d\n", type);
+        return 2;
     }
     if (k % qk) {
         std::fprintf(stderr, "K=%d is not a multiple of the block (%d)\n", k, qk);

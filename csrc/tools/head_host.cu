@@ -17,12 +17,9 @@ int main(int argc, char ** argv) {
     const int S = std::atoi(argv[5]);
     const float softcap = (float)std::atof(argv[6]), temperature = (float)std::atof(argv[7]);
     int qk = 0, size = 0;
-    switch (type) {
-#define DG_T(T) case dg::T: qk = dg::Traits<dg::T>::QK; size = dg::Traits<dg::T>::SIZE; break;
-        DG_T(T_F32) DG_T(T_F16) DG_T(T_BF16) DG_T(T_Q4_0) DG_T(T_Q5_0) DG_T(T_Q5_1) DG_T(T_Q8_0)
-        DG_T(T_Q2_K) DG_T(T_Q3_K) DG_T(T_Q4_K) DG_T(T_Q5_K) DG_T(T_Q6_K)
-#undef DG_T
-        default: std::fprintf(stderr, "unknown type %d\n", type); return 2;
+    if (!dg::block_shape(type, qk, size)) {
+        std::fprintf(stderr, "unknown type %d\n", type);
+        return 2;
     }
     if (L < 1 || D < 1 || V < 1 || S < 1 || S > V || D % qk || !(temperature > 0.0f)) {
         std::fprintf(stderr, "bad shape: L, D, V >= 1, 1 <= SPLITS <= V, D a multiple of %d, TEMPERATURE > 0\n", qk);
