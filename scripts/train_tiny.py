@@ -57,7 +57,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def prepare(work: Path, max_chars: int = 0) -> tuple[list[data.Fortune], list[data.Fortune], Path]:
+def prepare(work: Path, max_chars: int = 0, max_fortunes: int = 0) -> tuple[list[data.Fortune], list[data.Fortune], Path]:
     data.ensure_installed()
     fortunes = data.read_fortunes()
     if max_chars:  # the short fortunes only (docs/DEFAULT_MODEL.md: why)
@@ -66,8 +66,9 @@ def prepare(work: Path, max_chars: int = 0) -> tuple[list[data.Fortune], list[da
     tok_dir = work / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         tokenizer.write_tokenizer(tok_dir, [f.text for f in train_f])
-    log(f"data: {len(fortunes)} fortunes from {len(data.fortune_files())} files, {len(train_f)} train / "
-        f"{len(held_f)} held out, {sum(len(f.text) for f in fortunes)} characters; tokenizer in {tok_dir}")
+    train_f = data.subset(train_f, max_fortunes)  # fewer, seen more often (docs/DEFAULT_MODEL.md: why)
+    log(f"data: {len(fortunes)} fortunes from {len(data.fortune_files())} files (tokenizer learned on them, in "
+        f"{tok_dir}); training on {len(train_f)}, {len(held_f)} held out, {sum(len(f.text) for f in train_f)} characters")
     return train_f, held_f, tok_dir
 
 
@@ -115,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    train_f, held_f, tok_dir = prepare(work, cfg.max_chars)
+    train_f, held_f, tok_dir = prepare(work, cfg.max_chars, cfg.max_fortunes)
     tok = tokenizer.load(tok_dir)
-    train_eps = Episodes([f.text for f in train_f], tok, canvas=SPEC.canvas_length, blocks=cfg.blocks, p_chat=cfg.p_chat)
+    answers = data.subset(train_f, cfg.generic_answers) if cfg.generic_answers else train_f
+    keep = {id(f) for f in answers}
+    train_eps = Episodes([f.text for f in train_f], tok, canvas=SPEC.canvas_length, blocks=cfg.blocks, p_chat=cfg.p_chat,
+                         p_generic=cfg.p_generic, answers=[i for i, f in enumerate(train_f) if id(f) in keep])
+    # held-out rows: the held-out fortunes only (no requests answered from the training set)
     held_eps = Episodes([f.text for f in held_f], tok, canvas=SPEC.canvas_length, blocks=cfg.blocks, p_chat=cfg.p_chat)
     held = HeldOut(held_eps, cfg.eval_rows, EVAL_SEED, cfg.variant)
     model = objective.make_model(SPEC, cfg.seed, qk_norm_init=bool(cfg.qk_norm_init))

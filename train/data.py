@@ -115,6 +115,15 @@ def split(fortunes: list[Fortune]) -> tuple[list[Fortune], list[Fortune]]:
     return train, held
 
 
+def subset(fortunes: list[Fortune], n: int) -> list[Fortune]:
+    """n of the fortunes (all when n <= 0): those with the smallest sha1 of their text, in their file
+    order; deterministic and independent of file order, like the hold-out."""
+    if n <= 0 or n >= len(fortunes):
+        return fortunes
+    keep = set(sorted(hashlib.sha1(f.text.encode()).hexdigest() for f in fortunes)[:n])
+    return [f for f in fortunes if hashlib.sha1(f.text.encode()).hexdigest() in keep]
+
+
 # ---- words: what tests/test_default_model.py counts as "a real word" -------------------------------
 _STRIP = string.punctuation + "\u2018\u2019\u201c\u201d"
 

@@ -46,7 +46,10 @@ class TrainConfig:
     encoder_ar_weight: float = 1.0
     balance_weight: float = 0.01
     p_chat: float = 0.5
+    p_generic: float = 0.0  # chat rows that ask for a fortune in general and get a whole one (train/episodes.py)
+    generic_answers: int = 0  # ... one of this many training fortunes (data.subset; 0: any)
     max_chars: int = 80  # train on fortunes of at most this many characters (0: all)
+    max_fortunes: int = 0  # train on this many of them (0: all; data.subset)
     variant: str = "loo"  # "loo": leave-one-out parameterisation (train/objective.py); "base": plain CE
     qk_norm_init: int = 1  # 1: q/k norm weights start at head_dim**-0.25 (objective.make_model)
     eval_every: int = 100
