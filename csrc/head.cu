@@ -115,15 +115,10 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge(
     __shared__ float inv_s;
     const int l = blockIdx.x, tid = threadIdx.x;
     if (tid == 0) {
-        HeadPartial a = head_empty();
-        for (int s = 0; s < S; ++s) {
+        const HeadPartial a = head_merge_splits([&](int s) {
             const long o = (long)s * L + l;
-            const HeadPartial b{part_mst[o * 3 + 0], part_mst[o * 3 + 1], part_mst[o * 3 + 2], part_arg[o]};
-            float fa, fb;
-            head_merge(a, b, fa, fb);
-            for (int r = 0; r < s; ++r) factor[r] *= fa;  // earlier splits rescale to the new max
-            factor[s] = fb;
-        }
+            return HeadPartial{part_mst[o * 3 + 0], part_mst[o * 3 + 1], part_mst[o * 3 + 2], part_arg[o]};
+        }, S, factor);
         out_max[l] = a.m;
         out_arg[l] = a.arg;
         out_lse[l] = head_lse(a);

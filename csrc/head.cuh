@@ -57,6 +57,20 @@ DG_HD void head_merge(HeadPartial &a, const HeadPartial &b, float &fa, float &fb
     a.m = m;
 }
 
+// merge S partials in split order (part(s) returns split s's HeadPartial); factor[s] is what split s's acc
+// is multiplied by in the merged acc (before dividing by the merged s). factor has room for S floats.
+template <class Part>
+DG_HD HeadPartial head_merge_splits(Part part, int S, float *factor) {
+    HeadPartial a = head_empty();
+    for (int s = 0; s < S; ++s) {
+        float fa, fb;
+        head_merge(a, part(s), fa, fb);
+        for (int r = 0; r < s; ++r) factor[r] *= fa;  // earlier splits rescale to the new max
+        factor[s] = fb;
+    }
+    return a;
+}
+
 // the final statistics: log-sum-exp and entropy = lse - Σ p·z
 DG_HD float head_lse(const HeadPartial &p) { return p.m + logf(p.s); }
 DG_HD float head_entropy(const HeadPartial &p) { return head_lse(p) - p.t / p.s; }

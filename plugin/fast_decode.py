@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import DENSE_MOE_MAX_FLOP, DiffusionGemma, KVCache, grouped_experts
+from .model import DiffusionGemma, KVCache, dense_experts, dense_moe, grouped_experts
 
 # Above this many matmul FLOPs per denoising step the GEMMs dominate and the fold-ups stop paying for
 # their extra weight copies (measured, 2 threads): bench/engine_cpu.py's tiny model (8 MFLOP) and the test
@@ -76,8 +76,8 @@ class FastDecoder:
 
     @staticmethod
     def _prepare(lw, cfg: ModelConfig) -> _Layer:
-        D, E, Fe = cfg.n_embd, cfg.n_expert, cfg.n_ff_exp
-        dense = 6 * cfg.canvas_length * E * Fe * D <= DENSE_MOE_MAX_FLOP
+        D = cfg.n_embd
+        dense = dense_moe(cfg, cfg.canvas_length)
         gate_up_exps = lw.gate_up_exps * lw.pre_ffw_norm_2  # [E, 2Fe, D]
         w_in = [lw.ffn_gate_up * lw.ffn_norm, lw.router * lw.router_scale * D**-0.5]
         if dense:
@@ -86,7 +86,7 @@ class FastDecoder:
             wqkv=lw.wqkv * lw.attn_norm, qkv_norm=lw.qkv_norm, wo=lw.wo, post_attn_norm=lw.post_attn_norm,
             w_in=torch.cat(w_in), splits=[w.shape[0] for w in w_in], ffn_down=lw.ffn_down, dense_experts=dense,
             gate_up_exps=gate_up_exps, down_exps=lw.down_exps,
-            down_flat=lw.down_exps.permute(1, 0, 2).reshape(D, -1).contiguous() if dense else None,
+            down_flat=lw.dense_moe_weights()[1] if dense else None,
             expert_scale=lw.expert_scale, post_ffw_norms=torch.stack([lw.post_ffw_norm_1, lw.post_ffw_norm_2])[:, None],
             post_ffw_norm=lw.post_ffw_norm, dec_scale=lw.dec_scale,
         )
@@ -127,13 +127,9 @@ class FastDecoder:
         probs = torch.softmax(parts[1], dim=-1, dtype=torch.float32)  # [N, E]
         top_w, top_i = torch.topk(probs, k=cfg.n_expert_used, dim=-1)  # [N, K]
         if lw.dense_experts:
-            routed = torch.zeros_like(probs).scatter_(1, top_i, top_w) * (lw.expert_scale / top_w.sum(-1, keepdim=True))
-            e_gate, e_up = parts[2].view(B * L, cfg.n_expert, 2, cfg.n_ff_exp).unbind(2)  # [N, E, Fe] each
-            hidden = F.gelu(e_gate, approximate="tanh") * e_up * routed[:, :, None]
-            experts = F.linear(hidden.view(B * L, -1), lw.down_flat)  # [N, D]
+            experts = dense_experts(parts[2], top_w, top_i, lw.expert_scale, lw.down_flat)  # [N, D]
         else:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True) * lw.expert_scale[top_i]
-            experts = grouped_experts(n, top_w, top_i, lw.gate_up_exps, lw.down_exps)
+            experts = grouped_experts(n, top_w, top_i, lw.expert_scale, lw.gate_up_exps, lw.down_exps)
         both = (self.norm(torch.stack([dense, experts])) * lw.post_ffw_norms).sum(0)  # [N, D]
         return (h + self.norm(both.view(B, L, D), lw.post_ffw_norm)) * lw.dec_scale
 
@@ -141,12 +137,10 @@ class FastDecoder:
     def decode(self, canvas: torch.Tensor, cache: KVCache, sc_probs: torch.Tensor | None = None) -> torch.Tensor:
         """canvas: [B, C] ids; sc_probs: [B, C, V] or None. Returns softcapped float32 logits [B, C, V]."""
         x = self.embed[canvas]  # [B, C, D]
-        if sc_probs is not None:  # no signal on the first step: the MLP of zeros is a constant, added below
+        if sc_probs is not None:  # the first step's signal, the bias-free MLP of zeros, is exactly zero
             soft = sc_probs @ self.embed  # [B, C, D]
             gate, up = F.linear(self.norm(soft), self.sc_gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.gelu(gate, approximate="tanh") * up, self.sc_down)
-        else:
-            x = x + self._sc_of_zeros(x)
         x = self.norm(x)
         rope = self.rope(cache.length, canvas.shape[1])
         for i in range(self.cfg.n_layer):
@@ -154,8 +148,3 @@ class FastDecoder:
         logits = F.linear(self.norm(x), self.head)  # [B, C, V], divided by the softcap
         cap = self.cfg.softcap
         return torch.tanh(logits) * cap if cap else logits
-
-    def _sc_of_zeros(self, x: torch.Tensor) -> torch.Tensor:
-        zeros = torch.zeros_like(x)
-        gate, up = F.linear(self.norm(zeros), self.sc_gate_up).chunk(2, dim=-1)
-        return F.linear(F.gelu(gate, approximate="tanh") * up, self.sc_down)

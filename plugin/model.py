@@ -55,10 +55,36 @@ def gelu_mlp(x: torch.Tensor, gate, up, down, gate_up: torch.Tensor | None = Non
 DENSE_MOE_MAX_FLOP = 4e6
 
 
-def grouped_experts(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, gate_up_exps, down_exps) -> torch.Tensor:
-    """sum_k top_w[n, k] · expert_{top_i[n, k]}(x[n]): the N*K (token, expert) assignments grouped by expert,
-    then one GEMM pair per expert used. x: [N, D]; top_w, top_i: [N, K]; gate_up_exps: [E, 2Fe, D] (gate
-    half first); down_exps: [E, D, Fe]. Returns [N, D]."""
+def dense_moe(cfg: ModelConfig, n_tokens: int) -> bool:
+    """Whether every expert runs on every token (see DENSE_MOE_MAX_FLOP)."""
+    return 6 * n_tokens * cfg.n_expert * cfg.n_ff_exp * cfg.n_embd <= DENSE_MOE_MAX_FLOP
+
+
+def routing_weights(top_w: torch.Tensor, top_i: torch.Tensor, expert_scale: torch.Tensor) -> torch.Tensor:
+    """The chosen experts' weights [N, K]: top-k router probabilities renormalised, times each expert's scale."""
+    return top_w / top_w.sum(dim=-1, keepdim=True) * expert_scale[top_i]
+
+
+def dense_experts(gate_up: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, expert_scale: torch.Tensor,
+                  down_flat: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, unrouted pairs weighted 0. gate_up: [N, E*2Fe] (x times every expert's
+    gate/up rows, gate half first per expert); down_flat: [D, E*Fe] (LayerWeights.dense_moe_weights).
+    Each expert's hidden units are scaled by its routing weight, so one GEMM sums the weighted outputs."""
+    N, E = gate_up.shape[0], expert_scale.shape[0]
+    # routing_weights scattered to [N, E], in fewer calls: scatter first, then scale every column
+    routed = torch.zeros(N, E, dtype=top_w.dtype, device=top_w.device).scatter_(1, top_i, top_w)
+    routed = routed * (expert_scale / top_w.sum(dim=-1, keepdim=True))  # [N, E]
+    gate, up = gate_up.view(N, E, 2, -1).unbind(2)  # [N, E, Fe] each
+    hidden = F.gelu(gate, approximate="tanh") * up * routed.to(gate.dtype)[:, :, None]
+    return linear(hidden.reshape(N, -1), down_flat)  # [N, D]
+
+
+def grouped_experts(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, expert_scale: torch.Tensor,
+                    gate_up_exps, down_exps) -> torch.Tensor:
+    """The chosen experts only: the N*K (token, expert) assignments grouped by expert, then one GEMM pair
+    per expert used, weighted by routing_weights. x: [N, D]; top_w, top_i: [N, K] (router top-k);
+    gate_up_exps: [E, 2Fe, D] (gate half first); down_exps: [E, D, Fe]. Returns [N, D]."""
+    top_w = routing_weights(top_w, top_i, expert_scale)
     K, E = top_i.shape[1], gate_up_exps.shape[0]
     order = torch.argsort(top_i.flatten(), stable=True)  # [N*K]
     rows = order // K
@@ -251,19 +277,10 @@ class DiffusionGemma:
         probs = torch.softmax(linear(r, lw.router), dim=-1, dtype=torch.float32)  # [N, E]
         top_w, top_i = torch.topk(probs, k=cfg.n_expert_used, dim=-1)  # [N, K]
         x = normed * lw.pre_ffw_norm_2.to(normed.dtype)  # [N, D]
-        E, Fe, N = cfg.n_expert, cfg.n_ff_exp, flat.shape[0]
-        if isinstance(lw.gate_up_exps, torch.Tensor) and 6 * N * E * Fe * cfg.n_embd <= DENSE_MOE_MAX_FLOP:
-            # every expert on every token: expert e's hidden units weighted by its routing weight (0 when not
-            # chosen), then one GEMM over all experts' hidden units sums the weighted outputs
-            routed = torch.zeros_like(probs).scatter_(1, top_i, top_w)  # [N, E]
-            routed = routed * (lw.expert_scale / top_w.sum(dim=-1, keepdim=True))
+        if isinstance(lw.gate_up_exps, torch.Tensor) and dense_moe(cfg, flat.shape[0]):
             gate_up, down = lw.dense_moe_weights()
-            gate, up = linear(x, gate_up).view(N, E, 2, Fe).unbind(2)  # [N, E, Fe] each
-            hidden = F.gelu(gate, approximate="tanh") * up * routed.to(x.dtype)[:, :, None]  # [N, E, Fe]
-            return linear(hidden.view(N, E * Fe), down).view_as(h)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        top_w = top_w * lw.expert_scale[top_i]
-        return grouped_experts(x, top_w, top_i, lw.gate_up_exps, lw.down_exps).view_as(h)
+            return dense_experts(linear(x, gate_up), top_w, top_i, lw.expert_scale, down).view_as(h)
+        return grouped_experts(x, top_w, top_i, lw.expert_scale, lw.gate_up_exps, lw.down_exps).view_as(h)
 
     def layer(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, *,
               encoder: bool):
@@ -280,13 +297,15 @@ class DiffusionGemma:
         return self.w.embed[tokens] * torch.tensor(self.cfg.embed_scale, dtype=self.w.embed.dtype)  # [B, L, D]
 
     @torch.inference_mode()
-    def encode(self, tokens: torch.Tensor, cache: KVCache) -> None:
-        """tokens: [B, L] at positions cache.length.. ; fills the cache."""
+    def encode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens: [B, L] at positions cache.length.. ; fills the cache. Returns the last layer's output
+        [B, L, D] (`head` of it: the causal next-token logits, for diagnostics)."""
         rope = self.rope(cache.length, tokens.shape[1], tokens.device)
         x = self.embed(tokens)
         for i in range(self.cfg.n_layer):
             x = self.layer(i, x, rope[i], cache, encoder=True)
         cache.length += tokens.shape[1]
+        return x
 
     def self_conditioning(self, x: torch.Tensor, sc_probs: torch.Tensor | None) -> torch.Tensor:
         """Decoder input: weightless RMSNorm(embedding + MLP(RMSNorm(sc_probs @ E · √D))), where sc_probs is
@@ -307,8 +326,12 @@ class DiffusionGemma:
         x = self.self_conditioning(self.embed(canvas), sc_probs)
         for i in range(self.cfg.n_layer):
             x = self.layer(i, x, rope[i], cache, encoder=False)
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Softcapped float32 logits [B, L, V] of the last layer's output x [B, L, D] (tied embedding)."""
         x = rms_norm(x, self.w.output_norm, self.cfg.rms_eps)
-        logits = linear(x, self.w.head if self.w.head is not None else self.w.embed).float()  # [B, C, V]
+        logits = linear(x, self.w.head if self.w.head is not None else self.w.embed).float()  # [B, L, V]
         if self.cfg.softcap:
             logits = torch.tanh(logits / self.cfg.softcap) * self.cfg.softcap
         return logits

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train.data import read_fortunes, split, subset, words  # noqa: E402
 
 from dgemma.plugin.engine import Engine, GenerateOptions, TextEvent  # noqa: E402
-from dgemma.plugin.model import KVCache, rms_norm  # noqa: E402
+from dgemma.plugin.model import KVCache  # noqa: E402
 
 PROMPTS = ("Once upon a time", "Tell me a fortune.", "Why is the sky blue?", "A fool", "Never")
 
@@ -52,14 +52,9 @@ def readability(engine: Engine, texts: list[str]) -> None:
 
 
 def encoder_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
+    """The causal encoder's next-token logits [T, V] over ids (a fresh cache)."""
     m = engine.model
-    cache, x = KVCache(), m.embed(torch.tensor([ids]))
-    rope = m.rope(0, len(ids), x.device)
-    with torch.inference_mode():
-        for i in range(m.cfg.n_layer):
-            x = m.layer(i, x, rope[i], cache, encoder=True)
-        logits = F.linear(rms_norm(x, m.w.output_norm, m.cfg.rms_eps), m.w.embed)[0]  # [T, V]
-    return torch.tanh(logits / m.cfg.softcap) * m.cfg.softcap if m.cfg.softcap else logits
+    return m.head(m.encode(torch.tensor([ids]), KVCache()))[0]
 
 
 def canvas_cross_entropy(engine: Engine, texts: list[str], label: str, n: int = 120) -> None:

@@ -118,10 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     train_f, held_f, tok_dir = prepare(work, cfg.max_chars, cfg.max_fortunes)
     tok = tokenizer.load(tok_dir)
-    answers = data.subset(train_f, cfg.generic_answers) if cfg.generic_answers else train_f
-    keep = {id(f) for f in answers}
+    answers = set(data.subset(train_f, cfg.generic_answers))  # all of them when generic_answers is 0
     train_eps = Episodes([f.text for f in train_f], tok, canvas=SPEC.canvas_length, blocks=cfg.blocks, p_chat=cfg.p_chat,
-                         p_generic=cfg.p_generic, answers=[i for i, f in enumerate(train_f) if id(f) in keep])
+                         p_generic=cfg.p_generic, answers=[i for i, f in enumerate(train_f) if f in answers])
     # held-out rows: the held-out fortunes only (no requests answered from the training set)
     held_eps = Episodes([f.text for f in held_f], tok, canvas=SPEC.canvas_length, blocks=cfg.blocks, p_chat=cfg.p_chat)
     held = HeldOut(held_eps, cfg.eval_rows, EVAL_SEED, cfg.variant)

@@ -34,12 +34,17 @@ def test_subset_is_deterministic_and_independent_of_order():
     assert data.subset(fortunes, 0) == fortunes and data.subset(fortunes, 999) == fortunes
 
 
-def test_without_requests_rows_do_not_depend_on_the_new_options(tok):
-    """p_generic = 0 draws no extra random numbers: the rows are those of the shipped run."""
-    plain = Episodes(TEXTS, tok, canvas=8, blocks=4)
-    again = Episodes(TEXTS, tok, canvas=8, blocks=4, p_generic=0.0, answers=[0, 1])
-    r1, r2 = random.Random(5), random.Random(5)
-    assert [plain.row(r1) for _ in range(20)] == [again.row(r2) for _ in range(20)]
+def test_without_requests_no_extra_random_numbers_are_drawn(tok):
+    """p_generic = 0 draws nothing for requests, so the rows are those of the shipped run (run 4, before
+    requests existed): a p_generic so small that no request is ever made, but whose draw is taken, gives
+    other rows; `answers` changes nothing without requests."""
+    def rows(eps: Episodes) -> list:
+        rng = random.Random(5)
+        return [eps.row(rng) for _ in range(20)]
+
+    plain = rows(Episodes(TEXTS, tok, canvas=8, blocks=4))
+    assert rows(Episodes(TEXTS, tok, canvas=8, blocks=4, p_generic=0.0, answers=[0, 1])) == plain
+    assert rows(Episodes(TEXTS, tok, canvas=8, blocks=4, p_generic=1e-300)) != plain
 
 
 def test_requests_are_answered_with_a_whole_fortune_from_the_answers(tok):

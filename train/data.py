@@ -120,8 +120,9 @@ def subset(fortunes: list[Fortune], n: int) -> list[Fortune]:
     order; deterministic and independent of file order, like the hold-out."""
     if n <= 0 or n >= len(fortunes):
         return fortunes
-    keep = set(sorted(hashlib.sha1(f.text.encode()).hexdigest() for f in fortunes)[:n])
-    return [f for f in fortunes if hashlib.sha1(f.text.encode()).hexdigest() in keep]
+    digests = [hashlib.sha1(f.text.encode()).hexdigest() for f in fortunes]
+    keep = set(sorted(range(len(fortunes)), key=digests.__getitem__)[:n])
+    return [f for i, f in enumerate(fortunes) if i in keep]
 
 
 # ---- words: what tests/test_default_model.py counts as "a real word" -------------------------------

@@ -8,6 +8,11 @@
 
 #include "../head.cuh"
 
+struct Splits {  // the partials of one position, by split (head_merge reads them from global memory)
+    const dg::HeadPartial * p;
+    DG_HD dg::HeadPartial operator()(int s) const { return p[s]; }
+};
+
 int main(int argc, char ** argv) {
     if (argc != 8) {
         std::fprintf(stderr, "usage: %s GGML_TYPE L D V SPLITS SOFTCAP TEMPERATURE < h,E > stats\n", argv[0]);
@@ -55,13 +60,7 @@ int main(int argc, char ** argv) {
                 for (int d = 0; d < D; ++d) a[d] = a[d] * scale + w * e[d];
             }
         }
-        dg::HeadPartial m = dg::head_empty();  // head_merge
-        for (int s = 0; s < S; ++s) {
-            float fa, fb;
-            dg::head_merge(m, part[s], fa, fb);
-            for (int r = 0; r < s; ++r) factor[r] *= fa;
-            factor[s] = fb;
-        }
+        const dg::HeadPartial m = dg::head_merge_splits(Splits{part.data()}, S, factor.data());  // as head_merge
         mx[l] = m.m, arg[l] = m.arg, lse[l] = dg::head_lse(m), ent[l] = dg::head_entropy(m);
         for (int d = 0; d < D; ++d) {
             float sum = 0.0f;

@@ -43,12 +43,17 @@ class _Partial:
         return _Partial(m, self.s * a + o.s * b, self.t * a + o.t * b, self.acc * a[:, None] + o.acc * b[:, None], arg)
 
 
-def _tile(h: torch.Tensor, e: torch.Tensor, offset: int, softcap: float, temperature: float) -> _Partial:
-    """One vocabulary tile: h [L, D], e [n, D] rows offset..offset+n-1 of the embedding."""
-    z = h @ e.T  # [L, n]
+def _processed(h: torch.Tensor, e: torch.Tensor, softcap: float, temperature: float) -> torch.Tensor:
+    """softcap(h · e_v) / T for the rows of e: [L, n]."""
+    z = h @ e.T
     if softcap:
         z = torch.tanh(z / softcap) * softcap
-    z = z / temperature
+    return z / temperature
+
+
+def _tile(h: torch.Tensor, e: torch.Tensor, offset: int, softcap: float, temperature: float) -> _Partial:
+    """One vocabulary tile: h [L, D], e [n, D] rows offset..offset+n-1 of the embedding."""
+    z = _processed(h, e, softcap, temperature)  # [L, n]
     m, arg = z.max(dim=-1)
     w = torch.exp(z - m[:, None])  # [L, n]
     return _Partial(m, w.sum(-1), (w * z).sum(-1), w @ e, arg + offset)
@@ -73,10 +78,7 @@ def head_stats_reference(h: torch.Tensor, embed: torch.Tensor, softcap: float, t
     """The plain computation on the full [L, V] logits, with the sampler's own entropy."""
     from ..sampler import token_entropy
 
-    z = h @ embed.T
-    if softcap:
-        z = torch.tanh(z / softcap) * softcap
-    z = z / temperature  # [L, V]
+    z = _processed(h, embed, softcap, temperature)  # [L, V]
     m, arg = z.max(dim=-1)
     p = torch.softmax(z, dim=-1)
     return HeadStats(m, arg, torch.logsumexp(z, dim=-1), token_entropy(z[None])[0], p @ embed)

@@ -28,11 +28,18 @@ def _cupy(t: torch.Tensor):
     return cupy.from_dlpack(t)
 
 
-def _launch(fn, grid, block, args) -> None:
+def _launch(fn, grid, block, args, shared_mem: int = 0) -> None:
     import cupy
 
     with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-        fn(grid, block, args)
+        fn(grid, block, args, shared_mem=shared_mem)
+
+
+def _dequantized(w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """GGML rows [N, row_bytes] -> float64 [N, k] on the CPU (dgemma.quant): the references' weights."""
+    from dgemma import quant
+
+    return torch.from_numpy(quant.dequantize(w.cpu().numpy(), qtype).reshape(w.shape[0], k)).double()
 
 
 def row_bytes(qtype: GGMLQuantizationType, k: int) -> int:
@@ -69,10 +76,7 @@ def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: in
 
 def qmatmul_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     """Dequantize on the CPU with dgemma.quant, multiply in float64."""
-    from dgemma import quant
-
-    wf = quant.dequantize(w.cpu().numpy(), qtype).reshape(w.shape[0], k)
-    return (x.double().cpu() @ torch.from_numpy(wf).double().T).float()
+    return (x.double().cpu() @ _dequantized(w, qtype, k).T).float()
 
 
 def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, fresh: torch.Tensor, bound: float):
@@ -138,9 +142,9 @@ def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType
                     torch.empty(L, device=dev), torch.empty(L, D, device=dev))
     f32 = np.float32
     part = kernel("head.cu", f"dg::head_partials<{int(qtype)}>", _HEAD_NAMES)
-    _launch_shared(part, (S, (L + HEAD_L - 1) // HEAD_L), (HEAD_THREADS,), D * 4,
-                   (_cupy(h), np.int32(L), np.int32(D), _cupy(embed), np.int32(V), np.int32(rows), f32(softcap),
-                    f32(1.0 / temperature), _cupy(mst), _cupy(arg), _cupy(acc)))
+    _launch(part, (S, (L + HEAD_L - 1) // HEAD_L), (HEAD_THREADS,),
+            (_cupy(h), np.int32(L), np.int32(D), _cupy(embed), np.int32(V), np.int32(rows), f32(softcap),
+             f32(1.0 / temperature), _cupy(mst), _cupy(arg), _cupy(acc)), shared_mem=D * 4)
     merge = kernel("head.cu", "head_merge", _HEAD_NAMES)
     _launch(merge, (L,), (HEAD_THREADS,), (_cupy(mst), _cupy(arg), _cupy(acc), np.int32(S), np.int32(L), np.int32(D),
                                            _cupy(out.max), _cupy(out.argmax), _cupy(out.lse), _cupy(out.entropy),
@@ -152,17 +156,6 @@ def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType
 def head_stats_reference(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float,
                          temperature: float):
     """Dequantize the head on the CPU and compute the statistics on the full logits in float64."""
-    from dgemma import quant
-
     from .head_ref import head_stats_reference as full
 
-    D = h.shape[1]
-    e = torch.from_numpy(quant.dequantize(embed.cpu().numpy(), qtype).reshape(embed.shape[0], D)).double()
-    return full(h.double().cpu(), e, softcap, temperature)
-
-
-def _launch_shared(fn, grid, block, shared_bytes: int, args) -> None:
-    import cupy
-
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-        fn(grid, block, args, shared_mem=shared_bytes)
+    return full(h.double().cpu(), _dequantized(embed, qtype, h.shape[1]), softcap, temperature)
