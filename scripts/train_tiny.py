@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ MODELS = REPO / "plugin" / "models"
 SPEC = objective.ModelSpec(
     vocab_size=4096, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
     num_global_key_value_heads=1, head_dim=64, global_head_dim=128, num_experts=8, top_k_experts=2,
-    moe_intermediate_size=256, sliding_window=128, canvas_length=8,
+    moe_intermediate_size=256, sliding_window=128,  # canvas_length: TrainConfig.canvas (--canvas)
     layer_types=("sliding_attention", "sliding_attention", "sliding_attention", "full_attention"),
 )
 SAMPLER = dict(max_denoising_steps=12, t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.005,
@@ -72,21 +72,21 @@ def prepare(work: Path, max_chars: int = 0, max_fortunes: int = 0) -> tuple[list
     return train_f, held_f, tok_dir
 
 
-def generation_config() -> dict:
+def generation_config(spec: objective.ModelSpec) -> dict:
     s = SAMPLER
-    return {"max_new_tokens": SPEC.canvas_length, "max_denoising_steps": s["max_denoising_steps"], "t_min": s["t_min"],
+    return {"max_new_tokens": spec.canvas_length, "max_denoising_steps": s["max_denoising_steps"], "t_min": s["t_min"],
             "t_max": s["t_max"], "stability_threshold": s["stability_threshold"],
             "confidence_threshold": s["confidence_threshold"],
             "sampler_config": {"entropy_bound": s["entropy_bound"], "_cls_name": "EntropyBoundSamplerConfig"},
             "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
 
 
-def export(model, tok_dir: Path, work: Path, summary: dict, train_texts: list[str]) -> Path:
+def export(model, spec: objective.ModelSpec, tok_dir: Path, work: Path, summary: dict, train_texts: list[str]) -> Path:
     ckpt = work / "hf"
     if ckpt.exists():
         shutil.rmtree(ckpt)
     model.save_pretrained(ckpt)
-    (ckpt / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
+    (ckpt / "generation_config.json").write_text(json.dumps(generation_config(spec), indent=2) + "\n")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tok_dir / name, ckpt / name)
     MODELS.mkdir(parents=True, exist_ok=True)
@@ -113,21 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     torch.set_num_threads(cfg.threads)
+    spec = replace(SPEC, canvas_length=cfg.canvas)
     t0 = time.time()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     train_f, held_f, tok_dir = prepare(work, cfg.max_chars, cfg.max_fortunes)
     tok = tokenizer.load(tok_dir)
     answers = set(data.subset(train_f, cfg.generic_answers))  # all of them when generic_answers is 0
-    train_eps = Episodes([f.text for f in train_f], tok, canvas=SPEC.canvas_length, blocks=cfg.blocks, p_chat=cfg.p_chat,
+    train_eps = Episodes([f.text for f in train_f], tok, canvas=spec.canvas_length, blocks=cfg.blocks, p_chat=cfg.p_chat,
                          p_generic=cfg.p_generic, answers=[i for i, f in enumerate(train_f) if f in answers])
     # held-out rows: the held-out fortunes only (no requests answered from the training set)
-    held_eps = Episodes([f.text for f in held_f], tok, canvas=SPEC.canvas_length, blocks=cfg.blocks, p_chat=cfg.p_chat)
+    held_eps = Episodes([f.text for f in held_f], tok, canvas=spec.canvas_length, blocks=cfg.blocks, p_chat=cfg.p_chat)
     held = HeldOut(held_eps, cfg.eval_rows, EVAL_SEED, cfg.variant)
-    model = objective.make_model(SPEC, cfg.seed, qk_norm_init=bool(cfg.qk_norm_init))
+    model = objective.make_model(spec, cfg.seed, qk_norm_init=bool(cfg.qk_norm_init))
     model.config.text_config._experts_implementation = "eager"
     n_params = objective.text_parameter_count(model)
-    log(f"model: {n_params / 1e6:.2f} M text parameters, {len(SPEC.layer_types)} layers, vocab {SPEC.vocab_size}")
+    log(f"model: {n_params / 1e6:.2f} M text parameters, {len(spec.layer_types)} layers, vocab {spec.vocab_size}, canvas {spec.canvas_length}")
 
     run_file = work / "run.json"  # how the checkpoint was made, for --export-only
     if args.export_only:
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": run.get("command", "python scripts/train_tiny.py").strip(),
         "data": {"packages": list(data.PACKAGES), "fortunes": len(train_f) + len(held_f), "train": len(train_f),
                  "heldout": len(held_f), "train_tokens": sum(len(i) for i in train_eps.ids)},
-        "model": {**asdict(SPEC), "text_parameters": n_params},
+        "model": {**asdict(spec), "text_parameters": n_params},
         "train": {**asdict(cfg), "steps": history.get("steps"), "wall_min": round(history.get("wall_s", 0) / 60, 1)},
         "sampler": SAMPLER,
         "heldout_loss": {
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_loss_curve": [[h["step"], round(h["diffusion_ema"], 4)] for h in history["train"]][::5],
         "total_wall_min": run.get("total_wall_min"),  # data + tokenizer + training, before the export
     }
-    export(model, tok_dir, work, summary, [f.text for f in train_f])
+    export(model, spec, tok_dir, work, summary, [f.text for f in train_f])
     return 0
 
 

@@ -33,6 +33,7 @@ EVAL_T = (0.1, 0.3, 0.5, 0.7, 0.9)
 class TrainConfig:
     seed: int = 1
     batch: int = 12  # rows per step
+    canvas: int = 8  # tokens per canvas (the model's canvas_length; docs/DEFAULT_MODEL.md: why so few)
     blocks: int = 16  # canvases per row
     steps: int = 0  # 0: sized from the measured speed to fit budget_min
     budget_min: float = 52.0  # wall-clock minutes for the training loop (evaluations included)

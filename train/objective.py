@@ -189,9 +189,11 @@ class StepOut:
 def forward(model, x: torch.Tensor, offsets: torch.Tensor, n_blocks: int, gen: torch.Generator, *,
             t: torch.Tensor | None = None, sc_prob: float = 0.5, sc: torch.Tensor | None = None,
             encoder_ar_weight: float = 0.0, balance_weight: float = 0.0, router: Router | None = None,
-            variant: str = "loo") -> StepOut:
+            variant: str = "loo", merged: bool = True) -> StepOut:
     """x: [B, T] clean windows; offsets: [B] first canvas start per row (T >= offset + n_blocks*C).
-    t / sc (optional, [B*n]): fixed noise levels / self-conditioning choices (evaluation)."""
+    t / sc (optional, [B*n]): fixed noise levels / self-conditioning choices (evaluation).
+    merged: run the decoder on one row per window (`_merged_decoder`, the fast form) instead of one row
+    per canvas (`_canvas_decoder`, the plain one); the same function of the same draws."""
     from transformers import DynamicCache
 
     cfg = model.config.text_config
@@ -208,38 +210,22 @@ def forward(model, x: torch.Tensor, offsets: torch.Tensor, n_blocks: int, gen: t
     cache = DynamicCache()
     enc_out = enc(input_ids=x, attention_mask=encoder_masks(T, W), position_ids=torch.arange(T)[None].expand(B, -1),
                   past_key_values=cache, use_cache=True)
-    # one decoder row per canvas: repeat each window's cache n_blocks times
-    dec_cache = DynamicCache()
-    for i, layer in enumerate(cache.layers):
-        dec_cache.update(layer.keys.repeat_interleave(n_blocks, 0), layer.values.repeat_interleave(n_blocks, 0), i)
 
     if t is None:
         t = torch.empty(R).uniform_(NOISE_EPS, 1 - NOISE_EPS, generator=gen)
     xt = corrupt(x0, t, V, gen)
     if sc is None:
         sc = torch.rand(R, generator=gen) < sc_prob
-    masks = decoder_masks(starts, T, C, W)
-    positions = starts[:, None] + torch.arange(C)[None, :]
-
-    def decode(rows_sel, sc_logits, sc_mask):
-        sub = dec_cache if rows_sel is None else _select(dec_cache, rows_sel)
-        pick = (lambda a: a) if rows_sel is None else (lambda a: a[rows_sel])
-        h = model.model.decoder(decoder_input_ids=pick(xt), past_key_values=sub, self_conditioning_logits=sc_logits,
-                                self_conditioning_mask=sc_mask,
-                                decoder_attention_mask={k: pick(v) for k, v in masks.items()},
-                                decoder_position_ids=pick(positions)).last_hidden_state
-        logits = model.lm_head(h).float()
-        cap = model.final_logit_softcapping
-        return torch.tanh(logits / cap) * cap
-
+    decode = _merged_decoder(model, cache, starts, B, n_blocks, T, C, W) if merged else \
+        _canvas_decoder(model, cache, starts, n_blocks, T, C, W)
     sc_logits = None
     if bool(sc.any()):
         sel = sc.nonzero().squeeze(1)
         with torch.no_grad():
-            first = decode(sel, None, None)  # [n_sc, C, V], softcapped like the model's output
+            first = decode(xt, sel, None, None)  # [n_sc, C, V], softcapped like the model's output
         sc_logits = torch.zeros(R, C, V)
         sc_logits[sel] = first / sc_temperature(t[sel])[:, None, None]
-    logits = decode(None, sc_logits, sc if sc_logits is not None else None)
+    logits = decode(xt, None, sc_logits, sc if sc_logits is not None else None)
     raw_ce = F.cross_entropy(logits.reshape(-1, V), x0.reshape(-1), reduction="none").view(R, C).mean(1)
     if variant == "loo":
         logits = loo_to_denoiser(logits, xt, t, V)
@@ -250,8 +236,7 @@ def forward(model, x: torch.Tensor, offsets: torch.Tensor, n_blocks: int, gen: t
     loss = diffusion
     encoder_ar = torch.zeros(())
     if encoder_ar_weight > 0:
-        h = enc_out.last_hidden_state[:, :-1]
-        logits_ar = torch.tanh(model.lm_head(h).float() / model.final_logit_softcapping) * model.final_logit_softcapping
+        logits_ar = _softcapped_logits(model, enc_out.last_hidden_state[:, :-1])
         encoder_ar = F.cross_entropy(logits_ar.reshape(-1, V), x[:, 1:].reshape(-1))
         loss = loss + encoder_ar_weight * encoder_ar
     balance = torch.zeros(())
@@ -261,6 +246,86 @@ def forward(model, x: torch.Tensor, offsets: torch.Tensor, n_blocks: int, gen: t
         if balance_weight > 0:
             loss = loss + balance_weight * balance
     return StepOut(loss, diffusion, ce.detach(), encoder_ar.detach(), balance.detach(), raw_ce.mean().detach())
+
+
+def _softcapped_logits(model, h: torch.Tensor) -> torch.Tensor:
+    cap = model.final_logit_softcapping
+    return torch.tanh(model.lm_head(h).float() / cap) * cap
+
+
+def _canvas_decoder(model, cache, starts: torch.Tensor, n_blocks: int, T: int, C: int, W: int):
+    """The plain form: every canvas its own decoder row, with its window's cache repeated n_blocks times.
+    Returns decode(xt [R, C], rows or None, sc_logits, sc_mask) -> softcapped logits [rows, C, V]."""
+    from transformers import DynamicCache
+
+    dec_cache = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        dec_cache.update(layer.keys.repeat_interleave(n_blocks, 0), layer.values.repeat_interleave(n_blocks, 0), i)
+    masks = decoder_masks(starts, T, C, W)
+    positions = starts[:, None] + torch.arange(C)[None, :]  # [R, C]
+
+    def decode(xt, rows_sel, sc_logits, sc_mask):
+        sub = dec_cache if rows_sel is None else _select(dec_cache, rows_sel)
+        pick = (lambda a: a) if rows_sel is None else (lambda a: a[rows_sel])
+        h = model.model.decoder(decoder_input_ids=pick(xt), past_key_values=sub, self_conditioning_logits=sc_logits,
+                                self_conditioning_mask=sc_mask,
+                                decoder_attention_mask={k: pick(v) for k, v in masks.items()},
+                                decoder_position_ids=pick(positions)).last_hidden_state
+        return _softcapped_logits(model, h)
+
+    return decode
+
+
+def merged_decoder_masks(starts: torch.Tensor, T: int, C: int, window: int) -> dict[str, torch.Tensor]:
+    """starts: [B, n] canvas starts. One decoder row per window holding its n canvases one after the other
+    ([B, n*C] queries): canvas b sees what `decoder_masks` shows it (the cache before s_b) and itself,
+    never the other canvases. Keys: the T clean positions, then the n*C canvas ones."""
+    B, n = starts.shape
+    s = starts.repeat_interleave(C, dim=1)[:, :, None]  # [B, n*C, 1] each query's canvas start
+    k = torch.arange(T)[None, None, :]  # [1, 1, T]
+    full = k < s  # [B, n*C, T]
+    sliding = full & (k >= s - (window - 1))
+    block = torch.arange(n).repeat_interleave(C)
+    own = (block[:, None] == block[None, :])[None].expand(B, -1, -1)  # [B, n*C, n*C]
+    return {name: torch.cat([cached, own], dim=2)[:, None] for name, cached in
+            (("full_attention", full), ("sliding_attention", sliding))}  # [B, 1, n*C, T+n*C]
+
+
+def _merged_decoder(model, cache, starts: torch.Tensor, B: int, n: int, T: int, C: int, W: int):
+    """The fast form of `_canvas_decoder`: one decoder row per window, its n canvases side by side under a
+    block mask, reading the window's cache once (no n-fold copy). Self-conditioning is chosen per canvas:
+    transformers' mask is per row, so the signal of the canvases without it is zeroed by a forward
+    pre-hook on the self-conditioning module (what a None signal gives: zeros)."""
+    masks = merged_decoder_masks(starts.view(B, n), T, C, W)
+    positions = starts.view(B, n).repeat_interleave(C, dim=1) + torch.arange(C).repeat(n)[None]  # [B, n*C]
+    sc_module = model.model.decoder.self_conditioning
+
+    def decode(xt, rows_sel, sc_logits, sc_mask):
+        # rows_sel (canvases) -> the windows holding them; all their canvases are decoded, the rest dropped
+        wins = torch.arange(B) if rows_sel is None else torch.unique(rows_sel // n)
+        sub = cache if rows_sel is None else _select(cache, wins)
+        ids = xt.view(B, n * C)[wins]
+        sc_in, keep = None, None
+        if sc_logits is not None:
+            sc_in = sc_logits.view(B, n * C, -1)[wins]
+            keep = sc_mask.view(B, n)[wins].repeat_interleave(C, dim=1)[..., None]  # [b, n*C, 1]
+        hook = sc_module.register_forward_pre_hook(
+            lambda mod, args: (args[0], args[1] * keep.to(args[1].dtype))) if keep is not None else None
+        try:
+            h = model.model.decoder(decoder_input_ids=ids, past_key_values=sub, self_conditioning_logits=sc_in,
+                                    decoder_attention_mask={k: v[wins] for k, v in masks.items()},
+                                    decoder_position_ids=positions[wins]).last_hidden_state
+        finally:
+            if hook is not None:
+                hook.remove()
+        logits = _softcapped_logits(model, h).view(len(wins) * n, C, -1)  # [b*n, C, V]
+        if rows_sel is None:
+            return logits
+        local = (wins[:, None] * n + torch.arange(n)[None]).reshape(-1)  # canvases decoded, in order
+        pos = torch.searchsorted(local, rows_sel)
+        return logits[pos]
+
+    return decode
 
 
 def loo_delta(t: torch.Tensor, vocab_size: int) -> torch.Tensor:
