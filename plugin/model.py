@@ -85,11 +85,13 @@ def grouped_experts(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, e
     per expert used, weighted by routing_weights. x: [N, D]; top_w, top_i: [N, K] (router top-k);
     gate_up_exps: [E, 2Fe, D] (gate half first); down_exps: [E, D, Fe]. Returns [N, D]."""
     top_w = routing_weights(top_w, top_i, expert_scale)
-    K, E = top_i.shape[1], gate_up_exps.shape[0]
+    K, E = top_i.shape[1], expert_scale.shape[0]
     order = torch.argsort(top_i.flatten(), stable=True)  # [N*K]
     rows = order // K
     weights = top_w.flatten()[order]
     counts = torch.bincount(top_i.flatten(), minlength=E).tolist()
+    if hasattr(gate_up_exps, "grouped"):  # a backend's expert weights that run every expert in one launch
+        return gate_up_exps.grouped(x, rows, weights, counts, down_exps)
     out = torch.zeros_like(x)
     start = 0
     for e, n in enumerate(counts):

@@ -119,3 +119,17 @@ def test_head_harness_refuses_bad_input(head_harness):
     proc = subprocess.run([str(head_harness), str(int(Q.Q4_K)), "1", "100", "4", "1", "0", "1"], input=b"",
                           capture_output=True, timeout=60)
     assert proc.returncode == 2 and b"multiple of 256" in proc.stderr
+
+
+def test_expert_tiles_cover_every_pair_once():
+    from dgemma.plugin.cuda.ops import MM_TILE, expert_tiles
+
+    counts = [0, 17, 0, 1, 16, 33, 0]
+    offsets, tile_expert, tile_m0 = expert_tiles(counts)
+    assert offsets == [0, 0, 17, 17, 18, 34, 67, 67]
+    assert tile_expert == [1, 1, 3, 4, 5, 5, 5] and tile_m0 == [0, 16, 17, 18, 34, 50, 66]
+    covered = [m for e, m0 in zip(tile_expert, tile_m0) for m in range(m0, min(m0 + MM_TILE, offsets[e + 1]))]
+    assert covered == list(range(sum(counts)))
+    assert expert_tiles([0, 0]) == ([0, 0, 0], [], [])
+    with pytest.raises(ValueError, match="expert 1 has a negative count"):
+        expert_tiles([3, -1])

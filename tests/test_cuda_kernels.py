@@ -52,6 +52,40 @@ def test_qmatmul_matches_dequant_reference(ops, qtype, m, n, k):
     assert y.shape == (m, n) and float(err.max()) < 1e-5  # float32 accumulation over K terms
 
 
+MOE_COUNTS = [[5], [0, 17, 0, 1, 16, 33], [0, 0, 0], [300, 0, 1]]
+
+
+@pytest.mark.parametrize("qtype,n,k", [(Q.Q8_0, 33, 96), (Q.Q4_K, 17, 512), (Q.Q6_K, 40, 768), (Q.Q2_K, 16, 256),
+                                       (Q.Q3_K, 31, 256), (Q.Q5_K, 7, 512), (Q.F16, 9, 64)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+@pytest.mark.parametrize("counts", MOE_COUNTS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "grouped"])
+def test_moe_qmatmul_matches_expert_by_expert(ops, qtype, n, k, counts, gathered):
+    rng = np.random.default_rng(len(counts) * 31 + n + k)
+    E, P = len(counts), sum(counts)
+    w = (rng.standard_normal((E * n, k)) * 0.05).astype(np.float32)
+    wq = torch.from_numpy(quant.quantize(w, qtype).reshape(E, n, -1)).cuda()
+    tokens = max(1, P // 2)
+    x = torch.from_numpy(rng.standard_normal((tokens if gathered else P, k)).astype(np.float32)).cuda()
+    rows = torch.from_numpy(rng.integers(0, tokens, P).astype(np.int32)).cuda() if gathered else None
+    y = ops.moe_qmatmul(x, rows, counts, wq, qtype, k)
+    ref = ops.moe_qmatmul_reference(x, rows, counts, wq, qtype, k)
+    assert y.shape == (P, n)
+    if P:
+        assert float((y.cpu().double() - ref.double()).abs().max()) < 1e-4 * k ** 0.5
+
+
+def test_moe_qmatmul_rejects_bad_input(ops):
+    w = torch.zeros(3, 4, 34, dtype=torch.uint8, device="cuda")  # Q8_0 rows of 32
+    x = torch.zeros(5, 32, device="cuda")
+    with pytest.raises(ValueError, match="3 experts"):
+        ops.moe_qmatmul(x, None, [5], w, Q.Q8_0, 32)
+    with pytest.raises(ValueError, match="rows must be int32"):
+        ops.moe_qmatmul(x, torch.zeros(5, dtype=torch.int64, device="cuda"), [1, 2, 2], w, Q.Q8_0, 32)
+    with pytest.raises(ValueError, match="x has 5 rows for 4"):
+        ops.moe_qmatmul(x, None, [1, 2, 1], w, Q.Q8_0, 32)
+
+
 def test_qmatmul_rejects_bad_shapes(ops):
     x = torch.zeros(4, 100, device="cuda")
     with pytest.raises(ValueError, match="not a multiple"):

@@ -18,6 +18,7 @@ SUPPORTED = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizatio
              GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K,
              GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
 _QMATMUL_NAMES = tuple(f"dg::qmatmul<{int(t)}>" for t in SUPPORTED)
+_MOE_NAMES = tuple(f"dg::moe_qmatmul<{int(t)}>" for t in SUPPORTED)
 _HEAD_NAMES = tuple(f"dg::head_partials<{int(t)}>" for t in SUPPORTED)
 HEAD_L, HEAD_THREADS, HEAD_MAX_D, HEAD_MAX_SPLITS = 4, 256, 4096, 1024  # csrc/head.cu
 
@@ -77,6 +78,71 @@ def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: in
 def qmatmul_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     """Dequantize on the CPU with dgemma.quant, multiply in float64."""
     return (x.double().cpu() @ _dequantized(w, qtype, k).T).float()
+
+
+def expert_tiles(counts: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Pairs per expert -> (offsets [E+1], tile_expert, tile_m0): the M tiles of csrc/moe.cu, every expert's
+    MM_TILE-row tiles back to back (none for an expert without pairs)."""
+    offsets, tile_expert, tile_m0 = [0], [], []
+    for e, n in enumerate(counts):
+        if n < 0:
+            raise ValueError(f"expert_tiles: expert {e} has a negative count ({n})")
+        for m0 in range(offsets[-1], offsets[-1] + n, MM_TILE):
+            tile_expert.append(e)
+            tile_m0.append(m0)
+        offsets.append(offsets[-1] + n)
+    return offsets, tile_expert, tile_m0
+
+
+def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, counts: list[int], w: torch.Tensor,
+                qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """The grouped expert GEMM (csrc/moe.cu). Pairs are grouped by expert, counts[e] of them for expert e;
+    pair m reads x[rows[m]] (rows: int32 [P]) or x[m] (rows None) and multiplies it by its expert's
+    matrix: w is [E, N, row_bytes] uint8 in GGML type `qtype` for rows of k. Returns [P, N] float32."""
+    import numpy as np
+
+    qtype = GGMLQuantizationType(qtype)
+    if qtype not in SUPPORTED:
+        raise ValueError(f"moe_qmatmul: GGML type {qtype.name} is not supported")
+    if not (x.is_cuda and w.is_cuda and x.device == w.device):
+        raise ValueError("moe_qmatmul: x and w must be CUDA tensors on the same device")
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"moe_qmatmul: x must be float32 [rows, {k}] with unit stride in K (got {x.dtype} {tuple(x.shape)})")
+    if w.dtype != torch.uint8 or w.dim() != 3 or w.shape[2] != row_bytes(qtype, k) or not w.is_contiguous():
+        raise ValueError(f"moe_qmatmul: w must be contiguous uint8 [E, N, {row_bytes(qtype, k)}] for {qtype.name} rows "
+                         f"of {k} (got {w.dtype} {tuple(w.shape)})")
+    E, n = w.shape[0], w.shape[1]
+    if len(counts) != E:
+        raise ValueError(f"moe_qmatmul: {len(counts)} expert counts for {E} experts")
+    offsets, tile_expert, tile_m0 = expert_tiles(counts)
+    P = offsets[-1]
+    if rows is None:
+        if x.shape[0] != P:
+            raise ValueError(f"moe_qmatmul: x has {x.shape[0]} rows for {P} grouped pairs")
+    elif rows.dtype != torch.int32 or rows.shape != (P,) or rows.device != x.device:
+        raise ValueError(f"moe_qmatmul: rows must be int32 [{P}] on x's device (got {rows.dtype} {tuple(rows.shape)})")
+    y = torch.empty(P, n, dtype=torch.float32, device=x.device)
+    if P == 0 or n == 0:
+        return y
+    dev = x.device
+    as_i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
+    off_t, te_t, tm_t = as_i32(offsets), as_i32(tile_expert), as_i32(tile_m0)
+    rows_t = rows.contiguous() if rows is not None else torch.arange(P, dtype=torch.int32, device=dev)
+    fn = kernel("moe.cu", f"dg::moe_qmatmul<{int(qtype)}>", _MOE_NAMES)
+    grid = ((n + MM_TILE - 1) // MM_TILE, len(tile_expert))
+    _launch(fn, grid, (MM_THREADS,), (_cupy(x), np.int32(x.stride(0)), _cupy(rows_t),
+                                      _cupy(off_t), _cupy(te_t), _cupy(tm_t), _cupy(w), np.int64(w.stride(0)), _cupy(y),
+                                      np.int32(n), np.int32(n), np.int32(k)))
+    return y
+
+
+def moe_qmatmul_reference(x: torch.Tensor, rows: torch.Tensor | None, counts: list[int], w: torch.Tensor,
+                          qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """Expert by expert: dequantize on the CPU, multiply its pairs' rows in float64."""
+    xs = x.double().cpu()[rows.long().cpu()] if rows is not None else x.double().cpu()
+    out = [xs[o: o + c] @ _dequantized(w[e], qtype, k).T for e, (o, c) in
+           enumerate(zip(expert_tiles(counts)[0], counts))]
+    return torch.cat(out).float() if out else torch.zeros(0, w.shape[1])
 
 
 def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, fresh: torch.Tensor, bound: float):

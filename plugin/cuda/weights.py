@@ -42,6 +42,19 @@ class QuantExperts:
     def __getitem__(self, e: int) -> QuantLinear:
         return QuantLinear(self.data[e], self.qtype, self.n, self.k, self.k_in)
 
+    def grouped(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, counts: list[int],
+                down: QuantExperts) -> torch.Tensor:
+        """model.grouped_experts on the GPU, self being gate_up: x [N, D]; rows [P] the token of each (token,
+        expert) pair grouped by expert, counts[e] pairs for expert e; weights [P] their routing weights.
+        Two csrc/moe.cu launches (gate_up, down) for all experts, then the weighted scatter. Returns [N, D]."""
+        h = ops.moe_qmatmul(x.float().contiguous(), rows.to(torch.int32), counts, self.data, self.qtype, self.k)
+        gate, up = h.chunk(2, dim=-1)  # [P, Fe] each
+        act = torch.nn.functional.gelu(gate, approximate="tanh") * up
+        if down.k_in is not None and down.k_in != down.k:  # --pad-experts: zero columns
+            act = torch.nn.functional.pad(act, (0, down.k - down.k_in))
+        y = ops.moe_qmatmul(act.contiguous(), None, counts, down.data, down.qtype, down.k)  # [P, D]
+        return torch.zeros_like(x).index_add_(0, rows, y * weights[:, None].to(y.dtype))
+
 
 def _raw(t: ReaderTensor, device: str) -> torch.Tensor:
     data = np.ascontiguousarray(t.data).view(np.uint8)

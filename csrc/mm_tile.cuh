@@ -1,0 +1,61 @@
+// One 16 x 16 tile of Y = X W^T with W rows in a GGML block format, dequantized on the fly: the body of
+// qmatmul.cu (dense) and moe.cu (experts, rows gathered by expert).
+//
+// For each 256-wide slice of K the block dequantizes the tile's 16 weight rows into shared memory (one
+// GGML block per thread), stages 16 rows of X, and every thread accumulates one output. Correctness
+// first: plain float FMAs, no tensor cores yet; the tensor-core (int8 MMA / f16) variants are measured
+// against it on a GPU (issue 5). K is a multiple of the type's block size (32 or 256).
+#pragma once
+#include "quant/blocks.cuh"
+
+namespace dg {
+
+constexpr int MM_TM = 16;      // rows of X (canvas positions) per tile
+constexpr int MM_TN = 16;      // rows of W (output features) per tile
+constexpr int MM_TK = 256;     // K per step: one K-quant super-block, eight 32-blocks
+constexpr int MM_THREADS = MM_TM * MM_TN;
+
+// Rows m0 .. m_end-1 (at most MM_TM of them) of Y, columns n0 .. n0+MM_TN-1 (those < N).
+// Row m of X is x[xrows[m] * lda] when xrows is given, else x[m * lda]; row m of Y is y[m * ldy].
+template <int T>
+__device__ __forceinline__ void mm_tile(const float * __restrict__ x, int lda, const int * __restrict__ xrows,
+                                        int m0, int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
+                                        float * __restrict__ y, int ldy) {
+    constexpr int QK = Traits<T>::QK;
+    constexpr int SIZE = Traits<T>::SIZE;
+    __shared__ float ws[MM_TN][MM_TK + 1];  // +1: rows land in different banks
+    __shared__ float xs[MM_TM][MM_TK + 1];
+
+    const int tid = threadIdx.x;
+    const int tm = tid / MM_TN, tn = tid % MM_TN;
+    const long row_bytes = (long)(K / QK) * SIZE;
+    float acc = 0.0f;
+
+    for (int k0 = 0; k0 < K; k0 += MM_TK) {
+        const int tk = K - k0 < MM_TK ? K - k0 : MM_TK;  // a multiple of QK
+        // dequantize the tile's weight rows: blocks of QK values, one block per thread per pass
+        const int blocks_per_row = (tk + QK - 1) / QK;
+        for (int i = tid; i < MM_TN * blocks_per_row; i += MM_THREADS) {
+            const int r = i / blocks_per_row, bi = i % blocks_per_row;
+            float * dst = &ws[r][bi * QK];
+            if (n0 + r < N) {
+                const uint8_t * src = w + (long)(n0 + r) * row_bytes + (long)(k0 / QK + bi) * SIZE;
+                float tmp[QK];
+                dequant_block<T>(src, tmp);
+                for (int j = 0; j < QK; ++j) dst[j] = tmp[j];
+            } else {
+                for (int j = 0; j < QK; ++j) dst[j] = 0.0f;
+            }
+        }
+        for (int i = tid; i < MM_TM * tk; i += MM_THREADS) {
+            const int r = i / tk, c = i % tk, m = m0 + r;
+            xs[r][c] = m < m_end ? x[(long)(xrows ? xrows[m] : m) * lda + k0 + c] : 0.0f;
+        }
+        __syncthreads();
+        for (int k = 0; k < tk; ++k) acc = fmaf(xs[tm][k], ws[tn][k], acc);
+        __syncthreads();
+    }
+    if (m0 + tm < m_end && n0 + tn < N) y[(long)(m0 + tm) * ldy + n0 + tn] = acc;
+}
+
+}  // namespace dg

@@ -1,0 +1,35 @@
+// The routed experts' GEMMs, all experts in one launch: Y[m] = X[row(m)] @ W[e(m)]^T for the (token,
+// expert) pairs grouped by expert. Pairs offsets[e] .. offsets[e+1]-1 belong to expert e (an expert
+// with no pair has no tile); W holds the E experts' [N, K] matrices one after the other, each
+// expert_bytes long, in a GGML block format.
+//
+// Grid: x = the N tiles, y = the M tiles of every expert back to back; tile_expert[y] and tile_m0[y]
+// (from plugin/cuda/ops.expert_tiles) say which expert and which first pair a tile has. Row m of X is
+// x[xrows[m]] (gate/up: the tokens, gathered) or x[m] when xrows is null (down: already grouped).
+// Y comes out grouped (row m = pair m); the weighted scatter back to the tokens is left to the caller.
+#include "mm_tile.cuh"
+
+namespace dg {
+
+template <int T>
+__global__ void __launch_bounds__(MM_THREADS) moe_qmatmul(const float * __restrict__ x, int lda,
+                                                         const int * __restrict__ xrows,
+                                                         const int * __restrict__ offsets,
+                                                         const int * __restrict__ tile_expert,
+                                                         const int * __restrict__ tile_m0,
+                                                         const uint8_t * __restrict__ w, long expert_bytes,
+                                                         float * __restrict__ y, int ldy, int N, int K) {
+    const int e = tile_expert[blockIdx.y];
+    const int m0 = tile_m0[blockIdx.y];
+    const int m_end = min(offsets[e + 1], m0 + MM_TM);
+    mm_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * MM_TN, N, K, y, ldy);
+}
+
+}  // namespace dg
+
+#ifndef __CUDACC_RTC__
+#define DG_MOE(T) template __global__ void dg::moe_qmatmul<dg::T>(const float *, int, const int *, const int *, \
+    const int *, const int *, const uint8_t *, long, float *, int, int, int);
+DG_MOE(T_F32) DG_MOE(T_F16) DG_MOE(T_BF16) DG_MOE(T_Q4_0) DG_MOE(T_Q5_0) DG_MOE(T_Q5_1)
+DG_MOE(T_Q8_0) DG_MOE(T_Q2_K) DG_MOE(T_Q3_K) DG_MOE(T_Q4_K) DG_MOE(T_Q5_K) DG_MOE(T_Q6_K)
+#endif
