@@ -2,7 +2,7 @@
 
 Slice 1 of issue 5: the quantized matmul kernel (csrc/qmatmul.cu) for every weight class of one
 denoising step of the Q4_K_M file (canvas 256; routed experts see 256 x 8 / 128 = 16 tokens each on
-average), plus the accept/re-noise step. Weights are synthetic: random block bytes with sane fp16
+average), one layer's routed experts in one launch per matrix (csrc/moe.cu), plus the accept/re-noise step. Weights are synthetic: random block bytes with sane fp16
 scales, made on the GPU in seconds (timing does not depend on the values). Prints ms, achieved TB/s of
 weight bytes and TFLOP/s for both, and their ratio, measured in this run on this GPU.
 
@@ -58,6 +58,36 @@ def timed(fn, repeat: int) -> float:
     return start.elapsed_time(end) / repeat  # ms
 
 
+def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256, d: int = 2816, fe: int = 704) -> None:
+    """One layer's routed experts (csrc/moe.cu, one launch per matrix) against one qmatmul launch per expert."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    top_i = torch.rand(tokens, experts, device="cuda", generator=g).topk(top_k, dim=-1).indices  # [256, 8]
+    order = torch.argsort(top_i.flatten(), stable=True)
+    rows = (order // top_k).to(torch.int32)
+    counts = torch.bincount(top_i.flatten(), minlength=experts).tolist()
+    gate_up, down = synthetic(experts * 2 * fe, d, Q.Q4_K), synthetic(experts * d, fe, Q.Q5_0)
+    gate_up, down = gate_up.view(experts, 2 * fe, -1), down.view(experts, d, -1)
+    x = torch.randn(tokens, d, device="cuda")
+    act = torch.randn(len(rows), fe, device="cuda")
+
+    def grouped():
+        ops.moe_qmatmul(x, rows, counts, gate_up, Q.Q4_K, d)
+        ops.moe_qmatmul(act, None, counts, down, Q.Q5_0, fe)
+
+    starts = [sum(counts[:e]) for e in range(experts)]
+
+    def per_expert():
+        for e, (s0, c) in enumerate(zip(starts, counts)):
+            if c:
+                ops.qmatmul(x[rows[s0:s0 + c].long()], gate_up[e], Q.Q4_K, d)
+                ops.qmatmul(act[s0:s0 + c], down[e], Q.Q5_0, fe)
+
+    a, b = timed(grouped, repeat), timed(per_expert, repeat)
+    wbytes = gate_up.numel() + down.numel()
+    print(f"routed experts, one layer ({tokens} tokens x top-{top_k} of {experts}): grouped {a:.3f} ms "
+          f"({wbytes / a / 1e9:.2f} TB/s), one launch per expert {b:.3f} ms ({b / a:.2f}x); x30 layers: {30 * a:.1f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=20)
@@ -90,6 +120,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"matmuls of one denoising step (sum over layers): ours {total_ours:.1f} ms, dequant+cuBLAS {total_torch:.1f} ms "
           f"(torch keeps f16 weights: {total_torch / max(total_ours, 1e-9):.2f}x)")
+    moe_layer(args.repeat)
     ent = torch.rand(1, 256, device="cuda")
     tok = torch.randint(0, 262144, (1, 256), device="cuda")
     a = timed(lambda: ops.accept_renoise(ent, tok, tok, 0.1), args.repeat)
