@@ -50,18 +50,26 @@ def row_bytes(qtype: GGMLQuantizationType, k: int) -> int:
     return k // bs * ts
 
 
-def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
-    """x [M, K] float32 @ W^T, W: [N, row_bytes] uint8 in GGML type `qtype` -> [M, N] float32."""
+def _check_matmul(op: str, x: torch.Tensor, w: torch.Tensor, qtype, k: int, w_lead: str) -> GGMLQuantizationType:
+    """The operands of a quantized matmul: x float32 [rows, k], w contiguous uint8 GGML rows of k with
+    len(w_lead) leading dims ("[N, " or "[E, N, "), both on one CUDA device. Returns the GGML type."""
     qtype = GGMLQuantizationType(qtype)
     if qtype not in SUPPORTED:
-        raise ValueError(f"qmatmul: GGML type {qtype.name} is not supported (have {', '.join(t.name for t in SUPPORTED)})")
+        raise ValueError(f"{op}: GGML type {qtype.name} is not supported (have {', '.join(t.name for t in SUPPORTED)})")
     if not (x.is_cuda and w.is_cuda and x.device == w.device):
-        raise ValueError("qmatmul: x and w must be CUDA tensors on the same device")
+        raise ValueError(f"{op}: x and w must be CUDA tensors on the same device")
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
-        raise ValueError(f"qmatmul: x must be float32 [M, {k}] with unit stride in K (got {x.dtype} {tuple(x.shape)})")
-    if w.dtype != torch.uint8 or w.dim() != 2 or w.shape[1] != row_bytes(qtype, k) or not w.is_contiguous():
-        raise ValueError(f"qmatmul: w must be contiguous uint8 [N, {row_bytes(qtype, k)}] for {qtype.name} rows of {k} "
+        raise ValueError(f"{op}: x must be float32 [rows, {k}] with unit stride in K (got {x.dtype} {tuple(x.shape)})")
+    rb, dims = row_bytes(qtype, k), w_lead.count(",") + 1
+    if w.dtype != torch.uint8 or w.dim() != dims or w.shape[-1] != rb or not w.is_contiguous():
+        raise ValueError(f"{op}: w must be contiguous uint8 {w_lead}{rb}] for {qtype.name} rows of {k} "
                          f"(got {w.dtype} {tuple(w.shape)})")
+    return qtype
+
+
+def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """x [M, K] float32 @ W^T, W: [N, row_bytes] uint8 in GGML type `qtype` -> [M, N] float32."""
+    qtype = _check_matmul("qmatmul", x, w, qtype, k, "[N, ")
     m, n = x.shape[0], w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
@@ -101,16 +109,7 @@ def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, counts: list[int], w
     matrix: w is [E, N, row_bytes] uint8 in GGML type `qtype` for rows of k. Returns [P, N] float32."""
     import numpy as np
 
-    qtype = GGMLQuantizationType(qtype)
-    if qtype not in SUPPORTED:
-        raise ValueError(f"moe_qmatmul: GGML type {qtype.name} is not supported")
-    if not (x.is_cuda and w.is_cuda and x.device == w.device):
-        raise ValueError("moe_qmatmul: x and w must be CUDA tensors on the same device")
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
-        raise ValueError(f"moe_qmatmul: x must be float32 [rows, {k}] with unit stride in K (got {x.dtype} {tuple(x.shape)})")
-    if w.dtype != torch.uint8 or w.dim() != 3 or w.shape[2] != row_bytes(qtype, k) or not w.is_contiguous():
-        raise ValueError(f"moe_qmatmul: w must be contiguous uint8 [E, N, {row_bytes(qtype, k)}] for {qtype.name} rows "
-                         f"of {k} (got {w.dtype} {tuple(w.shape)})")
+    qtype = _check_matmul("moe_qmatmul", x, w, qtype, k, "[E, N, ")
     E, n = w.shape[0], w.shape[1]
     if len(counts) != E:
         raise ValueError(f"moe_qmatmul: {len(counts)} expert counts for {E} experts")
