@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the bundled default model: a small DiffusionGemma on Debian's fortune cookies, on CPU.
 
-    python scripts/train_tiny.py                 # prepare, train (52 min budget on 2 cores), export
+    python scripts/train_tiny.py                 # prepare, train (45 min budget on 2 cores), export
     python scripts/train_tiny.py --resume        # continue an interrupted run from its last checkpoint
     python scripts/train_tiny.py --export-only   # write plugin/models/ again from the last checkpoint
 
@@ -48,7 +48,7 @@ SPEC = objective.ModelSpec(
     moe_intermediate_size=256, sliding_window=128,  # canvas_length: TrainConfig.canvas (--canvas)
     layer_types=("sliding_attention", "sliding_attention", "sliding_attention", "full_attention"),
 )
-SAMPLER = dict(max_denoising_steps=12, t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.005,
+SAMPLER = dict(max_denoising_steps=4, t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.005,
                entropy_bound=0.1)
 EVAL_SEED = 4242
 

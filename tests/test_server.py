@@ -164,12 +164,12 @@ def test_concurrent_streams_equal_running_alone(server, engine):
 
 def test_disconnect_frees_the_slot(server):
     """A long stream abandoned after its first chunk stops at the next step: the next request is not stuck
-    behind the ~125 canvases it asked for."""
+    behind the 4,000 tokens it asked for."""
     one = {"model": "default", "messages": [{"role": "user", "content": "go on"}], "stream": False,
-           "options": {"seed": 2, "num_predict": 32}}  # one canvas
+           "options": {"seed": 2, "num_predict": 32}}
     t = time.monotonic()
     assert httpx.post(f"{server}/api/chat", json=one, timeout=120).status_code == 200
-    per_canvas = time.monotonic() - t
+    per_request = time.monotonic() - t
     body = {**one, "stream": True, "options": {"seed": 1, "num_predict": 4000}}
     with httpx.Client(timeout=120) as c:
         with c.stream("POST", f"{server}/api/chat", json=body) as r:
@@ -180,7 +180,7 @@ def test_disconnect_frees_the_slot(server):
     r = httpx.post(f"{server}/api/chat", json=one, timeout=120)
     waited = time.monotonic() - t
     assert r.status_code == 200 and r.json()["eval_count"] <= 32
-    assert waited < 10 * per_canvas + 1.0  # not the ~125 canvases the abandoned request would still run
+    assert waited < 10 * per_request + 1.0  # not the 4,000 tokens the abandoned request would still make
 
 
 def test_upstream_servers_are_merged(models, tmp_path, engine):

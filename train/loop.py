@@ -33,10 +33,10 @@ EVAL_T = (0.1, 0.3, 0.5, 0.7, 0.9)
 class TrainConfig:
     seed: int = 1
     batch: int = 12  # rows per step
-    canvas: int = 8  # tokens per canvas (the model's canvas_length; docs/DEFAULT_MODEL.md: why so few)
-    blocks: int = 16  # canvases per row
+    canvas: int = 1  # tokens per canvas (the model's canvas_length; docs/DEFAULT_MODEL.md: why one)
+    blocks: int = 128  # canvases per row
     steps: int = 0  # 0: sized from the measured speed to fit budget_min
-    budget_min: float = 52.0  # wall-clock minutes for the training loop (evaluations included)
+    budget_min: float = 45.0  # wall-clock minutes for the training loop (evaluations included)
     measure_steps: int = 12  # steps timed before sizing the run
     lr: float = 3e-3
     min_lr_frac: float = 0.1
@@ -47,7 +47,7 @@ class TrainConfig:
     encoder_ar_weight: float = 1.0
     balance_weight: float = 0.01
     p_chat: float = 0.5
-    p_generic: float = 0.0  # chat rows that ask for a fortune in general and get a whole one (train/episodes.py)
+    p_generic: float = 0.3  # chat rows that ask for a fortune in general and get a whole one (train/episodes.py)
     generic_answers: int = 0  # ... one of this many training fortunes (data.subset; 0: any)
     max_chars: int = 80  # train on fortunes of at most this many characters (0: all)
     max_fortunes: int = 0  # train on this many of them (0: all; data.subset)
