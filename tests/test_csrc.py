@@ -133,3 +133,44 @@ def test_expert_tiles_cover_every_pair_once():
     assert expert_tiles([0, 0]) == ([0, 0, 0], [], [])
     with pytest.raises(ValueError, match="expert 1 has a negative count"):
         expert_tiles([3, -1])
+
+
+@pytest.fixture(scope="module")
+def rng_harness(tmp_path_factory):
+    return build_host_tool("rng_host", tmp_path_factory.mktemp("rng"))
+
+
+# Random123's known-answer vectors for philox4x32-10 (counter, key -> output)
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter,key,want", PHILOX_KAT, ids=["zeros", "ones", "pi"])
+def test_philox_known_answers_in_cuda_header_and_numpy(rng_harness, counter, key, want):
+    from dgemma.plugin.cuda import rng
+
+    proc = subprocess.run([str(rng_harness), "kat", *(f"{x:x}" for x in counter + key)], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert tuple(int(x) for x in np.frombuffer(proc.stdout, np.uint32)) == want
+    assert tuple(int(w) for w in rng.philox4x32_10(*counter, *key)) == want
+
+
+@pytest.mark.parametrize("seed,step,pos,v0,n", [(1, 12, 0, 0, 1000), (2**40 + 7, 1, 255, 262_000, 144), (0, 0, 3, 5, 0)])
+def test_sampler_uniforms_equal_numpy_bit_for_bit(rng_harness, seed, step, pos, v0, n):
+    from dgemma.plugin.cuda import rng
+
+    proc = subprocess.run([str(rng_harness), str(seed), str(step), str(pos), str(v0), str(n)], capture_output=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = np.frombuffer(proc.stdout, np.uint8)
+    words, u = out[: 4 * n].view(np.uint32), out[4 * n:].view(np.float32)
+    ref = rng.sampler_uniforms(seed, step, pos, v0 + n)[0, v0:]
+    ref_words = rng.philox4x32_10(np.arange(v0, v0 + n), pos, step, 0, seed & 0xFFFFFFFF, seed >> 32)[0]
+    np.testing.assert_array_equal(words, ref_words)
+    np.testing.assert_array_equal(u, ref)
+    if n:
+        assert 0.0 < u.min() and u.max() < 1.0 and abs(float(u.mean()) - 0.5) < 0.1

@@ -1,0 +1,51 @@
+// Counter-based random numbers for the GPU sampler: Philox4x32-10 (Salmon et al., "Parallel random
+// numbers: as easy as 1, 2, 3", SC'11; the generator of Random123 and of cuRAND's Philox). Any thread
+// draws the number of any (seed, step, position, vocabulary index) directly, with no state, so a
+// vocabulary split over blocks draws the same numbers whatever the split (the Gumbel-max sample of the
+// fused head, issue 5). plugin/cuda/rng.py is the numpy reference (bit-exact for the words and the
+// uniforms; tests/test_csrc.py runs both).
+#pragma once
+#include "quant/blocks.cuh"  // DG_HD
+
+namespace dg {
+
+struct Philox4 {
+    uint32_t v[4];
+};
+
+DG_HD void philox_mulhilo(uint32_t a, uint32_t b, uint32_t &hi, uint32_t &lo) {
+    const uint64_t p = (uint64_t)a * (uint64_t)b;
+    hi = (uint32_t)(p >> 32);
+    lo = (uint32_t)p;
+}
+
+// Philox4x32 with 10 rounds: counter (c0..c3), key (k0, k1).
+DG_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) {  // the key schedule: Weyl sequence of the golden ratio and sqrt(3) - 1
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        uint32_t hi0, lo0, hi1, lo1;
+        philox_mulhilo(0xD2511F53u, c0, hi0, lo0);
+        philox_mulhilo(0xCD9E8D57u, c2, hi1, lo1);
+        const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+        c0 = n0;
+        c1 = lo1;
+        c2 = n2;
+        c3 = lo0;
+    }
+    return Philox4{{c0, c1, c2, c3}};
+}
+
+// A float32 uniform in (0, 1), never 0 or 1: the top 24 bits, centred in their interval (exact).
+DG_HD float philox_uniform(uint32_t x) { return (float)(x >> 8) * 5.9604644775390625e-08f + 2.98023223876953125e-08f; }
+
+// The sampler's draw for vocabulary index v at canvas position pos of denoising step `step`: the
+// first word of Philox(counter = (v, pos, step, 0), key = the 64-bit seed).
+DG_HD float sampler_uniform(unsigned long long seed, int step, int pos, int v) {
+    return philox_uniform(philox4x32_10((uint32_t)v, (uint32_t)pos, (uint32_t)step, 0u, (uint32_t)seed,
+                                        (uint32_t)(seed >> 32)).v[0]);
+}
+
+}  // namespace dg

@@ -1,0 +1,39 @@
+// Host harness for csrc/philox.cuh.
+// usage: rng_host SEED STEP POS V0 N > (N uint32 first words, then N float32 uniforms, for v = V0 .. V0+N-1)
+//        rng_host kat C0 C1 C2 C3 K0 K1 > (the 4 uint32 words of Philox4x32-10), hex arguments
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../philox.cuh"
+
+int main(int argc, char ** argv) {
+    if (argc == 8 && std::strcmp(argv[1], "kat") == 0) {
+        uint32_t a[6];
+        for (int i = 0; i < 6; ++i) a[i] = (uint32_t)std::strtoul(argv[2 + i], nullptr, 16);
+        const dg::Philox4 r = dg::philox4x32_10(a[0], a[1], a[2], a[3], a[4], a[5]);
+        std::fwrite(r.v, sizeof(uint32_t), 4, stdout);
+        return 0;
+    }
+    if (argc != 6) {
+        std::fprintf(stderr, "usage: %s SEED STEP POS V0 N | kat C0 C1 C2 C3 K0 K1\n", argv[0]);
+        return 2;
+    }
+    const unsigned long long seed = std::strtoull(argv[1], nullptr, 10);
+    const int step = std::atoi(argv[2]), pos = std::atoi(argv[3]), v0 = std::atoi(argv[4]), n = std::atoi(argv[5]);
+    if (n < 0 || v0 < 0) {
+        std::fprintf(stderr, "bad arguments: V0 >= 0, N >= 0\n");
+        return 2;
+    }
+    std::vector<uint32_t> words(n);
+    std::vector<float> u(n);
+    for (int i = 0; i < n; ++i) {
+        words[i] = dg::philox4x32_10((uint32_t)(v0 + i), (uint32_t)pos, (uint32_t)step, 0u, (uint32_t)seed,
+                                     (uint32_t)(seed >> 32)).v[0];
+        u[i] = dg::sampler_uniform(seed, step, pos, v0 + i);
+    }
+    std::fwrite(words.data(), sizeof(uint32_t), words.size(), stdout);
+    std::fwrite(u.data(), sizeof(float), u.size(), stdout);
+    return 0;
+}
