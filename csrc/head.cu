@@ -5,9 +5,10 @@
 // Each thread keeps its share of h (columns d = tid + j*HEAD_THREADS) and of the accumulator
 // Σ exp(z - m)·E_v in registers; per row, the row is dequantized into shared memory, the HEAD_L dot
 // products are reduced over the block, and every thread applies the same online update (csrc/head.cuh).
-// Partials go to global memory: [S, L] (m, s, t, arg) and [S, L, D] acc.
+// Partials go to global memory: [S, L] (m, s, t, arg), [S, L] (g, sample) and [S, L, D] acc.
 // head_merge: one block per position merges the S partials in split order (ties keep the lowest row)
-// and writes max, argmax, lse, entropy [L] and sc = acc / s [L, D].
+// and writes max, argmax, lse, entropy, the Gumbel-max sample [L] and sc = acc / s [L, D]. The sample's
+// draws depend only on (seed, step, position, row) (csrc/philox.cuh), not on the split.
 // Correctness first: one row at a time, float FMAs; the tensor-core epilogue version is measured
 // against it on a GPU (issue 5). Shapes: D a multiple of the type's block and <= HEAD_THREADS*HEAD_MAXJ.
 #include "head.cuh"
@@ -22,13 +23,15 @@ constexpr int HEAD_WARPS = HEAD_THREADS / 32;
 template <int T>
 __global__ void __launch_bounds__(HEAD_THREADS) head_partials(
         const float * __restrict__ h, int L, int D, const uint8_t * __restrict__ E, int V, int rows_per_split,
-        float softcap, float inv_temperature, float * __restrict__ part_mst, int * __restrict__ part_arg,
+        float softcap, float inv_temperature, unsigned long long seed, int step, float * __restrict__ part_mst,
+        int * __restrict__ part_arg, float * __restrict__ part_g, int * __restrict__ part_sample,
         float * __restrict__ part_acc) {
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
     extern __shared__ float e_row[];            // [D]
     __shared__ float red[HEAD_WARPS][HEAD_L];   // per-warp partial dot products
     __shared__ float z_s[HEAD_L];
+    __shared__ float gz_s[HEAD_L];              // z + Gumbel noise
 
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int s = blockIdx.x;
@@ -73,12 +76,14 @@ __global__ void __launch_bounds__(HEAD_THREADS) head_partials(
             float dot = 0.0f;
             for (int w = 0; w < HEAD_WARPS; ++w) dot += red[w][tid];
             z_s[tid] = head_logit(dot, softcap, inv_temperature);
+            gz_s[tid] = head_perturbed(z_s[tid], seed, step, l0 + tid, v);
         }
         __syncthreads();
 #pragma unroll
         for (int l = 0; l < HEAD_L; ++l) {  // every thread runs the same update on the same numbers
             float scale, w;
             head_update(p[l], z_s[l], v, scale, w);
+            head_sample_update(p[l], gz_s[l], v);
 #pragma unroll
             for (int j = 0; j < HEAD_MAXJ; ++j) {
                 const int d = tid + j * HEAD_THREADS;
@@ -96,6 +101,8 @@ __global__ void __launch_bounds__(HEAD_THREADS) head_partials(
             part_mst[o * 3 + 1] = p[l].s;
             part_mst[o * 3 + 2] = p[l].t;
             part_arg[o] = p[l].arg;
+            part_g[o] = p[l].g;
+            part_sample[o] = p[l].sample;
         }
 #pragma unroll
         for (int j = 0; j < HEAD_MAXJ; ++j) {
@@ -108,21 +115,24 @@ __global__ void __launch_bounds__(HEAD_THREADS) head_partials(
 constexpr int HEAD_MAX_SPLITS = 1024;
 
 extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge(
-        const float * __restrict__ part_mst, const int * __restrict__ part_arg, const float * __restrict__ part_acc,
-        int S, int L, int D, float * __restrict__ out_max, int * __restrict__ out_arg, float * __restrict__ out_lse,
-        float * __restrict__ out_entropy, float * __restrict__ out_sc) {
+        const float * __restrict__ part_mst, const int * __restrict__ part_arg, const float * __restrict__ part_g,
+        const int * __restrict__ part_sample, const float * __restrict__ part_acc, int S, int L, int D,
+        float * __restrict__ out_max, int * __restrict__ out_arg, float * __restrict__ out_lse,
+        float * __restrict__ out_entropy, int * __restrict__ out_sample, float * __restrict__ out_sc) {
     __shared__ float factor[HEAD_MAX_SPLITS];  // what each split's acc is multiplied by
     __shared__ float inv_s;
     const int l = blockIdx.x, tid = threadIdx.x;
     if (tid == 0) {
         const HeadPartial a = head_merge_splits([&](int s) {
             const long o = (long)s * L + l;
-            return HeadPartial{part_mst[o * 3 + 0], part_mst[o * 3 + 1], part_mst[o * 3 + 2], part_arg[o]};
+            return HeadPartial{part_mst[o * 3 + 0], part_mst[o * 3 + 1], part_mst[o * 3 + 2], part_arg[o], part_g[o],
+                               part_sample[o]};
         }, S, factor);
         out_max[l] = a.m;
         out_arg[l] = a.arg;
         out_lse[l] = head_lse(a);
         out_entropy[l] = head_entropy(a);
+        out_sample[l] = a.sample;
         inv_s = 1.0f / a.s;
     }
     __syncthreads();
@@ -139,7 +149,7 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge(
 // nvcc builds (CI's compile check) instantiate every type; at run time NVRTC instantiates by name
 #define DG_HEAD_INST(T)                                                                                   \
     template __global__ void dg::head_partials<T>(const float *, int, int, const uint8_t *, int, int, float, float, \
-                                                  float *, int *, float *);
+                                                  unsigned long long, int, float *, int *, float *, int *, float *);
 DG_HEAD_INST(dg::T_F32) DG_HEAD_INST(dg::T_F16) DG_HEAD_INST(dg::T_BF16) DG_HEAD_INST(dg::T_Q4_0)
 DG_HEAD_INST(dg::T_Q5_0) DG_HEAD_INST(dg::T_Q5_1) DG_HEAD_INST(dg::T_Q8_0) DG_HEAD_INST(dg::T_Q2_K)
 DG_HEAD_INST(dg::T_Q3_K) DG_HEAD_INST(dg::T_Q4_K) DG_HEAD_INST(dg::T_Q5_K) DG_HEAD_INST(dg::T_Q6_K)

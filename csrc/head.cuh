@@ -4,9 +4,12 @@
 // For logits z_v (after the softcap, divided by the temperature) a partial over some rows v holds
 //   m = max z, s = Σ exp(z - m), t = Σ exp(z - m)·z, arg = the first v with z_v = m,
 // and, kept by the caller, acc = Σ exp(z - m)·E_v. Adding a row or merging two partials rescales the
-// side with the smaller max (flash attention's online softmax, over the vocabulary). The kernel
+// side with the smaller max (flash attention's online softmax, over the vocabulary). It also keeps the
+// Gumbel-max sample: g = max (z_v + G_v), sample = its v, with G_v = -log(-log u_v) and u_v the
+// counter-based uniform of csrc/philox.cuh, so the sample is a draw from softmax(z). The kernel
 // (csrc/head.cu) and the host harness (csrc/tools/head_host.cu, tested on the CPU) share these.
 #pragma once
+#include "philox.cuh"
 #include "quant/blocks.cuh"
 #ifndef __CUDACC_RTC__
 #include <math.h>
@@ -17,9 +20,27 @@ namespace dg {
 struct HeadPartial {
     float m, s, t;
     int arg;
+    float g;     // the largest z_v + G_v so far
+    int sample;  // its v
 };
 
-DG_HD HeadPartial head_empty() { return HeadPartial{0.0f, 0.0f, 0.0f, -1}; }  // arg < 0: no row yet
+DG_HD HeadPartial head_empty() { return HeadPartial{0.0f, 0.0f, 0.0f, -1, 0.0f, -1}; }  // arg < 0: no row yet
+
+// a standard Gumbel draw from a uniform in (0, 1)
+DG_HD float head_gumbel(float u) { return -logf(-logf(u)); }
+
+// the perturbed logit of row v at canvas position pos, denoising step `step`
+DG_HD float head_perturbed(float z, unsigned long long seed, int step, int pos, int v) {
+    return z + head_gumbel(sampler_uniform(seed, step, pos, v));
+}
+
+// add row v's perturbed logit gz to the sample (ties keep the earlier row)
+DG_HD void head_sample_update(HeadPartial &p, float gz, int v) {
+    if (p.sample < 0 || gz > p.g) {
+        p.g = gz;
+        p.sample = v;
+    }
+}
 
 // the processed logit: softcap(dot) / T (softcap 0: none)
 DG_HD float head_logit(float dot, float softcap, float inv_temperature) {
@@ -55,6 +76,10 @@ DG_HD void head_merge(HeadPartial &a, const HeadPartial &b, float &fa, float &fb
     a.t = a.t * fa + b.t * fb;
     if (b.m > a.m) a.arg = b.arg;  // ties keep the lower index, as argmax does
     a.m = m;
+    if (b.g > a.g) {  // both have rows here; ties keep the lower index
+        a.g = b.g;
+        a.sample = b.sample;
+    }
 }
 
 // merge S partials in split order (part(s) returns split s's HeadPartial); factor[s] is what split s's acc

@@ -98,16 +98,18 @@ def test_head_split_merge_equals_head_reference(head_harness, qtype, L, D, V, sp
         e[V // 2] = e[3]  # a tie between two rows in different splits: argmax keeps the lower index
         h[0] = e[3] * 50
     data = e if qtype == Q.F32 else quant.quantize(e, qtype)
-    proc = subprocess.run([str(head_harness), str(int(qtype)), str(L), str(D), str(V), str(splits), str(softcap), str(temp)],
-                          input=h.tobytes() + data.tobytes(), capture_output=True, timeout=120)
+    seed, step = 2**33 + V, L + 3
+    proc = subprocess.run([str(head_harness), str(int(qtype)), str(L), str(D), str(V), str(splits), str(softcap), str(temp),
+                           str(seed), str(step)], input=h.tobytes() + data.tobytes(), capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = np.frombuffer(proc.stdout, np.uint8)
-    mx, arg, lse, ent = (np.frombuffer(out[i * 4 * L:(i + 1) * 4 * L].tobytes(), np.int32 if i == 1 else np.float32)
-                         for i in range(4))
-    sc = np.frombuffer(out[16 * L:].tobytes(), np.float32).reshape(L, D)
+    mx, arg, lse, ent, sample = (np.frombuffer(out[i * 4 * L:(i + 1) * 4 * L].tobytes(),
+                                               np.int32 if i in (1, 4) else np.float32) for i in range(5))
+    sc = np.frombuffer(out[20 * L:].tobytes(), np.float32).reshape(L, D)
     ef = e if qtype == Q.F32 else quant.dequantize(data, qtype).reshape(V, D)
-    ref = head_stats_reference(torch.from_numpy(h).double(), torch.from_numpy(ef).double(), softcap, temp)
+    ref = head_stats_reference(torch.from_numpy(h).double(), torch.from_numpy(ef).double(), softcap, temp, seed, step)
     np.testing.assert_array_equal(arg, ref.argmax.numpy())
+    np.testing.assert_array_equal(sample, ref.sample.numpy())  # the same draws, whatever the split
     if V > 10:
         assert arg[0] == 3
     for ours, want in ((mx, ref.max), (lse, ref.lse), (ent, ref.entropy)):
@@ -116,7 +118,7 @@ def test_head_split_merge_equals_head_reference(head_harness, qtype, L, D, V, sp
 
 
 def test_head_harness_refuses_bad_input(head_harness):
-    proc = subprocess.run([str(head_harness), str(int(Q.Q4_K)), "1", "100", "4", "1", "0", "1"], input=b"",
+    proc = subprocess.run([str(head_harness), str(int(Q.Q4_K)), "1", "100", "4", "1", "0", "1", "0", "0"], input=b"",
                           capture_output=True, timeout=60)
     assert proc.returncode == 2 and b"multiple of 256" in proc.stderr
 

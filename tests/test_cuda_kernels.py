@@ -115,9 +115,11 @@ def test_head_stats_match_full_logits(ops, qtype, L, D, V, splits):
     e = (rng.standard_normal((V, D)) * 0.1).astype(np.float32)
     data = torch.from_numpy((e if qtype == Q.F32 else quant.quantize(e, qtype)).reshape(V, -1).view(np.uint8)).cuda()
     for softcap, temp in ((30.0, 0.8), (0.0, 0.4)):
-        got = ops.head_stats(torch.from_numpy(h).cuda(), data, qtype, softcap, temp, splits)
-        ref = ops.head_stats_reference(torch.from_numpy(h), data, qtype, softcap, temp)
+        seed, step = 2**40 + L, V % 48
+        got = ops.head_stats(torch.from_numpy(h).cuda(), data, qtype, softcap, temp, splits, seed, step)
+        ref = ops.head_stats_reference(torch.from_numpy(h), data, qtype, softcap, temp, seed, step)
         assert torch.equal(got.argmax.cpu(), ref.argmax)
+        assert torch.equal(got.sample.cpu(), ref.sample)  # the Gumbel-max draw, the same whatever the split
         for a, b in ((got.max, ref.max), (got.lse, ref.lse), (got.entropy, ref.entropy)):
             torch.testing.assert_close(a.cpu().double(), b, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got.sc.cpu().double(), ref.sc, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 // Host harness for csrc/head.cuh: the fused head's split-and-merge algorithm, serially on the CPU.
-// usage: head_host TYPE L D V SPLITS SOFTCAP TEMPERATURE < (h: L*D float32, then E: V GGML rows of D)
-//        > (max: L float32, argmax: L int32, lse: L float32, entropy: L float32, sc: L*D float32)
+// usage: head_host TYPE L D V SPLITS SOFTCAP TEMPERATURE SEED STEP < (h: L*D float32, then E: V GGML rows of D)
+//        > (max: L float32, argmax: L int32, lse: L float32, entropy: L float32, sample: L int32,
+//           sc: L*D float32)
 // Splits and rows are visited in the order csrc/head.cu's blocks cover them and head_merge merges them.
 #include <cstdio>
 #include <cstdlib>
@@ -14,13 +15,15 @@ struct Splits {  // the partials of one position, by split (head_merge reads the
 };
 
 int main(int argc, char ** argv) {
-    if (argc != 8) {
-        std::fprintf(stderr, "usage: %s GGML_TYPE L D V SPLITS SOFTCAP TEMPERATURE < h,E > stats\n", argv[0]);
+    if (argc != 10) {
+        std::fprintf(stderr, "usage: %s GGML_TYPE L D V SPLITS SOFTCAP TEMPERATURE SEED STEP < h,E > stats\n", argv[0]);
         return 2;
     }
     const int type = std::atoi(argv[1]), L = std::atoi(argv[2]), D = std::atoi(argv[3]), V = std::atoi(argv[4]);
     const int S = std::atoi(argv[5]);
     const float softcap = (float)std::atof(argv[6]), temperature = (float)std::atof(argv[7]);
+    const unsigned long long seed = std::strtoull(argv[8], nullptr, 10);
+    const int step = std::atoi(argv[9]);
     int qk = 0, size = 0;
     if (!dg::block_shape(type, qk, size)) {
         std::fprintf(stderr, "unknown type %d\n", type);
@@ -44,7 +47,7 @@ int main(int argc, char ** argv) {
     const int rows_per_split = (V + S - 1) / S;
     const float inv_t = 1.0f / temperature;
     std::vector<float> mx(L), lse(L), ent(L), sc((size_t)L * D);
-    std::vector<int> arg(L);
+    std::vector<int> arg(L), sample(L);
     std::vector<float> acc((size_t)S * D), factor(S);
     for (int l = 0; l < L; ++l) {
         std::vector<dg::HeadPartial> part(S, dg::head_empty());
@@ -56,12 +59,14 @@ int main(int argc, char ** argv) {
                 float dot = 0.0f;
                 for (int d = 0; d < D; ++d) dot += h[(size_t)l * D + d] * e[d];
                 float scale, w;
-                dg::head_update(part[s], dg::head_logit(dot, softcap, inv_t), v, scale, w);
+                const float z = dg::head_logit(dot, softcap, inv_t);
+                dg::head_update(part[s], z, v, scale, w);
+                dg::head_sample_update(part[s], dg::head_perturbed(z, seed, step, l, v), v);
                 for (int d = 0; d < D; ++d) a[d] = a[d] * scale + w * e[d];
             }
         }
         const dg::HeadPartial m = dg::head_merge_splits(Splits{part.data()}, S, factor.data());  // as head_merge
-        mx[l] = m.m, arg[l] = m.arg, lse[l] = dg::head_lse(m), ent[l] = dg::head_entropy(m);
+        mx[l] = m.m, arg[l] = m.arg, lse[l] = dg::head_lse(m), ent[l] = dg::head_entropy(m), sample[l] = m.sample;
         for (int d = 0; d < D; ++d) {
             float sum = 0.0f;
             for (int s = 0; s < S; ++s) sum += acc[(size_t)s * D + d] * factor[s];
@@ -72,6 +77,7 @@ int main(int argc, char ** argv) {
     std::fwrite(arg.data(), sizeof(int), L, stdout);
     std::fwrite(lse.data(), sizeof(float), L, stdout);
     std::fwrite(ent.data(), sizeof(float), L, stdout);
+    std::fwrite(sample.data(), sizeof(int), L, stdout);
     std::fwrite(sc.data(), sizeof(float), sc.size(), stdout);
     return 0;
 }

@@ -6,6 +6,8 @@ Per position, with z_v = softcap(h · E_v) / T (the sampler's processed logits):
   lse = log Σ exp(z)
   entropy = lse - Σ p·z  (p = softmax(z); what the sampler's token_entropy computes)
   sc = Σ p_v · E_v       (the self-conditioning input's `softmax @ E`, before the √D scale)
+  sample = argmax (z_v + G_v), G_v = -log(-log u_v): a draw from p (Gumbel-max), with u_v the
+           counter-based uniform of (seed, step, position, v) (csrc/philox.cuh, plugin/cuda/rng.py)
 Each tile contributes (m, s = Σ exp(z - m), t = Σ exp(z - m)·z, acc = Σ exp(z - m)·E_v, argmax), and two
 partials merge by rescaling the one with the smaller max: the same online rescaling as flash attention,
 over the vocabulary. A CUDA kernel splits the vocabulary over blocks and merges partials this way;
@@ -26,6 +28,7 @@ class HeadStats:
     lse: torch.Tensor  # [L]
     entropy: torch.Tensor  # [L]
     sc: torch.Tensor  # [L, D]
+    sample: torch.Tensor | None = None  # [L] int64: the Gumbel-max draw (head_stats_reference with a seed)
 
 
 @dataclass
@@ -74,11 +77,19 @@ def head_stats_tiled(h: torch.Tensor, embed: torch.Tensor, softcap: float, tempe
     return HeadStats(part.m, part.arg, lse, lse - part.t / part.s, part.acc / part.s[:, None])
 
 
-def head_stats_reference(h: torch.Tensor, embed: torch.Tensor, softcap: float, temperature: float) -> HeadStats:
-    """The plain computation on the full [L, V] logits, with the sampler's own entropy."""
+def head_stats_reference(h: torch.Tensor, embed: torch.Tensor, softcap: float, temperature: float,
+                         seed: int | None = None, step: int = 0) -> HeadStats:
+    """The plain computation on the full [L, V] logits, with the sampler's own entropy; with a seed, also
+    the Gumbel-max sample from the counter-based uniforms of positions 0..L-1 at `step`."""
     from ..sampler import token_entropy
 
     z = _processed(h, embed, softcap, temperature)  # [L, V]
     m, arg = z.max(dim=-1)
     p = torch.softmax(z, dim=-1)
-    return HeadStats(m, arg, torch.logsumexp(z, dim=-1), token_entropy(z[None])[0], p @ embed)
+    sample = None
+    if seed is not None:
+        from .rng import sampler_uniforms
+
+        u = torch.from_numpy(sampler_uniforms(seed, step, list(range(z.shape[0])), z.shape[1])).double()  # [L, V]
+        sample = (z.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+    return HeadStats(m, arg, torch.logsumexp(z, dim=-1), token_entropy(z[None])[0], p @ embed, sample)

@@ -171,10 +171,11 @@ def accept_renoise_reference(entropy, denoised, fresh, bound: float):
 
 
 def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float, temperature: float,
-               splits: int | None = None):
-    """Per-position max, argmax, log-sum-exp, entropy of softcap(h · E_v) / T and sc = softmax @ E, for
-    h [L, D] float32 and the head E as GGML rows [V, row_bytes] uint8 (csrc/head.cu; the [L, V] logits
-    are never formed). Returns plugin.cuda.head_ref.HeadStats; head_stats_reference is its reference."""
+               splits: int | None = None, seed: int = 0, step: int = 0):
+    """Per-position max, argmax, log-sum-exp, entropy of softcap(h · E_v) / T, sc = softmax @ E and the
+    Gumbel-max sample drawn with (seed, step) (csrc/philox.cuh), for h [L, D] float32 and the head E as
+    GGML rows [V, row_bytes] uint8 (csrc/head.cu; the [L, V] logits are never formed). Returns
+    plugin.cuda.head_ref.HeadStats; head_stats_reference is its reference."""
     import numpy as np
 
     from .head_ref import HeadStats
@@ -191,6 +192,8 @@ def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType
         raise ValueError(f"head_stats: the head must be contiguous uint8 [V, {row_bytes(qtype, D)}] for {qtype.name} rows of {D}")
     if not temperature > 0:
         raise ValueError(f"head_stats: temperature must be > 0 (got {temperature})")
+    if not (0 <= seed < 2**64 and 0 <= step < 2**31):
+        raise ValueError(f"head_stats: seed must be in [0, 2**64) and step in [0, 2**31) (got {seed}, {step})")
     V = embed.shape[0]
     S = splits or min(HEAD_MAX_SPLITS, V, max(1, 4 * torch.cuda.get_device_properties(h.device).multi_processor_count
                                                // max(1, (L + HEAD_L - 1) // HEAD_L)))
@@ -202,25 +205,27 @@ def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType
     dev = h.device
     mst = torch.empty(S, L, 3, dtype=torch.float32, device=dev)
     arg = torch.empty(S, L, dtype=torch.int32, device=dev)
+    gmax, gidx = torch.empty(S, L, dtype=torch.float32, device=dev), torch.empty(S, L, dtype=torch.int32, device=dev)
     acc = torch.empty(S, L, D, dtype=torch.float32, device=dev)
     out = HeadStats(torch.empty(L, device=dev), torch.empty(L, dtype=torch.int32, device=dev), torch.empty(L, device=dev),
-                    torch.empty(L, device=dev), torch.empty(L, D, device=dev))
+                    torch.empty(L, device=dev), torch.empty(L, D, device=dev), torch.empty(L, dtype=torch.int32, device=dev))
     f32 = np.float32
     part = kernel("head.cu", f"dg::head_partials<{int(qtype)}>", _HEAD_NAMES)
     _launch(part, (S, (L + HEAD_L - 1) // HEAD_L), (HEAD_THREADS,),
             (_cupy(h), np.int32(L), np.int32(D), _cupy(embed), np.int32(V), np.int32(rows), f32(softcap),
-             f32(1.0 / temperature), _cupy(mst), _cupy(arg), _cupy(acc)), shared_mem=D * 4)
+             f32(1.0 / temperature), np.uint64(seed), np.int32(step), _cupy(mst), _cupy(arg), _cupy(gmax), _cupy(gidx),
+             _cupy(acc)), shared_mem=D * 4)
     merge = kernel("head.cu", "head_merge", _HEAD_NAMES)
-    _launch(merge, (L,), (HEAD_THREADS,), (_cupy(mst), _cupy(arg), _cupy(acc), np.int32(S), np.int32(L), np.int32(D),
-                                           _cupy(out.max), _cupy(out.argmax), _cupy(out.lse), _cupy(out.entropy),
-                                           _cupy(out.sc)))
-    out.argmax = out.argmax.long()
+    _launch(merge, (L,), (HEAD_THREADS,), (_cupy(mst), _cupy(arg), _cupy(gmax), _cupy(gidx), _cupy(acc), np.int32(S),
+                                           np.int32(L), np.int32(D), _cupy(out.max), _cupy(out.argmax), _cupy(out.lse),
+                                           _cupy(out.entropy), _cupy(out.sample), _cupy(out.sc)))
+    out.argmax, out.sample = out.argmax.long(), out.sample.long()
     return out
 
 
 def head_stats_reference(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float,
-                         temperature: float):
+                         temperature: float, seed: int = 0, step: int = 0):
     """Dequantize the head on the CPU and compute the statistics on the full logits in float64."""
     from .head_ref import head_stats_reference as full
 
-    return full(h.double().cpu(), _dequantized(embed, qtype, h.shape[1]), softcap, temperature)
+    return full(h.double().cpu(), _dequantized(embed, qtype, h.shape[1]), softcap, temperature, seed, step)
