@@ -70,9 +70,10 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
     x = torch.randn(tokens, d, device="cuda")
     act = torch.randn(len(rows), fe, device="cuda")
 
-    def grouped():
-        ops.moe_qmatmul(x, rows, counts, gate_up, Q.Q4_K, d)
-        ops.moe_qmatmul(act, None, counts, down, Q.Q5_0, fe)
+    def grouped():  # as QuantExperts.grouped: the groups once per layer, then the two launches
+        groups = ops.ExpertGroups(counts, "cuda")
+        ops.moe_qmatmul(x, rows, groups, gate_up, Q.Q4_K, d)
+        ops.moe_qmatmul(act, None, groups, down, Q.Q5_0, fe)
 
     starts = [sum(counts[:e]) for e in range(experts)]
 

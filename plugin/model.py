@@ -40,6 +40,12 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
     return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
 
 
+def geglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) · up from [..., 2F] (gate half first) -> [..., F]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def gelu_mlp(x: torch.Tensor, gate, up, down, gate_up: torch.Tensor | None = None) -> torch.Tensor:
     """down(gelu_tanh(gate(x)) · up(x)); gate_up: the [2F, D] rows of both, for one GEMM instead of two."""
     if gate_up is not None:
@@ -98,8 +104,7 @@ def grouped_experts(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, e
         if n == 0:
             continue
         r = rows[start : start + n]
-        gate, up = linear(x[r], gate_up_exps[e]).chunk(2, dim=-1)  # [n, Fe] each
-        y = linear(F.gelu(gate, approximate="tanh") * up, down_exps[e])  # [n, D]
+        y = linear(geglu(linear(x[r], gate_up_exps[e])), down_exps[e])  # [n, D]
         out.index_add_(0, r, y * weights[start : start + n, None])
         start += n
     return out

@@ -65,6 +65,9 @@ def test_grouped_experts_through_quant_experts_match_float_experts(kernels_as_re
     want = grouped_experts(x, top_w, top_i, scale, deq(gate_up), deq(down))
     got = grouped_experts(x, top_w, top_i, scale, qgu, qdown)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # --pad-experts: down rows zero-padded from Fe to 2Fe columns, the activations padded to match
+    padded = QuantExperts(q(torch.nn.functional.pad(down, (0, Fe))).view(E, D, -1), Q.Q8_0, D, 2 * Fe, k_in=Fe)
+    torch.testing.assert_close(grouped_experts(x, top_w, top_i, scale, qgu, padded), want, rtol=1e-4, atol=1e-5)
 
 
 def test_cuda_weights_generate_the_torch_backends_tokens(default_gguf, kernels_as_references):

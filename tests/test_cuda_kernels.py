@@ -68,8 +68,9 @@ def test_moe_qmatmul_matches_expert_by_expert(ops, qtype, n, k, counts, gathered
     tokens = max(1, P // 2)
     x = torch.from_numpy(rng.standard_normal((tokens if gathered else P, k)).astype(np.float32)).cuda()
     rows = torch.from_numpy(rng.integers(0, tokens, P).astype(np.int32)).cuda() if gathered else None
-    y = ops.moe_qmatmul(x, rows, counts, wq, qtype, k)
-    ref = ops.moe_qmatmul_reference(x, rows, counts, wq, qtype, k)
+    groups = ops.ExpertGroups(counts, "cuda")
+    y = ops.moe_qmatmul(x, rows, groups, wq, qtype, k)
+    ref = ops.moe_qmatmul_reference(x, rows, groups, wq, qtype, k)
     assert y.shape == (P, n)
     if P:
         assert float((y.cpu().double() - ref.double()).abs().max()) < 1e-4 * k ** 0.5
@@ -78,12 +79,13 @@ def test_moe_qmatmul_matches_expert_by_expert(ops, qtype, n, k, counts, gathered
 def test_moe_qmatmul_rejects_bad_input(ops):
     w = torch.zeros(3, 4, 34, dtype=torch.uint8, device="cuda")  # Q8_0 rows of 32
     x = torch.zeros(5, 32, device="cuda")
+    groups = lambda counts: ops.ExpertGroups(counts, "cuda")  # noqa: E731
     with pytest.raises(ValueError, match="3 experts"):
-        ops.moe_qmatmul(x, None, [5], w, Q.Q8_0, 32)
+        ops.moe_qmatmul(x, None, groups([5]), w, Q.Q8_0, 32)
     with pytest.raises(ValueError, match="rows must be int32"):
-        ops.moe_qmatmul(x, torch.zeros(5, dtype=torch.int64, device="cuda"), [1, 2, 2], w, Q.Q8_0, 32)
+        ops.moe_qmatmul(x, torch.zeros(5, dtype=torch.int64, device="cuda"), groups([1, 2, 2]), w, Q.Q8_0, 32)
     with pytest.raises(ValueError, match="x has 5 rows for 4"):
-        ops.moe_qmatmul(x, None, [1, 2, 1], w, Q.Q8_0, 32)
+        ops.moe_qmatmul(x, None, groups([1, 2, 1]), w, Q.Q8_0, 32)
 
 
 def test_qmatmul_rejects_bad_shapes(ops):

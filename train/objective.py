@@ -278,17 +278,14 @@ def _canvas_decoder(model, cache, starts: torch.Tensor, n_blocks: int, T: int, C
 
 def merged_decoder_masks(starts: torch.Tensor, T: int, C: int, window: int) -> dict[str, torch.Tensor]:
     """starts: [B, n] canvas starts. One decoder row per window holding its n canvases one after the other
-    ([B, n*C] queries): canvas b sees what `decoder_masks` shows it (the cache before s_b) and itself,
-    never the other canvases. Keys: the T clean positions, then the n*C canvas ones."""
+    ([B, n*C] queries): canvas b sees the cache as `decoder_masks` shows it and its own keys, never the
+    other canvases. Keys: the T clean positions, then the n*C canvas ones."""
     B, n = starts.shape
-    s = starts.repeat_interleave(C, dim=1)[:, :, None]  # [B, n*C, 1] each query's canvas start
-    k = torch.arange(T)[None, None, :]  # [1, 1, T]
-    full = k < s  # [B, n*C, T]
-    sliding = full & (k >= s - (window - 1))
+    per_canvas = decoder_masks(starts.reshape(-1), T, C, window)  # [B*n, 1, C, T+C]
     block = torch.arange(n).repeat_interleave(C)
     own = (block[:, None] == block[None, :])[None].expand(B, -1, -1)  # [B, n*C, n*C]
-    return {name: torch.cat([cached, own], dim=2)[:, None] for name, cached in
-            (("full_attention", full), ("sliding_attention", sliding))}  # [B, 1, n*C, T+n*C]
+    return {name: torch.cat([m[:, 0, :, :T].reshape(B, n * C, T), own], dim=2)[:, None]
+            for name, m in per_canvas.items()}  # [B, 1, n*C, T+n*C]
 
 
 def _merged_decoder(model, cache, starts: torch.Tensor, B: int, n: int, T: int, C: int, W: int):

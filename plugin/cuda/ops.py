@@ -102,19 +102,32 @@ def expert_tiles(counts: list[int]) -> tuple[list[int], list[int], list[int]]:
     return offsets, tile_expert, tile_m0
 
 
-def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, counts: list[int], w: torch.Tensor,
+class ExpertGroups:
+    """(token, expert) pairs grouped by expert, counts[e] of them for expert e, as csrc/moe.cu reads them:
+    the offsets and the M tiles (expert_tiles) on the GPU. Made once per MoE layer and shared by its
+    gate_up and down launches."""
+
+    def __init__(self, counts: list[int], device: torch.device | str) -> None:
+        self.counts = list(counts)
+        offsets, tile_expert, tile_m0 = expert_tiles(self.counts)
+        self.pairs, self.tiles = offsets[-1], len(tile_expert)
+        as_i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+        self.offsets, self.tile_expert, self.tile_m0 = as_i32(offsets), as_i32(tile_expert), as_i32(tile_m0)
+        self.identity = None  # rows 0..pairs-1, made on first use (down reads x already grouped)
+
+
+def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
                 qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
-    """The grouped expert GEMM (csrc/moe.cu). Pairs are grouped by expert, counts[e] of them for expert e;
-    pair m reads x[rows[m]] (rows: int32 [P]) or x[m] (rows None) and multiplies it by its expert's
-    matrix: w is [E, N, row_bytes] uint8 in GGML type `qtype` for rows of k. Returns [P, N] float32."""
+    """The grouped expert GEMM (csrc/moe.cu): pair m (grouped by expert, `groups`) reads x[rows[m]] (rows:
+    int32 [P]) or x[m] (rows None) and multiplies it by its expert's matrix: w is [E, N, row_bytes] uint8
+    in GGML type `qtype` for rows of k. Returns [P, N] float32."""
     import numpy as np
 
     qtype = _check_matmul("moe_qmatmul", x, w, qtype, k, "[E, N, ")
     E, n = w.shape[0], w.shape[1]
-    if len(counts) != E:
-        raise ValueError(f"moe_qmatmul: {len(counts)} expert counts for {E} experts")
-    offsets, tile_expert, tile_m0 = expert_tiles(counts)
-    P = offsets[-1]
+    if len(groups.counts) != E:
+        raise ValueError(f"moe_qmatmul: {len(groups.counts)} expert counts for {E} experts")
+    P = groups.pairs
     if rows is None:
         if x.shape[0] != P:
             raise ValueError(f"moe_qmatmul: x has {x.shape[0]} rows for {P} grouped pairs")
@@ -123,24 +136,24 @@ def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, counts: list[int], w
     y = torch.empty(P, n, dtype=torch.float32, device=x.device)
     if P == 0 or n == 0:
         return y
-    dev = x.device
-    as_i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
-    off_t, te_t, tm_t = as_i32(offsets), as_i32(tile_expert), as_i32(tile_m0)
-    rows_t = rows.contiguous() if rows is not None else torch.arange(P, dtype=torch.int32, device=dev)
+    if rows is None:
+        if groups.identity is None:
+            groups.identity = torch.arange(P, dtype=torch.int32, device=x.device)
+        rows = groups.identity
     fn = kernel("moe.cu", f"dg::moe_qmatmul<{int(qtype)}>", _MOE_NAMES)
-    grid = ((n + MM_TILE - 1) // MM_TILE, len(tile_expert))
-    _launch(fn, grid, (MM_THREADS,), (_cupy(x), np.int32(x.stride(0)), _cupy(rows_t),
-                                      _cupy(off_t), _cupy(te_t), _cupy(tm_t), _cupy(w), np.int64(w.stride(0)), _cupy(y),
-                                      np.int32(n), np.int32(n), np.int32(k)))
+    grid = ((n + MM_TILE - 1) // MM_TILE, groups.tiles)
+    _launch(fn, grid, (MM_THREADS,), (_cupy(x), np.int32(x.stride(0)), _cupy(rows.contiguous()), _cupy(groups.offsets),
+                                      _cupy(groups.tile_expert), _cupy(groups.tile_m0), _cupy(w), np.int64(w.stride(0)),
+                                      _cupy(y), np.int32(n), np.int32(n), np.int32(k)))
     return y
 
 
-def moe_qmatmul_reference(x: torch.Tensor, rows: torch.Tensor | None, counts: list[int], w: torch.Tensor,
+def moe_qmatmul_reference(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
                           qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     """Expert by expert: dequantize on the CPU, multiply its pairs' rows in float64."""
     xs = x.double().cpu()[rows.long().cpu()] if rows is not None else x.double().cpu()
-    out = [xs[o: o + c] @ _dequantized(w[e], qtype, k).T for e, (o, c) in
-           enumerate(zip(expert_tiles(counts)[0], counts))]
+    offsets = expert_tiles(groups.counts)[0]
+    out = [xs[o: o + c] @ _dequantized(w[e], qtype, k).T for e, (o, c) in enumerate(zip(offsets, groups.counts))]
     return torch.cat(out).float() if out else torch.zeros(0, w.shape[1])
 
 
@@ -180,16 +193,10 @@ def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType
 
     from .head_ref import HeadStats
 
-    qtype = GGMLQuantizationType(qtype)
-    if qtype not in SUPPORTED:
-        raise ValueError(f"head_stats: GGML type {qtype.name} is not supported")
-    if not (h.is_cuda and embed.is_cuda and h.device == embed.device):
-        raise ValueError("head_stats: h and the head must be CUDA tensors on the same device")
-    if h.dtype != torch.float32 or h.dim() != 2 or not 1 <= h.shape[1] <= HEAD_MAX_D:
-        raise ValueError(f"head_stats: h must be float32 [L, D<={HEAD_MAX_D}] (got {h.dtype} {tuple(h.shape)})")
+    if h.dim() != 2 or not 1 <= h.shape[1] <= HEAD_MAX_D:
+        raise ValueError(f"head_stats: h must be [L, D<={HEAD_MAX_D}] (got {tuple(h.shape)})")
     L, D = h.shape
-    if embed.dtype != torch.uint8 or embed.dim() != 2 or embed.shape[1] != row_bytes(qtype, D) or not embed.is_contiguous():
-        raise ValueError(f"head_stats: the head must be contiguous uint8 [V, {row_bytes(qtype, D)}] for {qtype.name} rows of {D}")
+    qtype = _check_matmul("head_stats", h, embed, qtype, D, "[V, ")
     if not temperature > 0:
         raise ValueError(f"head_stats: temperature must be > 0 (got {temperature})")
     if not (0 <= seed < 2**64 and 0 <= step < 2**31):
@@ -201,7 +208,7 @@ def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType
         raise ValueError(f"head_stats: splits must be in 1..{min(V, HEAD_MAX_SPLITS)} (got {S})")
     rows = (V + S - 1) // S
     S = (V + rows - 1) // rows  # no empty split
-    h = h.contiguous()
+    h = h.contiguous()  # unit stride in D (checked); rows may be strided
     dev = h.device
     mst = torch.empty(S, L, 3, dtype=torch.float32, device=dev)
     arg = torch.empty(S, L, dtype=torch.int32, device=dev)

@@ -30,7 +30,7 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int) -> tuple[np.ndarray, ...]:
 
 def uniform(words: np.ndarray) -> np.ndarray:
     """float32 in (0, 1) from uint32 words: the top 24 bits, centred (csrc/philox.cuh philox_uniform)."""
-    return ((words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24) + np.float32(2.0**-25)).astype(np.float32)
+    return (words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24) + np.float32(2.0**-25)
 
 
 def sampler_uniforms(seed: int, step: int, positions: np.ndarray | int, vocab: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from dgemma.convert import constants as C
 
 from ..config import ModelConfig
 from ..inspect import InspectError, field_value
-from ..model import LayerWeights, Weights
+from ..model import LayerWeights, Weights, geglu
 from ..weights import tensor_to_torch
 from . import ops
 
@@ -27,17 +27,21 @@ class QuantLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).float()
-        if self.k_in != self.k:
-            x2 = torch.nn.functional.pad(x2, (0, self.k - self.k_in))
-        return ops.qmatmul(x2.contiguous(), self.data, self.qtype, self.k).view(*lead, self.n)
+        x2 = _padded(x.reshape(-1, x.shape[-1]), self.k_in, self.k)
+        return ops.qmatmul(x2, self.data, self.qtype, self.k).view(*lead, self.n)
+
+
+def _padded(x: torch.Tensor, k_in: int, k: int) -> torch.Tensor:
+    """x [M, k_in] as the contiguous float32 [M, k] a matmul over zero-padded rows (--pad-experts) reads."""
+    x = x.float()
+    return (torch.nn.functional.pad(x, (0, k - k_in)) if k_in != k else x).contiguous()
 
 
 class QuantExperts:
     """[E, N, K] expert weights as GGML blocks; experts[e] is that expert's QuantLinear."""
 
     def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, k_in: int | None = None) -> None:
-        self.data, self.qtype, self.n, self.k, self.k_in = data, qtype, n, k, k_in
+        self.data, self.qtype, self.n, self.k, self.k_in = data, qtype, n, k, k_in or k
 
     def __getitem__(self, e: int) -> QuantLinear:
         return QuantLinear(self.data[e], self.qtype, self.n, self.k, self.k_in)
@@ -47,12 +51,10 @@ class QuantExperts:
         """model.grouped_experts on the GPU, self being gate_up: x [N, D]; rows [P] the token of each (token,
         expert) pair grouped by expert, counts[e] pairs for expert e; weights [P] their routing weights.
         Two csrc/moe.cu launches (gate_up, down) for all experts, then the weighted scatter. Returns [N, D]."""
-        h = ops.moe_qmatmul(x.float().contiguous(), rows.to(torch.int32), counts, self.data, self.qtype, self.k)
-        gate, up = h.chunk(2, dim=-1)  # [P, Fe] each
-        act = torch.nn.functional.gelu(gate, approximate="tanh") * up
-        if down.k_in is not None and down.k_in != down.k:  # --pad-experts: zero columns
-            act = torch.nn.functional.pad(act, (0, down.k - down.k_in))
-        y = ops.moe_qmatmul(act.contiguous(), None, counts, down.data, down.qtype, down.k)  # [P, D]
+        groups = ops.ExpertGroups(counts, x.device)
+        h = ops.moe_qmatmul(_padded(x, self.k_in, self.k), rows.to(torch.int32), groups, self.data, self.qtype, self.k)
+        act = _padded(geglu(h), down.k_in, down.k)  # [P, Fe], zero columns for --pad-experts
+        y = ops.moe_qmatmul(act, None, groups, down.data, down.qtype, down.k)  # [P, D]
         return torch.zeros_like(x).index_add_(0, rows, y * weights[:, None].to(y.dtype))
 
 
