@@ -2,7 +2,8 @@
 
 Slice 1 of issue 5: the quantized matmul kernel (csrc/qmatmul.cu) for every weight class of one
 denoising step of the Q4_K_M file (canvas 256; routed experts see 256 x 8 / 128 = 16 tokens each on
-average), one layer's routed experts in one launch per matrix (csrc/moe.cu), plus the accept/re-noise step. Weights are synthetic: random block bytes with sane fp16
+average), one layer's routed experts in one launch per matrix (csrc/moe.cu), the sampler's statistics
+from the vocabulary head (csrc/head.cu) and the accept/re-noise step (csrc/accept.cu). Weights are synthetic: random block bytes with sane fp16
 scales, made on the GPU in seconds (timing does not depend on the values). Prints ms, achieved TB/s of
 weight bytes and TFLOP/s for both, and their ratio, measured in this run on this GPU.
 
@@ -14,8 +15,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
+from synthetic import synthetic_blocks
 
 from dgemma.plugin.cuda import check_cuda
 from dgemma.plugin.cuda import ops
@@ -31,19 +32,10 @@ SHAPES = [
     ("expert down (704 rows)", 2816, 704, Q.Q5_0, 16, 30 * 128),
     ("vocabulary head (Q6_K)", 262144, 2816, Q.Q6_K, 256, 1),
 ]
-SCALE_FIELDS = {  # byte ranges of the fp16 scales inside a block
-    Q.Q8_0: [(0, 2)], Q.Q4_0: [(0, 2)], Q.Q5_0: [(0, 2)], Q.Q5_1: [(0, 2), (2, 4)], Q.Q2_K: [(80, 82), (82, 84)],
-    Q.Q3_K: [(108, 110)], Q.Q4_K: [(0, 2), (2, 4)], Q.Q5_K: [(0, 2), (2, 4)], Q.Q6_K: [(208, 210)],
-}
 
 
 def synthetic(n: int, k: int, qtype: Q) -> torch.Tensor:
-    bs, ts = GGML_QUANT_SIZES[qtype]
-    w = torch.randint(0, 256, (n, k // bs, ts), dtype=torch.uint8, device="cuda")
-    half = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8).cuda()  # [2] bytes of fp16(0.01)
-    for a, b in SCALE_FIELDS[qtype]:
-        w[:, :, a:b] = half
-    return w.view(n, -1)
+    return synthetic_blocks(n, k, qtype, "cuda")
 
 
 def timed(fn, repeat: int) -> float:
@@ -89,6 +81,38 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
           f"({wbytes / a / 1e9:.2f} TB/s), one launch per expert {b:.3f} ms ({b / a:.2f}x); x30 layers: {30 * a:.1f} ms")
 
 
+def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, softcap: float = 30.0) -> None:
+    """The sampler's per-pass statistics from the Q6_K vocabulary head: the fused head (csrc/head.cu: max,
+    argmax, entropy, Gumbel-max sample, softmax @ E; no [L, V] logits) against the torch way (f16 logits by
+    cuBLAS, softcap, softmax, entropy, argmax, multinomial, probs @ E)."""
+
+    w = synthetic(vocab, d, Q.Q6_K)
+    h = torch.randn(rows, d, device="cuda")
+    ours = timed(lambda: ops.head_stats(h, w, Q.Q6_K, softcap, 0.8, seed=1, step=0), repeat)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ops.head_stats(h, w, Q.Q6_K, softcap, 0.8, seed=1, step=0)
+    ours_mem = torch.cuda.max_memory_allocated() - base
+    wf = ops.get_rows(torch.arange(vocab, device="cuda"), w, Q.Q6_K, d).half()  # dequantized on the GPU
+
+    def torch_way():
+        z = torch.tanh((h.half() @ wf.T).float() / softcap) * softcap / 0.8  # [L, V]
+        probs = torch.softmax(z, dim=-1)
+        entropy = -(probs * torch.log_softmax(z, dim=-1)).sum(-1)
+        return z.argmax(-1), entropy, torch.multinomial(probs, 1), probs.half() @ wf
+
+    theirs = timed(torch_way, repeat)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    torch_way()
+    theirs_mem = torch.cuda.max_memory_allocated() - base
+    print(f"sampler statistics from the head ({rows} x {d} x {vocab} Q6_K): fused {ours:.3f} ms "
+          f"({w.numel() / ours / 1e9:.2f} TB/s, {ours_mem / 2**20:.0f} MiB working memory), torch way {theirs:.3f} ms "
+          f"({theirs_mem / 2**20:.0f} MiB) -> {theirs / ours:.2f}x")
+    del w, wf
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=20)
@@ -101,14 +125,13 @@ def main() -> None:
         w = synthetic(n, k, qtype)
         x = torch.randn(m, k, device="cuda")
         ours = timed(lambda: ops.qmatmul(x, w, qtype, k), args.repeat)
-        from dgemma import quant
 
         wf = None
 
         def torch_way():  # what the torch backend does per layer: dequantize (here: once, cached) + cuBLAS f16
             nonlocal wf
             if wf is None:
-                wf = torch.from_numpy(quant.dequantize(w.cpu().numpy(), qtype).reshape(n, k)).half().cuda()
+                wf = ops.get_rows(torch.arange(n, device="cuda"), w, qtype, k).half()  # csrc/get_rows.cu
             return (x.half() @ wf.T).float()
 
         theirs = timed(torch_way, args.repeat)
@@ -122,9 +145,10 @@ def main() -> None:
     print(f"matmuls of one denoising step (sum over layers): ours {total_ours:.1f} ms, dequant+cuBLAS {total_torch:.1f} ms "
           f"(torch keeps f16 weights: {total_torch / max(total_ours, 1e-9):.2f}x)")
     moe_layer(args.repeat)
+    head_pass(args.repeat)
     ent = torch.rand(1, 256, device="cuda")
     tok = torch.randint(0, 262144, (1, 256), device="cuda")
-    a = timed(lambda: ops.accept_renoise(ent, tok, tok, 0.1), args.repeat)
+    a = timed(lambda: ops.accept_renoise(ent, tok, 1, 0, 262144, 0.1), args.repeat)
     print(f"accept/re-noise (1 x 256): {a * 1e3:.1f} us")
     print(f"peak VRAM {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 

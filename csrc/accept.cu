@@ -3,19 +3,21 @@
 // For canvas b: sort the C positions by entropy (ascending), accept the prefix whose cumulative entropy
 // minus its largest term stays within `bound` (Categorical entropies of the temperature-scaled logits,
 // computed by the head), and build the next canvas: accepted positions take the denoised token, the
-// others the fresh uniformly drawn token. As plugin/sampler.py's accept() + renoise(); the random draws
-// come in as `fresh` so the kernel is deterministic. The cumulative sum runs sequentially in sorted
-// order, as torch.cumsum on the CPU does, so borderline acceptances agree.
-// Shapes: entropy [B, C] f32; denoised, fresh, next [B, C] i32; accepted [B, C] u8; C <= 1024.
-#include "quant/blocks.cuh"
+// others a fresh uniformly drawn token. As plugin/sampler.py's CounterSteps.accept_renoise: the fresh
+// token of position b*C + i after step `step` is csrc/philox.cuh's sampler_token(seed, step, b*C + i,
+// SAMPLER_RENOISE, vocab), so the kernel is deterministic and plugin/rng.py draws the same tokens. The
+// cumulative sum runs sequentially in sorted order, as torch.cumsum on the CPU does, so borderline
+// acceptances agree.
+// Shapes: entropy [B, C] f32; denoised, next [B, C] i32; accepted [B, C] u8; C <= 1024.
+#include "philox.cuh"
 
 namespace dg {
 
 constexpr int ACCEPT_MAX = 1024;
 
 extern "C" __global__ void accept_renoise(const float * __restrict__ entropy, const int * __restrict__ denoised,
-                                          const int * __restrict__ fresh, int * __restrict__ next,
-                                          uint8_t * __restrict__ accepted, int C, float bound) {
+                                          int * __restrict__ next, uint8_t * __restrict__ accepted, int C,
+                                          float bound, unsigned long long seed, int step, int vocab) {
     __shared__ float key[ACCEPT_MAX];
     __shared__ int idx[ACCEPT_MAX];
     __shared__ uint8_t take[ACCEPT_MAX];
@@ -56,7 +58,7 @@ extern "C" __global__ void accept_renoise(const float * __restrict__ entropy, co
     for (int i = tid; i < C; i += blockDim.x) {
         const long o = (long)b * C + i;
         accepted[o] = take[i];
-        next[o] = take[i] ? denoised[o] : fresh[o];
+        next[o] = take[i] ? denoised[o] : sampler_token(seed, step, (int)o, SAMPLER_RENOISE, vocab);
     }
 }
 

@@ -2,7 +2,7 @@
 // numbers: as easy as 1, 2, 3", SC'11; the generator of Random123 and of cuRAND's Philox). Any thread
 // draws the number of any (seed, step, position, vocabulary index) directly, with no state, so a
 // vocabulary split over blocks draws the same numbers whatever the split (the Gumbel-max sample of the
-// fused head, issue 5). plugin/cuda/rng.py is the numpy reference (bit-exact for the words and the
+// fused head, issue 5). plugin/rng.py is the numpy reference (bit-exact for the words and the
 // uniforms; tests/test_csrc.py runs both).
 #pragma once
 #include "quant/blocks.cuh"  // DG_HD
@@ -46,6 +46,20 @@ DG_HD float philox_uniform(uint32_t x) { return (float)(x >> 8) * 5.960464477539
 DG_HD float sampler_uniform(unsigned long long seed, int step, int pos, int v) {
     return philox_uniform(philox4x32_10((uint32_t)v, (uint32_t)pos, (uint32_t)step, 0u, (uint32_t)seed,
                                         (uint32_t)(seed >> 32)).v[0]);
+}
+
+// Uniform token draws (the initial canvas and the re-noised positions) come from a second stream,
+// counter = (kind, pos, step, 1), so they never reuse a Gumbel draw's counter (v, pos, step, 0).
+// kind: SAMPLER_RENOISE for the tokens re-drawn after step `step`, SAMPLER_INIT for the canvas that
+// step `step` is the first pass over (plugin/rng.py has the same constants).
+constexpr uint32_t SAMPLER_RENOISE = 0u, SAMPLER_INIT = 1u, SAMPLER_TOKEN_STREAM = 1u;
+
+// A token in [0, vocab): the first word scaled by vocab in integers, floor(word * vocab / 2^32), exact
+// on host and device (no float rounding up to vocab).
+DG_HD int sampler_token(unsigned long long seed, int step, int pos, uint32_t kind, int vocab) {
+    const uint32_t w = philox4x32_10(kind, (uint32_t)pos, (uint32_t)step, SAMPLER_TOKEN_STREAM, (uint32_t)seed,
+                                     (uint32_t)(seed >> 32)).v[0];
+    return (int)(((uint64_t)w * (uint64_t)vocab) >> 32);
 }
 
 }  // namespace dg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from gguf import GGUFReader
@@ -71,8 +72,21 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, reader: GGUFReader, path: str | Path = "") -> "ModelConfig":
+        tokens = field_value(reader, C.TOKENIZER_TOKENS)
+        embd = next((t for t in reader.tensors if t.name == C.gguf_name(C.TOKEN_EMBD)), None)
+        if embd is None:
+            raise InspectError(f"{path}: tensor '{C.gguf_name(C.TOKEN_EMBD)}' missing")
+        vocab_size = int(embd.shape[1])
+        if tokens is not None and len(tokens) != vocab_size:
+            raise InspectError(f"{path}: {len(tokens)} tokens but token_embd has {vocab_size} rows")
+        return cls.from_fields(lambda key, default=None: field_value(reader, key, default), vocab_size, path)
+
+    @classmethod
+    def from_fields(cls, get: Callable[..., Any], vocab_size: int, path: str | Path = "") -> "ModelConfig":
+        """From GGUF metadata values: get(key, default=None) -> value (a GGUF reader's fields, or the
+        converter's KV before any file is written: bench/model_gpu.py builds the 26B shapes that way)."""
         def need(key: str) -> Any:
-            value = field_value(reader, key)
+            value = get(key)
             if value is None:
                 raise InspectError(f"{path}: metadata key '{key}' missing")
             return value
@@ -86,29 +100,22 @@ class ModelConfig:
             raise InspectError(f"{path}: per-layer metadata does not have {n_layer} entries")
         sampler = SamplerDefaults()
         for key, attr in _SAMPLER_FIELDS.items():
-            value = field_value(reader, key)
+            value = get(key)
             if value is not None:
                 setattr(sampler, attr, type(getattr(sampler, attr))(value))
-        n_rot_swa = field_value(reader, C.ROPE_DIMENSION_COUNT_SWA)
+        n_rot_swa = get(C.ROPE_DIMENSION_COUNT_SWA)
         head_dim_swa = int(need(C.KEY_LENGTH_SWA))
         if n_rot_swa is not None and int(n_rot_swa) != head_dim_swa:
             raise InspectError(f"{path}: partial RoPE on sliding layers ({n_rot_swa} of {head_dim_swa}) is not supported")
-        tokens = field_value(reader, C.TOKENIZER_TOKENS)
-        embd = next((t for t in reader.tensors if t.name == C.gguf_name(C.TOKEN_EMBD)), None)
-        if embd is None:
-            raise InspectError(f"{path}: tensor '{C.gguf_name(C.TOKEN_EMBD)}' missing")
-        vocab_size = int(embd.shape[1])
-        if tokens is not None and len(tokens) != vocab_size:
-            raise InspectError(f"{path}: {len(tokens)} tokens but token_embd has {vocab_size} rows")
         return cls(
             n_layer=n_layer, n_embd=int(need(C.EMBEDDING_LENGTH)), n_ff=int(need(C.FEED_FORWARD_LENGTH)),
             n_head=int(need(C.HEAD_COUNT)), n_head_kv=n_head_kv, is_swa=is_swa, head_dim_swa=head_dim_swa,
             head_dim_full=int(need(C.KEY_LENGTH)), n_expert=int(need(C.EXPERT_COUNT)),
             n_expert_used=int(need(C.EXPERT_USED_COUNT)), n_ff_exp=int(need(C.EXPERT_FEED_FORWARD_LENGTH)),
             sliding_window=int(need(C.SLIDING_WINDOW)), rope_base=float(need(C.ROPE_FREQ_BASE)),
-            rope_base_swa=float(field_value(reader, C.ROPE_FREQ_BASE_SWA, 10000.0)),
-            rms_eps=float(field_value(reader, C.RMS_EPS, 1e-6)),
-            softcap=float(field_value(reader, C.FINAL_LOGIT_SOFTCAPPING, 0.0)),
+            rope_base_swa=float(get(C.ROPE_FREQ_BASE_SWA, 10000.0)),
+            rms_eps=float(get(C.RMS_EPS, 1e-6)),
+            softcap=float(get(C.FINAL_LOGIT_SOFTCAPPING, 0.0)),
             vocab_size=vocab_size, canvas_length=int(need(C.CANVAS_LENGTH)),
-            context_length=int(field_value(reader, C.CONTEXT_LENGTH, 131072)), sampler=sampler,
+            context_length=int(get(C.CONTEXT_LENGTH, 131072)), sampler=sampler,
         )

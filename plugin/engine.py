@@ -28,12 +28,13 @@ from .config import ModelConfig, SamplerDefaults
 from .fast_decode import FastDecoder
 from .inspect import open_gguf
 from .model import DiffusionGemma, KVCache
-from .sampler import StepInfo, denoise_canvas
+from .sampler import CounterSteps, Denoised, Steps, StepInfo, TorchSteps, denoise_canvas, logits_stats
 from .tokenizer import Tokenizer
 from .weights import load_weights
 
 DEFAULT_MAX_TOKENS = 1024
 BACKENDS = ("torch", "cuda")
+RNGS = ("torch", "counter")  # the sampler's draws (plugin/sampler.py): a torch.Generator, or counter-based
 
 
 class EngineError(ValueError):
@@ -90,19 +91,26 @@ Event = TextEvent | DoneEvent
 
 class Engine:
     def __init__(self, path: Path, cfg: ModelConfig, tokenizer: Tokenizer, model: DiffusionGemma, load_ns: int,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, rng: str = "torch") -> None:
+        if rng not in RNGS:
+            raise EngineError(f"rng '{rng}' is not available (have: {', '.join(RNGS)})")
         self.path, self.cfg, self.tokenizer, self.model, self.load_duration = path, cfg, tokenizer, model, load_ns
-        self.device = device or torch.device("cpu")
+        self.device, self.rng = device or torch.device("cpu"), rng
         # small float32 models on the CPU: the same decoder step in fewer torch calls (plugin/fast_decode.py)
         self.decode_step = FastDecoder(model).decode if FastDecoder.supports(model) else model.decode
         self._lock = threading.Lock()  # one generation at a time per engine
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "torch", device: str | None = None) -> "Engine":
+    def load(cls, path: str | Path, backend: str = "torch", device: str | None = None, rng: str | None = None) -> "Engine":
         """backend "torch": the reference (float32 weights, CPU or a CUDA device); "cuda": weights stay
-        quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU)."""
+        quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU). rng: the sampler's
+        draws, "torch" (transformers' order, the torch backend's default) or "counter" (the cuda backend's,
+        which samples on the GPU; the torch backend with "counter" draws the same tokens)."""
         if backend not in BACKENDS:
             raise EngineError(f"backend '{backend}' is not available (have: {', '.join(BACKENDS)})")
+        rng = rng or ("counter" if backend == "cuda" else "torch")
+        if rng not in RNGS:
+            raise EngineError(f"rng '{rng}' is not available (have: {', '.join(RNGS)})")
         device = device or ("cuda" if backend == "cuda" else "cpu")
         if backend == "cuda":
             from .cuda import CudaUnavailable, check_cuda
@@ -130,7 +138,7 @@ class Engine:
             model = DiffusionGemma(cfg, weights)
         except ValueError as e:  # InspectError and friends
             raise EngineError(str(e)) from None
-        return cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device))
+        return cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng)
 
     # ---- prompt ---------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[dict[str, Any]] | list[int], raw: bool = False, **template_kwargs) -> list[int]:
@@ -159,6 +167,21 @@ class Engine:
         return s
 
     # ---- generation -----------------------------------------------------------------------------
+    def _steps(self, cache: KVCache, seed: int) -> Steps:
+        """The sampler's backend for one generation (plugin/sampler.py)."""
+        dev, V = self.device, self.cfg.vocab_size
+        if self.rng == "counter" and hasattr(self.model.w.head, "stats"):
+            return _fused_steps(self.model, cache, V, seed % 2**64, dev)
+
+        def decode(canvas: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
+            # the sampler runs on the CPU, so every backend draws the same numbers
+            logits = self.decode_step(canvas.to(dev), cache, None if sc is None else sc.to(dev))
+            return logits.cpu()
+
+        if self.rng == "counter":
+            return CounterSteps(logits_stats(decode), V, seed % 2**64)
+        return TorchSteps(decode, V, torch.Generator().manual_seed(seed))
+
     def settings(self, ids: list[int], o: GenerateOptions) -> tuple[SamplerDefaults, int, set[int]]:
         """Check a request before generating: sampler settings, token budget, end-of-generation ids."""
         s = self.sampler_settings(o)
@@ -183,18 +206,12 @@ class Engine:
     def _generate(self, ids: list[int], o: GenerateOptions, s: SamplerDefaults, max_tokens: int, eos: set[int],
                   seed: int) -> Iterator[Event]:
         t_start = time.perf_counter_ns()
-        gen = torch.Generator().manual_seed(seed)
         cache = KVCache()
         dev = self.device
         self.model.encode(torch.tensor([ids], device=dev), cache)
         t_prompt = time.perf_counter_ns()
-        C, V = self.cfg.canvas_length, self.cfg.vocab_size
-
-        def decode(canvas: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
-            # the sampler runs on the CPU with one torch.Generator, so every backend draws the same numbers
-            logits = self.decode_step(canvas.to(dev), cache, None if sc is None else sc.to(dev))
-            return logits.cpu()
-
+        C = self.cfg.canvas_length
+        sampler = self._steps(cache, seed)
         cancelled = False
 
         def on_step(info: StepInfo) -> bool:
@@ -213,7 +230,7 @@ class Engine:
             if o.cancelled():
                 reason = "cancelled"
                 break
-            result = denoise_canvas(decode, C, V, s, gen, on_step)
+            result = denoise_canvas(sampler, C, s, on_step)
             canvas = result.tokens.tolist()
             canvases.append(canvas)
             steps.append(result.steps)
@@ -242,6 +259,19 @@ class Engine:
             seed=seed, total_duration=t_end - t_start + self.load_duration, load_duration=self.load_duration,
             prompt_eval_duration=t_prompt - t_start, eval_duration=t_end - t_prompt,
         )
+
+
+def _fused_steps(model: DiffusionGemma, cache: KVCache, vocab_size: int, seed: int, device: torch.device) -> Steps:
+    """Counter-based steps where the head is a backend object with `stats` (the cuda backend): the head
+    kernel gives argmax, entropy, sample and softmax @ E, and csrc/accept.cu accepts and re-noises on the
+    device; the [C, V] logits are never formed."""
+    from .cuda import ops
+
+    def stats(canvas: torch.Tensor, soft, temperature: torch.Tensor, seed: int, index: int) -> Denoised:
+        hs = model.decode_stats(canvas, cache, soft, float(temperature), seed, index)
+        return Denoised(hs.argmax[None], hs.entropy[None], hs.sample[None], hs.sc[None])  # [1, C], soft [1, C, D]
+
+    return CounterSteps(stats, vocab_size, seed, ops.accept_renoise, device)
 
 
 def _to_device(w, device: str):

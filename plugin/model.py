@@ -301,6 +301,7 @@ class DiffusionGemma:
 
     # ---- the two passes ----------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows of the embedding (a tensor, or a backend's quantized table indexed the same way) times √D."""
         return self.w.embed[tokens] * torch.tensor(self.cfg.embed_scale, dtype=self.w.embed.dtype)  # [B, L, D]
 
     @torch.inference_mode()
@@ -314,26 +315,53 @@ class DiffusionGemma:
         cache.length += tokens.shape[1]
         return x
 
-    def self_conditioning(self, x: torch.Tensor, sc_probs: torch.Tensor | None) -> torch.Tensor:
-        """Decoder input: weightless RMSNorm(embedding + MLP(RMSNorm(sc_probs @ E · √D))), where sc_probs is
-        softmax of the previous step's processed logits (None on the first step: no signal)."""
+    def soft_embedding(self, sc_probs: torch.Tensor) -> torch.Tensor:
+        """sc_probs [B, C, V] (softmax of the previous step's processed logits) @ E -> [B, C, D]."""
+        e = self.w.embed
+        return sc_probs.to(e.dtype) @ e if isinstance(e, torch.Tensor) else e.weighted_sum(sc_probs)
+
+    def self_conditioning(self, x: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        """Decoder input: weightless RMSNorm(embedding + MLP(RMSNorm(soft · √D))), where soft = softmax(the
+        previous step's processed logits) @ E (None on the first step: no signal)."""
         w = self.w
-        if sc_probs is None:
+        if soft is None:
             soft = torch.zeros_like(x)
         else:
-            soft = (sc_probs.to(w.embed.dtype) @ w.embed) * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)  # [B, L, D]
+            soft = soft.to(x.dtype) * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)  # [B, L, D]
         signal = gelu_mlp(rms_norm(soft, w.sc_pre_norm, self.cfg.rms_eps), w.sc_gate, w.sc_up, w.sc_down)
         return rms_norm(x + signal, None, self.cfg.rms_eps)
+
+    @torch.inference_mode()
+    def decode_hidden(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> torch.Tensor:
+        """canvas: [B, C] token ids; soft: [B, C, D] the self-conditioning soft embedding or None. Returns
+        the last layer's output [B, C, D]."""
+        rope = self.rope(cache.length, canvas.shape[1], canvas.device)
+        x = self.self_conditioning(self.embed(canvas), soft)
+        for i in range(self.cfg.n_layer):
+            x = self.layer(i, x, rope[i], cache, encoder=False)
+        return x
 
     @torch.inference_mode()
     def decode(self, canvas: torch.Tensor, cache: KVCache, sc_probs: torch.Tensor | None = None) -> torch.Tensor:
         """canvas: [B, C] token ids; sc_probs: [B, C, V] softmax of the previous step's processed logits, or
         None. Returns softcapped float32 logits [B, C, V]."""
-        rope = self.rope(cache.length, canvas.shape[1], canvas.device)
-        x = self.self_conditioning(self.embed(canvas), sc_probs)
-        for i in range(self.cfg.n_layer):
-            x = self.layer(i, x, rope[i], cache, encoder=False)
-        return self.head(x)
+        soft = None if sc_probs is None else self.soft_embedding(sc_probs)
+        return self.head(self.decode_hidden(canvas, cache, soft))
+
+    @torch.inference_mode()
+    def decode_stats(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None, temperature: float,
+                     seed: int, index: int):
+        """The sampler's statistics of one pass over a canvas [1, C] without the [C, V] logits where the head
+        is a backend object with `stats` (the cuda backend's fused head, csrc/head.cu): per position max,
+        argmax, lse, entropy of softcap(logits) / temperature, the Gumbel-max sample of (seed, index) and
+        sc = softmax @ E [C, D], the next pass's `soft`. Plain weights: plugin/cuda/head_ref.py's full-logits
+        reference. Returns plugin.cuda.head_ref.HeadStats."""
+        x = rms_norm(self.decode_hidden(canvas, cache, soft), self.w.output_norm, self.cfg.rms_eps)[0]  # [C, D]
+        if hasattr(self.w.head, "stats"):
+            return self.w.head.stats(x, self.cfg.softcap, temperature, seed, index)
+        from .cuda.head_ref import head_stats_reference
+
+        return head_stats_reference(x, self.w.embed, self.cfg.softcap, temperature, seed, index)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Softcapped float32 logits [B, L, V] of the last layer's output x [B, L, D] (tied embedding)."""

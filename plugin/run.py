@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["torch", "cuda"], default="torch",
                    help="torch (reference; CPU or --device cuda) or cuda (quantized weights in VRAM, csrc kernels)")
     p.add_argument("--device", help="torch device for the torch backend (default cpu)")
+    p.add_argument("--rng", choices=["torch", "counter"],
+                   help="the sampler's random draws: torch (transformers' order; the torch backend's default) or "
+                        "counter (Philox per position, drawn on the GPU; the cuda backend's). The same --rng and "
+                        "--seed give the same tokens on both backends")
 
 
 def _prompt(args: argparse.Namespace) -> str | list[Any]:
@@ -105,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         path = resolve_model(args.model)
-        engine = Engine.load(path, backend=args.backend, device=args.device)
+        engine = Engine.load(path, backend=args.backend, device=args.device, rng=args.rng)
         prompt = _prompt(args)
         cancel = threading.Event()
         opts = GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps, raw=args.raw, cancel=cancel)

@@ -4,17 +4,28 @@ Per canvas: start from uniform random tokens; for step N..1 run the decoder, div
 annealed temperature, draw a sample, accept the lowest-entropy tokens while their summed entropy (less
 the largest) stays within the bound, re-draw the others uniformly; stop early once the argmax canvas
 has been stable for `stability_threshold` steps and the mean entropy is below `confidence_threshold`.
-The argmax canvas of the last step is the output. Random draws use one torch.Generator in the same
-order as transformers' generate() (init, then per step: sample, re-noise), so a seed reproduces it.
+The argmax canvas of the last step is the output.
+
+The loop asks a `Steps` object for the three things that depend on the backend and the random numbers:
+the initial canvas, one denoising pass (argmax, entropy, sample and the next self-conditioning input),
+and the accept/re-noise step. Two kinds of draws:
+- `TorchSteps` (`--rng torch`, the torch backend's default): one torch.Generator, drawn in the same
+  order as transformers' generate() (init, then per step: sample, re-noise), so a seed reproduces it.
+- `CounterSteps` (`--rng counter`, the cuda backend's): every number is Philox of (seed, pass, position,
+  row) (plugin/rng.py, csrc/philox.cuh), so the GPU draws them where it needs them, in any order, and the
+  torch backend given the same seed draws the same tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
+from . import rng
 from .config import SamplerDefaults
 
 
@@ -118,28 +129,120 @@ class StableAndConfident:
 Decoder = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (canvas, sc_probs) -> logits
 
 
-def denoise_canvas(decode: Decoder, length: int, vocab_size: int, s: SamplerDefaults, gen: torch.Generator,
+@dataclass
+class Denoised:
+    """What the loop needs from one decoder pass over the canvas ([1, C] each)."""
+
+    argmax: torch.Tensor
+    entropy: torch.Tensor  # of the processed (temperature-scaled) distribution
+    sample: torch.Tensor  # a draw from it
+    sc: Any  # the next pass's self-conditioning input, in the form the backend's decoder takes
+
+
+class Steps(Protocol):
+    def init(self, length: int) -> torch.Tensor: ...  # [1, C] the starting canvas
+
+    def denoise(self, canvas: torch.Tensor, sc: Any, temperature: torch.Tensor) -> Denoised: ...
+
+    def accept_renoise(self, canvas: torch.Tensor, out: Denoised, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+        ...  # (next canvas [1, C], accepted mask [1, C])
+
+
+class TorchSteps:
+    """The logits-based step with one torch.Generator, in transformers' order of draws."""
+
+    def __init__(self, decode: Decoder, vocab_size: int, gen: torch.Generator) -> None:
+        self.decode, self.vocab_size, self.gen = decode, vocab_size, gen
+
+    def init(self, length: int) -> torch.Tensor:
+        return init_canvas(length, self.vocab_size, self.gen)
+
+    def denoise(self, canvas: torch.Tensor, sc: Any, temperature: torch.Tensor) -> Denoised:
+        processed = self.decode(canvas, sc) / temperature  # [1, C, V]
+        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)  # also the next step's self-conditioning
+        denoised = sample(probs, self.gen)
+        return Denoised(processed.argmax(dim=-1), token_entropy(processed, probs), denoised, probs)
+
+    def accept_renoise(self, canvas: torch.Tensor, out: Denoised, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+        accepted, mask = accept(canvas, out.sample, out.entropy, bound)
+        return renoise(accepted, mask, self.vocab_size, self.gen), mask
+
+
+# (canvas, sc, temperature, seed, pass index) -> Denoised, its sample the Gumbel-max draw of that pass
+StatsDecoder = Callable[[torch.Tensor, Any, torch.Tensor, int, int], Denoised]
+# (entropy [1, C], sample [1, C], seed, pass index, vocab, bound) -> (next canvas, accepted mask)
+AcceptRenoise = Callable[[torch.Tensor, torch.Tensor, int, int, int, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def gumbel_sample(processed: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+    """argmax_v (z_v - log(-log u_v)) per position of processed logits [1, C, V], u the counter-based
+    uniforms of (seed, pass index, position, v): a draw from softmax(z), computed in float64 as
+    plugin/cuda/head_ref.py does. Returns [1, C]."""
+    C, V = processed.shape[-2:]
+    u = torch.from_numpy(rng.sampler_uniforms(seed, index, np.arange(C), V)).double()  # [C, V]
+    return (processed[0].double().cpu() - torch.log(-torch.log(u))).argmax(dim=-1)[None].to(processed.device)
+
+
+def logits_stats(decode: Decoder) -> StatsDecoder:
+    """A StatsDecoder from a logits decoder (the torch backend's reference for the cuda head kernel)."""
+
+    def stats(canvas: torch.Tensor, sc: Any, temperature: torch.Tensor, seed: int, index: int) -> Denoised:
+        processed = decode(canvas, sc) / temperature  # [1, C, V]
+        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+        return Denoised(processed.argmax(dim=-1), token_entropy(processed, probs), gumbel_sample(processed, seed, index),
+                        probs)
+
+    return stats
+
+
+def counter_accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, index: int, vocab: int,
+                           bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """accept() with the re-noised tokens of pass `index` from the counter stream (csrc/accept.cu's reference)."""
+    fresh = torch.from_numpy(rng.sampler_tokens(seed, index, np.arange(denoised.numel()), vocab, rng.RENOISE))
+    return accept(fresh.view_as(denoised).to(denoised.device), denoised, entropy, bound)
+
+
+class CounterSteps:
+    """Counter-based draws: pass k of a generation (k = 0, 1, ... over all its canvases) samples with the
+    uniforms of (seed, k) and re-noises with the tokens of (seed, k, RENOISE); the canvas that pass k starts
+    is drawn with (seed, k, INIT). No generator state: any device can draw any of them."""
+
+    def __init__(self, stats: StatsDecoder, vocab_size: int, seed: int,
+                 accept_renoise: AcceptRenoise = counter_accept_renoise, device: torch.device | str = "cpu") -> None:
+        self.stats, self.vocab_size, self.seed, self._accept = stats, vocab_size, seed, accept_renoise
+        self.device, self.index = torch.device(device), 0
+
+    def init(self, length: int) -> torch.Tensor:
+        tokens = rng.sampler_tokens(self.seed, self.index, np.arange(length), self.vocab_size, rng.INIT)
+        return torch.from_numpy(tokens)[None].to(self.device)  # [1, C]
+
+    def denoise(self, canvas: torch.Tensor, sc: Any, temperature: torch.Tensor) -> Denoised:
+        return self.stats(canvas, sc, temperature, self.seed, self.index)
+
+    def accept_renoise(self, canvas: torch.Tensor, out: Denoised, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+        nxt, mask = self._accept(out.entropy, out.sample, self.seed, self.index, self.vocab_size, bound)
+        self.index += 1
+        return nxt, mask
+
+
+def denoise_canvas(steps: Steps, length: int, s: SamplerDefaults,
                    on_step: Callable[[StepInfo], bool | None] | None = None) -> CanvasResult:
     """Run the sampler loop on one canvas. `on_step` may return True to cancel (the loop stops there)."""
-    canvas = init_canvas(length, vocab_size, gen)
-    argmax, probs = canvas, None
+    canvas = steps.init(length)
+    argmax, sc = canvas, None
     stop = StableAndConfident(s)
     entropies: list[float] = []
-    steps, stopped = 0, False
+    n, stopped = 0, False
     for step in range(s.max_steps, 0, -1):
-        processed = decode(canvas, probs) / temperature(step, s)  # [1, C, V]
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)  # also the next step's self-conditioning
-        denoised = sample(probs, gen)
-        argmax = processed.argmax(dim=-1)
-        entropy = token_entropy(processed, probs)
-        accepted, mask = accept(canvas, denoised, entropy, s.entropy_bound)
-        canvas = renoise(accepted, mask, vocab_size, gen)
-        steps += 1
-        entropies.append(entropy.mean().item())
-        done = stop(argmax, entropy)
-        if on_step is not None and on_step(StepInfo(step, steps, canvas[0], argmax[0], mask[0], entropies[-1])):
+        out = steps.denoise(canvas, sc, temperature(step, s))
+        argmax, sc = out.argmax, out.sc
+        canvas, mask = steps.accept_renoise(canvas, out, s.entropy_bound)
+        n += 1
+        entropies.append(out.entropy.mean().item())
+        done = stop(argmax, out.entropy)
+        if on_step is not None and on_step(StepInfo(step, n, canvas[0], argmax[0], mask[0], entropies[-1])):
             break
         if done:
             stopped = True
             break
-    return CanvasResult(argmax[0], steps, stopped, entropies)
+    return CanvasResult(argmax[0], n, stopped, entropies)

@@ -153,7 +153,7 @@ PHILOX_KAT = [
 
 @pytest.mark.parametrize("counter,key,want", PHILOX_KAT, ids=["zeros", "ones", "pi"])
 def test_philox_known_answers_in_cuda_header_and_numpy(rng_harness, counter, key, want):
-    from dgemma.plugin.cuda import rng
+    from dgemma.plugin import rng
 
     proc = subprocess.run([str(rng_harness), "kat", *(f"{x:x}" for x in counter + key)], capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -163,7 +163,7 @@ def test_philox_known_answers_in_cuda_header_and_numpy(rng_harness, counter, key
 
 @pytest.mark.parametrize("seed,step,pos,v0,n", [(1, 12, 0, 0, 1000), (2**40 + 7, 1, 255, 262_000, 144), (0, 0, 3, 5, 0)])
 def test_sampler_uniforms_equal_numpy_bit_for_bit(rng_harness, seed, step, pos, v0, n):
-    from dgemma.plugin.cuda import rng
+    from dgemma.plugin import rng
 
     proc = subprocess.run([str(rng_harness), str(seed), str(step), str(pos), str(v0), str(n)], capture_output=True,
                           timeout=60)
@@ -176,3 +176,19 @@ def test_sampler_uniforms_equal_numpy_bit_for_bit(rng_harness, seed, step, pos, 
     np.testing.assert_array_equal(u, ref)
     if n:
         assert 0.0 < u.min() and u.max() < 1.0 and abs(float(u.mean()) - 0.5) < 0.1
+
+
+@pytest.mark.parametrize("seed,step,kind,vocab,pos0,n", [(1, 0, 0, 262_144, 0, 2000), (2**40 + 7, 47, 1, 4096, 250, 300),
+                                                       (9, 3, 0, 1, 0, 10), (5, 2**31 - 1, 1, 2**31 - 1, 7, 100)])
+def test_sampler_tokens_equal_numpy(rng_harness, seed, step, kind, vocab, pos0, n):
+    from dgemma.plugin import rng
+
+    proc = subprocess.run([str(rng_harness), "tokens", str(seed), str(step), str(kind), str(vocab), str(pos0), str(n)],
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = np.frombuffer(proc.stdout, np.int32)
+    want = rng.sampler_tokens(seed, step, np.arange(pos0, pos0 + n), vocab, kind)
+    np.testing.assert_array_equal(got, want)
+    assert got.min() >= 0 and got.max() < vocab
+    if vocab > n:
+        assert len(set(got.tolist())) > n * 0.8  # draws, not a constant

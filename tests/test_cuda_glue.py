@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dgemma.plugin.cuda import ops
-from dgemma.plugin.cuda.weights import QuantExperts, QuantLinear, load_cuda_weights
+from dgemma.plugin.cuda.weights import QuantEmbedding, QuantExperts, QuantLinear, load_cuda_weights
 from dgemma.plugin.default_model import ensure_default_model
 from dgemma.plugin.engine import Engine
 from dgemma.plugin.inspect import open_gguf
@@ -20,6 +20,7 @@ from dgemma.plugin.model import DiffusionGemma, KVCache, grouped_experts
 def kernels_as_references(monkeypatch):
     monkeypatch.setattr(ops, "qmatmul", ops.qmatmul_reference)
     monkeypatch.setattr(ops, "moe_qmatmul", ops.moe_qmatmul_reference)
+    monkeypatch.setattr(ops, "get_rows", ops.get_rows_reference)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,7 @@ def test_cuda_weights_give_the_torch_backends_logits(default_gguf, kernels_as_re
     cfg = ref.cfg
     weights = load_cuda_weights(open_gguf(default_gguf), cfg, default_gguf, device="cpu")
     assert isinstance(weights.layers[0].gate_up_exps, QuantExperts) and isinstance(weights.head, QuantLinear)
+    assert isinstance(weights.embed, QuantEmbedding) and weights.embed.data is weights.head.data  # one copy
     gpu_like = DiffusionGemma(cfg, weights)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (1, 11), generator=g)
@@ -81,3 +83,91 @@ def test_cuda_weights_generate_the_torch_backends_tokens(default_gguf, kernels_a
     got = [e for e in gpu_like.generate("Once upon a time", opts)]
     assert [getattr(e, "text", None) for e in got] == [getattr(e, "text", None) for e in want]
     assert got[-1].eval_count == want[-1].eval_count > 0
+
+
+@pytest.fixture(scope="module")
+def canvas16_gguf(tmp_path_factory, checkpoint_factory):
+    """A random-weight test model with a 16-token canvas (the default model's canvas is one token, where
+    every position is accepted and nothing is re-noised), quantized to Q8_0."""
+    from conftest import SPECS
+
+    from dgemma.convert import convert
+
+    path = tmp_path_factory.mktemp("glue") / "base-q8.gguf"
+    convert(checkpoint_factory(SPECS["base"]), path, "Q8_0", quiet=True)
+    return path
+
+
+def test_fused_sampler_path_generates_the_counter_tokens_without_logits(canvas16_gguf, kernels_as_references,
+                                                                        monkeypatch):
+    """rng counter with the cuda weights: model.decode_stats through QuantLinear.stats (ops.head_stats) and
+    ops.accept_renoise on the canvas, as on a GPU, against the torch backend's logits-based counter
+    sampler (plugin/sampler.logits_stats): the same canvases and step counts, and no matmul against the
+    [V, D] head (no logits) on the fused path."""
+    from dgemma.plugin.engine import DoneEvent, GenerateOptions
+
+    ref = Engine.load(canvas16_gguf, rng="counter")
+    V = ref.cfg.vocab_size
+    assert ref.cfg.canvas_length == 16
+    model = DiffusionGemma(ref.cfg, load_cuda_weights(open_gguf(canvas16_gguf), ref.cfg, canvas16_gguf, device="cpu"))
+    fused = Engine(canvas16_gguf, ref.cfg, ref.tokenizer, model, 0, torch.device("cpu"), rng="counter")
+
+    def no_logits(x, w, qtype, k):
+        assert w.shape[0] != V, "the fused path multiplied by the vocabulary head"
+        return ops.qmatmul_reference(x, w, qtype, k)
+
+    monkeypatch.setattr(ops, "qmatmul", no_logits)
+    monkeypatch.setattr(ops, "head_stats", ops.head_stats_reference)
+    monkeypatch.setattr(ops, "accept_renoise", ops.accept_renoise_reference)
+    renoised: list[int] = []
+    for seed in (1, 2):
+        opts = GenerateOptions(seed=seed, max_tokens=40, raw=True, eos_ids=set())
+        want = list(ref.generate("abc", opts))[-1]
+        opts.on_step = lambda info: renoised.append(int((~info.accepted).sum()))
+        got = list(fused.generate("abc", opts))[-1]
+        assert isinstance(got, DoneEvent) and got.canvases == want.canvases
+        assert got.steps_per_canvas == want.steps_per_canvas and len(got.canvases) == 3
+    assert sum(renoised) > 16  # positions were re-noised, and the next passes compared
+
+
+def test_decode_stats_of_plain_weights_equal_the_logits_sampler(canvas16_gguf):
+    """model.decode_stats (the fused head's contract) on the torch backend gives what the logits-based
+    counter sampler computes: argmax, entropy, the Gumbel-max sample and sc = softmax @ E."""
+    from dgemma.plugin.sampler import logits_stats
+
+    engine = Engine.load(canvas16_gguf)
+    m, cfg = engine.model, engine.cfg
+    cache = KVCache()
+    m.encode(torch.tensor([[5, 6, 7, 8]]), cache)
+    canvas = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(4))
+    t = torch.tensor(0.7)
+    want = logits_stats(lambda c, sc: m.decode(c, cache, sc))(canvas, None, t, 123, 5)
+    got = m.decode_stats(canvas, cache, None, float(t), 123, 5)
+    assert torch.equal(got.argmax, want.argmax[0]) and torch.equal(got.sample, want.sample[0])
+    torch.testing.assert_close(got.entropy, want.entropy[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.sc, m.soft_embedding(want.sc)[0], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(got.sample, got.argmax)  # the draw is not the argmax: the comparison can fail
+    # the next pass from the soft embedding equals the one from the probabilities
+    again = m.decode_stats(canvas, cache, got.sc[None], float(t), 123, 6)
+    want2 = logits_stats(lambda c, sc: m.decode(c, cache, sc))(canvas, want.sc, t, 123, 6)
+    assert torch.equal(again.argmax, want2.argmax[0]) and torch.equal(again.sample, want2.sample[0])
+
+
+def test_quant_embedding_rows_and_weighted_sum(kernels_as_references, monkeypatch):
+    """QuantEmbedding's lookup and probs @ E (in row chunks, one chunk boundary inside V) against the
+    dequantized table."""
+    from gguf import GGMLQuantizationType as Q
+
+    from dgemma import quant
+
+    g = torch.Generator().manual_seed(2)
+    V, D = 37, 64
+    table = torch.randn(V, D, generator=g)
+    data = torch.from_numpy(quant.quantize(table.numpy(), Q.Q8_0)).view(torch.uint8)
+    deq = torch.from_numpy(quant.dequantize(data.numpy(), Q.Q8_0)).view(V, D)
+    emb = QuantEmbedding(data, Q.Q8_0, V, D)
+    monkeypatch.setattr(QuantEmbedding, "CHUNK", 16)
+    tokens = torch.tensor([[0, 36, 5], [5, 1, 2]])
+    torch.testing.assert_close(emb[tokens], deq[tokens], rtol=0, atol=1e-6)
+    probs = torch.softmax(torch.randn(2, 3, V, generator=g), -1)
+    torch.testing.assert_close(emb.weighted_sum(probs), probs @ deq, rtol=1e-5, atol=1e-6)

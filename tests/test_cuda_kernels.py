@@ -94,6 +94,21 @@ def test_qmatmul_rejects_bad_shapes(ops):
         ops.qmatmul(x, torch.zeros(3, 10, dtype=torch.uint8, device="cuda"), Q.Q4_K, 100)
 
 
+@pytest.mark.parametrize("qtype,k", [(Q.F32, 64), (Q.Q8_0, 96), (Q.Q4_K, 2816), (Q.Q6_K, 512), (Q.Q5_0, 704)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_get_rows_matches_dequant_reference(ops, qtype, k):
+    rng = np.random.default_rng(k)
+    V = 1001
+    e = rng.standard_normal((V, k)).astype(np.float32)
+    data = torch.from_numpy((e if qtype == Q.F32 else quant.quantize(e, qtype)).reshape(V, -1).view(np.uint8)).cuda()
+    rows = torch.tensor([0, V - 1, 17, 17, 500], device="cuda")
+    got = ops.get_rows(rows, data, qtype, k)
+    assert torch.equal(got.cpu(), ops.get_rows_reference(rows, data, qtype, k))  # the same float32 values
+    assert ops.get_rows(rows[:0], data, qtype, k).shape == (0, k)
+    with pytest.raises(ValueError, match="outside"):
+        ops.get_rows(torch.tensor([V], device="cuda"), data, qtype, k)
+
+
 @pytest.mark.parametrize("b,c", [(1, 1), (1, 17), (3, 256), (2, 300)])
 @pytest.mark.parametrize("bound", [0.0, 0.1, 2.0])
 def test_accept_renoise_matches_sampler(ops, b, c, bound):
@@ -101,10 +116,11 @@ def test_accept_renoise_matches_sampler(ops, b, c, bound):
     entropy = torch.rand(b, c, generator=g) * 3
     entropy[:, : c // 4] *= 1e-3  # a confident prefix, as late denoising steps have
     denoised = torch.randint(0, 1000, (b, c), generator=g)
-    fresh = torch.randint(0, 1000, (b, c), generator=g)
-    nxt, acc = ops.accept_renoise(entropy.cuda(), denoised.cuda(), fresh.cuda(), bound)
-    ref_next, ref_mask = ops.accept_renoise_reference(entropy, denoised, fresh, bound)
+    seed, step, vocab = 2**33 + c, b + 7, 262_144
+    nxt, acc = ops.accept_renoise(entropy.cuda(), denoised.cuda(), seed, step, vocab, bound)
+    ref_next, ref_mask = ops.accept_renoise_reference(entropy, denoised, seed, step, vocab, bound)
     assert torch.equal(acc.cpu(), ref_mask) and torch.equal(nxt.cpu().long(), ref_next)
+    assert c == 1 or bool((~ref_mask).any())  # something was re-noised: the fresh draws were compared
 
 
 @pytest.mark.parametrize("qtype,L,D,V,splits", [
@@ -119,7 +135,7 @@ def test_head_stats_match_full_logits(ops, qtype, L, D, V, splits):
     for softcap, temp in ((30.0, 0.8), (0.0, 0.4)):
         seed, step = 2**40 + L, V % 48
         got = ops.head_stats(torch.from_numpy(h).cuda(), data, qtype, softcap, temp, splits, seed, step)
-        ref = ops.head_stats_reference(torch.from_numpy(h), data, qtype, softcap, temp, seed, step)
+        ref = ops.head_stats_reference(torch.from_numpy(h), data, qtype, softcap, temp, seed=seed, step=step)
         assert torch.equal(got.argmax.cpu(), ref.argmax)
         assert torch.equal(got.sample.cpu(), ref.sample)  # the Gumbel-max draw, the same whatever the split
         for a, b in ((got.max, ref.max), (got.lse, ref.lse), (got.entropy, ref.entropy)):
@@ -158,13 +174,20 @@ def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf):
     assert (ref.model.decode(canvas, c1, sc) - gpu.model.decode(canvas.cuda(), c2, sc.cuda()).cpu()).abs().max() < 1e-3
 
 
-def test_cuda_backend_generates_the_torch_backends_tokens(ops, default_gguf):
+@pytest.mark.parametrize("rng", ["torch", "counter"])
+def test_cuda_backend_generates_the_torch_backends_tokens(ops, default_gguf, rng, monkeypatch):
+    """rng torch: the cuda backend's logits sampled on the CPU; rng counter (the cuda backend's default):
+    the fused head's statistics and csrc/accept.cu on the GPU, with no [C, V] logits formed."""
     from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions
 
     outs = []
     for backend in ("torch", "cuda"):
-        engine = Engine.load(default_gguf, backend=backend)
-        done = list(engine.generate("Once upon a time", GenerateOptions(seed=3, max_tokens=64)))[-1]
-        assert isinstance(done, DoneEvent)
-        outs.append((done.canvases, done.steps_per_canvas))
-    assert outs[0] == outs[1]
+        engine = Engine.load(default_gguf, backend=backend, rng=rng)
+        if backend == "cuda" and rng == "counter":
+            V, qmatmul = engine.cfg.vocab_size, ops.qmatmul
+            monkeypatch.setattr(ops, "qmatmul", lambda x, w, *a: qmatmul(x, w, *a) if w.shape[0] != V else pytest.fail("logits formed"))
+        for seed in (3, 4):
+            done = list(engine.generate("Once upon a time", GenerateOptions(seed=seed, max_tokens=64)))[-1]
+            assert isinstance(done, DoneEvent)
+            outs.append((done.canvases, done.steps_per_canvas))
+    assert outs[:2] == outs[2:]

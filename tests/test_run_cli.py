@@ -92,3 +92,18 @@ def test_run_errors_are_one_line(models, tmp_path):
         assert proc.returncode == 1 and len(lines) == 1 and needle in lines[0], (model, proc.stderr)
     proc = run_cli(models, "default", "--prompt-ids", "2,x")
     assert proc.returncode == 1 and "--prompt-ids" in proc.stderr
+
+
+def test_run_with_counter_draws(models):
+    """--rng counter on the torch backend: what the engine generates with rng="counter" (the cuda
+    backend's draws), reproducible per seed; an unknown --rng is refused by argparse."""
+    engine = Engine.load(models / "default.gguf", rng="counter")
+    events = list(engine.generate("Tell me a fortune.", GenerateOptions(seed=2, max_tokens=12)))
+    expected = "".join(e.text for e in events if isinstance(e, TextEvent))
+    proc = run_cli(models, "default", "Tell me a fortune.", "--seed", "2", "--max-tokens", "12", "--rng", "counter")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected + "\n" and expected.strip()
+    bad = run_cli(models, "default", "hi", "--rng", "philox")
+    assert bad.returncode == 2 and "invalid choice: 'philox'" in bad.stderr
+    with pytest.raises(ValueError, match="rng 'philox' is not available"):
+        Engine.load(models / "default.gguf", rng="philox")

@@ -81,3 +81,59 @@ def test_temperature_schedule_equals_processor():
     for step in (48, 31, 1):
         ref = proc(None, scores, cur_step=torch.tensor(step, dtype=torch.int32))
         assert torch.equal(scores / temperature(step, s), ref)
+
+
+def test_counter_gumbel_sample_draws_from_the_distribution():
+    """The counter-based Gumbel-max draw (the fused head's, plugin/sampler.gumbel_sample) takes each token
+    with its softmax probability: 20,000 positions of one 5-token distribution, frequencies within 0.015
+    (about 4 standard deviations)."""
+    p = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    processed = p.log().expand(1, 20_000, 5).contiguous() * 1.7 - 3.0  # softmax of a scaled-and-shifted log p
+    want = torch.softmax(processed[0, 0], -1)
+    drawn = S.gumbel_sample(processed, seed=7, index=3)[0]
+    freq = torch.bincount(drawn, minlength=5).float() / drawn.numel()
+    assert float((freq - want).abs().max()) < 0.015
+    again, other = S.gumbel_sample(processed, 7, 3), S.gumbel_sample(processed, 7, 4)
+    assert torch.equal(again[0], drawn) and not torch.equal(other[0], drawn)
+
+
+def test_counter_tokens_are_uniform_and_their_streams_differ():
+    from dgemma.plugin import rng
+
+    pos = torch.arange(50_000).numpy()
+    renoise = rng.sampler_tokens(11, 5, pos, 10, rng.RENOISE)
+    counts = torch.bincount(torch.from_numpy(renoise), minlength=10)
+    assert int(counts.min()) > 4_700 and int(counts.max()) < 5_300  # 5,000 ± 4.4 sd
+    for other in (rng.sampler_tokens(11, 5, pos, 10, rng.INIT), rng.sampler_tokens(11, 6, pos, 10, rng.RENOISE),
+                  rng.sampler_tokens(12, 5, pos, 10, rng.RENOISE)):
+        assert (other == renoise).mean() < 0.15  # independent draws agree 10% of the time
+    with pytest.raises(ValueError, match="vocab"):
+        rng.sampler_tokens(1, 0, pos, 0, rng.RENOISE)
+
+
+def test_counter_steps_number_their_passes_across_canvases():
+    """CounterSteps draws pass k's sample, re-noised tokens and (for a canvas starting at pass k) initial
+    canvas from counter k: a seed reproduces every canvas, and consecutive canvases differ."""
+    from dgemma.plugin import rng
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(64, 33, generator=g) * 2  # logits of a fake decoder: a function of the token
+    decode = lambda canvas, sc: table[canvas]  # noqa: E731  [1, C, V]
+    s = SamplerDefaults(max_steps=6, t_min=0.5, t_max=1.0, entropy_bound=0.5, stability_threshold=2,
+                        confidence_threshold=1e-9)
+    runs = []
+    for _ in range(2):
+        steps = S.CounterSteps(S.logits_stats(decode), 33, seed=99)
+        seen: list[S.StepInfo] = []
+        results = [S.denoise_canvas(steps, 16, s, seen.append) for _ in range(2)]
+        runs.append(([r.tokens for r in results], [(i.canvas, i.accepted) for i in seen], steps.index))
+    (tokens, infos, passes), (tokens2, infos2, _) = runs
+    assert passes == 12 and all(torch.equal(a, b) for a, b in zip(tokens, tokens2))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(infos, infos2))
+    assert torch.equal(S.CounterSteps(None, 33, 99).init(16)[0],
+                       torch.from_numpy(rng.sampler_tokens(99, 0, range(16), 33, rng.INIT)))
+    # pass 0's re-noised positions hold pass 0's RENOISE tokens; its accepted ones the pass's sample
+    canvas0, accepted0 = infos[0]
+    fresh = torch.from_numpy(rng.sampler_tokens(99, 0, range(16), 33, rng.RENOISE))
+    assert bool((~accepted0).any()) and torch.equal(canvas0[~accepted0], fresh[~accepted0])
+    assert not torch.equal(infos[0][0], infos[6][0])  # the second canvas starts from other draws

@@ -1,6 +1,7 @@
 // Host harness for csrc/philox.cuh.
 // usage: rng_host SEED STEP POS V0 N > (N uint32 first words, then N float32 uniforms, for v = V0 .. V0+N-1)
 //        rng_host kat C0 C1 C2 C3 K0 K1 > (the 4 uint32 words of Philox4x32-10), hex arguments
+//        rng_host tokens SEED STEP KIND VOCAB POS0 N > (N int32 sampler_token draws, pos = POS0 .. POS0+N-1)
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -16,8 +17,22 @@ int main(int argc, char ** argv) {
         std::fwrite(r.v, sizeof(uint32_t), 4, stdout);
         return 0;
     }
+    if (argc == 8 && std::strcmp(argv[1], "tokens") == 0) {
+        const unsigned long long seed = std::strtoull(argv[2], nullptr, 10);
+        const int step = std::atoi(argv[3]), vocab = std::atoi(argv[5]), pos0 = std::atoi(argv[6]), n = std::atoi(argv[7]);
+        const uint32_t kind = (uint32_t)std::atoi(argv[4]);
+        if (n < 0 || pos0 < 0 || vocab < 1) {
+            std::fprintf(stderr, "bad arguments: POS0 >= 0, N >= 0, VOCAB >= 1\n");
+            return 2;
+        }
+        std::vector<int> tok(n);
+        for (int i = 0; i < n; ++i) tok[i] = dg::sampler_token(seed, step, pos0 + i, kind, vocab);
+        std::fwrite(tok.data(), sizeof(int), tok.size(), stdout);
+        return 0;
+    }
     if (argc != 6) {
-        std::fprintf(stderr, "usage: %s SEED STEP POS V0 N | kat C0 C1 C2 C3 K0 K1\n", argv[0]);
+        std::fprintf(stderr, "usage: %s SEED STEP POS V0 N | kat C0 C1 C2 C3 K0 K1 | tokens SEED STEP KIND VOCAB POS0 N\n",
+                     argv[0]);
         return 2;
     }
     const unsigned long long seed = std::strtoull(argv[1], nullptr, 10);

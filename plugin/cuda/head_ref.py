@@ -7,7 +7,7 @@ Per position, with z_v = softcap(h · E_v) / T (the sampler's processed logits):
   entropy = lse - Σ p·z  (p = softmax(z); what the sampler's token_entropy computes)
   sc = Σ p_v · E_v       (the self-conditioning input's `softmax @ E`, before the √D scale)
   sample = argmax (z_v + G_v), G_v = -log(-log u_v): a draw from p (Gumbel-max), with u_v the
-           counter-based uniform of (seed, step, position, v) (csrc/philox.cuh, plugin/cuda/rng.py)
+           counter-based uniform of (seed, step, position, v) (csrc/philox.cuh, plugin/rng.py)
 Each tile contributes (m, s = Σ exp(z - m), t = Σ exp(z - m)·z, acc = Σ exp(z - m)·E_v, argmax), and two
 partials merge by rescaling the one with the smaller max: the same online rescaling as flash attention,
 over the vocabulary. A CUDA kernel splits the vocabulary over blocks and merges partials this way;
@@ -88,7 +88,7 @@ def head_stats_reference(h: torch.Tensor, embed: torch.Tensor, softcap: float, t
     p = torch.softmax(z, dim=-1)
     sample = None
     if seed is not None:
-        from .rng import sampler_uniforms
+        from ..rng import sampler_uniforms
 
         u = torch.from_numpy(sampler_uniforms(seed, step, list(range(z.shape[0])), z.shape[1])).double()  # [L, V]
         sample = (z.double() - torch.log(-torch.log(u))).argmax(dim=-1)

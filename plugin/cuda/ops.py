@@ -20,6 +20,8 @@ SUPPORTED = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizatio
 _QMATMUL_NAMES = tuple(f"dg::qmatmul<{int(t)}>" for t in SUPPORTED)
 _MOE_NAMES = tuple(f"dg::moe_qmatmul<{int(t)}>" for t in SUPPORTED)
 _HEAD_NAMES = tuple(f"dg::head_partials<{int(t)}>" for t in SUPPORTED)
+_GET_ROWS_NAMES = tuple(f"dg::get_rows<{int(t)}>" for t in SUPPORTED)
+GET_ROWS_THREADS = 128
 HEAD_L, HEAD_THREADS, HEAD_MAX_D, HEAD_MAX_SPLITS = 4, 256, 4096, 1024  # csrc/head.cu
 
 
@@ -50,21 +52,55 @@ def row_bytes(qtype: GGMLQuantizationType, k: int) -> int:
     return k // bs * ts
 
 
-def _check_matmul(op: str, x: torch.Tensor, w: torch.Tensor, qtype, k: int, w_lead: str) -> GGMLQuantizationType:
-    """The operands of a quantized matmul: x float32 [rows, k], w contiguous uint8 GGML rows of k with
-    len(w_lead) leading dims ("[N, " or "[E, N, "), both on one CUDA device. Returns the GGML type."""
+def _check_weights(op: str, w: torch.Tensor, qtype, k: int, w_lead: str) -> GGMLQuantizationType:
+    """w: contiguous uint8 GGML rows of k values with len(w_lead) leading dims ("[N, " or "[E, N, ") on a
+    CUDA device, of a supported type. Returns the GGML type."""
     qtype = GGMLQuantizationType(qtype)
     if qtype not in SUPPORTED:
         raise ValueError(f"{op}: GGML type {qtype.name} is not supported (have {', '.join(t.name for t in SUPPORTED)})")
-    if not (x.is_cuda and w.is_cuda and x.device == w.device):
-        raise ValueError(f"{op}: x and w must be CUDA tensors on the same device")
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
-        raise ValueError(f"{op}: x must be float32 [rows, {k}] with unit stride in K (got {x.dtype} {tuple(x.shape)})")
+    if not w.is_cuda:
+        raise ValueError(f"{op}: w must be a CUDA tensor")
     rb, dims = row_bytes(qtype, k), w_lead.count(",") + 1
     if w.dtype != torch.uint8 or w.dim() != dims or w.shape[-1] != rb or not w.is_contiguous():
         raise ValueError(f"{op}: w must be contiguous uint8 {w_lead}{rb}] for {qtype.name} rows of {k} "
                          f"(got {w.dtype} {tuple(w.shape)})")
     return qtype
+
+
+def _check_matmul(op: str, x: torch.Tensor, w: torch.Tensor, qtype, k: int, w_lead: str) -> GGMLQuantizationType:
+    """The operands of a quantized matmul: x float32 [rows, k], w as _check_weights, both on one CUDA
+    device. Returns the GGML type."""
+    qtype = _check_weights(op, w, qtype, k, w_lead)
+    if not (x.is_cuda and x.device == w.device):
+        raise ValueError(f"{op}: x and w must be CUDA tensors on the same device")
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"{op}: x must be float32 [rows, {k}] with unit stride in K (got {x.dtype} {tuple(x.shape)})")
+    return qtype
+
+
+def get_rows(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """Rows `rows` [M] (integers in [0, N)) of W [N, row_bytes] uint8 in GGML type `qtype`, dequantized to
+    float32 [M, k] (csrc/get_rows.cu): the embedding lookup from the quantized table."""
+    import numpy as np
+
+    qtype = _check_weights("get_rows", w, qtype, k, "[N, ")
+    if rows.dim() != 1 or rows.device != w.device or rows.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"get_rows: rows must be integer [M] on w's device (got {rows.dtype} {tuple(rows.shape)})")
+    y = torch.empty(rows.shape[0], k, dtype=torch.float32, device=w.device)
+    if rows.shape[0] == 0:
+        return y
+    lo, hi = torch.aminmax(rows)
+    if int(lo) < 0 or int(hi) >= w.shape[0]:
+        raise ValueError(f"get_rows: row {int(lo) if int(lo) < 0 else int(hi)} is outside [0, {w.shape[0]})")
+    fn = kernel("get_rows.cu", f"dg::get_rows<{int(qtype)}>", _GET_ROWS_NAMES)
+    _launch(fn, (rows.shape[0],), (GET_ROWS_THREADS,), (_cupy(rows.to(torch.int32).contiguous()), _cupy(w), _cupy(y),
+                                                        np.int32(k)))
+    return y
+
+
+def get_rows_reference(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """Dequantize the chosen rows on the CPU with dgemma.quant."""
+    return _dequantized(w.cpu()[rows.long().cpu()], qtype, k).float()
 
 
 def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
@@ -157,30 +193,42 @@ def moe_qmatmul_reference(x: torch.Tensor, rows: torch.Tensor | None, groups: Ex
     return torch.cat(out).float() if out else torch.zeros(0, w.shape[1])
 
 
-def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, fresh: torch.Tensor, bound: float):
-    """[B, C] entropies, denoised and fresh tokens -> (next canvas [B, C] int32, accepted [B, C] bool)."""
+def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, step: int, vocab: int, bound: float):
+    """[B, C] entropies and denoised tokens -> (next canvas [B, C] int32, accepted [B, C] bool): the
+    lowest-entropy tokens within the bound are kept, the others re-drawn from the counter-based stream
+    (plugin.rng.sampler_tokens(seed, step, b*C + i, vocab, RENOISE)) inside the kernel (csrc/accept.cu)."""
     import numpy as np
 
     if entropy.dim() != 2 or entropy.shape[1] > 1024:
         raise ValueError(f"accept_renoise: entropy must be [B, C<=1024] (got {tuple(entropy.shape)})")
-    if denoised.shape != entropy.shape or fresh.shape != entropy.shape:
-        raise ValueError("accept_renoise: entropy, denoised and fresh must have the same [B, C] shape")
+    if denoised.shape != entropy.shape or denoised.device != entropy.device or not entropy.is_cuda:
+        raise ValueError("accept_renoise: entropy and denoised must be CUDA tensors of the same [B, C] shape")
+    if not (1 <= vocab < 2**31 and 0 <= seed < 2**64 and 0 <= step < 2**31):
+        raise ValueError(f"accept_renoise: need 1 <= vocab < 2**31, 0 <= seed < 2**64, 0 <= step < 2**31 "
+                         f"(got {vocab}, {seed}, {step})")
     b, c = entropy.shape
-    ent = entropy.float().contiguous()
-    den, fre = denoised.int().contiguous(), fresh.int().contiguous()
+    ent, den = entropy.float().contiguous(), denoised.int().contiguous()
     nxt = torch.empty_like(den)
     acc = torch.empty(b, c, dtype=torch.uint8, device=entropy.device)
+    if b * c == 0:
+        return nxt, acc.bool()
     fn = kernel("accept.cu", "accept_renoise")
-    _launch(fn, (b,), (min(1024, max(32, c)),), (_cupy(ent), _cupy(den), _cupy(fre), _cupy(nxt), _cupy(acc),
-                                                 np.int32(c), np.float32(bound)))
+    _launch(fn, (b,), (min(1024, max(32, c)),), (_cupy(ent), _cupy(den), _cupy(nxt), _cupy(acc), np.int32(c),
+                                                 np.float32(bound), np.uint64(seed), np.int32(step), np.int32(vocab)))
     return nxt, acc.bool()
 
 
-def accept_renoise_reference(entropy, denoised, fresh, bound: float):
+def accept_renoise_reference(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, step: int, vocab: int,
+                             bound: float):
+    """plugin/sampler.py's accept() per canvas row, fresh tokens from plugin/rng.py; on the CPU."""
+    from ..rng import RENOISE, sampler_tokens
     from ..sampler import accept
 
-    accepted, mask = accept(torch.zeros_like(denoised), denoised, entropy, bound)
-    return torch.where(mask, accepted, fresh), mask
+    entropy, denoised = entropy.cpu(), denoised.cpu().long()
+    b, c = entropy.shape
+    fresh = torch.from_numpy(sampler_tokens(seed, step, range(b * c), vocab, RENOISE)).view(b, c)
+    accepted, mask = accept(fresh, denoised, entropy, bound)
+    return accepted, mask
 
 
 def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float, temperature: float,
@@ -231,8 +279,9 @@ def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType
 
 
 def head_stats_reference(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float,
-                         temperature: float, seed: int = 0, step: int = 0):
-    """Dequantize the head on the CPU and compute the statistics on the full logits in float64."""
+                         temperature: float, splits: int | None = None, seed: int = 0, step: int = 0):
+    """Dequantize the head on the CPU and compute the statistics on the full logits in float64 (`splits`
+    is head_stats' and changes nothing: the kernel's result does not depend on it)."""
     from .head_ref import head_stats_reference as full
 
     return full(h.double().cpu(), _dequantized(embed, qtype, h.shape[1]), softcap, temperature, seed, step)

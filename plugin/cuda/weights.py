@@ -4,10 +4,11 @@ and are multiplied by csrc/qmatmul.cu; vectors (norms, scales) become float32 on
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGMLQuantizationType, ReaderTensor
+from gguf import GGUFReader, GGMLQuantizationType
 
 from dgemma.convert import constants as C
 
@@ -29,6 +30,41 @@ class QuantLinear:
         lead = x.shape[:-1]
         x2 = _padded(x.reshape(-1, x.shape[-1]), self.k_in, self.k)
         return ops.qmatmul(x2, self.data, self.qtype, self.k).view(*lead, self.n)
+
+    def stats(self, h: torch.Tensor, softcap: float, temperature: float, seed: int, index: int):
+        """This matrix as the tied vocabulary head: the sampler's statistics of h [L, D] (csrc/head.cu through
+        ops.head_stats; the [L, V] logits are never formed). Returns plugin.cuda.head_ref.HeadStats."""
+        return ops.head_stats(_padded(h, self.k_in, self.k), self.data, self.qtype, softcap, temperature,
+                              seed=seed, step=index)
+
+
+class QuantEmbedding:
+    """The token embedding [V, D] as GGML rows on the GPU: the same bytes as the tied head, so VRAM holds one
+    quantized copy instead of a float32 table. `embed[tokens]` dequantizes the looked-up rows
+    (csrc/get_rows.cu); `weighted_sum(probs)` is probs @ E (the logits sampler's self-conditioning input,
+    `--rng torch`), from row chunks dequantized in turn."""
+
+    dtype = torch.float32
+    CHUNK = 16384  # rows dequantized at a time by weighted_sum: 185 MB of float32 at D = 2816
+
+    def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int) -> None:
+        self.data, self.qtype, self.n, self.k = data, qtype, n, k
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+    def __getitem__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return ops.get_rows(tokens.reshape(-1), self.data, self.qtype, self.k).view(*tokens.shape, self.k)
+
+    def weighted_sum(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [..., V] @ E -> [..., D] float32."""
+        flat = probs.reshape(-1, self.n).float()
+        out = torch.zeros(flat.shape[0], self.k, dtype=torch.float32, device=flat.device)
+        for start in range(0, self.n, self.CHUNK):
+            ids = torch.arange(start, min(start + self.CHUNK, self.n), device=self.data.device)
+            out += flat[:, start : start + len(ids)] @ ops.get_rows(ids, self.data, self.qtype, self.k).to(flat.device)
+        return out.view(*probs.shape[:-1], self.k)
 
 
 def _padded(x: torch.Tensor, k_in: int, k: int) -> torch.Tensor:
@@ -58,34 +94,68 @@ class QuantExperts:
         return torch.zeros_like(x).index_add_(0, rows, y * weights[:, None].to(y.dtype))
 
 
-def _raw(t: ReaderTensor, device: str) -> torch.Tensor:
-    data = np.ascontiguousarray(t.data).view(np.uint8)
-    return torch.from_numpy(data.copy()).to(device)
+class TensorSource(Protocol):
+    """Where the cuda weights come from: a GGUF file (GGUFTensors) or synthetic blocks (bench/model_gpu.py)."""
+
+    def shape(self, name: str) -> list[int] | None: ...  # PyTorch order; None: no such tensor
+
+    def qtype(self, name: str) -> GGMLQuantizationType: ...
+
+    def raw(self, name: str, device: str) -> torch.Tensor: ...  # the GGML bytes, uint8 [N, row_bytes] (or [E, N, ..])
+
+    def floats(self, name: str, device: str) -> torch.Tensor: ...  # float32 values in PyTorch shape
+
+
+class GGUFTensors:
+    """A GGUF file's tensors as a TensorSource."""
+
+    def __init__(self, reader: GGUFReader) -> None:
+        self.tensors = {t.name: t for t in reader.tensors}
+
+    def shape(self, name: str) -> list[int] | None:
+        t = self.tensors.get(name)
+        return None if t is None else [int(x) for x in reversed(t.shape)]
+
+    def qtype(self, name: str) -> GGMLQuantizationType:
+        return self.tensors[name].tensor_type
+
+    def raw(self, name: str, device: str) -> torch.Tensor:
+        shape = self.shape(name)
+        data = np.ascontiguousarray(self.tensors[name].data).view(np.uint8)
+        return torch.from_numpy(data.copy()).to(device).view(*shape[:-1], -1)
+
+    def floats(self, name: str, device: str) -> torch.Tensor:
+        return tensor_to_torch(self.tensors[name]).to(device)
 
 
 def load_cuda_weights(reader: GGUFReader, cfg: ModelConfig, path: str | Path = "", device: str = "cuda") -> Weights:
-    tensors = {t.name: t for t in reader.tensors}
-    padded = field_value(reader, C.DGEMMA_EXPERT_DOWN_PADDED)
+    padded = field_value(reader, C.DGEMMA_EXPERT_DOWN_PADDED) is not None
+    return cuda_weights(GGUFTensors(reader), cfg, padded, path, device)
 
-    def t(name: str, optional: bool = False) -> ReaderTensor | None:
-        if name not in tensors and not optional:
+
+def cuda_weights(src: TensorSource, cfg: ModelConfig, padded: bool = False, path: str | Path = "",
+                 device: str = "cuda") -> Weights:
+    """Weights for the cuda backend: matrices as GGML blocks (QuantLinear, QuantExperts, QuantEmbedding),
+    vectors as float32, all on `device`. padded: the expert down rows were zero-padded (--pad-experts)."""
+
+    def need(name: str, optional: bool) -> bool:
+        if src.shape(name) is None:
+            if optional:
+                return False
             raise InspectError(f"{path}: tensor '{name}' missing")
-        return tensors.get(name)
+        return True
 
     def vec(name: str, optional: bool = False) -> torch.Tensor | None:
-        r = t(name, optional)
-        return None if r is None else tensor_to_torch(r).to(device)
+        return src.floats(name, device) if need(name, optional) else None
 
     def mat(name: str, optional: bool = False):
-        r = t(name, optional)
-        if r is None:
+        if not need(name, optional):
             return None
-        shape = [int(x) for x in reversed(r.shape)]  # PyTorch order
-        raw = _raw(r, device)
+        shape, qtype, raw = src.shape(name), src.qtype(name), src.raw(name, device)
         if len(shape) == 3:
-            k_in = cfg.n_ff_exp if name.endswith(f"{C.FFN_DOWN_EXPS}.weight") and padded is not None else None
-            return QuantExperts(raw.view(shape[0], shape[1], -1), r.tensor_type, shape[1], shape[2], k_in)
-        return QuantLinear(raw.view(shape[0], -1), r.tensor_type, shape[0], shape[1])
+            k_in = cfg.n_ff_exp if name.endswith(f"{C.FFN_DOWN_EXPS}.weight") and padded else None
+            return QuantExperts(raw.view(shape[0], shape[1], -1), qtype, shape[1], shape[2], k_in)
+        return QuantLinear(raw.view(shape[0], -1), qtype, shape[0], shape[1])
 
     def blk(i: int, base: str, suffix: str = "weight", optional: bool = False, matrix: bool = False):
         name = C.blk(i, base, suffix)
@@ -109,10 +179,9 @@ def load_cuda_weights(reader: GGUFReader, cfg: ModelConfig, path: str | Path = "
     sc_pre_norm = vec(C.gguf_name(C.SELF_COND_PRE_NORM), optional=True)
     if sc_pre_norm is None:
         sc_pre_norm = vec(C.gguf_name(C.SELF_COND_NORM_ALT))
-    embd = C.gguf_name(C.TOKEN_EMBD)
-    # the embedding is looked up and mixed (self-conditioning) in float32; the head multiplies the blocks
+    head = mat(C.gguf_name(C.TOKEN_EMBD))  # the tied head and the embedding: one quantized copy
     return Weights(
-        embed=vec(embd), output_norm=vec(C.gguf_name(C.OUTPUT_NORM)), rope_freqs=vec(C.gguf_name(C.ROPE_FREQS), True),
-        sc_pre_norm=sc_pre_norm, sc_gate=mat(C.gguf_name(C.SELF_COND_GATE)), sc_up=mat(C.gguf_name(C.SELF_COND_UP)),
-        sc_down=mat(C.gguf_name(C.SELF_COND_DOWN)), layers=layers, head=mat(embd),
+        embed=QuantEmbedding(head.data, head.qtype, head.n, head.k), output_norm=vec(C.gguf_name(C.OUTPUT_NORM)),
+        rope_freqs=vec(C.gguf_name(C.ROPE_FREQS), True), sc_pre_norm=sc_pre_norm, sc_gate=mat(C.gguf_name(C.SELF_COND_GATE)), sc_up=mat(C.gguf_name(C.SELF_COND_UP)),
+        sc_down=mat(C.gguf_name(C.SELF_COND_DOWN)), layers=layers, head=head,
     )

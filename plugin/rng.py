@@ -1,9 +1,12 @@
 """numpy reference of csrc/philox.cuh: Philox4x32-10 and the sampler's uniforms, bit-exact.
 
 The GPU sampler draws the number of any (seed, step, position, vocabulary index) from a counter, with no
-generator state (issue 5: the Gumbel-max sample of the fused head). This module gives the same numbers on
-the CPU, so that the torch backend can be given the cuda backend's draws and the two compared token for
-token."""
+generator state (issue 5: the Gumbel-max sample of the fused head, the re-noised tokens of the accept
+step). This module gives the same numbers on the CPU: the torch backend's `--rng counter` sampler
+(plugin/sampler.py, CounterSteps) draws them, so it can be compared with the cuda backend token for token.
+
+Streams (the counter's last word): 0, the Gumbel uniforms, counter (v, pos, step, 0); 1, uniform tokens,
+counter (kind, pos, step, 1) with kind RENOISE or INIT (csrc/philox.cuh's SAMPLER_* constants)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import numpy as np
 M0, M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 W0, W1 = 0x9E3779B9, 0xBB67AE85
 MASK = np.uint64(0xFFFFFFFF)
+RENOISE, INIT, TOKEN_STREAM = 0, 1, 1  # csrc/philox.cuh SAMPLER_RENOISE, SAMPLER_INIT, SAMPLER_TOKEN_STREAM
 
 
 def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int) -> tuple[np.ndarray, ...]:
@@ -39,3 +43,12 @@ def sampler_uniforms(seed: int, step: int, positions: np.ndarray | int, vocab: i
     v = np.arange(vocab, dtype=np.uint64)[None, :]
     w = philox4x32_10(v, pos, np.uint64(step), np.uint64(0), seed & 0xFFFFFFFF, seed >> 32)[0]
     return uniform(w)
+
+
+def sampler_tokens(seed: int, step: int, positions: np.ndarray | int, vocab: int, kind: int) -> np.ndarray:
+    """[P] int64 tokens in [0, vocab): csrc/philox.cuh's sampler_token, floor(word * vocab / 2**32)."""
+    if not 1 <= vocab < 2**31 or kind not in (RENOISE, INIT):
+        raise ValueError(f"sampler_tokens: vocab must be in [1, 2**31) and kind RENOISE or INIT (got {vocab}, {kind})")
+    pos = np.atleast_1d(np.asarray(positions, dtype=np.uint64))
+    w = philox4x32_10(np.uint64(kind), pos, np.uint64(step), np.uint64(TOKEN_STREAM), seed & 0xFFFFFFFF, seed >> 32)[0]
+    return ((w.astype(np.uint64) * np.uint64(vocab)) >> np.uint64(32)).astype(np.int64)

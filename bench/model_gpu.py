@@ -1,0 +1,212 @@
+"""The 26B-A4B at its real shapes with synthetic quantized weights: ms per denoising step, prefill ms, achieved
+TFLOP/s and GB/s against the GPU's peak, peak VRAM and tokens/s, for the cuda backend and the torch backend
+in the same run (issue 5, docs/CUDA.md step 6).
+
+- cuda backend: weights as GGML blocks (bench/synthetic.py) for each plan (a preset, or a `--fit` VRAM
+  budget); a denoising step is the fused sampler pass: decoder to the final norm, the fused head
+  (argmax, entropy, sample, softmax @ E) and accept/re-noise, as Engine runs it with rng="counter".
+- torch backend: the same model code on float32 weights (cuBLAS), a step being decoder + logits + the
+  sampler's softmax, entropy, argmax and multinomial, on the GPU; skipped when its 4 bytes per parameter
+  do not fit.
+Prefill is the encoder over 512 and 4096 prompt tokens; the peak VRAM figure adds a second 4096-token chunk
+(8K context) and one step, counting what PyTorch's allocator holds (the CUDA context and NVRTC modules,
+~0.5 GB, come on top). Tokens/s assumes 16 steps per 256-token canvas.
+
+    python bench/model_gpu.py [--plans Q4_K_M,12GB] [--steps 5] [--config DIR] [--no-torch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import CONFIG_26B, SyntheticTensors, model_config, plan_rows  # noqa: E402
+
+from dgemma.plugin.config import ModelConfig  # noqa: E402
+from dgemma.plugin.model import DiffusionGemma, KVCache, Weights  # noqa: E402
+
+# dense bf16 tensor-core FLOP/s and HBM bytes/s from the datasheets (SXM parts), by device-name substring
+PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12), "L40S": (362e12, 0.864e12),
+         "RTX 4090": (165e12, 1.008e12), "RTX 3060": (51e12, 0.36e12)}
+STEPS_PER_CANVAS = 16
+
+
+def peaks() -> tuple[float, float] | None:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in PEAKS.items() if k in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeat: int = 1) -> float:
+    """Mean ms of `repeat` calls after one warm-up call."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeat * 1e3
+
+
+def weight_bytes(w: Weights) -> int:
+    """Bytes of every matrix: GGML blocks (quantized) or float tensors, the tied embedding once."""
+    seen: set[int] = set()
+
+    def size(obj) -> int:
+        t = obj if isinstance(obj, torch.Tensor) else getattr(obj, "data", None)
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.data_ptr() in seen:
+            return 0
+        seen.add(t.data_ptr())
+        return t.numel() * t.element_size()
+
+    total = size(w.embed) + size(w.head) + sum(size(getattr(w, f)) for f in ("sc_gate", "sc_up", "sc_down"))
+    return total + sum(size(getattr(lw, f.name)) for lw in w.layers for f in fields(lw))
+
+
+def float_weights(w: Weights, device: str) -> Weights:
+    """The torch backend's weights for the same shapes: every quantized matrix as random float32, head tied."""
+    def f(obj):
+        if isinstance(obj, torch.Tensor) or obj is None:
+            return obj
+        shape = obj.shape if hasattr(obj, "shape") else ((obj.data.shape[0],) if obj.data.dim() == 3 else ()) + (obj.n, obj.k)
+        return torch.randn(*shape, device=device) * 0.02
+
+    layers = [replace(lw, **{x.name: f(getattr(lw, x.name)) for x in fields(lw) if x.name not in
+                             ("wqkv", "qkv_norm", "ffn_gate_up", "down_exps_flat")}) for lw in w.layers]
+    return replace(w, embed=f(w.embed), sc_gate=f(w.sc_gate), sc_up=f(w.sc_up), sc_down=f(w.sc_down), layers=layers,
+                   head=None)
+
+
+def fused_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, seed: int = 1):
+    """One pass as Engine runs it with rng="counter": returns a callable doing (decode_stats, accept/re-noise)."""
+    from dgemma.plugin.cuda import ops
+
+    state = {"canvas": canvas, "soft": None, "index": 0}
+
+    def step() -> None:
+        hs = model.decode_stats(state["canvas"], cache, state["soft"], 0.6, seed, state["index"])
+        nxt, _ = ops.accept_renoise(hs.entropy[None], hs.sample[None], seed, state["index"], model.cfg.vocab_size, 0.1)
+        state.update(canvas=nxt, soft=hs.sc[None], index=state["index"] + 1)
+
+    return step
+
+
+def logits_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor):
+    """One torch-backend pass on the device: logits, then the sampler's softmax, entropy, argmax, multinomial."""
+    state = {"probs": None}
+
+    def step() -> None:
+        z = model.decode(canvas, cache, state["probs"]) / 0.6  # [1, C, V]
+        probs = torch.softmax(z, dim=-1)
+        entropy = -(probs * torch.log_softmax(z, dim=-1)).sum(-1)
+        sample = torch.multinomial(probs[0], 1)
+        state["probs"] = probs
+        return z.argmax(-1), entropy, sample
+
+    return step
+
+
+def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps: int, fused: bool,
+            prompts: tuple[int, ...] = (512, 4096)) -> dict:
+    """Prefill, per-step time, rates and peak memory of one backend's weights."""
+    model = DiffusionGemma(cfg, w)
+    g = torch.Generator(device=device).manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (1, max(prompts)), device=device, generator=g)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), device=device, generator=g)
+    out = {"name": name, "weights_GB": weight_bytes(w) / 1e9}
+    for n in prompts:
+        out[f"prefill_{n}_ms"] = timed(lambda: model.encode(tokens[:, :n], KVCache()), device)
+    cache = KVCache()
+    model.encode(tokens[:, : prompts[0]], cache)
+    make = fused_step if fused else logits_step
+    out["step_ms"] = timed(make(model, cache, canvas), device, steps)
+    flop = cfg.decode_flops_per_token * cfg.canvas_length
+    out["TFLOP/s"] = flop / out["step_ms"] / 1e9
+    out["GB/s"] = weight_bytes(w) / out["step_ms"] / 1e6  # every expert is touched at canvas 256
+    out["tokens/s"] = cfg.canvas_length / (STEPS_PER_CANVAS * out["step_ms"] / 1e3)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = KVCache()
+    for _ in range(2):  # 2 x 4096: 8K context
+        model.encode(tokens[:, : prompts[-1]], cache)
+    make(model, cache, canvas)()
+    sync(device)
+    if device.type == "cuda":
+        out["peak_8k_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def report(r: dict, base: dict | None) -> str:
+    pk = peaks()
+    rates = f"{r['TFLOP/s']:.1f} TFLOP/s, {r['GB/s']:.0f} GB/s"
+    if pk:
+        rates += f" ({r['TFLOP/s'] * 1e12 / pk[0]:.1%} of peak compute, {r['GB/s'] * 1e9 / pk[1]:.1%} of peak bandwidth)"
+    line = (f"{r['name']:<24} weights {r['weights_GB']:.2f} GB | step {r['step_ms']:.1f} ms, {rates} | "
+            f"{r['tokens/s']:.0f} tokens/s at {STEPS_PER_CANVAS} steps | prefill "
+            + ", ".join(f"{k.split('_')[1]}: {v:.0f} ms" for k, v in r.items() if k.startswith("prefill_")))
+    if "peak_8k_GiB" in r:
+        line += f" | peak VRAM at 8K: {r['peak_8k_GiB']:.2f} GiB"
+    if base is not None:
+        line += f" | step {base['step_ms'] / r['step_ms']:.2f}x the torch backend"
+    return line
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--plans", default="Q4_K_M,12GB", help="presets or --fit budgets, comma-separated")
+    ap.add_argument("--steps", type=int, default=5, help="timed denoising steps per plan")
+    ap.add_argument("--config", default=str(CONFIG_26B), help="a checkpoint folder or config.json folder")
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch backend (float32 weights)")
+    args = ap.parse_args()
+    from dgemma.plugin.cuda import check_cuda
+    from dgemma.plugin.cuda.weights import cuda_weights
+
+    cap = check_cuda()
+    dev = torch.device("cuda")
+    cfg = model_config(args.config)
+    print(f"{torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}; {cfg.n_layer} layers, "
+          f"hidden {cfg.n_embd}, {cfg.n_expert} experts top-{cfg.n_expert_used}, vocab {cfg.vocab_size}, canvas "
+          f"{cfg.canvas_length}; {cfg.decode_flops_per_token * cfg.canvas_length / 1e12:.2f} TFLOP per step", flush=True)
+    base = None
+    results = []
+    for plan in args.plans.split(","):
+        w = cuda_weights(SyntheticTensors(plan_rows(args.config, plan)), cfg, device="cuda")
+        results.append(measure(f"cuda {plan}", cfg, w, dev, args.steps, fused=True))
+        print(report(results[-1], None), flush=True)
+        if base is None and not args.no_torch:
+            params = sum(m.n * m.k * (m.data.shape[0] if m.data.dim() == 3 else 1) for m in _matrices(w))
+            free, _ = torch.cuda.mem_get_info()
+            if 4 * params + (8 << 30) < free + weight_bytes(w):  # float32 weights + 8 GiB for activations
+                fw = float_weights(w, "cuda")
+                del w
+                torch.cuda.empty_cache()
+                base = measure("torch float32 (cuBLAS)", cfg, fw, dev, max(1, args.steps // 2), fused=False)
+                print(report(base, None), flush=True)
+                del fw
+            else:
+                print(f"torch backend skipped: {4 * params / 1e9:.0f} GB of float32 weights do not fit", flush=True)
+        w = None
+        torch.cuda.empty_cache()
+    if base is not None:
+        for r in results:
+            print(report(r, base))
+
+
+def _matrices(w: Weights):
+    for obj in [w.head, w.sc_gate, w.sc_up, w.sc_down] + [getattr(lw, f.name) for lw in w.layers for f in fields(lw)]:
+        if obj is not None and not isinstance(obj, torch.Tensor):
+            yield obj
+
+
+if __name__ == "__main__":
+    main()

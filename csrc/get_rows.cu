@@ -1,0 +1,31 @@
+// Embedding lookup from GGML rows: Y[m, :] = dequant(W[rows[m], :]) for the canvas or prompt tokens, so
+// the token embedding stays in its quantized form in VRAM (one copy, shared with the tied head) instead
+// of a float32 [V, D] copy (2.95 GB for the 26B-A4B's 262144 x 2816).
+// One thread block per output row; its threads take the row's GGML blocks in turn (csrc/quant/blocks.cuh).
+// Shapes: rows [M] i32 in [0, V) (checked by the wrapper); W [V, row_bytes] u8; Y [M, K] f32.
+#include "quant/blocks.cuh"
+
+namespace dg {
+
+template <int T>
+__global__ void get_rows(const int * __restrict__ rows, const uint8_t * __restrict__ w, float * __restrict__ y, int K) {
+    constexpr int QK = Traits<T>::QK;
+    constexpr int SIZE = Traits<T>::SIZE;
+    const long row_bytes = (long)(K / QK) * SIZE;
+    const uint8_t * src = w + (long)rows[blockIdx.x] * row_bytes;
+    float * dst = y + (long)blockIdx.x * K;
+    for (int b = threadIdx.x; b < K / QK; b += blockDim.x) {
+        float tmp[QK];
+        dequant_block<T>(src + (long)b * SIZE, tmp);
+        for (int j = 0; j < QK; ++j) dst[b * QK + j] = tmp[j];
+    }
+}
+
+}  // namespace dg
+
+#ifndef __CUDACC_RTC__
+// nvcc builds (CI's compile check) instantiate every type; at run time NVRTC instantiates by name
+#define DG_GET_ROWS(T) template __global__ void dg::get_rows<dg::T>(const int *, const uint8_t *, float *, int);
+DG_GET_ROWS(T_F32) DG_GET_ROWS(T_F16) DG_GET_ROWS(T_BF16) DG_GET_ROWS(T_Q4_0) DG_GET_ROWS(T_Q5_0) DG_GET_ROWS(T_Q5_1)
+DG_GET_ROWS(T_Q8_0) DG_GET_ROWS(T_Q2_K) DG_GET_ROWS(T_Q3_K) DG_GET_ROWS(T_Q4_K) DG_GET_ROWS(T_Q5_K) DG_GET_ROWS(T_Q6_K)
+#endif
