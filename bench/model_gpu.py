@@ -5,6 +5,7 @@ in the same run (issue 5, docs/CUDA.md step 6).
 - cuda backend: weights as GGML blocks (bench/synthetic.py) for each plan (a preset, or a `--fit` VRAM
   budget); a denoising step is the fused sampler pass: decoder to the final norm, the fused head
   (argmax, entropy, sample, softmax @ E) and accept/re-noise, as Engine runs it with rng="counter".
+  The KV cache is f16 (the cuda backend's default).
 - torch backend: the same model code on float32 weights (cuBLAS), a step being decoder + logits + the
   sampler's softmax, entropy, argmax and multinomial, on the GPU; skipped when its 4 bytes per parameter
   do not fit.
@@ -120,13 +121,14 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
             prompts: tuple[int, ...] = (512, 4096)) -> dict:
     """Prefill, per-step time, rates and peak memory of one backend's weights."""
     model = DiffusionGemma(cfg, w)
+    kv = torch.float16 if fused else None  # each backend's default KV cache (Engine.load's kv_cache)
     g = torch.Generator(device=device).manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (1, max(prompts)), device=device, generator=g)
     canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), device=device, generator=g)
     out = {"name": name, "weights_GB": weight_bytes(w) / 1e9}
     for n in prompts:
-        out[f"prefill_{n}_ms"] = timed(lambda: model.encode(tokens[:, :n], KVCache()), device)
-    cache = KVCache()
+        out[f"prefill_{n}_ms"] = timed(lambda: model.encode(tokens[:, :n], KVCache(dtype=kv)), device)
+    cache = KVCache(dtype=kv)
     model.encode(tokens[:, : prompts[0]], cache)
     make = fused_step if fused else logits_step
     out["step_ms"] = timed(make(model, cache, canvas), device, steps)
@@ -136,7 +138,7 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
     out["tokens/s"] = cfg.canvas_length / (STEPS_PER_CANVAS * out["step_ms"] / 1e3)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cache = KVCache()
+    cache = KVCache(dtype=kv)
     for _ in range(2):  # 2 x 4096: 8K context
         model.encode(tokens[:, : prompts[-1]], cache)
     make(model, cache, canvas)()

@@ -35,10 +35,18 @@ from .weights import load_weights
 DEFAULT_MAX_TOKENS = 1024
 BACKENDS = ("torch", "cuda")
 RNGS = ("torch", "counter")  # the sampler's draws (plugin/sampler.py): a torch.Generator, or counter-based
+KV_DTYPES = {"f32": torch.float32, "f16": torch.float16}  # what the KV cache stores (model.KVCache)
 
 
 class EngineError(ValueError):
     """A one-line, user-facing error from loading or generating."""
+
+
+def _check_choices(**choices: tuple[str, Any]) -> None:
+    """name=(value, allowed): an EngineError naming the first value not allowed."""
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise EngineError(f"{name} '{value}' is not available (have: {', '.join(allowed)})")
 
 
 @dataclass
@@ -91,9 +99,9 @@ Event = TextEvent | DoneEvent
 
 class Engine:
     def __init__(self, path: Path, cfg: ModelConfig, tokenizer: Tokenizer, model: DiffusionGemma, load_ns: int,
-                 device: torch.device | None = None, rng: str = "torch") -> None:
-        if rng not in RNGS:
-            raise EngineError(f"rng '{rng}' is not available (have: {', '.join(RNGS)})")
+                 device: torch.device | None = None, rng: str = "torch", kv_cache: str = "f32") -> None:
+        _check_choices(rng=(rng, RNGS), kv_cache=(kv_cache, KV_DTYPES))
+        self.kv_dtype = KV_DTYPES[kv_cache]
         self.path, self.cfg, self.tokenizer, self.model, self.load_duration = path, cfg, tokenizer, model, load_ns
         self.device, self.rng = device or torch.device("cpu"), rng
         # small float32 models on the CPU: the same decoder step in fewer torch calls (plugin/fast_decode.py)
@@ -101,16 +109,17 @@ class Engine:
         self._lock = threading.Lock()  # one generation at a time per engine
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "torch", device: str | None = None, rng: str | None = None) -> "Engine":
+    def load(cls, path: str | Path, backend: str = "torch", device: str | None = None, rng: str | None = None,
+             kv_cache: str | None = None) -> "Engine":
         """backend "torch": the reference (float32 weights, CPU or a CUDA device); "cuda": weights stay
         quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU). rng: the sampler's
         draws, "torch" (transformers' order, the torch backend's default) or "counter" (the cuda backend's,
-        which samples on the GPU; the torch backend with "counter" draws the same tokens)."""
-        if backend not in BACKENDS:
-            raise EngineError(f"backend '{backend}' is not available (have: {', '.join(BACKENDS)})")
+        which samples on the GPU; the torch backend with "counter" draws the same tokens). kv_cache: "f32"
+        (the torch backend's default, transformers' numbers) or "f16" (the cuda backend's: half the VRAM)."""
+        _check_choices(backend=(backend, BACKENDS))
         rng = rng or ("counter" if backend == "cuda" else "torch")
-        if rng not in RNGS:
-            raise EngineError(f"rng '{rng}' is not available (have: {', '.join(RNGS)})")
+        kv_cache = kv_cache or ("f16" if backend == "cuda" else "f32")
+        _check_choices(rng=(rng, RNGS), kv_cache=(kv_cache, KV_DTYPES))
         device = device or ("cuda" if backend == "cuda" else "cpu")
         if backend == "cuda":
             from .cuda import CudaUnavailable, check_cuda
@@ -138,7 +147,7 @@ class Engine:
             model = DiffusionGemma(cfg, weights)
         except ValueError as e:  # InspectError and friends
             raise EngineError(str(e)) from None
-        return cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng)
+        return cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng, kv_cache)
 
     # ---- prompt ---------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[dict[str, Any]] | list[int], raw: bool = False, **template_kwargs) -> list[int]:
@@ -206,7 +215,7 @@ class Engine:
     def _generate(self, ids: list[int], o: GenerateOptions, s: SamplerDefaults, max_tokens: int, eos: set[int],
                   seed: int) -> Iterator[Event]:
         t_start = time.perf_counter_ns()
-        cache = KVCache()
+        cache = KVCache(dtype=None if self.kv_dtype == torch.float32 else self.kv_dtype)
         dev = self.device
         self.model.encode(torch.tensor([ids], device=dev), cache)
         t_prompt = time.perf_counter_ns()

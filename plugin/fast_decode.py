@@ -112,7 +112,7 @@ class FastDecoder:
         qk = qkv[:, :, : H + n_kv]
         qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + n_kv :].transpose(1, 2)
-        past_k, past_v = cache.layer(i)
+        past_k, past_v = cache.layer(i, q.dtype)
         if past_k is not None:
             if cfg.is_swa[i]:
                 past_k, past_v = past_k[:, :, -(cfg.sliding_window - 1):], past_v[:, :, -(cfg.sliding_window - 1):]

@@ -183,14 +183,36 @@ class Weights:
 
 @dataclass
 class KVCache:
-    """Keys/values of every encoded position, per layer: [B, KV, T, hd]."""
+    """Keys/values of the encoded positions, per layer: [B, KV, T, hd]. Global layers keep every position;
+    sliding layers keep only the last sliding_window - 1, all that a later query can see. `dtype`: what
+    they are stored in (None: the model's compute dtype; float16 halves the cache, and attention casts
+    them back). `length` counts every encoded position (the next position's index)."""
 
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
     length: int = 0
+    dtype: torch.dtype | None = None
 
-    def layer(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return (self.keys[i], self.values[i]) if i < len(self.keys) else (None, None)
+    def layer(self, i: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Layer i's keys and values (None before the first encode), in `dtype` when given."""
+        if i >= len(self.keys):
+            return None, None
+        k, v = self.keys[i], self.values[i]
+        return (k, v) if dtype is None else (k.to(dtype), v.to(dtype))
+
+    def store(self, i: int, keys: torch.Tensor, values: torch.Tensor, keep: int | None) -> None:
+        """Layer i's keys and values after an encode, trimmed to their last `keep` positions (None: all)."""
+        if keep is not None and keys.shape[2] > keep:
+            keys, values = keys[:, :, -keep:], values[:, :, -keep:]  # copied below: frees the dropped part
+            if self.dtype is None:
+                keys, values = keys.clone(), values.clone()
+        if self.dtype is not None:
+            keys, values = keys.to(self.dtype), values.to(self.dtype)
+        if i < len(self.keys):
+            self.keys[i], self.values[i] = keys, values
+        else:
+            self.keys.append(keys)
+            self.values.append(values)
 
 
 class DiffusionGemma:
@@ -250,19 +272,16 @@ class DiffusionGemma:
             v = rms_norm(v, None, eps)  # V is normalised without a weight
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, hd]
 
-        past_k, past_v = cache.layer(i)
-        T = 0 if past_k is None else past_k.shape[2]
+        past_k, past_v = cache.layer(i, q.dtype)
+        P = 0 if past_k is None else past_k.shape[2]  # cached positions: cache.length - P .. cache.length - 1
         if encoder:
-            keys = k.contiguous() if past_k is None else torch.cat([past_k, k], dim=2)  # [B, KV, T+L, hd]
+            keys = k.contiguous() if past_k is None else torch.cat([past_k, k], dim=2)  # [B, KV, P+L, hd]
             values = v.contiguous() if past_v is None else torch.cat([past_v, v], dim=2)
-            if i < len(cache.keys):
-                cache.keys[i], cache.values[i] = keys, values
-            else:
-                cache.keys.append(keys)
-                cache.values.append(values)
+            cache.store(i, keys, values, cfg.sliding_window - 1 if cfg.is_swa[i] else None)
+            T = cache.length  # absolute position of the first query
             q_pos = torch.arange(T, T + L, device=x.device)[:, None]  # [L, 1]
-            k_pos = torch.arange(T + L, device=x.device)[None, :]  # [1, T+L]
-            mask = k_pos <= q_pos  # [L, T+L], True: attend
+            k_pos = torch.arange(T - P, T + L, device=x.device)[None, :]  # [1, P+L]
+            mask = k_pos <= q_pos  # [L, P+L], True: attend
             if cfg.is_swa[i]:
                 mask &= q_pos - k_pos < cfg.sliding_window
         else:

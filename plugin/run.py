@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the sampler's random draws: torch (transformers' order; the torch backend's default) or "
                         "counter (Philox per position, drawn on the GPU; the cuda backend's). The same --rng and "
                         "--seed give the same tokens on both backends")
+    p.add_argument("--kv-cache", choices=["f32", "f16"],
+                   help="what the KV cache stores: f32 (the torch backend's default) or f16 (the cuda backend's)")
 
 
 def _prompt(args: argparse.Namespace) -> str | list[Any]:
@@ -109,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         path = resolve_model(args.model)
-        engine = Engine.load(path, backend=args.backend, device=args.device, rng=args.rng)
+        engine = Engine.load(path, backend=args.backend, device=args.device, rng=args.rng, kv_cache=args.kv_cache)
         prompt = _prompt(args)
         cancel = threading.Event()
         opts = GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps, raw=args.raw, cancel=cancel)

@@ -174,15 +174,16 @@ def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf):
     assert (ref.model.decode(canvas, c1, sc) - gpu.model.decode(canvas.cuda(), c2, sc.cuda()).cpu()).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("rng", ["torch", "counter"])
-def test_cuda_backend_generates_the_torch_backends_tokens(ops, default_gguf, rng, monkeypatch):
+@pytest.mark.parametrize("rng,kv", [("torch", "f32"), ("counter", "f32"), ("counter", "f16")])
+def test_cuda_backend_generates_the_torch_backends_tokens(ops, default_gguf, rng, kv, monkeypatch):
     """rng torch: the cuda backend's logits sampled on the CPU; rng counter (the cuda backend's default):
-    the fused head's statistics and csrc/accept.cu on the GPU, with no [C, V] logits formed."""
+    the fused head's statistics and csrc/accept.cu on the GPU, with no [C, V] logits formed; both backends
+    with the same KV cache type (f16: the cuda backend's default)."""
     from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions
 
     outs = []
     for backend in ("torch", "cuda"):
-        engine = Engine.load(default_gguf, backend=backend, rng=rng)
+        engine = Engine.load(default_gguf, backend=backend, rng=rng, kv_cache=kv)
         if backend == "cuda" and rng == "counter":
             V, qmatmul = engine.cfg.vocab_size, ops.qmatmul
             monkeypatch.setattr(ops, "qmatmul", lambda x, w, *a: qmatmul(x, w, *a) if w.shape[0] != V else pytest.fail("logits formed"))

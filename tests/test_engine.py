@@ -74,6 +74,30 @@ def test_logits_after_a_second_encoded_chunk(engines):
     engine.model.encode(prompt, cache)
     engine.model.encode(chunk, cache)
     assert (engine.model.decode(canvas, cache) - hf_logits(ckpt, prompt, canvas, second_chunk=chunk)).abs().max() < 1e-4
+    # the cache holds what a later query can see: sliding layers their last window - 1 positions, global all
+    seen = [k.shape[2] for k in cache.keys]
+    assert seen == [cfg.sliding_window - 1 if swa else 9 + cfg.canvas_length for swa in cfg.is_swa]
+    assert cache.length == 9 + cfg.canvas_length > cfg.sliding_window
+
+
+def test_float16_kv_cache(engines):
+    """kv_cache f16 (the cuda backend's default): half the bytes, the same trimming, logits within 0.05 of
+    the float32 cache's (the rounding of cached keys and values; 0.005 on the default model)."""
+    _, engine = engines("wide")
+    cfg, m = engine.cfg, engine.model
+    g = torch.Generator().manual_seed(8)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 40), generator=g)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
+    full, half = KVCache(), KVCache(dtype=torch.float16)
+    m.encode(prompt, full)
+    m.encode(prompt, half)
+    assert all(h.dtype == torch.float16 and h.shape == f.shape for h, f in zip(half.keys + half.values, full.keys + full.values))
+    diff = (m.decode(canvas, full) - m.decode(canvas, half)).abs().max().item()
+    assert 0 < diff < 0.05
+    f16 = Engine.load(engine.path, kv_cache="f16")
+    assert f16.kv_dtype == torch.float16 and generate_ids(f16, [2, 10, 11], seed=1, max_tokens=20).eval_count > 0
+    with pytest.raises(EngineError, match="kv_cache 'q8' is not available"):
+        Engine.load(engine.path, kv_cache="q8")
 
 
 def generate_ids(engine: Engine, prompt: list[int], seed: int, **opts) -> DoneEvent:

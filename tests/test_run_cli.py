@@ -103,6 +103,8 @@ def test_run_with_counter_draws(models):
     proc = run_cli(models, "default", "Tell me a fortune.", "--seed", "2", "--max-tokens", "12", "--rng", "counter")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected + "\n" and expected.strip()
+    f16 = run_cli(models, "default", "Tell me a fortune.", "--seed", "2", "--max-tokens", "12", "--kv-cache", "f16")
+    assert f16.returncode == 0 and f16.stdout.strip(), f16.stderr
     bad = run_cli(models, "default", "hi", "--rng", "philox")
     assert bad.returncode == 2 and "invalid choice: 'philox'" in bad.stderr
     with pytest.raises(ValueError, match="rng 'philox' is not available"):
