@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import CONFIG_26B, SyntheticTensors, model_config, plan_rows  # noqa: E402
+from synthetic import CONFIG_26B, SyntheticTensors, model_config, plan_rows, sync, timed  # noqa: E402
 
 from dgemma.plugin.config import ModelConfig  # noqa: E402
 from dgemma.plugin.model import DiffusionGemma, KVCache, Weights  # noqa: E402
@@ -41,22 +40,6 @@ STEPS_PER_CANVAS = 16
 def peaks() -> tuple[float, float] | None:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     return next((v for k, v in PEAKS.items() if k in name), None)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeat: int = 1) -> float:
-    """Mean ms of `repeat` calls after one warm-up call."""
-    fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / repeat * 1e3
 
 
 def weight_bytes(w: Weights) -> int:
@@ -89,15 +72,18 @@ def float_weights(w: Weights, device: str) -> Weights:
 
 
 def fused_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, seed: int = 1):
-    """One pass as Engine runs it with rng="counter": returns a callable doing (decode_stats, accept/re-noise)."""
-    from dgemma.plugin.cuda import ops
+    """A callable running one pass as Engine does with rng="counter" (engine._fused_steps: decode_stats, then
+    accept/re-noise), each call the next pass."""
+    from dgemma.plugin.engine import _fused_steps
 
-    state = {"canvas": canvas, "soft": None, "index": 0}
+    steps = _fused_steps(model, cache, model.cfg.vocab_size, seed, canvas.device)
+    state = {"canvas": canvas, "sc": None}
+    t = torch.tensor(0.6)
 
     def step() -> None:
-        hs = model.decode_stats(state["canvas"], cache, state["soft"], 0.6, seed, state["index"])
-        nxt, _ = ops.accept_renoise(hs.entropy[None], hs.sample[None], seed, state["index"], model.cfg.vocab_size, 0.1)
-        state.update(canvas=nxt, soft=hs.sc[None], index=state["index"] + 1)
+        out = steps.denoise(state["canvas"], state["sc"], t)
+        state["canvas"], _ = steps.accept_renoise(state["canvas"], out, 0.1)
+        state["sc"] = out.sc
 
     return step
 
@@ -126,8 +112,8 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
     tokens = torch.randint(0, cfg.vocab_size, (1, max(prompts)), device=device, generator=g)
     canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), device=device, generator=g)
     out = {"name": name, "weights_GB": weight_bytes(w) / 1e9}
-    for n in prompts:
-        out[f"prefill_{n}_ms"] = timed(lambda: model.encode(tokens[:, :n], KVCache(dtype=kv)), device)
+    for j, n in enumerate(prompts):  # one warm-up, before the first size only (a long prefill is slow)
+        out[f"prefill_{n}_ms"] = timed(lambda: model.encode(tokens[:, :n], KVCache(dtype=kv)), device, warmup=j == 0)
     cache = KVCache(dtype=kv)
     model.encode(tokens[:, : prompts[0]], cache)
     make = fused_step if fused else logits_step

@@ -17,6 +17,7 @@ import argparse
 import torch
 from gguf import GGMLQuantizationType as Q
 from synthetic import synthetic_blocks
+from synthetic import timed as timed_on
 
 from dgemma.plugin.cuda import check_cuda
 from dgemma.plugin.cuda import ops
@@ -39,15 +40,7 @@ def synthetic(n: int, k: int, qtype: Q) -> torch.Tensor:
 
 
 def timed(fn, repeat: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat  # ms
+    return timed_on(fn, torch.device("cuda"), repeat)
 
 
 def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256, d: int = 2816, fe: int = 704) -> None:
@@ -119,12 +112,15 @@ def main() -> None:
     args = ap.parse_args()
     cap = check_cuda()
     print(f"{torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}")
-    print(f"{'weights':<32} {'ours ms':>9} {'TB/s':>6} {'TFLOP/s':>8} | {'torch ms':>9} {'TB/s':>6} | {'speedup':>7}")
-    total_ours = total_torch = 0.0
+    mma = torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY
+    print(f"{'weights':<32} {'ours ms':>9} {'TB/s':>6} {'TFLOP/s':>8} | {'mma ms':>9} {'TFLOP/s':>8} | {'torch ms':>9} "
+          f"{'TB/s':>6} | {'speedup (best)':>7}")
+    total_ours = total_mma = total_torch = 0.0
     for name, n, k, qtype, m, count in SHAPES:
         w = synthetic(n, k, qtype)
         x = torch.randn(m, k, device="cuda")
         ours = timed(lambda: ops.qmatmul(x, w, qtype, k), args.repeat)
+        tc = timed(lambda: ops.qmatmul_mma(x, w, qtype, k), args.repeat) if mma else float("nan")
 
         wf = None
 
@@ -136,14 +132,17 @@ def main() -> None:
 
         theirs = timed(torch_way, args.repeat)
         wbytes, flop = w.numel(), 2 * m * n * k
-        print(f"{name:<32} {ours:9.3f} {wbytes / ours / 1e9:6.2f} {flop / ours / 1e9:8.2f} | {theirs:9.3f} "
-              f"{wf.numel() * 2 / theirs / 1e9:6.2f} | {theirs / ours:6.2f}x")
+        best = min(ours, tc) if mma else ours
+        print(f"{name:<32} {ours:9.3f} {wbytes / ours / 1e9:6.2f} {flop / ours / 1e9:8.2f} | {tc:9.3f} "
+              f"{flop / tc / 1e9:8.2f} | {theirs:9.3f} {wf.numel() * 2 / theirs / 1e9:6.2f} | {theirs / best:6.2f}x")
         total_ours += ours * count
+        total_mma += (tc if mma else ours) * count
         total_torch += theirs * count
         del w, wf
         torch.cuda.empty_cache()
-    print(f"matmuls of one denoising step (sum over layers): ours {total_ours:.1f} ms, dequant+cuBLAS {total_torch:.1f} ms "
-          f"(torch keeps f16 weights: {total_torch / max(total_ours, 1e-9):.2f}x)")
+    print(f"matmuls of one denoising step (sum over layers): ours {total_ours:.1f} ms (float FMAs), {total_mma:.1f} ms "
+          f"(f16 tensor cores), dequant+cuBLAS {total_torch:.1f} ms (torch keeps f16 weights: "
+          f"{total_torch / max(min(total_ours, total_mma), 1e-9):.2f}x the best of ours)")
     moe_layer(args.repeat)
     head_pass(args.repeat)
     ent = torch.rand(1, 256, device="cuda")

@@ -4,12 +4,15 @@ sane fp16 scales, made on the device in seconds (timing does not depend on the v
 - `synthetic_blocks`: one tensor's bytes; `SyntheticTensors`: a plan's tensors as the cuda loader's
   TensorSource (plugin/cuda/weights.py), vectors as ones and the router as small random floats;
 - `model_config` / `plan_rows`: the ModelConfig and the per-tensor (name, shape, type) of a conversion
-  plan (`dgemma convert --dry-run` / `--fit`) from a config.json alone; bench/configs/ holds the 26B-A4B's.
+  plan (`dgemma convert --dry-run` / `--fit`) from a config.json alone; bench/configs/ holds the 26B-A4B's;
+- `timed`: mean milliseconds of a call, synchronised with the device.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import time
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -86,3 +89,20 @@ def plan_rows(config_dir: str | Path, plan: str, ctx: int = 8192) -> list[tuple[
     if p.fit is not None and not p.fit.fits:
         raise SystemExit(f"--fit {plan}: no plan fits")
     return p.tensors
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeat: int = 1, warmup: bool = True) -> float:
+    """Mean ms of `repeat` calls (after one warm-up call unless warmup=False), the device synchronised."""
+    if warmup:
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeat * 1e3

@@ -6,8 +6,8 @@
 // others a fresh uniformly drawn token. As plugin/sampler.py's CounterSteps.accept_renoise: the fresh
 // token of position b*C + i after step `step` is csrc/philox.cuh's sampler_token(seed, step, b*C + i,
 // SAMPLER_RENOISE, vocab), so the kernel is deterministic and plugin/rng.py draws the same tokens. The
-// cumulative sum runs sequentially in sorted order, as torch.cumsum on the CPU does, so borderline
-// acceptances agree.
+// cumulative sum runs sequentially in sorted order in double, each partial rounded to float, as
+// torch.cumsum on the CPU computes it, so borderline acceptances agree.
 // Shapes: entropy [B, C] f32; denoised, next [B, C] i32; accepted [B, C] u8; C <= 1024.
 #include "philox.cuh"
 
@@ -48,10 +48,10 @@ extern "C" __global__ void accept_renoise(const float * __restrict__ entropy, co
         }
     }
     if (tid == 0) {
-        float cum = 0.0f;
+        double cum = 0.0;  // torch.cumsum on the CPU: a double running sum, each output rounded to float
         for (int i = 0; i < C; ++i) {
-            cum += key[i];
-            take[idx[i]] = (cum - key[i]) <= bound;
+            cum += (double)key[i];
+            take[idx[i]] = ((float)cum - key[i]) <= bound;
         }
     }
     __syncthreads();

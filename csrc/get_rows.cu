@@ -26,6 +26,5 @@ __global__ void get_rows(const int * __restrict__ rows, const uint8_t * __restri
 #ifndef __CUDACC_RTC__
 // nvcc builds (CI's compile check) instantiate every type; at run time NVRTC instantiates by name
 #define DG_GET_ROWS(T) template __global__ void dg::get_rows<dg::T>(const int *, const uint8_t *, float *, int);
-DG_GET_ROWS(T_F32) DG_GET_ROWS(T_F16) DG_GET_ROWS(T_BF16) DG_GET_ROWS(T_Q4_0) DG_GET_ROWS(T_Q5_0) DG_GET_ROWS(T_Q5_1)
-DG_GET_ROWS(T_Q8_0) DG_GET_ROWS(T_Q2_K) DG_GET_ROWS(T_Q3_K) DG_GET_ROWS(T_Q4_K) DG_GET_ROWS(T_Q5_K) DG_GET_ROWS(T_Q6_K)
+DG_FOR_EACH_TYPE(DG_GET_ROWS)
 #endif

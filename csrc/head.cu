@@ -148,10 +148,8 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge(
 #ifndef __CUDACC_RTC__
 // nvcc builds (CI's compile check) instantiate every type; at run time NVRTC instantiates by name
 #define DG_HEAD_INST(T)                                                                                   \
-    template __global__ void dg::head_partials<T>(const float *, int, int, const uint8_t *, int, int, float, float, \
+    template __global__ void dg::head_partials<dg::T>(const float *, int, int, const uint8_t *, int, int, float, float, \
                                                   unsigned long long, int, float *, int *, float *, int *, float *);
-DG_HEAD_INST(dg::T_F32) DG_HEAD_INST(dg::T_F16) DG_HEAD_INST(dg::T_BF16) DG_HEAD_INST(dg::T_Q4_0)
-DG_HEAD_INST(dg::T_Q5_0) DG_HEAD_INST(dg::T_Q5_1) DG_HEAD_INST(dg::T_Q8_0) DG_HEAD_INST(dg::T_Q2_K)
-DG_HEAD_INST(dg::T_Q3_K) DG_HEAD_INST(dg::T_Q4_K) DG_HEAD_INST(dg::T_Q5_K) DG_HEAD_INST(dg::T_Q6_K)
+DG_FOR_EACH_TYPE(DG_HEAD_INST)
 #undef DG_HEAD_INST
 #endif

@@ -30,6 +30,5 @@ __global__ void __launch_bounds__(MM_THREADS) moe_qmatmul(const float * __restri
 #ifndef __CUDACC_RTC__
 #define DG_MOE(T) template __global__ void dg::moe_qmatmul<dg::T>(const float *, int, const int *, const int *, \
     const int *, const int *, const uint8_t *, long, float *, int, int, int);
-DG_MOE(T_F32) DG_MOE(T_F16) DG_MOE(T_BF16) DG_MOE(T_Q4_0) DG_MOE(T_Q5_0) DG_MOE(T_Q5_1)
-DG_MOE(T_Q8_0) DG_MOE(T_Q2_K) DG_MOE(T_Q3_K) DG_MOE(T_Q4_K) DG_MOE(T_Q5_K) DG_MOE(T_Q6_K)
+DG_FOR_EACH_TYPE(DG_MOE)
 #endif

@@ -16,6 +16,5 @@ __global__ void __launch_bounds__(MM_THREADS) qmatmul(const float * __restrict__
 #ifndef __CUDACC_RTC__
 // nvcc builds (CI's compile check) instantiate every type; at run time NVRTC instantiates by name
 #define DG_QMATMUL(T) template __global__ void dg::qmatmul<dg::T>(const float *, int, const uint8_t *, float *, int, int, int, int);
-DG_QMATMUL(T_F32) DG_QMATMUL(T_F16) DG_QMATMUL(T_BF16) DG_QMATMUL(T_Q4_0) DG_QMATMUL(T_Q5_0) DG_QMATMUL(T_Q5_1)
-DG_QMATMUL(T_Q8_0) DG_QMATMUL(T_Q2_K) DG_QMATMUL(T_Q3_K) DG_QMATMUL(T_Q4_K) DG_QMATMUL(T_Q5_K) DG_QMATMUL(T_Q6_K)
+DG_FOR_EACH_TYPE(DG_QMATMUL)
 #endif

@@ -113,9 +113,7 @@ class FastDecoder:
         qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + n_kv :].transpose(1, 2)
         past_k, past_v = cache.layer(i, q.dtype)
-        if past_k is not None:
-            if cfg.is_swa[i]:
-                past_k, past_v = past_k[:, :, -(cfg.sliding_window - 1):], past_v[:, :, -(cfg.sliding_window - 1):]
+        if past_k is not None:  # already trimmed to the window on sliding layers (KVCache.store)
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # [B, KV, T+L, hd]
         a = F.scaled_dot_product_attention(q, k, v, scale=1.0, enable_gqa=True)  # [B, H, L, hd]
         h = x + self.norm(F.linear(a.transpose(1, 2).reshape(B, L, H * hd), lw.wo), lw.post_attn_norm)  # [B, L, D]

@@ -202,12 +202,12 @@ class KVCache:
 
     def store(self, i: int, keys: torch.Tensor, values: torch.Tensor, keep: int | None) -> None:
         """Layer i's keys and values after an encode, trimmed to their last `keep` positions (None: all)."""
-        if keep is not None and keys.shape[2] > keep:
-            keys, values = keys[:, :, -keep:], values[:, :, -keep:]  # copied below: frees the dropped part
-            if self.dtype is None:
-                keys, values = keys.clone(), values.clone()
-        if self.dtype is not None:
-            keys, values = keys.to(self.dtype), values.to(self.dtype)
+        dtype = self.dtype or keys.dtype
+        if keep is not None and keys.shape[2] > keep:  # a copy, so that the dropped positions are freed
+            start = keys.shape[2] - keep
+            keys, values = keys[:, :, start:].to(dtype, copy=True), values[:, :, start:].to(dtype, copy=True)
+        else:
+            keys, values = keys.to(dtype), values.to(dtype)
         if i < len(self.keys):
             self.keys[i], self.values[i] = keys, values
         else:
@@ -284,9 +284,7 @@ class DiffusionGemma:
             mask = k_pos <= q_pos  # [L, P+L], True: attend
             if cfg.is_swa[i]:
                 mask &= q_pos - k_pos < cfg.sliding_window
-        else:
-            if past_k is not None and cfg.is_swa[i]:
-                past_k, past_v = past_k[:, :, -(cfg.sliding_window - 1):], past_v[:, :, -(cfg.sliding_window - 1):]
+        else:  # the cache holds what the canvas sees: every position on global layers, the window on sliding ones
             keys = k if past_k is None else torch.cat([past_k, k], dim=2)
             values = v if past_v is None else torch.cat([past_v, v], dim=2)
             mask = None

@@ -30,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device for the torch backend (default cpu)")
     p.add_argument("--rng", choices=["torch", "counter"],
                    help="the sampler's random draws: torch (transformers' order; the torch backend's default) or "
-                        "counter (Philox per position, drawn on the GPU; the cuda backend's). The same --rng and "
-                        "--seed give the same tokens on both backends")
+                        "counter (Philox per position, drawn on the GPU; the cuda backend's). With the same --rng, "
+                        "--kv-cache and --seed both backends give the same tokens up to float rounding")
     p.add_argument("--kv-cache", choices=["f32", "f16"],
                    help="what the KV cache stores: f32 (the torch backend's default) or f16 (the cuda backend's)")
 

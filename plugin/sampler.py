@@ -148,6 +148,12 @@ class Steps(Protocol):
         ...  # (next canvas [1, C], accepted mask [1, C])
 
 
+def processed_logits(decode: Decoder, canvas: torch.Tensor, sc: Any, temperature: torch.Tensor):
+    """(logits / T [1, C, V], their softmax: the next step's self-conditioning input)."""
+    processed = decode(canvas, sc) / temperature
+    return processed, torch.softmax(processed, dim=-1, dtype=torch.float32)
+
+
 class TorchSteps:
     """The logits-based step with one torch.Generator, in transformers' order of draws."""
 
@@ -158,8 +164,7 @@ class TorchSteps:
         return init_canvas(length, self.vocab_size, self.gen)
 
     def denoise(self, canvas: torch.Tensor, sc: Any, temperature: torch.Tensor) -> Denoised:
-        processed = self.decode(canvas, sc) / temperature  # [1, C, V]
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)  # also the next step's self-conditioning
+        processed, probs = processed_logits(self.decode, canvas, sc, temperature)
         denoised = sample(probs, self.gen)
         return Denoised(processed.argmax(dim=-1), token_entropy(processed, probs), denoised, probs)
 
@@ -176,8 +181,9 @@ AcceptRenoise = Callable[[torch.Tensor, torch.Tensor, int, int, int, float], tup
 
 def gumbel_sample(processed: torch.Tensor, seed: int, index: int) -> torch.Tensor:
     """argmax_v (z_v - log(-log u_v)) per position of processed logits [1, C, V], u the counter-based
-    uniforms of (seed, pass index, position, v): a draw from softmax(z), computed in float64 as
-    plugin/cuda/head_ref.py does. Returns [1, C]."""
+    uniforms of (seed, pass index, position, v): a draw from softmax(z), in float64 (the reference of the
+    fused head's sample; at the 26B's vocabulary it makes [C, 262144] numpy draws per pass, slow but
+    exact). Returns [1, C]."""
     C, V = processed.shape[-2:]
     u = torch.from_numpy(rng.sampler_uniforms(seed, index, np.arange(C), V)).double()  # [C, V]
     return (processed[0].double().cpu() - torch.log(-torch.log(u))).argmax(dim=-1)[None].to(processed.device)
@@ -187,8 +193,7 @@ def logits_stats(decode: Decoder) -> StatsDecoder:
     """A StatsDecoder from a logits decoder (the torch backend's reference for the cuda head kernel)."""
 
     def stats(canvas: torch.Tensor, sc: Any, temperature: torch.Tensor, seed: int, index: int) -> Denoised:
-        processed = decode(canvas, sc) / temperature  # [1, C, V]
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+        processed, probs = processed_logits(decode, canvas, sc, temperature)
         return Denoised(processed.argmax(dim=-1), token_entropy(processed, probs), gumbel_sample(processed, seed, index),
                         probs)
 

@@ -22,8 +22,8 @@ fi
 $PY -c "import dgemma.plugin.cuda as c; print('compute capability', c.check_cuda())" 2>&1 | tee -a "$OUT/gpu.txt"
 export PYTHONUNBUFFERED=1
 echo "== GPU tests"
-timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
+timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
 echo "== kernels at the 26B-A4B's shapes"
 timeout 90 $PY bench/step_gpu.py 2>&1 | tee "$OUT/bench.txt"
 echo "== whole denoising step, prefill, VRAM: cuda backend (Q4_K_M, the 12 GB plan) against the torch backend"
-timeout 240 $PY bench/model_gpu.py 2>&1 | tee "$OUT/model_bench.txt"
+timeout 210 $PY bench/model_gpu.py 2>&1 | tee "$OUT/model_bench.txt"

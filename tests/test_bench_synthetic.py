@@ -60,3 +60,11 @@ def test_bench_steps_run_on_synthetic_weights(checkpoint_factory, kernels_as_ref
     assert fused["weights_GB"] < torch_way["weights_GB"]  # blocks against float32
     line = model_gpu.report(fused, torch_way)
     assert "prefill 5: " in line and "x the torch backend" in line
+
+
+def test_kernel_bench_imports_its_helpers():
+    """bench/step_gpu.py needs a GPU to run; this catches import-time and name errors before a GPU session."""
+    import step_gpu
+
+    assert step_gpu.timed.__module__ == "step_gpu" and step_gpu.synthetic_blocks is synthetic.synthetic_blocks
+    assert [row[0] for row in step_gpu.SHAPES][-1] == "vocabulary head (Q6_K)"

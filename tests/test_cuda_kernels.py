@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,22 @@ def test_qmatmul_matches_dequant_reference(ops, qtype, m, n, k):
 
 
 MOE_COUNTS = [[5], [0, 17, 0, 1, 16, 33], [0, 0, 0], [300, 0, 1]]
+
+
+@pytest.mark.parametrize("qtype,m,n,k", list(cases()), ids=lambda v: getattr(v, "name", str(v)))
+def test_qmatmul_mma_matches_f16_rounded_reference(ops, qtype, m, n, k):
+    """Tensor cores: the kernel rounds X and W to f16 exactly as the reference does, so the only difference
+    is the f32 accumulation order: within 1e-5 of sum |x||w| per output, plus 1e-6."""
+    if torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
+        pytest.skip("tensor-core f16 MMA needs compute capability 8.0")
+    rng = np.random.default_rng(m * 7 + n + k)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    data = torch.from_numpy((w if qtype == Q.F32 else quant.quantize(w, qtype)).reshape(n, -1).view(np.uint8)).cuda()
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32) * 3)
+    got = ops.qmatmul_mma(x.cuda(), data, qtype, k).cpu()
+    want = ops.qmatmul_mma_reference(x, data, qtype, k)
+    bound = 1e-5 * (x.half().double().abs() @ ops._dequantized(data, qtype, k).half().double().abs().T) + 1e-6
+    assert bool(((got.double() - want.double()).abs() <= bound).all())  # at small K, unrounded X would fail
 
 
 @pytest.mark.parametrize("qtype,n,k", [(Q.Q8_0, 33, 96), (Q.Q4_K, 17, 512), (Q.Q6_K, 40, 768), (Q.Q2_K, 16, 256),
@@ -121,6 +139,12 @@ def test_accept_renoise_matches_sampler(ops, b, c, bound):
     ref_next, ref_mask = ops.accept_renoise_reference(entropy, denoised, seed, step, vocab, bound)
     assert torch.equal(acc.cpu(), ref_mask) and torch.equal(nxt.cpu().long(), ref_next)
     assert c == 1 or bool((~ref_mask).any())  # something was re-noised: the fresh draws were compared
+    # bounds exactly at running sums: the kernel must add up as torch.cumsum on the CPU does (double, rounded)
+    srt = entropy[0].sort().values
+    for j in range(0, c, max(1, c // 5)):
+        edge = float((torch.cumsum(srt, 0) - srt)[j])
+        nxt, acc = ops.accept_renoise(entropy.cuda(), denoised.cuda(), seed, step, vocab, edge)
+        assert torch.equal(acc.cpu(), ops.accept_renoise_reference(entropy, denoised, seed, step, vocab, edge)[1])
 
 
 @pytest.mark.parametrize("qtype,L,D,V,splits", [
@@ -156,6 +180,27 @@ def default_gguf(tmp_path_factory):
     return ensure_default_model(tmp_path_factory.mktemp("models"))
 
 
+CANVAS16 = Path(__file__).resolve().parents[1] / ".gpu_wheels" / "canvas16-q8.gguf"  # scripts/gpu_prepare.sh
+
+
+@pytest.fixture(scope="module")
+def canvas16_gguf(tmp_path_factory, checkpoint_factory):
+    """The random-weight test model "base" (canvas 16, so that positions are re-noised) at Q8_0: carried by
+    scripts/gpu_prepare.sh where transformers cannot build it (the GPU machine), else built here."""
+    if CANVAS16.exists():
+        return CANVAS16
+    try:
+        from conftest import SPECS
+
+        from dgemma.convert import convert
+
+        path = tmp_path_factory.mktemp("canvas16") / "canvas16-q8.gguf"
+        convert(checkpoint_factory(SPECS["base"]), path, "Q8_0", quiet=True)
+        return path
+    except ImportError as e:
+        pytest.skip(f"no canvas-16 test model ({e}); run scripts/gpu_prepare.sh")
+
+
 def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf):
     from dgemma.plugin.engine import Engine
     from dgemma.plugin.model import KVCache
@@ -174,21 +219,24 @@ def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf):
     assert (ref.model.decode(canvas, c1, sc) - gpu.model.decode(canvas.cuda(), c2, sc.cuda()).cpu()).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("model", ["default", "canvas16"])
 @pytest.mark.parametrize("rng,kv", [("torch", "f32"), ("counter", "f32"), ("counter", "f16")])
-def test_cuda_backend_generates_the_torch_backends_tokens(ops, default_gguf, rng, kv, monkeypatch):
+def test_cuda_backend_generates_the_torch_backends_tokens(ops, request, model, rng, kv, monkeypatch):
     """rng torch: the cuda backend's logits sampled on the CPU; rng counter (the cuda backend's default):
     the fused head's statistics and csrc/accept.cu on the GPU, with no [C, V] logits formed; both backends
     with the same KV cache type (f16: the cuda backend's default)."""
     from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions
 
+    path = request.getfixturevalue(f"{model}_gguf")
     outs = []
     for backend in ("torch", "cuda"):
-        engine = Engine.load(default_gguf, backend=backend, rng=rng, kv_cache=kv)
+        engine = Engine.load(path, backend=backend, rng=rng, kv_cache=kv)
         if backend == "cuda" and rng == "counter":
             V, qmatmul = engine.cfg.vocab_size, ops.qmatmul
             monkeypatch.setattr(ops, "qmatmul", lambda x, w, *a: qmatmul(x, w, *a) if w.shape[0] != V else pytest.fail("logits formed"))
         for seed in (3, 4):
-            done = list(engine.generate("Once upon a time", GenerateOptions(seed=seed, max_tokens=64)))[-1]
+            opts = GenerateOptions(seed=seed, max_tokens=64, raw=model != "default")
+            done = list(engine.generate("Once upon a time", opts))[-1]
             assert isinstance(done, DoneEvent)
             outs.append((done.canvases, done.steps_per_canvas))
     assert outs[:2] == outs[2:]

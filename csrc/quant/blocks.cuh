@@ -62,6 +62,16 @@ DG_HD float bf16_to_f32(uint16_t h) {
 DG_HD uint16_t rd16(const uint8_t * p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 DG_HD uint32_t rd32(const uint8_t * p) { return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24); }
 
+// a * b rounded on its own: a following add is not fused into one FMA (NVRTC fuses by default, and the
+// references, gguf-py and dgemma.quant, round the product and the sum separately: bit-exact both ways)
+DG_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
 // values per block and bytes per block
 template <int T> struct Traits;
 template <> struct Traits<T_F32>  { static constexpr int QK = 1,   SIZE = 4;   };
@@ -133,8 +143,8 @@ template <> DG_HD void dequant_block<T_Q5_1>(const uint8_t * b, float * y) {
     for (int j = 0; j < 16; ++j) {
         const int h0 = ((qh >> j) << 4) & 0x10;
         const int h1 = (qh >> (j + 12)) & 0x10;
-        y[j] = ((qs[j] & 0xF) | h0) * d + m;
-        y[j + 16] = ((qs[j] >> 4) | h1) * d + m;
+        y[j] = mul_rn((float)((qs[j] & 0xF) | h0), d) + m;
+        y[j + 16] = mul_rn((float)((qs[j] >> 4) | h1), d) + m;
     }
 }
 
@@ -149,11 +159,11 @@ template <> DG_HD void dequant_block<T_Q2_K>(const uint8_t * b, float * y) {
         for (int j = 0; j < 4; ++j) {
             uint8_t sc = scales[is++];
             float dl = d * (sc & 0xF), ml = dmin * (sc >> 4);
-            for (int l = 0; l < 16; ++l) *y++ = dl * ((q[l] >> shift) & 3) - ml;
+            for (int l = 0; l < 16; ++l) *y++ = mul_rn(dl, (float)((q[l] >> shift) & 3)) - ml;
             sc = scales[is++];
             dl = d * (sc & 0xF);
             ml = dmin * (sc >> 4);
-            for (int l = 0; l < 16; ++l) *y++ = dl * ((q[l + 16] >> shift) & 3) - ml;
+            for (int l = 0; l < 16; ++l) *y++ = mul_rn(dl, (float)((q[l + 16] >> shift) & 3)) - ml;
             shift += 2;
         }
         q += 32;
@@ -203,8 +213,8 @@ template <> DG_HD void dequant_block<T_Q4_K>(const uint8_t * b, float * y) {
         const float d1 = d * sc, m1 = dmin * m;
         scale_min_k4(is + 1, scales, sc, m);
         const float d2 = d * sc, m2 = dmin * m;
-        for (int l = 0; l < 32; ++l) *y++ = d1 * (q[l] & 0xF) - m1;
-        for (int l = 0; l < 32; ++l) *y++ = d2 * (q[l] >> 4) - m2;
+        for (int l = 0; l < 32; ++l) *y++ = mul_rn(d1, (float)(q[l] & 0xF)) - m1;
+        for (int l = 0; l < 32; ++l) *y++ = mul_rn(d2, (float)(q[l] >> 4)) - m2;
         q += 32;
         is += 2;
     }
@@ -224,8 +234,8 @@ template <> DG_HD void dequant_block<T_Q5_K>(const uint8_t * b, float * y) {
         const float d1 = d * sc, m1 = dmin * m;
         scale_min_k4(is + 1, scales, sc, m);
         const float d2 = d * sc, m2 = dmin * m;
-        for (int l = 0; l < 32; ++l) *y++ = d1 * ((ql[l] & 0xF) + ((qh[l] & u1) ? 16 : 0)) - m1;
-        for (int l = 0; l < 32; ++l) *y++ = d2 * ((ql[l] >> 4) + ((qh[l] & u2) ? 16 : 0)) - m2;
+        for (int l = 0; l < 32; ++l) *y++ = mul_rn(d1, (float)((ql[l] & 0xF) + ((qh[l] & u1) ? 16 : 0))) - m1;
+        for (int l = 0; l < 32; ++l) *y++ = mul_rn(d2, (float)((ql[l] >> 4) + ((qh[l] & u2) ? 16 : 0))) - m2;
         ql += 32;
         is += 2;
         u1 <<= 2;
@@ -257,12 +267,15 @@ template <> DG_HD void dequant_block<T_Q6_K>(const uint8_t * b, float * y) {
     }
 }
 
+// X(T) for every supported type: the kernels' instantiations and the runtime dispatch below
+#define DG_FOR_EACH_TYPE(X) \
+    X(T_F32) X(T_F16) X(T_BF16) X(T_Q4_0) X(T_Q5_0) X(T_Q5_1) X(T_Q8_0) X(T_Q2_K) X(T_Q3_K) X(T_Q4_K) X(T_Q5_K) X(T_Q6_K)
+
 // values and bytes per block of a runtime type id (host harnesses); false for an unknown type
 DG_HD bool block_shape(int type, int &qk, int &size) {
 #define DG_CASE(T) case T: qk = Traits<T>::QK; size = Traits<T>::SIZE; return true;
     switch (type) {
-        DG_CASE(T_F32) DG_CASE(T_F16) DG_CASE(T_BF16) DG_CASE(T_Q4_0) DG_CASE(T_Q5_0) DG_CASE(T_Q5_1)
-        DG_CASE(T_Q8_0) DG_CASE(T_Q2_K) DG_CASE(T_Q3_K) DG_CASE(T_Q4_K) DG_CASE(T_Q5_K) DG_CASE(T_Q6_K)
+        DG_FOR_EACH_TYPE(DG_CASE)
         default: return false;
     }
 #undef DG_CASE
@@ -276,8 +289,7 @@ DG_HD bool dequant_row(int type, const uint8_t * row, float * y, int k) {
             dequant_block<T>(row + (long)i * Traits<T>::SIZE, y + (long)i * Traits<T>::QK); \
         return true;
     switch (type) {
-        DG_CASE(T_F32) DG_CASE(T_F16) DG_CASE(T_BF16) DG_CASE(T_Q4_0) DG_CASE(T_Q5_0) DG_CASE(T_Q5_1)
-        DG_CASE(T_Q8_0) DG_CASE(T_Q2_K) DG_CASE(T_Q3_K) DG_CASE(T_Q4_K) DG_CASE(T_Q5_K) DG_CASE(T_Q6_K)
+        DG_FOR_EACH_TYPE(DG_CASE)
         default: return false;
     }
 #undef DG_CASE

@@ -88,8 +88,7 @@ def head_stats_reference(h: torch.Tensor, embed: torch.Tensor, softcap: float, t
     p = torch.softmax(z, dim=-1)
     sample = None
     if seed is not None:
-        from ..rng import sampler_uniforms
+        from ..sampler import gumbel_sample
 
-        u = torch.from_numpy(sampler_uniforms(seed, step, list(range(z.shape[0])), z.shape[1])).double()  # [L, V]
-        sample = (z.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+        sample = gumbel_sample(z[None], seed, step)[0]
     return HeadStats(m, arg, torch.logsumexp(z, dim=-1), token_entropy(z[None])[0], p @ embed, sample)

@@ -21,6 +21,8 @@ _QMATMUL_NAMES = tuple(f"dg::qmatmul<{int(t)}>" for t in SUPPORTED)
 _MOE_NAMES = tuple(f"dg::moe_qmatmul<{int(t)}>" for t in SUPPORTED)
 _HEAD_NAMES = tuple(f"dg::head_partials<{int(t)}>" for t in SUPPORTED)
 _GET_ROWS_NAMES = tuple(f"dg::get_rows<{int(t)}>" for t in SUPPORTED)
+_QMMA_NAMES = tuple(f"dg::qmatmul_mma<{int(t)}>" for t in SUPPORTED)
+MMA_TILE, MMA_THREADS, MMA_MIN_CAPABILITY = 32, 128, (8, 0)  # csrc/qmatmul_mma.cu
 GET_ROWS_THREADS = 128
 HEAD_L, HEAD_THREADS, HEAD_MAX_D, HEAD_MAX_SPLITS = 4, 256, 4096, 1024  # csrc/head.cu
 
@@ -78,9 +80,10 @@ def _check_matmul(op: str, x: torch.Tensor, w: torch.Tensor, qtype, k: int, w_le
     return qtype
 
 
-def get_rows(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+def get_rows(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int, check: bool = True) -> torch.Tensor:
     """Rows `rows` [M] (integers in [0, N)) of W [N, row_bytes] uint8 in GGML type `qtype`, dequantized to
-    float32 [M, k] (csrc/get_rows.cu): the embedding lookup from the quantized table."""
+    float32 [M, k] (csrc/get_rows.cu): the embedding lookup from the quantized table. check: verify the
+    rows are in range (a host sync); the engine passes False for ids it has checked or drawn itself."""
     import numpy as np
 
     qtype = _check_weights("get_rows", w, qtype, k, "[N, ")
@@ -89,16 +92,18 @@ def get_rows(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k
     y = torch.empty(rows.shape[0], k, dtype=torch.float32, device=w.device)
     if rows.shape[0] == 0:
         return y
-    lo, hi = torch.aminmax(rows)
-    if int(lo) < 0 or int(hi) >= w.shape[0]:
-        raise ValueError(f"get_rows: row {int(lo) if int(lo) < 0 else int(hi)} is outside [0, {w.shape[0]})")
+    if check:
+        lo, hi = (int(v) for v in torch.aminmax(rows))
+        if lo < 0 or hi >= w.shape[0]:
+            raise ValueError(f"get_rows: row {lo if lo < 0 else hi} is outside [0, {w.shape[0]})")
     fn = kernel("get_rows.cu", f"dg::get_rows<{int(qtype)}>", _GET_ROWS_NAMES)
     _launch(fn, (rows.shape[0],), (GET_ROWS_THREADS,), (_cupy(rows.to(torch.int32).contiguous()), _cupy(w), _cupy(y),
                                                         np.int32(k)))
     return y
 
 
-def get_rows_reference(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+def get_rows_reference(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
+                       check: bool = True) -> torch.Tensor:
     """Dequantize the chosen rows on the CPU with dgemma.quant."""
     return _dequantized(w.cpu()[rows.long().cpu()], qtype, k).float()
 
@@ -106,17 +111,39 @@ def get_rows_reference(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizat
 def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     """x [M, K] float32 @ W^T, W: [N, row_bytes] uint8 in GGML type `qtype` -> [M, N] float32."""
     qtype = _check_matmul("qmatmul", x, w, qtype, k, "[N, ")
+    return _launch_matmul("qmatmul.cu", f"dg::qmatmul<{int(qtype)}>", _QMATMUL_NAMES, MM_TILE, MM_THREADS, x, w, k)
+
+
+def _launch_matmul(source: str, name: str, names: tuple[str, ...], tile: int, threads: int, x: torch.Tensor,
+                   w: torch.Tensor, k: int) -> torch.Tensor:
+    """Y [M, N] from a (checked) matmul kernel taking (x, lda, w, y, ldy, M, N, K) on a grid of square tiles."""
+    import numpy as np
+
     m, n = x.shape[0], w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
         return y
-    import numpy as np
-
-    fn = kernel("qmatmul.cu", f"dg::qmatmul<{int(qtype)}>", _QMATMUL_NAMES)
-    grid = ((n + MM_TILE - 1) // MM_TILE, (m + MM_TILE - 1) // MM_TILE)
-    _launch(fn, grid, (MM_THREADS,), (_cupy(x), np.int32(x.stride(0)), _cupy(w), _cupy(y), np.int32(n), np.int32(m),
-                                      np.int32(n), np.int32(k)))
+    grid = ((n + tile - 1) // tile, (m + tile - 1) // tile)
+    _launch(kernel(source, name, names), grid, (threads,), (_cupy(x), np.int32(x.stride(0)), _cupy(w), _cupy(y),
+                                                            np.int32(n), np.int32(m), np.int32(n), np.int32(k)))
     return y
+
+
+def qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """qmatmul on tensor cores (csrc/qmatmul_mma.cu, compute capability >= 8.0): X and the dequantized W
+    rounded to f16, products accumulated in f32. X must stay within f16's range (|x| <= 65504)."""
+    qtype = _check_matmul("qmatmul_mma", x, w, qtype, k, "[N, ")
+    cap = torch.cuda.get_device_capability(x.device)
+    if cap < MMA_MIN_CAPABILITY:
+        raise ValueError(f"qmatmul_mma: needs compute capability {MMA_MIN_CAPABILITY[0]}.{MMA_MIN_CAPABILITY[1]} "
+                         f"(this GPU has {cap[0]}.{cap[1]}); use qmatmul")
+    return _launch_matmul("qmatmul_mma.cu", f"dg::qmatmul_mma<{int(qtype)}>", _QMMA_NAMES, MMA_TILE, MMA_THREADS,
+                          x, w, k)
+
+
+def qmatmul_mma_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """X and the dequantized W rounded to f16 (as the kernel rounds them), multiplied in float64."""
+    return (x.cpu().half().double() @ _dequantized(w, qtype, k).half().double().T).float()
 
 
 def qmatmul_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
@@ -220,15 +247,11 @@ def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, ste
 
 def accept_renoise_reference(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, step: int, vocab: int,
                              bound: float):
-    """plugin/sampler.py's accept() per canvas row, fresh tokens from plugin/rng.py; on the CPU."""
-    from ..rng import RENOISE, sampler_tokens
-    from ..sampler import accept
+    """plugin/sampler.py's counter_accept_renoise (accept() per canvas row, fresh tokens from plugin/rng.py)
+    on the CPU."""
+    from ..sampler import counter_accept_renoise
 
-    entropy, denoised = entropy.cpu(), denoised.cpu().long()
-    b, c = entropy.shape
-    fresh = torch.from_numpy(sampler_tokens(seed, step, range(b * c), vocab, RENOISE)).view(b, c)
-    accepted, mask = accept(fresh, denoised, entropy, bound)
-    return accepted, mask
+    return counter_accept_renoise(entropy.cpu(), denoised.cpu().long(), seed, step, vocab, bound)
 
 
 def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float, temperature: float,

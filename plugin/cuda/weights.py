@@ -55,7 +55,8 @@ class QuantEmbedding:
         return self.n, self.k
 
     def __getitem__(self, tokens: torch.Tensor) -> torch.Tensor:
-        return ops.get_rows(tokens.reshape(-1), self.data, self.qtype, self.k).view(*tokens.shape, self.k)
+        # ids come from checked prompts or the sampler's own draws: no range check (a host sync) per lookup
+        return ops.get_rows(tokens.reshape(-1), self.data, self.qtype, self.k, check=False).view(*tokens.shape, self.k)
 
     def weighted_sum(self, probs: torch.Tensor) -> torch.Tensor:
         """probs [..., V] @ E -> [..., D] float32."""
@@ -63,7 +64,8 @@ class QuantEmbedding:
         out = torch.zeros(flat.shape[0], self.k, dtype=torch.float32, device=flat.device)
         for start in range(0, self.n, self.CHUNK):
             ids = torch.arange(start, min(start + self.CHUNK, self.n), device=self.data.device)
-            out += flat[:, start : start + len(ids)] @ ops.get_rows(ids, self.data, self.qtype, self.k).to(flat.device)
+            rows = ops.get_rows(ids, self.data, self.qtype, self.k, check=False).to(flat.device)  # [n, D]
+            out += flat[:, start : start + len(ids)] @ rows
         return out.view(*probs.shape[:-1], self.k)
 
 
