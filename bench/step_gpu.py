@@ -49,14 +49,15 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
     top_i = torch.rand(tokens, experts, device="cuda", generator=g).topk(top_k, dim=-1).indices  # [256, 8]
     order = torch.argsort(top_i.flatten(), stable=True)
     rows = (order // top_k).to(torch.int32)
-    counts = torch.bincount(top_i.flatten(), minlength=experts).tolist()
+    counts_gpu = torch.bincount(top_i.flatten(), minlength=experts)  # [E], as model.grouped_experts makes it
+    counts = counts_gpu.tolist()  # the per-expert launches need them on the host
     gate_up, down = synthetic(experts * 2 * fe, d, Q.Q4_K), synthetic(experts * d, fe, Q.Q5_0)
     gate_up, down = gate_up.view(experts, 2 * fe, -1), down.view(experts, d, -1)
     x = torch.randn(tokens, d, device="cuda")
     act = torch.randn(len(rows), fe, device="cuda")
 
-    def grouped():  # as QuantExperts.grouped: the groups once per layer, then the two launches
-        groups = ops.ExpertGroups(counts, "cuda")
+    def grouped():  # as QuantExperts.grouped: the groups once per layer (on the GPU), then the two launches
+        groups = ops.ExpertGroups(counts_gpu, "cuda", pairs=len(rows))
         ops.moe_qmatmul(x, rows, groups, gate_up, Q.Q4_K, d)
         ops.moe_qmatmul(act, None, groups, down, Q.Q5_0, fe)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,9 +170,9 @@ def convert(src: str | Path, out: str | Path, out_type: str = "BF16", *, force: 
     plan = plan_tensors(ckpt, conv, preset, overrides)
     kv = build_metadata(ckpt, conv, preset.ftype)
 
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # named before anything is created, so that an interrupt at any point below can remove it (with
+    # mkstemp, a Ctrl-C between the file's creation and the `try` left it behind)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
     try:
         write_gguf(tmp, kv, plan, conv, quiet)
         os.replace(tmp, out)

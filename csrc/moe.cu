@@ -3,11 +3,13 @@
 // with no pair has no tile); W holds the E experts' [N, K] matrices one after the other, each
 // expert_bytes long, in a GGML block format.
 //
-// Grid: x = the N tiles, y = the M tiles of every expert back to back; tile_expert[y] and tile_m0[y]
-// (from plugin/cuda/ops.expert_tiles) say which expert and which first pair a tile has. Row m of X is
+// Grid: x = the N tiles, y = an upper bound of the M tiles of every expert back to back (pairs / MM_TM + E);
+// each block finds its expert and first pair from the prefix sums offsets and tile_offsets, made on the
+// GPU (csrc/moe_tiles.cuh), and the blocks past the last tile return. Row m of X is
 // x[xrows[m]] (gate/up: the tokens, gathered) or x[m] when xrows is null (down: already grouped).
 // Y comes out grouped (row m = pair m); the weighted scatter back to the tokens is left to the caller.
 #include "mm_tile.cuh"
+#include "moe_tiles.cuh"
 
 namespace dg {
 
@@ -15,12 +17,11 @@ template <int T>
 __global__ void __launch_bounds__(MM_THREADS) moe_qmatmul(const float * __restrict__ x, int lda,
                                                          const int * __restrict__ xrows,
                                                          const int * __restrict__ offsets,
-                                                         const int * __restrict__ tile_expert,
-                                                         const int * __restrict__ tile_m0,
+                                                         const int * __restrict__ tile_offsets, int E,
                                                          const uint8_t * __restrict__ w, long expert_bytes,
                                                          float * __restrict__ y, int ldy, int N, int K) {
-    const int e = tile_expert[blockIdx.y];
-    const int m0 = tile_m0[blockIdx.y];
+    int e, m0;
+    if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MM_TM, e, m0)) return;  // the whole block: no barrier skipped
     const int m_end = min(offsets[e + 1], m0 + MM_TM);
     mm_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * MM_TN, N, K, y, ldy);
 }
@@ -29,6 +30,6 @@ __global__ void __launch_bounds__(MM_THREADS) moe_qmatmul(const float * __restri
 
 #ifndef __CUDACC_RTC__
 #define DG_MOE(T) template __global__ void dg::moe_qmatmul<dg::T>(const float *, int, const int *, const int *, \
-    const int *, const int *, const uint8_t *, long, float *, int, int, int);
+    const int *, int, const uint8_t *, long, float *, int, int, int);
 DG_FOR_EACH_TYPE(DG_MOE)
 #endif

@@ -95,9 +95,10 @@ def grouped_experts(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, e
     order = torch.argsort(top_i.flatten(), stable=True)  # [N*K]
     rows = order // K
     weights = top_w.flatten()[order]
-    counts = torch.bincount(top_i.flatten(), minlength=E).tolist()
+    counts = torch.bincount(top_i.flatten(), minlength=E)  # [E]
     if hasattr(gate_up_exps, "grouped"):  # a backend's expert weights that run every expert in one launch
         return gate_up_exps.grouped(x, rows, weights, counts, down_exps)
+    counts = counts.tolist()
     out = torch.zeros_like(x)
     start = 0
     for e, n in enumerate(counts):

@@ -153,7 +153,8 @@ def qmatmul_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationT
 
 def expert_tiles(counts: list[int]) -> tuple[list[int], list[int], list[int]]:
     """Pairs per expert -> (offsets [E+1], tile_expert, tile_m0): the M tiles of csrc/moe.cu, every expert's
-    MM_TILE-row tiles back to back (none for an expert without pairs)."""
+    MM_TILE-row tiles back to back (none for an expert without pairs). The kernel finds the same tiles on
+    the device (csrc/moe_tiles.cuh); this list is its reference and the CPU reference's grouping."""
     offsets, tile_expert, tile_m0 = [0], [], []
     for e, n in enumerate(counts):
         if n < 0:
@@ -167,15 +168,21 @@ def expert_tiles(counts: list[int]) -> tuple[list[int], list[int], list[int]]:
 
 class ExpertGroups:
     """(token, expert) pairs grouped by expert, counts[e] of them for expert e, as csrc/moe.cu reads them:
-    the offsets and the M tiles (expert_tiles) on the GPU. Made once per MoE layer and shared by its
-    gate_up and down launches."""
+    the prefix sums of the pairs (offsets [E+1]) and of the MM_TILE-row tiles (tile_offsets [E+1]), made on
+    the counts' device with no host sync, and an upper bound of the tiles from the number of pairs (known
+    on the host: tokens x top-k). Made once per MoE layer and shared by its gate_up and down launches.
+    counts: a list, or an integer tensor [E] (then give `pairs`, its sum, to keep the host out of it)."""
 
-    def __init__(self, counts: list[int], device: torch.device | str) -> None:
-        self.counts = list(counts)
-        offsets, tile_expert, tile_m0 = expert_tiles(self.counts)
-        self.pairs, self.tiles = offsets[-1], len(tile_expert)
-        as_i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
-        self.offsets, self.tile_expert, self.tile_m0 = as_i32(offsets), as_i32(tile_expert), as_i32(tile_m0)
+    def __init__(self, counts, device: torch.device | str, pairs: int | None = None) -> None:
+        counts = torch.as_tensor(counts, device=device).to(torch.int64)
+        if counts.dim() != 1:
+            raise ValueError(f"ExpertGroups: counts must be [E] (got {tuple(counts.shape)})")
+        self.counts, self.experts = counts, counts.shape[0]
+        self.pairs = int(counts.sum()) if pairs is None else pairs
+        zero = torch.zeros(1, dtype=torch.int64, device=counts.device)
+        self.offsets = torch.cat([zero, counts.cumsum(0)]).to(torch.int32)  # [E+1]
+        self.tile_offsets = torch.cat([zero, ((counts + MM_TILE - 1) // MM_TILE).cumsum(0)]).to(torch.int32)
+        self.max_tiles = self.pairs // MM_TILE + self.experts  # >= sum ceil(count / MM_TILE)
         self.identity = None  # rows 0..pairs-1, made on first use (down reads x already grouped)
 
 
@@ -188,8 +195,9 @@ def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups
 
     qtype = _check_matmul("moe_qmatmul", x, w, qtype, k, "[E, N, ")
     E, n = w.shape[0], w.shape[1]
-    if len(groups.counts) != E:
-        raise ValueError(f"moe_qmatmul: {len(groups.counts)} expert counts for {E} experts")
+    if groups.experts != E or groups.offsets.device != x.device:
+        raise ValueError(f"moe_qmatmul: {groups.experts} expert counts on {groups.offsets.device} for {E} experts on "
+                         f"{x.device}")
     P = groups.pairs
     if rows is None:
         if x.shape[0] != P:
@@ -204,9 +212,9 @@ def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups
             groups.identity = torch.arange(P, dtype=torch.int32, device=x.device)
         rows = groups.identity
     fn = kernel("moe.cu", f"dg::moe_qmatmul<{int(qtype)}>", _MOE_NAMES)
-    grid = ((n + MM_TILE - 1) // MM_TILE, groups.tiles)
+    grid = ((n + MM_TILE - 1) // MM_TILE, groups.max_tiles)
     _launch(fn, grid, (MM_THREADS,), (_cupy(x), np.int32(x.stride(0)), _cupy(rows.contiguous()), _cupy(groups.offsets),
-                                      _cupy(groups.tile_expert), _cupy(groups.tile_m0), _cupy(w), np.int64(w.stride(0)),
+                                      _cupy(groups.tile_offsets), np.int32(E), _cupy(w), np.int64(w.stride(0)),
                                       _cupy(y), np.int32(n), np.int32(n), np.int32(k)))
     return y
 
@@ -215,8 +223,9 @@ def moe_qmatmul_reference(x: torch.Tensor, rows: torch.Tensor | None, groups: Ex
                           qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     """Expert by expert: dequantize on the CPU, multiply its pairs' rows in float64."""
     xs = x.double().cpu()[rows.long().cpu()] if rows is not None else x.double().cpu()
-    offsets = expert_tiles(groups.counts)[0]
-    out = [xs[o: o + c] @ _dequantized(w[e], qtype, k).T for e, (o, c) in enumerate(zip(offsets, groups.counts))]
+    counts = groups.counts.tolist()
+    offsets = expert_tiles(counts)[0]
+    out = [xs[o: o + c] @ _dequantized(w[e], qtype, k).T for e, (o, c) in enumerate(zip(offsets, counts))]
     return torch.cat(out).float() if out else torch.zeros(0, w.shape[1])
 
 

@@ -84,12 +84,13 @@ class QuantExperts:
     def __getitem__(self, e: int) -> QuantLinear:
         return QuantLinear(self.data[e], self.qtype, self.n, self.k, self.k_in)
 
-    def grouped(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, counts: list[int],
+    def grouped(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
                 down: QuantExperts) -> torch.Tensor:
         """model.grouped_experts on the GPU, self being gate_up: x [N, D]; rows [P] the token of each (token,
-        expert) pair grouped by expert, counts[e] pairs for expert e; weights [P] their routing weights.
-        Two csrc/moe.cu launches (gate_up, down) for all experts, then the weighted scatter. Returns [N, D]."""
-        groups = ops.ExpertGroups(counts, x.device)
+        expert) pair grouped by expert, counts [E] (on x's device) pairs per expert; weights [P] their routing
+        weights. Two csrc/moe.cu launches (gate_up, down) for all experts, then the weighted scatter; the
+        tiles are found on the GPU, so nothing waits for the counts. Returns [N, D]."""
+        groups = ops.ExpertGroups(counts, x.device, pairs=rows.shape[0])
         h = ops.moe_qmatmul(_padded(x, self.k_in, self.k), rows.to(torch.int32), groups, self.data, self.qtype, self.k)
         act = _padded(geglu(h), down.k_in, down.k)  # [P, Fe], zero columns for --pad-experts
         y = ops.moe_qmatmul(act, None, groups, down.data, down.qtype, down.k)  # [P, D]
