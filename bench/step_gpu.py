@@ -114,14 +114,15 @@ def main() -> None:
     cap = check_cuda()
     print(f"{torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}")
     mma = torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY
-    print(f"{'weights':<32} {'ours ms':>9} {'TB/s':>6} {'TFLOP/s':>8} | {'mma ms':>9} {'TFLOP/s':>8} | {'torch ms':>9} "
-          f"{'TB/s':>6} | {'speedup (best)':>7}")
-    total_ours = total_mma = total_torch = 0.0
+    print(f"{'weights':<32} {'ours ms':>9} {'TB/s':>6} {'TFLOP/s':>8} | {'f16 mma':>9} {'TFLOP/s':>8} | {'int8 mma':>9} "
+          f"{'TFLOP/s':>8} | {'torch ms':>9} {'TB/s':>6} | {'speedup (best)':>7}")
+    total_ours = total_mma = total_q8 = total_torch = 0.0
     for name, n, k, qtype, m, count in SHAPES:
         w = synthetic(n, k, qtype)
         x = torch.randn(m, k, device="cuda")
         ours = timed(lambda: ops.qmatmul(x, w, qtype, k), args.repeat)
         tc = timed(lambda: ops.qmatmul_mma(x, w, qtype, k), args.repeat) if mma else float("nan")
+        i8 = timed(lambda: ops.qmatmul_q8(x, w, qtype, k), args.repeat) if mma and qtype in ops.INT_TYPES else float("nan")
 
         wf = None
 
@@ -133,17 +134,19 @@ def main() -> None:
 
         theirs = timed(torch_way, args.repeat)
         wbytes, flop = w.numel(), 2 * m * n * k
-        best = min(ours, tc) if mma else ours
+        best = min(v for v in (ours, tc, i8) if v == v)  # NaN: not run
         print(f"{name:<32} {ours:9.3f} {wbytes / ours / 1e9:6.2f} {flop / ours / 1e9:8.2f} | {tc:9.3f} "
-              f"{flop / tc / 1e9:8.2f} | {theirs:9.3f} {wf.numel() * 2 / theirs / 1e9:6.2f} | {theirs / best:6.2f}x")
+              f"{flop / tc / 1e9:8.2f} | {i8:9.3f} {flop / i8 / 1e9:8.2f} | {theirs:9.3f} "
+              f"{wf.numel() * 2 / theirs / 1e9:6.2f} | {theirs / best:6.2f}x")
         total_ours += ours * count
         total_mma += (tc if mma else ours) * count
+        total_q8 += (i8 if i8 == i8 else ours) * count
         total_torch += theirs * count
         del w, wf
         torch.cuda.empty_cache()
     print(f"matmuls of one denoising step (sum over layers): ours {total_ours:.1f} ms (float FMAs), {total_mma:.1f} ms "
-          f"(f16 tensor cores), dequant+cuBLAS {total_torch:.1f} ms (torch keeps f16 weights: "
-          f"{total_torch / max(min(total_ours, total_mma), 1e-9):.2f}x the best of ours)")
+          f"(f16 tensor cores), {total_q8:.1f} ms (int8 tensor cores), dequant+cuBLAS {total_torch:.1f} ms (torch keeps "
+          f"f16 weights: {total_torch / max(min(total_ours, total_mma, total_q8), 1e-9):.2f}x the best of ours)")
     moe_layer(args.repeat)
     head_pass(args.repeat)
     ent = torch.rand(1, 256, device="cuda")

@@ -7,11 +7,9 @@
 // Needs sm_80 (the wrapper uses qmatmul.cu below that). X values beyond f16's range (65504) overflow:
 // the wrapper documents it; activations entering the model's matmuls are normalised.
 // Shapes: any M and N; K a multiple of the type's block size (32 or 256); lda/ldy in elements.
-#include "quant/blocks.cuh"
+#include "mma_tile.cuh"
 
 namespace dg {
-
-constexpr int MMA_THREADS = 128;
 
 DG_HD uint16_t f32_to_f16_bits(float x) {
 #ifdef __CUDA_ARCH__
@@ -31,15 +29,14 @@ __global__ void __launch_bounds__(MMA_THREADS) qmatmul_mma(const float * __restr
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
-    constexpr int MMA_TM = 32, MMA_TN = 32, MMA_TK = 256;  // the tile; qmatmul_mma's grid in ops.py matches
+    constexpr int MMA_TK = 256;
     constexpr int MMA_PAD = 8;  // halves of padding per shared row: fragment loads land in different banks
     __shared__ __align__(16) uint16_t xs[MMA_TM][MMA_TK + MMA_PAD];
     __shared__ __align__(16) uint16_t ws[MMA_TN][MMA_TK + MMA_PAD];
 
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int m0 = blockIdx.y * MMA_TM, n0 = blockIdx.x * MMA_TN;
-    const int wm = (warp >> 1) * 16, wn = (warp & 1) * 16;  // this warp's 16 x 16 quarter of the tile
-    const int g = lane >> 2, t = lane & 3;                   // the fragment layout's group and thread-in-group
+    const int tid = threadIdx.x;
+    const MmaLane p = mma_lane(blockIdx.x, blockIdx.y, tid);
+    const int m0 = p.m0, n0 = p.n0, wm = p.wm, wn = p.wn, g = p.g, t = p.t;
     const long row_bytes = (long)(K / QK) * SIZE;
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // two m16n8 tiles
 
@@ -81,16 +78,7 @@ __global__ void __launch_bounds__(MMA_THREADS) qmatmul_mma(const float * __restr
         }
         __syncthreads();
     }
-    // accumulator layout: (row g, cols 2t, 2t+1) and (row g + 8, the same cols) of each m16n8 tile
-    for (int h = 0; h < 2; ++h) {
-        for (int half = 0; half < 2; ++half) {
-            const int m = m0 + wm + g + half * 8;
-            for (int j = 0; j < 2; ++j) {
-                const int n = n0 + wn + h * 8 + t * 2 + j;
-                if (m < M && n < N) y[(long)m * ldy + n] = acc[h][half * 2 + j];
-            }
-        }
-    }
+    mma_store(acc, p, y, ldy, M, N);
 #else
     (void)x; (void)lda; (void)w; (void)y; (void)ldy; (void)M; (void)N; (void)K;
     __trap();  // tensor-core f16 MMA m16n8k16 needs sm_80; ops.qmatmul_mma refuses older GPUs

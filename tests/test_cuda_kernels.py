@@ -73,6 +73,31 @@ def test_qmatmul_mma_matches_f16_rounded_reference(ops, qtype, m, n, k):
     assert bool(((got.double() - want.double()).abs() <= bound).all())  # at small K, unrounded X would fail
 
 
+@pytest.mark.parametrize("qtype,m,n,k", [c for c in cases() if c[0] not in FLOAT], ids=lambda v: getattr(v, "name", str(v)))
+def test_qmatmul_q8_matches_quantized_activation_reference(ops, qtype, m, n, k):
+    """int8 tensor cores: X quantized per 32 values exactly as the reference does (checked bit for bit),
+    W in its integer form; the products differ from the float64 reference only by the f32 sums: within
+    1e-5 of sum |x_hat||w| per output, plus 1e-6."""
+    if torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
+        pytest.skip("int8 MMA m16n8k16 needs compute capability 8.0")
+    rng = np.random.default_rng(m * 5 + n + k)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[: n // 3] = np.abs(w[: n // 3])  # positive rows: the K-quants' offsets at work
+    data = torch.from_numpy(quant.quantize(w, qtype).reshape(n, -1).view(np.uint8)).cuda()
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32) * 3)
+    x[0, :32] = 0.0  # a block of zeros: scale 0
+    for got, want in zip(ops.quantize_q8(x.cuda()), ops.quantize_q8_reference(x)):
+        assert torch.equal(got.cpu(), want)
+    got = ops.qmatmul_q8(x.cuda(), data, qtype, k).cpu()
+    want = ops.qmatmul_q8_reference(x, data, qtype, k)
+    xq, xd, _ = ops.quantize_q8_reference(x)
+    xhat = xq.double() * xd.double().repeat_interleave(32, dim=1)
+    bound = 1e-5 * (xhat.abs() @ ops._dequantized(data, qtype, k).abs().T) + 1e-6
+    assert bool(((got.double() - want.double()).abs() <= bound).all())
+    with pytest.raises(ValueError, match="no integer form"):
+        ops.qmatmul_q8(x.cuda(), torch.zeros(n, 2 * k, dtype=torch.uint8, device="cuda"), Q.F16, k)
+
+
 @pytest.mark.parametrize("qtype,n,k", [(Q.Q8_0, 33, 96), (Q.Q4_K, 17, 512), (Q.Q6_K, 40, 768), (Q.Q2_K, 16, 256),
                                        (Q.Q3_K, 31, 256), (Q.Q5_K, 7, 512), (Q.F16, 9, 64)],
                          ids=lambda v: getattr(v, "name", str(v)))

@@ -22,7 +22,11 @@ _MOE_NAMES = tuple(f"dg::moe_qmatmul<{int(t)}>" for t in SUPPORTED)
 _HEAD_NAMES = tuple(f"dg::head_partials<{int(t)}>" for t in SUPPORTED)
 _GET_ROWS_NAMES = tuple(f"dg::get_rows<{int(t)}>" for t in SUPPORTED)
 _QMMA_NAMES = tuple(f"dg::qmatmul_mma<{int(t)}>" for t in SUPPORTED)
-MMA_TILE, MMA_THREADS, MMA_MIN_CAPABILITY = 32, 128, (8, 0)  # csrc/qmatmul_mma.cu
+MMA_TILE, MMA_THREADS, MMA_MIN_CAPABILITY = 32, 128, (8, 0)  # csrc/mma_tile.cuh (qmatmul_mma.cu, qmatmul_q8.cu)
+INT_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0,
+             GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
+             GGMLQuantizationType.Q6_K)  # csrc/quant/decompose.cuh: the types with an integer form
+_Q8_NAMES = tuple(f"dg::qmatmul_q8<{int(t)}>" for t in INT_TYPES)
 GET_ROWS_THREADS = 128
 HEAD_L, HEAD_THREADS, HEAD_MAX_D, HEAD_MAX_SPLITS = 4, 256, 4096, 1024  # csrc/head.cu
 
@@ -133,12 +137,76 @@ def qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k
     """qmatmul on tensor cores (csrc/qmatmul_mma.cu, compute capability >= 8.0): X and the dequantized W
     rounded to f16, products accumulated in f32. X must stay within f16's range (|x| <= 65504)."""
     qtype = _check_matmul("qmatmul_mma", x, w, qtype, k, "[N, ")
-    cap = torch.cuda.get_device_capability(x.device)
-    if cap < MMA_MIN_CAPABILITY:
-        raise ValueError(f"qmatmul_mma: needs compute capability {MMA_MIN_CAPABILITY[0]}.{MMA_MIN_CAPABILITY[1]} "
-                         f"(this GPU has {cap[0]}.{cap[1]}); use qmatmul")
+    _check_mma("qmatmul_mma", x)
     return _launch_matmul("qmatmul_mma.cu", f"dg::qmatmul_mma<{int(qtype)}>", _QMMA_NAMES, MMA_TILE, MMA_THREADS,
                           x, w, k)
+
+
+def _check_mma(op: str, x: torch.Tensor) -> None:
+    cap = torch.cuda.get_device_capability(x.device)
+    if cap < MMA_MIN_CAPABILITY:
+        raise ValueError(f"{op}: needs compute capability {MMA_MIN_CAPABILITY[0]}.{MMA_MIN_CAPABILITY[1]} "
+                         f"(this GPU has {cap[0]}.{cap[1]}); use qmatmul")
+
+
+def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x float32 [M, K] (K a multiple of 32, on a GPU) -> (int8 q [M, K], float32 scale per 32 values
+    [M, K/32], int32 sum of q per 16 values [M, K/16]): d = max|x| / 127, q = rint(x / d) (csrc/qmatmul_q8.cu)."""
+    import numpy as np
+
+    if not x.is_cuda or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] % 32 or x.stride(1) != 1:
+        raise ValueError(f"quantize_q8: x must be CUDA float32 [M, K] with K a multiple of 32 and unit stride in K "
+                         f"(got {x.dtype} {tuple(x.shape)} on {x.device})")
+    m, k = x.shape
+    xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    xd = torch.empty(m, k // 32, dtype=torch.float32, device=x.device)
+    xs = torch.empty(m, k // 16, dtype=torch.int32, device=x.device)
+    blocks = m * (k // 32)
+    if blocks:
+        warps = MMA_THREADS // 32
+        _launch(kernel("qmatmul_q8.cu", "quantize_q8", _Q8_NAMES), ((blocks + warps - 1) // warps,), (MMA_THREADS,),
+                (_cupy(x), np.int32(x.stride(0)), np.int32(m), np.int32(k), _cupy(xq), _cupy(xd), _cupy(xs)))
+    return xq, xd, xs
+
+
+def quantize_q8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_q8 in torch on the CPU: the same float32 division and round-half-to-even."""
+    x = x.cpu().float()
+    m, k = x.shape
+    blocks = x.view(m, k // 32, 32)
+    d = blocks.abs().amax(dim=-1) / 127.0  # [M, K/32] float32
+    q = torch.where(d[..., None] > 0, torch.round(blocks / d[..., None].clamp_min(torch.finfo(torch.float32).tiny)),
+                    torch.zeros((), dtype=torch.float32))
+    q = q.to(torch.int8).view(m, k)
+    return q, d, q.view(m, k // 16, 16).sum(-1, dtype=torch.int32)
+
+
+def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """qmatmul on int8 tensor cores (csrc/qmatmul_q8.cu, compute capability >= 8.0, integer GGML types):
+    X quantized to int8 per 32 values (quantize_q8), W in its integer form (int8, per-16 scale and offset),
+    integer dot products per 16 values, scaled and summed in f32."""
+    import numpy as np
+
+    qtype = _check_matmul("qmatmul_q8", x, w, qtype, k, "[N, ")
+    if qtype not in INT_TYPES:
+        raise ValueError(f"qmatmul_q8: {qtype.name} has no integer form (have {', '.join(t.name for t in INT_TYPES)})")
+    _check_mma("qmatmul_q8", x)
+    m, n = x.shape[0], w.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    xq, xd, xs = quantize_q8(x)
+    grid = ((n + MMA_TILE - 1) // MMA_TILE, (m + MMA_TILE - 1) // MMA_TILE)
+    _launch(kernel("qmatmul_q8.cu", f"dg::qmatmul_q8<{int(qtype)}>", _Q8_NAMES), grid, (MMA_THREADS,),
+            (_cupy(xq), _cupy(xd), _cupy(xs), _cupy(w), _cupy(y), np.int32(n), np.int32(m), np.int32(n), np.int32(k)))
+    return y
+
+
+def qmatmul_q8_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """X quantized as quantize_q8 does, times the dequantized W, in float64."""
+    xq, xd, _ = quantize_q8_reference(x)
+    xhat = xq.double() * xd.double().repeat_interleave(32, dim=1)
+    return (xhat @ _dequantized(w, qtype, k).T).float()
 
 
 def qmatmul_mma_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:

@@ -1,0 +1,105 @@
+// GGML block formats, the common part: type ids, block sizes (ggml-common.h), half/bfloat conversions and
+// byte readers, as __host__ __device__ code. decompose.cuh reads the integer formats, blocks.cuh
+// dequantizes every format.
+#pragma once
+#ifdef __CUDACC_RTC__  // NVRTC (CuPy RawModule) has no C library headers
+typedef unsigned char uint8_t;
+typedef signed char int8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef int int32_t;
+typedef unsigned long long uint64_t;
+typedef long long int64_t;
+#else
+#include <stdint.h>
+#endif
+
+#ifdef __CUDACC__
+#define DG_HD __host__ __device__ __forceinline__
+#else
+#define DG_HD inline
+#endif
+
+namespace dg {
+
+// GGML type ids (gguf GGMLQuantizationType)
+enum : int {
+    T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+    T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30,
+};
+
+// IEEE half -> float, exact, bit by bit (same on host and device, no intrinsics needed)
+DG_HD float fp16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu;
+    uint32_t man = h & 0x3FFu;
+    uint32_t bits;
+    if (exp == 0x1Fu) {
+        bits = sign | 0x7F800000u | (man << 13);  // inf / NaN
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;  // +-0
+    } else {  // subnormal: normalize
+        exp = 113;
+        while ((man & 0x400u) == 0) {
+            man <<= 1;
+            --exp;
+        }
+        bits = sign | (exp << 23) | ((man & 0x3FFu) << 13);
+    }
+    union { uint32_t u; float f; } v;
+    v.u = bits;
+    return v.f;
+}
+
+DG_HD float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+DG_HD uint16_t rd16(const uint8_t * p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+DG_HD uint32_t rd32(const uint8_t * p) { return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24); }
+
+// a * b rounded on its own: a following add is not fused into one FMA (NVRTC fuses by default, and the
+// references, gguf-py and dgemma.quant, round the product and the sum separately: bit-exact both ways)
+DG_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
+// values per block and bytes per block
+template <int T> struct Traits;
+template <> struct Traits<T_F32>  { static constexpr int QK = 1,   SIZE = 4;   };
+template <> struct Traits<T_F16>  { static constexpr int QK = 1,   SIZE = 2;   };
+template <> struct Traits<T_BF16> { static constexpr int QK = 1,   SIZE = 2;   };
+template <> struct Traits<T_Q4_0> { static constexpr int QK = 32,  SIZE = 18;  };  // d, qs[16]
+template <> struct Traits<T_Q5_0> { static constexpr int QK = 32,  SIZE = 22;  };  // d, qh[4], qs[16]
+template <> struct Traits<T_Q5_1> { static constexpr int QK = 32,  SIZE = 24;  };  // d, m, qh[4], qs[16]
+template <> struct Traits<T_Q8_0> { static constexpr int QK = 32,  SIZE = 34;  };  // d, qs[32]
+template <> struct Traits<T_Q2_K> { static constexpr int QK = 256, SIZE = 84;  };  // scales[16], qs[64], d, dmin
+template <> struct Traits<T_Q3_K> { static constexpr int QK = 256, SIZE = 110; };  // hmask[32], qs[64], scales[12], d
+template <> struct Traits<T_Q4_K> { static constexpr int QK = 256, SIZE = 144; };  // d, dmin, scales[12], qs[128]
+template <> struct Traits<T_Q5_K> { static constexpr int QK = 256, SIZE = 176; };  // d, dmin, scales[12], qh[32], qs[128]
+template <> struct Traits<T_Q6_K> { static constexpr int QK = 256, SIZE = 210; };  // ql[128], qh[64], scales[16], d
+
+// Q4_K / Q5_K: 6-bit scale and min of sub-block j (get_scale_min_k4)
+DG_HD void scale_min_k4(int j, const uint8_t * q, uint8_t & d, uint8_t & m) {
+    if (j < 4) {
+        d = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// X(T) for every supported type: the kernels' instantiations and the runtime dispatch below
+#define DG_FOR_EACH_TYPE(X) \
+    X(T_F32) X(T_F16) X(T_BF16) X(T_Q4_0) X(T_Q5_0) X(T_Q5_1) X(T_Q8_0) X(T_Q2_K) X(T_Q3_K) X(T_Q4_K) X(T_Q5_K) X(T_Q6_K)
+
+}  // namespace dg
