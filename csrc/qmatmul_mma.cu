@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(MMA_THREADS) qmatmul_mma(const float * __restr
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // two m16n8 tiles
 
     for (int k0 = 0; k0 < K; k0 += MMA_TK) {
-        const int tk = K - k0 < MMA_TK ? K - k0 : MMA_TK;  // a multiple of QK (>= 32), so of 16
+        const int tk = K - k0 < MMA_TK ? K - k0 : MMA_TK;  // a multiple of 16 (the wrapper checks K)
         const int blocks_per_row = tk / QK;
         for (int i = tid; i < MMA_TN * blocks_per_row; i += MMA_THREADS) {
             const int r = i / blocks_per_row, bi = i % blocks_per_row;

@@ -23,7 +23,7 @@ extern "C" __global__ void quantize_q8(const float * __restrict__ x, int lda, in
     float amax = fabsf(v);
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     const float d = amax / 127.0f;
-    const int q = amax > 0.0f ? __float2int_rn(v / d) : 0;
+    const int q = d > 0.0f ? __float2int_rn(v / d) : 0;  // d, not amax: a tiny amax can give d = 0
     xq[(long)r * K + b * 32 + lane] = (int8_t)q;
     int sum = q;
     for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);  // within each 16 lanes

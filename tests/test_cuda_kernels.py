@@ -71,6 +71,10 @@ def test_qmatmul_mma_matches_f16_rounded_reference(ops, qtype, m, n, k):
     want = ops.qmatmul_mma_reference(x, data, qtype, k)
     bound = 1e-5 * (x.half().double().abs() @ ops._dequantized(data, qtype, k).half().double().abs().T) + 1e-6
     assert bool(((got.double() - want.double()).abs() <= bound).all())  # at small K, unrounded X would fail
+    if qtype == Q.F32 and m == 1:  # float rows may have any K; the MMA needs multiples of 16
+        with pytest.raises(ValueError, match="multiple of 16"):
+            ops.qmatmul_mma(torch.zeros(1, 100, device="cuda"), torch.zeros(1, 400, dtype=torch.uint8, device="cuda"),
+                            Q.F32, 100)
 
 
 @pytest.mark.parametrize("qtype,m,n,k", [c for c in cases() if c[0] not in FLOAT], ids=lambda v: getattr(v, "name", str(v)))
@@ -86,6 +90,8 @@ def test_qmatmul_q8_matches_quantized_activation_reference(ops, qtype, m, n, k):
     data = torch.from_numpy(quant.quantize(w, qtype).reshape(n, -1).view(np.uint8)).cuda()
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32) * 3)
     x[0, :32] = 0.0  # a block of zeros: scale 0
+    if k >= 64:
+        x[0, 32:64] = torch.tensor([1e-44, -3e-45] * 16)  # a scale that rounds to 0 (subnormal inputs)
     for got, want in zip(ops.quantize_q8(x.cuda()), ops.quantize_q8_reference(x)):
         assert torch.equal(got.cpu(), want)
     got = ops.qmatmul_q8(x.cuda(), data, qtype, k).cpu()

@@ -138,6 +138,8 @@ def qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k
     rounded to f16, products accumulated in f32. X must stay within f16's range (|x| <= 65504)."""
     qtype = _check_matmul("qmatmul_mma", x, w, qtype, k, "[N, ")
     _check_mma("qmatmul_mma", x)
+    if k % 16:  # the MMA steps 16 values of K at a time; GGML block types always are, float rows may not be
+        raise ValueError(f"qmatmul_mma: K must be a multiple of 16 (got {k}); use qmatmul")
     return _launch_matmul("qmatmul_mma.cu", f"dg::qmatmul_mma<{int(qtype)}>", _QMMA_NAMES, MMA_TILE, MMA_THREADS,
                           x, w, k)
 
@@ -175,8 +177,8 @@ def quantize_q8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     m, k = x.shape
     blocks = x.view(m, k // 32, 32)
     d = blocks.abs().amax(dim=-1) / 127.0  # [M, K/32] float32
-    q = torch.where(d[..., None] > 0, torch.round(blocks / d[..., None].clamp_min(torch.finfo(torch.float32).tiny)),
-                    torch.zeros((), dtype=torch.float32))
+    live = d[..., None] > 0  # a block whose scale rounds to 0 (all zeros, or all below ~1e-43) quantizes to 0
+    q = torch.where(live, torch.round(blocks / torch.where(live, d[..., None], torch.ones(()))), torch.zeros(()))
     q = q.to(torch.int8).view(m, k)
     return q, d, q.view(m, k // 16, 16).sum(-1, dtype=torch.int32)
 
