@@ -6,9 +6,9 @@ in the same run (issue 5, docs/CUDA.md step 6).
   budget); a denoising step is the fused sampler pass: decoder to the final norm, the fused head
   (argmax, entropy, sample, softmax @ E) and accept/re-noise, as Engine runs it with rng="counter".
   The KV cache is f16 (the cuda backend's default).
-- torch backend: the same model code on float32 weights (cuBLAS), a step being decoder + logits + the
-  sampler's softmax, entropy, argmax and multinomial, on the GPU; skipped when its 4 bytes per parameter
-  do not fit.
+- torch backend: the same model code on float32 weights (cuBLAS), a step being the sampler's TorchSteps
+  pass (decoder, logits, softmax, entropy, argmax, multinomial) and accept(), on the GPU; skipped when its
+  4 bytes per parameter do not fit.
 Prefill is the encoder over 512 and 4096 prompt tokens; the peak VRAM figure adds a second 4096-token chunk
 (8K context) and one step, counting what PyTorch's allocator holds (the CUDA context and NVRTC modules,
 ~0.5 GB, come on top). Tokens/s assumes 16 steps per 256-token canvas.
@@ -19,6 +19,7 @@ Prefill is the encoder over 512 and 4096 prompt tokens; the peak VRAM figure add
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -60,10 +61,7 @@ def weight_bytes(w: Weights) -> int:
 def float_weights(w: Weights, device: str) -> Weights:
     """The torch backend's weights for the same shapes: every quantized matrix as random float32, head tied."""
     def f(obj):
-        if isinstance(obj, torch.Tensor) or obj is None:
-            return obj
-        shape = obj.shape if hasattr(obj, "shape") else ((obj.data.shape[0],) if obj.data.dim() == 3 else ()) + (obj.n, obj.k)
-        return torch.randn(*shape, device=device) * 0.02
+        return obj if isinstance(obj, torch.Tensor) or obj is None else torch.randn(*obj.shape, device=device) * 0.02
 
     layers = [replace(lw, **{x.name: f(getattr(lw, x.name)) for x in fields(lw) if x.name not in
                              ("wqkv", "qkv_norm", "ffn_gate_up", "down_exps_flat")}) for lw in w.layers]
@@ -89,16 +87,19 @@ def fused_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, seed
 
 
 def logits_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor):
-    """One torch-backend pass on the device: logits, then the sampler's softmax, entropy, argmax, multinomial."""
-    state = {"probs": None}
+    """One torch-backend pass on the device: the sampler's TorchSteps.denoise (logits / T, softmax, entropy,
+    argmax, multinomial) on the model's logits, then accept(); the generator is the device's."""
+    from dgemma.plugin.sampler import TorchSteps, accept
+
+    gen = torch.Generator(device=canvas.device).manual_seed(1)
+    steps = TorchSteps(lambda c, sc: model.decode(c, cache, sc), model.cfg.vocab_size, gen)
+    state = {"sc": None}
+    t = torch.tensor(0.6)
 
     def step() -> None:
-        z = model.decode(canvas, cache, state["probs"]) / 0.6  # [1, C, V]
-        probs = torch.softmax(z, dim=-1)
-        entropy = -(probs * torch.log_softmax(z, dim=-1)).sum(-1)
-        sample = torch.multinomial(probs[0], 1)
-        state["probs"] = probs
-        return z.argmax(-1), entropy, sample
+        out = steps.denoise(canvas, state["sc"], t)
+        accept(canvas, out.sample, out.entropy, 0.1)
+        state["sc"] = out.sc
 
     return step
 
@@ -111,7 +112,8 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
     g = torch.Generator(device=device).manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (1, max(prompts)), device=device, generator=g)
     canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), device=device, generator=g)
-    out = {"name": name, "weights_GB": weight_bytes(w) / 1e9}
+    wbytes = weight_bytes(w)
+    out = {"name": name, "weights_GB": wbytes / 1e9}
     for j, n in enumerate(prompts):  # one warm-up, before the first size only (a long prefill is slow)
         out[f"prefill_{n}_ms"] = timed(lambda: model.encode(tokens[:, :n], KVCache(dtype=kv)), device, warmup=j == 0)
     cache = KVCache(dtype=kv)
@@ -120,7 +122,7 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
     out["step_ms"] = timed(make(model, cache, canvas), device, steps)
     flop = cfg.decode_flops_per_token * cfg.canvas_length
     out["TFLOP/s"] = flop / out["step_ms"] / 1e9
-    out["GB/s"] = weight_bytes(w) / out["step_ms"] / 1e6  # every expert is touched at canvas 256
+    out["GB/s"] = wbytes / out["step_ms"] / 1e6  # every expert is touched at canvas 256
     out["tokens/s"] = cfg.canvas_length / (STEPS_PER_CANVAS * out["step_ms"] / 1e3)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -172,7 +174,7 @@ def main() -> None:
         results.append(measure(f"cuda {plan}", cfg, w, dev, args.steps, fused=True))
         print(report(results[-1], None), flush=True)
         if base is None and not args.no_torch:
-            params = sum(m.n * m.k * (m.data.shape[0] if m.data.dim() == 3 else 1) for m in _matrices(w))
+            params = sum(math.prod(m.shape) for m in _matrices(w))
             free, _ = torch.cuda.mem_get_info()
             if 4 * params + (8 << 30) < free + weight_bytes(w):  # float32 weights + 8 GiB for activations
                 fw = float_weights(w, "cuda")

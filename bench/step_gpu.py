@@ -103,7 +103,7 @@ def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, 
     print(f"sampler statistics from the head ({rows} x {d} x {vocab} Q6_K): fused {ours:.3f} ms "
           f"({w.numel() / ours / 1e9:.2f} TB/s, {ours_mem / 2**20:.0f} MiB working memory), torch way {theirs:.3f} ms "
           f"({theirs_mem / 2**20:.0f} MiB) -> {theirs / ours:.2f}x")
-    del w, wf
+    w = wf = None
     torch.cuda.empty_cache()
 
 
@@ -142,7 +142,7 @@ def main() -> None:
         total_mma += (tc if mma else ours) * count
         total_q8 += (i8 if i8 == i8 else ours) * count
         total_torch += theirs * count
-        del w, wf
+        w = wf = None  # freed before the next shape
         torch.cuda.empty_cache()
     print(f"matmuls of one denoising step (sum over layers): ours {total_ours:.1f} ms (float FMAs), {total_mma:.1f} ms "
           f"(f16 tensor cores), {total_q8:.1f} ms (int8 tensor cores), dequant+cuBLAS {total_torch:.1f} ms (torch keeps "

@@ -14,11 +14,7 @@ __global__ void get_rows(const int * __restrict__ rows, const uint8_t * __restri
     const long row_bytes = (long)(K / QK) * SIZE;
     const uint8_t * src = w + (long)rows[blockIdx.x] * row_bytes;
     float * dst = y + (long)blockIdx.x * K;
-    for (int b = threadIdx.x; b < K / QK; b += blockDim.x) {
-        float tmp[QK];
-        dequant_block<T>(src + (long)b * SIZE, tmp);
-        for (int j = 0; j < QK; ++j) dst[b * QK + j] = tmp[j];
-    }
+    for (int b = threadIdx.x; b < K / QK; b += blockDim.x) dequant_block<T>(src + (long)b * SIZE, dst + (long)b * QK);
 }
 
 }  // namespace dg

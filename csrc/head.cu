@@ -55,9 +55,7 @@ __global__ void __launch_bounds__(HEAD_THREADS) head_partials(
     for (int v = v0; v < v1; ++v) {
         const uint8_t * row = E + (long)v * row_bytes;
         for (int b = tid; b < D / QK; b += HEAD_THREADS) {
-            float tmp[QK];
-            dequant_block<T>(row + (long)b * SIZE, tmp);
-            for (int i = 0; i < QK; ++i) e_row[b * QK + i] = tmp[i];
+            dequant_block<T>(row + (long)b * SIZE, &e_row[b * QK]);
         }
         __syncthreads();
 #pragma unroll

@@ -39,10 +39,7 @@ __device__ __forceinline__ void mm_tile(const float * __restrict__ x, int lda, c
             const int r = i / blocks_per_row, bi = i % blocks_per_row;
             float * dst = &ws[r][bi * QK];
             if (n0 + r < N) {
-                const uint8_t * src = w + (long)(n0 + r) * row_bytes + (long)(k0 / QK + bi) * SIZE;
-                float tmp[QK];
-                dequant_block<T>(src, tmp);
-                for (int j = 0; j < QK; ++j) dst[j] = tmp[j];
+                dequant_block<T>(w + (long)(n0 + r) * row_bytes + (long)(k0 / QK + bi) * SIZE, dst);
             } else {
                 for (int j = 0; j < QK; ++j) dst[j] = 0.0f;
             }

@@ -178,9 +178,9 @@ class Engine:
     # ---- generation -----------------------------------------------------------------------------
     def _steps(self, cache: KVCache, seed: int) -> Steps:
         """The sampler's backend for one generation (plugin/sampler.py)."""
-        dev, V = self.device, self.cfg.vocab_size
+        dev, V, counter_seed = self.device, self.cfg.vocab_size, seed % 2**64
         if self.rng == "counter" and hasattr(self.model.w.head, "stats"):
-            return _fused_steps(self.model, cache, V, seed % 2**64, dev)
+            return _fused_steps(self.model, cache, V, counter_seed, dev)
 
         def decode(canvas: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
             # the sampler runs on the CPU, so every backend draws the same numbers
@@ -188,7 +188,7 @@ class Engine:
             return logits.cpu()
 
         if self.rng == "counter":
-            return CounterSteps(logits_stats(decode), V, seed % 2**64)
+            return CounterSteps(logits_stats(decode), V, counter_seed)
         return TorchSteps(decode, V, torch.Generator().manual_seed(seed))
 
     def settings(self, ids: list[int], o: GenerateOptions) -> tuple[SamplerDefaults, int, set[int]]:
@@ -215,7 +215,7 @@ class Engine:
     def _generate(self, ids: list[int], o: GenerateOptions, s: SamplerDefaults, max_tokens: int, eos: set[int],
                   seed: int) -> Iterator[Event]:
         t_start = time.perf_counter_ns()
-        cache = KVCache(dtype=None if self.kv_dtype == torch.float32 else self.kv_dtype)
+        cache = KVCache(dtype=self.kv_dtype)
         dev = self.device
         self.model.encode(torch.tensor([ids], device=dev), cache)
         t_prompt = time.perf_counter_ns()

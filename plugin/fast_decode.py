@@ -56,7 +56,7 @@ class FastDecoder:
 
     def __init__(self, model: DiffusionGemma) -> None:
         self.model, self.cfg = model, model.cfg
-        w, cfg, D = model.w, model.cfg, model.cfg.n_embd
+        w, cfg = model.w, model.cfg
         scale = torch.tensor(cfg.embed_scale, dtype=w.embed.dtype)
         self.embed = w.embed * scale  # [V, D]
         self.head = w.embed * w.output_norm / (cfg.softcap or 1.0)  # [V, D]

@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Any
 
-from .engine import DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
+from .engine import BACKENDS, KV_DTYPES, RNGS, DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
 from .registry import ModelNotFound, resolve_model
 from .sampler import StepInfo
 
@@ -25,14 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true", help="print timings, steps per canvas and tokens per forward")
     p.add_argument("--visualize", action="store_true", help="redraw the canvas at every denoising step")
     p.add_argument("--json", action="store_true", help="print one JSON object with the token ids and the stats")
-    p.add_argument("--backend", choices=["torch", "cuda"], default="torch",
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch (reference; CPU or --device cuda) or cuda (quantized weights in VRAM, csrc kernels)")
     p.add_argument("--device", help="torch device for the torch backend (default cpu)")
-    p.add_argument("--rng", choices=["torch", "counter"],
+    p.add_argument("--rng", choices=RNGS,
                    help="the sampler's random draws: torch (transformers' order; the torch backend's default) or "
                         "counter (Philox per position, drawn on the GPU; the cuda backend's). With the same --rng, "
                         "--kv-cache and --seed both backends give the same tokens up to float rounding")
-    p.add_argument("--kv-cache", choices=["f32", "f16"],
+    p.add_argument("--kv-cache", choices=list(KV_DTYPES),
                    help="what the KV cache stores: f32 (the torch backend's default) or f16 (the cuda backend's)")
 
 

@@ -136,4 +136,7 @@ def test_counter_steps_number_their_passes_across_canvases():
     canvas0, accepted0 = infos[0]
     fresh = torch.from_numpy(rng.sampler_tokens(99, 0, range(16), 33, rng.RENOISE))
     assert bool((~accepted0).any()) and torch.equal(canvas0[~accepted0], fresh[~accepted0])
+    init = torch.from_numpy(rng.sampler_tokens(99, 0, range(16), 33, rng.INIT))[None]
+    sample0 = S.gumbel_sample(decode(init, None) / S.temperature(6, s), 99, 0)[0]
+    assert bool(accepted0.any()) and torch.equal(canvas0[accepted0], sample0[accepted0])
     assert not torch.equal(infos[0][0], infos[6][0])  # the second canvas starts from other draws

@@ -26,6 +26,11 @@ class QuantLinear:
     def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, k_in: int | None = None) -> None:
         self.data, self.qtype, self.n, self.k, self.k_in = data, qtype, n, k, k_in or k
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """[N, K] as the float weight it stands for (K without --pad-experts' zero columns)."""
+        return self.n, self.k_in
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = _padded(x.reshape(-1, x.shape[-1]), self.k_in, self.k)
@@ -80,6 +85,11 @@ class QuantExperts:
 
     def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, k_in: int | None = None) -> None:
         self.data, self.qtype, self.n, self.k, self.k_in = data, qtype, n, k, k_in or k
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """[E, N, K] as the float weights they stand for (K without --pad-experts' zero columns)."""
+        return self.data.shape[0], self.n, self.k_in
 
     def __getitem__(self, e: int) -> QuantLinear:
         return QuantLinear(self.data[e], self.qtype, self.n, self.k, self.k_in)
@@ -185,6 +195,7 @@ def cuda_weights(src: TensorSource, cfg: ModelConfig, padded: bool = False, path
     head = mat(C.gguf_name(C.TOKEN_EMBD))  # the tied head and the embedding: one quantized copy
     return Weights(
         embed=QuantEmbedding(head.data, head.qtype, head.n, head.k), output_norm=vec(C.gguf_name(C.OUTPUT_NORM)),
-        rope_freqs=vec(C.gguf_name(C.ROPE_FREQS), True), sc_pre_norm=sc_pre_norm, sc_gate=mat(C.gguf_name(C.SELF_COND_GATE)), sc_up=mat(C.gguf_name(C.SELF_COND_UP)),
+        rope_freqs=vec(C.gguf_name(C.ROPE_FREQS), True), sc_pre_norm=sc_pre_norm,
+        sc_gate=mat(C.gguf_name(C.SELF_COND_GATE)), sc_up=mat(C.gguf_name(C.SELF_COND_UP)),
         sc_down=mat(C.gguf_name(C.SELF_COND_DOWN)), layers=layers, head=head,
     )
