@@ -141,7 +141,7 @@ def report(r: dict, base: dict | None) -> str:
     rates = f"{r['TFLOP/s']:.1f} TFLOP/s, {r['GB/s']:.0f} GB/s"
     if pk:
         rates += f" ({r['TFLOP/s'] * 1e12 / pk[0]:.1%} of peak compute, {r['GB/s'] * 1e9 / pk[1]:.1%} of peak bandwidth)"
-    line = (f"{r['name']:<24} weights {r['weights_GB']:.2f} GB | step {r['step_ms']:.1f} ms, {rates} | "
+    line = (f"{r['name']:<26} weights {r['weights_GB']:.2f} GB | step {r['step_ms']:.1f} ms, {rates} | "
             f"{r['tokens/s']:.0f} tokens/s at {STEPS_PER_CANVAS} steps | prefill "
             + ", ".join(f"{k.split('_')[1]}: {v:.0f} ms" for k, v in r.items() if k.startswith("prefill_")))
     if "peak_8k_GiB" in r:
@@ -157,8 +157,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed denoising steps per plan")
     ap.add_argument("--config", default=str(CONFIG_26B), help="a checkpoint folder or config.json folder")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch backend (float32 weights)")
+    ap.add_argument("--matmuls", default="auto", help="matmul kernels to measure per plan, comma-separated: auto "
+                    "(the engine's default: the fastest per weight shape, plugin/cuda/tune.py), scalar, f16, int8")
     args = ap.parse_args()
     from dgemma.plugin.cuda import check_cuda
+    from dgemma.plugin.cuda.tune import choose
     from dgemma.plugin.cuda.weights import cuda_weights
 
     cap = check_cuda()
@@ -171,8 +174,11 @@ def main() -> None:
     results = []
     for plan in args.plans.split(","):
         w = cuda_weights(SyntheticTensors(plan_rows(args.config, plan)), cfg, device="cuda")
-        results.append(measure(f"cuda {plan}", cfg, w, dev, args.steps, fused=True))
-        print(report(results[-1], None), flush=True)
+        for matmul in args.matmuls.split(","):
+            kernels = choose(w, matmul, rows=cfg.canvas_length, cache=False)
+            print(f"matmul {matmul}: " + ", ".join(f"{c}: {k}" for c, k in sorted(kernels.items())), flush=True)
+            results.append(measure(f"cuda {plan} {matmul}", cfg, w, dev, args.steps, fused=True))
+            print(report(results[-1], None), flush=True)
         if base is None and not args.no_torch:
             params = sum(math.prod(m.shape) for m in _matrices(w))
             free, _ = torch.cuda.mem_get_info()

@@ -56,10 +56,11 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
     x = torch.randn(tokens, d, device="cuda")
     act = torch.randn(len(rows), fe, device="cuda")
 
-    def grouped():  # as QuantExperts.grouped: the groups once per layer (on the GPU), then the two launches
+    def grouped(kernel: str = "scalar"):  # as QuantExperts.grouped: the groups once per layer (on the GPU), 2 launches
+        op = getattr(ops, ops.MATMULS[kernel][1])
         groups = ops.ExpertGroups(counts_gpu, "cuda", pairs=len(rows))
-        ops.moe_qmatmul(x, rows, groups, gate_up, Q.Q4_K, d)
-        ops.moe_qmatmul(act, None, groups, down, Q.Q5_0, fe)
+        op(x, rows, groups, gate_up, Q.Q4_K, d)
+        op(act, None, groups, down, Q.Q5_0, fe)
 
     starts = [sum(counts[:e]) for e in range(experts)]
 
@@ -73,6 +74,11 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
     wbytes = gate_up.numel() + down.numel()
     print(f"routed experts, one layer ({tokens} tokens x top-{top_k} of {experts}): grouped {a:.3f} ms "
           f"({wbytes / a / 1e9:.2f} TB/s), one launch per expert {b:.3f} ms ({b / a:.2f}x); x30 layers: {30 * a:.1f} ms")
+    if torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY:
+        for kernel in ("f16", "int8"):
+            t = timed(lambda: grouped(kernel), repeat)
+            print(f"  grouped on {kernel} tensor cores: {t:.3f} ms ({wbytes / t / 1e9:.2f} TB/s, {a / t:.2f}x the float "
+                  f"FMAs); x30 layers: {30 * t:.1f} ms")
 
 
 def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, softcap: float = 30.0) -> None:

@@ -1,6 +1,6 @@
-// What the two tensor-core matmuls (qmatmul_mma.cu: f16, qmatmul_q8.cu: int8) share: a 32 x 32 output
-// tile per thread block of 4 warps, each warp a 16 x 16 quarter made of two m16n8 MMA tiles, and the
-// store of the f32 accumulators in the m16n8 layout: (row g, cols 2t, 2t+1) and (row g + 8, the same).
+// What the tensor-core matmul tiles (mma_f16.cuh, mma_q8.cuh) share: a 32 x 32 output tile per thread block
+// of 4 warps, each warp a 16 x 16 quarter made of two m16n8 MMA tiles, and the store of the f32
+// accumulators in the m16n8 layout: (row g, cols 2t, 2t+1) and (row g + 8, the same).
 #pragma once
 #include "quant/blocks.cuh"
 
@@ -8,26 +8,27 @@ namespace dg {
 
 constexpr int MMA_THREADS = 128;  // 4 warps
 constexpr int MMA_TM = 32, MMA_TN = 32;
+constexpr int MMA_TK = 256;       // K per shared-memory stage: one K-quant super-block
 
 struct MmaLane {
-    int m0, n0;  // the block's tile
-    int wm, wn;  // this warp's quarter within it
+    int wm, wn;  // this warp's quarter within the block's tile
     int g, t;    // the fragment layout's group (lane / 4) and thread-in-group (lane % 4)
 };
 
-DG_HD MmaLane mma_lane(int block_x, int block_y, int tid) {
+DG_HD MmaLane mma_lane(int tid) {
     const int lane = tid & 31, warp = tid >> 5;
-    return MmaLane{block_y * MMA_TM, block_x * MMA_TN, (warp >> 1) * 16, (warp & 1) * 16, lane >> 2, lane & 3};
+    return MmaLane{(warp >> 1) * 16, (warp & 1) * 16, lane >> 2, lane & 3};
 }
 
-// acc[h][i]: n8 tile h of the warp's quarter, accumulator i; rows/cols past M/N are dropped
-DG_HD void mma_store(const float (&acc)[2][4], const MmaLane &p, float * y, int ldy, int M, int N) {
+// acc[h][i]: n8 tile h of the warp's quarter, accumulator i, for the tile at (m0, n0); rows at or past
+// m_end and columns at or past N are dropped
+DG_HD void mma_store(const float (&acc)[2][4], const MmaLane &p, int m0, int m_end, int n0, int N, float * y, int ldy) {
     for (int h = 0; h < 2; ++h) {
         for (int half = 0; half < 2; ++half) {
-            const int m = p.m0 + p.wm + p.g + half * 8;
+            const int m = m0 + p.wm + p.g + half * 8;
             for (int j = 0; j < 2; ++j) {
-                const int n = p.n0 + p.wn + h * 8 + p.t * 2 + j;
-                if (m < M && n < N) y[(long)m * ldy + n] = acc[h][half * 2 + j];
+                const int n = n0 + p.wn + h * 8 + p.t * 2 + j;
+                if (m < m_end && n < N) y[(long)m * ldy + n] = acc[h][half * 2 + j];
             }
         }
     }

@@ -1,14 +1,18 @@
 // The routed experts' GEMMs, all experts in one launch: Y[m] = X[row(m)] @ W[e(m)]^T for the (token,
 // expert) pairs grouped by expert. Pairs offsets[e] .. offsets[e+1]-1 belong to expert e (an expert
 // with no pair has no tile); W holds the E experts' [N, K] matrices one after the other, each
-// expert_bytes long, in a GGML block format.
+// expert_bytes long, in a GGML block format. Three tiles, as for the dense matmul: float FMAs
+// (moe_qmatmul, 16 x 16, csrc/mm_tile.cuh), f16 tensor cores (moe_qmatmul_mma, 32 x 32, mma_f16.cuh) and
+// int8 tensor cores on quantize_q8's activations (moe_qmatmul_q8, 32 x 32, mma_q8.cuh); the last two need sm_80.
 //
-// Grid: x = the N tiles, y = an upper bound of the M tiles of every expert back to back (pairs / MM_TM + E);
-// each block finds its expert and first pair from the prefix sums offsets and tile_offsets, made on the
-// GPU (csrc/moe_tiles.cuh), and the blocks past the last tile return. Row m of X is
-// x[xrows[m]] (gate/up: the tokens, gathered) or x[m] when xrows is null (down: already grouped).
-// Y comes out grouped (row m = pair m); the weighted scatter back to the tokens is left to the caller.
+// Grid: x = the N tiles, y = an upper bound of the M tiles of every expert back to back (pairs / tile + E);
+// each block finds its expert and first pair from the prefix sums offsets and tile_offsets (of the
+// kernel's tile height), made on the GPU (csrc/moe_tiles.cuh), and the blocks past the last tile return.
+// Row m of X is row xrows[m] (gate/up: the tokens, gathered) or row m when xrows is null (down: already
+// grouped). Y comes out grouped (row m = pair m); the weighted scatter back to the tokens is the caller's.
 #include "mm_tile.cuh"
+#include "mma_f16.cuh"
+#include "mma_q8.cuh"
 #include "moe_tiles.cuh"
 
 namespace dg {
@@ -26,10 +30,42 @@ __global__ void __launch_bounds__(MM_THREADS) moe_qmatmul(const float * __restri
     mm_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * MM_TN, N, K, y, ldy);
 }
 
+template <int T>
+__global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_mma(const float * __restrict__ x, int lda,
+                                                              const int * __restrict__ xrows,
+                                                              const int * __restrict__ offsets,
+                                                              const int * __restrict__ tile_offsets, int E,
+                                                              const uint8_t * __restrict__ w, long expert_bytes,
+                                                              float * __restrict__ y, int ldy, int N, int K) {
+    int e, m0;
+    if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MMA_TM, e, m0)) return;
+    const int m_end = min(offsets[e + 1], m0 + MMA_TM);
+    mma_f16_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * MMA_TN, N, K, y, ldy);
+}
+
+template <int T>
+__global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_q8(const int8_t * __restrict__ xq, const float * __restrict__ xd,
+                                                             const int * __restrict__ xs, const int * __restrict__ xrows,
+                                                             const int * __restrict__ offsets,
+                                                             const int * __restrict__ tile_offsets, int E,
+                                                             const uint8_t * __restrict__ w, long expert_bytes,
+                                                             float * __restrict__ y, int ldy, int N, int K) {
+    int e, m0;
+    if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MMA_TM, e, m0)) return;
+    const int m_end = min(offsets[e + 1], m0 + MMA_TM);
+    mma_q8_tile<T>(xq, xd, xs, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * MMA_TN, N, K, y, ldy);
+}
+
 }  // namespace dg
 
 #ifndef __CUDACC_RTC__
+// nvcc builds (CI's compile check) instantiate every type; at run time NVRTC instantiates by name
 #define DG_MOE(T) template __global__ void dg::moe_qmatmul<dg::T>(const float *, int, const int *, const int *, \
+    const int *, int, const uint8_t *, long, float *, int, int, int);                                        \
+    template __global__ void dg::moe_qmatmul_mma<dg::T>(const float *, int, const int *, const int *,        \
     const int *, int, const uint8_t *, long, float *, int, int, int);
 DG_FOR_EACH_TYPE(DG_MOE)
+#define DG_MOE_Q8(T) template __global__ void dg::moe_qmatmul_q8<dg::T>(const int8_t *, const float *, const int *, \
+    const int *, const int *, const int *, int, const uint8_t *, long, float *, int, int, int);
+DG_FOR_EACH_INT_TYPE(DG_MOE_Q8)
 #endif

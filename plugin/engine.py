@@ -25,6 +25,7 @@ import torch
 
 from .chat import render_chat
 from .config import ModelConfig, SamplerDefaults
+from .cuda.tune import CHOICES as MATMULS
 from .fast_decode import FastDecoder
 from .inspect import open_gguf
 from .model import DiffusionGemma, KVCache
@@ -107,16 +108,25 @@ class Engine:
         # small float32 models on the CPU: the same decoder step in fewer torch calls (plugin/fast_decode.py)
         self.decode_step = FastDecoder(model).decode if FastDecoder.supports(model) else model.decode
         self._lock = threading.Lock()  # one generation at a time per engine
+        self.matmul: dict[str, str] = {}  # cuda backend: {weight shape class: matmul kernel} (plugin/cuda/tune.py)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "torch", device: str | None = None, rng: str | None = None,
-             kv_cache: str | None = None) -> "Engine":
+             kv_cache: str | None = None, matmul: str | None = None) -> "Engine":
         """backend "torch": the reference (float32 weights, CPU or a CUDA device); "cuda": weights stay
         quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU). rng: the sampler's
         draws, "torch" (transformers' order, the torch backend's default) or "counter" (the cuda backend's,
         which samples on the GPU; the torch backend with "counter" draws the same tokens). kv_cache: "f32"
-        (the torch backend's default, transformers' numbers) or "f16" (the cuda backend's: half the VRAM)."""
+        (the torch backend's default, transformers' numbers) or "f16" (the cuda backend's: half the VRAM).
+        matmul (cuda backend): the quantized matmul kernel, "auto" (the default: per weight shape, the fastest
+        on this GPU, timed once and cached; plugin/cuda/tune.py), "scalar" (float FMAs: the torch backend's
+        numbers up to float rounding), "f16" or "int8" (tensor cores, compute capability 8.0)."""
         _check_choices(backend=(backend, BACKENDS))
+        if matmul is not None and backend != "cuda":
+            raise EngineError(f"matmul '{matmul}' applies to the cuda backend only (backend is '{backend}')")
+        if backend == "cuda":
+            matmul = matmul or "auto"
+            _check_choices(matmul=(matmul, MATMULS))
         rng = rng or ("counter" if backend == "cuda" else "torch")
         kv_cache = kv_cache or ("f16" if backend == "cuda" else "f32")
         _check_choices(rng=(rng, RNGS), kv_cache=(kv_cache, KV_DTYPES))
@@ -131,15 +141,17 @@ class Engine:
         elif device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError("no CUDA GPU is visible to PyTorch (use device='cpu')")
         t0 = time.perf_counter_ns()
-        path = Path(path)
+        path, plan = Path(path), {}
         try:
             reader = open_gguf(path)
             cfg = ModelConfig.from_gguf(reader, path)
             tokenizer = Tokenizer.from_gguf(reader, path)
             if backend == "cuda":
+                from .cuda.tune import choose
                 from .cuda.weights import load_cuda_weights
 
                 weights = load_cuda_weights(reader, cfg, path, device)
+                plan = choose(weights, matmul, rows=cfg.canvas_length, device=device)
             else:
                 weights = load_weights(reader, cfg, path)
                 if device != "cpu":
@@ -147,7 +159,9 @@ class Engine:
             model = DiffusionGemma(cfg, weights)
         except ValueError as e:  # InspectError and friends
             raise EngineError(str(e)) from None
-        return cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng, kv_cache)
+        engine = cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng, kv_cache)
+        engine.matmul = plan
+        return engine
 
     # ---- prompt ---------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[dict[str, Any]] | list[int], raw: bool = False, **template_kwargs) -> list[int]:

@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Any
 
-from .engine import BACKENDS, KV_DTYPES, RNGS, DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
+from .engine import BACKENDS, KV_DTYPES, MATMULS, RNGS, DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
 from .registry import ModelNotFound, resolve_model
 from .sampler import StepInfo
 
@@ -31,9 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rng", choices=RNGS,
                    help="the sampler's random draws: torch (transformers' order; the torch backend's default) or "
                         "counter (Philox per position, drawn on the GPU; the cuda backend's). With the same --rng, "
-                        "--kv-cache and --seed both backends give the same tokens up to float rounding")
+                        "--kv-cache and --seed (and --matmul scalar) both backends give the same tokens up to float "
+                        "rounding")
     p.add_argument("--kv-cache", choices=list(KV_DTYPES),
                    help="what the KV cache stores: f32 (the torch backend's default) or f16 (the cuda backend's)")
+    p.add_argument("--matmul", choices=MATMULS,
+                   help="cuda backend: the quantized matmul kernel, auto (the default: the fastest on this GPU per "
+                        "weight shape, timed once and cached), scalar (float FMAs, the torch backend's numbers), "
+                        "f16 or int8 (tensor cores, compute capability 8.0)")
 
 
 def _prompt(args: argparse.Namespace) -> str | list[Any]:
@@ -111,7 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         path = resolve_model(args.model)
-        engine = Engine.load(path, backend=args.backend, device=args.device, rng=args.rng, kv_cache=args.kv_cache)
+        engine = Engine.load(path, backend=args.backend, device=args.device, rng=args.rng, kv_cache=args.kv_cache,
+                             matmul=args.matmul)
         prompt = _prompt(args)
         cancel = threading.Event()
         opts = GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps, raw=args.raw, cancel=cancel)
@@ -148,4 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print()
     if args.stats and not args.json:
         print("\n".join(stats_lines(done)), file=sys.stderr)
+        if engine.matmul:
+            kernels = sorted(set(engine.matmul.values()))
+            uses = ", ".join(f"{k} for {sum(v == k for v in engine.matmul.values())}" for k in kernels)
+            print(f"matmul kernels:       {uses} weight shapes", file=sys.stderr)
     return 0

@@ -16,11 +16,13 @@ from dgemma.plugin.inspect import open_gguf
 from dgemma.plugin.model import DiffusionGemma, KVCache, grouped_experts
 
 
+KERNEL_OPS = ("get_rows", *(name for pair in ops.MATMULS.values() for name in pair))
+
+
 @pytest.fixture()
 def kernels_as_references(monkeypatch):
-    monkeypatch.setattr(ops, "qmatmul", ops.qmatmul_reference)
-    monkeypatch.setattr(ops, "moe_qmatmul", ops.moe_qmatmul_reference)
-    monkeypatch.setattr(ops, "get_rows", ops.get_rows_reference)
+    for name in KERNEL_OPS:
+        monkeypatch.setattr(ops, name, getattr(ops, f"{name}_reference"))
 
 
 @pytest.fixture(scope="module")

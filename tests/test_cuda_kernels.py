@@ -109,20 +109,35 @@ def test_qmatmul_q8_matches_quantized_activation_reference(ops, qtype, m, n, k):
                          ids=lambda v: getattr(v, "name", str(v)))
 @pytest.mark.parametrize("counts", MOE_COUNTS, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "grouped"])
-def test_moe_qmatmul_matches_expert_by_expert(ops, qtype, n, k, counts, gathered):
+@pytest.mark.parametrize("kernel", ["scalar", "f16", "int8"])
+def test_moe_qmatmul_matches_expert_by_expert(ops, qtype, n, k, counts, gathered, kernel):
+    """The three grouped kernels (16-row float tiles, 32-row f16 and int8 tensor-core tiles) against their
+    references, expert by expert: within 1e-5 of sum |x||w| (X and W as each kernel rounds them) plus 1e-6,
+    with experts of 0, 1, 16, 17, 33 and 300 pairs."""
+    if kernel != "scalar" and torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
+        pytest.skip("tensor-core MMA needs compute capability 8.0")
+    op = getattr(ops, ops.MATMULS[kernel][1])
     rng = np.random.default_rng(len(counts) * 31 + n + k)
     E, P = len(counts), sum(counts)
     w = (rng.standard_normal((E * n, k)) * 0.05).astype(np.float32)
+    w[: n // 3] = np.abs(w[: n // 3])  # positive rows: the K-quants' offsets at work
     wq = torch.from_numpy(quant.quantize(w, qtype).reshape(E, n, -1)).cuda()
     tokens = max(1, P // 2)
     x = torch.from_numpy(rng.standard_normal((tokens if gathered else P, k)).astype(np.float32)).cuda()
     rows = torch.from_numpy(rng.integers(0, tokens, P).astype(np.int32)).cuda() if gathered else None
     groups = ops.ExpertGroups(counts, "cuda")
-    y = ops.moe_qmatmul(x, rows, groups, wq, qtype, k)
-    ref = ops.moe_qmatmul_reference(x, rows, groups, wq, qtype, k)
+    if kernel == "int8" and qtype not in ops.INT_TYPES:
+        with pytest.raises(ValueError, match="no integer form"):
+            op(x, rows, groups, wq, qtype, k)
+        return
+    y = op(x, rows, groups, wq, qtype, k)
+    ref = getattr(ops, f"{ops.MATMULS[kernel][1]}_reference")(x, rows, groups, wq, qtype, k)
     assert y.shape == (P, n)
-    if P:
-        assert float((y.cpu().double() - ref.double()).abs().max()) < 1e-4 * k ** 0.5
+    xs = {"scalar": x.double().cpu(), "f16": x.cpu().half().double(), "int8": ops._q8_values(x)}[kernel]
+    xs = xs[rows.long().cpu()] if gathered else xs
+    round_w = (lambda v: v.half().double().abs()) if kernel == "f16" else (lambda v: v.abs())
+    bound = 1e-5 * ops._expert_by_expert(xs.abs(), groups, wq, qtype, k, round_w).double() + 1e-6
+    assert bool(((y.cpu().double() - ref.double()).abs() <= bound).all())
 
 
 def test_moe_qmatmul_rejects_bad_input(ops):
@@ -232,11 +247,19 @@ def canvas16_gguf(tmp_path_factory, checkpoint_factory):
         pytest.skip(f"no canvas-16 test model ({e}); run scripts/gpu_prepare.sh")
 
 
-def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf):
+@pytest.mark.parametrize("matmul,tol", [("scalar", 1e-3), ("f16", 0.02), ("int8", 0.5)])
+def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf, matmul, tol):
+    """Each matmul kernel through the whole model: scalar within float rounding; f16 and int8 within what
+    their rounding moved the logits by on the CPU references (0.005 and 0.15 of max |logit| 12,
+    tests/test_cuda_tune.py), with some room for the GPU's summation order."""
     from dgemma.plugin.engine import Engine
     from dgemma.plugin.model import KVCache
 
-    ref, gpu = Engine.load(default_gguf), Engine.load(default_gguf, backend="cuda")
+    if matmul != "scalar" and torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
+        pytest.skip("tensor-core MMA needs compute capability 8.0")
+    ref = Engine.load(default_gguf)
+    gpu = Engine.load(default_gguf, backend="cuda", matmul=matmul, kv_cache="f32")
+    assert set(gpu.matmul.values()) == {matmul}
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, ref.cfg.vocab_size, (1, 40), generator=g)
     canvas = torch.randint(0, ref.cfg.vocab_size, (1, ref.cfg.canvas_length), generator=g)
@@ -245,9 +268,26 @@ def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf):
     gpu.model.encode(prompt.cuda(), c2)
     a = ref.model.decode(canvas, c1)
     b = gpu.model.decode(canvas.cuda(), c2).cpu()
-    assert (a - b).abs().max().item() < 1e-3
+    assert (a - b).abs().max().item() < tol
     sc = torch.softmax(a / 0.8, dim=-1)
-    assert (ref.model.decode(canvas, c1, sc) - gpu.model.decode(canvas.cuda(), c2, sc.cuda()).cpu()).abs().max() < 1e-3
+    assert (ref.model.decode(canvas, c1, sc) - gpu.model.decode(canvas.cuda(), c2, sc.cuda()).cpu()).abs().max() < tol
+
+
+def test_cuda_backend_tunes_its_matmuls_once(ops, default_gguf, tmp_path, monkeypatch):
+    """matmul "auto" (the default): every weight shape gets a kernel usable here, timed on this GPU, and a
+    second load reads the choice from the cache instead of timing again."""
+    from dgemma.plugin.cuda import tune
+    from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions
+
+    monkeypatch.setenv(tune.CACHE_ENV, str(tmp_path))
+    engine = Engine.load(default_gguf, backend="cuda")
+    assert engine.matmul and set(engine.matmul.values()) <= set(ops.MATMULS)
+    assert (tmp_path / "matmul.json").exists()
+    monkeypatch.setattr(tune, "cuda_timer", lambda fn: pytest.fail("timed again"))
+    assert Engine.load(default_gguf, backend="cuda").matmul == engine.matmul
+    done = list(engine.generate("Once upon a time", GenerateOptions(seed=1, max_tokens=8)))[-1]
+    assert isinstance(done, DoneEvent) and done.canvases and done.steps_per_canvas[0] >= 1
+    print("matmul plan:", engine.matmul)
 
 
 @pytest.mark.parametrize("model", ["default", "canvas16"])
@@ -255,13 +295,15 @@ def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf):
 def test_cuda_backend_generates_the_torch_backends_tokens(ops, request, model, rng, kv, monkeypatch):
     """rng torch: the cuda backend's logits sampled on the CPU; rng counter (the cuda backend's default):
     the fused head's statistics and csrc/accept.cu on the GPU, with no [C, V] logits formed; both backends
-    with the same KV cache type (f16: the cuda backend's default)."""
+    with the same KV cache type (f16: the cuda backend's default) and the float-FMA matmuls (the others
+    round X, so tokens may differ where the draw is close)."""
     from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions
 
     path = request.getfixturevalue(f"{model}_gguf")
     outs = []
     for backend in ("torch", "cuda"):
-        engine = Engine.load(path, backend=backend, rng=rng, kv_cache=kv)
+        engine = Engine.load(path, backend=backend, rng=rng, kv_cache=kv,
+                             **({"matmul": "scalar"} if backend == "cuda" else {}))
         if backend == "cuda" and rng == "counter":
             V, qmatmul = engine.cfg.vocab_size, ops.qmatmul
             monkeypatch.setattr(ops, "qmatmul", lambda x, w, *a: qmatmul(x, w, *a) if w.shape[0] != V else pytest.fail("logits formed"))

@@ -27,8 +27,24 @@ INT_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizat
              GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
              GGMLQuantizationType.Q6_K)  # csrc/quant/decompose.cuh: the types with an integer form
 _Q8_NAMES = tuple(f"dg::qmatmul_q8<{int(t)}>" for t in INT_TYPES)
+_MOE_MMA_NAMES = tuple(f"dg::moe_qmatmul_mma<{int(t)}>" for t in SUPPORTED)
+_MOE_Q8_NAMES = tuple(f"dg::moe_qmatmul_q8<{int(t)}>" for t in INT_TYPES)
+# the three matmul kernels (dense op, grouped-expert op), one of which each quantized weight uses
+# (plugin/cuda/tune.py picks per GPU): float FMAs, f16 tensor cores, int8 tensor cores on q8 activations
+MATMULS = {"scalar": ("qmatmul", "moe_qmatmul"), "f16": ("qmatmul_mma", "moe_qmatmul_mma"),
+           "int8": ("qmatmul_q8", "moe_qmatmul_q8")}
 GET_ROWS_THREADS = 128
 HEAD_L, HEAD_THREADS, HEAD_MAX_D, HEAD_MAX_SPLITS = 4, 256, 4096, 1024  # csrc/head.cu
+
+
+def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[int, int]) -> bool:
+    """Whether matmul kernel `matmul` (a key of MATMULS) takes rows of k values of type qtype on a GPU of
+    this compute capability: the tensor-core tiles need 8.0, f16 steps 16 values of K, int8 an integer type."""
+    if matmul == "scalar":
+        return True
+    if capability < MMA_MIN_CAPABILITY:
+        return False
+    return k % 16 == 0 if matmul == "f16" else GGMLQuantizationType(qtype) in INT_TYPES
 
 
 def _cupy(t: torch.Tensor):
@@ -137,18 +153,25 @@ def qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k
     """qmatmul on tensor cores (csrc/qmatmul_mma.cu, compute capability >= 8.0): X and the dequantized W
     rounded to f16, products accumulated in f32. X must stay within f16's range (|x| <= 65504)."""
     qtype = _check_matmul("qmatmul_mma", x, w, qtype, k, "[N, ")
-    _check_mma("qmatmul_mma", x)
-    if k % 16:  # the MMA steps 16 values of K at a time; GGML block types always are, float rows may not be
-        raise ValueError(f"qmatmul_mma: K must be a multiple of 16 (got {k}); use qmatmul")
+    _check_mma("qmatmul_mma", x, k)
     return _launch_matmul("qmatmul_mma.cu", f"dg::qmatmul_mma<{int(qtype)}>", _QMMA_NAMES, MMA_TILE, MMA_THREADS,
                           x, w, k)
 
 
-def _check_mma(op: str, x: torch.Tensor) -> None:
+def _check_mma(op: str, x: torch.Tensor, k: int | None = None) -> None:
+    """Tensor cores: compute capability 8.0; the f16 tile (k given) steps 16 values of K at a time (GGML block
+    types always are multiples of 16, float rows may not be)."""
     cap = torch.cuda.get_device_capability(x.device)
     if cap < MMA_MIN_CAPABILITY:
         raise ValueError(f"{op}: needs compute capability {MMA_MIN_CAPABILITY[0]}.{MMA_MIN_CAPABILITY[1]} "
-                         f"(this GPU has {cap[0]}.{cap[1]}); use qmatmul")
+                         f"(this GPU has {cap[0]}.{cap[1]}); use the float kernel")
+    if k is not None and k % 16:
+        raise ValueError(f"{op}: K must be a multiple of 16 (got {k}); use the float kernel")
+
+
+def _check_int(op: str, qtype: GGMLQuantizationType) -> None:
+    if qtype not in INT_TYPES:
+        raise ValueError(f"{op}: {qtype.name} has no integer form (have {', '.join(t.name for t in INT_TYPES)})")
 
 
 def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,8 +213,7 @@ def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k:
     import numpy as np
 
     qtype = _check_matmul("qmatmul_q8", x, w, qtype, k, "[N, ")
-    if qtype not in INT_TYPES:
-        raise ValueError(f"qmatmul_q8: {qtype.name} has no integer form (have {', '.join(t.name for t in INT_TYPES)})")
+    _check_int("qmatmul_q8", qtype)
     _check_mma("qmatmul_q8", x)
     m, n = x.shape[0], w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
@@ -204,11 +226,15 @@ def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k:
     return y
 
 
+def _q8_values(x: torch.Tensor) -> torch.Tensor:
+    """The values quantize_q8 leaves of x: q * d per 32, float64 [M, K] on the CPU."""
+    xq, xd, _ = quantize_q8_reference(x)
+    return xq.double() * xd.double().repeat_interleave(32, dim=1)
+
+
 def qmatmul_q8_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     """X quantized as quantize_q8 does, times the dequantized W, in float64."""
-    xq, xd, _ = quantize_q8_reference(x)
-    xhat = xq.double() * xd.double().repeat_interleave(32, dim=1)
-    return (xhat @ _dequantized(w, qtype, k).T).float()
+    return (_q8_values(x) @ _dequantized(w, qtype, k).T).float()
 
 
 def qmatmul_mma_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
@@ -238,9 +264,9 @@ def expert_tiles(counts: list[int]) -> tuple[list[int], list[int], list[int]]:
 
 class ExpertGroups:
     """(token, expert) pairs grouped by expert, counts[e] of them for expert e, as csrc/moe.cu reads them:
-    the prefix sums of the pairs (offsets [E+1]) and of the MM_TILE-row tiles (tile_offsets [E+1]), made on
-    the counts' device with no host sync, and an upper bound of the tiles from the number of pairs (known
-    on the host: tokens x top-k). Made once per MoE layer and shared by its gate_up and down launches.
+    the prefix sums of the pairs (offsets [E+1]) and, per kernel tile height, of the tiles (`tiles`), made
+    on the counts' device with no host sync, with an upper bound of the tiles from the number of pairs
+    (known on the host: tokens x top-k). Made once per MoE layer and shared by its gate_up and down launches.
     counts: a list, or an integer tensor [E] (then give `pairs`, its sum, to keep the host out of it)."""
 
     def __init__(self, counts, device: torch.device | str, pairs: int | None = None) -> None:
@@ -249,11 +275,54 @@ class ExpertGroups:
             raise ValueError(f"ExpertGroups: counts must be [E] (got {tuple(counts.shape)})")
         self.counts, self.experts = counts, counts.shape[0]
         self.pairs = int(counts.sum()) if pairs is None else pairs
-        zero = torch.zeros(1, dtype=torch.int64, device=counts.device)
-        self.offsets = torch.cat([zero, counts.cumsum(0)]).to(torch.int32)  # [E+1]
-        self.tile_offsets = torch.cat([zero, ((counts + MM_TILE - 1) // MM_TILE).cumsum(0)]).to(torch.int32)
-        self.max_tiles = self.pairs // MM_TILE + self.experts  # >= sum ceil(count / MM_TILE)
+        self.offsets = self._prefix(counts)  # [E+1]
+        self._tiles: dict[int, tuple[torch.Tensor, int]] = {}
         self.identity = None  # rows 0..pairs-1, made on first use (down reads x already grouped)
+
+    def _prefix(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros(1, dtype=torch.int64, device=v.device), v.cumsum(0)]).to(torch.int32)
+
+    def tiles(self, tile: int) -> tuple[torch.Tensor, int]:
+        """(tile_offsets [E+1] int32: the prefix sums of ceil(count / tile), an upper bound of the tiles)."""
+        if tile not in self._tiles:
+            self._tiles[tile] = (self._prefix((self.counts + tile - 1) // tile), self.pairs // tile + self.experts)
+        return self._tiles[tile]
+
+
+def _check_moe(op: str, x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor, qtype,
+               k: int) -> tuple[GGMLQuantizationType, torch.Tensor]:
+    """The operands of a grouped expert GEMM; returns the GGML type and the rows every pair reads."""
+    qtype = _check_matmul(op, x, w, qtype, k, "[E, N, ")
+    E, P = w.shape[0], groups.pairs
+    if groups.experts != E or groups.offsets.device != x.device:
+        raise ValueError(f"{op}: {groups.experts} expert counts on {groups.offsets.device} for {E} experts on {x.device}")
+    if rows is None:
+        if x.shape[0] != P:
+            raise ValueError(f"{op}: x has {x.shape[0]} rows for {P} grouped pairs")
+        if groups.identity is None:
+            groups.identity = torch.arange(P, dtype=torch.int32, device=x.device)
+        return qtype, groups.identity
+    if rows.dtype != torch.int32 or rows.shape != (P,) or rows.device != x.device:
+        raise ValueError(f"{op}: rows must be int32 [{P}] on x's device (got {rows.dtype} {tuple(rows.shape)})")
+    return qtype, rows.contiguous()
+
+
+def _launch_moe(name: str, names: tuple[str, ...], tile: int, threads: int, xargs: tuple, rows: torch.Tensor,
+                groups: ExpertGroups, w: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
+    """Y [P, N] from a moe.cu kernel taking (*xargs, xrows, offsets, tile_offsets, E, w, expert_bytes, y, ldy,
+    N, K) on a grid of `tile`-square tiles."""
+    import numpy as np
+
+    n = w.shape[1]
+    y = torch.empty(groups.pairs, n, dtype=torch.float32, device=device)
+    if groups.pairs == 0 or n == 0:
+        return y
+    tile_offsets, max_tiles = groups.tiles(tile)
+    grid = ((n + tile - 1) // tile, max_tiles)
+    _launch(kernel("moe.cu", name, names), grid, (threads,),
+            (*xargs, _cupy(rows), _cupy(groups.offsets), _cupy(tile_offsets), np.int32(w.shape[0]), _cupy(w),
+             np.int64(w.stride(0)), _cupy(y), np.int32(n), np.int32(n), np.int32(k)))
+    return y
 
 
 def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
@@ -263,40 +332,67 @@ def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups
     in GGML type `qtype` for rows of k. Returns [P, N] float32."""
     import numpy as np
 
-    qtype = _check_matmul("moe_qmatmul", x, w, qtype, k, "[E, N, ")
-    E, n = w.shape[0], w.shape[1]
-    if groups.experts != E or groups.offsets.device != x.device:
-        raise ValueError(f"moe_qmatmul: {groups.experts} expert counts on {groups.offsets.device} for {E} experts on "
-                         f"{x.device}")
-    P = groups.pairs
-    if rows is None:
-        if x.shape[0] != P:
-            raise ValueError(f"moe_qmatmul: x has {x.shape[0]} rows for {P} grouped pairs")
-    elif rows.dtype != torch.int32 or rows.shape != (P,) or rows.device != x.device:
-        raise ValueError(f"moe_qmatmul: rows must be int32 [{P}] on x's device (got {rows.dtype} {tuple(rows.shape)})")
-    y = torch.empty(P, n, dtype=torch.float32, device=x.device)
-    if P == 0 or n == 0:
-        return y
-    if rows is None:
-        if groups.identity is None:
-            groups.identity = torch.arange(P, dtype=torch.int32, device=x.device)
-        rows = groups.identity
-    fn = kernel("moe.cu", f"dg::moe_qmatmul<{int(qtype)}>", _MOE_NAMES)
-    grid = ((n + MM_TILE - 1) // MM_TILE, groups.max_tiles)
-    _launch(fn, grid, (MM_THREADS,), (_cupy(x), np.int32(x.stride(0)), _cupy(rows.contiguous()), _cupy(groups.offsets),
-                                      _cupy(groups.tile_offsets), np.int32(E), _cupy(w), np.int64(w.stride(0)),
-                                      _cupy(y), np.int32(n), np.int32(n), np.int32(k)))
-    return y
+    qtype, rows = _check_moe("moe_qmatmul", x, rows, groups, w, qtype, k)
+    return _launch_moe(f"dg::moe_qmatmul<{int(qtype)}>", _MOE_NAMES, MM_TILE, MM_THREADS,
+                       (_cupy(x), np.int32(x.stride(0))), rows, groups, w, k, x.device)
+
+
+def moe_qmatmul_mma(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
+                    qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """moe_qmatmul on f16 tensor cores (compute capability >= 8.0): X and the dequantized W rounded to f16,
+    as qmatmul_mma."""
+    import numpy as np
+
+    qtype, rows = _check_moe("moe_qmatmul_mma", x, rows, groups, w, qtype, k)
+    _check_mma("moe_qmatmul_mma", x, k)
+    return _launch_moe(f"dg::moe_qmatmul_mma<{int(qtype)}>", _MOE_MMA_NAMES, MMA_TILE, MMA_THREADS,
+                       (_cupy(x), np.int32(x.stride(0))), rows, groups, w, k, x.device)
+
+
+def moe_qmatmul_q8(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
+                   qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """moe_qmatmul on int8 tensor cores (compute capability >= 8.0, integer GGML types): x quantized once
+    by quantize_q8 (the gathered rows read its rows), as qmatmul_q8."""
+    qtype, rows = _check_moe("moe_qmatmul_q8", x, rows, groups, w, qtype, k)
+    _check_int("moe_qmatmul_q8", qtype)
+    _check_mma("moe_qmatmul_q8", x)
+    if groups.pairs == 0 or w.shape[1] == 0:
+        return torch.empty(groups.pairs, w.shape[1], dtype=torch.float32, device=x.device)
+    xq, xd, xs = quantize_q8(x)
+    return _launch_moe(f"dg::moe_qmatmul_q8<{int(qtype)}>", _MOE_Q8_NAMES, MMA_TILE, MMA_THREADS,
+                       (_cupy(xq), _cupy(xd), _cupy(xs)), rows, groups, w, k, x.device)
+
+
+def _expert_by_expert(xs: torch.Tensor, groups: ExpertGroups, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
+                      round_w=lambda w: w) -> torch.Tensor:
+    """xs [P, k] float64 (each pair's row) times its expert's dequantized (then round_w'd) matrix, on the CPU."""
+    counts = groups.counts.tolist()
+    offsets = expert_tiles(counts)[0]
+    out = [xs[o: o + c] @ round_w(_dequantized(w[e], qtype, k)).T for e, (o, c) in enumerate(zip(offsets, counts))]
+    return torch.cat(out).float() if out else torch.zeros(0, w.shape[1])
+
+
+def _pair_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return x[rows.long().cpu()] if rows is not None else x
 
 
 def moe_qmatmul_reference(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
                           qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     """Expert by expert: dequantize on the CPU, multiply its pairs' rows in float64."""
-    xs = x.double().cpu()[rows.long().cpu()] if rows is not None else x.double().cpu()
-    counts = groups.counts.tolist()
-    offsets = expert_tiles(counts)[0]
-    out = [xs[o: o + c] @ _dequantized(w[e], qtype, k).T for e, (o, c) in enumerate(zip(offsets, counts))]
-    return torch.cat(out).float() if out else torch.zeros(0, w.shape[1])
+    return _expert_by_expert(_pair_rows(x.double().cpu(), rows), groups, w, qtype, k)
+
+
+def moe_qmatmul_mma_reference(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
+                              qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """Expert by expert with X and W rounded to f16 as the kernel rounds them, multiplied in float64."""
+    return _expert_by_expert(_pair_rows(x.cpu().half().double(), rows), groups, w, qtype, k,
+                             lambda w: w.half().double())
+
+
+def moe_qmatmul_q8_reference(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
+                             qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """Expert by expert with X quantized as quantize_q8 does, in float64."""
+    return _expert_by_expert(_pair_rows(_q8_values(x), rows), groups, w, qtype, k)
 
 
 def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, step: int, vocab: int, bound: float):

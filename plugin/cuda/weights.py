@@ -20,11 +20,13 @@ from . import ops
 
 
 class QuantLinear:
-    """A [N, K] weight kept as GGML blocks on the GPU; calling it computes x @ W^T. `k_in` < K when the rows
-    were zero-padded (--pad-experts): the input is padded to match."""
+    """A [N, K] weight kept as GGML blocks on the GPU; calling it computes x @ W^T with the matmul kernel
+    `matmul` (a key of ops.MATMULS, set by plugin/cuda/tune.py). `k_in` < K when the rows were zero-padded
+    (--pad-experts): the input is padded to match."""
 
     def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, k_in: int | None = None) -> None:
         self.data, self.qtype, self.n, self.k, self.k_in = data, qtype, n, k, k_in or k
+        self.matmul = "scalar"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -34,7 +36,8 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = _padded(x.reshape(-1, x.shape[-1]), self.k_in, self.k)
-        return ops.qmatmul(x2, self.data, self.qtype, self.k).view(*lead, self.n)
+        dense = getattr(ops, ops.MATMULS[self.matmul][0])
+        return dense(x2, self.data, self.qtype, self.k).view(*lead, self.n)
 
     def stats(self, h: torch.Tensor, softcap: float, temperature: float, seed: int, index: int):
         """This matrix as the tied vocabulary head: the sampler's statistics of h [L, D] (csrc/head.cu through
@@ -81,10 +84,12 @@ def _padded(x: torch.Tensor, k_in: int, k: int) -> torch.Tensor:
 
 
 class QuantExperts:
-    """[E, N, K] expert weights as GGML blocks; experts[e] is that expert's QuantLinear."""
+    """[E, N, K] expert weights as GGML blocks, multiplied by the grouped matmul kernel `matmul` (a key of
+    ops.MATMULS); experts[e] is that expert's QuantLinear."""
 
     def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, k_in: int | None = None) -> None:
         self.data, self.qtype, self.n, self.k, self.k_in = data, qtype, n, k, k_in or k
+        self.matmul = "scalar"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -92,7 +97,14 @@ class QuantExperts:
         return self.data.shape[0], self.n, self.k_in
 
     def __getitem__(self, e: int) -> QuantLinear:
-        return QuantLinear(self.data[e], self.qtype, self.n, self.k, self.k_in)
+        one = QuantLinear(self.data[e], self.qtype, self.n, self.k, self.k_in)
+        one.matmul = self.matmul
+        return one
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, groups: ops.ExpertGroups) -> torch.Tensor:
+        """The grouped GEMM: pair m reads x[rows[m]] (rows None: x[m]) -> [P, N] float32."""
+        grouped = getattr(ops, ops.MATMULS[self.matmul][1])
+        return grouped(_padded(x, self.k_in, self.k), rows, groups, self.data, self.qtype, self.k)
 
     def grouped(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
                 down: QuantExperts) -> torch.Tensor:
@@ -101,9 +113,8 @@ class QuantExperts:
         weights. Two csrc/moe.cu launches (gate_up, down) for all experts, then the weighted scatter; the
         tiles are found on the GPU, so nothing waits for the counts. Returns [N, D]."""
         groups = ops.ExpertGroups(counts, x.device, pairs=rows.shape[0])
-        h = ops.moe_qmatmul(_padded(x, self.k_in, self.k), rows.to(torch.int32), groups, self.data, self.qtype, self.k)
-        act = _padded(geglu(h), down.k_in, down.k)  # [P, Fe], zero columns for --pad-experts
-        y = ops.moe_qmatmul(act, None, groups, down.data, down.qtype, down.k)  # [P, D]
+        h = self(x, rows.to(torch.int32), groups)  # [P, 2Fe]
+        y = down(geglu(h), None, groups)  # [P, D]
         return torch.zeros_like(x).index_add_(0, rows, y * weights[:, None].to(y.dtype))
 
 

@@ -1,0 +1,102 @@
+// One 32 x 32 tile of Y = X W^T on f16 tensor cores, W rows in a GGML block format: the body of
+// qmatmul_mma.cu (dense) and moe.cu's moe_qmatmul_mma (experts, rows gathered by expert).
+//
+// Per 256-wide slice of K the block converts 32 rows of X to f16 and dequantizes 32 rows of W (one GGML
+// block per thread, through the integer form for the integer types) to f16 in shared memory, then each
+// warp runs mma.sync.m16n8k16 (row.col, f32 accumulators) over its 16 x 16 quarter. Needs sm_80: below
+// that the tile traps (the wrappers refuse older GPUs). X values beyond f16's range (65504) overflow; the
+// activations entering the model's matmuls are normalised. K is a multiple of 16 and of the type's block.
+#pragma once
+#include "mma_tile.cuh"
+
+namespace dg {
+
+DG_HD uint16_t f32_to_f16_bits(float x) {
+#ifdef __CUDA_ARCH__
+    uint16_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+#else
+    (void)x;
+    return 0;  // device-only: the host pass of nvcc never runs this
+#endif
+}
+
+// one block of type T as f16 bits (the value dequant_block gives, rounded to nearest)
+template <int T> DG_HD void dequant_block_f16(const uint8_t * b, uint16_t * y) {
+    if constexpr (Traits<T>::QK == 1) {  // F32 / F16 / BF16: one value
+        float v;
+        dequant_block<T>(b, &v);
+        y[0] = f32_to_f16_bits(v);
+    } else {
+        constexpr int QK = Traits<T>::QK;
+        int8_t q[QK];
+        float s[QK / DG_GROUP], m[QK / DG_GROUP];
+        decompose_block<T>(b, q, s, m);
+        for (int i = 0; i < QK; ++i) y[i] = f32_to_f16_bits(decomposed_value(q, s, m, i));
+    }
+}
+
+// Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+MMA_TN-1 (those < N). Row m of X is
+// x[xrows[m] * lda] when xrows is given, else x[m * lda]; row m of Y is y[m * ldy].
+template <int T>
+__device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int lda, const int * __restrict__ xrows,
+                                             int m0, int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
+                                             float * __restrict__ y, int ldy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    constexpr int QK = Traits<T>::QK;
+    constexpr int SIZE = Traits<T>::SIZE;
+    constexpr int PAD = 8;  // halves of padding per shared row: fragment loads land in different banks
+    __shared__ __align__(16) uint16_t xs[MMA_TM][MMA_TK + PAD];
+    __shared__ __align__(16) uint16_t ws[MMA_TN][MMA_TK + PAD];
+
+    const int tid = threadIdx.x;
+    const MmaLane p = mma_lane(tid);
+    const int wm = p.wm, wn = p.wn, g = p.g, t = p.t;
+    const long row_bytes = (long)(K / QK) * SIZE;
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // two m16n8 tiles
+
+    for (int k0 = 0; k0 < K; k0 += MMA_TK) {
+        const int tk = K - k0 < MMA_TK ? K - k0 : MMA_TK;  // a multiple of 16 (the wrappers check K)
+        const int blocks_per_row = tk / QK;
+        for (int i = tid; i < MMA_TN * blocks_per_row; i += MMA_THREADS) {
+            const int r = i / blocks_per_row, bi = i % blocks_per_row;
+            uint16_t * dst = &ws[r][bi * QK];
+            if (n0 + r < N) {
+                dequant_block_f16<T>(w + (long)(n0 + r) * row_bytes + (long)(k0 / QK + bi) * SIZE, dst);
+            } else {
+                for (int j = 0; j < QK; ++j) dst[j] = 0;
+            }
+        }
+        for (int i = tid; i < MMA_TM * tk; i += MMA_THREADS) {
+            const int r = i / tk, c = i % tk, m = m0 + r;
+            xs[r][c] = m < m_end ? f32_to_f16_bits(x[(long)(xrows ? xrows[m] : m) * lda + k0 + c]) : (uint16_t)0;
+        }
+        __syncthreads();
+        for (int kk = 0; kk < tk; kk += 16) {
+            const int c = kk + t * 2;
+            const uint32_t a0 = *reinterpret_cast<const uint32_t *>(&xs[wm + g][c]);
+            const uint32_t a1 = *reinterpret_cast<const uint32_t *>(&xs[wm + g + 8][c]);
+            const uint32_t a2 = *reinterpret_cast<const uint32_t *>(&xs[wm + g][c + 8]);
+            const uint32_t a3 = *reinterpret_cast<const uint32_t *>(&xs[wm + g + 8][c + 8]);
+            for (int h = 0; h < 2; ++h) {
+                const int n = wn + h * 8 + g;
+                const uint32_t b0 = *reinterpret_cast<const uint32_t *>(&ws[n][c]);
+                const uint32_t b1 = *reinterpret_cast<const uint32_t *>(&ws[n][c + 8]);
+                asm volatile(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                    "{%0,%1,%2,%3};\n"
+                    : "+f"(acc[h][0]), "+f"(acc[h][1]), "+f"(acc[h][2]), "+f"(acc[h][3])
+                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+            }
+        }
+        __syncthreads();
+    }
+    mma_store(acc, p, m0, m_end, n0, N, y, ldy);
+#else
+    (void)x; (void)lda; (void)xrows; (void)m0; (void)m_end; (void)w; (void)n0; (void)N; (void)K; (void)y; (void)ldy;
+    __trap();  // f16 MMA m16n8k16 needs sm_80; the wrappers refuse older GPUs
+#endif
+}
+
+}  // namespace dg

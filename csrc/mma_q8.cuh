@@ -1,0 +1,98 @@
+// One 32 x 32 tile of Y = X W^T on int8 tensor cores (llama.cpp's MMQ idea), W rows in an integer GGML
+// format: the body of qmatmul_q8.cu (dense) and moe.cu's moe_qmatmul_q8 (experts, rows gathered by expert).
+//
+// X comes quantized by quantize_q8 (qmatmul_q8.cu): int8 q [rows, K], a float scale per 32 values
+// xd [rows, K/32] and the sum of q per 16 values xs [rows, K/16]. Per 256-wide slice of K the block stages
+// 32 rows of it and 32 rows of W in their integer form (int8 q, per-16 scale s and offset m:
+// csrc/quant/decompose.cuh); each warp runs mma.sync.m16n8k16 s8 over its 16 x 16 quarter one 16-value
+// group at a time and adds dx * (s * (q_x . q_w) + m * sum q_x) in f32. Needs sm_80: below that the tile
+// traps (the wrappers refuse older GPUs). K is a multiple of the type's block (>= 32).
+#pragma once
+#include "mma_tile.cuh"
+
+namespace dg {
+
+// Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+MMA_TN-1 (those < N). Row m of X is row
+// xrows[m] of (xq, xd, xs) when xrows is given, else row m; row m of Y is y[m * ldy].
+template <int T>
+__device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, const float * __restrict__ xd,
+                                            const int * __restrict__ xs, const int * __restrict__ xrows, int m0,
+                                            int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
+                                            float * __restrict__ y, int ldy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    constexpr int QK = Traits<T>::QK;
+    constexpr int SIZE = Traits<T>::SIZE;
+    constexpr int TM = MMA_TM, TN = MMA_TN, TK = MMA_TK, PAD = 16;  // PAD bytes: fragment loads land in different banks
+    __shared__ __align__(16) int8_t xs_q[TM][TK + PAD];
+    __shared__ __align__(16) int8_t ws_q[TN][TK + PAD];
+    __shared__ float ws_s[TN][TK / DG_GROUP], ws_m[TN][TK / DG_GROUP];
+    __shared__ float x_d[TM][TK / 32];
+    __shared__ int x_s[TM][TK / DG_GROUP];
+    __shared__ int x_row[TM];
+
+    const int tid = threadIdx.x;
+    const MmaLane p = mma_lane(tid);
+    const int wm = p.wm, wn = p.wn, g = p.g, t = p.t;
+    const long row_bytes = (long)(K / QK) * SIZE;
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+
+    if (tid < TM) x_row[tid] = m0 + tid < m_end ? (xrows ? xrows[m0 + tid] : m0 + tid) : -1;  // -1: past the tile
+    __syncthreads();
+    for (int k0 = 0; k0 < K; k0 += TK) {
+        const int tk = K - k0 < TK ? K - k0 : TK;  // a multiple of QK (>= 32)
+        const int blocks_per_row = tk / QK;
+        for (int i = tid; i < TN * blocks_per_row; i += MMA_THREADS) {
+            const int r = i / blocks_per_row, bi = i % blocks_per_row;
+            int8_t * q = &ws_q[r][bi * QK];
+            float * s = &ws_s[r][bi * QK / DG_GROUP];
+            float * m = &ws_m[r][bi * QK / DG_GROUP];
+            if (n0 + r < N) {
+                decompose_block<T>(w + (long)(n0 + r) * row_bytes + (long)(k0 / QK + bi) * SIZE, q, s, m);
+            } else {
+                for (int j = 0; j < QK; ++j) q[j] = 0;
+                for (int j = 0; j < QK / DG_GROUP; ++j) s[j] = m[j] = 0.0f;
+            }
+        }
+        for (int i = tid; i < TM * (tk / 4); i += MMA_THREADS) {  // 4 int8 at a time
+            const int r = i / (tk / 4), c = (i % (tk / 4)) * 4, row = x_row[r];
+            *reinterpret_cast<int *>(&xs_q[r][c]) = row >= 0 ? *reinterpret_cast<const int *>(&xq[(long)row * K + k0 + c]) : 0;
+        }
+        for (int i = tid; i < TM * (tk / DG_GROUP); i += MMA_THREADS) {
+            const int r = i / (tk / DG_GROUP), gq = i % (tk / DG_GROUP), row = x_row[r];
+            x_s[r][gq] = row >= 0 ? xs[(long)row * (K / DG_GROUP) + k0 / DG_GROUP + gq] : 0;
+            if ((gq & 1) == 0) x_d[r][gq / 2] = row >= 0 ? xd[(long)row * (K / 32) + k0 / 32 + gq / 2] : 0.0f;
+        }
+        __syncthreads();
+        for (int gq = 0; gq < tk / DG_GROUP; ++gq) {
+            const int c = gq * DG_GROUP + t * 4;
+            const int a0 = *reinterpret_cast<const int *>(&xs_q[wm + g][c]);
+            const int a1 = *reinterpret_cast<const int *>(&xs_q[wm + g + 8][c]);
+            const float dx0 = x_d[wm + g][gq / 2], dx1 = x_d[wm + g + 8][gq / 2];
+            const float sx0 = (float)x_s[wm + g][gq], sx1 = (float)x_s[wm + g + 8][gq];
+            for (int h = 0; h < 2; ++h) {
+                const int b0 = *reinterpret_cast<const int *>(&ws_q[wn + h * 8 + g][c]);
+                int c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+                             "{%0,%1,%2,%3};\n"
+                             : "+r"(c0), "+r"(c1), "+r"(c2), "+r"(c3)
+                             : "r"(a0), "r"(a1), "r"(b0));
+                // accumulator layout: (row g, cols 2t, 2t+1) and (row g + 8, the same cols)
+                const int n = wn + h * 8 + t * 2;
+                const float s0 = ws_s[n][gq], s1 = ws_s[n + 1][gq], o0 = ws_m[n][gq], o1 = ws_m[n + 1][gq];
+                acc[h][0] += dx0 * (s0 * (float)c0 + o0 * sx0);
+                acc[h][1] += dx0 * (s1 * (float)c1 + o1 * sx0);
+                acc[h][2] += dx1 * (s0 * (float)c2 + o0 * sx1);
+                acc[h][3] += dx1 * (s1 * (float)c3 + o1 * sx1);
+            }
+        }
+        __syncthreads();
+    }
+    mma_store(acc, p, m0, m_end, n0, N, y, ldy);
+#else
+    (void)xq; (void)xd; (void)xs; (void)xrows; (void)m0; (void)m_end; (void)w; (void)n0; (void)N; (void)K; (void)y;
+    (void)ldy;
+    __trap();  // int8 MMA m16n8k16 needs sm_80; the wrappers refuse older GPUs
+#endif
+}
+
+}  // namespace dg

@@ -1,0 +1,162 @@
+"""Which matmul kernel each quantized weight uses, chosen per GPU by timing the candidates on the model's
+own shapes (issue 5: "measure int8 MMA with q8 activations against f16 after dequant, keep the faster").
+
+The candidates (ops.MATMULS): "scalar" (float FMAs, any GPU, the kernels' reference numbers), "f16"
+(tensor cores on f16-rounded X and W) and "int8" (tensor cores on X quantized to int8 per 32 values, as
+llama.cpp's MMQ; integer GGML types). Weights of one shape class, (dense or experts, type, N, K), share a
+choice. `choose` times each usable candidate at the canvas's row count on the GPU at hand, once: the
+result is kept in a JSON cache keyed by the GPU, its compute capability, the kernels' sources and the
+row count, so later loads only read it.
+
+    plan = choose(weights, "auto", rows=256, device="cuda")   # {"experts Q4_K 1408x2816": "int8", ...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from ..model import Weights
+from . import ops
+from .loader import csrc_dir
+from .weights import QuantExperts, QuantLinear
+
+CHOICES = ("auto", *ops.MATMULS)  # what Engine.load(matmul=) and `dgemma run --matmul` take
+CACHE_ENV = "DGEMMA_CACHE"  # where the tuning cache lives (default ~/.cache/dgemma)
+TOP_K_TIMED = 8  # (token, expert) pairs per token when timing the experts: the 26B-A4B routes to 8
+
+Timer = Callable[[Callable[[], object]], float]  # seconds one call of fn takes
+
+
+def weight_objects(w: Weights) -> Iterator[QuantLinear | QuantExperts]:
+    """Every quantized matrix the model multiplies: the layers' and the self-conditioning MLP's, and the head."""
+    for lw in w.layers:
+        for f in fields(lw):
+            v = getattr(lw, f.name)
+            if isinstance(v, QuantLinear | QuantExperts):
+                yield v
+    for v in (w.sc_gate, w.sc_up, w.sc_down, w.head):
+        if isinstance(v, QuantLinear | QuantExperts):
+            yield v
+
+
+def shape_class(obj: QuantLinear | QuantExperts) -> str:
+    """'dense Q4_K 4096x2816' or 'experts Q4_K 1408x2816': the weights that share a kernel choice."""
+    kind = "experts" if isinstance(obj, QuantExperts) else "dense"
+    return f"{kind} {obj.qtype.name} {obj.n}x{obj.k}"
+
+
+def cuda_timer(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Median seconds of `repeats` calls of fn on the current stream, after one warm-up call (which also
+    compiles the kernel)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _call(obj: QuantLinear | QuantExperts, matmul: str, rows: int, device: torch.device | str) -> Callable[[], object]:
+    """One product of obj with kernel `matmul` on random activations: [rows, K] for a dense weight; for
+    experts, rows tokens x TOP_K_TIMED pairs spread evenly over the experts (gathered rows, as gate_up reads
+    them)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(rows, obj.k_in, generator=g, device=device)
+    if isinstance(obj, QuantLinear):
+        one = QuantLinear(obj.data, obj.qtype, obj.n, obj.k, obj.k_in)
+        one.matmul = matmul
+        return lambda: one(x)
+    E = obj.data.shape[0]
+    pairs = rows * TOP_K_TIMED
+    counts = torch.full((E,), pairs // E, dtype=torch.int64)
+    counts[: pairs % E] += 1
+    groups = ops.ExpertGroups(counts.to(device), device, pairs=pairs)
+    token = torch.randint(0, rows, (pairs,), generator=g, device=device, dtype=torch.int32)
+    experts = QuantExperts(obj.data, obj.qtype, obj.n, obj.k, obj.k_in)
+    experts.matmul = matmul
+    return lambda: experts(x, token, groups)
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dgemma") / "matmul.json"
+
+
+def _cache_key(device: torch.device | str, capability: tuple[int, int], rows: int) -> str:
+    """The GPU, its compute capability, the kernels' sources and the row count: what a choice depends on."""
+    h = hashlib.sha256()
+    for p in sorted(csrc_dir().rglob("*.cu*")):
+        h.update(p.name.encode() + p.read_bytes())
+    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
+    return f"{name} sm_{capability[0]}{capability[1]} csrc:{h.hexdigest()[:16]} rows:{rows}"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):  # missing or damaged: tune again and rewrite it
+        return {}
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the choice is made again next time
+        pass
+
+
+def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torch.device | str = "cuda",
+           capability: tuple[int, int] | None = None, timer: Timer | None = None,
+           cache: Path | None | bool = True) -> dict[str, str]:
+    """Set every quantized weight's `matmul` and return {shape class: kernel}.
+
+    choice: a kernel name (ops.MATMULS) for every weight that can use it (the others keep "scalar"), or
+    "auto": per shape class, the fastest usable kernel at `rows` rows by `timer` (cuda_timer). cache: True
+    for the default file (DGEMMA_CACHE or ~/.cache/dgemma/matmul.json), a path, or False."""
+    if choice not in CHOICES:
+        raise ValueError(f"matmul '{choice}' is not available (have: {', '.join(CHOICES)})")
+    capability = capability or torch.cuda.get_device_capability(device)
+    classes: dict[str, list[QuantLinear | QuantExperts]] = {}
+    for obj in weight_objects(weights):
+        classes.setdefault(shape_class(obj), []).append(obj)
+
+    def candidates(obj) -> list[str]:
+        return [m for m in ops.MATMULS if ops.usable(m, obj.qtype, obj.k, capability)]
+
+    if choice != "auto":
+        plan = {c: (choice if choice in candidates(objs[0]) else "scalar") for c, objs in classes.items()}
+    else:
+        path = None if cache is False else (_cache_path() if cache is True else Path(cache))
+        key = _cache_key(device, capability, rows)
+        stored = _read_cache(path) if path else {}
+        known = stored.get(key, {}) if isinstance(stored.get(key), dict) else {}
+        plan = {}
+        for c, objs in classes.items():
+            usable = candidates(objs[0])
+            if known.get(c) in usable or len(usable) == 1:
+                plan[c] = known[c] if known.get(c) in usable else usable[0]
+                continue
+            timer = timer or cuda_timer
+            times = {m: timer(_call(objs[0], m, rows, device)) for m in usable}
+            plan[c] = min(usable, key=lambda m: (times[m], usable.index(m)))  # ties: the simpler kernel
+        if path and plan != known:
+            stored[key] = {**known, **plan}
+            _write_cache(path, stored)
+    for c, objs in classes.items():
+        for obj in objs:
+            obj.matmul = plan[c]
+    return plan

@@ -1,0 +1,150 @@
+"""plugin/cuda/tune.py on the CPU: which matmul kernel each quantized weight gets, with the csrc kernels
+replaced by their references (tests/test_cuda_kernels.py compares those with the kernels on a GPU) and a
+timer that reports preset times for whichever kernel the timed call ran. What it says about speed comes
+from a GPU (bench/step_gpu.py); this checks the choosing, the cache and the dispatch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from dgemma.plugin.cuda import ops, tune
+from dgemma.plugin.cuda.weights import QuantLinear, load_cuda_weights
+from dgemma.plugin.default_model import ensure_default_model
+from dgemma.plugin.engine import Engine, EngineError
+from dgemma.plugin.inspect import open_gguf
+from dgemma.plugin.model import DiffusionGemma, KVCache
+
+
+AMPERE, TURING = (8, 0), (7, 5)
+
+
+@pytest.fixture(scope="module")
+def default_gguf(tmp_path_factory):
+    return ensure_default_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture()
+def ran(monkeypatch):
+    """The kernels as their references, recording which kernel ran: ran[-1] after a call."""
+    calls: list[str] = []
+    for kernel, names in ops.MATMULS.items():
+        for name in names:
+            ref = getattr(ops, f"{name}_reference")
+            monkeypatch.setattr(ops, name, lambda *a, _ref=ref, _k=kernel, **kw: (calls.append(_k), _ref(*a, **kw))[1])
+    monkeypatch.setattr(ops, "get_rows", ops.get_rows_reference)
+    return calls
+
+
+def preset_timer(ran: list[str], times: dict[str, float]):
+    """A timer that runs the call once and reports the preset time of the kernel it ran."""
+    timed: list[str] = []
+
+    def timer(fn) -> float:
+        before = len(ran)
+        fn()
+        kernels = set(ran[before:])
+        assert len(kernels) == 1, f"one timed call ran {kernels}"
+        timed.append(kernels.pop())
+        return times[timed[-1]]
+
+    timer.timed = timed
+    return timer
+
+
+def weights(path):
+    cfg = Engine.load(path).cfg
+    return load_cuda_weights(open_gguf(path), cfg, path, device="cpu"), cfg
+
+
+def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gguf, ran, tmp_path):
+    w, cfg = weights(default_gguf)
+    f16 = torch.from_numpy(np.random.default_rng(0).standard_normal((cfg.vocab_size, cfg.n_embd)).astype(np.float16))
+    w.head = QuantLinear(f16.view(torch.uint8).view(cfg.vocab_size, -1), Q.F16, cfg.vocab_size, cfg.n_embd)
+    cache = tmp_path / "matmul.json"
+    timer = preset_timer(ran, {"scalar": 3.0, "f16": 2.0, "int8": 1.0})
+    plan = tune.choose(w, "auto", rows=16, device="cpu", capability=AMPERE, timer=timer, cache=cache)
+    classes = {tune.shape_class(o) for o in tune.weight_objects(w)}
+    assert set(plan) == classes and len(classes) == 7
+    head = f"dense F16 {cfg.vocab_size}x{cfg.n_embd}"
+    assert plan[head] == "f16"  # a float type has no integer form
+    assert all(k == "int8" for c, k in plan.items() if c != head)
+    assert all(o.matmul == plan[tune.shape_class(o)] for o in tune.weight_objects(w))
+    assert sorted(timer.timed) == sorted(["scalar", "f16", "int8"] * 6 + ["scalar", "f16"])  # each usable once
+    assert {"dense", "experts"} == {c.split()[0] for c in plan}
+    stored = json.loads(cache.read_text())
+    assert list(stored.values()) == [plan]
+    # a second load reads the cache: nothing is timed
+    w2, _ = weights(default_gguf)
+    w2.head = w.head
+    never = preset_timer(ran, {})
+    assert tune.choose(w2, "auto", rows=16, device="cpu", capability=AMPERE, timer=never, cache=cache) == plan
+    assert never.timed == []
+    # another row count is another key: timed again, the first kept
+    faster_scalar = preset_timer(ran, {"scalar": 0.5, "f16": 2.0, "int8": 1.0})
+    plan32 = tune.choose(w2, "auto", rows=32, device="cpu", capability=AMPERE, timer=faster_scalar, cache=cache)
+    assert set(plan32.values()) == {"scalar"} and len(json.loads(cache.read_text())) == 2
+
+
+def test_auto_on_a_gpu_without_tensor_cores_times_nothing(default_gguf, ran, tmp_path):
+    w, _ = weights(default_gguf)
+    timer = preset_timer(ran, {})
+    plan = tune.choose(w, "auto", rows=16, device="cpu", capability=TURING, timer=timer, cache=tmp_path / "m.json")
+    assert set(plan.values()) == {"scalar"} and timer.timed == []
+
+
+def test_a_damaged_cache_is_tuned_again_and_rewritten(default_gguf, ran, tmp_path):
+    w, _ = weights(default_gguf)
+    cache = tmp_path / "matmul.json"
+    for damaged in ("{not json", "[1, 2]", json.dumps({"x": 1})):
+        cache.write_text(damaged)
+        timer = preset_timer(ran, {"scalar": 1.0, "f16": 2.0, "int8": 3.0})
+        plan = tune.choose(w, "auto", rows=16, device="cpu", capability=AMPERE, timer=timer, cache=cache)
+        assert set(plan.values()) == {"scalar"} and len(timer.timed) == 3 * len(plan)
+        assert plan in json.loads(cache.read_text()).values()
+    bad_entry = {k: {c: "no-such-kernel" for c in plan} for k in json.loads(cache.read_text())}
+    cache.write_text(json.dumps(bad_entry))  # a kernel name not usable here is timed again
+    timer = preset_timer(ran, {"scalar": 1.0, "f16": 2.0, "int8": 3.0})
+    assert tune.choose(w, "auto", rows=16, device="cpu", capability=AMPERE, timer=timer, cache=cache) == plan
+    assert len(timer.timed) == 3 * len(plan)
+
+
+def test_a_named_kernel_goes_where_it_can(default_gguf, ran):
+    w, _ = weights(default_gguf)
+    assert set(tune.choose(w, "int8", device="cpu", capability=AMPERE, cache=False).values()) == {"int8"}
+    assert set(tune.choose(w, "int8", device="cpu", capability=TURING, cache=False).values()) == {"scalar"}
+    with pytest.raises(ValueError, match="matmul 'fp8' is not available"):
+        tune.choose(w, "fp8", device="cpu", capability=AMPERE)
+
+
+@pytest.mark.parametrize("kernel,low,high", [("scalar", 0.0, 1e-4), ("f16", 1e-4, 0.05), ("int8", 1e-2, 0.5)])
+def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran, kernel, low, high):
+    """The dispatch: every weight runs the chosen kernel (here its reference), and the logits move by what its
+    rounding allows. Measured on the default model (max |logit| 12): scalar 6e-6, f16 (X and W rounded to f16)
+    0.005, int8 (X quantized per 32 values) 0.15, KL(T=1) 5e-4, the same argmax."""
+    ref = Engine.load(default_gguf)
+    w, cfg = weights(default_gguf)
+    tune.choose(w, kernel, device="cpu", capability=AMPERE, cache=False)
+    model = DiffusionGemma(cfg, w)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, cfg.vocab_size, (1, 30), generator=g)
+    canvas = torch.randint(3, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
+    c1, c2 = KVCache(), KVCache()
+    ref.model.encode(prompt, c1)
+    del ran[:]
+    model.encode(prompt, c2)
+    a, b = ref.model.decode(canvas, c1), model.decode(canvas, c2)
+    assert set(ran) == {kernel}
+    diff = float((a - b).abs().max())
+    assert low <= diff < high
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_matmul_is_a_cuda_backend_choice(default_gguf):
+    with pytest.raises(EngineError, match="applies to the cuda backend only"):
+        Engine.load(default_gguf, matmul="int8")
+    assert Engine.load(default_gguf).matmul == {}
