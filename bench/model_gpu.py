@@ -69,12 +69,18 @@ def float_weights(w: Weights, device: str) -> Weights:
                    head=None)
 
 
-def fused_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, seed: int = 1):
-    """A callable running one pass as Engine does with rng="counter" (engine._fused_steps: decode_stats, then
-    accept/re-noise), each call the next pass."""
+def fused_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, seed: int = 1, graphs: bool = False):
+    """A callable running one pass as Engine does with rng="counter" (engine._fused_steps: the decoder pass,
+    replayed from a CUDA graph when `graphs` (plugin/cuda/graph.py), the fused head, then accept/re-noise),
+    each call the next pass. With graphs the first three calls run eagerly, warm up, then capture."""
     from dgemma.plugin.engine import _fused_steps
 
-    steps = _fused_steps(model, cache, model.cfg.vocab_size, seed, canvas.device)
+    decode = None
+    if graphs:
+        from dgemma.plugin.cuda.graph import GraphedDecoder
+
+        decode = GraphedDecoder(model, cache)
+    steps = _fused_steps(model, cache, model.cfg.vocab_size, seed, canvas.device, decode)
     state = {"canvas": canvas, "sc": None}
     t = torch.tensor(0.6)
 
@@ -83,6 +89,11 @@ def fused_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, seed
         state["canvas"], _ = steps.accept_renoise(state["canvas"], out, 0.1)
         state["sc"] = out.sc
 
+    if graphs:
+        for _ in range(3):
+            step()
+        sync(canvas.device)
+        step.graphed = decode
     return step
 
 
@@ -105,8 +116,9 @@ def logits_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor):
 
 
 def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps: int, fused: bool,
-            prompts: tuple[int, ...] = (512, 4096)) -> dict:
-    """Prefill, per-step time, rates and peak memory of one backend's weights."""
+            prompts: tuple[int, ...] = (512, 4096), graphs: bool = False, peak: bool = True) -> dict:
+    """Prefill, per-step time, rates and peak memory (peak: at 8K context) of one backend's weights; graphs:
+    the fused pass's decoder replayed from a CUDA graph."""
     model = DiffusionGemma(cfg, w)
     kv = torch.float16 if fused else None  # each backend's default KV cache (Engine.load's kv_cache)
     g = torch.Generator(device=device).manual_seed(0)
@@ -118,18 +130,24 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
         out[f"prefill_{n}_ms"] = timed(lambda: model.encode(tokens[:, :n], KVCache(dtype=kv)), device, warmup=j == 0)
     cache = KVCache(dtype=kv)
     model.encode(tokens[:, : prompts[0]], cache)
-    make = fused_step if fused else logits_step
-    out["step_ms"] = timed(make(model, cache, canvas), device, steps)
+    step = fused_step(model, cache, canvas, graphs=graphs) if fused else logits_step(model, cache, canvas)
+    out["step_ms"] = timed(step, device, steps)
+    graphed = getattr(step, "graphed", None)
+    if graphed is not None:
+        out["graph"] = f"{graphed.replays} replays" if graphed.fallback is None else f"eager: {graphed.fallback}"
+    step = None
     flop = cfg.decode_flops_per_token * cfg.canvas_length
     out["TFLOP/s"] = flop / out["step_ms"] / 1e9
     out["GB/s"] = wbytes / out["step_ms"] / 1e6  # every expert is touched at canvas 256
     out["tokens/s"] = cfg.canvas_length / (STEPS_PER_CANVAS * out["step_ms"] / 1e3)
+    if not peak:
+        return out
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cache = KVCache(dtype=kv)
     for _ in range(2):  # 2 x 4096: 8K context
         model.encode(tokens[:, : prompts[-1]], cache)
-    make(model, cache, canvas)()
+    (fused_step(model, cache, canvas) if fused else logits_step(model, cache, canvas))()
     sync(device)
     if device.type == "cuda":
         out["peak_8k_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -144,6 +162,8 @@ def report(r: dict, base: dict | None) -> str:
     line = (f"{r['name']:<26} weights {r['weights_GB']:.2f} GB | step {r['step_ms']:.1f} ms, {rates} | "
             f"{r['tokens/s']:.0f} tokens/s at {STEPS_PER_CANVAS} steps | prefill "
             + ", ".join(f"{k.split('_')[1]}: {v:.0f} ms" for k, v in r.items() if k.startswith("prefill_")))
+    if "graph" in r:
+        line += f" | CUDA graph: {r['graph']}"
     if "peak_8k_GiB" in r:
         line += f" | peak VRAM at 8K: {r['peak_8k_GiB']:.2f} GiB"
     if base is not None:
@@ -157,8 +177,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed denoising steps per plan")
     ap.add_argument("--config", default=str(CONFIG_26B), help="a checkpoint folder or config.json folder")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch backend (float32 weights)")
-    ap.add_argument("--matmuls", default="auto", help="matmul kernels to measure per plan, comma-separated: auto "
-                    "(the engine's default: the fastest per weight shape, plugin/cuda/tune.py), scalar, f16, int8")
+    ap.add_argument("--matmuls", default="auto", help="matmul kernels to measure, comma-separated: auto (the "
+                    "engine's default: the fastest per weight shape, plugin/cuda/tune.py), scalar, f16, int8; the "
+                    "first for every plan, the others (step time only) for the first plan")
+    ap.add_argument("--eager", action="store_true", help="also measure the first plan's step without CUDA graphs")
     args = ap.parse_args()
     from dgemma.plugin.cuda import check_cuda
     from dgemma.plugin.cuda.tune import choose
@@ -174,10 +196,14 @@ def main() -> None:
     results = []
     for plan in args.plans.split(","):
         w = cuda_weights(SyntheticTensors(plan_rows(args.config, plan)), cfg, device="cuda")
-        for matmul in args.matmuls.split(","):
+        variants = [(m, True) for m in args.matmuls.split(",")] + ([(args.matmuls.split(",")[0], False)] if args.eager else [])
+        for j, (matmul, graphs) in enumerate(variants if not results else variants[:1]):
             kernels = choose(w, matmul, rows=cfg.canvas_length, cache=False)
             print(f"matmul {matmul}: " + ", ".join(f"{c}: {k}" for c, k in sorted(kernels.items())), flush=True)
-            results.append(measure(f"cuda {plan} {matmul}", cfg, w, dev, args.steps, fused=True))
+            name = f"cuda {plan} {matmul}{'' if graphs else ' eager'}"
+            full = j == 0  # prefill and peak VRAM once per plan
+            results.append(measure(name, cfg, w, dev, args.steps, fused=True, graphs=graphs,
+                                   prompts=(512, 4096) if full else (512,), peak=full))
             print(report(results[-1], None), flush=True)
         if base is None and not args.no_torch:
             params = sum(math.prod(m.shape) for m in _matrices(w))

@@ -100,7 +100,8 @@ Event = TextEvent | DoneEvent
 
 class Engine:
     def __init__(self, path: Path, cfg: ModelConfig, tokenizer: Tokenizer, model: DiffusionGemma, load_ns: int,
-                 device: torch.device | None = None, rng: str = "torch", kv_cache: str = "f32") -> None:
+                 device: torch.device | None = None, rng: str = "torch", kv_cache: str = "f32",
+                 graphs: bool = False) -> None:
         _check_choices(rng=(rng, RNGS), kv_cache=(kv_cache, KV_DTYPES))
         self.kv_dtype = KV_DTYPES[kv_cache]
         self.path, self.cfg, self.tokenizer, self.model, self.load_duration = path, cfg, tokenizer, model, load_ns
@@ -109,10 +110,12 @@ class Engine:
         self.decode_step = FastDecoder(model).decode if FastDecoder.supports(model) else model.decode
         self._lock = threading.Lock()  # one generation at a time per engine
         self.matmul: dict[str, str] = {}  # cuda backend: {weight shape class: matmul kernel} (plugin/cuda/tune.py)
+        self.graphs = graphs  # replay the decoder pass from a CUDA graph (plugin/cuda/graph.py; fused path only)
+        self.graphed = None  # the last generation's GraphedDecoder (its captures, replays, fallback)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "torch", device: str | None = None, rng: str | None = None,
-             kv_cache: str | None = None, matmul: str | None = None) -> "Engine":
+             kv_cache: str | None = None, matmul: str | None = None, graphs: bool | None = None) -> "Engine":
         """backend "torch": the reference (float32 weights, CPU or a CUDA device); "cuda": weights stay
         quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU). rng: the sampler's
         draws, "torch" (transformers' order, the torch backend's default) or "counter" (the cuda backend's,
@@ -120,10 +123,13 @@ class Engine:
         (the torch backend's default, transformers' numbers) or "f16" (the cuda backend's: half the VRAM).
         matmul (cuda backend): the quantized matmul kernel, "auto" (the default: per weight shape, the fastest
         on this GPU, timed once and cached; plugin/cuda/tune.py), "scalar" (float FMAs: the torch backend's
-        numbers up to float rounding), "f16" or "int8" (tensor cores, compute capability 8.0)."""
+        numbers up to float rounding), "f16" or "int8" (tensor cores, compute capability 8.0). graphs (cuda
+        backend, default True): with rng "counter", each canvas's decoder pass is captured once into a CUDA
+        graph and replayed (plugin/cuda/graph.py); False launches its kernels one by one."""
         _check_choices(backend=(backend, BACKENDS))
-        if matmul is not None and backend != "cuda":
-            raise EngineError(f"matmul '{matmul}' applies to the cuda backend only (backend is '{backend}')")
+        for name, value in (("matmul", matmul), ("graphs", graphs or None)):  # graphs=False is what the others do
+            if value is not None and backend != "cuda":
+                raise EngineError(f"{name}={value!r} applies to the cuda backend only (backend is '{backend}')")
         if backend == "cuda":
             matmul = matmul or "auto"
             _check_choices(matmul=(matmul, MATMULS))
@@ -159,7 +165,8 @@ class Engine:
             model = DiffusionGemma(cfg, weights)
         except ValueError as e:  # InspectError and friends
             raise EngineError(str(e)) from None
-        engine = cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng, kv_cache)
+        engine = cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng, kv_cache,
+                     graphs=backend == "cuda" and graphs is not False)
         engine.matmul = plan
         return engine
 
@@ -194,7 +201,12 @@ class Engine:
         """The sampler's backend for one generation (plugin/sampler.py)."""
         dev, V, counter_seed = self.device, self.cfg.vocab_size, seed % 2**64
         if self.rng == "counter" and hasattr(self.model.w.head, "stats"):
-            return _fused_steps(self.model, cache, V, counter_seed, dev)
+            decode = None
+            if self.graphs:
+                from .cuda.graph import GraphedDecoder
+
+                decode = self.graphed = GraphedDecoder(self.model, cache)
+            return _fused_steps(self.model, cache, V, counter_seed, dev, decode)
 
         def decode(canvas: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
             # the sampler runs on the CPU, so every backend draws the same numbers
@@ -284,14 +296,18 @@ class Engine:
         )
 
 
-def _fused_steps(model: DiffusionGemma, cache: KVCache, vocab_size: int, seed: int, device: torch.device) -> Steps:
+def _fused_steps(model: DiffusionGemma, cache: KVCache, vocab_size: int, seed: int, device: torch.device,
+                 decode: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None) -> Steps:
     """Counter-based steps where the head is a backend object with `stats` (the cuda backend): the head
     kernel gives argmax, entropy, sample and softmax @ E, and csrc/accept.cu accepts and re-noises on the
-    device; the [C, V] logits are never formed."""
+    device; the [C, V] logits are never formed. decode(canvas, soft): the decoder pass (default
+    model.decode_hidden on `cache`; the engine passes a GraphedDecoder)."""
     from .cuda import ops
 
+    decode = decode or (lambda canvas, soft: model.decode_hidden(canvas, cache, soft))
+
     def stats(canvas: torch.Tensor, soft, temperature: torch.Tensor, seed: int, index: int) -> Denoised:
-        hs = model.decode_stats(canvas, cache, soft, float(temperature), seed, index)
+        hs = model.hidden_stats(decode(canvas, soft), float(temperature), seed, index)
         return Denoised(hs.argmax[None], hs.entropy[None], hs.sample[None], hs.sc[None])  # [1, C], soft [1, C, D]
 
     return CounterSteps(stats, vocab_size, seed, ops.accept_renoise, device)

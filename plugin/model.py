@@ -95,7 +95,9 @@ def grouped_experts(x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, e
     order = torch.argsort(top_i.flatten(), stable=True)  # [N*K]
     rows = order // K
     weights = top_w.flatten()[order]
-    counts = torch.bincount(top_i.flatten(), minlength=E)  # [E]
+    flat_i = top_i.flatten()
+    counts = torch.zeros(E, dtype=torch.int64, device=flat_i.device).scatter_add_(0, flat_i, torch.ones_like(flat_i))  # [E]
+    # (not torch.bincount: on a GPU it reads the largest id back to the host, which a CUDA graph cannot hold)
     if hasattr(gate_up_exps, "grouped"):  # a backend's expert weights that run every expert in one launch
         return gate_up_exps.grouped(x, rows, weights, counts, down_exps)
     counts = counts.tolist()
@@ -374,7 +376,13 @@ class DiffusionGemma:
         argmax, lse, entropy of softcap(logits) / temperature, the Gumbel-max sample of (seed, index) and
         sc = softmax @ E [C, D], the next pass's `soft`. Plain weights: plugin/cuda/head_ref.py's full-logits
         reference. Returns plugin.cuda.head_ref.HeadStats."""
-        x = rms_norm(self.decode_hidden(canvas, cache, soft), self.w.output_norm, self.cfg.rms_eps)[0]  # [C, D]
+        return self.hidden_stats(self.decode_hidden(canvas, cache, soft), temperature, seed, index)
+
+    @torch.inference_mode()
+    def hidden_stats(self, hidden: torch.Tensor, temperature: float, seed: int, index: int):
+        """decode_stats from the last layer's output hidden [1, C, D] (decode_hidden's, or a CUDA graph's
+        replay of it: plugin/cuda/graph.py)."""
+        x = rms_norm(hidden, self.w.output_norm, self.cfg.rms_eps)[0]  # [C, D]
         if hasattr(self.w.head, "stats"):
             return self.w.head.stats(x, self.cfg.softcap, temperature, seed, index)
         from .cuda.head_ref import head_stats_reference

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cuda backend: the quantized matmul kernel, auto (the default: the fastest on this GPU per "
                         "weight shape, timed once and cached), scalar (float FMAs, the torch backend's numbers), "
                         "f16 or int8 (tensor cores, compute capability 8.0)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="cuda backend: launch the decoder's kernels one by one instead of replaying each canvas's "
+                        "pass from a CUDA graph")
 
 
 def _prompt(args: argparse.Namespace) -> str | list[Any]:
@@ -117,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         path = resolve_model(args.model)
         engine = Engine.load(path, backend=args.backend, device=args.device, rng=args.rng, kv_cache=args.kv_cache,
-                             matmul=args.matmul)
+                             matmul=args.matmul, graphs=False if args.no_graphs else None)
         prompt = _prompt(args)
         cancel = threading.Event()
         opts = GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps, raw=args.raw, cancel=cancel)

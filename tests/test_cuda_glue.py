@@ -173,3 +173,66 @@ def test_quant_embedding_rows_and_weighted_sum(kernels_as_references, monkeypatc
     torch.testing.assert_close(emb[tokens], deq[tokens], rtol=0, atol=1e-6)
     probs = torch.softmax(torch.randn(2, 3, V, generator=g), -1)
     torch.testing.assert_close(emb.weighted_sum(probs), probs @ deq, rtol=1e-5, atol=1e-6)
+
+
+class StandInGraphs:
+    """torch.cuda's graph API on the CPU for GraphedDecoder's bookkeeping: `graph()` runs its block (the
+    capture's eager pass) and remembers the decoder's buffers; replay() recomputes the output from them.
+    It says nothing about CUDA graphs themselves: tests/test_cuda_kernels.py runs the real ones."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.fail, self.decoder = fail, None
+
+    def synchronize(self) -> None:
+        pass
+
+    def CUDAGraph(self):  # noqa: N802  (torch.cuda's name)
+        api = self
+
+        class Graph:
+            def replay(self) -> None:
+                d = api.decoder
+                d.out.copy_(d.model.decode_hidden(d.canvas_in, d.cache, d.soft_in))
+
+        return Graph()
+
+    def graph(self, graph):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def capture():
+            if self.fail:
+                raise RuntimeError(self.fail + "\nmore detail")
+            yield
+
+        return capture()
+
+
+@pytest.mark.parametrize("fail", [None, "operation not permitted when stream is capturing"])
+def test_graphed_decoder_warms_up_captures_replays_and_falls_back(canvas16_gguf, kernels_as_references, fail):
+    from dgemma.plugin.cuda.graph import GraphedDecoder
+
+    ref = Engine.load(canvas16_gguf)
+    model = DiffusionGemma(ref.cfg, load_cuda_weights(open_gguf(canvas16_gguf), ref.cfg, canvas16_gguf, device="cpu"))
+    cache = KVCache()
+    g = torch.Generator().manual_seed(0)
+    model.encode(torch.randint(3, ref.cfg.vocab_size, (1, 7), generator=g), cache)
+    api = StandInGraphs(fail)
+    dec = api.decoder = GraphedDecoder(model, cache, api=api)
+    C, D = ref.cfg.canvas_length, ref.cfg.n_embd
+    for call in range(4):
+        canvas, soft = torch.randint(3, ref.cfg.vocab_size, (1, C), generator=g), torch.randn(1, C, D, generator=g)
+        if fail and call == 1:
+            with pytest.warns(RuntimeWarning, match="capture of the decoder failed, running it eagerly: operation"):
+                got = dec(canvas, soft)
+        else:
+            got = dec(canvas, soft)
+        torch.testing.assert_close(got, model.decode_hidden(canvas, cache, soft))
+        assert (dec(canvas, None) - model.decode_hidden(canvas, cache, None)).abs().max() == 0  # no soft: eager
+    assert (dec.captures, dec.replays, dec.fallback) == ((0, 0, fail) if fail else (1, 3, None))
+    if not fail:  # a grown cache: warm-up again, then a new capture
+        model.encode(canvas, cache)
+        for _ in range(2):
+            canvas, soft = torch.randint(3, ref.cfg.vocab_size, (1, C), generator=g), torch.randn(1, C, D, generator=g)
+            torch.testing.assert_close(dec(canvas, soft), model.decode_hidden(canvas, cache, soft))
+        assert (dec.captures, dec.replays) == (2, 4)

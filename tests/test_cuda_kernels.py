@@ -312,4 +312,44 @@ def test_cuda_backend_generates_the_torch_backends_tokens(ops, request, model, r
             done = list(engine.generate("Once upon a time", opts))[-1]
             assert isinstance(done, DoneEvent)
             outs.append((done.canvases, done.steps_per_canvas))
+            if backend == "cuda" and rng == "counter":  # the decoder pass was replayed from a CUDA graph
+                assert engine.graphed.fallback is None
+                assert engine.graphed.replays > 0 or max(done.steps_per_canvas) < 3
     assert outs[:2] == outs[2:]
+
+
+@pytest.mark.parametrize("model", ["default", "canvas16"])
+def test_graphed_decoder_equals_the_eager_pass(ops, request, model):
+    """plugin/cuda/graph.py: the first pass with soft and a new cache runs eagerly, the next captures and
+    replays, later ones replay; every result equals model.decode_hidden on the same inputs (up to the float
+    atomics of the experts' scatter-add), including new inputs copied into the graph's buffers, and a grown
+    cache makes a new graph."""
+    from dgemma.plugin.cuda.graph import GraphedDecoder
+    from dgemma.plugin.engine import Engine
+    from dgemma.plugin.model import KVCache
+
+    engine = Engine.load(request.getfixturevalue(f"{model}_gguf"), backend="cuda", matmul="scalar")
+    model_, cfg = engine.model, engine.cfg
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cache = KVCache(dtype=torch.float16)
+    model_.encode(torch.randint(0, cfg.vocab_size, (1, 23), device="cuda", generator=g), cache)
+    graphed = GraphedDecoder(model_, cache)
+
+    def inputs():
+        return (torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), device="cuda", generator=g),
+                torch.randn(1, cfg.canvas_length, cfg.n_embd, device="cuda", generator=g) * 0.05)
+
+    for call in range(5):
+        canvas, soft = inputs()
+        got = graphed(canvas, soft).clone()
+        want = model_.decode_hidden(canvas, cache, soft)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (graphed.captures, graphed.replays, graphed.fallback) == (1, 4, None)
+    canvas, _ = inputs()
+    torch.testing.assert_close(graphed(canvas, None), model_.decode_hidden(canvas, cache, None))  # eager
+    model_.encode(canvas, cache)  # the next canvas: the cache grew
+    for call in range(3):
+        canvas, soft = inputs()
+        torch.testing.assert_close(graphed(canvas, soft).clone(), model_.decode_hidden(canvas, cache, soft),
+                                   rtol=1e-4, atol=1e-4)
+    assert (graphed.captures, graphed.replays) == (2, 6)

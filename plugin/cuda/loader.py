@@ -50,5 +50,7 @@ def module(filename: str, name_expressions: tuple[str, ...] = ()) -> Any:
     return cupy.RawModule(code=code, options=(*NVRTC_OPTIONS, f"-I{src}"), name_expressions=name_expressions or None)
 
 
+@lru_cache(maxsize=None)
 def kernel(filename: str, name: str, name_expressions: tuple[str, ...] = ()) -> Any:
+    """A kernel of csrc/<filename>, fetched once (each launch would otherwise look it up in the module again)."""
     return module(filename, name_expressions).get_function(name)

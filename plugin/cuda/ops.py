@@ -6,6 +6,7 @@ them on odd shapes with a stated tolerance.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -29,6 +30,13 @@ INT_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizat
 _Q8_NAMES = tuple(f"dg::qmatmul_q8<{int(t)}>" for t in INT_TYPES)
 _MOE_MMA_NAMES = tuple(f"dg::moe_qmatmul_mma<{int(t)}>" for t in SUPPORTED)
 _MOE_Q8_NAMES = tuple(f"dg::moe_qmatmul_q8<{int(t)}>" for t in INT_TYPES)
+# every module the wrappers compile, as the loader compiles it: (source, name expressions, extern "C" kernels
+# fetched by their plain name); tests/test_nvrtc.py compiles each with NVRTC for the oldest and newest targets
+MODULES = (
+    ("get_rows.cu", _GET_ROWS_NAMES, ()), ("qmatmul.cu", _QMATMUL_NAMES, ()), ("qmatmul_mma.cu", _QMMA_NAMES, ()),
+    ("qmatmul_q8.cu", _Q8_NAMES, ("quantize_q8",)), ("moe.cu", _MOE_NAMES, ()), ("moe.cu", _MOE_MMA_NAMES, ()),
+    ("moe.cu", _MOE_Q8_NAMES, ()), ("accept.cu", (), ("accept_renoise",)), ("head.cu", _HEAD_NAMES, ("head_merge",)),
+)
 # the three matmul kernels (dense op, grouped-expert op), one of which each quantized weight uses
 # (plugin/cuda/tune.py picks per GPU): float FMAs, f16 tensor cores, int8 tensor cores on q8 activations
 MATMULS = {"scalar": ("qmatmul", "moe_qmatmul"), "f16": ("qmatmul_mma", "moe_qmatmul_mma"),
@@ -47,17 +55,22 @@ def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[i
     return k % 16 == 0 if matmul == "f16" else GGMLQuantizationType(qtype) in INT_TYPES
 
 
-def _cupy(t: torch.Tensor):
-    import cupy
-
-    return cupy.from_dlpack(t)
+_STREAMS: dict[int, object] = {}  # torch stream pointer -> its cupy.cuda.ExternalStream
 
 
 def _launch(fn, grid, block, args, shared_mem: int = 0) -> None:
+    """Launch fn on torch's current stream. Tensors in args go by their device pointer (the kernels take
+    raw pointers; shapes and strides travel as separate arguments): no DLPack exchange, so no stream
+    event per tensor and nothing that stops a CUDA graph capture (plugin/cuda/graph.py)."""
     import cupy
 
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-        fn(grid, block, args, shared_mem=shared_mem)
+    ptr = torch.cuda.current_stream().cuda_stream
+    stream = _STREAMS.get(ptr)
+    if stream is None:
+        stream = _STREAMS[ptr] = cupy.cuda.ExternalStream(ptr)
+    ptrs = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)  # args keeps them alive
+    with stream:
+        fn(grid, block, ptrs, shared_mem=shared_mem)
 
 
 def _dequantized(w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
@@ -104,8 +117,6 @@ def get_rows(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k
     """Rows `rows` [M] (integers in [0, N)) of W [N, row_bytes] uint8 in GGML type `qtype`, dequantized to
     float32 [M, k] (csrc/get_rows.cu): the embedding lookup from the quantized table. check: verify the
     rows are in range (a host sync); the engine passes False for ids it has checked or drawn itself."""
-    import numpy as np
-
     qtype = _check_weights("get_rows", w, qtype, k, "[N, ")
     if rows.dim() != 1 or rows.device != w.device or rows.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"get_rows: rows must be integer [M] on w's device (got {rows.dtype} {tuple(rows.shape)})")
@@ -117,7 +128,7 @@ def get_rows(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k
         if lo < 0 or hi >= w.shape[0]:
             raise ValueError(f"get_rows: row {lo if lo < 0 else hi} is outside [0, {w.shape[0]})")
     fn = kernel("get_rows.cu", f"dg::get_rows<{int(qtype)}>", _GET_ROWS_NAMES)
-    _launch(fn, (rows.shape[0],), (GET_ROWS_THREADS,), (_cupy(rows.to(torch.int32).contiguous()), _cupy(w), _cupy(y),
+    _launch(fn, (rows.shape[0],), (GET_ROWS_THREADS,), (rows.to(torch.int32).contiguous(), w, y,
                                                         np.int32(k)))
     return y
 
@@ -137,14 +148,12 @@ def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: in
 def _launch_matmul(source: str, name: str, names: tuple[str, ...], tile: int, threads: int, x: torch.Tensor,
                    w: torch.Tensor, k: int) -> torch.Tensor:
     """Y [M, N] from a (checked) matmul kernel taking (x, lda, w, y, ldy, M, N, K) on a grid of square tiles."""
-    import numpy as np
-
     m, n = x.shape[0], w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
         return y
     grid = ((n + tile - 1) // tile, (m + tile - 1) // tile)
-    _launch(kernel(source, name, names), grid, (threads,), (_cupy(x), np.int32(x.stride(0)), _cupy(w), _cupy(y),
+    _launch(kernel(source, name, names), grid, (threads,), (x, np.int32(x.stride(0)), w, y,
                                                             np.int32(n), np.int32(m), np.int32(n), np.int32(k)))
     return y
 
@@ -177,8 +186,6 @@ def _check_int(op: str, qtype: GGMLQuantizationType) -> None:
 def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x float32 [M, K] (K a multiple of 32, on a GPU) -> (int8 q [M, K], float32 scale per 32 values
     [M, K/32], int32 sum of q per 16 values [M, K/16]): d = max|x| / 127, q = rint(x / d) (csrc/qmatmul_q8.cu)."""
-    import numpy as np
-
     if not x.is_cuda or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] % 32 or x.stride(1) != 1:
         raise ValueError(f"quantize_q8: x must be CUDA float32 [M, K] with K a multiple of 32 and unit stride in K "
                          f"(got {x.dtype} {tuple(x.shape)} on {x.device})")
@@ -190,7 +197,7 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     if blocks:
         warps = MMA_THREADS // 32
         _launch(kernel("qmatmul_q8.cu", "quantize_q8", _Q8_NAMES), ((blocks + warps - 1) // warps,), (MMA_THREADS,),
-                (_cupy(x), np.int32(x.stride(0)), np.int32(m), np.int32(k), _cupy(xq), _cupy(xd), _cupy(xs)))
+                (x, np.int32(x.stride(0)), np.int32(m), np.int32(k), xq, xd, xs))
     return xq, xd, xs
 
 
@@ -210,8 +217,6 @@ def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k:
     """qmatmul on int8 tensor cores (csrc/qmatmul_q8.cu, compute capability >= 8.0, integer GGML types):
     X quantized to int8 per 32 values (quantize_q8), W in its integer form (int8, per-16 scale and offset),
     integer dot products per 16 values, scaled and summed in f32."""
-    import numpy as np
-
     qtype = _check_matmul("qmatmul_q8", x, w, qtype, k, "[N, ")
     _check_int("qmatmul_q8", qtype)
     _check_mma("qmatmul_q8", x)
@@ -222,7 +227,7 @@ def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k:
     xq, xd, xs = quantize_q8(x)
     grid = ((n + MMA_TILE - 1) // MMA_TILE, (m + MMA_TILE - 1) // MMA_TILE)
     _launch(kernel("qmatmul_q8.cu", f"dg::qmatmul_q8<{int(qtype)}>", _Q8_NAMES), grid, (MMA_THREADS,),
-            (_cupy(xq), _cupy(xd), _cupy(xs), _cupy(w), _cupy(y), np.int32(n), np.int32(m), np.int32(n), np.int32(k)))
+            (xq, xd, xs, w, y, np.int32(n), np.int32(m), np.int32(n), np.int32(k)))
     return y
 
 
@@ -311,8 +316,6 @@ def _launch_moe(name: str, names: tuple[str, ...], tile: int, threads: int, xarg
                 groups: ExpertGroups, w: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
     """Y [P, N] from a moe.cu kernel taking (*xargs, xrows, offsets, tile_offsets, E, w, expert_bytes, y, ldy,
     N, K) on a grid of `tile`-square tiles."""
-    import numpy as np
-
     n = w.shape[1]
     y = torch.empty(groups.pairs, n, dtype=torch.float32, device=device)
     if groups.pairs == 0 or n == 0:
@@ -320,8 +323,8 @@ def _launch_moe(name: str, names: tuple[str, ...], tile: int, threads: int, xarg
     tile_offsets, max_tiles = groups.tiles(tile)
     grid = ((n + tile - 1) // tile, max_tiles)
     _launch(kernel("moe.cu", name, names), grid, (threads,),
-            (*xargs, _cupy(rows), _cupy(groups.offsets), _cupy(tile_offsets), np.int32(w.shape[0]), _cupy(w),
-             np.int64(w.stride(0)), _cupy(y), np.int32(n), np.int32(n), np.int32(k)))
+            (*xargs, rows, groups.offsets, tile_offsets, np.int32(w.shape[0]), w,
+             np.int64(w.stride(0)), y, np.int32(n), np.int32(n), np.int32(k)))
     return y
 
 
@@ -330,23 +333,19 @@ def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups
     """The grouped expert GEMM (csrc/moe.cu): pair m (grouped by expert, `groups`) reads x[rows[m]] (rows:
     int32 [P]) or x[m] (rows None) and multiplies it by its expert's matrix: w is [E, N, row_bytes] uint8
     in GGML type `qtype` for rows of k. Returns [P, N] float32."""
-    import numpy as np
-
     qtype, rows = _check_moe("moe_qmatmul", x, rows, groups, w, qtype, k)
     return _launch_moe(f"dg::moe_qmatmul<{int(qtype)}>", _MOE_NAMES, MM_TILE, MM_THREADS,
-                       (_cupy(x), np.int32(x.stride(0))), rows, groups, w, k, x.device)
+                       (x, np.int32(x.stride(0))), rows, groups, w, k, x.device)
 
 
 def moe_qmatmul_mma(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
                     qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     """moe_qmatmul on f16 tensor cores (compute capability >= 8.0): X and the dequantized W rounded to f16,
     as qmatmul_mma."""
-    import numpy as np
-
     qtype, rows = _check_moe("moe_qmatmul_mma", x, rows, groups, w, qtype, k)
     _check_mma("moe_qmatmul_mma", x, k)
     return _launch_moe(f"dg::moe_qmatmul_mma<{int(qtype)}>", _MOE_MMA_NAMES, MMA_TILE, MMA_THREADS,
-                       (_cupy(x), np.int32(x.stride(0))), rows, groups, w, k, x.device)
+                       (x, np.int32(x.stride(0))), rows, groups, w, k, x.device)
 
 
 def moe_qmatmul_q8(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
@@ -360,7 +359,7 @@ def moe_qmatmul_q8(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGro
         return torch.empty(groups.pairs, w.shape[1], dtype=torch.float32, device=x.device)
     xq, xd, xs = quantize_q8(x)
     return _launch_moe(f"dg::moe_qmatmul_q8<{int(qtype)}>", _MOE_Q8_NAMES, MMA_TILE, MMA_THREADS,
-                       (_cupy(xq), _cupy(xd), _cupy(xs)), rows, groups, w, k, x.device)
+                       (xq, xd, xs), rows, groups, w, k, x.device)
 
 
 def _expert_by_expert(xs: torch.Tensor, groups: ExpertGroups, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
@@ -399,8 +398,6 @@ def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, ste
     """[B, C] entropies and denoised tokens -> (next canvas [B, C] int32, accepted [B, C] bool): the
     lowest-entropy tokens within the bound are kept, the others re-drawn from the counter-based stream
     (plugin.rng.sampler_tokens(seed, step, b*C + i, vocab, RENOISE)) inside the kernel (csrc/accept.cu)."""
-    import numpy as np
-
     if entropy.dim() != 2 or entropy.shape[1] > 1024:
         raise ValueError(f"accept_renoise: entropy must be [B, C<=1024] (got {tuple(entropy.shape)})")
     if denoised.shape != entropy.shape or denoised.device != entropy.device or not entropy.is_cuda:
@@ -415,7 +412,7 @@ def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, ste
     if b * c == 0:
         return nxt, acc.bool()
     fn = kernel("accept.cu", "accept_renoise")
-    _launch(fn, (b,), (min(1024, max(32, c)),), (_cupy(ent), _cupy(den), _cupy(nxt), _cupy(acc), np.int32(c),
+    _launch(fn, (b,), (min(1024, max(32, c)),), (ent, den, nxt, acc, np.int32(c),
                                                  np.float32(bound), np.uint64(seed), np.int32(step), np.int32(vocab)))
     return nxt, acc.bool()
 
@@ -435,8 +432,6 @@ def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType
     Gumbel-max sample drawn with (seed, step) (csrc/philox.cuh), for h [L, D] float32 and the head E as
     GGML rows [V, row_bytes] uint8 (csrc/head.cu; the [L, V] logits are never formed). Returns
     plugin.cuda.head_ref.HeadStats; head_stats_reference is its reference."""
-    import numpy as np
-
     from .head_ref import HeadStats
 
     if h.dim() != 2 or not 1 <= h.shape[1] <= HEAD_MAX_D:
@@ -465,13 +460,13 @@ def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType
     f32 = np.float32
     part = kernel("head.cu", f"dg::head_partials<{int(qtype)}>", _HEAD_NAMES)
     _launch(part, (S, (L + HEAD_L - 1) // HEAD_L), (HEAD_THREADS,),
-            (_cupy(h), np.int32(L), np.int32(D), _cupy(embed), np.int32(V), np.int32(rows), f32(softcap),
-             f32(1.0 / temperature), np.uint64(seed), np.int32(step), _cupy(mst), _cupy(arg), _cupy(gmax), _cupy(gidx),
-             _cupy(acc)), shared_mem=D * 4)
+            (h, np.int32(L), np.int32(D), embed, np.int32(V), np.int32(rows), f32(softcap),
+             f32(1.0 / temperature), np.uint64(seed), np.int32(step), mst, arg, gmax, gidx,
+             acc), shared_mem=D * 4)
     merge = kernel("head.cu", "head_merge", _HEAD_NAMES)
-    _launch(merge, (L,), (HEAD_THREADS,), (_cupy(mst), _cupy(arg), _cupy(gmax), _cupy(gidx), _cupy(acc), np.int32(S),
-                                           np.int32(L), np.int32(D), _cupy(out.max), _cupy(out.argmax), _cupy(out.lse),
-                                           _cupy(out.entropy), _cupy(out.sample), _cupy(out.sc)))
+    _launch(merge, (L,), (HEAD_THREADS,), (mst, arg, gmax, gidx, acc, np.int32(S),
+                                           np.int32(L), np.int32(D), out.max, out.argmax, out.lse,
+                                           out.entropy, out.sample, out.sc))
     out.argmax, out.sample = out.argmax.long(), out.sample.long()
     return out
 

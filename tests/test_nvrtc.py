@@ -1,0 +1,83 @@
+"""The kernels as the cuda backend compiles them at run time: NVRTC (the nvidia-cuda-nvrtc wheel, a dev
+dependency; no GPU needed) with the loader's options and every name expression the wrappers ask for
+(ops.MODULES), for the oldest and the newest target. nvcc (tests/test_csrc.py) compiles them another way,
+with the C library and a host pass, so this is the check that the run-time path compiles: a template
+NVRTC cannot instantiate, a header it lacks, a kernel the wrappers fetch that the module does not export."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import pytest
+
+from dgemma.plugin.cuda import ops
+from dgemma.plugin.cuda.loader import NVRTC_OPTIONS, csrc_dir
+
+ARCHS = ("compute_75", "compute_90")  # the loader's minimum (tensor-core kernels compile to a trap) and Hopper
+
+
+def _nvrtc() -> ctypes.CDLL | None:
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        lib = Path(root) / "cu13" / "lib"
+        if (lib / "libnvrtc.so.13").exists():
+            ctypes.CDLL(str(lib / "libnvrtc-builtins.so.13.0"), mode=os.RTLD_GLOBAL | getattr(os, "RTLD_NOW", 2))
+            return ctypes.CDLL(str(lib / "libnvrtc.so.13"))
+    return None
+
+
+NVRTC = _nvrtc()
+pytestmark = pytest.mark.skipif(NVRTC is None, reason="no NVRTC (pip install nvidia-cuda-nvrtc, in the dev extra)")
+
+
+def compile_ptx(source: str, names: tuple[str, ...], arch: str) -> tuple[str, dict[str, str]]:
+    """NVRTC's PTX for csrc/<source> and the lowered name of each name expression; AssertionError with
+    NVRTC's log when it fails."""
+    lib, c = NVRTC, ctypes
+    prog = c.c_void_p()
+    code = (csrc_dir() / source).read_bytes()
+    assert lib.nvrtcCreateProgram(c.byref(prog), code, source.encode(), 0, None, None) == 0
+    try:
+        for n in names:
+            assert lib.nvrtcAddNameExpression(prog, n.encode()) == 0
+        opts = [o.encode() for o in (*NVRTC_OPTIONS, f"-I{csrc_dir()}", f"-arch={arch}")]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (c.c_char_p * len(opts))(*opts))
+        size = c.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, c.byref(size))
+        log = c.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        assert rc == 0, f"NVRTC failed on {source} for {arch}:\n{log.value.decode()[:4000]}"
+        lowered = {}
+        for n in names:
+            out = c.c_char_p()
+            assert lib.nvrtcGetLoweredName(prog, n.encode(), c.byref(out)) == 0, n
+            lowered[n] = out.value.decode()
+        lib.nvrtcGetPTXSize(prog, c.byref(size))
+        ptx = c.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        return ptx.value.decode(), lowered
+    finally:
+        lib.nvrtcDestroyProgram(c.byref(prog))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source,names,plain", ops.MODULES, ids=lambda v: v if isinstance(v, str) else "")
+def test_runtime_compile_of_every_kernel_the_wrappers_launch(source, names, plain, arch):
+    ptx, lowered = compile_ptx(source, names, arch)
+    for name in (*lowered.values(), *plain):
+        assert f".entry {name}(" in ptx, f"{source}: no kernel {name} in the PTX for {arch}"
+
+
+def test_every_kernel_call_in_the_wrappers_is_listed():
+    """ops.MODULES is what the wrappers compile: each kernel(...) call's source appears in it."""
+    import re
+
+    text = Path(ops.__file__).read_text()
+    called = set(re.findall(r'kernel\("([a-z_0-9]+\.cu)"', text)) | set(re.findall(r'_launch_matmul\("([a-z_0-9]+\.cu)"', text))
+    assert called and called <= {m[0] for m in ops.MODULES}
+    assert {m[0] for m in ops.MODULES} == {p.name for p in csrc_dir().glob("*.cu")}  # every kernel file is launched
