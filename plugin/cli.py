@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve(ServerConfig(host=args.host, port=args.port, models=Path(args.models) if args.models else None,
                            api_key=args.api_key, insecure=args.insecure, upstream=args.upstream,
                            upstream_openai=args.upstream_openai, upstream_openai_key=args.upstream_openai_key,
-                           keep_alive=keep))
+                           keep_alive=keep, backend=args.backend))
     except (ApiError, ValueError) as e:
         return _fail(getattr(e, "message", str(e)))
     return 0
@@ -180,6 +180,7 @@ def cmd_quant_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from dgemma.convert.writer import OUTPUT_TYPES
 
+    from .engine import BACKEND_CHOICES
     from .run import add_arguments as add_run_arguments
 
     p = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma locally: convert, inspect, run, serve.")
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an OpenAI-compatible server (e.g. vLLM at http://host:8000/v1) merged into /v1")
     sv.add_argument("--upstream-openai-key", metavar="KEY", help="API key for --upstream-openai")
     sv.add_argument("--keep-alive", default="5m", help="how long an idle model stays loaded (default 5m; -1: forever)")
+    sv.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                    help="auto (the default: the cuda backend where CuPy and an NVIDIA GPU are there, else torch on "
+                         "the CPU), torch or cuda")
     sv.set_defaults(func=cmd_serve)
 
     mf = sub.add_parser("manifests", help="write provider files for Open WebUI, Continue, LiteLLM, AnythingLLM, Jan, "

@@ -16,6 +16,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ from .weights import load_weights
 
 DEFAULT_MAX_TOKENS = 1024
 BACKENDS = ("torch", "cuda")
+BACKEND_CHOICES = ("auto", *BACKENDS)  # auto: cuda where it can run, else torch (pick_backend)
 RNGS = ("torch", "counter")  # the sampler's draws (plugin/sampler.py): a torch.Generator, or counter-based
 KV_DTYPES = {"f32": torch.float32, "f16": torch.float16}  # what the KV cache stores (model.KVCache)
 
@@ -48,6 +50,21 @@ def _check_choices(**choices: tuple[str, Any]) -> None:
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise EngineError(f"{name} '{value}' is not available (have: {', '.join(allowed)})")
+
+
+def pick_backend(choice: str) -> str:
+    """"auto" -> "cuda" where the cuda backend can run (CuPy and an NVIDIA GPU of compute capability 7.5 or
+    newer: plugin/cuda/loader.check_cuda), else "torch"; "torch" and "cuda" as given."""
+    _check_choices(backend=(choice, BACKEND_CHOICES))
+    if choice != "auto":
+        return choice
+    from .cuda import CudaUnavailable, check_cuda
+
+    try:
+        check_cuda()
+    except CudaUnavailable:
+        return "torch"
+    return "cuda"
 
 
 @dataclass
@@ -117,16 +134,28 @@ class Engine:
     def load(cls, path: str | Path, backend: str = "torch", device: str | None = None, rng: str | None = None,
              kv_cache: str | None = None, matmul: str | None = None, graphs: bool | None = None) -> "Engine":
         """backend "torch": the reference (float32 weights, CPU or a CUDA device); "cuda": weights stay
-        quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU). rng: the sampler's
-        draws, "torch" (transformers' order, the torch backend's default) or "counter" (the cuda backend's,
-        which samples on the GPU; the torch backend with "counter" draws the same tokens). kv_cache: "f32"
+        quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU); "auto": cuda where
+        it can run (pick_backend), else torch on the CPU (also, with a warning, when the GPU side fails
+        while loading: a kernel that does not compile, memory). rng: the sampler's draws, "torch"
+        (transformers' order, the torch backend's default) or "counter" (the cuda backend's, which samples
+        on the GPU; the torch backend with "counter" draws the same tokens). kv_cache: "f32"
         (the torch backend's default, transformers' numbers) or "f16" (the cuda backend's: half the VRAM).
         matmul (cuda backend): the quantized matmul kernel, "auto" (the default: per weight shape, the fastest
         on this GPU, timed once and cached; plugin/cuda/tune.py), "scalar" (float FMAs: the torch backend's
         numbers up to float rounding), "f16" or "int8" (tensor cores, compute capability 8.0). graphs (cuda
         backend, default True): with rng "counter", each canvas's decoder pass is captured once into a CUDA
         graph and replayed (plugin/cuda/graph.py); False launches its kernels one by one."""
-        _check_choices(backend=(backend, BACKENDS))
+        if backend == "auto" and pick_backend("auto") == "cuda":
+            try:
+                return cls.load(path, "cuda", device, rng, kv_cache, matmul, graphs)
+            except EngineError:
+                raise  # the file, the model or an option: the torch backend would say the same
+            except Exception as e:  # noqa: BLE001 - the GPU side (NVRTC, a kernel, CUDA): auto falls back
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                warnings.warn(f"the cuda backend could not load {path} ({first}); using the torch backend on the CPU",
+                              RuntimeWarning, stacklevel=2)
+                return cls.load(path, "torch", None, rng, kv_cache)
+        backend = pick_backend(backend)
         for name, value in (("matmul", matmul), ("graphs", graphs or None)):  # graphs=False is what the others do
             if value is not None and backend != "cuda":
                 raise EngineError(f"{name}={value!r} applies to the cuda backend only (backend is '{backend}')")

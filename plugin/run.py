@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Any
 
-from .engine import BACKENDS, KV_DTYPES, MATMULS, RNGS, DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
+from .engine import BACKEND_CHOICES, KV_DTYPES, MATMULS, RNGS, DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
 from .registry import ModelNotFound, resolve_model
 from .sampler import StepInfo
 
@@ -25,8 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true", help="print timings, steps per canvas and tokens per forward")
     p.add_argument("--visualize", action="store_true", help="redraw the canvas at every denoising step")
     p.add_argument("--json", action="store_true", help="print one JSON object with the token ids and the stats")
-    p.add_argument("--backend", choices=BACKENDS, default="torch",
-                   help="torch (reference; CPU or --device cuda) or cuda (quantized weights in VRAM, csrc kernels)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                   help="auto (the default: cuda where CuPy and an NVIDIA GPU are there, else torch), torch (the "
+                        "reference; CPU or --device cuda) or cuda (quantized weights in VRAM, csrc kernels)")
     p.add_argument("--device", help="torch device for the torch backend (default cpu)")
     p.add_argument("--rng", choices=RNGS,
                    help="the sampler's random draws: torch (transformers' order; the torch backend's default) or "

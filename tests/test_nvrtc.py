@@ -25,8 +25,10 @@ def _nvrtc() -> ctypes.CDLL | None:
         return None
     for root in nvidia.__path__:
         lib = Path(root) / "cu13" / "lib"
-        if (lib / "libnvrtc.so.13").exists():
-            ctypes.CDLL(str(lib / "libnvrtc-builtins.so.13.0"), mode=os.RTLD_GLOBAL | getattr(os, "RTLD_NOW", 2))
+        builtins = sorted(lib.glob("libnvrtc-builtins.so.13.*"))  # 13.0, 13.5, ...: the wheel's minor version
+        if (lib / "libnvrtc.so.13").exists() and builtins:
+            # loaded first, globally, so that libnvrtc's dlopen of it by name finds it without LD_LIBRARY_PATH
+            ctypes.CDLL(str(builtins[0]), mode=os.RTLD_GLOBAL)
             return ctypes.CDLL(str(lib / "libnvrtc.so.13"))
     return None
 

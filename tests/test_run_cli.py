@@ -109,3 +109,44 @@ def test_run_with_counter_draws(models):
     assert bad.returncode == 2 and "invalid choice: 'philox'" in bad.stderr
     with pytest.raises(ValueError, match="rng 'philox' is not available"):
         Engine.load(models / "default.gguf", rng="philox")
+
+
+def _cuda_usable() -> bool:
+    from dgemma.plugin.cuda import CudaUnavailable, check_cuda
+
+    try:
+        check_cuda()
+    except CudaUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_cuda_usable(), reason="here the cuda backend can run: auto picks it")
+def test_backend_auto_is_torch_without_a_gpu_and_falls_back_when_the_gpu_side_fails(models, monkeypatch, tmp_path):
+    import dgemma.plugin.cuda as cuda
+    from dgemma.plugin.engine import EngineError, pick_backend
+
+    path = models / "default.gguf"
+    assert pick_backend("auto") == "torch" and pick_backend("cuda") == "cuda"
+    engine = Engine.load(path, "auto")
+    assert engine.device.type == "cpu" and engine.rng == "torch" and engine.matmul == {}
+    with pytest.raises(EngineError, match="backend 'gpu' is not available"):
+        pick_backend("gpu")
+    # as if CuPy and a GPU were there: the cuda backend is tried, fails on the GPU side (this torch has no
+    # CUDA), and auto falls back to the torch backend on the CPU, saying why
+    monkeypatch.setattr(cuda, "check_cuda", lambda: (8, 0))
+    assert pick_backend("auto") == "cuda"
+    with pytest.warns(RuntimeWarning, match="the cuda backend could not load .*default.gguf.*using the torch backend"):
+        engine = Engine.load(path, "auto")
+    assert engine.device.type == "cpu" and engine.rng == "torch"
+    with pytest.raises(EngineError, match="missing.gguf"):  # not the GPU's fault: no fallback, the same error
+        Engine.load(tmp_path / "missing.gguf", "auto")
+
+
+@pytest.mark.skipif(_cuda_usable(), reason="here the cuda backend can run")
+def test_serve_with_the_cuda_backend_says_what_is_missing(models):
+    env = {**os.environ, "DGEMMA_MODELS": str(models)}
+    proc = subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "serve", "--backend", "cuda", "--port", "1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "cuda backend needs CuPy" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -37,6 +37,7 @@ class ServerConfig:
     upstream_openai: str | None = None  # an OpenAI-compatible server whose models are merged in
     upstream_openai_key: str | None = None
     keep_alive: float = DEFAULT_KEEP_ALIVE
+    backend: str = "auto"  # engine.BACKEND_CHOICES: auto is the cuda backend where it can run, else torch (CPU)
 
 
 def is_loopback(host: str) -> bool:
@@ -183,7 +184,7 @@ def _error_text(r: httpx.Response) -> str:
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     registry = Registry(config.models)
-    state = AppState(config, registry, ModelManager(registry, config.keep_alive))
+    state = AppState(config, registry, ModelManager(registry, config.keep_alive, config.backend))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -244,4 +245,20 @@ def serve(config: ServerConfig) -> None:
     if not is_loopback(config.host) and not (config.api_key or config.insecure):
         raise ApiError(400, f"refusing to listen on {config.host} without --api-key (or --insecure): "
                             "anyone on the network could use this machine")
+    from ..engine import pick_backend
+
+    backend = pick_backend(config.backend)  # an unknown name fails here, before listening
+    if backend == "cuda":
+        from ..cuda import check_cuda
+
+        try:
+            cap = check_cuda()
+        except Exception as e:  # noqa: BLE001 - --backend cuda without what it needs: one line, not a traceback
+            raise ApiError(400, str(e)) from None
+        import torch
+
+        where = f"cuda backend on {torch.cuda.get_device_name()} (compute capability {cap[0]}.{cap[1]})"
+    else:
+        where = "torch backend on the CPU (no usable NVIDIA GPU and CuPy)" if config.backend == "auto" else "torch backend on the CPU"
+    print(f"dgemma serve: models run on the {where}", flush=True)
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")

@@ -58,8 +58,8 @@ class LoadedModel:
 
 
 class ModelManager:
-    def __init__(self, registry: Registry, default_keep_alive: float = DEFAULT_KEEP_ALIVE) -> None:
-        self.registry = registry
+    def __init__(self, registry: Registry, default_keep_alive: float = DEFAULT_KEEP_ALIVE, backend: str = "auto") -> None:
+        self.registry, self.backend = registry, backend  # engine.BACKEND_CHOICES
         self.default_keep_alive = default_keep_alive
         self.loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Lock] = {}
@@ -71,7 +71,7 @@ class ModelManager:
         async with lock:
             model = self.loaded.get(entry.name)
             if model is None or model.entry.path != entry.path:
-                engine = await asyncio.to_thread(Engine.load, entry.path)
+                engine = await asyncio.to_thread(Engine.load, entry.path, self.backend)
                 info = await asyncio.to_thread(read_model_info, entry.path)
                 model = self.loaded[entry.name] = LoadedModel(entry, engine, info)
         return model
