@@ -147,7 +147,7 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
     cache = KVCache(dtype=kv)
     for _ in range(2):  # 2 x 4096: 8K context
         model.encode(tokens[:, : prompts[-1]], cache)
-    (fused_step(model, cache, canvas) if fused else logits_step(model, cache, canvas))()
+    (fused_step(model, cache, canvas, graphs=graphs) if fused else logits_step(model, cache, canvas))()
     sync(device)
     if device.type == "cuda":
         out["peak_8k_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -194,34 +194,34 @@ def main() -> None:
           f"{cfg.canvas_length}; {cfg.decode_flops_per_token * cfg.canvas_length / 1e12:.2f} TFLOP per step", flush=True)
     base = None
     results = []
-    for plan in args.plans.split(","):
-        w = cuda_weights(SyntheticTensors(plan_rows(args.config, plan)), cfg, device="cuda")
+    for i, plan in enumerate(args.plans.split(",")):
+        make = lambda: cuda_weights(SyntheticTensors(plan_rows(args.config, plan)), cfg, device="cuda")  # noqa: E731
+        w = make()
+        if i == 0 and not args.no_torch:  # the baseline first: a kernel that brings the GPU down cannot lose it
+            params = sum(math.prod(m.shape) for m in _matrices(w))
+            free, _ = torch.cuda.mem_get_info()
+            if 4 * params + (8 << 30) < free + weight_bytes(w):  # float32 weights + 8 GiB for activations
+                fw = float_weights(w, "cuda")
+                w = None
+                torch.cuda.empty_cache()
+                base = measure("torch float32 (cuBLAS)", cfg, fw, dev, max(1, args.steps // 2), fused=False)
+                print(report(base, None), flush=True)
+                fw = None
+                torch.cuda.empty_cache()
+                w = make()
+            else:
+                print(f"torch backend skipped: {4 * params / 1e9:.0f} GB of float32 weights do not fit", flush=True)
         variants = [(m, True) for m in args.matmuls.split(",")] + ([(args.matmuls.split(",")[0], False)] if args.eager else [])
-        for j, (matmul, graphs) in enumerate(variants if not results else variants[:1]):
-            kernels = choose(w, matmul, rows=cfg.canvas_length, cache=False)
+        for j, (matmul, graphs) in enumerate(variants if i == 0 else variants[:1]):
+            kernels = choose(w, matmul, rows=cfg.canvas_length, cache=False, top_k=cfg.n_expert_used)
             print(f"matmul {matmul}: " + ", ".join(f"{c}: {k}" for c, k in sorted(kernels.items())), flush=True)
             name = f"cuda {plan} {matmul}{'' if graphs else ' eager'}"
             full = j == 0  # prefill and peak VRAM once per plan
             results.append(measure(name, cfg, w, dev, args.steps, fused=True, graphs=graphs,
                                    prompts=(512, 4096) if full else (512,), peak=full))
-            print(report(results[-1], None), flush=True)
-        if base is None and not args.no_torch:
-            params = sum(math.prod(m.shape) for m in _matrices(w))
-            free, _ = torch.cuda.mem_get_info()
-            if 4 * params + (8 << 30) < free + weight_bytes(w):  # float32 weights + 8 GiB for activations
-                fw = float_weights(w, "cuda")
-                del w
-                torch.cuda.empty_cache()
-                base = measure("torch float32 (cuBLAS)", cfg, fw, dev, max(1, args.steps // 2), fused=False)
-                print(report(base, None), flush=True)
-                del fw
-            else:
-                print(f"torch backend skipped: {4 * params / 1e9:.0f} GB of float32 weights do not fit", flush=True)
+            print(report(results[-1], base), flush=True)
         w = None
         torch.cuda.empty_cache()
-    if base is not None:
-        for r in results:
-            print(report(r, base))
 
 
 def _matrices(w: Weights):

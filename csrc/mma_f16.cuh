@@ -4,8 +4,9 @@
 // Per 256-wide slice of K the block converts 32 rows of X to f16 and dequantizes 32 rows of W (one GGML
 // block per thread, through the integer form for the integer types) to f16 in shared memory, then each
 // warp runs mma.sync.m16n8k16 (row.col, f32 accumulators) over its 16 x 16 quarter. Needs sm_80: below
-// that the tile traps (the wrappers refuse older GPUs). X values beyond f16's range (65504) overflow; the
-// activations entering the model's matmuls are normalised. K is a multiple of 16 and of the type's block.
+// that the tile traps (the wrappers refuse older GPUs). X values beyond f16's range (65504) overflow, so
+// the engine uses it only on normalised inputs, never on the down projections' gelu(gate) * up
+// (ops.usable). K is a multiple of 16 and of the type's block.
 #pragma once
 #include "mma_tile.cuh"
 
@@ -49,6 +50,7 @@ __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int l
     constexpr int PAD = 8;  // halves of padding per shared row: fragment loads land in different banks
     __shared__ __align__(16) uint16_t xs[MMA_TM][MMA_TK + PAD];
     __shared__ __align__(16) uint16_t ws[MMA_TN][MMA_TK + PAD];
+    __shared__ int x_row[MMA_TM];
 
     const int tid = threadIdx.x;
     const MmaLane p = mma_lane(tid);
@@ -56,6 +58,8 @@ __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int l
     const long row_bytes = (long)(K / QK) * SIZE;
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // two m16n8 tiles
 
+    if (tid < MMA_TM) x_row[tid] = m0 + tid < m_end ? (xrows ? xrows[m0 + tid] : m0 + tid) : -1;  // -1: past the tile
+    __syncthreads();
     for (int k0 = 0; k0 < K; k0 += MMA_TK) {
         const int tk = K - k0 < MMA_TK ? K - k0 : MMA_TK;  // a multiple of 16 (the wrappers check K)
         const int blocks_per_row = tk / QK;
@@ -69,8 +73,8 @@ __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int l
             }
         }
         for (int i = tid; i < MMA_TM * tk; i += MMA_THREADS) {
-            const int r = i / tk, c = i % tk, m = m0 + r;
-            xs[r][c] = m < m_end ? f32_to_f16_bits(x[(long)(xrows ? xrows[m] : m) * lda + k0 + c]) : (uint16_t)0;
+            const int r = i / tk, c = i % tk, row = x_row[r];
+            xs[r][c] = row >= 0 ? f32_to_f16_bits(x[(long)row * lda + k0 + c]) : (uint16_t)0;
         }
         __syncthreads();
         for (int kk = 0; kk < tk; kk += 16) {

@@ -127,8 +127,9 @@ class Engine:
         self.decode_step = FastDecoder(model).decode if FastDecoder.supports(model) else model.decode
         self._lock = threading.Lock()  # one generation at a time per engine
         self.matmul: dict[str, str] = {}  # cuda backend: {weight shape class: matmul kernel} (plugin/cuda/tune.py)
-        self.graphs = graphs  # replay the decoder pass from a CUDA graph (plugin/cuda/graph.py; fused path only)
+        self.graphs = graphs  # replay the decoder pass from a CUDA graph (plugin/cuda/graph.py; rng counter only)
         self.graphed = None  # the last generation's GraphedDecoder (its captures, replays, fallback)
+        self._graph_stream = None  # where every generation's decoder warms up and captures
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "torch", device: str | None = None, rng: str | None = None,
@@ -186,7 +187,7 @@ class Engine:
                 from .cuda.weights import load_cuda_weights
 
                 weights = load_cuda_weights(reader, cfg, path, device)
-                plan = choose(weights, matmul, rows=cfg.canvas_length, device=device)
+                plan = choose(weights, matmul, rows=cfg.canvas_length, device=device, top_k=cfg.n_expert_used)
             else:
                 weights = load_weights(reader, cfg, path)
                 if device != "cpu":
@@ -231,10 +232,13 @@ class Engine:
         dev, V, counter_seed = self.device, self.cfg.vocab_size, seed % 2**64
         if self.rng == "counter" and hasattr(self.model.w.head, "stats"):
             decode = None
+            if self.graphed is not None and self.graphed.fallback is not None:
+                self.graphs = False  # a capture failed: the next ones would too, each costing a sync
             if self.graphs:
                 from .cuda.graph import GraphedDecoder
 
-                decode = self.graphed = GraphedDecoder(self.model, cache)
+                self._graph_stream = self._graph_stream or torch.cuda.Stream(self.device)
+                decode = self.graphed = GraphedDecoder(self.model, cache, self._graph_stream)
             return _fused_steps(self.model, cache, V, counter_seed, dev, decode)
 
         def decode(canvas: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
@@ -315,6 +319,8 @@ class Engine:
             if len(out_ids) >= max_tokens:
                 break
             self.model.encode(torch.tensor([canvas], device=dev), cache)
+        if self.graphed is not None:
+            self.graphed.release()  # the graph's memory pool: the next generation captures its own
         t_end = time.perf_counter_ns()
         forwards = sum(steps)
         yield DoneEvent(

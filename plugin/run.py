@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "weight shape, timed once and cached), scalar (float FMAs, the torch backend's numbers), "
                         "f16 or int8 (tensor cores, compute capability 8.0)")
     p.add_argument("--no-graphs", action="store_true",
-                   help="cuda backend: launch the decoder's kernels one by one instead of replaying each canvas's "
-                        "pass from a CUDA graph")
+                   help="cuda backend with --rng counter (its default): launch the decoder's kernels one by one "
+                        "instead of replaying each canvas's pass from a CUDA graph")
 
 
 def _prompt(args: argparse.Namespace) -> str | list[Any]:

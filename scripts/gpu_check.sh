@@ -26,4 +26,4 @@ timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_kernels.
 echo "== kernels at the 26B-A4B's shapes"
 timeout 90 $PY bench/step_gpu.py 2>&1 | tee "$OUT/bench.txt"
 echo "== whole denoising step, prefill, VRAM: cuda backend (Q4_K_M, the 12 GB plan) against the torch backend"
-timeout 210 $PY bench/model_gpu.py --matmuls auto,scalar --eager 2>&1 | tee "$OUT/model_bench.txt"
+timeout 210 $PY bench/model_gpu.py --matmuls scalar,auto --eager 2>&1 | tee "$OUT/model_bench.txt"

@@ -142,18 +142,25 @@ def moe_tiles_harness(tmp_path_factory):
     return build_host_tool("moe_tiles_host", tmp_path_factory.mktemp("moe"))
 
 
-@pytest.mark.parametrize("counts", [[0, 17, 0, 1, 16, 33, 0], [0, 0], [300], [1] * 40, [0] * 7 + [5], [16, 0, 0, 16]],
-                         ids=lambda c: "-".join(map(str, c))[:24])
-def test_device_tile_search_finds_the_expert_tiles(moe_tiles_harness, counts):
+@pytest.mark.parametrize("counts", [[0, 17, 0, 1, 16, 33, 0], [0, 0], [300], [1] * 40, [0] * 7 + [5], [16, 0, 0, 16],
+                                    [32, 0, 31, 64, 65]], ids=lambda c: "-".join(map(str, c))[:24])
+@pytest.mark.parametrize("tile", [16, 32], ids=["float-tiles", "mma-tiles"])
+def test_device_tile_search_finds_the_expert_tiles(moe_tiles_harness, counts, tile):
     """csrc/moe_tiles.cuh's search over the prefix sums (the GPU's, with no host sync) gives exactly the
-    tiles of ops.expert_tiles, then nothing up to the launch's bound pairs / MM_TILE + E."""
-    from dgemma.plugin.cuda.ops import MM_TILE, expert_tiles
+    tiles of ops.expert_tiles, then nothing up to the launch's bound pairs / tile + E, for the float
+    kernel's 16-row tiles and the tensor-core kernels' 32; ops.ExpertGroups.tiles makes the same prefix sums
+    and bound."""
+    from dgemma.plugin.cuda.ops import MM_TILE, MMA_TILE, ExpertGroups, expert_tiles
 
-    proc = subprocess.run([str(moe_tiles_harness), str(MM_TILE), *map(str, counts)], capture_output=True, timeout=60)
+    assert (MM_TILE, MMA_TILE) == (16, 32)
+    proc = subprocess.run([str(moe_tiles_harness), str(tile), *map(str, counts)], capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     got = np.frombuffer(proc.stdout, np.int32).reshape(-1, 2)
-    _, tile_expert, tile_m0 = expert_tiles(counts)
-    assert len(got) == sum(counts) // MM_TILE + len(counts) >= len(tile_expert)
+    _, tile_expert, tile_m0 = expert_tiles(counts, tile)
+    tile_offsets, bound = ExpertGroups(counts, "cpu").tiles(tile)
+    assert len(got) == bound == sum(counts) // tile + len(counts) >= len(tile_expert)
+    assert tile_offsets.tolist() == [0, *np.cumsum([(c + tile - 1) // tile for c in counts]).tolist()]
+    assert tile_offsets[-1] == len(tile_expert)
     assert got[: len(tile_expert)].tolist() == [list(t) for t in zip(tile_expert, tile_m0)]
     assert (got[len(tile_expert):] == -1).all()
 

@@ -176,36 +176,57 @@ def test_quant_embedding_rows_and_weighted_sum(kernels_as_references, monkeypatc
 
 
 class StandInGraphs:
-    """torch.cuda's graph API on the CPU for GraphedDecoder's bookkeeping: `graph()` runs its block (the
-    capture's eager pass) and remembers the decoder's buffers; replay() recomputes the output from them.
+    """torch.cuda's graph API on the CPU for GraphedDecoder's bookkeeping: a capture runs its block (the
+    eager pass) on the decoder's stream, and replay() recomputes the output from the decoder's buffers.
     It says nothing about CUDA graphs themselves: tests/test_cuda_kernels.py runs the real ones."""
 
     def __init__(self, fail: str | None = None) -> None:
-        self.fail, self.decoder = fail, None
-
-    def synchronize(self) -> None:
-        pass
-
-    def CUDAGraph(self):  # noqa: N802  (torch.cuda's name)
+        self.fail, self.decoder, self.on = fail, None, "current"
+        self.streams_used: list[str] = []
         api = self
 
+        class Stream:
+            def __init__(self, name: str = "own") -> None:
+                self.name = name
+
+            def wait_stream(self, other) -> None:
+                pass
+
         class Graph:
+            def capture_begin(self, capture_error_mode: str = "global") -> None:
+                assert capture_error_mode == "thread_local"  # other threads' CUDA work may go on meanwhile
+                assert api.on == "own"  # on the decoder's stream, where it warmed up
+                if api.fail:
+                    raise RuntimeError(api.fail + "\nmore detail")
+
+            def capture_end(self) -> None:
+                pass
+
             def replay(self) -> None:
                 d = api.decoder
                 d.out.copy_(d.model.decode_hidden(d.canvas_in, d.cache, d.soft_in))
 
-        return Graph()
+        self.Stream, self.CUDAGraph, self._current = Stream, Graph, Stream("current")
 
-    def graph(self, graph):
+    def synchronize(self) -> None:
+        pass
+
+    def current_stream(self):
+        return self._current
+
+    def stream(self, s):
         from contextlib import contextmanager
 
         @contextmanager
-        def capture():
-            if self.fail:
-                raise RuntimeError(self.fail + "\nmore detail")
-            yield
+        def on():
+            before, self.on = self.on, s.name
+            self.streams_used.append(s.name)
+            try:
+                yield
+            finally:
+                self.on = before
 
-        return capture()
+        return on()
 
 
 @pytest.mark.parametrize("fail", [None, "operation not permitted when stream is capturing"])
@@ -219,6 +240,7 @@ def test_graphed_decoder_warms_up_captures_replays_and_falls_back(canvas16_gguf,
     model.encode(torch.randint(3, ref.cfg.vocab_size, (1, 7), generator=g), cache)
     api = StandInGraphs(fail)
     dec = api.decoder = GraphedDecoder(model, cache, api=api)
+    assert dec.stream.name == "own"
     C, D = ref.cfg.canvas_length, ref.cfg.n_embd
     for call in range(4):
         canvas, soft = torch.randint(3, ref.cfg.vocab_size, (1, C), generator=g), torch.randn(1, C, D, generator=g)
@@ -230,9 +252,12 @@ def test_graphed_decoder_warms_up_captures_replays_and_falls_back(canvas16_gguf,
         torch.testing.assert_close(got, model.decode_hidden(canvas, cache, soft))
         assert (dec(canvas, None) - model.decode_hidden(canvas, cache, None)).abs().max() == 0  # no soft: eager
     assert (dec.captures, dec.replays, dec.fallback) == ((0, 0, fail) if fail else (1, 3, None))
+    assert api.streams_used[:2] == ["own", "own"]  # the warm-up and the capture on the decoder's stream
     if not fail:  # a grown cache: warm-up again, then a new capture
         model.encode(canvas, cache)
         for _ in range(2):
             canvas, soft = torch.randint(3, ref.cfg.vocab_size, (1, C), generator=g), torch.randn(1, C, D, generator=g)
             torch.testing.assert_close(dec(canvas, soft), model.decode_hidden(canvas, cache, soft))
         assert (dec.captures, dec.replays) == (2, 4)
+        dec.release()
+        assert dec.graph is None and dec.out is None and dec.captures == 2

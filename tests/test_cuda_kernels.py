@@ -346,7 +346,8 @@ def test_graphed_decoder_equals_the_eager_pass(ops, request, model):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (graphed.captures, graphed.replays, graphed.fallback) == (1, 4, None)
     canvas, _ = inputs()
-    torch.testing.assert_close(graphed(canvas, None), model_.decode_hidden(canvas, cache, None))  # eager
+    torch.testing.assert_close(graphed(canvas, None), model_.decode_hidden(canvas, cache, None), rtol=1e-4,
+                               atol=1e-4)  # eager (two eager passes differ by the scatter-add's float atomics)
     model_.encode(canvas, cache)  # the next canvas: the cache grew
     for call in range(3):
         canvas, soft = inputs()

@@ -45,17 +45,20 @@ GET_ROWS_THREADS = 128
 HEAD_L, HEAD_THREADS, HEAD_MAX_D, HEAD_MAX_SPLITS = 4, 256, 4096, 1024  # csrc/head.cu
 
 
-def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[int, int]) -> bool:
+def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[int, int],
+           bounded_input: bool = True) -> bool:
     """Whether matmul kernel `matmul` (a key of MATMULS) takes rows of k values of type qtype on a GPU of
-    this compute capability: the tensor-core tiles need 8.0, f16 steps 16 values of K, int8 an integer type."""
+    this compute capability: the tensor-core tiles need 8.0; f16 steps 16 values of K and rounds X to f16,
+    so its input must stay far below 65504 (`bounded_input`: normalised, not gelu(gate) * up); int8 needs
+    an integer type (its per-32 scales take any range)."""
     if matmul == "scalar":
         return True
     if capability < MMA_MIN_CAPABILITY:
         return False
-    return k % 16 == 0 if matmul == "f16" else GGMLQuantizationType(qtype) in INT_TYPES
+    return k % 16 == 0 and bounded_input if matmul == "f16" else GGMLQuantizationType(qtype) in INT_TYPES
 
 
-_STREAMS: dict[int, object] = {}  # torch stream pointer -> its cupy.cuda.ExternalStream
+_STREAMS: dict[tuple[int, int], object] = {}  # (device, torch stream pointer) -> its cupy.cuda.ExternalStream
 
 
 def _launch(fn, grid, block, args, shared_mem: int = 0) -> None:
@@ -64,10 +67,13 @@ def _launch(fn, grid, block, args, shared_mem: int = 0) -> None:
     event per tensor and nothing that stops a CUDA graph capture (plugin/cuda/graph.py)."""
     import cupy
 
-    ptr = torch.cuda.current_stream().cuda_stream
-    stream = _STREAMS.get(ptr)
+    current = torch.cuda.current_stream()
+    key = (current.device.index, current.cuda_stream)  # the legacy default stream is 0 on every device
+    stream = _STREAMS.get(key)
     if stream is None:
-        stream = _STREAMS[ptr] = cupy.cuda.ExternalStream(ptr)
+        if len(_STREAMS) > 64:  # streams come and go (a capture's): keep the map small
+            _STREAMS.clear()
+        stream = _STREAMS[key] = cupy.cuda.ExternalStream(key[1], key[0])
     ptrs = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)  # args keeps them alive
     with stream:
         fn(grid, block, ptrs, shared_mem=shared_mem)
@@ -252,15 +258,16 @@ def qmatmul_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationT
     return (x.double().cpu() @ _dequantized(w, qtype, k).T).float()
 
 
-def expert_tiles(counts: list[int]) -> tuple[list[int], list[int], list[int]]:
+def expert_tiles(counts: list[int], tile: int = MM_TILE) -> tuple[list[int], list[int], list[int]]:
     """Pairs per expert -> (offsets [E+1], tile_expert, tile_m0): the M tiles of csrc/moe.cu, every expert's
-    MM_TILE-row tiles back to back (none for an expert without pairs). The kernel finds the same tiles on
-    the device (csrc/moe_tiles.cuh); this list is its reference and the CPU reference's grouping."""
+    `tile`-row tiles back to back (none for an expert without pairs; 16 rows for the float kernel, 32 for
+    the tensor-core ones). The kernels find the same tiles on the device (csrc/moe_tiles.cuh); this list is
+    their reference and the CPU reference's grouping."""
     offsets, tile_expert, tile_m0 = [0], [], []
     for e, n in enumerate(counts):
         if n < 0:
             raise ValueError(f"expert_tiles: expert {e} has a negative count ({n})")
-        for m0 in range(offsets[-1], offsets[-1] + n, MM_TILE):
+        for m0 in range(offsets[-1], offsets[-1] + n, tile):
             tile_expert.append(e)
             tile_m0.append(m0)
         offsets.append(offsets[-1] + n)

@@ -29,7 +29,6 @@ from .weights import QuantExperts, QuantLinear
 
 CHOICES = ("auto", *ops.MATMULS)  # what Engine.load(matmul=) and `dgemma run --matmul` take
 CACHE_ENV = "DGEMMA_CACHE"  # where the tuning cache lives (default ~/.cache/dgemma)
-TOP_K_TIMED = 8  # (token, expert) pairs per token when timing the experts: the 26B-A4B routes to 8
 
 Timer = Callable[[Callable[[], object]], float]  # seconds one call of fn takes
 
@@ -47,9 +46,10 @@ def weight_objects(w: Weights) -> Iterator[QuantLinear | QuantExperts]:
 
 
 def shape_class(obj: QuantLinear | QuantExperts) -> str:
-    """'dense Q4_K 4096x2816' or 'experts Q4_K 1408x2816': the weights that share a kernel choice."""
+    """'dense Q4_K 4096x2816' or 'experts Q5_0 2816x704 unbounded': the weights that share a kernel choice
+    (unbounded: the input is gelu(gate) * up, which f16 must not round)."""
     kind = "experts" if isinstance(obj, QuantExperts) else "dense"
-    return f"{kind} {obj.qtype.name} {obj.n}x{obj.k}"
+    return f"{kind} {obj.qtype.name} {obj.n}x{obj.k}" + ("" if obj.bounded_input else " unbounded")
 
 
 def cuda_timer(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -67,25 +67,25 @@ def cuda_timer(fn: Callable[[], object], repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _call(obj: QuantLinear | QuantExperts, matmul: str, rows: int, device: torch.device | str) -> Callable[[], object]:
+def _call(obj: QuantLinear | QuantExperts, matmul: str, rows: int, top_k: int,
+          device: torch.device | str) -> Callable[[], object]:
     """One product of obj with kernel `matmul` on random activations: [rows, K] for a dense weight; for
-    experts, rows tokens x TOP_K_TIMED pairs spread evenly over the experts (gathered rows, as gate_up reads
-    them)."""
+    experts, rows tokens x top_k pairs spread evenly over the experts, already grouped (the gathered rows
+    of gate_up differ only in where X is read from)."""
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(rows, obj.k_in, generator=g, device=device)
     if isinstance(obj, QuantLinear):
         one = QuantLinear(obj.data, obj.qtype, obj.n, obj.k, obj.k_in)
         one.matmul = matmul
+        x = torch.randn(rows, obj.k_in, generator=g, device=device)
         return lambda: one(x)
-    E = obj.data.shape[0]
-    pairs = rows * TOP_K_TIMED
+    E, pairs = obj.data.shape[0], rows * top_k
     counts = torch.full((E,), pairs // E, dtype=torch.int64)
     counts[: pairs % E] += 1
     groups = ops.ExpertGroups(counts.to(device), device, pairs=pairs)
-    token = torch.randint(0, rows, (pairs,), generator=g, device=device, dtype=torch.int32)
     experts = QuantExperts(obj.data, obj.qtype, obj.n, obj.k, obj.k_in)
     experts.matmul = matmul
-    return lambda: experts(x, token, groups)
+    x = torch.randn(pairs, obj.k_in, generator=g, device=device)
+    return lambda: experts(x, None, groups)
 
 
 def _cache_path() -> Path:
@@ -93,12 +93,14 @@ def _cache_path() -> Path:
 
 
 def _cache_key(device: torch.device | str, capability: tuple[int, int], rows: int) -> str:
-    """The GPU, its compute capability, the kernels' sources and the row count: what a choice depends on."""
+    """The GPU, its compute capability, torch's version and CUDA, the kernels' sources and the row count:
+    what a choice depends on."""
     h = hashlib.sha256()
     for p in sorted(csrc_dir().rglob("*.cu*")):
         h.update(p.name.encode() + p.read_bytes())
     name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
-    return f"{name} sm_{capability[0]}{capability[1]} csrc:{h.hexdigest()[:16]} rows:{rows}"
+    return (f"{name} sm_{capability[0]}{capability[1]} torch:{torch.__version__} cuda:{torch.version.cuda} "
+            f"csrc:{h.hexdigest()[:16]} rows:{rows}")
 
 
 def _read_cache(path: Path) -> dict:
@@ -121,12 +123,13 @@ def _write_cache(path: Path, data: dict) -> None:
 
 def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torch.device | str = "cuda",
            capability: tuple[int, int] | None = None, timer: Timer | None = None,
-           cache: Path | None | bool = True) -> dict[str, str]:
+           cache: Path | None | bool = True, top_k: int = 8) -> dict[str, str]:
     """Set every quantized weight's `matmul` and return {shape class: kernel}.
 
     choice: a kernel name (ops.MATMULS) for every weight that can use it (the others keep "scalar"), or
-    "auto": per shape class, the fastest usable kernel at `rows` rows by `timer` (cuda_timer). cache: True
-    for the default file (DGEMMA_CACHE or ~/.cache/dgemma/matmul.json), a path, or False."""
+    "auto": per shape class, the fastest usable kernel at `rows` rows (experts: rows x top_k pairs) by
+    `timer` (cuda_timer). cache: True for the default file (DGEMMA_CACHE or ~/.cache/dgemma/matmul.json),
+    a path, or False."""
     if choice not in CHOICES:
         raise ValueError(f"matmul '{choice}' is not available (have: {', '.join(CHOICES)})")
     capability = capability or torch.cuda.get_device_capability(device)
@@ -135,7 +138,7 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
         classes.setdefault(shape_class(obj), []).append(obj)
 
     def candidates(obj) -> list[str]:
-        return [m for m in ops.MATMULS if ops.usable(m, obj.qtype, obj.k, capability)]
+        return [m for m in ops.MATMULS if ops.usable(m, obj.qtype, obj.k, capability, obj.bounded_input)]
 
     if choice != "auto":
         plan = {c: (choice if choice in candidates(objs[0]) else "scalar") for c, objs in classes.items()}
@@ -151,9 +154,9 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
                 plan[c] = known[c] if known.get(c) in usable else usable[0]
                 continue
             timer = timer or cuda_timer
-            times = {m: timer(_call(objs[0], m, rows, device)) for m in usable}
+            times = {m: timer(_call(objs[0], m, rows, top_k, device)) for m in usable}
             plan[c] = min(usable, key=lambda m: (times[m], usable.index(m)))  # ties: the simpler kernel
-        if path and plan != known:
+        if path and any(known.get(c) != k for c, k in plan.items()):  # only what this model added
             stored[key] = {**known, **plan}
             _write_cache(path, stored)
     for c, objs in classes.items():

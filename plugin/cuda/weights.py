@@ -19,6 +19,9 @@ from ..weights import tensor_to_torch
 from . import ops
 
 
+DOWN_PROJECTIONS = (C.FFN_DOWN, C.FFN_DOWN_EXPS, C.SELF_COND_DOWN)  # tensor base names
+
+
 class QuantLinear:
     """A [N, K] weight kept as GGML blocks on the GPU; calling it computes x @ W^T with the matmul kernel
     `matmul` (a key of ops.MATMULS, set by plugin/cuda/tune.py). `k_in` < K when the rows were zero-padded
@@ -27,6 +30,7 @@ class QuantLinear:
     def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, k_in: int | None = None) -> None:
         self.data, self.qtype, self.n, self.k, self.k_in = data, qtype, n, k, k_in or k
         self.matmul = "scalar"
+        self.bounded_input = True  # False: its input is not normalised (gelu(gate) * up), f16 could overflow
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -90,6 +94,7 @@ class QuantExperts:
     def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, k_in: int | None = None) -> None:
         self.data, self.qtype, self.n, self.k, self.k_in = data, qtype, n, k, k_in or k
         self.matmul = "scalar"
+        self.bounded_input = True  # False: its input is not normalised (gelu(gate) * up), f16 could overflow
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -98,7 +103,7 @@ class QuantExperts:
 
     def __getitem__(self, e: int) -> QuantLinear:
         one = QuantLinear(self.data[e], self.qtype, self.n, self.k, self.k_in)
-        one.matmul = self.matmul
+        one.matmul, one.bounded_input = self.matmul, self.bounded_input
         return one
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, groups: ops.ExpertGroups) -> torch.Tensor:
@@ -178,8 +183,12 @@ def cuda_weights(src: TensorSource, cfg: ModelConfig, padded: bool = False, path
         shape, qtype, raw = src.shape(name), src.qtype(name), src.raw(name, device)
         if len(shape) == 3:
             k_in = cfg.n_ff_exp if name.endswith(f"{C.FFN_DOWN_EXPS}.weight") and padded else None
-            return QuantExperts(raw.view(shape[0], shape[1], -1), qtype, shape[1], shape[2], k_in)
-        return QuantLinear(raw.view(shape[0], -1), qtype, shape[0], shape[1])
+            obj = QuantExperts(raw.view(shape[0], shape[1], -1), qtype, shape[1], shape[2], k_in)
+        else:
+            obj = QuantLinear(raw.view(shape[0], -1), qtype, shape[0], shape[1])
+        # the down projections read gelu(gate) * up, not a normalised vector: no f16 rounding of it (65504)
+        obj.bounded_input = not any(name.endswith(f"{base}.weight") for base in DOWN_PROJECTIONS)
+        return obj
 
     def blk(i: int, base: str, suffix: str = "weight", optional: bool = False, matrix: bool = False):
         name = C.blk(i, base, suffix)
