@@ -55,20 +55,23 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
     gate_up, down = gate_up.view(experts, 2 * fe, -1), down.view(experts, d, -1)
     x = torch.randn(tokens, d, device="cuda")
     act = torch.randn(len(rows), fe, device="cuda")
+    weights = torch.rand(len(rows), device="cuda")
 
     def grouped(kernel: str = "scalar"):  # as QuantExperts.grouped: the groups once per layer (on the GPU), 2 launches
         op = getattr(ops, ops.MATMULS[kernel][1])
         groups = ops.ExpertGroups(counts_gpu, "cuda", pairs=len(rows))
         op(x, rows, groups, gate_up, Q.Q4_K, d)
-        op(act, None, groups, down, Q.Q5_0, fe)
+        op(act, None, groups, down, Q.Q5_0, fe, (rows, weights, tokens))  # the weighted scatter in the epilogue
 
     starts = [sum(counts[:e]) for e in range(experts)]
 
-    def per_expert():
+    def per_expert():  # the torch backend's loop (model.grouped_experts), with the quantized matmul
+        out = torch.zeros(tokens, d, device="cuda")
         for e, (s0, c) in enumerate(zip(starts, counts)):
             if c:
-                ops.qmatmul(x[rows[s0:s0 + c].long()], gate_up[e], Q.Q4_K, d)
-                ops.qmatmul(act[s0:s0 + c], down[e], Q.Q5_0, fe)
+                r = rows[s0:s0 + c].long()
+                ops.qmatmul(x[r], gate_up[e], Q.Q4_K, d)
+                out.index_add_(0, r, ops.qmatmul(act[s0:s0 + c], down[e], Q.Q5_0, fe) * weights[s0:s0 + c, None])
 
     a, b = timed(grouped, repeat), timed(per_expert, repeat)
     wbytes = gate_up.numel() + down.numel()

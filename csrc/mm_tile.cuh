@@ -6,6 +6,7 @@
 // first: plain float FMAs, no tensor cores yet; the tensor-core (int8 MMA / f16) variants are measured
 // against it on a GPU (issue 5). K is a multiple of the type's block size (32 or 256).
 #pragma once
+#include "epilogue.cuh"
 #include "quant/blocks.cuh"
 
 namespace dg {
@@ -16,11 +17,12 @@ constexpr int MM_TK = 256;     // K per step: one K-quant super-block, eight 32-
 constexpr int MM_THREADS = MM_TM * MM_TN;
 
 // Rows m0 .. m_end-1 (at most MM_TM of them) of Y, columns n0 .. n0+MM_TN-1 (those < N).
-// Row m of X is x[xrows[m] * lda] when xrows is given, else x[m * lda]; row m of Y is y[m * ldy].
+// Row m of X is x[xrows[m] * lda] when xrows is given, else x[m * lda]; row m of Y goes where `ep` says
+// (csrc/epilogue.cuh: y[m * ldy], or added into a token's row).
 template <int T>
 __device__ __forceinline__ void mm_tile(const float * __restrict__ x, int lda, const int * __restrict__ xrows,
                                         int m0, int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
-                                        float * __restrict__ y, int ldy) {
+                                        float * __restrict__ y, int ldy, Epilogue ep = Epilogue{nullptr, nullptr}) {
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
     __shared__ float ws[MM_TN][MM_TK + 1];  // +1: rows land in different banks
@@ -52,7 +54,7 @@ __device__ __forceinline__ void mm_tile(const float * __restrict__ x, int lda, c
         for (int k = 0; k < tk; ++k) acc = fmaf(xs[tm][k], ws[tn][k], acc);
         __syncthreads();
     }
-    if (m0 + tm < m_end && n0 + tn < N) y[(long)(m0 + tm) * ldy + n0 + tn] = acc;
+    if (m0 + tm < m_end && n0 + tn < N) store_out(y, ldy, m0 + tm, n0 + tn, acc, ep);
 }
 
 }  // namespace dg

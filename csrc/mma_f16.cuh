@@ -43,7 +43,7 @@ template <int T> DG_HD void dequant_block_f16(const uint8_t * b, uint16_t * y) {
 template <int T>
 __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int lda, const int * __restrict__ xrows,
                                              int m0, int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
-                                             float * __restrict__ y, int ldy) {
+                                             float * __restrict__ y, int ldy, Epilogue ep = Epilogue{nullptr, nullptr}) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
@@ -96,9 +96,9 @@ __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int l
         }
         __syncthreads();
     }
-    mma_store(acc, p, m0, m_end, n0, N, y, ldy);
+    mma_store(acc, p, m0, m_end, n0, N, y, ldy, ep);
 #else
-    (void)x; (void)lda; (void)xrows; (void)m0; (void)m_end; (void)w; (void)n0; (void)N; (void)K; (void)y; (void)ldy;
+    (void)x; (void)lda; (void)xrows; (void)m0; (void)m_end; (void)w; (void)n0; (void)N; (void)K; (void)y; (void)ldy; (void)ep;
     __trap();  // f16 MMA m16n8k16 needs sm_80; the wrappers refuse older GPUs
 #endif
 }

@@ -2,6 +2,7 @@
 // of 4 warps, each warp a 16 x 16 quarter made of two m16n8 MMA tiles, and the store of the f32
 // accumulators in the m16n8 layout: (row g, cols 2t, 2t+1) and (row g + 8, the same).
 #pragma once
+#include "epilogue.cuh"
 #include "quant/blocks.cuh"
 
 namespace dg {
@@ -21,14 +22,15 @@ DG_HD MmaLane mma_lane(int tid) {
 }
 
 // acc[h][i]: n8 tile h of the warp's quarter, accumulator i, for the tile at (m0, n0); rows at or past
-// m_end and columns at or past N are dropped
-DG_HD void mma_store(const float (&acc)[2][4], const MmaLane &p, int m0, int m_end, int n0, int N, float * y, int ldy) {
+// m_end and columns at or past N are dropped; the others go where `ep` says (csrc/epilogue.cuh)
+__device__ __forceinline__ void mma_store(const float (&acc)[2][4], const MmaLane &p, int m0, int m_end, int n0, int N,
+                                          float * y, int ldy, const Epilogue &ep) {
     for (int h = 0; h < 2; ++h) {
         for (int half = 0; half < 2; ++half) {
             const int m = m0 + p.wm + p.g + half * 8;
             for (int j = 0; j < 2; ++j) {
                 const int n = n0 + p.wn + h * 8 + p.t * 2 + j;
-                if (m < m_end && n < N) y[(long)m * ldy + n] = acc[h][half * 2 + j];
+                if (m < m_end && n < N) store_out(y, ldy, m, n, acc[h][half * 2 + j], ep);
             }
         }
     }

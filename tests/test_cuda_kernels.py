@@ -138,6 +138,16 @@ def test_moe_qmatmul_matches_expert_by_expert(ops, qtype, n, k, counts, gathered
     round_w = (lambda v: v.half().double().abs()) if kernel == "f16" else (lambda v: v.abs())
     bound = 1e-5 * ops._expert_by_expert(xs.abs(), groups, wq, qtype, k, round_w).double() + 1e-6
     assert bool(((y.cpu().double() - ref.double()).abs() <= bound).all())
+    if not gathered:  # the down projection: each pair's row times its weight added into its token's row
+        T = max(1, P // 3)
+        to = torch.from_numpy(rng.integers(0, T, P).astype(np.int32))
+        wt = torch.from_numpy(rng.random(P).astype(np.float32))
+        scatter = (to.cuda(), wt.cuda(), T)
+        got = op(x, rows, groups, wq, qtype, k, scatter).cpu().double()
+        want = getattr(ops, f"{ops.MATMULS[kernel][1]}_reference")(x, rows, groups, wq, qtype, k, (to, wt, T)).double()
+        terms = ops._scattered(ref.abs(), (to, wt, T)).double()  # sum of |weight * row| per token
+        bound = ops._scattered(bound.float(), (to, wt, T)).double() + 1e-6 * terms + 1e-6  # + the float atomics
+        assert got.shape == (T, n) and bool(((got - want).abs() <= bound).all())
 
 
 def test_moe_qmatmul_rejects_bad_input(ops):
@@ -150,6 +160,9 @@ def test_moe_qmatmul_rejects_bad_input(ops):
         ops.moe_qmatmul(x, torch.zeros(5, dtype=torch.int64, device="cuda"), groups([1, 2, 2]), w, Q.Q8_0, 32)
     with pytest.raises(ValueError, match="x has 5 rows for 4"):
         ops.moe_qmatmul(x, None, groups([1, 2, 1]), w, Q.Q8_0, 32)
+    with pytest.raises(ValueError, match="scatter must be"):
+        bad = (torch.zeros(5, dtype=torch.int64, device="cuda"), torch.ones(5, device="cuda"), 3)
+        ops.moe_qmatmul(x, None, groups([5, 0, 0]), w, Q.Q8_0, 32, bad)
 
 
 def test_qmatmul_rejects_bad_shapes(ops):

@@ -301,11 +301,21 @@ class ExpertGroups:
         return self._tiles[tile]
 
 
+Scatter = tuple[torch.Tensor, torch.Tensor, int]  # (token of each pair int32 [P], its weight float32 [P], tokens)
+
+
 def _check_moe(op: str, x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor, qtype,
-               k: int) -> tuple[GGMLQuantizationType, torch.Tensor]:
+               k: int, scatter: Scatter | None = None) -> tuple[GGMLQuantizationType, torch.Tensor]:
     """The operands of a grouped expert GEMM; returns the GGML type and the rows every pair reads."""
     qtype = _check_matmul(op, x, w, qtype, k, "[E, N, ")
     E, P = w.shape[0], groups.pairs
+    if scatter is not None:
+        to, wt, tokens = scatter
+        if (to.dtype != torch.int32 or to.shape != (P,) or wt.dtype != torch.float32 or wt.shape != (P,)
+                or to.device != x.device or wt.device != x.device or tokens < 0 or not to.is_contiguous()
+                or not wt.is_contiguous()):
+            raise ValueError(f"{op}: scatter must be (int32 [{P}], float32 [{P}], tokens >= 0) contiguous on x's "
+                             f"device (got {to.dtype} {tuple(to.shape)}, {wt.dtype} {tuple(wt.shape)}, {tokens})")
     if groups.experts != E or groups.offsets.device != x.device:
         raise ValueError(f"{op}: {groups.experts} expert counts on {groups.offsets.device} for {E} experts on {x.device}")
     if rows is None:
@@ -319,54 +329,66 @@ def _check_moe(op: str, x: torch.Tensor, rows: torch.Tensor | None, groups: Expe
     return qtype, rows.contiguous()
 
 
+def _moe_out(groups: ExpertGroups, n: int, scatter: Scatter | None, device: torch.device) -> torch.Tensor:
+    """What a grouped GEMM returns: [P, N] by pair, or, scattered, zeros [tokens, N] to add into."""
+    if scatter is None:
+        return torch.empty(groups.pairs, n, dtype=torch.float32, device=device)
+    return torch.zeros(scatter[2], n, dtype=torch.float32, device=device)
+
+
 def _launch_moe(name: str, names: tuple[str, ...], tile: int, threads: int, xargs: tuple, rows: torch.Tensor,
-                groups: ExpertGroups, w: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
-    """Y [P, N] from a moe.cu kernel taking (*xargs, xrows, offsets, tile_offsets, E, w, expert_bytes, y, ldy,
-    N, K) on a grid of `tile`-square tiles."""
+                groups: ExpertGroups, w: torch.Tensor, k: int, device: torch.device,
+                scatter: Scatter | None = None) -> torch.Tensor:
+    """Y from a moe.cu kernel taking (*xargs, xrows, offsets, tile_offsets, E, w, expert_bytes, y, ldy, N, K,
+    out_rows, out_w) on a grid of `tile`-square tiles: [P, N] by pair, or with `scatter` (tokens of the
+    pairs, their weights, the number of tokens) [tokens, N], each pair's row times its weight added into its
+    token's row in the kernel's epilogue (csrc/epilogue.cuh)."""
     n = w.shape[1]
-    y = torch.empty(groups.pairs, n, dtype=torch.float32, device=device)
+    y = _moe_out(groups, n, scatter, device)
     if groups.pairs == 0 or n == 0:
         return y
     tile_offsets, max_tiles = groups.tiles(tile)
     grid = ((n + tile - 1) // tile, max_tiles)
+    out_rows, out_w = (scatter[0], scatter[1]) if scatter is not None else (np.uint64(0), np.uint64(0))
     _launch(kernel("moe.cu", name, names), grid, (threads,),
             (*xargs, rows, groups.offsets, tile_offsets, np.int32(w.shape[0]), w,
-             np.int64(w.stride(0)), y, np.int32(n), np.int32(n), np.int32(k)))
+             np.int64(w.stride(0)), y, np.int32(n), np.int32(n), np.int32(k), out_rows, out_w))
     return y
 
 
 def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
-                qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+                qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None) -> torch.Tensor:
     """The grouped expert GEMM (csrc/moe.cu): pair m (grouped by expert, `groups`) reads x[rows[m]] (rows:
     int32 [P]) or x[m] (rows None) and multiplies it by its expert's matrix: w is [E, N, row_bytes] uint8
-    in GGML type `qtype` for rows of k. Returns [P, N] float32."""
-    qtype, rows = _check_moe("moe_qmatmul", x, rows, groups, w, qtype, k)
+    in GGML type `qtype` for rows of k. Returns [P, N] float32, or with scatter = (token int32 [P], weight
+    float32 [P], tokens) the weighted sum per token [tokens, N] (tokens unchecked: the engine's own)."""
+    qtype, rows = _check_moe("moe_qmatmul", x, rows, groups, w, qtype, k, scatter)
     return _launch_moe(f"dg::moe_qmatmul<{int(qtype)}>", _MOE_NAMES, MM_TILE, MM_THREADS,
-                       (x, np.int32(x.stride(0))), rows, groups, w, k, x.device)
+                       (x, np.int32(x.stride(0))), rows, groups, w, k, x.device, scatter)
 
 
 def moe_qmatmul_mma(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
-                    qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+                    qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None) -> torch.Tensor:
     """moe_qmatmul on f16 tensor cores (compute capability >= 8.0): X and the dequantized W rounded to f16,
     as qmatmul_mma."""
-    qtype, rows = _check_moe("moe_qmatmul_mma", x, rows, groups, w, qtype, k)
+    qtype, rows = _check_moe("moe_qmatmul_mma", x, rows, groups, w, qtype, k, scatter)
     _check_mma("moe_qmatmul_mma", x, k)
     return _launch_moe(f"dg::moe_qmatmul_mma<{int(qtype)}>", _MOE_MMA_NAMES, MMA_TILE, MMA_THREADS,
-                       (x, np.int32(x.stride(0))), rows, groups, w, k, x.device)
+                       (x, np.int32(x.stride(0))), rows, groups, w, k, x.device, scatter)
 
 
 def moe_qmatmul_q8(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
-                   qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+                   qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None) -> torch.Tensor:
     """moe_qmatmul on int8 tensor cores (compute capability >= 8.0, integer GGML types): x quantized once
     by quantize_q8 (the gathered rows read its rows), as qmatmul_q8."""
-    qtype, rows = _check_moe("moe_qmatmul_q8", x, rows, groups, w, qtype, k)
+    qtype, rows = _check_moe("moe_qmatmul_q8", x, rows, groups, w, qtype, k, scatter)
     _check_int("moe_qmatmul_q8", qtype)
     _check_mma("moe_qmatmul_q8", x)
     if groups.pairs == 0 or w.shape[1] == 0:
-        return torch.empty(groups.pairs, w.shape[1], dtype=torch.float32, device=x.device)
+        return _moe_out(groups, w.shape[1], scatter, x.device)
     xq, xd, xs = quantize_q8(x)
     return _launch_moe(f"dg::moe_qmatmul_q8<{int(qtype)}>", _MOE_Q8_NAMES, MMA_TILE, MMA_THREADS,
-                       (xq, xd, xs), rows, groups, w, k, x.device)
+                       (xq, xd, xs), rows, groups, w, k, x.device, scatter)
 
 
 def _expert_by_expert(xs: torch.Tensor, groups: ExpertGroups, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
@@ -382,23 +404,32 @@ def _pair_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x[rows.long().cpu()] if rows is not None else x
 
 
+def _scattered(y: torch.Tensor, scatter: Scatter | None) -> torch.Tensor:
+    """A reference's [P, N] by pair, or its weighted sum per token (float64 adds)."""
+    if scatter is None:
+        return y
+    to, wt, tokens = (v.cpu() if isinstance(v, torch.Tensor) else v for v in scatter)
+    out = torch.zeros(tokens, y.shape[1], dtype=torch.float64)
+    return out.index_add_(0, to.long(), y.double() * wt.double()[:, None]).float()
+
+
 def moe_qmatmul_reference(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
-                          qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+                          qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None) -> torch.Tensor:
     """Expert by expert: dequantize on the CPU, multiply its pairs' rows in float64."""
-    return _expert_by_expert(_pair_rows(x.double().cpu(), rows), groups, w, qtype, k)
+    return _scattered(_expert_by_expert(_pair_rows(x.double().cpu(), rows), groups, w, qtype, k), scatter)
 
 
 def moe_qmatmul_mma_reference(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
-                              qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+                              qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None) -> torch.Tensor:
     """Expert by expert with X and W rounded to f16 as the kernel rounds them, multiplied in float64."""
-    return _expert_by_expert(_pair_rows(x.cpu().half().double(), rows), groups, w, qtype, k,
-                             lambda w: w.half().double())
+    y = _expert_by_expert(_pair_rows(x.cpu().half().double(), rows), groups, w, qtype, k, lambda w: w.half().double())
+    return _scattered(y, scatter)
 
 
 def moe_qmatmul_q8_reference(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
-                             qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+                             qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None) -> torch.Tensor:
     """Expert by expert with X quantized as quantize_q8 does, in float64."""
-    return _expert_by_expert(_pair_rows(_q8_values(x), rows), groups, w, qtype, k)
+    return _scattered(_expert_by_expert(_pair_rows(_q8_values(x), rows), groups, w, qtype, k), scatter)
 
 
 def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, step: int, vocab: int, bound: float):

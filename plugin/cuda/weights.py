@@ -106,21 +106,24 @@ class QuantExperts:
         one.matmul, one.bounded_input = self.matmul, self.bounded_input
         return one
 
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, groups: ops.ExpertGroups) -> torch.Tensor:
-        """The grouped GEMM: pair m reads x[rows[m]] (rows None: x[m]) -> [P, N] float32."""
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, groups: ops.ExpertGroups,
+                 scatter: ops.Scatter | None = None) -> torch.Tensor:
+        """The grouped GEMM: pair m reads x[rows[m]] (rows None: x[m]) -> [P, N] float32, or with scatter
+        (token and weight of each pair, tokens) the weighted sum per token [tokens, N]."""
         grouped = getattr(ops, ops.MATMULS[self.matmul][1])
-        return grouped(_padded(x, self.k_in, self.k), rows, groups, self.data, self.qtype, self.k)
+        return grouped(_padded(x, self.k_in, self.k), rows, groups, self.data, self.qtype, self.k, scatter)
 
     def grouped(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
                 down: QuantExperts) -> torch.Tensor:
         """model.grouped_experts on the GPU, self being gate_up: x [N, D]; rows [P] the token of each (token,
         expert) pair grouped by expert, counts [E] (on x's device) pairs per expert; weights [P] their routing
-        weights. Two csrc/moe.cu launches (gate_up, down) for all experts, then the weighted scatter; the
-        tiles are found on the GPU, so nothing waits for the counts. Returns [N, D]."""
+        weights. Two csrc/moe.cu launches (gate_up, down) for all experts; down's epilogue adds each pair's
+        weighted row into its token's (the [P, D] product is never written). The tiles are found on the GPU,
+        so nothing waits for the counts. Returns [N, D]."""
         groups = ops.ExpertGroups(counts, x.device, pairs=rows.shape[0])
-        h = self(x, rows.to(torch.int32), groups)  # [P, 2Fe]
-        y = down(geglu(h), None, groups)  # [P, D]
-        return torch.zeros_like(x).index_add_(0, rows, y * weights[:, None].to(y.dtype))
+        tokens = rows.to(torch.int32)
+        h = self(x, tokens, groups)  # [P, 2Fe]
+        return down(geglu(h), None, groups, (tokens, weights.float().contiguous(), x.shape[0]))  # [N, D]
 
 
 class TensorSource(Protocol):
