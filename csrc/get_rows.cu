@@ -1,7 +1,7 @@
 // Embedding lookup from GGML rows: Y[m, :] = dequant(W[rows[m], :]) for the canvas or prompt tokens, so
 // the token embedding stays in its quantized form in VRAM (one copy, shared with the tied head) instead
 // of a float32 [V, D] copy (2.95 GB for the 26B-A4B's 262144 x 2816).
-// One thread block per output row; its threads take the row's GGML blocks in turn (csrc/quant/blocks.cuh).
+// One thread block per output row; its threads take the row's 16-value groups in turn (csrc/quant/blocks.cuh).
 // Shapes: rows [M] i32 in [0, V) (checked by the wrapper); W [V, row_bytes] u8; Y [M, K] f32.
 #include "quant/blocks.cuh"
 
@@ -14,7 +14,8 @@ __global__ void get_rows(const int * __restrict__ rows, const uint8_t * __restri
     const long row_bytes = (long)(K / QK) * SIZE;
     const uint8_t * src = w + (long)rows[blockIdx.x] * row_bytes;
     float * dst = y + (long)blockIdx.x * K;
-    for (int b = threadIdx.x; b < K / QK; b += blockDim.x) dequant_block<T>(src + (long)b * SIZE, dst + (long)b * QK);
+    constexpr int UV = Unit<T>::VALUES;
+    for (int u = threadIdx.x; u < K / UV; u += blockDim.x) dequant_unit<T>(src, u, dst + (long)u * UV);
 }
 
 }  // namespace dg

@@ -54,8 +54,8 @@ __global__ void __launch_bounds__(HEAD_THREADS) head_partials(
 
     for (int v = v0; v < v1; ++v) {
         const uint8_t * row = E + (long)v * row_bytes;
-        for (int b = tid; b < D / QK; b += HEAD_THREADS) {
-            dequant_block<T>(row + (long)b * SIZE, &e_row[b * QK]);
+        for (int u = tid; u < D / Unit<T>::VALUES; u += HEAD_THREADS) {  // 16-value groups: 176 at D = 2816
+            dequant_unit<T>(row, u, &e_row[u * Unit<T>::VALUES]);
         }
         __syncthreads();
 #pragma unroll

@@ -2,7 +2,7 @@
 // qmatmul.cu (dense) and moe.cu (experts, rows gathered by expert).
 //
 // For each 256-wide slice of K the block dequantizes the tile's 16 weight rows into shared memory (one
-// GGML block per thread), stages 16 rows of X, and every thread accumulates one output. Correctness
+// 16-value group per thread at a time), stages 16 rows of X, and every thread accumulates one output. Correctness
 // first: plain float FMAs, no tensor cores yet; the tensor-core (int8 MMA / f16) variants are measured
 // against it on a GPU (issue 5). K is a multiple of the type's block size (32 or 256).
 #pragma once
@@ -35,15 +35,17 @@ __device__ __forceinline__ void mm_tile(const float * __restrict__ x, int lda, c
 
     for (int k0 = 0; k0 < K; k0 += MM_TK) {
         const int tk = K - k0 < MM_TK ? K - k0 : MM_TK;  // a multiple of QK
-        // dequantize the tile's weight rows: blocks of QK values, one block per thread per pass
-        const int blocks_per_row = (tk + QK - 1) / QK;
-        for (int i = tid; i < MM_TN * blocks_per_row; i += MM_THREADS) {
-            const int r = i / blocks_per_row, bi = i % blocks_per_row;
-            float * dst = &ws[r][bi * QK];
+        // dequantize the tile's weight rows: one unit (16-value group, or a float value) per thread per pass
+        constexpr int UV = Unit<T>::VALUES;
+        const int units = tk / UV;
+        const uint8_t * slice = w + (long)(k0 / QK) * SIZE;
+        for (int i = tid; i < MM_TN * units; i += MM_THREADS) {
+            const int r = i / units, u = i % units;
+            float * dst = &ws[r][u * UV];
             if (n0 + r < N) {
-                dequant_block<T>(w + (long)(n0 + r) * row_bytes + (long)(k0 / QK + bi) * SIZE, dst);
+                dequant_unit<T>(slice + (long)(n0 + r) * row_bytes, u, dst);
             } else {
-                for (int j = 0; j < QK; ++j) dst[j] = 0.0f;
+                for (int j = 0; j < UV; ++j) dst[j] = 0.0f;
             }
         }
         for (int i = tid; i < MM_TM * tk; i += MM_THREADS) {

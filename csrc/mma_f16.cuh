@@ -1,8 +1,8 @@
 // One 32 x 32 tile of Y = X W^T on f16 tensor cores, W rows in a GGML block format: the body of
 // qmatmul_mma.cu (dense) and moe.cu's moe_qmatmul_mma (experts, rows gathered by expert).
 //
-// Per 256-wide slice of K the block converts 32 rows of X to f16 and dequantizes 32 rows of W (one GGML
-// block per thread, through the integer form for the integer types) to f16 in shared memory, then each
+// Per 256-wide slice of K the block converts 32 rows of X to f16 and dequantizes 32 rows of W (one 16-value
+// group per thread at a time, through the integer form for the integer types) to f16 in shared memory, then each
 // warp runs mma.sync.m16n8k16 (row.col, f32 accumulators) over its 16 x 16 quarter. Needs sm_80: below
 // that the tile traps (the wrappers refuse older GPUs). X values beyond f16's range (65504) overflow, so
 // the engine uses it only on normalised inputs, never on the down projections' gelu(gate) * up
@@ -23,19 +23,12 @@ DG_HD uint16_t f32_to_f16_bits(float x) {
 #endif
 }
 
-// one block of type T as f16 bits (the value dequant_block gives, rounded to nearest)
-template <int T> DG_HD void dequant_block_f16(const uint8_t * b, uint16_t * y) {
-    if constexpr (Traits<T>::QK == 1) {  // F32 / F16 / BF16: one value
-        float v;
-        dequant_block<T>(b, &v);
-        y[0] = f32_to_f16_bits(v);
-    } else {
-        constexpr int QK = Traits<T>::QK;
-        int8_t q[QK];
-        float s[QK / DG_GROUP], m[QK / DG_GROUP];
-        decompose_block<T>(b, q, s, m);
-        for (int i = 0; i < QK; ++i) y[i] = f32_to_f16_bits(decomposed_value(q, s, m, i));
-    }
+// unit u (csrc/quant/blocks.cuh: a 16-value group, or one float value) of a row as f16 bits: the values
+// dequant_unit gives, rounded to nearest
+template <int T> DG_HD void dequant_unit_f16(const uint8_t * row, int u, uint16_t * y) {
+    float v[Unit<T>::VALUES];
+    dequant_unit<T>(row, u, v);
+    for (int i = 0; i < Unit<T>::VALUES; ++i) y[i] = f32_to_f16_bits(v[i]);
 }
 
 // Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+MMA_TN-1 (those < N). Row m of X is
@@ -62,14 +55,16 @@ __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int l
     __syncthreads();
     for (int k0 = 0; k0 < K; k0 += MMA_TK) {
         const int tk = K - k0 < MMA_TK ? K - k0 : MMA_TK;  // a multiple of 16 (the wrappers check K)
-        const int blocks_per_row = tk / QK;
-        for (int i = tid; i < MMA_TN * blocks_per_row; i += MMA_THREADS) {
-            const int r = i / blocks_per_row, bi = i % blocks_per_row;
-            uint16_t * dst = &ws[r][bi * QK];
+        constexpr int UV = Unit<T>::VALUES;
+        const int units = tk / UV;
+        const uint8_t * slice = w + (long)(k0 / QK) * SIZE;
+        for (int i = tid; i < MMA_TN * units; i += MMA_THREADS) {  // one group (or float value) per thread
+            const int r = i / units, u = i % units;
+            uint16_t * dst = &ws[r][u * UV];
             if (n0 + r < N) {
-                dequant_block_f16<T>(w + (long)(n0 + r) * row_bytes + (long)(k0 / QK + bi) * SIZE, dst);
+                dequant_unit_f16<T>(slice + (long)(n0 + r) * row_bytes, u, dst);
             } else {
-                for (int j = 0; j < QK; ++j) dst[j] = 0;
+                for (int j = 0; j < UV; ++j) dst[j] = 0;
             }
         }
         for (int i = tid; i < MMA_TM * tk; i += MMA_THREADS) {

@@ -40,17 +40,17 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
     __syncthreads();
     for (int k0 = 0; k0 < K; k0 += TK) {
         const int tk = K - k0 < TK ? K - k0 : TK;  // a multiple of QK (>= 32)
-        const int blocks_per_row = tk / QK;
-        for (int i = tid; i < TN * blocks_per_row; i += MMA_THREADS) {
-            const int r = i / blocks_per_row, bi = i % blocks_per_row;
-            int8_t * q = &ws_q[r][bi * QK];
-            float * s = &ws_s[r][bi * QK / DG_GROUP];
-            float * m = &ws_m[r][bi * QK / DG_GROUP];
+        const int groups = tk / DG_GROUP;  // one 16-value group per thread at a time
+        const uint8_t * slice = w + (long)(k0 / QK) * SIZE;
+        for (int i = tid; i < TN * groups; i += MMA_THREADS) {
+            const int r = i / groups, gi = i % groups;
+            int8_t * q = &ws_q[r][gi * DG_GROUP];
             if (n0 + r < N) {
-                decompose_block<T>(w + (long)(n0 + r) * row_bytes + (long)(k0 / QK + bi) * SIZE, q, s, m);
+                decompose_group<T>(slice + (long)(n0 + r) * row_bytes + (long)(gi / (QK / DG_GROUP)) * SIZE,
+                                   gi % (QK / DG_GROUP), q, ws_s[r][gi], ws_m[r][gi]);
             } else {
-                for (int j = 0; j < QK; ++j) q[j] = 0;
-                for (int j = 0; j < QK / DG_GROUP; ++j) s[j] = m[j] = 0.0f;
+                for (int j = 0; j < DG_GROUP; ++j) q[j] = 0;
+                ws_s[r][gi] = ws_m[r][gi] = 0.0f;
             }
         }
         for (int i = tid; i < TM * (tk / 4); i += MMA_THREADS) {  // 4 int8 at a time

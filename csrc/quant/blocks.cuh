@@ -7,14 +7,18 @@
 
 namespace dg {
 
-// dequantize one block of type T into y[0 .. QK): the integer types through their integer form (the
-// product rounded on its own, as the references compute it), the float types below
+// group g (16 values) of an integer-type block, dequantized into y[0 .. 16): mul_rn(s, q) + m, the product
+// rounded on its own, as the references compute it
+template <int T> DG_HD void dequant_group(const uint8_t * b, int g, float * y) {
+    int8_t q[DG_GROUP];
+    float s, m;
+    decompose_group<T>(b, g, q, s, m);
+    for (int i = 0; i < DG_GROUP; ++i) y[i] = mul_rn(s, (float)q[i]) + m;
+}
+
+// dequantize one block of type T into y[0 .. QK): the integer types group by group, the float types below
 template <int T> DG_HD void dequant_block(const uint8_t * b, float * y) {
-    constexpr int QK = Traits<T>::QK;
-    int8_t q[QK];
-    float s[QK / DG_GROUP], m[QK / DG_GROUP];
-    decompose_block<T>(b, q, s, m);
-    for (int i = 0; i < QK; ++i) y[i] = decomposed_value(q, s, m, i);
+    for (int g = 0; g < Traits<T>::QK / DG_GROUP; ++g) dequant_group<T>(b, g, y + DG_GROUP * g);
 }
 
 template <> DG_HD void dequant_block<T_F32>(const uint8_t * b, float * y) {
@@ -24,6 +28,21 @@ template <> DG_HD void dequant_block<T_F32>(const uint8_t * b, float * y) {
 }
 template <> DG_HD void dequant_block<T_F16>(const uint8_t * b, float * y) { y[0] = fp16_to_f32(rd16(b)); }
 template <> DG_HD void dequant_block<T_BF16>(const uint8_t * b, float * y) { y[0] = bf16_to_f32(rd16(b)); }
+
+// A row slice split into units a thread decodes each: 16-value groups for the integer types, single values
+// for the float ones (UNIT values at a time). unit u of the row starting at `row` -> y[0 .. UNIT)
+template <int T> struct Unit {
+    static constexpr int VALUES = Traits<T>::QK == 1 ? 1 : DG_GROUP;
+};
+
+template <int T> DG_HD void dequant_unit(const uint8_t * row, int u, float * y) {
+    constexpr int QK = Traits<T>::QK, PER_BLOCK = QK / Unit<T>::VALUES;
+    if constexpr (QK == 1) {
+        dequant_block<T>(row + (long)u * Traits<T>::SIZE, y);
+    } else {
+        dequant_group<T>(row + (long)(u / PER_BLOCK) * Traits<T>::SIZE, u % PER_BLOCK, y);
+    }
+}
 
 // values and bytes per block of a runtime type id (host harnesses); false for an unknown type
 DG_HD bool block_shape(int type, int &qk, int &size) {

@@ -73,7 +73,11 @@ def _launch(fn, grid, block, args, shared_mem: int = 0) -> None:
     if stream is None:
         if len(_STREAMS) > 64:  # streams come and go (a capture's): keep the map small
             _STREAMS.clear()
-        stream = _STREAMS[key] = cupy.cuda.ExternalStream(key[1], key[0])
+        try:
+            stream = cupy.cuda.ExternalStream(key[1], key[0])
+        except TypeError:  # CuPy before 12 takes the pointer alone (the current device's stream)
+            stream = cupy.cuda.ExternalStream(key[1])
+        _STREAMS[key] = stream
     ptrs = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)  # args keeps them alive
     with stream:
         fn(grid, block, ptrs, shared_mem=shared_mem)

@@ -92,15 +92,15 @@ def _cache_path() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dgemma") / "matmul.json"
 
 
-def _cache_key(device: torch.device | str, capability: tuple[int, int], rows: int) -> str:
+def _cache_key(device: torch.device | str, capability: tuple[int, int], rows: int, top_k: int) -> str:
     """The GPU, its compute capability, torch's version and CUDA, the kernels' sources and the row count:
-    what a choice depends on."""
+    what a choice depends on (and top-k: the experts are timed at rows x top_k pairs)."""
     h = hashlib.sha256()
     for p in sorted(csrc_dir().rglob("*.cu*")):
         h.update(p.name.encode() + p.read_bytes())
     name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
     return (f"{name} sm_{capability[0]}{capability[1]} torch:{torch.__version__} cuda:{torch.version.cuda} "
-            f"csrc:{h.hexdigest()[:16]} rows:{rows}")
+            f"csrc:{h.hexdigest()[:16]} rows:{rows} top_k:{top_k}")
 
 
 def _read_cache(path: Path) -> dict:
@@ -144,7 +144,7 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
         plan = {c: (choice if choice in candidates(objs[0]) else "scalar") for c, objs in classes.items()}
     else:
         path = None if cache is False else (_cache_path() if cache is True else Path(cache))
-        key = _cache_key(device, capability, rows)
+        key = _cache_key(device, capability, rows, top_k)
         stored = _read_cache(path) if path else {}
         known = stored.get(key, {}) if isinstance(stored.get(key), dict) else {}
         plan = {}
