@@ -90,12 +90,14 @@ def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gg
     w2.head = w.head
     never = preset_timer(ran, {})
     mtime = cache.stat().st_mtime_ns
-    assert tune.choose(w2, "auto", rows=16, device="cpu", capability=AMPERE, timer=never, cache=cache) == plan
+    assert tune.choose(w2, "auto", rows=16, device="cpu", capability=AMPERE, timer=never, cache=cache, top_k=2) == plan
     assert never.timed == [] and cache.stat().st_mtime_ns == mtime
-    # another row count is another key: timed again, the first kept
-    faster_scalar = preset_timer(ran, {"scalar": 0.5, "f16": 2.0, "int8": 1.0})
-    plan32 = tune.choose(w2, "auto", rows=32, device="cpu", capability=AMPERE, timer=faster_scalar, cache=cache)
-    assert set(plan32.values()) == {"scalar"} and len(json.loads(cache.read_text())) == 2
+    # another row count, or top-k, is another key: timed again, the first kept
+    for n, (rows, top_k) in enumerate([(32, 2), (16, 8)]):
+        faster_scalar = preset_timer(ran, {"scalar": 0.5, "f16": 2.0, "int8": 1.0})
+        other = tune.choose(w2, "auto", rows=rows, device="cpu", capability=AMPERE, timer=faster_scalar, cache=cache,
+                            top_k=top_k)
+        assert set(other.values()) == {"scalar"} and len(json.loads(cache.read_text())) == 2 + n
 
 
 def test_auto_on_a_gpu_without_tensor_cores_times_nothing(default_gguf, ran, tmp_path):
