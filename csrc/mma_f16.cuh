@@ -32,7 +32,8 @@ template <int T> DG_HD void dequant_unit_f16(const uint8_t * row, int u, uint16_
 }
 
 // Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+MMA_TN-1 (those < N). Row m of X is
-// x[xrows[m] * lda] when xrows is given, else x[m * lda]; row m of Y is y[m * ldy].
+// x[xrows[m] * lda] when xrows is given, else x[m * lda]; row m of Y goes where `ep` says
+// (csrc/epilogue.cuh: y[m * ldy], or added into a token's row).
 template <int T>
 __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int lda, const int * __restrict__ xrows,
                                              int m0, int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,

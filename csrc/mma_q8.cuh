@@ -13,7 +13,8 @@
 namespace dg {
 
 // Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+MMA_TN-1 (those < N). Row m of X is row
-// xrows[m] of (xq, xd, xs) when xrows is given, else row m; row m of Y is y[m * ldy].
+// xrows[m] of (xq, xd, xs) when xrows is given, else row m; row m of Y goes where `ep` says
+// (csrc/epilogue.cuh: y[m * ldy], or added into a token's row).
 template <int T>
 __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, const float * __restrict__ xd,
                                             const int * __restrict__ xs, const int * __restrict__ xrows, int m0,
@@ -46,8 +47,7 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
             const int r = i / groups, gi = i % groups;
             int8_t * q = &ws_q[r][gi * DG_GROUP];
             if (n0 + r < N) {
-                decompose_group<T>(slice + (long)(n0 + r) * row_bytes + (long)(gi / (QK / DG_GROUP)) * SIZE,
-                                   gi % (QK / DG_GROUP), q, ws_s[r][gi], ws_m[r][gi]);
+                decompose_unit<T>(slice + (long)(n0 + r) * row_bytes, gi, q, ws_s[r][gi], ws_m[r][gi]);
             } else {
                 for (int j = 0; j < DG_GROUP; ++j) q[j] = 0;
                 ws_s[r][gi] = ws_m[r][gi] = 0.0f;

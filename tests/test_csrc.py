@@ -55,13 +55,20 @@ TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_kernel_block_decoding_equals_gguf_py(harness, qtype):
+@pytest.mark.parametrize("mode", ["blocks", "units", "groups"])
+def test_kernel_block_decoding_equals_gguf_py(harness, qtype, mode):
+    """The kernels' decoding, bit for bit against gguf-py: block by block, unit by unit as the tiles, the head
+    and get_rows decode (16-value groups counted along the row, or float values) and through the integer
+    form as the int8 tile stages it; rows of 768 values (3 K-quant blocks, 24 32-value blocks)."""
+    if mode == "groups" and qtype in (Q.F32, Q.F16, Q.BF16):
+        pytest.skip("float types have no integer form")
     rng = np.random.default_rng(int(qtype))
     x = rng.standard_normal((7, 768)) * rng.uniform(1e-3, 1e3, (7, 1))
     x[0, :300] = 0.0
     x[1] = np.abs(x[1])
     data = quant.quantize(x.astype(np.float32), qtype)
-    proc = subprocess.run([str(harness), str(int(qtype)), "768"], input=data.tobytes(), capture_output=True, timeout=60)
+    proc = subprocess.run([str(harness), str(int(qtype)), "768", mode], input=data.tobytes(), capture_output=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
     ours = np.frombuffer(proc.stdout, np.float32).reshape(7, 768)
     ref = x.astype(np.float32) if qtype == Q.F32 else gguf.quants.dequantize(data, qtype).reshape(7, 768)

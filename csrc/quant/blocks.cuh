@@ -44,6 +44,13 @@ template <int T> DG_HD void dequant_unit(const uint8_t * row, int u, float * y) 
     }
 }
 
+// the integer form of 16-value group gi of the row starting at `row` (integer types): as decompose_group,
+// gi counted along the row (csrc/mma_q8.cuh stages a tile's groups this way)
+template <int T> DG_HD void decompose_unit(const uint8_t * row, int gi, int8_t * q, float & s, float & m) {
+    constexpr int PER_BLOCK = Traits<T>::QK / DG_GROUP;
+    decompose_group<T>(row + (long)(gi / PER_BLOCK) * Traits<T>::SIZE, gi % PER_BLOCK, q, s, m);
+}
+
 // values and bytes per block of a runtime type id (host harnesses); false for an unknown type
 DG_HD bool block_shape(int type, int &qk, int &size) {
 #define DG_CASE(T) case T: qk = Traits<T>::QK; size = Traits<T>::SIZE; return true;

@@ -1,8 +1,8 @@
 // GGML integer block formats (ggml-quants.c dequantize_row_*, read term by term) as w = s[g] * q + m[g]:
 // int8 values q and, per group g of 16 values, a float scale and offset. This is the one place each integer
-// layout is read: blocks.cuh's dequant_block computes mul_rn(s, q) + m from it (equal to gguf-py bit for
-// bit, tests/test_csrc.py), and the int8 tensor-core matmul (csrc/qmatmul_q8.cu) multiplies q by quantized
-// activations and applies s and m per group. F32/F16/BF16 have no integer form.
+// layout is read, a group at a time: blocks.cuh's dequant_group computes mul_rn(s, q) + m from it (equal to
+// gguf-py bit for bit, tests/test_csrc.py), and the int8 tensor-core tile (csrc/mma_q8.cuh) multiplies q by
+// quantized activations and applies s and m per group. F32/F16/BF16 have no integer form.
 #pragma once
 #include "base.cuh"
 
@@ -112,11 +112,6 @@ template <> DG_HD void decompose_group<T_Q6_K>(const uint8_t * b, int g, int8_t 
         q[l] = (int8_t)((int)((t < 2 ? ql[l] & 0xF : ql[l] >> 4) | (((qh[l] >> (2 * t)) & 3) << 4)) - 32);
     s = fp16_to_f32(rd16(b + 208)) * ((const int8_t *)(b + 192))[g];
     m = 0.0f;
-}
-
-// one block of type T -> q[QK], s[QK / 16], m[QK / 16]: its groups in turn
-template <int T> DG_HD void decompose_block(const uint8_t * b, int8_t * q, float * s, float * m) {
-    for (int g = 0; g < Traits<T>::QK / DG_GROUP; ++g) decompose_group<T>(b, g, q + DG_GROUP * g, s[g], m[g]);
 }
 
 }  // namespace dg
