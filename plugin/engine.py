@@ -127,6 +127,7 @@ class Engine:
         self.decode_step = FastDecoder(model).decode if FastDecoder.supports(model) else model.decode
         self._lock = threading.Lock()  # one generation at a time per engine
         self.matmul: dict[str, str] = {}  # cuda backend: {weight shape class: matmul kernel} (plugin/cuda/tune.py)
+        self.backend = "torch"  # set by load: the backend that runs the model ("cuda" or "torch")
         self.graphs = graphs  # replay the decoder pass from a CUDA graph (plugin/cuda/graph.py; rng counter only)
         self.graphed = None  # the last generation's GraphedDecoder (its captures, replays, fallback)
         self._graph_stream = None  # where every generation's decoder warms up and captures
@@ -197,8 +198,15 @@ class Engine:
             raise EngineError(str(e)) from None
         engine = cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng, kv_cache,
                      graphs=backend == "cuda" and graphs is not False)
-        engine.matmul = plan
+        engine.matmul, engine.backend = plan, backend
         return engine
+
+    def describe(self) -> str:
+        """One line on what runs the model: 'cuda on NVIDIA H100 (rng counter, KV cache f16, CUDA graphs)'."""
+        where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "the CPU"
+        kv = {v: k for k, v in KV_DTYPES.items()}[self.kv_dtype]
+        graphs = ", CUDA graphs" if self.graphs and self.rng == "counter" else ""
+        return f"{self.backend} on {where} (rng {self.rng}, KV cache {kv}{graphs})"
 
     # ---- prompt ---------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[dict[str, Any]] | list[int], raw: bool = False, **template_kwargs) -> list[int]:

@@ -158,6 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print()
     if args.stats and not args.json:
         print("\n".join(stats_lines(done)), file=sys.stderr)
+        print(f"backend:              {engine.describe()}", file=sys.stderr)
         if engine.matmul:
             kernels = sorted(set(engine.matmul.values()))
             uses = ", ".join(f"{k} for {sum(v == k for v in engine.matmul.values())}" for k in kernels)

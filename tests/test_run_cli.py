@@ -59,6 +59,8 @@ def test_run_json_with_prompt_ids_and_stats(models):
     assert out["prompt_eval_count"] == 4 and out["seed"] == 1 and out["steps_per_canvas"] == done.steps_per_canvas
     proc = run_cli(models, "default", "hello", "--stats", "--max-tokens", "8", "--steps", "3", "--seed", "2")
     assert proc.returncode == 0 and "tokens per forward:" in proc.stderr and "steps: 3" in proc.stderr
+    if not _cuda_usable():  # --backend auto, without a GPU: the torch backend, and it says so
+        assert "backend:              torch on the CPU (rng torch, KV cache f32)" in proc.stderr
 
 
 def test_run_reads_the_prompt_from_stdin_and_can_visualize(models):
