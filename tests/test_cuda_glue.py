@@ -30,6 +30,20 @@ def default_gguf(tmp_path_factory):
     return ensure_default_model(tmp_path_factory.mktemp("models"))
 
 
+def decode_both(ref: DiffusionGemma, model: DiffusionGemma, prompt_len: int, before=lambda: None):
+    """The same random prompt encoded and canvas decoded by two models (`before()` runs just before the
+    second model's encode): (logits of ref, logits of model, canvas, ref's cache, model's cache)."""
+    cfg = ref.cfg
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len), generator=g)
+    canvas = torch.randint(3, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
+    c1, c2 = KVCache(), KVCache()
+    ref.encode(prompt, c1)
+    before()
+    model.encode(prompt, c2)
+    return ref.decode(canvas, c1), model.decode(canvas, c2), canvas, c1, c2
+
+
 def test_cuda_weights_give_the_torch_backends_logits(default_gguf, kernels_as_references):
     ref = Engine.load(default_gguf)
     cfg = ref.cfg
@@ -37,14 +51,7 @@ def test_cuda_weights_give_the_torch_backends_logits(default_gguf, kernels_as_re
     assert isinstance(weights.layers[0].gate_up_exps, QuantExperts) and isinstance(weights.head, QuantLinear)
     assert isinstance(weights.embed, QuantEmbedding) and weights.embed.data is weights.head.data  # one copy
     gpu_like = DiffusionGemma(cfg, weights)
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, cfg.vocab_size, (1, 11), generator=g)
-    canvas = torch.randint(3, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
-    c1, c2 = KVCache(), KVCache()
-    ref.model.encode(prompt, c1)
-    gpu_like.encode(prompt, c2)
-    a = ref.model.decode(canvas, c1)
-    b = gpu_like.decode(canvas, c2)
+    a, b, canvas, c1, c2 = decode_both(ref.model, gpu_like, 11)
     assert a.shape == b.shape and float((a - b).abs().max()) < 1e-3
     sc = torch.softmax(a / 0.8, dim=-1)
     assert float((ref.model.decode(canvas, c1, sc) - gpu_like.decode(canvas, c2, sc)).abs().max()) < 1e-3

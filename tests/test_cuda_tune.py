@@ -17,7 +17,8 @@ from dgemma.plugin.cuda.weights import QuantLinear, load_cuda_weights
 from dgemma.plugin.default_model import ensure_default_model
 from dgemma.plugin.engine import Engine, EngineError
 from dgemma.plugin.inspect import open_gguf
-from dgemma.plugin.model import DiffusionGemma, KVCache
+from dgemma.plugin.model import DiffusionGemma
+from test_cuda_glue import decode_both
 
 
 AMPERE, TURING = (8, 0), (7, 5)
@@ -143,15 +144,7 @@ def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran, kerne
     ref = Engine.load(default_gguf)
     w, cfg = weights(default_gguf)
     tune.choose(w, kernel, device="cpu", capability=AMPERE, cache=False)
-    model = DiffusionGemma(cfg, w)
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, cfg.vocab_size, (1, 30), generator=g)
-    canvas = torch.randint(3, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
-    c1, c2 = KVCache(), KVCache()
-    ref.model.encode(prompt, c1)
-    del ran[:]
-    model.encode(prompt, c2)
-    a, b = ref.model.decode(canvas, c1), model.decode(canvas, c2)
+    a, b, *_ = decode_both(ref.model, DiffusionGemma(cfg, w), 30, before=lambda: ran.clear())
     assert set(ran) == ({kernel, "scalar"} if kernel == "f16" else {kernel})  # f16: not on the down projections
     diff = float((a - b).abs().max())
     assert low <= diff < high
