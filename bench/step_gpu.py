@@ -21,6 +21,7 @@ from synthetic import timed as timed_on
 
 from dgemma.plugin.cuda import check_cuda
 from dgemma.plugin.cuda import ops
+from dgemma.plugin.model import geglu
 
 # (name, N, K, GGML type, M rows of activations, count per step) for the Q4_K_M 26B-A4B, per layer class
 SHAPES = [
@@ -60,7 +61,7 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
     def grouped(kernel: str = "scalar"):  # as QuantExperts.grouped: the groups once per layer (on the GPU), 2 launches
         op = getattr(ops, ops.MATMULS[kernel][1])
         groups = ops.ExpertGroups(counts_gpu, "cuda", pairs=len(rows))
-        op(x, rows, groups, gate_up, Q.Q4_K, d)
+        op(x, rows, groups, gate_up, Q.Q4_K, d, gated=True)  # the GELU gate in the epilogue
         op(act, None, groups, down, Q.Q5_0, fe, (rows, weights, tokens))  # the weighted scatter in the epilogue
 
     starts = [sum(counts[:e]) for e in range(experts)]
@@ -70,8 +71,8 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
         for e, (s0, c) in enumerate(zip(starts, counts)):
             if c:
                 r = rows[s0:s0 + c].long()
-                ops.qmatmul(x[r], gate_up[e], Q.Q4_K, d)
-                out.index_add_(0, r, ops.qmatmul(act[s0:s0 + c], down[e], Q.Q5_0, fe) * weights[s0:s0 + c, None])
+                a = geglu(ops.qmatmul(x[r], gate_up[e], Q.Q4_K, d))
+                out.index_add_(0, r, ops.qmatmul(a, down[e], Q.Q5_0, fe) * weights[s0:s0 + c, None])
 
     a, b = timed(grouped, repeat), timed(per_expert, repeat)
     wbytes = gate_up.numel() + down.numel()

@@ -18,11 +18,12 @@ constexpr int MM_THREADS = MM_TM * MM_TN;
 
 // Rows m0 .. m_end-1 (at most MM_TM of them) of Y, columns n0 .. n0+MM_TN-1 (those < N).
 // Row m of X is x[xrows[m] * lda] when xrows is given, else x[m * lda]; row m of Y goes where `ep` says
-// (csrc/epilogue.cuh: y[m * ldy], or added into a token's row).
+// (csrc/epilogue.cuh: y[m * ldy], added into a token's row, or gated: columns n0 .. n0+MM_TN/2-1 of
+// gelu_tanh(gate) * up).
 template <int T>
 __device__ __forceinline__ void mm_tile(const float * __restrict__ x, int lda, const int * __restrict__ xrows,
                                         int m0, int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
-                                        float * __restrict__ y, int ldy, Epilogue ep = Epilogue{nullptr, nullptr}) {
+                                        float * __restrict__ y, int ldy, Epilogue ep = Epilogue{}) {
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
     __shared__ float ws[MM_TN][MM_TK + 1];  // +1: rows land in different banks
@@ -42,8 +43,9 @@ __device__ __forceinline__ void mm_tile(const float * __restrict__ x, int lda, c
         for (int i = tid; i < MM_TN * units; i += MM_THREADS) {
             const int r = i / units, u = i % units;
             float * dst = &ws[r][u * UV];
-            if (n0 + r < N) {
-                dequant_unit<T>(slice + (long)(n0 + r) * row_bytes, u, dst);
+            const int wr = tile_w_row(r, n0, N, MM_TN, ep);
+            if (wr >= 0) {
+                dequant_unit<T>(slice + (long)wr * row_bytes, u, dst);
             } else {
                 for (int j = 0; j < UV; ++j) dst[j] = 0.0f;
             }
@@ -56,7 +58,14 @@ __device__ __forceinline__ void mm_tile(const float * __restrict__ x, int lda, c
         for (int k = 0; k < tk; ++k) acc = fmaf(xs[tm][k], ws[tn][k], acc);
         __syncthreads();
     }
-    if (m0 + tm < m_end && n0 + tn < N) store_out(y, ldy, m0 + tm, n0 + tn, acc, ep);
+    if (ep.fe > 0) {  // gated: gate and up meet in ws, free since the loop's last barrier
+        float (*ex)[MM_TN + 1] = reinterpret_cast<float (*)[MM_TN + 1]>(&ws[0][0]);
+        ex[tm][tn] = acc;
+        __syncthreads();
+        store_gated<MM_TM, MM_TN, MM_THREADS>(ex, m0, m_end, n0, y, ldy, ep.fe);
+    } else if (m0 + tm < m_end && n0 + tn < N) {
+        store_out(y, ldy, m0 + tm, n0 + tn, acc, ep);
+    }
 }
 
 }  // namespace dg

@@ -37,7 +37,7 @@ template <int T> DG_HD void dequant_unit_f16(const uint8_t * row, int u, uint16_
 template <int T>
 __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int lda, const int * __restrict__ xrows,
                                              int m0, int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
-                                             float * __restrict__ y, int ldy, Epilogue ep = Epilogue{nullptr, nullptr}) {
+                                             float * __restrict__ y, int ldy, Epilogue ep = Epilogue{}) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
@@ -62,8 +62,9 @@ __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int l
         for (int i = tid; i < MMA_TN * units; i += MMA_THREADS) {  // one group (or float value) per thread
             const int r = i / units, u = i % units;
             uint16_t * dst = &ws[r][u * UV];
-            if (n0 + r < N) {
-                dequant_unit_f16<T>(slice + (long)(n0 + r) * row_bytes, u, dst);
+            const int wr = tile_w_row(r, n0, N, MMA_TN, ep);
+            if (wr >= 0) {
+                dequant_unit_f16<T>(slice + (long)wr * row_bytes, u, dst);
             } else {
                 for (int j = 0; j < UV; ++j) dst[j] = 0;
             }
@@ -92,7 +93,7 @@ __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int l
         }
         __syncthreads();
     }
-    mma_store(acc, p, m0, m_end, n0, N, y, ldy, ep);
+    mma_store(acc, p, m0, m_end, n0, N, y, ldy, ep, &ws[0][0]);  // ws: 16.9 KB, free after the last barrier
 #else
     (void)x; (void)lda; (void)xrows; (void)m0; (void)m_end; (void)w; (void)n0; (void)N; (void)K; (void)y; (void)ldy; (void)ep;
     __trap();  // f16 MMA m16n8k16 needs sm_80; the wrappers refuse older GPUs

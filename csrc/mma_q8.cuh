@@ -19,7 +19,7 @@ template <int T>
 __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, const float * __restrict__ xd,
                                             const int * __restrict__ xs, const int * __restrict__ xrows, int m0,
                                             int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
-                                            float * __restrict__ y, int ldy, Epilogue ep = Epilogue{nullptr, nullptr}) {
+                                            float * __restrict__ y, int ldy, Epilogue ep = Epilogue{}) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
@@ -46,8 +46,9 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
         for (int i = tid; i < TN * groups; i += MMA_THREADS) {
             const int r = i / groups, gi = i % groups;
             int8_t * q = &ws_q[r][gi * DG_GROUP];
-            if (n0 + r < N) {
-                decompose_unit<T>(slice + (long)(n0 + r) * row_bytes, gi, q, ws_s[r][gi], ws_m[r][gi]);
+            const int wr = tile_w_row(r, n0, N, TN, ep);
+            if (wr >= 0) {
+                decompose_unit<T>(slice + (long)wr * row_bytes, gi, q, ws_s[r][gi], ws_m[r][gi]);
             } else {
                 for (int j = 0; j < DG_GROUP; ++j) q[j] = 0;
                 ws_s[r][gi] = ws_m[r][gi] = 0.0f;
@@ -87,7 +88,7 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
         }
         __syncthreads();
     }
-    mma_store(acc, p, m0, m_end, n0, N, y, ldy, ep);
+    mma_store(acc, p, m0, m_end, n0, N, y, ldy, ep, &ws_q[0][0]);  // ws_q: 8.7 KB, free after the last barrier
 #else
     (void)xq; (void)xd; (void)xs; (void)xrows; (void)m0; (void)m_end; (void)w; (void)n0; (void)N; (void)K; (void)y;
     (void)ldy; (void)ep;

@@ -22,9 +22,20 @@ DG_HD MmaLane mma_lane(int tid) {
 }
 
 // acc[h][i]: n8 tile h of the warp's quarter, accumulator i, for the tile at (m0, n0); rows at or past
-// m_end and columns at or past N are dropped; the others go where `ep` says (csrc/epilogue.cuh)
+// m_end and columns at or past N are dropped; the others go where `ep` says (csrc/epilogue.cuh). Every
+// thread of the block calls it: a gated tile meets in `scratch` (at least MMA_TM x (MMA_TN + 1) floats of
+// shared memory the tile no longer reads) behind a barrier.
 __device__ __forceinline__ void mma_store(const float (&acc)[2][4], const MmaLane &p, int m0, int m_end, int n0, int N,
-                                          float * y, int ldy, const Epilogue &ep) {
+                                          float * y, int ldy, const Epilogue &ep, void * scratch) {
+    if (ep.fe > 0) {
+        float (*ex)[MMA_TN + 1] = reinterpret_cast<float (*)[MMA_TN + 1]>(scratch);
+        for (int h = 0; h < 2; ++h)
+            for (int half = 0; half < 2; ++half)
+                for (int j = 0; j < 2; ++j) ex[p.wm + p.g + half * 8][p.wn + h * 8 + p.t * 2 + j] = acc[h][half * 2 + j];
+        __syncthreads();
+        store_gated<MMA_TM, MMA_TN, MMA_THREADS>(ex, m0, m_end, n0, y, ldy, ep.fe);
+        return;
+    }
     for (int h = 0; h < 2; ++h) {
         for (int half = 0; half < 2; ++half) {
             const int m = m0 + p.wm + p.g + half * 8;

@@ -11,7 +11,9 @@
 // Row m of X is row xrows[m] (gate/up: the tokens, gathered) or row m when xrows is null (down: already
 // grouped). Y comes out grouped (row m = pair m) when out_rows is null; else (down) the epilogue adds
 // out_w[m] * row m into y's row out_rows[m] (the token), the routed experts' weighted scatter-add
-// (csrc/epilogue.cuh): y must hold zeros (or what the adds go onto) before the launch.
+// (csrc/epilogue.cuh): y must hold zeros (or what the adds go onto) before the launch. fe > 0 (gate_up,
+// W [2 fe, K] per expert): a tile covers half as many output columns, takes gate and up rows for them and
+// stores gelu_tanh(gate) * up into y [pairs, fe]; grid x is then the fe / (tile / 2) column tiles.
 #include "mm_tile.cuh"
 #include "mma_f16.cuh"
 #include "mma_q8.cuh"
@@ -27,11 +29,12 @@ __global__ void __launch_bounds__(MM_THREADS) moe_qmatmul(const float * __restri
                                                          const uint8_t * __restrict__ w, long expert_bytes,
                                                          float * __restrict__ y, int ldy, int N, int K,
                                                          const int * __restrict__ out_rows,
-                                                         const float * __restrict__ out_w) {
+                                                         const float * __restrict__ out_w, int fe) {
     int e, m0;
     if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MM_TM, e, m0)) return;  // the whole block: no barrier skipped
     const int m_end = min(offsets[e + 1], m0 + MM_TM);
-    mm_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * MM_TN, N, K, y, ldy, Epilogue{out_rows, out_w});
+    mm_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * (fe > 0 ? MM_TN / 2 : MM_TN), N, K, y, ldy,
+               Epilogue{out_rows, out_w, fe});
 }
 
 template <int T>
@@ -42,12 +45,12 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_mma(const float * __r
                                                               const uint8_t * __restrict__ w, long expert_bytes,
                                                               float * __restrict__ y, int ldy, int N, int K,
                                                               const int * __restrict__ out_rows,
-                                                              const float * __restrict__ out_w) {
+                                                              const float * __restrict__ out_w, int fe) {
     int e, m0;
     if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MMA_TM, e, m0)) return;
     const int m_end = min(offsets[e + 1], m0 + MMA_TM);
-    mma_f16_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * MMA_TN, N, K, y, ldy,
-                    Epilogue{out_rows, out_w});
+    mma_f16_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * (fe > 0 ? MMA_TN / 2 : MMA_TN), N, K,
+                    y, ldy, Epilogue{out_rows, out_w, fe});
 }
 
 template <int T>
@@ -58,12 +61,12 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_q8(const int8_t * __r
                                                              const uint8_t * __restrict__ w, long expert_bytes,
                                                              float * __restrict__ y, int ldy, int N, int K,
                                                              const int * __restrict__ out_rows,
-                                                             const float * __restrict__ out_w) {
+                                                             const float * __restrict__ out_w, int fe) {
     int e, m0;
     if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MMA_TM, e, m0)) return;
     const int m_end = min(offsets[e + 1], m0 + MMA_TM);
-    mma_q8_tile<T>(xq, xd, xs, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * MMA_TN, N, K, y, ldy,
-                   Epilogue{out_rows, out_w});
+    mma_q8_tile<T>(xq, xd, xs, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * (fe > 0 ? MMA_TN / 2 : MMA_TN), N, K,
+                   y, ldy, Epilogue{out_rows, out_w, fe});
 }
 
 }  // namespace dg
@@ -71,11 +74,11 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_q8(const int8_t * __r
 #ifndef __CUDACC_RTC__
 // nvcc builds (CI's compile check) instantiate every type; at run time NVRTC instantiates by name
 #define DG_MOE(T) template __global__ void dg::moe_qmatmul<dg::T>(const float *, int, const int *, const int *, \
-    const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *);            \
+    const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *, int);            \
     template __global__ void dg::moe_qmatmul_mma<dg::T>(const float *, int, const int *, const int *,        \
-    const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *);
+    const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *, int);
 DG_FOR_EACH_TYPE(DG_MOE)
 #define DG_MOE_Q8(T) template __global__ void dg::moe_qmatmul_q8<dg::T>(const int8_t *, const float *, const int *, \
-    const int *, const int *, const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *);
+    const int *, const int *, const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *, int);
 DG_FOR_EACH_INT_TYPE(DG_MOE_Q8)
 #endif

@@ -138,6 +138,16 @@ def test_moe_qmatmul_matches_expert_by_expert(ops, qtype, n, k, counts, gathered
     round_w = (lambda v: v.half().double().abs()) if kernel == "f16" else (lambda v: v.abs())
     bound = 1e-5 * ops._expert_by_expert(xs.abs(), groups, wq, qtype, k, round_w).double() + 1e-6
     assert bool(((y.cpu().double() - ref.double()).abs() <= bound).all())
+    if gathered and P:  # gate_up: gelu_tanh(gate) * up in the epilogue, W's first half of rows the gate
+        ng = n - n % 2
+        wg, fe = wq[:, :ng].contiguous(), ng // 2
+        ref_op = getattr(ops, f"{ops.MATMULS[kernel][1]}_reference")
+        got = op(x, rows, groups, wg, qtype, k, gated=True).cpu().double()
+        want = ref_op(x, rows, groups, wg, qtype, k, gated=True).double()
+        full = ref_op(x, rows, groups, wg, qtype, k).double()  # [P, ng] before the gate
+        g, u, eg, eu = full[:, :fe], full[:, fe:], bound[:, :fe], bound[:, fe:ng]
+        tol = 1.2 * eg * u.abs() + (g.abs() + eg) * eu + 1e-6 * g.abs() * u.abs() + 1e-6  # |gelu'| < 1.2
+        assert got.shape == (P, fe) and bool(((got - want).abs() <= tol).all())
     if not gathered:  # the down projection: each pair's row times its weight added into its token's row
         T = max(1, P // 3)
         to = torch.from_numpy(rng.integers(0, T, P).astype(np.int32))
@@ -160,6 +170,8 @@ def test_moe_qmatmul_rejects_bad_input(ops):
         ops.moe_qmatmul(x, torch.zeros(5, dtype=torch.int64, device="cuda"), groups([1, 2, 2]), w, Q.Q8_0, 32)
     with pytest.raises(ValueError, match="x has 5 rows for 4"):
         ops.moe_qmatmul(x, None, groups([1, 2, 1]), w, Q.Q8_0, 32)
+    with pytest.raises(ValueError, match="gated needs"):
+        ops.moe_qmatmul(x, None, groups([5, 0, 0]), w[:, :3].contiguous(), Q.Q8_0, 32, gated=True)
     with pytest.raises(ValueError, match="scatter must be"):
         bad = (torch.zeros(5, dtype=torch.int64, device="cuda"), torch.ones(5, device="cuda"), 3)
         ops.moe_qmatmul(x, None, groups([5, 0, 0]), w, Q.Q8_0, 32, bad)

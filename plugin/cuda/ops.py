@@ -309,10 +309,13 @@ Scatter = tuple[torch.Tensor, torch.Tensor, int]  # (token of each pair int32 [P
 
 
 def _check_moe(op: str, x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor, qtype,
-               k: int, scatter: Scatter | None = None) -> tuple[GGMLQuantizationType, torch.Tensor]:
+               k: int, scatter: Scatter | None = None, gated: bool = False) -> tuple[GGMLQuantizationType, torch.Tensor]:
     """The operands of a grouped expert GEMM; returns the GGML type and the rows every pair reads."""
     qtype = _check_matmul(op, x, w, qtype, k, "[E, N, ")
     E, P = w.shape[0], groups.pairs
+    if gated and (w.shape[1] % 2 or scatter is not None):
+        raise ValueError(f"{op}: gated needs [E, 2 Fe, ..] gate/up rows and no scatter (got N = {w.shape[1]}"
+                         f"{', a scatter' if scatter is not None else ''})")
     if scatter is not None:
         to, wt, tokens = scatter
         if (to.dtype != torch.int32 or to.shape != (P,) or wt.dtype != torch.float32 or wt.shape != (P,)
@@ -333,66 +336,73 @@ def _check_moe(op: str, x: torch.Tensor, rows: torch.Tensor | None, groups: Expe
     return qtype, rows.contiguous()
 
 
-def _moe_out(groups: ExpertGroups, n: int, scatter: Scatter | None, device: torch.device) -> torch.Tensor:
-    """What a grouped GEMM returns: [P, N] by pair, or, scattered, zeros [tokens, N] to add into."""
+def _moe_out(groups: ExpertGroups, n: int, scatter: Scatter | None, device: torch.device,
+             gated: bool = False) -> torch.Tensor:
+    """What a grouped GEMM returns: [P, N] by pair ([P, N / 2] gated), or, scattered, zeros [tokens, N] to add
+    into."""
     if scatter is None:
-        return torch.empty(groups.pairs, n, dtype=torch.float32, device=device)
+        return torch.empty(groups.pairs, n // 2 if gated else n, dtype=torch.float32, device=device)
     return torch.zeros(scatter[2], n, dtype=torch.float32, device=device)
 
 
 def _launch_moe(name: str, names: tuple[str, ...], tile: int, threads: int, xargs: tuple, rows: torch.Tensor,
                 groups: ExpertGroups, w: torch.Tensor, k: int, device: torch.device,
-                scatter: Scatter | None = None) -> torch.Tensor:
+                scatter: Scatter | None = None, gated: bool = False) -> torch.Tensor:
     """Y from a moe.cu kernel taking (*xargs, xrows, offsets, tile_offsets, E, w, expert_bytes, y, ldy, N, K,
-    out_rows, out_w) on a grid of `tile`-square tiles: [P, N] by pair, or with `scatter` (tokens of the
+    out_rows, out_w, fe) on a grid of `tile`-square tiles: [P, N] by pair; with `scatter` (tokens of the
     pairs, their weights, the number of tokens) [tokens, N], each pair's row times its weight added into its
-    token's row in the kernel's epilogue (csrc/epilogue.cuh)."""
+    token's row; gated, [P, N / 2] of gelu_tanh(gate) * up (W's rows: gate then up), in the kernel's
+    epilogue (csrc/epilogue.cuh)."""
     n = w.shape[1]
-    y = _moe_out(groups, n, scatter, device)
+    y = _moe_out(groups, n, scatter, device, gated)
     if groups.pairs == 0 or n == 0:
         return y
     tile_offsets, max_tiles = groups.tiles(tile)
-    grid = ((n + tile - 1) // tile, max_tiles)
+    cols, per_tile = (n // 2, tile // 2) if gated else (n, tile)
+    grid = ((cols + per_tile - 1) // per_tile, max_tiles)
     out_rows, out_w = (scatter[0], scatter[1]) if scatter is not None else (np.uint64(0), np.uint64(0))
     _launch(kernel("moe.cu", name, names), grid, (threads,),
-            (*xargs, rows, groups.offsets, tile_offsets, np.int32(w.shape[0]), w,
-             np.int64(w.stride(0)), y, np.int32(n), np.int32(n), np.int32(k), out_rows, out_w))
+            (*xargs, rows, groups.offsets, tile_offsets, np.int32(w.shape[0]), w, np.int64(w.stride(0)), y,
+             np.int32(y.shape[1]), np.int32(n), np.int32(k), out_rows, out_w, np.int32(n // 2 if gated else 0)))
     return y
 
 
 def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
-                qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None) -> torch.Tensor:
+                qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None, gated: bool = False) -> torch.Tensor:
     """The grouped expert GEMM (csrc/moe.cu): pair m (grouped by expert, `groups`) reads x[rows[m]] (rows:
     int32 [P]) or x[m] (rows None) and multiplies it by its expert's matrix: w is [E, N, row_bytes] uint8
     in GGML type `qtype` for rows of k. Returns [P, N] float32, or with scatter = (token int32 [P], weight
-    float32 [P], tokens) the weighted sum per token [tokens, N] (tokens unchecked: the engine's own)."""
-    qtype, rows = _check_moe("moe_qmatmul", x, rows, groups, w, qtype, k, scatter)
+    float32 [P], tokens) the weighted sum per token [tokens, N] (tokens unchecked: the engine's own), or
+    gated (w's rows: N/2 gate rows, then N/2 up rows) gelu_tanh(gate) * up [P, N/2] (model.geglu)."""
+    qtype, rows = _check_moe("moe_qmatmul", x, rows, groups, w, qtype, k, scatter, gated)
     return _launch_moe(f"dg::moe_qmatmul<{int(qtype)}>", _MOE_NAMES, MM_TILE, MM_THREADS,
-                       (x, np.int32(x.stride(0))), rows, groups, w, k, x.device, scatter)
+                       (x, np.int32(x.stride(0))), rows, groups, w, k, x.device, scatter, gated)
 
 
 def moe_qmatmul_mma(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
-                    qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None) -> torch.Tensor:
+                    qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None,
+                    gated: bool = False) -> torch.Tensor:
     """moe_qmatmul on f16 tensor cores (compute capability >= 8.0): X and the dequantized W rounded to f16,
     as qmatmul_mma."""
-    qtype, rows = _check_moe("moe_qmatmul_mma", x, rows, groups, w, qtype, k, scatter)
+    qtype, rows = _check_moe("moe_qmatmul_mma", x, rows, groups, w, qtype, k, scatter, gated)
     _check_mma("moe_qmatmul_mma", x, k)
     return _launch_moe(f"dg::moe_qmatmul_mma<{int(qtype)}>", _MOE_MMA_NAMES, MMA_TILE, MMA_THREADS,
-                       (x, np.int32(x.stride(0))), rows, groups, w, k, x.device, scatter)
+                       (x, np.int32(x.stride(0))), rows, groups, w, k, x.device, scatter, gated)
 
 
 def moe_qmatmul_q8(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
-                   qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None) -> torch.Tensor:
+                   qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None,
+                   gated: bool = False) -> torch.Tensor:
     """moe_qmatmul on int8 tensor cores (compute capability >= 8.0, integer GGML types): x quantized once
     by quantize_q8 (the gathered rows read its rows), as qmatmul_q8."""
-    qtype, rows = _check_moe("moe_qmatmul_q8", x, rows, groups, w, qtype, k, scatter)
+    qtype, rows = _check_moe("moe_qmatmul_q8", x, rows, groups, w, qtype, k, scatter, gated)
     _check_int("moe_qmatmul_q8", qtype)
     _check_mma("moe_qmatmul_q8", x)
     if groups.pairs == 0 or w.shape[1] == 0:
-        return _moe_out(groups, w.shape[1], scatter, x.device)
+        return _moe_out(groups, w.shape[1], scatter, x.device, gated)
     xq, xd, xs = quantize_q8(x)
     return _launch_moe(f"dg::moe_qmatmul_q8<{int(qtype)}>", _MOE_Q8_NAMES, MMA_TILE, MMA_THREADS,
-                       (xq, xd, xs), rows, groups, w, k, x.device, scatter)
+                       (xq, xd, xs), rows, groups, w, k, x.device, scatter, gated)
 
 
 def _expert_by_expert(xs: torch.Tensor, groups: ExpertGroups, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
@@ -408,8 +418,13 @@ def _pair_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x[rows.long().cpu()] if rows is not None else x
 
 
-def _scattered(y: torch.Tensor, scatter: Scatter | None) -> torch.Tensor:
-    """A reference's [P, N] by pair, or its weighted sum per token (float64 adds)."""
+def _scattered(y: torch.Tensor, scatter: Scatter | None, gated: bool = False) -> torch.Tensor:
+    """A reference's [P, N] by pair, its gelu_tanh(gate) * up [P, N/2] (gated; in float64), or its weighted
+    sum per token (float64 adds)."""
+    if gated:
+        from ..model import geglu
+
+        return geglu(y.double()).float()
     if scatter is None:
         return y
     to, wt, tokens = (v.cpu() if isinstance(v, torch.Tensor) else v for v in scatter)
@@ -418,22 +433,25 @@ def _scattered(y: torch.Tensor, scatter: Scatter | None) -> torch.Tensor:
 
 
 def moe_qmatmul_reference(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
-                          qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None) -> torch.Tensor:
+                          qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None,
+                          gated: bool = False) -> torch.Tensor:
     """Expert by expert: dequantize on the CPU, multiply its pairs' rows in float64."""
-    return _scattered(_expert_by_expert(_pair_rows(x.double().cpu(), rows), groups, w, qtype, k), scatter)
+    return _scattered(_expert_by_expert(_pair_rows(x.double().cpu(), rows), groups, w, qtype, k), scatter, gated)
 
 
 def moe_qmatmul_mma_reference(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
-                              qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None) -> torch.Tensor:
+                              qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None,
+                              gated: bool = False) -> torch.Tensor:
     """Expert by expert with X and W rounded to f16 as the kernel rounds them, multiplied in float64."""
     y = _expert_by_expert(_pair_rows(x.cpu().half().double(), rows), groups, w, qtype, k, lambda w: w.half().double())
-    return _scattered(y, scatter)
+    return _scattered(y, scatter, gated)
 
 
 def moe_qmatmul_q8_reference(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
-                             qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None) -> torch.Tensor:
+                             qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None,
+                             gated: bool = False) -> torch.Tensor:
     """Expert by expert with X quantized as quantize_q8 does, in float64."""
-    return _scattered(_expert_by_expert(_pair_rows(_q8_values(x), rows), groups, w, qtype, k), scatter)
+    return _scattered(_expert_by_expert(_pair_rows(_q8_values(x), rows), groups, w, qtype, k), scatter, gated)
 
 
 def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, step: int, vocab: int, bound: float):

@@ -71,7 +71,8 @@ def _call(obj: QuantLinear | QuantExperts, matmul: str, rows: int, top_k: int,
           device: torch.device | str) -> Callable[[], object]:
     """One product of obj with kernel `matmul` on random activations: [rows, K] for a dense weight; for
     experts, rows tokens x top_k pairs spread evenly over the experts, already grouped (the gathered rows
-    of gate_up differ only in where X is read from), the down projection with its scatter to the tokens."""
+    of gate_up differ only in where X is read from), gate_up with its GELU gate and the down projection
+    with its scatter to the tokens, as the engine runs them."""
     g = torch.Generator(device=device).manual_seed(0)
     if isinstance(obj, QuantLinear):
         one = QuantLinear(obj.data, obj.qtype, obj.n, obj.k, obj.k_in)
@@ -85,11 +86,11 @@ def _call(obj: QuantLinear | QuantExperts, matmul: str, rows: int, top_k: int,
     experts = QuantExperts(obj.data, obj.qtype, obj.n, obj.k, obj.k_in)
     experts.matmul = matmul
     x = torch.randn(pairs, obj.k_in, generator=g, device=device)
-    scatter = None
     if not obj.bounded_input:  # the down projection: its epilogue adds each pair into its token, as the engine's
         tokens = (torch.arange(pairs, device=device) // top_k).to(torch.int32)
         scatter = (tokens, torch.ones(pairs, device=device), rows)
-    return lambda: experts(x, None, groups, scatter)
+        return lambda: experts(x, None, groups, scatter)
+    return lambda: experts(x, None, groups, gated=obj.n % 2 == 0)  # gate_up: the GELU gate in its epilogue
 
 
 def _cache_path() -> Path:

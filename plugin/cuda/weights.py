@@ -14,7 +14,7 @@ from dgemma.convert import constants as C
 
 from ..config import ModelConfig
 from ..inspect import InspectError, field_value
-from ..model import LayerWeights, Weights, geglu
+from ..model import LayerWeights, Weights
 from ..weights import tensor_to_torch
 from . import ops
 
@@ -107,23 +107,24 @@ class QuantExperts:
         return one
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, groups: ops.ExpertGroups,
-                 scatter: ops.Scatter | None = None) -> torch.Tensor:
-        """The grouped GEMM: pair m reads x[rows[m]] (rows None: x[m]) -> [P, N] float32, or with scatter
-        (token and weight of each pair, tokens) the weighted sum per token [tokens, N]."""
+                 scatter: ops.Scatter | None = None, gated: bool = False) -> torch.Tensor:
+        """The grouped GEMM: pair m reads x[rows[m]] (rows None: x[m]) -> [P, N] float32; with scatter (token
+        and weight of each pair, tokens) the weighted sum per token [tokens, N]; gated (gate rows, then up
+        rows) gelu_tanh(gate) * up [P, N/2]."""
         grouped = getattr(ops, ops.MATMULS[self.matmul][1])
-        return grouped(_padded(x, self.k_in, self.k), rows, groups, self.data, self.qtype, self.k, scatter)
+        return grouped(_padded(x, self.k_in, self.k), rows, groups, self.data, self.qtype, self.k, scatter, gated)
 
     def grouped(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
                 down: QuantExperts) -> torch.Tensor:
         """model.grouped_experts on the GPU, self being gate_up: x [N, D]; rows [P] the token of each (token,
         expert) pair grouped by expert, counts [E] (on x's device) pairs per expert; weights [P] their routing
-        weights. Two csrc/moe.cu launches (gate_up, down) for all experts; down's epilogue adds each pair's
-        weighted row into its token's (the [P, D] product is never written). The tiles are found on the GPU,
-        so nothing waits for the counts. Returns [N, D]."""
+        weights. Two csrc/moe.cu launches for all experts: gate_up's epilogue applies the GELU gate (the
+        [P, 2Fe] product is never written), down's adds each pair's weighted row into its token's (nor is
+        [P, D]). The tiles are found on the GPU, so nothing waits for the counts. Returns [N, D]."""
         groups = ops.ExpertGroups(counts, x.device, pairs=rows.shape[0])
         tokens = rows.to(torch.int32)
-        h = self(x, tokens, groups)  # [P, 2Fe]
-        return down(geglu(h), None, groups, (tokens, weights.float().contiguous(), x.shape[0]))  # [N, D]
+        act = self(x, tokens, groups, gated=True)  # [P, Fe] = gelu_tanh(gate) * up
+        return down(act, None, groups, (tokens, weights.float().contiguous(), x.shape[0]))  # [N, D]
 
 
 class TensorSource(Protocol):
