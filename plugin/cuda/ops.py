@@ -419,11 +419,13 @@ def _pair_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 
 def _scattered(y: torch.Tensor, scatter: Scatter | None, gated: bool = False) -> torch.Tensor:
-    """A reference's [P, N] by pair, its gelu_tanh(gate) * up [P, N/2] (gated; in float64), or its weighted
-    sum per token (float64 adds)."""
+    """A reference's [P, N] by pair, its gelu_tanh(gate) * up [P, N/2] (gated: the gate in float64 on the
+    float32 products), or its weighted sum per token (float64 adds)."""
     if gated:
         from ..model import geglu
 
+        if y.shape[1] % 2 or scatter is not None:  # what _check_moe refuses the kernels
+            raise ValueError(f"gated needs [E, 2 Fe, ..] gate/up rows and no scatter (got N = {y.shape[1]})")
         return geglu(y.double()).float()
     if scatter is None:
         return y
