@@ -54,15 +54,18 @@ def _check_choices(**choices: tuple[str, Any]) -> None:
 
 def pick_backend(choice: str) -> str:
     """"auto" -> "cuda" where the cuda backend can run (CuPy and an NVIDIA GPU of compute capability 7.5 or
-    newer: plugin/cuda/loader.check_cuda), else "torch"; "torch" and "cuda" as given."""
+    newer: plugin/cuda/loader.check_cuda), else "torch"; "torch" as given; "cuda" where it can run, else an
+    EngineError saying what is missing."""
     _check_choices(backend=(choice, BACKEND_CHOICES))
-    if choice != "auto":
+    if choice == "torch":
         return choice
     from .cuda import CudaUnavailable, check_cuda
 
     try:
         check_cuda()
-    except CudaUnavailable:
+    except CudaUnavailable as e:
+        if choice == "cuda":
+            raise EngineError(str(e)) from None
         return "torch"
     return "cuda"
 
@@ -120,7 +123,7 @@ class Engine:
                  device: torch.device | None = None, rng: str = "torch", kv_cache: str = "f32",
                  graphs: bool = False) -> None:
         _check_choices(rng=(rng, RNGS), kv_cache=(kv_cache, KV_DTYPES))
-        self.kv_dtype = KV_DTYPES[kv_cache]
+        self.kv_cache, self.kv_dtype = kv_cache, KV_DTYPES[kv_cache]
         self.path, self.cfg, self.tokenizer, self.model, self.load_duration = path, cfg, tokenizer, model, load_ns
         self.device, self.rng = device or torch.device("cpu"), rng
         # small float32 models on the CPU: the same decoder step in fewer torch calls (plugin/fast_decode.py)
@@ -168,14 +171,7 @@ class Engine:
         kv_cache = kv_cache or ("f16" if backend == "cuda" else "f32")
         _check_choices(rng=(rng, RNGS), kv_cache=(kv_cache, KV_DTYPES))
         device = device or ("cuda" if backend == "cuda" else "cpu")
-        if backend == "cuda":
-            from .cuda import CudaUnavailable, check_cuda
-
-            try:
-                check_cuda()
-            except CudaUnavailable as e:
-                raise EngineError(str(e)) from None
-        elif device.startswith("cuda") and not torch.cuda.is_available():
+        if backend == "torch" and device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError("no CUDA GPU is visible to PyTorch (use device='cpu')")
         t0 = time.perf_counter_ns()
         path, plan = Path(path), {}
@@ -204,9 +200,8 @@ class Engine:
     def describe(self) -> str:
         """One line on what runs the model: 'cuda on NVIDIA H100 (rng counter, KV cache f16, CUDA graphs)'."""
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "the CPU"
-        kv = {v: k for k, v in KV_DTYPES.items()}[self.kv_dtype]
         graphs = ", CUDA graphs" if self.graphs and self.rng == "counter" else ""
-        return f"{self.backend} on {where} (rng {self.rng}, KV cache {kv}{graphs})"
+        return f"{self.backend} on {where} (rng {self.rng}, KV cache {self.kv_cache}{graphs})"
 
     # ---- prompt ---------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[dict[str, Any]] | list[int], raw: bool = False, **template_kwargs) -> list[int]:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import threading
+from collections import Counter
 from typing import Any
 
 from .engine import BACKEND_CHOICES, KV_DTYPES, MATMULS, RNGS, DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
@@ -160,7 +161,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\n".join(stats_lines(done)), file=sys.stderr)
         print(f"backend:              {engine.describe()}", file=sys.stderr)
         if engine.matmul:
-            kernels = sorted(set(engine.matmul.values()))
-            uses = ", ".join(f"{k} for {sum(v == k for v in engine.matmul.values())}" for k in kernels)
+            uses = ", ".join(f"{k} for {n}" for k, n in sorted(Counter(engine.matmul.values()).items()))
             print(f"matmul kernels:       {uses} weight shapes", file=sys.stderr)
     return 0

@@ -117,13 +117,15 @@ class StableAndConfident:
         self.threshold, self.confidence = s.stability_threshold, s.confidence_threshold
         self.history: list[torch.Tensor] = []
 
-    def __call__(self, argmax: torch.Tensor, entropy: torch.Tensor) -> bool:
+    def __call__(self, argmax: torch.Tensor, mean_entropy: float) -> bool:
+        """mean_entropy: the pass's mean token entropy, a float32 value (the loop reads it once per pass)."""
         stable = len(self.history) == self.threshold and all(torch.equal(h, argmax) for h in self.history)
         if self.threshold:
             self.history = (self.history + [argmax])[-self.threshold:]
         else:
             stable = True
-        return bool(stable and (entropy.mean() < self.confidence).item())
+        # transformers compares the float32 mean with the threshold rounded to float32
+        return bool(stable and mean_entropy < float(np.float32(self.confidence)))
 
 
 Decoder = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (canvas, sc_probs) -> logits
@@ -243,8 +245,8 @@ def denoise_canvas(steps: Steps, length: int, s: SamplerDefaults,
         argmax, sc = out.argmax, out.sc
         canvas, mask = steps.accept_renoise(canvas, out, s.entropy_bound)
         n += 1
-        entropies.append(out.entropy.mean().item())
-        done = stop(argmax, out.entropy)
+        entropies.append(out.entropy.mean().item())  # one read of the pass's entropy on the host
+        done = stop(argmax, entropies[-1])
         if on_step is not None and on_step(StepInfo(step, n, canvas[0], argmax[0], mask[0], entropies[-1])):
             break
         if done:

@@ -74,23 +74,20 @@ def _call(obj: QuantLinear | QuantExperts, matmul: str, rows: int, top_k: int,
     of gate_up differ only in where X is read from), gate_up with its GELU gate and the down projection
     with its scatter to the tokens, as the engine runs them."""
     g = torch.Generator(device=device).manual_seed(0)
+    obj.matmul = matmul  # choose() sets every weight's final choice afterwards
     if isinstance(obj, QuantLinear):
-        one = QuantLinear(obj.data, obj.qtype, obj.n, obj.k, obj.k_in)
-        one.matmul = matmul
         x = torch.randn(rows, obj.k_in, generator=g, device=device)
-        return lambda: one(x)
+        return lambda: obj(x)
     E, pairs = obj.data.shape[0], rows * top_k
     counts = torch.full((E,), pairs // E, dtype=torch.int64)
     counts[: pairs % E] += 1
     groups = ops.ExpertGroups(counts.to(device), device, pairs=pairs)
-    experts = QuantExperts(obj.data, obj.qtype, obj.n, obj.k, obj.k_in)
-    experts.matmul = matmul
     x = torch.randn(pairs, obj.k_in, generator=g, device=device)
     if not obj.bounded_input:  # the down projection: its epilogue adds each pair into its token, as the engine's
         tokens = (torch.arange(pairs, device=device) // top_k).to(torch.int32)
         scatter = (tokens, torch.ones(pairs, device=device), rows)
-        return lambda: experts(x, None, groups, scatter)
-    return lambda: experts(x, None, groups, gated=obj.n % 2 == 0)  # gate_up: the GELU gate in its epilogue
+        return lambda: obj(x, None, groups, scatter)
+    return lambda: obj(x, None, groups, gated=obj.n % 2 == 0)  # gate_up: the GELU gate in its epilogue
 
 
 def _cache_path() -> Path:
@@ -149,7 +146,7 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
         plan = {c: (choice if choice in candidates(objs[0]) else "scalar") for c, objs in classes.items()}
     else:
         path = None if cache is False else (_cache_path() if cache is True else Path(cache))
-        key = _cache_key(device, capability, rows, top_k)
+        key = _cache_key(device, capability, rows, top_k) if path else ""  # hashes csrc/: only for a cache
         stored = _read_cache(path) if path else {}
         known = stored.get(key, {}) if isinstance(stored.get(key), dict) else {}
         plan = {}

@@ -89,7 +89,7 @@ def _padded(x: torch.Tensor, k_in: int, k: int) -> torch.Tensor:
 
 class QuantExperts:
     """[E, N, K] expert weights as GGML blocks, multiplied by the grouped matmul kernel `matmul` (a key of
-    ops.MATMULS); experts[e] is that expert's QuantLinear."""
+    ops.MATMULS): every expert in one launch (csrc/moe.cu)."""
 
     def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType, n: int, k: int, k_in: int | None = None) -> None:
         self.data, self.qtype, self.n, self.k, self.k_in = data, qtype, n, k, k_in or k
@@ -100,11 +100,6 @@ class QuantExperts:
     def shape(self) -> tuple[int, int, int]:
         """[E, N, K] as the float weights they stand for (K without --pad-experts' zero columns)."""
         return self.data.shape[0], self.n, self.k_in
-
-    def __getitem__(self, e: int) -> QuantLinear:
-        one = QuantLinear(self.data[e], self.qtype, self.n, self.k, self.k_in)
-        one.matmul, one.bounded_input = self.matmul, self.bounded_input
-        return one
 
     def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, groups: ops.ExpertGroups,
                  scatter: ops.Scatter | None = None, gated: bool = False) -> torch.Tensor:

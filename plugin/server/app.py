@@ -245,18 +245,18 @@ def serve(config: ServerConfig) -> None:
     if not is_loopback(config.host) and not (config.api_key or config.insecure):
         raise ApiError(400, f"refusing to listen on {config.host} without --api-key (or --insecure): "
                             "anyone on the network could use this machine")
-    from ..engine import pick_backend
+    from ..engine import EngineError, pick_backend
 
-    backend = pick_backend(config.backend)  # an unknown name fails here, before listening
+    try:  # an unknown name, or --backend cuda without what it needs, fails here, before listening
+        backend = pick_backend(config.backend)
+    except EngineError as e:
+        raise ApiError(400, str(e)) from None
     if backend == "cuda":
-        from ..cuda import check_cuda
-
-        try:
-            cap = check_cuda()
-        except Exception as e:  # noqa: BLE001 - --backend cuda without what it needs: one line, not a traceback
-            raise ApiError(400, str(e)) from None
         import torch
 
+        from ..cuda import check_cuda
+
+        cap = check_cuda()  # known to pass (cached)
         where = f"cuda backend on {torch.cuda.get_device_name()} (compute capability {cap[0]}.{cap[1]})"
     else:
         where = "torch backend on the CPU (no usable NVIDIA GPU and CuPy)" if config.backend == "auto" else "torch backend on the CPU"
