@@ -14,6 +14,9 @@ struct Epilogue {
     const int * out_rows = nullptr;  // null: no scatter
     const float * out_w = nullptr;
     int fe = 0;                      // > 0: gated, fe output columns
+
+    // output columns a tile of tile_n W rows covers: half of them when gated (gate and up rows)
+    __device__ __forceinline__ int cols(int tile_n) const { return fe > 0 ? tile_n / 2 : tile_n; }
 };
 
 __device__ __forceinline__ void store_out(float * y, int ldy, int m, int n, float v, const Epilogue &ep) {
@@ -28,7 +31,7 @@ __device__ __forceinline__ void store_out(float * y, int ldy, int m, int n, floa
 // the matrix. Gated: rows 0 .. tile_n/2 - 1 are gate rows n0 + r, the others the up rows fe + n0 + r - tile_n/2
 __device__ __forceinline__ int tile_w_row(int r, int n0, int N, int tile_n, const Epilogue &ep) {
     if (ep.fe <= 0) return n0 + r < N ? n0 + r : -1;
-    const int half = tile_n / 2, j = n0 + r % half;
+    const int half = ep.cols(tile_n), j = n0 + r % half;
     return j < ep.fe ? (r < half ? j : ep.fe + j) : -1;
 }
 

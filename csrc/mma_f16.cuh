@@ -12,20 +12,15 @@
 
 namespace dg {
 
-DG_HD uint16_t f32_to_f16_bits(float x) {
-#ifdef __CUDA_ARCH__
+__device__ __forceinline__ uint16_t f32_to_f16_bits(float x) {
     uint16_t h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
     return h;
-#else
-    (void)x;
-    return 0;  // device-only: the host pass of nvcc never runs this
-#endif
 }
 
 // unit u (csrc/quant/blocks.cuh: a 16-value group, or one float value) of a row as f16 bits: the values
 // dequant_unit gives, rounded to nearest
-template <int T> DG_HD void dequant_unit_f16(const uint8_t * row, int u, uint16_t * y) {
+template <int T> __device__ __forceinline__ void dequant_unit_f16(const uint8_t * row, int u, uint16_t * y) {
     float v[Unit<T>::VALUES];
     dequant_unit<T>(row, u, v);
     for (int i = 0; i < Unit<T>::VALUES; ++i) y[i] = f32_to_f16_bits(v[i]);

@@ -30,11 +30,10 @@ __global__ void __launch_bounds__(MM_THREADS) moe_qmatmul(const float * __restri
                                                          float * __restrict__ y, int ldy, int N, int K,
                                                          const int * __restrict__ out_rows,
                                                          const float * __restrict__ out_w, int fe) {
-    int e, m0;
-    if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MM_TM, e, m0)) return;  // the whole block: no barrier skipped
-    const int m_end = min(offsets[e + 1], m0 + MM_TM);
-    mm_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * (fe > 0 ? MM_TN / 2 : MM_TN), N, K, y, ldy,
-               Epilogue{out_rows, out_w, fe});
+    int e, m0, m_end;
+    if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MM_TM, e, m0, m_end)) return;  // the whole block: no barrier skipped
+    const Epilogue ep{out_rows, out_w, fe};
+    mm_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * ep.cols(MM_TN), N, K, y, ldy, ep);
 }
 
 template <int T>
@@ -46,11 +45,10 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_mma(const float * __r
                                                               float * __restrict__ y, int ldy, int N, int K,
                                                               const int * __restrict__ out_rows,
                                                               const float * __restrict__ out_w, int fe) {
-    int e, m0;
-    if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MMA_TM, e, m0)) return;
-    const int m_end = min(offsets[e + 1], m0 + MMA_TM);
-    mma_f16_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * (fe > 0 ? MMA_TN / 2 : MMA_TN), N, K,
-                    y, ldy, Epilogue{out_rows, out_w, fe});
+    int e, m0, m_end;
+    if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MMA_TM, e, m0, m_end)) return;
+    const Epilogue ep{out_rows, out_w, fe};
+    mma_f16_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * ep.cols(MMA_TN), N, K, y, ldy, ep);
 }
 
 template <int T>
@@ -62,11 +60,10 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_q8(const int8_t * __r
                                                              float * __restrict__ y, int ldy, int N, int K,
                                                              const int * __restrict__ out_rows,
                                                              const float * __restrict__ out_w, int fe) {
-    int e, m0;
-    if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MMA_TM, e, m0)) return;
-    const int m_end = min(offsets[e + 1], m0 + MMA_TM);
-    mma_q8_tile<T>(xq, xd, xs, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * (fe > 0 ? MMA_TN / 2 : MMA_TN), N, K,
-                   y, ldy, Epilogue{out_rows, out_w, fe});
+    int e, m0, m_end;
+    if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MMA_TM, e, m0, m_end)) return;
+    const Epilogue ep{out_rows, out_w, fe};
+    mma_q8_tile<T>(xq, xd, xs, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * ep.cols(MMA_TN), N, K, y, ldy, ep);
 }
 
 }  // namespace dg

@@ -9,8 +9,9 @@
 
 namespace dg {
 
-// tile t -> (expert e, first pair m0); false when t is past the last tile
-DG_HD bool moe_tile(int t, const int * offsets, const int * tile_offsets, int E, int tile_m, int &e, int &m0) {
+// tile t -> (expert e, its pairs m0 .. m_end-1); false when t is past the last tile
+DG_HD bool moe_tile(int t, const int * offsets, const int * tile_offsets, int E, int tile_m, int &e, int &m0,
+                    int &m_end) {
     if (E <= 0 || t >= tile_offsets[E]) return false;
     int lo = 0, hi = E - 1;  // the last expert whose tiles start at or before t: empty experts are skipped
     while (lo < hi) {
@@ -20,6 +21,7 @@ DG_HD bool moe_tile(int t, const int * offsets, const int * tile_offsets, int E,
     }
     e = lo;
     m0 = offsets[e] + (t - tile_offsets[e]) * tile_m;
+    m_end = offsets[e + 1] < m0 + tile_m ? offsets[e + 1] : m0 + tile_m;
     return true;
 }
 

@@ -55,13 +55,11 @@ TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("mode", ["blocks", "units", "groups"])
+@pytest.mark.parametrize("mode", ["blocks", "units"])
 def test_kernel_block_decoding_equals_gguf_py(harness, qtype, mode):
-    """The kernels' decoding, bit for bit against gguf-py: block by block, unit by unit as the tiles, the head
-    and get_rows decode (16-value groups counted along the row, or float values) and through the integer
-    form as the int8 tile stages it; rows of 768 values (3 K-quant blocks, 24 32-value blocks)."""
-    if mode == "groups" and qtype in (Q.F32, Q.F16, Q.BF16):
-        pytest.skip("float types have no integer form")
+    """The kernels' decoding, bit for bit against gguf-py: block by block, and unit by unit along the row as
+    the tiles, the head and get_rows decode it (16-value groups counted along the row through the int8 tile's
+    decompose_unit, or float values); rows of 768 values (3 K-quant blocks, 24 32-value blocks)."""
     rng = np.random.default_rng(int(qtype))
     x = rng.standard_normal((7, 768)) * rng.uniform(1e-3, 1e3, (7, 1))
     x[0, :300] = 0.0
@@ -162,13 +160,14 @@ def test_device_tile_search_finds_the_expert_tiles(moe_tiles_harness, counts, ti
     assert (MM_TILE, MMA_TILE) == (16, 32)
     proc = subprocess.run([str(moe_tiles_harness), str(tile), *map(str, counts)], capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    got = np.frombuffer(proc.stdout, np.int32).reshape(-1, 2)
-    _, tile_expert, tile_m0 = expert_tiles(counts, tile)
+    got = np.frombuffer(proc.stdout, np.int32).reshape(-1, 3)
+    offsets, tile_expert, tile_m0 = expert_tiles(counts, tile)
     tile_offsets, bound = ExpertGroups(counts, "cpu").tiles(tile)
     assert len(got) == bound == sum(counts) // tile + len(counts) >= len(tile_expert)
     assert tile_offsets.tolist() == [0, *np.cumsum([(c + tile - 1) // tile for c in counts]).tolist()]
     assert tile_offsets[-1] == len(tile_expert)
-    assert got[: len(tile_expert)].tolist() == [list(t) for t in zip(tile_expert, tile_m0)]
+    want = [[e, m0, min(offsets[e + 1], m0 + tile)] for e, m0 in zip(tile_expert, tile_m0)]  # the tile's pairs
+    assert got[: len(tile_expert)].tolist() == want
     assert (got[len(tile_expert):] == -1).all()
 
 

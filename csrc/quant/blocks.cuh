@@ -7,48 +7,44 @@
 
 namespace dg {
 
-// group g (16 values) of an integer-type block, dequantized into y[0 .. 16): mul_rn(s, q) + m, the product
-// rounded on its own, as the references compute it
-template <int T> DG_HD void dequant_group(const uint8_t * b, int g, float * y) {
-    int8_t q[DG_GROUP];
-    float s, m;
-    decompose_group<T>(b, g, q, s, m);
-    for (int i = 0; i < DG_GROUP; ++i) y[i] = mul_rn(s, (float)q[i]) + m;
+// the integer form of 16-value group gi of the row starting at `row` (integer types): as decompose_group,
+// gi counted along the row (csrc/mma_q8.cuh stages a tile's groups this way, and dequant_unit below)
+template <int T> DG_HD void decompose_unit(const uint8_t * row, int gi, int8_t * q, float & s, float & m) {
+    constexpr int PER_BLOCK = Traits<T>::QK / DG_GROUP;
+    decompose_group<T>(row + (long)(gi / PER_BLOCK) * Traits<T>::SIZE, gi % PER_BLOCK, q, s, m);
 }
 
-// dequantize one block of type T into y[0 .. QK): the integer types group by group, the float types below
-template <int T> DG_HD void dequant_block(const uint8_t * b, float * y) {
-    for (int g = 0; g < Traits<T>::QK / DG_GROUP; ++g) dequant_group<T>(b, g, y + DG_GROUP * g);
-}
-
-template <> DG_HD void dequant_block<T_F32>(const uint8_t * b, float * y) {
-    union { uint32_t u; float f; } v;
-    v.u = rd32(b);
-    y[0] = v.f;
-}
-template <> DG_HD void dequant_block<T_F16>(const uint8_t * b, float * y) { y[0] = fp16_to_f32(rd16(b)); }
-template <> DG_HD void dequant_block<T_BF16>(const uint8_t * b, float * y) { y[0] = bf16_to_f32(rd16(b)); }
-
-// A row slice split into units a thread decodes each: 16-value groups for the integer types, single values
-// for the float ones (UNIT values at a time). unit u of the row starting at `row` -> y[0 .. UNIT)
+// A row split into units a thread decodes each: 16-value groups for the integer types, single values for
+// the float ones (VALUES at a time)
 template <int T> struct Unit {
     static constexpr int VALUES = Traits<T>::QK == 1 ? 1 : DG_GROUP;
 };
 
+template <int T> DG_HD void dequant_float(const uint8_t * b, float * y);  // the float types' one value
+template <> DG_HD void dequant_float<T_F32>(const uint8_t * b, float * y) {
+    union { uint32_t u; float f; } v;
+    v.u = rd32(b);
+    y[0] = v.f;
+}
+template <> DG_HD void dequant_float<T_F16>(const uint8_t * b, float * y) { y[0] = fp16_to_f32(rd16(b)); }
+template <> DG_HD void dequant_float<T_BF16>(const uint8_t * b, float * y) { y[0] = bf16_to_f32(rd16(b)); }
+
+// unit u of the row starting at `row` -> y[0 .. VALUES): integer types through their integer form,
+// mul_rn(s, q) + m (the product rounded on its own, as the references compute it)
 template <int T> DG_HD void dequant_unit(const uint8_t * row, int u, float * y) {
-    constexpr int QK = Traits<T>::QK, PER_BLOCK = QK / Unit<T>::VALUES;
-    if constexpr (QK == 1) {
-        dequant_block<T>(row + (long)u * Traits<T>::SIZE, y);
+    if constexpr (Traits<T>::QK == 1) {
+        dequant_float<T>(row + (long)u * Traits<T>::SIZE, y);
     } else {
-        dequant_group<T>(row + (long)(u / PER_BLOCK) * Traits<T>::SIZE, u % PER_BLOCK, y);
+        int8_t q[DG_GROUP];
+        float s, m;
+        decompose_unit<T>(row, u, q, s, m);
+        for (int i = 0; i < DG_GROUP; ++i) y[i] = mul_rn(s, (float)q[i]) + m;
     }
 }
 
-// the integer form of 16-value group gi of the row starting at `row` (integer types): as decompose_group,
-// gi counted along the row (csrc/mma_q8.cuh stages a tile's groups this way)
-template <int T> DG_HD void decompose_unit(const uint8_t * row, int gi, int8_t * q, float & s, float & m) {
-    constexpr int PER_BLOCK = Traits<T>::QK / DG_GROUP;
-    decompose_group<T>(row + (long)(gi / PER_BLOCK) * Traits<T>::SIZE, gi % PER_BLOCK, q, s, m);
+// dequantize one block of type T into y[0 .. QK): its units in turn
+template <int T> DG_HD void dequant_block(const uint8_t * b, float * y) {
+    for (int u = 0; u < Traits<T>::QK / Unit<T>::VALUES; ++u) dequant_unit<T>(b, u, y + u * Unit<T>::VALUES);
 }
 
 // values and bytes per block of a runtime type id (host harnesses); false for an unknown type

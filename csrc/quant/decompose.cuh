@@ -1,6 +1,6 @@
 // GGML integer block formats (ggml-quants.c dequantize_row_*, read term by term) as w = s[g] * q + m[g]:
 // int8 values q and, per group g of 16 values, a float scale and offset. This is the one place each integer
-// layout is read, a group at a time: blocks.cuh's dequant_group computes mul_rn(s, q) + m from it (equal to
+// layout is read, a group at a time: blocks.cuh's dequant_unit computes mul_rn(s, q) + m from it (equal to
 // gguf-py bit for bit, tests/test_csrc.py), and the int8 tensor-core tile (csrc/mma_q8.cuh) multiplies q by
 // quantized activations and applies s and m per group. F32/F16/BF16 have no integer form.
 #pragma once
@@ -27,15 +27,14 @@ template <> DG_HD void decompose_group<T_Q8_0>(const uint8_t * b, int g, int8_t 
 // Q4_0: value j is the low nibble of qs[j], value j + 16 the high one
 template <> DG_HD void decompose_group<T_Q4_0>(const uint8_t * b, int g, int8_t * q, float & s, float & m) {
     const uint8_t * qs = b + 2;
-    for (int l = 0; l < 16; ++l) q[l] = (int8_t)((int)(g ? qs[l] >> 4 : qs[l] & 0xF) - 8);
+    for (int l = 0; l < 16; ++l) q[l] = (int8_t)((int)((qs[l] >> (4 * g)) & 0xF) - 8);
     s = fp16_to_f32(rd16(b));
     m = 0.0f;
 }
 
 // Q5_0 / Q5_1: as Q4_0, with bit j of qh as value j's fifth bit
 DG_HD int q5_value(const uint8_t * qs, uint32_t qh, int g, int l) {
-    const int h = g ? (qh >> (l + 12)) & 0x10 : ((qh >> l) << 4) & 0x10;
-    return (g ? qs[l] >> 4 : qs[l] & 0xF) | h;
+    return ((qs[l] >> (4 * g)) & 0xF) | (int)(((qh >> (l + 16 * g)) << 4) & 0x10);
 }
 
 template <> DG_HD void decompose_group<T_Q5_0>(const uint8_t * b, int g, int8_t * q, float & s, float & m) {
@@ -89,7 +88,7 @@ DG_HD void k4_scale(const uint8_t * b, int g, float & s, float & m) {
 template <> DG_HD void decompose_group<T_Q4_K>(const uint8_t * b, int g, int8_t * q, float & s, float & m) {
     const int j = g / 2;
     const uint8_t * qs = b + 16 + (j / 2) * 32 + 16 * (g % 2);
-    for (int l = 0; l < 16; ++l) q[l] = (int8_t)((j & 1) ? qs[l] >> 4 : qs[l] & 0xF);
+    for (int l = 0; l < 16; ++l) q[l] = (int8_t)((qs[l] >> (4 * (j & 1))) & 0xF);
     k4_scale(b, g, s, m);
 }
 
@@ -98,7 +97,7 @@ template <> DG_HD void decompose_group<T_Q5_K>(const uint8_t * b, int g, int8_t 
     const int j = g / 2, o = 16 * (g % 2);
     const uint8_t * qh = b + 16 + o;
     const uint8_t * ql = b + 48 + (j / 2) * 32 + o;
-    for (int l = 0; l < 16; ++l) q[l] = (int8_t)(((j & 1) ? ql[l] >> 4 : ql[l] & 0xF) + (((qh[l] >> j) & 1) ? 16 : 0));
+    for (int l = 0; l < 16; ++l) q[l] = (int8_t)(((ql[l] >> (4 * (j & 1))) & 0xF) | (((qh[l] >> j) & 1) << 4));
     k4_scale(b, g, s, m);
 }
 
@@ -109,7 +108,7 @@ template <> DG_HD void decompose_group<T_Q6_K>(const uint8_t * b, int g, int8_t 
     const uint8_t * ql = b + 64 * h + 32 * (t % 2) + o;
     const uint8_t * qh = b + 128 + 32 * h + o;
     for (int l = 0; l < 16; ++l)
-        q[l] = (int8_t)((int)((t < 2 ? ql[l] & 0xF : ql[l] >> 4) | (((qh[l] >> (2 * t)) & 3) << 4)) - 32);
+        q[l] = (int8_t)((int)(((ql[l] >> (4 * (t / 2))) & 0xF) | (((qh[l] >> (2 * t)) & 3) << 4)) - 32);
     s = fp16_to_f32(rd16(b + 208)) * ((const int8_t *)(b + 192))[g];
     m = 0.0f;
 }

@@ -1,8 +1,8 @@
 // Host harness for csrc/quant/blocks.cuh: runs the kernels' dequantization on the CPU.
 // usage: dequant_host TYPE K [MODE] < blocks.bin > floats.bin   (rows of K values, raw GGML bytes in, float32 out)
-// MODE: blocks (dequant_row: block by block, the default), units (dequant_unit, as the tiles, the head and
-// get_rows decode a row: a 16-value group or a float value per thread), groups (decompose_unit, as the
-// int8 tile stages a row: integer form, then mul_rn(s, q) + m; integer types only)
+// MODE: blocks (dequant_row: block by block, the default), units (dequant_unit along the whole row, as the
+// tiles, the head and get_rows decode it: a 16-value group or a float value per thread, the groups through
+// decompose_unit, the int8 tile's own reading)
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -23,33 +23,15 @@ static bool row_by_units(int type, const uint8_t * row, float * y, int k) {
 #undef DG_CASE
 }
 
-// a row as the int8 tile stages it: the integer form of each 16-value group, then mul_rn(s, q) + m
-static bool row_by_groups(int type, const uint8_t * row, float * y, int k) {
-#define DG_CASE(T)                                                                              \
-    case dg::T:                                                                                 \
-        for (int g = 0; g < k / dg::DG_GROUP; ++g) {                                            \
-            int8_t q[dg::DG_GROUP];                                                             \
-            float s, m;                                                                         \
-            dg::decompose_unit<dg::T>(row, g, q, s, m);                                         \
-            for (int l = 0; l < dg::DG_GROUP; ++l) y[g * dg::DG_GROUP + l] = dg::mul_rn(s, (float)q[l]) + m; \
-        }                                                                                       \
-        return true;
-    switch (type) {
-        DG_FOR_EACH_INT_TYPE(DG_CASE)
-        default: return false;
-    }
-#undef DG_CASE
-}
-
 int main(int argc, char ** argv) {
     if (argc != 3 && argc != 4) {
-        std::fprintf(stderr, "usage: %s GGML_TYPE K [blocks|units|groups] < blocks > floats\n", argv[0]);
+        std::fprintf(stderr, "usage: %s GGML_TYPE K [blocks|units] < blocks > floats\n", argv[0]);
         return 2;
     }
     const int type = std::atoi(argv[1]);
     const int k = std::atoi(argv[2]);
     const std::string mode = argc == 4 ? argv[3] : "blocks";
-    if (mode != "blocks" && mode != "units" && mode != "groups") {
+    if (mode != "blocks" && mode != "units") {
         std::fprintf(stderr, "unknown mode %s\n", mode.c_str());
         return 2;
     }
@@ -75,8 +57,7 @@ int main(int argc, char ** argv) {
     for (size_t r = 0; r < in.size() / row_bytes; ++r) {
         const uint8_t * row = in.data() + r * row_bytes;
         const bool done = mode == "blocks" ? dg::dequant_row(type, row, out.data(), k)
-                          : mode == "units" ? row_by_units(type, row, out.data(), k)
-                                            : row_by_groups(type, row, out.data(), k);
+                                           : row_by_units(type, row, out.data(), k);
         if (!done) {
             std::fprintf(stderr, "type %d has no %s decoding\n", type, mode.c_str());
             return 2;

@@ -1,5 +1,5 @@
 // Host harness for csrc/moe_tiles.cuh: the tiles of the grouped expert GEMM from per-expert pair counts.
-// usage: moe_tiles_host TILE_M COUNT0 COUNT1 ... > (for t = 0 .. pairs / TILE_M + E - 1: int32 e, m0; -1 -1 past the end)
+// usage: moe_tiles_host TILE_M COUNT0 COUNT1 ... > (for t = 0 .. pairs / TILE_M + E - 1: int32 e, m0, m_end; -1 -1 -1 past the end)
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -24,13 +24,14 @@ int main(int argc, char ** argv) {
     }
     const int bound = offsets[E] / tile_m + E;
     for (int t = 0; t < bound; ++t) {
-        int out[2] = {-1, -1};
-        int e = 0, m0 = 0;
-        if (dg::moe_tile(t, offsets.data(), tile_offsets.data(), E, tile_m, e, m0)) {
+        int out[3] = {-1, -1, -1};
+        int e = 0, m0 = 0, m_end = 0;
+        if (dg::moe_tile(t, offsets.data(), tile_offsets.data(), E, tile_m, e, m0, m_end)) {
             out[0] = e;
             out[1] = m0;
+            out[2] = m_end;
         }
-        std::fwrite(out, sizeof(int), 2, stdout);
+        std::fwrite(out, sizeof(int), 3, stdout);
     }
     return 0;
 }
