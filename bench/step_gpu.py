@@ -22,6 +22,7 @@ from synthetic import timed as timed_on
 from dgemma.plugin.cuda import check_cuda
 from dgemma.plugin.cuda import ops
 from dgemma.plugin.model import geglu
+from dgemma.plugin.sampler import accept, renoise
 
 # (name, N, K, GGML type, M rows of activations, count per step) for the Q4_K_M 26B-A4B, per layer class
 SHAPES = [
@@ -162,8 +163,11 @@ def main() -> None:
     ent = torch.rand(1, 256, device="cuda")
     tok = torch.randint(0, 262144, (1, 256), device="cuda")
     a = timed(lambda: ops.accept_renoise(ent, tok, 1, 0, 262144, 0.1), args.repeat)
-    print(f"accept/re-noise (1 x 256): {a * 1e3:.1f} us")
-    print(f"peak VRAM {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    canvas, gen = torch.zeros(1, 256, dtype=torch.long), torch.Generator().manual_seed(0)
+    # the torch backend's way: the sampler on the CPU (plugin/sampler.py), the pass's tensors copied there
+    b = timed(lambda: renoise(*accept(canvas, tok.cpu(), ent.cpu(), 0.1), 262144, gen), args.repeat)
+    print(f"accept/re-noise (1 x 256): csrc/accept.cu {a * 1e3:.1f} us, the torch backend's (copy to the CPU, "
+          f"sampler.accept + renoise) {b * 1e3:.1f} us -> {b / a:.2f}x")
 
 
 if __name__ == "__main__":

@@ -64,3 +64,38 @@ def any_checkpoint(request, checkpoint_factory) -> tuple[str, TinySpec, Path]:
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ---- the cuda backend's tests (tests/cuda_util.py has their helpers) ----------------------------------
+CANVAS16 = Path(__file__).resolve().parents[1] / ".gpu_wheels" / "canvas16-q8.gguf"  # scripts/gpu_prepare.sh
+
+
+@pytest.fixture()
+def kernels_as_references(monkeypatch):
+    from cuda_util import use_references
+
+    use_references(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def default_gguf(tmp_path_factory):
+    from dgemma.plugin.default_model import ensure_default_model
+
+    return ensure_default_model(tmp_path_factory.mktemp("default-model"))
+
+
+@pytest.fixture(scope="session")
+def canvas16_gguf(tmp_path_factory, checkpoint_factory):
+    """The random-weight test model "base" (canvas 16, so that positions are re-noised; the default model's
+    canvas is one token) at Q8_0: carried by scripts/gpu_prepare.sh where transformers cannot build it (the
+    GPU machine), else built here."""
+    if CANVAS16.exists():
+        return CANVAS16
+    try:
+        from dgemma.convert import convert
+
+        path = tmp_path_factory.mktemp("canvas16") / "canvas16-q8.gguf"
+        convert(checkpoint_factory(SPECS["base"]), path, "Q8_0", quiet=True)
+        return path
+    except ImportError as e:
+        pytest.skip(f"no canvas-16 test model ({e}); run scripts/gpu_prepare.sh")

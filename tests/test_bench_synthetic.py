@@ -8,21 +8,13 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import SPECS
 
-from dgemma.plugin.cuda import ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import model_gpu  # noqa: E402
 import synthetic  # noqa: E402
-
-
-@pytest.fixture()
-def kernels_as_references(monkeypatch):
-    for name in ("qmatmul", "moe_qmatmul", "get_rows", "head_stats", "accept_renoise"):
-        monkeypatch.setattr(ops, name, getattr(ops, f"{name}_reference"))
 
 
 def test_config_from_config_json_equals_the_converted_files(checkpoint_factory, tmp_path):
@@ -44,27 +36,57 @@ def test_26b_shapes_and_plans():
         assert lo < gib / 2**30 < hi, (plan, gib / 2**30)
 
 
-def test_bench_steps_run_on_synthetic_weights(checkpoint_factory, kernels_as_references):
+def test_bench_steps_run_on_synthetic_weights(checkpoint_factory, kernels_as_references, monkeypatch):
+    from dgemma.plugin.cuda import ops
     from dgemma.plugin.cuda.weights import QuantExperts, cuda_weights
 
     ckpt = checkpoint_factory(SPECS["base"])
     cfg = synthetic.model_config(ckpt)
-    w = cuda_weights(synthetic.SyntheticTensors(synthetic.plan_rows(ckpt, "Q8_0")), cfg, device="cpu")
+    rows = synthetic.plan_rows(ckpt, "Q8_0")
+    w = cuda_weights(synthetic.SyntheticTensors(rows), cfg, device="cpu")
     assert isinstance(w.layers[0].gate_up_exps, QuantExperts) and w.embed.data is w.head.data
+    # every matrix of the plan once (the tied embedding too), as GGML bytes: what the GB/s figures divide
+    matrices = sum(math.prod(s) * synthetic.GGML_QUANT_SIZES[t][1] // synthetic.GGML_QUANT_SIZES[t][0]
+                   for _, s, t in rows if len(s) >= 2)
+    assert model_gpu.weight_bytes(w) == matrices
+    calls = {"head_stats": 0, "accept_renoise": 0}
+    for name in calls:  # the fused step's own kernels run in every pass the figures time
+        ref = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _n=name, _r=ref, **k: (calls.__setitem__(_n, calls[_n] + 1), _r(*a, **k))[1])
     dev = torch.device("cpu")
     fused = model_gpu.measure("cuda Q8_0", cfg, w, dev, steps=2, fused=True, prompts=(5, 9))
+    assert calls == {"head_stats": 4, "accept_renoise": 4}  # warm-up, 2 timed, the 8K peak's step
+    assert fused["weights_GB"] == matrices / 1e9
     torch_way = model_gpu.measure("torch", cfg, model_gpu.float_weights(w, "cpu"), dev, steps=1, fused=False,
                                   prompts=(5, 9))
     for r in (fused, torch_way):
         assert r["step_ms"] > 0 and r["prefill_9_ms"] > 0 and math.isfinite(r["TFLOP/s"]) and r["tokens/s"] > 0
     assert fused["weights_GB"] < torch_way["weights_GB"]  # blocks against float32
     line = model_gpu.report(fused, torch_way)
-    assert "prefill 5: " in line and "x the torch backend" in line
+    assert "prefill 5: " in line and line.count("x faster than torch") == 3  # the step and both prefills
+    assert "faster than torch" not in model_gpu.report(torch_way, torch_way)  # the baseline's own line has none
 
 
-def test_kernel_bench_imports_its_helpers():
-    """bench/step_gpu.py needs a GPU to run; this catches import-time and name errors before a GPU session."""
+def test_kernel_benches_name_nothing_undefined():
+    """bench/step_gpu.py and bench/model_gpu.py need a GPU to run. Every global name their functions load
+    (nested functions too) must exist, so a misspelled or shadowed name fails here and not in a GPU session."""
+    import builtins
+    import dis
+    import types
+
     import step_gpu
 
-    assert step_gpu.timed.__module__ == "step_gpu" and step_gpu.synthetic_blocks is synthetic.synthetic_blocks
+    def code_objects(code):
+        yield code
+        for c in code.co_consts:
+            if isinstance(c, types.CodeType):
+                yield from code_objects(c)
+
+    for module in (step_gpu, model_gpu):
+        for fn in [v for v in vars(module).values() if isinstance(v, types.FunctionType) and v.__module__ == module.__name__]:
+            for code in code_objects(fn.__code__):
+                for ins in dis.get_instructions(code):
+                    if ins.opname == "LOAD_GLOBAL":
+                        name = ins.argval
+                        assert name in vars(module) or hasattr(builtins, name), f"{module.__name__}.{fn.__name__}: {name}"
     assert [row[0] for row in step_gpu.SHAPES][-1] == "vocabulary head (Q6_K)"

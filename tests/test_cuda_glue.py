@@ -8,46 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cuda_util import cpu_cuda_weights, decode_both
+
 from dgemma.plugin.cuda import ops
-from dgemma.plugin.cuda.weights import QuantEmbedding, QuantExperts, QuantLinear, load_cuda_weights
-from dgemma.plugin.default_model import ensure_default_model
+from dgemma.plugin.cuda.weights import QuantEmbedding, QuantExperts, QuantLinear
 from dgemma.plugin.engine import Engine
-from dgemma.plugin.inspect import open_gguf
 from dgemma.plugin.model import DiffusionGemma, KVCache, grouped_experts
-
-
-KERNEL_OPS = ("get_rows", *(name for pair in ops.MATMULS.values() for name in pair))
-
-
-@pytest.fixture()
-def kernels_as_references(monkeypatch):
-    for name in KERNEL_OPS:
-        monkeypatch.setattr(ops, name, getattr(ops, f"{name}_reference"))
-
-
-@pytest.fixture(scope="module")
-def default_gguf(tmp_path_factory):
-    return ensure_default_model(tmp_path_factory.mktemp("models"))
-
-
-def decode_both(ref: DiffusionGemma, model: DiffusionGemma, prompt_len: int, before=lambda: None):
-    """The same random prompt encoded and canvas decoded by two models (`before()` runs just before the
-    second model's encode): (logits of ref, logits of model, canvas, ref's cache, model's cache)."""
-    cfg = ref.cfg
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len), generator=g)
-    canvas = torch.randint(3, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
-    c1, c2 = KVCache(), KVCache()
-    ref.encode(prompt, c1)
-    before()
-    model.encode(prompt, c2)
-    return ref.decode(canvas, c1), model.decode(canvas, c2), canvas, c1, c2
 
 
 def test_cuda_weights_give_the_torch_backends_logits(default_gguf, kernels_as_references):
     ref = Engine.load(default_gguf)
-    cfg = ref.cfg
-    weights = load_cuda_weights(open_gguf(default_gguf), cfg, default_gguf, device="cpu")
+    weights, cfg = cpu_cuda_weights(default_gguf)
     assert isinstance(weights.layers[0].gate_up_exps, QuantExperts) and isinstance(weights.head, QuantLinear)
     assert isinstance(weights.embed, QuantEmbedding) and weights.embed.data is weights.head.data  # one copy
     gpu_like = DiffusionGemma(cfg, weights)
@@ -85,26 +56,13 @@ def test_cuda_weights_generate_the_torch_backends_tokens(default_gguf, kernels_a
     from dgemma.plugin.engine import GenerateOptions
 
     ref = Engine.load(default_gguf)
-    model = DiffusionGemma(ref.cfg, load_cuda_weights(open_gguf(default_gguf), ref.cfg, default_gguf, device="cpu"))
+    model = DiffusionGemma(ref.cfg, cpu_cuda_weights(default_gguf)[0])
     gpu_like = Engine(default_gguf, ref.cfg, ref.tokenizer, model, 0, torch.device("cpu"))
     opts = GenerateOptions(seed=5, max_tokens=24)
     want = [e for e in ref.generate("Once upon a time", opts)]
     got = [e for e in gpu_like.generate("Once upon a time", opts)]
     assert [getattr(e, "text", None) for e in got] == [getattr(e, "text", None) for e in want]
     assert got[-1].eval_count == want[-1].eval_count > 0
-
-
-@pytest.fixture(scope="module")
-def canvas16_gguf(tmp_path_factory, checkpoint_factory):
-    """A random-weight test model with a 16-token canvas (the default model's canvas is one token, where
-    every position is accepted and nothing is re-noised), quantized to Q8_0."""
-    from conftest import SPECS
-
-    from dgemma.convert import convert
-
-    path = tmp_path_factory.mktemp("glue") / "base-q8.gguf"
-    convert(checkpoint_factory(SPECS["base"]), path, "Q8_0", quiet=True)
-    return path
 
 
 def test_fused_sampler_path_generates_the_counter_tokens_without_logits(canvas16_gguf, kernels_as_references,
@@ -118,7 +76,7 @@ def test_fused_sampler_path_generates_the_counter_tokens_without_logits(canvas16
     ref = Engine.load(canvas16_gguf, rng="counter")
     V = ref.cfg.vocab_size
     assert ref.cfg.canvas_length == 16
-    model = DiffusionGemma(ref.cfg, load_cuda_weights(open_gguf(canvas16_gguf), ref.cfg, canvas16_gguf, device="cpu"))
+    model = DiffusionGemma(ref.cfg, cpu_cuda_weights(canvas16_gguf)[0])
     fused = Engine(canvas16_gguf, ref.cfg, ref.tokenizer, model, 0, torch.device("cpu"), rng="counter")
 
     def no_logits(x, w, qtype, k):
@@ -126,8 +84,6 @@ def test_fused_sampler_path_generates_the_counter_tokens_without_logits(canvas16
         return ops.qmatmul_reference(x, w, qtype, k)
 
     monkeypatch.setattr(ops, "qmatmul", no_logits)
-    monkeypatch.setattr(ops, "head_stats", ops.head_stats_reference)
-    monkeypatch.setattr(ops, "accept_renoise", ops.accept_renoise_reference)
     renoised: list[int] = []
     for seed in (1, 2):
         opts = GenerateOptions(seed=seed, max_tokens=40, raw=True, eos_ids=set())
@@ -241,7 +197,7 @@ def test_graphed_decoder_warms_up_captures_replays_and_falls_back(canvas16_gguf,
     from dgemma.plugin.cuda.graph import GraphedDecoder
 
     ref = Engine.load(canvas16_gguf)
-    model = DiffusionGemma(ref.cfg, load_cuda_weights(open_gguf(canvas16_gguf), ref.cfg, canvas16_gguf, device="cpu"))
+    model = DiffusionGemma(ref.cfg, cpu_cuda_weights(canvas16_gguf)[0])
     cache = KVCache()
     g = torch.Generator().manual_seed(0)
     model.encode(torch.randint(3, ref.cfg.vocab_size, (1, 7), generator=g), cache)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,34 +241,6 @@ def test_head_stats_rejects_bad_input(ops):
     h = torch.zeros(2, 100, device="cuda")
     with pytest.raises(ValueError, match="Q4_K rows of 100|not a multiple"):
         ops.head_stats(h, torch.zeros(3, 10, dtype=torch.uint8, device="cuda"), Q.Q4_K, 30.0, 0.8)
-
-
-@pytest.fixture(scope="module")
-def default_gguf(tmp_path_factory):
-    from dgemma.plugin.default_model import ensure_default_model
-
-    return ensure_default_model(tmp_path_factory.mktemp("models"))
-
-
-CANVAS16 = Path(__file__).resolve().parents[1] / ".gpu_wheels" / "canvas16-q8.gguf"  # scripts/gpu_prepare.sh
-
-
-@pytest.fixture(scope="module")
-def canvas16_gguf(tmp_path_factory, checkpoint_factory):
-    """The random-weight test model "base" (canvas 16, so that positions are re-noised) at Q8_0: carried by
-    scripts/gpu_prepare.sh where transformers cannot build it (the GPU machine), else built here."""
-    if CANVAS16.exists():
-        return CANVAS16
-    try:
-        from conftest import SPECS
-
-        from dgemma.convert import convert
-
-        path = tmp_path_factory.mktemp("canvas16") / "canvas16-q8.gguf"
-        convert(checkpoint_factory(SPECS["base"]), path, "Q8_0", quiet=True)
-        return path
-    except ImportError as e:
-        pytest.skip(f"no canvas-16 test model ({e}); run scripts/gpu_prepare.sh")
 
 
 @pytest.mark.parametrize("matmul,tol", [("scalar", 1e-3), ("f16", 0.02), ("int8", 0.5)])

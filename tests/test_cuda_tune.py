@@ -10,23 +10,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from cuda_util import cpu_cuda_weights, decode_both
 from gguf import GGMLQuantizationType as Q
 
 from dgemma.plugin.cuda import ops, tune
-from dgemma.plugin.cuda.weights import QuantLinear, load_cuda_weights
-from dgemma.plugin.default_model import ensure_default_model
+from dgemma.plugin.cuda.weights import QuantLinear
 from dgemma.plugin.engine import Engine, EngineError
-from dgemma.plugin.inspect import open_gguf
 from dgemma.plugin.model import DiffusionGemma
-from test_cuda_glue import decode_both
 
 
 AMPERE, TURING = (8, 0), (7, 5)
-
-
-@pytest.fixture(scope="module")
-def default_gguf(tmp_path_factory):
-    return ensure_default_model(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture()
@@ -57,17 +50,12 @@ def preset_timer(ran: list[str], times: dict[str, float]):
     return timer
 
 
-def weights(path):
-    cfg = Engine.load(path).cfg
-    return load_cuda_weights(open_gguf(path), cfg, path, device="cpu"), cfg
-
-
 def usable(obj, capability=AMPERE) -> list[str]:
     return [m for m in ops.MATMULS if ops.usable(m, obj.qtype, obj.k, capability, obj.bounded_input)]
 
 
 def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gguf, ran, tmp_path):
-    w, cfg = weights(default_gguf)
+    w, cfg = cpu_cuda_weights(default_gguf)
     f16 = torch.from_numpy(np.random.default_rng(0).standard_normal((cfg.vocab_size, cfg.n_embd)).astype(np.float16))
     w.head = QuantLinear(f16.view(torch.uint8).view(cfg.vocab_size, -1), Q.F16, cfg.vocab_size, cfg.n_embd)
     cache = tmp_path / "matmul.json"
@@ -87,7 +75,7 @@ def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gg
     stored = json.loads(cache.read_text())
     assert list(stored.values()) == [plan]
     # a second load reads the cache: nothing is timed, nothing is written
-    w2, _ = weights(default_gguf)
+    w2, _ = cpu_cuda_weights(default_gguf)
     w2.head = w.head
     never = preset_timer(ran, {})
     mtime = cache.stat().st_mtime_ns
@@ -102,14 +90,14 @@ def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gg
 
 
 def test_auto_on_a_gpu_without_tensor_cores_times_nothing(default_gguf, ran, tmp_path):
-    w, _ = weights(default_gguf)
+    w, _ = cpu_cuda_weights(default_gguf)
     timer = preset_timer(ran, {})
     plan = tune.choose(w, "auto", rows=16, device="cpu", capability=TURING, timer=timer, cache=tmp_path / "m.json")
     assert set(plan.values()) == {"scalar"} and timer.timed == []
 
 
 def test_a_damaged_cache_is_tuned_again_and_rewritten(default_gguf, ran, tmp_path):
-    w, _ = weights(default_gguf)
+    w, _ = cpu_cuda_weights(default_gguf)
     cache = tmp_path / "matmul.json"
     for damaged in ("{not json", "[1, 2]", json.dumps({"x": 1})):
         cache.write_text(damaged)
@@ -126,7 +114,7 @@ def test_a_damaged_cache_is_tuned_again_and_rewritten(default_gguf, ran, tmp_pat
 
 
 def test_a_named_kernel_goes_where_it_can(default_gguf, ran):
-    w, _ = weights(default_gguf)
+    w, _ = cpu_cuda_weights(default_gguf)
     assert set(tune.choose(w, "int8", device="cpu", capability=AMPERE, cache=False).values()) == {"int8"}
     plan = tune.choose(w, "f16", device="cpu", capability=AMPERE, cache=False)
     assert {c: k for c, k in plan.items() if k != "f16"} == {c: "scalar" for c in plan if c.endswith("unbounded")}
@@ -142,7 +130,7 @@ def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran, kerne
     the down projections stay scalar) 0.005, int8 (X quantized per 32 values) 0.15, KL(T=1) 5e-4, the same
     argmax."""
     ref = Engine.load(default_gguf)
-    w, cfg = weights(default_gguf)
+    w, cfg = cpu_cuda_weights(default_gguf)
     tune.choose(w, kernel, device="cpu", capability=AMPERE, cache=False)
     a, b, *_ = decode_both(ref.model, DiffusionGemma(cfg, w), 30, before=lambda: ran.clear())
     assert set(ran) == ({kernel, "scalar"} if kernel == "f16" else {kernel})  # f16: not on the down projections

@@ -102,11 +102,16 @@ def test_run_with_counter_draws(models):
     engine = Engine.load(models / "default.gguf", rng="counter")
     events = list(engine.generate("Tell me a fortune.", GenerateOptions(seed=2, max_tokens=12)))
     expected = "".join(e.text for e in events if isinstance(e, TextEvent))
-    proc = run_cli(models, "default", "Tell me a fortune.", "--seed", "2", "--max-tokens", "12", "--rng", "counter")
+    proc = run_cli(models, "default", "Tell me a fortune.", "--seed", "2", "--max-tokens", "12", "--rng", "counter",
+                   "--stats")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected + "\n" and expected.strip()
-    f16 = run_cli(models, "default", "Tell me a fortune.", "--seed", "2", "--max-tokens", "12", "--kv-cache", "f16")
+    # on this model and seed both kinds of draws happen to give the same text: the engine says which ran
+    assert "(rng counter, KV cache f32)" in proc.stderr
+    f16 = run_cli(models, "default", "Tell me a fortune.", "--seed", "2", "--max-tokens", "12", "--kv-cache", "f16",
+                  "--stats")
     assert f16.returncode == 0 and f16.stdout.strip(), f16.stderr
+    assert "(rng torch, KV cache f16)" in f16.stderr
     bad = run_cli(models, "default", "hi", "--rng", "philox")
     assert bad.returncode == 2 and "invalid choice: 'philox'" in bad.stderr
     with pytest.raises(ValueError, match="rng 'philox' is not available"):

@@ -1,0 +1,44 @@
+"""What the cuda backend's CPU tests share: the kernels replaced by their torch references (ops.*_reference,
+which tests/test_cuda_kernels.py compares with the kernels on a GPU), the cuda weight objects loaded on the
+CPU, and one prompt and canvas decoded by two models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dgemma.plugin.config import ModelConfig
+from dgemma.plugin.cuda import ops
+from dgemma.plugin.cuda.weights import load_cuda_weights
+from dgemma.plugin.inspect import open_gguf
+from dgemma.plugin.model import DiffusionGemma, KVCache, Weights
+
+# every op the backend launches, each with a `<name>_reference` beside it in plugin/cuda/ops.py
+KERNEL_OPS = ("get_rows", "head_stats", "accept_renoise", *(name for pair in ops.MATMULS.values() for name in pair))
+
+
+def use_references(monkeypatch) -> None:
+    for name in KERNEL_OPS:
+        monkeypatch.setattr(ops, name, getattr(ops, f"{name}_reference"))
+
+
+def cpu_cuda_weights(path: Path) -> tuple[Weights, ModelConfig]:
+    """The cuda backend's weight objects for the GGUF at `path`, on the CPU, and its config."""
+    reader = open_gguf(path)
+    cfg = ModelConfig.from_gguf(reader, path)
+    return load_cuda_weights(reader, cfg, path, device="cpu"), cfg
+
+
+def decode_both(ref: DiffusionGemma, model: DiffusionGemma, prompt_len: int, before=lambda: None):
+    """The same random prompt encoded and canvas decoded by two models (`before()` runs just before the
+    second model's encode): (logits of ref, logits of model, canvas, ref's cache, model's cache)."""
+    cfg = ref.cfg
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len), generator=g)
+    canvas = torch.randint(3, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
+    c1, c2 = KVCache(), KVCache()
+    ref.encode(prompt, c1)
+    before()
+    model.encode(prompt, c2)
+    return ref.decode(canvas, c1), model.decode(canvas, c2), canvas, c1, c2
