@@ -9,8 +9,8 @@ in the same run (issue 5, docs/CUDA.md step 6).
 - torch backend: the same model code on float32 weights (cuBLAS), a step being the sampler's TorchSteps
   pass (decoder, logits, softmax, entropy, argmax, multinomial) and accept(), on the GPU; skipped when its
   4 bytes per parameter do not fit.
-Prefill is the encoder over 512 and 4096 prompt tokens; the peak VRAM figure adds a second 4096-token chunk
-(8K context) and one step, counting what PyTorch's allocator holds (the CUDA context and NVRTC modules,
+Prefill is the encoder over 512 and 4096 prompt tokens, in passes of the engine's num_batch (512) as
+Engine.generate runs it; the peak VRAM figure adds a second 4096-token prompt (8K context) and one step, counting what PyTorch's allocator holds (the CUDA context and NVRTC modules,
 ~0.5 GB, come on top). Tokens/s assumes 16 steps per 256-token canvas.
 
     python bench/model_gpu.py [--plans Q4_K_M,12GB] [--steps 5] [--config DIR] [--no-torch]
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import CONFIG_26B, SyntheticTensors, model_config, plan_rows, sync, timed  # noqa: E402
 
 from dgemma.plugin.config import ModelConfig  # noqa: E402
+from dgemma.plugin.engine import DEFAULT_NUM_BATCH  # noqa: E402
 from dgemma.plugin.model import DiffusionGemma, KVCache, Weights  # noqa: E402
 
 # dense bf16 tensor-core FLOP/s and HBM bytes/s from the datasheets (SXM parts), by device-name substring
@@ -128,7 +129,8 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
     wbytes = weight_bytes(w)
     out = {"name": name, "weights_GB": wbytes / 1e9}
     for j, n in enumerate(prompts):  # one warm-up, before the first size only (a long prefill is slow)
-        out[f"prefill_{n}_ms"] = timed(lambda: model.encode(tokens[:, :n], KVCache(dtype=kv)), device, warmup=j == 0)
+        out[f"prefill_{n}_ms"] = timed(lambda: model.encode(tokens[:, :n], KVCache(dtype=kv), chunk=DEFAULT_NUM_BATCH),
+                                       device, warmup=j == 0)
     cache = KVCache(dtype=kv)
     model.encode(tokens[:, : prompts[0]], cache)
     step = fused_step(model, cache, canvas, graphs=graphs) if fused else logits_step(model, cache, canvas)
@@ -147,7 +149,7 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
         torch.cuda.reset_peak_memory_stats(device)
     cache = KVCache(dtype=kv)
     for _ in range(2):  # 2 x 4096: 8K context
-        model.encode(tokens[:, : prompts[-1]], cache)
+        model.encode(tokens[:, : prompts[-1]], cache, chunk=DEFAULT_NUM_BATCH)
     (fused_step(model, cache, canvas, graphs=graphs) if fused else logits_step(model, cache, canvas))()
     sync(device)
     if device.type == "cuda":

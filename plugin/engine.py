@@ -35,6 +35,7 @@ from .tokenizer import Tokenizer
 from .weights import load_weights
 
 DEFAULT_MAX_TOKENS = 1024
+DEFAULT_NUM_BATCH = 512  # prompt tokens per encoder pass (Ollama's num_batch and its default)
 BACKENDS = ("torch", "cuda")
 BACKEND_CHOICES = ("auto", *BACKENDS)  # auto: cuda where it can run, else torch (pick_backend)
 RNGS = ("torch", "counter")  # the sampler's draws (plugin/sampler.py): a torch.Generator, or counter-based
@@ -80,6 +81,7 @@ class GenerateOptions:
     t_max: float | None = None
     entropy_bound: float | None = None
     stop: list[str] = field(default_factory=list)
+    num_batch: int | None = None  # prompt tokens per encoder pass (None: DEFAULT_NUM_BATCH)
     raw: bool = False  # a string prompt is used as-is (BOS prepended) instead of a chat turn
     eos_ids: set[int] | None = None  # None: the model's end-of-generation tokens
     cancel: threading.Event | Callable[[], bool] | None = None  # checked between denoising steps
@@ -260,6 +262,8 @@ class Engine:
         room = context - len(ids)
         if room <= 0:
             raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {context}")
+        if o.num_batch is not None and o.num_batch < 1:
+            raise EngineError(f"num_batch must be at least 1 (got {o.num_batch})")
         max_tokens = min(DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens, room)
         eos = self.tokenizer.eog_ids if o.eos_ids is None else set(o.eos_ids)
         return s, max_tokens, eos
@@ -279,7 +283,7 @@ class Engine:
         t_start = time.perf_counter_ns()
         cache = KVCache(dtype=self.kv_dtype)
         dev = self.device
-        self.model.encode(torch.tensor([ids], device=dev), cache)
+        self.model.encode(torch.tensor([ids], device=dev), cache, chunk=o.num_batch or DEFAULT_NUM_BATCH)
         t_prompt = time.perf_counter_ns()
         C = self.cfg.canvas_length
         sampler = self._steps(cache, seed)

@@ -61,6 +61,23 @@ def gelu_mlp(x: torch.Tensor, gate, up, down, gate_up: torch.Tensor | None = Non
 DENSE_MOE_MAX_FLOP = 4e6
 
 
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q [B, H, L, hd] over keys/values [B, KV, S, hd] (query heads h = kv * G + g share KV head
+    kv, G = H / KV; Gemma 4's scale is 1.0), mask [L, S] bool (True: attend) or None. Each KV head's G query
+    heads are folded into its rows, q -> [B, KV, G * L, hd] (the mask repeated G times), which is exactly
+    SDPA with enable_gqa; but on a GPU the fused kernels take the folded form while they refuse grouped
+    heads in float32 or at head dim 512 (mem-efficient attention has no GQA, flash attention wants 16-bit
+    and head dim <= 256), and SDPA would fall back to its math kernel, which repeats K/V per query head and
+    writes the [H, L, S] scores: 4 GB per layer for an 8K prompt in float32. Returns [B, H, L, hd]."""
+    B, H, L, hd = q.shape
+    G = H // keys.shape[1]
+    folded = q.reshape(B, keys.shape[1], G * L, hd)  # [B, KV, G*L, hd]
+    if mask is not None:
+        mask = mask.repeat(G, 1)  # [G*L, S]
+    return F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=1.0).reshape(B, H, L, hd)
+
+
 def dense_moe(cfg: ModelConfig, n_tokens: int) -> bool:
     """Whether every expert runs on every token (see DENSE_MOE_MAX_FLOP)."""
     return 6 * n_tokens * cfg.n_expert * cfg.n_ff_exp * cfg.n_embd <= DENSE_MOE_MAX_FLOP
@@ -291,8 +308,7 @@ class DiffusionGemma:
             keys = k if past_k is None else torch.cat([past_k, k], dim=2)
             values = v if past_v is None else torch.cat([past_v, v], dim=2)
             mask = None
-        # query heads h = kv * (H / KV) + g share KV head kv (enable_gqa); Gemma 4's attention scale is 1.0
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)  # [B, H, L, hd]
+        out = grouped_attention(q, keys, values, mask)  # [B, H, L, hd]
         return linear(out.transpose(1, 2).reshape(B, L, H * hd), lw.wo)
 
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -325,9 +341,13 @@ class DiffusionGemma:
         return self.w.embed[tokens] * torch.tensor(self.cfg.embed_scale, dtype=self.w.embed.dtype)  # [B, L, D]
 
     @torch.inference_mode()
-    def encode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """tokens: [B, L] at positions cache.length.. ; fills the cache. Returns the last layer's output
+    def encode(self, tokens: torch.Tensor, cache: KVCache, chunk: int | None = None) -> torch.Tensor:
+        """tokens: [B, L] at positions cache.length.. ; fills the cache, `chunk` tokens per pass at most (None:
+        all at once): each pass attends over the cache the earlier ones filled, which bounds the attention's
+        and the experts' working memory by the chunk instead of the prompt. Returns the last layer's output
         [B, L, D] (`head` of it: the causal next-token logits, for diagnostics)."""
+        if chunk is not None and tokens.shape[1] > chunk:
+            return torch.cat([self.encode(part, cache) for part in tokens.split(chunk, dim=1)], dim=1)
         rope = self.rope(cache.length, tokens.shape[1], tokens.device)
         x = self.embed(tokens)
         for i in range(self.cfg.n_layer):

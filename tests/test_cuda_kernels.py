@@ -350,3 +350,26 @@ def test_graphed_decoder_equals_the_eager_pass(ops, request, model):
         torch.testing.assert_close(graphed(canvas, soft).clone(), model_.decode_hidden(canvas, cache, soft),
                                    rtol=1e-4, atol=1e-4)
     assert (graphed.captures, graphed.replays) == (2, 6)
+
+
+@pytest.mark.parametrize("hd,KV,L,P,masked", [(256, 8, 256, 1023, False), (512, 2, 256, 8192, False),
+                                             (256, 8, 512, 1023, True), (512, 2, 512, 4096, True)])
+def test_attention_runs_on_fused_kernels_at_the_26b_shapes(ops, hd, KV, L, P, masked):
+    """model.grouped_attention at the 26B-A4B's heads (16 query heads; sliding layers 8 KV heads of 256,
+    global ones 2 of 512), float32 as the decoder runs it: the canvas over the cache (no mask) and an
+    encoder chunk (causal mask over P cached positions). With the math kernel disabled it must still run
+    (SDPA raises when no fused kernel takes the call), and equal float64 attention on the CPU."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dgemma.plugin.model import grouped_attention
+
+    g = torch.Generator(device="cuda").manual_seed(hd + L)
+    q = torch.randn(1, 16, L, hd, device="cuda", generator=g) * 0.1
+    k, v = (torch.randn(1, KV, P + L, hd, device="cuda", generator=g) * 0.1 for _ in range(2))
+    mask = (torch.arange(P + L, device="cuda")[None, :] <= torch.arange(P, P + L, device="cuda")[:, None]) if masked else None
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        got = grouped_attention(q, k, v, mask)
+    want = F.scaled_dot_product_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                          attn_mask=None if mask is None else mask.cpu(), scale=1.0, enable_gqa=True)
+    assert got.shape == want.shape and float((got.double().cpu() - want).abs().max()) < 1e-4

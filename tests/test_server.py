@@ -105,6 +105,7 @@ def test_errors(server):
         ("/api/pull", {"model": "x"}, "dgemma import"),
         ("/api/embed", {"model": "default", "input": "x"}, "embeddings"),
         ("/api/generate", {"model": "default", "prompt": "hi", "options": {"num_predict": "ten"}}, "num_predict"),
+        ("/api/generate", {"model": "default", "prompt": "hi", "options": {"num_batch": 0}}, "num_batch"),
     ]:
         r = httpx.post(f"{server}{path}", json=body, timeout=60)
         assert 400 <= r.status_code < 600 and needle in r.json()["error"], (path, r.text)

@@ -176,12 +176,14 @@ def generate_options(engine: Engine, options: dict[str, Any] | None, *, max_toke
     """Ollama `options` (and OpenAI's top-level fields) -> GenerateOptions; unknown options are ignored.
 
     temperature T rescales the annealed schedule: t_max becomes T and t_min keeps its ratio to t_max.
+    num_batch: prompt tokens per encoder pass (Engine's default when absent).
     Diffusion options: diffusion_steps, entropy_bound, t_min, t_max. num_predict < 0 (Ollama's default,
     "infinite") runs until an end-of-generation token or the context (num_ctx, default 4096) is full."""
     o = dict(options or {})
     s = engine.cfg.sampler
     out = GenerateOptions()
     out.num_ctx = _number(o, "num_ctx", int) or DEFAULT_NUM_CTX
+    out.num_batch = _number(o, "num_batch", int)
     num_predict = max_tokens if max_tokens is not None else _number(o, "num_predict", int)
     out.max_tokens = out.num_ctx if num_predict is None or num_predict < 0 else num_predict
     seed = seed if seed is not None else _number(o, "seed", int)
