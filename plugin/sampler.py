@@ -117,15 +117,17 @@ class StableAndConfident:
         self.threshold, self.confidence = s.stability_threshold, s.confidence_threshold
         self.history: list[torch.Tensor] = []
 
-    def __call__(self, argmax: torch.Tensor, mean_entropy: float) -> bool:
-        """mean_entropy: the pass's mean token entropy, a float32 value (the loop reads it once per pass)."""
-        stable = len(self.history) == self.threshold and all(torch.equal(h, argmax) for h in self.history)
+    def __call__(self, argmax: torch.Tensor, mean_entropy: torch.Tensor) -> tuple[bool, float]:
+        """argmax [1, C] and the pass's mean token entropy (a float32 scalar tensor), on the pass's device.
+        Both tests' inputs come to the host in one read, a GPU pass's only sync. Returns (stop, the mean
+        entropy as a float)."""
+        full = len(self.history) == self.threshold  # threshold 0: always, with nothing to compare
+        same = [(h == argmax).all() for h in self.history] if full else []
+        mean, *equal = torch.stack([mean_entropy.reshape(()).float(), *(e.float() for e in same)]).tolist()
         if self.threshold:
             self.history = (self.history + [argmax])[-self.threshold:]
-        else:
-            stable = True
         # transformers compares the float32 mean with the threshold rounded to float32
-        return bool(stable and mean_entropy < float(np.float32(self.confidence)))
+        return full and all(equal) and mean < float(np.float32(self.confidence)), mean
 
 
 Decoder = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (canvas, sc_probs) -> logits
@@ -245,8 +247,8 @@ def denoise_canvas(steps: Steps, length: int, s: SamplerDefaults,
         argmax, sc = out.argmax, out.sc
         canvas, mask = steps.accept_renoise(canvas, out, s.entropy_bound)
         n += 1
-        entropies.append(out.entropy.mean().item())  # one read of the pass's entropy on the host
-        done = stop(argmax, entropies[-1])
+        done, mean_entropy = stop(argmax, out.entropy.mean())  # the pass's one read on the host
+        entropies.append(mean_entropy)
         if on_step is not None and on_step(StepInfo(step, n, canvas[0], argmax[0], mask[0], entropies[-1])):
             break
         if done:

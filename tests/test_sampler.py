@@ -69,7 +69,9 @@ def test_stopping_equals_stable_and_confident(threshold):
     got, want = [], []
     for n, argmax in enumerate(sequence):
         logits = unsure if n == 5 else confident
-        got.append(ours(argmax, token_entropy(logits).mean().item()))
+        stop, mean = ours(argmax, token_entropy(logits).mean())
+        assert mean == token_entropy(logits).mean().item()
+        got.append(stop)
         want.append(bool(ref(argmax, logits)[0]))
     assert got == want and any(want) and not all(want)
 
@@ -140,3 +142,37 @@ def test_counter_steps_number_their_passes_across_canvases():
     sample0 = S.gumbel_sample(decode(init, None) / S.temperature(6, s), 99, 0)[0]
     assert bool(accepted0.any()) and torch.equal(canvas0[accepted0], sample0[accepted0])
     assert not torch.equal(infos[0][0], infos[6][0])  # the second canvas starts from other draws
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 3])
+def test_one_host_read_per_pass(monkeypatch, threshold):
+    """denoise_canvas reads each pass's results on the host once: the mean entropy and the stability
+    comparisons come back in one transfer (on a GPU each read is a sync that stalls the next pass's
+    launches). Counted over every way a tensor reaches the host; the passes' own work reads nothing."""
+    from dgemma.plugin.sampler import Denoised, denoise_canvas
+
+    C, passes = 6, []
+
+    class Fixed:  # a decoder that is sure of one canvas from the third pass on
+        def init(self, length: int) -> torch.Tensor:
+            return torch.zeros(1, length, dtype=torch.long)
+
+        def denoise(self, canvas, sc, t) -> Denoised:
+            passes.append(len(reads))
+            tokens = torch.full((1, C), min(len(passes), 3))
+            return Denoised(tokens, torch.full((1, C), 1e-4 if len(passes) >= 3 else 2.0), tokens, None)
+
+        def accept_renoise(self, canvas, out, bound):
+            return out.sample, torch.ones_like(canvas, dtype=torch.bool)
+
+    reads: list[str] = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name: (reads.append(_n), _f(self, *a))[1])
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda *a: (reads.append("equal"), equal(*a))[1])
+    result = denoise_canvas(Fixed(), C, SamplerDefaults(stability_threshold=threshold))
+    counted = list(reads)
+    monkeypatch.undo()
+    assert result.stopped_early and result.steps == 3 + threshold
+    assert len(counted) == result.steps and passes == list(range(result.steps)), counted
