@@ -1,0 +1,134 @@
+"""Every kernel launch in plugin/cuda/ops.py against the kernel's parameter list in csrc/, without a GPU.
+
+A launch packs its arguments by their Python types (tensors as 8-byte device pointers, numpy scalars at their
+own width), so one int64 where the kernel takes an int shifts every later argument, and an int64 tensor where
+it reads int32 doubles every index: on a GPU that is garbage or an illegal address, never an error message.
+Here each wrapper runs on CPU tensors that claim to be on a GPU, with the kernel lookup and the launch
+replaced by recorders, and every recorded argument is checked against the C++ parameter it lands in: the
+count, each scalar's numpy type, each pointer's tensor dtype (or a null pointer where no tensor is passed).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from dgemma import quant
+from dgemma.plugin.cuda import ops
+from dgemma.plugin.cuda.loader import csrc_dir
+
+SIGNATURE = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)\s*\{")
+POINTEE = {"float": torch.float32, "int": torch.int32, "uint8_t": torch.uint8, "int8_t": torch.int8}
+SCALAR = {"int": np.int32, "float": np.float32, "long": np.int64, "unsigned long long": np.uint64}
+
+
+def kernel_parameters() -> dict[str, list[tuple[str, str, bool]]]:
+    """Kernel name -> [(C type without qualifiers, parameter name, is a pointer)] from csrc/*.cu."""
+    found: dict[str, list[tuple[str, str, bool]]] = {}
+    for path in sorted(csrc_dir().glob("*.cu")):
+        for name, params in SIGNATURE.findall(path.read_text()):
+            out = []
+            for p in params.split(","):
+                words = p.replace("*", " * ").replace("__restrict__", " ").replace("const", " ").split()
+                out.append((" ".join(w for w in words[:-1] if w != "*"), words[-1], "*" in words))
+            assert name not in found, f"kernel {name} defined twice"
+            found[name] = out
+    return found
+
+
+PARAMS = kernel_parameters()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Run the wrappers on the CPU: tensors report is_cuda, the GPU queries answer as an H100 would, and
+    kernel()/_launch() record (kernel name, arguments) instead of compiling and launching."""
+    recorded: list[tuple[str, tuple]] = []
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type("P", (), {"multi_processor_count": 132}))
+    monkeypatch.setattr(ops, "kernel", lambda source, name, names=(): (source, name, names))
+    monkeypatch.setattr(ops, "_launch", lambda fn, grid, block, args, shared_mem=0: recorded.append((fn, tuple(args))))
+    return recorded
+
+
+def check(fn: tuple[str, str, tuple], args: tuple) -> str:
+    """The kernel fn = (source, name, name expressions) takes args; returns the kernel's base name."""
+    source, name, names = fn
+    assert name in names or not name.startswith("dg::"), f"{name} is not among {source}'s name expressions"
+    base = re.sub(r"^dg::|<.*>$", "", name)
+    params = PARAMS[base]
+    assert len(args) == len(params), f"{base}: {len(args)} arguments for {len(params)} parameters"
+    for arg, (ctype, pname, pointer) in zip(args, params):
+        where = f"{base}({pname}: {ctype}{' *' if pointer else ''})"
+        if pointer:
+            if isinstance(arg, torch.Tensor):
+                assert arg.dtype == POINTEE[ctype], f"{where} gets a {arg.dtype} tensor"
+            else:
+                assert arg is None or (type(arg) is np.uint64 and arg == 0), f"{where} gets {arg!r}"
+        else:
+            assert type(arg) is SCALAR[ctype], f"{where} gets {type(arg).__name__}"
+    return base
+
+
+def weights(qtype: Q, n: int, k: int, experts: int | None = None) -> torch.Tensor:
+    w = np.random.default_rng(n + k).standard_normal(((experts or 1) * n, k)).astype(np.float32) * 0.05
+    rows = torch.from_numpy(quant.quantize(w, qtype).reshape((experts or 1) * n, -1))
+    return rows if experts is None else rows.view(experts, n, -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.F16])
+def test_dense_launches_match_their_kernels(launches, qtype):
+    x, w = torch.randn(5, 256), weights(qtype, 7, 256)
+    ops.get_rows(torch.tensor([0, 6, 3]), w, qtype, 256)  # int64 ids: the wrapper must narrow them
+    ops.qmatmul(x, w, qtype, 256)
+    ops.qmatmul_mma(x[:, :], w, qtype, 256)
+    if qtype in ops.INT_TYPES:
+        ops.qmatmul_q8(x, w, qtype, 256)
+    ops.head_stats(x, w, qtype, softcap=30.0, temperature=0.7, seed=2**63 + 5, step=3)
+    ops.accept_renoise(torch.rand(2, 9), torch.randint(0, 7, (2, 9)), seed=1, step=0, vocab=7, bound=0.5)
+    called = [check(fn, args) for fn, args in launches]
+    want = {"get_rows", "qmatmul", "qmatmul_mma", "head_partials", "head_merge", "accept_renoise"}
+    assert set(called) == want | ({"quantize_q8", "qmatmul_q8"} if qtype in ops.INT_TYPES else set())
+
+
+@pytest.mark.parametrize("variant", ["plain", "scatter", "gated"])
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K])
+def test_grouped_expert_launches_match_their_kernels(launches, qtype, variant):
+    counts, k = [3, 0, 2], 256
+    P = sum(counts)
+    groups = ops.ExpertGroups(counts, "cpu")
+    x = torch.randn(P + 1, k)
+    rows = torch.tensor([0, 1, 3, 2, 0], dtype=torch.int32)
+    scatter = (torch.tensor([0, 1, 3, 2, 0], dtype=torch.int32), torch.rand(P), 4) if variant == "scatter" else None
+    w = weights(qtype, 8, k, experts=3)
+    for op in (ops.moe_qmatmul, ops.moe_qmatmul_mma, ops.moe_qmatmul_q8):
+        op(x, rows, groups, w, qtype, k, scatter=scatter, gated=variant == "gated")
+        op(x[:P], None, groups, w, qtype, k, scatter=scatter, gated=variant == "gated")  # rows already grouped
+    called = [check(fn, args) for fn, args in launches]
+    assert called.count("moe_qmatmul") == called.count("moe_qmatmul_mma") == called.count("moe_qmatmul_q8") == 2
+    moe = [args for (_, name, _), args in launches if "moe_" in name]
+    out_rows = [args[-3] for args in moe]
+    assert all(isinstance(a, torch.Tensor) for a in out_rows) == (variant == "scatter")
+
+
+def test_the_checker_finds_a_wrong_argument(launches):
+    """The check fails on the mistakes it is for: a Python int, an int64 tensor, a missing argument."""
+    ops.qmatmul(torch.randn(2, 256), weights(Q.Q4_K, 3, 256), Q.Q4_K, 256)
+    (fn, args), = launches
+    check(fn, args)
+    for bad in (args[:1] + (int(args[1]),) + args[2:], args[:2] + (args[2].long(),) + args[3:], args[:-1]):
+        with pytest.raises(AssertionError):
+            check(fn, bad)
+
+
+def test_every_kernel_is_parsed():
+    """The signature parser sees every kernel that ops.MODULES compiles, with known C types."""
+    for _, names, plain in ops.MODULES:
+        for name in (*names, *plain):
+            params = PARAMS[re.sub(r"^dg::|<.*>$", "", name)]
+            assert params and all((POINTEE if p else SCALAR).get(t) is not None for t, _, p in params), (name, params)
