@@ -83,3 +83,22 @@ def test_every_kernel_call_in_the_wrappers_is_listed():
     called = set(re.findall(r'kernel\("([a-z_0-9]+\.cu)"', text)) | set(re.findall(r'_launch_matmul\("([a-z_0-9]+\.cu)"', text))
     assert called and called <= {m[0] for m in ops.MODULES}
     assert {m[0] for m in ops.MODULES} == {p.name for p in csrc_dir().glob("*.cu")}  # every kernel file is launched
+
+
+@pytest.mark.parametrize("arch", ["75", "90"])
+def test_cupy_compiles_every_module_as_the_loader_asks(arch, monkeypatch):
+    """Through CuPy's own NVRTC path (what RawModule runs: its options, -ftz=true among them, and name
+    expressions), without a GPU: only its device query is replaced by a fixed target. Skipped without CuPy
+    (not a dev dependency: a CuPy for the wrong CUDA breaks a GPU machine's); the check that a pip CuPy
+    finds a pip NVRTC with no CUDA toolkit installed."""
+    pytest.importorskip("cupy")
+    from cupy.cuda import compiler
+
+    if not hasattr(compiler, "_get_arch_for_options_for_nvrtc"):
+        pytest.skip("this CuPy has no _get_arch_for_options_for_nvrtc to point at a target")
+    monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: (f"-arch=sm_{arch}", "cubin"))
+    for source, names, _ in ops.MODULES:
+        code = (csrc_dir() / source).read_text()
+        binary, mapping = compiler.compile_using_nvrtc(code, options=(*NVRTC_OPTIONS, f"-I{csrc_dir()}", "-ftz=true"),
+                                                       arch=arch, name_expressions=list(names) or None)
+        assert binary[:4] == b"\x7fELF" and set(mapping or {}) == set(names), source
