@@ -87,17 +87,31 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
 
 
 def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, softcap: float = 30.0) -> None:
-    """The sampler's per-pass statistics from the Q6_K vocabulary head: the fused head (csrc/head.cu: max,
-    argmax, entropy, Gumbel-max sample, softmax @ E; no [L, V] logits) against the torch way (f16 logits by
-    cuBLAS, softcap, softmax, entropy, argmax, multinomial, probs @ E)."""
+    """The sampler's per-pass statistics from the Q6_K vocabulary head (max, argmax, entropy, Gumbel-max
+    sample, softmax @ E; no [L, V] logits): the fused float kernel (csrc/head.cu) and the chunked head on
+    tensor cores (head_ops.head_stats_chunked: f16 and int8 logits per 8192-row chunk, P @ E by cuBLAS),
+    against the torch way (f16 logits by cuBLAS, softcap, softmax, entropy, argmax, multinomial, probs @ E).
+    FLOPs per pass: 2 x rows x vocab x d for the logits, as many for softmax @ E."""
+    from dgemma.plugin.cuda import head_ops
 
     w = synthetic(vocab, d, Q.Q6_K)
     h = torch.randn(rows, d, device="cuda")
-    ours = timed(lambda: ops.head_stats(h, w, Q.Q6_K, softcap, 0.8, seed=1, step=0), repeat)
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ops.head_stats(h, w, Q.Q6_K, softcap, 0.8, seed=1, step=0)
-    ours_mem = torch.cuda.max_memory_allocated() - base
+    flop = 4 * rows * vocab * d
+
+    def measured(fn) -> tuple[float, float]:  # (ms, MiB of working memory)
+        ms = timed(fn, repeat)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    ours, ours_mem = measured(lambda: head_ops.head_stats(h, w, Q.Q6_K, softcap, 0.8, seed=1, step=0))
+    line = f"fused float {ours:.3f} ms ({flop / ours / 1e9:.1f} TFLOP/s, {ours_mem:.0f} MiB)"
+    if torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY:
+        for kernel in ("f16", "int8"):
+            t, mem = measured(lambda: head_ops.head_stats_chunked(h, w, Q.Q6_K, softcap, 0.8, 1, 0, kernel))
+            line += f", chunked {kernel} {t:.3f} ms ({flop / t / 1e9:.1f} TFLOP/s, {mem:.0f} MiB, {ours / t:.2f}x fused)"
+            ours = min(ours, t)
     wf = ops.get_rows(torch.arange(vocab, device="cuda"), w, Q.Q6_K, d).half()  # dequantized on the GPU
 
     def torch_way():
@@ -111,9 +125,8 @@ def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, 
     base = torch.cuda.memory_allocated()
     torch_way()
     theirs_mem = torch.cuda.max_memory_allocated() - base
-    print(f"sampler statistics from the head ({rows} x {d} x {vocab} Q6_K): fused {ours:.3f} ms "
-          f"({w.numel() / ours / 1e9:.2f} TB/s, {ours_mem / 2**20:.0f} MiB working memory), torch way {theirs:.3f} ms "
-          f"({theirs_mem / 2**20:.0f} MiB) -> {theirs / ours:.2f}x")
+    print(f"sampler statistics from the head ({rows} x {d} x {vocab} Q6_K): {line}; torch way {theirs:.3f} ms "
+          f"({theirs_mem / 2**20:.0f} MiB) -> best {theirs / ours:.2f}x")
     w = wf = None
     torch.cuda.empty_cache()
 

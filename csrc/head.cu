@@ -141,6 +141,74 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge(
     }
 }
 
+// The statistics of one vocabulary chunk's logits, for the head on tensor cores (plugin/cuda/ops.
+// head_stats_chunked): the chunk's raw logits z [L, n] (rows v0 .. v0+n-1 of the head, from a matmul
+// kernel) -> per position the partial head_merge reads, (m, s, t) [L, 3], arg, g, sample [L] (absolute
+// rows), and P = exp(z' - m) [L, n] as f16 bits, z' = softcap(z) / T, for the GEMM P @ E_chunk that gives
+// the partial's acc. One block per position; threads stride over the chunk, so ties go to the lower row
+// by comparing rows (head_merge's order rule does the same across chunks). Two passes over the row of z:
+// the max and the Gumbel-max sample, then the weights and their sums against that max.
+__device__ __forceinline__ bool head_takes(float a, int ia, float b, int ib) {  // (b, ib) beats (a, ia)?
+    return ib >= 0 && (ia < 0 || b > a || (b == a && ib < ia));
+}
+
+extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_chunk_stats(
+        const float * __restrict__ z, int n, int v0, float softcap, float inv_temperature, unsigned long long seed,
+        int step, float * __restrict__ mst, int * __restrict__ arg, float * __restrict__ g,
+        int * __restrict__ sample, uint16_t * __restrict__ p) {
+    __shared__ float red_a[HEAD_WARPS], red_b[HEAD_WARPS];
+    __shared__ int red_ia[HEAD_WARPS], red_ib[HEAD_WARPS];
+    const int l = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const float * zl = z + (long)l * n;
+    float m = 0.0f, gm = 0.0f;
+    int im = -1, ig = -1;  // -1: no row yet
+    for (int j = tid; j < n; j += HEAD_THREADS) {
+        const float zz = head_logit(zl[j], softcap, inv_temperature);
+        if (head_takes(m, im, zz, j)) { m = zz; im = j; }
+        const float gz = head_perturbed(zz, seed, step, l, v0 + j);
+        if (head_takes(gm, ig, gz, j)) { gm = gz; ig = j; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float om = __shfl_xor_sync(0xffffffffu, m, o), og = __shfl_xor_sync(0xffffffffu, gm, o);
+        const int oim = __shfl_xor_sync(0xffffffffu, im, o), oig = __shfl_xor_sync(0xffffffffu, ig, o);
+        if (head_takes(m, im, om, oim)) { m = om; im = oim; }
+        if (head_takes(gm, ig, og, oig)) { gm = og; ig = oig; }
+    }
+    if (lane == 0) { red_a[warp] = m; red_ia[warp] = im; red_b[warp] = gm; red_ib[warp] = ig; }
+    __syncthreads();
+    m = red_a[0]; im = red_ia[0]; gm = red_b[0]; ig = red_ib[0];  // every thread reduces the same 8, in order
+    for (int w = 1; w < HEAD_WARPS; ++w) {
+        if (head_takes(m, im, red_a[w], red_ia[w])) { m = red_a[w]; im = red_ia[w]; }
+        if (head_takes(gm, ig, red_b[w], red_ib[w])) { gm = red_b[w]; ig = red_ib[w]; }
+    }
+    float s = 0.0f, t = 0.0f;
+    for (int j = tid; j < n; j += HEAD_THREADS) {
+        const float zz = head_logit(zl[j], softcap, inv_temperature);
+        const float w = expf(zz - m);
+        s += w;
+        t += w * zz;
+        p[(long)l * n + j] = f32_to_f16_bits(w);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+        t += __shfl_xor_sync(0xffffffffu, t, o);
+    }
+    __syncthreads();  // everyone has read red_* above
+    if (lane == 0) { red_a[warp] = s; red_b[warp] = t; }
+    __syncthreads();
+    if (tid == 0) {
+        s = 0.0f;
+        t = 0.0f;
+        for (int w = 0; w < HEAD_WARPS; ++w) { s += red_a[w]; t += red_b[w]; }
+        mst[l * 3 + 0] = m;
+        mst[l * 3 + 1] = s;
+        mst[l * 3 + 2] = t;
+        arg[l] = im < 0 ? -1 : v0 + im;
+        g[l] = gm;
+        sample[l] = ig < 0 ? -1 : v0 + ig;
+    }
+}
+
 }  // namespace dg
 
 #ifndef __CUDACC_RTC__

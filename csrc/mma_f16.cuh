@@ -12,12 +12,6 @@
 
 namespace dg {
 
-__device__ __forceinline__ uint16_t f32_to_f16_bits(float x) {
-    uint16_t h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
-    return h;
-}
-
 // unit u (csrc/quant/blocks.cuh: a 16-value group, or one float value) of a row as f16 bits: the values
 // dequant_unit gives, rounded to nearest
 template <int T> __device__ __forceinline__ void dequant_unit_f16(const uint8_t * row, int u, uint16_t * y) {

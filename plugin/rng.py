@@ -37,10 +37,11 @@ def uniform(words: np.ndarray) -> np.ndarray:
     return (words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24) + np.float32(2.0**-25)
 
 
-def sampler_uniforms(seed: int, step: int, positions: np.ndarray | int, vocab: int) -> np.ndarray:
-    """[P, V] float32: the uniform csrc/philox.cuh's sampler_uniform draws for every (position, index)."""
+def sampler_uniforms(seed: int, step: int, positions: np.ndarray | int, vocab: int, start: int = 0) -> np.ndarray:
+    """[P, vocab - start] float32: the uniform csrc/philox.cuh's sampler_uniform draws for every (position,
+    index), indices start .. vocab-1."""
     pos = np.atleast_1d(np.asarray(positions, dtype=np.uint64))[:, None]
-    v = np.arange(vocab, dtype=np.uint64)[None, :]
+    v = np.arange(start, vocab, dtype=np.uint64)[None, :]
     w = philox4x32_10(v, pos, np.uint64(step), np.uint64(0), seed & 0xFFFFFFFF, seed >> 32)[0]
     return uniform(w)
 

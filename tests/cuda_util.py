@@ -9,18 +9,20 @@ from pathlib import Path
 import torch
 
 from dgemma.plugin.config import ModelConfig
-from dgemma.plugin.cuda import ops
+from dgemma.plugin.cuda import head_ops, ops
 from dgemma.plugin.cuda.weights import load_cuda_weights
 from dgemma.plugin.inspect import open_gguf
 from dgemma.plugin.model import DiffusionGemma, KVCache, Weights
 
-# every op the backend launches, each with a `<name>_reference` beside it in plugin/cuda/ops.py
-KERNEL_OPS = ("get_rows", "head_stats", "accept_renoise", *(name for pair in ops.MATMULS.values() for name in pair))
+# every op the backend launches, each with a `<name>_reference` beside it in its module
+KERNEL_OPS = {ops: ("get_rows", "get_rows_f16", "accept_renoise", *(name for pair in ops.MATMULS.values() for name in pair)),
+              head_ops: ("head_stats", "head_merge", "head_chunk_stats")}
 
 
 def use_references(monkeypatch) -> None:
-    for name in KERNEL_OPS:
-        monkeypatch.setattr(ops, name, getattr(ops, f"{name}_reference"))
+    for module, names in KERNEL_OPS.items():
+        for name in names:
+            monkeypatch.setattr(module, name, getattr(module, f"{name}_reference"))
 
 
 def cpu_cuda_weights(path: Path) -> tuple[Weights, ModelConfig]:

@@ -37,7 +37,7 @@ def test_26b_shapes_and_plans():
 
 
 def test_bench_steps_run_on_synthetic_weights(checkpoint_factory, kernels_as_references, monkeypatch):
-    from dgemma.plugin.cuda import ops
+    from dgemma.plugin.cuda import head_ops, ops
     from dgemma.plugin.cuda.weights import QuantExperts, cuda_weights
 
     ckpt = checkpoint_factory(SPECS["base"])
@@ -50,9 +50,9 @@ def test_bench_steps_run_on_synthetic_weights(checkpoint_factory, kernels_as_ref
                    for _, s, t in rows if len(s) >= 2)
     assert model_gpu.weight_bytes(w) == matrices
     calls = {"head_stats": 0, "accept_renoise": 0}
-    for name in calls:  # the fused step's own kernels run in every pass the figures time
-        ref = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _n=name, _r=ref, **k: (calls.__setitem__(_n, calls[_n] + 1), _r(*a, **k))[1])
+    for module, name in ((head_ops, "head_stats"), (ops, "accept_renoise")):  # run in every pass the figures time
+        ref = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _r=ref, **k: (calls.__setitem__(_n, calls[_n] + 1), _r(*a, **k))[1])
     dev = torch.device("cpu")
     fused = model_gpu.measure("cuda Q8_0", cfg, w, dev, steps=2, fused=True, prompts=(5, 9))
     assert calls == {"head_stats": 6, "accept_renoise": 6}  # warm-up + 2 timed, at the short and the long context

@@ -224,3 +224,37 @@ def test_graphed_decoder_warms_up_captures_replays_and_falls_back(canvas16_gguf,
         assert (dec.captures, dec.replays) == (2, 4)
         dec.release()
         assert dec.graph is None and dec.out is None and dec.captures == 2
+
+
+@pytest.mark.parametrize("matmul,tol", [("f16", 5e-3), ("int8", 0.05)])
+def test_chunked_head_keeps_the_fused_heads_contract(kernels_as_references, matmul, tol):
+    """head_ops.head_stats_chunked (the head on tensor cores: per vocabulary chunk the logits by a matmul
+    kernel, head_chunk_stats, P @ the chunk's f16 rows, then head_merge), through the kernels' references,
+    against the full-logits statistics in float64: 50 rows in chunks of 7 (the last one row), within the
+    rounding of h and E to f16 (int8: h quantized per 32); rows 3 and 30 (chunks 0 and 4) tie at position
+    0's maximum, and the lower one wins, as argmax does. QuantLinear.stats takes this path for f16 and int8."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    from dgemma import quant
+    from dgemma.plugin.cuda import head_ops
+
+    g = torch.Generator().manual_seed(3)
+    L, D, V = 5, 64, 50
+    h = torch.randn(L, D, generator=g) * 2
+    e = torch.randn(V, D, generator=g) * 0.1
+    e[3] = e[30] = h[0] / h[0].norm() * 2  # position 0's clear maximum, twice
+    data = torch.from_numpy(quant.quantize(e.numpy(), Q.Q8_0).reshape(V, -1).view(np.uint8))
+    args = (h, data, Q.Q8_0, 30.0, 0.7)
+    want = head_ops.head_stats_reference(*args, seed=77, step=4)
+    got = head_ops.head_stats_chunked(*args, 77, 4, matmul, chunk=7)
+    assert got.argmax[0] == 3 and torch.equal(got.argmax, want.argmax)
+    if matmul == "f16":  # the Gumbel-max draw, on logits rounded by 1e-3 at most
+        assert torch.equal(got.sample, want.sample)
+    for a, b in ((got.max, want.max), (got.lse, want.lse), (got.entropy, want.entropy)):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=tol)
+    torch.testing.assert_close(got.sc.double(), want.sc, rtol=0, atol=tol / 5)
+    head = QuantLinear(data, Q.Q8_0, V, D)
+    head.matmul = matmul
+    via = head.stats(h, 30.0, 0.7, 77, 4)
+    assert torch.equal(via.sc, head_ops.head_stats_chunked(*args, 77, 4, matmul).sc)

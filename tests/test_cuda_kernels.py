@@ -222,14 +222,16 @@ def test_accept_renoise_matches_sampler(ops, b, c, bound):
     (Q.Q6_K, 3, 2816, 2048, None),  # DiffusionGemma's width
 ], ids=lambda v: getattr(v, "name", str(v)))
 def test_head_stats_match_full_logits(ops, qtype, L, D, V, splits):
+    from dgemma.plugin.cuda import head_ops
+
     rng = np.random.default_rng(L + V)
     h = (rng.standard_normal((L, D)) * 2).astype(np.float32)
     e = (rng.standard_normal((V, D)) * 0.1).astype(np.float32)
     data = torch.from_numpy((e if qtype == Q.F32 else quant.quantize(e, qtype)).reshape(V, -1).view(np.uint8)).cuda()
     for softcap, temp in ((30.0, 0.8), (0.0, 0.4)):
         seed, step = 2**40 + L, V % 48
-        got = ops.head_stats(torch.from_numpy(h).cuda(), data, qtype, softcap, temp, splits, seed, step)
-        ref = ops.head_stats_reference(torch.from_numpy(h), data, qtype, softcap, temp, seed=seed, step=step)
+        got = head_ops.head_stats(torch.from_numpy(h).cuda(), data, qtype, softcap, temp, splits, seed, step)
+        ref = head_ops.head_stats_reference(torch.from_numpy(h), data, qtype, softcap, temp, seed=seed, step=step)
         assert torch.equal(got.argmax.cpu(), ref.argmax)
         assert torch.equal(got.sample.cpu(), ref.sample)  # the Gumbel-max draw, the same whatever the split
         for a, b in ((got.max, ref.max), (got.lse, ref.lse), (got.entropy, ref.entropy)):
@@ -238,9 +240,73 @@ def test_head_stats_match_full_logits(ops, qtype, L, D, V, splits):
 
 
 def test_head_stats_rejects_bad_input(ops):
+    from dgemma.plugin.cuda import head_ops
+
     h = torch.zeros(2, 100, device="cuda")
-    with pytest.raises(ValueError, match="Q4_K rows of 100|not a multiple"):
-        ops.head_stats(h, torch.zeros(3, 10, dtype=torch.uint8, device="cuda"), Q.Q4_K, 30.0, 0.8)
+    for op in (head_ops.head_stats, head_ops.head_stats_chunked):
+        with pytest.raises(ValueError, match="Q4_K rows of 100|not a multiple"):
+            op(h, torch.zeros(3, 10, dtype=torch.uint8, device="cuda"), Q.Q4_K, 30.0, 0.8)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q4_0, Q.F16, Q.BF16])
+def test_get_rows_f16_is_get_rows_rounded(ops, qtype):
+    k = 512
+    w = torch.from_numpy(quant.quantize((np.random.default_rng(1).standard_normal((37, k)) * 0.1).astype(np.float32), qtype)
+                         .reshape(37, -1).view(np.uint8)).cuda()
+    rows = torch.tensor([36, 0, 5, 5, 17], dtype=torch.int32, device="cuda")
+    assert torch.equal(ops.get_rows_f16(rows, w, qtype, k), ops.get_rows(rows, w, qtype, k).half())
+
+
+@pytest.mark.parametrize("L,n,v0", [(1, 1, 0), (3, 300, 7000), (17, 8192, 262144 - 8192)])
+def test_head_chunk_stats_match_reference(ops, L, n, v0):
+    """One chunk's partial statistics and weights P against float64 on the CPU; a row repeated at the maximum
+    (ties go to the lower row) where the chunk has two rows."""
+    from dgemma.plugin.cuda import head_ops
+
+    g = torch.Generator().manual_seed(n)
+    z = torch.randn(L, n, generator=g) * 4
+    if n > 1:
+        z[:, n - 1] = z[:, 0] = z.max() + 1
+    for softcap, temp in ((30.0, 0.8), (0.0, 0.4)):
+        outs = []
+        for dev in ("cuda", "cpu"):
+            out = (torch.empty(L, 3, device=dev), torch.empty(L, dtype=torch.int32, device=dev), torch.empty(L, device=dev),
+                   torch.empty(L, dtype=torch.int32, device=dev), torch.empty(L, n, dtype=torch.float16, device=dev))
+            op = head_ops.head_chunk_stats if dev == "cuda" else head_ops.head_chunk_stats_reference
+            op(z.to(dev), v0, softcap, temp, 2**33 + 1, 9, out)
+            outs.append([t.cpu() for t in out])
+        (mst, arg, gm, sample, p), (rmst, rarg, rg, rsample, rp) = outs
+        assert torch.equal(arg, rarg) and torch.equal(sample, rsample) and (n == 1 or int(arg[0]) == v0)
+        torch.testing.assert_close(mst.double(), rmst.double(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gm.double(), rg.double(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(p.float(), rp.float(), rtol=2e-3, atol=1e-6)  # the f16 rounding of each weight
+
+
+@pytest.mark.parametrize("matmul", ["f16", "int8"])
+@pytest.mark.parametrize("qtype,L,V,chunk", [(Q.Q6_K, 17, 3000, 1024), (Q.Q8_0, 256, 9000, 8192), (Q.Q4_K, 1, 300, 64)])
+def test_head_stats_chunked_match_full_logits(ops, matmul, qtype, L, V, chunk):
+    """The head on tensor cores against the full-logits statistics in float64, within the rounding of h and
+    the head to f16 (int8: h quantized per 32), of P and the rows to f16; the argmax and the sample equal
+    wherever the two best logits differ by more than that rounding."""
+    from dgemma.plugin.cuda import head_ops
+
+    if torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
+        pytest.skip("tensor-core MMA needs compute capability 8.0")
+    D, tol = 512, (5e-3 if matmul == "f16" else 0.15)
+    rng = np.random.default_rng(L + V)
+    h = torch.from_numpy((rng.standard_normal((L, D)) * 2).astype(np.float32))
+    data = torch.from_numpy(quant.quantize((rng.standard_normal((V, D)) * 0.1).astype(np.float32), qtype)
+                            .reshape(V, -1).view(np.uint8))
+    got = head_ops.head_stats_chunked(h.cuda(), data.cuda(), qtype, 30.0, 0.7, 5, 3, matmul, chunk)
+    ref = head_ops.head_stats_reference(h, data, qtype, 30.0, 0.7, seed=5, step=3)
+    z = torch.from_numpy(quant.dequantize(data.numpy(), qtype).reshape(V, D)).double()
+    z = torch.tanh(h.double() @ z.T / 30.0) * 30.0 / 0.7
+    top2 = z.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 20 * tol
+    assert clear.any() and torch.equal(got.argmax.cpu()[clear], ref.argmax[clear])
+    for a, b in ((got.max, ref.max), (got.lse, ref.lse), (got.entropy, ref.entropy)):
+        torch.testing.assert_close(a.cpu().double(), b, rtol=0, atol=tol)
+    torch.testing.assert_close(got.sc.cpu().double(), ref.sc, rtol=0, atol=tol / 5)
 
 
 @pytest.mark.parametrize("matmul,tol", [("scalar", 1e-3), ("f16", 0.02), ("int8", 0.5)])

@@ -18,11 +18,12 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from dgemma import quant
-from dgemma.plugin.cuda import ops
+from dgemma.plugin.cuda import head_ops, ops
 from dgemma.plugin.cuda.loader import csrc_dir
 
 SIGNATURE = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)\s*\{")
-POINTEE = {"float": torch.float32, "int": torch.int32, "uint8_t": torch.uint8, "int8_t": torch.int8}
+POINTEE = {"float": torch.float32, "int": torch.int32, "uint8_t": torch.uint8, "int8_t": torch.int8,
+           "uint16_t": torch.float16}  # f16 values travel as their bits
 SCALAR = {"int": np.int32, "float": np.float32, "long": np.int64, "unsigned long long": np.uint64}
 
 
@@ -51,8 +52,9 @@ def launches(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type("P", (), {"multi_processor_count": 132}))
-    monkeypatch.setattr(ops, "kernel", lambda source, name, names=(): (source, name, names))
-    monkeypatch.setattr(ops, "_launch", lambda fn, grid, block, args, shared_mem=0: recorded.append((fn, tuple(args))))
+    for module in (ops, head_ops):
+        monkeypatch.setattr(module, "kernel", lambda source, name, names=(): (source, name, names))
+        monkeypatch.setattr(module, "_launch", lambda fn, grid, block, args, shared_mem=0: recorded.append((fn, tuple(args))))
     return recorded
 
 
@@ -85,14 +87,18 @@ def weights(qtype: Q, n: int, k: int, experts: int | None = None) -> torch.Tenso
 def test_dense_launches_match_their_kernels(launches, qtype):
     x, w = torch.randn(5, 256), weights(qtype, 7, 256)
     ops.get_rows(torch.tensor([0, 6, 3]), w, qtype, 256)  # int64 ids: the wrapper must narrow them
+    ops.get_rows_f16(torch.tensor([0, 6, 3], dtype=torch.int32), w, qtype, 256)
     ops.qmatmul(x, w, qtype, 256)
     ops.qmatmul_mma(x[:, :], w, qtype, 256)
     if qtype in ops.INT_TYPES:
         ops.qmatmul_q8(x, w, qtype, 256)
-    ops.head_stats(x, w, qtype, softcap=30.0, temperature=0.7, seed=2**63 + 5, step=3)
+    head_ops.head_stats(x, w, qtype, softcap=30.0, temperature=0.7, seed=2**63 + 5, step=3)
+    head_ops.head_stats_chunked(x, w, qtype, 30.0, 0.7, 2**63 + 5, 3, "f16", chunk=3)  # chunks of 3, 3 and 1 rows
     ops.accept_renoise(torch.rand(2, 9), torch.randint(0, 7, (2, 9)), seed=1, step=0, vocab=7, bound=0.5)
     called = [check(fn, args) for fn, args in launches]
-    want = {"get_rows", "qmatmul", "qmatmul_mma", "head_partials", "head_merge", "accept_renoise"}
+    want = {"get_rows", "get_rows_f16", "qmatmul", "qmatmul_mma", "head_partials", "head_merge", "head_chunk_stats",
+            "accept_renoise"}
+    assert called.count("head_chunk_stats") == 3 and called.count("head_merge") == 2
     assert set(called) == want | ({"quantize_q8", "qmatmul_q8"} if qtype in ops.INT_TYPES else set())
 
 

@@ -13,7 +13,7 @@ import torch
 from cuda_util import cpu_cuda_weights, decode_both
 from gguf import GGMLQuantizationType as Q
 
-from dgemma.plugin.cuda import ops, tune
+from dgemma.plugin.cuda import head_ops, ops, tune
 from dgemma.plugin.cuda.weights import QuantLinear
 from dgemma.plugin.engine import Engine, EngineError
 from dgemma.plugin.model import DiffusionGemma
@@ -24,13 +24,19 @@ AMPERE, TURING = (8, 0), (7, 5)
 
 @pytest.fixture()
 def ran(monkeypatch):
-    """The kernels as their references, recording which kernel ran: ran[-1] after a call."""
+    """The kernels as their references, recording which kernel ran: ran[-1] after a call (the head's fused
+    float kernel counts as "scalar"; its chunked form records the matmul kernel of its chunks' logits)."""
     calls: list[str] = []
     for kernel, names in ops.MATMULS.items():
         for name in names:
             ref = getattr(ops, f"{name}_reference")
             monkeypatch.setattr(ops, name, lambda *a, _ref=ref, _k=kernel, **kw: (calls.append(_k), _ref(*a, **kw))[1])
-    monkeypatch.setattr(ops, "get_rows", ops.get_rows_reference)
+    for name in ("get_rows", "get_rows_f16"):
+        monkeypatch.setattr(ops, name, getattr(ops, f"{name}_reference"))
+    for name in ("head_merge", "head_chunk_stats"):
+        monkeypatch.setattr(head_ops, name, getattr(head_ops, f"{name}_reference"))
+    ref = head_ops.head_stats_reference
+    monkeypatch.setattr(head_ops, "head_stats", lambda *a, **kw: (calls.append("scalar"), ref(*a, **kw))[1])
     return calls
 
 
@@ -63,14 +69,14 @@ def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gg
     plan = tune.choose(w, "auto", rows=16, device="cpu", capability=AMPERE, timer=timer, cache=cache, top_k=2)
     first = {}
     for o in tune.weight_objects(w):
-        first.setdefault(tune.shape_class(o), o)
-    assert set(plan) == set(first) and {"dense", "experts"} == {c.split()[0] for c in plan}
+        first.setdefault(tune.shape_class(o, head=o is w.head), o)
+    assert set(plan) == set(first) and {"dense", "experts", "head"} == {c.split()[0] for c in plan}
     unbounded = {c for c, o in first.items() if not o.bounded_input}
     assert unbounded == {c for c in plan if c.endswith(" unbounded")} and len(unbounded) >= 2  # dense and experts
     for c, o in first.items():  # f16 is fastest, but never on gelu(gate) * up; a float type has no int8
         assert plan[c] == ("int8" if c in unbounded else "f16"), c
-    assert plan[f"dense F16 {cfg.vocab_size}x{cfg.n_embd}"] == "f16"
-    assert all(o.matmul == plan[tune.shape_class(o)] for o in tune.weight_objects(w))
+    assert plan[f"head F16 {cfg.vocab_size}x{cfg.n_embd}"] == "f16"  # timed through its statistics (chunked)
+    assert all(o.matmul == plan[tune.shape_class(o, head=o is w.head)] for o in tune.weight_objects(w))
     assert timer.timed == [m for o in first.values() for m in usable(o)]  # each usable kernel once per class
     stored = json.loads(cache.read_text())
     assert list(stored.values()) == [plan]
@@ -103,7 +109,7 @@ def test_a_damaged_cache_is_tuned_again_and_rewritten(default_gguf, ran, tmp_pat
         cache.write_text(damaged)
         timer = preset_timer(ran, {"scalar": 1.0, "f16": 2.0, "int8": 3.0})
         plan = tune.choose(w, "auto", rows=16, device="cpu", capability=AMPERE, timer=timer, cache=cache)
-        timed = sum(len(usable(o)) for o in {tune.shape_class(o): o for o in tune.weight_objects(w)}.values())
+        timed = sum(len(usable(o)) for o in {tune.shape_class(o, o is w.head): o for o in tune.weight_objects(w)}.values())
         assert set(plan.values()) == {"scalar"} and len(timer.timed) == timed
         assert plan in json.loads(cache.read_text()).values()
     bad_entry = {k: {c: "no-such-kernel" for c in plan} for k in json.loads(cache.read_text())}

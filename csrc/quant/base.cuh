@@ -28,6 +28,15 @@ enum : int {
     T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30,
 };
 
+#ifdef __CUDACC__
+// float -> IEEE half bits, rounded to nearest even: one cvt instruction (device code only)
+__device__ __forceinline__ uint16_t f32_to_f16_bits(float x) {
+    uint16_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}
+#endif
+
 // IEEE half -> float, exact: one cvt instruction on the device, bit by bit on the host (the harnesses)
 DG_HD float fp16_to_f32(uint16_t h) {
 #ifdef __CUDA_ARCH__

@@ -21,7 +21,7 @@ SUPPORTED = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizatio
 _QMATMUL_NAMES = tuple(f"dg::qmatmul<{int(t)}>" for t in SUPPORTED)
 _MOE_NAMES = tuple(f"dg::moe_qmatmul<{int(t)}>" for t in SUPPORTED)
 _HEAD_NAMES = tuple(f"dg::head_partials<{int(t)}>" for t in SUPPORTED)
-_GET_ROWS_NAMES = tuple(f"dg::get_rows<{int(t)}>" for t in SUPPORTED)
+_GET_ROWS_NAMES = tuple(f"dg::get_rows{v}<{int(t)}>" for v in ("", "_f16") for t in SUPPORTED)
 _QMMA_NAMES = tuple(f"dg::qmatmul_mma<{int(t)}>" for t in SUPPORTED)
 MMA_TILE, MMA_THREADS, MMA_MIN_CAPABILITY = 32, 128, (8, 0)  # csrc/mma_tile.cuh (qmatmul_mma.cu, qmatmul_q8.cu)
 INT_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0,
@@ -35,14 +35,13 @@ _MOE_Q8_NAMES = tuple(f"dg::moe_qmatmul_q8<{int(t)}>" for t in INT_TYPES)
 MODULES = (
     ("get_rows.cu", _GET_ROWS_NAMES, ()), ("qmatmul.cu", _QMATMUL_NAMES, ()), ("qmatmul_mma.cu", _QMMA_NAMES, ()),
     ("qmatmul_q8.cu", _Q8_NAMES, ("quantize_q8",)), ("moe.cu", _MOE_NAMES, ()), ("moe.cu", _MOE_MMA_NAMES, ()),
-    ("moe.cu", _MOE_Q8_NAMES, ()), ("accept.cu", (), ("accept_renoise",)), ("head.cu", _HEAD_NAMES, ("head_merge",)),
+    ("moe.cu", _MOE_Q8_NAMES, ()), ("accept.cu", (), ("accept_renoise",)), ("head.cu", _HEAD_NAMES, ("head_merge", "head_chunk_stats")),
 )
 # the three matmul kernels (dense op, grouped-expert op), one of which each quantized weight uses
 # (plugin/cuda/tune.py picks per GPU): float FMAs, f16 tensor cores, int8 tensor cores on q8 activations
 MATMULS = {"scalar": ("qmatmul", "moe_qmatmul"), "f16": ("qmatmul_mma", "moe_qmatmul_mma"),
            "int8": ("qmatmul_q8", "moe_qmatmul_q8")}
 GET_ROWS_THREADS = 128
-HEAD_L, HEAD_THREADS, HEAD_MAX_D, HEAD_MAX_SPLITS = 4, 256, 4096, 1024  # csrc/head.cu
 
 
 def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[int, int],
@@ -147,6 +146,23 @@ def get_rows_reference(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizat
                        check: bool = True) -> torch.Tensor:
     """Dequantize the chosen rows on the CPU with dgemma.quant."""
     return _dequantized(w.cpu()[rows.long().cpu()], qtype, k).float()
+
+
+def get_rows_f16(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """get_rows rounded to float16 [M, k] (csrc/get_rows.cu get_rows_f16), rows unchecked: int32 [M] in range
+    (the head's own row ranges)."""
+    qtype = _check_weights("get_rows_f16", w, qtype, k, "[N, ")
+    if rows.dim() != 1 or rows.device != w.device or rows.dtype != torch.int32:
+        raise ValueError(f"get_rows_f16: rows must be int32 [M] on w's device (got {rows.dtype} {tuple(rows.shape)})")
+    y = torch.empty(rows.shape[0], k, dtype=torch.float16, device=w.device)
+    if rows.shape[0]:
+        fn = kernel("get_rows.cu", f"dg::get_rows_f16<{int(qtype)}>", _GET_ROWS_NAMES)
+        _launch(fn, (rows.shape[0],), (GET_ROWS_THREADS,), (rows.contiguous(), w, y, np.int32(k)))
+    return y
+
+
+def get_rows_f16_reference(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    return get_rows_reference(rows, w, qtype, k).half()
 
 
 def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
@@ -486,57 +502,3 @@ def accept_renoise_reference(entropy: torch.Tensor, denoised: torch.Tensor, seed
     from ..sampler import counter_accept_renoise
 
     return counter_accept_renoise(entropy.cpu(), denoised.cpu().long(), seed, step, vocab, bound)
-
-
-def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float, temperature: float,
-               splits: int | None = None, seed: int = 0, step: int = 0):
-    """Per-position max, argmax, log-sum-exp, entropy of softcap(h · E_v) / T, sc = softmax @ E and the
-    Gumbel-max sample drawn with (seed, step) (csrc/philox.cuh), for h [L, D] float32 and the head E as
-    GGML rows [V, row_bytes] uint8 (csrc/head.cu; the [L, V] logits are never formed). Returns
-    plugin.cuda.head_ref.HeadStats; head_stats_reference is its reference."""
-    from .head_ref import HeadStats
-
-    if h.dim() != 2 or not 1 <= h.shape[1] <= HEAD_MAX_D:
-        raise ValueError(f"head_stats: h must be [L, D<={HEAD_MAX_D}] (got {tuple(h.shape)})")
-    L, D = h.shape
-    qtype = _check_matmul("head_stats", h, embed, qtype, D, "[V, ")
-    if not temperature > 0:
-        raise ValueError(f"head_stats: temperature must be > 0 (got {temperature})")
-    if not (0 <= seed < 2**64 and 0 <= step < 2**31):
-        raise ValueError(f"head_stats: seed must be in [0, 2**64) and step in [0, 2**31) (got {seed}, {step})")
-    V = embed.shape[0]
-    S = splits or min(HEAD_MAX_SPLITS, V, max(1, 4 * torch.cuda.get_device_properties(h.device).multi_processor_count
-                                               // max(1, (L + HEAD_L - 1) // HEAD_L)))
-    if not 1 <= S <= min(V, HEAD_MAX_SPLITS):
-        raise ValueError(f"head_stats: splits must be in 1..{min(V, HEAD_MAX_SPLITS)} (got {S})")
-    rows = (V + S - 1) // S
-    S = (V + rows - 1) // rows  # no empty split
-    h = h.contiguous()  # unit stride in D (checked); rows may be strided
-    dev = h.device
-    mst = torch.empty(S, L, 3, dtype=torch.float32, device=dev)
-    arg = torch.empty(S, L, dtype=torch.int32, device=dev)
-    gmax, gidx = torch.empty(S, L, dtype=torch.float32, device=dev), torch.empty(S, L, dtype=torch.int32, device=dev)
-    acc = torch.empty(S, L, D, dtype=torch.float32, device=dev)
-    out = HeadStats(torch.empty(L, device=dev), torch.empty(L, dtype=torch.int32, device=dev), torch.empty(L, device=dev),
-                    torch.empty(L, device=dev), torch.empty(L, D, device=dev), torch.empty(L, dtype=torch.int32, device=dev))
-    f32 = np.float32
-    part = kernel("head.cu", f"dg::head_partials<{int(qtype)}>", _HEAD_NAMES)
-    _launch(part, (S, (L + HEAD_L - 1) // HEAD_L), (HEAD_THREADS,),
-            (h, np.int32(L), np.int32(D), embed, np.int32(V), np.int32(rows), f32(softcap),
-             f32(1.0 / temperature), np.uint64(seed), np.int32(step), mst, arg, gmax, gidx,
-             acc), shared_mem=D * 4)
-    merge = kernel("head.cu", "head_merge", _HEAD_NAMES)
-    _launch(merge, (L,), (HEAD_THREADS,), (mst, arg, gmax, gidx, acc, np.int32(S),
-                                           np.int32(L), np.int32(D), out.max, out.argmax, out.lse,
-                                           out.entropy, out.sample, out.sc))
-    out.argmax, out.sample = out.argmax.long(), out.sample.long()
-    return out
-
-
-def head_stats_reference(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float,
-                         temperature: float, splits: int | None = None, seed: int = 0, step: int = 0):
-    """Dequantize the head on the CPU and compute the statistics on the full logits in float64 (`splits`
-    is head_stats' and changes nothing: the kernel's result does not depend on it)."""
-    from .head_ref import head_stats_reference as full
-
-    return full(h.double().cpu(), _dequantized(embed, qtype, h.shape[1]), softcap, temperature, seed, step)

@@ -45,10 +45,11 @@ def weight_objects(w: Weights) -> Iterator[QuantLinear | QuantExperts]:
             yield v
 
 
-def shape_class(obj: QuantLinear | QuantExperts) -> str:
-    """'dense Q4_K 4096x2816' or 'experts Q5_0 2816x704 unbounded': the weights that share a kernel choice
-    (unbounded: the input is gelu(gate) * up, which f16 must not round)."""
-    kind = "experts" if isinstance(obj, QuantExperts) else "dense"
+def shape_class(obj: QuantLinear | QuantExperts, head: bool = False) -> str:
+    """'dense Q4_K 4096x2816', 'experts Q5_0 2816x704 unbounded' or 'head Q6_K 262144x2816': the weights that
+    share a kernel choice (unbounded: the input is gelu(gate) * up, which f16 must not round; head: the
+    vocabulary head, which the sampler runs through its statistics, QuantLinear.stats)."""
+    kind = "head" if head else "experts" if isinstance(obj, QuantExperts) else "dense"
     return f"{kind} {obj.qtype.name} {obj.n}x{obj.k}" + ("" if obj.bounded_input else " unbounded")
 
 
@@ -68,8 +69,9 @@ def cuda_timer(fn: Callable[[], object], repeats: int = 3) -> float:
 
 
 def _call(obj: QuantLinear | QuantExperts, matmul: str, rows: int, top_k: int,
-          device: torch.device | str) -> Callable[[], object]:
-    """One product of obj with kernel `matmul` on random activations: [rows, K] for a dense weight; for
+          device: torch.device | str, head: bool = False) -> Callable[[], object]:
+    """One product of obj with kernel `matmul` on random activations: [rows, K] for a dense weight (the
+    head: its sampler statistics, the fused float kernel or the chunked tensor-core one); for
     experts, rows tokens x top_k pairs spread evenly over the experts, already grouped (the gathered rows
     of gate_up differ only in where X is read from), gate_up with its GELU gate and the down projection
     with its scatter to the tokens, as the engine runs them."""
@@ -77,7 +79,7 @@ def _call(obj: QuantLinear | QuantExperts, matmul: str, rows: int, top_k: int,
     obj.matmul = matmul  # choose() sets every weight's final choice afterwards
     if isinstance(obj, QuantLinear):
         x = torch.randn(rows, obj.k_in, generator=g, device=device)
-        return lambda: obj(x)
+        return (lambda: obj.stats(x, 30.0, 1.0, 0, 0)) if head else (lambda: obj(x))
     E, pairs = obj.data.shape[0], rows * top_k
     counts = torch.full((E,), pairs // E, dtype=torch.int64)
     counts[: pairs % E] += 1
@@ -137,7 +139,7 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
     capability = capability or torch.cuda.get_device_capability(device)
     classes: dict[str, list[QuantLinear | QuantExperts]] = {}
     for obj in weight_objects(weights):
-        classes.setdefault(shape_class(obj), []).append(obj)
+        classes.setdefault(shape_class(obj, head=obj is weights.head), []).append(obj)
 
     def candidates(obj) -> list[str]:
         return [m for m in ops.MATMULS if ops.usable(m, obj.qtype, obj.k, capability, obj.bounded_input)]
@@ -156,7 +158,7 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
                 plan[c] = known[c] if known.get(c) in usable else usable[0]
                 continue
             timer = timer or cuda_timer
-            times = {m: timer(_call(objs[0], m, rows, top_k, device)) for m in usable}
+            times = {m: timer(_call(objs[0], m, rows, top_k, device, c.startswith("head "))) for m in usable}
             plan[c] = min(usable, key=lambda m: (times[m], usable.index(m)))  # ties: the simpler kernel
         if path and any(known.get(c) != k for c, k in plan.items()):  # only what this model added
             stored[key] = {**known, **plan}

@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from ..inspect import InspectError, field_value
 from ..model import LayerWeights, Weights
 from ..weights import tensor_to_torch
-from . import ops
+from . import head_ops, ops
 
 
 DOWN_PROJECTIONS = (C.FFN_DOWN, C.FFN_DOWN_EXPS, C.SELF_COND_DOWN)  # tensor base names
@@ -44,10 +44,13 @@ class QuantLinear:
         return dense(x2, self.data, self.qtype, self.k).view(*lead, self.n)
 
     def stats(self, h: torch.Tensor, softcap: float, temperature: float, seed: int, index: int):
-        """This matrix as the tied vocabulary head: the sampler's statistics of h [L, D] (csrc/head.cu through
-        ops.head_stats; the [L, V] logits are never formed). Returns plugin.cuda.head_ref.HeadStats."""
-        return ops.head_stats(_padded(h, self.k_in, self.k), self.data, self.qtype, softcap, temperature,
-                              seed=seed, step=index)
+        """This matrix as the tied vocabulary head: the sampler's statistics of h [L, D], the [L, V] logits never
+        formed (plugin/cuda/head_ops.py): with matmul "scalar" the fused float kernel, with "f16" or "int8" the
+        chunked head on tensor cores. Returns plugin.cuda.head_ref.HeadStats."""
+        h = _padded(h, self.k_in, self.k)
+        if self.matmul == "scalar":
+            return head_ops.head_stats(h, self.data, self.qtype, softcap, temperature, seed=seed, step=index)
+        return head_ops.head_stats_chunked(h, self.data, self.qtype, softcap, temperature, seed, index, self.matmul)
 
 
 class QuantEmbedding:

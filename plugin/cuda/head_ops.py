@@ -1,0 +1,190 @@
+"""The vocabulary head's kernels (csrc/head.cu), checked wrappers beside their torch references, as in ops.py:
+the sampler's per-position statistics of softcap(h · E_v) / T (max, argmax, log-sum-exp, entropy, the
+Gumbel-max sample, sc = softmax @ E) without the [L, V] logits.
+
+- head_stats: the fused float kernel (head_partials over vocabulary splits, then head_merge), any GPU.
+- head_stats_chunked: the two products on tensor cores, one vocabulary chunk at a time (the chunk's
+  logits by a matmul kernel, head_chunk_stats, P @ the chunk's f16 rows by cuBLAS, then head_merge).
+plugin/cuda/head_ref.py holds the contract in torch; tests/test_cuda_kernels.py compares the kernels with
+the references on a GPU.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from . import ops
+from .loader import kernel
+from .ops import _HEAD_NAMES, _check_matmul, _dequantized, _launch
+
+HEAD_L, HEAD_THREADS, HEAD_MAX_D, HEAD_MAX_SPLITS = 4, 256, 4096, 1024  # csrc/head.cu
+HEAD_CHUNK = 8192  # vocabulary rows per chunk of head_stats_chunked: logits [L, 8192] at a time
+
+
+def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float, temperature: float,
+               splits: int | None = None, seed: int = 0, step: int = 0):
+    """Per-position max, argmax, log-sum-exp, entropy of softcap(h · E_v) / T, sc = softmax @ E and the
+    Gumbel-max sample drawn with (seed, step) (csrc/philox.cuh), for h [L, D] float32 and the head E as
+    GGML rows [V, row_bytes] uint8 (csrc/head.cu; the [L, V] logits are never formed). Returns
+    plugin.cuda.head_ref.HeadStats; head_stats_reference is its reference."""
+    if h.dim() != 2 or not 1 <= h.shape[1] <= HEAD_MAX_D:
+        raise ValueError(f"head_stats: h must be [L, D<={HEAD_MAX_D}] (got {tuple(h.shape)})")
+    L, D = h.shape
+    qtype = _check_matmul("head_stats", h, embed, qtype, D, "[V, ")
+    if not temperature > 0:
+        raise ValueError(f"head_stats: temperature must be > 0 (got {temperature})")
+    if not (0 <= seed < 2**64 and 0 <= step < 2**31):
+        raise ValueError(f"head_stats: seed must be in [0, 2**64) and step in [0, 2**31) (got {seed}, {step})")
+    V = embed.shape[0]
+    S = splits or min(HEAD_MAX_SPLITS, V, max(1, 4 * torch.cuda.get_device_properties(h.device).multi_processor_count
+                                               // max(1, (L + HEAD_L - 1) // HEAD_L)))
+    if not 1 <= S <= min(V, HEAD_MAX_SPLITS):
+        raise ValueError(f"head_stats: splits must be in 1..{min(V, HEAD_MAX_SPLITS)} (got {S})")
+    rows = (V + S - 1) // S
+    S = (V + rows - 1) // rows  # no empty split
+    h = h.contiguous()  # unit stride in D (checked); rows may be strided
+    dev = h.device
+    mst = torch.empty(S, L, 3, dtype=torch.float32, device=dev)
+    arg = torch.empty(S, L, dtype=torch.int32, device=dev)
+    gmax, gidx = torch.empty(S, L, dtype=torch.float32, device=dev), torch.empty(S, L, dtype=torch.int32, device=dev)
+    acc = torch.empty(S, L, D, dtype=torch.float32, device=dev)
+    f32 = np.float32
+    part = kernel("head.cu", f"dg::head_partials<{int(qtype)}>", _HEAD_NAMES)
+    _launch(part, (S, (L + HEAD_L - 1) // HEAD_L), (HEAD_THREADS,),
+            (h, np.int32(L), np.int32(D), embed, np.int32(V), np.int32(rows), f32(softcap),
+             f32(1.0 / temperature), np.uint64(seed), np.int32(step), mst, arg, gmax, gidx,
+             acc), shared_mem=D * 4)
+    return head_merge(mst, arg, gmax, gidx, acc)
+
+
+def head_merge(mst: torch.Tensor, arg: torch.Tensor, g: torch.Tensor, sample: torch.Tensor, acc: torch.Tensor):
+    """S partials of the head's statistics, in row order ((m, s, t) [S, L, 3], arg, g, sample [S, L], acc
+    [S, L, D]; csrc/head.cuh) merged into plugin.cuda.head_ref.HeadStats (csrc/head.cu head_merge)."""
+    from .head_ref import HeadStats
+
+    S, L, D = acc.shape
+    dev = acc.device
+    out = HeadStats(torch.empty(L, device=dev), torch.empty(L, dtype=torch.int32, device=dev), torch.empty(L, device=dev),
+                    torch.empty(L, device=dev), torch.empty(L, D, device=dev), torch.empty(L, dtype=torch.int32, device=dev))
+    merge = kernel("head.cu", "head_merge", _HEAD_NAMES)
+    _launch(merge, (L,), (HEAD_THREADS,), (mst, arg, g, sample, acc, np.int32(S), np.int32(L), np.int32(D), out.max,
+                                           out.argmax, out.lse, out.entropy, out.sample, out.sc))
+    out.argmax, out.sample = out.argmax.long(), out.sample.long()
+    return out
+
+
+def head_merge_reference(mst: torch.Tensor, arg: torch.Tensor, g: torch.Tensor, sample: torch.Tensor,
+                         acc: torch.Tensor):
+    """head_merge in float64 on the CPU: every split rescaled to the overall max; ties go to the earlier
+    split (its rows are the lower ones)."""
+    from .head_ref import HeadStats
+
+    mst, acc = mst.double().cpu(), acc.double().cpu()
+    arg, g, sample = arg.long().cpu(), g.double().cpu(), sample.long().cpu()
+    empty = arg < 0  # [S, L]
+    m_s = mst[..., 0].masked_fill(empty, float("-inf"))
+    m = m_s.max(dim=0).values  # [L]
+    f = torch.exp(m_s - m).masked_fill(empty, 0.0)  # [S, L]
+    s, t = (f * mst[..., 1]).sum(0), (f * mst[..., 2]).sum(0)
+    first = lambda hit: hit.double().argmax(dim=0)  # noqa: E731  the first split where hit holds
+    cols = torch.arange(arg.shape[1])
+    best = g.masked_fill(empty, float("-inf"))
+    return HeadStats(m, arg[first(m_s == m), cols], m + torch.log(s), m + torch.log(s) - t / s,
+                     (f[..., None] * acc).sum(0) / s[:, None], sample[first(best == best.max(dim=0).values), cols])
+
+
+def head_chunk_stats(z: torch.Tensor, v0: int, softcap: float, temperature: float, seed: int, step: int,
+                     out: tuple[torch.Tensor, ...]) -> None:
+    """The partial statistics of one vocabulary chunk's raw logits z [L, n] (rows v0..v0+n-1) into out =
+    ((m, s, t) [L, 3], arg [L], g [L], sample [L] int32, P [L, n] float16 = exp(z' - m)), z' = softcap(z) / T
+    (csrc/head.cu head_chunk_stats): a split of head_merge, whose acc is P @ E_chunk."""
+    mst, arg, g, sample, p = out
+    L, n = z.shape
+    if not (z.is_cuda and z.dtype == torch.float32 and z.is_contiguous() and p.shape == (L, n) and p.dtype == torch.float16):
+        raise ValueError(f"head_chunk_stats: z must be contiguous float32 CUDA [L, n] and P float16 [L, n] "
+                         f"(got {z.dtype} {tuple(z.shape)}, {p.dtype} {tuple(p.shape)})")
+    fn = kernel("head.cu", "head_chunk_stats", _HEAD_NAMES)
+    _launch(fn, (L,), (HEAD_THREADS,), (z, np.int32(n), np.int32(v0), np.float32(softcap), np.float32(1.0 / temperature),
+                                        np.uint64(seed), np.int32(step), mst, arg, g, sample, p))
+
+
+def head_chunk_stats_reference(z: torch.Tensor, v0: int, softcap: float, temperature: float, seed: int, step: int,
+                               out: tuple[torch.Tensor, ...]) -> None:
+    """head_chunk_stats in float64 on the CPU (the Gumbel uniforms from plugin/rng.py)."""
+    from .. import rng
+
+    mst, arg, g, sample, p = out
+    L, n = z.shape
+    zz = z.double().cpu()
+    zz = (torch.tanh(zz / softcap) * softcap if softcap > 0 else zz) / temperature
+    m, a = zz.max(dim=1).values, zz.argmax(dim=1)  # argmax: the first of equal maxima
+    w = torch.exp(zz - m[:, None])
+    u = torch.from_numpy(rng.sampler_uniforms(seed, step, np.arange(L), v0 + n, start=v0)).double()
+    gz = zz - torch.log(-torch.log(u))
+    mst.copy_(torch.stack([m, w.sum(1), (w * zz).sum(1)], dim=1))
+    arg.copy_(a + v0)
+    g.copy_(gz.max(dim=1).values)
+    sample.copy_(gz.argmax(dim=1) + v0)
+    p.copy_(w)
+
+
+@lru_cache(maxsize=None)
+def _mm_out_dtype(device: str) -> bool:
+    """Whether torch.mm takes out_dtype here (float16 operands, float32 result: cuBLAS on tensor cores)."""
+    a = torch.zeros(1, 1, dtype=torch.float16, device=device)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+        return True
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float,
+                       temperature: float, seed: int = 0, step: int = 0, matmul: str = "f16",
+                       chunk: int = HEAD_CHUNK):
+    """head_stats with the two products on tensor cores, one vocabulary chunk at a time: the chunk's logits
+    [L, chunk] by the matmul kernel `matmul` ("f16" or "int8") straight from the GGML rows, their partial
+    statistics and weights P (head_chunk_stats), the chunk's rows as float16 (get_rows_f16) and P @ rows
+    (cuBLAS, float32 result) for the partial's acc; head_merge over the chunks. No more than [L, chunk] of
+    logits ever exists. Rounding: h and the head to f16 (or int8 for "int8"), P and the rows of P @ E to f16."""
+    if h.dim() != 2 or not 1 <= h.shape[1] <= HEAD_MAX_D:
+        raise ValueError(f"head_stats_chunked: h must be [L, D<={HEAD_MAX_D}] (got {tuple(h.shape)})")
+    L, D = h.shape
+    qtype = GGMLQuantizationType(qtype)
+    if h.dtype != torch.float32 or embed.dtype != torch.uint8 or embed.dim() != 2 or embed.shape[1] != ops.row_bytes(qtype, D):
+        raise ValueError(f"head_stats_chunked: h must be float32 [L, {D}] and the head uint8 [V, {ops.row_bytes(qtype, D)}] "
+                         f"{qtype.name} rows (got {h.dtype}, {embed.dtype} {tuple(embed.shape)})")  # devices: the kernels check
+    if matmul not in ("f16", "int8") or not temperature > 0:
+        raise ValueError(f"head_stats_chunked: matmul must be f16 or int8 and temperature > 0 (got {matmul}, {temperature})")
+    V, dev = embed.shape[0], h.device
+    chunk = max(chunk, -(-V // HEAD_MAX_SPLITS))  # head_merge takes at most HEAD_MAX_SPLITS partials
+    S = -(-V // chunk)
+    mst, acc = torch.empty(S, L, 3, device=dev), torch.empty(S, L, D, device=dev)
+    arg, g, sample = torch.empty(S, L, dtype=torch.int32, device=dev), torch.empty(S, L, device=dev), \
+        torch.empty(S, L, dtype=torch.int32, device=dev)
+    p = torch.empty(L, min(chunk, V), dtype=torch.float16, device=dev)
+    rows = torch.arange(V, dtype=torch.int32, device=dev)
+    h, dense = h.contiguous(), getattr(ops, ops.MATMULS[matmul][0])
+    out_dtype = _mm_out_dtype(str(dev))
+    for c in range(S):
+        v0, v1 = c * chunk, min(V, (c + 1) * chunk)
+        z = dense(h, embed[v0:v1], qtype, D)  # [L, n]
+        pc = p[:, : v1 - v0] if v1 - v0 < p.shape[1] else p
+        head_chunk_stats(z, v0, softcap, temperature, seed, step, (mst[c], arg[c], g[c], sample[c], pc))
+        e = ops.get_rows_f16(rows[v0:v1], embed, qtype, D)  # [n, D]
+        acc[c] = torch.mm(pc, e, out_dtype=torch.float32) if out_dtype else (torch.mm(pc, e) if pc.is_cuda else
+                                                                             pc.float() @ e.float())
+    return head_merge(mst, arg, g, sample, acc)
+
+
+def head_stats_reference(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float,
+                         temperature: float, splits: int | None = None, seed: int = 0, step: int = 0):
+    """Dequantize the head on the CPU and compute the statistics on the full logits in float64 (`splits`
+    is head_stats' and changes nothing: the kernel's result does not depend on it)."""
+    from .head_ref import head_stats_reference as full
+
+    return full(h.double().cpu(), _dequantized(embed, qtype, h.shape[1]), softcap, temperature, seed, step)
