@@ -97,16 +97,28 @@ def head_merge_reference(mst: torch.Tensor, arg: torch.Tensor, g: torch.Tensor, 
                      (f[..., None] * acc).sum(0) / s[:, None], sample[first(best == best.max(dim=0).values), cols])
 
 
+def _check_chunk(z: torch.Tensor, out: tuple[torch.Tensor, ...]) -> None:
+    """z contiguous float32 [L, n]; out as head_chunk_stats writes it, each contiguous (the kernel writes rows of
+    n and of 3): (m, s, t) float32 [L, 3], arg int32 [L], g float32 [L], sample int32 [L], P float16 [L, n]."""
+    L, n = z.shape if z.dim() == 2 else (-1, -1)
+    want = ((torch.float32, (L, 3)), (torch.int32, (L,)), (torch.float32, (L,)), (torch.int32, (L,)), (torch.float16, (L, n)))
+    if (z.dtype != torch.float32 or n < 1 or not z.is_contiguous() or len(out) != 5
+            or any(t.dtype != d or tuple(t.shape) != s or not t.is_contiguous() for t, (d, s) in zip(out, want))):
+        raise ValueError(f"head_chunk_stats: z must be contiguous float32 [L, n>=1] and out contiguous "
+                         f"{[f'{str(d)[6:]} {list(s)}' for d, s in want]} (got z {z.dtype} {tuple(z.shape)}, out "
+                         f"{[f'{str(t.dtype)[6:]} {list(t.shape)}' for t in out]})")
+
+
 def head_chunk_stats(z: torch.Tensor, v0: int, softcap: float, temperature: float, seed: int, step: int,
                      out: tuple[torch.Tensor, ...]) -> None:
     """The partial statistics of one vocabulary chunk's raw logits z [L, n] (rows v0..v0+n-1) into out =
     ((m, s, t) [L, 3], arg [L], g [L], sample [L] int32, P [L, n] float16 = exp(z' - m)), z' = softcap(z) / T
     (csrc/head.cu head_chunk_stats): a split of head_merge, whose acc is P @ E_chunk."""
+    _check_chunk(z, out)
+    if not z.is_cuda:
+        raise ValueError("head_chunk_stats: z must be a CUDA tensor")
     mst, arg, g, sample, p = out
     L, n = z.shape
-    if not (z.is_cuda and z.dtype == torch.float32 and z.is_contiguous() and p.shape == (L, n) and p.dtype == torch.float16):
-        raise ValueError(f"head_chunk_stats: z must be contiguous float32 CUDA [L, n] and P float16 [L, n] "
-                         f"(got {z.dtype} {tuple(z.shape)}, {p.dtype} {tuple(p.shape)})")
     fn = kernel("head.cu", "head_chunk_stats", _HEAD_NAMES)
     _launch(fn, (L,), (HEAD_THREADS,), (z, np.int32(n), np.int32(v0), np.float32(softcap), np.float32(1.0 / temperature),
                                         np.uint64(seed), np.int32(step), mst, arg, g, sample, p))
@@ -114,9 +126,10 @@ def head_chunk_stats(z: torch.Tensor, v0: int, softcap: float, temperature: floa
 
 def head_chunk_stats_reference(z: torch.Tensor, v0: int, softcap: float, temperature: float, seed: int, step: int,
                                out: tuple[torch.Tensor, ...]) -> None:
-    """head_chunk_stats in float64 on the CPU (the Gumbel uniforms from plugin/rng.py)."""
+    """head_chunk_stats in float64 on the CPU (the Gumbel uniforms from plugin/rng.py); refuses what it refuses."""
     from .. import rng
 
+    _check_chunk(z, out)
     mst, arg, g, sample, p = out
     L, n = z.shape
     zz = z.double().cpu()
@@ -173,7 +186,7 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
     for c in range(S):
         v0, v1 = c * chunk, min(V, (c + 1) * chunk)
         z = dense(h, embed[v0:v1], qtype, D)  # [L, n]
-        pc = p[:, : v1 - v0] if v1 - v0 < p.shape[1] else p
+        pc = p.view(-1)[: L * (v1 - v0)].view(L, v1 - v0)  # contiguous: the kernel writes rows of n
         head_chunk_stats(z, v0, softcap, temperature, seed, step, (mst[c], arg[c], g[c], sample[c], pc))
         e = ops.get_rows_f16(rows[v0:v1], embed, qtype, D)  # [n, D]
         acc[c] = torch.mm(pc, e, out_dtype=torch.float32) if out_dtype else (torch.mm(pc, e) if pc.is_cuda else
