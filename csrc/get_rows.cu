@@ -19,7 +19,7 @@ __global__ void get_rows(const int * __restrict__ rows, const uint8_t * __restri
 }
 
 // The same rows rounded to f16 (Y [M, K] as IEEE half bits): the vocabulary head's rows for its f16 GEMM
-// (plugin/cuda/ops.head_stats_chunked), half the bytes of get_rows' float32.
+// (plugin/cuda/head_ops.head_stats_chunked), half the bytes of get_rows' float32.
 template <int T>
 __global__ void get_rows_f16(const int * __restrict__ rows, const uint8_t * __restrict__ w, uint16_t * __restrict__ y,
                              int K) {

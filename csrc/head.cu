@@ -141,7 +141,7 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge(
     }
 }
 
-// The statistics of one vocabulary chunk's logits, for the head on tensor cores (plugin/cuda/ops.
+// The statistics of one vocabulary chunk's logits, for the head on tensor cores (plugin/cuda/head_ops.py
 // head_stats_chunked): the chunk's raw logits z [L, n] (rows v0 .. v0+n-1 of the head, from a matmul
 // kernel) -> per position the partial head_merge reads, (m, s, t) [L, 3], arg, g, sample [L] (absolute
 // rows), and P = exp(z' - m) [L, n] as f16 bits, z' = softcap(z) / T, for the GEMM P @ E_chunk that gives

@@ -31,8 +31,8 @@ def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType
     Gumbel-max sample drawn with (seed, step) (csrc/philox.cuh), for h [L, D] float32 and the head E as
     GGML rows [V, row_bytes] uint8 (csrc/head.cu; the [L, V] logits are never formed). Returns
     plugin.cuda.head_ref.HeadStats; head_stats_reference is its reference."""
-    if h.dim() != 2 or not 1 <= h.shape[1] <= HEAD_MAX_D:
-        raise ValueError(f"head_stats: h must be [L, D<={HEAD_MAX_D}] (got {tuple(h.shape)})")
+    if h.dim() != 2 or h.shape[0] < 1 or not 1 <= h.shape[1] <= HEAD_MAX_D:
+        raise ValueError(f"head_stats: h must be [L>=1, D<={HEAD_MAX_D}] (got {tuple(h.shape)})")
     L, D = h.shape
     qtype = _check_matmul("head_stats", h, embed, qtype, D, "[V, ")
     if not temperature > 0:
@@ -163,9 +163,13 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
     [L, chunk] by the matmul kernel `matmul` ("f16" or "int8") straight from the GGML rows, their partial
     statistics and weights P (head_chunk_stats), the chunk's rows as float16 (get_rows_f16) and P @ rows
     (cuBLAS, float32 result) for the partial's acc; head_merge over the chunks. No more than [L, chunk] of
-    logits ever exists. Rounding: h and the head to f16 (or int8 for "int8"), P and the rows of P @ E to f16."""
-    if h.dim() != 2 or not 1 <= h.shape[1] <= HEAD_MAX_D:
-        raise ValueError(f"head_stats_chunked: h must be [L, D<={HEAD_MAX_D}] (got {tuple(h.shape)})")
+    logits ever exists. Rounding: h and the head to f16 (or int8 for "int8"), P and the rows of P @ E to f16
+    (and P @ E's result too where torch.mm has no out_dtype, before torch 2.8 or so)."""
+    if h.dim() != 2 or h.shape[0] < 1 or h.shape[1] < 1 or embed.dim() != 2 or embed.shape[0] < 1:
+        raise ValueError(f"head_stats_chunked: h must be [L>=1, D>=1] and the head [V>=1, ..] (got {tuple(h.shape)}, "
+                         f"{tuple(embed.shape)})")
+    if not (0 <= seed < 2**64 and 0 <= step < 2**31):
+        raise ValueError(f"head_stats_chunked: seed must be in [0, 2**64) and step in [0, 2**31) (got {seed}, {step})")
     L, D = h.shape
     qtype = GGMLQuantizationType(qtype)
     if h.dtype != torch.float32 or embed.dtype != torch.uint8 or embed.dim() != 2 or embed.shape[1] != ops.row_bytes(qtype, D):
