@@ -209,6 +209,39 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_chunk_stats(
     }
 }
 
+// Merge one chunk's partial (head_chunk_stats' outputs and its acc = P @ E_chunk [L, D]) into a running
+// partial of the chunks before it, in place (head_stats_chunked keeps one running partial instead of
+// one per chunk). One block per position; the same head_merge as head_merge_splits, so the result is the
+// merge of the chunks in row order. A running partial with no rows yet takes the chunk's as they are.
+extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge_into(
+        float * __restrict__ run_mst, int * __restrict__ run_arg, float * __restrict__ run_g,
+        int * __restrict__ run_sample, float * __restrict__ run_acc, const float * __restrict__ mst,
+        const int * __restrict__ arg, const float * __restrict__ g, const int * __restrict__ sample,
+        const float * __restrict__ acc, int D) {
+    __shared__ float fa_s, fb_s;
+    const int l = blockIdx.x, tid = threadIdx.x;
+    if (tid == 0) {
+        HeadPartial a{run_mst[l * 3 + 0], run_mst[l * 3 + 1], run_mst[l * 3 + 2], run_arg[l], run_g[l], run_sample[l]};
+        const HeadPartial b{mst[l * 3 + 0], mst[l * 3 + 1], mst[l * 3 + 2], arg[l], g[l], sample[l]};
+        float fa, fb;
+        head_merge(a, b, fa, fb);
+        run_mst[l * 3 + 0] = a.m;
+        run_mst[l * 3 + 1] = a.s;
+        run_mst[l * 3 + 2] = a.t;
+        run_arg[l] = a.arg;
+        run_g[l] = a.g;
+        run_sample[l] = a.sample;
+        fa_s = fa;
+        fb_s = fb;
+    }
+    __syncthreads();
+    const float fa = fa_s, fb = fb_s;
+    for (int d = tid; d < D; d += HEAD_THREADS) {
+        const long o = (long)l * D + d;
+        run_acc[o] = fa == 0.0f ? acc[o] * fb : fmaf(run_acc[o], fa, acc[o] * fb);  // fa 0: nothing yet (maybe unset)
+    }
+}
+
 }  // namespace dg
 
 #ifndef __CUDACC_RTC__

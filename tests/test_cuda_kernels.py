@@ -282,6 +282,37 @@ def test_head_chunk_stats_match_reference(ops, L, n, v0):
         torch.testing.assert_close(p.float(), rp.float(), rtol=2e-3, atol=1e-6)  # the f16 rounding of each weight
 
 
+def test_head_merge_into_matches_reference(ops):
+    """A chunk's partial merged into a running one, position by position: a run with no rows yet, a chunk
+    with none, ties of the max and of the Gumbel value (the run keeps its lower rows), and plain merges."""
+    from dgemma.plugin.cuda import head_ops
+
+    g = torch.Generator().manual_seed(11)
+    L, D = 7, 33
+
+    def partial(first_row: int):
+        m = torch.randn(L, generator=g)
+        mst = torch.stack([m, torch.rand(L, generator=g) * 5 + 1, torch.randn(L, generator=g)], dim=1)
+        rows = torch.randint(0, 100, (L,), generator=g, dtype=torch.int32) + first_row
+        return [mst, rows, torch.randn(L, generator=g), rows + 1]
+
+    run, part = partial(0), partial(1000)
+    run[1][0] = -1  # position 0: nothing merged yet
+    part[1][1] = -1  # position 1: the chunk has no rows
+    part[0][2, 0], part[2][2] = run[0][2, 0], run[2][2]  # position 2: both ties
+    run_acc, acc = torch.randn(L, D, generator=g), torch.randn(L, D, generator=g)
+    outs = []
+    for dev, op in (("cuda", head_ops.head_merge_into), ("cpu", head_ops.head_merge_into_reference)):
+        r = tuple(t.clone().to(dev) for t in (*run, run_acc))
+        op(r, tuple(t.to(dev) for t in part), acc.to(dev))
+        outs.append([t.cpu() for t in r])
+    (mst, arg, gm, sample, racc), (rmst, rarg, rg, rsample, rracc) = outs
+    assert torch.equal(arg, rarg) and torch.equal(sample, rsample) and int(arg[2]) == int(run[1][2]) and int(arg[0]) >= 1000
+    torch.testing.assert_close(mst, rmst, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gm, rg)
+    torch.testing.assert_close(racc, rracc, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("matmul", ["f16", "int8"])
 @pytest.mark.parametrize("qtype,L,V,chunk", [(Q.Q6_K, 17, 3000, 1024), (Q.Q8_0, 256, 9000, 8192), (Q.Q4_K, 1, 300, 64)])
 def test_head_stats_chunked_match_full_logits(ops, matmul, qtype, L, V, chunk):

@@ -96,9 +96,9 @@ def test_dense_launches_match_their_kernels(launches, qtype):
     head_ops.head_stats_chunked(x, w, qtype, 30.0, 0.7, 2**63 + 5, 3, "f16", chunk=3)  # chunks of 3, 3 and 1 rows
     ops.accept_renoise(torch.rand(2, 9), torch.randint(0, 7, (2, 9)), seed=1, step=0, vocab=7, bound=0.5)
     called = [check(fn, args) for fn, args in launches]
-    want = {"get_rows", "get_rows_f16", "qmatmul", "qmatmul_mma", "head_partials", "head_merge", "head_chunk_stats",
+    want = {"get_rows", "get_rows_f16", "qmatmul", "qmatmul_mma", "head_partials", "head_merge", "head_chunk_stats", "head_merge_into",
             "accept_renoise"}
-    assert called.count("head_chunk_stats") == 3 and called.count("head_merge") == 2
+    assert called.count("head_chunk_stats") == called.count("head_merge_into") == 3 and called.count("head_merge") == 2
     assert set(called) == want | ({"quantize_q8", "qmatmul_q8"} if qtype in ops.INT_TYPES else set())
 
 

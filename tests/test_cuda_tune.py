@@ -33,7 +33,7 @@ def ran(monkeypatch):
             monkeypatch.setattr(ops, name, lambda *a, _ref=ref, _k=kernel, **kw: (calls.append(_k), _ref(*a, **kw))[1])
     for name in ("get_rows", "get_rows_f16"):
         monkeypatch.setattr(ops, name, getattr(ops, f"{name}_reference"))
-    for name in ("head_merge", "head_chunk_stats"):
+    for name in ("head_merge", "head_chunk_stats", "head_merge_into"):
         monkeypatch.setattr(head_ops, name, getattr(head_ops, f"{name}_reference"))
     ref = head_ops.head_stats_reference
     monkeypatch.setattr(head_ops, "head_stats", lambda *a, **kw: (calls.append("scalar"), ref(*a, **kw))[1])

@@ -97,6 +97,53 @@ def head_merge_reference(mst: torch.Tensor, arg: torch.Tensor, g: torch.Tensor, 
                      (f[..., None] * acc).sum(0) / s[:, None], sample[first(best == best.max(dim=0).values), cols])
 
 
+def _check_partials(run: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], acc: torch.Tensor) -> None:
+    """A running partial ((m, s, t) [L, 3], arg [L], g [L], sample [L], acc [L, D]) and a chunk's (the same
+    four, and its acc [L, D]): contiguous, of the kernels' types."""
+    L, D = acc.shape if acc.dim() == 2 else (-1, -1)
+    want = ((torch.float32, (L, 3)), (torch.int32, (L,)), (torch.float32, (L,)), (torch.int32, (L,)))
+    tensors = (*run, *part, acc)
+    shapes = (*want, (torch.float32, (L, D)), *want, (torch.float32, (L, D)))
+    if len(run) != 5 or len(part) != 4 or any(t.dtype != d or tuple(t.shape) != s or not t.is_contiguous()
+                                              for t, (d, s) in zip(tensors, shapes)):
+        raise ValueError("head_merge_into: run must be contiguous (float32 [L, 3], int32 [L], float32 [L], int32 [L], "
+                         "float32 [L, D]) and the chunk's the same four and float32 [L, D] (got "
+                         f"{[f'{str(t.dtype)[6:]} {list(t.shape)}' for t in tensors]})")
+
+
+def head_merge_into(run: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], acc: torch.Tensor) -> None:
+    """Merge a chunk's partial (part = its (m, s, t), arg, g, sample; acc = P @ E_chunk [L, D]) into the running
+    partial `run` of the chunks before it, in place (csrc/head.cu head_merge_into). A run whose arg is -1 has
+    no rows yet and takes the chunk's."""
+    _check_partials(run, part, acc)
+    if not acc.is_cuda:
+        raise ValueError("head_merge_into: the partials must be CUDA tensors")
+    L, D = acc.shape
+    fn = kernel("head.cu", "head_merge_into", _HEAD_NAMES)
+    _launch(fn, (L,), (HEAD_THREADS,), (*run, *part, acc, np.int32(D)))
+
+
+def head_merge_into_reference(run: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], acc: torch.Tensor) -> None:
+    """head_merge_into in float64 on the CPU: csrc/head.cuh's head_merge for each position (ties keep the run's
+    row: its rows are the lower ones)."""
+    _check_partials(run, part, acc)
+    mst, arg, g, sample, racc = run
+    am, as_, at, ag = (x.double() for x in (mst[:, 0], mst[:, 1], mst[:, 2], g))
+    bm, bs, bt, bg = (x.double() for x in (part[0][:, 0], part[0][:, 1], part[0][:, 2], part[2]))
+    has_a, has_b = arg >= 0, part[1] >= 0
+    m = torch.where(has_a & has_b, torch.maximum(am, bm), torch.where(has_a, am, bm))
+    fa = torch.where(~has_b, 1.0, torch.where(has_a, torch.exp(am - m), 0.0))
+    fb = torch.where(has_b, torch.exp(bm - m), 0.0)
+    take_arg = has_b & (~has_a | (bm > am))
+    take_g = has_b & (~has_a | (bg > ag))
+    new_acc = torch.where(has_a[:, None], racc.double() * fa[:, None], 0.0) + acc.double() * fb[:, None]
+    mst.copy_(torch.stack([m, as_ * fa + bs * fb, at * fa + bt * fb], dim=1).where(has_a[:, None] | has_b[:, None], mst.double()))
+    arg.copy_(torch.where(take_arg, part[1], arg))
+    g.copy_(torch.where(take_g, bg, ag))
+    sample.copy_(torch.where(take_g, part[3], sample))
+    racc.copy_(new_acc)
+
+
 def _check_chunk(z: torch.Tensor, out: tuple[torch.Tensor, ...]) -> None:
     """z contiguous float32 [L, n]; out as head_chunk_stats writes it, each contiguous (the kernel writes rows of
     n and of 3): (m, s, t) float32 [L, 3], arg int32 [L], g float32 [L], sample int32 [L], P float16 [L, n]."""
@@ -162,7 +209,8 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
     """head_stats with the two products on tensor cores, one vocabulary chunk at a time: the chunk's logits
     [L, chunk] by the matmul kernel `matmul` ("f16" or "int8") straight from the GGML rows, their partial
     statistics and weights P (head_chunk_stats), the chunk's rows as float16 (get_rows_f16) and P @ rows
-    (cuBLAS, float32 result) for the partial's acc; head_merge over the chunks. No more than [L, chunk] of
+    (cuBLAS, float32 result) for the partial's acc, merged into one running partial (head_merge_into), which
+    head_merge finalises. No more than [L, chunk] of
     logits ever exists. Rounding: h and the head to f16 (or int8 for "int8"), P and the rows of P @ E to f16
     (and P @ E's result too where torch.mm has no out_dtype, before torch 2.8 or so)."""
     if h.dim() != 2 or h.shape[0] < 1 or h.shape[1] < 1 or embed.dim() != 2 or embed.shape[0] < 1:
@@ -178,24 +226,26 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
     if matmul not in ("f16", "int8") or not temperature > 0:
         raise ValueError(f"head_stats_chunked: matmul must be f16 or int8 and temperature > 0 (got {matmul}, {temperature})")
     V, dev = embed.shape[0], h.device
-    chunk = max(chunk, -(-V // HEAD_MAX_SPLITS))  # head_merge takes at most HEAD_MAX_SPLITS partials
-    S = -(-V // chunk)
-    mst, acc = torch.empty(S, L, 3, device=dev), torch.empty(S, L, D, device=dev)
-    arg, g, sample = torch.empty(S, L, dtype=torch.int32, device=dev), torch.empty(S, L, device=dev), \
-        torch.empty(S, L, dtype=torch.int32, device=dev)
+
+    def partial() -> tuple[torch.Tensor, ...]:  # (m, s, t), arg (-1: no rows yet), g, sample
+        return (torch.zeros(L, 3, device=dev), torch.full((L,), -1, dtype=torch.int32, device=dev),
+                torch.zeros(L, device=dev), torch.full((L,), -1, dtype=torch.int32, device=dev))
+
+    run, part = (*partial(), torch.zeros(L, D, device=dev)), partial()  # the chunks so far; this chunk's
     p = torch.empty(L, min(chunk, V), dtype=torch.float16, device=dev)
     rows = torch.arange(V, dtype=torch.int32, device=dev)
     h, dense = h.contiguous(), getattr(ops, ops.MATMULS[matmul][0])
     out_dtype = _mm_out_dtype(str(dev))
-    for c in range(S):
-        v0, v1 = c * chunk, min(V, (c + 1) * chunk)
+    for v0 in range(0, V, chunk):
+        v1 = min(V, v0 + chunk)
         z = dense(h, embed[v0:v1], qtype, D)  # [L, n]
         pc = p.view(-1)[: L * (v1 - v0)].view(L, v1 - v0)  # contiguous: the kernel writes rows of n
-        head_chunk_stats(z, v0, softcap, temperature, seed, step, (mst[c], arg[c], g[c], sample[c], pc))
+        head_chunk_stats(z, v0, softcap, temperature, seed, step, (*part, pc))
         e = ops.get_rows_f16(rows[v0:v1], embed, qtype, D)  # [n, D]
-        acc[c] = torch.mm(pc, e, out_dtype=torch.float32) if out_dtype else (torch.mm(pc, e) if pc.is_cuda else
-                                                                             pc.float() @ e.float())
-    return head_merge(mst, arg, g, sample, acc)
+        acc = torch.mm(pc, e, out_dtype=torch.float32) if out_dtype else (torch.mm(pc, e).float() if pc.is_cuda else
+                                                                          pc.float() @ e.float())
+        head_merge_into(run, part, acc)
+    return head_merge(*(x[None] for x in run))  # the one running partial, finalised
 
 
 def head_stats_reference(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float,

@@ -35,7 +35,7 @@ _MOE_Q8_NAMES = tuple(f"dg::moe_qmatmul_q8<{int(t)}>" for t in INT_TYPES)
 MODULES = (
     ("get_rows.cu", _GET_ROWS_NAMES, ()), ("qmatmul.cu", _QMATMUL_NAMES, ()), ("qmatmul_mma.cu", _QMMA_NAMES, ()),
     ("qmatmul_q8.cu", _Q8_NAMES, ("quantize_q8",)), ("moe.cu", _MOE_NAMES, ()), ("moe.cu", _MOE_MMA_NAMES, ()),
-    ("moe.cu", _MOE_Q8_NAMES, ()), ("accept.cu", (), ("accept_renoise",)), ("head.cu", _HEAD_NAMES, ("head_merge", "head_chunk_stats")),
+    ("moe.cu", _MOE_Q8_NAMES, ()), ("accept.cu", (), ("accept_renoise",)), ("head.cu", _HEAD_NAMES, ("head_merge", "head_chunk_stats", "head_merge_into")),
 )
 # the three matmul kernels (dense op, grouped-expert op), one of which each quantized weight uses
 # (plugin/cuda/tune.py picks per GPU): float FMAs, f16 tensor cores, int8 tensor cores on q8 activations
