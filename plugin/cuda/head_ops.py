@@ -223,8 +223,9 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
     if h.dtype != torch.float32 or embed.dtype != torch.uint8 or embed.dim() != 2 or embed.shape[1] != ops.row_bytes(qtype, D):
         raise ValueError(f"head_stats_chunked: h must be float32 [L, {D}] and the head uint8 [V, {ops.row_bytes(qtype, D)}] "
                          f"{qtype.name} rows (got {h.dtype}, {embed.dtype} {tuple(embed.shape)})")  # devices: the kernels check
-    if matmul not in ("f16", "int8") or not temperature > 0:
-        raise ValueError(f"head_stats_chunked: matmul must be f16 or int8 and temperature > 0 (got {matmul}, {temperature})")
+    if matmul not in ("f16", "int8") or not temperature > 0 or chunk < 1:
+        raise ValueError(f"head_stats_chunked: matmul must be f16 or int8, temperature > 0 and chunk >= 1 (got {matmul}, "
+                         f"{temperature}, {chunk})")
     V, dev = embed.shape[0], h.device
 
     def partial() -> tuple[torch.Tensor, ...]:  # (m, s, t), arg (-1: no rows yet), g, sample
