@@ -10,8 +10,8 @@ in the same run (issue 5, docs/CUDA.md step 6).
   pass (decoder, logits, softmax, entropy, argmax, multinomial) and accept(), on the GPU; skipped when its
   4 bytes per parameter do not fit.
 Prefill is the encoder over 512 and 4096 prompt tokens, in passes of the engine's num_batch (512) as
-Engine.generate runs it; the peak VRAM figure adds a second 4096-token prompt (8K context, where the step is
-timed again: the attention's share grows with the context) and one step, counting what PyTorch's allocator holds (the CUDA context and NVRTC modules,
+Engine.generate runs it; the peak VRAM figure adds a second 4096-token prompt (8K context), where the step is
+timed again (one warm-up and --steps timed: the attention's share grows with the context) and one step, counting what PyTorch's allocator holds (the CUDA context and NVRTC modules,
 ~0.5 GB, come on top). Tokens/s assumes 16 steps per 256-token canvas.
 
     python bench/model_gpu.py [--plans Q4_K_M,12GB] [--steps 5] [--config DIR] [--no-torch]
@@ -139,7 +139,8 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
     graphed = getattr(step, "graphed", None)
     if graphed is not None:
         out["graph"] = f"{graphed.replays} replays" if graphed.fallback is None else f"eager: {graphed.fallback}"
-    step = None
+        graphed.release()  # the 512-token cache's graph: not part of the 8K peak
+    step = graphed = cache = None
     flop = cfg.decode_flops_per_token * cfg.canvas_length
     out["TFLOP/s"] = flop / out["step_ms"] / 1e9
     out["GB/s"] = wbytes / out["step_ms"] / 1e6  # every expert is touched at canvas 256

@@ -69,8 +69,13 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     SDPA with enable_gqa; but on a GPU the fused kernels take the folded form while they refuse grouped
     heads in float32 or at head dim 512 (mem-efficient attention has no GQA, flash attention wants 16-bit
     and head dim <= 256), and SDPA would fall back to its math kernel, which repeats K/V per query head and
-    writes the [H, L, S] scores: 4 GB per layer for an 8K prompt in float32. Returns [B, H, L, hd]."""
+    writes the [H, L, S] scores: 4 GB per layer for an 8K prompt in float32 (torch 2.11's rules; newer
+    torch lets mem-efficient attention take GQA, and the fold stays exact there). Returns [B, H, L, hd]."""
     B, H, L, hd = q.shape
+    if keys.shape[1] != values.shape[1] or H % keys.shape[1] or (mask is not None and mask.dim() != 2):
+        raise ValueError(f"grouped_attention: {H} query heads need K and V with one head count dividing it, and the "
+                         f"mask [L, S] (got K {tuple(keys.shape)}, V {tuple(values.shape)}, mask "
+                         f"{None if mask is None else tuple(mask.shape)})")
     G = H // keys.shape[1]
     folded = q.reshape(B, keys.shape[1], G * L, hd)  # [B, KV, G*L, hd]
     if mask is not None:

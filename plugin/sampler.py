@@ -118,7 +118,7 @@ class StableAndConfident:
         self.history: list[torch.Tensor] = []
 
     def __call__(self, argmax: torch.Tensor, mean_entropy: torch.Tensor) -> tuple[bool, float]:
-        """argmax [1, C] and the pass's mean token entropy (a float32 scalar tensor), on the pass's device.
+        """argmax [1, C] and the pass's mean token entropy (a float32 scalar tensor), both on the pass's device.
         Both tests' inputs come to the host in one read, a GPU pass's only sync. Returns (stop, the mean
         entropy as a float)."""
         full = len(self.history) == self.threshold  # threshold 0: always, with nothing to compare

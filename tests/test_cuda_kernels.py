@@ -472,4 +472,4 @@ def test_attention_runs_on_fused_kernels_at_the_26b_shapes(ops, hd, KV, L, P, ma
         got = grouped_attention(q, k, v, mask)
     want = F.scaled_dot_product_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(),
                                           attn_mask=None if mask is None else mask.cpu(), scale=1.0, enable_gqa=True)
-    assert got.shape == want.shape and float((got.double().cpu() - want).abs().max()) < 1e-4
+    assert got.shape == want.shape and float((got.double().cpu() - want).abs().max()) < 1e-3 * float(want.abs().max())

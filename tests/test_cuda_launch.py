@@ -65,11 +65,14 @@ def check(fn: tuple[str, str, tuple], args: tuple) -> str:
     base = re.sub(r"^dg::|<.*>$", "", name)
     params = PARAMS[base]
     assert len(args) == len(params), f"{base}: {len(args)} arguments for {len(params)} parameters"
-    for arg, (ctype, pname, pointer) in zip(args, params):
+    for i, (arg, (ctype, pname, pointer)) in enumerate(zip(args, params)):
         where = f"{base}({pname}: {ctype}{' *' if pointer else ''})"
         if pointer:
             if isinstance(arg, torch.Tensor):
                 assert arg.dtype == POINTEE[ctype], f"{where} gets a {arg.dtype} tensor"
+                # a kernel walks its buffers densely, unless a leading dimension (lda, ldy) follows the pointer
+                strided = i + 1 < len(params) and params[i + 1][1].startswith("ld") and arg.stride(-1) == 1
+                assert arg.is_contiguous() or strided, f"{where} gets a non-contiguous tensor {tuple(arg.stride())}"
             else:
                 assert arg is None or (type(arg) is np.uint64 and arg == 0), f"{where} gets {arg!r}"
         else:
@@ -123,11 +126,15 @@ def test_grouped_expert_launches_match_their_kernels(launches, qtype, variant):
 
 
 def test_the_checker_finds_a_wrong_argument(launches):
-    """The check fails on the mistakes it is for: a Python int, an int64 tensor, a missing argument."""
+    """The check fails on the mistakes it is for: a Python int, an int64 tensor, a missing argument, a strided
+    buffer where the kernel takes no leading dimension (x has lda: strided rows are fine there)."""
     ops.qmatmul(torch.randn(2, 256), weights(Q.Q4_K, 3, 256), Q.Q4_K, 256)
     (fn, args), = launches
     check(fn, args)
-    for bad in (args[:1] + (int(args[1]),) + args[2:], args[:2] + (args[2].long(),) + args[3:], args[:-1]):
+    check(fn, (torch.randn(2, 512)[:, :256],) + args[1:])
+    strided_y = torch.empty(2, 6)[:, :3]
+    for bad in (args[:1] + (int(args[1]),) + args[2:], args[:2] + (args[2].long(),) + args[3:], args[:-1],
+                args[:3] + (strided_y.t(),) + args[4:]):
         with pytest.raises(AssertionError):
             check(fn, bad)
 

@@ -80,10 +80,11 @@ def test_logits_after_a_second_encoded_chunk(engines):
     assert cache.length == 9 + cfg.canvas_length > cfg.sliding_window
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 7])
+@pytest.mark.parametrize("chunk", [1, 4, 7, 11])
 def test_prompt_encoded_in_chunks(engines, chunk):
-    """encode(chunk=): a 29-token prompt in passes of 1, 4 or 7 tokens (shorter than every sliding window, so
-    later chunks see earlier ones only through the trimmed cache) leaves the cache and the decoder's logits
+    """encode(chunk=): a 29-token prompt in passes of 1, 4, 7 or 11 tokens (the "odd" model's sliding window
+    is 8: shorter chunks see earlier ones only through the trimmed cache, 11 also spans the window) leaves the
+    cache and the decoder's logits
     of one pass: transformers' logits within 1e-4, every cached key and value within 1e-4 (float32 GEMMs of other row counts)."""
     ckpt, engine = engines("odd")
     cfg = engine.cfg
@@ -197,7 +198,8 @@ def test_bad_prompts_are_refused(engines):
         list(engine.generate([2, 3], GenerateOptions(num_batch=0)))
 
 
-@pytest.mark.parametrize("H,KV,L,P,window", [(4, 2, 5, 0, None), (6, 2, 7, 9, 4), (3, 3, 4, 6, None), (8, 1, 3, 0, 2)])
+@pytest.mark.parametrize("H,KV,L,P,window", [(4, 2, 5, 0, None), (6, 2, 7, 9, 4), (3, 3, 4, 6, None), (8, 1, 3, 0, 2),
+                                             (4, 2, 1, 6, 3)])  # L = 1: the fold is a view, not a copy
 def test_grouped_attention_equals_sdpa_with_grouped_heads(H, KV, L, P, window):
     """model.grouped_attention (query heads folded into rows, for the GPU's fused kernels) is SDPA with
     enable_gqa: the decoder's unmasked form and the encoder's causal, sliding-window mask over P cached
@@ -208,6 +210,7 @@ def test_grouped_attention_equals_sdpa_with_grouped_heads(H, KV, L, P, window):
 
     g = torch.Generator().manual_seed(H * 100 + L)
     q = torch.randn(2, H, L, 8, generator=g, dtype=torch.float64) * 2
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # as the model's: a transposed view of [B, L, H, hd]
     k, v = (torch.randn(2, KV, P + L, 8, generator=g, dtype=torch.float64) for _ in range(2))
     q_pos, k_pos = torch.arange(P, P + L)[:, None], torch.arange(P + L)[None, :]
     mask = k_pos <= q_pos

@@ -166,7 +166,7 @@ def test_one_host_read_per_pass(monkeypatch, threshold):
             return out.sample, torch.ones_like(canvas, dtype=torch.bool)
 
     reads: list[str] = []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "__array__"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name: (reads.append(_n), _f(self, *a))[1])
     equal = torch.equal

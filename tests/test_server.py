@@ -105,12 +105,18 @@ def test_errors(server):
         ("/api/pull", {"model": "x"}, "dgemma import"),
         ("/api/embed", {"model": "default", "input": "x"}, "embeddings"),
         ("/api/generate", {"model": "default", "prompt": "hi", "options": {"num_predict": "ten"}}, "num_predict"),
-        ("/api/generate", {"model": "default", "prompt": "hi", "options": {"num_batch": 0}}, "num_batch"),
     ]:
         r = httpx.post(f"{server}{path}", json=body, timeout=60)
         assert 400 <= r.status_code < 600 and needle in r.json()["error"], (path, r.text)
     r = httpx.post(f"{server}/api/chat", content=b"{broken", timeout=60)
     assert r.status_code == 400 and "error" in r.json()
+    # options: a 400 naming the option, never a 500 (JSON's NaN and Infinity included, sent as raw text)
+    for options, needle in [('{"num_batch": 0}', "num_batch must be at least 1"), ('{"num_batch": 1.5}', "integer"),
+                            ('{"num_predict": Infinity}', "finite"), ('{"seed": NaN}', "finite")]:
+        body = '{"model": "default", "prompt": "hi", "stream": false, "options": %s}' % options
+        r = httpx.post(f"{server}/api/generate", content=body.encode(), headers={"content-type": "application/json"},
+                       timeout=60)
+        assert r.status_code == 400 and needle in r.json()["error"], (options, r.text)
 
 
 def test_openai_client(server, engine):

@@ -10,6 +10,7 @@ its request's cancel flag; the engine checks it between denoising steps.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -166,8 +167,10 @@ def _number(options: dict[str, Any], key: str, kind: type) -> Any:
     value = options.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"option '{key}' must be a number (got {value!r})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ApiError(400, f"option '{key}' must be a finite number (got {value!r})")
+    if kind is int and value != int(value):
+        raise ApiError(400, f"option '{key}' must be an integer (got {value!r})")
     return kind(value)
 
 
