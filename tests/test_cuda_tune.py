@@ -138,11 +138,21 @@ def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran, kerne
     ref = Engine.load(default_gguf)
     w, cfg = cpu_cuda_weights(default_gguf)
     tune.choose(w, kernel, device="cpu", capability=AMPERE, cache=False)
-    a, b, *_ = decode_both(ref.model, DiffusionGemma(cfg, w), 30, before=lambda: ran.clear())
+    model = DiffusionGemma(cfg, w)
+    a, b, canvas, c1, c2 = decode_both(ref.model, model, 30, before=lambda: ran.clear())
     assert set(ran) == ({kernel, "scalar"} if kernel == "f16" else {kernel})  # f16: not on the down projections
     diff = float((a - b).abs().max())
     assert low <= diff < high
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+    # the sampler's statistics through the head the choice gives (scalar: the fused kernel; f16 and int8: the
+    # chunked head on tensor cores), against the torch backend's from the float logits
+    ran.clear()
+    want = ref.model.decode_stats(canvas, c1, None, 0.7, 9, 3)
+    got = model.decode_stats(canvas, c2, None, 0.7, 9, 3)
+    assert ran and set(ran) <= {kernel, "scalar"}
+    assert torch.equal(got.argmax, want.argmax)
+    assert float((got.entropy - want.entropy).abs().max()) < high / 5
+    assert float((got.sc - want.sc).abs().max()) < high / 5
 
 
 def test_matmul_and_graphs_are_cuda_backend_choices(default_gguf):
