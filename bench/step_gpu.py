@@ -3,7 +3,7 @@
 Slice 1 of issue 5: the quantized matmul kernel (csrc/qmatmul.cu) for every weight class of one
 denoising step of the Q4_K_M file (canvas 256; routed experts see 256 x 8 / 128 = 16 tokens each on
 average), one layer's routed experts in one launch per matrix (csrc/moe.cu), the sampler's statistics
-from the vocabulary head (csrc/head.cu) and the accept/re-noise step (csrc/accept.cu). Weights are synthetic: random block bytes with sane fp16
+from the vocabulary head (csrc/head.cu), the decoder's attention at 8K context, and the accept/re-noise step (csrc/accept.cu). Weights are synthetic: random block bytes with sane fp16
 scales, made on the GPU in seconds (timing does not depend on the values). Prints ms, achieved TB/s of
 weight bytes and TFLOP/s for both, and their ratio, measured in this run on this GPU.
 
@@ -21,7 +21,7 @@ from synthetic import timed as timed_on
 
 from dgemma.plugin.cuda import check_cuda
 from dgemma.plugin.cuda import ops
-from dgemma.plugin.model import geglu
+from dgemma.plugin.model import geglu, grouped_attention
 from dgemma.plugin.sampler import accept, renoise
 
 # (name, N, K, GGML type, M rows of activations, count per step) for the Q4_K_M 26B-A4B, per layer class
@@ -131,6 +131,34 @@ def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, 
     torch.cuda.empty_cache()
 
 
+def attention(repeat: int, canvas: int = 256, context: int = 8192) -> None:
+    """The decoder's attention at the 26B's heads (16 query heads; 25 sliding layers of 8 KV heads x 256 over
+    the window, 5 global of 2 x 512 over the context) with the f16 KV cache: the engine's way (cache cast
+    to float32, the canvas's keys concatenated, the query heads folded, SDPA in float32), the same in f16
+    (no cast: a third of the bytes moved; rounds q and the canvas's keys), and SDPA with enable_gqa in
+    float32 (before session 7: the math kernel). ms per step, summed over the layers."""
+    import torch.nn.functional as F
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    totals = {"float32 folded": 0.0, "f16 folded": 0.0, "float32 enable_gqa": 0.0}
+    for kv, hd, cached, layers in ((8, 256, 1023, 25), (2, 512, context, 5)):
+        q = torch.randn(1, 16, canvas, hd, device="cuda", generator=g) * 0.1
+        k, v = (torch.randn(1, kv, canvas, hd, device="cuda", generator=g) * 0.1 for _ in range(2))
+        past_k, past_v = (torch.randn(1, kv, cached, hd, device="cuda", generator=g).half() for _ in range(2))
+        ways = {
+            "float32 folded": lambda: grouped_attention(q, torch.cat([past_k.float(), k], 2), torch.cat([past_v.float(), v], 2), None),
+            "f16 folded": lambda: grouped_attention(q.half(), torch.cat([past_k, k.half()], 2), torch.cat([past_v, v.half()], 2),
+                                                    None).float(),
+            "float32 enable_gqa": lambda: F.scaled_dot_product_attention(
+                q, torch.cat([past_k.float(), k], 2), torch.cat([past_v.float(), v], 2), scale=1.0, enable_gqa=True),
+        }
+        for name, fn in ways.items():
+            totals[name] += timed(fn, repeat) * layers
+    base = totals["float32 folded"]
+    print(f"decoder attention per step (canvas {canvas}, context {context}, f16 cache): "
+          + ", ".join(f"{k} {t:.2f} ms ({base / t:.2f}x the engine's)" for k, t in totals.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=20)
@@ -173,6 +201,7 @@ def main() -> None:
           f"f16 weights: {total_torch / max(min(total_ours, total_mma, total_q8), 1e-9):.2f}x the best of ours)")
     moe_layer(args.repeat)
     head_pass(args.repeat)
+    attention(args.repeat)
     ent = torch.rand(1, 256, device="cuda")
     tok = torch.randint(0, 262144, (1, 256), device="cuda")
     a = timed(lambda: ops.accept_renoise(ent, tok, 1, 0, 262144, 0.1), args.repeat)
