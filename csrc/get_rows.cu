@@ -7,15 +7,30 @@
 
 namespace dg {
 
-template <int T>
-__global__ void get_rows(const int * __restrict__ rows, const uint8_t * __restrict__ w, float * __restrict__ y, int K) {
+__device__ __forceinline__ void store_value(float * dst, float v) { *dst = v; }
+__device__ __forceinline__ void store_value(uint16_t * dst, float v) { *dst = f32_to_f16_bits(v); }  // f16 bits
+
+// Row rows[blockIdx.x] of W, dequantized into row blockIdx.x of Y (float, or f16 bits rounded to nearest).
+template <int T, class Out>
+__device__ __forceinline__ void get_row(const int * __restrict__ rows, const uint8_t * __restrict__ w, Out * __restrict__ y,
+                                        int K) {
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
+    constexpr int UV = Unit<T>::VALUES;
     const long row_bytes = (long)(K / QK) * SIZE;
     const uint8_t * src = w + (long)rows[blockIdx.x] * row_bytes;
-    float * dst = y + (long)blockIdx.x * K;
-    constexpr int UV = Unit<T>::VALUES;
-    for (int u = threadIdx.x; u < K / UV; u += blockDim.x) dequant_unit<T>(src, u, dst + (long)u * UV);
+    Out * dst = y + (long)blockIdx.x * K;
+    for (int u = threadIdx.x; u < K / UV; u += blockDim.x) {
+        float v[UV];
+        dequant_unit<T>(src, u, v);
+#pragma unroll
+        for (int i = 0; i < UV; ++i) store_value(dst + (long)u * UV + i, v[i]);
+    }
+}
+
+template <int T>
+__global__ void get_rows(const int * __restrict__ rows, const uint8_t * __restrict__ w, float * __restrict__ y, int K) {
+    get_row<T>(rows, w, y, K);
 }
 
 // The same rows rounded to f16 (Y [M, K] as IEEE half bits): the vocabulary head's rows for its f16 GEMM
@@ -23,18 +38,7 @@ __global__ void get_rows(const int * __restrict__ rows, const uint8_t * __restri
 template <int T>
 __global__ void get_rows_f16(const int * __restrict__ rows, const uint8_t * __restrict__ w, uint16_t * __restrict__ y,
                              int K) {
-    constexpr int QK = Traits<T>::QK;
-    constexpr int SIZE = Traits<T>::SIZE;
-    const long row_bytes = (long)(K / QK) * SIZE;
-    const uint8_t * src = w + (long)rows[blockIdx.x] * row_bytes;
-    uint16_t * dst = y + (long)blockIdx.x * K;
-    constexpr int UV = Unit<T>::VALUES;
-    for (int u = threadIdx.x; u < K / UV; u += blockDim.x) {
-        float v[UV];
-        dequant_unit<T>(src, u, v);
-#pragma unroll
-        for (int i = 0; i < UV; ++i) dst[(long)u * UV + i] = f32_to_f16_bits(v[i]);
-    }
+    get_row<T>(rows, w, y, K);
 }
 
 }  // namespace dg
