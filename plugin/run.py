@@ -163,4 +163,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if engine.matmul:
             uses = ", ".join(f"{k} for {n}" for k, n in sorted(Counter(engine.matmul.values()).items()))
             print(f"matmul kernels:       {uses} weight shapes", file=sys.stderr)
+            head = next((k for c, k in engine.matmul.items() if c.startswith("head ")), None)
+            if head is not None:
+                form = "fused float kernel" if head == "scalar" else f"by vocabulary chunks on {head} tensor cores"
+                print(f"vocabulary head:      {form}", file=sys.stderr)
     return 0
