@@ -159,12 +159,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         print()
     if args.stats and not args.json:
         print("\n".join(stats_lines(done)), file=sys.stderr)
-        print(f"backend:              {engine.describe()}", file=sys.stderr)
-        if engine.matmul:
-            uses = ", ".join(f"{k} for {n}" for k, n in sorted(Counter(engine.matmul.values()).items()))
-            print(f"matmul kernels:       {uses} weight shapes", file=sys.stderr)
-            head = next((k for c, k in engine.matmul.items() if c.startswith("head ")), None)
-            if head is not None:
-                form = "fused float kernel" if head == "scalar" else f"by vocabulary chunks on {head} tensor cores"
-                print(f"vocabulary head:      {form}", file=sys.stderr)
+        print("\n".join(backend_lines(engine)), file=sys.stderr)
     return 0
+
+
+def backend_lines(engine: Engine) -> list[str]:
+    """--stats' lines on what ran the model: the backend, and on the cuda backend its matmul kernels and the
+    vocabulary head's form."""
+    lines = [f"backend:              {engine.describe()}"]
+    if engine.matmul:
+        uses = ", ".join(f"{k} for {n}" for k, n in sorted(Counter(engine.matmul.values()).items()))
+        lines.append(f"matmul kernels:       {uses} weight shapes")
+        head = next((k for c, k in engine.matmul.items() if c.startswith("head ")), None)
+        if head is not None:
+            form = "fused float kernel" if head == "scalar" else f"by vocabulary chunks on {head} tensor cores"
+            lines.append(f"vocabulary head:      {form}")
+    return lines

@@ -159,3 +159,19 @@ def test_serve_with_the_cuda_backend_says_what_is_missing(models):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "cuda backend needs CuPy" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_stats_name_the_kernels_and_the_head():
+    """--stats on the cuda backend: its matmul kernels per weight shape and the vocabulary head's form (the
+    tuner's classes; plugin/cuda/tune.py), here from a stand-in engine."""
+    from types import SimpleNamespace
+
+    from dgemma.plugin.run import backend_lines
+
+    torch_engine = SimpleNamespace(describe=lambda: "torch on the CPU (rng torch, KV cache f32)", matmul={})
+    assert backend_lines(torch_engine) == ["backend:              torch on the CPU (rng torch, KV cache f32)"]
+    plan = {"dense Q4_K 4096x2816": "int8", "experts Q4_K 1408x2816": "int8", "dense Q6_K 2816x4096 unbounded": "scalar"}
+    for head, form in (("f16", "by vocabulary chunks on f16 tensor cores"), ("scalar", "fused float kernel")):
+        gpu = SimpleNamespace(describe=lambda: "cuda on H100", matmul={**plan, "head Q6_K 262144x2816": head})
+        lines = backend_lines(gpu)
+        assert lines[1].endswith("weight shapes") and ("int8 for 2" in lines[1]) and lines[2].endswith(form)
