@@ -7,6 +7,7 @@
 //   fe + j0 .. of W [2 fe, K] and stores gelu_tanh(gate) * up into y [.., fe] (model.geglu, fused), so the
 //   [pairs, 2 fe] product is never written either. The accumulators meet in shared memory.
 #pragma once
+#include "quant/blocks.cuh"
 
 namespace dg {
 
@@ -33,6 +34,25 @@ __device__ __forceinline__ int tile_w_row(int r, int n0, int N, int tile_n, cons
     if (ep.fe <= 0) return n0 + r < N ? n0 + r : -1;
     const int half = ep.cols(tile_n), j = n0 + r % half;
     return j < ep.fe ? (r < half ? j : ep.fe + j) : -1;
+}
+
+// A K slice of the tile's TN weight rows into shared memory ws[TN][LD] (float, or f16 bits): unit after unit
+// (a 16-value group, or a float value) over the block's THREADS threads, tile rows past the matrix zeroed.
+// slice: the rows' bytes at the slice's first block; units: the slice's units per row.
+template <int T, int THREADS, class Out, int TN, int LD>
+__device__ __forceinline__ void stage_w_rows(int tid, Out (&ws)[TN][LD], const uint8_t * slice, long row_bytes,
+                                             int units, int n0, int N, const Epilogue &ep) {
+    constexpr int UV = Unit<T>::VALUES;
+    for (int i = tid; i < TN * units; i += THREADS) {
+        const int r = i / units, u = i % units;
+        Out * dst = &ws[r][u * UV];
+        const int wr = tile_w_row(r, n0, N, TN, ep);
+        if (wr >= 0) {
+            dequant_unit<T>(slice + (long)wr * row_bytes, u, dst);
+        } else {
+            for (int j = 0; j < UV; ++j) dst[j] = Out(0);
+        }
+    }
 }
 
 // torch's F.gelu(x, approximate="tanh")

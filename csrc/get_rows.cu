@@ -7,9 +7,6 @@
 
 namespace dg {
 
-__device__ __forceinline__ void store_value(float * dst, float v) { *dst = v; }
-__device__ __forceinline__ void store_value(uint16_t * dst, float v) { *dst = f32_to_f16_bits(v); }  // f16 bits
-
 // Row rows[blockIdx.x] of W, dequantized into row blockIdx.x of Y (float, or f16 bits rounded to nearest).
 template <int T, class Out>
 __device__ __forceinline__ void get_row(const int * __restrict__ rows, const uint8_t * __restrict__ w, Out * __restrict__ y,
@@ -20,12 +17,7 @@ __device__ __forceinline__ void get_row(const int * __restrict__ rows, const uin
     const long row_bytes = (long)(K / QK) * SIZE;
     const uint8_t * src = w + (long)rows[blockIdx.x] * row_bytes;
     Out * dst = y + (long)blockIdx.x * K;
-    for (int u = threadIdx.x; u < K / UV; u += blockDim.x) {
-        float v[UV];
-        dequant_unit<T>(src, u, v);
-#pragma unroll
-        for (int i = 0; i < UV; ++i) store_value(dst + (long)u * UV + i, v[i]);
-    }
+    for (int u = threadIdx.x; u < K / UV; u += blockDim.x) dequant_unit<T>(src, u, dst + (long)u * UV);
 }
 
 template <int T>

@@ -94,14 +94,7 @@ __global__ void __launch_bounds__(HEAD_THREADS) head_partials(
     for (int l = 0; l < HEAD_L; ++l) {
         if (l0 + l >= L) break;
         const long o = (long)s * L + l0 + l;
-        if (tid == 0) {
-            part_mst[o * 3 + 0] = p[l].m;
-            part_mst[o * 3 + 1] = p[l].s;
-            part_mst[o * 3 + 2] = p[l].t;
-            part_arg[o] = p[l].arg;
-            part_g[o] = p[l].g;
-            part_sample[o] = p[l].sample;
-        }
+        if (tid == 0) store_partial(p[l], part_mst, part_arg, part_g, part_sample, o);
 #pragma unroll
         for (int j = 0; j < HEAD_MAXJ; ++j) {
             const int d = tid + j * HEAD_THREADS;
@@ -122,9 +115,7 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge(
     const int l = blockIdx.x, tid = threadIdx.x;
     if (tid == 0) {
         const HeadPartial a = head_merge_splits([&](int s) {
-            const long o = (long)s * L + l;
-            return HeadPartial{part_mst[o * 3 + 0], part_mst[o * 3 + 1], part_mst[o * 3 + 2], part_arg[o], part_g[o],
-                               part_sample[o]};
+            return load_partial(part_mst, part_arg, part_g, part_sample, (long)s * L + l);
         }, S, factor);
         out_max[l] = a.m;
         out_arg[l] = a.arg;
@@ -148,9 +139,6 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge(
 // the partial's acc. One block per position; threads stride over the chunk, so ties go to the lower row
 // by comparing rows (head_merge's order rule does the same across chunks). Two passes over the row of z:
 // the max and the Gumbel-max sample, then the weights and their sums against that max.
-__device__ __forceinline__ bool head_takes(float a, int ia, float b, int ib) {  // (b, ib) beats (a, ia)?
-    return ib >= 0 && (ia < 0 || b > a || (b == a && ib < ia));
-}
 
 extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_chunk_stats(
         const float * __restrict__ z, int n, int v0, float softcap, float inv_temperature, unsigned long long seed,
@@ -164,22 +152,21 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_chunk_stats(
     int im = -1, ig = -1;  // -1: no row yet
     for (int j = tid; j < n; j += HEAD_THREADS) {
         const float zz = head_logit(zl[j], softcap, inv_temperature);
-        if (head_takes(m, im, zz, j)) { m = zz; im = j; }
-        const float gz = head_perturbed(zz, seed, step, l, v0 + j);
-        if (head_takes(gm, ig, gz, j)) { gm = gz; ig = j; }
+        head_take(m, im, zz, j);
+        head_take(gm, ig, head_perturbed(zz, seed, step, l, v0 + j), j);
     }
     for (int o = 16; o > 0; o >>= 1) {
         const float om = __shfl_xor_sync(0xffffffffu, m, o), og = __shfl_xor_sync(0xffffffffu, gm, o);
         const int oim = __shfl_xor_sync(0xffffffffu, im, o), oig = __shfl_xor_sync(0xffffffffu, ig, o);
-        if (head_takes(m, im, om, oim)) { m = om; im = oim; }
-        if (head_takes(gm, ig, og, oig)) { gm = og; ig = oig; }
+        head_take(m, im, om, oim);
+        head_take(gm, ig, og, oig);
     }
     if (lane == 0) { red_a[warp] = m; red_ia[warp] = im; red_b[warp] = gm; red_ib[warp] = ig; }
     __syncthreads();
     m = red_a[0]; im = red_ia[0]; gm = red_b[0]; ig = red_ib[0];  // every thread reduces the same 8, in order
     for (int w = 1; w < HEAD_WARPS; ++w) {
-        if (head_takes(m, im, red_a[w], red_ia[w])) { m = red_a[w]; im = red_ia[w]; }
-        if (head_takes(gm, ig, red_b[w], red_ib[w])) { gm = red_b[w]; ig = red_ib[w]; }
+        head_take(m, im, red_a[w], red_ia[w]);
+        head_take(gm, ig, red_b[w], red_ib[w]);
     }
     float s = 0.0f, t = 0.0f;
     for (int j = tid; j < n; j += HEAD_THREADS) {
@@ -200,19 +187,15 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_chunk_stats(
         s = 0.0f;
         t = 0.0f;
         for (int w = 0; w < HEAD_WARPS; ++w) { s += red_a[w]; t += red_b[w]; }
-        mst[l * 3 + 0] = m;
-        mst[l * 3 + 1] = s;
-        mst[l * 3 + 2] = t;
-        arg[l] = im < 0 ? -1 : v0 + im;
-        g[l] = gm;
-        sample[l] = ig < 0 ? -1 : v0 + ig;
+        store_partial(HeadPartial{m, s, t, im < 0 ? -1 : v0 + im, gm, ig < 0 ? -1 : v0 + ig}, mst, arg, g, sample, l);
     }
 }
 
 // Merge one chunk's partial (head_chunk_stats' outputs and its acc = P @ E_chunk [L, D]) into a running
 // partial of the chunks before it, in place (head_stats_chunked keeps one running partial instead of
 // one per chunk). One block per position; the same head_merge as head_merge_splits, so the result is the
-// merge of the chunks in row order. A running partial with no rows yet takes the chunk's as they are.
+// merge of the chunks in row order. A running partial with no rows yet (arg -1) takes the chunk's; its
+// values must be finite (the caller zeroes them), as its acc is multiplied by 0 then.
 extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge_into(
         float * __restrict__ run_mst, int * __restrict__ run_arg, float * __restrict__ run_g,
         int * __restrict__ run_sample, float * __restrict__ run_acc, const float * __restrict__ mst,
@@ -221,16 +204,10 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge_into(
     __shared__ float fa_s, fb_s;
     const int l = blockIdx.x, tid = threadIdx.x;
     if (tid == 0) {
-        HeadPartial a{run_mst[l * 3 + 0], run_mst[l * 3 + 1], run_mst[l * 3 + 2], run_arg[l], run_g[l], run_sample[l]};
-        const HeadPartial b{mst[l * 3 + 0], mst[l * 3 + 1], mst[l * 3 + 2], arg[l], g[l], sample[l]};
+        HeadPartial a = load_partial(run_mst, run_arg, run_g, run_sample, l);
         float fa, fb;
-        head_merge(a, b, fa, fb);
-        run_mst[l * 3 + 0] = a.m;
-        run_mst[l * 3 + 1] = a.s;
-        run_mst[l * 3 + 2] = a.t;
-        run_arg[l] = a.arg;
-        run_g[l] = a.g;
-        run_sample[l] = a.sample;
+        head_merge(a, load_partial(mst, arg, g, sample, l), fa, fb);
+        store_partial(a, run_mst, run_arg, run_g, run_sample, l);
         fa_s = fa;
         fb_s = fb;
     }
@@ -238,7 +215,7 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge_into(
     const float fa = fa_s, fb = fb_s;
     for (int d = tid; d < D; d += HEAD_THREADS) {
         const long o = (long)l * D + d;
-        run_acc[o] = fa == 0.0f ? acc[o] * fb : fmaf(run_acc[o], fa, acc[o] * fb);  // fa 0: nothing yet (maybe unset)
+        run_acc[o] = fmaf(run_acc[o], fa, acc[o] * fb);
     }
 }
 

@@ -26,6 +26,28 @@ struct HeadPartial {
 
 DG_HD HeadPartial head_empty() { return HeadPartial{0.0f, 0.0f, 0.0f, -1, 0.0f, -1}; }  // arg < 0: no row yet
 
+// partial o of the kernels' arrays: (m, s, t) in mst[o * 3 ..], arg, g and sample at [o]
+DG_HD HeadPartial load_partial(const float * mst, const int * arg, const float * g, const int * sample, long o) {
+    return HeadPartial{mst[o * 3 + 0], mst[o * 3 + 1], mst[o * 3 + 2], arg[o], g[o], sample[o]};
+}
+DG_HD void store_partial(const HeadPartial &p, float * mst, int * arg, float * g, int * sample, long o) {
+    mst[o * 3 + 0] = p.m;
+    mst[o * 3 + 1] = p.s;
+    mst[o * 3 + 2] = p.t;
+    arg[o] = p.arg;
+    g[o] = p.g;
+    sample[o] = p.sample;
+}
+
+// (a, ia) becomes (b, ib) where that one wins: the larger value, ties to the lower row, ib < 0 none
+// (head_chunk_stats, whose threads see rows out of order, compares rows instead of relying on order)
+DG_HD void head_take(float &a, int &ia, float b, int ib) {
+    if (ib >= 0 && (ia < 0 || b > a || (b == a && ib < ia))) {
+        a = b;
+        ia = ib;
+    }
+}
+
 // a standard Gumbel draw from a uniform in (0, 1)
 DG_HD float head_gumbel(float u) { return -logf(-logf(u)); }
 

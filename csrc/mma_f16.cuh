@@ -12,14 +12,6 @@
 
 namespace dg {
 
-// unit u (csrc/quant/blocks.cuh: a 16-value group, or one float value) of a row as f16 bits: the values
-// dequant_unit gives, rounded to nearest
-template <int T> __device__ __forceinline__ void dequant_unit_f16(const uint8_t * row, int u, uint16_t * y) {
-    float v[Unit<T>::VALUES];
-    dequant_unit<T>(row, u, v);
-    for (int i = 0; i < Unit<T>::VALUES; ++i) y[i] = f32_to_f16_bits(v[i]);
-}
-
 // Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+MMA_TN-1 (those < N). Row m of X is
 // x[xrows[m] * lda] when xrows is given, else x[m * lda]; row m of Y goes where `ep` says
 // (csrc/epilogue.cuh: y[m * ldy], or added into a token's row).
@@ -45,19 +37,7 @@ __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int l
     __syncthreads();
     for (int k0 = 0; k0 < K; k0 += MMA_TK) {
         const int tk = K - k0 < MMA_TK ? K - k0 : MMA_TK;  // a multiple of 16 (the wrappers check K)
-        constexpr int UV = Unit<T>::VALUES;
-        const int units = tk / UV;
-        const uint8_t * slice = w + (long)(k0 / QK) * SIZE;
-        for (int i = tid; i < MMA_TN * units; i += MMA_THREADS) {  // one group (or float value) per thread
-            const int r = i / units, u = i % units;
-            uint16_t * dst = &ws[r][u * UV];
-            const int wr = tile_w_row(r, n0, N, MMA_TN, ep);
-            if (wr >= 0) {
-                dequant_unit_f16<T>(slice + (long)wr * row_bytes, u, dst);
-            } else {
-                for (int j = 0; j < UV; ++j) dst[j] = 0;
-            }
-        }
+        stage_w_rows<T, MMA_THREADS>(tid, ws, w + (long)(k0 / QK) * SIZE, row_bytes, tk / Unit<T>::VALUES, n0, N, ep);
         for (int i = tid; i < MMA_TM * tk; i += MMA_THREADS) {
             const int r = i / tk, c = i % tk, row = x_row[r];
             xs[r][c] = row >= 0 ? f32_to_f16_bits(x[(long)row * lda + k0 + c]) : (uint16_t)0;

@@ -55,17 +55,16 @@ TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("mode", ["blocks", "units"])
-def test_kernel_block_decoding_equals_gguf_py(harness, qtype, mode):
-    """The kernels' decoding, bit for bit against gguf-py: block by block, and unit by unit along the row as
-    the tiles, the head and get_rows decode it (16-value groups counted along the row through the int8 tile's
-    decompose_unit, or float values); rows of 768 values (3 K-quant blocks, 24 32-value blocks)."""
+def test_kernel_block_decoding_equals_gguf_py(harness, qtype):
+    """The kernels' decoding, bit for bit against gguf-py: unit by unit along the row as the tiles, the head
+    and get_rows decode it (16-value groups counted along the row through the int8 tile's decompose_unit, or
+    float values); rows of 768 values (3 K-quant blocks, 24 32-value blocks)."""
     rng = np.random.default_rng(int(qtype))
     x = rng.standard_normal((7, 768)) * rng.uniform(1e-3, 1e3, (7, 1))
     x[0, :300] = 0.0
     x[1] = np.abs(x[1])
     data = quant.quantize(x.astype(np.float32), qtype)
-    proc = subprocess.run([str(harness), str(int(qtype)), "768", mode], input=data.tobytes(), capture_output=True,
+    proc = subprocess.run([str(harness), str(int(qtype)), "768"], input=data.tobytes(), capture_output=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     ours = np.frombuffer(proc.stdout, np.float32).reshape(7, 768)

@@ -42,10 +42,15 @@ template <int T> DG_HD void dequant_unit(const uint8_t * row, int u, float * y) 
     }
 }
 
-// dequantize one block of type T into y[0 .. QK): its units in turn
-template <int T> DG_HD void dequant_block(const uint8_t * b, float * y) {
-    for (int u = 0; u < Traits<T>::QK / Unit<T>::VALUES; ++u) dequant_unit<T>(b, u, y + u * Unit<T>::VALUES);
+#ifdef __CUDACC__
+// the same unit rounded to f16 (IEEE half bits, nearest even): what the f16 tensor-core tile stages and
+// get_rows_f16 writes (device code only)
+template <int T> __device__ __forceinline__ void dequant_unit(const uint8_t * row, int u, uint16_t * y) {
+    float v[Unit<T>::VALUES];
+    dequant_unit<T>(row, u, v);
+    for (int i = 0; i < Unit<T>::VALUES; ++i) y[i] = f32_to_f16_bits(v[i]);
 }
+#endif
 
 // values and bytes per block of a runtime type id (host harnesses); false for an unknown type
 DG_HD bool block_shape(int type, int &qk, int &size) {
@@ -57,12 +62,12 @@ DG_HD bool block_shape(int type, int &qk, int &size) {
 #undef DG_CASE
 }
 
-// dispatch on a runtime type id (host harness)
+// a row of k values of a runtime type id, unit after unit along the row as the tiles, the head and
+// get_rows decode it (host harnesses)
 DG_HD bool dequant_row(int type, const uint8_t * row, float * y, int k) {
-#define DG_CASE(T)                                                                          \
-    case T:                                                                                 \
-        for (int i = 0; i < k / Traits<T>::QK; ++i)                                         \
-            dequant_block<T>(row + (long)i * Traits<T>::SIZE, y + (long)i * Traits<T>::QK); \
+#define DG_CASE(T)                                                                                    \
+    case T:                                                                                           \
+        for (int u = 0; u < k / Unit<T>::VALUES; ++u) dequant_unit<T>(row, u, y + u * Unit<T>::VALUES); \
         return true;
     switch (type) {
         DG_FOR_EACH_TYPE(DG_CASE)

@@ -114,7 +114,7 @@ def _check_partials(run: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...
 def head_merge_into(run: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], acc: torch.Tensor) -> None:
     """Merge a chunk's partial (part = its (m, s, t), arg, g, sample; acc = P @ E_chunk [L, D]) into the running
     partial `run` of the chunks before it, in place (csrc/head.cu head_merge_into). A run whose arg is -1 has
-    no rows yet and takes the chunk's."""
+    no rows yet and takes the chunk's; its values must be finite (its acc is multiplied by 0)."""
     _check_partials(run, part, acc)
     if not acc.is_cuda:
         raise ValueError("head_merge_into: the partials must be CUDA tensors")
@@ -136,7 +136,7 @@ def head_merge_into_reference(run: tuple[torch.Tensor, ...], part: tuple[torch.T
     fb = torch.where(has_b, torch.exp(bm - m), 0.0)
     take_arg = has_b & (~has_a | (bm > am))
     take_g = has_b & (~has_a | (bg > ag))
-    new_acc = torch.where(has_a[:, None], racc.double() * fa[:, None], 0.0) + acc.double() * fb[:, None]
+    new_acc = racc.double() * fa[:, None] + acc.double() * fb[:, None]
     mst.copy_(torch.stack([m, as_ * fa + bs * fb, at * fa + bt * fb], dim=1).where(has_a[:, None] | has_b[:, None], mst.double()))
     arg.copy_(torch.where(take_arg, part[1], arg))
     g.copy_(torch.where(take_g, bg, ag))
