@@ -125,7 +125,7 @@ class Engine:
                  device: torch.device | None = None, rng: str = "torch", kv_cache: str = "f32",
                  graphs: bool = False) -> None:
         _check_choices(rng=(rng, RNGS), kv_cache=(kv_cache, KV_DTYPES))
-        self.kv_cache, self.kv_dtype = kv_cache, KV_DTYPES[kv_cache]
+        self.kv_cache = kv_cache
         self.path, self.cfg, self.tokenizer, self.model, self.load_duration = path, cfg, tokenizer, model, load_ns
         self.device, self.rng = device or torch.device("cpu"), rng
         # small float32 models on the CPU: the same decoder step in fewer torch calls (plugin/fast_decode.py)
@@ -198,6 +198,10 @@ class Engine:
                      graphs=backend == "cuda" and graphs is not False)
         engine.matmul, engine.backend = plan, backend
         return engine
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return KV_DTYPES[self.kv_cache]
 
     def describe(self) -> str:
         """One line on what runs the model: 'cuda on NVIDIA H100 (rng counter, KV cache f16, CUDA graphs)'."""

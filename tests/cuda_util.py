@@ -15,7 +15,8 @@ from dgemma.plugin.inspect import open_gguf
 from dgemma.plugin.model import DiffusionGemma, KVCache, Weights
 
 # every op the backend launches, each with a `<name>_reference` beside it in its module
-KERNEL_OPS = {ops: ("get_rows", "get_rows_f16", "accept_renoise", *(name for pair in ops.MATMULS.values() for name in pair)),
+KERNEL_OPS = {ops: ("get_rows", "get_rows_f16", "quantize_q8", "accept_renoise",
+                    *(name for pair in ops.MATMULS.values() for name in pair)),
               head_ops: ("head_stats", "head_merge", "head_chunk_stats", "head_merge_into")}
 
 

@@ -92,16 +92,21 @@ def test_dense_launches_match_their_kernels(launches, qtype):
     ops.get_rows(torch.tensor([0, 6, 3]), w, qtype, 256)  # int64 ids: the wrapper must narrow them
     ops.get_rows_f16(torch.tensor([0, 6, 3], dtype=torch.int32), w, qtype, 256)
     ops.qmatmul(x, w, qtype, 256)
-    ops.qmatmul_mma(x[:, :], w, qtype, 256)
-    if qtype in ops.INT_TYPES:
-        ops.qmatmul_q8(x, w, qtype, 256)
+    ops.qmatmul_mma(torch.randn(5, 512)[:, :256], w, qtype, 256)  # strided rows: lda 512
     head_ops.head_stats(x, w, qtype, softcap=30.0, temperature=0.7, seed=2**63 + 5, step=3)
     head_ops.head_stats_chunked(x, w, qtype, 30.0, 0.7, 2**63 + 5, 3, "f16", chunk=3)  # chunks of 3, 3 and 1 rows
     ops.accept_renoise(torch.rand(2, 9), torch.randint(0, 7, (2, 9)), seed=1, step=0, vocab=7, bound=0.5)
+    if qtype in ops.INT_TYPES:
+        ops.qmatmul_q8(x, w, qtype, 256)
+        head_ops.head_stats_chunked(x, w, qtype, 30.0, 0.7, 2**63 + 5, 3, "int8", chunk=3)
     called = [check(fn, args) for fn, args in launches]
     want = {"get_rows", "get_rows_f16", "qmatmul", "qmatmul_mma", "head_partials", "head_merge", "head_chunk_stats", "head_merge_into",
             "accept_renoise"}
-    assert called.count("head_chunk_stats") == called.count("head_merge_into") == 3 and called.count("head_merge") == 2
+    chunked = 2 if qtype in ops.INT_TYPES else 1
+    assert called.count("head_chunk_stats") == called.count("head_merge_into") == 3 * chunked
+    assert called.count("get_rows_f16") == 1 + 3 * chunked and called.count("head_merge") == 1 + chunked
+    if qtype in ops.INT_TYPES:  # the int8 head quantizes h once for its three chunks
+        assert called.count("quantize_q8") == 2 and called.count("qmatmul_q8") == 4
     assert set(called) == want | ({"quantize_q8", "qmatmul_q8"} if qtype in ops.INT_TYPES else set())
 
 

@@ -23,20 +23,20 @@ AMPERE, TURING = (8, 0), (7, 5)
 
 
 @pytest.fixture()
-def ran(monkeypatch):
-    """The kernels as their references, recording which kernel ran: ran[-1] after a call (the head's fused
-    float kernel counts as "scalar"; its chunked form records the matmul kernel of its chunks' logits)."""
+def ran(kernels_as_references, monkeypatch):
+    """The kernels as their references (conftest), recording which matmul kernel ran: ran[-1] after a call.
+    The head's fused float kernel counts as "scalar", its chunked form as its matmul."""
     calls: list[str] = []
+
+    def record(module, name: str, kernel) -> None:
+        f = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **kw: (calls.append(kernel(*a, **kw)), f(*a, **kw))[1])
+
     for kernel, names in ops.MATMULS.items():
         for name in names:
-            ref = getattr(ops, f"{name}_reference")
-            monkeypatch.setattr(ops, name, lambda *a, _ref=ref, _k=kernel, **kw: (calls.append(_k), _ref(*a, **kw))[1])
-    for name in ("get_rows", "get_rows_f16"):
-        monkeypatch.setattr(ops, name, getattr(ops, f"{name}_reference"))
-    for name in ("head_merge", "head_chunk_stats", "head_merge_into"):
-        monkeypatch.setattr(head_ops, name, getattr(head_ops, f"{name}_reference"))
-    ref = head_ops.head_stats_reference
-    monkeypatch.setattr(head_ops, "head_stats", lambda *a, **kw: (calls.append("scalar"), ref(*a, **kw))[1])
+            record(ops, name, lambda *a, _k=kernel, **kw: _k)
+    record(head_ops, "head_stats", lambda *a, **kw: "scalar")
+    record(head_ops, "head_stats_chunked", lambda *a, **kw: a[7] if len(a) > 7 else kw.get("matmul", "f16"))
     return calls
 
 

@@ -25,20 +25,25 @@ HEAD_L, HEAD_THREADS, HEAD_MAX_D, HEAD_MAX_SPLITS = 4, 256, 4096, 1024  # csrc/h
 HEAD_CHUNK = 8192  # vocabulary rows per chunk of head_stats_chunked: logits [L, 8192] at a time
 
 
+def _check_head(op: str, h: torch.Tensor, temperature: float, seed: int, step: int, max_d: int | None = None) -> None:
+    """What both heads need of h [L >= 1, D >= 1 (<= max_d)], the temperature and the draws' counters."""
+    if h.dim() != 2 or h.shape[0] < 1 or not 1 <= h.shape[1] <= (max_d or h.shape[1]):
+        raise ValueError(f"{op}: h must be [L>=1, D{f'<={max_d}' if max_d else '>=1'}] (got {tuple(h.shape)})")
+    if not temperature > 0:
+        raise ValueError(f"{op}: temperature must be > 0 (got {temperature})")
+    if not (0 <= seed < 2**64 and 0 <= step < 2**31):
+        raise ValueError(f"{op}: seed must be in [0, 2**64) and step in [0, 2**31) (got {seed}, {step})")
+
+
 def head_stats(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float, temperature: float,
                splits: int | None = None, seed: int = 0, step: int = 0):
     """Per-position max, argmax, log-sum-exp, entropy of softcap(h · E_v) / T, sc = softmax @ E and the
     Gumbel-max sample drawn with (seed, step) (csrc/philox.cuh), for h [L, D] float32 and the head E as
     GGML rows [V, row_bytes] uint8 (csrc/head.cu; the [L, V] logits are never formed). Returns
     plugin.cuda.head_ref.HeadStats; head_stats_reference is its reference."""
-    if h.dim() != 2 or h.shape[0] < 1 or not 1 <= h.shape[1] <= HEAD_MAX_D:
-        raise ValueError(f"head_stats: h must be [L>=1, D<={HEAD_MAX_D}] (got {tuple(h.shape)})")
+    _check_head("head_stats", h, temperature, seed, step, HEAD_MAX_D)
     L, D = h.shape
     qtype = _check_matmul("head_stats", h, embed, qtype, D, "[V, ")
-    if not temperature > 0:
-        raise ValueError(f"head_stats: temperature must be > 0 (got {temperature})")
-    if not (0 <= seed < 2**64 and 0 <= step < 2**31):
-        raise ValueError(f"head_stats: seed must be in [0, 2**64) and step in [0, 2**31) (got {seed}, {step})")
     V = embed.shape[0]
     S = splits or min(HEAD_MAX_SPLITS, V, max(1, 4 * torch.cuda.get_device_properties(h.device).multi_processor_count
                                                // max(1, (L + HEAD_L - 1) // HEAD_L)))
@@ -203,29 +208,34 @@ def _mm_out_dtype(device: str) -> bool:
         return False
 
 
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """a @ b of float16 operands with the float32 result: cuBLAS on a GPU where torch.mm takes out_dtype, a
+    float32 product of the same values on the CPU (the references' runs); None where torch can only give f16."""
+    if not a.is_cuda:
+        return a.float() @ b.float()
+    return torch.mm(a, b, out_dtype=torch.float32) if _mm_out_dtype(str(a.device)) else None
+
+
 def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float,
                        temperature: float, seed: int = 0, step: int = 0, matmul: str = "f16",
                        chunk: int = HEAD_CHUNK):
-    """head_stats with the two products on tensor cores, one vocabulary chunk at a time: the chunk's logits
-    [L, chunk] by the matmul kernel `matmul` ("f16" or "int8") straight from the GGML rows, their partial
-    statistics and weights P (head_chunk_stats), the chunk's rows as float16 (get_rows_f16) and P @ rows
-    (cuBLAS, float32 result) for the partial's acc, merged into one running partial (head_merge_into), which
-    head_merge finalises. No more than [L, chunk] of
-    logits ever exists. Rounding: h and the head to f16 (or int8 for "int8"), P and the rows of P @ E to f16
-    (and P @ E's result too where torch.mm has no out_dtype, before torch 2.8 or so)."""
-    if h.dim() != 2 or h.shape[0] < 1 or h.shape[1] < 1 or embed.dim() != 2 or embed.shape[0] < 1:
-        raise ValueError(f"head_stats_chunked: h must be [L>=1, D>=1] and the head [V>=1, ..] (got {tuple(h.shape)}, "
-                         f"{tuple(embed.shape)})")
-    if not (0 <= seed < 2**64 and 0 <= step < 2**31):
-        raise ValueError(f"head_stats_chunked: seed must be in [0, 2**64) and step in [0, 2**31) (got {seed}, {step})")
+    """head_stats with the two products on tensor cores, one vocabulary chunk at a time. Per chunk: its rows
+    decoded once to float16 (get_rows_f16); the logits [L, chunk], h16 @ rows^T by cuBLAS with a float32
+    result ("f16"; the f16 tile from the GGML rows where torch.mm has no out_dtype) or by the int8 tile on h
+    quantized once ("int8"); their partial statistics and weights P (head_chunk_stats); P @ rows for the
+    partial's acc, merged into one running partial (head_merge_into), which head_merge finalises. No more
+    than [L, chunk] of logits ever exists. Rounding: h and the head to f16 (int8: h per 32), P to f16 (and
+    P @ E's result too where torch.mm has no out_dtype, before torch 2.8 or so)."""
+    _check_head("head_stats_chunked", h, temperature, seed, step)
     L, D = h.shape
     qtype = GGMLQuantizationType(qtype)
-    if h.dtype != torch.float32 or embed.dtype != torch.uint8 or embed.dim() != 2 or embed.shape[1] != ops.row_bytes(qtype, D):
-        raise ValueError(f"head_stats_chunked: h must be float32 [L, {D}] and the head uint8 [V, {ops.row_bytes(qtype, D)}] "
-                         f"{qtype.name} rows (got {h.dtype}, {embed.dtype} {tuple(embed.shape)})")  # devices: the kernels check
-    if matmul not in ("f16", "int8") or not temperature > 0 or chunk < 1:
-        raise ValueError(f"head_stats_chunked: matmul must be f16 or int8, temperature > 0 and chunk >= 1 (got {matmul}, "
-                         f"{temperature}, {chunk})")
+    if h.dtype != torch.float32 or embed.dtype != torch.uint8 or embed.dim() != 2 or embed.shape[0] < 1 \
+            or embed.shape[1] != ops.row_bytes(qtype, D):
+        raise ValueError(f"head_stats_chunked: h must be float32 [L, {D}] and the head uint8 [V>=1, "
+                         f"{ops.row_bytes(qtype, D)}] {qtype.name} rows (got {h.dtype}, {embed.dtype} "
+                         f"{tuple(embed.shape)})")  # devices: the kernels check
+    if matmul not in ("f16", "int8") or chunk < 1:
+        raise ValueError(f"head_stats_chunked: matmul must be f16 or int8 and chunk >= 1 (got {matmul}, {chunk})")
     V, dev = embed.shape[0], h.device
 
     def partial() -> tuple[torch.Tensor, ...]:  # (m, s, t), arg (-1: no rows yet), g, sample
@@ -234,18 +244,20 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
 
     run, part = (*partial(), torch.zeros(L, D, device=dev)), partial()  # the chunks so far; this chunk's
     p = torch.empty(L, min(chunk, V), dtype=torch.float16, device=dev)
-    rows = torch.arange(V, dtype=torch.int32, device=dev)
-    h, dense = h.contiguous(), getattr(ops, ops.MATMULS[matmul][0])
-    out_dtype = _mm_out_dtype(str(dev))
+    rows = torch.arange(min(chunk, V), dtype=torch.int32, device=dev)  # a chunk's rows, counted in the chunk
+    h = h.contiguous()
+    h16, hq = (h.half(), None) if matmul == "f16" else (None, ops.quantize_q8(h))  # once for every chunk
     for v0 in range(0, V, chunk):
-        v1 = min(V, v0 + chunk)
-        z = dense(h, embed[v0:v1], qtype, D)  # [L, n]
-        pc = p.view(-1)[: L * (v1 - v0)].view(L, v1 - v0)  # contiguous: the kernel writes rows of n
+        n = min(V, v0 + chunk) - v0
+        head = embed[v0 : v0 + n]
+        e = ops.get_rows_f16(rows[:n], head, qtype, D)  # [n, D]: the chunk's rows, decoded once for both products
+        z = ops.qmatmul_q8(h, head, qtype, D, quantized=hq) if hq is not None else _mm_f32(h16, e.T)  # [L, n]
+        if z is None:
+            z = ops.qmatmul_mma(h, head, qtype, D)
+        pc = p.view(-1)[: L * n].view(L, n)  # contiguous: the kernel writes rows of n
         head_chunk_stats(z, v0, softcap, temperature, seed, step, (*part, pc))
-        e = ops.get_rows_f16(rows[v0:v1], embed, qtype, D)  # [n, D]
-        acc = torch.mm(pc, e, out_dtype=torch.float32) if out_dtype else (torch.mm(pc, e).float() if pc.is_cuda else
-                                                                          pc.float() @ e.float())
-        head_merge_into(run, part, acc)
+        acc = _mm_f32(pc, e)
+        head_merge_into(run, part, torch.mm(pc, e).float() if acc is None else acc)
     return head_merge(*(x[None] for x in run))  # the one running partial, finalised
 
 

@@ -239,10 +239,12 @@ def quantize_q8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return q, d, q.view(m, k // 16, 16).sum(-1, dtype=torch.int32)
 
 
-def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
+               quantized: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """qmatmul on int8 tensor cores (csrc/qmatmul_q8.cu, compute capability >= 8.0, integer GGML types):
     X quantized to int8 per 32 values (quantize_q8), W in its integer form (int8, per-16 scale and offset),
-    integer dot products per 16 values, scaled and summed in f32."""
+    integer dot products per 16 values, scaled and summed in f32. quantized: quantize_q8(x) already made
+    (one X against several W: the head's vocabulary chunks)."""
     qtype = _check_matmul("qmatmul_q8", x, w, qtype, k, "[N, ")
     _check_int("qmatmul_q8", qtype)
     _check_mma("qmatmul_q8", x)
@@ -250,7 +252,7 @@ def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k:
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
         return y
-    xq, xd, xs = quantize_q8(x)
+    xq, xd, xs = quantized or quantize_q8(x)
     grid = ((n + MMA_TILE - 1) // MMA_TILE, (m + MMA_TILE - 1) // MMA_TILE)
     _launch(kernel("qmatmul_q8.cu", f"dg::qmatmul_q8<{int(qtype)}>", _Q8_NAMES), grid, (MMA_THREADS,),
             (xq, xd, xs, w, y, np.int32(n), np.int32(m), np.int32(n), np.int32(k)))
@@ -263,8 +265,10 @@ def _q8_values(x: torch.Tensor) -> torch.Tensor:
     return xq.double() * xd.double().repeat_interleave(32, dim=1)
 
 
-def qmatmul_q8_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
-    """X quantized as quantize_q8 does, times the dequantized W, in float64."""
+def qmatmul_q8_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
+                         quantized: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """X quantized as quantize_q8 does (`quantized` is that, and changes nothing here), times the dequantized W,
+    in float64."""
     return (_q8_values(x) @ _dequantized(w, qtype, k).T).float()
 
 
@@ -414,8 +418,6 @@ def moe_qmatmul_q8(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGro
     qtype, rows = _check_moe("moe_qmatmul_q8", x, rows, groups, w, qtype, k, scatter, gated)
     _check_int("moe_qmatmul_q8", qtype)
     _check_mma("moe_qmatmul_q8", x)
-    if groups.pairs == 0 or w.shape[1] == 0:
-        return _moe_out(groups, w.shape[1], scatter, x.device, gated)
     xq, xd, xs = quantize_q8(x)
     return _launch_moe(f"dg::moe_qmatmul_q8<{int(qtype)}>", _MOE_Q8_NAMES, MMA_TILE, MMA_THREADS,
                        (xq, xd, xs), rows, groups, w, k, x.device, scatter, gated)
