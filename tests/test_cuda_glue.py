@@ -227,7 +227,7 @@ def test_graphed_decoder_warms_up_captures_replays_and_falls_back(canvas16_gguf,
 
 
 @pytest.mark.parametrize("matmul,tol", [("f16", 5e-3), ("int8", 0.05)])
-def test_chunked_head_keeps_the_fused_heads_contract(kernels_as_references, matmul, tol):
+def test_chunked_head_keeps_the_fused_heads_contract(kernels_as_references, monkeypatch, matmul, tol):
     """head_ops.head_stats_chunked (the head on tensor cores: per vocabulary chunk the logits by a matmul
     kernel, head_chunk_stats, P @ the chunk's f16 rows, then head_merge), through the kernels' references,
     against the full-logits statistics in float64: 50 rows in chunks of 7 (the last one row), within the
@@ -247,6 +247,8 @@ def test_chunked_head_keeps_the_fused_heads_contract(kernels_as_references, matm
     data = torch.from_numpy(quant.quantize(e.numpy(), Q.Q8_0).reshape(V, -1).view(np.uint8))
     args = (h, data, Q.Q8_0, 30.0, 0.7)
     want = head_ops.head_stats_reference(*args, seed=77, step=4)
+    # f16: the logits come from the chunk's decoded rows (one decode per chunk), not from the tile's own decode
+    monkeypatch.setattr(ops, "qmatmul_mma", lambda *a: pytest.fail("the head decoded its rows twice"))
     got = head_ops.head_stats_chunked(*args, 77, 4, matmul, chunk=7)
     assert got.argmax[0] == 3 and torch.equal(got.argmax, want.argmax)
     if matmul == "f16":  # the Gumbel-max draw, on logits rounded by 1e-3 at most
