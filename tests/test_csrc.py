@@ -14,6 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from dgemma import quant
+from dgemma.plugin.cuda.ops import MM_TILE, MMA_TILE
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 ARCHS = ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_120"]
@@ -148,15 +149,17 @@ def moe_tiles_harness(tmp_path_factory):
 
 @pytest.mark.parametrize("counts", [[0, 17, 0, 1, 16, 33, 0], [0, 0], [300], [1] * 40, [0] * 7 + [5], [16, 0, 0, 16],
                                     [32, 0, 31, 64, 65]], ids=lambda c: "-".join(map(str, c))[:24])
-@pytest.mark.parametrize("tile", [16, 32], ids=["float-tiles", "mma-tiles"])
+@pytest.mark.parametrize("tile", [MM_TILE, MMA_TILE], ids=["float-tiles", "mma-tiles"])
 def test_device_tile_search_finds_the_expert_tiles(moe_tiles_harness, counts, tile):
     """csrc/moe_tiles.cuh's search over the prefix sums (the GPU's, with no host sync) gives exactly the
     tiles of ops.expert_tiles, then nothing up to the launch's bound pairs / tile + E, for the float
     kernel's 16-row tiles and the tensor-core kernels' 32; ops.ExpertGroups.tiles makes the same prefix sums
     and bound."""
-    from dgemma.plugin.cuda.ops import MM_TILE, MMA_TILE, ExpertGroups, expert_tiles
+    from dgemma.plugin.cuda.ops import ExpertGroups, expert_tiles
 
-    assert (MM_TILE, MMA_TILE) == (16, 32)
+    # the wrappers' tile heights are the kernels' (csrc/mm_tile.cuh MM_TM, csrc/mma_tile.cuh MMA_TM)
+    assert f"MM_TM = {MM_TILE};" in (CSRC / "mm_tile.cuh").read_text()
+    assert f"MMA_TM = {MMA_TILE}," in (CSRC / "mma_tile.cuh").read_text()
     proc = subprocess.run([str(moe_tiles_harness), str(tile), *map(str, counts)], capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     got = np.frombuffer(proc.stdout, np.int32).reshape(-1, 3)

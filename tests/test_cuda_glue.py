@@ -196,17 +196,17 @@ class StandInGraphs:
 def test_graphed_decoder_warms_up_captures_replays_and_falls_back(canvas16_gguf, kernels_as_references, fail):
     from dgemma.plugin.cuda.graph import GraphedDecoder
 
-    ref = Engine.load(canvas16_gguf)
-    model = DiffusionGemma(ref.cfg, cpu_cuda_weights(canvas16_gguf)[0])
+    w, cfg = cpu_cuda_weights(canvas16_gguf)
+    model = DiffusionGemma(cfg, w)
     cache = KVCache()
     g = torch.Generator().manual_seed(0)
-    model.encode(torch.randint(3, ref.cfg.vocab_size, (1, 7), generator=g), cache)
+    model.encode(torch.randint(3, cfg.vocab_size, (1, 7), generator=g), cache)
     api = StandInGraphs(fail)
     dec = api.decoder = GraphedDecoder(model, cache, api=api)
     assert dec.stream.name == "own"
-    C, D = ref.cfg.canvas_length, ref.cfg.n_embd
+    C, D = cfg.canvas_length, cfg.n_embd
     for call in range(4):
-        canvas, soft = torch.randint(3, ref.cfg.vocab_size, (1, C), generator=g), torch.randn(1, C, D, generator=g)
+        canvas, soft = torch.randint(3, cfg.vocab_size, (1, C), generator=g), torch.randn(1, C, D, generator=g)
         if fail and call == 1:
             with pytest.warns(RuntimeWarning, match="capture of the decoder failed, running it eagerly: operation"):
                 got = dec(canvas, soft)
@@ -219,7 +219,7 @@ def test_graphed_decoder_warms_up_captures_replays_and_falls_back(canvas16_gguf,
     if not fail:  # a grown cache: warm-up again, then a new capture
         model.encode(canvas, cache)
         for _ in range(2):
-            canvas, soft = torch.randint(3, ref.cfg.vocab_size, (1, C), generator=g), torch.randn(1, C, D, generator=g)
+            canvas, soft = torch.randint(3, cfg.vocab_size, (1, C), generator=g), torch.randn(1, C, D, generator=g)
             torch.testing.assert_close(dec(canvas, soft), model.decode_hidden(canvas, cache, soft))
         assert (dec.captures, dec.replays) == (2, 4)
         dec.release()

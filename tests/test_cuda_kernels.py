@@ -314,11 +314,13 @@ def test_head_merge_into_matches_reference(ops):
 
 
 @pytest.mark.parametrize("matmul", ["f16", "int8"])
-@pytest.mark.parametrize("qtype,L,V,chunk", [(Q.Q6_K, 17, 3000, 1024), (Q.Q8_0, 256, 9000, 8192), (Q.Q4_K, 1, 300, 64)])
+@pytest.mark.parametrize("qtype,L,V,chunk", [(Q.Q6_K, 17, 3000, 1024), (Q.Q8_0, 256, 9000, 8192), (Q.Q4_K, 2, 300, 64)])
 def test_head_stats_chunked_match_full_logits(ops, matmul, qtype, L, V, chunk):
     """The head on tensor cores against the full-logits statistics in float64, within the rounding of h and
-    the head to f16 (int8: h quantized per 32), of P and the rows to f16; the argmax and the sample equal
-    wherever the two best logits differ by more than that rounding."""
+    the head to f16 (int8: h quantized per 32), of P and the rows to f16; the argmax equal wherever the two
+    best logits differ by more than that rounding. Even positions get a clear maximum (the argmax check),
+    odd ones none, so their lse, entropy and sc depend on every chunk's sums (a merge that dropped a chunk's
+    fails there; with a clear maximum everywhere they would only repeat the max)."""
     from dgemma.plugin.cuda import head_ops
 
     if torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
@@ -327,7 +329,7 @@ def test_head_stats_chunked_match_full_logits(ops, matmul, qtype, L, V, chunk):
     rng = np.random.default_rng(L + V)
     h = (rng.standard_normal((L, D)) * 2).astype(np.float32)
     e = (rng.standard_normal((V, D)) * 0.1).astype(np.float32)
-    for l in range(min(L, V)):  # every position a clear maximum at row 13 l + 5 (mod V), so argmax is checked
+    for l in range(0, min(L, V), 2):  # a clear maximum at row 13 l + 5 (mod V)
         e[(13 * l + 5) % V] = h[l] / np.linalg.norm(h[l]) * 1.5
     h = torch.from_numpy(h)
     data = torch.from_numpy(quant.quantize(e, qtype).reshape(V, -1).view(np.uint8))
@@ -343,11 +345,11 @@ def test_head_stats_chunked_match_full_logits(ops, matmul, qtype, L, V, chunk):
     torch.testing.assert_close(got.sc.cpu().double(), ref.sc, rtol=0, atol=tol / 5)
 
 
-@pytest.mark.parametrize("matmul,tol", [("scalar", 1e-3), ("f16", 0.02), ("int8", 0.5)])
+@pytest.mark.parametrize("matmul,tol", [("scalar", 1e-3), ("f16", 0.01), ("int8", 0.2)])
 def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf, matmul, tol):
     """Each matmul kernel through the whole model: scalar within float rounding; f16 and int8 within what
     their rounding moved the logits by on the CPU references (0.005 and 0.15 of max |logit| 12,
-    tests/test_cuda_tune.py), with some room for the GPU's summation order."""
+    tests/test_cuda_tune.py), with some room for the GPU's summation order; the same argmax, as there."""
     from dgemma.plugin.engine import Engine
     from dgemma.plugin.model import KVCache
 
@@ -364,7 +366,7 @@ def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf, matmul, 
     gpu.model.encode(prompt.cuda(), c2)
     a = ref.model.decode(canvas, c1)
     b = gpu.model.decode(canvas.cuda(), c2).cpu()
-    assert (a - b).abs().max().item() < tol
+    assert (a - b).abs().max().item() < tol and torch.equal(a.argmax(-1), b.argmax(-1))
     sc = torch.softmax(a / 0.8, dim=-1)
     assert (ref.model.decode(canvas, c1, sc) - gpu.model.decode(canvas.cuda(), c2, sc.cuda()).cpu()).abs().max() < tol
 
@@ -383,7 +385,6 @@ def test_cuda_backend_tunes_its_matmuls_once(ops, default_gguf, tmp_path, monkey
     assert Engine.load(default_gguf, backend="cuda").matmul == engine.matmul
     done = list(engine.generate("Once upon a time", GenerateOptions(seed=1, max_tokens=8)))[-1]
     assert isinstance(done, DoneEvent) and done.canvases and done.steps_per_canvas[0] >= 1
-    print("matmul plan:", engine.matmul)
 
 
 @pytest.mark.parametrize("model", ["default", "canvas16"])
@@ -410,7 +411,7 @@ def test_cuda_backend_generates_the_torch_backends_tokens(ops, request, model, r
             outs.append((done.canvases, done.steps_per_canvas))
             if backend == "cuda" and rng == "counter":  # the decoder pass was replayed from a CUDA graph
                 assert engine.graphed.fallback is None
-                assert engine.graphed.replays > 0 or max(done.steps_per_canvas) < 3
+                assert engine.graphed.replays > 0 or (model == "default" and max(done.steps_per_canvas) < 3)
     assert outs[:2] == outs[2:]
 
 

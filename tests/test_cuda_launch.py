@@ -125,9 +125,10 @@ def test_grouped_expert_launches_match_their_kernels(launches, qtype, variant):
         op(x[:P], None, groups, w, qtype, k, scatter=scatter, gated=variant == "gated")  # rows already grouped
     called = [check(fn, args) for fn, args in launches]
     assert called.count("moe_qmatmul") == called.count("moe_qmatmul_mma") == called.count("moe_qmatmul_q8") == 2
-    moe = [args for (_, name, _), args in launches if "moe_" in name]
-    out_rows = [args[-3] for args in moe]
-    assert all(isinstance(a, torch.Tensor) for a in out_rows) == (variant == "scatter")
+    for (_, name, _), args in launches:  # every launch: the epilogue it asked for (out_rows, out_w, fe)
+        if "moe_" in name:
+            assert [isinstance(a, torch.Tensor) for a in args[-3:-1]] == [variant == "scatter"] * 2, name
+            assert int(args[-1]) == (w.shape[1] // 2 if variant == "gated" else 0), name
 
 
 def test_the_checker_finds_a_wrong_argument(launches):

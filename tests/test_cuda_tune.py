@@ -129,12 +129,14 @@ def test_a_named_kernel_goes_where_it_can(default_gguf, ran):
         tune.choose(w, "fp8", device="cpu", capability=AMPERE)
 
 
-@pytest.mark.parametrize("kernel,low,high", [("scalar", 0.0, 1e-4), ("f16", 1e-4, 0.05), ("int8", 1e-2, 0.5)])
-def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran, kernel, low, high):
+@pytest.mark.parametrize("kernel,low,high,stats", [("scalar", 0.0, 1e-4, (1e-5, 1e-5)), ("f16", 1e-4, 0.05, (0.01, 1e-3)),
+                                                ("int8", 1e-2, 0.5, (0.05, 5e-3))])
+def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran, kernel, low, high, stats):
     """The dispatch: every weight runs the chosen kernel (here its reference), and the logits move by what its
     rounding allows. Measured on the default model (max |logit| 12): scalar 6e-6, f16 (X and W rounded to f16;
     the down projections stay scalar) 0.005, int8 (X quantized per 32 values) 0.15, KL(T=1) 5e-4, the same
-    argmax."""
+    argmax. The head's statistics (entropy, softmax @ E of max 0.11), measured: scalar 8e-7 and 8e-7, f16 3.8e-3
+    and 2.2e-4, int8 1.3e-2 and 1.1e-3; `stats` allows about 3x that."""
     ref = Engine.load(default_gguf)
     w, cfg = cpu_cuda_weights(default_gguf)
     tune.choose(w, kernel, device="cpu", capability=AMPERE, cache=False)
@@ -149,10 +151,10 @@ def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran, kerne
     ran.clear()
     want = ref.model.decode_stats(canvas, c1, None, 0.7, 9, 3)
     got = model.decode_stats(canvas, c2, None, 0.7, 9, 3)
-    assert ran and set(ran) <= {kernel, "scalar"}
+    assert ran and ran[-1] == kernel  # the head (run last): the fused kernel for scalar, the chunked one else
     assert torch.equal(got.argmax, want.argmax)
-    assert float((got.entropy - want.entropy).abs().max()) < high / 5
-    assert float((got.sc - want.sc).abs().max()) < high / 5
+    assert float((got.entropy - want.entropy).abs().max()) < stats[0]
+    assert float((got.sc - want.sc).abs().max()) < stats[1]
 
 
 def test_matmul_and_graphs_are_cuda_backend_choices(default_gguf):

@@ -80,8 +80,22 @@ def test_logits_after_a_second_encoded_chunk(engines):
     assert cache.length == 9 + cfg.canvas_length > cfg.sliding_window
 
 
+def encoder_passes(engine: Engine, monkeypatch) -> list[int]:
+    """The token count of every encoder pass the engine's model runs from now on (its first layer's input)."""
+    passes: list[int] = []
+    layer = engine.model.layer
+
+    def spy(i, x, *a, encoder, **kw):
+        if i == 0 and encoder:
+            passes.append(x.shape[1])
+        return layer(i, x, *a, encoder=encoder, **kw)
+
+    monkeypatch.setattr(engine.model, "layer", spy)
+    return passes
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 7, 11])
-def test_prompt_encoded_in_chunks(engines, chunk):
+def test_prompt_encoded_in_chunks(engines, chunk, monkeypatch):
     """encode(chunk=): a 29-token prompt in passes of 1, 4, 7 or 11 tokens (the "odd" model's sliding window
     is 8: shorter chunks see earlier ones only through the trimmed cache, 11 also spans the window) leaves the
     cache and the decoder's logits
@@ -93,7 +107,9 @@ def test_prompt_encoded_in_chunks(engines, chunk):
     canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
     whole, parts = KVCache(), KVCache()
     engine.model.encode(prompt, whole)
+    passes = encoder_passes(engine, monkeypatch)
     out = engine.model.encode(prompt, parts, chunk=chunk)
+    assert passes == [chunk] * (29 // chunk) + ([29 % chunk] if 29 % chunk else [])
     assert out.shape == (1, 29, cfg.n_embd) and parts.length == whole.length == 29
     for a, b in zip(whole.keys + whole.values, parts.keys + parts.values):
         assert a.shape == b.shape and (a - b).abs().max() < 1e-4
@@ -127,11 +143,14 @@ def generate_ids(engine: Engine, prompt: list[int], seed: int, **opts) -> DoneEv
 
 
 @pytest.mark.parametrize("seed,num_batch", [(0, None), (1, None), (2, 4)])
-def test_generate_matches_transformers_token_for_token(engines, seed, num_batch):
+def test_generate_matches_transformers_token_for_token(engines, seed, num_batch, monkeypatch):
     """num_batch 4: the 9-token prompt encoded in three chunks, transformers' in one."""
     ckpt, engine = engines("base")
     prompt = [2, 105, 40, 41, 42, 106, 107, 105, 60]
+    passes = encoder_passes(engine, monkeypatch)
     done = generate_ids(engine, prompt, seed, max_tokens=48, eos_ids={1}, num_batch=num_batch)
+    C = engine.cfg.canvas_length  # then each finished canvas but the last is encoded in one pass
+    assert passes == ([4, 4, 1] if num_batch else [9]) + [C] * (len(done.canvases) - 1)
     ref, ref_tpf = hf_generate(ckpt, prompt, seed, max_new_tokens=48)
     assert sum(done.canvases, []) == ref
     assert done.steps_per_canvas == [48, 48, 48]

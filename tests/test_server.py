@@ -119,6 +119,16 @@ def test_errors(server):
         assert r.status_code == 400 and needle in r.json()["error"], (options, r.text)
 
 
+def test_ollama_options_reach_the_engine(engine):
+    """Ollama's options map onto GenerateOptions (num_batch: prompt tokens per encoder pass; absent: the
+    engine's default), the integer ones given as JSON floats with integral values too."""
+    from dgemma.plugin.server.serving import generate_options
+
+    opts = generate_options(engine, {"num_batch": 2, "num_ctx": 2048.0, "seed": 7})
+    assert (opts.num_batch, opts.num_ctx, opts.seed) == (2, 2048, 7) and isinstance(opts.num_ctx, int)
+    assert generate_options(engine, {}).num_batch is None
+
+
 def test_openai_client(server, engine):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     assert "default:latest" in [m.id for m in client.models.list()]
