@@ -7,8 +7,10 @@ in the same run (issue 5, docs/CUDA.md step 6).
   (argmax, entropy, sample, softmax @ E) and accept/re-noise, as Engine runs it with rng="counter".
   The KV cache is f16 (the cuda backend's default).
 - torch backend: the same model code on float32 weights (cuBLAS), a step being the sampler's TorchSteps
-  pass (decoder, logits, softmax, entropy, argmax, multinomial) and accept(), on the GPU; skipped when its
-  4 bytes per parameter do not fit.
+  pass (decoder, logits, softmax, entropy, argmax, multinomial) and accept(), on the GPU (faster than the
+  engine's torch backend, which samples on the CPU); skipped when its 4 bytes per parameter do not fit.
+  Without it, the ratios are against the first cuda line; later variants of a plan (another matmul, no
+  graphs) are also compared with its first.
 Prefill is the encoder over 512 and 4096 prompt tokens, in passes of the engine's num_batch (512) as
 Engine.generate runs it; the peak VRAM figure adds a second 4096-token prompt (8K context), where the step is
 timed again (one warm-up and --steps timed: the attention's share grows with the context) and one step, counting what PyTorch's allocator holds (the CUDA context and NVRTC modules,
@@ -119,16 +121,17 @@ def logits_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor):
 
 
 def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps: int, fused: bool,
-            prompts: tuple[int, ...] = (512, 4096), graphs: bool = False, peak: bool = True) -> dict:
+            prompts: tuple[int, ...] = (512, 4096), graphs: bool = False, peak: bool = True,
+            label: str | None = None) -> dict:
     """Prefill, per-step time, rates and peak memory (peak: at 8K context) of one backend's weights; graphs:
-    the fused pass's decoder replayed from a CUDA graph."""
+    the fused pass's decoder replayed from a CUDA graph. label: what other lines call it in their ratios."""
     model = DiffusionGemma(cfg, w)
     kv = torch.float16 if fused else None  # each backend's default KV cache (Engine.load's kv_cache)
     g = torch.Generator(device=device).manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (1, max(prompts)), device=device, generator=g)
     canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), device=device, generator=g)
     wbytes = weight_bytes(w)
-    out = {"name": name, "weights_GB": wbytes / 1e9}
+    out = {"name": name, "label": label or name, "weights_GB": wbytes / 1e9}
     for j, n in enumerate(prompts):  # one warm-up, before the first size only (a long prefill is slow)
         out[f"prefill_{n}_ms"] = timed(lambda: model.encode(tokens[:, :n], KVCache(dtype=kv), chunk=DEFAULT_NUM_BATCH),
                                        device, warmup=j == 0)
@@ -159,16 +162,16 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
     return out
 
 
-def report(r: dict, base: dict | None) -> str:
+def report(r: dict, bases: list[dict]) -> str:
+    """r's line, each figure with its ratio against the same figure of every base measured before it."""
     pk = peaks()
     rates = f"{r['TFLOP/s']:.1f} TFLOP/s, {r['GB/s']:.0f} GB/s"
     if pk:
         rates += f" ({r['TFLOP/s'] * 1e12 / pk[0]:.1%} of peak compute, {r['GB/s'] * 1e9 / pk[1]:.1%} of peak bandwidth)"
-    def vs(key: str, faster: bool = True) -> str:  # the ratio against the torch backend's same figure
-        if base is None or key not in base or base is r:
-            return ""
-        ratio = base[key] / r[key] if faster else r[key] / base[key]
-        return f" ({ratio:.2f}x {'faster than' if faster else 'of'} torch)"
+    def vs(key: str, faster: bool = True) -> str:
+        parts = [f"{(b[key] / r[key] if faster else r[key] / b[key]):.2f}x {'faster than' if faster else 'of'} "
+                 f"{b['label']}" for b in bases if b is not r and key in b]
+        return f" ({'; '.join(parts)})" if parts else ""
 
     line = (f"{r['name']:<26} weights {r['weights_GB']:.2f} GB | step {r['step_ms']:.1f} ms{vs('step_ms')}, {rates} | "
             f"{r['tokens/s']:.0f} tokens/s at {STEPS_PER_CANVAS} steps | prefill "
@@ -216,8 +219,9 @@ def main() -> None:
                 fw = float_weights(w, "cuda")
                 w = None
                 torch.cuda.empty_cache()
-                base = measure("torch float32 (cuBLAS)", cfg, fw, dev, max(1, args.steps // 2), fused=False)
-                print(report(base, None), flush=True)
+                base = measure("torch float32 (cuBLAS; sampler on the GPU)", cfg, fw, dev, max(1, args.steps // 2),
+                               fused=False, label="torch")
+                print(report(base, []), flush=True)
                 fw = None
                 torch.cuda.empty_cache()
                 w = make()  # again (seconds on the GPU): beside the float32 copy it would not fit on an 80 GB card
@@ -230,9 +234,11 @@ def main() -> None:
             print(f"matmul {matmul}: " + ", ".join(f"{c}: {k}" for c, k in sorted(kernels.items())), flush=True)
             name = f"cuda {plan} {matmul}{'' if graphs else ' eager'}"
             full = j == 0  # prefill and peak VRAM once per plan
+            # against the torch backend, else the first cuda line; later variants also against the plan's first
+            bases = [base or (results[0] if results else None)] + ([results[-j]] if j else [])
             results.append(measure(name, cfg, w, dev, args.steps, fused=True, graphs=graphs,
-                                   prompts=(512, 4096) if full else (512,), peak=full))
-            print(report(results[-1], base), flush=True)
+                                   prompts=(512, 4096) if full else (512,), peak=full, label=name))
+            print(report(results[-1], [b for b in bases if b is not None]), flush=True)
         w = None
         torch.cuda.empty_cache()
 
