@@ -53,11 +53,7 @@ __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int l
                 const int n = wn + h * 8 + g;
                 const uint32_t b0 = *reinterpret_cast<const uint32_t *>(&ws[n][c]);
                 const uint32_t b1 = *reinterpret_cast<const uint32_t *>(&ws[n][c + 8]);
-                asm volatile(
-                    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                    "{%0,%1,%2,%3};\n"
-                    : "+f"(acc[h][0]), "+f"(acc[h][1]), "+f"(acc[h][2]), "+f"(acc[h][3])
-                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+                mma_m16n8k16_f16(acc[h], a0, a1, a2, a3, b0, b1);
             }
         }
         __syncthreads();

@@ -72,18 +72,15 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
             const float sx0 = (float)x_s[wm + g][gq], sx1 = (float)x_s[wm + g + 8][gq];
             for (int h = 0; h < 2; ++h) {
                 const int b0 = *reinterpret_cast<const int *>(&ws_q[wn + h * 8 + g][c]);
-                int c0 = 0, c1 = 0, c2 = 0, c3 = 0;
-                asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
-                             "{%0,%1,%2,%3};\n"
-                             : "+r"(c0), "+r"(c1), "+r"(c2), "+r"(c3)
-                             : "r"(a0), "r"(a1), "r"(b0));
+                int dot[4] = {0, 0, 0, 0};
+                mma_m16n8k16_s8(dot, a0, a1, b0);
                 // accumulator layout: (row g, cols 2t, 2t+1) and (row g + 8, the same cols)
                 const int n = wn + h * 8 + t * 2;
                 const float s0 = ws_s[n][gq], s1 = ws_s[n + 1][gq], o0 = ws_m[n][gq], o1 = ws_m[n + 1][gq];
-                acc[h][0] += dx0 * (s0 * (float)c0 + o0 * sx0);
-                acc[h][1] += dx0 * (s1 * (float)c1 + o1 * sx0);
-                acc[h][2] += dx1 * (s0 * (float)c2 + o0 * sx1);
-                acc[h][3] += dx1 * (s1 * (float)c3 + o1 * sx1);
+                acc[h][0] += dx0 * (s0 * (float)dot[0] + o0 * sx0);
+                acc[h][1] += dx0 * (s1 * (float)dot[1] + o1 * sx0);
+                acc[h][2] += dx1 * (s0 * (float)dot[2] + o0 * sx1);
+                acc[h][3] += dx1 * (s1 * (float)dot[3] + o1 * sx1);
             }
         }
         __syncthreads();

@@ -21,6 +21,26 @@ DG_HD MmaLane mma_lane(int tid) {
     return MmaLane{(warp >> 1) * 16, (warp & 1) * 16, lane >> 2, lane & 3};
 }
 
+// The two tensor-core instructions, the only inline PTX of the tiles: D += A B for one m16n8k16 tile, A row-major
+// and B column-major fragments in the layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16"). The CPU
+// emulator of the tests (tests/cuda_emu.h, which defines DG_EMU) supplies its own.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(DG_EMU)
+// f16 inputs (two per 32-bit register), f32 accumulators
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// s8 inputs (four per 32-bit register), s32 accumulators
+__device__ __forceinline__ void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+}
+#endif
+
 // acc[h][i]: n8 tile h of the warp's quarter, accumulator i, for the tile at (m0, n0); rows at or past
 // m_end and columns at or past N are dropped; the others go where `ep` says (csrc/epilogue.cuh). Every
 // thread of the block calls it: a gated tile meets in `scratch` (at least MMA_TM x (MMA_TN + 1) floats of

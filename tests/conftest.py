@@ -77,6 +77,25 @@ def kernels_as_references(monkeypatch):
     use_references(monkeypatch)
 
 
+@pytest.fixture(params=["references", "emulated"])
+def kernels(request, monkeypatch):
+    """The csrc kernels as the cuda backend's CPU tests run them: replaced by their torch references, or
+    themselves, compiled for the CPU emulator (tests/cuda_emu.py). Yields the emulator's launch counter
+    (None with the references)."""
+    if request.param == "references":
+        from cuda_util import use_references
+
+        use_references(monkeypatch)
+        yield None
+        return
+    import cuda_emu
+
+    if cuda_emu.unavailable():
+        pytest.skip(cuda_emu.unavailable())
+    with cuda_emu.emulated(race_check=False) as stats:  # tests/test_cuda_kernels.py checks the kernels for races
+        yield stats
+
+
 @pytest.fixture(scope="session")
 def default_gguf(tmp_path_factory):
     from dgemma.plugin.default_model import ensure_default_model

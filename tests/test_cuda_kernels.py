@@ -1,4 +1,7 @@
-"""csrc kernels against their torch references on odd shapes (needs an NVIDIA GPU and CuPy: marked gpu)."""
+"""csrc kernels against their torch references on odd shapes, twice: on an NVIDIA GPU with CuPy (marked gpu,
+skipped without one) and on the CPU through the emulator of tests/cuda_emu.py (the same kernels compiled by
+g++, with out-of-bounds, uninitialised-shared-memory and thread-order checks). The model-level tests at the
+end need the GPU itself."""
 
 from __future__ import annotations
 
@@ -10,20 +13,38 @@ from gguf import GGMLQuantizationType as Q
 
 from dgemma import quant
 
-pytestmark = pytest.mark.gpu
+
+@pytest.fixture(scope="module", params=[pytest.param("gpu", marks=pytest.mark.gpu), "emu"])
+def dev(request):
+    """The device the kernels' tensors live on: "cuda" (a GPU), or "cpu" with the kernels emulated."""
+    if request.param == "gpu":
+        from dgemma.plugin.cuda import CudaUnavailable, check_cuda
+
+        try:
+            check_cuda()
+        except CudaUnavailable as e:
+            pytest.skip(str(e))
+        yield "cuda"
+        return
+    import cuda_emu
+
+    reason = cuda_emu.unavailable()
+    if reason:
+        pytest.skip(reason)
+    with cuda_emu.emulated():
+        yield "cpu"
 
 
 @pytest.fixture(scope="module")
-def ops():
-    from dgemma.plugin.cuda import CudaUnavailable, check_cuda
-
-    try:
-        check_cuda()
-    except CudaUnavailable as e:
-        pytest.skip(str(e))
+def ops(dev):
     from dgemma.plugin.cuda import ops
 
     return ops
+
+
+def needs_gpu(dev: str) -> None:
+    if dev != "cuda":
+        pytest.skip("runs the cuda backend or torch on a GPU, not only csrc kernels")
 
 
 TYPES_32 = [Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0]
@@ -41,11 +62,11 @@ def cases():
 
 
 @pytest.mark.parametrize("qtype,m,n,k", list(cases()), ids=lambda v: getattr(v, "name", str(v)))
-def test_qmatmul_matches_dequant_reference(ops, qtype, m, n, k):
+def test_qmatmul_matches_dequant_reference(ops, dev, qtype, m, n, k):
     rng = np.random.default_rng(m * 7 + n * 13 + k)
     w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
-    wq = torch.from_numpy(quant.quantize(w, qtype).reshape(n, -1)).cuda()
-    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).cuda()
+    wq = torch.from_numpy(quant.quantize(w, qtype).reshape(n, -1)).to(dev)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(dev)
     y = ops.qmatmul(x, wq, qtype, k)
     ref = ops.qmatmul_reference(x, wq, qtype, k)
     scale = (x.abs().double().cpu() @ torch.from_numpy(np.abs(quant.dequantize(wq.cpu().numpy(), qtype).reshape(n, k))).double().T)
@@ -57,27 +78,27 @@ MOE_COUNTS = [[5], [0, 17, 0, 1, 16, 33], [0, 0, 0], [300, 0, 1]]
 
 
 @pytest.mark.parametrize("qtype,m,n,k", list(cases()), ids=lambda v: getattr(v, "name", str(v)))
-def test_qmatmul_mma_matches_f16_rounded_reference(ops, qtype, m, n, k):
+def test_qmatmul_mma_matches_f16_rounded_reference(ops, dev, qtype, m, n, k):
     """Tensor cores: the kernel rounds X and W to f16 exactly as the reference does, so the only difference
     is the f32 accumulation order: within 1e-5 of sum |x||w| per output, plus 1e-6."""
     if torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
         pytest.skip("tensor-core f16 MMA needs compute capability 8.0")
     rng = np.random.default_rng(m * 7 + n + k)
     w = rng.standard_normal((n, k)).astype(np.float32)
-    data = torch.from_numpy((w if qtype == Q.F32 else quant.quantize(w, qtype)).reshape(n, -1).view(np.uint8)).cuda()
+    data = torch.from_numpy((w if qtype == Q.F32 else quant.quantize(w, qtype)).reshape(n, -1).view(np.uint8)).to(dev)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32) * 3)
-    got = ops.qmatmul_mma(x.cuda(), data, qtype, k).cpu()
+    got = ops.qmatmul_mma(x.to(dev), data, qtype, k).cpu()
     want = ops.qmatmul_mma_reference(x, data, qtype, k)
     bound = 1e-5 * (x.half().double().abs() @ ops._dequantized(data, qtype, k).half().double().abs().T) + 1e-6
     assert bool(((got.double() - want.double()).abs() <= bound).all())  # at small K, unrounded X would fail
     if qtype == Q.F32 and m == 1:  # float rows may have any K; the MMA needs multiples of 16
         with pytest.raises(ValueError, match="multiple of 16"):
-            ops.qmatmul_mma(torch.zeros(1, 100, device="cuda"), torch.zeros(1, 400, dtype=torch.uint8, device="cuda"),
+            ops.qmatmul_mma(torch.zeros(1, 100, device=dev), torch.zeros(1, 400, dtype=torch.uint8, device=dev),
                             Q.F32, 100)
 
 
 @pytest.mark.parametrize("qtype,m,n,k", [c for c in cases() if c[0] not in FLOAT], ids=lambda v: getattr(v, "name", str(v)))
-def test_qmatmul_q8_matches_quantized_activation_reference(ops, qtype, m, n, k):
+def test_qmatmul_q8_matches_quantized_activation_reference(ops, dev, qtype, m, n, k):
     """int8 tensor cores: X quantized per 32 values exactly as the reference does (checked bit for bit),
     W in its integer form; the products differ from the float64 reference only by the f32 sums: within
     1e-5 of sum |x_hat||w| per output, plus 1e-6."""
@@ -86,21 +107,21 @@ def test_qmatmul_q8_matches_quantized_activation_reference(ops, qtype, m, n, k):
     rng = np.random.default_rng(m * 5 + n + k)
     w = rng.standard_normal((n, k)).astype(np.float32)
     w[: n // 3] = np.abs(w[: n // 3])  # positive rows: the K-quants' offsets at work
-    data = torch.from_numpy(quant.quantize(w, qtype).reshape(n, -1).view(np.uint8)).cuda()
+    data = torch.from_numpy(quant.quantize(w, qtype).reshape(n, -1).view(np.uint8)).to(dev)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32) * 3)
     x[0, :32] = 0.0  # a block of zeros: scale 0
     if k >= 64:
         x[0, 32:64] = torch.tensor([1e-44, -3e-45] * 16)  # a scale that rounds to 0 (subnormal inputs)
-    for got, want in zip(ops.quantize_q8(x.cuda()), ops.quantize_q8_reference(x)):
+    for got, want in zip(ops.quantize_q8(x.to(dev)), ops.quantize_q8_reference(x)):
         assert torch.equal(got.cpu(), want)
-    got = ops.qmatmul_q8(x.cuda(), data, qtype, k).cpu()
+    got = ops.qmatmul_q8(x.to(dev), data, qtype, k).cpu()
     want = ops.qmatmul_q8_reference(x, data, qtype, k)
     xq, xd, _ = ops.quantize_q8_reference(x)
     xhat = xq.double() * xd.double().repeat_interleave(32, dim=1)
     bound = 1e-5 * (xhat.abs() @ ops._dequantized(data, qtype, k).abs().T) + 1e-6
     assert bool(((got.double() - want.double()).abs() <= bound).all())
     with pytest.raises(ValueError, match="no integer form"):
-        ops.qmatmul_q8(x.cuda(), torch.zeros(n, 2 * k, dtype=torch.uint8, device="cuda"), Q.F16, k)
+        ops.qmatmul_q8(x.to(dev), torch.zeros(n, 2 * k, dtype=torch.uint8, device=dev), Q.F16, k)
 
 
 @pytest.mark.parametrize("qtype,n,k", [(Q.Q8_0, 33, 96), (Q.Q4_K, 17, 512), (Q.Q6_K, 40, 768), (Q.Q2_K, 16, 256),
@@ -109,7 +130,7 @@ def test_qmatmul_q8_matches_quantized_activation_reference(ops, qtype, m, n, k):
 @pytest.mark.parametrize("counts", MOE_COUNTS, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "grouped"])
 @pytest.mark.parametrize("kernel", ["scalar", "f16", "int8"])
-def test_moe_qmatmul_matches_expert_by_expert(ops, qtype, n, k, counts, gathered, kernel):
+def test_moe_qmatmul_matches_expert_by_expert(ops, dev, qtype, n, k, counts, gathered, kernel):
     """The three grouped kernels (16-row float tiles, 32-row f16 and int8 tensor-core tiles) against their
     references, expert by expert: within 1e-5 of sum |x||w| (X and W as each kernel rounds them) plus 1e-6,
     with experts of 0, 1, 16, 17, 33 and 300 pairs."""
@@ -120,11 +141,11 @@ def test_moe_qmatmul_matches_expert_by_expert(ops, qtype, n, k, counts, gathered
     E, P = len(counts), sum(counts)
     w = (rng.standard_normal((E * n, k)) * 0.05).astype(np.float32)
     w[: n // 3] = np.abs(w[: n // 3])  # positive rows: the K-quants' offsets at work
-    wq = torch.from_numpy(quant.quantize(w, qtype).reshape(E, n, -1)).cuda()
+    wq = torch.from_numpy(quant.quantize(w, qtype).reshape(E, n, -1)).to(dev)
     tokens = max(1, P // 2)
-    x = torch.from_numpy(rng.standard_normal((tokens if gathered else P, k)).astype(np.float32)).cuda()
-    rows = torch.from_numpy(rng.integers(0, tokens, P).astype(np.int32)).cuda() if gathered else None
-    groups = ops.ExpertGroups(counts, "cuda")
+    x = torch.from_numpy(rng.standard_normal((tokens if gathered else P, k)).astype(np.float32)).to(dev)
+    rows = torch.from_numpy(rng.integers(0, tokens, P).astype(np.int32)).to(dev) if gathered else None
+    groups = ops.ExpertGroups(counts, dev)
     if kernel == "int8" and qtype not in ops.INT_TYPES:
         with pytest.raises(ValueError, match="no integer form"):
             op(x, rows, groups, wq, qtype, k)
@@ -151,7 +172,7 @@ def test_moe_qmatmul_matches_expert_by_expert(ops, qtype, n, k, counts, gathered
         T = max(1, P // 3)
         to = torch.from_numpy(rng.integers(0, T, P).astype(np.int32))
         wt = torch.from_numpy(rng.random(P).astype(np.float32))
-        scatter = (to.cuda(), wt.cuda(), T)
+        scatter = (to.to(dev), wt.to(dev), T)
         got = op(x, rows, groups, wq, qtype, k, scatter).cpu().double()
         want = getattr(ops, f"{ops.MATMULS[kernel][1]}_reference")(x, rows, groups, wq, qtype, k, (to, wt, T)).double()
         terms = ops._scattered(ref.abs(), (to, wt, T)).double()  # sum of |weight * row| per token
@@ -159,53 +180,53 @@ def test_moe_qmatmul_matches_expert_by_expert(ops, qtype, n, k, counts, gathered
         assert got.shape == (T, n) and bool(((got - want).abs() <= bound).all())
 
 
-def test_moe_qmatmul_rejects_bad_input(ops):
-    w = torch.zeros(3, 4, 34, dtype=torch.uint8, device="cuda")  # Q8_0 rows of 32
-    x = torch.zeros(5, 32, device="cuda")
-    groups = lambda counts: ops.ExpertGroups(counts, "cuda")  # noqa: E731
+def test_moe_qmatmul_rejects_bad_input(ops, dev):
+    w = torch.zeros(3, 4, 34, dtype=torch.uint8, device=dev)  # Q8_0 rows of 32
+    x = torch.zeros(5, 32, device=dev)
+    groups = lambda counts: ops.ExpertGroups(counts, dev)  # noqa: E731
     with pytest.raises(ValueError, match="3 experts"):
         ops.moe_qmatmul(x, None, groups([5]), w, Q.Q8_0, 32)
     with pytest.raises(ValueError, match="rows must be int32"):
-        ops.moe_qmatmul(x, torch.zeros(5, dtype=torch.int64, device="cuda"), groups([1, 2, 2]), w, Q.Q8_0, 32)
+        ops.moe_qmatmul(x, torch.zeros(5, dtype=torch.int64, device=dev), groups([1, 2, 2]), w, Q.Q8_0, 32)
     with pytest.raises(ValueError, match="x has 5 rows for 4"):
         ops.moe_qmatmul(x, None, groups([1, 2, 1]), w, Q.Q8_0, 32)
     with pytest.raises(ValueError, match="gated needs"):
         ops.moe_qmatmul(x, None, groups([5, 0, 0]), w[:, :3].contiguous(), Q.Q8_0, 32, gated=True)
     with pytest.raises(ValueError, match="scatter must be"):
-        bad = (torch.zeros(5, dtype=torch.int64, device="cuda"), torch.ones(5, device="cuda"), 3)
+        bad = (torch.zeros(5, dtype=torch.int64, device=dev), torch.ones(5, device=dev), 3)
         ops.moe_qmatmul(x, None, groups([5, 0, 0]), w, Q.Q8_0, 32, bad)
 
 
-def test_qmatmul_rejects_bad_shapes(ops):
-    x = torch.zeros(4, 100, device="cuda")
+def test_qmatmul_rejects_bad_shapes(ops, dev):
+    x = torch.zeros(4, 100, device=dev)
     with pytest.raises(ValueError, match="not a multiple"):
-        ops.qmatmul(x, torch.zeros(3, 10, dtype=torch.uint8, device="cuda"), Q.Q4_K, 100)
+        ops.qmatmul(x, torch.zeros(3, 10, dtype=torch.uint8, device=dev), Q.Q4_K, 100)
 
 
 @pytest.mark.parametrize("qtype,k", [(Q.F32, 64), (Q.Q8_0, 96), (Q.Q4_K, 2816), (Q.Q6_K, 512), (Q.Q5_0, 704)],
                          ids=lambda v: getattr(v, "name", str(v)))
-def test_get_rows_matches_dequant_reference(ops, qtype, k):
+def test_get_rows_matches_dequant_reference(ops, dev, qtype, k):
     rng = np.random.default_rng(k)
     V = 1001
     e = rng.standard_normal((V, k)).astype(np.float32)
-    data = torch.from_numpy((e if qtype == Q.F32 else quant.quantize(e, qtype)).reshape(V, -1).view(np.uint8)).cuda()
-    rows = torch.tensor([0, V - 1, 17, 17, 500], device="cuda")
+    data = torch.from_numpy((e if qtype == Q.F32 else quant.quantize(e, qtype)).reshape(V, -1).view(np.uint8)).to(dev)
+    rows = torch.tensor([0, V - 1, 17, 17, 500], device=dev)
     got = ops.get_rows(rows, data, qtype, k)
     assert torch.equal(got.cpu(), ops.get_rows_reference(rows, data, qtype, k))  # the same float32 values
     assert ops.get_rows(rows[:0], data, qtype, k).shape == (0, k)
     with pytest.raises(ValueError, match="outside"):
-        ops.get_rows(torch.tensor([V], device="cuda"), data, qtype, k)
+        ops.get_rows(torch.tensor([V], device=dev), data, qtype, k)
 
 
 @pytest.mark.parametrize("b,c", [(1, 1), (1, 17), (3, 256), (2, 300)])
 @pytest.mark.parametrize("bound", [0.0, 0.1, 2.0])
-def test_accept_renoise_matches_sampler(ops, b, c, bound):
+def test_accept_renoise_matches_sampler(ops, dev, b, c, bound):
     g = torch.Generator().manual_seed(b * 1000 + c)
     entropy = torch.rand(b, c, generator=g) * 3
     entropy[:, : c // 4] *= 1e-3  # a confident prefix, as late denoising steps have
     denoised = torch.randint(0, 1000, (b, c), generator=g)
     seed, step, vocab = 2**33 + c, b + 7, 262_144
-    nxt, acc = ops.accept_renoise(entropy.cuda(), denoised.cuda(), seed, step, vocab, bound)
+    nxt, acc = ops.accept_renoise(entropy.to(dev), denoised.to(dev), seed, step, vocab, bound)
     ref_next, ref_mask = ops.accept_renoise_reference(entropy, denoised, seed, step, vocab, bound)
     assert torch.equal(acc.cpu(), ref_mask) and torch.equal(nxt.cpu().long(), ref_next)
     assert c == 1 or bool((~ref_mask).any())  # something was re-noised: the fresh draws were compared
@@ -213,7 +234,7 @@ def test_accept_renoise_matches_sampler(ops, b, c, bound):
     srt = entropy[0].sort().values
     for j in range(0, c, max(1, c // 5)):
         edge = float((torch.cumsum(srt, 0) - srt)[j])
-        nxt, acc = ops.accept_renoise(entropy.cuda(), denoised.cuda(), seed, step, vocab, edge)
+        nxt, acc = ops.accept_renoise(entropy.to(dev), denoised.to(dev), seed, step, vocab, edge)
         assert torch.equal(acc.cpu(), ops.accept_renoise_reference(entropy, denoised, seed, step, vocab, edge)[1])
 
 
@@ -221,16 +242,19 @@ def test_accept_renoise_matches_sampler(ops, b, c, bound):
     (Q.F32, 1, 32, 1, None), (Q.Q8_0, 17, 96, 1000, 7), (Q.Q6_K, 256, 256, 4099, None), (Q.Q4_K, 300, 512, 300, 300),
     (Q.Q6_K, 3, 2816, 2048, None),  # DiffusionGemma's width
 ], ids=lambda v: getattr(v, "name", str(v)))
-def test_head_stats_match_full_logits(ops, qtype, L, D, V, splits):
+def test_head_stats_match_full_logits(ops, dev, qtype, L, D, V, splits):
     from dgemma.plugin.cuda import head_ops
+
+    if dev == "cpu" and L * V > 100_000:
+        pytest.skip("about 4 minutes in the emulator: GPU only")
 
     rng = np.random.default_rng(L + V)
     h = (rng.standard_normal((L, D)) * 2).astype(np.float32)
     e = (rng.standard_normal((V, D)) * 0.1).astype(np.float32)
-    data = torch.from_numpy((e if qtype == Q.F32 else quant.quantize(e, qtype)).reshape(V, -1).view(np.uint8)).cuda()
+    data = torch.from_numpy((e if qtype == Q.F32 else quant.quantize(e, qtype)).reshape(V, -1).view(np.uint8)).to(dev)
     for softcap, temp in ((30.0, 0.8), (0.0, 0.4)):
         seed, step = 2**40 + L, V % 48
-        got = head_ops.head_stats(torch.from_numpy(h).cuda(), data, qtype, softcap, temp, splits, seed, step)
+        got = head_ops.head_stats(torch.from_numpy(h).to(dev), data, qtype, softcap, temp, splits, seed, step)
         ref = head_ops.head_stats_reference(torch.from_numpy(h), data, qtype, softcap, temp, seed=seed, step=step)
         assert torch.equal(got.argmax.cpu(), ref.argmax)
         assert torch.equal(got.sample.cpu(), ref.sample)  # the Gumbel-max draw, the same whatever the split
@@ -239,26 +263,26 @@ def test_head_stats_match_full_logits(ops, qtype, L, D, V, splits):
         torch.testing.assert_close(got.sc.cpu().double(), ref.sc, rtol=1e-4, atol=1e-5)
 
 
-def test_head_stats_rejects_bad_input(ops):
+def test_head_stats_rejects_bad_input(ops, dev):
     from dgemma.plugin.cuda import head_ops
 
-    h = torch.zeros(2, 100, device="cuda")
+    h = torch.zeros(2, 100, device=dev)
     for op in (head_ops.head_stats, head_ops.head_stats_chunked):
         with pytest.raises(ValueError, match="Q4_K rows of 100|not a multiple"):
-            op(h, torch.zeros(3, 10, dtype=torch.uint8, device="cuda"), Q.Q4_K, 30.0, 0.8)
+            op(h, torch.zeros(3, 10, dtype=torch.uint8, device=dev), Q.Q4_K, 30.0, 0.8)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q4_0, Q.F16, Q.BF16])
-def test_get_rows_f16_is_get_rows_rounded(ops, qtype):
+def test_get_rows_f16_is_get_rows_rounded(ops, dev, qtype):
     k = 512
     w = torch.from_numpy(quant.quantize((np.random.default_rng(1).standard_normal((37, k)) * 0.1).astype(np.float32), qtype)
-                         .reshape(37, -1).view(np.uint8)).cuda()
-    rows = torch.tensor([36, 0, 5, 5, 17], dtype=torch.int32, device="cuda")
+                         .reshape(37, -1).view(np.uint8)).to(dev)
+    rows = torch.tensor([36, 0, 5, 5, 17], dtype=torch.int32, device=dev)
     assert torch.equal(ops.get_rows_f16(rows, w, qtype, k), ops.get_rows(rows, w, qtype, k).half())
 
 
 @pytest.mark.parametrize("L,n,v0", [(1, 1, 0), (3, 300, 7000), (17, 8192, 262144 - 8192)])
-def test_head_chunk_stats_match_reference(ops, L, n, v0):
+def test_head_chunk_stats_match_reference(ops, dev, L, n, v0):
     """One chunk's partial statistics and weights P against float64 on the CPU; a row repeated at the maximum
     (ties go to the lower row) where the chunk has two rows."""
     from dgemma.plugin.cuda import head_ops
@@ -269,11 +293,11 @@ def test_head_chunk_stats_match_reference(ops, L, n, v0):
         z[:, [0, n - 1, min(31, n - 1), min(256, n - 1)]] = z.max() + 1
     for softcap, temp in ((30.0, 0.8), (0.0, 0.4)):
         outs = []
-        for dev in ("cuda", "cpu"):
-            out = (torch.empty(L, 3, device=dev), torch.empty(L, dtype=torch.int32, device=dev), torch.empty(L, device=dev),
-                   torch.empty(L, dtype=torch.int32, device=dev), torch.empty(L, n, dtype=torch.float16, device=dev))
-            op = head_ops.head_chunk_stats if dev == "cuda" else head_ops.head_chunk_stats_reference
-            op(z.to(dev), v0, softcap, temp, 2**33 + 1, 9, out)
+        for where, op in ((dev, head_ops.head_chunk_stats), ("cpu", head_ops.head_chunk_stats_reference)):
+            out = (torch.full((L, 3), float("nan"), device=where), torch.full((L,), -1, dtype=torch.int32, device=where),
+                   torch.full((L,), float("nan"), device=where), torch.full((L,), -1, dtype=torch.int32, device=where),
+                   torch.full((L, n), float("nan"), dtype=torch.float16, device=where))  # written by the op
+            op(z.to(where), v0, softcap, temp, 2**33 + 1, 9, out)
             outs.append([t.cpu() for t in out])
         (mst, arg, gm, sample, p), (rmst, rarg, rg, rsample, rp) = outs
         assert torch.equal(arg, rarg) and torch.equal(sample, rsample) and (n == 1 or int(arg[0]) == v0)
@@ -282,7 +306,7 @@ def test_head_chunk_stats_match_reference(ops, L, n, v0):
         torch.testing.assert_close(p.float(), rp.float(), rtol=2e-3, atol=1e-6)  # the f16 rounding of each weight
 
 
-def test_head_merge_into_matches_reference(ops):
+def test_head_merge_into_matches_reference(ops, dev):
     """A chunk's partial merged into a running one, position by position: a run with no rows yet, a chunk
     with none, ties of the max and of the Gumbel value (the run keeps its lower rows), and plain merges."""
     from dgemma.plugin.cuda import head_ops
@@ -302,9 +326,9 @@ def test_head_merge_into_matches_reference(ops):
     part[0][2, 0], part[2][2] = run[0][2, 0], run[2][2]  # position 2: both ties
     run_acc, acc = torch.randn(L, D, generator=g), torch.randn(L, D, generator=g)
     outs = []
-    for dev, op in (("cuda", head_ops.head_merge_into), ("cpu", head_ops.head_merge_into_reference)):
-        r = tuple(t.clone().to(dev) for t in (*run, run_acc))
-        op(r, tuple(t.to(dev) for t in part), acc.to(dev))
+    for where, op in ((dev, head_ops.head_merge_into), ("cpu", head_ops.head_merge_into_reference)):
+        r = tuple(t.clone().to(where) for t in (*run, run_acc))
+        op(r, tuple(t.to(where) for t in part), acc.to(where))
         outs.append([t.cpu() for t in r])
     (mst, arg, gm, sample, racc), (rmst, rarg, rg, rsample, rracc) = outs
     assert torch.equal(arg, rarg) and torch.equal(sample, rsample) and int(arg[2]) == int(run[1][2]) and int(arg[0]) >= 1000
@@ -315,7 +339,7 @@ def test_head_merge_into_matches_reference(ops):
 
 @pytest.mark.parametrize("matmul", ["f16", "int8"])
 @pytest.mark.parametrize("qtype,L,V,chunk", [(Q.Q6_K, 17, 3000, 1024), (Q.Q8_0, 256, 9000, 8192), (Q.Q4_K, 2, 300, 64)])
-def test_head_stats_chunked_match_full_logits(ops, matmul, qtype, L, V, chunk):
+def test_head_stats_chunked_match_full_logits(ops, dev, matmul, qtype, L, V, chunk):
     """The head on tensor cores against the full-logits statistics in float64, within the rounding of h and
     the head to f16 (int8: h quantized per 32), of P and the rows to f16; the argmax equal wherever the two
     best logits differ by more than that rounding. Even positions get a clear maximum (the argmax check),
@@ -333,7 +357,7 @@ def test_head_stats_chunked_match_full_logits(ops, matmul, qtype, L, V, chunk):
         e[(13 * l + 5) % V] = h[l] / np.linalg.norm(h[l]) * 1.5
     h = torch.from_numpy(h)
     data = torch.from_numpy(quant.quantize(e, qtype).reshape(V, -1).view(np.uint8))
-    got = head_ops.head_stats_chunked(h.cuda(), data.cuda(), qtype, 30.0, 0.7, 5, 3, matmul, chunk)
+    got = head_ops.head_stats_chunked(h.to(dev), data.to(dev), qtype, 30.0, 0.7, 5, 3, matmul, chunk)
     ref = head_ops.head_stats_reference(h, data, qtype, 30.0, 0.7, seed=5, step=3)
     z = torch.from_numpy(quant.dequantize(data.numpy(), qtype).reshape(V, D)).double()
     z = torch.tanh(h.double() @ z.T / 30.0) * 30.0 / 0.7
@@ -346,10 +370,12 @@ def test_head_stats_chunked_match_full_logits(ops, matmul, qtype, L, V, chunk):
 
 
 @pytest.mark.parametrize("matmul,tol", [("scalar", 1e-3), ("f16", 0.01), ("int8", 0.2)])
-def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf, matmul, tol):
+def test_cuda_backend_logits_match_the_torch_backend(ops, dev, request, matmul, tol):
     """Each matmul kernel through the whole model: scalar within float rounding; f16 and int8 within what
     their rounding moved the logits by on the CPU references (0.005 and 0.15 of max |logit| 12,
     tests/test_cuda_tune.py), with some room for the GPU's summation order; the same argmax, as there."""
+    needs_gpu(dev)
+    default_gguf = request.getfixturevalue("default_gguf")  # not built under the emulator's patches
     from dgemma.plugin.engine import Engine
     from dgemma.plugin.model import KVCache
 
@@ -363,17 +389,19 @@ def test_cuda_backend_logits_match_the_torch_backend(ops, default_gguf, matmul, 
     canvas = torch.randint(0, ref.cfg.vocab_size, (1, ref.cfg.canvas_length), generator=g)
     c1, c2 = KVCache(), KVCache()
     ref.model.encode(prompt, c1)
-    gpu.model.encode(prompt.cuda(), c2)
+    gpu.model.encode(prompt.to(dev), c2)
     a = ref.model.decode(canvas, c1)
-    b = gpu.model.decode(canvas.cuda(), c2).cpu()
+    b = gpu.model.decode(canvas.to(dev), c2).cpu()
     assert (a - b).abs().max().item() < tol and torch.equal(a.argmax(-1), b.argmax(-1))
     sc = torch.softmax(a / 0.8, dim=-1)
-    assert (ref.model.decode(canvas, c1, sc) - gpu.model.decode(canvas.cuda(), c2, sc.cuda()).cpu()).abs().max() < tol
+    assert (ref.model.decode(canvas, c1, sc) - gpu.model.decode(canvas.to(dev), c2, sc.to(dev)).cpu()).abs().max() < tol
 
 
-def test_cuda_backend_tunes_its_matmuls_once(ops, default_gguf, tmp_path, monkeypatch):
+def test_cuda_backend_tunes_its_matmuls_once(ops, dev, request, tmp_path, monkeypatch):
     """matmul "auto" (the default): every weight shape gets a kernel usable here, timed on this GPU, and a
     second load reads the choice from the cache instead of timing again."""
+    needs_gpu(dev)
+    default_gguf = request.getfixturevalue("default_gguf")  # not built under the emulator's patches
     from dgemma.plugin.cuda import tune
     from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions
 
@@ -389,11 +417,12 @@ def test_cuda_backend_tunes_its_matmuls_once(ops, default_gguf, tmp_path, monkey
 
 @pytest.mark.parametrize("model", ["default", "canvas16"])
 @pytest.mark.parametrize("rng,kv", [("torch", "f32"), ("counter", "f32"), ("counter", "f16")])
-def test_cuda_backend_generates_the_torch_backends_tokens(ops, request, model, rng, kv, monkeypatch):
+def test_cuda_backend_generates_the_torch_backends_tokens(ops, dev, request, model, rng, kv, monkeypatch):
     """rng torch: the cuda backend's logits sampled on the CPU; rng counter (the cuda backend's default):
     the fused head's statistics and csrc/accept.cu on the GPU, with no [C, V] logits formed; both backends
     with the same KV cache type (f16: the cuda backend's default) and the float-FMA matmuls (the others
     round X, so tokens may differ where the draw is close)."""
+    needs_gpu(dev)
     from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions
 
     path = request.getfixturevalue(f"{model}_gguf")
@@ -416,11 +445,12 @@ def test_cuda_backend_generates_the_torch_backends_tokens(ops, request, model, r
 
 
 @pytest.mark.parametrize("model", ["default", "canvas16"])
-def test_graphed_decoder_equals_the_eager_pass(ops, request, model):
+def test_graphed_decoder_equals_the_eager_pass(ops, dev, request, model):
     """plugin/cuda/graph.py: the first pass with soft and a new cache runs eagerly, the next captures and
     replays, later ones replay; every result equals model.decode_hidden on the same inputs (up to the float
     atomics of the experts' scatter-add), including new inputs copied into the graph's buffers, and a grown
     cache makes a new graph."""
+    needs_gpu(dev)
     from dgemma.plugin.cuda.graph import GraphedDecoder
     from dgemma.plugin.engine import Engine
     from dgemma.plugin.model import KVCache
@@ -429,12 +459,12 @@ def test_graphed_decoder_equals_the_eager_pass(ops, request, model):
     model_, cfg = engine.model, engine.cfg
     g = torch.Generator(device="cuda").manual_seed(0)
     cache = KVCache(dtype=torch.float16)
-    model_.encode(torch.randint(0, cfg.vocab_size, (1, 23), device="cuda", generator=g), cache)
+    model_.encode(torch.randint(0, cfg.vocab_size, (1, 23), device=dev, generator=g), cache)
     graphed = GraphedDecoder(model_, cache)
 
     def inputs():
-        return (torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), device="cuda", generator=g),
-                torch.randn(1, cfg.canvas_length, cfg.n_embd, device="cuda", generator=g) * 0.05)
+        return (torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), device=dev, generator=g),
+                torch.randn(1, cfg.canvas_length, cfg.n_embd, device=dev, generator=g) * 0.05)
 
     for call in range(5):
         canvas, soft = inputs()
@@ -455,20 +485,21 @@ def test_graphed_decoder_equals_the_eager_pass(ops, request, model):
 
 @pytest.mark.parametrize("hd,KV,L,P,masked", [(256, 8, 256, 1023, False), (512, 2, 256, 8192, False),
                                              (256, 8, 512, 1023, True), (512, 2, 512, 4096, True)])
-def test_attention_runs_on_fused_kernels_at_the_26b_shapes(ops, hd, KV, L, P, masked):
+def test_attention_runs_on_fused_kernels_at_the_26b_shapes(ops, dev, hd, KV, L, P, masked):
     """model.grouped_attention at the 26B-A4B's heads (16 query heads; sliding layers 8 KV heads of 256,
     global ones 2 of 512), float32 as the decoder runs it: the canvas over the cache (no mask) and an
     encoder chunk (causal mask over P cached positions). With the math kernel disabled it must still run
     (SDPA raises when no fused kernel takes the call), and equal float64 attention on the CPU."""
+    needs_gpu(dev)
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from dgemma.plugin.model import grouped_attention
 
     g = torch.Generator(device="cuda").manual_seed(hd + L)
-    q = torch.randn(1, 16, L, hd, device="cuda", generator=g) * 0.1
-    k, v = (torch.randn(1, KV, P + L, hd, device="cuda", generator=g) * 0.1 for _ in range(2))
-    mask = (torch.arange(P + L, device="cuda")[None, :] <= torch.arange(P, P + L, device="cuda")[:, None]) if masked else None
+    q = torch.randn(1, 16, L, hd, device=dev, generator=g) * 0.1
+    k, v = (torch.randn(1, KV, P + L, hd, device=dev, generator=g) * 0.1 for _ in range(2))
+    mask = (torch.arange(P + L, device=dev)[None, :] <= torch.arange(P, P + L, device=dev)[:, None]) if masked else None
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
         got = grouped_attention(q, k, v, mask)
     want = F.scaled_dot_product_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(),

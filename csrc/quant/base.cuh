@@ -28,7 +28,7 @@ enum : int {
     T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30,
 };
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) && !defined(DG_EMU)  // the tests' CPU emulator (tests/cuda_emu.h) has its own
 // float -> IEEE half bits, rounded to nearest even: one cvt instruction (device code only)
 __device__ __forceinline__ uint16_t f32_to_f16_bits(float x) {
     uint16_t h;
@@ -39,7 +39,7 @@ __device__ __forceinline__ uint16_t f32_to_f16_bits(float x) {
 
 // IEEE half -> float, exact: one cvt instruction on the device, bit by bit on the host (the harnesses)
 DG_HD float fp16_to_f32(uint16_t h) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) && !defined(DG_EMU)
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
@@ -80,7 +80,7 @@ DG_HD uint32_t rd32(const uint8_t * p) { return (uint32_t)p[0] | ((uint32_t)p[1]
 // a * b rounded on its own: a following add is not fused into one FMA (NVRTC fuses by default, and the
 // references, gguf-py and dgemma.quant, round the product and the sum separately: bit-exact both ways)
 DG_HD float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) && !defined(DG_EMU)
     return __fmul_rn(a, b);
 #else
     return a * b;

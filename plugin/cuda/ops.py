@@ -117,7 +117,7 @@ def _check_matmul(op: str, x: torch.Tensor, w: torch.Tensor, qtype, k: int, w_le
     qtype = _check_weights(op, w, qtype, k, w_lead)
     if not (x.is_cuda and x.device == w.device):
         raise ValueError(f"{op}: x and w must be CUDA tensors on the same device")
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or (x.stride(1) != 1 and x.numel() > 0):
         raise ValueError(f"{op}: x must be float32 [rows, {k}] with unit stride in K (got {x.dtype} {tuple(x.shape)})")
     return qtype
 
@@ -212,7 +212,7 @@ def _check_int(op: str, qtype: GGMLQuantizationType) -> None:
 def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x float32 [M, K] (K a multiple of 32, on a GPU) -> (int8 q [M, K], float32 scale per 32 values
     [M, K/32], int32 sum of q per 16 values [M, K/16]): d = max|x| / 127, q = rint(x / d) (csrc/qmatmul_q8.cu)."""
-    if not x.is_cuda or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] % 32 or x.stride(1) != 1:
+    if not x.is_cuda or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] % 32 or (x.stride(1) != 1 and x.numel() > 0):
         raise ValueError(f"quantize_q8: x must be CUDA float32 [M, K] with K a multiple of 32 and unit stride in K "
                          f"(got {x.dtype} {tuple(x.shape)} on {x.device})")
     m, k = x.shape

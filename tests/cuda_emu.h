@@ -1,0 +1,568 @@
+// A CPU emulator for dgemma's CUDA kernels, for the tests (tests/cuda_emu.py compiles csrc/*.cu with g++ and
+// this header in front). Every CUDA thread is a fiber with its own stack (x86-64: a 14-instruction switch
+// below, where ucontext's swapcontext makes a system call per switch); the threads of a block
+// run one block at a time on one OS thread, each until it blocks at __syncthreads() or at a warp-wide
+// instruction (__shfl_xor_sync, mma.sync), so shared memory is a function-local static. What it checks
+// beyond the results:
+//   - global memory: tests/cuda_emu.py passes every tensor in a buffer that ends at an inaccessible page, so
+//     a read or write past it faults; the fault is reported with the kernel, block and thread;
+//   - shared memory is filled with 0xFF bytes (NaN floats, -1 ints) at the start of every block (dynamic, and
+//     each __shared__ array when the first thread passes its declaration): a read of a value no thread wrote
+//     shows; arrays indexed out of bounds trap (-fsanitize=bounds);
+//   - __syncthreads() reached from different places, warp instructions with a lane missing (exited, or at a
+//     barrier), __trap(): errors, not hangs;
+//   - the launch can run each block's threads in reverse order: results that change are a race.
+// Not modelled: timing, memory ordering between blocks (blocks run one after the other), launch limits.
+// Tensor-core fragments follow the PTX ISA's "Matrix Fragments for mma.m16n8k16" (floating point and
+// integer types); -ftz=true (CuPy's NVRTC default) as the MXCSR's flush-to-zero and denormals-are-zero.
+#pragma once
+#include <math.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <xmmintrin.h>
+
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define DG_EMU 1
+#define __CUDACC__ 1
+#define __CUDA_ARCH__ 900
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static  // one copy, shared by the fibers of the block (tests/cuda_emu.py adds the poisoning)
+
+struct uint3 { unsigned x, y, z; };
+
+namespace emu {
+
+enum State { RUN, BARRIER, WARP, DONE };
+enum Op { OP_NONE, OP_SHFL_XOR, OP_MMA_F16, OP_MMA_S8 };
+
+// emu_switch(&from, to): save the callee-saved registers on this stack, store the stack pointer in *from,
+// continue on the stack `to` (where the same were saved, or a new fiber's frame). MXCSR and the x87 control
+// word stay as emu_launch sets them for every fiber (saving them made a switch four times slower).
+asm(R"(
+    .text
+    .globl emu_switch
+    .hidden emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+extern "C" void emu_switch(void **from, void *to);
+
+struct Thread {
+    void *sp;  // its saved stack pointer while it is not running
+    State state;
+    uint3 idx;
+    int linear;
+    const char *site;  // the __syncthreads() call it waits at (file:line)
+    int op;            // the warp instruction it waits at, with its operands and results
+    uint32_t mask, arg, in[10], out[4];
+};
+
+constexpr size_t STACK = 128 << 10;
+inline std::vector<Thread> threads;
+inline std::vector<char *> stacks;
+inline Thread *cur = nullptr;
+inline void *scheduler = nullptr;  // the scheduler's saved stack pointer
+inline uint3 block_idx, block_dim, grid_dim;
+inline void (*entry)(void **) = nullptr;
+inline void **entry_args = nullptr;
+inline char *dynamic_smem = nullptr;
+inline size_t dynamic_smem_bytes = 0;
+inline long atomics = 0;  // atomicAdd calls in this launch
+
+// errors leave the launch through a jump back to emu_launch's frame
+inline sigjmp_buf escape;
+inline bool in_launch = false;
+inline char message[512];
+inline uintptr_t fault_address = 0;
+
+inline void describe_thread(char *out, size_t n) {
+    if (cur)
+        snprintf(out, n, "block (%u, %u, %u) thread (%u, %u, %u)", block_idx.x, block_idx.y, block_idx.z, cur->idx.x,
+                 cur->idx.y, cur->idx.z);
+    else
+        snprintf(out, n, "block (%u, %u, %u)", block_idx.x, block_idx.y, block_idx.z);
+}
+
+[[noreturn]] inline void fail(const char *fmt, ...) {
+    char where[96], what[400];
+    describe_thread(where, sizeof where);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    snprintf(message, sizeof message, "%s: %s", where, what);
+    siglongjmp(escape, 1);
+}
+
+inline void yield() { emu_switch(&cur->sp, scheduler); }
+
+inline void barrier(const char *site) {  // site: file:line of the __syncthreads() (the optimiser may copy a call)
+    cur->site = site;
+    cur->state = BARRIER;
+    yield();
+}
+
+// a warp-wide instruction: operands in cur->in, results in cur->out once every lane of the warp has arrived
+inline void warp_op(int op, uint32_t mask, uint32_t arg) {
+    cur->op = op;
+    cur->mask = mask;
+    cur->arg = arg;
+    cur->state = WARP;
+    yield();
+}
+
+inline void *dynamic_shared() { return dynamic_smem; }
+
+// Called by the first thread of a block to pass a __shared__ declaration (tests/cuda_emu.py puts the call
+// after each one): fill the array with 0xFF bytes, once per block.
+inline long block_epoch = 0;
+inline std::vector<std::pair<const void *, long>> poisoned;  // array -> the block that last filled it
+inline void poison_shared(void *p, size_t n) {
+    for (auto &e : poisoned)
+        if (e.first == p) {
+            if (e.second != block_epoch) {
+                memset(p, 0xFF, n);
+                e.second = block_epoch;
+            }
+            return;
+        }
+    memset(p, 0xFF, n);
+    poisoned.emplace_back(p, block_epoch);
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::cur->idx)
+#define blockIdx (::emu::block_idx)
+#define blockDim (::emu::block_dim)
+#define gridDim (::emu::grid_dim)
+
+#define EMU_STR2(x) #x
+#define EMU_STR(x) EMU_STR2(x)
+#define __syncthreads() ::emu::barrier(__FILE__ ":" EMU_STR(__LINE__))
+[[noreturn]] inline void __trap() { emu::fail("__trap()"); }
+
+template <typename V>
+inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
+    static_assert(sizeof(V) == 4, "the emulator shuffles 32-bit values");
+    memcpy(&emu::cur->in[0], &v, 4);
+    emu::warp_op(emu::OP_SHFL_XOR, mask, (uint32_t)lane_mask);
+    V out;
+    memcpy(&out, &emu::cur->out[0], 4);
+    return out;
+}
+
+inline float atomicAdd(float *p, float v) {  // fibers never interleave within a call
+    ++emu::atomics;  // their order follows the threads': tests/cuda_emu.py's race check allows for it
+    const float old = *p;
+    *p = old + v;
+    return old;
+}
+
+inline float __fmul_rn(float a, float b) { return a * b; }  // no FMA contraction here (-ffp-contract=off)
+inline int __float2int_rn(float x) { return (int)nearbyintf(x); }  // round to nearest even
+inline float __int_as_float(int i) {
+    float f;
+    memcpy(&f, &i, 4);
+    return f;
+}
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
+
+namespace dg {
+
+// cvt.rn.f16.f32: float -> IEEE half bits, round to nearest even (with -ftz, a denormal float in is 0)
+inline uint16_t f32_to_f16_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t exp = (u >> 23) & 0xFFu;
+    uint32_t man = u & 0x7FFFFFu;
+    if (exp == 0xFFu) return (uint16_t)(sign | 0x7C00u | (man ? 0x200u : 0u));  // inf, NaN
+    if (exp == 0) return (uint16_t)sign;                                           // zero, flushed denormal
+    const int e = (int)exp - 127 + 15;
+    if (e >= 31) return (uint16_t)(sign | 0x7C00u);  // overflow: inf
+    if (e <= 0) {                                    // a half denormal (or zero)
+        if (e < -10) return (uint16_t)sign;
+        man |= 0x800000u;
+        const int shift = 14 - e;
+        uint32_t h = man >> shift;
+        const uint32_t rest = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rest > half || (rest == half && (h & 1u))) ++h;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((uint32_t)e << 10) | (man >> 13);
+    const uint32_t rest = man & 0x1FFFu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // may carry into the exponent: still right
+    return (uint16_t)(sign | h);
+}
+
+inline float emu_f16(uint32_t bits) {  // the host decoder of base.cuh, declared after it: a local copy
+    const uint32_t sign = (bits & 0x8000u) << 16;
+    uint32_t exp = (bits >> 10) & 0x1Fu, man = bits & 0x3FFu, out;
+    if (exp == 0x1Fu) out = sign | 0x7F800000u | (man << 13);
+    else if (exp != 0) out = sign | ((exp + 112u) << 23) | (man << 13);
+    else if (man == 0) out = sign;
+    else {
+        exp = 113;
+        while ((man & 0x400u) == 0) { man <<= 1; --exp; }
+        out = sign | (exp << 23) | ((man & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &out, 4);
+    return f;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32
+inline void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                             uint32_t b1) {
+    uint32_t *in = emu::cur->in;
+    const uint32_t regs[6] = {a0, a1, a2, a3, b0, b1};
+    memcpy(in, regs, sizeof regs);
+    memcpy(&in[6], d, 16);
+    emu::warp_op(emu::OP_MMA_F16, 0xffffffffu, 0);
+    memcpy(d, emu::cur->out, 16);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32
+inline void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
+    uint32_t *in = emu::cur->in;
+    memcpy(&in[0], &a0, 4);
+    memcpy(&in[1], &a1, 4);
+    memcpy(&in[2], &b0, 4);
+    memcpy(&in[3], d, 16);
+    emu::warp_op(emu::OP_MMA_S8, 0xffffffffu, 0);
+    memcpy(d, emu::cur->out, 16);
+}
+
+}  // namespace dg
+
+namespace emu {
+
+// The warp's 32 lanes all wait at one instruction: compute every lane's result.
+inline void resolve_warp(Thread *lane) {
+    const int op = lane[0].op;
+    for (int l = 0; l < 32; ++l)
+        if (lane[l].op != op || lane[l].mask != lane[0].mask)
+            fail("warp %d: lanes wait at different warp instructions (lane 0 at %d, lane %d at %d)", lane[0].linear / 32,
+                 op, l, lane[l].op);
+    if (op == OP_SHFL_XOR) {
+        for (int l = 0; l < 32; ++l) lane[l].out[0] = lane[l ^ (lane[l].arg & 31)].in[0];
+    } else if (op == OP_MMA_F16) {  // A 16x16 row-major, B 16x8 column-major, C/D 16x8 f32
+        float A[16][16], B[16][8], C[16][8];
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 8; ++i) {  // a_i: register i/2, half i%2 (low first)
+                const uint32_t h = (lane[l].in[i / 2] >> (16 * (i & 1))) & 0xFFFFu;
+                const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+                const int col = t * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+                A[row][col] = dg::emu_f16(h);
+            }
+            for (int i = 0; i < 4; ++i) {  // b_i: register 4 + i/2
+                const uint32_t h = (lane[l].in[4 + i / 2] >> (16 * (i & 1))) & 0xFFFFu;
+                B[t * 2 + (i & 1) + (i >= 2 ? 8 : 0)][g] = dg::emu_f16(h);
+            }
+            for (int i = 0; i < 4; ++i) memcpy(&C[i < 2 ? g : g + 8][t * 2 + (i & 1)], &lane[l].in[6 + i], 4);
+        }
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 4; ++i) {
+                const int row = i < 2 ? g : g + 8, col = t * 2 + (i & 1);
+                double s = C[row][col];  // products of halves are exact; the sum rounded once
+                for (int k = 0; k < 16; ++k) s += (double)A[row][k] * (double)B[k][col];
+                const float f = (float)s;
+                memcpy(&lane[l].out[i], &f, 4);
+            }
+        }
+    } else if (op == OP_MMA_S8) {
+        int A[16][16], B[16][8], C[16][8];
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 8; ++i)  // a_i: register i/4, byte i%4 (low first)
+                A[i < 4 ? g : g + 8][t * 4 + (i & 3)] = (int8_t)((lane[l].in[i / 4] >> (8 * (i & 3))) & 0xFFu);
+            for (int i = 0; i < 4; ++i) B[t * 4 + i][g] = (int8_t)((lane[l].in[2] >> (8 * i)) & 0xFFu);
+            for (int i = 0; i < 4; ++i) memcpy(&C[i < 2 ? g : g + 8][t * 2 + (i & 1)], &lane[l].in[3 + i], 4);
+        }
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 4; ++i) {
+                const int row = i < 2 ? g : g + 8, col = t * 2 + (i & 1);
+                int s = C[row][col];
+                for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+                memcpy(&lane[l].out[i], &s, 4);
+            }
+        }
+    } else {
+        fail("unknown warp instruction %d", op);
+    }
+    for (int l = 0; l < 32; ++l) lane[l].state = RUN;
+}
+
+inline void fiber_main() {  // entered by emu_switch's ret; never returns
+    entry(entry_args);
+    cur->state = DONE;
+    emu_switch(&cur->sp, scheduler);
+    __builtin_unreachable();
+}
+
+// A new fiber's stack as emu_switch leaves it: six registers, then fiber_main as the return address, at a
+// 16-byte boundary so that fiber_main starts with the alignment of a called function. Fiber i's frame is
+// i * 80 bytes (mod 4 KB) below its stack's end: stacks 128 KB apart would otherwise put every fiber's hot
+// frame in the same cache sets.
+inline void *fiber_frame(char *stack, int i) {
+    uint64_t *top = (uint64_t *)(((uintptr_t)(stack + STACK - (i * 80) % 4096)) & ~(uintptr_t)15);
+    top[-1] = 0;  // fiber_main's return address: none
+    top[-2] = (uint64_t)(uintptr_t)&fiber_main;
+    for (int r = 3; r <= 8; ++r) top[-r] = 0;  // rbp rbx r12 r13 r14 r15
+    return &top[-8];
+}
+
+// Run one block to the end: every thread until it finishes, barriers and warp instructions in between.
+inline void run_block(int n, bool reverse) {
+    ++block_epoch;
+    if (dynamic_smem_bytes) memset(dynamic_smem, 0xFF, dynamic_smem_bytes);
+    for (int i = 0; i < n; ++i) {
+        Thread &t = threads[i];
+        t.state = RUN;
+        t.linear = i;
+        t.idx = uint3{(unsigned)(i % block_dim.x), (unsigned)(i / block_dim.x % block_dim.y),
+                      (unsigned)(i / (block_dim.x * block_dim.y))};
+        t.op = OP_NONE;
+        t.sp = fiber_frame(stacks[i], i);
+    }
+    const int warps = (n + 31) / 32;
+    for (;;) {
+        bool ran = false;
+        for (int j = 0; j < n; ++j) {
+            const int i = reverse ? n - 1 - j : j;
+            if (threads[i].state != RUN) continue;
+            cur = &threads[i];
+            emu_switch(&scheduler, cur->sp);
+            ran = true;
+        }
+        cur = nullptr;
+        if (ran) continue;
+        bool released = false;
+        int alive = 0, at_barrier = 0;
+        for (int w = 0; w < warps; ++w) {
+            Thread *lane = &threads[w * 32];
+            const int lanes = n - w * 32 < 32 ? n - w * 32 : 32;
+            int waiting = 0;
+            for (int l = 0; l < lanes; ++l) waiting += lane[l].state == WARP;
+            if (waiting == 0) continue;
+            if (waiting == 32) {
+                resolve_warp(lane);
+                released = true;
+                continue;
+            }
+            for (int l = 0; l < lanes; ++l)
+                if (lane[l].state != WARP) {
+                    cur = &lane[l];
+                    fail("warp %d: lane %d is %s while lanes wait at a warp instruction with mask %08x", w, l,
+                         lane[l].state == DONE ? "exited" : "at __syncthreads()", lane[0].mask);
+                }
+            fail("warp %d has %d lanes (a warp instruction needs 32)", w, lanes);
+        }
+        if (released) continue;
+        const char *site = nullptr;
+        for (int i = 0; i < n; ++i) {
+            if (threads[i].state == DONE) continue;
+            ++alive;
+            if (threads[i].state == BARRIER) {
+                ++at_barrier;
+                if (site && strcmp(threads[i].site, site) != 0) {
+                    cur = &threads[i];
+                    fail("threads wait at different __syncthreads() calls (%s, and %s)", threads[i].site, site);
+                }
+                site = threads[i].site;
+            }
+        }
+        if (alive == 0) return;
+        if (at_barrier != alive) fail("no thread can go on (%d alive, %d at a barrier)", alive, at_barrier);
+        for (int i = 0; i < n; ++i)
+            if (threads[i].state == BARRIER) threads[i].state = RUN;  // exited threads count as arrived
+    }
+}
+
+inline void on_signal(int sig, siginfo_t *info, void *) {
+    if (!in_launch) {  // not ours: the default action (the caller restores the previous handlers)
+        signal(sig, SIG_DFL);
+        return;
+    }
+    fault_address = (uintptr_t)info->si_addr;
+    char where[96];
+    describe_thread(where, sizeof where);
+    const char *what = sig == SIGSEGV || sig == SIGBUS ? "memory access outside every buffer (or past one's end)"
+                       : sig == SIGILL                 ? "array index out of bounds (a trap of -fsanitize=bounds)"
+                                                       : "arithmetic fault (integer division by zero?)";
+    snprintf(message, sizeof message, "%s: %s at address 0x%lx", where, what, (unsigned long)fault_address);
+    siglongjmp(escape, 2);
+}
+
+}  // namespace emu
+
+// ---- the C interface tests/cuda_emu.py calls through ctypes ---------------------------------------------
+#define EMU_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace emu {
+
+template <typename F> struct Params;
+template <typename... A> struct Params<void (*)(A...)> {
+    static constexpr int count = sizeof...(A);
+    template <auto Fn, size_t... I> static void call(void **args, std::index_sequence<I...>) {
+        Fn(*static_cast<std::remove_cv_t<A> *>(args[I])...);
+    }
+    static void sizes(int *out) {
+        const int s[] = {(int)sizeof(A)..., 0};
+        for (int i = 0; i < count; ++i) out[i] = s[i];
+    }
+};
+
+template <auto Fn> void invoke(void **args) {
+    using P = Params<decltype(Fn)>;
+    P::template call<Fn>(args, std::make_index_sequence<P::count>{});
+}
+
+struct Kernel {
+    const char *name;
+    void (*run)(void **);
+    int params;
+    void (*sizes)(int *);
+};
+
+template <auto Fn> constexpr Kernel kernel_info(const char *name) {
+    using P = Params<decltype(Fn)>;
+    return Kernel{name, &invoke<Fn>, P::count, &P::sizes};
+}
+
+}  // namespace emu
+
+#define EMU_KERNEL(fn) ::emu::kernel_info<&fn>(#fn)
+
+extern const emu::Kernel emu_kernels[];
+extern const int emu_kernel_total;
+
+EMU_EXPORT int emu_kernel_count() { return emu_kernel_total; }
+EMU_EXPORT const char *emu_kernel_name(int k) { return emu_kernels[k].name; }
+EMU_EXPORT int emu_kernel_params(int k, int *sizes) {
+    emu_kernels[k].sizes(sizes);
+    return emu_kernels[k].params;
+}
+
+// A buffer of n bytes whose end (at_end) or start touches an inaccessible page; *base, *span: the mapping.
+EMU_EXPORT void *emu_guarded(size_t n, int at_end, void **base, size_t *span) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t body = (n + page - 1) / page * page;
+    *span = body + 2 * page;
+    char *m = (char *)mmap(nullptr, *span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return nullptr;
+    if (body && mprotect(m + page, body, PROT_READ | PROT_WRITE) != 0) return nullptr;
+    *base = m;
+    const size_t padded = (n + 3) / 4 * 4;  // 4-byte aligned start: every element type's alignment
+    return at_end ? m + page + body - padded : m + page;
+}
+
+EMU_EXPORT void emu_release(void *base, size_t span) { munmap(base, span); }
+
+EMU_EXPORT long emu_atomics() { return emu::atomics; }  // atomicAdd calls in the last launch
+
+// Run kernel k over grid x block with `smem` bytes of dynamic shared memory. Returns 0, or 1 with a
+// message in `out` (and the faulting address in *fault, 0 when none).
+EMU_EXPORT int emu_launch(int k, const unsigned *grid, const unsigned *block, size_t smem, void **args, int reverse,
+                          char *out, int out_len, uintptr_t *fault) {
+    using namespace emu;
+    const int n = (int)(block[0] * block[1] * block[2]);
+    if (n < 1 || n > 1024) {
+        snprintf(out, out_len, "a block of %d threads (CUDA allows 1 to 1024)", n);
+        return 1;
+    }
+    while ((int)stacks.size() < n) {
+        char *s = (char *)mmap(nullptr, STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        mprotect(s, 4096, PROT_NONE);  // the stack's overflow end
+        stacks.push_back(s);
+    }
+    threads.resize(stacks.size());
+    void *smem_base = nullptr;
+    size_t smem_span = 0;
+    dynamic_smem = smem ? (char *)emu_guarded(smem, 1, &smem_base, &smem_span) : nullptr;
+    dynamic_smem_bytes = smem;
+
+    static char alt[1 << 16];
+    stack_t ss{}, old_ss{};
+    ss.ss_sp = alt;
+    ss.ss_size = sizeof alt;
+    sigaltstack(&ss, &old_ss);
+    struct sigaction sa{}, old[4];
+    sa.sa_sigaction = on_signal;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    const int sigs[4] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE};
+    for (int i = 0; i < 4; ++i) sigaction(sigs[i], &sa, &old[i]);
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040u);  // FTZ and DAZ: NVRTC's -ftz=true (CuPy's default)
+
+    entry = emu_kernels[k].run;
+    entry_args = args;
+    grid_dim = uint3{grid[0], grid[1], grid[2]};
+    block_dim = uint3{block[0], block[1], block[2]};
+    message[0] = 0;
+    fault_address = 0;
+    atomics = 0;
+    int status = 0;
+    cur = nullptr;
+    in_launch = true;
+    if (sigsetjmp(escape, 1) == 0) {
+        for (unsigned z = 0; z < grid[2]; ++z)
+            for (unsigned y = 0; y < grid[1]; ++y)
+                for (unsigned x = 0; x < grid[0]; ++x) {
+                    block_idx = uint3{x, y, z};
+                    run_block(n, reverse != 0);
+                }
+    } else {
+        status = 1;
+    }
+    in_launch = false;
+    cur = nullptr;
+    _mm_setcsr(csr);
+    for (int i = 0; i < 4; ++i) sigaction(sigs[i], &old[i], nullptr);
+    sigaltstack(&old_ss, nullptr);
+    if (smem_base) emu_release(smem_base, smem_span);
+    dynamic_smem = nullptr;
+    snprintf(out, out_len, "%s", message);
+    *fault = fault_address;
+    return status;
+}

@@ -1,0 +1,360 @@
+"""dgemma's CUDA kernels on the CPU: csrc/*.cu compiled by g++ against tests/cuda_emu.h (a fiber per CUDA thread)
+and launched through the ops wrappers, so tests/test_cuda_kernels.py runs the real kernels without a GPU.
+
+`emulated()` patches plugin/cuda/ops.py and head_ops.py for the duration: kernel() compiles the module for
+the CPU (cached on disk by content), _launch() runs it on CPU tensors, each passed in a buffer that ends at
+an inaccessible page (a read or write past its end is an error naming the kernel, block, thread and
+argument), tensors claim to be on a GPU (an H100's capability), and the wrappers' torch.empty outputs
+start as 0xFF bytes (NaN), so an element no thread writes shows. With race_check each launch runs twice,
+the threads of every block in opposite orders, and any difference in any buffer is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from functools import lru_cache
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from dgemma.plugin.cuda import head_ops, ops
+from dgemma.plugin.cuda.loader import csrc_dir
+
+HEADER = Path(__file__).with_name("cuda_emu.h")
+FLAGS = ("-std=c++17", "-O2", "-march=native", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-fsanitize=bounds",
+         "-fsanitize-undefined-trap-on-error", "-U_FORTIFY_SOURCE", "-w")
+DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
+C_KERNEL = re.compile(r'extern "C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)')
+
+
+class EmulatorError(RuntimeError):
+    """A kernel did something a GPU would not survive (or would do differently each run)."""
+
+
+def unavailable() -> str | None:
+    """Why the emulator cannot run here, or None."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"the CUDA emulator needs Linux on x86-64 (this is {platform.system()} {platform.machine()})"
+    if shutil.which("g++") is None:
+        return "the CUDA emulator needs g++"
+    return None
+
+
+def _expressions(filename: str) -> tuple[str, ...]:
+    """Every kernel of csrc/<filename> the wrappers fetch: the loader's name expressions and plain names."""
+    names: list[str] = []
+    for source, exprs, plain in ops.MODULES:
+        if source == filename:
+            names += [n for n in (*exprs, *plain) if n not in names]
+    if not names:
+        raise EmulatorError(f"csrc/{filename} is not among ops.MODULES")
+    return tuple(names)
+
+
+def _cache_dir() -> Path:
+    path = Path(os.environ.get("DGEMMA_EMU_CACHE", Path(tempfile.gettempdir()) / "dgemma-cuda-emu"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+SHARED = re.compile(r"^([ \t]*)__shared__\s+([^;{}]*);", re.M)
+
+
+def _split_declarators(decl: str) -> list[str]:
+    """'float a[2][3], b[4]' -> ['float a[2][3]', 'b[4]'] (commas inside brackets stay)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(decl):
+        depth += ch in "[(" and 1 or (ch in "])" and -1 or 0)
+        if ch == "," and depth == 0:
+            parts.append(decl[start:i])
+            start = i + 1
+    return parts + [decl[start:]]
+
+
+def for_emulator(code: str) -> str:
+    """CUDA source as the emulator compiles it: `extern __shared__ T name[];` becomes a pointer to the launch's
+    dynamic shared memory (a function-local static cannot be extern), and every other __shared__ declaration
+    is followed, on the same line, by the call that fills it with 0xFF bytes once per block."""
+    code = DYNAMIC_SHARED.sub(r"\1 * \2 = (\1 *)::emu::dynamic_shared();", code)
+
+    def poison(m: re.Match) -> str:
+        decl = re.sub(r"__align__\(\s*\d+\s*\)", " ", m.group(2))
+        names = [re.search(r"(\w+)\s*(?:\[[^\]]*\]\s*)*$", part.strip()).group(1) for part in _split_declarators(decl)]
+        return m.group(0) + "".join(f" ::emu::poison_shared(&{n}, sizeof({n}));" for n in names)
+
+    return SHARED.sub(poison, code)
+
+
+def _tree(src: Path) -> tuple[Path, str]:
+    """csrc/ as the emulator compiles it (for_emulator on every file), cached by content; and its digest."""
+    files = sorted(p for p in src.rglob("*") if p.suffix in (".cu", ".cuh"))
+    digest = hashlib.sha256(HEADER.read_bytes() + Path(__file__).read_bytes() + " ".join(FLAGS).encode())
+    for path in files:
+        digest.update(str(path.relative_to(src)).encode() + path.read_bytes())
+    key = digest.hexdigest()[:16]
+    tree = _cache_dir() / f"csrc-{key}"
+    if not tree.exists():
+        tmp = tree.with_name(f"{tree.name}.{os.getpid()}.tmp")
+        for path in files:
+            out = tmp / path.relative_to(src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(for_emulator(path.read_text()))
+        try:
+            os.replace(tmp, tree)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tree, key
+
+
+class Module:
+    """One .cu file compiled for the CPU (csrc/<name> by default), its kernels by name: `names` are the name
+    expressions (dg::qmatmul<12>) and extern "C" names to look up."""
+
+    def __init__(self, filename: str, names: tuple[str, ...] | None = None, directory: Path | None = None):
+        tree, key = _tree(csrc_dir())
+        code = for_emulator(((directory or csrc_dir()) / filename).read_text())
+        names = names or _expressions(filename)
+        # an extern "C" kernel may share its name with a device function (head_merge): name it by its type
+        c_types = {name: ", ".join(p.rsplit(None, 1)[0] for p in params.split(","))
+                   for name, params in C_KERNEL.findall(code)}
+        table = ",\n".join(f"    EMU_KERNEL({n})" if n not in c_types else
+                           f"    ::emu::kernel_info<static_cast<void (*)({c_types[n]})>(&{n})>(\"{n}\")" for n in names)
+        unit = (f'#line 1 "{filename}"\n{code}\n\nusing namespace dg;\n'
+                f"const emu::Kernel emu_kernels[] = {{\n{table}\n}};\nconst int emu_kernel_total = {len(names)};\n")
+        digest = hashlib.sha256(key.encode() + unit.encode()).hexdigest()[:16]
+        out = _cache_dir() / f"{Path(filename).stem}-{digest}.so"
+        if not out.exists():
+            cpp = out.with_suffix(f".{os.getpid()}.cpp")
+            cpp.write_text(unit)
+            tmp = out.with_suffix(f".{os.getpid()}.tmp")
+            cmd = ["g++", *FLAGS, f"-I{tree}", "-include", str(HEADER), str(cpp), "-o", str(tmp)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            cpp.unlink()
+            if done.returncode != 0:
+                raise EmulatorError(f"g++ could not compile {filename} for the emulator:\n{done.stderr[-4000:]}")
+            os.replace(tmp, out)  # whole or not at all: another process may be reading the cache
+        lib = ctypes.CDLL(str(out))
+        lib.emu_kernel_name.restype = ctypes.c_char_p
+        lib.emu_guarded.restype = ctypes.c_void_p
+        lib.emu_guarded.argtypes = (ctypes.c_size_t, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
+                                    ctypes.POINTER(ctypes.c_size_t))
+        lib.emu_release.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        lib.emu_atomics.restype = ctypes.c_long
+        lib.emu_launch.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
+                                   ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_char_p,
+                                   ctypes.c_int, ctypes.POINTER(ctypes.c_size_t))
+        self.lib, self.filename = lib, filename
+        self.kernels: dict[str, Kernel] = {}
+        for i in range(lib.emu_kernel_count()):
+            sizes = (ctypes.c_int * 64)()
+            count = lib.emu_kernel_params(i, sizes)
+            name = lib.emu_kernel_name(i).decode()
+            self.kernels[name] = Kernel(self, i, name, tuple(sizes[:count]))
+
+
+class Kernel:
+    def __init__(self, module: Module, index: int, name: str, param_sizes: tuple[int, ...]):
+        self.module, self.index, self.name, self.param_sizes = module, index, name, param_sizes
+
+
+@lru_cache(maxsize=None)
+def module(filename: str) -> Module:
+    return Module(filename)
+
+
+def kernel(filename: str, name: str, name_expressions: tuple[str, ...] = ()) -> Kernel:
+    """loader.kernel's emulated twin."""
+    mod = module(filename)
+    if name not in mod.kernels:
+        raise EmulatorError(f"csrc/{filename} has no kernel {name} among {sorted(mod.kernels)}")
+    return mod.kernels[name]
+
+
+class _Buffers:
+    """Every tensor argument's storage copied into a guarded buffer (views of one storage share one)."""
+
+    def __init__(self, lib, tensors: list[torch.Tensor], at_end: bool = True):
+        self.lib, self.at_end = lib, at_end
+        self.bufs: dict[int, tuple[int, int, int, int, torch.Tensor]] = {}  # storage ptr -> (ptr, base, span, nbytes, t)
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self.bufs:
+                continue
+            n = storage.nbytes()
+            base, span = ctypes.c_void_p(), ctypes.c_size_t()
+            ptr = lib.emu_guarded(n, int(at_end), ctypes.byref(base), ctypes.byref(span))
+            if not ptr:
+                raise MemoryError(f"the emulator could not map {n} bytes")
+            if n:
+                ctypes.memmove(ptr, key, n)
+            self.bufs[key] = (ptr, base.value, span.value, n, t)
+
+    def address(self, t: torch.Tensor) -> int:
+        ptr = self.bufs[t.untyped_storage().data_ptr()][0]
+        return ptr + (t.data_ptr() - t.untyped_storage().data_ptr())
+
+    def snapshot(self) -> list[bytes]:
+        return [ctypes.string_at(ptr, n) for ptr, _, _, n, _ in self.bufs.values()]
+
+    def restore(self, saved: list[bytes]) -> None:
+        for (ptr, _, _, n, _), data in zip(self.bufs.values(), saved):
+            ctypes.memmove(ptr, data, n)
+
+    def copy_back(self) -> None:
+        for key, (ptr, _, _, n, _) in self.bufs.items():
+            if n:
+                ctypes.memmove(key, ptr, n)
+
+    def release(self) -> None:
+        for ptr, base, span, n, _ in self.bufs.values():
+            self.lib.emu_release(base, span)
+        self.bufs.clear()
+
+    def which(self, address: int, args: tuple) -> str:
+        """The argument(s) whose buffer's guard pages hold `address`."""
+        for key, (ptr, base, span, n, t) in self.bufs.items():
+            if base <= address < base + span:
+                idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == key]
+                return (f"; that is byte {address - ptr} of argument {'/'.join(map(str, idx))}'s {n}-byte buffer "
+                        f"({t.dtype} {tuple(t.shape)})")
+        return ""
+
+
+def _dims(d) -> tuple[int, int, int]:
+    d = tuple(int(v) for v in (d if isinstance(d, (tuple, list)) else (d,)))
+    return d + (1,) * (3 - len(d))
+
+
+def launch(fn: Kernel, grid, block, args: tuple, shared_mem: int = 0, race_check: bool = True) -> None:
+    """Run kernel fn over grid x block on CPU tensors (and numpy scalars), as CuPy would on a GPU; raises
+    EmulatorError for what a GPU would fault on, or, with race_check, for results that depend on the order
+    of a block's threads."""
+    if len(args) != len(fn.param_sizes):
+        raise EmulatorError(f"{fn.name}: {len(args)} arguments for {len(fn.param_sizes)} parameters")
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise EmulatorError(f"{fn.name}: the emulator takes CPU tensors (got one on {t.device})")
+    lib = fn.module.lib
+    bufs = _Buffers(lib, tensors)
+    try:
+        raw, values = (ctypes.c_void_p * max(1, len(args)))(), []
+        for i, (a, size) in enumerate(zip(args, fn.param_sizes)):
+            if isinstance(a, torch.Tensor):
+                v = ctypes.c_uint64(bufs.address(a))
+            elif a is None:
+                v = ctypes.c_uint64(0)
+            elif isinstance(a, np.generic):
+                v = ctypes.create_string_buffer(a.tobytes(), a.nbytes)
+            elif isinstance(a, bool):
+                v = ctypes.c_bool(a)
+            elif isinstance(a, int):  # as CuPy packs a Python int: 8 bytes
+                v = ctypes.c_int64(a)
+            elif isinstance(a, float):
+                v = ctypes.c_double(a)
+            else:
+                raise EmulatorError(f"{fn.name}: argument {i} is a {type(a).__name__}")
+            width = a.nbytes if isinstance(a, np.generic) else ctypes.sizeof(v)
+            if width != size:
+                raise EmulatorError(f"{fn.name}: argument {i} ({type(a).__name__}) is {width} bytes where the "
+                                    f"kernel's parameter {i} takes {size}")
+            values.append(v)
+            raw[i] = ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
+        g, b = (ctypes.c_uint * 3)(*_dims(grid)), (ctypes.c_uint * 3)(*_dims(block))
+
+        def run(reverse: bool) -> None:
+            msg, fault = ctypes.create_string_buffer(512), ctypes.c_size_t()
+            if lib.emu_launch(fn.index, g, b, int(shared_mem), raw, int(reverse), msg, 512, ctypes.byref(fault)):
+                where = bufs.which(fault.value, args) if fault.value else ""
+                raise EmulatorError(f"{fn.name}<<<{_dims(grid)}, {_dims(block)}>>>: {msg.value.decode()}{where}")
+
+        if race_check:
+            before = bufs.snapshot()
+            run(reverse=True)
+            backwards = bufs.snapshot()
+            bufs.restore(before)
+        run(reverse=False)
+        if race_check:
+            _same_both_ways(fn, grid, block, bufs, backwards, atomics=lib.emu_atomics() > 0)
+        bufs.copy_back()
+    finally:
+        bufs.release()
+
+
+def _same_both_ways(fn: Kernel, grid, block, bufs: _Buffers, backwards: list[bytes], atomics: bool) -> None:
+    """Every buffer as the run with each block's threads in reverse order left it: bit for bit, except that
+    float32 buffers may differ by the rounding of a different order of atomicAdd (1e-5 relative) when the
+    launch used atomics."""
+    for i, (fwd, bwd, (_, _, _, n, t)) in enumerate(zip(bufs.snapshot(), backwards, bufs.bufs.values())):
+        if fwd == bwd:
+            continue
+        if atomics and t.dtype == torch.float32:
+            a, b = np.frombuffer(fwd, np.float32), np.frombuffer(bwd, np.float32)
+            if np.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True):
+                continue
+        at = next(j for j in range(n) if fwd[j] != bwd[j])
+        raise EmulatorError(f"{fn.name}<<<{_dims(grid)}, {_dims(block)}>>>: buffer {i} ({t.dtype} {tuple(t.shape)}) "
+                            f"differs at byte {at} when each block's threads run in the opposite order (a race)")
+
+
+class _PoisonedTorch:
+    """torch, except that empty() and empty_like() fill new tensors with 0xFF bytes (NaN, -1)."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs) -> torch.Tensor:
+        t = torch.empty(*args, **kwargs)
+        t.untyped_storage().fill_(0xFF)
+        return t
+
+    @staticmethod
+    def empty_like(*args, **kwargs) -> torch.Tensor:
+        t = torch.empty_like(*args, **kwargs)
+        t.untyped_storage().fill_(0xFF)
+        return t
+
+
+@contextlib.contextmanager
+def emulated(race_check: bool = True) -> Iterator[SimpleNamespace]:
+    """The ops wrappers launch the emulated kernels on CPU tensors until the block ends. Yields the launch
+    count and the seconds spent per kernel (`.launches`, `.seconds`)."""
+    reason = unavailable()
+    if reason:
+        raise EmulatorError(reason)
+    stats = SimpleNamespace(launches=0, seconds={})  # seconds per kernel name
+
+    def counted(fn, grid, block, args, shared_mem: int = 0) -> None:
+        stats.launches += 1
+        start = time.perf_counter()
+        launch(fn, grid, block, tuple(args), shared_mem, race_check)
+        stats.seconds[fn.name] = stats.seconds.get(fn.name, 0.0) + time.perf_counter() - start
+
+    with pytest.MonkeyPatch.context() as mp:
+        patch = mp.setattr
+        patch(torch.Tensor, "is_cuda", property(lambda self: True))
+        patch(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        patch(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(multi_processor_count=132))
+        for mod in (ops, head_ops):
+            patch(mod, "kernel", kernel)
+            patch(mod, "_launch", counted)
+            patch(mod, "torch", _PoisonedTorch())
+        # the f16 head's cuBLAS products (torch.mm with a float32 result, which CPU torch lacks): the float32
+        # product of the same f16 values, as on a GPU
+        patch(head_ops, "_mm_f32", lambda a, b: a.float() @ b.float())
+        yield stats

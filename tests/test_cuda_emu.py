@@ -1,0 +1,101 @@
+"""The CPU emulator that runs csrc's kernels in tests/test_cuda_kernels.py (tests/cuda_emu.py, cuda_emu.h):
+each mistake of tests/data/emu_selftest.cu is reported as what a GPU would do with it, each correct twin
+runs clean, and the tensor-core instructions compute a matrix product in the PTX ISA's fragment layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cuda_emu
+
+if cuda_emu.unavailable():
+    pytest.skip(cuda_emu.unavailable(), allow_module_level=True)
+
+KERNELS = ("shift_read", "neighbour", "two_barriers", "shuffle_after_exit", "dg::half_written<32>", "past_shared", "traps",
+           "scalar_sizes", "mma_f16_tile", "mma_s8_tile")
+
+
+@pytest.fixture(scope="module")
+def k():
+    mod = cuda_emu.Module("emu_selftest.cu", KERNELS, Path(__file__).parent / "data")
+    return mod.kernels
+
+
+def test_a_read_past_a_buffer_names_kernel_thread_and_argument(k):
+    x, y = torch.arange(40, dtype=torch.float32), torch.zeros(40)
+    cuda_emu.launch(k["shift_read"], (2,), (32,), (x, y, np.int32(40), np.int32(0)))
+    assert torch.equal(y, x)
+    with pytest.raises(cuda_emu.EmulatorError, match=r"shift_read.*block \(1, 0, 0\) thread \(7, 0, 0\).*outside.*"
+                                                     r"byte 160 of argument 0's 160-byte buffer"):
+        cuda_emu.launch(k["shift_read"], (2,), (32,), (x, y, np.int32(40), np.int32(1)))
+
+
+def test_a_missing_barrier_is_a_race(k):
+    x, y = torch.arange(64, dtype=torch.float32), torch.zeros(64)
+    cuda_emu.launch(k["neighbour"], (1,), (64,), (x, y, np.int32(1)))
+    assert torch.equal(y, x.roll(-1))
+    with pytest.raises(cuda_emu.EmulatorError, match="opposite order"):
+        cuda_emu.launch(k["neighbour"], (1,), (64,), (x, y, np.int32(0)))
+
+
+def test_barriers_at_different_places_are_an_error(k):
+    with pytest.raises(cuda_emu.EmulatorError, match=r"different __syncthreads\(\) calls \(emu_selftest.cu:\d+"):
+        cuda_emu.launch(k["two_barriers"], (1,), (32,), (torch.zeros(32),))
+
+
+def test_a_shuffle_with_an_exited_lane_is_an_error(k):
+    y = torch.zeros(32)
+    cuda_emu.launch(k["shuffle_after_exit"], (1,), (32,), (y, np.int32(-1)))
+    assert torch.equal(y, torch.arange(32).float().view(16, 2).flip(1).reshape(32))  # lane ^ 1
+    with pytest.raises(cuda_emu.EmulatorError, match="lane 3 is exited"):
+        cuda_emu.launch(k["shuffle_after_exit"], (1,), (32,), (y, np.int32(3)))
+
+
+def test_unwritten_shared_memory_reads_as_nan_in_every_block(k):
+    y = torch.zeros(2, 32)
+    cuda_emu.launch(k["dg::half_written<32>"], (2,), (32,), (y,))
+    written = (torch.arange(32)[None, :] + torch.arange(2)[:, None]) % 2 == 0
+    assert bool((y[written] == 1).all()) and bool(y[~written].isnan().all())
+
+
+def test_an_index_past_a_shared_array_traps(k):
+    cuda_emu.launch(k["past_shared"], (1,), (32,), (torch.zeros(32), np.int32(31)))
+    with pytest.raises(cuda_emu.EmulatorError, match="out of bounds"):
+        cuda_emu.launch(k["past_shared"], (1,), (32,), (torch.zeros(32), np.int32(32)))
+
+
+def test_trap_is_an_error_and_the_next_launch_runs(k):
+    with pytest.raises(cuda_emu.EmulatorError, match=r"__trap\(\)"):
+        cuda_emu.launch(k["traps"], (2,), (64,), (np.int32(1),))
+    cuda_emu.launch(k["traps"], (2,), (64,), (np.int32(0),))
+
+
+def test_arguments_are_packed_as_cupy_packs_them(k):
+    y = torch.zeros(3)
+    cuda_emu.launch(k["scalar_sizes"], (1,), (1,), (y, np.int32(3), np.int64(-4), np.float32(2.5)))
+    assert y.tolist() == [3.0, -4.0, 2.5]
+    for bad in ((y, 3, np.int64(1), np.float32(0)), (y, np.int32(3), np.int32(1), np.float32(0)),
+                (y, np.int32(3), np.int64(1), 0.5), (y, np.int32(3))):
+        with pytest.raises(cuda_emu.EmulatorError, match="bytes where|arguments for"):
+            cuda_emu.launch(k["scalar_sizes"], (1,), (1,), bad)
+
+
+def test_mma_f16_is_a_matrix_product_in_the_ptx_layout(k):
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal(s).astype(np.float16) for s in ((16, 16), (8, 16)))
+    d = torch.full((16, 8), float("nan"))
+    cuda_emu.launch(k["mma_f16_tile"], (1,), (32,), (torch.from_numpy(a), torch.from_numpy(b), d))
+    want = a.astype(np.float64) @ b.astype(np.float64).T
+    np.testing.assert_allclose(d.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_mma_s8_is_a_matrix_product_in_the_ptx_layout(k):
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(-128, 128, s).astype(np.int8) for s in ((16, 16), (8, 16)))
+    d = torch.zeros(16, 8, dtype=torch.int32)
+    cuda_emu.launch(k["mma_s8_tile"], (1,), (32,), (torch.from_numpy(a), torch.from_numpy(b), d))
+    assert np.array_equal(d.numpy(), a.astype(np.int32) @ b.astype(np.int32).T)
