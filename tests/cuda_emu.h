@@ -145,19 +145,27 @@ inline void *dynamic_shared() { return dynamic_smem; }
 
 // Called by the first thread of a block to pass a __shared__ declaration (tests/cuda_emu.py puts the call
 // after each one): fill the array with 0xFF bytes, once per block.
+// The shared memory a block has declared so far (static arrays reached, plus the dynamic bytes) may not pass
+// the 48 KB a kernel gets without opting in (cudaFuncSetAttribute, which the wrappers never call).
+constexpr size_t SHARED_LIMIT = 48 << 10;
 inline long block_epoch = 0;
+inline size_t block_shared = 0;
 inline std::vector<std::pair<const void *, long>> poisoned;  // array -> the block that last filled it
 inline void poison_shared(void *p, size_t n) {
+    bool known = false;
     for (auto &e : poisoned)
         if (e.first == p) {
-            if (e.second != block_epoch) {
-                memset(p, 0xFF, n);
-                e.second = block_epoch;
-            }
-            return;
+            if (e.second == block_epoch) return;
+            e.second = block_epoch;
+            known = true;
+            break;
         }
+    if (!known) poisoned.emplace_back(p, block_epoch);
     memset(p, 0xFF, n);
-    poisoned.emplace_back(p, block_epoch);
+    block_shared += n;
+    if (block_shared > SHARED_LIMIT)
+        fail("%zu bytes of shared memory (static and dynamic), more than the %zu a kernel gets without opting in",
+             block_shared, SHARED_LIMIT);
 }
 
 }  // namespace emu
@@ -354,6 +362,8 @@ inline void *fiber_frame(char *stack, int i) {
 // Run one block to the end: every thread until it finishes, barriers and warp instructions in between.
 inline void run_block(int n, bool reverse) {
     ++block_epoch;
+    block_shared = dynamic_smem_bytes;
+    if (block_shared > SHARED_LIMIT) fail("%zu bytes of dynamic shared memory, more than %zu", block_shared, SHARED_LIMIT);
     if (dynamic_smem_bytes) memset(dynamic_smem, 0xFF, dynamic_smem_bytes);
     for (int i = 0; i < n; ++i) {
         Thread &t = threads[i];

@@ -15,7 +15,7 @@ import cuda_emu
 if cuda_emu.unavailable():
     pytest.skip(cuda_emu.unavailable(), allow_module_level=True)
 
-KERNELS = ("shift_read", "neighbour", "two_barriers", "shuffle_after_exit", "dg::half_written<32>", "past_shared", "traps",
+KERNELS = ("shift_read", "neighbour", "two_barriers", "shuffle_after_exit", "dg::half_written<32>", "past_shared", "big_shared", "traps",
            "scalar_sizes", "mma_f16_tile", "mma_s8_tile")
 
 
@@ -66,6 +66,14 @@ def test_an_index_past_a_shared_array_traps(k):
     cuda_emu.launch(k["past_shared"], (1,), (32,), (torch.zeros(32), np.int32(31)))
     with pytest.raises(cuda_emu.EmulatorError, match="out of bounds"):
         cuda_emu.launch(k["past_shared"], (1,), (32,), (torch.zeros(32), np.int32(32)))
+
+
+def test_more_than_48_kb_of_shared_memory_is_an_error(k):
+    y = torch.zeros(32)
+    cuda_emu.launch(k["big_shared"], (1,), (32,), (y, np.int32(0)))
+    assert bool((y == 1).all())
+    with pytest.raises(cuda_emu.EmulatorError, match="61440 bytes of shared memory"):
+        cuda_emu.launch(k["big_shared"], (1,), (32,), (y, np.int32(1)))
 
 
 def test_trap_is_an_error_and_the_next_launch_runs(k):

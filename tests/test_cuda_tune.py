@@ -1,6 +1,7 @@
 """plugin/cuda/tune.py on the CPU: which matmul kernel each quantized weight gets, with the csrc kernels
-replaced by their references (tests/test_cuda_kernels.py compares those with the kernels on a GPU) and a
-timer that reports preset times for whichever kernel the timed call ran. What it says about speed comes
+replaced by their references (tests/test_cuda_kernels.py compares those with the kernels) and a
+timer that reports preset times for whichever kernel the timed call ran; the model-level test also runs
+with the kernels themselves in the CPU emulator (tests/cuda_emu.py). What it says about speed comes
 from a GPU (bench/step_gpu.py); this checks the choosing, the cache and the dispatch."""
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ AMPERE, TURING = (8, 0), (7, 5)
 def ran(kernels_as_references, monkeypatch):
     """The kernels as their references (conftest), recording which matmul kernel ran: ran[-1] after a call.
     The head's fused float kernel counts as "scalar", its chunked form as its matmul."""
+    return recording(monkeypatch)
+
+
+@pytest.fixture()
+def ran_either(kernels, monkeypatch):
+    """As `ran`, with the kernels as their references and again as themselves in the emulator (conftest)."""
+    return recording(monkeypatch)
+
+
+def recording(monkeypatch) -> list[str]:
     calls: list[str] = []
 
     def record(module, name: str, kernel) -> None:
@@ -131,8 +142,8 @@ def test_a_named_kernel_goes_where_it_can(default_gguf, ran):
 
 @pytest.mark.parametrize("kernel,low,high,stats", [("scalar", 0.0, 1e-4, (1e-5, 1e-5)), ("f16", 1e-4, 0.05, (0.01, 1e-3)),
                                                 ("int8", 1e-2, 0.5, (0.05, 5e-3))])
-def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran, kernel, low, high, stats):
-    """The dispatch: every weight runs the chosen kernel (here its reference), and the logits move by what its
+def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran_either, kernel, low, high, stats):
+    """The dispatch: every weight runs the chosen kernel (its reference, or emulated), and the logits move by what its
     rounding allows. Measured on the default model (max |logit| 12): scalar 6e-6, f16 (X and W rounded to f16;
     the down projections stay scalar) 0.005, int8 (X quantized per 32 values) 0.15, KL(T=1) 5e-4, the same
     argmax. The head's statistics (entropy, softmax @ E of max 0.11), measured: scalar 8e-7 and 8e-7, f16 3.8e-3
@@ -141,17 +152,17 @@ def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran, kerne
     w, cfg = cpu_cuda_weights(default_gguf)
     tune.choose(w, kernel, device="cpu", capability=AMPERE, cache=False)
     model = DiffusionGemma(cfg, w)
-    a, b, canvas, c1, c2 = decode_both(ref.model, model, 30, before=lambda: ran.clear())
-    assert set(ran) == ({kernel, "scalar"} if kernel == "f16" else {kernel})  # f16: not on the down projections
+    a, b, canvas, c1, c2 = decode_both(ref.model, model, 30, before=lambda: ran_either.clear())
+    assert set(ran_either) == ({kernel, "scalar"} if kernel == "f16" else {kernel})  # f16: not on the down projections
     diff = float((a - b).abs().max())
     assert low <= diff < high
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     # the sampler's statistics through the head the choice gives (scalar: the fused kernel; f16 and int8: the
     # chunked head on tensor cores), against the torch backend's from the float logits
-    ran.clear()
+    ran_either.clear()
     want = ref.model.decode_stats(canvas, c1, None, 0.7, 9, 3)
     got = model.decode_stats(canvas, c2, None, 0.7, 9, 3)
-    assert ran and ran[-1] == kernel  # the head (run last): the fused kernel for scalar, the chunked one else
+    assert ran_either and ran_either[-1] == kernel  # the head (run last): the fused kernel for scalar, the chunked one else
     assert torch.equal(got.argmax, want.argmax)
     assert float((got.entropy - want.entropy).abs().max()) < stats[0]
     assert float((got.sc - want.sc).abs().max()) < stats[1]

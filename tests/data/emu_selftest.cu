@@ -50,6 +50,17 @@ extern "C" __global__ void past_shared(float * __restrict__ y, int i) {
     y[threadIdx.x] = s[i];  // i = 32: past the array
 }
 
+extern "C" __global__ void big_shared(float * __restrict__ y, int both) {
+    __shared__ float a[7680];  // 30 KB
+    a[threadIdx.x] = 1.0f;
+    if (both) {
+        __shared__ float b[7680];  // 30 KB more: 60 KB (the emulator counts the declarations a block reaches)
+        b[threadIdx.x] = 2.0f;
+    }
+    __syncthreads();
+    y[threadIdx.x] = a[threadIdx.x];
+}
+
 extern "C" __global__ void traps(int when) {
     if (when) __trap();
 }
