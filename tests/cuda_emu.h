@@ -515,11 +515,16 @@ EMU_EXPORT long emu_atomics() { return emu::atomics; }  // atomicAdd calls in th
 EMU_EXPORT int emu_launch(int k, const unsigned *grid, const unsigned *block, size_t smem, void **args, int reverse,
                           char *out, int out_len, uintptr_t *fault) {
     using namespace emu;
-    const int n = (int)(block[0] * block[1] * block[2]);
-    if (n < 1 || n > 1024) {
-        snprintf(out, out_len, "a block of %d threads (CUDA allows 1 to 1024)", n);
+    const long n_long = (long)block[0] * block[1] * block[2];
+    if (n_long < 1 || n_long > 1024 || block[2] > 64 || grid[0] < 1 || grid[0] > 0x7FFFFFFFu || grid[1] < 1 ||
+        grid[1] > 65535 || grid[2] < 1 || grid[2] > 65535) {  // CUDA's limits: "invalid configuration argument"
+        snprintf(out, out_len, "grid (%u, %u, %u) x block (%u, %u, %u) is outside CUDA's launch limits (grid x < 2^31, "
+                 "y and z <= 65535, all >= 1; 1 to 1024 threads per block, z <= 64)", grid[0], grid[1], grid[2],
+                 block[0], block[1], block[2]);
+        *fault = 0;
         return 1;
     }
+    const int n = (int)n_long;
     while ((int)stacks.size() < n) {
         char *s = (char *)mmap(nullptr, STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         mprotect(s, 4096, PROT_NONE);  // the stack's overflow end
