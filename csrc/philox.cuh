@@ -38,8 +38,11 @@ DG_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, 
     return Philox4{{c0, c1, c2, c3}};
 }
 
-// A float32 uniform in (0, 1), never 0 or 1: the top 24 bits, centred in their interval (exact).
-DG_HD float philox_uniform(uint32_t x) { return (float)(x >> 8) * 5.9604644775390625e-08f + 2.98023223876953125e-08f; }
+// A float32 uniform in (0, 1), never 0 or 1: the top 23 bits, centred in their interval, (2k + 1) / 2^24 for
+// k < 2^23, each exact in float32 (the largest is 1 - 2^-24). With 24 bits the largest, 1 - 2^-25, rounded
+// to 1.0, whose Gumbel noise is +inf: that row won the sample whatever its logit, at about 1 position in 64
+// per pass over a 262144-row vocabulary.
+DG_HD float philox_uniform(uint32_t x) { return (float)(x >> 9) * 1.1920928955078125e-07f + 5.9604644775390625e-08f; }
 
 // The sampler's draw for vocabulary index v at canvas position pos of denoising step `step`: the
 // first word of Philox(counter = (v, pos, step, 0), key = the 64-bit seed).

@@ -33,8 +33,9 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int) -> tuple[np.ndarray, ...]:
 
 
 def uniform(words: np.ndarray) -> np.ndarray:
-    """float32 in (0, 1) from uint32 words: the top 24 bits, centred (csrc/philox.cuh philox_uniform)."""
-    return (words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24) + np.float32(2.0**-25)
+    """float32 in (0, 1), never 0 or 1, from uint32 words: the top 23 bits, centred, (2k + 1) / 2^24, exact
+    (csrc/philox.cuh philox_uniform; 24 bits made the largest word exactly 1.0)."""
+    return (words >> np.uint32(9)).astype(np.float32) * np.float32(2.0**-23) + np.float32(2.0**-24)
 
 
 def sampler_uniforms(seed: int, step: int, positions: np.ndarray | int, vocab: int, start: int = 0) -> np.ndarray:

@@ -197,6 +197,21 @@ def test_philox_known_answers_in_cuda_header_and_numpy(rng_harness, counter, key
     assert tuple(int(w) for w in rng.philox4x32_10(*counter, *key)) == want
 
 
+def test_uniforms_are_never_0_or_1_in_cuda_header_and_numpy(rng_harness):
+    """The extreme words: 0xFFFFFFFF gave exactly 1.0 with 24 bits (1 - 2^-25 rounds to even), whose Gumbel
+    noise is +inf: that vocabulary row won the sample whatever its logit."""
+    from dgemma.plugin import rng
+
+    words = np.array([0, 1, 0x1FF, 0x200, 0x7FFFFFFF, 0xFFFFFDFF, 0xFFFFFE00, 0xFFFFFFFF], np.uint32)
+    proc = subprocess.run([str(rng_harness), "uniform", *(f"{w:x}" for w in words)], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    u = np.frombuffer(proc.stdout, np.float32)
+    np.testing.assert_array_equal(u, rng.uniform(words))
+    want = ((words >> 9).astype(np.float64) * 2 + 1) / 2.0**24  # (2k + 1) / 2^24, exact in float32
+    np.testing.assert_array_equal(u.astype(np.float64), want)
+    assert u.min() == 2.0**-24 and u.max() == 1 - 2.0**-24 and len(set(u.tolist())) == 5
+
+
 @pytest.mark.parametrize("seed,step,pos,v0,n", [(1, 12, 0, 0, 1000), (2**40 + 7, 1, 255, 262_000, 144), (0, 0, 3, 5, 0)])
 def test_sampler_uniforms_equal_numpy_bit_for_bit(rng_harness, seed, step, pos, v0, n):
     from dgemma.plugin import rng

@@ -2,6 +2,7 @@
 // usage: rng_host SEED STEP POS V0 N > (N uint32 first words, then N float32 uniforms, for v = V0 .. V0+N-1)
 //        rng_host kat C0 C1 C2 C3 K0 K1 > (the 4 uint32 words of Philox4x32-10), hex arguments
 //        rng_host tokens SEED STEP KIND VOCAB POS0 N > (N int32 sampler_token draws, pos = POS0 .. POS0+N-1)
+//        rng_host uniform W... > (a float32 philox_uniform per hex word W)
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -30,8 +31,15 @@ int main(int argc, char ** argv) {
         std::fwrite(tok.data(), sizeof(int), tok.size(), stdout);
         return 0;
     }
+    if (argc >= 2 && std::strcmp(argv[1], "uniform") == 0) {
+        for (int i = 2; i < argc; ++i) {
+            const float u = dg::philox_uniform((uint32_t)std::strtoul(argv[i], nullptr, 16));
+            std::fwrite(&u, sizeof(float), 1, stdout);
+        }
+        return 0;
+    }
     if (argc != 6) {
-        std::fprintf(stderr, "usage: %s SEED STEP POS V0 N | kat C0 C1 C2 C3 K0 K1 | tokens SEED STEP KIND VOCAB POS0 N\n",
+        std::fprintf(stderr, "usage: %s SEED STEP POS V0 N | kat C0 C1 C2 C3 K0 K1 | tokens SEED STEP KIND VOCAB POS0 N | uniform W...\n",
                      argv[0]);
         return 2;
     }
