@@ -4,14 +4,17 @@
 // run one block at a time on one OS thread, each until it blocks at __syncthreads() or at a warp-wide
 // instruction (__shfl_xor_sync, mma.sync), so shared memory is a function-local static. What it checks
 // beyond the results:
-//   - global memory: tests/cuda_emu.py passes every tensor in a buffer that ends at an inaccessible page, so
-//     a read or write past it faults; the fault is reported with the kernel, block and thread;
+//   - global memory: tests/cuda_emu.py passes every tensor (its view's bytes, or its whole storage where
+//     several arguments share one) in a buffer touching an inaccessible page, after it in one pass and
+//     before it in the other, so a read or write past either end faults; reported with kernel, block, thread;
 //   - shared memory is filled with 0xFF bytes (NaN floats, -1 ints) at the start of every block (dynamic, and
 //     each __shared__ array when the first thread passes its declaration): a read of a value no thread wrote
 //     shows; arrays indexed out of bounds trap (-fsanitize=bounds);
 //   - __syncthreads() reached from different places, warp instructions with a lane missing (exited, or at a
 //     barrier), __trap(): errors, not hangs;
-//   - the launch can run each block's threads in reverse order: results that change are a race.
+//   - the launch runs twice, the second time with the blocks, the warps of a block and the lanes of a warp in
+//     reverse order and unwritten shared memory holding another byte: results that change are a race (or
+//     a read of unwritten shared memory).
 // Not modelled: timing, memory ordering between blocks (blocks run one after the other), launch limits.
 // Tensor-core fragments follow the PTX ISA's "Matrix Fragments for mma.m16n8k16" (floating point and
 // integer types); -ftz=true (CuPy's NVRTC default) as the MXCSR's flush-to-zero and denormals-are-zero.
@@ -98,6 +101,7 @@ inline void **entry_args = nullptr;
 inline char *dynamic_smem = nullptr;
 inline size_t dynamic_smem_bytes = 0;
 inline long atomics = 0;  // atomicAdd calls in this launch
+inline int poison = 0xFF;  // the byte unwritten shared memory holds (each pass its own)
 
 // errors leave the launch through a jump back to emu_launch's frame
 inline sigjmp_buf escape;
@@ -161,7 +165,7 @@ inline void poison_shared(void *p, size_t n) {
             break;
         }
     if (!known) poisoned.emplace_back(p, block_epoch);
-    memset(p, 0xFF, n);
+    memset(p, poison, n);
     block_shared += n;
     if (block_shared > SHARED_LIMIT)
         fail("%zu bytes of shared memory (static and dynamic), more than the %zu a kernel gets without opting in",
@@ -364,7 +368,7 @@ inline void run_block(int n, bool reverse) {
     ++block_epoch;
     block_shared = dynamic_smem_bytes;
     if (block_shared > SHARED_LIMIT) fail("%zu bytes of dynamic shared memory, more than %zu", block_shared, SHARED_LIMIT);
-    if (dynamic_smem_bytes) memset(dynamic_smem, 0xFF, dynamic_smem_bytes);
+    if (dynamic_smem_bytes) memset(dynamic_smem, poison, dynamic_smem_bytes);
     for (int i = 0; i < n; ++i) {
         Thread &t = threads[i];
         t.state = RUN;
@@ -376,15 +380,34 @@ inline void run_block(int n, bool reverse) {
     }
     const int warps = (n + 31) / 32;
     for (;;) {
+        // warp after warp, each as far as it gets: its warp instructions resolve as soon as its 32 lanes wait,
+        // so a warp reaches the next __syncthreads() (or the end) before the next warp starts. (Running every
+        // thread to its next warp instruction first made each shuffle and MMA a block-wide ordering point,
+        // which hid races between warps: a review deleted two barriers that only this order finds.)
         bool ran = false;
-        for (int j = 0; j < n; ++j) {
-            const int i = reverse ? n - 1 - j : j;
-            if (threads[i].state != RUN) continue;
-            cur = &threads[i];
-            emu_switch(&scheduler, cur->sp);
-            ran = true;
+        for (int wj = 0; wj < warps; ++wj) {
+            const int w = reverse ? warps - 1 - wj : wj;
+            const int lanes = n - w * 32 < 32 ? n - w * 32 : 32;
+            Thread *lane = &threads[w * 32];
+            for (;;) {
+                bool any = false;
+                for (int lj = 0; lj < lanes; ++lj) {
+                    const int l = reverse ? lanes - 1 - lj : lj;
+                    if (lane[l].state != RUN) continue;
+                    cur = &lane[l];
+                    emu_switch(&scheduler, cur->sp);
+                    any = ran = true;
+                }
+                cur = nullptr;
+                int waiting = 0;
+                for (int l = 0; l < lanes; ++l) waiting += lane[l].state == WARP;
+                if (waiting == 32) {
+                    resolve_warp(lane);
+                    continue;
+                }
+                if (!any) break;
+            }
         }
-        cur = nullptr;
         if (ran) continue;
         bool released = false;
         int alive = 0, at_barrier = 0;
@@ -436,9 +459,11 @@ inline void on_signal(int sig, siginfo_t *info, void *) {
     fault_address = (uintptr_t)info->si_addr;
     char where[96];
     describe_thread(where, sizeof where);
-    const char *what = sig == SIGSEGV || sig == SIGBUS ? "memory access outside every buffer (or past one's end)"
-                       : sig == SIGILL                 ? "array index out of bounds (a trap of -fsanitize=bounds)"
-                                                       : "arithmetic fault (integer division by zero?)";
+    const char *what = sig == SIGSEGV || sig == SIGBUS
+                           ? "memory access outside every buffer (before its start or past its end)"
+                       : sig == SIGILL ? "illegal instruction: an array index out of bounds (a trap of -fsanitize=bounds)"
+                                         ", or code built for another CPU"
+                                       : "arithmetic fault (integer division by zero?)";
     snprintf(message, sizeof message, "%s: %s at address 0x%lx", where, what, (unsigned long)fault_address);
     siglongjmp(escape, 2);
 }
@@ -494,15 +519,18 @@ EMU_EXPORT int emu_kernel_params(int k, int *sizes) {
 }
 
 // A buffer of n bytes whose end (at_end) or start touches an inaccessible page; *base, *span: the mapping.
-EMU_EXPORT void *emu_guarded(size_t n, int at_end, void **base, size_t *span) {
+// A buffer of n bytes (n a multiple of `align`) between two inaccessible pages, touching the one after it
+// (at_end) or the one before; the rest of its pages hold `fill`. *base, *span: the mapping.
+EMU_EXPORT void *emu_guarded(size_t n, size_t align, int at_end, int fill, void **base, size_t *span) {
     const size_t page = (size_t)sysconf(_SC_PAGESIZE);
     const size_t body = (n + page - 1) / page * page;
     *span = body + 2 * page;
     char *m = (char *)mmap(nullptr, *span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) return nullptr;
     if (body && mprotect(m + page, body, PROT_READ | PROT_WRITE) != 0) return nullptr;
+    if (body) memset(m + page, fill, body);
     *base = m;
-    const size_t padded = (n + 3) / 4 * 4;  // 4-byte aligned start: every element type's alignment
+    const size_t padded = (n + align - 1) / align * align;
     return at_end ? m + page + body - padded : m + page;
 }
 
@@ -513,7 +541,7 @@ EMU_EXPORT long emu_atomics() { return emu::atomics; }  // atomicAdd calls in th
 // Run kernel k over grid x block with `smem` bytes of dynamic shared memory. Returns 0, or 1 with a
 // message in `out` (and the faulting address in *fault, 0 when none).
 EMU_EXPORT int emu_launch(int k, const unsigned *grid, const unsigned *block, size_t smem, void **args, int reverse,
-                          char *out, int out_len, uintptr_t *fault) {
+                          int poison_byte, char *out, int out_len, uintptr_t *fault) {
     using namespace emu;
     const long n_long = (long)block[0] * block[1] * block[2];
     if (n_long < 1 || n_long > 1024 || block[2] > 64 || grid[0] < 1 || grid[0] > 0x7FFFFFFFu || grid[1] < 1 ||
@@ -533,7 +561,7 @@ EMU_EXPORT int emu_launch(int k, const unsigned *grid, const unsigned *block, si
     threads.resize(stacks.size());
     void *smem_base = nullptr;
     size_t smem_span = 0;
-    dynamic_smem = smem ? (char *)emu_guarded(smem, 1, &smem_base, &smem_span) : nullptr;
+    dynamic_smem = smem ? (char *)emu_guarded(smem, 4, !reverse, poison_byte, &smem_base, &smem_span) : nullptr;
     dynamic_smem_bytes = smem;
 
     static char alt[1 << 16];
@@ -557,14 +585,15 @@ EMU_EXPORT int emu_launch(int k, const unsigned *grid, const unsigned *block, si
     message[0] = 0;
     fault_address = 0;
     atomics = 0;
+    poison = poison_byte;
     int status = 0;
     cur = nullptr;
     in_launch = true;
     if (sigsetjmp(escape, 1) == 0) {
-        for (unsigned z = 0; z < grid[2]; ++z)
-            for (unsigned y = 0; y < grid[1]; ++y)
-                for (unsigned x = 0; x < grid[0]; ++x) {
-                    block_idx = uint3{x, y, z};
+        for (unsigned zz = 0; zz < grid[2]; ++zz)  // the reverse pass also runs the blocks in reverse order
+            for (unsigned yy = 0; yy < grid[1]; ++yy)
+                for (unsigned xx = 0; xx < grid[0]; ++xx) {
+                    block_idx = reverse ? uint3{grid[0] - 1 - xx, grid[1] - 1 - yy, grid[2] - 1 - zz} : uint3{xx, yy, zz};
                     run_block(n, reverse != 0);
                 }
     } else {

@@ -34,8 +34,12 @@ from dgemma.plugin.cuda import head_ops, ops
 from dgemma.plugin.cuda.loader import csrc_dir
 
 HEADER = Path(__file__).with_name("cuda_emu.h")
-FLAGS = ("-std=c++17", "-O2", "-march=native", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-fsanitize=bounds",
-         "-fsanitize-undefined-trap-on-error", "-U_FORTIFY_SOURCE", "-w")
+# -fno-gnu-unique, -fvisibility=hidden: each module keeps its own emulator state and template statics (g++
+# makes them process-wide "unique" symbols otherwise); -ftrivial-auto-var-init=pattern: an uninitialised
+# local reads as a pattern (-1.7e38), not as whatever the stack held
+FLAGS = ("-std=c++17", "-O2", "-march=native", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing",
+         "-fsanitize=bounds", "-fsanitize-undefined-trap-on-error", "-ftrivial-auto-var-init=pattern",
+         "-fno-gnu-unique", "-fvisibility=hidden", "-U_FORTIFY_SOURCE", "-w")
 DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
 C_KERNEL = re.compile(r'extern "C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)')
 
@@ -98,10 +102,22 @@ def for_emulator(code: str) -> str:
     return SHARED.sub(poison, code)
 
 
+@lru_cache(maxsize=1)
+def _machine() -> bytes:
+    """What -march=native builds for: the compiler's version and this CPU's flags (a cache on another
+    machine must not be reused)."""
+    version = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return (version + flags).encode()
+
+
 def _tree(src: Path) -> tuple[Path, str]:
     """csrc/ as the emulator compiles it (for_emulator on every file), cached by content; and its digest."""
     files = sorted(p for p in src.rglob("*") if p.suffix in (".cu", ".cuh"))
-    digest = hashlib.sha256(HEADER.read_bytes() + Path(__file__).read_bytes() + " ".join(FLAGS).encode())
+    digest = hashlib.sha256(HEADER.read_bytes() + Path(__file__).read_bytes() + " ".join(FLAGS).encode() + _machine())
     for path in files:
         digest.update(str(path.relative_to(src)).encode() + path.read_bytes())
     key = digest.hexdigest()[:16]
@@ -149,12 +165,12 @@ class Module:
         lib = ctypes.CDLL(str(out))
         lib.emu_kernel_name.restype = ctypes.c_char_p
         lib.emu_guarded.restype = ctypes.c_void_p
-        lib.emu_guarded.argtypes = (ctypes.c_size_t, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
-                                    ctypes.POINTER(ctypes.c_size_t))
+        lib.emu_guarded.argtypes = (ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                    ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t))
         lib.emu_release.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
         lib.emu_atomics.restype = ctypes.c_long
         lib.emu_launch.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint),
-                                   ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_char_p,
+                                   ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
                                    ctypes.c_int, ctypes.POINTER(ctypes.c_size_t))
         self.lib, self.filename = lib, filename
         self.kernels: dict[str, Kernel] = {}
@@ -183,52 +199,63 @@ def kernel(filename: str, name: str, name_expressions: tuple[str, ...] = ()) -> 
     return mod.kernels[name]
 
 
-class _Buffers:
-    """Every tensor argument's storage copied into a guarded buffer (views of one storage share one)."""
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from t's first element to just past its last (strides are never negative in torch)."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
 
-    def __init__(self, lib, tensors: list[torch.Tensor], at_end: bool = True):
-        self.lib, self.at_end = lib, at_end
-        self.bufs: dict[int, tuple[int, int, int, int, torch.Tensor]] = {}  # storage ptr -> (ptr, base, span, nbytes, t)
+
+class _Buffers:
+    """The tensor arguments' bytes, each copied into a guarded buffer: a tensor alone on its storage gets just
+    its view's bytes (a read past the view's end faults even inside the storage), tensors sharing a storage
+    share a copy of all of it. at_end: the buffers touch the inaccessible page after them, else the one
+    before (a read before the start faults); `fill`: the byte the rest of their pages holds."""
+
+    def __init__(self, lib, args: tuple, at_end: bool, fill: int):
+        self.lib = lib
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        users: dict[int, list[torch.Tensor]] = {}
         for t in tensors:
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key in self.bufs:
-                continue
-            n = storage.nbytes()
+            users.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+        self.regions: dict[int, tuple[int, int, int, int, int, torch.Tensor]] = {}  # key -> src, n, ptr, base, span, t
+        self.args = args
+        for key, ts in users.items():
+            t = ts[0]
+            alone = all(u.data_ptr() == t.data_ptr() and u.shape == t.shape and u.stride() == t.stride() for u in ts)
+            src, n = (t.data_ptr(), _extent(t)) if alone else (key, t.untyped_storage().nbytes())
+            align = max(u.element_size() for u in ts)
             base, span = ctypes.c_void_p(), ctypes.c_size_t()
-            ptr = lib.emu_guarded(n, int(at_end), ctypes.byref(base), ctypes.byref(span))
+            ptr = lib.emu_guarded(n, align, int(at_end), fill, ctypes.byref(base), ctypes.byref(span))
             if not ptr:
                 raise MemoryError(f"the emulator could not map {n} bytes")
             if n:
-                ctypes.memmove(ptr, key, n)
-            self.bufs[key] = (ptr, base.value, span.value, n, t)
+                ctypes.memmove(ptr, src, n)
+            self.regions[key] = (src, n, ptr, base.value, span.value, t)
 
     def address(self, t: torch.Tensor) -> int:
-        ptr = self.bufs[t.untyped_storage().data_ptr()][0]
-        return ptr + (t.data_ptr() - t.untyped_storage().data_ptr())
+        src, _, ptr, _, _, _ = self.regions[t.untyped_storage().data_ptr()]
+        return ptr + (t.data_ptr() - src)
 
     def snapshot(self) -> list[bytes]:
-        return [ctypes.string_at(ptr, n) for ptr, _, _, n, _ in self.bufs.values()]
-
-    def restore(self, saved: list[bytes]) -> None:
-        for (ptr, _, _, n, _), data in zip(self.bufs.values(), saved):
-            ctypes.memmove(ptr, data, n)
+        return [ctypes.string_at(ptr, n) for _, n, ptr, _, _, _ in self.regions.values()]
 
     def copy_back(self) -> None:
-        for key, (ptr, _, _, n, _) in self.bufs.items():
+        for src, n, ptr, _, _, _ in self.regions.values():
             if n:
-                ctypes.memmove(key, ptr, n)
+                ctypes.memmove(src, ptr, n)
 
     def release(self) -> None:
-        for ptr, base, span, n, _ in self.bufs.values():
+        for _, _, _, base, span, _ in self.regions.values():
             self.lib.emu_release(base, span)
-        self.bufs.clear()
+        self.regions.clear()
 
-    def which(self, address: int, args: tuple) -> str:
+    def which(self, address: int) -> str:
         """The argument(s) whose buffer's guard pages hold `address`."""
-        for key, (ptr, base, span, n, t) in self.bufs.items():
+        for key, (src, n, ptr, base, span, t) in self.regions.items():
             if base <= address < base + span:
-                idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == key]
+                idx = [i for i, a in enumerate(self.args)
+                       if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == key]
                 return (f"; that is byte {address - ptr} of argument {'/'.join(map(str, idx))}'s {n}-byte buffer "
                         f"({t.dtype} {tuple(t.shape)})")
         return ""
@@ -239,56 +266,70 @@ def _dims(d) -> tuple[int, int, int]:
     return d + (1,) * (3 - len(d))
 
 
+def _packed(fn: Kernel, i: int, a, size: int, bufs: _Buffers | None):
+    """Argument i as CuPy packs it (checked against the parameter's size): a ctypes value."""
+    if isinstance(a, torch.Tensor):
+        v = ctypes.c_uint64(bufs.address(a) if bufs else 0)
+    elif a is None:
+        v = ctypes.c_uint64(0)
+    elif isinstance(a, np.generic):
+        v = ctypes.create_string_buffer(a.tobytes(), a.nbytes)
+    elif isinstance(a, bool):
+        v = ctypes.c_bool(a)
+    elif isinstance(a, int):  # as CuPy packs a Python int: 8 bytes
+        v = ctypes.c_int64(a)
+    elif isinstance(a, float):
+        v = ctypes.c_double(a)
+    else:
+        raise EmulatorError(f"{fn.name}: argument {i} is a {type(a).__name__}")
+    width = a.nbytes if isinstance(a, np.generic) else ctypes.sizeof(v)
+    if width != size:
+        raise EmulatorError(f"{fn.name}: argument {i} ({type(a).__name__}) is {width} bytes where the "
+                            f"kernel's parameter {i} takes {size}")
+    return v
+
+
+FORWARD_FILL, REVERSE_FILL = 0xFF, 0x7F  # unwritten shared memory: NaN / -1, then 3.4e38 / 2139062143
+
+
 def launch(fn: Kernel, grid, block, args: tuple, shared_mem: int = 0, race_check: bool = True) -> None:
     """Run kernel fn over grid x block on CPU tensors (and numpy scalars), as CuPy would on a GPU; raises
     EmulatorError for what a GPU would fault on, or, with race_check, for results that depend on the order
-    of a block's threads."""
+    of the threads (the second run: blocks, warps and lanes in reverse order, other bytes in unwritten
+    shared memory, the buffers against the page before them instead of after)."""
     if len(args) != len(fn.param_sizes):
         raise EmulatorError(f"{fn.name}: {len(args)} arguments for {len(fn.param_sizes)} parameters")
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    for t in tensors:
-        if t.device.type != "cpu":
-            raise EmulatorError(f"{fn.name}: the emulator takes CPU tensors (got one on {t.device})")
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.device.type != "cpu":
+            raise EmulatorError(f"{fn.name}: the emulator takes CPU tensors (got one on {a.device})")
+    for i, (a, size) in enumerate(zip(args, fn.param_sizes)):
+        _packed(fn, i, a, size, None)  # the sizes, before anything is copied
     lib = fn.module.lib
-    bufs = _Buffers(lib, tensors)
-    try:
-        raw, values = (ctypes.c_void_p * max(1, len(args)))(), []
-        for i, (a, size) in enumerate(zip(args, fn.param_sizes)):
-            if isinstance(a, torch.Tensor):
-                v = ctypes.c_uint64(bufs.address(a))
-            elif a is None:
-                v = ctypes.c_uint64(0)
-            elif isinstance(a, np.generic):
-                v = ctypes.create_string_buffer(a.tobytes(), a.nbytes)
-            elif isinstance(a, bool):
-                v = ctypes.c_bool(a)
-            elif isinstance(a, int):  # as CuPy packs a Python int: 8 bytes
-                v = ctypes.c_int64(a)
-            elif isinstance(a, float):
-                v = ctypes.c_double(a)
-            else:
-                raise EmulatorError(f"{fn.name}: argument {i} is a {type(a).__name__}")
-            width = a.nbytes if isinstance(a, np.generic) else ctypes.sizeof(v)
-            if width != size:
-                raise EmulatorError(f"{fn.name}: argument {i} ({type(a).__name__}) is {width} bytes where the "
-                                    f"kernel's parameter {i} takes {size}")
-            values.append(v)
-            raw[i] = ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
-        g, b = (ctypes.c_uint * 3)(*_dims(grid)), (ctypes.c_uint * 3)(*_dims(block))
+    g, b = (ctypes.c_uint * 3)(*_dims(grid)), (ctypes.c_uint * 3)(*_dims(block))
 
-        def run(reverse: bool) -> None:
+    def run(reverse: bool) -> _Buffers:
+        fill = REVERSE_FILL if reverse else FORWARD_FILL
+        bufs = _Buffers(lib, args, at_end=not reverse, fill=fill)
+        try:
+            values = [_packed(fn, i, a, size, bufs) for i, (a, size) in enumerate(zip(args, fn.param_sizes))]
+            raw = (ctypes.c_void_p * max(1, len(args)))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
             msg, fault = ctypes.create_string_buffer(512), ctypes.c_size_t()
-            if lib.emu_launch(fn.index, g, b, int(shared_mem), raw, int(reverse), msg, 512, ctypes.byref(fault)):
-                where = bufs.which(fault.value, args) if fault.value else ""
+            if lib.emu_launch(fn.index, g, b, int(shared_mem), raw, int(reverse), fill, msg, 512, ctypes.byref(fault)):
+                where = bufs.which(fault.value) if fault.value else ""
                 raise EmulatorError(f"{fn.name}<<<{_dims(grid)}, {_dims(block)}>>>: {msg.value.decode()}{where}")
+        except BaseException:
+            bufs.release()
+            raise
+        return bufs
 
-        if race_check:
-            before = bufs.snapshot()
-            run(reverse=True)
-            backwards = bufs.snapshot()
-            bufs.restore(before)
-        run(reverse=False)
-        if race_check:
+    backwards = None
+    if race_check:
+        bufs = run(reverse=True)
+        backwards = bufs.snapshot()
+        bufs.release()
+    bufs = run(reverse=False)
+    try:
+        if backwards is not None:
             _same_both_ways(fn, grid, block, bufs, backwards, atomics=lib.emu_atomics() > 0)
         bufs.copy_back()
     finally:
@@ -296,10 +337,9 @@ def launch(fn: Kernel, grid, block, args: tuple, shared_mem: int = 0, race_check
 
 
 def _same_both_ways(fn: Kernel, grid, block, bufs: _Buffers, backwards: list[bytes], atomics: bool) -> None:
-    """Every buffer as the run with each block's threads in reverse order left it: bit for bit, except that
-    float32 buffers may differ by the rounding of a different order of atomicAdd (1e-5 relative) when the
-    launch used atomics."""
-    for i, (fwd, bwd, (_, _, _, n, t)) in enumerate(zip(bufs.snapshot(), backwards, bufs.bufs.values())):
+    """Every buffer as the reverse-order run left it: bit for bit, except that float32 buffers may differ by
+    the rounding of a different order of atomicAdd (1e-5 relative) when the launch used atomics."""
+    for i, (fwd, bwd, (_, n, _, _, _, t)) in enumerate(zip(bufs.snapshot(), backwards, bufs.regions.values())):
         if fwd == bwd:
             continue
         if atomics and t.dtype == torch.float32:
@@ -308,7 +348,8 @@ def _same_both_ways(fn: Kernel, grid, block, bufs: _Buffers, backwards: list[byt
                 continue
         at = next(j for j in range(n) if fwd[j] != bwd[j])
         raise EmulatorError(f"{fn.name}<<<{_dims(grid)}, {_dims(block)}>>>: buffer {i} ({t.dtype} {tuple(t.shape)}) "
-                            f"differs at byte {at} when each block's threads run in the opposite order (a race)")
+                            f"differs at byte {at} between runs in opposite thread orders (a race, or a read of "
+                            "shared memory no thread wrote)")
 
 
 class _PoisonedTorch:

@@ -34,11 +34,23 @@ def test_a_read_past_a_buffer_names_kernel_thread_and_argument(k):
         cuda_emu.launch(k["shift_read"], (2,), (32,), (x, y, np.int32(40), np.int32(1)))
 
 
+def test_reads_past_a_view_or_before_a_buffer_are_errors(k):
+    x, y = torch.arange(40, dtype=torch.float32), torch.zeros(40)
+    with pytest.raises(cuda_emu.EmulatorError, match=r"byte 80 of argument 0's 80-byte buffer"):  # inside the storage
+        cuda_emu.launch(k["shift_read"], (1,), (32,), (x[:20], y, np.int32(20), np.int32(1)))
+    with pytest.raises(cuda_emu.EmulatorError, match=r"byte -4 of argument 0's"):  # the reverse run's placement
+        cuda_emu.launch(k["shift_read"], (1,), (32,), (x, y, np.int32(20), np.int32(-1)))
+    with pytest.raises(cuda_emu.EmulatorError, match=r"byte -4 of argument 0's 80-byte"):  # x[0]: outside the view
+        cuda_emu.launch(k["shift_read"], (1,), (32,), (x[1:21], y, np.int32(20), np.int32(-1)))
+    cuda_emu.launch(k["shift_read"], (1,), (32,), (x[1:21], y, np.int32(20), np.int32(0)))
+    assert torch.equal(y[:20], x[1:21])
+
+
 def test_a_missing_barrier_is_a_race(k):
     x, y = torch.arange(64, dtype=torch.float32), torch.zeros(64)
     cuda_emu.launch(k["neighbour"], (1,), (64,), (x, y, np.int32(1)))
     assert torch.equal(y, x.roll(-1))
-    with pytest.raises(cuda_emu.EmulatorError, match="opposite order"):
+    with pytest.raises(cuda_emu.EmulatorError, match="opposite thread orders"):
         cuda_emu.launch(k["neighbour"], (1,), (64,), (x, y, np.int32(0)))
 
 
@@ -57,9 +69,11 @@ def test_a_shuffle_with_an_exited_lane_is_an_error(k):
 
 def test_unwritten_shared_memory_reads_as_nan_in_every_block(k):
     y = torch.zeros(2, 32)
-    cuda_emu.launch(k["dg::half_written<32>"], (2,), (32,), (y,))
+    cuda_emu.launch(k["dg::half_written<32>"], (2,), (32,), (y,), race_check=False)
     written = (torch.arange(32)[None, :] + torch.arange(2)[:, None]) % 2 == 0
     assert bool((y[written] == 1).all()) and bool(y[~written].isnan().all())
+    with pytest.raises(cuda_emu.EmulatorError, match="shared memory no thread wrote"):  # the runs' fills differ
+        cuda_emu.launch(k["dg::half_written<32>"], (2,), (32,), (y,))
 
 
 def test_an_index_past_a_shared_array_traps(k):
