@@ -202,7 +202,11 @@ inline float atomicAdd(float *p, float v) {  // fibers never interleave within a
 }
 
 inline float __fmul_rn(float a, float b) { return a * b; }  // no FMA contraction here (-ffp-contract=off)
-inline int __float2int_rn(float x) { return (int)nearbyintf(x); }  // round to nearest even
+inline int __float2int_rn(float x) {  // cvt.rni.s32.f32: nearest even, NaN -> 0, saturated
+    if (x != x) return 0;
+    const float r = nearbyintf(x);
+    return r >= 2147483648.0f ? 2147483647 : r < -2147483648.0f ? (-2147483647 - 1) : (int)r;
+}
 inline float __int_as_float(int i) {
     float f;
     memcpy(&f, &i, 4);

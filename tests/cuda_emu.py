@@ -274,9 +274,7 @@ def _packed(fn: Kernel, i: int, a, size: int, bufs: _Buffers | None):
         v = ctypes.c_uint64(0)
     elif isinstance(a, np.generic):
         v = ctypes.create_string_buffer(a.tobytes(), a.nbytes)
-    elif isinstance(a, bool):
-        v = ctypes.c_bool(a)
-    elif isinstance(a, int):  # as CuPy packs a Python int: 8 bytes
+    elif isinstance(a, int):  # as CuPy packs a Python int (and bool): 8 bytes
         v = ctypes.c_int64(a)
     elif isinstance(a, float):
         v = ctypes.c_double(a)
