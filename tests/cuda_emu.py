@@ -54,6 +54,9 @@ def unavailable() -> str | None:
         return f"the CUDA emulator needs Linux on x86-64 (this is {platform.system()} {platform.machine()})"
     if shutil.which("g++") is None:
         return "the CUDA emulator needs g++"
+    version = subprocess.run(["g++", "-dumpversion"], capture_output=True, text=True).stdout.strip()
+    if int(version.split(".")[0] or 0) < 12:  # -ftrivial-auto-var-init
+        return f"the CUDA emulator needs g++ 12 or newer (this is {version})"
     return None
 
 
