@@ -48,6 +48,7 @@ class EmulatorError(RuntimeError):
     """A kernel did something a GPU would not survive (or would do differently each run)."""
 
 
+@lru_cache(maxsize=1)
 def unavailable() -> str | None:
     """Why the emulator cannot run here, or None."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
