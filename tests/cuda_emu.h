@@ -289,15 +289,27 @@ inline void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
 
 namespace emu {
 
-// The warp's 32 lanes all wait at one instruction: compute every lane's result.
-inline void resolve_warp(Thread *lane) {
-    const int op = lane[0].op;
+// Every lane named by `mask` waits at one warp instruction: compute their results.
+inline void resolve_warp(Thread *lane, uint32_t mask) {
+    int first = 0;
+    while (!(mask >> first & 1u)) ++first;
+    const int op = lane[first].op;
     for (int l = 0; l < 32; ++l)
-        if (lane[l].op != op || lane[l].mask != lane[0].mask)
-            fail("warp %d: lanes wait at different warp instructions (lane 0 at %d, lane %d at %d)", lane[0].linear / 32,
-                 op, l, lane[l].op);
+        if ((mask >> l & 1u) && (lane[l].op != op || lane[l].mask != mask))
+            fail("warp %d: lanes wait at different warp instructions (lane %d at %d with mask %08x, lane %d at %d with "
+                 "mask %08x)", lane[first].linear / 32, first, op, mask, l, lane[l].op, lane[l].mask);
+    if (op != OP_SHFL_XOR && mask != 0xffffffffu) fail("warp %d: an mma.sync with mask %08x", lane[first].linear / 32, mask);
     if (op == OP_SHFL_XOR) {
-        for (int l = 0; l < 32; ++l) lane[l].out[0] = lane[l ^ (lane[l].arg & 31)].in[0];
+        for (int l = 0; l < 32; ++l) {
+            if (!(mask >> l & 1u)) continue;
+            const uint32_t src = (uint32_t)l ^ lane[l].arg;  // shfl.sync.bfly: past lane 31, a lane keeps its own
+            if (src > 31) {
+                lane[l].out[0] = lane[l].in[0];
+                continue;
+            }
+            if (!(mask >> src & 1u)) fail("warp %d: lane %d reads lane %u, outside mask %08x", lane[l].linear / 32, l, src, mask);
+            lane[l].out[0] = lane[src].in[0];
+        }
     } else if (op == OP_MMA_F16) {  // A 16x16 row-major, B 16x8 column-major, C/D 16x8 f32
         float A[16][16], B[16][8], C[16][8];
         for (int l = 0; l < 32; ++l) {
@@ -345,7 +357,25 @@ inline void resolve_warp(Thread *lane) {
     } else {
         fail("unknown warp instruction %d", op);
     }
-    for (int l = 0; l < 32; ++l) lane[l].state = RUN;
+    for (int l = 0; l < 32; ++l)
+        if (mask >> l & 1u) lane[l].state = RUN;
+}
+
+// The lanes of a warp (`lanes` of them) that wait at a warp instruction go on once every lane its mask names
+// waits there too: resolve them. Returns whether it did.
+inline bool try_resolve(Thread *lane, int lanes) {
+    for (int l = 0; l < lanes; ++l) {
+        if (lane[l].state != WARP) continue;
+        const uint32_t mask = lane[l].mask;
+        bool all = true;
+        for (int m = 0; m < 32 && all; ++m)
+            if (mask >> m & 1u) all = m < lanes && lane[m].state == WARP;
+        if (all) {
+            resolve_warp(lane, mask);
+            return true;
+        }
+    }
+    return false;
 }
 
 inline void fiber_main() {  // entered by emu_switch's ret; never returns
@@ -403,12 +433,7 @@ inline void run_block(int n, bool reverse) {
                     any = ran = true;
                 }
                 cur = nullptr;
-                int waiting = 0;
-                for (int l = 0; l < lanes; ++l) waiting += lane[l].state == WARP;
-                if (waiting == 32) {
-                    resolve_warp(lane);
-                    continue;
-                }
+                if (try_resolve(lane, lanes)) continue;
                 if (!any) break;
             }
         }
@@ -418,21 +443,20 @@ inline void run_block(int n, bool reverse) {
         for (int w = 0; w < warps; ++w) {
             Thread *lane = &threads[w * 32];
             const int lanes = n - w * 32 < 32 ? n - w * 32 : 32;
-            int waiting = 0;
-            for (int l = 0; l < lanes; ++l) waiting += lane[l].state == WARP;
-            if (waiting == 0) continue;
-            if (waiting == 32) {
-                resolve_warp(lane);
+            if (try_resolve(lane, lanes)) {
                 released = true;
                 continue;
             }
-            for (int l = 0; l < lanes; ++l)
-                if (lane[l].state != WARP) {
-                    cur = &lane[l];
-                    fail("warp %d: lane %d is %s while lanes wait at a warp instruction with mask %08x", w, l,
-                         lane[l].state == DONE ? "exited" : "at __syncthreads()", lane[0].mask);
+            for (int l = 0; l < lanes; ++l) {  // a lane waits for one that cannot come
+                if (lane[l].state != WARP) continue;
+                for (int m = 0; m < 32; ++m) {
+                    if (!(lane[l].mask >> m & 1u) || (m < lanes && lane[m].state == WARP)) continue;
+                    if (m >= lanes) fail("warp %d has %d lanes; lane %d's warp instruction names lane %d", w, lanes, l, m);
+                    cur = &lane[m];
+                    fail("warp %d: lane %d is %s while lane %d waits for it at a warp instruction with mask %08x", w, m,
+                         lane[m].state == DONE ? "exited" : "at __syncthreads()", l, lane[l].mask);
                 }
-            fail("warp %d has %d lanes (a warp instruction needs 32)", w, lanes);
+            }
         }
         if (released) continue;
         const char *site = nullptr;

@@ -15,7 +15,7 @@ import cuda_emu
 if cuda_emu.unavailable():
     pytest.skip(cuda_emu.unavailable(), allow_module_level=True)
 
-KERNELS = ("shift_read", "neighbour", "two_barriers", "shuffle_after_exit", "dg::half_written<32>", "past_shared", "big_shared", "traps",
+KERNELS = ("shift_read", "neighbour", "two_barriers", "shuffle_after_exit", "half_warps", "dg::half_written<32>", "past_shared", "big_shared", "traps",
            "scalar_sizes", "mma_f16_tile", "mma_s8_tile")
 
 
@@ -65,6 +65,14 @@ def test_a_shuffle_with_an_exited_lane_is_an_error(k):
     assert torch.equal(y, torch.arange(32).float().view(16, 2).flip(1).reshape(32))  # lane ^ 1
     with pytest.raises(cuda_emu.EmulatorError, match="lane 3 is exited"):
         cuda_emu.launch(k["shuffle_after_exit"], (1,), (32,), (y, np.int32(3)))
+
+
+def test_half_warps_shuffle_among_themselves(k):
+    y = torch.zeros(32)
+    cuda_emu.launch(k["half_warps"], (1,), (32,), (y, np.int32(0)))
+    assert y.tolist() == [float(sum(range(16)))] * 16 + [float(sum(range(16, 32)))] * 16
+    with pytest.raises(cuda_emu.EmulatorError, match="lane 0 is exited while lane 16 waits for it"):
+        cuda_emu.launch(k["half_warps"], (1,), (32,), (y, np.int32(1)))
 
 
 def test_unwritten_shared_memory_reads_as_nan_in_every_block(k):

@@ -31,6 +31,22 @@ extern "C" __global__ void shuffle_after_exit(float * __restrict__ y, int exit_l
     y[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (float)threadIdx.x, 1);
 }
 
+// lanes 0-15 sum their values among themselves (mask 0x0000ffff) while lanes 16-31 wait at the barrier; then
+// lanes 16-31 do the same with their half (mask 0xffff0000), or (bad) name the whole warp
+extern "C" __global__ void half_warps(float * __restrict__ y, int bad) {
+    const unsigned lane = threadIdx.x;
+    float v = (float)lane;
+    if (lane < 16) {
+        for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0x0000ffffu, v, o);
+    }
+    __syncthreads();
+    if (lane >= 16) {
+        const unsigned mask = bad ? 0xffffffffu : 0xffff0000u;
+        for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o);
+    }
+    y[lane] = v;
+}
+
 // a template's shared array, as the tiles have them: block b writes the slots t with t + b even only, so
 // each block reads the other half unwritten (not the previous block's values)
 template <int N>
