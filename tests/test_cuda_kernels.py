@@ -77,6 +77,27 @@ def test_qmatmul_matches_dequant_reference(ops, dev, qtype, m, n, k):
 MOE_COUNTS = [[5], [0, 17, 0, 1, 16, 33], [0, 0, 0], [300, 0, 1]]
 
 
+@pytest.mark.parametrize("qtype,k", [(Q.Q8_0, 288), (Q.Q4_K, 512)], ids=["Q8_0-K288", "Q4_K-K512"])
+@pytest.mark.parametrize("kernel", ["qmatmul", "qmatmul_mma", "qmatmul_q8"])
+def test_matmul_tiles_at_their_edges(ops, dev, kernel, qtype, k):
+    """Every (M, N) around the 16- and 32-row tiles' edges, K in two slices (the second partial for Q8_0),
+    against each kernel's reference within 1e-5 of sum |x||w| (x as the kernel rounds it, up to 1 %)."""
+    if kernel != "qmatmul" and torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
+        pytest.skip("tensor-core MMA needs compute capability 8.0")
+    rng = np.random.default_rng(k)
+    w = rng.standard_normal((65, k)).astype(np.float32)
+    data = torch.from_numpy(quant.quantize(w, qtype).reshape(65, -1).view(np.uint8))
+    wabs = ops._dequantized(data, qtype, k).abs()
+    x = torch.from_numpy(rng.standard_normal((65, k)).astype(np.float32))
+    op, ref = getattr(ops, kernel), getattr(ops, f"{kernel}_reference")
+    for m in (1, 15, 16, 17, 31, 32, 33, 64, 65):
+        for n in (1, 15, 16, 17, 31, 32, 33, 64, 65):
+            xs, ws = x[:m].contiguous(), data[:n].contiguous()
+            got = op(xs.to(dev), ws.to(dev), qtype, k).cpu().double()
+            bound = 1.01e-5 * (xs.double().abs() @ wabs[:n].T) + 1e-6
+            assert got.shape == (m, n) and bool(((got - ref(xs, ws, qtype, k).double()).abs() <= bound).all()), (m, n)
+
+
 @pytest.mark.parametrize("qtype,m,n,k", list(cases()), ids=lambda v: getattr(v, "name", str(v)))
 def test_qmatmul_mma_matches_f16_rounded_reference(ops, dev, qtype, m, n, k):
     """Tensor cores: the kernel rounds X and W to f16 exactly as the reference does, so the only difference
