@@ -80,8 +80,8 @@ def kernels_as_references(monkeypatch):
 @pytest.fixture(params=["references", "emulated"])
 def kernels(request, monkeypatch):
     """The csrc kernels as the cuda backend's CPU tests run them: replaced by their torch references, or
-    themselves, compiled for the CPU emulator (tests/cuda_emu.py). Yields the emulator's launch counter
-    (None with the references)."""
+    themselves, compiled for the CPU emulator (tests/cuda_emu.py), where the test must have launched some.
+    Yields the emulator's launch counter (None with the references)."""
     if request.param == "references":
         from cuda_util import use_references
 
@@ -94,6 +94,7 @@ def kernels(request, monkeypatch):
         pytest.skip(cuda_emu.unavailable())
     with cuda_emu.emulated(race_check=False) as stats:  # tests/test_cuda_kernels.py checks the kernels for races
         yield stats
+    assert stats.launches > 0, "emulated, yet no kernel ran"
 
 
 @pytest.fixture(scope="session")

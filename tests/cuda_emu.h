@@ -414,10 +414,9 @@ inline void run_block(int n, bool reverse) {
     }
     const int warps = (n + 31) / 32;
     for (;;) {
-        // warp after warp, each as far as it gets: its warp instructions resolve as soon as its 32 lanes wait,
-        // so a warp reaches the next __syncthreads() (or the end) before the next warp starts. (Running every
-        // thread to its next warp instruction first made each shuffle and MMA a block-wide ordering point,
-        // which hid races between warps: a review deleted two barriers that only this order finds.)
+        // warp after warp, each as far as it gets: a warp instruction resolves as soon as the lanes its mask
+        // names wait there, so a warp reaches the next __syncthreads() (or the end) before the next warp
+        // starts (resolving them block-wide would order the warps at every shuffle and MMA, hiding races)
         bool ran = false;
         for (int wj = 0; wj < warps; ++wj) {
             const int w = reverse ? warps - 1 - wj : wj;
@@ -438,16 +437,12 @@ inline void run_block(int n, bool reverse) {
             }
         }
         if (ran) continue;
-        bool released = false;
+        // nothing ran: every warp's waiting lanes wait for a lane that cannot come, or all wait at a barrier
         int alive = 0, at_barrier = 0;
         for (int w = 0; w < warps; ++w) {
             Thread *lane = &threads[w * 32];
             const int lanes = n - w * 32 < 32 ? n - w * 32 : 32;
-            if (try_resolve(lane, lanes)) {
-                released = true;
-                continue;
-            }
-            for (int l = 0; l < lanes; ++l) {  // a lane waits for one that cannot come
+            for (int l = 0; l < lanes; ++l) {
                 if (lane[l].state != WARP) continue;
                 for (int m = 0; m < 32; ++m) {
                     if (!(lane[l].mask >> m & 1u) || (m < lanes && lane[m].state == WARP)) continue;
@@ -458,7 +453,6 @@ inline void run_block(int n, bool reverse) {
                 }
             }
         }
-        if (released) continue;
         const char *site = nullptr;
         for (int i = 0; i < n; ++i) {
             if (threads[i].state == DONE) continue;

@@ -30,6 +30,8 @@ import numpy as np
 import pytest
 import torch
 
+from cuda_util import KERNEL_SIGNATURE
+
 from dgemma.plugin.cuda import head_ops, ops
 from dgemma.plugin.cuda.loader import csrc_dir
 
@@ -41,7 +43,6 @@ FLAGS = ("-std=c++17", "-O2", "-march=native", "-fPIC", "-shared", "-ffp-contrac
          "-fsanitize=bounds", "-fsanitize-undefined-trap-on-error", "-ftrivial-auto-var-init=pattern",
          "-fno-gnu-unique", "-fvisibility=hidden", "-U_FORTIFY_SOURCE", "-w")
 DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
-C_KERNEL = re.compile(r'extern "C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)')
 
 
 class EmulatorError(RuntimeError):
@@ -149,7 +150,7 @@ class Module:
         names = names or _expressions(filename)
         # an extern "C" kernel may share its name with a device function (head_merge): name it by its type
         c_types = {name: ", ".join(p.rsplit(None, 1)[0] for p in params.split(","))
-                   for name, params in C_KERNEL.findall(code)}
+                   for name, params in KERNEL_SIGNATURE.findall(code) if name in names}
         table = ",\n".join(f"    EMU_KERNEL({n})" if n not in c_types else
                            f"    ::emu::kernel_info<static_cast<void (*)({c_types[n]})>(&{n})>(\"{n}\")" for n in names)
         unit = (f'#line 1 "{filename}"\n{code}\n\nusing namespace dg;\n'

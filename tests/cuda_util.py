@@ -4,6 +4,7 @@ CPU, and one prompt and canvas decoded by two models."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -13,6 +14,10 @@ from dgemma.plugin.cuda import head_ops, ops
 from dgemma.plugin.cuda.weights import load_cuda_weights
 from dgemma.plugin.inspect import open_gguf
 from dgemma.plugin.model import DiffusionGemma, KVCache, Weights
+
+# a kernel's definition in csrc: (name, parameter list); tests/test_cuda_launch.py checks launches against the
+# parameters, tests/cuda_emu.py names extern "C" kernels by their type
+KERNEL_SIGNATURE = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)\s*\{")
 
 # every op the backend launches, each with a `<name>_reference` beside it in its module
 KERNEL_OPS = {ops: ("get_rows", "get_rows_f16", "quantize_q8", "accept_renoise",

@@ -17,11 +17,12 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from cuda_util import KERNEL_SIGNATURE
+
 from dgemma import quant
 from dgemma.plugin.cuda import head_ops, ops
 from dgemma.plugin.cuda.loader import csrc_dir
 
-SIGNATURE = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)\s*\{")
 POINTEE = {"float": torch.float32, "int": torch.int32, "uint8_t": torch.uint8, "int8_t": torch.int8,
            "uint16_t": torch.float16}  # f16 values travel as their bits
 SCALAR = {"int": np.int32, "float": np.float32, "long": np.int64, "unsigned long long": np.uint64}
@@ -31,7 +32,7 @@ def kernel_parameters() -> dict[str, list[tuple[str, str, bool]]]:
     """Kernel name -> [(C type without qualifiers, parameter name, is a pointer)] from csrc/*.cu."""
     found: dict[str, list[tuple[str, str, bool]]] = {}
     for path in sorted(csrc_dir().glob("*.cu")):
-        for name, params in SIGNATURE.findall(path.read_text()):
+        for name, params in KERNEL_SIGNATURE.findall(path.read_text()):
             out = []
             for p in params.split(","):
                 words = p.replace("*", " * ").replace("__restrict__", " ").replace("const", " ").split()
