@@ -235,7 +235,8 @@ def main() -> None:
             name = f"cuda {plan} {matmul}{'' if graphs else ' eager'}"
             full = j == 0  # prefill and peak VRAM once per plan
             # against the torch backend, else the first cuda line; later variants also against the plan's first
-            bases = [base or (results[0] if results else None)] + ([results[-j]] if j else [])
+            first = base or (results[0] if results else None)
+            bases = [first] + ([results[-j]] if j and results[-j] is not first else [])  # each baseline once
             results.append(measure(name, cfg, w, dev, args.steps, fused=True, graphs=graphs,
                                    prompts=(512, 4096) if full else (512,), peak=full, label=name))
             print(report(results[-1], [b for b in bases if b is not None]), flush=True)

@@ -254,7 +254,11 @@ def test_chunked_head_keeps_the_fused_heads_contract(kernels, monkeypatch, matmu
     want = head_ops.head_stats_reference(*args, seed=77, step=4)
     # f16: the logits come from the chunk's decoded rows (one decode per chunk), not from the tile's own decode
     monkeypatch.setattr(ops, "qmatmul_mma", lambda *a: pytest.fail("the head decoded its rows twice"))
+    checked: list[int] = []  # the per-chunk argument checks run on the first and the last chunk only (hot path)
+    check_chunk = head_ops._check_chunk
+    monkeypatch.setattr(head_ops, "_check_chunk", lambda z, out: (checked.append(z.shape[1]), check_chunk(z, out)))
     got = head_ops.head_stats_chunked(*args, 77, 4, matmul, chunk=7)
+    assert checked == [7, 1]  # 8 chunks of 50 rows: 7 ... 7, 1
     assert got.argmax[0] == 3 and torch.equal(got.argmax, want.argmax)
     if matmul == "f16":  # the Gumbel-max draw, on logits rounded by 1e-3 at most
         assert torch.equal(got.sample, want.sample)

@@ -116,11 +116,14 @@ def _check_partials(run: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...
                          f"{[f'{str(t.dtype)[6:]} {list(t.shape)}' for t in tensors]})")
 
 
-def head_merge_into(run: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], acc: torch.Tensor) -> None:
+def head_merge_into(run: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], acc: torch.Tensor,
+                    check: bool = True) -> None:
     """Merge a chunk's partial (part = its (m, s, t), arg, g, sample; acc = P @ E_chunk [L, D]) into the running
     partial `run` of the chunks before it, in place (csrc/head.cu head_merge_into). A run whose arg is -1 has
-    no rows yet and takes the chunk's; its values must be finite (its acc is multiplied by 0)."""
-    _check_partials(run, part, acc)
+    no rows yet and takes the chunk's; its values must be finite (its acc is multiplied by 0). check=False:
+    the caller checked tensors of these shapes already (head_stats_chunked's middle chunks)."""
+    if check:
+        _check_partials(run, part, acc)
     if not acc.is_cuda:
         raise ValueError("head_merge_into: the partials must be CUDA tensors")
     L, D = acc.shape
@@ -128,10 +131,12 @@ def head_merge_into(run: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...
     _launch(fn, (L,), (HEAD_THREADS,), (*run, *part, acc, np.int32(D)))
 
 
-def head_merge_into_reference(run: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], acc: torch.Tensor) -> None:
+def head_merge_into_reference(run: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], acc: torch.Tensor,
+                              check: bool = True) -> None:
     """head_merge_into in float64 on the CPU: csrc/head.cuh's head_merge for each position (ties keep the run's
     row: its rows are the lower ones)."""
-    _check_partials(run, part, acc)
+    if check:
+        _check_partials(run, part, acc)
     mst, arg, g, sample, racc = run
     am, as_, at, ag = (x.double() for x in (mst[:, 0], mst[:, 1], mst[:, 2], g))
     bm, bs, bt, bg = (x.double() for x in (part[0][:, 0], part[0][:, 1], part[0][:, 2], part[2]))
@@ -162,11 +167,13 @@ def _check_chunk(z: torch.Tensor, out: tuple[torch.Tensor, ...]) -> None:
 
 
 def head_chunk_stats(z: torch.Tensor, v0: int, softcap: float, temperature: float, seed: int, step: int,
-                     out: tuple[torch.Tensor, ...]) -> None:
+                     out: tuple[torch.Tensor, ...], check: bool = True) -> None:
     """The partial statistics of one vocabulary chunk's raw logits z [L, n] (rows v0..v0+n-1) into out =
     ((m, s, t) [L, 3], arg [L], g [L], sample [L] int32, P [L, n] float16 = exp(z' - m)), z' = softcap(z) / T
-    (csrc/head.cu head_chunk_stats): a split of head_merge, whose acc is P @ E_chunk."""
-    _check_chunk(z, out)
+    (csrc/head.cu head_chunk_stats): a split of head_merge, whose acc is P @ E_chunk. check=False: as
+    head_merge_into's."""
+    if check:
+        _check_chunk(z, out)
     if not z.is_cuda:
         raise ValueError("head_chunk_stats: z must be a CUDA tensor")
     mst, arg, g, sample, p = out
@@ -177,11 +184,12 @@ def head_chunk_stats(z: torch.Tensor, v0: int, softcap: float, temperature: floa
 
 
 def head_chunk_stats_reference(z: torch.Tensor, v0: int, softcap: float, temperature: float, seed: int, step: int,
-                               out: tuple[torch.Tensor, ...]) -> None:
+                               out: tuple[torch.Tensor, ...], check: bool = True) -> None:
     """head_chunk_stats in float64 on the CPU (the Gumbel uniforms from plugin/rng.py); refuses what it refuses."""
     from .. import rng
 
-    _check_chunk(z, out)
+    if check:
+        _check_chunk(z, out)
     mst, arg, g, sample, p = out
     L, n = z.shape
     zz = z.double().cpu()
@@ -249,15 +257,17 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
     h16, hq = (h.half(), None) if matmul == "f16" else (None, ops.quantize_q8(h))  # once for every chunk
     for v0 in range(0, V, chunk):
         n = min(V, v0 + chunk) - v0
+        check = v0 == 0 or v0 + chunk >= V  # the first and the last chunk: the middle ones repeat the first's shapes
         head = embed[v0 : v0 + n]
-        e = ops.get_rows_f16(rows[:n], head, qtype, D)  # [n, D]: the chunk's rows, decoded once for both products
+        e = ops.get_rows_f16(rows[:n], head, qtype, D)  # [n, D]: the chunk's rows (f16: for both products; int8 decodes
+        # them again in its tile, from their integer form)
         z = ops.qmatmul_q8(h, head, qtype, D, quantized=hq) if hq is not None else _mm_f32(h16, e.T)  # [L, n]
         if z is None:
             z = ops.qmatmul_mma(h, head, qtype, D)
         pc = p.view(-1)[: L * n].view(L, n)  # contiguous: the kernel writes rows of n
-        head_chunk_stats(z, v0, softcap, temperature, seed, step, (*part, pc))
+        head_chunk_stats(z, v0, softcap, temperature, seed, step, (*part, pc), check=check)
         acc = _mm_f32(pc, e)
-        head_merge_into(run, part, torch.mm(pc, e).float() if acc is None else acc)
+        head_merge_into(run, part, torch.mm(pc, e).float() if acc is None else acc, check=check)
     return head_merge(*(x[None] for x in run))  # the one running partial, finalised
 
 

@@ -158,7 +158,7 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
                 plan[c] = known[c] if known.get(c) in usable else usable[0]
                 continue
             timer = timer or cuda_timer
-            times = {m: timer(_call(objs[0], m, rows, top_k, device, c.startswith("head "))) for m in usable}
+            times = {m: timer(_call(objs[0], m, rows, top_k, device, objs[0] is weights.head)) for m in usable}
             plan[c] = min(usable, key=lambda m: (times[m], usable.index(m)))  # ties: the simpler kernel
         if path and any(known.get(c) != k for c, k in plan.items()):  # only what this model added
             stored[key] = {**known, **plan}
