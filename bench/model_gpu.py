@@ -127,15 +127,19 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
     the fused pass's decoder replayed from a CUDA graph. label: what other lines call it in their ratios."""
     model = DiffusionGemma(cfg, w)
     kv = torch.float16 if fused else None  # each backend's default KV cache (Engine.load's kv_cache)
+
+    def new_cache() -> KVCache:  # as Engine.generate makes it: room for the canvas after the cached positions
+        return KVCache(dtype=kv, reserve=cfg.canvas_length)
+
     g = torch.Generator(device=device).manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (1, max(prompts)), device=device, generator=g)
     canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), device=device, generator=g)
     wbytes = weight_bytes(w)
     out = {"name": name, "label": label or name, "weights_GB": wbytes / 1e9}
     for j, n in enumerate(prompts):  # one warm-up, before the first size only (a long prefill is slow)
-        out[f"prefill_{n}_ms"] = timed(lambda: model.encode(tokens[:, :n], KVCache(dtype=kv), chunk=DEFAULT_NUM_BATCH),
+        out[f"prefill_{n}_ms"] = timed(lambda: model.encode(tokens[:, :n], new_cache(), chunk=DEFAULT_NUM_BATCH),
                                        device, warmup=j == 0)
-    cache = KVCache(dtype=kv)
+    cache = new_cache()
     model.encode(tokens[:, : prompts[0]], cache)
     step = fused_step(model, cache, canvas, graphs=graphs) if fused else logits_step(model, cache, canvas)
     out["step_ms"] = timed(step, device, steps)
@@ -152,7 +156,7 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
         return out
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cache = KVCache(dtype=kv)
+    cache = new_cache()
     for _ in range(2):  # 2 x 4096: 8K context
         model.encode(tokens[:, : prompts[-1]], cache, chunk=DEFAULT_NUM_BATCH)
     step = fused_step(model, cache, canvas, graphs=graphs) if fused else logits_step(model, cache, canvas)

@@ -129,30 +129,40 @@ def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, 
 
 def attention(repeat: int, canvas: int = 256, context: int = 8192) -> None:
     """The decoder's attention at the 26B's heads (16 query heads; 25 sliding layers of 8 KV heads x 256 over
-    the window, 5 global of 2 x 512 over the context) with the f16 KV cache: the engine's way (cache cast
-    to float32, the canvas's keys concatenated, the query heads folded, SDPA in float32), the same in f16
-    (no cast: a third of the bytes moved; rounds q and the canvas's keys), and SDPA with enable_gqa in
-    float32 (before session 7: the math kernel). ms per step, summed over the layers."""
+    the window, 5 global of 2 x 512 over the context) with the f16 KV cache, through model.KVCache as the
+    decoder reads it: the engine's way (the canvas's keys written into the positions reserved after the
+    cache, SDPA in f16 over the cache as it is), the same concatenated to a copy (no reserve), the way before
+    session 9 (`attend` float32: the cache cast to float32 and concatenated every pass, SDPA in float32),
+    and SDPA with enable_gqa in float32 (before session 7: the math kernel). ms per step, summed over the
+    layers, with ratios against the float32 way."""
     import torch.nn.functional as F
 
+    from dgemma.plugin.model import KVCache
+
     g = torch.Generator(device="cuda").manual_seed(0)
-    totals = {"float32 folded": 0.0, "f16 folded": 0.0, "float32 enable_gqa": 0.0}
+    caches = {"f16 in place (engine)": KVCache(dtype=torch.float16, reserve=canvas),
+              "f16 concatenated": KVCache(dtype=torch.float16),
+              "float32 cast+concatenated": KVCache(dtype=torch.float16, attend=torch.float32)}
+    totals = dict.fromkeys([*caches, "float32 enable_gqa"], 0.0)
     for kv, hd, cached, layers in ((8, 256, 1023, 25), (2, 512, context, 5)):
         q = torch.randn(1, 16, canvas, hd, device="cuda", generator=g) * 0.1
         k, v = (torch.randn(1, kv, canvas, hd, device="cuda", generator=g) * 0.1 for _ in range(2))
-        past_k, past_v = (torch.randn(1, kv, cached, hd, device="cuda", generator=g).half() for _ in range(2))
-        ways = {
-            "float32 folded": lambda: grouped_attention(q, torch.cat([past_k.float(), k], 2), torch.cat([past_v.float(), v], 2), None),
-            "f16 folded": lambda: grouped_attention(q.half(), torch.cat([past_k, k.half()], 2), torch.cat([past_v, v.half()], 2),
-                                                    None).float(),
-            "float32 enable_gqa": lambda: F.scaled_dot_product_attention(
-                q, torch.cat([past_k.float(), k], 2), torch.cat([past_v.float(), v], 2), scale=1.0, enable_gqa=True),
-        }
-        for name, fn in ways.items():
-            totals[name] += timed(fn, repeat) * layers
-    base = totals["float32 folded"]
+        past_k, past_v = (torch.randn(1, kv, cached, hd, device="cuda", generator=g) for _ in range(2))
+        for name, cache in caches.items():
+            cache.store(0, past_k, past_v, None)
+
+            def way(cache=cache):  # model.DiffusionGemma.attention's decoder branch
+                keys, values = cache.with_canvas(0, k, v)
+                return grouped_attention(q.to(keys.dtype), keys, values, None).float()
+
+            totals[name] += timed(way, repeat) * layers
+        f16 = caches["f16 concatenated"]
+        totals["float32 enable_gqa"] += timed(lambda: F.scaled_dot_product_attention(
+            q, torch.cat([f16.keys[0].float(), k], 2), torch.cat([f16.values[0].float(), v], 2), scale=1.0,
+            enable_gqa=True), repeat) * layers
+    base = totals["float32 cast+concatenated"]
     print(f"decoder attention per step (canvas {canvas}, context {context}, f16 cache): "
-          + ", ".join(f"{k} {t:.2f} ms ({base / t:.2f}x the engine's)" for k, t in totals.items()))
+          + ", ".join(f"{k} {t:.2f} ms ({base / t:.2f}x float32)" for k, t in totals.items()))
 
 
 def main() -> None:

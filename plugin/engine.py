@@ -285,7 +285,7 @@ class Engine:
     def _generate(self, ids: list[int], o: GenerateOptions, s: SamplerDefaults, max_tokens: int, eos: set[int],
                   seed: int) -> Iterator[Event]:
         t_start = time.perf_counter_ns()
-        cache = KVCache(dtype=self.kv_dtype)
+        cache = KVCache(dtype=self.kv_dtype, reserve=self.cfg.canvas_length)
         dev = self.device
         self.model.encode(torch.tensor([ids], device=dev), cache, chunk=o.num_batch or DEFAULT_NUM_BATCH)
         t_prompt = time.perf_counter_ns()

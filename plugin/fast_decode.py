@@ -112,10 +112,8 @@ class FastDecoder:
         qk = qkv[:, :, : H + n_kv]
         qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + n_kv :].transpose(1, 2)
-        past_k, past_v = cache.layer(i, q.dtype)
-        if past_k is not None:  # already trimmed to the window on sliding layers (KVCache.store)
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # [B, KV, T+L, hd]
-        a = F.scaled_dot_product_attention(q, k, v, scale=1.0, enable_gqa=True)  # [B, H, L, hd]
+        k, v = cache.with_canvas(i, k, v)  # [B, KV, T+L, hd]; sliding layers' cache is trimmed to the window
+        a = F.scaled_dot_product_attention(q.to(k.dtype), k, v, scale=1.0, enable_gqa=True).to(q.dtype)  # [B, H, L, hd]
         h = x + self.norm(F.linear(a.transpose(1, 2).reshape(B, L, H * hd), lw.wo), lw.post_attn_norm)  # [B, L, D]
         # dense MLP and experts from one normalised residual and one GEMM
         n = self.norm(h).view(B * L, D)  # [N, D]

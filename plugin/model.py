@@ -210,13 +210,21 @@ class Weights:
 class KVCache:
     """Keys/values of the encoded positions, per layer: [B, KV, T, hd]. Global layers keep every position;
     sliding layers keep only the last sliding_window - 1, all that a later query can see. `dtype`: what
-    they are stored in (None: the model's compute dtype; float16 halves the cache, and attention casts
-    them back). `length` counts every encoded position (the next position's index)."""
+    they are stored in (None: the model's compute dtype; float16 halves the cache). `length` counts every
+    encoded position (the next position's index). `reserve`: positions kept free after each layer's cached
+    ones, where the decoder writes its canvas's keys and values instead of concatenating them to a copy of
+    the cache on every pass (the engine reserves one canvas). `attend`: the dtype the decoder attends in
+    (None: the cache's, so that a float16 cache is read as it is, on tensor cores; float32 over a float16
+    cache casts a copy of it every pass, the way before session 9, kept as bench/model_gpu.py's baseline)."""
 
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
     length: int = 0
     dtype: torch.dtype | None = None
+    reserve: int = 0
+    attend: torch.dtype | None = None
+    # each layer's (keys, values) buffers [B, KV, T + reserve, hd]: keys[i] is buffers[i][0][:, :, :T]
+    buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list, repr=False)
 
     def layer(self, i: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Layer i's keys and values (None before the first encode), in `dtype` when given."""
@@ -228,16 +236,39 @@ class KVCache:
     def store(self, i: int, keys: torch.Tensor, values: torch.Tensor, keep: int | None) -> None:
         """Layer i's keys and values after an encode, trimmed to their last `keep` positions (None: all)."""
         dtype = self.dtype or keys.dtype
-        if keep is not None and keys.shape[2] > keep:  # a copy, so that the dropped positions are freed
-            start = keys.shape[2] - keep
-            keys, values = keys[:, :, start:].to(dtype, copy=True), values[:, :, start:].to(dtype, copy=True)
+        start = keys.shape[2] - keep if keep is not None and keys.shape[2] > keep else 0
+        keys, values = keys[:, :, start:], values[:, :, start:]
+        if self.reserve:  # copied into buffers with room for the canvas after them
+            B, KV, T, hd = keys.shape
+            bufs = tuple(keys.new_empty((B, KV, T + self.reserve, hd), dtype=dtype) for _ in range(2))
+            bufs[0][:, :, :T], bufs[1][:, :, :T] = keys, values
+            keys, values = bufs[0][:, :, :T], bufs[1][:, :, :T]
+        elif start:  # a copy, so that the dropped positions are freed
+            keys, values = keys.to(dtype, copy=True), values.to(dtype, copy=True)
+            bufs = None
         else:
-            keys, values = keys.to(dtype), values.to(dtype)
+            keys, values, bufs = keys.to(dtype), values.to(dtype), None
         if i < len(self.keys):
-            self.keys[i], self.values[i] = keys, values
+            self.keys[i], self.values[i], self.buffers[i] = keys, values, bufs
         else:
             self.keys.append(keys)
             self.values.append(values)
+            self.buffers.append(bufs)
+
+    def with_canvas(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's cached keys/values followed by the canvas's k, v [B, KV, L, hd], in the dtype the decoder
+        attends in: [B, KV, T + L, hd]. Written into the reserved positions (views of the buffers, valid
+        until the next call) where they fit, else concatenated to a copy of the cache. The cache itself
+        (keys[i]) is unchanged."""
+        dtype = self.attend or self.dtype or k.dtype
+        past_k, past_v = self.layer(i, dtype)
+        if past_k is None:
+            return k.to(dtype), v.to(dtype)
+        T, L, bufs = past_k.shape[2], k.shape[2], self.buffers[i]
+        if bufs is None or bufs[0].dtype != dtype or bufs[0].shape[2] < T + L or bufs[0].shape[0] != k.shape[0]:
+            return torch.cat([past_k, k.to(dtype)], dim=2), torch.cat([past_v, v.to(dtype)], dim=2)
+        bufs[0][:, :, T : T + L], bufs[1][:, :, T : T + L] = k, v
+        return bufs[0][:, :, : T + L], bufs[1][:, :, : T + L]
 
 
 class DiffusionGemma:
@@ -297,9 +328,9 @@ class DiffusionGemma:
             v = rms_norm(v, None, eps)  # V is normalised without a weight
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, hd]
 
-        past_k, past_v = cache.layer(i, q.dtype)
-        P = 0 if past_k is None else past_k.shape[2]  # cached positions: cache.length - P .. cache.length - 1
         if encoder:
+            past_k, past_v = cache.layer(i, q.dtype)
+            P = 0 if past_k is None else past_k.shape[2]  # cached positions: cache.length - P .. cache.length - 1
             keys = k.contiguous() if past_k is None else torch.cat([past_k, k], dim=2)  # [B, KV, P+L, hd]
             values = v.contiguous() if past_v is None else torch.cat([past_v, v], dim=2)
             cache.store(i, keys, values, cfg.sliding_window - 1 if cfg.is_swa[i] else None)
@@ -310,10 +341,9 @@ class DiffusionGemma:
             if cfg.is_swa[i]:
                 mask &= q_pos - k_pos < cfg.sliding_window
         else:  # the cache holds what the canvas sees: every position on global layers, the window on sliding ones
-            keys = k if past_k is None else torch.cat([past_k, k], dim=2)
-            values = v if past_v is None else torch.cat([past_v, v], dim=2)
+            keys, values = cache.with_canvas(i, k, v)  # [B, KV, P+L, hd] in the dtype it attends in
             mask = None
-        out = grouped_attention(q, keys, values, mask)  # [B, H, L, hd]
+        out = grouped_attention(q.to(keys.dtype), keys, values, mask).to(q.dtype)  # [B, H, L, hd]
         return linear(out.transpose(1, 2).reshape(B, L, H * hd), lw.wo)
 
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:

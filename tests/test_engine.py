@@ -116,24 +116,83 @@ def test_prompt_encoded_in_chunks(engines, chunk, monkeypatch):
     assert (engine.model.decode(canvas, parts) - hf_logits(ckpt, prompt, canvas)).abs().max() < 1e-4
 
 
-def test_float16_kv_cache(engines):
-    """kv_cache f16 (the cuda backend's default): half the bytes, the same trimming, logits within 0.05 of
-    the float32 cache's (the rounding of cached keys and values; 0.005 on the default model)."""
+def test_float16_kv_cache(engines, monkeypatch):
+    """kv_cache f16 (the cuda backend's default): half the bytes, the same trimming, and the decoder attends
+    in float16 over it (q and the canvas's keys rounded too): logits within 0.05 of the float32 cache's
+    (0.005 on the default model; 0.0013 there with `attend` float32, the cache cast every pass)."""
     _, engine = engines("wide")
     cfg, m = engine.cfg, engine.model
     g = torch.Generator().manual_seed(8)
     prompt = torch.randint(0, cfg.vocab_size, (1, 40), generator=g)
     canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
-    full, half = KVCache(), KVCache(dtype=torch.float16)
-    m.encode(prompt, full)
-    m.encode(prompt, half)
+    full, half = KVCache(), KVCache(dtype=torch.float16, reserve=cfg.canvas_length)
+    cast = KVCache(dtype=torch.float16, attend=torch.float32)
+    for cache in (full, half, cast):
+        m.encode(prompt, cache)
     assert all(h.dtype == torch.float16 and h.shape == f.shape for h, f in zip(half.keys + half.values, full.keys + full.values))
-    diff = (m.decode(canvas, full) - m.decode(canvas, half)).abs().max().item()
-    assert 0 < diff < 0.05
+    import dgemma.plugin.model as model_module
+
+    dtypes = []
+    attention = model_module.grouped_attention
+    monkeypatch.setattr(model_module, "grouped_attention", lambda q, *a: dtypes.append(q.dtype) or attention(q, *a))
+    want = m.decode(canvas, full)
+    diffs = [(m.decode(canvas, c) - want).abs().max().item() for c in (half, cast)]
+    assert dtypes == [torch.float32] * cfg.n_layer + [torch.float16] * cfg.n_layer + [torch.float32] * cfg.n_layer
+    assert 0 < diffs[1] < diffs[0] < 0.05, diffs
     f16 = Engine.load(engine.path, kv_cache="f16")
     assert f16.kv_dtype == torch.float16 and generate_ids(f16, [2, 10, 11], seed=1, max_tokens=20).eval_count > 0
     with pytest.raises(EngineError, match="kv_cache 'q8' is not available"):
         Engine.load(engine.path, kv_cache="q8")
+
+
+def test_decoder_writes_its_canvas_into_the_reserved_positions(engines, monkeypatch):
+    """KVCache(reserve=C), the engine's: each layer's cache lies in buffers with room for one canvas, and the
+    decoder (model.decode and the engine's FastDecoder) writes its canvas's keys and values there instead of
+    concatenating them to a copy of the cache on every pass. Its attention reads the buffers themselves; the
+    logits equal the unreserved cache's (1e-6) and transformers' (1e-4); a pass leaves the cache as it was;
+    a second canvas, and one after a finished canvas was encoded (prompt longer than the sliding windows,
+    chunked), read what they should; a canvas longer than the room falls back to the copy."""
+    ckpt, engine = engines("odd")
+    cfg, m = engine.cfg, engine.model
+    C = cfg.canvas_length
+    g = torch.Generator().manual_seed(9)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 29), generator=g)
+    canvases = [torch.randint(0, cfg.vocab_size, (1, C), generator=g) for _ in range(3)]
+    plain, res, short = KVCache(), KVCache(reserve=C), KVCache(reserve=C - 1)
+    for cache in (plain, res, short):
+        m.encode(prompt, cache, chunk=8)
+    shared: dict[int, list[bool]] = {id(plain): [], id(res): [], id(short): []}
+    with_canvas = KVCache.with_canvas
+
+    def spy(self, i, k, v):
+        keys, values = with_canvas(self, i, k, v)
+        bufs = self.buffers[i]
+        shared.setdefault(id(self), []).append(bufs is not None and keys.data_ptr() == bufs[0].data_ptr()
+                                              and values.data_ptr() == bufs[1].data_ptr())
+        return keys, values
+
+    monkeypatch.setattr(KVCache, "with_canvas", spy)
+    before = [t.clone() for t in res.keys + res.values]
+    for j, canvas in enumerate(canvases[:2]):
+        for decode in (m.decode, engine.decode_step):
+            want = decode(canvas, plain)
+            assert (decode(canvas, res) - want).abs().max().item() < 1e-6
+            assert (decode(canvas, short) - want).abs().max().item() < 1e-6
+        if j == 0:
+            assert (want - hf_logits(ckpt, prompt, canvas)).abs().max().item() < 1e-4
+    assert all(torch.equal(a, b) for a, b in zip(before, res.keys + res.values))
+    assert shared[id(res)] == [True] * 4 * cfg.n_layer  # 2 canvases x 2 decoders x every layer
+    assert not any(shared[id(plain)] + shared[id(short)])
+    for cache in (plain, res):
+        m.encode(canvases[0], cache)  # the finished canvas: the next one's context
+    assert all(torch.equal(a, b) for a, b in zip(plain.keys + plain.values, res.keys + res.values))
+    assert all(b[0].shape[2] == k.shape[2] + C for b, k in zip(res.buffers, res.keys))
+    got = m.decode(canvases[2], res)
+    assert (got - m.decode(canvases[2], plain)).abs().max().item() < 1e-6
+    assert (got - hf_logits(ckpt, prompt, canvases[2], second_chunk=canvases[0])).abs().max().item() < 1e-4
+    shared.clear()
+    list(engine.generate([2, 10, 11], GenerateOptions(seed=1, max_tokens=2 * C)))
+    assert len(shared) == 1 and all(next(iter(shared.values())))  # the engine's cache reserves its canvas
 
 
 def generate_ids(engine: Engine, prompt: list[int], seed: int, **opts) -> DoneEvent:
