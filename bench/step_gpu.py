@@ -89,7 +89,8 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
 def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, softcap: float = 30.0) -> None:
     """The sampler's per-pass statistics from the Q6_K vocabulary head (max, argmax, entropy, Gumbel-max
     sample, softmax @ E; no [L, V] logits): the fused float kernel (csrc/head.cu) and the chunked head on
-    tensor cores (head_ops.head_stats_chunked: f16 and int8 logits per 8192-row chunk, P @ E by cuBLAS),
+    tensor cores (head_ops.head_stats_chunked: f16 and int8 logits per 8192-row chunk, P @ E by cuBLAS; and
+    f16 over the whole head kept decoded, which the engine does not do: the decode's share of the pass),
     against the torch way (f16 logits by cuBLAS, softcap, softmax, entropy, argmax, multinomial, probs @ E).
     FLOPs per pass: 2 x rows x vocab x d for the logits, as many for softmax @ E."""
     from dgemma.plugin.cuda import head_ops
@@ -107,12 +108,16 @@ def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, 
 
     fused, fused_mem = measured(lambda: head_ops.head_stats(h, w, Q.Q6_K, softcap, 0.8, seed=1, step=0))
     line, best = f"fused float {fused:.3f} ms ({flop / fused / 1e9:.1f} TFLOP/s, {fused_mem:.0f} MiB)", fused
+    wf = ops.get_rows_f16(torch.arange(vocab, dtype=torch.int32, device="cuda"), w, Q.Q6_K, d)  # decoded on the GPU
     if torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY:
         for kernel in ("f16", "int8"):
             t, mem = measured(lambda: head_ops.head_stats_chunked(h, w, Q.Q6_K, softcap, 0.8, 1, 0, kernel))
             line += f", chunked {kernel} {t:.3f} ms ({flop / t / 1e9:.1f} TFLOP/s, {mem:.0f} MiB, {fused / t:.2f}x fused)"
             best = min(best, t)
-    wf = ops.get_rows(torch.arange(vocab, device="cuda"), w, Q.Q6_K, d).half()  # dequantized on the GPU
+        # the head kept decoded in f16 (what a VRAM budget with 1.5 GB to spare could afford): no decode per pass
+        t, mem = measured(lambda: head_ops.head_stats_chunked(h, w, Q.Q6_K, softcap, 0.8, 1, 0, "f16", decoded=wf))
+        line += (f", chunked f16 over the head kept decoded {t:.3f} ms ({mem:.0f} MiB + {wf.numel() * 2 / 2**20:.0f} MiB "
+                 f"kept, {fused / t:.2f}x fused)")
 
     def torch_way():
         z = torch.tanh((h.half() @ wf.T).float() / softcap) * softcap / 0.8  # [L, V]

@@ -269,3 +269,10 @@ def test_chunked_head_keeps_the_fused_heads_contract(kernels, monkeypatch, matmu
     head.matmul = matmul
     via = head.stats(h, 30.0, 0.7, 77, 4)
     assert torch.equal(via.sc, head_ops.head_stats_chunked(*args, 77, 4, matmul).sc)
+    # the head kept decoded (decoded=): its chunks are read, not decoded again, and nothing else changes
+    decoded = ops.get_rows_f16(torch.arange(V, dtype=torch.int32), data, Q.Q8_0, D)
+    monkeypatch.setattr(ops, "get_rows_f16", lambda *a: pytest.fail("a kept head decoded again"))
+    kept = head_ops.head_stats_chunked(*args, 77, 4, matmul, chunk=7, decoded=decoded)
+    assert all(torch.equal(getattr(kept, f), getattr(got, f)) for f in ("max", "argmax", "lse", "entropy", "sc", "sample"))
+    with pytest.raises(ValueError, match=r"decoded must be the head in float16 \[50, 64\]"):
+        head_ops.head_stats_chunked(*args, 77, 4, matmul, decoded=decoded[:-1])

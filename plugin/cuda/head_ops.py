@@ -226,14 +226,16 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
 
 def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float,
                        temperature: float, seed: int = 0, step: int = 0, matmul: str = "f16",
-                       chunk: int = HEAD_CHUNK):
+                       chunk: int = HEAD_CHUNK, decoded: torch.Tensor | None = None):
     """head_stats with the two products on tensor cores, one vocabulary chunk at a time. Per chunk: its rows
     decoded once to float16 (get_rows_f16); the logits [L, chunk], h16 @ rows^T by cuBLAS with a float32
     result ("f16"; the f16 tile from the GGML rows where torch.mm has no out_dtype) or by the int8 tile on h
     quantized once ("int8"); their partial statistics and weights P (head_chunk_stats); P @ rows for the
     partial's acc, merged into one running partial (head_merge_into), which head_merge finalises. No more
     than [L, chunk] of logits ever exists. Rounding: h and the head to f16 (int8: h per 32), P to f16 (and
-    P @ E's result too where torch.mm has no out_dtype, before torch 2.8 or so)."""
+    P @ E's result too where torch.mm has no out_dtype, before torch 2.8 or so). decoded: the whole head
+    already in float16 [V, D] (get_rows_f16 of every row, kept by the caller: 1.5 GB at the 26B's head),
+    whose chunks are read instead of decoded on every pass; the same numbers."""
     _check_head("head_stats_chunked", h, temperature, seed, step)
     L, D = h.shape
     qtype = GGMLQuantizationType(qtype)
@@ -245,6 +247,9 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
     if matmul not in ("f16", "int8") or chunk < 1:
         raise ValueError(f"head_stats_chunked: matmul must be f16 or int8 and chunk >= 1 (got {matmul}, {chunk})")
     V, dev = embed.shape[0], h.device
+    if decoded is not None and (decoded.dtype != torch.float16 or tuple(decoded.shape) != (V, D) or decoded.device != dev):
+        raise ValueError(f"head_stats_chunked: decoded must be the head in float16 [{V}, {D}] on {dev} (got "
+                         f"{decoded.dtype} {tuple(decoded.shape)} on {decoded.device})")
 
     def partial() -> tuple[torch.Tensor, ...]:  # (m, s, t), arg (-1: no rows yet), g, sample
         return (torch.zeros(L, 3, device=dev), torch.full((L,), -1, dtype=torch.int32, device=dev),
@@ -259,8 +264,8 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
         n = min(V, v0 + chunk) - v0
         check = v0 == 0 or v0 + chunk >= V  # the first and the last chunk: the middle ones repeat the first's shapes
         head = embed[v0 : v0 + n]
-        e = ops.get_rows_f16(rows[:n], head, qtype, D)  # [n, D]: the chunk's rows (f16: for both products; int8 decodes
-        # them again in its tile, from their integer form)
+        # [n, D]: the chunk's rows in f16, for both products (int8 decodes them again in its tile, from their integer form)
+        e = ops.get_rows_f16(rows[:n], head, qtype, D) if decoded is None else decoded[v0 : v0 + n]
         z = ops.qmatmul_q8(h, head, qtype, D, quantized=hq) if hq is not None else _mm_f32(h16, e.T)  # [L, n]
         if z is None:
             z = ops.qmatmul_mma(h, head, qtype, D)
