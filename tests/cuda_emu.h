@@ -9,7 +9,8 @@
 //     before it in the other, so a read or write past either end faults; reported with kernel, block, thread;
 //   - shared memory is filled with 0xFF bytes (NaN floats, -1 ints) at the start of every block (dynamic, and
 //     each __shared__ array when the first thread passes its declaration): a read of a value no thread wrote
-//     shows; arrays indexed out of bounds trap (-fsanitize=bounds);
+//     shows; arrays indexed out of bounds trap (-fsanitize=bounds), and so do loads and stores through
+//     pointers misaligned for their type (-fsanitize=alignment), which a GPU faults on;
 //   - __syncthreads() reached from different places, warp instructions with a lane missing (exited, or at a
 //     barrier), __trap(): errors, not hangs;
 //   - the launch runs twice, the second time with the blocks, the warps of a block and the lanes of a warp in
@@ -483,8 +484,8 @@ inline void on_signal(int sig, siginfo_t *info, void *) {
     describe_thread(where, sizeof where);
     const char *what = sig == SIGSEGV || sig == SIGBUS
                            ? "memory access outside every buffer (before its start or past its end)"
-                       : sig == SIGILL ? "illegal instruction: an array index out of bounds (a trap of -fsanitize=bounds)"
-                                         ", or code built for another CPU"
+                       : sig == SIGILL ? "illegal instruction: an array index out of bounds or a misaligned load or "
+                                         "store (a trap of -fsanitize=bounds,alignment), or code built for another CPU"
                                        : "arithmetic fault (integer division by zero?)";
     snprintf(message, sizeof message, "%s: %s at address 0x%lx", where, what, (unsigned long)fault_address);
     siglongjmp(escape, 2);

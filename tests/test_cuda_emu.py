@@ -15,7 +15,7 @@ import cuda_emu
 if cuda_emu.unavailable():
     pytest.skip(cuda_emu.unavailable(), allow_module_level=True)
 
-KERNELS = ("shift_read", "neighbour", "two_barriers", "shuffle_after_exit", "half_warps", "dg::half_written<32>", "past_shared", "big_shared", "traps",
+KERNELS = ("shift_read", "neighbour", "two_barriers", "shuffle_after_exit", "half_warps", "dg::half_written<32>", "past_shared", "word_at", "big_shared", "traps",
            "scalar_sizes", "mma_f16_tile", "mma_s8_tile")
 
 
@@ -88,6 +88,15 @@ def test_an_index_past_a_shared_array_traps(k):
     cuda_emu.launch(k["past_shared"], (1,), (32,), (torch.zeros(32), np.int32(31)))
     with pytest.raises(cuda_emu.EmulatorError, match="out of bounds"):
         cuda_emu.launch(k["past_shared"], (1,), (32,), (torch.zeros(32), np.int32(32)))
+
+
+def test_a_misaligned_load_traps(k):
+    """A GPU faults on a 4-byte load from an address that is not a multiple of 4 (x86 would read it)."""
+    data, y = torch.arange(40, dtype=torch.uint8), torch.zeros(8, dtype=torch.int32)
+    cuda_emu.launch(k["word_at"], (1,), (8,), (data, y, np.int32(4)))
+    assert torch.equal(y, data[4:36].view(torch.int32))
+    with pytest.raises(cuda_emu.EmulatorError, match="misaligned load"):
+        cuda_emu.launch(k["word_at"], (1,), (8,), (data, y, np.int32(2)))
 
 
 def test_more_than_48_kb_of_shared_memory_is_an_error(k):

@@ -66,6 +66,10 @@ extern "C" __global__ void past_shared(float * __restrict__ y, int i) {
     y[threadIdx.x] = s[i];  // i = 32: past the array
 }
 
+extern "C" __global__ void word_at(const uint8_t * __restrict__ bytes, int * __restrict__ y, int offset) {
+    y[threadIdx.x] = *reinterpret_cast<const int *>(bytes + 4 * threadIdx.x + offset);  // offset 2: misaligned
+}
+
 extern "C" __global__ void big_shared(float * __restrict__ y, int both) {
     __shared__ float a[7680];  // 30 KB
     a[threadIdx.x] = 1.0f;
