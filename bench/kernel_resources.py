@@ -71,7 +71,13 @@ def threads_for(name: str) -> int:
 
 def parse(ptxas_output: str) -> list[tuple[str, int, int, int]]:
     """(mangled name, registers, spill bytes, static shared bytes) per entry function in `-Xptxas -v` output."""
-    return [(m[0], int(m[5]), int(m[3]) + int(m[4]), int(m[6] or 0)) for m in INFO.findall(ptxas_output)]
+    return [row[1:] for row in parse_archs(ptxas_output)]
+
+
+def parse_archs(ptxas_output: str) -> list[tuple[str, str, int, int, int]]:
+    """parse's rows with the architecture first: (arch, mangled name, registers, spill bytes, static shared
+    bytes), for output that covers several (`-gencode` for each)."""
+    return [(m[1], m[0], int(m[5]), int(m[3]) + int(m[4]), int(m[6] or 0)) for m in INFO.findall(ptxas_output)]
 
 
 def demangle(names: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -14,11 +15,16 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from dgemma import quant
+from dgemma.plugin.cuda.head_ops import HEAD_MAX_D
 from dgemma.plugin.cuda.ops import MM_TILE, MMA_TILE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import kernel_resources as kr  # noqa: E402
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 ARCHS = ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_120"]
 KERNELS = sorted(p.name for p in CSRC.glob("*.cu"))
+MAX_THREADS = {"accept_renoise": 1024}  # the largest block a wrapper launches, where it is not kr.threads_for's
 nvcc = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(nvcc is None, reason="nvcc is not installed")
 
@@ -30,12 +36,24 @@ def supported_archs() -> list[str]:
 
 @pytest.mark.parametrize("source", KERNELS)
 def test_kernel_compiles_for_every_architecture(source, tmp_path):
+    """Every .cu for every target, warnings as errors; and every kernel can be launched as the wrappers
+    launch it on each (ptxas's report, bench/kernel_resources.py): its registers times the largest block
+    size fit the register file (else "too many resources requested for launch", a GPU-only failure), and
+    its static plus dynamic shared memory fits the 48 KB a launch gets without opting in."""
     archs = supported_archs()
     assert {"sm_75", "sm_80", "sm_86", "sm_89", "sm_90"} <= set(archs)
     gencode = [f"-gencode=arch={a.replace('sm_', 'compute_')},code={a}" for a in archs]
-    proc = subprocess.run([nvcc, "-std=c++17", "-Werror", "all-warnings", f"-I{CSRC}", *gencode, "-c", str(CSRC / source),
-                           "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([nvcc, "-std=c++17", "-Werror", "all-warnings", f"-I{CSRC}", *gencode, "-Xptxas", "-v", "-c",
+                           str(CSRC / source), "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    rows = kr.parse_archs(proc.stderr + proc.stdout)
+    assert {r[0] for r in rows} == set(archs)
+    for (arch, _, regs, spill, smem), name in zip(rows, kr.demangle([r[1] for r in rows])):
+        threads = MAX_THREADS.get(name, kr.threads_for(name))
+        dynamic = 4 * HEAD_MAX_D if name.startswith("dg::head_partials") else 0  # e_row [D]
+        blocks, limit = kr.Kernel(name, regs, spill, smem, threads).resident_blocks(arch, dynamic)
+        assert blocks >= 1 and smem + dynamic <= 48 << 10, (f"{name} on {arch}: {regs} registers x {threads} threads, "
+                                                            f"{smem} + {dynamic} bytes of shared memory ({limit})")
 
 
 def build_host_tool(name: str, out_dir: Path) -> Path:

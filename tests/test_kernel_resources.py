@@ -24,6 +24,7 @@ ptxas info    : Used 23 registers, 400 bytes cmem[0]
 
 def test_ptxas_report_is_parsed():
     assert kr.parse(PTXAS) == [("_ZN2dg7qmatmulILi12EEEvPKfiPKhPfiiii", 40, 12, 32896), ("quantize_q8", 23, 0, 0)]
+    assert [r[0] for r in kr.parse_archs(PTXAS + PTXAS.replace("sm_90", "sm_75"))] == ["sm_90"] * 2 + ["sm_75"] * 2
 
 
 @pytest.mark.parametrize("regs,smem,threads,arch,want", [
