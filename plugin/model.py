@@ -213,9 +213,10 @@ class KVCache:
     they are stored in (None: the model's compute dtype; float16 halves the cache). `length` counts every
     encoded position (the next position's index). `reserve`: positions kept free after each layer's cached
     ones, where the decoder writes its canvas's keys and values instead of concatenating them to a copy of
-    the cache on every pass (the engine reserves one canvas). `attend`: the dtype the decoder attends in
-    (None: the cache's, so that a float16 cache is read as it is, on tensor cores; float32 over a float16
-    cache casts a copy of it every pass, the way before session 9, kept as bench/model_gpu.py's baseline)."""
+    the cache on every pass (the engine reserves one canvas). `attend`: the dtype attention runs in, the
+    encoder's and the decoder's (None: the cache's, so that a float16 cache is read as it is, on tensor
+    cores; float32 over a float16 cache casts a copy of it every pass, the way before session 9, kept as
+    bench/step_gpu.py's baseline)."""
 
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
@@ -225,6 +226,10 @@ class KVCache:
     attend: torch.dtype | None = None
     # each layer's (keys, values) buffers [B, KV, T + reserve, hd]: keys[i] is buffers[i][0][:, :, :T]
     buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list, repr=False)
+
+    def attention_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """What attention over this cache runs in, for a model computing in `compute`."""
+        return self.attend or self.dtype or compute
 
     def layer(self, i: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Layer i's keys and values (None before the first encode), in `dtype` when given."""
@@ -260,7 +265,7 @@ class KVCache:
         attends in: [B, KV, T + L, hd]. Written into the reserved positions (views of the buffers, valid
         until the next call) where they fit, else concatenated to a copy of the cache. The cache itself
         (keys[i]) is unchanged."""
-        dtype = self.attend or self.dtype or k.dtype
+        dtype = self.attention_dtype(k.dtype)
         past_k, past_v = self.layer(i, dtype)
         if past_k is None:
             return k.to(dtype), v.to(dtype)
@@ -329,8 +334,10 @@ class DiffusionGemma:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, hd]
 
         if encoder:
-            past_k, past_v = cache.layer(i, q.dtype)
+            dtype = cache.attention_dtype(q.dtype)
+            past_k, past_v = cache.layer(i, dtype)
             P = 0 if past_k is None else past_k.shape[2]  # cached positions: cache.length - P .. cache.length - 1
+            k, v = k.to(dtype), v.to(dtype)
             keys = k.contiguous() if past_k is None else torch.cat([past_k, k], dim=2)  # [B, KV, P+L, hd]
             values = v.contiguous() if past_v is None else torch.cat([past_v, v], dim=2)
             cache.store(i, keys, values, cfg.sliding_window - 1 if cfg.is_swa[i] else None)
@@ -341,7 +348,7 @@ class DiffusionGemma:
             if cfg.is_swa[i]:
                 mask &= q_pos - k_pos < cfg.sliding_window
         else:  # the cache holds what the canvas sees: every position on global layers, the window on sliding ones
-            keys, values = cache.with_canvas(i, k, v)  # [B, KV, P+L, hd] in the dtype it attends in
+            keys, values = cache.with_canvas(i, k, v)  # [B, KV, P+L, hd] in the cache's attention dtype
             mask = None
         out = grouped_attention(q.to(keys.dtype), keys, values, mask).to(q.dtype)  # [B, H, L, hd]
         return linear(out.transpose(1, 2).reshape(B, L, H * hd), lw.wo)

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "rounding")
     p.add_argument("--kv-cache", choices=list(KV_DTYPES),
                    help="what the KV cache stores: f32 (the torch backend's default) or f16 (the cuda backend's; "
-                        "the decoder then attends in f16)")
+                        "attention then runs in f16)")
     p.add_argument("--matmul", choices=MATMULS,
                    help="cuda backend: the quantized matmul kernel, auto (the default: the fastest on this GPU per "
                         "weight shape and for the vocabulary head, timed once and cached), scalar (float FMAs, the "

@@ -507,12 +507,13 @@ def test_graphed_decoder_equals_the_eager_pass(ops, dev, request, model):
 @pytest.mark.parametrize("hd,KV,L,P,masked,dtype", [
     (256, 8, 256, 1023, False, torch.float32), (512, 2, 256, 8192, False, torch.float32),
     (256, 8, 512, 1023, True, torch.float32), (512, 2, 512, 4096, True, torch.float32),
-    (256, 8, 256, 1023, False, torch.float16), (512, 2, 256, 8192, False, torch.float16)])
+    (256, 8, 256, 1023, False, torch.float16), (512, 2, 256, 8192, False, torch.float16),
+    (256, 8, 512, 1023, True, torch.float16), (512, 2, 512, 4096, True, torch.float16)])
 def test_attention_runs_on_fused_kernels_at_the_26b_shapes(ops, dev, hd, KV, L, P, masked, dtype):
     """model.grouped_attention at the 26B-A4B's heads (16 query heads; sliding layers 8 KV heads of 256,
     global ones 2 of 512): the canvas over the cache (no mask) and an encoder chunk (causal mask over P
-    cached positions) in float32; the canvas in float16 as the decoder runs it over the f16 cache, K and V
-    being views of the cache's buffers with room for the canvas (KVCache.reserve). With the math kernel
+    cached positions), in float32 (the torch backend's cache) and in float16 (the f16 cache's: the
+    decoder's K and V being views of the cache's buffers with room for the canvas, KVCache.reserve). With the math kernel
     disabled it must still run (SDPA raises when no fused kernel takes the call), and equal float64
     attention on the CPU over the same (rounded) inputs: within 1e-3 of max |out| in float32, 4e-3 in
     float16 (P and the output rounded to f16)."""
@@ -524,7 +525,7 @@ def test_attention_runs_on_fused_kernels_at_the_26b_shapes(ops, dev, hd, KV, L, 
 
     g = torch.Generator(device="cuda").manual_seed(hd + L)
     q = (torch.randn(1, 16, L, hd, device=dev, generator=g) * 0.1).to(dtype)
-    room = 256 if dtype == torch.float16 else 0
+    room = 256 if dtype == torch.float16 and not masked else 0
     k, v = ((torch.randn(1, KV, P + L + room, hd, device=dev, generator=g) * 0.1).to(dtype)[:, :, : P + L] for _ in range(2))
     mask = (torch.arange(P + L, device=dev)[None, :] <= torch.arange(P, P + L, device=dev)[:, None]) if masked else None
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
