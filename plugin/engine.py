@@ -305,33 +305,35 @@ class Engine:
         canvases: list[list[int]] = []
         steps: list[int] = []
         reason = "length"
-        for index in range(math.ceil(max_tokens / C)):
-            if o.cancelled():
-                reason = "cancelled"
-                break
-            result = denoise_canvas(sampler, C, s, on_step)
-            canvas = result.tokens.tolist()
-            canvases.append(canvas)
-            steps.append(result.steps)
-            keep = canvas[: max_tokens - len(out_ids)]
-            hit_eos = next((n for n, t in enumerate(keep) if t in eos), None)
-            if hit_eos is not None:
-                keep = keep[:hit_eos]
-            out_ids += keep
-            new_text, hit_stop = text.add(keep, final=hit_eos is not None or len(out_ids) >= max_tokens or cancelled)
-            if new_text or keep:
-                yield TextEvent(new_text, keep, index, result.steps)
-            if cancelled:
-                reason = "cancelled"
-                break
-            if hit_eos is not None or hit_stop:
-                reason = "stop"
-                break
-            if len(out_ids) >= max_tokens:
-                break
-            self.model.encode(torch.tensor([canvas], device=dev), cache)
-        if self.graphed is not None:
-            self.graphed.release()  # the graph's memory pool: the next generation captures its own
+        try:
+            for index in range(math.ceil(max_tokens / C)):
+                if o.cancelled():
+                    reason = "cancelled"
+                    break
+                result = denoise_canvas(sampler, C, s, on_step)
+                canvas = result.tokens.tolist()
+                canvases.append(canvas)
+                steps.append(result.steps)
+                keep = canvas[: max_tokens - len(out_ids)]
+                hit_eos = next((n for n, t in enumerate(keep) if t in eos), None)
+                if hit_eos is not None:
+                    keep = keep[:hit_eos]
+                out_ids += keep
+                new_text, hit_stop = text.add(keep, final=hit_eos is not None or len(out_ids) >= max_tokens or cancelled)
+                if new_text or keep:
+                    yield TextEvent(new_text, keep, index, result.steps)
+                if cancelled:
+                    reason = "cancelled"
+                    break
+                if hit_eos is not None or hit_stop:
+                    reason = "stop"
+                    break
+                if len(out_ids) >= max_tokens:
+                    break
+                self.model.encode(torch.tensor([canvas], device=dev), cache)
+        finally:  # also when the caller stops early (the generator closed at a yield)
+            if self.graphed is not None:
+                self.graphed.release()  # the graph's memory pool and the KV cache: the next generation makes its own
         t_end = time.perf_counter_ns()
         forwards = sum(steps)
         yield DoneEvent(

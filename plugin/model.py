@@ -3,8 +3,9 @@
 One set of weights, two ways to run it:
 - `encode(tokens, cache)`: the causal encoder. Appends the tokens' keys/values to the KV cache
   (sliding-window mask on local layers); each layer's output is scaled by its encoder scalar.
-- `decode(canvas, cache, sc_probs)`: the bidirectional decoder over a canvas. Reads the cache without
-  changing it (all of it on global layers, its last window-1 positions on sliding ones), adds the
+- `decode(canvas, cache, sc_probs)`: the bidirectional decoder over a canvas. Attends over the cache
+  (all of it on global layers, its last window-1 positions on sliding ones) without changing what it
+  holds (the canvas's own keys/values go into room reserved after it, KVCache.reserve), adds the
   self-conditioning signal from the previous step's processed logits, and returns softcapped logits.
 Global layers have no V projection (V is the raw K projection, normalised without weight) and use
 proportional RoPE (the unrotated pairs carry a huge frequency divisor in `rope_freqs`).
@@ -226,6 +227,7 @@ class KVCache:
     attend: torch.dtype | None = None
     # each layer's (keys, values) buffers [B, KV, T + reserve, hd]: keys[i] is buffers[i][0][:, :, :T]
     buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list, repr=False)
+    version: int = 0  # counts store() calls: what holds the buffers' addresses (a CUDA graph) checks it
 
     def attention_dtype(self, compute: torch.dtype) -> torch.dtype:
         """What attention over this cache runs in, for a model computing in `compute`."""
@@ -253,6 +255,7 @@ class KVCache:
             bufs = None
         else:
             keys, values, bufs = keys.to(dtype), values.to(dtype), None
+        self.version += 1
         if i < len(self.keys):
             self.keys[i], self.values[i], self.buffers[i] = keys, values, bufs
         else:
@@ -261,18 +264,21 @@ class KVCache:
             self.buffers.append(bufs)
 
     def with_canvas(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's cached keys/values followed by the canvas's k, v [B, KV, L, hd], in the dtype the decoder
-        attends in: [B, KV, T + L, hd]. Written into the reserved positions (views of the buffers, valid
-        until the next call) where they fit, else concatenated to a copy of the cache. The cache itself
-        (keys[i]) is unchanged."""
+        """Layer i's cached keys/values followed by the canvas's k, v [B, KV, L, hd], in the dtype attention
+        runs in: [B, KV, T + L, hd]. Written into the reserved positions (views of the buffers, valid until
+        the next call) where they fit, else concatenated to a copy of the cache. The cache itself (keys[i])
+        is unchanged."""
         dtype = self.attention_dtype(k.dtype)
         past_k, past_v = self.layer(i, dtype)
         if past_k is None:
             return k.to(dtype), v.to(dtype)
+        if past_k.shape[0] != k.shape[0]:
+            raise ValueError(f"KVCache.with_canvas: a canvas of batch {k.shape[0]} over a cache of batch {past_k.shape[0]}")
         T, L, bufs = past_k.shape[2], k.shape[2], self.buffers[i]
-        if bufs is None or bufs[0].dtype != dtype or bufs[0].shape[2] < T + L or bufs[0].shape[0] != k.shape[0]:
+        if bufs is None or bufs[0].dtype != dtype or bufs[0].shape[2] < T + L:
             return torch.cat([past_k, k.to(dtype)], dim=2), torch.cat([past_v, v.to(dtype)], dim=2)
-        bufs[0][:, :, T : T + L], bufs[1][:, :, T : T + L] = k, v
+        with torch.inference_mode():  # the buffers were made in it (encode), wherever the decoder runs
+            bufs[0][:, :, T : T + L], bufs[1][:, :, T : T + L] = k, v
         return bufs[0][:, :, : T + L], bufs[1][:, :, : T + L]
 
 
@@ -316,7 +322,7 @@ class DiffusionGemma:
     def attention(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, *,
                   encoder: bool):
         """x: [B, L, D]; rope: this layer's (cos, sin) [L, hd]. Encoder: causal, appends to the cache.
-        Decoder: bidirectional, cache read-only."""
+        Decoder: bidirectional; the cached positions are left as they are (KVCache.with_canvas)."""
         cfg, lw = self.cfg, self.w.layers[i]
         B, L, _ = x.shape
         H, hd, n_kv, eps = cfg.n_head, cfg.head_dim[i], cfg.n_head_kv[i], cfg.rms_eps
@@ -341,6 +347,7 @@ class DiffusionGemma:
             keys = k.contiguous() if past_k is None else torch.cat([past_k, k], dim=2)  # [B, KV, P+L, hd]
             values = v.contiguous() if past_v is None else torch.cat([past_v, v], dim=2)
             cache.store(i, keys, values, cfg.sliding_window - 1 if cfg.is_swa[i] else None)
+            past_k = past_v = None  # the previous buffers: freed before the attention's working memory
             T = cache.length  # absolute position of the first query
             q_pos = torch.arange(T, T + L, device=x.device)[:, None]  # [L, 1]
             k_pos = torch.arange(T - P, T + L, device=x.device)[None, :]  # [1, P+L]

@@ -203,7 +203,7 @@ def test_graphed_decoder_warms_up_captures_replays_and_falls_back(canvas16_gguf,
 
     w, cfg = cpu_cuda_weights(canvas16_gguf)
     model = DiffusionGemma(cfg, w)
-    cache = KVCache()
+    cache = KVCache(reserve=cfg.canvas_length)  # the engine's: the canvas written into the cache's buffers
     g = torch.Generator().manual_seed(0)
     model.encode(torch.randint(3, cfg.vocab_size, (1, 7), generator=g), cache)
     api = StandInGraphs(fail)
@@ -227,8 +227,14 @@ def test_graphed_decoder_warms_up_captures_replays_and_falls_back(canvas16_gguf,
             canvas, soft = torch.randint(3, cfg.vocab_size, (1, C), generator=g), torch.randn(1, C, D, generator=g)
             torch.testing.assert_close(dec(canvas, soft), model.decode_hidden(canvas, cache, soft))
         assert (dec.captures, dec.replays) == (2, 4)
+        # new buffers at the same length (a graph would write into the freed ones): warm-up, a new capture
+        cache.store(0, cache.keys[0].clone(), cache.values[0].clone(), None)
+        for _ in range(2):
+            canvas, soft = torch.randint(3, cfg.vocab_size, (1, C), generator=g), torch.randn(1, C, D, generator=g)
+            torch.testing.assert_close(dec(canvas, soft), model.decode_hidden(canvas, cache, soft))
+        assert (dec.captures, dec.replays) == (3, 5)
         dec.release()
-        assert dec.graph is None and dec.out is None and dec.captures == 2
+        assert dec.graph is None and dec.out is None and dec.cache is None and dec.captures == 3
 
 
 @pytest.mark.parametrize("matmul,tol", [("f16", 5e-3), ("int8", 0.05)])

@@ -128,7 +128,8 @@ def test_float16_kv_cache(engines, monkeypatch):
     canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
     full, half = KVCache(), KVCache(dtype=torch.float16, reserve=cfg.canvas_length)
     cast = KVCache(dtype=torch.float16, attend=torch.float32)
-    for cache in (full, half, cast):
+    cast_reserved = KVCache(dtype=torch.float16, attend=torch.float32, reserve=cfg.canvas_length)  # room of another dtype
+    for cache in (full, half, cast, cast_reserved):
         m.encode(prompt, cache)
     assert all(h.dtype == torch.float16 and h.shape == f.shape for h, f in zip(half.keys + half.values, full.keys + full.values))
     import dgemma.plugin.model as model_module
@@ -138,9 +139,11 @@ def test_float16_kv_cache(engines, monkeypatch):
     monkeypatch.setattr(model_module, "grouped_attention", lambda q, *a: dtypes.append(q.dtype) or attention(q, *a))
     want = m.decode(canvas, full)
     diffs = [(m.decode(canvas, c) - want).abs().max().item() for c in (half, cast)]
+    assert dtypes == [torch.float32] * cfg.n_layer + [torch.float16] * cfg.n_layer + [torch.float32] * cfg.n_layer
+    assert torch.equal(m.decode(canvas, cast_reserved), m.decode(canvas, cast))  # concatenated in float32
+    dtypes.clear()
     m.encode(canvas, half)  # a finished canvas: the encoder
-    assert dtypes == ([torch.float32] * cfg.n_layer + [torch.float16] * cfg.n_layer + [torch.float32] * cfg.n_layer
-                      + [torch.float16] * cfg.n_layer)
+    assert dtypes == [torch.float16] * cfg.n_layer
     assert 0 < diffs[1] < diffs[0] < 0.05, diffs
     f16 = Engine.load(engine.path, kv_cache="f16")
     assert f16.kv_dtype == torch.float16 and generate_ids(f16, [2, 10, 11], seed=1, max_tokens=20).eval_count > 0
@@ -193,6 +196,10 @@ def test_decoder_writes_its_canvas_into_the_reserved_positions(engines, monkeypa
     got = m.decode(canvases[2], res)
     assert (got - m.decode(canvases[2], plain)).abs().max().item() < 1e-6
     assert (got - hf_logits(ckpt, prompt, canvases[2], second_chunk=canvases[0])).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="a canvas of batch 2 over a cache of batch 1"):
+        m.decode(canvases[0].repeat(2, 1), res)
+    k = torch.ones(1, cfg.n_head_kv[0], C, cfg.head_dim[0])  # outside inference mode, into buffers made in it
+    assert torch.equal(res.with_canvas(0, k, k)[0][:, :, -C:], k)
     shared.clear()
     list(engine.generate([2, 10, 11], GenerateOptions(seed=1, max_tokens=2 * C)))
     assert len(shared) == 1 and all(next(iter(shared.values())))  # the engine's cache reserves its canvas

@@ -2,7 +2,8 @@
 
 A denoising pass of the 26B-A4B is a few thousand small launches (norms, projections, routing, two grouped
 expert GEMMs, attention per layer); launched one by one from Python they cost more host time than the
-GPU needs to run them. Within one canvas every pass has the same shapes and reads the same KV cache, so
+GPU needs to run them. Within one canvas every pass has the same shapes and the same KV cache (the same
+buffers, read, and the canvas's keys/values written into their reserved room: KVCache.with_canvas), so
 the pass is captured once into a CUDA graph and replayed with new inputs copied into its static buffers.
 
 `GraphedDecoder(model, cache)(canvas, soft)` equals `model.decode_hidden(canvas, cache, soft)`:
@@ -48,7 +49,8 @@ class GraphedDecoder:
         of a replay is the graph's output buffer: valid until the next call."""
         if soft is None or self.fallback is not None:
             return self._eager(canvas, soft)
-        key = (self.cache.length, tuple(canvas.shape), canvas.dtype, tuple(soft.shape), soft.dtype)
+        # the cache's version: a graph holds its buffers' addresses, and writes the canvas into them
+        key = (self.cache.length, self.cache.version, tuple(canvas.shape), canvas.dtype, tuple(soft.shape), soft.dtype)
         if key != self.key:  # a new canvas (the cache grew): warm up, capture on the next pass
             self.key, self.graph = key, None
             return self._on_own_stream(lambda: self._eager(canvas, soft))
@@ -95,5 +97,6 @@ class GraphedDecoder:
         self.captures += 1
 
     def release(self) -> None:
-        """Drop the graph and its buffers (its memory pool goes back); the counts and `fallback` stay."""
-        self.key = self.graph = self.canvas_in = self.soft_in = self.out = None
+        """Drop the graph, its buffers (its memory pool goes back) and the KV cache; the counts and `fallback`
+        stay. The decoder is done with: calling it again is an error."""
+        self.key = self.graph = self.canvas_in = self.soft_in = self.out = self.cache = None

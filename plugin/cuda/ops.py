@@ -42,6 +42,7 @@ MODULES = (
 MATMULS = {"scalar": ("qmatmul", "moe_qmatmul"), "f16": ("qmatmul_mma", "moe_qmatmul_mma"),
            "int8": ("qmatmul_q8", "moe_qmatmul_q8")}
 GET_ROWS_THREADS = 128
+ACCEPT_MAX_CANVAS = 1024  # csrc/accept.cu: one thread per canvas position, one block per canvas
 
 
 def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[int, int],
@@ -478,8 +479,8 @@ def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, ste
     """[B, C] entropies and denoised tokens -> (next canvas [B, C] int32, accepted [B, C] bool): the
     lowest-entropy tokens within the bound are kept, the others re-drawn from the counter-based stream
     (plugin.rng.sampler_tokens(seed, step, b*C + i, vocab, RENOISE)) inside the kernel (csrc/accept.cu)."""
-    if entropy.dim() != 2 or entropy.shape[1] > 1024:
-        raise ValueError(f"accept_renoise: entropy must be [B, C<=1024] (got {tuple(entropy.shape)})")
+    if entropy.dim() != 2 or entropy.shape[1] > ACCEPT_MAX_CANVAS:
+        raise ValueError(f"accept_renoise: entropy must be [B, C<={ACCEPT_MAX_CANVAS}] (got {tuple(entropy.shape)})")
     if denoised.shape != entropy.shape or denoised.device != entropy.device or not entropy.is_cuda:
         raise ValueError("accept_renoise: entropy and denoised must be CUDA tensors of the same [B, C] shape")
     if not (1 <= vocab < 2**31 and 0 <= seed < 2**64 and 0 <= step < 2**31):
@@ -492,7 +493,7 @@ def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, ste
     if b * c == 0:
         return nxt, acc.bool()
     fn = kernel("accept.cu", "accept_renoise")
-    _launch(fn, (b,), (min(1024, max(32, c)),), (ent, den, nxt, acc, np.int32(c),
+    _launch(fn, (b,), (min(ACCEPT_MAX_CANVAS, max(32, c)),), (ent, den, nxt, acc, np.int32(c),
                                                  np.float32(bound), np.uint64(seed), np.int32(step), np.int32(vocab)))
     return nxt, acc.bool()
 
