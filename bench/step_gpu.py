@@ -128,6 +128,13 @@ def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, 
     theirs, theirs_mem = measured(torch_way)
     print(f"sampler statistics from the head ({rows} x {d} x {vocab} Q6_K): {line}; torch way {theirs:.3f} ms "
           f"({theirs_mem:.0f} MiB) -> the best of ours {theirs / best:.2f}x faster")
+    if torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY:  # the chunk's f16 rows against the L2 cache
+        sizes = sorted({2048, 4096, head_ops.HEAD_CHUNK, 16384})
+        times = [measured(lambda: head_ops.head_stats_chunked(h, w, Q.Q6_K, softcap, 0.8, 1, 0, "f16", chunk=c))
+                 for c in sizes]
+        print("  chunked f16 by chunk rows (f16 rows per chunk: rows x D x 2 bytes): " + ", ".join(
+            f"{c}{' (default)' if c == head_ops.HEAD_CHUNK else ''} {t:.3f} ms ({c * d * 2 / 2**20:.0f} MiB rows, "
+            f"{mem:.0f} MiB in all)" for c, (t, mem) in zip(sizes, times)))
     w = wf = None
     torch.cuda.empty_cache()
 
