@@ -8,7 +8,7 @@ the pass is captured once into a CUDA graph and replayed with new inputs copied 
 
 `GraphedDecoder(model, cache)(canvas, soft)` equals `model.decode_hidden(canvas, cache, soft)`:
 - soft None (a canvas's first pass) runs eagerly;
-- the first pass with a given (cache length, shapes) runs eagerly too, on the decoder's own stream (the one
+- the first pass with a given (cache version, shapes) runs eagerly too, on the decoder's own stream (the one
   it captures on): it compiles and loads the kernels and sets up each library's per-stream state, so that
   nothing but launches happens during the capture;
 - the next one captures the pass and replays it; later ones only replay.
@@ -49,8 +49,9 @@ class GraphedDecoder:
         of a replay is the graph's output buffer: valid until the next call."""
         if soft is None or self.fallback is not None:
             return self._eager(canvas, soft)
-        # the cache's version: a graph holds its buffers' addresses, and writes the canvas into them
-        key = (self.cache.length, self.cache.version, tuple(canvas.shape), canvas.dtype, tuple(soft.shape), soft.dtype)
+        # the cache's version (store() bumps it; every encode stores, so it also moves with the length and the
+        # positions): a graph holds the cache buffers' addresses, and writes the canvas into them
+        key = (self.cache.version, tuple(canvas.shape), canvas.dtype, tuple(soft.shape), soft.dtype)
         if key != self.key:  # a new canvas (the cache grew): warm up, capture on the next pass
             self.key, self.graph = key, None
             return self._on_own_stream(lambda: self._eager(canvas, soft))
