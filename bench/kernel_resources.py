@@ -55,8 +55,9 @@ class Kernel:
         return by[limit], limit
 
 
-def threads_for(name: str) -> int:
-    """The block size the wrappers launch kernel `name` with (plugin/cuda/ops.py, head_ops.py)."""
+def threads_for(name: str, canvas: int = 256) -> int:
+    """The block size the wrappers launch kernel `name` with (plugin/cuda/ops.py, head_ops.py), for a canvas
+    of `canvas` positions (the 26B's 256; only accept_renoise's depends on it)."""
     base = re.sub(r"^dg::|<.*$", "", name)
     if base in ("qmatmul", "moe_qmatmul"):
         return ops.MM_THREADS
@@ -65,18 +66,19 @@ def threads_for(name: str) -> int:
     if base.startswith("head_"):
         return head_ops.HEAD_THREADS
     if base == "accept_renoise":
-        return 256  # min(1024, max(32, canvas)): the 26B's canvas of 256
+        return min(ops.ACCEPT_MAX_CANVAS, max(32, canvas))  # ops.accept_renoise's
     return ops.MMA_THREADS  # the tensor-core tiles and quantize_q8
 
 
-def parse(ptxas_output: str) -> list[tuple[str, int, int, int]]:
-    """(mangled name, registers, spill bytes, static shared bytes) per entry function in `-Xptxas -v` output."""
-    return [row[1:] for row in parse_archs(ptxas_output)]
+def dynamic_smem(name: str, d: int = 2816) -> int:
+    """The dynamic shared memory the wrappers launch kernel `name` with at hidden size d (the 26B's 2816):
+    head_partials' e_row [D] floats, none elsewhere."""
+    return 4 * d if name.startswith("dg::head_partials") else 0
 
 
 def parse_archs(ptxas_output: str) -> list[tuple[str, str, int, int, int]]:
-    """parse's rows with the architecture first: (arch, mangled name, registers, spill bytes, static shared
-    bytes), for output that covers several (`-gencode` for each)."""
+    """(arch, mangled name, registers, spill bytes, static shared bytes) per entry function in `-Xptxas -v`
+    output, for one architecture or several (`-gencode` for each)."""
     return [(m[1], m[0], int(m[5]), int(m[3]) + int(m[4]), int(m[6] or 0)) for m in INFO.findall(ptxas_output)]
 
 
@@ -98,8 +100,8 @@ def kernels(arch: str, sources: list[str] | None = None) -> list[Kernel]:
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"nvcc failed on {source}:\n{proc.stderr[-2000:]}")
-            rows = parse(proc.stderr + proc.stdout)
-            for (mangled, regs, spill, smem), name in zip(rows, demangle([r[0] for r in rows])):
+            rows = parse_archs(proc.stderr + proc.stdout)
+            for (_, _, regs, spill, smem), name in zip(rows, demangle([r[1] for r in rows])):
                 found.append(Kernel(name, regs, spill, smem, threads_for(name)))
     return found
 
@@ -116,7 +118,7 @@ def main() -> None:
     for k in kernels(args.arch):
         if args.filter not in k.name:
             continue
-        dyn = 4 * 2816 if k.name.startswith("dg::head_partials") else 0  # e_row [D] at the 26B's width
+        dyn = dynamic_smem(k.name)
         blocks, limit = k.resident_blocks(args.arch, dyn)
         occupancy = blocks * k.threads / max_threads
         print(f"{k.name:36} {k.registers:5d} {k.spill_bytes:6d} {k.smem + dyn:7d} {k.threads:7d} {blocks:9d} "

@@ -20,7 +20,7 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
                                             const int * __restrict__ xs, const int * __restrict__ xrows, int m0,
                                             int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
                                             float * __restrict__ y, int ldy, Epilogue ep = Epilogue{}) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(DG_EMU)  // DG_EMU: the tests' CPU emulator
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
     constexpr int TM = MMA_TM, TN = MMA_TN, TK = MMA_TK, PAD = 16;  // PAD bytes: fragment loads land in different banks

@@ -24,7 +24,7 @@ DG_HD MmaLane mma_lane(int tid) {
 // The two tensor-core instructions, the only inline PTX of the tiles: D += A B for one m16n8k16 tile, A row-major
 // and B column-major fragments in the layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16"). The CPU
 // emulator of the tests (tests/cuda_emu.h, which defines DG_EMU) supplies its own.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(DG_EMU)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 // f16 inputs (two per 32-bit register), f32 accumulators
 __device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                  uint32_t b0, uint32_t b1) {

@@ -36,8 +36,7 @@
 #include <vector>
 
 #define DG_EMU 1
-#define __CUDACC__ 1
-#define __CUDA_ARCH__ 900
+#define __CUDACC__ 1  // no __CUDA_ARCH__: device-only PTX paths stay out, DG_EMU enables the tiles' bodies
 #define __global__
 #define __device__
 #define __host__
@@ -202,7 +201,6 @@ inline float atomicAdd(float *p, float v) {  // fibers never interleave within a
     return old;
 }
 
-inline float __fmul_rn(float a, float b) { return a * b; }  // no FMA contraction here (-ffp-contract=off)
 inline int __float2int_rn(float x) {  // cvt.rni.s32.f32: nearest even, NaN -> 0, saturated
     if (x != x) return 0;
     const float r = nearbyintf(x);
@@ -248,22 +246,6 @@ inline uint16_t f32_to_f16_bits(float x) {
     return (uint16_t)(sign | h);
 }
 
-inline float emu_f16(uint32_t bits) {  // the host decoder of base.cuh, declared after it: a local copy
-    const uint32_t sign = (bits & 0x8000u) << 16;
-    uint32_t exp = (bits >> 10) & 0x1Fu, man = bits & 0x3FFu, out;
-    if (exp == 0x1Fu) out = sign | 0x7F800000u | (man << 13);
-    else if (exp != 0) out = sign | ((exp + 112u) << 23) | (man << 13);
-    else if (man == 0) out = sign;
-    else {
-        exp = 113;
-        while ((man & 0x400u) == 0) { man <<= 1; --exp; }
-        out = sign | (exp << 23) | ((man & 0x3FFu) << 13);
-    }
-    float f;
-    memcpy(&f, &out, 4);
-    return f;
-}
-
 // mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32
 inline void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                              uint32_t b1) {
@@ -287,6 +269,8 @@ inline void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
 }
 
 }  // namespace dg
+
+#include "quant/base.cuh"  // dg::fp16_to_f32 (its host path) for the f16 MMA's inputs
 
 namespace emu {
 
@@ -319,11 +303,11 @@ inline void resolve_warp(Thread *lane, uint32_t mask) {
                 const uint32_t h = (lane[l].in[i / 2] >> (16 * (i & 1))) & 0xFFFFu;
                 const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
                 const int col = t * 2 + (i & 1) + (i >= 4 ? 8 : 0);
-                A[row][col] = dg::emu_f16(h);
+                A[row][col] = dg::fp16_to_f32((uint16_t)h);
             }
             for (int i = 0; i < 4; ++i) {  // b_i: register 4 + i/2
                 const uint32_t h = (lane[l].in[4 + i / 2] >> (16 * (i & 1))) & 0xFFFFu;
-                B[t * 2 + (i & 1) + (i >= 2 ? 8 : 0)][g] = dg::emu_f16(h);
+                B[t * 2 + (i & 1) + (i >= 2 ? 8 : 0)][g] = dg::fp16_to_f32((uint16_t)h);
             }
             for (int i = 0; i < 4; ++i) memcpy(&C[i < 2 ? g : g + 8][t * 2 + (i & 1)], &lane[l].in[6 + i], 4);
         }
@@ -541,7 +525,6 @@ EMU_EXPORT int emu_kernel_params(int k, int *sizes) {
     return emu_kernels[k].params;
 }
 
-// A buffer of n bytes whose end (at_end) or start touches an inaccessible page; *base, *span: the mapping.
 // A buffer of n bytes (n a multiple of `align`) between two inaccessible pages, touching the one after it
 // (at_end) or the one before; the rest of its pages hold `fill`. *base, *span: the mapping.
 EMU_EXPORT void *emu_guarded(size_t n, size_t align, int at_end, int fill, void **base, size_t *span) {

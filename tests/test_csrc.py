@@ -50,8 +50,8 @@ def test_kernel_compiles_for_every_architecture(source, tmp_path):
     plain = {name for module in MODULES for name in module[2]}  # the extern "C" kernels
     assert {r[0] for r in rows} == set(archs) and all(n.startswith("dg::") or n in plain for n in names), names
     for (arch, _, regs, spill, smem), name in zip(rows, names):
-        threads = ACCEPT_MAX_CANVAS if name == "accept_renoise" else kr.threads_for(name)  # the largest block
-        dynamic = 4 * HEAD_MAX_D if name.startswith("dg::head_partials") else 0  # e_row [D]
+        threads = kr.threads_for(name, canvas=ACCEPT_MAX_CANVAS)  # the largest block
+        dynamic = kr.dynamic_smem(name, HEAD_MAX_D)
         blocks, limit = kr.Kernel(name, regs, spill, smem, threads).resident_blocks(arch, dynamic)
         assert blocks >= 1 and smem + dynamic <= 48 << 10, (f"{name} on {arch}: {regs} registers x {threads} threads, "
                                                             f"{smem} + {dynamic} bytes of shared memory ({limit})")

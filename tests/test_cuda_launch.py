@@ -11,6 +11,8 @@ count, each scalar's numpy type, each pointer's tensor dtype (or a null pointer 
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,9 @@ from cuda_util import KERNEL_SIGNATURE
 from dgemma import quant
 from dgemma.plugin.cuda import head_ops, ops
 from dgemma.plugin.cuda.loader import csrc_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import kernel_resources as kr  # noqa: E402
 
 POINTEE = {"float": torch.float32, "int": torch.int32, "uint8_t": torch.uint8, "int8_t": torch.int8,
            "uint16_t": torch.float16}  # f16 values travel as their bits
@@ -152,3 +157,29 @@ def test_every_kernel_is_parsed():
         for name in (*names, *plain):
             params = PARAMS[re.sub(r"^dg::|<.*>$", "", name)]
             assert params and all((POINTEE if p else SCALAR).get(t) is not None for t, _, p in params), (name, params)
+
+
+def test_kernel_resources_knows_each_launch_size(launches, monkeypatch):
+    """bench/kernel_resources.py's threads_for and dynamic_smem (what the CI's launch-resource check in
+    tests/test_csrc.py and the occupancy table assume) equal the block size and the dynamic shared memory
+    every wrapper launches its kernel with."""
+    seen: list[tuple[str, tuple, int]] = []
+    for module in (ops, head_ops):
+        monkeypatch.setattr(module, "_launch", lambda fn, grid, block, args, shared_mem=0: seen.append((fn[1], block, shared_mem)))
+    qtype, k, canvas = Q.Q4_K, 256, 9
+    x, w = torch.randn(5, k), weights(qtype, 7, k)
+    ops.get_rows(torch.tensor([0, 6, 3]), w, qtype, k)
+    for op in (ops.qmatmul, ops.qmatmul_mma, ops.qmatmul_q8):
+        op(x, w, qtype, k)
+    head_ops.head_stats(x, w, qtype, softcap=30.0, temperature=0.7, seed=5, step=3)
+    for matmul in ("f16", "int8"):
+        head_ops.head_stats_chunked(x, w, qtype, 30.0, 0.7, 5, 3, matmul, chunk=3)
+    groups, we = ops.ExpertGroups([3, 0, 2], "cpu"), weights(qtype, 8, k, experts=3)
+    for op in (ops.moe_qmatmul, ops.moe_qmatmul_mma, ops.moe_qmatmul_q8):
+        op(x, torch.tensor([0, 1, 3, 2, 0], dtype=torch.int32), groups, we, qtype, k)
+    ops.accept_renoise(torch.rand(2, canvas), torch.randint(0, 7, (2, canvas)), seed=1, step=0, vocab=7, bound=0.5)
+    names = {name for name, _, _ in seen}
+    assert {"dg::get_rows<12>", "dg::head_partials<12>", "head_chunk_stats", "quantize_q8", "dg::moe_qmatmul_q8<12>",
+            "accept_renoise"} <= names
+    for name, block, shared_mem in seen:
+        assert tuple(block) == (kr.threads_for(name, canvas),) and shared_mem == kr.dynamic_smem(name, k), name

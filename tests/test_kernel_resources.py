@@ -23,7 +23,8 @@ ptxas info    : Used 23 registers, 400 bytes cmem[0]
 
 
 def test_ptxas_report_is_parsed():
-    assert kr.parse(PTXAS) == [("_ZN2dg7qmatmulILi12EEEvPKfiPKhPfiiii", 40, 12, 32896), ("quantize_q8", 23, 0, 0)]
+    assert kr.parse_archs(PTXAS) == [("sm_90", "_ZN2dg7qmatmulILi12EEEvPKfiPKhPfiiii", 40, 12, 32896),
+                                     ("sm_90", "quantize_q8", 23, 0, 0)]
     assert [r[0] for r in kr.parse_archs(PTXAS + PTXAS.replace("sm_90", "sm_75"))] == ["sm_90"] * 2 + ["sm_75"] * 2
 
 
@@ -36,13 +37,6 @@ def test_ptxas_report_is_parsed():
 ])
 def test_resident_blocks(regs, smem, threads, arch, want):
     assert kr.Kernel("k", regs, 0, smem, threads).resident_blocks(arch) == want
-
-
-def test_block_sizes_are_the_wrappers():
-    from dgemma.plugin.cuda import head_ops, ops
-
-    assert kr.threads_for("dg::qmatmul<12>") == ops.MM_THREADS and kr.threads_for("dg::qmatmul_q8<8>") == ops.MMA_THREADS
-    assert kr.threads_for("head_chunk_stats") == head_ops.HEAD_THREADS and kr.threads_for("dg::get_rows_f16<14>") == 128
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")

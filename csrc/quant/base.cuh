@@ -39,7 +39,7 @@ __device__ __forceinline__ uint16_t f32_to_f16_bits(float x) {
 
 // IEEE half -> float, exact: one cvt instruction on the device, bit by bit on the host (the harnesses)
 DG_HD float fp16_to_f32(uint16_t h) {
-#if defined(__CUDA_ARCH__) && !defined(DG_EMU)
+#ifdef __CUDA_ARCH__
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
@@ -80,7 +80,7 @@ DG_HD uint32_t rd32(const uint8_t * p) { return (uint32_t)p[0] | ((uint32_t)p[1]
 // a * b rounded on its own: a following add is not fused into one FMA (NVRTC fuses by default, and the
 // references, gguf-py and dgemma.quant, round the product and the sum separately: bit-exact both ways)
 DG_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__) && !defined(DG_EMU)
+#ifdef __CUDA_ARCH__
     return __fmul_rn(a, b);
 #else
     return a * b;
