@@ -218,7 +218,8 @@ class KVCache:
     the cache on every pass (the engine reserves one canvas). `attend`: the dtype attention runs in, the
     encoder's and the decoder's (None: the cache's, so that a float16 cache is read as it is, on tensor
     cores; float32 over a float16 cache casts a copy of it every pass, the way before session 9, kept as
-    bench/step_gpu.py's baseline)."""
+    bench/step_gpu.py's baseline). `until`: the position the encode under way reaches (encode sets it), so
+    that a global layer's buffers are made long enough for every chunk at once (KVCache.extend)."""
 
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
@@ -228,7 +229,8 @@ class KVCache:
     attend: torch.dtype | None = None
     # each layer's (keys, values) buffers [B, KV, T + reserve, hd]: keys[i] is buffers[i][0][:, :, :T]
     buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list, repr=False)
-    version: int = 0  # counts store() calls: what holds the buffers' addresses (a CUDA graph) checks it
+    version: int = 0  # counts store()/extend() calls: what holds the buffers' addresses (a CUDA graph) checks it
+    until: int = 0
 
     def attention_dtype(self, compute: torch.dtype) -> torch.dtype:
         """What attention over this cache runs in, for a model computing in `compute`."""
@@ -256,6 +258,42 @@ class KVCache:
             bufs = None
         else:
             keys, values, bufs = keys.to(dtype), values.to(dtype), None
+        self._put(i, keys, values, bufs)
+
+    def extend(self, i: int, k: torch.Tensor, v: torch.Tensor, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's step: layer i's cached keys/values followed by a chunk's k, v [B, KV, L, hd], in the
+        dtype attention runs in ([B, KV, P+L, hd]: what the chunk attends over), stored as the cache trimmed to
+        its last `keep` positions (None: all). A layer that keeps every position (global) and attends in the
+        dtype it stores writes the chunk after the cached positions in its buffers, made once per encode long
+        enough for `until` and the reserve, instead of concatenating the chunk to the cache and copying the
+        result into new buffers on every chunk. Otherwise (sliding layers: a chunk sees more than the window
+        they keep) the concatenation is stored."""
+        dtype = self.attention_dtype(k.dtype)
+        past_k, past_v = self.layer(i)
+        k, v = k.to(dtype), v.to(dtype)
+        if keep is not None or dtype != (self.dtype or dtype):
+            if past_k is None:
+                k, v = k.contiguous(), v.contiguous()
+            else:
+                k, v = torch.cat([past_k.to(dtype), k], dim=2), torch.cat([past_v.to(dtype), v], dim=2)  # [B, KV, P+L, hd]
+            past_k = past_v = None  # the previous buffers: freed as store() replaces them
+            self.store(i, k, v, keep)
+            return k, v
+        B, KV, L, hd = k.shape
+        P = 0 if past_k is None else past_k.shape[2]
+        bufs = self.buffers[i] if i < len(self.buffers) else None
+        if bufs is None or bufs[0].dtype != dtype or bufs[0].shape[0] != B or bufs[0].shape[2] < P + L + self.reserve:
+            size = max(P + L, self.until - self.length + P) + self.reserve
+            bufs = tuple(k.new_empty((B, KV, size, hd)) for _ in range(2))
+            if P:
+                bufs[0][:, :, :P], bufs[1][:, :, :P] = past_k, past_v
+        bufs[0][:, :, P : P + L], bufs[1][:, :, P : P + L] = k, v
+        keys, values = bufs[0][:, :, : P + L], bufs[1][:, :, : P + L]
+        self._put(i, keys, values, bufs)
+        return keys, values
+
+    def _put(self, i: int, keys: torch.Tensor, values: torch.Tensor,
+             bufs: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         self.version += 1
         if i < len(self.keys):
             self.keys[i], self.values[i], self.buffers[i] = keys, values, bufs
@@ -341,14 +379,8 @@ class DiffusionGemma:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, hd]
 
         if encoder:
-            dtype = cache.attention_dtype(q.dtype)
-            past_k, past_v = cache.layer(i, dtype)
-            P = 0 if past_k is None else past_k.shape[2]  # cached positions: cache.length - P .. cache.length - 1
-            k, v = k.to(dtype), v.to(dtype)
-            keys = k.contiguous() if past_k is None else torch.cat([past_k, k], dim=2)  # [B, KV, P+L, hd]
-            values = v.contiguous() if past_v is None else torch.cat([past_v, v], dim=2)
-            cache.store(i, keys, values, cfg.sliding_window - 1 if cfg.is_swa[i] else None)
-            past_k = past_v = None  # the previous buffers: freed before the attention's working memory
+            keys, values = cache.extend(i, k, v, cfg.sliding_window - 1 if cfg.is_swa[i] else None)  # [B, KV, P+L, hd]
+            P = keys.shape[2] - L  # cached positions: cache.length - P .. cache.length - 1
             T = cache.length  # absolute position of the first query
             q_pos = torch.arange(T, T + L, device=x.device)[:, None]  # [L, 1]
             k_pos = torch.arange(T - P, T + L, device=x.device)[None, :]  # [1, P+L]
@@ -396,6 +428,7 @@ class DiffusionGemma:
         all at once): each pass attends over the cache the earlier ones filled, which bounds the attention's
         and the experts' working memory by the chunk instead of the prompt. Returns the last layer's output
         [B, L, D] (`head` of it: the causal next-token logits, for diagnostics)."""
+        cache.until = max(cache.until, cache.length + tokens.shape[1])  # before the chunks: KVCache.extend
         if chunk is not None and tokens.shape[1] > chunk:
             return torch.cat([self.encode(part, cache) for part in tokens.split(chunk, dim=1)], dim=1)
         rope = self.rope(cache.length, tokens.shape[1], tokens.device)
