@@ -45,14 +45,13 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
         const uint8_t * slice = w + (long)(k0 / QK) * SIZE;
         for (int i = tid; i < TN * groups; i += MMA_THREADS) {
             const int r = i / groups, gi = i % groups;
-            int8_t * q = &ws_q[r][gi * DG_GROUP];
+            Words4 q{};
+            float s = 0.0f, m = 0.0f;
             const int wr = tile_w_row(r, n0, N, TN, ep);
-            if (wr >= 0) {
-                decompose_unit<T>(slice + (long)wr * row_bytes, gi, q, ws_s[r][gi], ws_m[r][gi]);
-            } else {
-                for (int j = 0; j < DG_GROUP; ++j) q[j] = 0;
-                ws_s[r][gi] = ws_m[r][gi] = 0.0f;
-            }
+            if (wr >= 0) decompose_unit<T>(slice + (long)wr * row_bytes, gi, q, s, m);
+            *reinterpret_cast<Words4 *>(&ws_q[r][gi * DG_GROUP]) = q;  // 16-aligned: one 128-bit store
+            ws_s[r][gi] = s;
+            ws_m[r][gi] = m;
         }
         for (int i = tid; i < TM * (tk / 4); i += MMA_THREADS) {  // 4 int8 at a time
             const int r = i / (tk / 4), c = (i % (tk / 4)) * 4, row = x_row[r];

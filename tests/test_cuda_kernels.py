@@ -224,6 +224,27 @@ def test_qmatmul_rejects_bad_shapes(ops, dev):
         ops.qmatmul(x, torch.zeros(3, 10, dtype=torch.uint8, device=dev), Q.Q4_K, 100)
 
 
+def test_weights_start_at_their_blocks_alignment(ops, dev):
+    """The kernels read a block's bytes as wide as its alignment allows (csrc/quant/base.cuh Align<T>, the gcd of
+    the block's bytes and 16): weights starting off it are refused with a readable error; 2-aligned formats
+    (Q6_K, Q3_K: funnel-shifted 32-bit loads; Q8_0) read the same rows from a tensor 2 bytes into its storage,
+    where every block sits at the other parity of a 4-byte word."""
+    k, n = 512, 9
+    e = np.random.default_rng(5).standard_normal((n, k)).astype(np.float32)
+    rows = torch.tensor([0, n - 1, 3], dtype=torch.int32, device=dev)
+    for qtype, shift, ok in ((Q.Q4_K, 8, False), (Q.Q5_K, 4, False), (Q.Q2_K, 2, False), (Q.Q6_K, 2, True),
+                             (Q.Q3_K, 2, True), (Q.Q8_0, 2, True)):
+        data = torch.from_numpy(quant.quantize(e, qtype).reshape(n, -1).view(np.uint8))
+        buf = torch.zeros(data.numel() + shift, dtype=torch.uint8, device=dev)
+        w = buf[shift:].view(n, -1)
+        w.copy_(data.to(dev))
+        if ok:
+            assert torch.equal(ops.get_rows(rows, w, qtype, k).cpu(), ops.get_rows_reference(rows, data, qtype, k))
+        else:
+            with pytest.raises(ValueError, match=f"w must start at a multiple of {ops.block_align(qtype)} bytes"):
+                ops.get_rows(rows, w, qtype, k)
+
+
 @pytest.mark.parametrize("qtype,k", [(Q.F32, 64), (Q.Q8_0, 96), (Q.Q4_K, 2816), (Q.Q6_K, 512), (Q.Q5_0, 704)],
                          ids=lambda v: getattr(v, "name", str(v)))
 def test_get_rows_matches_dequant_reference(ops, dev, qtype, k):

@@ -74,8 +74,77 @@ DG_HD float bf16_to_f32(uint16_t h) {
     return v.f;
 }
 
-DG_HD uint16_t rd16(const uint8_t * p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-DG_HD uint32_t rd32(const uint8_t * p) { return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24); }
+// Little-endian words of a block, read as wide as their alignment allows: a block of type T starts at a
+// multiple of Align<T> (the wrappers check the tensor's address, plugin/cuda/ops.py; blocks follow each other
+// every SIZE bytes), and the readers below take offsets that keep it. One load per word instead of one per
+// byte: a warp's byte loads moved 32 bytes per load instruction, so a group's 16 values took 16 of them.
+template <int T> struct Traits;
+template <int T> constexpr int Align = (Traits<T>::SIZE & 15) == 0 ? 16 : (Traits<T>::SIZE & 7) == 0 ? 8
+                                     : (Traits<T>::SIZE & 3) == 0 ? 4 : 2;  // gcd(SIZE, 16): SIZE is even
+
+// W from the weights at p, aligned for W: a read-only load (ld.global.nc: the kernels never write the
+// weights; nvcc infers it only where it can follow the pointer, which the funnel below defeats)
+template <class W> DG_HD W ld_ro(const uint8_t * p) {
+#ifdef __CUDA_ARCH__
+    return __ldg(reinterpret_cast<const W *>(p));
+#else
+    return *reinterpret_cast<const W *>(p);
+#endif
+}
+
+DG_HD uint8_t ld8(const uint8_t * p) { return ld_ro<uint8_t>(p); }
+DG_HD uint16_t ld16(const uint8_t * p) { return ld_ro<uint16_t>(p); }  // p: 2-aligned
+
+template <int A> DG_HD uint32_t ld32(const uint8_t * p) {  // p: a multiple of A (2, 4, 8 or 16)
+    if constexpr (A >= 4) {
+        return ld_ro<uint32_t>(p);
+    } else {
+        return (uint32_t)ld16(p) | ((uint32_t)ld16(p + 2) << 16);
+    }
+}
+
+// 16 bytes as 4 words (byte l of the 16 is byte l % 4 of w[l / 4]): one 128-bit load or store where 16-aligned
+struct alignas(16) Words4 {
+    uint32_t w[4];
+};
+
+template <int A> DG_HD Words4 ld128(const uint8_t * p) {  // p: a multiple of A
+    if constexpr (A >= 16) {
+#ifdef __CUDA_ARCH__
+        const uint4 u = __ldg(reinterpret_cast<const uint4 *>(p));
+        return Words4{{u.x, u.y, u.z, u.w}};
+#else
+        return *reinterpret_cast<const Words4 *>(p);  // the emulator's -fsanitize=alignment checks the 16
+#endif
+    } else {
+        Words4 v;
+        for (int i = 0; i < 4; ++i) v.w[i] = ld32<A>(p + 4 * i);
+        return v;
+    }
+}
+
+// 16 bytes at a 2-aligned p, where at least 2 more bytes of the block follow: 4 or 5 aligned 32-bit loads
+// (the fifth where p is not 4-aligned, then funnel-shifted), against 8 16-bit ones
+DG_HD Words4 ld128_2(const uint8_t * p) {
+    const unsigned sh = (unsigned)((unsigned long long)p & 2u) * 8u;  // 0 or 16
+    const uint8_t * a = p - sh / 8u;  // 4-aligned
+    uint32_t w[5];
+    for (int i = 0; i < 4; ++i) w[i] = ld32<4>(a + 4 * i);
+    w[4] = sh ? ld32<4>(a + 16) : 0u;
+    Words4 v;
+    for (int i = 0; i < 4; ++i) v.w[i] = (uint32_t)((((unsigned long long)w[i + 1] << 32) | w[i]) >> sh);
+    return v;
+}
+
+// bytewise x - y (mod 256 in each byte, no borrow between bytes)
+DG_HD uint32_t sub_bytes(uint32_t x, uint32_t y) {
+    return ((x | 0x80808080u) - (y & 0x7F7F7F7Fu)) ^ ((x ^ ~y) & 0x80808080u);
+}
+
+// bits 0..3 of b to bit 4 of bytes 0..3 (a 5th bit per value)
+DG_HD uint32_t spread_bit4(uint32_t b) {
+    return ((b & 1u) << 4) | ((b & 2u) << 11) | ((b & 4u) << 18) | ((b & 8u) << 25);
+}
 
 // a * b rounded on its own: a following add is not fused into one FMA (NVRTC fuses by default, and the
 // references, gguf-py and dgemma.quant, round the product and the sum separately: bit-exact both ways)
@@ -88,7 +157,6 @@ DG_HD float mul_rn(float a, float b) {
 }
 
 // values per block and bytes per block
-template <int T> struct Traits;
 template <> struct Traits<T_F32>  { static constexpr int QK = 1,   SIZE = 4;   };
 template <> struct Traits<T_F16>  { static constexpr int QK = 1,   SIZE = 2;   };
 template <> struct Traits<T_BF16> { static constexpr int QK = 1,   SIZE = 2;   };
@@ -105,11 +173,11 @@ template <> struct Traits<T_Q6_K> { static constexpr int QK = 256, SIZE = 210; }
 // Q4_K / Q5_K: 6-bit scale and min of sub-block j (get_scale_min_k4)
 DG_HD void scale_min_k4(int j, const uint8_t * q, uint8_t & d, uint8_t & m) {
     if (j < 4) {
-        d = q[j] & 63;
-        m = q[j + 4] & 63;
+        d = ld8(q + j) & 63;
+        m = ld8(q + j + 4) & 63;
     } else {
-        d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        d = (ld8(q + j + 4) & 0xF) | ((ld8(q + j - 4) >> 6) << 4);
+        m = (ld8(q + j + 4) >> 4) | ((ld8(q + j) >> 6) << 4);
     }
 }
 

@@ -9,7 +9,7 @@ namespace dg {
 
 // the integer form of 16-value group gi of the row starting at `row` (integer types): as decompose_group,
 // gi counted along the row (csrc/mma_q8.cuh stages a tile's groups this way, and dequant_unit below)
-template <int T> DG_HD void decompose_unit(const uint8_t * row, int gi, int8_t * q, float & s, float & m) {
+template <int T> DG_HD void decompose_unit(const uint8_t * row, int gi, Words4 & q, float & s, float & m) {
     constexpr int PER_BLOCK = Traits<T>::QK / DG_GROUP;
     decompose_group<T>(row + (long)(gi / PER_BLOCK) * Traits<T>::SIZE, gi % PER_BLOCK, q, s, m);
 }
@@ -23,11 +23,11 @@ template <int T> struct Unit {
 template <int T> DG_HD void dequant_float(const uint8_t * b, float * y);  // the float types' one value
 template <> DG_HD void dequant_float<T_F32>(const uint8_t * b, float * y) {
     union { uint32_t u; float f; } v;
-    v.u = rd32(b);
+    v.u = ld32<Align<T_F32>>(b);
     y[0] = v.f;
 }
-template <> DG_HD void dequant_float<T_F16>(const uint8_t * b, float * y) { y[0] = fp16_to_f32(rd16(b)); }
-template <> DG_HD void dequant_float<T_BF16>(const uint8_t * b, float * y) { y[0] = bf16_to_f32(rd16(b)); }
+template <> DG_HD void dequant_float<T_F16>(const uint8_t * b, float * y) { y[0] = fp16_to_f32(ld16(b)); }
+template <> DG_HD void dequant_float<T_BF16>(const uint8_t * b, float * y) { y[0] = bf16_to_f32(ld16(b)); }
 
 // unit u of the row starting at `row` -> y[0 .. VALUES): integer types through their integer form,
 // mul_rn(s, q) + m (the product rounded on its own, as the references compute it)
@@ -35,10 +35,10 @@ template <int T> DG_HD void dequant_unit(const uint8_t * row, int u, float * y) 
     if constexpr (Traits<T>::QK == 1) {
         dequant_float<T>(row + (long)u * Traits<T>::SIZE, y);
     } else {
-        int8_t q[DG_GROUP];
+        Words4 q;
         float s, m;
         decompose_unit<T>(row, u, q, s, m);
-        for (int i = 0; i < DG_GROUP; ++i) y[i] = mul_rn(s, (float)q[i]) + m;
+        for (int i = 0; i < DG_GROUP; ++i) y[i] = mul_rn(s, (float)(int8_t)(q.w[i / 4] >> (8 * (i % 4)))) + m;
     }
 }
 

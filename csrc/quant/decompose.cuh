@@ -1,4 +1,4 @@
-// GGML integer block formats (ggml-quants.c dequantize_row_*, read term by term) as w = s[g] * q + m[g]:
+// GGML integer block formats (ggml-quants.c dequantize_row_*) as w = s[g] * q + m[g]:
 // int8 values q and, per group g of 16 values, a float scale and offset. This is the one place each integer
 // layout is read, a group at a time: blocks.cuh's dequant_unit computes mul_rn(s, q) + m from it (equal to
 // gguf-py bit for bit, tests/test_csrc.py), and the int8 tensor-core tile (csrc/mma_q8.cuh) multiplies q by
@@ -13,66 +13,69 @@ constexpr int DG_GROUP = 16;  // values per (scale, offset) group
 // X(T) for every type with an integer form
 #define DG_FOR_EACH_INT_TYPE(X) X(T_Q4_0) X(T_Q5_0) X(T_Q5_1) X(T_Q8_0) X(T_Q2_K) X(T_Q3_K) X(T_Q4_K) X(T_Q5_K) X(T_Q6_K)
 
-// group g (values 16 g .. 16 g + 15) of one block of type T -> q[16] and its scale s and offset m. Groups
-// are independent, so a kernel's threads can decode one each (32 rows x 16 groups of a K-quant slice keep
-// 128 threads busy, where whole blocks kept 32).
-template <int T> DG_HD void decompose_group(const uint8_t * b, int g, int8_t * q, float & s, float & m);
+// group g (values 16 g .. 16 g + 15) of one block of type T -> q (value l in byte l % 4 of q.w[l / 4], int8)
+// and its scale s and offset m. Groups are independent, so a kernel's threads can decode one each (32 rows x
+// 16 groups of a K-quant slice keep 128 threads busy, where whole blocks kept 32). The 16 bytes a group's
+// values come from are read as words (ld128: one 128-bit load for Q4_K and Q5_K, whose blocks are 16-aligned;
+// 32-bit loads for the 4-aligned ones and, funnel-shifted, Q3_K's and Q6_K's 2-aligned blocks; 16-bit loads
+// for the 32-value formats, whose last 16 bytes end their block) and decoded 4 values at a time.
+template <int T> DG_HD void decompose_group(const uint8_t * b, int g, Words4 & q, float & s, float & m);
 
-template <> DG_HD void decompose_group<T_Q8_0>(const uint8_t * b, int g, int8_t * q, float & s, float & m) {
-    for (int l = 0; l < 16; ++l) q[l] = (int8_t)b[2 + 16 * g + l];
-    s = fp16_to_f32(rd16(b));
+template <> DG_HD void decompose_group<T_Q8_0>(const uint8_t * b, int g, Words4 & q, float & s, float & m) {
+    q = ld128<Align<T_Q8_0>>(b + 2 + 16 * g);
+    s = fp16_to_f32(ld16(b));
     m = 0.0f;
 }
 
 // Q4_0: value j is the low nibble of qs[j], value j + 16 the high one
-template <> DG_HD void decompose_group<T_Q4_0>(const uint8_t * b, int g, int8_t * q, float & s, float & m) {
-    const uint8_t * qs = b + 2;
-    for (int l = 0; l < 16; ++l) q[l] = (int8_t)((int)((qs[l] >> (4 * g)) & 0xF) - 8);
-    s = fp16_to_f32(rd16(b));
+template <> DG_HD void decompose_group<T_Q4_0>(const uint8_t * b, int g, Words4 & q, float & s, float & m) {
+    const Words4 qs = ld128<Align<T_Q4_0>>(b + 2);
+    for (int i = 0; i < 4; ++i) q.w[i] = sub_bytes((qs.w[i] >> (4 * g)) & 0x0F0F0F0Fu, 0x08080808u);
+    s = fp16_to_f32(ld16(b));
     m = 0.0f;
 }
 
 // Q5_0 / Q5_1: as Q4_0, with bit j of qh as value j's fifth bit
-DG_HD int q5_value(const uint8_t * qs, uint32_t qh, int g, int l) {
-    return ((qs[l] >> (4 * g)) & 0xF) | (int)(((qh >> (l + 16 * g)) << 4) & 0x10);
+DG_HD void q5_words(const Words4 & qs, uint32_t qh, int g, Words4 & q) {
+    for (int i = 0; i < 4; ++i) q.w[i] = ((qs.w[i] >> (4 * g)) & 0x0F0F0F0Fu) | spread_bit4(qh >> (16 * g + 4 * i));
 }
 
-template <> DG_HD void decompose_group<T_Q5_0>(const uint8_t * b, int g, int8_t * q, float & s, float & m) {
-    const uint32_t qh = rd32(b + 2);
-    for (int l = 0; l < 16; ++l) q[l] = (int8_t)(q5_value(b + 6, qh, g, l) - 16);
-    s = fp16_to_f32(rd16(b));
+template <> DG_HD void decompose_group<T_Q5_0>(const uint8_t * b, int g, Words4 & q, float & s, float & m) {
+    q5_words(ld128<Align<T_Q5_0>>(b + 6), ld32<Align<T_Q5_0>>(b + 2), g, q);
+    for (int i = 0; i < 4; ++i) q.w[i] = sub_bytes(q.w[i], 0x10101010u);
+    s = fp16_to_f32(ld16(b));
     m = 0.0f;
 }
 
-template <> DG_HD void decompose_group<T_Q5_1>(const uint8_t * b, int g, int8_t * q, float & s, float & m) {
-    const uint32_t qh = rd32(b + 4);
-    for (int l = 0; l < 16; ++l) q[l] = (int8_t)q5_value(b + 8, qh, g, l);
-    s = fp16_to_f32(rd16(b));
-    m = fp16_to_f32(rd16(b + 2));
+template <> DG_HD void decompose_group<T_Q5_1>(const uint8_t * b, int g, Words4 & q, float & s, float & m) {
+    q5_words(ld128<Align<T_Q5_1>>(b + 8), ld32<Align<T_Q5_1>>(b + 4), g, q);
+    s = fp16_to_f32(ld16(b));
+    m = fp16_to_f32(ld16(b + 2));
 }
 
 // Q2_K / Q3_K: group g = 8 h + 2 j + k (h: which 128 values, j: the 2-bit plane, k: which 16 bytes of the
 // 32 that hold the plane), values q[16 g + l] from byte 32 h + 16 k + l, bits 2 j and 2 j + 1
-template <> DG_HD void decompose_group<T_Q2_K>(const uint8_t * b, int g, int8_t * q, float & s, float & m) {
-    const uint8_t * qs = b + 16 + 32 * (g / 8) + 16 * (g % 2);
+template <> DG_HD void decompose_group<T_Q2_K>(const uint8_t * b, int g, Words4 & q, float & s, float & m) {
+    const Words4 qs = ld128<Align<T_Q2_K>>(b + 16 + 32 * (g / 8) + 16 * (g % 2));
     const int shift = 2 * ((g % 8) / 2);
-    for (int l = 0; l < 16; ++l) q[l] = (int8_t)((qs[l] >> shift) & 3);
-    const uint8_t sc = b[g];
-    s = fp16_to_f32(rd16(b + 80)) * (sc & 0xF);
-    m = -(fp16_to_f32(rd16(b + 82)) * (sc >> 4));
+    for (int i = 0; i < 4; ++i) q.w[i] = (qs.w[i] >> shift) & 0x03030303u;
+    const uint8_t sc = ld8(b + g);
+    s = fp16_to_f32(ld16(b + 80)) * (sc & 0xF);
+    m = -(fp16_to_f32(ld16(b + 82)) * (sc >> 4));
 }
 
 // Q3_K: as Q2_K, minus 4 where bit 4 h + j of hmask[16 k + l] is clear; 6-bit scales packed in 12 bytes
-template <> DG_HD void decompose_group<T_Q3_K>(const uint8_t * b, int g, int8_t * q, float & s, float & m) {
+template <> DG_HD void decompose_group<T_Q3_K>(const uint8_t * b, int g, Words4 & q, float & s, float & m) {
     const int h = g / 8, j = (g % 8) / 2, k = g % 2;
-    const uint8_t * hm = b + 16 * k;
-    const uint8_t * qs = b + 32 + 32 * h + 16 * k;
-    const uint8_t bit = (uint8_t)(1u << (4 * h + j));
-    for (int l = 0; l < 16; ++l) q[l] = (int8_t)((int)((qs[l] >> (2 * j)) & 3) - ((hm[l] & bit) ? 0 : 4));
+    const Words4 hm = ld128_2(b + 16 * k);  // ld128_2: followed by qs, scales, d
+    const Words4 qs = ld128_2(b + 32 + 32 * h + 16 * k);
+    for (int i = 0; i < 4; ++i)  // (2 bits) + 4 (hmask bit set) - 4, in 0..7 before the subtraction
+        q.w[i] = sub_bytes(((qs.w[i] >> (2 * j)) & 0x03030303u) | (((hm.w[i] >> (4 * h + j)) & 0x01010101u) << 2),
+                           0x04040404u);
     const uint8_t * sraw = b + 96;  // scale g: low 4 bits from byte g % 8 (nibble g / 8), high 2 from byte 8 + g % 4
-    const int lo = (sraw[g % 8] >> (4 * (g / 8))) & 0xF;
-    const int hi = (sraw[8 + g % 4] >> (2 * (g / 4))) & 3;
-    s = fp16_to_f32(rd16(b + 108)) * ((int)(int8_t)(lo | (hi << 4)) - 32);
+    const int lo = (ld8(sraw + g % 8) >> (4 * (g / 8))) & 0xF;
+    const int hi = (ld8(sraw + 8 + g % 4) >> (2 * (g / 4))) & 3;
+    s = fp16_to_f32(ld16(b + 108)) * ((int)(int8_t)(lo | (hi << 4)) - 32);
     m = 0.0f;
 }
 
@@ -81,35 +84,38 @@ template <> DG_HD void decompose_group<T_Q3_K>(const uint8_t * b, int g, int8_t 
 DG_HD void k4_scale(const uint8_t * b, int g, float & s, float & m) {
     uint8_t sc, mn;
     scale_min_k4(g / 2, b + 4, sc, mn);
-    s = fp16_to_f32(rd16(b)) * sc;
-    m = -(fp16_to_f32(rd16(b + 2)) * mn);
+    const uint32_t dm = ld32<16>(b);  // d, dmin
+    s = fp16_to_f32((uint16_t)dm) * sc;
+    m = -(fp16_to_f32((uint16_t)(dm >> 16)) * mn);
 }
 
-template <> DG_HD void decompose_group<T_Q4_K>(const uint8_t * b, int g, int8_t * q, float & s, float & m) {
+template <> DG_HD void decompose_group<T_Q4_K>(const uint8_t * b, int g, Words4 & q, float & s, float & m) {
     const int j = g / 2;
-    const uint8_t * qs = b + 16 + (j / 2) * 32 + 16 * (g % 2);
-    for (int l = 0; l < 16; ++l) q[l] = (int8_t)((qs[l] >> (4 * (j & 1))) & 0xF);
+    const Words4 qs = ld128<Align<T_Q4_K>>(b + 16 + (j / 2) * 32 + 16 * (g % 2));
+    for (int i = 0; i < 4; ++i) q.w[i] = (qs.w[i] >> (4 * (j & 1))) & 0x0F0F0F0Fu;
     k4_scale(b, g, s, m);
 }
 
 // Q5_K: as Q4_K, plus bit j of qh[l'] (l' the value's index in its sub-block) as the fifth bit
-template <> DG_HD void decompose_group<T_Q5_K>(const uint8_t * b, int g, int8_t * q, float & s, float & m) {
+template <> DG_HD void decompose_group<T_Q5_K>(const uint8_t * b, int g, Words4 & q, float & s, float & m) {
     const int j = g / 2, o = 16 * (g % 2);
-    const uint8_t * qh = b + 16 + o;
-    const uint8_t * ql = b + 48 + (j / 2) * 32 + o;
-    for (int l = 0; l < 16; ++l) q[l] = (int8_t)(((ql[l] >> (4 * (j & 1))) & 0xF) | (((qh[l] >> j) & 1) << 4));
+    const Words4 qh = ld128<Align<T_Q5_K>>(b + 16 + o);
+    const Words4 ql = ld128<Align<T_Q5_K>>(b + 48 + (j / 2) * 32 + o);
+    for (int i = 0; i < 4; ++i)
+        q.w[i] = ((ql.w[i] >> (4 * (j & 1))) & 0x0F0F0F0Fu) | (((qh.w[i] >> j) & 0x01010101u) << 4);
     k4_scale(b, g, s, m);
 }
 
 // Q6_K: 128-value half h = g / 8; within it, quarter t = (g % 8) / 2 takes the low (t < 2) or high nibbles of
 // ql[32 (t % 2) + i] and bits 2t, 2t+1 of qh[i], i = 16 (g % 2) + l; int8 scale per group
-template <> DG_HD void decompose_group<T_Q6_K>(const uint8_t * b, int g, int8_t * q, float & s, float & m) {
+template <> DG_HD void decompose_group<T_Q6_K>(const uint8_t * b, int g, Words4 & q, float & s, float & m) {
     const int h = g / 8, t = (g % 8) / 2, o = 16 * (g % 2);
-    const uint8_t * ql = b + 64 * h + 32 * (t % 2) + o;
-    const uint8_t * qh = b + 128 + 32 * h + o;
-    for (int l = 0; l < 16; ++l)
-        q[l] = (int8_t)((int)(((ql[l] >> (4 * (t / 2))) & 0xF) | (((qh[l] >> (2 * t)) & 3) << 4)) - 32);
-    s = fp16_to_f32(rd16(b + 208)) * ((const int8_t *)(b + 192))[g];
+    const Words4 ql = ld128_2(b + 64 * h + 32 * (t % 2) + o);  // ld128_2: followed by qh, scales, d
+    const Words4 qh = ld128_2(b + 128 + 32 * h + o);
+    for (int i = 0; i < 4; ++i)
+        q.w[i] = sub_bytes(((ql.w[i] >> (4 * (t / 2))) & 0x0F0F0F0Fu) | (((qh.w[i] >> (2 * t)) & 0x03030303u) << 4),
+                           0x20202020u);
+    s = fp16_to_f32(ld16(b + 208)) * (int8_t)ld8(b + 192 + g);
     m = 0.0f;
 }
 

@@ -6,6 +6,8 @@ them on odd shapes with a stated tolerance.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -97,9 +99,15 @@ def row_bytes(qtype: GGMLQuantizationType, k: int) -> int:
     return k // bs * ts
 
 
+def block_align(qtype: GGMLQuantizationType) -> int:
+    """The address alignment the kernels read a type's blocks with (csrc/quant/base.cuh Align<T>: gcd of the
+    block's bytes and 16; Q4_K/Q5_K 16, Q2_K 4, Q6_K 2): the weights must start at a multiple of it."""
+    return math.gcd(GGML_QUANT_SIZES[qtype][1], 16)
+
+
 def _check_weights(op: str, w: torch.Tensor, qtype, k: int, w_lead: str) -> GGMLQuantizationType:
     """w: contiguous uint8 GGML rows of k values with len(w_lead) leading dims ("[N, " or "[E, N, ") on a
-    CUDA device, of a supported type. Returns the GGML type."""
+    CUDA device, of a supported type, starting at a multiple of block_align. Returns the GGML type."""
     qtype = GGMLQuantizationType(qtype)
     if qtype not in SUPPORTED:
         raise ValueError(f"{op}: GGML type {qtype.name} is not supported (have {', '.join(t.name for t in SUPPORTED)})")
@@ -109,6 +117,9 @@ def _check_weights(op: str, w: torch.Tensor, qtype, k: int, w_lead: str) -> GGML
     if w.dtype != torch.uint8 or w.dim() != dims or w.shape[-1] != rb or not w.is_contiguous():
         raise ValueError(f"{op}: w must be contiguous uint8 {w_lead}{rb}] for {qtype.name} rows of {k} "
                          f"(got {w.dtype} {tuple(w.shape)})")
+    if w.data_ptr() % block_align(qtype):
+        raise ValueError(f"{op}: w must start at a multiple of {block_align(qtype)} bytes for {qtype.name} blocks "
+                         f"(its address is {w.data_ptr() % 16} past a multiple of 16)")
     return qtype
 
 
