@@ -124,7 +124,8 @@ template <int A> DG_HD Words4 ld128(const uint8_t * p) {  // p: a multiple of A
 }
 
 // 16 bytes at a 2-aligned p, where at least 2 more bytes of the block follow: 4 or 5 aligned 32-bit loads
-// (the fifth where p is not 4-aligned, then funnel-shifted), against 8 16-bit ones
+// (the fifth where p is not 4-aligned, then funnel-shifted), against 8 16-bit ones. The aligned words may
+// take 2 bytes before p (within p's own aligned word: the same allocation) and 2 after p + 16 (the block's).
 DG_HD Words4 ld128_2(const uint8_t * p) {
     const unsigned sh = (unsigned)((unsigned long long)p & 2u) * 8u;  // 0 or 16
     const uint8_t * a = p - sh / 8u;  // 4-aligned
