@@ -227,7 +227,8 @@ class KVCache:
     dtype: torch.dtype | None = None
     reserve: int = 0
     attend: torch.dtype | None = None
-    # each layer's (keys, values) buffers [B, KV, T + reserve, hd]: keys[i] is buffers[i][0][:, :, :T]
+    # each layer's (keys, values) buffers [B, KV, T + reserve, hd] (a global layer's longer during an encode:
+    # room for its chunks, extend()): keys[i] is buffers[i][0][:, :, :T]
     buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list, repr=False)
     version: int = 0  # counts store()/extend() calls: what holds the buffers' addresses (a CUDA graph) checks it
     until: int = 0
@@ -249,9 +250,8 @@ class KVCache:
         start = keys.shape[2] - keep if keep is not None and keys.shape[2] > keep else 0
         keys, values = keys[:, :, start:], values[:, :, start:]
         if self.reserve:  # copied into buffers with room for the canvas after them
-            B, KV, T, hd = keys.shape
-            bufs = tuple(keys.new_empty((B, KV, T + self.reserve, hd), dtype=dtype) for _ in range(2))
-            bufs[0][:, :, :T], bufs[1][:, :, :T] = keys, values
+            T = keys.shape[2]
+            bufs = self._buffers(keys, values, T + self.reserve, dtype)
             keys, values = bufs[0][:, :, :T], bufs[1][:, :, :T]
         elif start:  # a copy, so that the dropped positions are freed
             keys, values = keys.to(dtype, copy=True), values.to(dtype, copy=True)
@@ -270,27 +270,49 @@ class KVCache:
         they keep) the concatenation is stored."""
         dtype = self.attention_dtype(k.dtype)
         past_k, past_v = self.layer(i)
+        if past_k is not None and past_k.shape[0] != k.shape[0]:
+            raise ValueError(f"KVCache.extend: a chunk of batch {k.shape[0]} over a cache of batch {past_k.shape[0]}")
         k, v = k.to(dtype), v.to(dtype)
         if keep is not None or dtype != (self.dtype or dtype):
             if past_k is None:
                 k, v = k.contiguous(), v.contiguous()
             else:
                 k, v = torch.cat([past_k.to(dtype), k], dim=2), torch.cat([past_v.to(dtype), v], dim=2)  # [B, KV, P+L, hd]
-            past_k = past_v = None  # the previous buffers: freed as store() replaces them
             self.store(i, k, v, keep)
             return k, v
-        B, KV, L, hd = k.shape
-        P = 0 if past_k is None else past_k.shape[2]
-        bufs = self.buffers[i] if i < len(self.buffers) else None
-        if bufs is None or bufs[0].dtype != dtype or bufs[0].shape[0] != B or bufs[0].shape[2] < P + L + self.reserve:
+        P, L = 0 if past_k is None else past_k.shape[2], k.shape[2]
+        bufs = self._room(i, P, L + self.reserve, dtype)
+        if bufs is None:  # long enough for the rest of this encode and the canvas after it
             size = max(P + L, self.until - self.length + P) + self.reserve
-            bufs = tuple(k.new_empty((B, KV, size, hd)) for _ in range(2))
-            if P:
-                bufs[0][:, :, :P], bufs[1][:, :, :P] = past_k, past_v
-        bufs[0][:, :, P : P + L], bufs[1][:, :, P : P + L] = k, v
-        keys, values = bufs[0][:, :, : P + L], bufs[1][:, :, : P + L]
+            bufs = self._buffers(k[:, :, :0] if past_k is None else past_k, v[:, :, :0] if past_v is None else past_v,
+                                 size, dtype)
+        keys, values = self._write(bufs, P, k, v)
         self._put(i, keys, values, bufs)
         return keys, values
+
+    def _room(self, i: int, T: int, L: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer i's buffers if L more positions of `dtype` fit after its T cached ones, else None (the callers
+        check the batch)."""
+        bufs = self.buffers[i] if i < len(self.buffers) else None
+        return bufs if bufs is not None and bufs[0].dtype == dtype and bufs[0].shape[2] >= T + L else None
+
+    @staticmethod
+    def _buffers(keys: torch.Tensor, values: torch.Tensor, size: int,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """New buffers [B, KV, size, hd] in `dtype` whose first T positions hold keys, values [B, KV, T, hd]."""
+        B, KV, T, hd = keys.shape
+        bufs = tuple(keys.new_empty((B, KV, size, hd), dtype=dtype) for _ in range(2))
+        bufs[0][:, :, :T], bufs[1][:, :, :T] = keys, values
+        return bufs
+
+    @staticmethod
+    def _write(bufs: tuple[torch.Tensor, torch.Tensor], T: int, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, KV, L, hd] written after the first T positions of bufs: views [B, KV, T+L, hd] of them."""
+        L = k.shape[2]
+        with torch.inference_mode():  # the buffers were made in it (encode), wherever the decoder runs
+            bufs[0][:, :, T : T + L], bufs[1][:, :, T : T + L] = k, v
+        return bufs[0][:, :, : T + L], bufs[1][:, :, : T + L]
 
     def _put(self, i: int, keys: torch.Tensor, values: torch.Tensor,
              bufs: tuple[torch.Tensor, torch.Tensor] | None) -> None:
@@ -313,12 +335,11 @@ class KVCache:
             return k.to(dtype), v.to(dtype)
         if past_k.shape[0] != k.shape[0]:
             raise ValueError(f"KVCache.with_canvas: a canvas of batch {k.shape[0]} over a cache of batch {past_k.shape[0]}")
-        T, L, bufs = past_k.shape[2], k.shape[2], self.buffers[i]
-        if bufs is None or bufs[0].dtype != dtype or bufs[0].shape[2] < T + L:
+        T = past_k.shape[2]
+        bufs = self._room(i, T, k.shape[2], dtype)
+        if bufs is None:
             return torch.cat([past_k, k.to(dtype)], dim=2), torch.cat([past_v, v.to(dtype)], dim=2)
-        with torch.inference_mode():  # the buffers were made in it (encode), wherever the decoder runs
-            bufs[0][:, :, T : T + L], bufs[1][:, :, T : T + L] = k, v
-        return bufs[0][:, :, : T + L], bufs[1][:, :, : T + L]
+        return self._write(bufs, T, k, v)
 
 
 class DiffusionGemma:

@@ -127,33 +127,34 @@ def test_kv_cache_extend_is_the_concatenation(keep, reserve, dtype, attend):
     encode (`until`), with the reserve after them; others store the concatenation."""
     g = torch.Generator().manual_seed(3)
     cache = KVCache(dtype=dtype, reserve=reserve, attend=attend)
-    att = attend or dtype or torch.float32
-    stored: list[torch.Tensor] = []  # every position's keys so far, as stored
+    att, kept = attend or dtype or torch.float32, dtype or torch.float32  # attended in, stored in
+    in_place = keep is None and att == kept
+    stored: list[list[torch.Tensor]] = [[], []]  # every position's keys and values so far, as stored
     made: list[tuple] = []  # distinct buffers (held: no address is reused)
     for until, chunks in ((11, (4, 1, 6)), (14, (3,))):
         cache.until = until
         for n in chunks:
             k, v = (torch.randn(2, 3, n, 8, generator=g) for _ in range(2))
-            old = cache.layer(0)[0]
-            keys, values = cache.extend(0, k, v, keep)
-            want_k = torch.cat([old.to(att), k.to(att)], dim=2) if old is not None else k.to(att)
-            assert keys.dtype == att and torch.equal(keys, want_k)
-            assert torch.equal(values[:, :, -n:], v.to(att))
+            old = cache.layer(0)
+            got = cache.extend(0, k, v, keep)
+            for o, new, out in zip(old, (k, v), got):
+                assert out.dtype == att and torch.equal(out, new.to(att) if o is None else torch.cat([o.to(att), new.to(att)], 2))
             cache.length += n
-            stored.append(k.to(dtype or torch.float32))
-            want = torch.cat(stored, dim=2)[:, :, -keep if keep else 0 :]
-            assert torch.equal(cache.keys[0], want) and cache.keys[0].dtype == (dtype or torch.float32)
+            for i, (new, have) in enumerate(zip((k, v), (cache.keys[0], cache.values[0]))):
+                stored[i].append(new.to(kept))
+                assert have.dtype == kept and torch.equal(have, torch.cat(stored[i], dim=2)[:, :, -keep if keep else 0 :])
             bufs = cache.buffers[0]
-            assert (bufs is not None) == bool(reserve or (keep is None and att == (dtype or att)))
+            assert (bufs is not None) == bool(reserve or in_place)
             if bufs is not None:
-                assert cache.keys[0].data_ptr() == bufs[0].data_ptr()
+                assert cache.keys[0].data_ptr() == bufs[0].data_ptr() and cache.values[0].data_ptr() == bufs[1].data_ptr()
                 if not any(b is bufs for b in made):
                     made.append(bufs)
-                in_place = keep is None and att == (dtype or att)
                 assert bufs[0].shape[2] == (until if in_place else cache.keys[0].shape[2]) + reserve
     assert cache.version == 4
-    if keep is None and att == (dtype or att):
+    if in_place:
         assert len(made) == 2  # one pair of buffers per encode
+    with pytest.raises(ValueError, match="a chunk of batch 1 over a cache of batch 2"):
+        cache.extend(0, torch.zeros(1, 3, 1, 8), torch.zeros(1, 3, 1, 8), keep)
 
 
 def test_encoder_writes_global_layers_into_their_buffers(engines, monkeypatch):

@@ -49,7 +49,7 @@ class GraphedDecoder:
         of a replay is the graph's output buffer: valid until the next call."""
         if soft is None or self.fallback is not None:
             return self._eager(canvas, soft)
-        # the cache's version (store() bumps it; every encode stores, so it also moves with the length and the
+        # the cache's version (store() and extend() bump it; every encode does, so it also moves with the length and the
         # positions): a graph holds the cache buffers' addresses, and writes the canvas into them
         key = (self.cache.version, tuple(canvas.shape), canvas.dtype, tuple(soft.shape), soft.dtype)
         if key != self.key:  # a new canvas (the cache grew): warm up, capture on the next pass
