@@ -5,16 +5,12 @@ alone, the fused and the logits step. A GPU session's 15 minutes should not be s
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import torch
 from conftest import SPECS
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import model_gpu  # noqa: E402
-import synthetic  # noqa: E402
+import model_gpu  # bench/ (pyproject's pythonpath)
+import synthetic
 
 
 def test_config_from_config_json_equals_the_converted_files(checkpoint_factory, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -18,8 +17,7 @@ from dgemma import quant
 from dgemma.plugin.cuda.head_ops import HEAD_MAX_D
 from dgemma.plugin.cuda.ops import ACCEPT_MAX_CANVAS, MM_TILE, MMA_TILE, MODULES
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kernel_resources as kr  # noqa: E402
+import kernel_resources as kr  # bench/ (pyproject's pythonpath)
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 ARCHS = ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_120"]

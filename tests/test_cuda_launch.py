@@ -11,8 +11,6 @@ count, each scalar's numpy type, each pointer's tensor dtype (or a null pointer 
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +23,7 @@ from dgemma import quant
 from dgemma.plugin.cuda import head_ops, ops
 from dgemma.plugin.cuda.loader import csrc_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kernel_resources as kr  # noqa: E402
+import kernel_resources as kr  # bench/ (pyproject's pythonpath)
 
 POINTEE = {"float": torch.float32, "int": torch.int32, "uint8_t": torch.uint8, "int8_t": torch.int8,
            "uint16_t": torch.float16}  # f16 values travel as their bits

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
 
+import kernel_resources as kr  # bench/ (pyproject's pythonpath)
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kernel_resources as kr  # noqa: E402
 
 PTXAS = """ptxas info    : Compiling entry function '_ZN2dg7qmatmulILi12EEEvPKfiPKhPfiiii' for 'sm_90'
 ptxas info    : Function properties for _ZN2dg7qmatmulILi12EEEvPKfiPKhPfiiii
