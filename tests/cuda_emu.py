@@ -40,8 +40,8 @@ HEADER = Path(__file__).with_name("cuda_emu.h")
 # local reads as a pattern (-1.7e38), not as whatever the stack held; -fsanitize=alignment: a load or store
 # through a pointer misaligned for its type traps, as a GPU faults on it ("misaligned address") where x86 goes on;
 # -mno-red-zone: with the red zone, g++ 12's -ftrivial-auto-var-init=pattern initialised a 16-aligned local of
-# a kernel's leaf function (csrc's Words4) 8 bytes off its alignment with a vmovdqa, which faulted (either flag
-# alone runs: test_get_rows_f16_is_get_rows_rounded[emu-2])
+# a kernel's leaf function (csrc's Words4) 8 bytes off its alignment with a vmovdqa, which faulted (without
+# the pattern, or without the red zone, test_get_rows_f16_is_get_rows_rounded[emu-2] passes)
 FLAGS = ("-std=c++17", "-O2", "-march=native", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing",
          "-fsanitize=bounds,alignment", "-fsanitize-undefined-trap-on-error", "-ftrivial-auto-var-init=pattern",
          "-fno-gnu-unique", "-fvisibility=hidden", "-U_FORTIFY_SOURCE", "-w", "-mno-red-zone")
