@@ -32,7 +32,8 @@ REG_GRANULE, SMEM_RESERVED = 256, 1024  # registers are allocated per warp in 25
 
 INFO = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'.*?"
                   r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads.*?"
-                  r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?", re.S)
+                  r"Used (\d+) registers(?:, used \d+ barriers)?(?:, \d+ bytes cumulative stack size)?"
+                  r"(?:, (\d+) bytes smem)?", re.S)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Kernel:
     spill_bytes: int
     smem: int
     threads: int    # per block, as the wrappers launch it
+    stack: int = 0  # stack frame bytes (local memory)
 
     def resident_blocks(self, arch: str, dynamic_smem: int = 0) -> tuple[int, str]:
         """Blocks per SM and the limit that sets it."""
@@ -76,10 +78,12 @@ def dynamic_smem(name: str, d: int = 2816) -> int:
     return 4 * d if name.startswith("dg::head_partials") else 0
 
 
-def parse_archs(ptxas_output: str) -> list[tuple[str, str, int, int, int]]:
-    """(arch, mangled name, registers, spill bytes, static shared bytes) per entry function in `-Xptxas -v`
-    output, for one architecture or several (`-gencode` for each)."""
-    return [(m[1], m[0], int(m[5]), int(m[3]) + int(m[4]), int(m[6] or 0)) for m in INFO.findall(ptxas_output)]
+def parse_archs(ptxas_output: str) -> list[tuple[str, str, int, int, int, int]]:
+    """(arch, mangled name, registers, spill bytes, static shared bytes, stack frame bytes) per entry function in
+    `-Xptxas -v` output, for one architecture or several (`-gencode` for each). A stack frame is local memory:
+    an array the compiler could not keep in registers (indexed by a loop it did not unroll) or spills."""
+    return [(m[1], m[0], int(m[5]), int(m[3]) + int(m[4]), int(m[6] or 0), int(m[2]))
+            for m in INFO.findall(ptxas_output)]
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -101,8 +105,8 @@ def kernels(arch: str, sources: list[str] | None = None) -> list[Kernel]:
             if proc.returncode != 0:
                 raise RuntimeError(f"nvcc failed on {source}:\n{proc.stderr[-2000:]}")
             rows = parse_archs(proc.stderr + proc.stdout)
-            for (_, _, regs, spill, smem), name in zip(rows, demangle([r[1] for r in rows])):
-                found.append(Kernel(name, regs, spill, smem, threads_for(name)))
+            for (_, _, regs, spill, smem, stack), name in zip(rows, demangle([r[1] for r in rows])):
+                found.append(Kernel(name, regs, spill, smem, threads_for(name), stack))
     return found
 
 
@@ -114,14 +118,15 @@ def main() -> None:
     if shutil.which("nvcc") is None:
         sys.exit("kernel_resources needs nvcc (the CUDA toolkit)")
     _, max_threads, _, _ = LIMITS[args.arch]
-    print(f"{'kernel':36} {'regs':>5} {'spill':>6} {'smem':>7} {'threads':>7} {'blocks/SM':>9} {'occupancy':>9}  limit")
+    print(f"{'kernel':36} {'regs':>5} {'spill':>6} {'stack':>6} {'smem':>7} {'threads':>7} {'blocks/SM':>9} "
+          f"{'occupancy':>9}  limit")
     for k in kernels(args.arch):
         if args.filter not in k.name:
             continue
         dyn = dynamic_smem(k.name)
         blocks, limit = k.resident_blocks(args.arch, dyn)
         occupancy = blocks * k.threads / max_threads
-        print(f"{k.name:36} {k.registers:5d} {k.spill_bytes:6d} {k.smem + dyn:7d} {k.threads:7d} {blocks:9d} "
+        print(f"{k.name:36} {k.registers:5d} {k.spill_bytes:6d} {k.stack:6d} {k.smem + dyn:7d} {k.threads:7d} {blocks:9d} "
               f"{occupancy:8.0%}  {limit}")
 
 

@@ -5,7 +5,8 @@ denoising step of the Q4_K_M file (canvas 256; routed experts see 256 x 8 / 128 
 average), one layer's routed experts in one launch per matrix (csrc/moe.cu), the sampler's statistics
 from the vocabulary head (csrc/head.cu), the decoder's attention at 8K context, and the accept/re-noise step (csrc/accept.cu). Weights are synthetic: random block bytes with sane fp16
 scales, made on the GPU in seconds (timing does not depend on the values). Prints ms, achieved TB/s of
-weight bytes and TFLOP/s for both, and their ratio, measured in this run on this GPU.
+weight bytes and TFLOP/s for each matmul kernel (ops.MATMULS: float FMAs, f16 and int8 tensor cores in 32 x 32
+and 32 x 128 tiles) and the torch way, and their ratio, measured in this run on this GPU.
 
     python bench/step_gpu.py [--repeat 20]
 """
@@ -24,6 +25,7 @@ from dgemma.plugin.cuda import ops
 from dgemma.plugin.model import geglu, grouped_attention
 from dgemma.plugin.sampler import accept, renoise
 
+DEVICE = "cuda"  # (tests/test_bench_synthetic.py runs this file on the CPU, with the kernels' references)
 # (name, N, K, GGML type, M rows of activations, count per step) for the Q4_K_M 26B-A4B, per layer class
 SHAPES = [
     ("attn_q (sliding)", 4096, 2816, Q.Q4_K, 256, 25),
@@ -38,37 +40,37 @@ SHAPES = [
 
 
 def synthetic(n: int, k: int, qtype: Q) -> torch.Tensor:
-    return synthetic_blocks(n, k, qtype, "cuda")
+    return synthetic_blocks(n, k, qtype, DEVICE)
 
 
 def timed(fn, repeat: int) -> float:
-    return timed_on(fn, torch.device("cuda"), repeat)
+    return timed_on(fn, torch.device(DEVICE), repeat)
 
 
 def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256, d: int = 2816, fe: int = 704) -> None:
     """One layer's routed experts (csrc/moe.cu, one launch per matrix) against one qmatmul launch per expert."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    top_i = torch.rand(tokens, experts, device="cuda", generator=g).topk(top_k, dim=-1).indices  # [256, 8]
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    top_i = torch.rand(tokens, experts, device=DEVICE, generator=g).topk(top_k, dim=-1).indices  # [256, 8]
     order = torch.argsort(top_i.flatten(), stable=True)
     rows = (order // top_k).to(torch.int32)
     counts_gpu = torch.bincount(top_i.flatten(), minlength=experts)  # [E], as model.grouped_experts makes it
     counts = counts_gpu.tolist()  # the per-expert launches need them on the host
     gate_up, down = synthetic(experts * 2 * fe, d, Q.Q4_K), synthetic(experts * d, fe, Q.Q5_0)
     gate_up, down = gate_up.view(experts, 2 * fe, -1), down.view(experts, d, -1)
-    x = torch.randn(tokens, d, device="cuda")
-    act = torch.randn(len(rows), fe, device="cuda")
-    weights = torch.rand(len(rows), device="cuda")
+    x = torch.randn(tokens, d, device=DEVICE)
+    act = torch.randn(len(rows), fe, device=DEVICE)
+    weights = torch.rand(len(rows), device=DEVICE)
 
     def grouped(kernel: str = "scalar"):  # as QuantExperts.grouped: the groups once per layer (on the GPU), 2 launches
         op = getattr(ops, ops.MATMULS[kernel][1])
-        groups = ops.ExpertGroups(counts_gpu, "cuda", pairs=len(rows))
+        groups = ops.ExpertGroups(counts_gpu, DEVICE, pairs=len(rows))
         op(x, rows, groups, gate_up, Q.Q4_K, d, gated=True)  # the GELU gate in the epilogue
         op(act, None, groups, down, Q.Q5_0, fe, (rows, weights, tokens))  # the weighted scatter in the epilogue
 
     starts = [sum(counts[:e]) for e in range(experts)]
 
     def per_expert():  # the torch backend's loop (model.grouped_experts), with the quantized matmul
-        out = torch.zeros(tokens, d, device="cuda")
+        out = torch.zeros(tokens, d, device=DEVICE)
         for e, (s0, c) in enumerate(zip(starts, counts)):
             if c:
                 r = rows[s0:s0 + c].long()
@@ -80,7 +82,7 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
     print(f"routed experts, one layer ({tokens} tokens x top-{top_k} of {experts}): grouped {a:.3f} ms "
           f"({wbytes / a / 1e9:.2f} TB/s), one launch per expert {b:.3f} ms ({b / a:.2f}x); x30 layers: {30 * a:.1f} ms")
     if torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY:
-        for kernel in ("f16", "int8"):
+        for kernel in (m for m in ops.MATMULS if m != "scalar"):  # f16 on the down projection too (timing only)
             t = timed(lambda: grouped(kernel), repeat)
             print(f"  grouped on {kernel} tensor cores: {t:.3f} ms ({wbytes / t / 1e9:.2f} TB/s, {a / t:.2f}x the float "
                   f"FMAs); x30 layers: {30 * t:.1f} ms")
@@ -96,7 +98,7 @@ def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, 
     from dgemma.plugin.cuda import head_ops
 
     w = synthetic(vocab, d, Q.Q6_K)
-    h = torch.randn(rows, d, device="cuda")
+    h = torch.randn(rows, d, device=DEVICE)
     flop = 4 * rows * vocab * d
 
     def measured(fn) -> tuple[float, float]:  # (ms, MiB of working memory)
@@ -108,9 +110,9 @@ def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, 
 
     fused, fused_mem = measured(lambda: head_ops.head_stats(h, w, Q.Q6_K, softcap, 0.8, seed=1, step=0))
     line, best = f"fused float {fused:.3f} ms ({flop / fused / 1e9:.1f} TFLOP/s, {fused_mem:.0f} MiB)", fused
-    wf = ops.get_rows_f16(torch.arange(vocab, dtype=torch.int32, device="cuda"), w, Q.Q6_K, d)  # decoded on the GPU
+    wf = ops.get_rows_f16(torch.arange(vocab, dtype=torch.int32, device=DEVICE), w, Q.Q6_K, d)  # decoded on the GPU
     if torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY:
-        for kernel in ("f16", "int8"):
+        for kernel in ("f16", "int8", "int8-wide"):  # f16-wide: f16's cuBLAS logits where torch.mm has out_dtype
             t, mem = measured(lambda: head_ops.head_stats_chunked(h, w, Q.Q6_K, softcap, 0.8, 1, 0, kernel))
             line += f", chunked {kernel} {t:.3f} ms ({flop / t / 1e9:.1f} TFLOP/s, {mem:.0f} MiB, {fused / t:.2f}x fused)"
             best = min(best, t)
@@ -151,15 +153,15 @@ def attention(repeat: int, canvas: int = 256, context: int = 8192) -> None:
 
     from dgemma.plugin.model import KVCache
 
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
     caches = {"f16 in place (engine)": KVCache(dtype=torch.float16, reserve=canvas),
               "f16 concatenated": KVCache(dtype=torch.float16),
               "float32 cast+concatenated": KVCache(dtype=torch.float16, attend=torch.float32)}
     totals = dict.fromkeys([*caches, "float32 enable_gqa"], 0.0)
     for kv, hd, cached, layers in ((8, 256, 1023, 25), (2, 512, context, 5)):
-        q = torch.randn(1, 16, canvas, hd, device="cuda", generator=g) * 0.1
-        k, v = (torch.randn(1, kv, canvas, hd, device="cuda", generator=g) * 0.1 for _ in range(2))
-        past_k, past_v = (torch.randn(1, kv, cached, hd, device="cuda", generator=g) for _ in range(2))
+        q = torch.randn(1, 16, canvas, hd, device=DEVICE, generator=g) * 0.1
+        k, v = (torch.randn(1, kv, canvas, hd, device=DEVICE, generator=g) * 0.1 for _ in range(2))
+        past_k, past_v = (torch.randn(1, kv, cached, hd, device=DEVICE, generator=g) for _ in range(2))
         for name, cache in caches.items():
             cache.store(0, past_k, past_v, None)
 
@@ -183,45 +185,44 @@ def main() -> None:
     args = ap.parse_args()
     cap = check_cuda()
     print(f"{torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}")
-    mma = torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY
-    print(f"{'weights':<32} {'ours ms':>9} {'TB/s':>6} {'TFLOP/s':>8} | {'f16 mma':>9} {'TFLOP/s':>8} | {'int8 mma':>9} "
-          f"{'TFLOP/s':>8} | {'torch ms':>9} {'TB/s':>6} | {'speedup (best)':>7}")
-    total_ours = total_mma = total_q8 = total_torch = 0.0
+    kinds = [m for m in ops.MATMULS if ops.usable(m, Q.Q4_K, 256, cap)]  # scalar, and the tensor-core tiles from sm_80
+    print(f"{'weights':<32} " + " | ".join(f"{kind + ' ms':>14} {'TFLOP/s':>7}" for kind in kinds)
+          + f" | {'torch ms':>9} {'TB/s':>6} | best, speedup over torch")
+    totals = dict.fromkeys([*kinds, "best", "torch"], 0.0)
     for name, n, k, qtype, m, count in SHAPES:
         w = synthetic(n, k, qtype)
-        x = torch.randn(m, k, device="cuda")
-        ours = timed(lambda: ops.qmatmul(x, w, qtype, k), args.repeat)
-        tc = timed(lambda: ops.qmatmul_mma(x, w, qtype, k), args.repeat) if mma else float("nan")
-        i8 = timed(lambda: ops.qmatmul_q8(x, w, qtype, k), args.repeat) if mma and qtype in ops.INT_TYPES else float("nan")
+        x = torch.randn(m, k, device=DEVICE)
+        times = {kind: timed(lambda: getattr(ops, ops.MATMULS[kind][0])(x, w, qtype, k), args.repeat)
+                 if ops.usable(kind, qtype, k, cap) else float("nan") for kind in kinds}  # NaN: not run
 
         wf = None
 
         def torch_way():  # what the torch backend does per layer: dequantize (here: once, cached) + cuBLAS f16
             nonlocal wf
             if wf is None:
-                wf = ops.get_rows(torch.arange(n, device="cuda"), w, qtype, k).half()  # csrc/get_rows.cu
+                wf = ops.get_rows(torch.arange(n, device=DEVICE), w, qtype, k).half()  # csrc/get_rows.cu
             return (x.half() @ wf.T).float()
 
         theirs = timed(torch_way, args.repeat)
-        wbytes, flop = w.numel(), 2 * m * n * k
-        best = min(v for v in (ours, tc, i8) if v == v)  # NaN: not run
-        print(f"{name:<32} {ours:9.3f} {wbytes / ours / 1e9:6.2f} {flop / ours / 1e9:8.2f} | {tc:9.3f} "
-              f"{flop / tc / 1e9:8.2f} | {i8:9.3f} {flop / i8 / 1e9:8.2f} | {theirs:9.3f} "
-              f"{wf.numel() * 2 / theirs / 1e9:6.2f} | {theirs / best:6.2f}x")
-        total_ours += ours * count
-        total_mma += (tc if mma else ours) * count
-        total_q8 += (i8 if i8 == i8 else ours) * count
-        total_torch += theirs * count
+        flop = 2 * m * n * k
+        best = min((kind for kind in kinds if times[kind] == times[kind]), key=times.get)
+        print(f"{name:<32} " + " | ".join(f"{times[kind]:14.3f} {flop / times[kind] / 1e9:7.1f}" for kind in kinds)
+              + f" | {theirs:9.3f} {wf.numel() * 2 / theirs / 1e9:6.2f} | {best}, {theirs / times[best]:.2f}x"
+              + f" ({w.numel() / times[best] / 1e9:.2f} TB/s of weights)")
+        for kind in kinds:  # a kernel that cannot take this type counts as the float one (as the engine falls back)
+            totals[kind] += (times[kind] if times[kind] == times[kind] else times["scalar"]) * count
+        totals["best"] += times[best] * count
+        totals["torch"] += theirs * count
         w = wf = None  # freed before the next shape
         torch.cuda.empty_cache()
-    print(f"matmuls of one denoising step (sum over layers): ours {total_ours:.1f} ms (float FMAs), {total_mma:.1f} ms "
-          f"(f16 tensor cores), {total_q8:.1f} ms (int8 tensor cores), dequant+cuBLAS {total_torch:.1f} ms (torch keeps "
-          f"f16 weights: {total_torch / max(min(total_ours, total_mma, total_q8), 1e-9):.2f}x the best of ours)")
+    print("matmuls of one denoising step (sum over layers): " + ", ".join(f"{k} {totals[k]:.1f} ms" for k in kinds)
+          + f", the best per shape {totals['best']:.1f} ms; dequant+cuBLAS {totals['torch']:.1f} ms (torch keeps f16 "
+          f"weights: {totals['torch'] / max(totals['best'], 1e-9):.2f}x the best per shape)")
     moe_layer(args.repeat)
     head_pass(args.repeat)
     attention(args.repeat)
-    ent = torch.rand(1, 256, device="cuda")
-    tok = torch.randint(0, 262144, (1, 256), device="cuda")
+    ent = torch.rand(1, 256, device=DEVICE)
+    tok = torch.randint(0, 262144, (1, 256), device=DEVICE)
     a = timed(lambda: ops.accept_renoise(ent, tok, 1, 0, 262144, 0.1), args.repeat)
     canvas, gen = torch.zeros(1, 256, dtype=torch.long), torch.Generator().manual_seed(0)
     # the torch backend's way: the sampler on the CPU (plugin/sampler.py), the pass's tensors copied there

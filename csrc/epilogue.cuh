@@ -38,9 +38,10 @@ __device__ __forceinline__ int tile_w_row(int r, int n0, int N, int tile_n, cons
 
 // A K slice of the tile's TN weight rows into shared memory ws[TN][LD] (float, or f16 bits): unit after unit
 // (a 16-value group, or a float value) over the block's THREADS threads, tile rows past the matrix zeroed.
-// slice: the rows' bytes at the slice's first block; units: the slice's units per row.
+// w: the matrix's first row; u0: the slice's first unit along a row (any group, so a slice may start
+// inside a K-quant super-block); units: the slice's units per row.
 template <int T, int THREADS, class Out, int TN, int LD>
-__device__ __forceinline__ void stage_w_rows(int tid, Out (&ws)[TN][LD], const uint8_t * slice, long row_bytes,
+__device__ __forceinline__ void stage_w_rows(int tid, Out (&ws)[TN][LD], const uint8_t * w, long row_bytes, int u0,
                                              int units, int n0, int N, const Epilogue &ep) {
     constexpr int UV = Unit<T>::VALUES;
     for (int i = tid; i < TN * units; i += THREADS) {
@@ -48,7 +49,7 @@ __device__ __forceinline__ void stage_w_rows(int tid, Out (&ws)[TN][LD], const u
         Out * dst = &ws[r][u * UV];
         const int wr = tile_w_row(r, n0, N, TN, ep);
         if (wr >= 0) {
-            dequant_unit<T>(slice + (long)wr * row_bytes, u, dst);
+            dequant_unit<T>(w + (long)wr * row_bytes, u0 + u, dst);
         } else {
             for (int j = 0; j < UV; ++j) dst[j] = Out(0);
         }

@@ -37,7 +37,7 @@ __device__ __forceinline__ void mm_tile(const float * __restrict__ x, int lda, c
     for (int k0 = 0; k0 < K; k0 += MM_TK) {
         const int tk = K - k0 < MM_TK ? K - k0 : MM_TK;  // a multiple of QK
         // dequantize the tile's weight rows: one unit (16-value group, or a float value) per thread per pass
-        stage_w_rows<T, MM_THREADS>(tid, ws, w + (long)(k0 / QK) * SIZE, row_bytes, tk / Unit<T>::VALUES, n0, N, ep);
+        stage_w_rows<T, MM_THREADS>(tid, ws, w, row_bytes, k0 / Unit<T>::VALUES, tk / Unit<T>::VALUES, n0, N, ep);
         for (int i = tid; i < MM_TM * tk; i += MM_THREADS) {
             const int r = i / tk, c = i % tk, m = m0 + r;
             xs[r][c] = m < m_end ? x[(long)(xrows ? xrows[m] : m) * lda + k0 + c] : 0.0f;

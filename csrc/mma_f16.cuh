@@ -1,64 +1,74 @@
-// One 32 x 32 tile of Y = X W^T on f16 tensor cores, W rows in a GGML block format: the body of
-// qmatmul_mma.cu (dense) and moe.cu's moe_qmatmul_mma (experts, rows gathered by expert).
+// One 32 x TN tile (TN 32 or 128, csrc/mma_tile.cuh's MmaShape) of Y = X W^T on f16 tensor cores, W rows in a
+// GGML block format: the body of qmatmul_mma.cu (dense) and moe.cu's moe_qmatmul_mma (experts, rows gathered
+// by expert).
 //
-// Per 256-wide slice of K the block converts 32 rows of X to f16 and dequantizes 32 rows of W (one 16-value
-// group per thread at a time, through the integer form for the integer types) to f16 in shared memory, then each
-// warp runs mma.sync.m16n8k16 (row.col, f32 accumulators) over its 16 x 16 quarter. Needs sm_80: below
-// that the tile traps (the wrappers refuse older GPUs). X values beyond f16's range (65504) overflow, so
-// the engine uses it only on normalised inputs, never on the down projections' gelu(gate) * up
-// (ops.usable). K is a multiple of 16 and of the type's block.
+// Per slice of K (256 wide for the narrow tile, 64 for the wide one: the same 16.9 / 18.4 KB of W in shared
+// memory) the block converts 32 rows of X to f16 and dequantizes TN rows of W (one 16-value group per thread
+// at a time, through the integer form for the integer types) to f16 in shared memory, then each warp runs
+// mma.sync.m16n8k16 (row.col, f32 accumulators) over its quarter. Needs sm_80: below that the tile traps (the
+// wrappers refuse older GPUs). X values beyond f16's range (65504) overflow, so the engine uses it only on
+// normalised inputs, never on the down projections' gelu(gate) * up (ops.usable). K is a multiple of 16 and
+// of the type's block.
 #pragma once
 #include "mma_tile.cuh"
 
 namespace dg {
 
-// Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+MMA_TN-1 (those < N). Row m of X is
+// Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+TN-1 (those < N). Row m of X is
 // x[xrows[m] * lda] when xrows is given, else x[m * lda]; row m of Y goes where `ep` says
 // (csrc/epilogue.cuh: y[m * ldy], or added into a token's row).
-template <int T>
+template <int T, int TN>
 __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int lda, const int * __restrict__ xrows,
                                              int m0, int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
                                              float * __restrict__ y, int ldy, Epilogue ep = Epilogue{}) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(DG_EMU)  // DG_EMU: the tests' CPU emulator
+    using S = MmaShape<TN>;
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
+    constexpr int UV = Unit<T>::VALUES;
+    constexpr int TM = MMA_TM, TK = TN == 32 ? 256 : 64;
     constexpr int PAD = 8;  // halves of padding per shared row: fragment loads land in different banks
-    __shared__ __align__(16) uint16_t xs[MMA_TM][MMA_TK + PAD];
-    __shared__ __align__(16) uint16_t ws[MMA_TN][MMA_TK + PAD];
-    __shared__ int x_row[MMA_TM];
+    __shared__ __align__(16) uint16_t xs[TM][TK + PAD];
+    __shared__ __align__(16) uint16_t ws[TN][TK + PAD];
+    __shared__ int x_row[TM];
+    static_assert(sizeof(ws) >= TM * (TN + 1) * sizeof(float), "the gated epilogue meets in ws");
 
     const int tid = threadIdx.x;
-    const MmaLane p = mma_lane(tid);
+    const MmaLane p = mma_lane<S>(tid);
     const int wm = p.wm, wn = p.wn, g = p.g, t = p.t;
     const long row_bytes = (long)(K / QK) * SIZE;
-    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};  // two m16n8 tiles
+    float acc[S::MI][S::NI][4] = {};
 
-    if (tid < MMA_TM) x_row[tid] = m0 + tid < m_end ? (xrows ? xrows[m0 + tid] : m0 + tid) : -1;  // -1: past the tile
+    if (tid < TM) x_row[tid] = m0 + tid < m_end ? (xrows ? xrows[m0 + tid] : m0 + tid) : -1;  // -1: past the tile
     __syncthreads();
-    for (int k0 = 0; k0 < K; k0 += MMA_TK) {
-        const int tk = K - k0 < MMA_TK ? K - k0 : MMA_TK;  // a multiple of 16 (the wrappers check K)
-        stage_w_rows<T, MMA_THREADS>(tid, ws, w + (long)(k0 / QK) * SIZE, row_bytes, tk / Unit<T>::VALUES, n0, N, ep);
-        for (int i = tid; i < MMA_TM * tk; i += MMA_THREADS) {
+    for (int k0 = 0; k0 < K; k0 += TK) {
+        const int tk = K - k0 < TK ? K - k0 : TK;  // a multiple of 16 (the wrappers check K)
+        stage_w_rows<T, MMA_THREADS>(tid, ws, w, row_bytes, k0 / UV, tk / UV, n0, N, ep);
+        for (int i = tid; i < TM * tk; i += MMA_THREADS) {
             const int r = i / tk, c = i % tk, row = x_row[r];
             xs[r][c] = row >= 0 ? f32_to_f16_bits(x[(long)row * lda + k0 + c]) : (uint16_t)0;
         }
         __syncthreads();
         for (int kk = 0; kk < tk; kk += 16) {
             const int c = kk + t * 2;
-            const uint32_t a0 = *reinterpret_cast<const uint32_t *>(&xs[wm + g][c]);
-            const uint32_t a1 = *reinterpret_cast<const uint32_t *>(&xs[wm + g + 8][c]);
-            const uint32_t a2 = *reinterpret_cast<const uint32_t *>(&xs[wm + g][c + 8]);
-            const uint32_t a3 = *reinterpret_cast<const uint32_t *>(&xs[wm + g + 8][c + 8]);
-            for (int h = 0; h < 2; ++h) {
-                const int n = wn + h * 8 + g;
+            uint32_t a[S::MI][4];
+            for (int mi = 0; mi < S::MI; ++mi) {
+                const int r = wm + mi * 16 + g;
+                a[mi][0] = *reinterpret_cast<const uint32_t *>(&xs[r][c]);
+                a[mi][1] = *reinterpret_cast<const uint32_t *>(&xs[r + 8][c]);
+                a[mi][2] = *reinterpret_cast<const uint32_t *>(&xs[r][c + 8]);
+                a[mi][3] = *reinterpret_cast<const uint32_t *>(&xs[r + 8][c + 8]);
+            }
+            for (int ni = 0; ni < S::NI; ++ni) {
+                const int n = wn + ni * 8 + g;
                 const uint32_t b0 = *reinterpret_cast<const uint32_t *>(&ws[n][c]);
                 const uint32_t b1 = *reinterpret_cast<const uint32_t *>(&ws[n][c + 8]);
-                mma_m16n8k16_f16(acc[h], a0, a1, a2, a3, b0, b1);
+                for (int mi = 0; mi < S::MI; ++mi) mma_m16n8k16_f16(acc[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b0, b1);
             }
         }
         __syncthreads();
     }
-    mma_store(acc, p, m0, m_end, n0, N, y, ldy, ep, &ws[0][0]);  // ws: 16.9 KB, free after the last barrier
+    mma_store<S>(acc, p, m0, m_end, n0, N, y, ldy, ep, &ws[0][0]);  // ws is free after the last barrier
 #else
     (void)x; (void)lda; (void)xrows; (void)m0; (void)m_end; (void)w; (void)n0; (void)N; (void)K; (void)y; (void)ldy; (void)ep;
     __trap();  // f16 MMA m16n8k16 needs sm_80; the wrappers refuse older GPUs

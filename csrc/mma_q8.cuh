@@ -1,54 +1,57 @@
-// One 32 x 32 tile of Y = X W^T on int8 tensor cores (llama.cpp's MMQ idea), W rows in an integer GGML
-// format: the body of qmatmul_q8.cu (dense) and moe.cu's moe_qmatmul_q8 (experts, rows gathered by expert).
+// One 32 x TN tile (TN 32 or 128, csrc/mma_tile.cuh's MmaShape) of Y = X W^T on int8 tensor cores (llama.cpp's
+// MMQ idea), W rows in an integer GGML format: the body of qmatmul_q8.cu (dense) and moe.cu's moe_qmatmul_q8
+// (experts, rows gathered by expert).
 //
 // X comes quantized by quantize_q8 (qmatmul_q8.cu): int8 q [rows, K], a float scale per 32 values
-// xd [rows, K/32] and the sum of q per 16 values xs [rows, K/16]. Per 256-wide slice of K the block stages
-// 32 rows of it and 32 rows of W in their integer form (int8 q, per-16 scale s and offset m:
-// csrc/quant/decompose.cuh); each warp runs mma.sync.m16n8k16 s8 over its 16 x 16 quarter one 16-value
-// group at a time and adds dx * (s * (q_x . q_w) + m * sum q_x) in f32. Needs sm_80: below that the tile
-// traps (the wrappers refuse older GPUs). K is a multiple of the type's block (>= 32).
+// xd [rows, K/32] and the sum of q per 16 values xs [rows, K/16]. Per slice of K (256 wide for the narrow tile,
+// 128 for the wide one) the block stages 32 rows of it and TN rows of W in their integer form (int8 q, per-16
+// scale s and offset m: csrc/quant/decompose.cuh); each warp runs mma.sync.m16n8k16 s8 over its quarter one
+// 16-value group at a time and adds dx * (s * (q_x . q_w) + m * sum q_x) in f32. Needs sm_80: below that the
+// tile traps (the wrappers refuse older GPUs). K is a multiple of the type's block (>= 32).
 #pragma once
 #include "mma_tile.cuh"
 
 namespace dg {
 
-// Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+MMA_TN-1 (those < N). Row m of X is row
+// Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+TN-1 (those < N). Row m of X is row
 // xrows[m] of (xq, xd, xs) when xrows is given, else row m; row m of Y goes where `ep` says
 // (csrc/epilogue.cuh: y[m * ldy], or added into a token's row).
-template <int T>
+template <int T, int TN>
 __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, const float * __restrict__ xd,
                                             const int * __restrict__ xs, const int * __restrict__ xrows, int m0,
                                             int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
                                             float * __restrict__ y, int ldy, Epilogue ep = Epilogue{}) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(DG_EMU)  // DG_EMU: the tests' CPU emulator
+    using S = MmaShape<TN>;
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
-    constexpr int TM = MMA_TM, TN = MMA_TN, TK = MMA_TK, PAD = 16;  // PAD bytes: fragment loads land in different banks
+    constexpr int TM = MMA_TM, TK = TN == 32 ? 256 : 128, PAD = 16;  // PAD bytes: fragment loads land in different banks
+    constexpr int GROUPS = TK / DG_GROUP;
     __shared__ __align__(16) int8_t xs_q[TM][TK + PAD];
     __shared__ __align__(16) int8_t ws_q[TN][TK + PAD];
-    __shared__ float ws_s[TN][TK / DG_GROUP], ws_m[TN][TK / DG_GROUP];
+    __shared__ float ws_s[TN][GROUPS], ws_m[TN][GROUPS];
     __shared__ float x_d[TM][TK / 32];
-    __shared__ int x_s[TM][TK / DG_GROUP];
+    __shared__ int x_s[TM][GROUPS];
     __shared__ int x_row[TM];
+    static_assert(sizeof(ws_q) >= TM * (TN + 1) * sizeof(float), "the gated epilogue meets in ws_q");
 
     const int tid = threadIdx.x;
-    const MmaLane p = mma_lane(tid);
+    const MmaLane p = mma_lane<S>(tid);
     const int wm = p.wm, wn = p.wn, g = p.g, t = p.t;
     const long row_bytes = (long)(K / QK) * SIZE;
-    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    float acc[S::MI][S::NI][4] = {};
 
     if (tid < TM) x_row[tid] = m0 + tid < m_end ? (xrows ? xrows[m0 + tid] : m0 + tid) : -1;  // -1: past the tile
     __syncthreads();
     for (int k0 = 0; k0 < K; k0 += TK) {
-        const int tk = K - k0 < TK ? K - k0 : TK;  // a multiple of QK (>= 32)
+        const int tk = K - k0 < TK ? K - k0 : TK;  // a multiple of 32 (of QK)
         const int groups = tk / DG_GROUP;  // one 16-value group per thread at a time
-        const uint8_t * slice = w + (long)(k0 / QK) * SIZE;
         for (int i = tid; i < TN * groups; i += MMA_THREADS) {
             const int r = i / groups, gi = i % groups;
             Words4 q{};
             float s = 0.0f, m = 0.0f;
             const int wr = tile_w_row(r, n0, N, TN, ep);
-            if (wr >= 0) decompose_unit<T>(slice + (long)wr * row_bytes, gi, q, s, m);
+            if (wr >= 0) decompose_unit<T>(w + (long)wr * row_bytes, k0 / DG_GROUP + gi, q, s, m);
             *reinterpret_cast<Words4 *>(&ws_q[r][gi * DG_GROUP]) = q;  // 16-aligned: one 128-bit store
             ws_s[r][gi] = s;
             ws_m[r][gi] = m;
@@ -57,34 +60,42 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
             const int r = i / (tk / 4), c = (i % (tk / 4)) * 4, row = x_row[r];
             *reinterpret_cast<int *>(&xs_q[r][c]) = row >= 0 ? *reinterpret_cast<const int *>(&xq[(long)row * K + k0 + c]) : 0;
         }
-        for (int i = tid; i < TM * (tk / DG_GROUP); i += MMA_THREADS) {
-            const int r = i / (tk / DG_GROUP), gq = i % (tk / DG_GROUP), row = x_row[r];
+        for (int i = tid; i < TM * groups; i += MMA_THREADS) {
+            const int r = i / groups, gq = i % groups, row = x_row[r];
             x_s[r][gq] = row >= 0 ? xs[(long)row * (K / DG_GROUP) + k0 / DG_GROUP + gq] : 0;
             if ((gq & 1) == 0) x_d[r][gq / 2] = row >= 0 ? xd[(long)row * (K / 32) + k0 / 32 + gq / 2] : 0.0f;
         }
         __syncthreads();
-        for (int gq = 0; gq < tk / DG_GROUP; ++gq) {
+        for (int gq = 0; gq < groups; ++gq) {
             const int c = gq * DG_GROUP + t * 4;
-            const int a0 = *reinterpret_cast<const int *>(&xs_q[wm + g][c]);
-            const int a1 = *reinterpret_cast<const int *>(&xs_q[wm + g + 8][c]);
-            const float dx0 = x_d[wm + g][gq / 2], dx1 = x_d[wm + g + 8][gq / 2];
-            const float sx0 = (float)x_s[wm + g][gq], sx1 = (float)x_s[wm + g + 8][gq];
-            for (int h = 0; h < 2; ++h) {
-                const int b0 = *reinterpret_cast<const int *>(&ws_q[wn + h * 8 + g][c]);
-                int dot[4] = {0, 0, 0, 0};
-                mma_m16n8k16_s8(dot, a0, a1, b0);
+            int a[S::MI][2];
+            float dx[S::MI][2], sx[S::MI][2];
+            for (int mi = 0; mi < S::MI; ++mi) {
+                const int r = wm + mi * 16 + g;
+                a[mi][0] = *reinterpret_cast<const int *>(&xs_q[r][c]);
+                a[mi][1] = *reinterpret_cast<const int *>(&xs_q[r + 8][c]);
+                dx[mi][0] = x_d[r][gq / 2], dx[mi][1] = x_d[r + 8][gq / 2];
+                sx[mi][0] = (float)x_s[r][gq], sx[mi][1] = (float)x_s[r + 8][gq];
+            }
+            for (int ni = 0; ni < S::NI; ++ni) {
+                const int b0 = *reinterpret_cast<const int *>(&ws_q[wn + ni * 8 + g][c]);
                 // accumulator layout: (row g, cols 2t, 2t+1) and (row g + 8, the same cols)
-                const int n = wn + h * 8 + t * 2;
+                const int n = wn + ni * 8 + t * 2;
                 const float s0 = ws_s[n][gq], s1 = ws_s[n + 1][gq], o0 = ws_m[n][gq], o1 = ws_m[n + 1][gq];
-                acc[h][0] += dx0 * (s0 * (float)dot[0] + o0 * sx0);
-                acc[h][1] += dx0 * (s1 * (float)dot[1] + o1 * sx0);
-                acc[h][2] += dx1 * (s0 * (float)dot[2] + o0 * sx1);
-                acc[h][3] += dx1 * (s1 * (float)dot[3] + o1 * sx1);
+                for (int mi = 0; mi < S::MI; ++mi) {
+                    int dot[4] = {0, 0, 0, 0};
+                    mma_m16n8k16_s8(dot, a[mi][0], a[mi][1], b0);
+                    float (&c4)[4] = acc[mi][ni];
+                    c4[0] += dx[mi][0] * (s0 * (float)dot[0] + o0 * sx[mi][0]);
+                    c4[1] += dx[mi][0] * (s1 * (float)dot[1] + o1 * sx[mi][0]);
+                    c4[2] += dx[mi][1] * (s0 * (float)dot[2] + o0 * sx[mi][1]);
+                    c4[3] += dx[mi][1] * (s1 * (float)dot[3] + o1 * sx[mi][1]);
+                }
             }
         }
         __syncthreads();
     }
-    mma_store(acc, p, m0, m_end, n0, N, y, ldy, ep, &ws_q[0][0]);  // ws_q: 8.7 KB, free after the last barrier
+    mma_store<S>(acc, p, m0, m_end, n0, N, y, ldy, ep, &ws_q[0][0]);  // ws_q is free after the last barrier
 #else
     (void)xq; (void)xd; (void)xs; (void)xrows; (void)m0; (void)m_end; (void)w; (void)n0; (void)N; (void)K; (void)y;
     (void)ldy; (void)ep;

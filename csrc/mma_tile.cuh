@@ -1,6 +1,8 @@
-// What the tensor-core matmul tiles (mma_f16.cuh, mma_q8.cuh) share: a 32 x 32 output tile per thread block
-// of 4 warps, each warp a 16 x 16 quarter made of two m16n8 MMA tiles, and the store of the f32
-// accumulators in the m16n8 layout: (row g, cols 2t, 2t+1) and (row g + 8, the same).
+// What the tensor-core matmul tiles (mma_f16.cuh, mma_q8.cuh) share: a 32-row output tile per thread block of
+// 4 warps, in one of two widths (MmaShape): narrow, 32 x 32, each warp a 16 x 16 quarter (two m16n8 MMA
+// tiles); wide, 32 x 128, each warp a 32 x 32 quarter (2 x 4 m16n8 tiles), which reads the tile's rows of X
+// once per 128 columns of W instead of once per 32 and loads 2 fragments from shared memory per MMA instead
+// of 3. And the store of the f32 accumulators in the m16n8 layout: (row g, cols 2t, 2t+1) and (row g + 8, the same).
 #pragma once
 #include "epilogue.cuh"
 #include "quant/blocks.cuh"
@@ -8,17 +10,26 @@
 namespace dg {
 
 constexpr int MMA_THREADS = 128;  // 4 warps
-constexpr int MMA_TM = 32, MMA_TN = 32;
-constexpr int MMA_TK = 256;       // K per shared-memory stage: one K-quant super-block
+constexpr int MMA_TM = 32;        // rows of X (canvas positions, or an expert's pairs) per tile
+
+// A tile TN columns wide (32 or 128): the warps' layout over it and the m16n8 MMA tiles per warp
+template <int TN_> struct MmaShape {
+    static_assert(TN_ == 32 || TN_ == 128, "the tensor-core tiles are 32 or 128 columns wide");
+    static constexpr int TN = TN_;
+    static constexpr int WM = TN == 32 ? 16 : 32, WN = TN == 32 ? 16 : 32;  // a warp's rows and columns
+    static constexpr int MI = WM / 16, NI = WN / 8;                         // its m16 row tiles and n8 column tiles
+    static constexpr int WARPS_N = TN / WN;                                 // warps side by side (2 or 4)
+    static_assert((MMA_TM / WM) * WARPS_N * 32 == MMA_THREADS, "4 warps cover the tile");
+};
 
 struct MmaLane {
-    int wm, wn;  // this warp's quarter within the block's tile
+    int wm, wn;  // this warp's quarter within the block's tile: first row, first column
     int g, t;    // the fragment layout's group (lane / 4) and thread-in-group (lane % 4)
 };
 
-DG_HD MmaLane mma_lane(int tid) {
+template <class S> DG_HD MmaLane mma_lane(int tid) {
     const int lane = tid & 31, warp = tid >> 5;
-    return MmaLane{(warp >> 1) * 16, (warp & 1) * 16, lane >> 2, lane & 3};
+    return MmaLane{(warp / S::WARPS_N) * S::WM, (warp % S::WARPS_N) * S::WN, lane >> 2, lane & 3};
 }
 
 // The two tensor-core instructions, the only inline PTX of the tiles: D += A B for one m16n8k16 tile, A row-major
@@ -41,27 +52,43 @@ __device__ __forceinline__ void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int
 }
 #endif
 
-// acc[h][i]: n8 tile h of the warp's quarter, accumulator i, for the tile at (m0, n0); rows at or past
-// m_end and columns at or past N are dropped; the others go where `ep` says (csrc/epilogue.cuh). Every
-// thread of the block calls it: a gated tile meets in `scratch` (at least MMA_TM x (MMA_TN + 1) floats of
-// shared memory the tile no longer reads) behind a barrier.
-__device__ __forceinline__ void mma_store(const float (&acc)[2][4], const MmaLane &p, int m0, int m_end, int n0, int N,
-                                          float * y, int ldy, const Epilogue &ep, void * scratch) {
+// acc[mi][ni][i]: m16 tile mi and n8 tile ni of the warp's quarter, accumulator i, for the tile at (m0, n0);
+// rows at or past m_end and columns at or past N are dropped; the others go where `ep` says
+// (csrc/epilogue.cuh). Every thread of the block calls it: a gated tile meets in `scratch` (at least
+// MMA_TM x (TN + 1) floats of shared memory the tile no longer reads) behind a barrier.
+template <class S>
+__device__ __forceinline__ void mma_store(const float (&acc)[S::MI][S::NI][4], const MmaLane &p, int m0, int m_end,
+                                          int n0, int N, float * y, int ldy, const Epilogue &ep, void * scratch) {
+    constexpr int TN = S::TN;
+    // unrolled in full: acc stays in registers (a loop over it would put it on the stack, as nvcc did for the
+    // wide tile's 32 accumulators with the scatter's atomics in the loop)
     if (ep.fe > 0) {
-        float (*ex)[MMA_TN + 1] = reinterpret_cast<float (*)[MMA_TN + 1]>(scratch);
-        for (int h = 0; h < 2; ++h)
-            for (int half = 0; half < 2; ++half)
-                for (int j = 0; j < 2; ++j) ex[p.wm + p.g + half * 8][p.wn + h * 8 + p.t * 2 + j] = acc[h][half * 2 + j];
+        float (*ex)[TN + 1] = reinterpret_cast<float (*)[TN + 1]>(scratch);
+#pragma unroll
+        for (int mi = 0; mi < S::MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < S::NI; ++ni)
+#pragma unroll
+                for (int half = 0; half < 2; ++half)
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+                        ex[p.wm + mi * 16 + p.g + half * 8][p.wn + ni * 8 + p.t * 2 + j] = acc[mi][ni][half * 2 + j];
         __syncthreads();
-        store_gated<MMA_TM, MMA_TN, MMA_THREADS>(ex, m0, m_end, n0, y, ldy, ep.fe);
+        store_gated<MMA_TM, TN, MMA_THREADS>(ex, m0, m_end, n0, y, ldy, ep.fe);
         return;
     }
-    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int mi = 0; mi < S::MI; ++mi) {
+#pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int m = m0 + p.wm + p.g + half * 8;
-            for (int j = 0; j < 2; ++j) {
-                const int n = n0 + p.wn + h * 8 + p.t * 2 + j;
-                if (m < m_end && n < N) store_out(y, ldy, m, n, acc[h][half * 2 + j], ep);
+            const int m = m0 + p.wm + mi * 16 + p.g + half * 8;
+#pragma unroll
+            for (int ni = 0; ni < S::NI; ++ni) {
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int n = n0 + p.wn + ni * 8 + p.t * 2 + j;
+                    if (m < m_end && n < N) store_out(y, ldy, m, n, acc[mi][ni][half * 2 + j], ep);
+                }
             }
         }
     }

@@ -2,8 +2,9 @@
 // expert) pairs grouped by expert. Pairs offsets[e] .. offsets[e+1]-1 belong to expert e (an expert
 // with no pair has no tile); W holds the E experts' [N, K] matrices one after the other, each
 // expert_bytes long, in a GGML block format. Three tiles, as for the dense matmul: float FMAs
-// (moe_qmatmul, 16 x 16, csrc/mm_tile.cuh), f16 tensor cores (moe_qmatmul_mma, 32 x 32, mma_f16.cuh) and
-// int8 tensor cores on quantize_q8's activations (moe_qmatmul_q8, 32 x 32, mma_q8.cuh); the last two need sm_80.
+// (moe_qmatmul, 16 x 16, csrc/mm_tile.cuh), f16 tensor cores (moe_qmatmul_mma, 32 x TN, mma_f16.cuh) and
+// int8 tensor cores on quantize_q8's activations (moe_qmatmul_q8, 32 x TN, mma_q8.cuh), TN 32 or 128; the last
+// two need sm_80.
 //
 // Grid: x = the N tiles, y = an upper bound of the M tiles of every expert back to back (pairs / tile + E);
 // each block finds its expert and first pair from the prefix sums offsets and tile_offsets (of the
@@ -36,7 +37,7 @@ __global__ void __launch_bounds__(MM_THREADS) moe_qmatmul(const float * __restri
     mm_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * ep.cols(MM_TN), N, K, y, ldy, ep);
 }
 
-template <int T>
+template <int T, int TN>
 __global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_mma(const float * __restrict__ x, int lda,
                                                               const int * __restrict__ xrows,
                                                               const int * __restrict__ offsets,
@@ -48,10 +49,10 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_mma(const float * __r
     int e, m0, m_end;
     if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MMA_TM, e, m0, m_end)) return;
     const Epilogue ep{out_rows, out_w, fe};
-    mma_f16_tile<T>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * ep.cols(MMA_TN), N, K, y, ldy, ep);
+    mma_f16_tile<T, TN>(x, lda, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * ep.cols(TN), N, K, y, ldy, ep);
 }
 
-template <int T>
+template <int T, int TN>
 __global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_q8(const int8_t * __restrict__ xq, const float * __restrict__ xd,
                                                              const int * __restrict__ xs, const int * __restrict__ xrows,
                                                              const int * __restrict__ offsets,
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_q8(const int8_t * __r
     int e, m0, m_end;
     if (!moe_tile(blockIdx.y, offsets, tile_offsets, E, MMA_TM, e, m0, m_end)) return;
     const Epilogue ep{out_rows, out_w, fe};
-    mma_q8_tile<T>(xq, xd, xs, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * ep.cols(MMA_TN), N, K, y, ldy, ep);
+    mma_q8_tile<T, TN>(xq, xd, xs, xrows, m0, m_end, w + e * expert_bytes, blockIdx.x * ep.cols(TN), N, K, y, ldy, ep);
 }
 
 }  // namespace dg
@@ -72,10 +73,14 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_q8(const int8_t * __r
 // nvcc builds (CI's compile check) instantiate every type; at run time NVRTC instantiates by name
 #define DG_MOE(T) template __global__ void dg::moe_qmatmul<dg::T>(const float *, int, const int *, const int *, \
     const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *, int);            \
-    template __global__ void dg::moe_qmatmul_mma<dg::T>(const float *, int, const int *, const int *,        \
+    template __global__ void dg::moe_qmatmul_mma<dg::T, 32>(const float *, int, const int *, const int *,    \
+    const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *, int);            \
+    template __global__ void dg::moe_qmatmul_mma<dg::T, 128>(const float *, int, const int *, const int *,   \
     const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *, int);
 DG_FOR_EACH_TYPE(DG_MOE)
-#define DG_MOE_Q8(T) template __global__ void dg::moe_qmatmul_q8<dg::T>(const int8_t *, const float *, const int *, \
+#define DG_MOE_Q8(T) template __global__ void dg::moe_qmatmul_q8<dg::T, 32>(const int8_t *, const float *, const int *, \
+    const int *, const int *, const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *, int); \
+    template __global__ void dg::moe_qmatmul_q8<dg::T, 128>(const int8_t *, const float *, const int *,                 \
     const int *, const int *, const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *, int);
 DG_FOR_EACH_INT_TYPE(DG_MOE_Q8)
 #endif

@@ -3,7 +3,7 @@
 //
 // quantize_q8: X -> int8 q with one float scale per 32 values (d = max|x| / 127, q = rint(x / d)) and the
 // sum of q per 16 values (for the weights' offsets), one warp per 32 values.
-// qmatmul_q8<T>: one thread block (4 warps) computes a 32 x 32 tile of Y from the quantized X
+// qmatmul_q8<T, TN>: one thread block (4 warps) computes a 32 x TN tile of Y (TN 32 or 128) from the quantized X
 // (csrc/mma_q8.cuh). Needs sm_80. Shapes: any M and N; K a multiple of the type's block.
 #include "mma_q8.cuh"
 
@@ -28,18 +28,20 @@ extern "C" __global__ void quantize_q8(const float * __restrict__ x, int lda, in
     if ((lane & 15) == 0) xs[(long)r * (K / 16) + b * 2 + (lane >> 4)] = sum;
 }
 
-template <int T>
+template <int T, int TN>
 __global__ void __launch_bounds__(MMA_THREADS) qmatmul_q8(const int8_t * __restrict__ xq, const float * __restrict__ xd,
                                                         const int * __restrict__ xs, const uint8_t * __restrict__ w,
                                                         float * __restrict__ y, int ldy, int M, int N, int K) {
-    mma_q8_tile<T>(xq, xd, xs, nullptr, blockIdx.y * MMA_TM, M, w, blockIdx.x * MMA_TN, N, K, y, ldy);
+    mma_q8_tile<T, TN>(xq, xd, xs, nullptr, blockIdx.y * MMA_TM, M, w, blockIdx.x * TN, N, K, y, ldy);
 }
 
 }  // namespace dg
 
 #ifndef __CUDACC_RTC__
-// nvcc builds (CI's compile check) instantiate every integer type; at run time NVRTC instantiates by name
-#define DG_Q8(T) template __global__ void dg::qmatmul_q8<dg::T>(const int8_t *, const float *, const int *, \
+// nvcc builds (CI's compile check) instantiate every integer type and width; at run time NVRTC instantiates by name
+#define DG_Q8(T) template __global__ void dg::qmatmul_q8<dg::T, 32>(const int8_t *, const float *, const int *, \
+    const uint8_t *, float *, int, int, int, int);                                                       \
+    template __global__ void dg::qmatmul_q8<dg::T, 128>(const int8_t *, const float *, const int *,       \
     const uint8_t *, float *, int, int, int, int);
 DG_FOR_EACH_INT_TYPE(DG_Q8)
 #endif

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matmul", choices=MATMULS,
                    help="cuda backend: the quantized matmul kernel, auto (the default: the fastest on this GPU per "
                         "weight shape and for the vocabulary head, timed once and cached), scalar (float FMAs, the "
-                        "torch backend's numbers), f16 or int8 (tensor cores, compute capability 8.0)")
+                        "torch backend's numbers), f16 or int8 (tensor cores, compute capability 8.0), f16-wide or "
+                        "int8-wide (the same in tiles 128 columns wide)")
     p.add_argument("--no-graphs", action="store_true",
                    help="cuda backend with --rng counter (its default): launch the decoder's kernels one by one "
                         "instead of replaying each canvas's pass from a CUDA graph")

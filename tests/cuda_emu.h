@@ -513,7 +513,7 @@ template <auto Fn> constexpr Kernel kernel_info(const char *name) {
 
 }  // namespace emu
 
-#define EMU_KERNEL(fn) ::emu::kernel_info<&fn>(#fn)
+#define EMU_KERNEL(...) ::emu::kernel_info<&__VA_ARGS__>(#__VA_ARGS__)  // variadic: a name expression may hold commas
 
 extern const emu::Kernel emu_kernels[];
 extern const int emu_kernel_total;

@@ -89,3 +89,40 @@ def test_kernel_benches_name_nothing_undefined():
                         name = ins.argval
                         assert name in vars(module) or hasattr(builtins, name), f"{module.__name__}.{fn.__name__}: {name}"
     assert [row[0] for row in step_gpu.SHAPES][-1] == "vocabulary head (Q6_K)"
+
+
+def test_step_gpu_runs_on_the_cpu_at_tiny_shapes(kernels_as_references, monkeypatch, capsys):
+    """bench/step_gpu.py's main end to end, every table and line, at tiny shapes on the CPU with the kernels'
+    references (no time is measured: each call runs once and counts 1 ms). Every matmul kernel has a column
+    and a step total, the experts and the head a line per tensor-core kernel."""
+    import functools
+    import sys
+
+    import step_gpu
+    from gguf import GGMLQuantizationType as Q
+
+    from dgemma.plugin.cuda import ops
+
+    monkeypatch.setattr(step_gpu, "DEVICE", "cpu")
+    monkeypatch.setattr(step_gpu, "SHAPES", [("dense", 40, 256, Q.Q4_K, 5, 2), ("down", 33, 64, Q.Q5_0, 3, 1),
+                                             ("a float matrix", 9, 32, Q.F16, 2, 1)])
+    monkeypatch.setattr(step_gpu, "timed", lambda fn, repeat: (fn(), 1.0)[1])
+    monkeypatch.setattr(step_gpu, "check_cuda", lambda: (9, 0))
+    for name, value in (("get_device_capability", lambda device=None: (9, 0)), ("get_device_name", lambda device=None: "cpu"),
+                        ("reset_peak_memory_stats", lambda device=None: None), ("memory_allocated", lambda device=None: 0),
+                        ("max_memory_allocated", lambda device=None: 0), ("empty_cache", lambda: None)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    for name, small in (("moe_layer", dict(experts=4, top_k=2, tokens=6, d=256, fe=64)),
+                        ("head_pass", dict(vocab=300, d=256, rows=4)), ("attention", dict(canvas=4, context=40))):
+        monkeypatch.setattr(step_gpu, name, functools.partial(getattr(step_gpu, name), **small))
+    monkeypatch.setattr(sys, "argv", ["step_gpu.py", "--repeat", "1"])
+    step_gpu.main()
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("weights"))
+    assert [f"{kind} ms" in header for kind in ops.MATMULS] == [True] * len(ops.MATMULS)
+    f16_row = next(line for line in out.splitlines() if line.startswith("a float matrix"))
+    assert f16_row.count("nan") == 4  # no integer form: the int8 tiles' columns (ms and TFLOP/s)
+    total = next(line for line in out.splitlines() if line.startswith("matmuls of one denoising step"))
+    assert all(f"{kind} 4.0 ms" in total for kind in ops.MATMULS) and "the best per shape 4.0 ms" in total
+    assert sum(line.startswith("  grouped on ") for line in out.splitlines()) == len(ops.MATMULS) - 1
+    assert "chunked int8-wide" in out and "decoder attention per step" in out and "accept/re-noise" in out

@@ -12,6 +12,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from dgemma import quant
+from dgemma.plugin.cuda.ops import MATMULS
 
 
 @pytest.fixture(scope="module", params=[pytest.param("gpu", marks=pytest.mark.gpu), "emu"])
@@ -78,28 +79,32 @@ MOE_COUNTS = [[5], [0, 17, 0, 1, 16, 33], [0, 0, 0], [300, 0, 1]]
 
 
 @pytest.mark.parametrize("qtype,k", [(Q.Q8_0, 288), (Q.Q4_K, 512)], ids=["Q8_0-K288", "Q4_K-K512"])
-@pytest.mark.parametrize("kernel", ["qmatmul", "qmatmul_mma", "qmatmul_q8"])
+@pytest.mark.parametrize("kernel", ["qmatmul", "qmatmul_mma", "qmatmul_q8", "qmatmul_mma_wide", "qmatmul_q8_wide"])
 def test_matmul_tiles_at_their_edges(ops, dev, kernel, qtype, k):
-    """Every (M, N) around the 16- and 32-row tiles' edges, K in two slices (the second partial for Q8_0),
-    against each kernel's reference within 1e-5 of sum |x||w| (x as the kernel rounds it, up to 1 %)."""
+    """Every (M, N) around the 16- and 32-row tiles' edges (and N around the wide tiles' 128 columns), K in
+    two slices for the 256-wide ones (the second partial for Q8_0; the wide tiles' 64 and 128 slice Q4_K's
+    super-blocks), against each kernel's reference within 1e-5 of sum |x||w| (x as the kernel rounds it, up
+    to 1 %)."""
     if kernel != "qmatmul" and torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
         pytest.skip("tensor-core MMA needs compute capability 8.0")
     rng = np.random.default_rng(k)
-    w = rng.standard_normal((65, k)).astype(np.float32)
-    data = torch.from_numpy(quant.quantize(w, qtype).reshape(65, -1).view(np.uint8))
+    w = rng.standard_normal((129, k)).astype(np.float32)
+    data = torch.from_numpy(quant.quantize(w, qtype).reshape(129, -1).view(np.uint8))
     wabs = ops._dequantized(data, qtype, k).abs()
     x = torch.from_numpy(rng.standard_normal((65, k)).astype(np.float32))
     op = getattr(ops, kernel)
     want = getattr(ops, f"{kernel}_reference")(x, data, qtype, k).double()  # row by row: sliced for each (M, N)
-    bound = 1.01e-5 * (x.double().abs() @ wabs.T) + 1e-6
+    bound = 1.01e-5 * (x.double().abs() @ wabs.T) + 1e-6  # [65, 129]
+    wide = kernel.endswith("_wide")
     for m in (1, 15, 16, 17, 31, 32, 33, 64, 65):
-        for n in (1, 15, 16, 17, 31, 32, 33, 64, 65):
+        for n in (1, 15, 16, 17, 31, 32, 33, 64, 65) + ((127, 128, 129) if wide else ()):
             got = op(x[:m].contiguous().to(dev), data[:n].contiguous().to(dev), qtype, k).cpu().double()
             assert got.shape == (m, n) and bool(((got - want[:m, :n]).abs() <= bound[:m, :n]).all()), (m, n)
 
 
+@pytest.mark.parametrize("kernel", ["qmatmul_mma", "qmatmul_mma_wide"])
 @pytest.mark.parametrize("qtype,m,n,k", list(cases()), ids=lambda v: getattr(v, "name", str(v)))
-def test_qmatmul_mma_matches_f16_rounded_reference(ops, dev, qtype, m, n, k):
+def test_qmatmul_mma_matches_f16_rounded_reference(ops, dev, qtype, m, n, k, kernel):
     """Tensor cores: the kernel rounds X and W to f16 exactly as the reference does, so the only difference
     is the f32 accumulation order: within 1e-5 of sum |x||w| per output, plus 1e-6."""
     if torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
@@ -108,18 +113,19 @@ def test_qmatmul_mma_matches_f16_rounded_reference(ops, dev, qtype, m, n, k):
     w = rng.standard_normal((n, k)).astype(np.float32)
     data = torch.from_numpy((w if qtype == Q.F32 else quant.quantize(w, qtype)).reshape(n, -1).view(np.uint8)).to(dev)
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32) * 3)
-    got = ops.qmatmul_mma(x.to(dev), data, qtype, k).cpu()
+    got = getattr(ops, kernel)(x.to(dev), data, qtype, k).cpu()
     want = ops.qmatmul_mma_reference(x, data, qtype, k)
     bound = 1e-5 * (x.half().double().abs() @ ops._dequantized(data, qtype, k).half().double().abs().T) + 1e-6
     assert bool(((got.double() - want.double()).abs() <= bound).all())  # at small K, unrounded X would fail
     if qtype == Q.F32 and m == 1:  # float rows may have any K; the MMA needs multiples of 16
         with pytest.raises(ValueError, match="multiple of 16"):
-            ops.qmatmul_mma(torch.zeros(1, 100, device=dev), torch.zeros(1, 400, dtype=torch.uint8, device=dev),
-                            Q.F32, 100)
+            getattr(ops, kernel)(torch.zeros(1, 100, device=dev), torch.zeros(1, 400, dtype=torch.uint8, device=dev),
+                                 Q.F32, 100)
 
 
+@pytest.mark.parametrize("kernel", ["qmatmul_q8", "qmatmul_q8_wide"])
 @pytest.mark.parametrize("qtype,m,n,k", [c for c in cases() if c[0] not in FLOAT], ids=lambda v: getattr(v, "name", str(v)))
-def test_qmatmul_q8_matches_quantized_activation_reference(ops, dev, qtype, m, n, k):
+def test_qmatmul_q8_matches_quantized_activation_reference(ops, dev, qtype, m, n, k, kernel):
     """int8 tensor cores: X quantized per 32 values exactly as the reference does (checked bit for bit),
     W in its integer form; the products differ from the float64 reference only by the f32 sums: within
     1e-5 of sum |x_hat||w| per output, plus 1e-6."""
@@ -135,24 +141,25 @@ def test_qmatmul_q8_matches_quantized_activation_reference(ops, dev, qtype, m, n
         x[0, 32:64] = torch.tensor([1e-44, -3e-45] * 16)  # a scale that rounds to 0 (subnormal inputs)
     for got, want in zip(ops.quantize_q8(x.to(dev)), ops.quantize_q8_reference(x)):
         assert torch.equal(got.cpu(), want)
-    got = ops.qmatmul_q8(x.to(dev), data, qtype, k).cpu()
+    got = getattr(ops, kernel)(x.to(dev), data, qtype, k).cpu()
     want = ops.qmatmul_q8_reference(x, data, qtype, k)
     xq, xd, _ = ops.quantize_q8_reference(x)
     xhat = xq.double() * xd.double().repeat_interleave(32, dim=1)
     bound = 1e-5 * (xhat.abs() @ ops._dequantized(data, qtype, k).abs().T) + 1e-6
     assert bool(((got.double() - want.double()).abs() <= bound).all())
     with pytest.raises(ValueError, match="no integer form"):
-        ops.qmatmul_q8(x.to(dev), torch.zeros(n, 2 * k, dtype=torch.uint8, device=dev), Q.F16, k)
+        getattr(ops, kernel)(x.to(dev), torch.zeros(n, 2 * k, dtype=torch.uint8, device=dev), Q.F16, k)
 
 
 @pytest.mark.parametrize("qtype,n,k", [(Q.Q8_0, 33, 96), (Q.Q4_K, 17, 512), (Q.Q6_K, 40, 768), (Q.Q2_K, 16, 256),
-                                       (Q.Q3_K, 31, 256), (Q.Q5_K, 7, 512), (Q.F16, 9, 64)],
+                                       (Q.Q3_K, 31, 256), (Q.Q5_K, 7, 512), (Q.F16, 9, 64),
+                                       (Q.Q5_0, 290, 64)],  # 3 column tiles of the wide kind (gated: 64 columns each)
                          ids=lambda v: getattr(v, "name", str(v)))
 @pytest.mark.parametrize("counts", MOE_COUNTS, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "grouped"])
-@pytest.mark.parametrize("kernel", ["scalar", "f16", "int8"])
+@pytest.mark.parametrize("kernel", list(MATMULS))
 def test_moe_qmatmul_matches_expert_by_expert(ops, dev, qtype, n, k, counts, gathered, kernel):
-    """The three grouped kernels (16-row float tiles, 32-row f16 and int8 tensor-core tiles) against their
+    """The grouped kernels (16-row float tiles, 32-row f16 and int8 tensor-core tiles of both widths) against their
     references, expert by expert: within 1e-5 of sum |x||w| (X and W as each kernel rounds them) plus 1e-6,
     with experts of 0, 1, 16, 17, 33 and 300 pairs."""
     if kernel != "scalar" and torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
@@ -167,16 +174,17 @@ def test_moe_qmatmul_matches_expert_by_expert(ops, dev, qtype, n, k, counts, gat
     x = torch.from_numpy(rng.standard_normal((tokens if gathered else P, k)).astype(np.float32)).to(dev)
     rows = torch.from_numpy(rng.integers(0, tokens, P).astype(np.int32)).to(dev) if gathered else None
     groups = ops.ExpertGroups(counts, dev)
-    if kernel == "int8" and qtype not in ops.INT_TYPES:
+    family = kernel.split("-")[0]  # the width changes no number
+    if family == "int8" and qtype not in ops.INT_TYPES:
         with pytest.raises(ValueError, match="no integer form"):
             op(x, rows, groups, wq, qtype, k)
         return
     y = op(x, rows, groups, wq, qtype, k)
     ref = getattr(ops, f"{ops.MATMULS[kernel][1]}_reference")(x, rows, groups, wq, qtype, k)
     assert y.shape == (P, n)
-    xs = {"scalar": x.double().cpu(), "f16": x.cpu().half().double(), "int8": ops._q8_values(x)}[kernel]
+    xs = {"scalar": x.double().cpu(), "f16": x.cpu().half().double(), "int8": ops._q8_values(x)}[family]
     xs = xs[rows.long().cpu()] if gathered else xs
-    round_w = (lambda v: v.half().double().abs()) if kernel == "f16" else (lambda v: v.abs())
+    round_w = (lambda v: v.half().double().abs()) if family == "f16" else (lambda v: v.abs())
     bound = 1e-5 * ops._expert_by_expert(xs.abs(), groups, wq, qtype, k, round_w).double() + 1e-6
     assert bool(((y.cpu().double() - ref.double()).abs() <= bound).all())
     if gathered and P:  # gate_up: gelu_tanh(gate) * up in the epilogue, W's first half of rows the gate

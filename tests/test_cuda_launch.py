@@ -166,17 +166,16 @@ def test_kernel_resources_knows_each_launch_size(launches, monkeypatch):
     qtype, k, canvas = Q.Q4_K, 256, 9
     x, w = torch.randn(5, k), weights(qtype, 7, k)
     ops.get_rows(torch.tensor([0, 6, 3]), w, qtype, k)
-    for op in (ops.qmatmul, ops.qmatmul_mma, ops.qmatmul_q8):
-        op(x, w, qtype, k)
-    head_ops.head_stats(x, w, qtype, softcap=30.0, temperature=0.7, seed=5, step=3)
-    for matmul in ("f16", "int8"):
-        head_ops.head_stats_chunked(x, w, qtype, 30.0, 0.7, 5, 3, matmul, chunk=3)
     groups, we = ops.ExpertGroups([3, 0, 2], "cpu"), weights(qtype, 8, k, experts=3)
-    for op in (ops.moe_qmatmul, ops.moe_qmatmul_mma, ops.moe_qmatmul_q8):
-        op(x, torch.tensor([0, 1, 3, 2, 0], dtype=torch.int32), groups, we, qtype, k)
+    for dense, grouped in ops.MATMULS.values():  # every kind and width of tile
+        getattr(ops, dense)(x, w, qtype, k)
+        getattr(ops, grouped)(x, torch.tensor([0, 1, 3, 2, 0], dtype=torch.int32), groups, we, qtype, k)
+    head_ops.head_stats(x, w, qtype, softcap=30.0, temperature=0.7, seed=5, step=3)
+    for matmul in ("f16", "int8-wide"):
+        head_ops.head_stats_chunked(x, w, qtype, 30.0, 0.7, 5, 3, matmul, chunk=3)
     ops.accept_renoise(torch.rand(2, canvas), torch.randint(0, 7, (2, canvas)), seed=1, step=0, vocab=7, bound=0.5)
     names = {name for name, _, _ in seen}
-    assert {"dg::get_rows<12>", "dg::head_partials<12>", "head_chunk_stats", "quantize_q8", "dg::moe_qmatmul_q8<12>",
-            "accept_renoise"} <= names
+    assert {"dg::get_rows<12>", "dg::head_partials<12>", "head_chunk_stats", "quantize_q8", "dg::moe_qmatmul_q8<12, 32>",
+            "dg::moe_qmatmul_q8<12, 128>", "dg::qmatmul_mma<12, 128>", "accept_renoise"} <= names
     for name, block, shared_mem in seen:
         assert tuple(block) == (kr.threads_for(name, canvas),) and shared_mem == kr.dynamic_smem(name, k), name

@@ -76,7 +76,7 @@ def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gg
     f16 = torch.from_numpy(np.random.default_rng(0).standard_normal((cfg.vocab_size, cfg.n_embd)).astype(np.float16))
     w.head = QuantLinear(f16.view(torch.uint8).view(cfg.vocab_size, -1), Q.F16, cfg.vocab_size, cfg.n_embd)
     cache = tmp_path / "matmul.json"
-    timer = preset_timer(ran, {"scalar": 3.0, "f16": 0.5, "int8": 1.0})
+    timer = preset_timer(ran, {"scalar": 3.0, "f16": 0.5, "f16-wide": 0.7, "int8": 1.0, "int8-wide": 0.9})
     plan = tune.choose(w, "auto", rows=16, device="cpu", capability=AMPERE, timer=timer, cache=cache, top_k=2)
     first = {}
     for o in tune.weight_objects(w):
@@ -85,7 +85,7 @@ def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gg
     unbounded = {c for c, o in first.items() if not o.bounded_input}
     assert unbounded == {c for c in plan if c.endswith(" unbounded")} and len(unbounded) >= 2  # dense and experts
     for c, o in first.items():  # f16 is fastest, but never on gelu(gate) * up; a float type has no int8
-        assert plan[c] == ("int8" if c in unbounded else "f16"), c
+        assert plan[c] == ("int8-wide" if c in unbounded else "f16"), c
     assert plan[f"head F16 {cfg.vocab_size}x{cfg.n_embd}"] == "f16"  # timed through its statistics (chunked)
     assert all(o.matmul == plan[tune.shape_class(o, head=o is w.head)] for o in tune.weight_objects(w))
     assert timer.timed == [m for o in first.values() for m in usable(o)]  # each usable kernel once per class
@@ -100,7 +100,7 @@ def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gg
     assert never.timed == [] and cache.stat().st_mtime_ns == mtime
     # another row count, or top-k, is another key: timed again, the first kept
     for n, (rows, top_k) in enumerate([(32, 2), (16, 8)]):
-        faster_scalar = preset_timer(ran, {"scalar": 0.5, "f16": 2.0, "int8": 1.0})
+        faster_scalar = preset_timer(ran, {"scalar": 0.5, "f16": 2.0, "f16-wide": 2.0, "int8": 1.0, "int8-wide": 1.0})
         other = tune.choose(w2, "auto", rows=rows, device="cpu", capability=AMPERE, timer=faster_scalar, cache=cache,
                             top_k=top_k)
         assert set(other.values()) == {"scalar"} and len(json.loads(cache.read_text())) == 2 + n
@@ -118,14 +118,14 @@ def test_a_damaged_cache_is_tuned_again_and_rewritten(default_gguf, ran, tmp_pat
     cache = tmp_path / "matmul.json"
     for damaged in ("{not json", "[1, 2]", json.dumps({"x": 1})):
         cache.write_text(damaged)
-        timer = preset_timer(ran, {"scalar": 1.0, "f16": 2.0, "int8": 3.0})
+        timer = preset_timer(ran, {"scalar": 1.0, "f16": 2.0, "f16-wide": 2.5, "int8": 3.0, "int8-wide": 3.5})
         plan = tune.choose(w, "auto", rows=16, device="cpu", capability=AMPERE, timer=timer, cache=cache)
         timed = sum(len(usable(o)) for o in {tune.shape_class(o, o is w.head): o for o in tune.weight_objects(w)}.values())
         assert set(plan.values()) == {"scalar"} and len(timer.timed) == timed
         assert plan in json.loads(cache.read_text()).values()
     bad_entry = {k: {c: "no-such-kernel" for c in plan} for k in json.loads(cache.read_text())}
     cache.write_text(json.dumps(bad_entry))  # a kernel name not usable here is timed again
-    timer = preset_timer(ran, {"scalar": 1.0, "f16": 2.0, "int8": 3.0})
+    timer = preset_timer(ran, {"scalar": 1.0, "f16": 2.0, "f16-wide": 2.5, "int8": 3.0, "int8-wide": 3.5})
     assert tune.choose(w, "auto", rows=16, device="cpu", capability=AMPERE, timer=timer, cache=cache) == plan
     assert len(timer.timed) == timed
 
@@ -141,19 +141,21 @@ def test_a_named_kernel_goes_where_it_can(default_gguf, ran):
 
 
 @pytest.mark.parametrize("kernel,low,high,stats", [("scalar", 0.0, 1e-4, (1e-5, 1e-5)), ("f16", 1e-4, 0.05, (0.01, 1e-3)),
-                                                ("int8", 1e-2, 0.5, (0.05, 5e-3))])
+                                                ("int8", 1e-2, 0.5, (0.05, 5e-3)), ("f16-wide", 1e-4, 0.05, (0.01, 1e-3)),
+                                                ("int8-wide", 1e-2, 0.5, (0.05, 5e-3))])
 def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran_either, kernel, low, high, stats):
     """The dispatch: every weight runs the chosen kernel (its reference, or emulated), and the logits move by what its
     rounding allows. Measured on the default model (max |logit| 12): scalar 6e-6, f16 (X and W rounded to f16;
     the down projections stay scalar) 0.005, int8 (X quantized per 32 values) 0.15, KL(T=1) 5e-4, the same
     argmax. The head's statistics (entropy, softmax @ E of max 0.11), measured: scalar 8e-7 and 8e-7, f16 3.8e-3
-    and 2.2e-4, int8 1.3e-2 and 1.1e-3; `stats` allows about 3x that."""
+    and 2.2e-4, int8 1.3e-2 and 1.1e-3; `stats` allows about 3x that. The wide tiles round as the narrow ones."""
     ref = Engine.load(default_gguf)
     w, cfg = cpu_cuda_weights(default_gguf)
     tune.choose(w, kernel, device="cpu", capability=AMPERE, cache=False)
     model = DiffusionGemma(cfg, w)
     a, b, canvas, c1, c2 = decode_both(ref.model, model, 30, before=lambda: ran_either.clear())
-    assert set(ran_either) == ({kernel, "scalar"} if kernel == "f16" else {kernel})  # f16: not on the down projections
+    f16 = kernel.startswith("f16")
+    assert set(ran_either) == ({kernel, "scalar"} if f16 else {kernel})  # f16: not on the down projections
     diff = float((a - b).abs().max())
     assert low <= diff < high
     assert torch.equal(a.argmax(-1), b.argmax(-1))

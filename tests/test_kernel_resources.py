@@ -15,13 +15,20 @@ ptxas info    : Compiling entry function 'quantize_q8' for 'sm_90'
 ptxas info    : Function properties for quantize_q8
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 23 registers, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_ZN2dg14moe_qmatmul_q8ILi12ELi128EEEvPKaPKfPKiS6_S6_S6_iPKhlPfiiiS6_S4_i' for 'sm_90'
+ptxas info    : Function properties for _ZN2dg14moe_qmatmul_q8ILi12ELi128EEEvPKaPKfPKiS6_S6_S6_iPKhlPfiiiS6_S4_i
+    128 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 80 registers, used 1 barriers, 128 bytes cumulative stack size, 32896 bytes smem, 400 bytes cmem[0]
 """
 
 
 def test_ptxas_report_is_parsed():
-    assert kr.parse_archs(PTXAS) == [("sm_90", "_ZN2dg7qmatmulILi12EEEvPKfiPKhPfiiii", 40, 12, 32896),
-                                     ("sm_90", "quantize_q8", 23, 0, 0)]
-    assert [r[0] for r in kr.parse_archs(PTXAS + PTXAS.replace("sm_90", "sm_75"))] == ["sm_90"] * 2 + ["sm_75"] * 2
+    assert kr.parse_archs(PTXAS) == [("sm_90", "_ZN2dg7qmatmulILi12EEEvPKfiPKhPfiiii", 40, 12, 32896, 0),
+                                     ("sm_90", "quantize_q8", 23, 0, 0, 0),
+                                     # its smem follows "cumulative stack size" (once read as 0)
+                                     ("sm_90", "_ZN2dg14moe_qmatmul_q8ILi12ELi128EEEvPKaPKfPKiS6_S6_S6_iPKhlPfiiiS6_S4_i",
+                                      80, 0, 32896, 128)]
+    assert [r[0] for r in kr.parse_archs(PTXAS + PTXAS.replace("sm_90", "sm_75"))] == ["sm_90"] * 3 + ["sm_75"] * 3
 
 
 @pytest.mark.parametrize("regs,smem,threads,arch,want", [

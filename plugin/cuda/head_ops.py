@@ -229,8 +229,8 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
                        chunk: int = HEAD_CHUNK, decoded: torch.Tensor | None = None):
     """head_stats with the two products on tensor cores, one vocabulary chunk at a time. Per chunk: its rows
     decoded once to float16 (get_rows_f16); the logits [L, chunk], h16 @ rows^T by cuBLAS with a float32
-    result ("f16"; the f16 tile from the GGML rows where torch.mm has no out_dtype) or by the int8 tile on h
-    quantized once ("int8"); their partial statistics and weights P (head_chunk_stats); P @ rows for the
+    result ("f16", "f16-wide"; the f16 tile of that width from the GGML rows where torch.mm has no out_dtype) or
+    by the int8 tile on h quantized once ("int8", "int8-wide"); their partial statistics and weights P (head_chunk_stats); P @ rows for the
     partial's acc, merged into one running partial (head_merge_into), which head_merge finalises. No more
     than [L, chunk] of logits ever exists. Rounding: h and the head to f16 (int8: h per 32), P to f16 (and
     P @ E's result too where torch.mm has no out_dtype, before torch 2.8 or so). decoded: the whole head
@@ -244,8 +244,11 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
         raise ValueError(f"head_stats_chunked: h must be float32 [L, {D}] and the head uint8 [V>=1, "
                          f"{ops.row_bytes(qtype, D)}] {qtype.name} rows (got {h.dtype}, {embed.dtype} "
                          f"{tuple(embed.shape)})")  # devices: the kernels check
-    if matmul not in ("f16", "int8") or chunk < 1:
-        raise ValueError(f"head_stats_chunked: matmul must be f16 or int8 and chunk >= 1 (got {matmul}, {chunk})")
+    tensor_core = [m for m in ops.MATMULS if m != "scalar"]
+    if matmul not in tensor_core or chunk < 1:
+        raise ValueError(f"head_stats_chunked: matmul must be one of {', '.join(tensor_core)} and chunk >= 1 "
+                         f"(got {matmul}, {chunk})")
+    tile = getattr(ops, ops.MATMULS[matmul][0])  # the dense tile of that kind and width
     V, dev = embed.shape[0], h.device
     if decoded is not None and (decoded.dtype != torch.float16 or tuple(decoded.shape) != (V, D) or decoded.device != dev):
         raise ValueError(f"head_stats_chunked: decoded must be the head in float16 [{V}, {D}] on {dev} (got "
@@ -259,16 +262,17 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
     p = torch.empty(L, min(chunk, V), dtype=torch.float16, device=dev)
     rows = torch.arange(min(chunk, V), dtype=torch.int32, device=dev)  # a chunk's rows, counted in the chunk
     h = h.contiguous()
-    h16, hq = (h.half(), None) if matmul == "f16" else (None, ops.quantize_q8(h))  # once for every chunk
+    int8 = matmul.split("-")[0] == "int8"
+    h16, hq = (None, ops.quantize_q8(h)) if int8 else (h.half(), None)  # once for every chunk
     for v0 in range(0, V, chunk):
         n = min(V, v0 + chunk) - v0
         check = v0 == 0 or v0 + chunk >= V  # the first and the last chunk: the middle ones repeat the first's shapes
         head = embed[v0 : v0 + n]
         # [n, D]: the chunk's rows in f16, for both products (int8 decodes them again in its tile, from their integer form)
         e = ops.get_rows_f16(rows[:n], head, qtype, D) if decoded is None else decoded[v0 : v0 + n]
-        z = ops.qmatmul_q8(h, head, qtype, D, quantized=hq) if hq is not None else _mm_f32(h16, e.T)  # [L, n]
+        z = tile(h, head, qtype, D, quantized=hq) if hq is not None else _mm_f32(h16, e.T)  # [L, n]
         if z is None:
-            z = ops.qmatmul_mma(h, head, qtype, D)
+            z = tile(h, head, qtype, D)
         pc = p.view(-1)[: L * n].view(L, n)  # contiguous: the kernel writes rows of n
         head_chunk_stats(z, v0, softcap, temperature, seed, step, (*part, pc), check=check)
         acc = _mm_f32(pc, e)

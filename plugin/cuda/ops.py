@@ -24,25 +24,39 @@ _QMATMUL_NAMES = tuple(f"dg::qmatmul<{int(t)}>" for t in SUPPORTED)
 _MOE_NAMES = tuple(f"dg::moe_qmatmul<{int(t)}>" for t in SUPPORTED)
 _HEAD_NAMES = tuple(f"dg::head_partials<{int(t)}>" for t in SUPPORTED)
 _GET_ROWS_NAMES = tuple(f"dg::get_rows{v}<{int(t)}>" for v in ("", "_f16") for t in SUPPORTED)
-_QMMA_NAMES = tuple(f"dg::qmatmul_mma<{int(t)}>" for t in SUPPORTED)
-MMA_TILE, MMA_THREADS, MMA_MIN_CAPABILITY = 32, 128, (8, 0)  # csrc/mma_tile.cuh (qmatmul_mma.cu, qmatmul_q8.cu)
+MMA_TILE, MMA_THREADS, MMA_MIN_CAPABILITY = 32, 128, (8, 0)  # csrc/mma_tile.cuh: rows per tensor-core tile (MMA_TM)
+MMA_WIDE = 128  # csrc/mma_tile.cuh MmaShape: the wide tiles' columns (the narrow ones': MMA_TILE)
 INT_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0,
              GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
              GGMLQuantizationType.Q6_K)  # csrc/quant/decompose.cuh: the types with an integer form
-_Q8_NAMES = tuple(f"dg::qmatmul_q8<{int(t)}>" for t in INT_TYPES)
-_MOE_MMA_NAMES = tuple(f"dg::moe_qmatmul_mma<{int(t)}>" for t in SUPPORTED)
-_MOE_Q8_NAMES = tuple(f"dg::moe_qmatmul_q8<{int(t)}>" for t in INT_TYPES)
+
+
+def _tile_names(kernel: str, types: tuple, width: int) -> tuple[str, ...]:
+    """The name expressions of a tensor-core tile kernel of one width: one module per width, so a plan that uses
+    one width compiles only that one."""
+    return tuple(f"dg::{kernel}<{int(t)}, {width}>" for t in types)
+
+
+_WIDTHS = (MMA_TILE, MMA_WIDE)
+_QMMA_NAMES = {tn: _tile_names("qmatmul_mma", SUPPORTED, tn) for tn in _WIDTHS}
+_Q8_NAMES = {tn: _tile_names("qmatmul_q8", INT_TYPES, tn) for tn in _WIDTHS}
+_MOE_MMA_NAMES = {tn: _tile_names("moe_qmatmul_mma", SUPPORTED, tn) for tn in _WIDTHS}
+_MOE_Q8_NAMES = {tn: _tile_names("moe_qmatmul_q8", INT_TYPES, tn) for tn in _WIDTHS}
 # every module the wrappers compile, as the loader compiles it: (source, name expressions, extern "C" kernels
 # fetched by their plain name); tests/test_nvrtc.py compiles each with NVRTC for the oldest and newest targets
 MODULES = (
-    ("get_rows.cu", _GET_ROWS_NAMES, ()), ("qmatmul.cu", _QMATMUL_NAMES, ()), ("qmatmul_mma.cu", _QMMA_NAMES, ()),
-    ("qmatmul_q8.cu", _Q8_NAMES, ("quantize_q8",)), ("moe.cu", _MOE_NAMES, ()), ("moe.cu", _MOE_MMA_NAMES, ()),
-    ("moe.cu", _MOE_Q8_NAMES, ()), ("accept.cu", (), ("accept_renoise",)), ("head.cu", _HEAD_NAMES, ("head_merge", "head_chunk_stats", "head_merge_into")),
+    ("get_rows.cu", _GET_ROWS_NAMES, ()), ("qmatmul.cu", _QMATMUL_NAMES, ()),
+    *(("qmatmul_mma.cu", _QMMA_NAMES[tn], ()) for tn in _WIDTHS), ("qmatmul_q8.cu", (), ("quantize_q8",)),
+    *(("qmatmul_q8.cu", _Q8_NAMES[tn], ()) for tn in _WIDTHS), ("moe.cu", _MOE_NAMES, ()),
+    *(("moe.cu", names[tn], ()) for names in (_MOE_MMA_NAMES, _MOE_Q8_NAMES) for tn in _WIDTHS),
+    ("accept.cu", (), ("accept_renoise",)), ("head.cu", _HEAD_NAMES, ("head_merge", "head_chunk_stats", "head_merge_into")),
 )
-# the three matmul kernels (dense op, grouped-expert op), one of which each quantized weight uses
-# (plugin/cuda/tune.py picks per GPU): float FMAs, f16 tensor cores, int8 tensor cores on q8 activations
+# the matmul kernels (dense op, grouped-expert op), one of which each quantized weight uses (plugin/cuda/tune.py
+# picks per GPU): float FMAs, f16 tensor cores, int8 tensor cores on q8 activations; the tensor-core ones in
+# 32 x 32 tiles and in 32 x 128 ("-wide": X read once per 128 columns of W, a quarter of the blocks)
 MATMULS = {"scalar": ("qmatmul", "moe_qmatmul"), "f16": ("qmatmul_mma", "moe_qmatmul_mma"),
-           "int8": ("qmatmul_q8", "moe_qmatmul_q8")}
+           "f16-wide": ("qmatmul_mma_wide", "moe_qmatmul_mma_wide"), "int8": ("qmatmul_q8", "moe_qmatmul_q8"),
+           "int8-wide": ("qmatmul_q8_wide", "moe_qmatmul_q8_wide")}
 GET_ROWS_THREADS = 128
 ACCEPT_MAX_CANVAS = 1024  # csrc/accept.cu: one thread per canvas position, one block per canvas
 
@@ -50,14 +64,17 @@ ACCEPT_MAX_CANVAS = 1024  # csrc/accept.cu: one thread per canvas position, one 
 def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[int, int],
            bounded_input: bool = True) -> bool:
     """Whether matmul kernel `matmul` (a key of MATMULS) takes rows of k values of type qtype on a GPU of
-    this compute capability: the tensor-core tiles need 8.0; f16 steps 16 values of K and rounds X to f16,
+    this compute capability: the tensor-core tiles need 8.0; f16 (either width) steps 16 values of K and rounds X to f16,
     so its input must stay far below 65504 (`bounded_input`: normalised, not gelu(gate) * up); int8 needs
     an integer type (its per-32 scales take any range)."""
+    if matmul not in MATMULS:
+        raise ValueError(f"matmul '{matmul}' is not one of {', '.join(MATMULS)}")
     if matmul == "scalar":
         return True
     if capability < MMA_MIN_CAPABILITY:
         return False
-    return k % 16 == 0 and bounded_input if matmul == "f16" else GGMLQuantizationType(qtype) in INT_TYPES
+    f16 = matmul.split("-")[0] == "f16"  # the tiles' width does not change what they take
+    return k % 16 == 0 and bounded_input if f16 else GGMLQuantizationType(qtype) in INT_TYPES
 
 
 _STREAMS: dict[tuple[int, int], object] = {}  # (device, torch stream pointer) -> its cupy.cuda.ExternalStream
@@ -180,17 +197,19 @@ def get_rows_f16_reference(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuant
 def qmatmul(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     """x [M, K] float32 @ W^T, W: [N, row_bytes] uint8 in GGML type `qtype` -> [M, N] float32."""
     qtype = _check_matmul("qmatmul", x, w, qtype, k, "[N, ")
-    return _launch_matmul("qmatmul.cu", f"dg::qmatmul<{int(qtype)}>", _QMATMUL_NAMES, MM_TILE, MM_THREADS, x, w, k)
+    return _launch_matmul("qmatmul.cu", f"dg::qmatmul<{int(qtype)}>", _QMATMUL_NAMES, (MM_TILE, MM_TILE), MM_THREADS,
+                          x, w, k)
 
 
-def _launch_matmul(source: str, name: str, names: tuple[str, ...], tile: int, threads: int, x: torch.Tensor,
-                   w: torch.Tensor, k: int) -> torch.Tensor:
-    """Y [M, N] from a (checked) matmul kernel taking (x, lda, w, y, ldy, M, N, K) on a grid of square tiles."""
+def _launch_matmul(source: str, name: str, names: tuple[str, ...], tile: tuple[int, int], threads: int,
+                   x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """Y [M, N] from a (checked) matmul kernel taking (x, lda, w, y, ldy, M, N, K) on a grid of (rows, columns)
+    tiles."""
     m, n = x.shape[0], w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
         return y
-    grid = ((n + tile - 1) // tile, (m + tile - 1) // tile)
+    grid = ((n + tile[1] - 1) // tile[1], (m + tile[0] - 1) // tile[0])
     _launch(kernel(source, name, names), grid, (threads,), (x, np.int32(x.stride(0)), w, y,
                                                             np.int32(n), np.int32(m), np.int32(n), np.int32(k)))
     return y
@@ -198,16 +217,28 @@ def _launch_matmul(source: str, name: str, names: tuple[str, ...], tile: int, th
 
 def qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     """qmatmul on tensor cores (csrc/qmatmul_mma.cu, compute capability >= 8.0): X and the dequantized W
-    rounded to f16, products accumulated in f32. X must stay within f16's range (|x| <= 65504)."""
+    rounded to f16, products accumulated in f32, in 32 x 32 tiles. X must stay within f16's range
+    (|x| <= 65504)."""
+    return _qmatmul_mma(x, w, qtype, k, MMA_TILE)
+
+
+def qmatmul_mma_wide(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """qmatmul_mma in 32 x 128 tiles."""
+    return _qmatmul_mma(x, w, qtype, k, MMA_WIDE)
+
+
+def _qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int, tile_n: int) -> torch.Tensor:
     qtype = _check_matmul("qmatmul_mma", x, w, qtype, k, "[N, ")
-    _check_mma("qmatmul_mma", x, k)
-    return _launch_matmul("qmatmul_mma.cu", f"dg::qmatmul_mma<{int(qtype)}>", _QMMA_NAMES, MMA_TILE, MMA_THREADS,
-                          x, w, k)
+    _check_mma("qmatmul_mma", x, k, tile_n)
+    return _launch_matmul("qmatmul_mma.cu", f"dg::qmatmul_mma<{int(qtype)}, {tile_n}>", _QMMA_NAMES[tile_n],
+                          (MMA_TILE, tile_n), MMA_THREADS, x, w, k)
 
 
-def _check_mma(op: str, x: torch.Tensor, k: int | None = None) -> None:
+def _check_mma(op: str, x: torch.Tensor, k: int | None = None, tile_n: int = MMA_TILE) -> None:
     """Tensor cores: compute capability 8.0; the f16 tile (k given) steps 16 values of K at a time (GGML block
-    types always are multiples of 16, float rows may not be)."""
+    types always are multiples of 16, float rows may not be); the tiles are MMA_TILE or MMA_WIDE columns wide."""
+    if tile_n not in _WIDTHS:
+        raise ValueError(f"{op}: tile_n must be one of {_WIDTHS} (got {tile_n})")
     cap = torch.cuda.get_device_capability(x.device)
     if cap < MMA_MIN_CAPABILITY:
         raise ValueError(f"{op}: needs compute capability {MMA_MIN_CAPABILITY[0]}.{MMA_MIN_CAPABILITY[1]} "
@@ -234,7 +265,7 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     blocks = m * (k // 32)
     if blocks:
         warps = MMA_THREADS // 32
-        _launch(kernel("qmatmul_q8.cu", "quantize_q8", _Q8_NAMES), ((blocks + warps - 1) // warps,), (MMA_THREADS,),
+        _launch(kernel("qmatmul_q8.cu", "quantize_q8"), ((blocks + warps - 1) // warps,), (MMA_THREADS,),
                 (x, np.int32(x.stride(0)), np.int32(m), np.int32(k), xq, xd, xs))
     return xq, xd, xs
 
@@ -255,18 +286,29 @@ def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k:
                quantized: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """qmatmul on int8 tensor cores (csrc/qmatmul_q8.cu, compute capability >= 8.0, integer GGML types):
     X quantized to int8 per 32 values (quantize_q8), W in its integer form (int8, per-16 scale and offset),
-    integer dot products per 16 values, scaled and summed in f32. quantized: quantize_q8(x) already made
-    (one X against several W: the head's vocabulary chunks)."""
+    integer dot products per 16 values, scaled and summed in f32, in 32 x 32 tiles. quantized:
+    quantize_q8(x) already made (one X against several W: the head's vocabulary chunks)."""
+    return _qmatmul_q8(x, w, qtype, k, quantized, MMA_TILE)
+
+
+def qmatmul_q8_wide(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
+                    quantized: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """qmatmul_q8 in 32 x 128 tiles."""
+    return _qmatmul_q8(x, w, qtype, k, quantized, MMA_WIDE)
+
+
+def _qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
+                quantized: tuple[torch.Tensor, ...] | None, tile_n: int) -> torch.Tensor:
     qtype = _check_matmul("qmatmul_q8", x, w, qtype, k, "[N, ")
     _check_int("qmatmul_q8", qtype)
-    _check_mma("qmatmul_q8", x)
+    _check_mma("qmatmul_q8", x, tile_n=tile_n)
     m, n = x.shape[0], w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
         return y
     xq, xd, xs = quantized or quantize_q8(x)
-    grid = ((n + MMA_TILE - 1) // MMA_TILE, (m + MMA_TILE - 1) // MMA_TILE)
-    _launch(kernel("qmatmul_q8.cu", f"dg::qmatmul_q8<{int(qtype)}>", _Q8_NAMES), grid, (MMA_THREADS,),
+    grid = ((n + tile_n - 1) // tile_n, (m + MMA_TILE - 1) // MMA_TILE)
+    _launch(kernel("qmatmul_q8.cu", f"dg::qmatmul_q8<{int(qtype)}, {tile_n}>", _Q8_NAMES[tile_n]), grid, (MMA_THREADS,),
             (xq, xd, xs, w, y, np.int32(n), np.int32(m), np.int32(n), np.int32(k)))
     return y
 
@@ -280,13 +322,16 @@ def _q8_values(x: torch.Tensor) -> torch.Tensor:
 def qmatmul_q8_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
                          quantized: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """X quantized as quantize_q8 does (`quantized` is that, and changes nothing here), times the dequantized W,
-    in float64."""
+    in float64 (either width)."""
     return (_q8_values(x) @ _dequantized(w, qtype, k).T).float()
 
 
 def qmatmul_mma_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
-    """X and the dequantized W rounded to f16 (as the kernel rounds them), multiplied in float64."""
+    """X and the dequantized W rounded to f16 (as the kernel rounds them), multiplied in float64 (either width)."""
     return (x.cpu().half().double() @ _dequantized(w, qtype, k).half().double().T).float()
+
+
+qmatmul_mma_wide_reference, qmatmul_q8_wide_reference = qmatmul_mma_reference, qmatmul_q8_reference
 
 
 def qmatmul_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
@@ -377,11 +422,11 @@ def _moe_out(groups: ExpertGroups, n: int, scatter: Scatter | None, device: torc
     return torch.zeros(scatter[2], n, dtype=torch.float32, device=device)
 
 
-def _launch_moe(name: str, names: tuple[str, ...], tile: int, threads: int, xargs: tuple, rows: torch.Tensor,
+def _launch_moe(name: str, names: tuple[str, ...], tile: tuple[int, int], threads: int, xargs: tuple, rows: torch.Tensor,
                 groups: ExpertGroups, w: torch.Tensor, k: int, device: torch.device,
                 scatter: Scatter | None = None, gated: bool = False) -> torch.Tensor:
     """Y from a moe.cu kernel taking (*xargs, xrows, offsets, tile_offsets, E, w, expert_bytes, y, ldy, N, K,
-    out_rows, out_w, fe) on a grid of `tile`-square tiles: [P, N] by pair; with `scatter` (tokens of the
+    out_rows, out_w, fe) on a grid of (rows, columns) tiles: [P, N] by pair; with `scatter` (tokens of the
     pairs, their weights, the number of tokens) [tokens, N], each pair's row times its weight added into its
     token's row; gated, [P, N / 2] of gelu_tanh(gate) * up (W's rows: gate then up), in the kernel's
     epilogue (csrc/epilogue.cuh)."""
@@ -389,8 +434,8 @@ def _launch_moe(name: str, names: tuple[str, ...], tile: int, threads: int, xarg
     y = _moe_out(groups, n, scatter, device, gated)
     if groups.pairs == 0 or n == 0:
         return y
-    tile_offsets, max_tiles = groups.tiles(tile)
-    cols, per_tile = (n // 2, tile // 2) if gated else (n, tile)
+    tile_offsets, max_tiles = groups.tiles(tile[0])
+    cols, per_tile = (n // 2, tile[1] // 2) if gated else (n, tile[1])
     grid = ((cols + per_tile - 1) // per_tile, max_tiles)
     out_rows, out_w = (scatter[0], scatter[1]) if scatter is not None else (np.uint64(0), np.uint64(0))
     _launch(kernel("moe.cu", name, names), grid, (threads,),
@@ -407,7 +452,7 @@ def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups
     float32 [P], tokens) the weighted sum per token [tokens, N] (tokens unchecked: the engine's own), or
     gated (w's rows: N/2 gate rows, then N/2 up rows) gelu_tanh(gate) * up [P, N/2] (model.geglu)."""
     qtype, rows = _check_moe("moe_qmatmul", x, rows, groups, w, qtype, k, scatter, gated)
-    return _launch_moe(f"dg::moe_qmatmul<{int(qtype)}>", _MOE_NAMES, MM_TILE, MM_THREADS,
+    return _launch_moe(f"dg::moe_qmatmul<{int(qtype)}>", _MOE_NAMES, (MM_TILE, MM_TILE), MM_THREADS,
                        (x, np.int32(x.stride(0))), rows, groups, w, k, x.device, scatter, gated)
 
 
@@ -415,24 +460,50 @@ def moe_qmatmul_mma(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGr
                     qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None,
                     gated: bool = False) -> torch.Tensor:
     """moe_qmatmul on f16 tensor cores (compute capability >= 8.0): X and the dequantized W rounded to f16,
-    as qmatmul_mma."""
+    as qmatmul_mma, in 32 x 32 tiles."""
+    return _moe_qmatmul_mma(x, rows, groups, w, qtype, k, scatter, gated, MMA_TILE)
+
+
+def moe_qmatmul_mma_wide(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
+                         qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None,
+                         gated: bool = False) -> torch.Tensor:
+    """moe_qmatmul_mma in 32 x 128 tiles."""
+    return _moe_qmatmul_mma(x, rows, groups, w, qtype, k, scatter, gated, MMA_WIDE)
+
+
+def _moe_qmatmul_mma(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
+                     qtype: GGMLQuantizationType, k: int, scatter: Scatter | None, gated: bool,
+                     tile_n: int) -> torch.Tensor:
     qtype, rows = _check_moe("moe_qmatmul_mma", x, rows, groups, w, qtype, k, scatter, gated)
-    _check_mma("moe_qmatmul_mma", x, k)
-    return _launch_moe(f"dg::moe_qmatmul_mma<{int(qtype)}>", _MOE_MMA_NAMES, MMA_TILE, MMA_THREADS,
-                       (x, np.int32(x.stride(0))), rows, groups, w, k, x.device, scatter, gated)
+    _check_mma("moe_qmatmul_mma", x, k, tile_n)
+    return _launch_moe(f"dg::moe_qmatmul_mma<{int(qtype)}, {tile_n}>", _MOE_MMA_NAMES[tile_n], (MMA_TILE, tile_n),
+                       MMA_THREADS, (x, np.int32(x.stride(0))), rows, groups, w, k, x.device, scatter, gated)
 
 
 def moe_qmatmul_q8(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
                    qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None,
                    gated: bool = False) -> torch.Tensor:
     """moe_qmatmul on int8 tensor cores (compute capability >= 8.0, integer GGML types): x quantized once
-    by quantize_q8 (the gathered rows read its rows), as qmatmul_q8."""
+    by quantize_q8 (the gathered rows read its rows), as qmatmul_q8, in 32 x 32 tiles."""
+    return _moe_qmatmul_q8(x, rows, groups, w, qtype, k, scatter, gated, MMA_TILE)
+
+
+def moe_qmatmul_q8_wide(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
+                        qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None,
+                        gated: bool = False) -> torch.Tensor:
+    """moe_qmatmul_q8 in 32 x 128 tiles."""
+    return _moe_qmatmul_q8(x, rows, groups, w, qtype, k, scatter, gated, MMA_WIDE)
+
+
+def _moe_qmatmul_q8(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
+                    qtype: GGMLQuantizationType, k: int, scatter: Scatter | None, gated: bool,
+                    tile_n: int) -> torch.Tensor:
     qtype, rows = _check_moe("moe_qmatmul_q8", x, rows, groups, w, qtype, k, scatter, gated)
     _check_int("moe_qmatmul_q8", qtype)
-    _check_mma("moe_qmatmul_q8", x)
+    _check_mma("moe_qmatmul_q8", x, tile_n=tile_n)
     xq, xd, xs = quantize_q8(x)
-    return _launch_moe(f"dg::moe_qmatmul_q8<{int(qtype)}>", _MOE_Q8_NAMES, MMA_TILE, MMA_THREADS,
-                       (xq, xd, xs), rows, groups, w, k, x.device, scatter, gated)
+    return _launch_moe(f"dg::moe_qmatmul_q8<{int(qtype)}, {tile_n}>", _MOE_Q8_NAMES[tile_n], (MMA_TILE, tile_n),
+                       MMA_THREADS, (xq, xd, xs), rows, groups, w, k, x.device, scatter, gated)
 
 
 def _expert_by_expert(xs: torch.Tensor, groups: ExpertGroups, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
@@ -484,6 +555,9 @@ def moe_qmatmul_q8_reference(x: torch.Tensor, rows: torch.Tensor | None, groups:
                              gated: bool = False) -> torch.Tensor:
     """Expert by expert with X quantized as quantize_q8 does, in float64."""
     return _scattered(_expert_by_expert(_pair_rows(_q8_values(x), rows), groups, w, qtype, k), scatter, gated)
+
+
+moe_qmatmul_mma_wide_reference, moe_qmatmul_q8_wide_reference = moe_qmatmul_mma_reference, moe_qmatmul_q8_reference
 
 
 def accept_renoise(entropy: torch.Tensor, denoised: torch.Tensor, seed: int, step: int, vocab: int, bound: float):

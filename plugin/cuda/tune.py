@@ -3,7 +3,9 @@ own shapes (issue 5: "measure int8 MMA with q8 activations against f16 after deq
 
 The candidates (ops.MATMULS): "scalar" (float FMAs, any GPU, the kernels' reference numbers), "f16"
 (tensor cores on f16-rounded X and W) and "int8" (tensor cores on X quantized to int8 per 32 values, as
-llama.cpp's MMQ; integer GGML types). Weights of one shape class, (dense or experts, type, N, K), share a
+llama.cpp's MMQ; integer GGML types), the tensor-core ones also as "-wide" (32 x 128 tiles instead of
+32 x 32: a quarter of the reads of X, a quarter of the blocks; which wins depends on the shape and the
+GPU, so both are timed). Weights of one shape class, (dense or experts, type, N, K), share a
 choice. `choose` times each usable candidate at the canvas's row count on the GPU at hand, once: the
 result is kept in a JSON cache keyed by the GPU, its compute capability, the kernels' sources and the
 row count, so later loads only read it.
