@@ -2,23 +2,24 @@
 // GGML block format: the body of qmatmul_mma.cu (dense) and moe.cu's moe_qmatmul_mma (experts, rows gathered
 // by expert).
 //
-// Per slice of K (256 wide for the narrow tile, 64 for the wide one: the same 16.9 / 18.4 KB of W in shared
-// memory) the block converts 32 rows of X to f16 and dequantizes TN rows of W (one 16-value group per thread
-// at a time, through the integer form for the integer types) to f16 in shared memory, then each warp runs
-// mma.sync.m16n8k16 (row.col, f32 accumulators) over its quarter. Needs sm_80: below that the tile traps (the
-// wrappers refuse older GPUs). X values beyond f16's range (65504) overflow, so the engine uses it only on
+// X comes in f16 (the wrappers round it once, x.half(): half the bytes every column tile reads, and 8 values
+// per 128-bit load). Per slice of K (256 wide for the narrow tile, 64 for the wide one: the same 16.9 / 18.4
+// KB of W in shared memory) the block copies 32 rows of X and dequantizes TN rows of W (one 16-value group per
+// thread at a time, through the integer form for the integer types) to f16 in shared memory, then each warp
+// runs mma.sync.m16n8k16 (row.col, f32 accumulators) over its quarter. Needs sm_80: below that the tile traps
+// (the wrappers refuse older GPUs). X values beyond f16's range (65504) overflow, so the engine uses it only on
 // normalised inputs, never on the down projections' gelu(gate) * up (ops.usable). K is a multiple of 16 and
-// of the type's block.
+// of the type's block; X's rows start at multiples of 16 bytes (lda a multiple of 8, x 16-aligned).
 #pragma once
 #include "mma_tile.cuh"
 
 namespace dg {
 
-// Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+TN-1 (those < N). Row m of X is
+// Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+TN-1 (those < N). Row m of X (f16 bits) is
 // x[xrows[m] * lda] when xrows is given, else x[m * lda]; row m of Y goes where `ep` says
 // (csrc/epilogue.cuh: y[m * ldy], or added into a token's row).
 template <int T, int TN>
-__device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int lda, const int * __restrict__ xrows,
+__device__ __forceinline__ void mma_f16_tile(const uint16_t * __restrict__ x, int lda, const int * __restrict__ xrows,
                                              int m0, int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
                                              float * __restrict__ y, int ldy, Epilogue ep = Epilogue{}) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(DG_EMU)  // DG_EMU: the tests' CPU emulator
@@ -44,9 +45,11 @@ __device__ __forceinline__ void mma_f16_tile(const float * __restrict__ x, int l
     for (int k0 = 0; k0 < K; k0 += TK) {
         const int tk = K - k0 < TK ? K - k0 : TK;  // a multiple of 16 (the wrappers check K)
         stage_w_rows<T, MMA_THREADS>(tid, ws, w, row_bytes, k0 / UV, tk / UV, n0, N, ep);
-        for (int i = tid; i < TM * tk; i += MMA_THREADS) {
-            const int r = i / tk, c = i % tk, row = x_row[r];
-            xs[r][c] = row >= 0 ? f32_to_f16_bits(x[(long)row * lda + k0 + c]) : (uint16_t)0;
+        constexpr int XV = 8;  // halves of X per 128-bit load
+        for (int i = tid; i < TM * (tk / XV); i += MMA_THREADS) {
+            const int r = i / (tk / XV), c = (i % (tk / XV)) * XV, row = x_row[r];
+            const Words4 v = row >= 0 ? ld128<16>(reinterpret_cast<const uint8_t *>(x + (long)row * lda + k0 + c)) : Words4{};
+            *reinterpret_cast<Words4 *>(&xs[r][c]) = v;  // 16-aligned: rows of (TK + PAD) halves, a multiple of 8
         }
         __syncthreads();
         for (int kk = 0; kk < tk; kk += 16) {

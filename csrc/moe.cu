@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(MM_THREADS) moe_qmatmul(const float * __restri
 }
 
 template <int T, int TN>
-__global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_mma(const float * __restrict__ x, int lda,
+__global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_mma(const uint16_t * __restrict__ x, int lda,
                                                               const int * __restrict__ xrows,
                                                               const int * __restrict__ offsets,
                                                               const int * __restrict__ tile_offsets, int E,
@@ -73,9 +73,9 @@ __global__ void __launch_bounds__(MMA_THREADS) moe_qmatmul_q8(const int8_t * __r
 // nvcc builds (CI's compile check) instantiate every type; at run time NVRTC instantiates by name
 #define DG_MOE(T) template __global__ void dg::moe_qmatmul<dg::T>(const float *, int, const int *, const int *, \
     const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *, int);            \
-    template __global__ void dg::moe_qmatmul_mma<dg::T, 32>(const float *, int, const int *, const int *,    \
+    template __global__ void dg::moe_qmatmul_mma<dg::T, 32>(const uint16_t *, int, const int *, const int *,    \
     const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *, int);            \
-    template __global__ void dg::moe_qmatmul_mma<dg::T, 128>(const float *, int, const int *, const int *,   \
+    template __global__ void dg::moe_qmatmul_mma<dg::T, 128>(const uint16_t *, int, const int *, const int *,   \
     const int *, int, const uint8_t *, long, float *, int, int, int, const int *, const float *, int);
 DG_FOR_EACH_TYPE(DG_MOE)
 #define DG_MOE_Q8(T) template __global__ void dg::moe_qmatmul_q8<dg::T, 32>(const int8_t *, const float *, const int *, \

@@ -7,7 +7,7 @@
 namespace dg {
 
 template <int T, int TN>
-__global__ void __launch_bounds__(MMA_THREADS) qmatmul_mma(const float * __restrict__ x, int lda,
+__global__ void __launch_bounds__(MMA_THREADS) qmatmul_mma(const uint16_t * __restrict__ x, int lda,
                                                           const uint8_t * __restrict__ w, float * __restrict__ y,
                                                           int ldy, int M, int N, int K) {
     mma_f16_tile<T, TN>(x, lda, nullptr, blockIdx.y * MMA_TM, M, w, blockIdx.x * TN, N, K, y, ldy);
@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(MMA_THREADS) qmatmul_mma(const float * __restr
 
 #ifndef __CUDACC_RTC__
 // nvcc builds (CI's compile check) instantiate every type and width; at run time NVRTC instantiates by name
-#define DG_QMMA(T) template __global__ void dg::qmatmul_mma<dg::T, 32>(const float *, int, const uint8_t *, float *, int, int, int, int); \
-    template __global__ void dg::qmatmul_mma<dg::T, 128>(const float *, int, const uint8_t *, float *, int, int, int, int);
+#define DG_QMMA(T) template __global__ void dg::qmatmul_mma<dg::T, 32>(const uint16_t *, int, const uint8_t *, float *, int, int, int, int); \
+    template __global__ void dg::qmatmul_mma<dg::T, 128>(const uint16_t *, int, const uint8_t *, float *, int, int, int, int);
 DG_FOR_EACH_TYPE(DG_QMMA)
 #endif

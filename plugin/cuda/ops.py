@@ -231,7 +231,14 @@ def _qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, 
     qtype = _check_matmul("qmatmul_mma", x, w, qtype, k, "[N, ")
     _check_mma("qmatmul_mma", x, k, tile_n)
     return _launch_matmul("qmatmul_mma.cu", f"dg::qmatmul_mma<{int(qtype)}, {tile_n}>", _QMMA_NAMES[tile_n],
-                          (MMA_TILE, tile_n), MMA_THREADS, x, w, k)
+                          (MMA_TILE, tile_n), MMA_THREADS, _f16_rows(x), w, k)
+
+
+def _f16_rows(x: torch.Tensor) -> torch.Tensor:
+    """X rounded to f16 once for every column tile that reads it (nearest even, as the f16 tiles' reference
+    rounds it), contiguous: rows of K (a multiple of 16) halves start at multiples of 16 bytes, which the
+    tiles' 128-bit loads of X need."""
+    return x.to(torch.float16).contiguous()
 
 
 def _check_mma(op: str, x: torch.Tensor, k: int | None = None, tile_n: int = MMA_TILE) -> None:
@@ -477,7 +484,7 @@ def _moe_qmatmul_mma(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertG
     qtype, rows = _check_moe("moe_qmatmul_mma", x, rows, groups, w, qtype, k, scatter, gated)
     _check_mma("moe_qmatmul_mma", x, k, tile_n)
     return _launch_moe(f"dg::moe_qmatmul_mma<{int(qtype)}, {tile_n}>", _MOE_MMA_NAMES[tile_n], (MMA_TILE, tile_n),
-                       MMA_THREADS, (x, np.int32(x.stride(0))), rows, groups, w, k, x.device, scatter, gated)
+                       MMA_THREADS, (_f16_rows(x), np.int32(k)), rows, groups, w, k, x.device, scatter, gated)
 
 
 def moe_qmatmul_q8(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
