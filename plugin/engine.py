@@ -286,11 +286,14 @@ class Engine:
     def _generate(self, ids: list[int], o: GenerateOptions, s: SamplerDefaults, max_tokens: int, eos: set[int],
                   seed: int) -> Iterator[Event]:
         t_start = time.perf_counter_ns()
-        cache = KVCache(dtype=self.kv_dtype, reserve=self.cfg.canvas_length)
+        C = self.cfg.canvas_length
+        cache = KVCache(dtype=self.kv_dtype, reserve=C)
+        # every canvas but the last is encoded after it: the global layers' buffers are made once, with room for
+        # all of them (KVCache.extend), instead of again for each finished canvas
+        cache.until = len(ids) + (math.ceil(max_tokens / C) - 1) * C
         dev = self.device
         self.model.encode(torch.tensor([ids], device=dev), cache, chunk=o.num_batch or DEFAULT_NUM_BATCH)
         t_prompt = time.perf_counter_ns()
-        C = self.cfg.canvas_length
         sampler = self._steps(cache, seed)
         cancelled = False
 

@@ -195,6 +195,29 @@ def test_encoder_writes_global_layers_into_their_buffers(engines, monkeypatch):
     assert (got - want).abs().max().item() < 1e-5
 
 
+def test_a_generation_makes_the_global_layers_buffers_once(engines, monkeypatch):
+    """Engine.generate sizes the cache for the prompt and every canvas it will encode after it (all but the
+    last): over three canvases each global layer's buffers are made once, prompt + 2 canvases + the reserve
+    long, and the finished canvases are written into them (before: made again for each canvas)."""
+    _, engine = engines("odd")
+    cfg, C = engine.cfg, engine.cfg.canvas_length
+    made: dict[int, list[tuple]] = {}  # each layer's distinct buffers (held: no address is reused)
+    extend = KVCache.extend
+
+    def spy(self, i, k, v, keep):
+        out = extend(self, i, k, v, keep)
+        if self.buffers[i] is not None and not any(b is self.buffers[i] for b in made.setdefault(i, [])):
+            made[i].append(self.buffers[i])
+        return out
+
+    monkeypatch.setattr(KVCache, "extend", spy)
+    events = list(engine.generate([2, 5, 7, 9, 11], GenerateOptions(max_tokens=3 * C, seed=3, eos_ids=set(), steps=2)))
+    assert len(events[-1].canvases) == 3
+    glob = [i for i in range(cfg.n_layer) if not cfg.is_swa[i]]
+    assert glob and all(len(made[i]) == 1 and made[i][0][0].shape[2] == 5 + 2 * C + C for i in glob), \
+        {i: [b[0].shape[2] for b in made[i]] for i in glob}
+
+
 def test_float16_kv_cache(engines, monkeypatch):
     """kv_cache f16 (the cuda backend's default): half the bytes, the same trimming, and attention over it
     runs in float16, the encoder's and the decoder's (q and the new keys rounded too): logits within 0.05
