@@ -171,14 +171,19 @@ template <> struct Traits<T_Q4_K> { static constexpr int QK = 256, SIZE = 144; }
 template <> struct Traits<T_Q5_K> { static constexpr int QK = 256, SIZE = 176; };  // d, dmin, scales[12], qh[32], qs[128]
 template <> struct Traits<T_Q6_K> { static constexpr int QK = 256, SIZE = 210; };  // ql[128], qh[64], scales[16], d
 
-// Q4_K / Q5_K: 6-bit scale and min of sub-block j (get_scale_min_k4)
-DG_HD void scale_min_k4(int j, const uint8_t * q, uint8_t & d, uint8_t & m) {
+// Q4_K / Q5_K: 6-bit scale and min of sub-block j (get_scale_min_k4) from the block's first 16 bytes (d, dmin,
+// scales[12]) as 4 words: scales[i] is byte i % 4 of h.w[1 + i / 4]. Sub-block j < 4 takes the low 6 bits of
+// scales[j] and scales[j + 4]; j >= 4 the nibbles of scales[j + 4] and the top 2 bits of scales[j - 4] and
+// scales[j], which are bytes j % 4 of words 1, 2 and 3 either way: no index into h by a run-time value.
+DG_HD void scale_min_k4(int j, const Words4 & h, uint8_t & d, uint8_t & m) {
+    const int sh = 8 * (j & 3);
+    const uint32_t b1 = (h.w[1] >> sh) & 0xFFu, b2 = (h.w[2] >> sh) & 0xFFu, b3 = (h.w[3] >> sh) & 0xFFu;
     if (j < 4) {
-        d = ld8(q + j) & 63;
-        m = ld8(q + j + 4) & 63;
+        d = (uint8_t)(b1 & 63);
+        m = (uint8_t)(b2 & 63);
     } else {
-        d = (ld8(q + j + 4) & 0xF) | ((ld8(q + j - 4) >> 6) << 4);
-        m = (ld8(q + j + 4) >> 4) | ((ld8(q + j) >> 6) << 4);
+        d = (uint8_t)((b3 & 0xF) | ((b1 >> 6) << 4));
+        m = (uint8_t)((b3 >> 4) | ((b2 >> 6) << 4));
     }
 }
 

@@ -82,11 +82,11 @@ template <> DG_HD void decompose_group<T_Q3_K>(const uint8_t * b, int g, Words4 
 // Q4_K / Q5_K: 32-value sub-block j = g / 2 with 6-bit scale and min (get_scale_min_k4); sub-blocks 2i and
 // 2i+1 are the low and high nibbles of bytes 32i .. 32i+31, group g the half g % 2 of them
 DG_HD void k4_scale(const uint8_t * b, int g, float & s, float & m) {
+    const Words4 h = ld128<16>(b);  // d, dmin, scales[12]: one 128-bit load (the blocks are 16-aligned)
     uint8_t sc, mn;
-    scale_min_k4(g / 2, b + 4, sc, mn);
-    const uint32_t dm = ld32<16>(b);  // d, dmin
-    s = fp16_to_f32((uint16_t)dm) * sc;
-    m = -(fp16_to_f32((uint16_t)(dm >> 16)) * mn);
+    scale_min_k4(g / 2, h, sc, mn);
+    s = fp16_to_f32((uint16_t)h.w[0]) * sc;
+    m = -(fp16_to_f32((uint16_t)(h.w[0] >> 16)) * mn);
 }
 
 template <> DG_HD void decompose_group<T_Q4_K>(const uint8_t * b, int g, Words4 & q, float & s, float & m) {
