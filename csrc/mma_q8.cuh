@@ -31,7 +31,7 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
     __shared__ __align__(16) int8_t ws_q[TN][TK + PAD];
     __shared__ float ws_s[TN][GROUPS], ws_m[TN][GROUPS];
     __shared__ float x_d[TM][TK / 32];
-    __shared__ int x_s[TM][GROUPS];
+    __shared__ float x_s[TM][GROUPS];  // the sums of q, as floats (exact: at most 16 x 127)
     __shared__ int x_row[TM];
     static_assert(sizeof(ws_q) >= TM * (TN + 1) * sizeof(float), "the gated epilogue meets in ws_q");
 
@@ -62,7 +62,7 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
         }
         for (int i = tid; i < TM * groups; i += MMA_THREADS) {
             const int r = i / groups, gq = i % groups, row = x_row[r];
-            x_s[r][gq] = row >= 0 ? xs[(long)row * (K / DG_GROUP) + k0 / DG_GROUP + gq] : 0;
+            x_s[r][gq] = row >= 0 ? small_i32_to_f32(xs[(long)row * (K / DG_GROUP) + k0 / DG_GROUP + gq]) : 0.0f;
             if ((gq & 1) == 0) x_d[r][gq / 2] = row >= 0 ? xd[(long)row * (K / 32) + k0 / 32 + gq / 2] : 0.0f;
         }
         __syncthreads();
@@ -75,7 +75,7 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
                 a[mi][0] = *reinterpret_cast<const int *>(&xs_q[r][c]);
                 a[mi][1] = *reinterpret_cast<const int *>(&xs_q[r + 8][c]);
                 dx[mi][0] = x_d[r][gq / 2], dx[mi][1] = x_d[r + 8][gq / 2];
-                sx[mi][0] = (float)x_s[r][gq], sx[mi][1] = (float)x_s[r + 8][gq];
+                sx[mi][0] = x_s[r][gq], sx[mi][1] = x_s[r + 8][gq];
             }
             for (int ni = 0; ni < S::NI; ++ni) {
                 const int b0 = *reinterpret_cast<const int *>(&ws_q[wn + ni * 8 + g][c]);
@@ -86,10 +86,11 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
                     int dot[4] = {0, 0, 0, 0};
                     mma_m16n8k16_s8(dot, a[mi][0], a[mi][1], b0);
                     float (&c4)[4] = acc[mi][ni];
-                    c4[0] += dx[mi][0] * (s0 * (float)dot[0] + o0 * sx[mi][0]);
-                    c4[1] += dx[mi][0] * (s1 * (float)dot[1] + o1 * sx[mi][0]);
-                    c4[2] += dx[mi][1] * (s0 * (float)dot[2] + o0 * sx[mi][1]);
-                    c4[3] += dx[mi][1] * (s1 * (float)dot[3] + o1 * sx[mi][1]);
+                    // the dot products as floats without I2F (exact: |dot| <= 16 x 127 x 128 < 2^22)
+                    c4[0] += dx[mi][0] * (s0 * small_i32_to_f32(dot[0]) + o0 * sx[mi][0]);
+                    c4[1] += dx[mi][0] * (s1 * small_i32_to_f32(dot[1]) + o1 * sx[mi][0]);
+                    c4[2] += dx[mi][1] * (s0 * small_i32_to_f32(dot[2]) + o0 * sx[mi][1]);
+                    c4[3] += dx[mi][1] * (s1 * small_i32_to_f32(dot[3]) + o1 * sx[mi][1]);
                 }
             }
         }

@@ -37,6 +37,38 @@ __device__ __forceinline__ uint16_t f32_to_f16_bits(float x) {
 }
 #endif
 
+#ifdef __CUDACC__
+// two floats to f16 bits, nearest even, packed (lo in the low half): one conversion for the pair on sm_80+, where
+// the conversions run at a quarter or an eighth of the rate of float arithmetic (the f16 tile's decode is
+// made of them); two before sm_80 and in the tests' emulator
+__device__ __forceinline__ uint32_t f32x2_to_f16x2_bits(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    uint32_t r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // the first source lands in the high half
+    return r;
+#else
+    return (uint32_t)f32_to_f16_bits(lo) | ((uint32_t)f32_to_f16_bits(hi) << 16);
+#endif
+}
+#endif
+
+// Small integers to float exactly, without a conversion instruction (I2F: 16 per clock per SM on sm_80..sm_90,
+// against 64-128 float adds): the integer in the low mantissa bits of a power of two, then the power taken off.
+// Byte k of w as an int8 q: q + 128 under 2^23's exponent, minus 2^23 + 128.
+DG_HD float s8_to_f32(uint32_t w, int k) {
+    union { uint32_t u; float f; } v;
+    v.u = 0x4B000000u | (((w >> (8 * k)) & 0xFFu) ^ 0x80u);
+    return v.f - 8388736.0f;
+}
+
+// n with |n| < 2^22 (an int8 dot product of 16 terms is at most 16 x 127 x 128 = 260096): 1.5 x 2^23 + n, minus
+// 1.5 x 2^23
+DG_HD float small_i32_to_f32(int n) {
+    union { uint32_t u; float f; } v;
+    v.u = 0x4B400000u + (uint32_t)n;
+    return v.f - 12582912.0f;
+}
+
 // IEEE half -> float, exact: one cvt instruction on the device, bit by bit on the host (the harnesses)
 DG_HD float fp16_to_f32(uint16_t h) {
 #ifdef __CUDA_ARCH__

@@ -38,17 +38,26 @@ template <int T> DG_HD void dequant_unit(const uint8_t * row, int u, float * y) 
         Words4 q;
         float s, m;
         decompose_unit<T>(row, u, q, s, m);
-        for (int i = 0; i < DG_GROUP; ++i) y[i] = mul_rn(s, (float)(int8_t)(q.w[i / 4] >> (8 * (i % 4)))) + m;
+        for (int i = 0; i < DG_GROUP; ++i) y[i] = mul_rn(s, s8_to_f32(q.w[i / 4], i % 4)) + m;
     }
 }
 
 #ifdef __CUDACC__
 // the same unit rounded to f16 (IEEE half bits, nearest even): what the f16 tensor-core tile stages and
-// get_rows_f16 writes (device code only)
+// get_rows_f16 writes (device code only). A 16-value group goes out as two 128-bit stores of packed pairs: y
+// is 16-aligned there (the tile's shared rows and get_rows_f16's rows hold whole groups)
 template <int T> __device__ __forceinline__ void dequant_unit(const uint8_t * row, int u, uint16_t * y) {
     float v[Unit<T>::VALUES];
     dequant_unit<T>(row, u, v);
-    for (int i = 0; i < Unit<T>::VALUES; ++i) y[i] = f32_to_f16_bits(v[i]);
+    if constexpr (Unit<T>::VALUES == DG_GROUP) {
+        Words4 h[2];
+#pragma unroll
+        for (int i = 0; i < DG_GROUP / 2; ++i) h[i / 4].w[i % 4] = f32x2_to_f16x2_bits(v[2 * i], v[2 * i + 1]);
+        reinterpret_cast<Words4 *>(y)[0] = h[0];
+        reinterpret_cast<Words4 *>(y)[1] = h[1];
+    } else {
+        for (int i = 0; i < Unit<T>::VALUES; ++i) y[i] = f32_to_f16_bits(v[i]);
+    }
 }
 #endif
 

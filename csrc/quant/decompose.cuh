@@ -60,8 +60,8 @@ template <> DG_HD void decompose_group<T_Q2_K>(const uint8_t * b, int g, Words4 
     const int shift = 2 * ((g % 8) / 2);
     for (int i = 0; i < 4; ++i) q.w[i] = (qs.w[i] >> shift) & 0x03030303u;
     const uint8_t sc = ld8(b + g);
-    s = fp16_to_f32(ld16(b + 80)) * (sc & 0xF);
-    m = -(fp16_to_f32(ld16(b + 82)) * (sc >> 4));
+    s = fp16_to_f32(ld16(b + 80)) * small_i32_to_f32(sc & 0xF);  // the 4-bit scale and min as floats, no I2F
+    m = -(fp16_to_f32(ld16(b + 82)) * small_i32_to_f32(sc >> 4));
 }
 
 // Q3_K: as Q2_K, minus 4 where bit 4 h + j of hmask[16 k + l] is clear; 6-bit scales packed in 12 bytes
@@ -75,7 +75,7 @@ template <> DG_HD void decompose_group<T_Q3_K>(const uint8_t * b, int g, Words4 
     const uint8_t * sraw = b + 96;  // scale g: low 4 bits from byte g % 8 (nibble g / 8), high 2 from byte 8 + g % 4
     const int lo = (ld8(sraw + g % 8) >> (4 * (g / 8))) & 0xF;
     const int hi = (ld8(sraw + 8 + g % 4) >> (2 * (g / 4))) & 3;
-    s = fp16_to_f32(ld16(b + 108)) * ((int)(int8_t)(lo | (hi << 4)) - 32);
+    s = fp16_to_f32(ld16(b + 108)) * small_i32_to_f32((int)(int8_t)(lo | (hi << 4)) - 32);
     m = 0.0f;
 }
 
@@ -85,8 +85,8 @@ DG_HD void k4_scale(const uint8_t * b, int g, float & s, float & m) {
     const Words4 h = ld128<16>(b);  // d, dmin, scales[12]: one 128-bit load (the blocks are 16-aligned)
     uint8_t sc, mn;
     scale_min_k4(g / 2, h, sc, mn);
-    s = fp16_to_f32((uint16_t)h.w[0]) * sc;
-    m = -(fp16_to_f32((uint16_t)(h.w[0] >> 16)) * mn);
+    s = fp16_to_f32((uint16_t)h.w[0]) * small_i32_to_f32(sc);
+    m = -(fp16_to_f32((uint16_t)(h.w[0] >> 16)) * small_i32_to_f32(mn));
 }
 
 template <> DG_HD void decompose_group<T_Q4_K>(const uint8_t * b, int g, Words4 & q, float & s, float & m) {
@@ -115,7 +115,7 @@ template <> DG_HD void decompose_group<T_Q6_K>(const uint8_t * b, int g, Words4 
     for (int i = 0; i < 4; ++i)
         q.w[i] = sub_bytes(((ql.w[i] >> (4 * (t / 2))) & 0x0F0F0F0Fu) | (((qh.w[i] >> (2 * t)) & 0x03030303u) << 4),
                            0x20202020u);
-    s = fp16_to_f32(ld16(b + 208)) * (int8_t)ld8(b + 192 + g);
+    s = fp16_to_f32(ld16(b + 208)) * small_i32_to_f32((int8_t)ld8(b + 192 + g));
     m = 0.0f;
 }
 
