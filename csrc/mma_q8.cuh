@@ -5,8 +5,9 @@
 // X comes quantized by quantize_q8 (qmatmul_q8.cu): int8 q [rows, K], a float scale per 32 values
 // xd [rows, K/32] and the sum of q per 16 values xs [rows, K/16]. Per slice of K (256 wide for the narrow tile,
 // 128 for the wide one) the block stages 32 rows of it and TN rows of W in their integer form (int8 q, per-16
-// scale s and offset m: csrc/quant/decompose.cuh); each warp runs mma.sync.m16n8k16 s8 over its quarter one
-// 16-value group at a time and adds dx * (s * (q_x . q_w) + m * sum q_x) in f32. Needs sm_80: below that the
+// scale s and offset m: csrc/quant/decompose.cuh); each warp runs mma.sync.m16n8k16 s8 over its quarter, one
+// 16-value group at a time into an int32 dot (two groups where they share their scales), and adds
+// dx * (s * (q_x . q_w) + m * sum q_x) in f32. Needs sm_80: below that the
 // tile traps (the wrappers refuse older GPUs). K is a multiple of the type's block (>= 32).
 #pragma once
 #include "mma_tile.cuh"
@@ -66,27 +67,45 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
             if ((gq & 1) == 0) x_d[r][gq / 2] = row >= 0 ? xd[(long)row * (K / 32) + k0 / 32 + gq / 2] : 0.0f;
         }
         __syncthreads();
-        for (int gq = 0; gq < groups; ++gq) {
-            const int c = gq * DG_GROUP + t * 4;
-            int a[S::MI][2];
+        // groups that share the weights' (s, m) and the activations' dx (the formats scaled per 32 values,
+        // ScaleSpan) go through one int32 accumulator: the scale arithmetic, most of this loop's instructions,
+        // once per 32 values instead of 16 (|dot| <= 32 x 127 x 128 < 2^22 still)
+        constexpr int PAIR = ScaleSpan<T> / DG_GROUP;  // 2, or 1 for Q2_K, Q3_K, Q6_K
+        for (int gq = 0; gq < groups; gq += PAIR) {
+            int a[S::MI][PAIR][2];
             float dx[S::MI][2], sx[S::MI][2];
+#pragma unroll
             for (int mi = 0; mi < S::MI; ++mi) {
                 const int r = wm + mi * 16 + g;
-                a[mi][0] = *reinterpret_cast<const int *>(&xs_q[r][c]);
-                a[mi][1] = *reinterpret_cast<const int *>(&xs_q[r + 8][c]);
+#pragma unroll
+                for (int h = 0; h < PAIR; ++h) {
+                    const int c = (gq + h) * DG_GROUP + t * 4;
+                    a[mi][h][0] = *reinterpret_cast<const int *>(&xs_q[r][c]);
+                    a[mi][h][1] = *reinterpret_cast<const int *>(&xs_q[r + 8][c]);
+                }
                 dx[mi][0] = x_d[r][gq / 2], dx[mi][1] = x_d[r + 8][gq / 2];
                 sx[mi][0] = x_s[r][gq], sx[mi][1] = x_s[r + 8][gq];
+                if constexpr (PAIR == 2) {  // the pair's sums of q: integers, added exactly
+                    sx[mi][0] += x_s[r][gq + 1];
+                    sx[mi][1] += x_s[r + 8][gq + 1];
+                }
             }
+#pragma unroll
             for (int ni = 0; ni < S::NI; ++ni) {
-                const int b0 = *reinterpret_cast<const int *>(&ws_q[wn + ni * 8 + g][c]);
+                int b[PAIR];
+#pragma unroll
+                for (int h = 0; h < PAIR; ++h)
+                    b[h] = *reinterpret_cast<const int *>(&ws_q[wn + ni * 8 + g][(gq + h) * DG_GROUP + t * 4]);
                 // accumulator layout: (row g, cols 2t, 2t+1) and (row g + 8, the same cols)
                 const int n = wn + ni * 8 + t * 2;
                 const float s0 = ws_s[n][gq], s1 = ws_s[n + 1][gq], o0 = ws_m[n][gq], o1 = ws_m[n + 1][gq];
+#pragma unroll
                 for (int mi = 0; mi < S::MI; ++mi) {
                     int dot[4] = {0, 0, 0, 0};
-                    mma_m16n8k16_s8(dot, a[mi][0], a[mi][1], b0);
+#pragma unroll
+                    for (int h = 0; h < PAIR; ++h) mma_m16n8k16_s8(dot, a[mi][h][0], a[mi][h][1], b[h]);
                     float (&c4)[4] = acc[mi][ni];
-                    // the dot products as floats without I2F (exact: |dot| <= 16 x 127 x 128 < 2^22)
+                    // the dot products as floats without I2F (exact: below 2^22)
                     c4[0] += dx[mi][0] * (s0 * small_i32_to_f32(dot[0]) + o0 * sx[mi][0]);
                     c4[1] += dx[mi][0] * (s1 * small_i32_to_f32(dot[1]) + o1 * sx[mi][0]);
                     c4[2] += dx[mi][1] * (s0 * small_i32_to_f32(dot[2]) + o0 * sx[mi][1]);

@@ -13,6 +13,10 @@ constexpr int DG_GROUP = 16;  // values per (scale, offset) group
 // X(T) for every type with an integer form
 #define DG_FOR_EACH_INT_TYPE(X) X(T_Q4_0) X(T_Q5_0) X(T_Q5_1) X(T_Q8_0) X(T_Q2_K) X(T_Q3_K) X(T_Q4_K) X(T_Q5_K) X(T_Q6_K)
 
+// values that share one (s, m) of decompose_group: groups 2p and 2p + 1 share theirs where the format scales
+// per 32 values (the 32-value blocks; Q4_K and Q5_K's sub-blocks), not in Q2_K, Q3_K and Q6_K (a scale per 16)
+template <int T> constexpr int ScaleSpan = (T == T_Q2_K || T == T_Q3_K || T == T_Q6_K) ? 16 : 32;
+
 // group g (values 16 g .. 16 g + 15) of one block of type T -> q (value l in byte l % 4 of q.w[l / 4], int8)
 // and its scale s and offset m. Groups are independent, so a kernel's threads can decode one each (32 rows x
 // 16 groups of a K-quant slice keep 128 threads busy, where whole blocks kept 32). The 16 bytes a group's
