@@ -69,7 +69,7 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
         __syncthreads();
         // groups that share the weights' (s, m) and the activations' dx (the formats scaled per 32 values,
         // ScaleSpan) go through one int32 accumulator: the scale arithmetic, most of this loop's instructions,
-        // once per 32 values instead of 16 (|dot| <= 32 x 127 x 128 < 2^22 still)
+        // once per 32 values instead of 16 (|dot| <= 32 x 128 x 128 < 2^22 still)
         constexpr int PAIR = ScaleSpan<T> / DG_GROUP;  // 2, or 1 for Q2_K, Q3_K, Q6_K
         for (int gq = 0; gq < groups; gq += PAIR) {
             int a[S::MI][PAIR][2];

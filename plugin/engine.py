@@ -35,6 +35,10 @@ from .tokenizer import Tokenizer
 from .weights import load_weights
 
 DEFAULT_MAX_TOKENS = 1024
+# finished canvases the KV cache's global-layer buffers are made with room for (KVCache.until): they are made
+# again every KV_LOOKAHEAD canvases instead of for every one, and never hold more than that many unused
+# (a server request's max_tokens is its whole num_ctx: presizing for all of it would take VRAM up front)
+KV_LOOKAHEAD = 4
 DEFAULT_NUM_BATCH = 512  # prompt tokens per encoder pass (Ollama's num_batch and its default)
 BACKENDS = ("torch", "cuda")
 BACKEND_CHOICES = ("auto", *BACKENDS)  # auto: cuda where it can run, else torch (pick_backend)
@@ -288,9 +292,8 @@ class Engine:
         t_start = time.perf_counter_ns()
         C = self.cfg.canvas_length
         cache = KVCache(dtype=self.kv_dtype, reserve=C)
-        # every canvas but the last is encoded after it: the global layers' buffers are made once, with room for
-        # all of them (KVCache.extend), instead of again for each finished canvas
-        cache.until = len(ids) + (math.ceil(max_tokens / C) - 1) * C
+        n_canvases = math.ceil(max_tokens / C)  # every one but the last is encoded after the prompt
+        cache.until = len(ids) + min(n_canvases - 1, KV_LOOKAHEAD) * C
         dev = self.device
         self.model.encode(torch.tensor([ids], device=dev), cache, chunk=o.num_batch or DEFAULT_NUM_BATCH)
         t_prompt = time.perf_counter_ns()
@@ -310,7 +313,7 @@ class Engine:
         steps: list[int] = []
         reason = "length"
         try:
-            for index in range(math.ceil(max_tokens / C)):
+            for index in range(n_canvases):
                 if o.cancelled():
                     reason = "cancelled"
                     break
@@ -334,6 +337,8 @@ class Engine:
                     break
                 if len(out_ids) >= max_tokens:
                     break
+                # where the global layers' buffers are full, the new ones have room for KV_LOOKAHEAD canvases
+                cache.until = max(cache.until, cache.length + min(n_canvases - 1 - index, KV_LOOKAHEAD) * C)
                 self.model.encode(torch.tensor([canvas], device=dev), cache)
         finally:  # also when the caller stops early (the generator closed at a yield)
             if self.graphed is not None:

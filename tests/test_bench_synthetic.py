@@ -122,6 +122,8 @@ def test_step_gpu_runs_on_the_cpu_at_tiny_shapes(kernels_as_references, monkeypa
     assert [f"{kind} ms" in header for kind in ops.MATMULS] == [True] * len(ops.MATMULS)
     f16_row = next(line for line in out.splitlines() if line.startswith("a float matrix"))
     assert f16_row.count("nan") == 4  # no integer form: the int8 tiles' columns (ms and TFLOP/s)
+    down_row = next(line for line in out.splitlines() if line.startswith("down"))
+    assert down_row.count("nan") == 4  # unbounded input: no f16 tile, as in the engine
     total = next(line for line in out.splitlines() if line.startswith("matmuls of one denoising step"))
     assert all(f"{kind} 4.0 ms" in total for kind in ops.MATMULS) and "the best per shape 4.0 ms" in total
     assert sum(line.startswith("  grouped on ") for line in out.splitlines()) == len(ops.MATMULS) - 1

@@ -237,13 +237,14 @@ def test_graphed_decoder_warms_up_captures_replays_and_falls_back(canvas16_gguf,
         assert dec.graph is None and dec.out is None and dec.cache is None and dec.captures == 3
 
 
-@pytest.mark.parametrize("matmul,tol", [("f16", 5e-3), ("int8", 0.05)])
+@pytest.mark.parametrize("matmul,tol", [("f16", 5e-3), ("int8", 0.05), ("int8-wide", 0.05)])
 def test_chunked_head_keeps_the_fused_heads_contract(kernels, monkeypatch, matmul, tol):
     """head_ops.head_stats_chunked (the head on tensor cores: per vocabulary chunk the logits by a matmul
     kernel, head_chunk_stats, P @ the chunk's f16 rows, then head_merge), through the kernels' references,
     against the full-logits statistics in float64: 50 rows in chunks of 7 (the last one row), within the
     rounding of h and E to f16 (int8: h quantized per 32); rows 3 and 30 (chunks 0 and 4) tie at position
-    0's maximum, and the lower one wins, as argmax does. QuantLinear.stats takes this path for f16 and int8."""
+    0's maximum, and the lower one wins, as argmax does. QuantLinear.stats takes this path for every tensor-core
+    kind."""
     import numpy as np
     from gguf import GGMLQuantizationType as Q
 

@@ -389,7 +389,7 @@ def test_head_merge_into_matches_reference(ops, dev):
     torch.testing.assert_close(racc, rracc, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("matmul", ["f16", "int8"])
+@pytest.mark.parametrize("matmul", ["f16", "int8", "int8-wide"])
 @pytest.mark.parametrize("qtype,L,V,chunk", [(Q.Q6_K, 17, 3000, 1024), (Q.Q8_0, 256, 9000, 8192), (Q.Q4_K, 2, 300, 64)])
 def test_head_stats_chunked_match_full_logits(ops, dev, matmul, qtype, L, V, chunk):
     """The head on tensor cores against the full-logits statistics in float64, within the rounding of h and

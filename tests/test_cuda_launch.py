@@ -99,8 +99,10 @@ def test_dense_launches_match_their_kernels(launches, qtype):
     head_ops.head_stats(x, w, qtype, softcap=30.0, temperature=0.7, seed=2**63 + 5, step=3)
     head_ops.head_stats_chunked(x, w, qtype, 30.0, 0.7, 2**63 + 5, 3, "f16", chunk=3)  # chunks of 3, 3 and 1 rows
     ops.accept_renoise(torch.rand(2, 9), torch.randint(0, 7, (2, 9)), seed=1, step=0, vocab=7, bound=0.5)
+    ops.qmatmul_mma_wide(x, w, qtype, 256)  # each width from its own module's name expressions
     if qtype in ops.INT_TYPES:
         ops.qmatmul_q8(x, w, qtype, 256)
+        ops.qmatmul_q8_wide(x, w, qtype, 256)
         head_ops.head_stats_chunked(x, w, qtype, 30.0, 0.7, 2**63 + 5, 3, "int8", chunk=3)
     called = [check(fn, args) for fn, args in launches]
     want = {"get_rows", "get_rows_f16", "qmatmul", "qmatmul_mma", "head_partials", "head_merge", "head_chunk_stats", "head_merge_into",
@@ -109,7 +111,7 @@ def test_dense_launches_match_their_kernels(launches, qtype):
     assert called.count("head_chunk_stats") == called.count("head_merge_into") == 3 * chunked
     assert called.count("get_rows_f16") == 1 + 3 * chunked and called.count("head_merge") == 1 + chunked
     if qtype in ops.INT_TYPES:  # the int8 head quantizes h once for its three chunks
-        assert called.count("quantize_q8") == 2 and called.count("qmatmul_q8") == 4
+        assert called.count("quantize_q8") == 3 and called.count("qmatmul_q8") == 5
     assert set(called) == want | ({"quantize_q8", "qmatmul_q8"} if qtype in ops.INT_TYPES else set())
 
 
@@ -123,11 +125,11 @@ def test_grouped_expert_launches_match_their_kernels(launches, qtype, variant):
     rows = torch.tensor([0, 1, 3, 2, 0], dtype=torch.int32)
     scatter = (torch.tensor([0, 1, 3, 2, 0], dtype=torch.int32), torch.rand(P), 4) if variant == "scatter" else None
     w = weights(qtype, 8, k, experts=3)
-    for op in (ops.moe_qmatmul, ops.moe_qmatmul_mma, ops.moe_qmatmul_q8):
-        op(x, rows, groups, w, qtype, k, scatter=scatter, gated=variant == "gated")
-        op(x[:P], None, groups, w, qtype, k, scatter=scatter, gated=variant == "gated")  # rows already grouped
+    for _, op in ops.MATMULS.values():  # every kind and width
+        getattr(ops, op)(x, rows, groups, w, qtype, k, scatter=scatter, gated=variant == "gated")
+        getattr(ops, op)(x[:P], None, groups, w, qtype, k, scatter=scatter, gated=variant == "gated")  # rows grouped
     called = [check(fn, args) for fn, args in launches]
-    assert called.count("moe_qmatmul") == called.count("moe_qmatmul_mma") == called.count("moe_qmatmul_q8") == 2
+    assert called.count("moe_qmatmul") == 2 and called.count("moe_qmatmul_mma") == called.count("moe_qmatmul_q8") == 4
     for (_, name, _), args in launches:  # every launch: the epilogue it asked for (out_rows, out_w, fe)
         if "moe_" in name:
             assert [isinstance(a, torch.Tensor) for a in args[-3:-1]] == [variant == "scatter"] * 2, name

@@ -195,27 +195,38 @@ def test_encoder_writes_global_layers_into_their_buffers(engines, monkeypatch):
     assert (got - want).abs().max().item() < 1e-5
 
 
-def test_a_generation_makes_the_global_layers_buffers_once(engines, monkeypatch):
-    """Engine.generate sizes the cache for the prompt and every canvas it will encode after it (all but the
-    last): over three canvases each global layer's buffers are made once, prompt + 2 canvases + the reserve
-    long, and the finished canvases are written into them (before: made again for each canvas)."""
+@pytest.mark.parametrize("lookahead,made_at", [(4, [0, 5]), (2, [0, 3, 5])])
+def test_a_generation_makes_the_global_layers_buffers_every_few_canvases(engines, monkeypatch, lookahead, made_at):
+    """Engine.generate sizes the global layers' KV buffers for the prompt and up to KV_LOOKAHEAD canvases
+    encoded after it, and makes them again only when they are full: over 6 canvases (5 encoded after the
+    prompt) with a lookahead of 4, once at the prompt and once at the 5th canvas; of 2, at the prompt, the 3rd and
+    the 5th canvas. Each is sized for the canvases still to come, at most lookahead of them (before: new buffers
+    for every canvas; presizing for the whole max_tokens took a server request's whole num_ctx up front)."""
+    import dgemma.plugin.engine as engine_module
+
     _, engine = engines("odd")
     cfg, C = engine.cfg, engine.cfg.canvas_length
-    made: dict[int, list[tuple]] = {}  # each layer's distinct buffers (held: no address is reused)
-    extend = KVCache.extend
+    monkeypatch.setattr(engine_module, "KV_LOOKAHEAD", lookahead)
+    made: dict[int, list[tuple[int, tuple]]] = {}  # per layer: (canvases encoded before, buffers), held
+    extend, encoded = KVCache.extend, []
 
     def spy(self, i, k, v, keep):
         out = extend(self, i, k, v, keep)
-        if self.buffers[i] is not None and not any(b is self.buffers[i] for b in made.setdefault(i, [])):
-            made[i].append(self.buffers[i])
+        if self.buffers[i] is not None and not any(b is self.buffers[i] for _, b in made.setdefault(i, [])):
+            made[i].append((len(encoded), self.buffers[i]))
         return out
 
+    encode = engine.model.encode
     monkeypatch.setattr(KVCache, "extend", spy)
-    events = list(engine.generate([2, 5, 7, 9, 11], GenerateOptions(max_tokens=3 * C, seed=3, eos_ids=set(), steps=2)))
-    assert len(events[-1].canvases) == 3
+    monkeypatch.setattr(engine.model, "encode", lambda *a, **kw: (encode(*a, **kw), encoded.append(1))[0])
+    events = list(engine.generate([2, 5, 7, 9, 11], GenerateOptions(max_tokens=6 * C, seed=3, eos_ids=set(), steps=2)))
+    assert len(events[-1].canvases) == 6
     glob = [i for i in range(cfg.n_layer) if not cfg.is_swa[i]]
-    assert glob and all(len(made[i]) == 1 and made[i][0][0].shape[2] == 5 + 2 * C + C for i in glob), \
-        {i: [b[0].shape[2] for b in made[i]] for i in glob}
+    for i in glob:
+        assert [n for n, _ in made[i]] == made_at, i  # canvases encoded before each pair was made (0: the prompt)
+        for n, (k, _) in made[i]:
+            room = min(6 - n if n else 5, lookahead)  # canvases still to encode, at most the lookahead
+            assert k.shape[2] == 5 + max(n - 1, 0) * C + room * C + C, (i, n, k.shape)  # + the decoder's reserve
 
 
 def test_float16_kv_cache(engines, monkeypatch):

@@ -61,8 +61,8 @@ DG_HD float s8_to_f32(uint32_t w, int k) {
     return v.f - 8388736.0f;
 }
 
-// n with |n| < 2^22 (an int8 dot product of 16 terms is at most 16 x 127 x 128 = 260096): 1.5 x 2^23 + n, minus
-// 1.5 x 2^23
+// n with |n| <= 2^22 (the int8 tile's dot products of 32 terms are at most 32 x 128 x 128 = 524288): 1.5 x 2^23
+// + n, minus 1.5 x 2^23
 DG_HD float small_i32_to_f32(int n) {
     union { uint32_t u; float f; } v;
     v.u = 0x4B400000u + (uint32_t)n;

@@ -64,9 +64,9 @@ ACCEPT_MAX_CANVAS = 1024  # csrc/accept.cu: one thread per canvas position, one 
 def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[int, int],
            bounded_input: bool = True) -> bool:
     """Whether matmul kernel `matmul` (a key of MATMULS) takes rows of k values of type qtype on a GPU of
-    this compute capability: the tensor-core tiles need 8.0; f16 (either width) steps 16 values of K and rounds X to f16,
-    so its input must stay far below 65504 (`bounded_input`: normalised, not gelu(gate) * up); int8 needs
-    an integer type (its per-32 scales take any range)."""
+    this compute capability: the tensor-core tiles need 8.0; f16 (either width) steps 16 values of K and
+    rounds X to f16, so its input must stay far below 65504 (`bounded_input`: normalised, not gelu(gate) * up);
+    int8 needs an integer type (its per-32 scales take any range)."""
     if matmul not in MATMULS:
         raise ValueError(f"matmul '{matmul}' is not one of {', '.join(MATMULS)}")
     if matmul == "scalar":
@@ -229,7 +229,7 @@ def qmatmul_mma_wide(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationTy
 
 def _qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int, tile_n: int) -> torch.Tensor:
     qtype = _check_matmul("qmatmul_mma", x, w, qtype, k, "[N, ")
-    _check_mma("qmatmul_mma", x, k, tile_n)
+    _check_mma("qmatmul_mma", x, k)
     return _launch_matmul("qmatmul_mma.cu", f"dg::qmatmul_mma<{int(qtype)}, {tile_n}>", _QMMA_NAMES[tile_n],
                           (MMA_TILE, tile_n), MMA_THREADS, _f16_rows(x), w, k)
 
@@ -241,11 +241,9 @@ def _f16_rows(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).contiguous()
 
 
-def _check_mma(op: str, x: torch.Tensor, k: int | None = None, tile_n: int = MMA_TILE) -> None:
+def _check_mma(op: str, x: torch.Tensor, k: int | None = None) -> None:
     """Tensor cores: compute capability 8.0; the f16 tile (k given) steps 16 values of K at a time (GGML block
-    types always are multiples of 16, float rows may not be); the tiles are MMA_TILE or MMA_WIDE columns wide."""
-    if tile_n not in _WIDTHS:
-        raise ValueError(f"{op}: tile_n must be one of {_WIDTHS} (got {tile_n})")
+    types always are multiples of 16, float rows may not be)."""
     cap = torch.cuda.get_device_capability(x.device)
     if cap < MMA_MIN_CAPABILITY:
         raise ValueError(f"{op}: needs compute capability {MMA_MIN_CAPABILITY[0]}.{MMA_MIN_CAPABILITY[1]} "
@@ -308,7 +306,7 @@ def _qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k
                 quantized: tuple[torch.Tensor, ...] | None, tile_n: int) -> torch.Tensor:
     qtype = _check_matmul("qmatmul_q8", x, w, qtype, k, "[N, ")
     _check_int("qmatmul_q8", qtype)
-    _check_mma("qmatmul_q8", x, tile_n=tile_n)
+    _check_mma("qmatmul_q8", x)
     m, n = x.shape[0], w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
@@ -482,7 +480,7 @@ def _moe_qmatmul_mma(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertG
                      qtype: GGMLQuantizationType, k: int, scatter: Scatter | None, gated: bool,
                      tile_n: int) -> torch.Tensor:
     qtype, rows = _check_moe("moe_qmatmul_mma", x, rows, groups, w, qtype, k, scatter, gated)
-    _check_mma("moe_qmatmul_mma", x, k, tile_n)
+    _check_mma("moe_qmatmul_mma", x, k)
     return _launch_moe(f"dg::moe_qmatmul_mma<{int(qtype)}, {tile_n}>", _MOE_MMA_NAMES[tile_n], (MMA_TILE, tile_n),
                        MMA_THREADS, (_f16_rows(x), np.int32(k)), rows, groups, w, k, x.device, scatter, gated)
 
@@ -507,7 +505,7 @@ def _moe_qmatmul_q8(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGr
                     tile_n: int) -> torch.Tensor:
     qtype, rows = _check_moe("moe_qmatmul_q8", x, rows, groups, w, qtype, k, scatter, gated)
     _check_int("moe_qmatmul_q8", qtype)
-    _check_mma("moe_qmatmul_q8", x, tile_n=tile_n)
+    _check_mma("moe_qmatmul_q8", x)
     xq, xd, xs = quantize_q8(x)
     return _launch_moe(f"dg::moe_qmatmul_q8<{int(qtype)}, {tile_n}>", _MOE_Q8_NAMES[tile_n], (MMA_TILE, tile_n),
                        MMA_THREADS, (xq, xd, xs), rows, groups, w, k, x.device, scatter, gated)

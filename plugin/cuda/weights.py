@@ -45,8 +45,8 @@ class QuantLinear:
 
     def stats(self, h: torch.Tensor, softcap: float, temperature: float, seed: int, index: int):
         """This matrix as the tied vocabulary head: the sampler's statistics of h [L, D], the [L, V] logits never
-        formed (plugin/cuda/head_ops.py): with matmul "scalar" the fused float kernel, with "f16" or "int8" the
-        chunked head on tensor cores. Returns plugin.cuda.head_ref.HeadStats."""
+        formed (plugin/cuda/head_ops.py): with matmul "scalar" the fused float kernel, with a tensor-core kind
+        (f16, int8, either width) the chunked head. Returns plugin.cuda.head_ref.HeadStats."""
         h = _padded(h, self.k_in, self.k)
         if self.matmul == "scalar":
             return head_ops.head_stats(h, self.data, self.qtype, softcap, temperature, seed=seed, step=index)
