@@ -106,10 +106,17 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
                     for (int h = 0; h < PAIR; ++h) mma_m16n8k16_s8(dot, a[mi][h][0], a[mi][h][1], b[h]);
                     float (&c4)[4] = acc[mi][ni];
                     // the dot products as floats without I2F (exact: below 2^22)
-                    c4[0] += dx[mi][0] * (s0 * small_i32_to_f32(dot[0]) + o0 * sx[mi][0]);
-                    c4[1] += dx[mi][0] * (s1 * small_i32_to_f32(dot[1]) + o1 * sx[mi][0]);
-                    c4[2] += dx[mi][1] * (s0 * small_i32_to_f32(dot[2]) + o0 * sx[mi][1]);
-                    c4[3] += dx[mi][1] * (s1 * small_i32_to_f32(dot[3]) + o1 * sx[mi][1]);
+                    if constexpr (HasOffset<T>) {
+                        c4[0] += dx[mi][0] * (s0 * small_i32_to_f32(dot[0]) + o0 * sx[mi][0]);
+                        c4[1] += dx[mi][0] * (s1 * small_i32_to_f32(dot[1]) + o1 * sx[mi][0]);
+                        c4[2] += dx[mi][1] * (s0 * small_i32_to_f32(dot[2]) + o0 * sx[mi][1]);
+                        c4[3] += dx[mi][1] * (s1 * small_i32_to_f32(dot[3]) + o1 * sx[mi][1]);
+                    } else {  // m = 0: no offset term
+                        c4[0] += dx[mi][0] * (s0 * small_i32_to_f32(dot[0]));
+                        c4[1] += dx[mi][0] * (s1 * small_i32_to_f32(dot[1]));
+                        c4[2] += dx[mi][1] * (s0 * small_i32_to_f32(dot[2]));
+                        c4[3] += dx[mi][1] * (s1 * small_i32_to_f32(dot[3]));
+                    }
                 }
             }
         }

@@ -38,7 +38,10 @@ template <int T> DG_HD void dequant_unit(const uint8_t * row, int u, float * y) 
         Words4 q;
         float s, m;
         decompose_unit<T>(row, u, q, s, m);
-        for (int i = 0; i < DG_GROUP; ++i) y[i] = mul_rn(s, s8_to_f32(q.w[i / 4], i % 4)) + m;
+        for (int i = 0; i < DG_GROUP; ++i) {
+            const float v = mul_rn(s, s8_to_f32(q.w[i / 4], i % 4));
+            y[i] = HasOffset<T> ? v + m : v;  // the same values: m is 0 in the others (a zero's sign aside)
+        }
     }
 }
 

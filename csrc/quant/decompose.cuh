@@ -17,6 +17,10 @@ constexpr int DG_GROUP = 16;  // values per (scale, offset) group
 // per 32 values (the 32-value blocks; Q4_K and Q5_K's sub-blocks), not in Q2_K, Q3_K and Q6_K (a scale per 16)
 template <int T> constexpr int ScaleSpan = (T == T_Q2_K || T == T_Q3_K || T == T_Q6_K) ? 16 : 32;
 
+// whether decompose_group's offset m can be nonzero (the formats with a min: Q5_1, Q2_K, Q4_K, Q5_K; the others
+// set m = 0): the kernels skip adding it, and the int8 tile its m * sum q_x, where it cannot be
+template <int T> constexpr bool HasOffset = T == T_Q5_1 || T == T_Q2_K || T == T_Q4_K || T == T_Q5_K;
+
 // group g (values 16 g .. 16 g + 15) of one block of type T -> q (value l in byte l % 4 of q.w[l / 4], int8)
 // and its scale s and offset m. Groups are independent, so a kernel's threads can decode one each (32 rows x
 // 16 groups of a K-quant slice keep 128 threads busy, where whole blocks kept 32). The 16 bytes a group's
