@@ -7,12 +7,19 @@
 // 128 for the wide one) the block stages 32 rows of it and TN rows of W in their integer form (int8 q, per-16
 // scale s and offset m: csrc/quant/decompose.cuh); each warp runs mma.sync.m16n8k16 s8 over its quarter, one
 // 16-value group at a time into an int32 dot (two groups where they share their scales), and adds
-// dx * (s * (q_x . q_w) + m * sum q_x) in f32. Needs sm_80: below that the
-// tile traps (the wrappers refuse older GPUs). K is a multiple of the type's block (>= 32).
+// dx * (s * (q_x . q_w) + m * sum q_x) in f32. Needs sm_80: below that the tile traps (the wrappers refuse
+// older GPUs). K is a multiple of the type's block (>= 32).
 #pragma once
 #include "mma_tile.cuh"
 
 namespace dg {
+
+// One accumulator's share of a group (or pair of groups): dx * (s * dot + m * sum q_x), the offset term only
+// where the format has one (HasOffset); the int32 dot made a float without I2F (exact: below 2^22)
+template <int T> __device__ __forceinline__ float q8_term(float dx, float s, int dot, float m, float sx) {
+    if constexpr (HasOffset<T>) return dx * (s * small_i32_to_f32(dot) + m * sx);
+    return dx * (s * small_i32_to_f32(dot));
+}
 
 // Rows m0 .. m_end-1 (at most MMA_TM) of Y, columns n0 .. n0+TN-1 (those < N). Row m of X is row
 // xrows[m] of (xq, xd, xs) when xrows is given, else row m; row m of Y goes where `ep` says
@@ -105,18 +112,10 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
 #pragma unroll
                     for (int h = 0; h < PAIR; ++h) mma_m16n8k16_s8(dot, a[mi][h][0], a[mi][h][1], b[h]);
                     float (&c4)[4] = acc[mi][ni];
-                    // the dot products as floats without I2F (exact: below 2^22)
-                    if constexpr (HasOffset<T>) {
-                        c4[0] += dx[mi][0] * (s0 * small_i32_to_f32(dot[0]) + o0 * sx[mi][0]);
-                        c4[1] += dx[mi][0] * (s1 * small_i32_to_f32(dot[1]) + o1 * sx[mi][0]);
-                        c4[2] += dx[mi][1] * (s0 * small_i32_to_f32(dot[2]) + o0 * sx[mi][1]);
-                        c4[3] += dx[mi][1] * (s1 * small_i32_to_f32(dot[3]) + o1 * sx[mi][1]);
-                    } else {  // m = 0: no offset term
-                        c4[0] += dx[mi][0] * (s0 * small_i32_to_f32(dot[0]));
-                        c4[1] += dx[mi][0] * (s1 * small_i32_to_f32(dot[1]));
-                        c4[2] += dx[mi][1] * (s0 * small_i32_to_f32(dot[2]));
-                        c4[3] += dx[mi][1] * (s1 * small_i32_to_f32(dot[3]));
-                    }
+                    c4[0] += q8_term<T>(dx[mi][0], s0, dot[0], o0, sx[mi][0]);
+                    c4[1] += q8_term<T>(dx[mi][0], s1, dot[1], o1, sx[mi][0]);
+                    c4[2] += q8_term<T>(dx[mi][1], s0, dot[2], o0, sx[mi][1]);
+                    c4[3] += q8_term<T>(dx[mi][1], s1, dot[3], o1, sx[mi][1]);
                 }
             }
         }

@@ -262,7 +262,7 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
     p = torch.empty(L, min(chunk, V), dtype=torch.float16, device=dev)
     rows = torch.arange(min(chunk, V), dtype=torch.int32, device=dev)  # a chunk's rows, counted in the chunk
     h = h.contiguous()
-    int8 = matmul.split("-")[0] == "int8"
+    int8 = ops.matmul_family(matmul) == "int8"
     h16, hq = (None, ops.quantize_q8(h)) if int8 else (h.half(), None)  # once for every chunk
     for v0 in range(0, V, chunk):
         n = min(V, v0 + chunk) - v0

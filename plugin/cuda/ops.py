@@ -61,20 +61,26 @@ GET_ROWS_THREADS = 128
 ACCEPT_MAX_CANVAS = 1024  # csrc/accept.cu: one thread per canvas position, one block per canvas
 
 
+def matmul_family(matmul: str) -> str:
+    """A key of MATMULS without its tile width: "scalar", "f16" or "int8" (what it computes; the width changes
+    neither what it takes nor its numbers)."""
+    if matmul not in MATMULS:
+        raise ValueError(f"matmul '{matmul}' is not one of {', '.join(MATMULS)}")
+    return matmul.removesuffix("-wide")
+
+
 def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[int, int],
            bounded_input: bool = True) -> bool:
     """Whether matmul kernel `matmul` (a key of MATMULS) takes rows of k values of type qtype on a GPU of
     this compute capability: the tensor-core tiles need 8.0; f16 (either width) steps 16 values of K and
     rounds X to f16, so its input must stay far below 65504 (`bounded_input`: normalised, not gelu(gate) * up);
     int8 needs an integer type (its per-32 scales take any range)."""
-    if matmul not in MATMULS:
-        raise ValueError(f"matmul '{matmul}' is not one of {', '.join(MATMULS)}")
-    if matmul == "scalar":
+    family = matmul_family(matmul)
+    if family == "scalar":
         return True
     if capability < MMA_MIN_CAPABILITY:
         return False
-    f16 = matmul.split("-")[0] == "f16"  # the tiles' width does not change what they take
-    return k % 16 == 0 and bounded_input if f16 else GGMLQuantizationType(qtype) in INT_TYPES
+    return k % 16 == 0 and bounded_input if family == "f16" else GGMLQuantizationType(qtype) in INT_TYPES
 
 
 _STREAMS: dict[tuple[int, int], object] = {}  # (device, torch stream pointer) -> its cupy.cuda.ExternalStream
