@@ -6,10 +6,12 @@
 // per 128-bit load). Per slice of K (256 wide for the narrow tile, 64 for the wide one: the same 16.9 / 18.4
 // KB of W in shared memory) the block copies 32 rows of X and dequantizes TN rows of W (one 16-value group per
 // thread at a time, through the integer form for the integer types) to f16 in shared memory, then each warp
-// runs mma.sync.m16n8k16 (row.col, f32 accumulators) over its quarter. Needs sm_80: below that the tile traps
-// (the wrappers refuse older GPUs). X values beyond f16's range (65504) overflow, so the engine uses it only on
-// normalised inputs, never on the down projections' gelu(gate) * up (ops.usable). K is a multiple of 16 and
-// of the type's block; X's rows start at multiples of 16 bytes (lda a multiple of 8, x 16-aligned).
+// runs mma.sync.m16n8k16 (row.col, f32 accumulators) over its quarter, its fragments loaded by ldmatrix (one
+// instruction per 16 x 16 of X, and per two n8 tiles of W, where 32-bit loads took 4). Needs sm_80: below
+// that the tile traps (the wrappers refuse older GPUs). X values beyond f16's range (65504) overflow, so the
+// engine uses it only on normalised inputs, never on the down projections' gelu(gate) * up (ops.usable). K is
+// a multiple of 16 and of the type's block; X's rows start at multiples of 16 bytes (lda a multiple of 8, x
+// 16-aligned).
 #pragma once
 #include "mma_tile.cuh"
 
@@ -36,7 +38,7 @@ __device__ __forceinline__ void mma_f16_tile(const uint16_t * __restrict__ x, in
 
     const int tid = threadIdx.x;
     const MmaLane p = mma_lane<S>(tid);
-    const int wm = p.wm, wn = p.wn, g = p.g, t = p.t;
+    const int wm = p.wm, wn = p.wn;
     const long row_bytes = (long)(K / QK) * SIZE;
     float acc[S::MI][S::NI][4] = {};
 
@@ -52,21 +54,21 @@ __device__ __forceinline__ void mma_f16_tile(const uint16_t * __restrict__ x, in
             *reinterpret_cast<Words4 *>(&xs[r][c]) = v;  // 16-aligned: rows of (TK + PAD) halves, a multiple of 8
         }
         __syncthreads();
+        static_assert(S::NI % 2 == 0, "B fragments come two n8 tiles per ldmatrix");
+        const int ar = ldm_a_row(p.lane), ac = ldm_a_half(p.lane) * 8, br = ldm_b_row(p.lane), bc = ldm_b_half(p.lane) * 8;
         for (int kk = 0; kk < tk; kk += 16) {
-            const int c = kk + t * 2;
             uint32_t a[S::MI][4];
-            for (int mi = 0; mi < S::MI; ++mi) {
-                const int r = wm + mi * 16 + g;
-                a[mi][0] = *reinterpret_cast<const uint32_t *>(&xs[r][c]);
-                a[mi][1] = *reinterpret_cast<const uint32_t *>(&xs[r + 8][c]);
-                a[mi][2] = *reinterpret_cast<const uint32_t *>(&xs[r][c + 8]);
-                a[mi][3] = *reinterpret_cast<const uint32_t *>(&xs[r + 8][c + 8]);
-            }
-            for (int ni = 0; ni < S::NI; ++ni) {
-                const int n = wn + ni * 8 + g;
-                const uint32_t b0 = *reinterpret_cast<const uint32_t *>(&ws[n][c]);
-                const uint32_t b1 = *reinterpret_cast<const uint32_t *>(&ws[n][c + 8]);
-                for (int mi = 0; mi < S::MI; ++mi) mma_m16n8k16_f16(acc[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b0, b1);
+#pragma unroll
+            for (int mi = 0; mi < S::MI; ++mi) ldmatrix<4>(a[mi], &xs[wm + mi * 16 + ar][kk + ac]);
+#pragma unroll
+            for (int ni = 0; ni < S::NI; ni += 2) {
+                uint32_t b[4];  // b0, b1 of n8 tile ni, then of ni + 1
+                ldmatrix<4>(b, &ws[wn + ni * 8 + br][kk + bc]);
+#pragma unroll
+                for (int mi = 0; mi < S::MI; ++mi) {
+                    mma_m16n8k16_f16(acc[mi][ni], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[0], b[1]);
+                    mma_m16n8k16_f16(acc[mi][ni + 1], a[mi][0], a[mi][1], a[mi][2], a[mi][3], b[2], b[3]);
+                }
             }
         }
         __syncthreads();

@@ -78,18 +78,17 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
         // ScaleSpan) go through one int32 accumulator: the scale arithmetic, most of this loop's instructions,
         // once per 32 values instead of 16 (|dot| <= 32 x 128 x 128 < 2^22 still)
         constexpr int PAIR = ScaleSpan<T> / DG_GROUP;  // 2, or 1 for Q2_K, Q3_K, Q6_K
+        // fragments by ldmatrix: X's a0, a1 of the pair's groups for 16 rows in one (x4; x2 for one group), W's b
+        // of an n8 tile for the pair's groups in one (x2; x1)
+        const int8_t *xa = &xs_q[wm + ldm_a_row(p.lane)][ldm_a_half(p.lane) * DG_GROUP];  // this lane's rows
+        const int8_t *wb = &ws_q[wn + ldm_b_row(p.lane)][ldm_b_half(p.lane) * DG_GROUP];
         for (int gq = 0; gq < groups; gq += PAIR) {
-            int a[S::MI][PAIR][2];
+            uint32_t a[S::MI][2 * PAIR];  // [h * 2 + k]: group gq + h, rows g (k 0) and g + 8 (k 1)
             float dx[S::MI][2], sx[S::MI][2];
 #pragma unroll
             for (int mi = 0; mi < S::MI; ++mi) {
                 const int r = wm + mi * 16 + g;
-#pragma unroll
-                for (int h = 0; h < PAIR; ++h) {
-                    const int c = (gq + h) * DG_GROUP + t * 4;
-                    a[mi][h][0] = *reinterpret_cast<const int *>(&xs_q[r][c]);
-                    a[mi][h][1] = *reinterpret_cast<const int *>(&xs_q[r + 8][c]);
-                }
+                ldmatrix<2 * PAIR>(a[mi], xa + (mi * 16) * (TK + PAD) + gq * DG_GROUP);
                 dx[mi][0] = x_d[r][gq / 2], dx[mi][1] = x_d[r + 8][gq / 2];
                 sx[mi][0] = x_s[r][gq], sx[mi][1] = x_s[r + 8][gq];
                 if constexpr (PAIR == 2) {  // the pair's sums of q: integers, added exactly
@@ -99,10 +98,8 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
             }
 #pragma unroll
             for (int ni = 0; ni < S::NI; ++ni) {
-                int b[PAIR];
-#pragma unroll
-                for (int h = 0; h < PAIR; ++h)
-                    b[h] = *reinterpret_cast<const int *>(&ws_q[wn + ni * 8 + g][(gq + h) * DG_GROUP + t * 4]);
+                uint32_t b[PAIR];  // [h]: group gq + h (lanes 0-7 give the first group's rows, 8-15 the second's)
+                ldmatrix<PAIR>(b, wb + (ni * 8) * (TK + PAD) + gq * DG_GROUP);
                 // accumulator layout: (row g, cols 2t, 2t+1) and (row g + 8, the same cols)
                 const int n = wn + ni * 8 + t * 2;
                 const float s0 = ws_s[n][gq], s1 = ws_s[n + 1][gq], o0 = ws_m[n][gq], o1 = ws_m[n + 1][gq];
@@ -110,7 +107,8 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
                 for (int mi = 0; mi < S::MI; ++mi) {
                     int dot[4] = {0, 0, 0, 0};
 #pragma unroll
-                    for (int h = 0; h < PAIR; ++h) mma_m16n8k16_s8(dot, a[mi][h][0], a[mi][h][1], b[h]);
+                    for (int h = 0; h < PAIR; ++h)
+                        mma_m16n8k16_s8(dot, (int)a[mi][h * 2], (int)a[mi][h * 2 + 1], (int)b[h]);
                     float (&c4)[4] = acc[mi][ni];
                     c4[0] += q8_term<T>(dx[mi][0], s0, dot[0], o0, sx[mi][0]);
                     c4[1] += q8_term<T>(dx[mi][0], s1, dot[1], o1, sx[mi][0]);

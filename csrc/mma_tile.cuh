@@ -25,11 +25,12 @@ template <int TN_> struct MmaShape {
 struct MmaLane {
     int wm, wn;  // this warp's quarter within the block's tile: first row, first column
     int g, t;    // the fragment layout's group (lane / 4) and thread-in-group (lane % 4)
+    int lane;
 };
 
 template <class S> DG_HD MmaLane mma_lane(int tid) {
     const int lane = tid & 31, warp = tid >> 5;
-    return MmaLane{(warp / S::WARPS_N) * S::WM, (warp % S::WARPS_N) * S::WN, lane >> 2, lane & 3};
+    return MmaLane{(warp / S::WARPS_N) * S::WM, (warp % S::WARPS_N) * S::WN, lane >> 2, lane & 3, lane};
 }
 
 // The two tensor-core instructions, the only inline PTX of the tiles: D += A B for one m16n8k16 tile, A row-major
@@ -50,7 +51,37 @@ __device__ __forceinline__ void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int
                  : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
                  : "r"(a0), "r"(a1), "r"(b0));
 }
+
+// ldmatrix.sync.aligned.m8n8.xN.shared.b16: N (1, 2 or 4) 8 x 8 matrices of 16-bit values, each 8 rows of 16
+// bytes in shared memory, in one instruction where 32-bit loads took 4 per matrix and lane. Lane l gives the
+// address of row l % 8 of matrix l / 8 (16-aligned; lanes past 8N give none that is read) and gets in r[j]
+// the 32 bits at row l / 4, bytes 4 (l % 4) .. + 3 of matrix j: exactly an m16n8k16 fragment register when
+// the matrix is 8 rows of an A (row-major) or B (column-major) tile and 8 halves, or 16 int8, of K.
+template <int N> __device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], const void *row) {
+    static_assert(N == 1 || N == 2 || N == 4, "ldmatrix of 1, 2 or 4 matrices");
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    if constexpr (N == 4)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else if constexpr (N == 2)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+}
 #endif
+
+// The row a lane gives ldmatrix for a 16-row, 32-byte (16 halves or 32 int8) corner of a row-major array in
+// shared memory, and which 16 bytes of the row (0 or 1). A, [rows][k]: matrices (rows 0-7, first 16 bytes),
+// (8-15, first), (0-7, second), (8-15, second): an m16n8k16 A fragment's a0..a3 (f16), or the a0, a1 of two
+// 16-value groups (int8; x2: of one); lane l: row l % 16, bytes 16 (l / 16).
+DG_HD int ldm_a_row(int lane) { return lane & 15; }
+DG_HD int ldm_a_half(int lane) { return lane >> 4; }
+// B kept as [n][k] (column-major): matrices (n 0-7, first 16 bytes), (0-7, second), (8-15, first), (8-15,
+// second): b0, b1 of an n8 column tile, then of the next (f16), or the b of one n8 tile for two groups (int8,
+// x2; x1: one group); lane l: n 8 (l / 16) + l % 8, bytes 16 ((l / 8) % 2).
+DG_HD int ldm_b_row(int lane) { return (lane >> 4) * 8 + (lane & 7); }
+DG_HD int ldm_b_half(int lane) { return (lane >> 3) & 1; }
 
 // acc[mi][ni][i]: m16 tile mi and n8 tile ni of the warp's quarter, accumulator i, for the tile at (m0, n0);
 // rows at or past m_end and columns at or past N are dropped; the others go where `ep` says

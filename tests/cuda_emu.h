@@ -50,7 +50,7 @@ struct uint3 { unsigned x, y, z; };
 namespace emu {
 
 enum State { RUN, BARRIER, WARP, DONE };
-enum Op { OP_NONE, OP_SHFL_XOR, OP_MMA_F16, OP_MMA_S8 };
+enum Op { OP_NONE, OP_SHFL_XOR, OP_MMA_F16, OP_MMA_S8, OP_LDMATRIX };
 
 // emu_switch(&from, to): save the callee-saved registers on this stack, store the stack pointer in *from,
 // continue on the stack `to` (where the same were saved, or a new fiber's frame). MXCSR and the x87 control
@@ -154,22 +154,34 @@ inline void *dynamic_shared() { return dynamic_smem; }
 constexpr size_t SHARED_LIMIT = 48 << 10;
 inline long block_epoch = 0;
 inline size_t block_shared = 0;
-inline std::vector<std::pair<const void *, long>> poisoned;  // array -> the block that last filled it
+struct SharedArray {
+    const char *p;
+    size_t n;
+    long epoch;  // the block that last filled it
+};
+inline std::vector<SharedArray> poisoned;
 inline void poison_shared(void *p, size_t n) {
     bool known = false;
     for (auto &e : poisoned)
-        if (e.first == p) {
-            if (e.second == block_epoch) return;
-            e.second = block_epoch;
+        if (e.p == p) {
+            if (e.epoch == block_epoch) return;
+            e.epoch = block_epoch;
             known = true;
             break;
         }
-    if (!known) poisoned.emplace_back(p, block_epoch);
+    if (!known) poisoned.push_back(SharedArray{(const char *)p, n, block_epoch});
     memset(p, poison, n);
     block_shared += n;
     if (block_shared > SHARED_LIMIT)
         fail("%zu bytes of shared memory (static and dynamic), more than the %zu a kernel gets without opting in",
              block_shared, SHARED_LIMIT);
+}
+
+// [p, p + n) lies inside one __shared__ array of this block, or the dynamic shared memory
+inline bool in_shared(const char *p, size_t n) {
+    for (const auto &e : poisoned)
+        if (e.epoch == block_epoch && p >= e.p && p + n <= e.p + e.n) return true;
+    return dynamic_smem && p >= dynamic_smem && p + n <= dynamic_smem + dynamic_smem_bytes;
 }
 
 }  // namespace emu
@@ -257,6 +269,14 @@ inline void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a
     memcpy(d, emu::cur->out, 16);
 }
 
+// ldmatrix.sync.aligned.m8n8.xN.shared.b16 (csrc/mma_tile.cuh): `row`, this lane's row address, goes to the warp
+template <int N> inline void ldmatrix(uint32_t (&r)[N], const void *row) {
+    static_assert(N == 1 || N == 2 || N == 4, "ldmatrix of 1, 2 or 4 matrices");
+    memcpy(emu::cur->in, &row, sizeof row);
+    emu::warp_op(emu::OP_LDMATRIX, 0xffffffffu, (uint32_t)N);
+    memcpy(r, emu::cur->out, sizeof r);
+}
+
 // mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32
 inline void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
     uint32_t *in = emu::cur->in;
@@ -283,7 +303,8 @@ inline void resolve_warp(Thread *lane, uint32_t mask) {
         if ((mask >> l & 1u) && (lane[l].op != op || lane[l].mask != mask))
             fail("warp %d: lanes wait at different warp instructions (lane %d at %d with mask %08x, lane %d at %d with "
                  "mask %08x)", lane[first].linear / 32, first, op, mask, l, lane[l].op, lane[l].mask);
-    if (op != OP_SHFL_XOR && mask != 0xffffffffu) fail("warp %d: an mma.sync with mask %08x", lane[first].linear / 32, mask);
+    if (op != OP_SHFL_XOR && mask != 0xffffffffu)
+        fail("warp %d: an mma.sync or ldmatrix with mask %08x", lane[first].linear / 32, mask);
     if (op == OP_SHFL_XOR) {
         for (int l = 0; l < 32; ++l) {
             if (!(mask >> l & 1u)) continue;
@@ -339,6 +360,18 @@ inline void resolve_warp(Thread *lane, uint32_t mask) {
                 memcpy(&lane[l].out[i], &s, 4);
             }
         }
+    } else if (op == OP_LDMATRIX) {  // lane l: row l / 4, bytes 4 (l % 4) of each matrix j, from lane 8 j + l / 4's row
+        const int n = (int)lane[first].arg;
+        const char *rows[32];
+        for (int l = 0; l < 32; ++l) {
+            if ((int)lane[l].arg != n) fail("warp %d: ldmatrix of %d and %d matrices", lane[l].linear / 32, n, (int)lane[l].arg);
+            if (l >= 8 * n) continue;
+            memcpy(&rows[l], lane[l].in, sizeof rows[l]);
+            if ((uintptr_t)rows[l] % 16) fail("warp %d: lane %d gives ldmatrix a row at %p, not 16-aligned", lane[l].linear / 32, l, (const void *)rows[l]);
+            if (!in_shared(rows[l], 16)) fail("warp %d: lane %d gives ldmatrix a row at %p, not inside a __shared__ array", lane[l].linear / 32, l, (const void *)rows[l]);
+        }
+        for (int l = 0; l < 32; ++l)
+            for (int j = 0; j < n; ++j) memcpy(&lane[l].out[j], rows[8 * j + l / 4] + 4 * (l % 4), 4);
     } else {
         fail("unknown warp instruction %d", op);
     }

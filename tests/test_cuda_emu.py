@@ -16,7 +16,8 @@ if cuda_emu.unavailable():
     pytest.skip(cuda_emu.unavailable(), allow_module_level=True)
 
 KERNELS = ("shift_read", "neighbour", "two_barriers", "shuffle_after_exit", "half_warps", "dg::half_written<32>", "past_shared", "word_at", "big_shared", "traps",
-           "scalar_sizes", "mma_f16_tile", "mma_s8_tile")
+           "scalar_sizes", "mma_f16_tile", "mma_s8_tile", "dg::ldmatrix_rows<1>", "dg::ldmatrix_rows<2>",
+           "dg::ldmatrix_rows<4>")
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,27 @@ def test_mma_s8_is_a_matrix_product_in_the_ptx_layout(k):
     d = torch.zeros(16, 8, dtype=torch.int32)
     cuda_emu.launch(k["mma_s8_tile"], (1,), (32,), (torch.from_numpy(a), torch.from_numpy(b), d))
     assert np.array_equal(d.numpy(), a.astype(np.int32) @ b.astype(np.int32).T)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_ldmatrix_gives_each_lane_its_fragment_of_the_rows_lanes_name(k, n):
+    """Lane l gets, of matrix j, the two halves at row l / 4, columns 2 (l % 4), + 1, where row r of matrix j is
+    the 16 bytes at the address lane 8 j + r gave (here shared row 8 j + r + shift)."""
+    a = np.arange(32 * 8, dtype=np.uint16).reshape(32, 8) * 7 + 3
+    for shift in sorted({0, 32 - 8 * n}):  # the lanes past 8n give rows that are not read (with shift, past the array)
+        d = torch.zeros(32, n, dtype=torch.int32)
+        cuda_emu.launch(k[f"dg::ldmatrix_rows<{n}>"], (1,), (32,), (torch.from_numpy(a.view(np.int16)), d, np.int32(shift), np.int32(0)))
+        got = d.numpy().view(np.uint32)
+        for lane in range(32):
+            for j in range(n):
+                row = a[8 * j + lane // 4 + shift]
+                assert got[lane, j] == int(row[2 * (lane % 4)]) | int(row[2 * (lane % 4) + 1]) << 16, (shift, lane, j)
+
+
+def test_ldmatrix_rows_must_be_16_aligned_and_in_shared_memory(k):
+    a = torch.zeros(32 * 8, dtype=torch.int16)
+    d = torch.zeros(32, 4, dtype=torch.int32)
+    with pytest.raises(cuda_emu.EmulatorError, match="lane 0 gives ldmatrix a row at .*, not 16-aligned"):
+        cuda_emu.launch(k["dg::ldmatrix_rows<4>"], (1,), (32,), (a, d, np.int32(0), np.int32(4)))
+    with pytest.raises(cuda_emu.EmulatorError, match="lane 31 gives ldmatrix a row at .*, not inside a __shared__ array"):
+        cuda_emu.launch(k["dg::ldmatrix_rows<4>"], (1,), (32,), (a, d, np.int32(1), np.int32(0)))

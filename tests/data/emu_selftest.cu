@@ -112,4 +112,20 @@ extern "C" __global__ void mma_s8_tile(const int8_t * __restrict__ a, const int8
     for (int i = 0; i < 4; ++i) d[(i < 2 ? g : g + 8) * 8 + 2 * t + (i & 1)] = acc[i];
 }
 
+// ldmatrix: a [32, 8] of halves staged in shared memory; lane l gives the row `shift` + l of it, `skew` halves
+// into it (0: 16-aligned); d [32, N]: what each lane gets (shift 1 with N = 4: lane 31 gives a row past the array)
+template <int N>
+__global__ void ldmatrix_rows(const uint16_t * __restrict__ a, uint32_t * __restrict__ d, int shift, int skew) {
+    __shared__ __align__(16) uint16_t s[32][8];
+    const int lane = threadIdx.x;
+    for (int i = 0; i < 8; ++i) s[lane][i] = a[lane * 8 + i];
+    __syncthreads();
+    uint32_t r[N];
+    ldmatrix<N>(r, &s[0][0] + (lane + shift) * 8 + skew);
+    for (int j = 0; j < N; ++j) d[lane * N + j] = r[j];
+}
+template __global__ void ldmatrix_rows<1>(const uint16_t *, uint32_t *, int, int);
+template __global__ void ldmatrix_rows<2>(const uint16_t *, uint32_t *, int, int);
+template __global__ void ldmatrix_rows<4>(const uint16_t *, uint32_t *, int, int);
+
 }  // namespace dg
