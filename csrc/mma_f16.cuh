@@ -2,16 +2,16 @@
 // GGML block format: the body of qmatmul_mma.cu (dense) and moe.cu's moe_qmatmul_mma (experts, rows gathered
 // by expert).
 //
-// X comes in f16 (the wrappers round it once, x.half(): half the bytes every column tile reads, and 8 values
-// per 128-bit load). Per slice of K (256 wide for the narrow tile, 64 for the wide one: the same 16.9 / 18.4
-// KB of W in shared memory) the block copies 32 rows of X and dequantizes TN rows of W (one 16-value group per
-// thread at a time, through the integer form for the integer types) to f16 in shared memory, then each warp
-// runs mma.sync.m16n8k16 (row.col, f32 accumulators) over its quarter, its fragments loaded by ldmatrix (one
-// instruction per 16 x 16 of X, and per two n8 tiles of W, where 32-bit loads took 4). Needs sm_80: below
-// that the tile traps (the wrappers refuse older GPUs). X values beyond f16's range (65504) overflow, so the
-// engine uses it only on normalised inputs, never on the down projections' gelu(gate) * up (ops.usable). K is
-// a multiple of 16 and of the type's block; X's rows start at multiples of 16 bytes (lda a multiple of 8, x
-// 16-aligned).
+// X comes in f16 (the wrappers round it once, x.half(): half the bytes every column tile reads). Per slice of
+// K (256 wide for the narrow tile, 64 for the wide one: the same 16.9 / 18.4 KB of W in shared memory) the
+// block copies 32 rows of X to shared memory (16-byte cp.async, in flight while it decodes W) and dequantizes
+// TN rows of W (one 16-value group per thread at a time, through the integer form for the integer types) to
+// f16 in shared memory, then each warp runs mma.sync.m16n8k16 (row.col, f32 accumulators) over its quarter,
+// its fragments loaded by ldmatrix (one instruction per 16 x 16 of X, and per two n8 tiles of W, where 32-bit
+// loads took 4). Needs sm_80: below that the tile traps (the wrappers refuse older GPUs). X values beyond
+// f16's range (65504) overflow, so the engine uses it only on normalised inputs, never on the down
+// projections' gelu(gate) * up (ops.usable). K is a multiple of 16 and of the type's block; X's rows start at
+// multiples of 16 bytes (lda a multiple of 8, x 16-aligned).
 #pragma once
 #include "mma_tile.cuh"
 
@@ -46,13 +46,14 @@ __device__ __forceinline__ void mma_f16_tile(const uint16_t * __restrict__ x, in
     __syncthreads();
     for (int k0 = 0; k0 < K; k0 += TK) {
         const int tk = K - k0 < TK ? K - k0 : TK;  // a multiple of 16 (the wrappers check K)
-        stage_w_rows<T, MMA_THREADS>(tid, ws, w, row_bytes, k0 / UV, tk / UV, n0, N, ep);
-        constexpr int XV = 8;  // halves of X per 128-bit load
+        // X's rows copied in flight (cp.async; zeros past the tile) while this thread decodes its groups of W
+        constexpr int XV = 8;  // halves of X per 16-byte copy
         for (int i = tid; i < TM * (tk / XV); i += MMA_THREADS) {
             const int r = i / (tk / XV), c = (i % (tk / XV)) * XV, row = x_row[r];
-            const Words4 v = row >= 0 ? ld128<16>(reinterpret_cast<const uint8_t *>(x + (long)row * lda + k0 + c)) : Words4{};
-            *reinterpret_cast<Words4 *>(&xs[r][c]) = v;  // 16-aligned: rows of (TK + PAD) halves, a multiple of 8
+            cp_async16(&xs[r][c], row >= 0 ? x + (long)row * lda + k0 + c : x, row >= 0);  // 16-aligned both sides
         }
+        stage_w_rows<T, MMA_THREADS>(tid, ws, w, row_bytes, k0 / UV, tk / UV, n0, N, ep);
+        cp_async_wait_all();
         __syncthreads();
         static_assert(S::NI % 2 == 0, "B fragments come two n8 tiles per ldmatrix");
         const int ar = ldm_a_row(p.lane), ac = ldm_a_half(p.lane) * 8, br = ldm_b_row(p.lane), bc = ldm_b_half(p.lane) * 8;

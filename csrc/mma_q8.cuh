@@ -54,6 +54,11 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
     for (int k0 = 0; k0 < K; k0 += TK) {
         const int tk = K - k0 < TK ? K - k0 : TK;  // a multiple of 32 (of QK)
         const int groups = tk / DG_GROUP;  // one 16-value group per thread at a time
+        // X's q copied in flight (cp.async, 16 int8 a copy; zeros past the tile) while this thread decodes W
+        for (int i = tid; i < TM * (tk / 16); i += MMA_THREADS) {
+            const int r = i / (tk / 16), c = (i % (tk / 16)) * 16, row = x_row[r];
+            cp_async16(&xs_q[r][c], row >= 0 ? xq + (long)row * K + k0 + c : xq, row >= 0);  // 16-aligned both sides
+        }
         for (int i = tid; i < TN * groups; i += MMA_THREADS) {
             const int r = i / groups, gi = i % groups;
             Words4 q{};
@@ -64,15 +69,12 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
             ws_s[r][gi] = s;
             ws_m[r][gi] = m;
         }
-        for (int i = tid; i < TM * (tk / 4); i += MMA_THREADS) {  // 4 int8 at a time
-            const int r = i / (tk / 4), c = (i % (tk / 4)) * 4, row = x_row[r];
-            *reinterpret_cast<int *>(&xs_q[r][c]) = row >= 0 ? *reinterpret_cast<const int *>(&xq[(long)row * K + k0 + c]) : 0;
-        }
         for (int i = tid; i < TM * groups; i += MMA_THREADS) {
             const int r = i / groups, gq = i % groups, row = x_row[r];
             x_s[r][gq] = row >= 0 ? small_i32_to_f32(xs[(long)row * (K / DG_GROUP) + k0 / DG_GROUP + gq]) : 0.0f;
             if ((gq & 1) == 0) x_d[r][gq / 2] = row >= 0 ? xd[(long)row * (K / 32) + k0 / 32 + gq / 2] : 0.0f;
         }
+        cp_async_wait_all();
         __syncthreads();
         // groups that share the weights' (s, m) and the activations' dx (the formats scaled per 32 values,
         // ScaleSpan) go through one int32 accumulator: the scale arithmetic, most of this loop's instructions,

@@ -69,6 +69,15 @@ template <int N> __device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], cons
     else
         asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
 }
+
+// cp.async.cg.shared.global: 16 bytes from global to shared memory without passing through registers, in
+// flight until cp_async_wait_all (the thread's own copies; a barrier after it shows them to the block). With
+// valid false it writes 16 zero bytes and reads nothing (src is then any global address).
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" : : "r"(d), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" : : : "memory"); }
 #endif
 
 // The row a lane gives ldmatrix for a 16-row, 32-byte (16 halves or 32 int8) corner of a row-major array in

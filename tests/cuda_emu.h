@@ -88,6 +88,11 @@ struct Thread {
     const char *site;  // the __syncthreads() call it waits at (file:line)
     int op;            // the warp instruction it waits at, with its operands and results
     uint32_t mask, arg, in[10], out[4];
+    struct Copy {  // a cp.async in flight: its bytes, read at the call, land at the thread's wait
+        void *dst;
+        unsigned char bytes[16];
+    };
+    std::vector<Copy> copies;
 };
 
 constexpr size_t STACK = 128 << 10;
@@ -277,6 +282,22 @@ template <int N> inline void ldmatrix(uint32_t (&r)[N], const void *row) {
     memcpy(r, emu::cur->out, sizeof r);
 }
 
+// cp.async.cg.shared.global, 16 bytes (csrc/mma_tile.cuh): the source is read now, the destination written at
+// this thread's cp_async_wait_all, so a read of it before then (by this thread, or by another before a barrier
+// that follows the wait) sees unwritten shared memory
+inline void cp_async16(void *dst, const void *src, bool valid) {
+    if ((uintptr_t)dst % 16 || (valid && (uintptr_t)src % 16))
+        emu::fail("cp.async of 16 bytes from %p to %p: both must be 16-aligned", src, dst);
+    if (!emu::in_shared((const char *)dst, 16)) emu::fail("cp.async to %p: not inside a __shared__ array", dst);
+    emu::Thread::Copy c{dst, {}};
+    if (valid) memcpy(c.bytes, src, 16);
+    emu::cur->copies.push_back(c);
+}
+inline void cp_async_wait_all() {
+    for (const auto &c : emu::cur->copies) memcpy(c.dst, c.bytes, 16);
+    emu::cur->copies.clear();
+}
+
 // mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32
 inline void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
     uint32_t *in = emu::cur->in;
@@ -398,6 +419,7 @@ inline bool try_resolve(Thread *lane, int lanes) {
 
 inline void fiber_main() {  // entered by emu_switch's ret; never returns
     entry(entry_args);
+    if (!cur->copies.empty()) fail("%zu cp.async copies never waited for (cp_async_wait_all)", cur->copies.size());
     cur->state = DONE;
     emu_switch(&cur->sp, scheduler);
     __builtin_unreachable();
@@ -428,6 +450,7 @@ inline void run_block(int n, bool reverse) {
         t.idx = uint3{(unsigned)(i % block_dim.x), (unsigned)(i / block_dim.x % block_dim.y),
                       (unsigned)(i / (block_dim.x * block_dim.y))};
         t.op = OP_NONE;
+        t.copies.clear();
         t.sp = fiber_frame(stacks[i], i);
     }
     const int warps = (n + 31) / 32;

@@ -17,7 +17,7 @@ if cuda_emu.unavailable():
 
 KERNELS = ("shift_read", "neighbour", "two_barriers", "shuffle_after_exit", "half_warps", "dg::half_written<32>", "past_shared", "word_at", "big_shared", "traps",
            "scalar_sizes", "mma_f16_tile", "mma_s8_tile", "dg::ldmatrix_rows<1>", "dg::ldmatrix_rows<2>",
-           "dg::ldmatrix_rows<4>")
+           "dg::ldmatrix_rows<4>", "copy_rows")
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +173,22 @@ def test_ldmatrix_rows_must_be_16_aligned_and_in_shared_memory(k):
         cuda_emu.launch(k["dg::ldmatrix_rows<4>"], (1,), (32,), (a, d, np.int32(0), np.int32(4)))
     with pytest.raises(cuda_emu.EmulatorError, match="lane 31 gives ldmatrix a row at .*, not inside a __shared__ array"):
         cuda_emu.launch(k["dg::ldmatrix_rows<4>"], (1,), (32,), (a, d, np.int32(1), np.int32(0)))
+
+
+def test_cp_async_lands_at_the_wait_and_zero_fills(k):
+    a = torch.arange(32 * 16 + 16, dtype=torch.uint8)  # 16 bytes spare: room for a skewed read
+    d = torch.zeros(32 * 16, dtype=torch.uint8)
+    cuda_emu.launch(k["copy_rows"], (1,), (32,), (a, d, np.int32(0), np.int32(1)))
+    want = a[: 32 * 16].reshape(32, 16).clone()
+    want[3::4] = 0  # the copies with valid false write zeros
+    assert torch.equal(d.reshape(32, 16), want.roll(-1, 0))
+
+
+def test_cp_async_read_before_its_wait_or_never_waited_for_is_an_error(k):
+    a, d = torch.arange(32 * 16 + 16, dtype=torch.uint8), torch.zeros(32 * 16, dtype=torch.uint8)
+    with pytest.raises(cuda_emu.EmulatorError, match="cp.async copies never waited for"):
+        cuda_emu.launch(k["copy_rows"], (1,), (32,), (a, d, np.int32(0), np.int32(0)))
+    with pytest.raises(cuda_emu.EmulatorError, match="opposite thread orders"):  # the neighbour's row not yet there
+        cuda_emu.launch(k["copy_rows"], (1,), (32,), (a, d, np.int32(0), np.int32(2)))
+    with pytest.raises(cuda_emu.EmulatorError, match="both must be 16-aligned"):
+        cuda_emu.launch(k["copy_rows"], (1,), (32,), (a, d, np.int32(8), np.int32(1)))

@@ -128,4 +128,16 @@ template __global__ void ldmatrix_rows<1>(const uint16_t *, uint32_t *, int, int
 template __global__ void ldmatrix_rows<2>(const uint16_t *, uint32_t *, int, int);
 template __global__ void ldmatrix_rows<4>(const uint16_t *, uint32_t *, int, int);
 
+// cp.async: thread t copies 16 bytes of a (from byte `skew`; zeros where t % 4 == 3) into shared row t, and
+// reads its neighbour's row back into d; wait 1: wait then barrier (right), 0: never waits, 2: barrier then wait
+extern "C" __global__ void copy_rows(const uint8_t * __restrict__ a, uint8_t * __restrict__ d, int skew, int wait) {
+    __shared__ __align__(16) uint8_t s[32][16];
+    const int t = threadIdx.x;
+    cp_async16(&s[t][0], a + 16 * t + skew, t % 4 != 3);
+    if (wait == 1) cp_async_wait_all();
+    __syncthreads();
+    if (wait == 2) cp_async_wait_all();
+    for (int i = 0; i < 16; ++i) d[16 * t + i] = s[(t + 1) % 32][i];
+}
+
 }  // namespace dg
