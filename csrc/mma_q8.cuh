@@ -83,7 +83,8 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
         // fragments by ldmatrix: X's a0, a1 of the pair's groups for 16 rows in one (x4; x2 for one group), W's b
         // of an n8 tile for the pair's groups in one (x2; x1)
         const int8_t *xa = &xs_q[wm + ldm_a_row(p.lane)][ldm_a_half(p.lane) * DG_GROUP];  // this lane's rows
-        const int8_t *wb = &ws_q[wn + ldm_b_row(p.lane)][ldm_b_half(p.lane) * DG_GROUP];
+        // (lane & 15: the lanes x2 and x1 ignore name rows inside ws_q too)
+        const int8_t *wb = &ws_q[wn + ldm_b_row(p.lane & 15)][ldm_b_half(p.lane & 15) * DG_GROUP];
         for (int gq = 0; gq < groups; gq += PAIR) {
             uint32_t a[S::MI][2 * PAIR];  // [h * 2 + k]: group gq + h, rows g (k 0) and g + 8 (k 1)
             float dx[S::MI][2], sx[S::MI][2];

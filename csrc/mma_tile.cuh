@@ -75,7 +75,9 @@ template <int N> __device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], cons
 // valid false it writes 16 zero bytes and reads nothing (src is then any global address).
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
     const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" : : "r"(d), "l"(src), "r"(valid ? 16 : 0));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :
+                 : "r"(d), "l"(__cvta_generic_to_global(src)), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" : : : "memory"); }
 #endif

@@ -282,15 +282,17 @@ template <int N> inline void ldmatrix(uint32_t (&r)[N], const void *row) {
     memcpy(r, emu::cur->out, sizeof r);
 }
 
-// cp.async.cg.shared.global, 16 bytes (csrc/mma_tile.cuh): the source is read now, the destination written at
-// this thread's cp_async_wait_all, so a read of it before then (by this thread, or by another before a barrier
-// that follows the wait) sees unwritten shared memory
+// cp.async.cg.shared.global, 16 bytes (csrc/mma_tile.cuh): the source is read now; the destination holds
+// unwritten-shared-memory bytes from now until this thread's cp_async_wait_all writes the copy, so a read of it
+// in between (the old contents or the new: a GPU may give either) sees neither
 inline void cp_async16(void *dst, const void *src, bool valid) {
-    if ((uintptr_t)dst % 16 || (valid && (uintptr_t)src % 16))
+    if ((uintptr_t)dst % 16 || (uintptr_t)src % 16)
         emu::fail("cp.async of 16 bytes from %p to %p: both must be 16-aligned", src, dst);
     if (!emu::in_shared((const char *)dst, 16)) emu::fail("cp.async to %p: not inside a __shared__ array", dst);
+    if (emu::in_shared((const char *)src, 1)) emu::fail("cp.async from %p: a shared address, not global memory", src);
     emu::Thread::Copy c{dst, {}};
     if (valid) memcpy(c.bytes, src, 16);
+    memset(dst, emu::poison, 16);
     emu::cur->copies.push_back(c);
 }
 inline void cp_async_wait_all() {

@@ -190,5 +190,7 @@ def test_cp_async_read_before_its_wait_or_never_waited_for_is_an_error(k):
         cuda_emu.launch(k["copy_rows"], (1,), (32,), (a, d, np.int32(0), np.int32(0)))
     with pytest.raises(cuda_emu.EmulatorError, match="opposite thread orders"):  # the neighbour's row not yet there
         cuda_emu.launch(k["copy_rows"], (1,), (32,), (a, d, np.int32(0), np.int32(2)))
+    with pytest.raises(cuda_emu.EmulatorError, match="opposite thread orders"):  # neither the old bytes nor the new
+        cuda_emu.launch(k["copy_rows"], (1,), (32,), (a, d, np.int32(0), np.int32(3)))
     with pytest.raises(cuda_emu.EmulatorError, match="both must be 16-aligned"):
         cuda_emu.launch(k["copy_rows"], (1,), (32,), (a, d, np.int32(8), np.int32(1)))

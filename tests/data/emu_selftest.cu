@@ -129,11 +129,18 @@ template __global__ void ldmatrix_rows<2>(const uint16_t *, uint32_t *, int, int
 template __global__ void ldmatrix_rows<4>(const uint16_t *, uint32_t *, int, int);
 
 // cp.async: thread t copies 16 bytes of a (from byte `skew`; zeros where t % 4 == 3) into shared row t, and
-// reads its neighbour's row back into d; wait 1: wait then barrier (right), 0: never waits, 2: barrier then wait
+// reads its neighbour's row back into d; wait 1: wait then barrier (right), 0: never waits, 2: barrier then
+// wait, 3: reads its own row (which held 7s) between the copy and the wait, into d, then waits
 extern "C" __global__ void copy_rows(const uint8_t * __restrict__ a, uint8_t * __restrict__ d, int skew, int wait) {
     __shared__ __align__(16) uint8_t s[32][16];
     const int t = threadIdx.x;
+    for (int i = 0; i < 16; ++i) s[t][i] = 7;
     cp_async16(&s[t][0], a + 16 * t + skew, t % 4 != 3);
+    if (wait == 3) {
+        for (int i = 0; i < 16; ++i) d[16 * t + i] = s[t][i];
+        cp_async_wait_all();
+        return;
+    }
     if (wait == 1) cp_async_wait_all();
     __syncthreads();
     if (wait == 2) cp_async_wait_all();
