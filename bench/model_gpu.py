@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the torch backend (float32 weights)")
     ap.add_argument("--matmuls", default="auto", help="matmul kernels to measure, comma-separated: auto (the "
                     "engine's default: the fastest per weight shape, plugin/cuda/tune.py), scalar, f16, f16-wide, int8, "
-                    "int8-wide; the "
+                    "int8-wide, f16-cublas; the "
                     "first for every plan, the others (step time only) for the first plan")
     ap.add_argument("--eager", action="store_true", help="also measure the first plan's step without CUDA graphs")
     args = ap.parse_args()

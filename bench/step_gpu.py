@@ -82,7 +82,7 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
     print(f"routed experts, one layer ({tokens} tokens x top-{top_k} of {experts}): grouped {a:.3f} ms "
           f"({wbytes / a / 1e9:.2f} TB/s), one launch per expert {b:.3f} ms ({b / a:.2f}x); x30 layers: {30 * a:.1f} ms")
     if torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY:
-        for kernel in (m for m in ops.MATMULS if m != "scalar"):  # f16 on the down projection too (timing only)
+        for kernel in (m for m, (_, g) in ops.MATMULS.items() if g and m != "scalar"):  # f16 on the down projection too
             t = timed(lambda: grouped(kernel), repeat)
             print(f"  grouped on {kernel} tensor cores: {t:.3f} ms ({wbytes / t / 1e9:.2f} TB/s, {a / t:.2f}x the float "
                   f"FMAs); x30 layers: {30 * t:.1f} ms")
@@ -193,8 +193,9 @@ def main() -> None:
         w = synthetic(n, k, qtype)
         x = torch.randn(m, k, device=DEVICE)
         bounded = "down" not in name  # f16 never takes the down projections' gelu(gate) * up (ops.usable)
+        experts = name.startswith("expert")  # timed one expert at a time: only the kinds with a grouped form
         times = {kind: timed(lambda: getattr(ops, ops.MATMULS[kind][0])(x, w, qtype, k), args.repeat)
-                 if ops.usable(kind, qtype, k, cap, bounded) else float("nan") for kind in kinds}  # NaN: not run
+                 if ops.usable(kind, qtype, k, cap, bounded, experts) else float("nan") for kind in kinds}  # NaN: not run
 
         wf = None
 
@@ -210,8 +211,10 @@ def main() -> None:
         print(f"{name:<32} " + " | ".join(f"{times[kind]:14.3f} {flop / times[kind] / 1e9:7.1f}" for kind in kinds)
               + f" | {theirs:9.3f} {wf.numel() * 2 / theirs / 1e9:6.2f} | {best}, {theirs / times[best]:.2f}x"
               + f" ({w.numel() / times[best] / 1e9:.2f} TB/s of weights)")
-        for kind in kinds:  # a kernel that cannot take this weight counts as the float one (the engine's fallback)
-            totals[kind] += (times[kind] if times[kind] == times[kind] else times["scalar"]) * count
+        for kind in kinds:  # a kernel that cannot take this weight counts as the engine's fallback (tune.choose):
+            fallback = times.get(ops.matmul_family(kind), float("nan"))  # its family's tile (f16-cublas: f16), or
+            fallback = fallback if fallback == fallback else times["scalar"]  # the float one
+            totals[kind] += (times[kind] if times[kind] == times[kind] else fallback) * count
         totals["best"] += times[best] * count
         totals["torch"] += theirs * count
         w = wf = None  # freed before the next shape

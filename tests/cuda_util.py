@@ -21,7 +21,7 @@ KERNEL_SIGNATURE = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\
 
 # every op the backend launches, each with a `<name>_reference` beside it in its module
 KERNEL_OPS = {ops: ("get_rows", "get_rows_f16", "quantize_q8", "accept_renoise",
-                    *(name for pair in ops.MATMULS.values() for name in pair)),
+                    *(name for pair in ops.MATMULS.values() for name in pair if name)),
               head_ops: ("head_stats", "head_merge", "head_chunk_stats", "head_merge_into")}
 
 

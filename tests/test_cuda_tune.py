@@ -15,7 +15,7 @@ from cuda_util import cpu_cuda_weights, decode_both
 from gguf import GGMLQuantizationType as Q
 
 from dgemma.plugin.cuda import head_ops, ops, tune
-from dgemma.plugin.cuda.weights import QuantLinear
+from dgemma.plugin.cuda.weights import QuantExperts, QuantLinear
 from dgemma.plugin.engine import Engine, EngineError
 from dgemma.plugin.model import DiffusionGemma
 
@@ -44,7 +44,7 @@ def recording(monkeypatch) -> list[str]:
         monkeypatch.setattr(module, name, lambda *a, **kw: (calls.append(kernel(*a, **kw)), f(*a, **kw))[1])
 
     for kernel, names in ops.MATMULS.items():
-        for name in names:
+        for name in filter(None, names):
             record(ops, name, lambda *a, _k=kernel, **kw: _k)
     record(head_ops, "head_stats", lambda *a, **kw: "scalar")
     record(head_ops, "head_stats_chunked", lambda *a, **kw: a[7] if len(a) > 7 else kw.get("matmul", "f16"))
@@ -68,7 +68,8 @@ def preset_timer(ran: list[str], times: dict[str, float]):
 
 
 def usable(obj, capability=AMPERE) -> list[str]:
-    return [m for m in ops.MATMULS if ops.usable(m, obj.qtype, obj.k, capability, obj.bounded_input)]
+    experts = isinstance(obj, QuantExperts)
+    return [m for m in ops.MATMULS if ops.usable(m, obj.qtype, obj.k, capability, obj.bounded_input, experts)]
 
 
 def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gguf, ran, tmp_path):
@@ -76,7 +77,8 @@ def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gg
     f16 = torch.from_numpy(np.random.default_rng(0).standard_normal((cfg.vocab_size, cfg.n_embd)).astype(np.float16))
     w.head = QuantLinear(f16.view(torch.uint8).view(cfg.vocab_size, -1), Q.F16, cfg.vocab_size, cfg.n_embd)
     cache = tmp_path / "matmul.json"
-    timer = preset_timer(ran, {"scalar": 3.0, "f16": 0.5, "f16-wide": 0.7, "int8": 1.0, "int8-wide": 0.9})
+    timer = preset_timer(ran, {"scalar": 3.0, "f16": 0.5, "f16-wide": 0.7, "int8": 1.0, "int8-wide": 0.9,
+                               "f16-cublas": 0.4})
     plan = tune.choose(w, "auto", rows=16, device="cpu", capability=AMPERE, timer=timer, cache=cache, top_k=2)
     first = {}
     for o in tune.weight_objects(w):
@@ -84,9 +86,9 @@ def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gg
     assert set(plan) == set(first) and {"dense", "experts", "head"} == {c.split()[0] for c in plan}
     unbounded = {c for c, o in first.items() if not o.bounded_input}
     assert unbounded == {c for c in plan if c.endswith(" unbounded")} and len(unbounded) >= 2  # dense and experts
-    for c, o in first.items():  # f16 is fastest, but never on gelu(gate) * up; a float type has no int8
-        assert plan[c] == ("int8-wide" if c in unbounded else "f16"), c
-    assert plan[f"head F16 {cfg.vocab_size}x{cfg.n_embd}"] == "f16"  # timed through its statistics (chunked)
+    for c, o in first.items():  # f16-cublas is fastest, but has no grouped form; f16 never on gelu(gate) * up
+        assert plan[c] == ("int8-wide" if c in unbounded else "f16" if c.startswith("experts") else "f16-cublas"), c
+    assert plan[f"head F16 {cfg.vocab_size}x{cfg.n_embd}"] == "f16-cublas"  # timed through its statistics (chunked)
     assert all(o.matmul == plan[tune.shape_class(o, head=o is w.head)] for o in tune.weight_objects(w))
     assert timer.timed == [m for o in first.values() for m in usable(o)]  # each usable kernel once per class
     stored = json.loads(cache.read_text())
@@ -100,7 +102,8 @@ def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gg
     assert never.timed == [] and cache.stat().st_mtime_ns == mtime
     # another row count, or top-k, is another key: timed again, the first kept
     for n, (rows, top_k) in enumerate([(32, 2), (16, 8)]):
-        faster_scalar = preset_timer(ran, {"scalar": 0.5, "f16": 2.0, "f16-wide": 2.0, "int8": 1.0, "int8-wide": 1.0})
+        faster_scalar = preset_timer(ran, {"scalar": 0.5, "f16": 2.0, "f16-wide": 2.0, "int8": 1.0, "int8-wide": 1.0,
+                                           "f16-cublas": 2.0})
         other = tune.choose(w2, "auto", rows=rows, device="cpu", capability=AMPERE, timer=faster_scalar, cache=cache,
                             top_k=top_k)
         assert set(other.values()) == {"scalar"} and len(json.loads(cache.read_text())) == 2 + n
@@ -118,14 +121,16 @@ def test_a_damaged_cache_is_tuned_again_and_rewritten(default_gguf, ran, tmp_pat
     cache = tmp_path / "matmul.json"
     for damaged in ("{not json", "[1, 2]", json.dumps({"x": 1})):
         cache.write_text(damaged)
-        timer = preset_timer(ran, {"scalar": 1.0, "f16": 2.0, "f16-wide": 2.5, "int8": 3.0, "int8-wide": 3.5})
+        timer = preset_timer(ran, {"scalar": 1.0, "f16": 2.0, "f16-wide": 2.5, "int8": 3.0, "int8-wide": 3.5,
+                                   "f16-cublas": 2.0})
         plan = tune.choose(w, "auto", rows=16, device="cpu", capability=AMPERE, timer=timer, cache=cache)
         timed = sum(len(usable(o)) for o in {tune.shape_class(o, o is w.head): o for o in tune.weight_objects(w)}.values())
         assert set(plan.values()) == {"scalar"} and len(timer.timed) == timed
         assert plan in json.loads(cache.read_text()).values()
     bad_entry = {k: {c: "no-such-kernel" for c in plan} for k in json.loads(cache.read_text())}
     cache.write_text(json.dumps(bad_entry))  # a kernel name not usable here is timed again
-    timer = preset_timer(ran, {"scalar": 1.0, "f16": 2.0, "f16-wide": 2.5, "int8": 3.0, "int8-wide": 3.5})
+    timer = preset_timer(ran, {"scalar": 1.0, "f16": 2.0, "f16-wide": 2.5, "int8": 3.0, "int8-wide": 3.5,
+                               "f16-cublas": 2.0})
     assert tune.choose(w, "auto", rows=16, device="cpu", capability=AMPERE, timer=timer, cache=cache) == plan
     assert len(timer.timed) == timed
 
@@ -136,13 +141,17 @@ def test_a_named_kernel_goes_where_it_can(default_gguf, ran):
     plan = tune.choose(w, "f16", device="cpu", capability=AMPERE, cache=False)
     assert {c: k for c, k in plan.items() if k != "f16"} == {c: "scalar" for c in plan if c.endswith("unbounded")}
     assert set(tune.choose(w, "int8", device="cpu", capability=TURING, cache=False).values()) == {"scalar"}
+    plan = tune.choose(w, "f16-cublas", device="cpu", capability=AMPERE, cache=False)  # experts: the f16 tile
+    assert plan == {c: "scalar" if c.endswith("unbounded") else "f16" if c.startswith("experts") else "f16-cublas"
+                    for c in plan} and set(plan.values()) == {"scalar", "f16", "f16-cublas"}
     with pytest.raises(ValueError, match="matmul 'fp8' is not available"):
         tune.choose(w, "fp8", device="cpu", capability=AMPERE)
 
 
 @pytest.mark.parametrize("kernel,low,high,stats", [("scalar", 0.0, 1e-4, (1e-5, 1e-5)), ("f16", 1e-4, 0.05, (0.01, 1e-3)),
                                                 ("int8", 1e-2, 0.5, (0.05, 5e-3)), ("f16-wide", 1e-4, 0.05, (0.01, 1e-3)),
-                                                ("int8-wide", 1e-2, 0.5, (0.05, 5e-3))])
+                                                ("int8-wide", 1e-2, 0.5, (0.05, 5e-3)),
+                                                ("f16-cublas", 1e-4, 0.05, (0.01, 1e-3))])
 def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran_either, kernel, low, high, stats):
     """The dispatch: every weight runs the chosen kernel (its reference, or emulated), and the logits move by what its
     rounding allows. Measured on the default model (max |logit| 12): scalar 6e-6, f16 (X and W rounded to f16;
@@ -155,7 +164,8 @@ def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran_either
     model = DiffusionGemma(cfg, w)
     a, b, canvas, c1, c2 = decode_both(ref.model, model, 30, before=lambda: ran_either.clear())
     f16 = ops.matmul_family(kernel) == "f16"
-    assert set(ran_either) == ({kernel, "scalar"} if f16 else {kernel})  # f16: not on the down projections
+    grouped = ops.MATMULS[kernel][1] is not None  # f16-cublas: the experts take the f16 tile
+    assert set(ran_either) == ({kernel, "scalar"} if f16 else {kernel}) | (set() if grouped else {"f16"})
     diff = float((a - b).abs().max())
     assert low <= diff < high
     assert torch.equal(a.argmax(-1), b.argmax(-1))

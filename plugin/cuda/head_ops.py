@@ -11,7 +11,6 @@ the references on a GPU.
 
 from __future__ import annotations
 
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from gguf import GGMLQuantizationType
 
 from . import ops
 from .loader import kernel
-from .ops import _HEAD_NAMES, _check_matmul, _dequantized, _launch
+from .ops import _HEAD_NAMES, _check_matmul, _dequantized, _launch, _mm_f32
 
 HEAD_L, HEAD_THREADS, HEAD_MAX_D, HEAD_MAX_SPLITS = 4, 256, 4096, 1024  # csrc/head.cu
 HEAD_CHUNK = 8192  # vocabulary rows per chunk of head_stats_chunked: logits [L, 8192] at a time
@@ -203,25 +202,6 @@ def head_chunk_stats_reference(z: torch.Tensor, v0: int, softcap: float, tempera
     g.copy_(gz.max(dim=1).values)
     sample.copy_(gz.argmax(dim=1) + v0)
     p.copy_(w)
-
-
-@lru_cache(maxsize=None)
-def _mm_out_dtype(device: str) -> bool:
-    """Whether torch.mm takes out_dtype here (float16 operands, float32 result: cuBLAS on tensor cores)."""
-    a = torch.zeros(1, 1, dtype=torch.float16, device=device)
-    try:
-        torch.mm(a, a, out_dtype=torch.float32)
-        return True
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """a @ b of float16 operands with the float32 result: cuBLAS on a GPU where torch.mm takes out_dtype, a
-    float32 product of the same values on the CPU (the references' runs); None where torch can only give f16."""
-    if a.device.type != "cuda":  # (not is_cuda: the tests' CPU emulator makes every tensor say it is)
-        return a.float() @ b.float()
-    return torch.mm(a, b, out_dtype=torch.float32) if _mm_out_dtype(str(a.device)) else None
 
 
 def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantizationType, softcap: float,

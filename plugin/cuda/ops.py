@@ -7,6 +7,7 @@ them on odd shapes with a stated tolerance.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -51,31 +52,38 @@ MODULES = (
     *(("moe.cu", names[tn], ()) for names in (_MOE_MMA_NAMES, _MOE_Q8_NAMES) for tn in _WIDTHS),
     ("accept.cu", (), ("accept_renoise",)), ("head.cu", _HEAD_NAMES, ("head_merge", "head_chunk_stats", "head_merge_into")),
 )
-# the matmul kernels (dense op, grouped-expert op), one of which each quantized weight uses (plugin/cuda/tune.py
-# picks per GPU): float FMAs, f16 tensor cores, int8 tensor cores on q8 activations; the tensor-core ones in
-# 32 x 32 tiles and in 32 x 128 ("-wide": X read once per 128 columns of W, a quarter of the blocks)
-MATMULS = {"scalar": ("qmatmul", "moe_qmatmul"), "f16": ("qmatmul_mma", "moe_qmatmul_mma"),
-           "f16-wide": ("qmatmul_mma_wide", "moe_qmatmul_mma_wide"), "int8": ("qmatmul_q8", "moe_qmatmul_q8"),
-           "int8-wide": ("qmatmul_q8_wide", "moe_qmatmul_q8_wide")}
+# the matmul kernels (dense op, grouped-expert op or None), one of which each quantized weight uses
+# (plugin/cuda/tune.py picks per GPU): float FMAs, f16 tensor cores, int8 tensor cores on q8 activations; the
+# tensor-core tiles in 32 x 32 and in 32 x 128 ("-wide": X read once per 128 columns of W, a quarter of the
+# blocks); and "f16-cublas", W decoded to f16 once per call and multiplied by cuBLAS (dense weights only: the
+# tiles decode W once per 32 rows of X, 8 times at the canvas's 256, this once; an expert's 16 or so pairs
+# are one tile already)
+MATMULS: dict[str, tuple[str, str | None]] = {
+    "scalar": ("qmatmul", "moe_qmatmul"), "f16": ("qmatmul_mma", "moe_qmatmul_mma"),
+    "f16-wide": ("qmatmul_mma_wide", "moe_qmatmul_mma_wide"), "int8": ("qmatmul_q8", "moe_qmatmul_q8"),
+    "int8-wide": ("qmatmul_q8_wide", "moe_qmatmul_q8_wide"), "f16-cublas": ("qmatmul_f16_cublas", None)}
 GET_ROWS_THREADS = 128
 ACCEPT_MAX_CANVAS = 1024  # csrc/accept.cu: one thread per canvas position, one block per canvas
 
 
 def matmul_family(matmul: str) -> str:
-    """A key of MATMULS without its tile width: "scalar", "f16" or "int8" (what it computes; the width changes
-    neither what it takes nor its numbers)."""
+    """A key of MATMULS without its tile width or form: "scalar", "f16" or "int8" (what it computes: the width, or
+    cuBLAS over the same f16 values, changes neither what it takes nor its numbers beyond the sums' order); each
+    family is itself a key of MATMULS."""
     if matmul not in MATMULS:
         raise ValueError(f"matmul '{matmul}' is not one of {', '.join(MATMULS)}")
-    return matmul.removesuffix("-wide")
+    return matmul.partition("-")[0]
 
 
 def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[int, int],
-           bounded_input: bool = True) -> bool:
+           bounded_input: bool = True, experts: bool = False) -> bool:
     """Whether matmul kernel `matmul` (a key of MATMULS) takes rows of k values of type qtype on a GPU of
-    this compute capability: the tensor-core tiles need 8.0; f16 (either width) steps 16 values of K and
-    rounds X to f16, so its input must stay far below 65504 (`bounded_input`: normalised, not gelu(gate) * up);
-    int8 needs an integer type (its per-32 scales take any range)."""
+    this compute capability: the tensor-core kinds need 8.0; f16 (any form) steps 16 values of K and rounds X to
+    f16, so its input must stay far below 65504 (`bounded_input`: normalised, not gelu(gate) * up); int8 needs an
+    integer type (its per-32 scales take any range); `experts` (the grouped op) a kind that has one."""
     family = matmul_family(matmul)
+    if experts and MATMULS[matmul][1] is None:
+        return False
     if family == "scalar":
         return True
     if capability < MMA_MIN_CAPABILITY:
@@ -240,6 +248,51 @@ def _qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, 
                           (MMA_TILE, tile_n), MMA_THREADS, _f16_rows(x), w, k)
 
 
+def qmatmul_f16_cublas(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """qmatmul with W decoded to f16 once (get_rows_f16 over every row: the values the f16 tiles stage) and X
+    rounded to f16, multiplied by cuBLAS with a float32 result: the f16 tiles' numbers, summed in cuBLAS's order.
+    For many rows of X (the tiles decode W once per 32 of them); holds a transient f16 copy of W [N, K]. Where
+    torch.mm has no out_dtype (old torch), the f16 tile instead."""
+    qtype = _check_matmul("qmatmul_f16_cublas", x, w, qtype, k, "[N, ")
+    _check_mma("qmatmul_f16_cublas", x, k)
+    w16 = get_rows_f16(_row_ids(w.shape[0], str(w.device)), w, qtype, k)  # [N, K]
+    y = _mm_f32(_f16_rows(x), w16.T)  # [M, N]
+    return y if y is not None else _qmatmul_mma(x, w, qtype, k, MMA_TILE)
+
+
+_ROW_IDS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _row_ids(n: int, device: str) -> torch.Tensor:
+    """0 .. n-1 as int32 on the device: every row, for get_rows_f16 (made once per matrix height; not kept when
+    made during a CUDA graph capture, where it holds its values only once the graph runs)."""
+    ids = _ROW_IDS.get((n, device))
+    if ids is None:
+        ids = torch.arange(n, dtype=torch.int32, device=device)
+        if not (ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _ROW_IDS[(n, device)] = ids
+    return ids
+
+
+@lru_cache(maxsize=None)
+def _mm_out_dtype(device: str) -> bool:
+    """Whether torch.mm takes out_dtype here (float16 operands, float32 result: cuBLAS on tensor cores)."""
+    a = torch.zeros(1, 1, dtype=torch.float16, device=device)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+        return True
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """a @ b of float16 operands with the float32 result: cuBLAS on a GPU where torch.mm takes out_dtype, a
+    float32 product of the same values on the CPU (the references' runs); None where torch can only give f16."""
+    if a.device.type != "cuda":  # (not is_cuda: the tests' CPU emulator makes every tensor say it is)
+        return a.float() @ b.float()
+    return torch.mm(a, b, out_dtype=torch.float32) if _mm_out_dtype(str(a.device)) else None
+
+
 def _f16_rows(x: torch.Tensor) -> torch.Tensor:
     """X rounded to f16 once for every column tile that reads it (nearest even, as the f16 tiles' reference
     rounds it), contiguous: rows of K (a multiple of 16) halves start at multiples of 16 bytes, which the
@@ -343,6 +396,7 @@ def qmatmul_mma_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizat
 
 
 qmatmul_mma_wide_reference, qmatmul_q8_wide_reference = qmatmul_mma_reference, qmatmul_q8_reference
+qmatmul_f16_cublas_reference = qmatmul_mma_reference
 
 
 def qmatmul_reference(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ The candidates (ops.MATMULS): "scalar" (float FMAs, any GPU, the kernels' refere
 (tensor cores on f16-rounded X and W) and "int8" (tensor cores on X quantized to int8 per 32 values, as
 llama.cpp's MMQ; integer GGML types), the tensor-core ones also as "-wide" (32 x 128 tiles instead of
 32 x 32: a quarter of the reads of X, a quarter of the blocks; which wins depends on the shape and the
-GPU, so both are timed). Weights of one shape class, (dense or experts, type, N, K), share a
+GPU, so both are timed), and "f16-cublas" (dense weights: W decoded to f16 once per call, then cuBLAS; the
+tiles decode it once per 32 rows). Weights of one shape class, (dense or experts, type, N, K), share a
 choice. `choose` times each usable candidate at the canvas's row count on the GPU at hand, once: the
 result is kept in a JSON cache keyed by the GPU, its compute capability, the kernels' sources and the
 row count, so later loads only read it.
@@ -132,7 +133,8 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
            cache: Path | None | bool = True, top_k: int = 8) -> dict[str, str]:
     """Set every quantized weight's `matmul` and return {shape class: kernel}.
 
-    choice: a kernel name (ops.MATMULS) for every weight that can use it (the others keep "scalar"), or
+    choice: a kernel name (ops.MATMULS) for every weight that can use it (the others take its family's kind,
+    "f16" or "int8", where they can, else "scalar"), or
     "auto": per shape class, the fastest usable kernel at `rows` rows (experts: rows x top_k pairs) by
     `timer` (cuda_timer). cache: True for the default file (DGEMMA_CACHE or ~/.cache/dgemma/matmul.json),
     a path, or False."""
@@ -144,10 +146,15 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
         classes.setdefault(shape_class(obj, head=obj is weights.head), []).append(obj)
 
     def candidates(obj) -> list[str]:
-        return [m for m in ops.MATMULS if ops.usable(m, obj.qtype, obj.k, capability, obj.bounded_input)]
+        experts = isinstance(obj, QuantExperts)
+        return [m for m in ops.MATMULS if ops.usable(m, obj.qtype, obj.k, capability, obj.bounded_input, experts)]
+
+    def forced(obj) -> str:  # the choice, else its family's own kind (f16-cublas on experts: f16), else scalar
+        usable = candidates(obj)
+        return next(m for m in (choice, ops.matmul_family(choice), "scalar") if m in usable)
 
     if choice != "auto":
-        plan = {c: (choice if choice in candidates(objs[0]) else "scalar") for c, objs in classes.items()}
+        plan = {c: forced(objs[0]) for c, objs in classes.items()}
     else:
         path = None if cache is False else (_cache_path() if cache is True else Path(cache))
         key = _cache_key(device, capability, rows, top_k) if path else ""  # hashes csrc/: only for a cache
