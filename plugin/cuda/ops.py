@@ -63,6 +63,7 @@ MATMULS: dict[str, tuple[str, str | None]] = {
     "f16-wide": ("qmatmul_mma_wide", "moe_qmatmul_mma_wide"), "int8": ("qmatmul_q8", "moe_qmatmul_q8"),
     "int8-wide": ("qmatmul_q8_wide", "moe_qmatmul_q8_wide"), "f16-cublas": ("qmatmul_f16_cublas", None)}
 GET_ROWS_THREADS = 128
+GROUP = 16  # csrc/quant/decompose.cuh DG_GROUP: values per unit a thread decodes (a float type's unit: one value)
 ACCEPT_MAX_CANVAS = 1024  # csrc/accept.cu: one thread per canvas position, one block per canvas
 
 
@@ -179,10 +180,22 @@ def get_rows(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k
         lo, hi = (int(v) for v in torch.aminmax(rows))
         if lo < 0 or hi >= w.shape[0]:
             raise ValueError(f"get_rows: row {lo if lo < 0 else hi} is outside [0, {w.shape[0]})")
-    fn = kernel("get_rows.cu", f"dg::get_rows<{int(qtype)}>", _GET_ROWS_NAMES)
-    _launch(fn, (rows.shape[0],), (GET_ROWS_THREADS,), (rows.to(torch.int32).contiguous(), w, y,
-                                                        np.int32(k)))
+    _launch_get_rows("get_rows", rows.to(torch.int32), w, qtype, y)
     return y
+
+
+def _launch_get_rows(name: str, rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, y: torch.Tensor) -> None:
+    """csrc/get_rows.cu's kernel `name` for Y [M, K]: one thread per unit of Y (a 16-value group; a float type's
+    value), over as many blocks as that takes."""
+    m, k = y.shape
+    units = m * (k // _unit_values(qtype))
+    fn = kernel("get_rows.cu", f"dg::{name}<{int(qtype)}>", _GET_ROWS_NAMES)
+    _launch(fn, (-(-units // GET_ROWS_THREADS),), (GET_ROWS_THREADS,), (rows.contiguous(), w, y, np.int32(m), np.int32(k)))
+
+
+def _unit_values(qtype: GGMLQuantizationType) -> int:
+    """Values per unit a thread decodes (csrc/quant/blocks.cuh Unit): a 16-value group, or a float type's value."""
+    return 1 if GGML_QUANT_SIZES[GGMLQuantizationType(qtype)][0] == 1 else GROUP
 
 
 def get_rows_reference(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
@@ -199,8 +212,7 @@ def get_rows_f16(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationTyp
         raise ValueError(f"get_rows_f16: rows must be int32 [M] on w's device (got {rows.dtype} {tuple(rows.shape)})")
     y = torch.empty(rows.shape[0], k, dtype=torch.float16, device=w.device)
     if rows.shape[0]:
-        fn = kernel("get_rows.cu", f"dg::get_rows_f16<{int(qtype)}>", _GET_ROWS_NAMES)
-        _launch(fn, (rows.shape[0],), (GET_ROWS_THREADS,), (rows.contiguous(), w, y, np.int32(k)))
+        _launch_get_rows("get_rows_f16", rows, w, qtype, y)
     return y
 
 
