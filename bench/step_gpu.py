@@ -194,8 +194,9 @@ def main() -> None:
         x = torch.randn(m, k, device=DEVICE)
         bounded = "down" not in name  # f16 never takes the down projections' gelu(gate) * up (ops.usable)
         experts = name.startswith("expert")  # timed one expert at a time: only the kinds with a grouped form
+        head = name.startswith("vocabulary")  # not f16-cublas, as in the engine (its chunked head: head_pass)
         times = {kind: timed(lambda: getattr(ops, ops.MATMULS[kind][0])(x, w, qtype, k), args.repeat)
-                 if ops.usable(kind, qtype, k, cap, bounded, experts) else float("nan") for kind in kinds}  # NaN: not run
+                 if ops.usable(kind, qtype, k, cap, bounded, experts, head) else float("nan") for kind in kinds}  # NaN: not run
 
         wf = None
 

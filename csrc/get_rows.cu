@@ -10,7 +10,7 @@
 namespace dg {
 
 // Unit i (this thread's) of Y [M, K]: unit i % (K / VALUES) of row i / (K / VALUES), from row rows[that] of W
-// (float, or f16 bits rounded to nearest).
+// (float, or f16 bits rounded to nearest). M x K / VALUES < 2^31 (the wrapper checks): 32-bit divisions.
 template <int T, class Out>
 __device__ __forceinline__ void get_unit(const int * __restrict__ rows, const uint8_t * __restrict__ w, Out * __restrict__ y,
                                          int M, int K) {
@@ -18,9 +18,9 @@ __device__ __forceinline__ void get_unit(const int * __restrict__ rows, const ui
     constexpr int SIZE = Traits<T>::SIZE;
     constexpr int UV = Unit<T>::VALUES;
     const int units = K / UV;
-    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)M * units) return;
-    const int m = (int)(i / units), u = (int)(i % units);
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= M * units) return;
+    const int m = i / units, u = i % units;
     const long row_bytes = (long)(K / QK) * SIZE;
     dequant_unit<T>(w + (long)rows[m] * row_bytes, u, y + (long)m * K + (long)u * UV);
 }

@@ -115,6 +115,16 @@ def test_dense_launches_match_their_kernels(launches, qtype):
     assert set(called) == want | ({"quantize_q8", "qmatmul_q8"} if qtype in ops.INT_TYPES else set())
 
 
+def test_f16_cublas_decodes_w_once_above_one_row_tile(launches):
+    """f16-cublas: more rows of X than one tensor-core tile -> one get_rows_f16 of every row of W (then cuBLAS,
+    no kernel of ours); one tile's rows or fewer -> the f16 tile, which decodes W once then too."""
+    w = weights(Q.Q4_K, 7, 256)
+    ops.qmatmul_f16_cublas(torch.randn(ops.MMA_TILE + 1, 256), w, Q.Q4_K, 256)
+    ops.qmatmul_f16_cublas(torch.randn(ops.MMA_TILE, 256), w, Q.Q4_K, 256)
+    assert [check(fn, args) for fn, args in launches] == ["get_rows_f16", "qmatmul_mma"]
+    assert launches[0][1][0].tolist() == list(range(7))  # every row of W
+
+
 @pytest.mark.parametrize("variant", ["plain", "scatter", "gated"])
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K])
 def test_grouped_expert_launches_match_their_kernels(launches, qtype, variant):

@@ -77,13 +77,15 @@ def matmul_family(matmul: str) -> str:
 
 
 def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[int, int],
-           bounded_input: bool = True, experts: bool = False) -> bool:
+           bounded_input: bool = True, experts: bool = False, head: bool = False) -> bool:
     """Whether matmul kernel `matmul` (a key of MATMULS) takes rows of k values of type qtype on a GPU of
     this compute capability: the tensor-core kinds need 8.0; f16 (any form) steps 16 values of K and rounds X to
     f16, so its input must stay far below 65504 (`bounded_input`: normalised, not gelu(gate) * up); int8 needs an
-    integer type (its per-32 scales take any range); `experts` (the grouped op) a kind that has one."""
+    integer type (its per-32 scales take any range); `experts` (the grouped op) a kind that has one; the
+    vocabulary `head` not f16-cublas (its chunked f16 form is that already, a chunk at a time; whole, as the
+    logits path of --rng torch would run it, it would decode a 1.5 GB copy of the 26B's head per pass)."""
     family = matmul_family(matmul)
-    if experts and MATMULS[matmul][1] is None:
+    if (experts and MATMULS[matmul][1] is None) or (head and matmul == "f16-cublas"):
         return False
     if family == "scalar":
         return True
@@ -189,6 +191,8 @@ def _launch_get_rows(name: str, rows: torch.Tensor, w: torch.Tensor, qtype: GGML
     value), over as many blocks as that takes."""
     m, k = y.shape
     units = m * (k // _unit_values(qtype))
+    if units >= 2**31:  # the kernel counts units in 32 bits (its divisions are the cheap ones)
+        raise ValueError(f"{name}: {m} rows of {k} values are {units} units, more than the kernel counts (2^31 - 1)")
     fn = kernel("get_rows.cu", f"dg::{name}<{int(qtype)}>", _GET_ROWS_NAMES)
     _launch(fn, (-(-units // GET_ROWS_THREADS),), (GET_ROWS_THREADS,), (rows.contiguous(), w, y, np.int32(m), np.int32(k)))
 
@@ -263,13 +267,15 @@ def _qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, 
 def qmatmul_f16_cublas(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     """qmatmul with W decoded to f16 once (get_rows_f16 over every row: the values the f16 tiles stage) and X
     rounded to f16, multiplied by cuBLAS with a float32 result: the f16 tiles' numbers, summed in cuBLAS's order.
-    For many rows of X (the tiles decode W once per 32 of them); holds a transient f16 copy of W [N, K]. Where
-    torch.mm has no out_dtype (old torch), the f16 tile instead."""
+    For many rows of X (the tiles decode W once per 32 of them); holds a transient f16 copy of W [N, K]. For at
+    most 32 rows (one row tile: a prompt's short last chunk), and where torch.mm has no out_dtype (old torch),
+    the f16 tile instead."""
     qtype = _check_matmul("qmatmul_f16_cublas", x, w, qtype, k, "[N, ")
     _check_mma("qmatmul_f16_cublas", x, k)
+    if x.shape[0] <= MMA_TILE or (x.device.type == "cuda" and not _mm_out_dtype(str(x.device))):
+        return _qmatmul_mma(x, w, qtype, k, MMA_TILE)  # one row tile decodes W once too; old torch: no f32 result
     w16 = get_rows_f16(_row_ids(w.shape[0], str(w.device)), w, qtype, k)  # [N, K]
-    y = _mm_f32(_f16_rows(x), w16.T)  # [M, N]
-    return y if y is not None else _qmatmul_mma(x, w, qtype, k, MMA_TILE)
+    return _mm_f32(_f16_rows(x), w16.T)  # [M, N]
 
 
 _ROW_IDS: dict[tuple[int, str], torch.Tensor] = {}

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..model import Weights
-from . import ops
+from . import head_ops, ops
 from .loader import csrc_dir
 from .weights import QuantExperts, QuantLinear
 
@@ -100,10 +100,11 @@ def _cache_path() -> Path:
 
 
 def _cache_key(device: torch.device | str, capability: tuple[int, int], rows: int, top_k: int) -> str:
-    """The GPU, its compute capability, torch's version and CUDA, the kernels' sources and the row count:
-    what a choice depends on (and top-k: the experts are timed at rows x top_k pairs)."""
+    """The GPU, its compute capability, torch's version and CUDA, the kernels' sources and their wrappers (which
+    also say which kinds there are) and the row count: what a choice depends on (and top-k: the experts are
+    timed at rows x top_k pairs)."""
     h = hashlib.sha256()
-    for p in sorted(csrc_dir().rglob("*.cu*")):
+    for p in [*sorted(csrc_dir().rglob("*.cu*")), Path(ops.__file__), Path(head_ops.__file__)]:
         h.update(p.name.encode() + p.read_bytes())
     name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
     return (f"{name} sm_{capability[0]}{capability[1]} torch:{torch.__version__} cuda:{torch.version.cuda} "
@@ -146,8 +147,9 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
         classes.setdefault(shape_class(obj, head=obj is weights.head), []).append(obj)
 
     def candidates(obj) -> list[str]:
-        experts = isinstance(obj, QuantExperts)
-        return [m for m in ops.MATMULS if ops.usable(m, obj.qtype, obj.k, capability, obj.bounded_input, experts)]
+        experts, head = isinstance(obj, QuantExperts), obj is weights.head
+        return [m for m in ops.MATMULS
+                if ops.usable(m, obj.qtype, obj.k, capability, obj.bounded_input, experts, head)]
 
     def forced(obj) -> str:  # the choice, else its family's own kind (f16-cublas on experts: f16), else scalar
         usable = candidates(obj)
