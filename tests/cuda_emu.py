@@ -1,7 +1,7 @@
 """dgemma's CUDA kernels on the CPU: csrc/*.cu compiled by g++ against tests/cuda_emu.h (a fiber per CUDA thread)
 and launched through the ops wrappers, so tests/test_cuda_kernels.py runs the real kernels without a GPU.
 
-`emulated()` patches plugin/cuda/ops.py and head_ops.py for the duration: kernel() compiles the module for
+`emulated()` patches plugin/cuda/ops.py and head_ops.py (moe_ops.py launches through ops) for the duration: kernel() compiles the module for
 the CPU (cached on disk by content), _launch() runs it on CPU tensors, each passed in a buffer that ends at
 an inaccessible page (a read or write past its end is an error naming the kernel, block, thread and
 argument), tensors claim to be on a GPU (an H100's capability), and the wrappers' torch.empty outputs

@@ -1,4 +1,4 @@
-"""Every kernel launch in plugin/cuda/ops.py against the kernel's parameter list in csrc/, without a GPU.
+"""Every kernel launch in plugin/cuda/ops.py (and moe_ops.py, which launches through it) against the kernel's parameter list in csrc/, without a GPU.
 
 A launch packs its arguments by their Python types (tensors as 8-byte device pointers, numpy scalars at their
 own width), so one int64 where the kernel takes an int shifts every later argument, and an int64 tensor where

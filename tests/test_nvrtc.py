@@ -79,7 +79,7 @@ def test_every_kernel_call_in_the_wrappers_is_listed():
     """ops.MODULES is what the wrappers compile: each kernel(...) call's source appears in it."""
     import re
 
-    text = "".join((Path(ops.__file__).parent / f).read_text() for f in ("ops.py", "head_ops.py"))
+    text = "".join((Path(ops.__file__).parent / f).read_text() for f in ("ops.py", "head_ops.py", "moe_ops.py"))
     called = set(re.findall(r'kernel\("([a-z_0-9]+\.cu)"', text)) | set(re.findall(r'_launch_matmul\("([a-z_0-9]+\.cu)"', text))
     assert called and called <= {m[0] for m in ops.MODULES}
     assert {m[0] for m in ops.MODULES} == {p.name for p in csrc_dir().glob("*.cu")}  # every kernel file is launched

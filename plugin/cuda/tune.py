@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..model import Weights
-from . import head_ops, ops
+from . import ops
 from .loader import csrc_dir
 from .weights import QuantExperts, QuantLinear
 
@@ -104,7 +104,7 @@ def _cache_key(device: torch.device | str, capability: tuple[int, int], rows: in
     also say which kinds there are) and the row count: what a choice depends on (and top-k: the experts are
     timed at rows x top_k pairs)."""
     h = hashlib.sha256()
-    for p in [*sorted(csrc_dir().rglob("*.cu*")), Path(ops.__file__), Path(head_ops.__file__)]:
+    for p in [*sorted(csrc_dir().rglob("*.cu*")), *sorted(Path(ops.__file__).parent.glob("*ops.py"))]:  # the wrappers
         h.update(p.name.encode() + p.read_bytes())
     name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
     return (f"{name} sm_{capability[0]}{capability[1]} torch:{torch.__version__} cuda:{torch.version.cuda} "
