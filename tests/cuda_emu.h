@@ -2,8 +2,8 @@
 // this header in front). Every CUDA thread is a fiber with its own stack (x86-64: a 14-instruction switch
 // below, where ucontext's swapcontext makes a system call per switch); the threads of a block
 // run one block at a time on one OS thread, each until it blocks at __syncthreads() or at a warp-wide
-// instruction (__shfl_xor_sync, mma.sync), so shared memory is a function-local static. What it checks
-// beyond the results:
+// instruction (__shfl_xor_sync, mma.sync, ldmatrix: cuda_emu_warp.h), so shared memory is a function-local
+// static. What it checks beyond the results:
 //   - global memory: tests/cuda_emu.py passes every tensor (its view's bytes, or its whole storage where
 //     several arguments share one) in a buffer touching an inaccessible page, after it in one pass and
 //     before it in the other, so a read or write past either end faults; reported with kernel, block, thread;
@@ -235,172 +235,9 @@ inline long max(long a, long b) { return a > b ? a : b; }
 inline float min(float a, float b) { return fminf(a, b); }
 inline float max(float a, float b) { return fmaxf(a, b); }
 
-namespace dg {
-
-// cvt.rn.f16.f32: float -> IEEE half bits, round to nearest even (with -ftz, a denormal float in is 0)
-inline uint16_t f32_to_f16_bits(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    const uint32_t sign = (u >> 16) & 0x8000u;
-    const uint32_t exp = (u >> 23) & 0xFFu;
-    uint32_t man = u & 0x7FFFFFu;
-    if (exp == 0xFFu) return (uint16_t)(sign | 0x7C00u | (man ? 0x200u : 0u));  // inf, NaN
-    if (exp == 0) return (uint16_t)sign;                                           // zero, flushed denormal
-    const int e = (int)exp - 127 + 15;
-    if (e >= 31) return (uint16_t)(sign | 0x7C00u);  // overflow: inf
-    if (e <= 0) {                                    // a half denormal (or zero)
-        if (e < -10) return (uint16_t)sign;
-        man |= 0x800000u;
-        const int shift = 14 - e;
-        uint32_t h = man >> shift;
-        const uint32_t rest = man & ((1u << shift) - 1), half = 1u << (shift - 1);
-        if (rest > half || (rest == half && (h & 1u))) ++h;
-        return (uint16_t)(sign | h);
-    }
-    uint32_t h = ((uint32_t)e << 10) | (man >> 13);
-    const uint32_t rest = man & 0x1FFFu;
-    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // may carry into the exponent: still right
-    return (uint16_t)(sign | h);
-}
-
-// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32
-inline void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                             uint32_t b1) {
-    uint32_t *in = emu::cur->in;
-    const uint32_t regs[6] = {a0, a1, a2, a3, b0, b1};
-    memcpy(in, regs, sizeof regs);
-    memcpy(&in[6], d, 16);
-    emu::warp_op(emu::OP_MMA_F16, 0xffffffffu, 0);
-    memcpy(d, emu::cur->out, 16);
-}
-
-// ldmatrix.sync.aligned.m8n8.xN.shared.b16 (csrc/mma_tile.cuh): `row`, this lane's row address, goes to the warp
-template <int N> inline void ldmatrix(uint32_t (&r)[N], const void *row) {
-    static_assert(N == 1 || N == 2 || N == 4, "ldmatrix of 1, 2 or 4 matrices");
-    memcpy(emu::cur->in, &row, sizeof row);
-    emu::warp_op(emu::OP_LDMATRIX, 0xffffffffu, (uint32_t)N);
-    memcpy(r, emu::cur->out, sizeof r);
-}
-
-// cp.async.cg.shared.global, 16 bytes (csrc/mma_tile.cuh): the source is read now; the destination holds
-// unwritten-shared-memory bytes from now until this thread's cp_async_wait_all writes the copy, so a read of it
-// in between (the old contents or the new: a GPU may give either) sees neither
-inline void cp_async16(void *dst, const void *src, bool valid) {
-    if ((uintptr_t)dst % 16 || (uintptr_t)src % 16)
-        emu::fail("cp.async of 16 bytes from %p to %p: both must be 16-aligned", src, dst);
-    if (!emu::in_shared((const char *)dst, 16)) emu::fail("cp.async to %p: not inside a __shared__ array", dst);
-    if (emu::in_shared((const char *)src, 1)) emu::fail("cp.async from %p: a shared address, not global memory", src);
-    emu::Thread::Copy c{dst, {}};
-    if (valid) memcpy(c.bytes, src, 16);
-    memset(dst, emu::poison, 16);
-    emu::cur->copies.push_back(c);
-}
-inline void cp_async_wait_all() {
-    for (const auto &c : emu::cur->copies) memcpy(c.dst, c.bytes, 16);
-    emu::cur->copies.clear();
-}
-
-// mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32
-inline void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
-    uint32_t *in = emu::cur->in;
-    memcpy(&in[0], &a0, 4);
-    memcpy(&in[1], &a1, 4);
-    memcpy(&in[2], &b0, 4);
-    memcpy(&in[3], d, 16);
-    emu::warp_op(emu::OP_MMA_S8, 0xffffffffu, 0);
-    memcpy(d, emu::cur->out, 16);
-}
-
-}  // namespace dg
-
-#include "quant/base.cuh"  // dg::fp16_to_f32 (its host path) for the f16 MMA's inputs
+#include "cuda_emu_warp.h"  // dg::mma_m16n8k16_*, ldmatrix, cp_async16; emu::resolve_warp
 
 namespace emu {
-
-// Every lane named by `mask` waits at one warp instruction: compute their results.
-inline void resolve_warp(Thread *lane, uint32_t mask) {
-    int first = 0;
-    while (!(mask >> first & 1u)) ++first;
-    const int op = lane[first].op;
-    for (int l = 0; l < 32; ++l)
-        if ((mask >> l & 1u) && (lane[l].op != op || lane[l].mask != mask))
-            fail("warp %d: lanes wait at different warp instructions (lane %d at %d with mask %08x, lane %d at %d with "
-                 "mask %08x)", lane[first].linear / 32, first, op, mask, l, lane[l].op, lane[l].mask);
-    if (op != OP_SHFL_XOR && mask != 0xffffffffu)
-        fail("warp %d: an mma.sync or ldmatrix with mask %08x", lane[first].linear / 32, mask);
-    if (op == OP_SHFL_XOR) {
-        for (int l = 0; l < 32; ++l) {
-            if (!(mask >> l & 1u)) continue;
-            const uint32_t src = (uint32_t)l ^ lane[l].arg;  // shfl.sync.bfly: past lane 31, a lane keeps its own
-            if (src > 31) {
-                lane[l].out[0] = lane[l].in[0];
-                continue;
-            }
-            if (!(mask >> src & 1u)) fail("warp %d: lane %d reads lane %u, outside mask %08x", lane[l].linear / 32, l, src, mask);
-            lane[l].out[0] = lane[src].in[0];
-        }
-    } else if (op == OP_MMA_F16) {  // A 16x16 row-major, B 16x8 column-major, C/D 16x8 f32
-        float A[16][16], B[16][8], C[16][8];
-        for (int l = 0; l < 32; ++l) {
-            const int g = l >> 2, t = l & 3;
-            for (int i = 0; i < 8; ++i) {  // a_i: register i/2, half i%2 (low first)
-                const uint32_t h = (lane[l].in[i / 2] >> (16 * (i & 1))) & 0xFFFFu;
-                const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
-                const int col = t * 2 + (i & 1) + (i >= 4 ? 8 : 0);
-                A[row][col] = dg::fp16_to_f32((uint16_t)h);
-            }
-            for (int i = 0; i < 4; ++i) {  // b_i: register 4 + i/2
-                const uint32_t h = (lane[l].in[4 + i / 2] >> (16 * (i & 1))) & 0xFFFFu;
-                B[t * 2 + (i & 1) + (i >= 2 ? 8 : 0)][g] = dg::fp16_to_f32((uint16_t)h);
-            }
-            for (int i = 0; i < 4; ++i) memcpy(&C[i < 2 ? g : g + 8][t * 2 + (i & 1)], &lane[l].in[6 + i], 4);
-        }
-        for (int l = 0; l < 32; ++l) {
-            const int g = l >> 2, t = l & 3;
-            for (int i = 0; i < 4; ++i) {
-                const int row = i < 2 ? g : g + 8, col = t * 2 + (i & 1);
-                double s = C[row][col];  // products of halves are exact; the sum rounded once
-                for (int k = 0; k < 16; ++k) s += (double)A[row][k] * (double)B[k][col];
-                const float f = (float)s;
-                memcpy(&lane[l].out[i], &f, 4);
-            }
-        }
-    } else if (op == OP_MMA_S8) {
-        int A[16][16], B[16][8], C[16][8];
-        for (int l = 0; l < 32; ++l) {
-            const int g = l >> 2, t = l & 3;
-            for (int i = 0; i < 8; ++i)  // a_i: register i/4, byte i%4 (low first)
-                A[i < 4 ? g : g + 8][t * 4 + (i & 3)] = (int8_t)((lane[l].in[i / 4] >> (8 * (i & 3))) & 0xFFu);
-            for (int i = 0; i < 4; ++i) B[t * 4 + i][g] = (int8_t)((lane[l].in[2] >> (8 * i)) & 0xFFu);
-            for (int i = 0; i < 4; ++i) memcpy(&C[i < 2 ? g : g + 8][t * 2 + (i & 1)], &lane[l].in[3 + i], 4);
-        }
-        for (int l = 0; l < 32; ++l) {
-            const int g = l >> 2, t = l & 3;
-            for (int i = 0; i < 4; ++i) {
-                const int row = i < 2 ? g : g + 8, col = t * 2 + (i & 1);
-                int s = C[row][col];
-                for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
-                memcpy(&lane[l].out[i], &s, 4);
-            }
-        }
-    } else if (op == OP_LDMATRIX) {  // lane l: row l / 4, bytes 4 (l % 4) of each matrix j, from lane 8 j + l / 4's row
-        const int n = (int)lane[first].arg;
-        const char *rows[32];
-        for (int l = 0; l < 32; ++l) {
-            if ((int)lane[l].arg != n) fail("warp %d: ldmatrix of %d and %d matrices", lane[l].linear / 32, n, (int)lane[l].arg);
-            if (l >= 8 * n) continue;
-            memcpy(&rows[l], lane[l].in, sizeof rows[l]);
-            if ((uintptr_t)rows[l] % 16) fail("warp %d: lane %d gives ldmatrix a row at %p, not 16-aligned", lane[l].linear / 32, l, (const void *)rows[l]);
-            if (!in_shared(rows[l], 16)) fail("warp %d: lane %d gives ldmatrix a row at %p, not inside a __shared__ array", lane[l].linear / 32, l, (const void *)rows[l]);
-        }
-        for (int l = 0; l < 32; ++l)
-            for (int j = 0; j < n; ++j) memcpy(&lane[l].out[j], rows[8 * j + l / 4] + 4 * (l % 4), 4);
-    } else {
-        fail("unknown warp instruction %d", op);
-    }
-    for (int l = 0; l < 32; ++l)
-        if (mask >> l & 1u) lane[l].state = RUN;
-}
 
 // The lanes of a warp (`lanes` of them) that wait at a warp instruction go on once every lane its mask names
 // waits there too: resolve them. Returns whether it did.

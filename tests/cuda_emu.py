@@ -34,7 +34,8 @@ from cuda_util import KERNEL_SIGNATURE
 from dgemma.plugin.cuda import head_ops, ops
 from dgemma.plugin.cuda.loader import csrc_dir
 
-HEADER = Path(__file__).with_name("cuda_emu.h")
+HEADER = Path(__file__).with_name("cuda_emu.h")  # which includes cuda_emu_warp.h beside it
+HEADERS = (HEADER, HEADER.with_name("cuda_emu_warp.h"))
 # -fno-gnu-unique, -fvisibility=hidden: each module keeps its own emulator state and template statics (g++
 # makes them process-wide "unique" symbols otherwise); -ftrivial-auto-var-init=pattern: an uninitialised
 # local reads as a pattern (-1.7e38), not as whatever the stack held; -fsanitize=alignment: a load or store
@@ -125,7 +126,7 @@ def _machine() -> bytes:
 def _tree(src: Path) -> tuple[Path, str]:
     """csrc/ as the emulator compiles it (for_emulator on every file), cached by content; and its digest."""
     files = sorted(p for p in src.rglob("*") if p.suffix in (".cu", ".cuh"))
-    digest = hashlib.sha256(HEADER.read_bytes() + Path(__file__).read_bytes() + " ".join(FLAGS).encode() + _machine())
+    digest = hashlib.sha256(b"".join(h.read_bytes() for h in HEADERS) + Path(__file__).read_bytes() + " ".join(FLAGS).encode() + _machine())
     for path in files:
         digest.update(str(path.relative_to(src)).encode() + path.read_bytes())
     key = digest.hexdigest()[:16]
