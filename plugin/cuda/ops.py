@@ -314,7 +314,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
 def _f16_rows(x: torch.Tensor) -> torch.Tensor:
     """X rounded to f16 once for every column tile that reads it (nearest even, as the f16 tiles' reference
     rounds it), contiguous: rows of K (a multiple of 16) halves start at multiples of 16 bytes, which the
-    tiles' 128-bit loads of X need."""
+    tiles' 16-byte copies of X (cp.async) need."""
     return x.to(torch.float16).contiguous()
 
 
