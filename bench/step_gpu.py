@@ -21,7 +21,7 @@ from synthetic import synthetic_blocks
 from synthetic import timed as timed_on
 
 from dgemma.plugin.cuda import check_cuda
-from dgemma.plugin.cuda import ops
+from dgemma.plugin.cuda import ops, tune
 from dgemma.plugin.model import geglu, grouped_attention
 from dgemma.plugin.sampler import accept, renoise
 
@@ -194,9 +194,8 @@ def main() -> None:
         x = torch.randn(m, k, device=DEVICE)
         bounded = "down" not in name  # f16 never takes the down projections' gelu(gate) * up (ops.usable)
         experts = name.startswith("expert")  # timed one expert at a time: only the kinds with a grouped form
-        head = name.startswith("vocabulary")  # not f16-cublas, as in the engine (its chunked head: head_pass)
         times = {kind: timed(lambda: getattr(ops, ops.MATMULS[kind][0])(x, w, qtype, k), args.repeat)
-                 if ops.usable(kind, qtype, k, cap, bounded, experts, head) else float("nan") for kind in kinds}  # NaN: not run
+                 if ops.usable(kind, qtype, k, cap, bounded, experts) else float("nan") for kind in kinds}  # NaN: not run
 
         wf = None
 
@@ -212,10 +211,9 @@ def main() -> None:
         print(f"{name:<32} " + " | ".join(f"{times[kind]:14.3f} {flop / times[kind] / 1e9:7.1f}" for kind in kinds)
               + f" | {theirs:9.3f} {wf.numel() * 2 / theirs / 1e9:6.2f} | {best}, {theirs / times[best]:.2f}x"
               + f" ({w.numel() / times[best] / 1e9:.2f} TB/s of weights)")
-        for kind in kinds:  # a kernel that cannot take this weight counts as the engine's fallback (tune.choose):
-            fallback = times.get(ops.matmul_family(kind), float("nan"))  # its family's tile (f16-cublas: f16), or
-            fallback = fallback if fallback == fallback else times["scalar"]  # the float one
-            totals[kind] += (times[kind] if times[kind] == times[kind] else fallback) * count
+        usable = [kind for kind in kinds if times[kind] == times[kind]]
+        for kind in kinds:  # a kernel that cannot take this weight counts as what the engine runs instead
+            totals[kind] += times[tune.fallback(kind, usable)] * count
         totals["best"] += times[best] * count
         totals["torch"] += theirs * count
         w = wf = None  # freed before the next shape

@@ -4,13 +4,15 @@
 // One thread per unit of Y (a 16-value group, or a float type's value: csrc/quant/blocks.cuh), units counted
 // along Y's rows, so every thread of a block has one whatever K is (a block per row left 80 of 128 threads idle
 // in a row's second pass at K = 2816, and 84 of 128 in its only pass at the experts' 704).
-// Shapes: rows [M] i32 in [0, V) (checked by the wrapper); W [V, row_bytes] u8; Y [M, K] f32 (f16: get_rows_f16).
+// Shapes: rows [M] i32 in [0, V) (checked by the wrapper), or null for W's rows in order (M = V); W [V, row_bytes]
+// u8; Y [M, K] f32 (f16: get_rows_f16).
 #include "quant/blocks.cuh"
 
 namespace dg {
 
 // Unit i (this thread's) of Y [M, K]: unit i % (K / VALUES) of row i / (K / VALUES), from row rows[that] of W
-// (float, or f16 bits rounded to nearest). M x K / VALUES < 2^31 (the wrapper checks): 32-bit divisions.
+// (float, or f16 bits rounded to nearest; rows null: row m of W). M x K / VALUES < 2^31 (the wrapper checks):
+// 32-bit divisions.
 template <int T, class Out>
 __device__ __forceinline__ void get_unit(const int * __restrict__ rows, const uint8_t * __restrict__ w, Out * __restrict__ y,
                                          int M, int K) {
@@ -22,7 +24,7 @@ __device__ __forceinline__ void get_unit(const int * __restrict__ rows, const ui
     if (i >= M * units) return;
     const int m = i / units, u = i % units;
     const long row_bytes = (long)(K / QK) * SIZE;
-    dequant_unit<T>(w + (long)rows[m] * row_bytes, u, y + (long)m * K + (long)u * UV);
+    dequant_unit<T>(w + (long)(rows ? rows[m] : m) * row_bytes, u, y + (long)m * K + (long)u * UV);
 }
 
 template <int T>

@@ -42,6 +42,10 @@ __device__ __forceinline__ void mma_f16_tile(const uint16_t * __restrict__ x, in
     const long row_bytes = (long)(K / QK) * SIZE;
     float acc[S::MI][S::NI][4] = {};
 
+    static_assert(S::NI % 2 == 0, "B fragments come two n8 tiles per ldmatrix");
+    // the rows (and halves: 8 values) this lane names to ldmatrix, for X's 16 x 16 and two n8 tiles of W
+    const int ar = ldm_a_row(p.lane), ac = ldm_a_half(p.lane) * 8, br = ldm_b_row(p.lane), bc = ldm_b_half(p.lane) * 8;
+
     if (tid < TM) x_row[tid] = m0 + tid < m_end ? (xrows ? xrows[m0 + tid] : m0 + tid) : -1;  // -1: past the tile
     __syncthreads();
     for (int k0 = 0; k0 < K; k0 += TK) {
@@ -55,8 +59,6 @@ __device__ __forceinline__ void mma_f16_tile(const uint16_t * __restrict__ x, in
         stage_w_rows<T, MMA_THREADS>(tid, ws, w, row_bytes, k0 / UV, tk / UV, n0, N, ep);
         cp_async_wait_all();
         __syncthreads();
-        static_assert(S::NI % 2 == 0, "B fragments come two n8 tiles per ldmatrix");
-        const int ar = ldm_a_row(p.lane), ac = ldm_a_half(p.lane) * 8, br = ldm_b_row(p.lane), bc = ldm_b_half(p.lane) * 8;
         for (int kk = 0; kk < tk; kk += 16) {
             uint32_t a[S::MI][4];
 #pragma unroll

@@ -49,6 +49,12 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
     const long row_bytes = (long)(K / QK) * SIZE;
     float acc[S::MI][S::NI][4] = {};
 
+    // fragments by ldmatrix: X's a0, a1 of a pair's groups for 16 rows in one (x4; x2 for one group), W's b of
+    // an n8 tile for the pair's groups in one (x2; x1); this lane's rows (lane & 15 for W: the lanes x2 and x1
+    // ignore name rows inside ws_q too)
+    const int8_t *xa = &xs_q[wm + ldm_a_row(p.lane)][ldm_a_half(p.lane) * DG_GROUP];
+    const int8_t *wb = &ws_q[wn + ldm_b_row(p.lane & 15)][ldm_b_half(p.lane & 15) * DG_GROUP];
+
     if (tid < TM) x_row[tid] = m0 + tid < m_end ? (xrows ? xrows[m0 + tid] : m0 + tid) : -1;  // -1: past the tile
     __syncthreads();
     for (int k0 = 0; k0 < K; k0 += TK) {
@@ -80,11 +86,7 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
         // ScaleSpan) go through one int32 accumulator: the scale arithmetic, most of this loop's instructions,
         // once per 32 values instead of 16 (|dot| <= 32 x 128 x 128 < 2^22 still)
         constexpr int PAIR = ScaleSpan<T> / DG_GROUP;  // 2, or 1 for Q2_K, Q3_K, Q6_K
-        // fragments by ldmatrix: X's a0, a1 of the pair's groups for 16 rows in one (x4; x2 for one group), W's b
-        // of an n8 tile for the pair's groups in one (x2; x1)
-        const int8_t *xa = &xs_q[wm + ldm_a_row(p.lane)][ldm_a_half(p.lane) * DG_GROUP];  // this lane's rows
-        // (lane & 15: the lanes x2 and x1 ignore name rows inside ws_q too)
-        const int8_t *wb = &ws_q[wn + ldm_b_row(p.lane & 15)][ldm_b_half(p.lane & 15) * DG_GROUP];
+        static_assert(ScaleSpan<T> * 128 * 128 <= (1 << 22), "an int32 dot made a float exactly (small_i32_to_f32)");
         for (int gq = 0; gq < groups; gq += PAIR) {
             uint32_t a[S::MI][2 * PAIR];  // [h * 2 + k]: group gq + h, rows g (k 0) and g + 8 (k 1)
             float dx[S::MI][2], sx[S::MI][2];

@@ -33,9 +33,10 @@ template <class S> DG_HD MmaLane mma_lane(int tid) {
     return MmaLane{(warp / S::WARPS_N) * S::WM, (warp % S::WARPS_N) * S::WN, lane >> 2, lane & 3, lane};
 }
 
-// The two tensor-core instructions, the only inline PTX of the tiles: D += A B for one m16n8k16 tile, A row-major
-// and B column-major fragments in the layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16"). The CPU
-// emulator of the tests (tests/cuda_emu.h, which defines DG_EMU) supplies its own.
+// The tiles' inline PTX: the two tensor-core instructions (D += A B for one m16n8k16 tile, A row-major and B
+// column-major fragments in the layouts of the PTX ISA, "Matrix Fragments for mma.m16n8k16"), ldmatrix, and
+// cp.async with its wait. The CPU emulator of the tests (tests/cuda_emu.h, which defines DG_EMU) supplies its
+// own (tests/cuda_emu_warp.h).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 // f16 inputs (two per 32-bit register), f32 accumulators
 __device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -53,7 +54,7 @@ __device__ __forceinline__ void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int
 }
 
 // ldmatrix.sync.aligned.m8n8.xN.shared.b16: N (1, 2 or 4) 8 x 8 matrices of 16-bit values, each 8 rows of 16
-// bytes in shared memory, in one instruction where 32-bit loads took 4 per matrix and lane. Lane l gives the
+// bytes in shared memory, in one instruction where 32-bit loads took one per matrix and lane. Lane l gives the
 // address of row l % 8 of matrix l / 8 (16-aligned; lanes past 8N give none that is read) and gets in r[j]
 // the 32 bits at row l / 4, bytes 4 (l % 4) .. + 3 of matrix j: exactly an m16n8k16 fragment register when
 // the matrix is 8 rows of an A (row-major) or B (column-major) tile and 8 halves, or 16 int8, of K.

@@ -155,7 +155,7 @@ class Engine:
         on this GPU, timed once and cached; plugin/cuda/tune.py), "scalar" (float FMAs: the torch backend's
         numbers up to float rounding), "f16" or "int8" (tensor cores, compute capability 8.0; "f16-wide" and
         "int8-wide": the same in tiles 128 columns wide instead of 32; "f16-cublas": dense weights decoded to
-        f16 once per product and multiplied by cuBLAS, the experts and the head as with "f16"). graphs (cuda
+        f16 once per product and multiplied by cuBLAS, the experts as with "f16"). graphs (cuda
         backend, default True): with rng "counter", each canvas's decoder pass is captured once into a CUDA
         graph and replayed (plugin/cuda/graph.py); False launches its kernels one by one."""
         if backend == "auto" and pick_backend("auto") == "cuda":

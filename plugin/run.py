@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "weight shape and for the vocabulary head, timed once and cached), scalar (float FMAs, the "
                         "torch backend's numbers), f16 or int8 (tensor cores, compute capability 8.0), f16-wide or "
                         "int8-wide (the same in tiles 128 columns wide), f16-cublas (dense weights decoded to f16, then "
-                        "cuBLAS; the experts and the head as with f16)")
+                        "cuBLAS; the experts as with f16)")
     p.add_argument("--no-graphs", action="store_true",
                    help="cuda backend with --rng counter (its default): launch the decoder's kernels one by one "
                         "instead of replaying each canvas's pass from a CUDA graph")

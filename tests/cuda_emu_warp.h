@@ -91,10 +91,12 @@ inline void resolve_warp(Thread *lane, uint32_t mask) {
     int first = 0;
     while (!(mask >> first & 1u)) ++first;
     const int op = lane[first].op;
+    const uint32_t arg = lane[first].arg;  // the same for every lane but a shuffle's (ldmatrix's matrices)
     for (int l = 0; l < 32; ++l)
-        if ((mask >> l & 1u) && (lane[l].op != op || lane[l].mask != mask))
-            fail("warp %d: lanes wait at different warp instructions (lane %d at %d with mask %08x, lane %d at %d with "
-                 "mask %08x)", lane[first].linear / 32, first, op, mask, l, lane[l].op, lane[l].mask);
+        if ((mask >> l & 1u) && (lane[l].op != op || lane[l].mask != mask || (op != OP_SHFL_XOR && lane[l].arg != arg)))
+            fail("warp %d: lanes wait at different warp instructions (lane %d at %d with mask %08x and %u, lane %d at %d "
+                 "with mask %08x and %u)", lane[first].linear / 32, first, op, mask, arg, l, lane[l].op, lane[l].mask,
+                 lane[l].arg);
     if (op != OP_SHFL_XOR && mask != 0xffffffffu)
         fail("warp %d: an mma.sync or ldmatrix with mask %08x", lane[first].linear / 32, mask);
     if (op == OP_SHFL_XOR) {
@@ -153,10 +155,9 @@ inline void resolve_warp(Thread *lane, uint32_t mask) {
             }
         }
     } else if (op == OP_LDMATRIX) {  // lane l: row l / 4, bytes 4 (l % 4) of each matrix j, from lane 8 j + l / 4's row
-        const int n = (int)lane[first].arg;
+        const int n = (int)arg;
         const char *rows[32];
         for (int l = 0; l < 32; ++l) {
-            if ((int)lane[l].arg != n) fail("warp %d: ldmatrix of %d and %d matrices", lane[l].linear / 32, n, (int)lane[l].arg);
             if (l >= 8 * n) continue;
             memcpy(&rows[l], lane[l].in, sizeof rows[l]);
             if ((uintptr_t)rows[l] % 16) fail("warp %d: lane %d gives ldmatrix a row at %p, not 16-aligned", lane[l].linear / 32, l, (const void *)rows[l]);

@@ -98,8 +98,7 @@ def test_int_to_float_without_conversions_is_exact(harness):
     of 16 where they share scales: at most 32 x 128 x 128) and the q8 sums stay in."""
     proc = subprocess.run([str(harness), "ints"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == [str(-(1 << 22)), str(1 << 22)]
-    assert 32 * 128 * 128 < 1 << 22
+    assert proc.stdout.split() == [str(-(1 << 22)), str(1 << 22)]  # the dots' bound: mma_q8.cuh's static_assert
 
 
 def test_harness_refuses_bad_input(harness):

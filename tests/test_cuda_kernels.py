@@ -333,6 +333,23 @@ def test_get_rows_f16_is_get_rows_rounded(ops, dev, qtype):
                          .reshape(37, -1).view(np.uint8)).to(dev)
     rows = torch.tensor([36, 0, 5, 5, 17], dtype=torch.int32, device=dev)
     assert torch.equal(ops.get_rows_f16(rows, w, qtype, k), ops.get_rows(rows, w, qtype, k).half())
+    every = torch.arange(37, dtype=torch.int32, device=dev)  # rows None: every row in order
+    assert torch.equal(ops.get_rows_f16(None, w, qtype, k), ops.get_rows(every, w, qtype, k).half())
+
+
+def test_f16_cublas_decodes_a_tall_weight_a_chunk_at_a_time(ops, dev, monkeypatch):
+    """F16_ROWS rows of W in f16 at a time (8192: the vocabulary head in 32 chunks; here 16, for 50 rows: 3 whole
+    chunks and a partial one), the same products as the f16 tiles' reference, within its bound."""
+    if torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
+        pytest.skip("tensor-core f16 MMA needs compute capability 8.0")
+    monkeypatch.setattr(ops, "F16_ROWS", 16)
+    rng = np.random.default_rng(3)
+    data = torch.from_numpy(quant.quantize(rng.standard_normal((50, 64)).astype(np.float32), Q.Q8_0).reshape(50, -1))
+    x = torch.from_numpy(rng.standard_normal((40, 64)).astype(np.float32))
+    got = ops.qmatmul_f16_cublas(x.to(dev), data.to(dev), Q.Q8_0, 64).cpu().double()
+    want = ops.qmatmul_mma_reference(x, data, Q.Q8_0, 64).double()
+    bound = 1e-5 * (x.half().double().abs() @ ops._dequantized(data, Q.Q8_0, 64).half().double().abs().T) + 1e-6
+    assert got.shape == (40, 50) and bool(((got - want).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("L,n,v0", [(1, 1, 0), (3, 300, 7000), (17, 8192, 262144 - 8192)])

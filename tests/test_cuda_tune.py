@@ -67,9 +67,8 @@ def preset_timer(ran: list[str], times: dict[str, float]):
     return timer
 
 
-def usable(obj, w, capability=AMPERE) -> list[str]:
-    experts, head = isinstance(obj, QuantExperts), obj is w.head
-    return [m for m in ops.MATMULS if ops.usable(m, obj.qtype, obj.k, capability, obj.bounded_input, experts, head)]
+def usable(obj, capability=AMPERE) -> list[str]:
+    return tune.candidates(obj, capability)
 
 
 def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gguf, ran, tmp_path):
@@ -86,11 +85,12 @@ def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gg
     assert set(plan) == set(first) and {"dense", "experts", "head"} == {c.split()[0] for c in plan}
     unbounded = {c for c, o in first.items() if not o.bounded_input}
     assert unbounded == {c for c in plan if c.endswith(" unbounded")} and len(unbounded) >= 2  # dense and experts
-    for c, o in first.items():  # f16-cublas is fastest, but not for experts or the head; f16 never on gelu(gate) * up
-        assert plan[c] == ("int8-wide" if c in unbounded else "f16-cublas" if c.startswith("dense") else "f16"), c
-    assert plan[f"head F16 {cfg.vocab_size}x{cfg.n_embd}"] == "f16"  # timed through its statistics (chunked)
+    for c, o in first.items():  # f16-cublas is fastest, but has no grouped form; f16 never on gelu(gate) * up
+        assert plan[c] == ("int8-wide" if c in unbounded else "f16" if c.startswith("experts") else "f16-cublas"), c
+    assert plan[f"head F16 {cfg.vocab_size}x{cfg.n_embd}"] == "f16-cublas"  # timed through its statistics (chunked)
+    assert not any(isinstance(o, QuantExperts) and "f16-cublas" in usable(o) for o in first.values())
     assert all(o.matmul == plan[tune.shape_class(o, head=o is w.head)] for o in tune.weight_objects(w))
-    assert timer.timed == [m for o in first.values() for m in usable(o, w)]  # each usable kernel once per class
+    assert timer.timed == [m for o in first.values() for m in usable(o)]  # each usable kernel once per class
     stored = json.loads(cache.read_text())
     assert list(stored.values()) == [plan]
     # a second load reads the cache: nothing is timed, nothing is written
@@ -124,7 +124,7 @@ def test_a_damaged_cache_is_tuned_again_and_rewritten(default_gguf, ran, tmp_pat
         timer = preset_timer(ran, {"scalar": 1.0, "f16": 2.0, "f16-wide": 2.5, "int8": 3.0, "int8-wide": 3.5,
                                    "f16-cublas": 2.0})
         plan = tune.choose(w, "auto", rows=16, device="cpu", capability=AMPERE, timer=timer, cache=cache)
-        timed = sum(len(usable(o, w)) for o in {tune.shape_class(o, o is w.head): o for o in tune.weight_objects(w)}.values())
+        timed = sum(len(usable(o)) for o in {tune.shape_class(o, o is w.head): o for o in tune.weight_objects(w)}.values())
         assert set(plan.values()) == {"scalar"} and len(timer.timed) == timed
         assert plan in json.loads(cache.read_text()).values()
     bad_entry = {k: {c: "no-such-kernel" for c in plan} for k in json.loads(cache.read_text())}
@@ -141,8 +141,8 @@ def test_a_named_kernel_goes_where_it_can(default_gguf, ran):
     plan = tune.choose(w, "f16", device="cpu", capability=AMPERE, cache=False)
     assert {c: k for c, k in plan.items() if k != "f16"} == {c: "scalar" for c in plan if c.endswith("unbounded")}
     assert set(tune.choose(w, "int8", device="cpu", capability=TURING, cache=False).values()) == {"scalar"}
-    plan = tune.choose(w, "f16-cublas", device="cpu", capability=AMPERE, cache=False)  # experts, head: f16
-    assert plan == {c: "scalar" if c.endswith("unbounded") else "f16-cublas" if c.startswith("dense") else "f16"
+    plan = tune.choose(w, "f16-cublas", device="cpu", capability=AMPERE, cache=False)  # experts: the f16 tile
+    assert plan == {c: "scalar" if c.endswith("unbounded") else "f16" if c.startswith("experts") else "f16-cublas"
                     for c in plan} and set(plan.values()) == {"scalar", "f16", "f16-cublas"}
     with pytest.raises(ValueError, match="matmul 'fp8' is not available"):
         tune.choose(w, "fp8", device="cpu", capability=AMPERE)
@@ -174,9 +174,8 @@ def test_each_kernel_runs_the_model_within_its_rounding(default_gguf, ran_either
     ran_either.clear()
     want = ref.model.decode_stats(canvas, c1, None, 0.7, 9, 3)
     got = model.decode_stats(canvas, c2, None, 0.7, 9, 3)
-    head = next(k for c, k in plan.items() if c.startswith("head"))  # the kernel, or f16 for f16-cublas
-    assert head == (ops.matmul_family(kernel) if kernel == "f16-cublas" else kernel)
-    assert ran_either and ran_either[-1] == head  # the head (run last): the fused kernel for scalar, the chunked one else
+    assert plan[next(c for c in plan if c.startswith("head"))] == kernel
+    assert ran_either and ran_either[-1] == kernel  # the head (run last): the fused kernel for scalar, the chunked one else
     assert torch.equal(got.argmax, want.argmax)
     assert float((got.entropy - want.entropy).abs().max()) < stats[0]
     assert float((got.sc - want.sc).abs().max()) < stats[1]

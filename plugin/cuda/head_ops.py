@@ -21,7 +21,7 @@ from .loader import kernel
 from .ops import _HEAD_NAMES, _check_matmul, _dequantized, _launch, _mm_f32
 
 HEAD_L, HEAD_THREADS, HEAD_MAX_D, HEAD_MAX_SPLITS = 4, 256, 4096, 1024  # csrc/head.cu
-HEAD_CHUNK = 8192  # vocabulary rows per chunk of head_stats_chunked: logits [L, 8192] at a time
+HEAD_CHUNK = ops.F16_ROWS  # vocabulary rows per chunk of head_stats_chunked: logits [L, 8192] at a time
 
 
 def _check_head(op: str, h: torch.Tensor, temperature: float, seed: int, step: int, max_d: int | None = None) -> None:
@@ -240,7 +240,6 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
 
     run, part = (*partial(), torch.zeros(L, D, device=dev)), partial()  # the chunks so far; this chunk's
     p = torch.empty(L, min(chunk, V), dtype=torch.float16, device=dev)
-    rows = torch.arange(min(chunk, V), dtype=torch.int32, device=dev)  # a chunk's rows, counted in the chunk
     h = h.contiguous()
     int8 = ops.matmul_family(matmul) == "int8"
     h16, hq = (None, ops.quantize_q8(h)) if int8 else (h.half(), None)  # once for every chunk
@@ -249,7 +248,7 @@ def head_stats_chunked(h: torch.Tensor, embed: torch.Tensor, qtype: GGMLQuantiza
         check = v0 == 0 or v0 + chunk >= V  # the first and the last chunk: the middle ones repeat the first's shapes
         head = embed[v0 : v0 + n]
         # [n, D]: the chunk's rows in f16, for both products (int8 decodes them again in its tile, from their integer form)
-        e = ops.get_rows_f16(rows[:n], head, qtype, D) if decoded is None else decoded[v0 : v0 + n]
+        e = ops.get_rows_f16(None, head, qtype, D) if decoded is None else decoded[v0 : v0 + n]  # every row of it
         z = tile(h, head, qtype, D, quantized=hq) if hq is not None else _mm_f32(h16, e.T)  # [L, n]
         if z is None:
             z = tile(h, head, qtype, D)

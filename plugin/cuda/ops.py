@@ -63,6 +63,7 @@ MATMULS: dict[str, tuple[str, str | None]] = {
     "f16-wide": ("qmatmul_mma_wide", "moe_qmatmul_mma_wide"), "int8": ("qmatmul_q8", "moe_qmatmul_q8"),
     "int8-wide": ("qmatmul_q8_wide", "moe_qmatmul_q8_wide"), "f16-cublas": ("qmatmul_f16_cublas", None)}
 GET_ROWS_THREADS = 128
+F16_ROWS = 8192  # rows of W decoded to f16 at a time, for cuBLAS: 46 MB at K = 2816, about an H100's L2 cache
 GROUP = 16  # csrc/quant/decompose.cuh DG_GROUP: values per unit a thread decodes (a float type's unit: one value)
 ACCEPT_MAX_CANVAS = 1024  # csrc/accept.cu: one thread per canvas position, one block per canvas
 
@@ -77,15 +78,13 @@ def matmul_family(matmul: str) -> str:
 
 
 def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[int, int],
-           bounded_input: bool = True, experts: bool = False, head: bool = False) -> bool:
+           bounded_input: bool = True, experts: bool = False) -> bool:
     """Whether matmul kernel `matmul` (a key of MATMULS) takes rows of k values of type qtype on a GPU of
     this compute capability: the tensor-core kinds need 8.0; f16 (any form) steps 16 values of K and rounds X to
     f16, so its input must stay far below 65504 (`bounded_input`: normalised, not gelu(gate) * up); int8 needs an
-    integer type (its per-32 scales take any range); `experts` (the grouped op) a kind that has one; the
-    vocabulary `head` not f16-cublas (its chunked f16 form is that already, a chunk at a time; whole, as the
-    logits path of --rng torch would run it, it would decode a 1.5 GB copy of the 26B's head per pass)."""
+    integer type (its per-32 scales take any range); `experts` (the grouped op) a kind that has one."""
     family = matmul_family(matmul)
-    if (experts and MATMULS[matmul][1] is None) or (head and matmul == "f16-cublas"):
+    if experts and MATMULS[matmul][1] is None:
         return False
     if family == "scalar":
         return True
@@ -186,15 +185,17 @@ def get_rows(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k
     return y
 
 
-def _launch_get_rows(name: str, rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, y: torch.Tensor) -> None:
+def _launch_get_rows(name: str, rows: torch.Tensor | None, w: torch.Tensor, qtype: GGMLQuantizationType,
+                     y: torch.Tensor) -> None:
     """csrc/get_rows.cu's kernel `name` for Y [M, K]: one thread per unit of Y (a 16-value group; a float type's
-    value), over as many blocks as that takes."""
+    value), over as many blocks as that takes; rows None: row m of Y is row m of W."""
     m, k = y.shape
     units = m * (k // _unit_values(qtype))
     if units >= 2**31:  # the kernel counts units in 32 bits (its divisions are the cheap ones)
         raise ValueError(f"{name}: {m} rows of {k} values are {units} units, more than the kernel counts (2^31 - 1)")
     fn = kernel("get_rows.cu", f"dg::{name}<{int(qtype)}>", _GET_ROWS_NAMES)
-    _launch(fn, (-(-units // GET_ROWS_THREADS),), (GET_ROWS_THREADS,), (rows.contiguous(), w, y, np.int32(m), np.int32(k)))
+    ids = np.uint64(0) if rows is None else rows.contiguous()  # the kernel's null rows: every row in order
+    _launch(fn, (-(-units // GET_ROWS_THREADS),), (GET_ROWS_THREADS,), (ids, w, y, np.int32(m), np.int32(k)))
 
 
 def _unit_values(qtype: GGMLQuantizationType) -> int:
@@ -202,25 +203,25 @@ def _unit_values(qtype: GGMLQuantizationType) -> int:
     return 1 if GGML_QUANT_SIZES[GGMLQuantizationType(qtype)][0] == 1 else GROUP
 
 
-def get_rows_reference(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
+def get_rows_reference(rows: torch.Tensor | None, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
                        check: bool = True) -> torch.Tensor:
-    """Dequantize the chosen rows on the CPU with dgemma.quant."""
-    return _dequantized(w.cpu()[rows.long().cpu()], qtype, k).float()
+    """Dequantize the chosen rows (None: every row) on the CPU with dgemma.quant."""
+    return _dequantized(w.cpu() if rows is None else w.cpu()[rows.long().cpu()], qtype, k).float()
 
 
-def get_rows_f16(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
-    """get_rows rounded to float16 [M, k] (csrc/get_rows.cu get_rows_f16), rows unchecked: int32 [M] in range
-    (the head's own row ranges)."""
+def get_rows_f16(rows: torch.Tensor | None, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+    """get_rows rounded to float16 [M, k] (csrc/get_rows.cu get_rows_f16), rows unchecked: int32 [M] in range,
+    or None for every row of W in order (the head's chunks, f16-cublas's weights)."""
     qtype = _check_weights("get_rows_f16", w, qtype, k, "[N, ")
-    if rows.dim() != 1 or rows.device != w.device or rows.dtype != torch.int32:
+    if rows is not None and (rows.dim() != 1 or rows.device != w.device or rows.dtype != torch.int32):
         raise ValueError(f"get_rows_f16: rows must be int32 [M] on w's device (got {rows.dtype} {tuple(rows.shape)})")
-    y = torch.empty(rows.shape[0], k, dtype=torch.float16, device=w.device)
-    if rows.shape[0]:
+    y = torch.empty(w.shape[0] if rows is None else rows.shape[0], k, dtype=torch.float16, device=w.device)
+    if y.shape[0]:
         _launch_get_rows("get_rows_f16", rows, w, qtype, y)
     return y
 
 
-def get_rows_f16_reference(rows: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
+def get_rows_f16_reference(rows: torch.Tensor | None, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     return get_rows_reference(rows, w, qtype, k).half()
 
 
@@ -267,29 +268,18 @@ def _qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, 
 def qmatmul_f16_cublas(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
     """qmatmul with W decoded to f16 once (get_rows_f16 over every row: the values the f16 tiles stage) and X
     rounded to f16, multiplied by cuBLAS with a float32 result: the f16 tiles' numbers, summed in cuBLAS's order.
-    For many rows of X (the tiles decode W once per 32 of them); holds a transient f16 copy of W [N, K]. For at
+    For many rows of X (the tiles decode W once per 32 of them); holds a transient f16 copy of W [N, K], F16_ROWS
+    rows at a time (the 26B's dense matrices are one such chunk; its vocabulary head, 32). For at
     most 32 rows (one row tile: a prompt's short last chunk), and where torch.mm has no out_dtype (old torch),
     the f16 tile instead."""
     qtype = _check_matmul("qmatmul_f16_cublas", x, w, qtype, k, "[N, ")
     _check_mma("qmatmul_f16_cublas", x, k)
     if x.shape[0] <= MMA_TILE or (x.device.type == "cuda" and not _mm_out_dtype(str(x.device))):
         return _qmatmul_mma(x, w, qtype, k, MMA_TILE)  # one row tile decodes W once too; old torch: no f32 result
-    w16 = get_rows_f16(_row_ids(w.shape[0], str(w.device)), w, qtype, k)  # [N, K]
-    return _mm_f32(_f16_rows(x), w16.T)  # [M, N]
-
-
-_ROW_IDS: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _row_ids(n: int, device: str) -> torch.Tensor:
-    """0 .. n-1 as int32 on the device: every row, for get_rows_f16 (made once per matrix height; not kept when
-    made during a CUDA graph capture, where it holds its values only once the graph runs)."""
-    ids = _ROW_IDS.get((n, device))
-    if ids is None:
-        ids = torch.arange(n, dtype=torch.int32, device=device)
-        if not (ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _ROW_IDS[(n, device)] = ids
-    return ids
+    x16 = _f16_rows(x)
+    parts = [_mm_f32(x16, get_rows_f16(None, w[n0 : n0 + F16_ROWS], qtype, k).T)  # [M, <= F16_ROWS] each
+             for n0 in range(0, w.shape[0], F16_ROWS)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [M, N]
 
 
 @lru_cache(maxsize=None)
@@ -461,5 +451,6 @@ def __getattr__(name: str):
         from . import moe_ops
 
         if name in vars(moe_ops):
-            return vars(moe_ops)[name]
+            globals()[name] = value = vars(moe_ops)[name]  # found once: later lookups are plain attributes
+            return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -100,15 +100,26 @@ def _cache_path() -> Path:
 
 
 def _cache_key(device: torch.device | str, capability: tuple[int, int], rows: int, top_k: int) -> str:
-    """The GPU, its compute capability, torch's version and CUDA, the kernels' sources and their wrappers (which
-    also say which kinds there are) and the row count: what a choice depends on (and top-k: the experts are
-    timed at rows x top_k pairs)."""
+    """The GPU, its compute capability, torch's version and CUDA, the kernels' sources, the kinds there are and
+    the row count: what a choice depends on (and top-k: the experts are timed at rows x top_k pairs)."""
     h = hashlib.sha256()
-    for p in [*sorted(csrc_dir().rglob("*.cu*")), *sorted(Path(ops.__file__).parent.glob("*ops.py"))]:  # the wrappers
+    for p in sorted(csrc_dir().rglob("*.cu*")):
         h.update(p.name.encode() + p.read_bytes())
     name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
     return (f"{name} sm_{capability[0]}{capability[1]} torch:{torch.__version__} cuda:{torch.version.cuda} "
-            f"csrc:{h.hexdigest()[:16]} rows:{rows} top_k:{top_k}")
+            f"csrc:{h.hexdigest()[:16]} kinds:{','.join(ops.MATMULS)} rows:{rows} top_k:{top_k}")
+
+
+def candidates(obj: QuantLinear | QuantExperts, capability: tuple[int, int]) -> list[str]:
+    """The kinds (ops.MATMULS) that can multiply obj on a GPU of this compute capability."""
+    experts = isinstance(obj, QuantExperts)
+    return [m for m in ops.MATMULS if ops.usable(m, obj.qtype, obj.k, capability, obj.bounded_input, experts)]
+
+
+def fallback(choice: str, usable: list[str]) -> str:
+    """What a forced choice gives a weight: itself where usable, else its family's own kind (f16-cublas on
+    experts: f16; int8-wide on a float type: int8, not usable either), else scalar."""
+    return next(m for m in (choice, ops.matmul_family(choice), "scalar") if m in usable)
 
 
 def _read_cache(path: Path) -> dict:
@@ -146,17 +157,8 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
     for obj in weight_objects(weights):
         classes.setdefault(shape_class(obj, head=obj is weights.head), []).append(obj)
 
-    def candidates(obj) -> list[str]:
-        experts, head = isinstance(obj, QuantExperts), obj is weights.head
-        return [m for m in ops.MATMULS
-                if ops.usable(m, obj.qtype, obj.k, capability, obj.bounded_input, experts, head)]
-
-    def forced(obj) -> str:  # the choice, else its family's own kind (f16-cublas on experts: f16), else scalar
-        usable = candidates(obj)
-        return next(m for m in (choice, ops.matmul_family(choice), "scalar") if m in usable)
-
     if choice != "auto":
-        plan = {c: forced(objs[0]) for c, objs in classes.items()}
+        plan = {c: fallback(choice, candidates(objs[0], capability)) for c, objs in classes.items()}
     else:
         path = None if cache is False else (_cache_path() if cache is True else Path(cache))
         key = _cache_key(device, capability, rows, top_k) if path else ""  # hashes csrc/: only for a cache
@@ -164,7 +166,7 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
         known = stored.get(key, {}) if isinstance(stored.get(key), dict) else {}
         plan = {}
         for c, objs in classes.items():
-            usable = candidates(objs[0])
+            usable = candidates(objs[0], capability)
             if known.get(c) in usable or len(usable) == 1:
                 plan[c] = known[c] if known.get(c) in usable else usable[0]
                 continue
