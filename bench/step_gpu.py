@@ -8,7 +8,10 @@ scales, made on the GPU in seconds (timing does not depend on the values). Print
 weight bytes and TFLOP/s for each matmul kernel (ops.MATMULS: float FMAs, f16 and int8 tensor cores in 32 x 32
 and 32 x 128 tiles) and the torch way, and their ratio, measured in this run on this GPU.
 
-    python bench/step_gpu.py [--repeat 20]
+    python bench/step_gpu.py [--repeat 20] [--kinds scalar,int8,...]
+
+--kinds leaves matmul kinds out of every table and line (to rerun past a kernel that failed on this GPU: a
+CUDA error such as an illegal address ends the process). scalar, every weight's fallback, stays in.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def timed(fn, repeat: int) -> float:
     return timed_on(fn, torch.device(DEVICE), repeat)
 
 
-def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256, d: int = 2816, fe: int = 704) -> None:
+def moe_layer(repeat: int, kinds: list[str], experts: int = 128, top_k: int = 8, tokens: int = 256, d: int = 2816,
+              fe: int = 704) -> None:
     """One layer's routed experts (csrc/moe.cu, one launch per matrix) against one qmatmul launch per expert."""
     g = torch.Generator(device=DEVICE).manual_seed(0)
     top_i = torch.rand(tokens, experts, device=DEVICE, generator=g).topk(top_k, dim=-1).indices  # [256, 8]
@@ -82,13 +86,14 @@ def moe_layer(repeat: int, experts: int = 128, top_k: int = 8, tokens: int = 256
     print(f"routed experts, one layer ({tokens} tokens x top-{top_k} of {experts}): grouped {a:.3f} ms "
           f"({wbytes / a / 1e9:.2f} TB/s), one launch per expert {b:.3f} ms ({b / a:.2f}x); x30 layers: {30 * a:.1f} ms")
     if torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY:
-        for kernel in (m for m, (_, g) in ops.MATMULS.items() if g and m != "scalar"):  # f16 on the down projection too
+        for kernel in (m for m in kinds if ops.MATMULS[m][1] and m != "scalar"):  # f16 on the down projection too
             t = timed(lambda: grouped(kernel), repeat)
             print(f"  grouped on {kernel} tensor cores: {t:.3f} ms ({wbytes / t / 1e9:.2f} TB/s, {a / t:.2f}x the float "
                   f"FMAs); x30 layers: {30 * t:.1f} ms")
 
 
-def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, softcap: float = 30.0) -> None:
+def head_pass(repeat: int, kinds: list[str], vocab: int = 262144, d: int = 2816, rows: int = 256,
+              softcap: float = 30.0) -> None:
     """The sampler's per-pass statistics from the Q6_K vocabulary head (max, argmax, entropy, Gumbel-max
     sample, softmax @ E; no [L, V] logits): the fused float kernel (csrc/head.cu) and the chunked head on
     tensor cores (head_ops.head_stats_chunked: f16 and int8 logits per 8192-row chunk, P @ E by cuBLAS; and
@@ -111,11 +116,13 @@ def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, 
     fused, fused_mem = measured(lambda: head_ops.head_stats(h, w, Q.Q6_K, softcap, 0.8, seed=1, step=0))
     line, best = f"fused float {fused:.3f} ms ({flop / fused / 1e9:.1f} TFLOP/s, {fused_mem:.0f} MiB)", fused
     wf = ops.get_rows_f16(torch.arange(vocab, dtype=torch.int32, device=DEVICE), w, Q.Q6_K, d)  # decoded on the GPU
-    if torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY:
-        for kernel in ("f16", "int8", "int8-wide"):  # f16-wide: f16's cuBLAS logits where torch.mm has out_dtype
+    mma = torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY
+    if mma:
+        for kernel in (m for m in ("f16", "int8", "int8-wide") if m in kinds):  # f16-wide, f16-cublas: f16's path
             t, mem = measured(lambda: head_ops.head_stats_chunked(h, w, Q.Q6_K, softcap, 0.8, 1, 0, kernel))
             line += f", chunked {kernel} {t:.3f} ms ({flop / t / 1e9:.1f} TFLOP/s, {mem:.0f} MiB, {fused / t:.2f}x fused)"
             best = min(best, t)
+    if mma and "f16" in kinds:
         # the head kept decoded in f16 (what a VRAM budget with 1.5 GB to spare could afford): no decode per pass
         t, mem = measured(lambda: head_ops.head_stats_chunked(h, w, Q.Q6_K, softcap, 0.8, 1, 0, "f16", decoded=wf))
         line += (f", chunked f16 over the head kept decoded {t:.3f} ms ({mem:.0f} MiB + {wf.numel() * 2 / 2**20:.0f} MiB "
@@ -130,7 +137,7 @@ def head_pass(repeat: int, vocab: int = 262144, d: int = 2816, rows: int = 256, 
     theirs, theirs_mem = measured(torch_way)
     print(f"sampler statistics from the head ({rows} x {d} x {vocab} Q6_K): {line}; torch way {theirs:.3f} ms "
           f"({theirs_mem:.0f} MiB) -> the best of ours {theirs / best:.2f}x faster")
-    if torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY:  # the chunk's f16 rows against the L2 cache
+    if mma and "f16" in kinds:  # the chunk's f16 rows against the L2 cache
         sizes = sorted({2048, 4096, head_ops.HEAD_CHUNK, 16384})
         times = [measured(lambda: head_ops.head_stats_chunked(h, w, Q.Q6_K, softcap, 0.8, 1, 0, "f16", chunk=c))
                  for c in sizes]
@@ -182,10 +189,16 @@ def attention(repeat: int, canvas: int = 256, context: int = 8192) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--kinds", default=",".join(ops.MATMULS),
+                    help=f"matmul kinds to time, comma-separated (default: {','.join(ops.MATMULS)}; scalar always)")
     args = ap.parse_args()
+    asked = args.kinds.split(",")
+    if unknown := [m for m in asked if m not in ops.MATMULS]:
+        ap.error(f"--kinds: no matmul kind {', '.join(unknown)}; expected some of {', '.join(ops.MATMULS)}")
     cap = check_cuda()
     print(f"{torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}")
-    kinds = [m for m in ops.MATMULS if ops.usable(m, Q.Q4_K, 256, cap)]  # scalar, and the tensor-core tiles from sm_80
+    # scalar (every weight's fallback), and those asked for that this GPU runs (the tensor-core tiles from sm_80)
+    kinds = [m for m in ops.MATMULS if (m == "scalar" or m in asked) and ops.usable(m, Q.Q4_K, 256, cap)]
     print(f"{'weights':<32} " + " | ".join(f"{kind + ' ms':>14} {'TFLOP/s':>7}" for kind in kinds)
           + f" | {'torch ms':>9} {'TB/s':>6} | best, speedup over torch")
     totals = dict.fromkeys([*kinds, "best", "torch"], 0.0)
@@ -221,8 +234,8 @@ def main() -> None:
     print("matmuls of one denoising step (sum over layers): " + ", ".join(f"{k} {totals[k]:.1f} ms" for k in kinds)
           + f", the best per shape {totals['best']:.1f} ms; dequant+cuBLAS {totals['torch']:.1f} ms (torch keeps f16 "
           f"weights: {totals['torch'] / max(totals['best'], 1e-9):.2f}x the best per shape)")
-    moe_layer(args.repeat)
-    head_pass(args.repeat)
+    moe_layer(args.repeat, kinds)
+    head_pass(args.repeat, kinds)
     attention(args.repeat)
     ent = torch.rand(1, 256, device=DEVICE)
     tok = torch.randint(0, 262144, (1, 256), device=DEVICE)

@@ -50,12 +50,7 @@ __device__ __forceinline__ void mma_f16_tile(const uint16_t * __restrict__ x, in
     __syncthreads();
     for (int k0 = 0; k0 < K; k0 += TK) {
         const int tk = K - k0 < TK ? K - k0 : TK;  // a multiple of 16 (the wrappers check K)
-        // X's rows copied in flight (cp.async; zeros past the tile) while this thread decodes its groups of W
-        constexpr int XV = 8;  // halves of X per 16-byte copy
-        for (int i = tid; i < TM * (tk / XV); i += MMA_THREADS) {
-            const int r = i / (tk / XV), c = (i % (tk / XV)) * XV, row = x_row[r];
-            cp_async16(&xs[r][c], row >= 0 ? x + (long)row * lda + k0 + c : x, row >= 0);  // 16-aligned both sides
-        }
+        copy_x_async(tid, xs, x, lda, k0, tk, x_row);  // in flight while this thread decodes its groups of W
         stage_w_rows<T, MMA_THREADS>(tid, ws, w, row_bytes, k0 / UV, tk / UV, n0, N, ep);
         cp_async_wait_all();
         __syncthreads();

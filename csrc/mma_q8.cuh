@@ -60,11 +60,7 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
     for (int k0 = 0; k0 < K; k0 += TK) {
         const int tk = K - k0 < TK ? K - k0 : TK;  // a multiple of 32 (of QK)
         const int groups = tk / DG_GROUP;  // one 16-value group per thread at a time
-        // X's q copied in flight (cp.async, 16 int8 a copy; zeros past the tile) while this thread decodes W
-        for (int i = tid; i < TM * (tk / 16); i += MMA_THREADS) {
-            const int r = i / (tk / 16), c = (i % (tk / 16)) * 16, row = x_row[r];
-            cp_async16(&xs_q[r][c], row >= 0 ? xq + (long)row * K + k0 + c : xq, row >= 0);  // 16-aligned both sides
-        }
+        copy_x_async(tid, xs_q, xq, K, k0, tk, x_row);  // X's q, in flight while this thread decodes W
         for (int i = tid; i < TN * groups; i += MMA_THREADS) {
             const int r = i / groups, gi = i % groups;
             Words4 q{};

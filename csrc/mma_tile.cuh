@@ -83,6 +83,21 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool vali
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" : : : "memory"); }
 #endif
 
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(DG_EMU)
+// A K slice of the tile's rows of X, values k0 .. k0 + tk of each (both counts 16 bytes' worth), copied to xs
+// in flight: cp.async, 16 bytes a copy, zeros for the rows past the tile (x_row[r] -1). The caller decodes W
+// meanwhile, then waits (cp_async_wait_all) before the barrier that shows xs to the block.
+template <typename E, int STRIDE>
+__device__ __forceinline__ void copy_x_async(int tid, E (*xs)[STRIDE], const E *x, long ld, int k0, int tk,
+                                             const int *x_row) {
+    constexpr int V = 16 / sizeof(E);  // values per copy
+    for (int i = tid; i < MMA_TM * (tk / V); i += MMA_THREADS) {
+        const int r = i / (tk / V), c = (i % (tk / V)) * V, row = x_row[r];
+        cp_async16(&xs[r][c], row >= 0 ? x + row * ld + k0 + c : x, row >= 0);  // 16-aligned both sides
+    }
+}
+#endif
+
 // The row a lane gives ldmatrix for a 16-row, 32-byte (16 halves or 32 int8) corner of a row-major array in
 // shared memory, and which 16 bytes of the row (0 or 1). A, [rows][k]: matrices (rows 0-7, first 16 bytes),
 // (8-15, first), (0-7, second), (8-15, second): an m16n8k16 A fragment's a0..a3 (f16), or the a0, a1 of two

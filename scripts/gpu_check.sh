@@ -28,6 +28,7 @@ echo "== GPU tests"
 # summary of what failed so far (-k: killed 15 s later if a kernel hangs it)
 timeout -s INT -k 15 200 $PY -m pytest -v -rfE --durations=15 -m gpu -p no:cacheprovider tests/test_cuda_kernels.py \
   2>&1 | tee "$OUT/gpu_tests.txt" | grep -v PASSED | tail -60
+# a kernel that fails the tests may end this run with a CUDA error: rerun it with --kinds naming the others
 echo "== kernels at the 26B-A4B's shapes (every matmul kind: 6 columns since session 12, f16-cublas)"
 timeout 110 $PY bench/step_gpu.py --repeat 10 2>&1 | tee "$OUT/bench.txt"
 echo "== whole denoising step, prefill, VRAM: cuda backend (Q4_K_M, the 12 GB plan) against the torch backend"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from conftest import SPECS
 
@@ -91,17 +92,14 @@ def test_kernel_benches_name_nothing_undefined():
     assert [row[0] for row in step_gpu.SHAPES][-1] == "vocabulary head (Q6_K)"
 
 
-def test_step_gpu_runs_on_the_cpu_at_tiny_shapes(kernels_as_references, monkeypatch, capsys):
-    """bench/step_gpu.py's main end to end, every table and line, at tiny shapes on the CPU with the kernels'
-    references (no time is measured: each call runs once and counts 1 ms). Every matmul kernel has a column
-    and a step total, the experts and the head a line per tensor-core kernel."""
+def _step_gpu_on_the_cpu(monkeypatch, capsys, *args: str) -> str:
+    """bench/step_gpu.py's main at tiny shapes on the CPU (with the kernels' references: the caller's fixture;
+    no time is measured: each call runs once and counts 1 ms); what it printed."""
     import functools
     import sys
 
     import step_gpu
     from gguf import GGMLQuantizationType as Q
-
-    from dgemma.plugin.cuda import ops
 
     monkeypatch.setattr(step_gpu, "DEVICE", "cpu")
     monkeypatch.setattr(step_gpu, "SHAPES", [("dense", 40, 256, Q.Q4_K, 5, 2), ("down", 33, 64, Q.Q5_0, 3, 1),
@@ -115,9 +113,17 @@ def test_step_gpu_runs_on_the_cpu_at_tiny_shapes(kernels_as_references, monkeypa
     for name, small in (("moe_layer", dict(experts=4, top_k=2, tokens=6, d=256, fe=64)),
                         ("head_pass", dict(vocab=300, d=256, rows=4)), ("attention", dict(canvas=4, context=40))):
         monkeypatch.setattr(step_gpu, name, functools.partial(getattr(step_gpu, name), **small))
-    monkeypatch.setattr(sys, "argv", ["step_gpu.py", "--repeat", "1"])
+    monkeypatch.setattr(sys, "argv", ["step_gpu.py", "--repeat", "1", *args])
     step_gpu.main()
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_step_gpu_runs_on_the_cpu_at_tiny_shapes(kernels_as_references, monkeypatch, capsys):
+    """bench/step_gpu.py's main end to end, every table and line. Every matmul kernel has a column and a step
+    total, the experts and the head a line per tensor-core kernel."""
+    from dgemma.plugin.cuda import ops
+
+    out = _step_gpu_on_the_cpu(monkeypatch, capsys)
     header = next(line for line in out.splitlines() if line.startswith("weights"))
     assert [f"{kind} ms" in header for kind in ops.MATMULS] == [True] * len(ops.MATMULS)
     f16_row = next(line for line in out.splitlines() if line.startswith("a float matrix"))
@@ -130,3 +136,22 @@ def test_step_gpu_runs_on_the_cpu_at_tiny_shapes(kernels_as_references, monkeypa
     grouped = [m for m, (_, g) in ops.MATMULS.items() if g and m != "scalar"]  # f16-cublas has no grouped form
     assert sum(line.startswith("  grouped on ") for line in out.splitlines()) == len(grouped)
     assert "chunked int8-wide" in out and "decoder attention per step" in out and "accept/re-noise" in out
+
+
+def test_step_gpu_times_only_the_kinds_asked_for(kernels_as_references, monkeypatch, capsys):
+    """--kinds (a rerun past a kernel that failed on the GPU) leaves the other kinds out of the table, the step
+    totals, the experts' and the head's lines; scalar stays; an unknown kind is a one-line error."""
+    import step_gpu
+
+    out = _step_gpu_on_the_cpu(monkeypatch, capsys, "--kinds", "int8,f16-cublas")
+    header = next(line for line in out.splitlines() if line.startswith("weights"))
+    assert [k for k in ("scalar", "f16", "f16-wide", "int8", "int8-wide", "f16-cublas") if f" {k} ms" in header] == [
+        "scalar", "int8", "f16-cublas"]
+    total = next(line for line in out.splitlines() if line.startswith("matmuls of one denoising step"))
+    assert "scalar 4.0 ms, int8 4.0 ms, f16-cublas 4.0 ms, the best" in total
+    assert [line.split()[2] for line in out.splitlines() if line.startswith("  grouped on ")] == ["int8"]
+    assert "chunked int8 " in out and "chunked f16" not in out and "chunked int8-wide" not in out
+    with pytest.raises(SystemExit):
+        _step_gpu_on_the_cpu(monkeypatch, capsys, "--kinds", "int8,int4")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("--kinds: no matmul kind int4; expected some of " + ", ".join(step_gpu.ops.MATMULS))
