@@ -138,7 +138,9 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_merge(
 // rows), and P = exp(z' - m) [L, n] as f16 bits, z' = softcap(z) / T, for the GEMM P @ E_chunk that gives
 // the partial's acc. One block per position; threads stride over the chunk, so ties go to the lower row
 // by comparing rows (head_merge's order rule does the same across chunks). Two passes over the row of z:
-// the max and the Gumbel-max sample, then the weights and their sums against that max.
+// the max and the Gumbel-max sample, then the weights and their sums against that max. The first takes the
+// rows by fours, 4c .. 4c + 3 (any v0: the fours of the head, cut at the chunk's ends), one Philox call for
+// the four rows' uniforms (csrc/philox.cuh sampler_words) where one a row used one of its four words.
 
 extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_chunk_stats(
         const float * __restrict__ z, int n, int v0, float softcap, float inv_temperature, unsigned long long seed,
@@ -150,10 +152,16 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_chunk_stats(
     const float * zl = z + (long)l * n;
     float m = 0.0f, gm = 0.0f;
     int im = -1, ig = -1;  // -1: no row yet
-    for (int j = tid; j < n; j += HEAD_THREADS) {
-        const float zz = head_logit(zl[j], softcap, inv_temperature);
-        head_take(m, im, zz, j);
-        head_take(gm, ig, head_perturbed(zz, seed, step, l, v0 + j), j);
+    for (int c = v0 / 4 + tid; 4 * c < v0 + n; c += HEAD_THREADS) {
+        const Philox4 r = sampler_words(seed, step, l, (uint32_t)c);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int j = 4 * c + i - v0;  // the chunk's row
+            if (j < 0 || j >= n) continue;
+            const float zz = head_logit(zl[j], softcap, inv_temperature);
+            head_take(m, im, zz, j);
+            head_take(gm, ig, zz + head_gumbel(philox_uniform(r.v[i])), j);  // head_perturbed's value
+        }
     }
     for (int o = 16; o > 0; o >>= 1) {
         const float om = __shfl_xor_sync(0xffffffffu, m, o), og = __shfl_xor_sync(0xffffffffu, gm, o);

@@ -44,15 +44,27 @@ DG_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, 
 // per pass over a 262144-row vocabulary.
 DG_HD float philox_uniform(uint32_t x) { return (float)(x >> 9) * 1.1920928955078125e-07f + 5.9604644775390625e-08f; }
 
-// The sampler's draw for vocabulary index v at canvas position pos of denoising step `step`: the
-// first word of Philox(counter = (v, pos, step, 0), key = the 64-bit seed).
+// The sampler's words for vocabulary rows 4c .. 4c + 3 at canvas position pos of denoising step `step`: the
+// four words of Philox(counter = (c, pos, step, 0), key = the 64-bit seed), word i for row 4c + i. One call
+// per four rows (the chunked head's threads take rows by fours: csrc/head.cu head_chunk_stats).
+DG_HD Philox4 sampler_words(unsigned long long seed, int step, int pos, uint32_t c) {
+    return philox4x32_10(c, (uint32_t)pos, (uint32_t)step, 0u, (uint32_t)seed, (uint32_t)(seed >> 32));
+}
+
+// Row v's word: word v % 4 of counter v / 4 (selected, not indexed: an indexed array would go to local memory)
+DG_HD uint32_t sampler_word(unsigned long long seed, int step, int pos, int v) {
+    const Philox4 r = sampler_words(seed, step, pos, (uint32_t)v >> 2);
+    const int i = v & 3;
+    return i == 0 ? r.v[0] : i == 1 ? r.v[1] : i == 2 ? r.v[2] : r.v[3];
+}
+
+// The sampler's draw for vocabulary index v at canvas position pos of denoising step `step`
 DG_HD float sampler_uniform(unsigned long long seed, int step, int pos, int v) {
-    return philox_uniform(philox4x32_10((uint32_t)v, (uint32_t)pos, (uint32_t)step, 0u, (uint32_t)seed,
-                                        (uint32_t)(seed >> 32)).v[0]);
+    return philox_uniform(sampler_word(seed, step, pos, v));
 }
 
 // Uniform token draws (the initial canvas and the re-noised positions) come from a second stream,
-// counter = (kind, pos, step, 1), so they never reuse a Gumbel draw's counter (v, pos, step, 0).
+// counter = (kind, pos, step, 1), so they never reuse a Gumbel draw's counter (v / 4, pos, step, 0).
 // kind: SAMPLER_RENOISE for the tokens re-drawn after step `step`, SAMPLER_INIT for the canvas that
 // step `step` is the first pass over (plugin/rng.py has the same constants).
 constexpr uint32_t SAMPLER_RENOISE = 0u, SAMPLER_INIT = 1u, SAMPLER_TOKEN_STREAM = 1u;

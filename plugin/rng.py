@@ -5,7 +5,8 @@ generator state (issue 5: the Gumbel-max sample of the fused head, the re-noised
 step). This module gives the same numbers on the CPU: the torch backend's `--rng counter` sampler
 (plugin/sampler.py, CounterSteps) draws them, so it can be compared with the cuda backend token for token.
 
-Streams (the counter's last word): 0, the Gumbel uniforms, counter (v, pos, step, 0); 1, uniform tokens,
+Streams (the counter's last word): 0, the Gumbel uniforms, counter (v // 4, pos, step, 0), word v % 4 for
+vocabulary row v (one Philox call per four rows); 1, uniform tokens,
 counter (kind, pos, step, 1) with kind RENOISE or INIT (csrc/philox.cuh's SAMPLER_* constants)."""
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ def uniform(words: np.ndarray) -> np.ndarray:
 
 def sampler_uniforms(seed: int, step: int, positions: np.ndarray | int, vocab: int, start: int = 0) -> np.ndarray:
     """[P, vocab - start] float32: the uniform csrc/philox.cuh's sampler_uniform draws for every (position,
-    index), indices start .. vocab-1."""
+    index), indices start .. vocab-1: word v % 4 of counter (v // 4, pos, step, 0)."""
     pos = np.atleast_1d(np.asarray(positions, dtype=np.uint64))[:, None]
-    v = np.arange(start, vocab, dtype=np.uint64)[None, :]
-    w = philox4x32_10(v, pos, np.uint64(step), np.uint64(0), seed & 0xFFFFFFFF, seed >> 32)[0]
-    return uniform(w)
+    c0 = start // 4
+    c = np.arange(c0, (vocab + 3) // 4, dtype=np.uint64)[None, :]  # the counters of rows 4 c0 .. past vocab - 1
+    words = philox4x32_10(c, pos, np.uint64(step), np.uint64(0), seed & 0xFFFFFFFF, seed >> 32)  # 4 x [P, C]
+    w = np.stack(words, axis=-1).reshape(len(pos), -1)  # [P, 4C]: row 4 c0 + k is word k % 4 of counter c0 + k // 4
+    return uniform(w[:, start - 4 * c0:vocab - 4 * c0])
 
 
 def sampler_tokens(seed: int, step: int, positions: np.ndarray | int, vocab: int, kind: int) -> np.ndarray:

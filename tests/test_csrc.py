@@ -240,7 +240,8 @@ def test_uniforms_are_never_0_or_1_in_cuda_header_and_numpy(rng_harness):
     assert u.min() == 2.0**-24 and u.max() == 1 - 2.0**-24 and len(set(u.tolist())) == 5
 
 
-@pytest.mark.parametrize("seed,step,pos,v0,n", [(1, 12, 0, 0, 1000), (2**40 + 7, 1, 255, 262_000, 144), (0, 0, 3, 5, 0)])
+@pytest.mark.parametrize("seed,step,pos,v0,n", [(1, 12, 0, 0, 1000), (2**40 + 7, 1, 255, 262_000, 144), (0, 0, 3, 5, 0),
+                                                (3, 7, 9, 5, 2), (3, 7, 9, 1, 11), (5, 2, 1, 262_141, 3)])
 def test_sampler_uniforms_equal_numpy_bit_for_bit(rng_harness, seed, step, pos, v0, n):
     from dgemma.plugin import rng
 
@@ -250,10 +251,13 @@ def test_sampler_uniforms_equal_numpy_bit_for_bit(rng_harness, seed, step, pos, 
     out = np.frombuffer(proc.stdout, np.uint8)
     words, u = out[: 4 * n].view(np.uint32), out[4 * n:].view(np.float32)
     ref = rng.sampler_uniforms(seed, step, pos, v0 + n)[0, v0:]
-    ref_words = rng.philox4x32_10(np.arange(v0, v0 + n), pos, step, 0, seed & 0xFFFFFFFF, seed >> 32)[0]
+    # row v's word: word v % 4 of Philox(counter (v // 4, pos, step, 0)), one row at a time
+    ref_words = np.array([rng.philox4x32_10(v // 4, pos, step, 0, seed & 0xFFFFFFFF, seed >> 32)[v % 4]
+                          for v in range(v0, v0 + n)], np.uint32).reshape(n)
     np.testing.assert_array_equal(words, ref_words)
     np.testing.assert_array_equal(u, ref)
-    if n:
+    np.testing.assert_array_equal(rng.sampler_uniforms(seed, step, pos, v0 + n, start=v0)[0], ref)  # any start
+    if n >= 100:  # (a mean of a few draws says nothing)
         assert 0.0 < u.min() and u.max() < 1.0 and abs(float(u.mean()) - 0.5) < 0.1
 
 

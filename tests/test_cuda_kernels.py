@@ -352,16 +352,17 @@ def test_f16_cublas_decodes_a_tall_weight_a_chunk_at_a_time(ops, dev, monkeypatc
     assert got.shape == (40, 50) and bool(((got - want).abs() <= bound).all())
 
 
-@pytest.mark.parametrize("L,n,v0", [(1, 1, 0), (3, 300, 7000), (17, 8192, 262144 - 8192)])
+@pytest.mark.parametrize("L,n,v0", [(1, 1, 0), (3, 300, 7001), (2, 6, 3), (17, 8192, 262144 - 8192)])
 def test_head_chunk_stats_match_reference(ops, dev, L, n, v0):
     """One chunk's partial statistics and weights P against float64 on the CPU; a row repeated at the maximum
-    (ties go to the lower row) where the chunk has two rows."""
+    (ties go to the lower row) where the chunk has two rows. The kernel draws the Gumbel uniforms of four
+    rows at a time: v0 not a multiple of 4 cuts the fours at the chunk's ends."""
     from dgemma.plugin.cuda import head_ops
 
     g = torch.Generator().manual_seed(n)
     z = torch.randn(L, n, generator=g) * 4
-    if n > 1:  # ties at the maximum: across warps (0, n-1), within a warp (0, 31), within a thread (0, 256)
-        z[:, [0, n - 1, min(31, n - 1), min(256, n - 1)]] = z.max() + 1
+    if n > 1:  # ties at the maximum: across warps (0, n-1), within a warp (0, 31), within a thread (0, 1; 0, 1024)
+        z[:, [0, 1, n - 1, min(31, n - 1), min(1024, n - 1)]] = z.max() + 1
     for softcap, temp in ((30.0, 0.8), (0.0, 0.4)):
         outs = []
         for where, op in ((dev, head_ops.head_chunk_stats), ("cpu", head_ops.head_chunk_stats_reference)):

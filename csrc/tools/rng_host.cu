@@ -52,8 +52,7 @@ int main(int argc, char ** argv) {
     std::vector<uint32_t> words(n);
     std::vector<float> u(n);
     for (int i = 0; i < n; ++i) {
-        words[i] = dg::philox4x32_10((uint32_t)(v0 + i), (uint32_t)pos, (uint32_t)step, 0u, (uint32_t)seed,
-                                     (uint32_t)(seed >> 32)).v[0];
+        words[i] = dg::sampler_word(seed, step, pos, v0 + i);
         u[i] = dg::sampler_uniform(seed, step, pos, v0 + i);
     }
     std::fwrite(words.data(), sizeof(uint32_t), words.size(), stdout);
