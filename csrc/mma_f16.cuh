@@ -8,7 +8,8 @@
 // TN rows of W (one 16-value group per thread at a time, through the integer form for the integer types) to
 // f16 in shared memory, then each warp runs mma.sync.m16n8k16 (row.col, f32 accumulators) over its quarter,
 // its fragments loaded by ldmatrix (one instruction per 16 x 16 of X, and per two n8 tiles of W, where 32-bit
-// loads took 4). Needs sm_80: below that the tile traps (the wrappers refuse older GPUs). X values beyond
+// loads took 4). sm_80 and up; on sm_75 each MMA is two m16n8k8 and X is copied without cp.async
+// (csrc/mma_tile.cuh); below, the tile traps (the loader refuses older GPUs). X values beyond
 // f16's range (65504) overflow, so the engine uses it only on normalised inputs, never on the down
 // projections' gelu(gate) * up (ops.usable). K is a multiple of 16 and of the type's block; X's rows start at
 // multiples of 16 bytes (lda a multiple of 8, x 16-aligned).
@@ -24,7 +25,7 @@ template <int T, int TN>
 __device__ __forceinline__ void mma_f16_tile(const uint16_t * __restrict__ x, int lda, const int * __restrict__ xrows,
                                              int m0, int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
                                              float * __restrict__ y, int ldy, Epilogue ep = Epilogue{}) {
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(DG_EMU)  // DG_EMU: the tests' CPU emulator
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750) || defined(DG_EMU)  // DG_EMU: the tests' CPU emulator
     using S = MmaShape<TN>;
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
@@ -74,7 +75,7 @@ __device__ __forceinline__ void mma_f16_tile(const uint16_t * __restrict__ x, in
     mma_store<S>(acc, p, m0, m_end, n0, N, y, ldy, ep, &ws[0][0]);  // ws is free after the last barrier
 #else
     (void)x; (void)lda; (void)xrows; (void)m0; (void)m_end; (void)w; (void)n0; (void)N; (void)K; (void)y; (void)ldy; (void)ep;
-    __trap();  // f16 MMA m16n8k16 needs sm_80; the wrappers refuse older GPUs
+    __trap();  // the tensor-core tiles need sm_75; the loader refuses older GPUs
 #endif
 }
 

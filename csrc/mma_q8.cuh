@@ -7,7 +7,8 @@
 // 128 for the wide one) the block stages 32 rows of it and TN rows of W in their integer form (int8 q, per-16
 // scale s and offset m: csrc/quant/decompose.cuh); each warp runs mma.sync.m16n8k16 s8 over its quarter, one
 // 16-value group at a time into an int32 dot (two groups where they share their scales), and adds
-// dx * (s * (q_x . q_w) + m * sum q_x) in f32. Needs sm_80: below that the tile traps (the wrappers refuse
+// dx * (s * (q_x . q_w) + m * sum q_x) in f32. sm_80 and up; on sm_75 each MMA is two m8n8k16 (the same
+// integer sums) and X is copied without cp.async (csrc/mma_tile.cuh); below, the tile traps (the loader refuses
 // older GPUs). K is a multiple of the type's block (>= 32).
 #pragma once
 #include "mma_tile.cuh"
@@ -29,7 +30,7 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
                                             const int * __restrict__ xs, const int * __restrict__ xrows, int m0,
                                             int m_end, const uint8_t * __restrict__ w, int n0, int N, int K,
                                             float * __restrict__ y, int ldy, Epilogue ep = Epilogue{}) {
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(DG_EMU)  // DG_EMU: the tests' CPU emulator
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750) || defined(DG_EMU)  // DG_EMU: the tests' CPU emulator
     using S = MmaShape<TN>;
     constexpr int QK = Traits<T>::QK;
     constexpr int SIZE = Traits<T>::SIZE;
@@ -124,7 +125,7 @@ __device__ __forceinline__ void mma_q8_tile(const int8_t * __restrict__ xq, cons
 #else
     (void)xq; (void)xd; (void)xs; (void)xrows; (void)m0; (void)m_end; (void)w; (void)n0; (void)N; (void)K; (void)y;
     (void)ldy; (void)ep;
-    __trap();  // int8 MMA m16n8k16 needs sm_80; the wrappers refuse older GPUs
+    __trap();  // the tensor-core tiles need sm_75; the loader refuses older GPUs
 #endif
 }
 

@@ -35,24 +35,15 @@ template <class S> DG_HD MmaLane mma_lane(int tid) {
 
 // The tiles' inline PTX: the two tensor-core instructions (D += A B for one m16n8k16 tile, A row-major and B
 // column-major fragments in the layouts of the PTX ISA, "Matrix Fragments for mma.m16n8k16"), ldmatrix, and
-// cp.async with its wait. The CPU emulator of the tests (tests/cuda_emu.h, which defines DG_EMU) supplies its
-// own (tests/cuda_emu_warp.h).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-// f16 inputs (two per 32-bit register), f32 accumulators
-__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                 uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+// cp.async with its wait. sm_75 (Turing) has ldmatrix but neither m16n8k16 form nor cp.async: with
+// DG_SM75_PATH (set for sm_75; the tests set it to run this path on a newer GPU, or in the emulator) each
+// m16n8k16 is two of sm_75's MMAs and X is copied by plain 16-byte loads (below). The CPU emulator of the tests
+// (tests/cuda_emu.h, which defines DG_EMU) supplies its own instructions (tests/cuda_emu_warp.h).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750 && __CUDA_ARCH__ < 800 && !defined(DG_SM75_PATH)
+#define DG_SM75_PATH 1
+#endif
 
-// s8 inputs (four per 32-bit register), s32 accumulators
-__device__ __forceinline__ void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-                 : "r"(a0), "r"(a1), "r"(b0));
-}
-
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
 // ldmatrix.sync.aligned.m8n8.xN.shared.b16: N (1, 2 or 4) 8 x 8 matrices of 16-bit values, each 8 rows of 16
 // bytes in shared memory, in one instruction where 32-bit loads took one per matrix and lane. Lane l gives the
 // address of row l % 8 of matrix l / 8 (16-aligned; lanes past 8N give none that is read) and gets in r[j]
@@ -71,6 +62,22 @@ template <int N> __device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], cons
         asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
 }
 
+#ifndef DG_SM75_PATH
+// f16 inputs (two per 32-bit register), f32 accumulators
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// s8 inputs (four per 32-bit register), s32 accumulators
+__device__ __forceinline__ void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+}
+
 // cp.async.cg.shared.global: 16 bytes from global to shared memory without passing through registers, in
 // flight until cp_async_wait_all (the thread's own copies; a barrier after it shows them to the block). With
 // valid false it writes 16 zero bytes and reads nothing (src is then any global address).
@@ -81,9 +88,44 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool vali
                  : "r"(d), "l"(__cvta_generic_to_global(src)), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" : : : "memory"); }
+#else
+// sm_75's tensor-core instructions (PTX ISA "Matrix Fragments for mma.m16n8k8" and "for mma.m8n8k16"):
+// f16 m16n8k8, A a0 (row g, k 2t, 2t+1) and a1 (row g + 8), B b0 (k 2t, 2t+1; column g), D as m16n8k16's
+__device__ __forceinline__ void mma_m16n8k8_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+}
+// s8 m8n8k16: A a0 (row g, k 4t .. 4t + 3), B b0 (k 4t .. 4t + 3; column g), D d0, d1 (row g, columns 2t, 2t + 1)
+__device__ __forceinline__ void mma_m8n8k16_s8(int &d0, int &d1, int a0, int b0) {
+    asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0,%1}, {%2}, {%3}, {%0,%1};\n"
+                 : "+r"(d0), "+r"(d1)
+                 : "r"(a0), "r"(b0));
+}
+#endif
 #endif
 
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(DG_EMU)
+#ifdef DG_SM75_PATH
+// m16n8k16 from sm_75's instructions: f16, K 0-7 then 8-15 (a0, a1 and b0 hold the first 8 of K, a2, a3 and b1
+// the second: one f32 rounding more per tile than sm_80's single instruction); s8, rows g then g + 8 (a0, a1:
+// exact integer sums, the same result)
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint32_t b0, uint32_t b1) {
+    mma_m16n8k8_f16(d, a0, a1, b0);
+    mma_m16n8k8_f16(d, a2, a3, b1);
+}
+__device__ __forceinline__ void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
+    mma_m8n8k16_s8(d[0], d[1], a0, b0);
+    mma_m8n8k16_s8(d[2], d[3], a1, b0);
+}
+// no cp.async before sm_80: the 16 bytes copied at the call (through registers), nothing to wait for
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+    *static_cast<Words4 *>(dst) = valid ? ld128<16>(static_cast<const uint8_t *>(src)) : Words4{};
+}
+__device__ __forceinline__ void cp_async_wait_all() {}
+#endif
+
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750) || defined(DG_EMU)
 // A K slice of the tile's rows of X, values k0 .. k0 + tk of each (both counts 16 bytes' worth), copied to xs
 // in flight: cp.async, 16 bytes a copy, zeros for the rows past the tile (x_row[r] -1). The caller decodes W
 // meanwhile, then waits (cp_async_wait_all) before the barrier that shows xs to the block.

@@ -3,8 +3,8 @@
 // with no pair has no tile); W holds the E experts' [N, K] matrices one after the other, each
 // expert_bytes long, in a GGML block format. Three tiles, as for the dense matmul: float FMAs
 // (moe_qmatmul, 16 x 16, csrc/mm_tile.cuh), f16 tensor cores (moe_qmatmul_mma, 32 x TN, mma_f16.cuh) and
-// int8 tensor cores on quantize_q8's activations (moe_qmatmul_q8, 32 x TN, mma_q8.cuh), TN 32 or 128; the last
-// two need sm_80.
+// int8 tensor cores on quantize_q8's activations (moe_qmatmul_q8, 32 x TN, mma_q8.cuh), TN 32 or 128 (sm_75's
+// instructions on Turing, csrc/mma_tile.cuh).
 //
 // Grid: x = the N tiles, y = an upper bound of the M tiles of every expert back to back (pairs / tile + E);
 // each block finds its expert and first pair from the prefix sums offsets and tile_offsets (of the

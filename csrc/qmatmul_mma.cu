@@ -1,6 +1,6 @@
 // Y[M, N] = X[M, K] @ W[N, K]^T on tensor cores: the f16 candidate of issue 5 (dequantize to f16, f16 MMA
 // with f32 accumulation), beside the correctness-first float-FMA qmatmul.cu it is tested against.
-// One thread block (4 warps) computes a 32 x TN tile of Y, TN 32 or 128 (csrc/mma_f16.cuh). Needs sm_80.
+// One thread block (4 warps) computes a 32 x TN tile of Y, TN 32 or 128 (csrc/mma_f16.cuh). Needs sm_75.
 // Shapes: any M and N; K a multiple of 16 and of the type's block size; lda/ldy in elements; X in f16 with lda a
 // multiple of 8 and x 16-aligned (its rows go to shared memory by 16-byte cp.async).
 #include "mma_f16.cuh"

@@ -4,7 +4,7 @@
 // quantize_q8: X -> int8 q with one float scale per 32 values (d = max|x| / 127, q = rint(x / d)) and the
 // sum of q per 16 values (for the weights' offsets), one warp per 32 values.
 // qmatmul_q8<T, TN>: one thread block (4 warps) computes a 32 x TN tile of Y (TN 32 or 128) from the quantized X
-// (csrc/mma_q8.cuh). Needs sm_80. Shapes: any M and N; K a multiple of the type's block.
+// (csrc/mma_q8.cuh). Needs sm_75. Shapes: any M and N; K a multiple of the type's block.
 #include "mma_q8.cuh"
 
 namespace dg {

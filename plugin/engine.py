@@ -153,7 +153,7 @@ class Engine:
         (the torch backend's default, transformers' numbers) or "f16" (the cuda backend's: half the VRAM).
         matmul (cuda backend): the quantized matmul kernel, "auto" (the default: per weight shape, the fastest
         on this GPU, timed once and cached; plugin/cuda/tune.py), "scalar" (float FMAs: the torch backend's
-        numbers up to float rounding), "f16" or "int8" (tensor cores, compute capability 8.0; "f16-wide" and
+        numbers up to float rounding), "f16" or "int8" (tensor cores, compute capability 7.5; "f16-wide" and
         "int8-wide": the same in tiles 128 columns wide instead of 32; "f16-cublas": dense weights decoded to
         f16 once per product and multiplied by cuBLAS, the experts as with "f16"). graphs (cuda
         backend, default True): with rng "counter", each canvas's decoder pass is captured once into a CUDA

@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matmul", choices=MATMULS,
                    help="cuda backend: the quantized matmul kernel, auto (the default: the fastest on this GPU per "
                         "weight shape and for the vocabulary head, timed once and cached), scalar (float FMAs, the "
-                        "torch backend's numbers), f16 or int8 (tensor cores, compute capability 8.0), f16-wide or "
+                        "torch backend's numbers), f16 or int8 (tensor cores, compute capability 7.5), f16-wide or "
                         "int8-wide (the same in tiles 128 columns wide), f16-cublas (dense weights decoded to f16, then "
                         "cuBLAS; the experts as with f16)")
     p.add_argument("--no-graphs", action="store_true",

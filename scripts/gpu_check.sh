@@ -3,7 +3,8 @@
 # the wheels carried in .gpu_wheels/ (made by scripts/gpu_prepare.sh), run the GPU tests, then the
 # benchmark. Use with the device tool: carry [".gpu_wheels"], command "bash scripts/gpu_check.sh", timeout_s about
 # 560: the three steps are capped at 200 + 110 + 200 s (and 15 s of grace for a hung test), about 35 s left for the
-# installs. The model-level GPU tests come last in the test file: a cut at the cap loses them first.
+# installs. The model-level GPU tests come last in the test file, then the tiles compiled on sm_75's instructions
+# (tests/test_cuda_turing.py): a cut at the cap loses those first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
@@ -26,7 +27,7 @@ export PYTHONUNBUFFERED=1
 echo "== GPU tests"
 # -v: each test's name and result as it finishes; SIGINT at the limit: pytest stops and still prints its
 # summary of what failed so far (-k: killed 15 s later if a kernel hangs it)
-timeout -s INT -k 15 200 $PY -m pytest -v -rfE --durations=15 -m gpu -p no:cacheprovider tests/test_cuda_kernels.py \
+timeout -s INT -k 15 200 $PY -m pytest -v -rfE --durations=15 -m gpu -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_turing.py \
   2>&1 | tee "$OUT/gpu_tests.txt" | grep -v PASSED | tail -60
 # a kernel that fails the tests may end this run with a CUDA error: rerun it with --kinds naming the others
 echo "== kernels at the 26B-A4B's shapes (every matmul kind: 6 columns since session 12, f16-cublas)"

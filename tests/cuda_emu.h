@@ -50,7 +50,7 @@ struct uint3 { unsigned x, y, z; };
 namespace emu {
 
 enum State { RUN, BARRIER, WARP, DONE };
-enum Op { OP_NONE, OP_SHFL_XOR, OP_MMA_F16, OP_MMA_S8, OP_LDMATRIX };
+enum Op { OP_NONE, OP_SHFL_XOR, OP_MMA_F16, OP_MMA_S8, OP_LDMATRIX, OP_MMA_F16_K8, OP_MMA_S8_M8 };
 
 // emu_switch(&from, to): save the callee-saved registers on this stack, store the stack pointer in *from,
 // continue on the stack `to` (where the same were saved, or a new fiber's frame). MXCSR and the x87 control

@@ -4,7 +4,8 @@ and launched through the ops wrappers, so tests/test_cuda_kernels.py runs the re
 `emulated()` patches plugin/cuda/ops.py and head_ops.py (moe_ops.py launches through ops) for the duration: kernel() compiles the module for
 the CPU (cached on disk by content), _launch() runs it on CPU tensors, each passed in a buffer that ends at
 an inaccessible page (a read or write past its end is an error naming the kernel, block, thread and
-argument), tensors claim to be on a GPU (an H100's capability), and the wrappers' torch.empty outputs
+argument), tensors claim to be on a GPU (an H100's capability; with arch=75 a Turing GPU's, the kernels
+compiled with DG_SM75_PATH: the tensor-core tiles on sm_75's instructions), and the wrappers' torch.empty outputs
 start as 0xFF bytes (NaN), so an element no thread writes shows. With race_check each launch runs twice,
 the threads of every block in opposite orders, and any difference in any buffer is an error.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -148,7 +150,8 @@ class Module:
     """One .cu file compiled for the CPU (csrc/<name> by default), its kernels by name: `names` are the name
     expressions (dg::qmatmul<12>) and extern "C" names to look up."""
 
-    def __init__(self, filename: str, names: tuple[str, ...] | None = None, directory: Path | None = None):
+    def __init__(self, filename: str, names: tuple[str, ...] | None = None, directory: Path | None = None,
+                 arch: int = 90):
         tree, key = _tree(csrc_dir())
         code = (tree / filename).read_text() if directory is None else for_emulator((directory / filename).read_text())
         names = names or _expressions(filename)
@@ -159,13 +162,14 @@ class Module:
                            f"    ::emu::kernel_info<static_cast<void (*)({c_types[n]})>(&{n})>(\"{n}\")" for n in names)
         unit = (f'#line 1 "{filename}"\n{code}\n\nusing namespace dg;\n'
                 f"const emu::Kernel emu_kernels[] = {{\n{table}\n}};\nconst int emu_kernel_total = {len(names)};\n")
-        digest = hashlib.sha256(key.encode() + unit.encode()).hexdigest()[:16]
+        defines = ["-DDG_SM75_PATH"] if arch < 80 else []  # sm_75's instructions (cuda_emu_warp.h, mma_tile.cuh)
+        digest = hashlib.sha256(key.encode() + unit.encode() + " ".join(defines).encode()).hexdigest()[:16]
         out = _cache_dir() / f"{Path(filename).stem}-{digest}.so"
         if not out.exists():
             cpp = out.with_suffix(f".{os.getpid()}.cpp")
             cpp.write_text(unit)
             tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            cmd = ["g++", *FLAGS, f"-I{tree}", "-include", str(HEADER), str(cpp), "-o", str(tmp)]
+            cmd = ["g++", *FLAGS, *defines, f"-I{tree}", "-include", str(HEADER), str(cpp), "-o", str(tmp)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             cpp.unlink()
             if done.returncode != 0:
@@ -196,13 +200,13 @@ class Kernel:
 
 
 @lru_cache(maxsize=None)
-def module(filename: str) -> Module:
-    return Module(filename)
+def module(filename: str, arch: int = 90) -> Module:
+    return Module(filename, arch=arch)
 
 
-def kernel(filename: str, name: str, name_expressions: tuple[str, ...] = ()) -> Kernel:
-    """loader.kernel's emulated twin."""
-    mod = module(filename)
+def kernel(filename: str, name: str, name_expressions: tuple[str, ...] = (), arch: int = 90) -> Kernel:
+    """loader.kernel's emulated twin (arch 75: compiled as for a Turing GPU)."""
+    mod = module(filename, arch)
     if name not in mod.kernels:
         raise EmulatorError(f"csrc/{filename} has no kernel {name} among {sorted(mod.kernels)}")
     return mod.kernels[name]
@@ -379,9 +383,10 @@ class _PoisonedTorch:
 
 
 @contextlib.contextmanager
-def emulated(race_check: bool = True) -> Iterator[SimpleNamespace]:
-    """The ops wrappers launch the emulated kernels on CPU tensors until the block ends. Yields the launch
-    count (`.launches`)."""
+def emulated(race_check: bool = True, arch: int = 90) -> Iterator[SimpleNamespace]:
+    """The ops wrappers launch the emulated kernels on CPU tensors until the block ends, on a GPU of compute
+    capability 9.0 (arch 90) or 7.5 (arch 75: the kernels compiled as for sm_75). Yields the launch count
+    (`.launches`)."""
     reason = unavailable()
     if reason:
         raise EmulatorError(reason)
@@ -394,10 +399,10 @@ def emulated(race_check: bool = True) -> Iterator[SimpleNamespace]:
     with pytest.MonkeyPatch.context() as mp:
         patch = mp.setattr
         patch(torch.Tensor, "is_cuda", property(lambda self: True))
-        patch(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        patch(torch.cuda, "get_device_capability", lambda device=None: divmod(arch, 10))
         patch(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(multi_processor_count=132))
         for mod in (ops, head_ops):
-            patch(mod, "kernel", kernel)
+            patch(mod, "kernel", functools.partial(kernel, arch=arch))
             patch(mod, "_launch", counted)
             patch(mod, "torch", _PoisonedTorch())
         yield stats

@@ -2,6 +2,8 @@
 // own definitions): f32 -> f16 rounding, the tensor-core MMAs, ldmatrix and cp.async as csrc/mma_tile.cuh
 // declares them for the GPU, and what a warp instruction gives each lane once every lane has arrived
 // (resolve_warp). Fragments follow the PTX ISA ("Matrix Fragments for mma.m16n8k16", ldmatrix's layout).
+// With DG_SM75_PATH it has sm_75's instructions instead (m16n8k8 f16, m8n8k16 s8; no cp.async), from which
+// csrc/mma_tile.cuh composes the tiles' m16n8k16 and copies X as it does on a Turing GPU.
 #pragma once
 
 namespace dg {
@@ -32,6 +34,7 @@ inline uint16_t f32_to_f16_bits(float x) {
     return (uint16_t)(sign | h);
 }
 
+#ifndef DG_SM75_PATH
 // mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32
 inline void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                              uint32_t b1) {
@@ -43,6 +46,8 @@ inline void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a
     memcpy(d, emu::cur->out, 16);
 }
 
+#endif
+
 // ldmatrix.sync.aligned.m8n8.xN.shared.b16 (csrc/mma_tile.cuh): `row`, this lane's row address, goes to the warp
 template <int N> inline void ldmatrix(uint32_t (&r)[N], const void *row) {
     static_assert(N == 1 || N == 2 || N == 4, "ldmatrix of 1, 2 or 4 matrices");
@@ -51,6 +56,7 @@ template <int N> inline void ldmatrix(uint32_t (&r)[N], const void *row) {
     memcpy(r, emu::cur->out, sizeof r);
 }
 
+#ifndef DG_SM75_PATH
 // cp.async.cg.shared.global, 16 bytes (csrc/mma_tile.cuh): the source is read now; the destination holds
 // unwritten-shared-memory bytes from now until this thread's cp_async_wait_all writes the copy, so a read of it
 // in between (the old contents or the new: a GPU may give either) sees neither
@@ -79,6 +85,29 @@ inline void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
     emu::warp_op(emu::OP_MMA_S8, 0xffffffffu, 0);
     memcpy(d, emu::cur->out, 16);
 }
+#else
+// mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 (sm_75)
+inline void mma_m16n8k8_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+    uint32_t *in = emu::cur->in;
+    const uint32_t regs[3] = {a0, a1, b0};
+    memcpy(in, regs, sizeof regs);
+    memcpy(&in[3], d, 16);
+    emu::warp_op(emu::OP_MMA_F16_K8, 0xffffffffu, 0);
+    memcpy(d, emu::cur->out, 16);
+}
+
+// mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 (sm_75)
+inline void mma_m8n8k16_s8(int &d0, int &d1, int a0, int b0) {
+    uint32_t *in = emu::cur->in;
+    memcpy(&in[0], &a0, 4);
+    memcpy(&in[1], &b0, 4);
+    memcpy(&in[2], &d0, 4);
+    memcpy(&in[3], &d1, 4);
+    emu::warp_op(emu::OP_MMA_S8_M8, 0xffffffffu, 0);
+    memcpy(&d0, &emu::cur->out[0], 4);
+    memcpy(&d1, &emu::cur->out[1], 4);
+}
+#endif
 
 }  // namespace dg
 
@@ -151,6 +180,43 @@ inline void resolve_warp(Thread *lane, uint32_t mask) {
                 const int row = i < 2 ? g : g + 8, col = t * 2 + (i & 1);
                 int s = C[row][col];
                 for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+                memcpy(&lane[l].out[i], &s, 4);
+            }
+        }
+    } else if (op == OP_MMA_F16_K8) {  // A 16x8 row-major (a0 row g, a1 row g + 8), B 8x8 column-major, C/D 16x8
+        float A[16][8], B[8][8], C[16][8];
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 4; ++i)  // a_i: register i/2, half i%2
+                A[i < 2 ? g : g + 8][t * 2 + (i & 1)] = dg::fp16_to_f32((uint16_t)(lane[l].in[i / 2] >> (16 * (i & 1))));
+            for (int i = 0; i < 2; ++i) B[t * 2 + i][g] = dg::fp16_to_f32((uint16_t)(lane[l].in[2] >> (16 * i)));
+            for (int i = 0; i < 4; ++i) memcpy(&C[i < 2 ? g : g + 8][t * 2 + (i & 1)], &lane[l].in[3 + i], 4);
+        }
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 4; ++i) {
+                const int row = i < 2 ? g : g + 8, col = t * 2 + (i & 1);
+                double s = C[row][col];  // as m16n8k16: exact products, the sum rounded once
+                for (int k = 0; k < 8; ++k) s += (double)A[row][k] * (double)B[k][col];
+                const float f = (float)s;
+                memcpy(&lane[l].out[i], &f, 4);
+            }
+        }
+    } else if (op == OP_MMA_S8_M8) {  // A 8x16 row-major (row g, k 4t..), B 16x8 column-major, C/D 8x8 s32
+        int A[8][16], B[16][8], C[8][8];
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 4; ++i) {
+                A[g][t * 4 + i] = (int8_t)((lane[l].in[0] >> (8 * i)) & 0xFFu);
+                B[t * 4 + i][g] = (int8_t)((lane[l].in[1] >> (8 * i)) & 0xFFu);
+            }
+            for (int i = 0; i < 2; ++i) memcpy(&C[g][t * 2 + i], &lane[l].in[2 + i], 4);
+        }
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 2; ++i) {
+                int s = C[g][t * 2 + i];
+                for (int k = 0; k < 16; ++k) s += A[g][k] * B[k][t * 2 + i];
                 memcpy(&lane[l].out[i], &s, 4);
             }
         }

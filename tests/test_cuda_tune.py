@@ -20,7 +20,7 @@ from dgemma.plugin.engine import Engine, EngineError
 from dgemma.plugin.model import DiffusionGemma
 
 
-AMPERE, TURING = (8, 0), (7, 5)
+AMPERE, TURING, VOLTA = (8, 0), (7, 5), (7, 0)  # VOLTA: below the tiles' (and the loader's) 7.5
 
 
 @pytest.fixture()
@@ -112,8 +112,16 @@ def test_auto_takes_the_fastest_usable_kernel_per_shape_and_caches_it(default_gg
 def test_auto_on_a_gpu_without_tensor_cores_times_nothing(default_gguf, ran, tmp_path):
     w, _ = cpu_cuda_weights(default_gguf)
     timer = preset_timer(ran, {})
-    plan = tune.choose(w, "auto", rows=16, device="cpu", capability=TURING, timer=timer, cache=tmp_path / "m.json")
+    plan = tune.choose(w, "auto", rows=16, device="cpu", capability=VOLTA, timer=timer, cache=tmp_path / "m.json")
     assert set(plan.values()) == {"scalar"} and timer.timed == []
+
+
+def test_turing_has_the_tensor_core_kinds(default_gguf):
+    """sm_75 runs the tiles on its own MMA instructions (csrc/mma_tile.cuh): the same candidates as sm_80."""
+    w, _ = cpu_cuda_weights(default_gguf)
+    for obj in tune.weight_objects(w):
+        assert tune.candidates(obj, TURING) == tune.candidates(obj, AMPERE) and len(tune.candidates(obj, TURING)) > 1
+    assert set(tune.choose(w, "int8", device="cpu", capability=TURING, cache=False).values()) == {"int8"}
 
 
 def test_a_damaged_cache_is_tuned_again_and_rewritten(default_gguf, ran, tmp_path):
@@ -140,7 +148,7 @@ def test_a_named_kernel_goes_where_it_can(default_gguf, ran):
     assert set(tune.choose(w, "int8", device="cpu", capability=AMPERE, cache=False).values()) == {"int8"}
     plan = tune.choose(w, "f16", device="cpu", capability=AMPERE, cache=False)
     assert {c: k for c, k in plan.items() if k != "f16"} == {c: "scalar" for c in plan if c.endswith("unbounded")}
-    assert set(tune.choose(w, "int8", device="cpu", capability=TURING, cache=False).values()) == {"scalar"}
+    assert set(tune.choose(w, "int8", device="cpu", capability=VOLTA, cache=False).values()) == {"scalar"}
     plan = tune.choose(w, "f16-cublas", device="cpu", capability=AMPERE, cache=False)  # experts: the f16 tile
     assert plan == {c: "scalar" if c.endswith("unbounded") else "f16" if c.startswith("experts") else "f16-cublas"
                     for c in plan} and set(plan.values()) == {"scalar", "f16", "f16-cublas"}

@@ -15,7 +15,7 @@ import pytest
 from dgemma.plugin.cuda import ops
 from dgemma.plugin.cuda.loader import NVRTC_OPTIONS, csrc_dir
 
-ARCHS = ("compute_75", "compute_90")  # the loader's minimum (tensor-core kernels compile to a trap) and Hopper
+ARCHS = ("compute_75", "compute_90")  # the loader's minimum (the tiles on sm_75's MMAs, no cp.async) and Hopper
 
 
 def _nvrtc() -> ctypes.CDLL | None:

@@ -135,7 +135,7 @@ def moe_qmatmul(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups
 def moe_qmatmul_mma(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
                     qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None,
                     gated: bool = False) -> torch.Tensor:
-    """moe_qmatmul on f16 tensor cores (compute capability >= 8.0): X and the dequantized W rounded to f16,
+    """moe_qmatmul on f16 tensor cores (compute capability >= 7.5): X and the dequantized W rounded to f16,
     as qmatmul_mma, in 32 x 32 tiles."""
     return _moe_qmatmul_mma(x, rows, groups, w, qtype, k, scatter, gated, MMA_TILE)
 
@@ -159,7 +159,7 @@ def _moe_qmatmul_mma(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertG
 def moe_qmatmul_q8(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGroups, w: torch.Tensor,
                    qtype: GGMLQuantizationType, k: int, scatter: Scatter | None = None,
                    gated: bool = False) -> torch.Tensor:
-    """moe_qmatmul on int8 tensor cores (compute capability >= 8.0, integer GGML types): x quantized once
+    """moe_qmatmul on int8 tensor cores (compute capability >= 7.5, integer GGML types): x quantized once
     by quantize_q8 (the gathered rows read its rows), as qmatmul_q8, in 32 x 32 tiles."""
     return _moe_qmatmul_q8(x, rows, groups, w, qtype, k, scatter, gated, MMA_TILE)
 

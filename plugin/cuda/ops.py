@@ -25,7 +25,9 @@ _QMATMUL_NAMES = tuple(f"dg::qmatmul<{int(t)}>" for t in SUPPORTED)
 _MOE_NAMES = tuple(f"dg::moe_qmatmul<{int(t)}>" for t in SUPPORTED)
 _HEAD_NAMES = tuple(f"dg::head_partials<{int(t)}>" for t in SUPPORTED)
 _GET_ROWS_NAMES = tuple(f"dg::get_rows{v}<{int(t)}>" for v in ("", "_f16") for t in SUPPORTED)
-MMA_TILE, MMA_THREADS, MMA_MIN_CAPABILITY = 32, 128, (8, 0)  # csrc/mma_tile.cuh: rows per tensor-core tile (MMA_TM)
+MMA_TILE, MMA_THREADS = 32, 128  # csrc/mma_tile.cuh: rows per tensor-core tile (MMA_TM), threads per tile
+# the tensor-core tiles: sm_80's m16n8k16 MMAs, or on sm_75 (Turing) two of its own per m16n8k16 (csrc/mma_tile.cuh)
+MMA_MIN_CAPABILITY = (7, 5)
 MMA_WIDE = 128  # csrc/mma_tile.cuh MmaShape: the wide tiles' columns (the narrow ones': MMA_TILE)
 INT_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0,
              GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
@@ -80,7 +82,7 @@ def matmul_family(matmul: str) -> str:
 def usable(matmul: str, qtype: GGMLQuantizationType, k: int, capability: tuple[int, int],
            bounded_input: bool = True, experts: bool = False) -> bool:
     """Whether matmul kernel `matmul` (a key of MATMULS) takes rows of k values of type qtype on a GPU of
-    this compute capability: the tensor-core kinds need 8.0; f16 (any form) steps 16 values of K and rounds X to
+    this compute capability: the tensor-core kinds need 7.5; f16 (any form) steps 16 values of K and rounds X to
     f16, so its input must stay far below 65504 (`bounded_input`: normalised, not gelu(gate) * up); int8 needs an
     integer type (its per-32 scales take any range); `experts` (the grouped op) a kind that has one."""
     family = matmul_family(matmul)
@@ -247,7 +249,7 @@ def _launch_matmul(source: str, name: str, names: tuple[str, ...], tile: tuple[i
 
 
 def qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int) -> torch.Tensor:
-    """qmatmul on tensor cores (csrc/qmatmul_mma.cu, compute capability >= 8.0): X and the dequantized W
+    """qmatmul on tensor cores (csrc/qmatmul_mma.cu, compute capability >= 7.5): X and the dequantized W
     rounded to f16, products accumulated in f32, in 32 x 32 tiles. X must stay within f16's range
     (|x| <= 65504)."""
     return _qmatmul_mma(x, w, qtype, k, MMA_TILE)
@@ -309,7 +311,7 @@ def _f16_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_mma(op: str, x: torch.Tensor, k: int | None = None) -> None:
-    """Tensor cores: compute capability 8.0; the f16 tile (k given) steps 16 values of K at a time (GGML block
+    """Tensor cores: compute capability 7.5; the f16 tile (k given) steps 16 values of K at a time (GGML block
     types always are multiples of 16, float rows may not be)."""
     cap = torch.cuda.get_device_capability(x.device)
     if cap < MMA_MIN_CAPABILITY:
@@ -356,7 +358,7 @@ def quantize_q8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 def qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int,
                quantized: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-    """qmatmul on int8 tensor cores (csrc/qmatmul_q8.cu, compute capability >= 8.0, integer GGML types):
+    """qmatmul on int8 tensor cores (csrc/qmatmul_q8.cu, compute capability >= 7.5, integer GGML types):
     X quantized to int8 per 32 values (quantize_q8), W in its integer form (int8, per-16 scale and offset),
     integer dot products per 16 values, scaled and summed in f32, in 32 x 32 tiles. quantized:
     quantize_q8(x) already made (one X against several W: the head's vocabulary chunks)."""
