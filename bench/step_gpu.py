@@ -11,7 +11,9 @@ and 32 x 128 tiles) and the torch way, and their ratio, measured in this run on 
     python bench/step_gpu.py [--repeat 20] [--kinds scalar,int8,...]
 
 --kinds leaves matmul kinds out of every table and line (to rerun past a kernel that failed on this GPU: a
-CUDA error such as an illegal address ends the process). scalar, every weight's fallback, stays in.
+CUDA error such as an illegal address ends the process). scalar, every weight's fallback, stays in, and so does
+each kind's family (f16 for f16-cublas and f16-wide, int8 for int8-wide): what the engine runs where a kind
+cannot take a weight, which the step totals count.
 """
 
 from __future__ import annotations
@@ -190,15 +192,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--kinds", default=",".join(ops.MATMULS),
-                    help=f"matmul kinds to time, comma-separated (default: {','.join(ops.MATMULS)}; scalar always)")
+                    help=f"matmul kinds to time, comma-separated (default: {','.join(ops.MATMULS)}; scalar and "
+                         "each kind's family always)")
     args = ap.parse_args()
     asked = args.kinds.split(",")
     if unknown := [m for m in asked if m not in ops.MATMULS]:
         ap.error(f"--kinds: no matmul kind {', '.join(unknown)}; expected some of {', '.join(ops.MATMULS)}")
     cap = check_cuda()
     print(f"{torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}")
-    # scalar (every weight's fallback), and those asked for that this GPU runs (the tensor-core tiles from sm_80)
-    kinds = [m for m in ops.MATMULS if (m == "scalar" or m in asked) and ops.usable(m, Q.Q4_K, 256, cap)]
+    # those asked for, their families and scalar (the fallbacks the totals count) that this GPU runs (the
+    # tensor-core tiles from sm_75)
+    wanted = {"scalar", *asked, *(ops.matmul_family(m) for m in asked)}
+    kinds = [m for m in ops.MATMULS if m in wanted and ops.usable(m, Q.Q4_K, 256, cap)]
     print(f"{'weights':<32} " + " | ".join(f"{kind + ' ms':>14} {'TFLOP/s':>7}" for kind in kinds)
           + f" | {'torch ms':>9} {'TB/s':>6} | best, speedup over torch")
     totals = dict.fromkeys([*kinds, "best", "torch"], 0.0)

@@ -105,7 +105,7 @@ __device__ __forceinline__ void mma_m8n8k16_s8(int &d0, int &d1, int a0, int b0)
 #endif
 #endif
 
-#ifdef DG_SM75_PATH
+#if defined(DG_SM75_PATH) && (defined(__CUDA_ARCH__) || defined(DG_EMU))  // (not nvcc's host pass)
 // m16n8k16 from sm_75's instructions: f16, K 0-7 then 8-15 (a0, a1 and b0 hold the first 8 of K, a2, a3 and b1
 // the second: one f32 rounding more per tile than sm_80's single instruction); s8, rows g then g + 8 (a0, a1:
 // exact integer sums, the same result)
@@ -128,7 +128,8 @@ __device__ __forceinline__ void cp_async_wait_all() {}
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750) || defined(DG_EMU)
 // A K slice of the tile's rows of X, values k0 .. k0 + tk of each (both counts 16 bytes' worth), copied to xs
 // in flight: cp.async, 16 bytes a copy, zeros for the rows past the tile (x_row[r] -1). The caller decodes W
-// meanwhile, then waits (cp_async_wait_all) before the barrier that shows xs to the block.
+// meanwhile, then waits (cp_async_wait_all) before the barrier that shows xs to the block. (On the sm_75 path
+// the copies are done at the call, before the decode: staging them in registers would take 8-16 a thread.)
 template <typename E, int STRIDE>
 __device__ __forceinline__ void copy_x_async(int tid, E (*xs)[STRIDE], const E *x, long ld, int k0, int tk,
                                              const int *x_row) {

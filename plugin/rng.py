@@ -46,7 +46,7 @@ def sampler_uniforms(seed: int, step: int, positions: np.ndarray | int, vocab: i
     c0 = start // 4
     c = np.arange(c0, (vocab + 3) // 4, dtype=np.uint64)[None, :]  # the counters of rows 4 c0 .. past vocab - 1
     words = philox4x32_10(c, pos, np.uint64(step), np.uint64(0), seed & 0xFFFFFFFF, seed >> 32)  # 4 x [P, C]
-    w = np.stack(words, axis=-1).reshape(len(pos), -1)  # [P, 4C]: row 4 c0 + k is word k % 4 of counter c0 + k // 4
+    w = np.stack(words, axis=-1).reshape(len(pos), 4 * c.shape[1])  # [P, 4C]: row 4 c0 + k is word k % 4 of counter c0 + k // 4
     return uniform(w[:, start - 4 * c0:vocab - 4 * c0])
 
 

@@ -257,6 +257,7 @@ def test_sampler_uniforms_equal_numpy_bit_for_bit(rng_harness, seed, step, pos, 
     np.testing.assert_array_equal(words, ref_words)
     np.testing.assert_array_equal(u, ref)
     np.testing.assert_array_equal(rng.sampler_uniforms(seed, step, pos, v0 + n, start=v0)[0], ref)  # any start
+    assert rng.sampler_uniforms(seed, step, np.arange(0), v0 + n, start=v0).shape == (0, n)  # no positions
     if n >= 100:  # (a mean of a few draws says nothing)
         assert 0.0 < u.min() and u.max() < 1.0 and abs(float(u.mean()) - 0.5) < 0.1
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dgemma.plugin.cuda import ops
-from dgemma.plugin.cuda.loader import NVRTC_OPTIONS, csrc_dir
+from dgemma.plugin.cuda.loader import NVRTC_OPTIONS, csrc_dir, module_source
 
 ARCHS = ("compute_75", "compute_90")  # the loader's minimum (the tiles on sm_75's MMAs, no cp.async) and Hopper
 
@@ -42,7 +42,7 @@ def compile_ptx(source: str, names: tuple[str, ...], arch: str) -> tuple[str, di
     NVRTC's log when it fails."""
     lib, c = NVRTC, ctypes
     prog = c.c_void_p()
-    code = (csrc_dir() / source).read_bytes()
+    code = module_source(source).encode()  # the text the loader hands CuPy
     assert lib.nvrtcCreateProgram(c.byref(prog), code, source.encode(), 0, None, None) == 0
     try:
         for n in names:
@@ -98,7 +98,30 @@ def test_cupy_compiles_every_module_as_the_loader_asks(arch, monkeypatch):
         pytest.skip("this CuPy has no _get_arch_for_options_for_nvrtc to point at a target")
     monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: (f"-arch=sm_{arch}", "cubin"))
     for source, names, _ in ops.MODULES:
-        code = (csrc_dir() / source).read_text()
+        code = module_source(source)
         binary, mapping = compiler.compile_using_nvrtc(code, options=(*NVRTC_OPTIONS, f"-I{csrc_dir()}", "-ftz=true"),
                                                        arch=arch, name_expressions=list(names) or None)
         assert binary[:4] == b"\x7fELF" and set(mapping or {}) == set(names), source
+
+
+def test_the_loaders_source_names_every_header(tmp_path, monkeypatch):
+    """CuPy's disk cache keys on the source text and the options, not on the headers it includes: the text the
+    loader hands it carries a digest of every csrc/ file, so a change to one header alone compiles afresh; and
+    NVRTC's messages still name the file and its own line numbers (#line)."""
+    import shutil
+
+    from dgemma.plugin.cuda import loader
+
+    copy = tmp_path / "csrc"
+    shutil.copytree(csrc_dir(), copy)
+    monkeypatch.setattr(loader, "csrc_dir", lambda: copy)
+    loader.csrc_digest.cache_clear()
+    try:
+        before = loader.module_source("accept.cu")
+        assert before.endswith((copy / "accept.cu").read_text()) and '#line 1 "accept.cu"' in before
+        (copy / "quant" / "base.cuh").write_text((copy / "quant" / "base.cuh").read_text() + "\n// edited\n")
+        loader.csrc_digest.cache_clear()
+        after = loader.module_source("accept.cu")
+        assert after != before and after.splitlines()[1:] == before.splitlines()[1:]  # only the digest line
+    finally:
+        loader.csrc_digest.cache_clear()

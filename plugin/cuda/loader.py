@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,23 @@ def csrc_dir() -> Path:
     import dgemma.csrc
 
     return Path(dgemma.csrc.__file__).parent
+
+
+@lru_cache(maxsize=1)
+def csrc_digest() -> str:
+    """16 hex digits of sha256 over every csrc/ source (.cu and .cuh, by path and content)."""
+    h = hashlib.sha256()
+    root = csrc_dir()
+    for p in sorted(root.rglob("*.cu*")):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def module_source(filename: str) -> str:
+    """What the loader gives NVRTC for csrc/<filename>: its text behind a line naming csrc_digest(). CuPy's disk
+    cache keys on the source text and the options, not on the headers it includes: without the digest an
+    upgrade that changes only a header would load the kernels compiled from the old one."""
+    return f'// dgemma csrc {csrc_digest()}\n#line 1 "{filename}"\n' + (csrc_dir() / filename).read_text()
 
 
 @lru_cache(maxsize=1)
@@ -45,9 +63,8 @@ def module(filename: str, name_expressions: tuple[str, ...] = ()) -> Any:
     check_cuda()
     import cupy
 
-    src = csrc_dir()
-    code = (src / filename).read_text()
-    return cupy.RawModule(code=code, options=(*NVRTC_OPTIONS, f"-I{src}"), name_expressions=name_expressions or None)
+    return cupy.RawModule(code=module_source(filename), options=(*NVRTC_OPTIONS, f"-I{csrc_dir()}"),
+                          name_expressions=name_expressions or None)
 
 
 @lru_cache(maxsize=None)

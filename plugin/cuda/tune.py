@@ -16,7 +16,6 @@ row count, so later loads only read it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ import torch
 
 from ..model import Weights
 from . import ops
-from .loader import csrc_dir
+from .loader import csrc_digest
 from .weights import QuantExperts, QuantLinear
 
 CHOICES = ("auto", *ops.MATMULS)  # what Engine.load(matmul=) and `dgemma run --matmul` take
@@ -102,12 +101,9 @@ def _cache_path() -> Path:
 def _cache_key(device: torch.device | str, capability: tuple[int, int], rows: int, top_k: int) -> str:
     """The GPU, its compute capability, torch's version and CUDA, the kernels' sources, the kinds there are and
     the row count: what a choice depends on (and top-k: the experts are timed at rows x top_k pairs)."""
-    h = hashlib.sha256()
-    for p in sorted(csrc_dir().rglob("*.cu*")):
-        h.update(p.name.encode() + p.read_bytes())
     name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
     return (f"{name} sm_{capability[0]}{capability[1]} torch:{torch.__version__} cuda:{torch.version.cuda} "
-            f"csrc:{h.hexdigest()[:16]} kinds:{','.join(ops.MATMULS)} rows:{rows} top_k:{top_k}")
+            f"csrc:{csrc_digest()} kinds:{','.join(ops.MATMULS)} rows:{rows} top_k:{top_k}")
 
 
 def candidates(obj: QuantLinear | QuantExperts, capability: tuple[int, int]) -> list[str]:
