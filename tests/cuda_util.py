@@ -4,9 +4,12 @@ CPU, and one prompt and canvas decoded by two models."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
 from dgemma.plugin.config import ModelConfig
@@ -23,6 +26,29 @@ KERNEL_SIGNATURE = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\
 KERNEL_OPS = {ops: ("get_rows", "get_rows_f16", "quantize_q8", "accept_renoise",
                     *(name for pair in ops.MATMULS.values() for name in pair if name)),
               head_ops: ("head_stats", "head_merge", "head_chunk_stats", "head_merge_into")}
+
+
+@contextlib.contextmanager
+def kernel_device(where: str, arch: int = 90) -> Iterator[str]:
+    """Where the kernel tests run the csrc kernels: "gpu" gives "cuda" (skipped without a usable GPU), "emu"
+    gives "cpu" with the kernels emulated as on a GPU of compute capability arch / 10 (skipped without the
+    emulator's compiler)."""
+    if where == "gpu":
+        from dgemma.plugin.cuda import CudaUnavailable, check_cuda
+
+        try:
+            check_cuda()
+        except CudaUnavailable as e:
+            pytest.skip(str(e))
+        yield "cuda"
+        return
+    import cuda_emu
+
+    reason = cuda_emu.unavailable()
+    if reason:
+        pytest.skip(reason)
+    with cuda_emu.emulated(arch=arch):
+        yield "cpu"
 
 
 def use_references(monkeypatch) -> None:

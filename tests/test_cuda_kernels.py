@@ -5,10 +5,10 @@ end need the GPU itself."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
+from cuda_util import kernel_device
 from gguf import GGMLQuantizationType as Q
 
 from dgemma import quant
@@ -18,22 +18,8 @@ from dgemma.plugin.cuda.ops import MATMULS
 @pytest.fixture(scope="module", params=[pytest.param("gpu", marks=pytest.mark.gpu), "emu"])
 def dev(request):
     """The device the kernels' tensors live on: "cuda" (a GPU), or "cpu" with the kernels emulated."""
-    if request.param == "gpu":
-        from dgemma.plugin.cuda import CudaUnavailable, check_cuda
-
-        try:
-            check_cuda()
-        except CudaUnavailable as e:
-            pytest.skip(str(e))
-        yield "cuda"
-        return
-    import cuda_emu
-
-    reason = cuda_emu.unavailable()
-    if reason:
-        pytest.skip(reason)
-    with cuda_emu.emulated():
-        yield "cpu"
+    with kernel_device(request.param) as where:
+        yield where
 
 
 @pytest.fixture(scope="module")

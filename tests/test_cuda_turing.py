@@ -9,36 +9,28 @@ from __future__ import annotations
 
 import pytest
 import test_cuda_kernels as K  # its test functions, called with this module's fixtures
+from cuda_util import kernel_device
 from gguf import GGMLQuantizationType as Q
 
 
 @pytest.fixture(scope="module", params=[pytest.param("gpu", marks=pytest.mark.gpu), "emu"])
 def dev(request):
     """"cuda" with every module compiled with DG_SM75_PATH, or "cpu" in the emulator as a 7.5 GPU."""
-    if request.param == "gpu":
-        from dgemma.plugin.cuda import CudaUnavailable, check_cuda, loader
+    with kernel_device(request.param, arch=75) as where:
+        if where == "cpu":
+            yield where
+            return
+        from dgemma.plugin.cuda import loader
 
-        try:
-            check_cuda()
-        except CudaUnavailable as e:
-            pytest.skip(str(e))
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(loader, "NVRTC_OPTIONS", (*loader.NVRTC_OPTIONS, "-DDG_SM75_PATH"))
             loader.kernel.cache_clear()  # compiled again with the option (CuPy's disk cache keys on the options)
             loader.module.cache_clear()
             try:
-                yield "cuda"
+                yield where
             finally:
                 loader.kernel.cache_clear()  # the tests after these compile for this GPU's own path again
                 loader.module.cache_clear()
-        return
-    import cuda_emu
-
-    reason = cuda_emu.unavailable()
-    if reason:
-        pytest.skip(reason)
-    with cuda_emu.emulated(arch=75):
-        yield "cpu"
 
 
 @pytest.fixture(scope="module")
