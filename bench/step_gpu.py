@@ -87,11 +87,10 @@ def moe_layer(repeat: int, kinds: list[str], experts: int = 128, top_k: int = 8,
     wbytes = gate_up.numel() + down.numel()
     print(f"routed experts, one layer ({tokens} tokens x top-{top_k} of {experts}): grouped {a:.3f} ms "
           f"({wbytes / a / 1e9:.2f} TB/s), one launch per expert {b:.3f} ms ({b / a:.2f}x); x30 layers: {30 * a:.1f} ms")
-    if torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY:
-        for kernel in (m for m in kinds if ops.MATMULS[m][1] and m != "scalar"):  # f16 on the down projection too
-            t = timed(lambda: grouped(kernel), repeat)
-            print(f"  grouped on {kernel} tensor cores: {t:.3f} ms ({wbytes / t / 1e9:.2f} TB/s, {a / t:.2f}x the float "
-                  f"FMAs); x30 layers: {30 * t:.1f} ms")
+    for kernel in (m for m in kinds if ops.MATMULS[m][1] and m != "scalar"):  # f16 on the down projection too
+        t = timed(lambda: grouped(kernel), repeat)
+        print(f"  grouped on {kernel} tensor cores: {t:.3f} ms ({wbytes / t / 1e9:.2f} TB/s, {a / t:.2f}x the float "
+              f"FMAs); x30 layers: {30 * t:.1f} ms")
 
 
 def head_pass(repeat: int, kinds: list[str], vocab: int = 262144, d: int = 2816, rows: int = 256,
@@ -118,13 +117,11 @@ def head_pass(repeat: int, kinds: list[str], vocab: int = 262144, d: int = 2816,
     fused, fused_mem = measured(lambda: head_ops.head_stats(h, w, Q.Q6_K, softcap, 0.8, seed=1, step=0))
     line, best = f"fused float {fused:.3f} ms ({flop / fused / 1e9:.1f} TFLOP/s, {fused_mem:.0f} MiB)", fused
     wf = ops.get_rows_f16(torch.arange(vocab, dtype=torch.int32, device=DEVICE), w, Q.Q6_K, d)  # decoded on the GPU
-    mma = torch.cuda.get_device_capability() >= ops.MMA_MIN_CAPABILITY
-    if mma:
-        for kernel in (m for m in ("f16", "int8", "int8-wide") if m in kinds):  # f16-wide, f16-cublas: f16's path
-            t, mem = measured(lambda: head_ops.head_stats_chunked(h, w, Q.Q6_K, softcap, 0.8, 1, 0, kernel))
-            line += f", chunked {kernel} {t:.3f} ms ({flop / t / 1e9:.1f} TFLOP/s, {mem:.0f} MiB, {fused / t:.2f}x fused)"
-            best = min(best, t)
-    if mma and "f16" in kinds:
+    for kernel in (m for m in ("f16", "int8", "int8-wide") if m in kinds):  # f16-wide, f16-cublas: f16's path
+        t, mem = measured(lambda: head_ops.head_stats_chunked(h, w, Q.Q6_K, softcap, 0.8, 1, 0, kernel))
+        line += f", chunked {kernel} {t:.3f} ms ({flop / t / 1e9:.1f} TFLOP/s, {mem:.0f} MiB, {fused / t:.2f}x fused)"
+        best = min(best, t)
+    if "f16" in kinds:
         # the head kept decoded in f16 (what a VRAM budget with 1.5 GB to spare could afford): no decode per pass
         t, mem = measured(lambda: head_ops.head_stats_chunked(h, w, Q.Q6_K, softcap, 0.8, 1, 0, "f16", decoded=wf))
         line += (f", chunked f16 over the head kept decoded {t:.3f} ms ({mem:.0f} MiB + {wf.numel() * 2 / 2**20:.0f} MiB "
@@ -139,7 +136,7 @@ def head_pass(repeat: int, kinds: list[str], vocab: int = 262144, d: int = 2816,
     theirs, theirs_mem = measured(torch_way)
     print(f"sampler statistics from the head ({rows} x {d} x {vocab} Q6_K): {line}; torch way {theirs:.3f} ms "
           f"({theirs_mem:.0f} MiB) -> the best of ours {theirs / best:.2f}x faster")
-    if mma and "f16" in kinds:  # the chunk's f16 rows against the L2 cache
+    if "f16" in kinds:  # the chunk's f16 rows against the L2 cache
         sizes = sorted({2048, 4096, head_ops.HEAD_CHUNK, 16384})
         times = [measured(lambda: head_ops.head_stats_chunked(h, w, Q.Q6_K, softcap, 0.8, 1, 0, "f16", chunk=c))
                  for c in sizes]
@@ -200,8 +197,7 @@ def main() -> None:
         ap.error(f"--kinds: no matmul kind {', '.join(unknown)}; expected some of {', '.join(ops.MATMULS)}")
     cap = check_cuda()
     print(f"{torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}")
-    # those asked for, their families and scalar (the fallbacks the totals count) that this GPU runs (the
-    # tensor-core tiles from sm_75)
+    # those asked for, their families and scalar (the fallbacks the totals count) that this GPU runs
     wanted = {"scalar", *asked, *(ops.matmul_family(m) for m in asked)}
     kinds = [m for m in ops.MATMULS if m in wanted and ops.usable(m, Q.Q4_K, 256, cap)]
     print(f"{'weights':<32} " + " | ".join(f"{kind + ' ms':>14} {'TFLOP/s':>7}" for kind in kinds)

@@ -160,7 +160,7 @@ extern "C" __global__ void __launch_bounds__(HEAD_THREADS) head_chunk_stats(
             if (j < 0 || j >= n) continue;
             const float zz = head_logit(zl[j], softcap, inv_temperature);
             head_take(m, im, zz, j);
-            head_take(gm, ig, zz + head_gumbel(philox_uniform(r.v[i])), j);  // head_perturbed's value
+            head_take(gm, ig, head_perturbed_word(zz, r.v[i]), j);
         }
     }
     for (int o = 16; o > 0; o >>= 1) {

@@ -51,9 +51,12 @@ DG_HD void head_take(float &a, int &ia, float b, int ib) {
 // a standard Gumbel draw from a uniform in (0, 1)
 DG_HD float head_gumbel(float u) { return -logf(-logf(u)); }
 
+// a logit perturbed by the Gumbel draw of its Philox word (csrc/philox.cuh)
+DG_HD float head_perturbed_word(float z, uint32_t word) { return z + head_gumbel(philox_uniform(word)); }
+
 // the perturbed logit of row v at canvas position pos, denoising step `step`
 DG_HD float head_perturbed(float z, unsigned long long seed, int step, int pos, int v) {
-    return z + head_gumbel(sampler_uniform(seed, step, pos, v));
+    return head_perturbed_word(z, sampler_word(seed, step, pos, v));
 }
 
 // add row v's perturbed logit gz to the sample (ties keep the earlier row)

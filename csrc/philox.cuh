@@ -58,11 +58,6 @@ DG_HD uint32_t sampler_word(unsigned long long seed, int step, int pos, int v) {
     return i == 0 ? r.v[0] : i == 1 ? r.v[1] : i == 2 ? r.v[2] : r.v[3];
 }
 
-// The sampler's draw for vocabulary index v at canvas position pos of denoising step `step`
-DG_HD float sampler_uniform(unsigned long long seed, int step, int pos, int v) {
-    return philox_uniform(sampler_word(seed, step, pos, v));
-}
-
 // Uniform token draws (the initial canvas and the re-noised positions) come from a second stream,
 // counter = (kind, pos, step, 1), so they never reuse a Gumbel draw's counter (v / 4, pos, step, 0).
 // kind: SAMPLER_RENOISE for the tokens re-drawn after step `step`, SAMPLER_INIT for the canvas that

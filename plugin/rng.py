@@ -40,7 +40,7 @@ def uniform(words: np.ndarray) -> np.ndarray:
 
 
 def sampler_uniforms(seed: int, step: int, positions: np.ndarray | int, vocab: int, start: int = 0) -> np.ndarray:
-    """[P, vocab - start] float32: the uniform csrc/philox.cuh's sampler_uniform draws for every (position,
+    """[P, vocab - start] float32: philox_uniform of csrc/philox.cuh's sampler_word for every (position,
     index), indices start .. vocab-1: word v % 4 of counter (v // 4, pos, step, 0)."""
     pos = np.atleast_1d(np.asarray(positions, dtype=np.uint64))[:, None]
     c0 = start // 4

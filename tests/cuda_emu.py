@@ -1,7 +1,7 @@
 """dgemma's CUDA kernels on the CPU: csrc/*.cu compiled by g++ against tests/cuda_emu.h (a fiber per CUDA thread)
 and launched through the ops wrappers, so tests/test_cuda_kernels.py runs the real kernels without a GPU.
 
-`emulated()` patches plugin/cuda/ops.py and head_ops.py (moe_ops.py launches through ops) for the duration: kernel() compiles the module for
+`emulated()` patches plugin/cuda/ops.py and head_ops.py (moe_ops.py launches through ops; its torch is patched too) for the duration: kernel() compiles the module for
 the CPU (cached on disk by content), _launch() runs it on CPU tensors, each passed in a buffer that ends at
 an inaccessible page (a read or write past its end is an error naming the kernel, block, thread and
 argument), tensors claim to be on a GPU (an H100's capability; with arch=75 a Turing GPU's, the kernels
@@ -33,7 +33,7 @@ import torch
 
 from cuda_util import KERNEL_SIGNATURE
 
-from dgemma.plugin.cuda import head_ops, ops
+from dgemma.plugin.cuda import head_ops, moe_ops, ops
 from dgemma.plugin.cuda.loader import csrc_dir
 
 HEADER = Path(__file__).with_name("cuda_emu.h")  # which includes cuda_emu_warp.h beside it
@@ -405,4 +405,5 @@ def emulated(race_check: bool = True, arch: int = 90) -> Iterator[SimpleNamespac
             patch(mod, "kernel", functools.partial(kernel, arch=arch))
             patch(mod, "_launch", counted)
             patch(mod, "torch", _PoisonedTorch())
+        patch(moe_ops, "torch", _PoisonedTorch())  # its outputs too (it launches through ops' kernel and _launch)
         yield stats

@@ -34,20 +34,6 @@ inline uint16_t f32_to_f16_bits(float x) {
     return (uint16_t)(sign | h);
 }
 
-#ifndef DG_SM75_PATH
-// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32
-inline void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                             uint32_t b1) {
-    uint32_t *in = emu::cur->in;
-    const uint32_t regs[6] = {a0, a1, a2, a3, b0, b1};
-    memcpy(in, regs, sizeof regs);
-    memcpy(&in[6], d, 16);
-    emu::warp_op(emu::OP_MMA_F16, 0xffffffffu, 0);
-    memcpy(d, emu::cur->out, 16);
-}
-
-#endif
-
 // ldmatrix.sync.aligned.m8n8.xN.shared.b16 (csrc/mma_tile.cuh): `row`, this lane's row address, goes to the warp
 template <int N> inline void ldmatrix(uint32_t (&r)[N], const void *row) {
     static_assert(N == 1 || N == 2 || N == 4, "ldmatrix of 1, 2 or 4 matrices");
@@ -56,7 +42,29 @@ template <int N> inline void ldmatrix(uint32_t (&r)[N], const void *row) {
     memcpy(r, emu::cur->out, sizeof r);
 }
 
+// An MMA's registers to the warp (A's, B's, then the accumulators: resolve_warp's mma_f16 / mma_s8 read them in
+// that order) and its accumulators back
+template <class Acc, int NA, int NB, int NC>
+inline void warp_mma(emu::Op op, Acc (&d)[NC], const uint32_t (&ab)[NA + NB]) {
+    uint32_t *in = emu::cur->in;
+    memcpy(in, ab, sizeof ab);
+    memcpy(&in[NA + NB], d, sizeof d);
+    emu::warp_op(op, 0xffffffffu, 0);
+    memcpy(d, emu::cur->out, sizeof d);
+}
+
 #ifndef DG_SM75_PATH
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32
+inline void mma_m16n8k16_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                             uint32_t b1) {
+    warp_mma<float, 4, 2>(emu::OP_MMA_F16, d, {a0, a1, a2, a3, b0, b1});
+}
+
+// mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32
+inline void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
+    warp_mma<int, 2, 1>(emu::OP_MMA_S8, d, {(uint32_t)a0, (uint32_t)a1, (uint32_t)b0});
+}
+
 // cp.async.cg.shared.global, 16 bytes (csrc/mma_tile.cuh): the source is read now; the destination holds
 // unwritten-shared-memory bytes from now until this thread's cp_async_wait_all writes the copy, so a read of it
 // in between (the old contents or the new: a GPU may give either) sees neither
@@ -74,38 +82,18 @@ inline void cp_async_wait_all() {
     for (const auto &c : emu::cur->copies) memcpy(c.dst, c.bytes, 16);
     emu::cur->copies.clear();
 }
-
-// mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32
-inline void mma_m16n8k16_s8(int (&d)[4], int a0, int a1, int b0) {
-    uint32_t *in = emu::cur->in;
-    memcpy(&in[0], &a0, 4);
-    memcpy(&in[1], &a1, 4);
-    memcpy(&in[2], &b0, 4);
-    memcpy(&in[3], d, 16);
-    emu::warp_op(emu::OP_MMA_S8, 0xffffffffu, 0);
-    memcpy(d, emu::cur->out, 16);
-}
 #else
 // mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 (sm_75)
 inline void mma_m16n8k8_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
-    uint32_t *in = emu::cur->in;
-    const uint32_t regs[3] = {a0, a1, b0};
-    memcpy(in, regs, sizeof regs);
-    memcpy(&in[3], d, 16);
-    emu::warp_op(emu::OP_MMA_F16_K8, 0xffffffffu, 0);
-    memcpy(d, emu::cur->out, 16);
+    warp_mma<float, 2, 1>(emu::OP_MMA_F16_K8, d, {a0, a1, b0});
 }
 
 // mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 (sm_75)
 inline void mma_m8n8k16_s8(int &d0, int &d1, int a0, int b0) {
-    uint32_t *in = emu::cur->in;
-    memcpy(&in[0], &a0, 4);
-    memcpy(&in[1], &b0, 4);
-    memcpy(&in[2], &d0, 4);
-    memcpy(&in[3], &d1, 4);
-    emu::warp_op(emu::OP_MMA_S8_M8, 0xffffffffu, 0);
-    memcpy(&d0, &emu::cur->out[0], 4);
-    memcpy(&d1, &emu::cur->out[1], 4);
+    int d[2] = {d0, d1};
+    warp_mma<int, 1, 1>(emu::OP_MMA_S8_M8, d, {(uint32_t)a0, (uint32_t)b0});
+    d0 = d[0];
+    d1 = d[1];
 }
 #endif
 
@@ -114,6 +102,59 @@ inline void mma_m8n8k16_s8(int &d0, int &d1, int a0, int b0) {
 #include "quant/base.cuh"  // dg::fp16_to_f32 (its host path) for the f16 MMA's inputs
 
 namespace emu {
+
+// mma.m16n8kK f16 (K 16, or 8 on sm_75), f32 accumulators. Lane l = 4 g + t holds A's (K / 4 registers of two
+// halves, low first) register r: row g + 8 (r % 2), k 2t + 8 (r / 2) and + 1; B's (K / 8) register r: k 2t + 8r
+// and + 1, column g; C/D's 4: row g + 8 (i / 2), column 2t + i % 2 (PTX ISA, "Matrix Fragments for mma.m16n8k16"
+// and "for mma.m16n8k8")
+inline void mma_f16(Thread *lane, int K) {
+    const int na = K / 4, nb = K / 8;
+    float A[16][16], B[16][8], C[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        for (int r = 0; r < na; ++r)
+            for (int h = 0; h < 2; ++h)
+                A[g + 8 * (r % 2)][2 * t + 8 * (r / 2) + h] = dg::fp16_to_f32((uint16_t)(lane[l].in[r] >> (16 * h)));
+        for (int r = 0; r < nb; ++r)
+            for (int h = 0; h < 2; ++h) B[2 * t + 8 * r + h][g] = dg::fp16_to_f32((uint16_t)(lane[l].in[na + r] >> (16 * h)));
+        for (int i = 0; i < 4; ++i) memcpy(&C[g + 8 * (i / 2)][2 * t + i % 2], &lane[l].in[na + nb + i], 4);
+    }
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 4; ++i) {
+            const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+            double s = C[row][col];  // products of halves are exact; the sum rounded once
+            for (int k = 0; k < K; ++k) s += (double)A[row][k] * (double)B[k][col];
+            const float f = (float)s;
+            memcpy(&lane[l].out[i], &f, 4);
+        }
+    }
+}
+
+// mma.mMn8k16 s8 (M 16, or 8 on sm_75), s32 accumulators. Lane l = 4 g + t holds A's (M / 8 registers of four
+// bytes, low first) register r: row g + 8r, k 4t .. 4t + 3; B's one register: k 4t .. 4t + 3, column g; C/D's
+// M / 4: row g + 8 (i / 2), column 2t + i % 2 (PTX ISA, "for mma.m16n8k16" and "for mma.m8n8k16")
+inline void mma_s8(Thread *lane, int M) {
+    const int na = M / 8;
+    int A[16][16], B[16][8], C[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 4; ++i) {
+            for (int r = 0; r < na; ++r) A[g + 8 * r][4 * t + i] = (int8_t)((lane[l].in[r] >> (8 * i)) & 0xFFu);
+            B[4 * t + i][g] = (int8_t)((lane[l].in[na] >> (8 * i)) & 0xFFu);
+        }
+        for (int i = 0; i < M / 4; ++i) memcpy(&C[g + 8 * (i / 2)][2 * t + i % 2], &lane[l].in[na + 1 + i], 4);
+    }
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < M / 4; ++i) {
+            const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+            int s = C[row][col];
+            for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+            memcpy(&lane[l].out[i], &s, 4);
+        }
+    }
+}
 
 // Every lane named by `mask` waits at one warp instruction: compute their results.
 inline void resolve_warp(Thread *lane, uint32_t mask) {
@@ -139,87 +180,10 @@ inline void resolve_warp(Thread *lane, uint32_t mask) {
             if (!(mask >> src & 1u)) fail("warp %d: lane %d reads lane %u, outside mask %08x", lane[l].linear / 32, l, src, mask);
             lane[l].out[0] = lane[src].in[0];
         }
-    } else if (op == OP_MMA_F16) {  // A 16x16 row-major, B 16x8 column-major, C/D 16x8 f32
-        float A[16][16], B[16][8], C[16][8];
-        for (int l = 0; l < 32; ++l) {
-            const int g = l >> 2, t = l & 3;
-            for (int i = 0; i < 8; ++i) {  // a_i: register i/2, half i%2 (low first)
-                const uint32_t h = (lane[l].in[i / 2] >> (16 * (i & 1))) & 0xFFFFu;
-                const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
-                const int col = t * 2 + (i & 1) + (i >= 4 ? 8 : 0);
-                A[row][col] = dg::fp16_to_f32((uint16_t)h);
-            }
-            for (int i = 0; i < 4; ++i) {  // b_i: register 4 + i/2
-                const uint32_t h = (lane[l].in[4 + i / 2] >> (16 * (i & 1))) & 0xFFFFu;
-                B[t * 2 + (i & 1) + (i >= 2 ? 8 : 0)][g] = dg::fp16_to_f32((uint16_t)h);
-            }
-            for (int i = 0; i < 4; ++i) memcpy(&C[i < 2 ? g : g + 8][t * 2 + (i & 1)], &lane[l].in[6 + i], 4);
-        }
-        for (int l = 0; l < 32; ++l) {
-            const int g = l >> 2, t = l & 3;
-            for (int i = 0; i < 4; ++i) {
-                const int row = i < 2 ? g : g + 8, col = t * 2 + (i & 1);
-                double s = C[row][col];  // products of halves are exact; the sum rounded once
-                for (int k = 0; k < 16; ++k) s += (double)A[row][k] * (double)B[k][col];
-                const float f = (float)s;
-                memcpy(&lane[l].out[i], &f, 4);
-            }
-        }
-    } else if (op == OP_MMA_S8) {
-        int A[16][16], B[16][8], C[16][8];
-        for (int l = 0; l < 32; ++l) {
-            const int g = l >> 2, t = l & 3;
-            for (int i = 0; i < 8; ++i)  // a_i: register i/4, byte i%4 (low first)
-                A[i < 4 ? g : g + 8][t * 4 + (i & 3)] = (int8_t)((lane[l].in[i / 4] >> (8 * (i & 3))) & 0xFFu);
-            for (int i = 0; i < 4; ++i) B[t * 4 + i][g] = (int8_t)((lane[l].in[2] >> (8 * i)) & 0xFFu);
-            for (int i = 0; i < 4; ++i) memcpy(&C[i < 2 ? g : g + 8][t * 2 + (i & 1)], &lane[l].in[3 + i], 4);
-        }
-        for (int l = 0; l < 32; ++l) {
-            const int g = l >> 2, t = l & 3;
-            for (int i = 0; i < 4; ++i) {
-                const int row = i < 2 ? g : g + 8, col = t * 2 + (i & 1);
-                int s = C[row][col];
-                for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
-                memcpy(&lane[l].out[i], &s, 4);
-            }
-        }
-    } else if (op == OP_MMA_F16_K8) {  // A 16x8 row-major (a0 row g, a1 row g + 8), B 8x8 column-major, C/D 16x8
-        float A[16][8], B[8][8], C[16][8];
-        for (int l = 0; l < 32; ++l) {
-            const int g = l >> 2, t = l & 3;
-            for (int i = 0; i < 4; ++i)  // a_i: register i/2, half i%2
-                A[i < 2 ? g : g + 8][t * 2 + (i & 1)] = dg::fp16_to_f32((uint16_t)(lane[l].in[i / 2] >> (16 * (i & 1))));
-            for (int i = 0; i < 2; ++i) B[t * 2 + i][g] = dg::fp16_to_f32((uint16_t)(lane[l].in[2] >> (16 * i)));
-            for (int i = 0; i < 4; ++i) memcpy(&C[i < 2 ? g : g + 8][t * 2 + (i & 1)], &lane[l].in[3 + i], 4);
-        }
-        for (int l = 0; l < 32; ++l) {
-            const int g = l >> 2, t = l & 3;
-            for (int i = 0; i < 4; ++i) {
-                const int row = i < 2 ? g : g + 8, col = t * 2 + (i & 1);
-                double s = C[row][col];  // as m16n8k16: exact products, the sum rounded once
-                for (int k = 0; k < 8; ++k) s += (double)A[row][k] * (double)B[k][col];
-                const float f = (float)s;
-                memcpy(&lane[l].out[i], &f, 4);
-            }
-        }
-    } else if (op == OP_MMA_S8_M8) {  // A 8x16 row-major (row g, k 4t..), B 16x8 column-major, C/D 8x8 s32
-        int A[8][16], B[16][8], C[8][8];
-        for (int l = 0; l < 32; ++l) {
-            const int g = l >> 2, t = l & 3;
-            for (int i = 0; i < 4; ++i) {
-                A[g][t * 4 + i] = (int8_t)((lane[l].in[0] >> (8 * i)) & 0xFFu);
-                B[t * 4 + i][g] = (int8_t)((lane[l].in[1] >> (8 * i)) & 0xFFu);
-            }
-            for (int i = 0; i < 2; ++i) memcpy(&C[g][t * 2 + i], &lane[l].in[2 + i], 4);
-        }
-        for (int l = 0; l < 32; ++l) {
-            const int g = l >> 2, t = l & 3;
-            for (int i = 0; i < 2; ++i) {
-                int s = C[g][t * 2 + i];
-                for (int k = 0; k < 16; ++k) s += A[g][k] * B[k][t * 2 + i];
-                memcpy(&lane[l].out[i], &s, 4);
-            }
-        }
+    } else if (op == OP_MMA_F16 || op == OP_MMA_F16_K8) {
+        mma_f16(lane, op == OP_MMA_F16 ? 16 : 8);
+    } else if (op == OP_MMA_S8 || op == OP_MMA_S8_M8) {
+        mma_s8(lane, op == OP_MMA_S8 ? 16 : 8);
     } else if (op == OP_LDMATRIX) {  // lane l: row l / 4, bytes 4 (l % 4) of each matrix j, from lane 8 j + l / 4's row
         const int n = (int)arg;
         const char *rows[32];

@@ -71,8 +71,6 @@ def test_matmul_tiles_at_their_edges(ops, dev, kernel, qtype, k):
     two slices for the 256-wide ones (the second partial for Q8_0; the wide tiles' 64 and 128 slice Q4_K's
     super-blocks), against each kernel's reference within 1e-5 of sum |x||w| (x as the kernel rounds it, up
     to 1 %)."""
-    if kernel != "qmatmul" and torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
-        pytest.skip("tensor-core MMA needs compute capability 7.5")
     rng = np.random.default_rng(k)
     w = rng.standard_normal((129, k)).astype(np.float32)
     data = torch.from_numpy(quant.quantize(w, qtype).reshape(129, -1).view(np.uint8))
@@ -94,8 +92,6 @@ def test_qmatmul_mma_matches_f16_rounded_reference(ops, dev, qtype, m, n, k, ker
     """Tensor cores: the kernel rounds X and W to f16 exactly as the reference does (f16-cublas: W by get_rows_f16,
     then cuBLAS; float32 products of the same values on the CPU), so the only difference is the f32 accumulation
     order: within 1e-5 of sum |x||w| per output, plus 1e-6."""
-    if torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
-        pytest.skip("tensor-core f16 MMA needs compute capability 7.5")
     rng = np.random.default_rng(m * 7 + n + k)
     w = rng.standard_normal((n, k)).astype(np.float32)
     data = torch.from_numpy((w if qtype == Q.F32 else quant.quantize(w, qtype)).reshape(n, -1).view(np.uint8)).to(dev)
@@ -116,8 +112,6 @@ def test_qmatmul_q8_matches_quantized_activation_reference(ops, dev, qtype, m, n
     """int8 tensor cores: X quantized per 32 values exactly as the reference does (checked bit for bit),
     W in its integer form; the products differ from the float64 reference only by the f32 sums: within
     1e-5 of sum |x_hat||w| per output, plus 1e-6."""
-    if torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
-        pytest.skip("int8 tensor-core MMA needs compute capability 7.5")
     rng = np.random.default_rng(m * 5 + n + k)
     w = rng.standard_normal((n, k)).astype(np.float32)
     w[: n // 3] = np.abs(w[: n // 3])  # positive rows: the K-quants' offsets at work
@@ -150,8 +144,6 @@ def test_moe_qmatmul_matches_expert_by_expert(ops, dev, qtype, n, k, counts, gat
     """The grouped kernels (16-row float tiles, 32-row f16 and int8 tensor-core tiles of both widths) against their
     references, expert by expert: within 1e-5 of sum |x||w| (X and W as each kernel rounds them) plus 1e-6,
     with experts of 0, 1, 16, 17, 33 and 300 pairs."""
-    if kernel != "scalar" and torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
-        pytest.skip("tensor-core MMA needs compute capability 7.5")
     op = getattr(ops, ops.MATMULS[kernel][1])
     rng = np.random.default_rng(len(counts) * 31 + n + k)
     E, P = len(counts), sum(counts)
@@ -326,9 +318,9 @@ def test_get_rows_f16_is_get_rows_rounded(ops, dev, qtype):
 def test_f16_cublas_decodes_a_tall_weight_a_chunk_at_a_time(ops, dev, monkeypatch):
     """F16_ROWS rows of W in f16 at a time (8192: the vocabulary head in 32 chunks; here 16, for 50 rows: 3 whole
     chunks and a partial one), the same products as the f16 tiles' reference, within its bound."""
-    if torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
-        pytest.skip("tensor-core f16 MMA needs compute capability 7.5")
     monkeypatch.setattr(ops, "F16_ROWS", 16)
+    decoded, get_rows_f16 = [], ops.get_rows_f16
+    monkeypatch.setattr(ops, "get_rows_f16", lambda rows, w, *a: decoded.append(w.shape[0]) or get_rows_f16(rows, w, *a))
     rng = np.random.default_rng(3)
     data = torch.from_numpy(quant.quantize(rng.standard_normal((50, 64)).astype(np.float32), Q.Q8_0).reshape(50, -1))
     x = torch.from_numpy(rng.standard_normal((40, 64)).astype(np.float32))
@@ -336,6 +328,7 @@ def test_f16_cublas_decodes_a_tall_weight_a_chunk_at_a_time(ops, dev, monkeypatc
     want = ops.qmatmul_mma_reference(x, data, Q.Q8_0, 64).double()
     bound = 1e-5 * (x.half().double().abs() @ ops._dequantized(data, Q.Q8_0, 64).half().double().abs().T) + 1e-6
     assert got.shape == (40, 50) and bool(((got - want).abs() <= bound).all())
+    assert decoded == [16, 16, 16, 2]  # W's rows decoded a chunk at a time, each once
 
 
 @pytest.mark.parametrize("L,n,v0", [(1, 1, 0), (3, 300, 7001), (2, 6, 3), (17, 8192, 262144 - 8192)])
@@ -405,8 +398,6 @@ def test_head_stats_chunked_match_full_logits(ops, dev, matmul, qtype, L, V, chu
     fails there; with a clear maximum everywhere they would only repeat the max)."""
     from dgemma.plugin.cuda import head_ops
 
-    if torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
-        pytest.skip("tensor-core MMA needs compute capability 7.5")
     D, tol = 512, (1e-2 if matmul == "f16" else 0.15)
     rng = np.random.default_rng(L + V)
     h = (rng.standard_normal((L, D)) * 2).astype(np.float32)
@@ -441,8 +432,6 @@ def test_cuda_backend_logits_match_the_torch_backend(ops, dev, request, matmul, 
     from dgemma.plugin.engine import Engine
     from dgemma.plugin.model import KVCache
 
-    if matmul != "scalar" and torch.cuda.get_device_capability() < ops.MMA_MIN_CAPABILITY:
-        pytest.skip("tensor-core MMA needs compute capability 7.5")
     ref = Engine.load(default_gguf)
     gpu = Engine.load(default_gguf, backend="cuda", matmul=matmul, kv_cache=kv)
     assert set(gpu.matmul.values()) == {matmul}

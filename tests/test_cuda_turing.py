@@ -40,13 +40,6 @@ def ops(dev):
     return ops
 
 
-def test_the_emulator_runs_as_turing(ops, dev):
-    import torch
-
-    if dev == "cpu":
-        assert torch.cuda.get_device_capability() == (7, 5) and ops.usable("int8-wide", Q.Q4_K, 256, (7, 5))
-
-
 @pytest.mark.parametrize("qtype,k", [(Q.Q8_0, 288), (Q.Q4_K, 512)], ids=["Q8_0-K288", "Q4_K-K512"])
 @pytest.mark.parametrize("kernel", ["qmatmul_mma", "qmatmul_q8", "qmatmul_mma_wide", "qmatmul_q8_wide"])
 def test_tiles_at_their_edges(ops, dev, kernel, qtype, k):
@@ -78,6 +71,5 @@ def test_moe_tiles(ops, dev, qtype, n, k, gathered, kernel):
     K.test_moe_qmatmul_matches_expert_by_expert(ops, dev, qtype, n, k, K.MOE_COUNTS[1], gathered, kernel)
 
 
-@pytest.mark.parametrize("matmul", ["f16", "int8-wide"])
-def test_chunked_head(ops, dev, matmul):
-    K.test_head_stats_chunked_match_full_logits(ops, dev, matmul, Q.Q6_K, 17, 3000, 1024)
+def test_chunked_head_on_the_int8_tile(ops, dev):  # (its f16 form multiplies by cuBLAS: no tile)
+    K.test_head_stats_chunked_match_full_logits(ops, dev, "int8-wide", Q.Q6_K, 17, 3000, 1024)

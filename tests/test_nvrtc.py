@@ -37,7 +37,7 @@ NVRTC = _nvrtc()
 pytestmark = pytest.mark.skipif(NVRTC is None, reason="no NVRTC (pip install nvidia-cuda-nvrtc, in the dev extra)")
 
 
-def compile_ptx(source: str, names: tuple[str, ...], arch: str) -> tuple[str, dict[str, str]]:
+def compile_ptx(source: str, names: tuple[str, ...], arch: str, extra: tuple[str, ...] = ()) -> tuple[str, dict[str, str]]:
     """NVRTC's PTX for csrc/<source> and the lowered name of each name expression; AssertionError with
     NVRTC's log when it fails."""
     lib, c = NVRTC, ctypes
@@ -47,7 +47,7 @@ def compile_ptx(source: str, names: tuple[str, ...], arch: str) -> tuple[str, di
     try:
         for n in names:
             assert lib.nvrtcAddNameExpression(prog, n.encode()) == 0
-        opts = [o.encode() for o in (*NVRTC_OPTIONS, f"-I{csrc_dir()}", f"-arch={arch}")]
+        opts = [o.encode() for o in (*NVRTC_OPTIONS, *extra, f"-I{csrc_dir()}", f"-arch={arch}")]
         rc = lib.nvrtcCompileProgram(prog, len(opts), (c.c_char_p * len(opts))(*opts))
         size = c.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, c.byref(size))
@@ -125,3 +125,18 @@ def test_the_loaders_source_names_every_header(tmp_path, monkeypatch):
         assert after != before and after.splitlines()[1:] == before.splitlines()[1:]  # only the digest line
     finally:
         loader.csrc_digest.cache_clear()
+
+
+@pytest.mark.parametrize("source", ["qmatmul_mma.cu", "qmatmul_q8.cu"])
+def test_the_tiles_take_sm75s_instructions_where_asked(source):
+    """The tiles on compute_75, and on compute_90 with -DDG_SM75_PATH (tests/test_cuda_turing.py's GPU run),
+    are made of sm_75's MMAs (m16n8k8 f16, m8n8k16 s8) with no cp.async; compute_90 itself of m16n8k16 and
+    cp.async."""
+    names = tuple(n for m in ops.MODULES if m[0] == source for n in m[1])[:2]
+    turing = [compile_ptx(source, names, "compute_75")[0], compile_ptx(source, names, "compute_90", ("-DDG_SM75_PATH",))[0]]
+    ampere = compile_ptx(source, names, "compute_90")[0]
+    sm75_mma = "mma.sync.aligned.m16n8k8" if source == "qmatmul_mma.cu" else "mma.sync.aligned.m8n8k16"
+    for ptx in turing:
+        assert sm75_mma in ptx and "m16n8k16" not in ptx and "cp.async" not in ptx
+    assert sm75_mma not in ampere and "m16n8k16" in ampere and "cp.async" in ampere
+

@@ -53,7 +53,7 @@ int main(int argc, char ** argv) {
     std::vector<float> u(n);
     for (int i = 0; i < n; ++i) {
         words[i] = dg::sampler_word(seed, step, pos, v0 + i);
-        u[i] = dg::sampler_uniform(seed, step, pos, v0 + i);
+        u[i] = dg::philox_uniform(words[i]);  // the uniform head_perturbed draws from the word
     }
     std::fwrite(words.data(), sizeof(uint32_t), words.size(), stdout);
     std::fwrite(u.data(), sizeof(float), u.size(), stdout);

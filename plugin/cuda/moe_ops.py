@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType
 
 from . import ops
 from .ops import (_MOE_MMA_NAMES, _MOE_NAMES, _MOE_Q8_NAMES, MM_THREADS, MM_TILE, MMA_THREADS, MMA_TILE, MMA_WIDE,
-                  _check_int, _check_matmul, _check_mma, _dequantized, _f16_rows, _q8_values)
+                  _check_int, _check_k16, _check_matmul, _dequantized, _f16_rows, _q8_values)
 
 
 def expert_tiles(counts: list[int], tile: int = MM_TILE) -> tuple[list[int], list[int], list[int]]:
@@ -151,7 +151,7 @@ def _moe_qmatmul_mma(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertG
                      qtype: GGMLQuantizationType, k: int, scatter: Scatter | None, gated: bool,
                      tile_n: int) -> torch.Tensor:
     qtype, rows = _check_moe("moe_qmatmul_mma", x, rows, groups, w, qtype, k, scatter, gated)
-    _check_mma("moe_qmatmul_mma", x, k)
+    _check_k16("moe_qmatmul_mma", k)
     return _launch_moe(f"dg::moe_qmatmul_mma<{int(qtype)}, {tile_n}>", _MOE_MMA_NAMES[tile_n], (MMA_TILE, tile_n),
                        MMA_THREADS, (_f16_rows(x), np.int32(k)), rows, groups, w, k, x.device, scatter, gated)
 
@@ -176,7 +176,6 @@ def _moe_qmatmul_q8(x: torch.Tensor, rows: torch.Tensor | None, groups: ExpertGr
                     tile_n: int) -> torch.Tensor:
     qtype, rows = _check_moe("moe_qmatmul_q8", x, rows, groups, w, qtype, k, scatter, gated)
     _check_int("moe_qmatmul_q8", qtype)
-    _check_mma("moe_qmatmul_q8", x)
     xq, xd, xs = ops.quantize_q8(x)
     return _launch_moe(f"dg::moe_qmatmul_q8<{int(qtype)}, {tile_n}>", _MOE_Q8_NAMES[tile_n], (MMA_TILE, tile_n),
                        MMA_THREADS, (xq, xd, xs), rows, groups, w, k, x.device, scatter, gated)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .loader import kernel
+from .loader import MIN_CAPABILITY, kernel
 
 MM_TILE = 16
 MM_THREADS = 256
@@ -26,8 +26,9 @@ _MOE_NAMES = tuple(f"dg::moe_qmatmul<{int(t)}>" for t in SUPPORTED)
 _HEAD_NAMES = tuple(f"dg::head_partials<{int(t)}>" for t in SUPPORTED)
 _GET_ROWS_NAMES = tuple(f"dg::get_rows{v}<{int(t)}>" for v in ("", "_f16") for t in SUPPORTED)
 MMA_TILE, MMA_THREADS = 32, 128  # csrc/mma_tile.cuh: rows per tensor-core tile (MMA_TM), threads per tile
-# the tensor-core tiles: sm_80's m16n8k16 MMAs, or on sm_75 (Turing) two of its own per m16n8k16 (csrc/mma_tile.cuh)
-MMA_MIN_CAPABILITY = (7, 5)
+# the tensor-core tiles run on every GPU the loader takes: sm_80's m16n8k16 MMAs, or on sm_75 (Turing) two of its
+# own per m16n8k16 (csrc/mma_tile.cuh); `usable` keeps the rule for the capabilities the tuner is given
+MMA_MIN_CAPABILITY = MIN_CAPABILITY
 MMA_WIDE = 128  # csrc/mma_tile.cuh MmaShape: the wide tiles' columns (the narrow ones': MMA_TILE)
 INT_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0,
              GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
@@ -262,7 +263,11 @@ def qmatmul_mma_wide(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationTy
 
 def _qmatmul_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int, tile_n: int) -> torch.Tensor:
     qtype = _check_matmul("qmatmul_mma", x, w, qtype, k, "[N, ")
-    _check_mma("qmatmul_mma", x, k)
+    _check_k16("qmatmul_mma", k)
+    return _launch_mma(x, w, qtype, k, tile_n)
+
+
+def _launch_mma(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k: int, tile_n: int) -> torch.Tensor:
     return _launch_matmul("qmatmul_mma.cu", f"dg::qmatmul_mma<{int(qtype)}, {tile_n}>", _QMMA_NAMES[tile_n],
                           (MMA_TILE, tile_n), MMA_THREADS, _f16_rows(x), w, k)
 
@@ -275,9 +280,9 @@ def qmatmul_f16_cublas(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantization
     most 32 rows (one row tile: a prompt's short last chunk), and where torch.mm has no out_dtype (old torch),
     the f16 tile instead."""
     qtype = _check_matmul("qmatmul_f16_cublas", x, w, qtype, k, "[N, ")
-    _check_mma("qmatmul_f16_cublas", x, k)
+    _check_k16("qmatmul_f16_cublas", k)
     if x.shape[0] <= MMA_TILE or (x.device.type == "cuda" and not _mm_out_dtype(str(x.device))):
-        return _qmatmul_mma(x, w, qtype, k, MMA_TILE)  # one row tile decodes W once too; old torch: no f32 result
+        return _launch_mma(x, w, qtype, k, MMA_TILE)  # one row tile decodes W once too; old torch: no f32 result
     x16 = _f16_rows(x)
     parts = [_mm_f32(x16, get_rows_f16(None, w[n0 : n0 + F16_ROWS], qtype, k).T)  # [M, <= F16_ROWS] each
              for n0 in range(0, w.shape[0], F16_ROWS)]
@@ -310,14 +315,10 @@ def _f16_rows(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).contiguous()
 
 
-def _check_mma(op: str, x: torch.Tensor, k: int | None = None) -> None:
-    """Tensor cores: compute capability 7.5; the f16 tile (k given) steps 16 values of K at a time (GGML block
-    types always are multiples of 16, float rows may not be)."""
-    cap = torch.cuda.get_device_capability(x.device)
-    if cap < MMA_MIN_CAPABILITY:
-        raise ValueError(f"{op}: needs compute capability {MMA_MIN_CAPABILITY[0]}.{MMA_MIN_CAPABILITY[1]} "
-                         f"(this GPU has {cap[0]}.{cap[1]}); use the float kernel")
-    if k is not None and k % 16:
+def _check_k16(op: str, k: int) -> None:
+    """The f16 tile steps 16 values of K at a time (GGML block types always are multiples of 16, float rows may
+    not be). (The GPU's capability needs no check: the tiles run on every GPU the loader takes.)"""
+    if k % 16:
         raise ValueError(f"{op}: K must be a multiple of 16 (got {k}); use the float kernel")
 
 
@@ -375,7 +376,6 @@ def _qmatmul_q8(x: torch.Tensor, w: torch.Tensor, qtype: GGMLQuantizationType, k
                 quantized: tuple[torch.Tensor, ...] | None, tile_n: int) -> torch.Tensor:
     qtype = _check_matmul("qmatmul_q8", x, w, qtype, k, "[N, ")
     _check_int("qmatmul_q8", qtype)
-    _check_mma("qmatmul_q8", x)
     m, n = x.shape[0], w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:

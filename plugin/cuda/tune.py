@@ -157,7 +157,7 @@ def choose(weights: Weights, choice: str = "auto", rows: int = 256, device: torc
         plan = {c: fallback(choice, candidates(objs[0], capability)) for c, objs in classes.items()}
     else:
         path = None if cache is False else (_cache_path() if cache is True else Path(cache))
-        key = _cache_key(device, capability, rows, top_k) if path else ""  # hashes csrc/: only for a cache
+        key = _cache_key(device, capability, rows, top_k) if path else ""  # (only for a cache)
         stored = _read_cache(path) if path else {}
         known = stored.get(key, {}) if isinstance(stored.get(key), dict) else {}
         plan = {}
