@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,14 +119,19 @@ def test_run_with_counter_draws(models):
         Engine.load(models / "default.gguf", rng="philox")
 
 
-def _cuda_usable() -> bool:
+def _cuda_missing() -> str | None:
+    """What this machine lacks for the cuda backend, in check_cuda's words (CuPy, a GPU ...), or None."""
     from dgemma.plugin.cuda import CudaUnavailable, check_cuda
 
     try:
         check_cuda()
-    except CudaUnavailable:
-        return False
-    return True
+    except CudaUnavailable as e:
+        return str(e)
+    return None
+
+
+def _cuda_usable() -> bool:
+    return _cuda_missing() is None
 
 
 @pytest.mark.skipif(_cuda_usable(), reason="here the cuda backend can run: auto picks it")
@@ -135,8 +141,12 @@ def test_backend_auto_is_torch_without_a_gpu_and_falls_back_when_the_gpu_side_fa
 
     path = models / "default.gguf"
     assert pick_backend("auto") == "torch"
-    with pytest.raises(EngineError, match="cuda backend needs CuPy"):  # asked for by name: says what is missing
+    with pytest.raises(EngineError, match=re.escape(_cuda_missing())):  # asked for by name: says what is missing
         pick_backend("cuda")
+    with monkeypatch.context() as m:  # without CuPy (whether or not this machine has it): named
+        m.setitem(sys.modules, "cupy", None)
+        with pytest.raises(EngineError, match="cuda backend needs CuPy"):
+            pick_backend("cuda")
     engine = Engine.load(path, "auto")
     assert engine.device.type == "cpu" and engine.rng == "torch" and engine.matmul == {}
     with pytest.raises(EngineError, match="backend 'gpu' is not available"):
@@ -158,7 +168,7 @@ def test_serve_with_the_cuda_backend_says_what_is_missing(models):
     proc = subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "serve", "--backend", "cuda", "--port", "1"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "cuda backend needs CuPy" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert _cuda_missing() in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_stats_name_the_kernels_and_the_head():
