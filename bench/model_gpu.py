@@ -63,6 +63,17 @@ def weight_bytes(w: Weights) -> int:
     return total + sum(size(getattr(lw, f.name)) for lw in w.layers for f in fields(lw))
 
 
+def estimate_8k(cfg: ModelConfig, rows: list) -> float:
+    """The converter's VRAM estimate for a plan's tensors at 8K context (quant/planner.py, what --fit holds
+    against its budget), without the CUDA context: the part the measured peak (PyTorch's allocator) counts."""
+    from dgemma.quant.planner import Breakdown, activation_bytes, kv_cache_bytes, nbytes
+
+    dims = cfg.model_dims()
+    b = Breakdown(sum(nbytes(shape, t) for _, shape, t in rows), kv_cache_bytes(dims, 8192), activation_bytes(dims),
+                  cuda_context=0)
+    return b.total / 2**30
+
+
 def float_weights(w: Weights, device: str) -> Weights:
     """The torch backend's weights for the same shapes: every quantized matrix as random float32, head tied."""
     def f(obj):
@@ -204,6 +215,7 @@ def main() -> None:
     from dgemma.plugin.cuda import check_cuda
     from dgemma.plugin.cuda.tune import choose
     from dgemma.plugin.cuda.weights import cuda_weights
+    from dgemma.quant.planner import CUDA_CONTEXT
 
     cap = check_cuda()
     dev = torch.device("cuda")
@@ -215,7 +227,11 @@ def main() -> None:
     results = []
     tune_cache = Path(tempfile.mkdtemp()) / "matmul.json"
     for i, plan in enumerate(args.plans.split(",")):
-        make = lambda: cuda_weights(SyntheticTensors(plan_rows(args.config, plan)), cfg, device="cuda")  # noqa: E731
+        rows = plan_rows(args.config, plan)
+        make = lambda: cuda_weights(SyntheticTensors(rows), cfg, device="cuda")  # noqa: E731
+        print(f"plan {plan}: the planner's VRAM estimate at 8K context {estimate_8k(cfg, rows):.2f} GiB, without the "
+              f"CUDA context (--fit adds {CUDA_CONTEXT / 2**30:.2f} GiB for it): against the peak VRAM at 8K below",
+              flush=True)
         w = make()
         if i == 0 and not args.no_torch:  # the baseline first: a kernel that brings the GPU down cannot lose it
             params = sum(math.prod(m.shape) for m in _matrices(w))

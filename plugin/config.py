@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gguf import GGUFReader
 
 from dgemma.convert import constants as C
 
 from .inspect import InspectError, field_value
+
+if TYPE_CHECKING:
+    from dgemma.quant.planner import ModelDims
 
 
 @dataclass
@@ -69,6 +72,16 @@ class ModelConfig:
             for kv, hd in zip(self.n_head_kv, self.head_dim))
         # the layers, the self-conditioning input (probs @ E, its MLP) and the tied head
         self.decode_flops_per_token = 2 * (per_layer + 2 * self.vocab_size * D + 3 * self.n_ff * D)
+
+    def model_dims(self) -> "ModelDims":
+        """The shapes the planner's VRAM estimates read (quant/planner.py ModelDims): the converter's --fit
+        plan makes them from config.json, the cuda backend's load check from this file's metadata."""
+        from dgemma.quant.planner import ModelDims
+
+        return ModelDims(n_layer=self.n_layer, n_embd=self.n_embd, canvas=self.canvas_length,
+                         sliding_window=self.sliding_window,
+                         layers=list(zip(self.is_swa, self.n_head_kv, self.head_dim)),
+                         n_expert_used=self.n_expert_used, n_ff_exp=self.n_ff_exp, n_ff=self.n_ff)
 
     @classmethod
     def from_gguf(cls, reader: GGUFReader, path: str | Path = "") -> "ModelConfig":

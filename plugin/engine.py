@@ -147,7 +147,9 @@ class Engine:
         """backend "torch": the reference (float32 weights, CPU or a CUDA device); "cuda": weights stay
         quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU); "auto": cuda where
         it can run (pick_backend), else torch on the CPU (also, with a warning, when the GPU side fails
-        while loading: a kernel that does not compile, memory). rng: the sampler's draws, "torch"
+        while loading: a kernel that does not compile; but a GPU with too little free memory for the model is an
+        error, before anything is loaded, not a fallback: the torch backend would hold the weights in float32,
+        several times the file's size, in RAM; plugin/cuda/weights.py check_vram). rng: the sampler's draws, "torch"
         (transformers' order, the torch backend's default) or "counter" (the cuda backend's, which samples
         on the GPU; the torch backend with "counter" draws the same tokens). kv_cache: "f32"
         (the torch backend's default, transformers' numbers) or "f16" (the cuda backend's: half the VRAM).
@@ -189,8 +191,9 @@ class Engine:
             tokenizer = Tokenizer.from_gguf(reader, path)
             if backend == "cuda":
                 from .cuda.tune import choose
-                from .cuda.weights import load_cuda_weights
+                from .cuda.weights import check_vram, load_cuda_weights
 
+                check_vram(reader, cfg, path, device)  # too little free GPU memory: say so before loading
                 weights = load_cuda_weights(reader, cfg, path, device)
                 plan = choose(weights, matmul, rows=cfg.canvas_length, device=device, top_k=cfg.n_expert_used)
             else:

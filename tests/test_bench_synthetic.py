@@ -33,6 +33,28 @@ def test_26b_shapes_and_plans():
         assert lo < gib / 2**30 < hi, (plan, gib / 2**30)
 
 
+def test_runtime_and_converter_model_dims_agree(checkpoint_factory):
+    """ModelConfig.model_dims (from a file's metadata: the cuda backend's load check, model_gpu's estimate) is the
+    converter's ModelDims (from config.json: --fit's plan), at the 26B's shapes and a tiny model's."""
+    from dgemma.convert.arch import converter_for
+    from dgemma.convert.source import Checkpoint
+
+    for d in (synthetic.CONFIG_26B, checkpoint_factory(SPECS["odd"])):
+        dims = synthetic.model_config(d).model_dims()
+        assert dims == converter_for(Checkpoint.open(d, weights=False)).model_dims()
+        assert len(dims.layers) == dims.n_layer and any(s for s, _, _ in dims.layers)
+
+
+def test_model_gpu_estimate_is_the_fit_plans_without_the_cuda_context():
+    from dgemma.convert.plan import make_plan
+    from dgemma.quant.planner import CUDA_CONTEXT
+
+    p = make_plan(synthetic.CONFIG_26B, "Q4_K_M", "12GB", 8192)
+    cfg = synthetic.model_config(synthetic.CONFIG_26B)
+    assert p.fit.fits and model_gpu.estimate_8k(cfg, p.tensors) * 2**30 == p.fit.breakdown.total - CUDA_CONTEXT
+    assert model_gpu.estimate_8k(cfg, p.tensors) < 11.5
+
+
 def test_bench_steps_run_on_synthetic_weights(checkpoint_factory, kernels_as_references, monkeypatch):
     from dgemma.plugin.cuda import head_ops, ops
     from dgemma.plugin.cuda.weights import QuantExperts, cuda_weights

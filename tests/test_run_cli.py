@@ -162,6 +162,39 @@ def test_backend_auto_is_torch_without_a_gpu_and_falls_back_when_the_gpu_side_fa
         Engine.load(tmp_path / "missing.gguf", "auto")
 
 
+def test_a_gpu_with_too_little_free_memory_is_one_clear_error_before_the_load(models, monkeypatch):
+    """The cuda backend measures the model against the GPU's free memory before loading anything: too little
+    is an EngineError naming the file, both figures and the --fit plan for the card, for "auto" too (not a
+    fallback to float32 weights in RAM). Without a GPU here, CuPy and the GPU are stood in for."""
+    import torch
+
+    import dgemma.plugin.cuda as cuda
+    import dgemma.plugin.cuda.weights as cw
+    from dgemma.plugin.config import ModelConfig
+    from dgemma.plugin.engine import EngineError
+    from dgemma.plugin.inspect import open_gguf
+
+    path = models / "default.gguf"
+    loads = []
+    monkeypatch.setattr(cuda, "check_cuda", lambda: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3060")
+    monkeypatch.setattr(cw, "load_cuda_weights", lambda *a: loads.append(a) or pytest.fail("loaded"))
+    free = {"bytes": 3 << 20}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 12 << 30))
+    for backend in ("cuda", "auto"):
+        with pytest.raises(EngineError) as e:
+            Engine.load(path, backend)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{path}: the cuda backend needs about ")
+        assert "RTX 3060 has 0.00 GiB free of 12.00" in msg and "--fit 12GB" in msg
+    need = cw.vram_estimate(open_gguf(path), ModelConfig.from_gguf(open_gguf(path), path)).total
+    assert 3 << 20 < need < 1 << 30  # the default model: 11 MB of weights and its canvas's working memory
+    free["bytes"] = need  # exactly enough: the load goes on
+    with pytest.raises(pytest.fail.Exception, match="loaded"):
+        Engine.load(path, "cuda")
+    assert len(loads) == 1
+
+
 @pytest.mark.skipif(_cuda_usable(), reason="here the cuda backend can run")
 def test_serve_with_the_cuda_backend_says_what_is_missing(models):
     env = {**os.environ, "DGEMMA_MODELS": str(models)}

@@ -11,6 +11,7 @@ import torch
 from gguf import GGUFReader, GGMLQuantizationType
 
 from dgemma.convert import constants as C
+from dgemma.quant.planner import GiB, Breakdown, activation_bytes
 
 from ..config import ModelConfig
 from ..inspect import InspectError, field_value
@@ -157,6 +158,29 @@ class GGUFTensors:
 
     def floats(self, name: str, device: str) -> torch.Tensor:
         return tensor_to_torch(self.tensors[name]).to(device)
+
+
+def vram_estimate(reader: GGUFReader, cfg: ModelConfig) -> Breakdown:
+    """What the cuda backend holds for this file before any KV cache: its tensors as cuda_weights loads them
+    (matrices as their GGML blocks; vectors as float32, which is how GGUF files keep them) and one canvas step's
+    working memory, the converter's --fit estimates (quant/planner.py). No CUDA context: the free memory it is
+    held against is counted after it."""
+    weights = sum(int(t.n_bytes) for t in reader.tensors)
+    return Breakdown(weights=weights, kv_cache=0, activations=activation_bytes(cfg.model_dims()), cuda_context=0)
+
+
+def check_vram(reader: GGUFReader, cfg: ModelConfig, path: str | Path, device: str = "cuda") -> Breakdown:
+    """The estimate, or InspectError saying that the GPU has too little free memory for it (instead of CUDA's
+    out-of-memory error halfway through the load), and which --fit plan would fit the card."""
+    need = vram_estimate(reader, cfg)
+    free, total = torch.cuda.mem_get_info(device)
+    if need.total > free:
+        raise InspectError(
+            f"{path}: the cuda backend needs about {need.total / GiB:.2f} GiB of GPU memory for this model before its "
+            f"KV cache (weights {need.weights / GiB:.2f} GiB), but {torch.cuda.get_device_name(device)} has "
+            f"{free / GiB:.2f} GiB free of {total / GiB:.2f}: convert the model for this GPU "
+            f"(dgemma convert ... --fit {max(1, int(total / GiB))}GB) or free GPU memory")
+    return need
 
 
 def load_cuda_weights(reader: GGUFReader, cfg: ModelConfig, path: str | Path = "", device: str = "cuda") -> Weights:
