@@ -50,6 +50,11 @@ class EngineError(ValueError):
     """A one-line, user-facing error from loading or generating."""
 
 
+class GpuMemoryError(EngineError):
+    """The GPU has too little free memory for a model, found before loading it: a server can unload idle models
+    and try again."""
+
+
 def _check_choices(**choices: tuple[str, Any]) -> None:
     """name=(value, allowed): an EngineError naming the first value not allowed."""
     for name, (value, allowed) in choices.items():
@@ -149,7 +154,7 @@ class Engine:
         it can run (pick_backend), else torch on the CPU (also, with a warning, when the GPU side fails
         while loading: a kernel that does not compile; but a GPU with too little free memory for the model is an
         error, before anything is loaded, not a fallback: the torch backend would hold the weights in float32,
-        several times the file's size, in RAM; plugin/cuda/weights.py check_vram). rng: the sampler's draws, "torch"
+        several times the file's size, in RAM: GpuMemoryError, plugin/cuda/weights.py vram_shortage). rng: the sampler's draws, "torch"
         (transformers' order, the torch backend's default) or "counter" (the cuda backend's, which samples
         on the GPU; the torch backend with "counter" draws the same tokens). kv_cache: "f32"
         (the torch backend's default, transformers' numbers) or "f16" (the cuda backend's: half the VRAM).
@@ -191,9 +196,11 @@ class Engine:
             tokenizer = Tokenizer.from_gguf(reader, path)
             if backend == "cuda":
                 from .cuda.tune import choose
-                from .cuda.weights import check_vram, load_cuda_weights
+                from .cuda.weights import load_cuda_weights, vram_shortage
 
-                check_vram(reader, cfg, path, device)  # too little free GPU memory: say so before loading
+                shortage = vram_shortage(reader, cfg, path, device)  # say so before loading, not CUDA halfway
+                if shortage:
+                    raise GpuMemoryError(shortage)
                 weights = load_cuda_weights(reader, cfg, path, device)
                 plan = choose(weights, matmul, rows=cfg.canvas_length, device=device, top_k=cfg.n_expert_used)
             else:
@@ -201,6 +208,8 @@ class Engine:
                 if device != "cpu":
                     weights = _to_device(weights, device)
             model = DiffusionGemma(cfg, weights)
+        except EngineError:
+            raise
         except ValueError as e:  # InspectError and friends
             raise EngineError(str(e)) from None
         engine = cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng, kv_cache,

@@ -44,7 +44,7 @@ def _held(obj, seen: dict[tuple[int, int], int]) -> None:
 
 @pytest.mark.parametrize("model", ["default", "canvas16"])
 def test_vram_estimate_counts_what_the_cuda_weights_hold(request, model):
-    """check_vram's figure for the weights is what cuda_weights loads: every GGML matrix as it is in the file,
+    """vram_shortage's figure for the weights is what cuda_weights loads: every GGML matrix as it is in the file,
     every vector as float32, the tied head once."""
     from dgemma.plugin.config import ModelConfig
     from dgemma.plugin.cuda.weights import vram_estimate

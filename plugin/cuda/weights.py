@@ -169,18 +169,24 @@ def vram_estimate(reader: GGUFReader, cfg: ModelConfig) -> Breakdown:
     return Breakdown(weights=weights, kv_cache=0, activations=activation_bytes(cfg.model_dims()), cuda_context=0)
 
 
-def check_vram(reader: GGUFReader, cfg: ModelConfig, path: str | Path, device: str = "cuda") -> Breakdown:
-    """The estimate, or InspectError saying that the GPU has too little free memory for it (instead of CUDA's
-    out-of-memory error halfway through the load), and which --fit plan would fit the card."""
-    need = vram_estimate(reader, cfg)
+def free_vram(device: str = "cuda") -> tuple[int, int]:
+    """(free, total) bytes of the GPU, counting as free what PyTorch's allocator keeps cached but unused (an
+    unloaded model's blocks, an earlier generation's KV cache), which it hands out again before asking CUDA."""
     free, total = torch.cuda.mem_get_info(device)
-    if need.total > free:
-        raise InspectError(
-            f"{path}: the cuda backend needs about {need.total / GiB:.2f} GiB of GPU memory for this model before its "
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+
+
+def vram_shortage(reader: GGUFReader, cfg: ModelConfig, path: str | Path, device: str = "cuda") -> str | None:
+    """None where the GPU's free memory holds the estimate, else the one-line error saying so (instead of CUDA's
+    out-of-memory error halfway through the load) and which --fit plan would fit the card."""
+    need = vram_estimate(reader, cfg)
+    free, total = free_vram(device)
+    if need.total <= free:
+        return None
+    return (f"{path}: the cuda backend needs about {need.total / GiB:.2f} GiB of GPU memory for this model before its "
             f"KV cache (weights {need.weights / GiB:.2f} GiB), but {torch.cuda.get_device_name(device)} has "
             f"{free / GiB:.2f} GiB free of {total / GiB:.2f}: convert the model for this GPU "
             f"(dgemma convert ... --fit {max(1, int(total / GiB))}GB) or free GPU memory")
-    return need
 
 
 def load_cuda_weights(reader: GGUFReader, cfg: ModelConfig, path: str | Path = "", device: str = "cuda") -> Weights:

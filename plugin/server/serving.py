@@ -1,7 +1,8 @@
 """Serving logic shared by the Ollama and OpenAI routers: loaded models, keep-alive, and generation
 bridged from the engine's worker thread to async streams.
 
-Models load on first use and unload when their keep-alive expires. Requests for one model are queued:
+Models load on first use and unload when their keep-alive expires, or, where the GPU has too little free
+memory for a model being loaded, as Ollama does: idle ones first, soonest to expire first. Requests for one model are queued:
 the engine runs one generation at a time (a queued request costs nothing while it waits), so concurrent
 clients never interleave and each gets exactly what it would get alone. A client that goes away sets
 its request's cancel flag; the engine checks it between denoising steps.
@@ -10,6 +11,7 @@ its request's cancel flag; the engine checks it between denoising steps.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import threading
 import time
@@ -17,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions
+from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, GpuMemoryError
 from ..registry import ModelEntry, Registry, read_model_info
 
 DEFAULT_KEEP_ALIVE = 300.0  # seconds, Ollama's default "5m"
@@ -72,10 +74,25 @@ class ModelManager:
         async with lock:
             model = self.loaded.get(entry.name)
             if model is None or model.entry.path != entry.path:
-                engine = await asyncio.to_thread(Engine.load, entry.path, self.backend)
+                engine = await self._load(entry)
                 info = await asyncio.to_thread(read_model_info, entry.path)
                 model = self.loaded[entry.name] = LoadedModel(entry, engine, info)
         return model
+
+    async def _load(self, entry: ModelEntry) -> Engine:
+        """Engine.load in a worker thread. Where the GPU has too little free memory for the model, the loaded
+        models that no request holds or waits for are unloaded one at a time, the soonest to expire first, until
+        it loads; with none left, the GpuMemoryError is the answer."""
+        while True:
+            try:
+                return await asyncio.to_thread(Engine.load, entry.path, self.backend)
+            except GpuMemoryError:
+                # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
+                idle = [(m.expires_at, name) for name, m in self.loaded.items() if m.busy == 0]
+                if not idle:
+                    raise
+                self.unload(min(idle)[1])
+                gc.collect()  # its tensors go back to PyTorch's allocator now, which the next check counts as free
 
     def touch(self, model: LoadedModel, keep_alive: float) -> None:
         model.expires_at = time.monotonic() + keep_alive if keep_alive != float("inf") else float("inf")
