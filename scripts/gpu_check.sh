@@ -5,11 +5,23 @@
 # 560: the three steps are capped at 200 + 110 + 200 s (and 15 s of grace for a hung test), about 35 s left for the
 # installs. The model-level GPU tests come last in the test file, then the tiles compiled on sm_75's instructions
 # (tests/test_cuda_turing.py): a cut at the cap loses those first.
+#
+# `bash scripts/gpu_check.sh --failed`, at once after it on the same (still warm) machine: only the tests that failed,
+# each with its whole traceback (the list is kept in /tmp/dgemma_gpu_failed.txt; $OUT is emptied between calls).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+FAILED=/tmp/dgemma_gpu_failed.txt
+if [ "${1:-}" = "--failed" ]; then
+  [ -s "$FAILED" ] || { echo "no failed tests recorded in $FAILED (not this machine, or none failed)"; exit 1; }
+  [ -f /tmp/dgemma_pythonpath ] && export PYTHONPATH=$(cat /tmp/dgemma_pythonpath)
+  export PYTHONUNBUFFERED=1
+  set -f  # test ids hold [brackets]: no globbing
+  timeout -s INT -k 15 240 $PY -m pytest -v -rfE --tb=long -p no:cacheprovider $(cat "$FAILED") 2>&1 | tee "$OUT/failed_tests.txt"
+  exit
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv 2>&1 | tee "$OUT/gpu.txt"
 if ls .gpu_wheels/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --find-links .gpu_wheels gguf pytest >"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
@@ -21,6 +33,7 @@ if ! $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$OU
   ln -s "$PWD/dgemma/__init__.py" "$site/dgemma/__init__.py"
   for d in convert quant plugin csrc; do ln -s "$PWD/$d" "$site/dgemma/$d"; done
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  echo "$PYTHONPATH" > /tmp/dgemma_pythonpath
 fi
 $PY -c "import dgemma.plugin.cuda as c; print('compute capability', c.check_cuda())" 2>&1 | tee -a "$OUT/gpu.txt"
 export PYTHONUNBUFFERED=1
@@ -29,6 +42,7 @@ echo "== GPU tests"
 # summary of what failed so far (-k: killed 15 s later if a kernel hangs it)
 timeout -s INT -k 15 200 $PY -m pytest -v -rfE --durations=15 -m gpu -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_turing.py \
   2>&1 | tee "$OUT/gpu_tests.txt" | grep -v PASSED | tail -60
+grep -oE '^FAILED [^ ]+|^ERROR [^ ]+' "$OUT/gpu_tests.txt" | cut -d' ' -f2 | sort -u | tee "$FAILED" > "$OUT/failed.txt"
 # a kernel that fails the tests may end this run with a CUDA error: rerun it with --kinds naming the others
 echo "== kernels at the 26B-A4B's shapes (every matmul kind: 6 columns since session 12, f16-cublas)"
 timeout 110 $PY bench/step_gpu.py --repeat 10 2>&1 | tee "$OUT/bench.txt"
