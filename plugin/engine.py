@@ -308,9 +308,6 @@ class Engine:
         n_canvases = math.ceil(max_tokens / C)  # every one but the last is encoded after the prompt
         cache.until = len(ids) + min(n_canvases - 1, KV_LOOKAHEAD) * C
         dev = self.device
-        self.model.encode(torch.tensor([ids], device=dev), cache, chunk=o.num_batch or DEFAULT_NUM_BATCH)
-        t_prompt = time.perf_counter_ns()
-        sampler = self._steps(cache, seed)
         cancelled = False
 
         def on_step(info: StepInfo) -> bool:
@@ -326,6 +323,9 @@ class Engine:
         steps: list[int] = []
         reason = "length"
         try:
+            self.model.encode(torch.tensor([ids], device=dev), cache, chunk=o.num_batch or DEFAULT_NUM_BATCH)
+            t_prompt = time.perf_counter_ns()
+            sampler = self._steps(cache, seed)
             for index in range(n_canvases):
                 if o.cancelled():
                     reason = "cancelled"
@@ -353,6 +353,10 @@ class Engine:
                 # where the global layers' buffers are full, the new ones have room for KV_LOOKAHEAD canvases
                 cache.until = max(cache.until, cache.length + min(n_canvases - 1 - index, KV_LOOKAHEAD) * C)
                 self.model.encode(torch.tensor([canvas], device=dev), cache)
+        except torch.cuda.OutOfMemoryError:  # one line, not CUDA's paragraph; the cache goes with the generation
+            raise EngineError(f"the GPU ran out of memory with {cache.length} positions in the KV cache (the prompt and "
+                              f"{len(out_ids)} tokens generated): a smaller num_ctx or num_predict, a shorter prompt, "
+                              "or a model converted with a smaller --fit needs less") from None
         finally:  # also when the caller stops early (the generator closed at a yield)
             if self.graphed is not None:
                 self.graphed.release()  # the graph's memory pool and the KV cache: the next generation makes its own
