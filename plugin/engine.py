@@ -152,10 +152,10 @@ class Engine:
         """backend "torch": the reference (float32 weights, CPU or a CUDA device); "cuda": weights stay
         quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU); "auto": cuda where
         it can run (pick_backend), else torch on the CPU (also, with a warning, when the GPU side fails
-        while loading: a kernel that does not compile; but a GPU with too little free memory for the model is an
-        error, before anything is loaded, not a fallback: the torch backend would hold the weights in float32,
-        several times the file's size, in RAM: GpuMemoryError, plugin/cuda/weights.py vram_shortage). rng: the sampler's draws, "torch"
-        (transformers' order, the torch backend's default) or "counter" (the cuda backend's, which samples
+        while loading: a kernel that does not compile; but a GPU with too little free memory for the model is a
+        GpuMemoryError, found before anything is loaded (plugin/cuda/weights.py vram_shortage), not a fallback: the
+        torch backend would hold the weights in RAM as float32, several times the file's size). rng: the sampler's
+        draws, "torch" (transformers' order, the torch backend's default) or "counter" (the cuda backend's, which samples
         on the GPU; the torch backend with "counter" draws the same tokens). kv_cache: "f32"
         (the torch backend's default, transformers' numbers) or "f16" (the cuda backend's: half the VRAM).
         matmul (cuda backend): the quantized matmul kernel, "auto" (the default: per weight shape, the fastest
@@ -210,6 +210,9 @@ class Engine:
             model = DiffusionGemma(cfg, weights)
         except EngineError:
             raise
+        except torch.cuda.OutOfMemoryError:  # the estimate fell short (or another load took the memory meanwhile)
+            raise GpuMemoryError(f"{path}: the GPU ran out of memory while loading this model: convert it with a "
+                                 "smaller --fit, or free GPU memory") from None
         except ValueError as e:  # InspectError and friends
             raise EngineError(str(e)) from None
         engine = cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng, kv_cache,

@@ -171,9 +171,10 @@ def test_a_gpu_with_too_little_free_memory_is_one_clear_error_before_the_load(mo
     import dgemma.plugin.cuda as cuda
     import dgemma.plugin.cuda.weights as cw
     from dgemma.plugin.config import ModelConfig
-    from dgemma.plugin.engine import EngineError
+    from dgemma.plugin.engine import EngineError, GpuMemoryError
     from dgemma.plugin.inspect import open_gguf
 
+    assert issubclass(GpuMemoryError, EngineError)
     path = models / "default.gguf"
     loads = []
     monkeypatch.setattr(cuda, "check_cuda", lambda: (8, 6))
@@ -182,7 +183,7 @@ def test_a_gpu_with_too_little_free_memory_is_one_clear_error_before_the_load(mo
     free = {"bytes": 3 << 20}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 12 << 30))
     for backend in ("cuda", "auto"):
-        with pytest.raises(EngineError) as e:
+        with pytest.raises(GpuMemoryError) as e:  # an EngineError: one line, and no fallback for auto
             Engine.load(path, backend)
         msg = str(e.value)
         assert "\n" not in msg and msg.startswith(f"{path}: the cuda backend needs about ")
@@ -193,6 +194,15 @@ def test_a_gpu_with_too_little_free_memory_is_one_clear_error_before_the_load(mo
     with pytest.raises(pytest.fail.Exception, match="loaded"):
         Engine.load(path, "cuda")
     assert len(loads) == 1
+
+    def short(*a):  # the estimate fell short: CUDA's own error during the load is the same one-line error
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB\n(GPU 0; ...)")
+
+    monkeypatch.setattr(cw, "load_cuda_weights", short)
+    for backend in ("cuda", "auto"):
+        with pytest.raises(GpuMemoryError, match=r"^\S+default.gguf: the GPU ran out of memory while loading this "
+                                                  r"model: convert it with a smaller --fit, or free GPU memory$"):
+            Engine.load(path, backend)
 
 
 @pytest.mark.skipif(_cuda_usable(), reason="here the cuda backend can run")

@@ -1,9 +1,9 @@
 """Serving logic shared by the Ollama and OpenAI routers: loaded models, keep-alive, and generation
 bridged from the engine's worker thread to async streams.
 
-Models load on first use and unload when their keep-alive expires, or, where the GPU has too little free
-memory for a model being loaded, as Ollama does: idle ones first, soonest to expire first. Requests for one model are queued:
-the engine runs one generation at a time (a queued request costs nothing while it waits), so concurrent
+Models load on first use and unload when their keep-alive expires, or, as Ollama does, where the GPU has too
+little free memory for a model being loaded: idle ones, the soonest to expire first. Requests for one model are
+queued: the engine runs one generation at a time (a queued request costs nothing while it waits), so concurrent
 clients never interleave and each gets exactly what it would get alone. A client that goes away sets
 its request's cancel flag; the engine checks it between denoising steps.
 """
