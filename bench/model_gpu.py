@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import CONFIG_26B, SyntheticTensors, model_config, plan_rows, sync, timed  # noqa: E402
+from synthetic import CONFIG_26B, SyntheticTensors, gpu_capability, model_config, plan_rows, sync, timed  # noqa: E402
 
 from dgemma.plugin.config import ModelConfig  # noqa: E402
 from dgemma.plugin.engine import DEFAULT_NUM_BATCH  # noqa: E402
@@ -212,12 +212,11 @@ def main() -> None:
                     "first for every plan, the others (step time only) for the first plan")
     ap.add_argument("--eager", action="store_true", help="also measure the first plan's step without CUDA graphs")
     args = ap.parse_args()
-    from dgemma.plugin.cuda import check_cuda
     from dgemma.plugin.cuda.tune import choose
     from dgemma.plugin.cuda.weights import cuda_weights
     from dgemma.quant.planner import CUDA_CONTEXT
 
-    cap = check_cuda()
+    cap = gpu_capability("bench/model_gpu.py")
     dev = torch.device("cuda")
     cfg = model_config(args.config)
     print(f"{torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}; {cfg.n_layer} layers, "

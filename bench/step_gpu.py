@@ -22,10 +22,9 @@ import argparse
 
 import torch
 from gguf import GGMLQuantizationType as Q
-from synthetic import synthetic_blocks
+from synthetic import gpu_capability, synthetic_blocks
 from synthetic import timed as timed_on
 
-from dgemma.plugin.cuda import check_cuda
 from dgemma.plugin.cuda import ops, tune
 from dgemma.plugin.model import geglu, grouped_attention
 from dgemma.plugin.sampler import accept, renoise
@@ -195,7 +194,7 @@ def main() -> None:
     asked = args.kinds.split(",")
     if unknown := [m for m in asked if m not in ops.MATMULS]:
         ap.error(f"--kinds: no matmul kind {', '.join(unknown)}; expected some of {', '.join(ops.MATMULS)}")
-    cap = check_cuda()
+    cap = gpu_capability("bench/step_gpu.py")
     print(f"{torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}")
     # those asked for, their families and scalar (the fallbacks the totals count) that this GPU runs
     wanted = {"scalar", *asked, *(ops.matmul_family(m) for m in asked)}

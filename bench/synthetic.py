@@ -91,6 +91,16 @@ def plan_rows(config_dir: str | Path, plan: str, ctx: int = 8192) -> list[tuple[
     return p.tensors
 
 
+def gpu_capability(tool: str) -> tuple[int, int]:
+    """The GPU's compute capability, or exit with one line naming the tool and what is missing (CuPy, a GPU ...)."""
+    from dgemma.plugin.cuda import CudaUnavailable, check_cuda
+
+    try:
+        return check_cuda()
+    except CudaUnavailable as e:
+        raise SystemExit(f"{tool}: {e}") from None
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -127,7 +127,7 @@ def _step_gpu_on_the_cpu(monkeypatch, capsys, *args: str) -> str:
     monkeypatch.setattr(step_gpu, "SHAPES", [("dense", 40, 256, Q.Q4_K, 5, 2), ("down", 33, 64, Q.Q5_0, 3, 1),
                                              ("a float matrix", 9, 32, Q.F16, 2, 1)])
     monkeypatch.setattr(step_gpu, "timed", lambda fn, repeat: (fn(), 1.0)[1])
-    monkeypatch.setattr(step_gpu, "check_cuda", lambda: (9, 0))
+    monkeypatch.setattr(step_gpu, "gpu_capability", lambda tool: (9, 0))
     for name, value in (("get_device_capability", lambda device=None: (9, 0)), ("get_device_name", lambda device=None: "cpu"),
                         ("reset_peak_memory_stats", lambda device=None: None), ("memory_allocated", lambda device=None: 0),
                         ("max_memory_allocated", lambda device=None: 0), ("empty_cache", lambda: None)):
@@ -178,3 +178,21 @@ def test_step_gpu_times_only_the_kinds_asked_for(kernels_as_references, monkeypa
         _step_gpu_on_the_cpu(monkeypatch, capsys, "--kinds", "int8,int4")
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith("--kinds: no matmul kind int4; expected some of " + ", ".join(step_gpu.ops.MATMULS))
+
+
+@pytest.mark.parametrize("bench", ["step_gpu.py", "model_gpu.py"])
+def test_gpu_benches_without_a_gpu_say_so_in_one_line(bench):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dgemma.plugin.cuda import CudaUnavailable, check_cuda
+
+    try:
+        check_cuda()
+        pytest.skip("a GPU is here: the bench would run")
+    except CudaUnavailable as e:
+        reason = str(e)
+    script = Path(__file__).resolve().parent.parent / "bench" / bench
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"bench/{bench}: {reason}"
