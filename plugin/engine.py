@@ -51,8 +51,12 @@ class EngineError(ValueError):
 
 
 class GpuMemoryError(EngineError):
-    """The GPU has too little free memory for a model, found before loading it: a server can unload idle models
-    and try again."""
+    """The GPU has too little free memory for a model: found before loading it (`need` and `total`, its bytes and
+    the GPU's), or CUDA ran out during the load (both None). A server can unload idle models and try again."""
+
+    def __init__(self, message: str, need: int | None = None, total: int | None = None) -> None:
+        super().__init__(message)
+        self.need, self.total = need, total
 
 
 def _check_choices(**choices: tuple[str, Any]) -> None:
@@ -153,8 +157,8 @@ class Engine:
         quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU); "auto": cuda where
         it can run (pick_backend), else torch on the CPU (also, with a warning, when the GPU side fails
         while loading: a kernel that does not compile; but a GPU with too little free memory for the model is a
-        GpuMemoryError, found before anything is loaded (plugin/cuda/weights.py vram_shortage), not a fallback: the
-        torch backend would hold the weights in RAM as float32, several times the file's size). rng: the sampler's
+        GpuMemoryError, mostly found before anything is loaded (plugin/cuda/weights.py vram_shortage), not a
+        fallback: the torch backend would hold the weights in RAM as float32, several times the file's size). rng: the sampler's
         draws, "torch" (transformers' order, the torch backend's default) or "counter" (the cuda backend's, which samples
         on the GPU; the torch backend with "counter" draws the same tokens). kv_cache: "f32"
         (the torch backend's default, transformers' numbers) or "f16" (the cuda backend's: half the VRAM).
@@ -189,7 +193,7 @@ class Engine:
         if backend == "torch" and device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError("no CUDA GPU is visible to PyTorch (use device='cpu')")
         t0 = time.perf_counter_ns()
-        path, plan = Path(path), {}
+        path, plan, out_of_memory = Path(path), {}, False
         try:
             reader = open_gguf(path)
             cfg = ModelConfig.from_gguf(reader, path)
@@ -200,7 +204,7 @@ class Engine:
 
                 shortage = vram_shortage(reader, cfg, path, device)  # say so before loading, not CUDA halfway
                 if shortage:
-                    raise GpuMemoryError(shortage)
+                    raise GpuMemoryError(*shortage)
                 weights = load_cuda_weights(reader, cfg, path, device)
                 plan = choose(weights, matmul, rows=cfg.canvas_length, device=device, top_k=cfg.n_expert_used)
             else:
@@ -211,10 +215,15 @@ class Engine:
         except EngineError:
             raise
         except torch.cuda.OutOfMemoryError:  # the estimate fell short (or another load took the memory meanwhile)
-            raise GpuMemoryError(f"{path}: the GPU ran out of memory while loading this model: convert it with a "
-                                 "smaller --fit, or free GPU memory") from None
+            out_of_memory = True  # raised below, outside this block: CUDA's error would keep the partial load alive
         except ValueError as e:  # InspectError and friends
             raise EngineError(str(e)) from None
+        if out_of_memory:
+            weights = None
+            advice = ("convert it with a smaller --fit" if backend == "cuda" else
+                      "the torch backend holds the weights as float32: use the cuda backend")
+            raise GpuMemoryError(f"{path}: the GPU ran out of memory while loading this model: {advice}, or free GPU "
+                                 "memory")
         engine = cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng, kv_cache,
                      graphs=backend == "cuda" and graphs is not False)
         engine.matmul, engine.backend = plan, backend
@@ -325,6 +334,7 @@ class Engine:
         canvases: list[list[int]] = []
         steps: list[int] = []
         reason = "length"
+        out_of_memory = False
         try:
             self.model.encode(torch.tensor([ids], device=dev), cache, chunk=o.num_batch or DEFAULT_NUM_BATCH)
             t_prompt = time.perf_counter_ns()
@@ -356,13 +366,17 @@ class Engine:
                 # where the global layers' buffers are full, the new ones have room for KV_LOOKAHEAD canvases
                 cache.until = max(cache.until, cache.length + min(n_canvases - 1 - index, KV_LOOKAHEAD) * C)
                 self.model.encode(torch.tensor([canvas], device=dev), cache)
-        except torch.cuda.OutOfMemoryError:  # one line, not CUDA's paragraph; the cache goes with the generation
-            raise EngineError(f"the GPU ran out of memory with {cache.length} positions in the KV cache (the prompt and "
-                              f"{len(out_ids)} tokens generated): a smaller num_ctx or num_predict, a shorter prompt, "
-                              "or a model converted with a smaller --fit needs less") from None
+        except torch.cuda.OutOfMemoryError:  # one line, not CUDA's paragraph
+            out_of_memory = True  # raised below, outside this block: CUDA's error would keep its frames' tensors alive
         finally:  # also when the caller stops early (the generator closed at a yield)
             if self.graphed is not None:
                 self.graphed.release()  # the graph's memory pool and the KV cache: the next generation makes its own
+        if out_of_memory:
+            positions, cache, sampler, result = cache.length, None, None, None  # this frame lives on in the error's
+            # traceback: no tensors held by it
+            raise EngineError(f"the GPU ran out of memory with {positions} positions in the KV cache (the prompt and "
+                              f"{len(out_ids)} tokens generated): a smaller num_ctx or num_predict, a shorter prompt, "
+                              "or a model converted with a smaller --fit needs less")
         t_end = time.perf_counter_ns()
         forwards = sum(steps)
         yield DoneEvent(

@@ -18,10 +18,11 @@ if [ "${1:-}" = "--failed" ]; then
   [ -s "$FAILED" ] || { echo "no failed tests recorded in $FAILED (not this machine, or none failed)"; exit 1; }
   [ -f /tmp/dgemma_pythonpath ] && export PYTHONPATH=$(cat /tmp/dgemma_pythonpath)
   export PYTHONUNBUFFERED=1
-  set -f  # test ids hold [brackets]: no globbing
-  timeout -s INT -k 15 240 $PY -m pytest -v -rfE --tb=long -p no:cacheprovider $(cat "$FAILED") 2>&1 | tee "$OUT/failed_tests.txt"
+  mapfile -t ids < "$FAILED"  # one id a line ([brackets] and all)
+  timeout -s INT -k 15 240 $PY -m pytest -v -rfE --tb=long -p no:cacheprovider "${ids[@]}" 2>&1 | tee "$OUT/failed_tests.txt"
   exit
 fi
+rm -f "$FAILED" /tmp/dgemma_pythonpath  # an earlier run's, on a machine kept warm
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv 2>&1 | tee "$OUT/gpu.txt"
 if ls .gpu_wheels/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --find-links .gpu_wheels gguf pytest >"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"

@@ -194,6 +194,8 @@ class StandInGraphs:
             def capture_begin(self, capture_error_mode: str = "global") -> None:
                 assert capture_error_mode == "thread_local"  # other threads' CUDA work may go on meanwhile
                 assert api.on == "own"  # on the decoder's stream, where it warmed up
+                if api.fail == "out of memory":
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
                 if api.fail:
                     raise RuntimeError(api.fail + "\nmore detail")
 
@@ -225,6 +227,26 @@ class StandInGraphs:
                 self.on = before
 
         return on()
+
+
+def test_graphed_decoder_does_not_give_up_graphs_for_a_moment_short_of_memory(canvas16_gguf, kernels_as_references):
+    """Out of memory during the capture is not a pass that cannot be captured: the error goes to the caller (the
+    engine's one-line error) and the next capture is tried, not eager passes for good."""
+    from dgemma.plugin.cuda.graph import GraphedDecoder
+
+    w, cfg = cpu_cuda_weights(canvas16_gguf)
+    model = DiffusionGemma(cfg, w)
+    cache = KVCache(reserve=cfg.canvas_length)
+    model.encode(torch.randint(3, cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0)), cache)
+    api = StandInGraphs("out of memory")
+    dec = api.decoder = GraphedDecoder(model, cache, api=api)
+    canvas, soft = torch.randint(3, cfg.vocab_size, (1, cfg.canvas_length)), torch.randn(1, cfg.canvas_length, cfg.n_embd)
+    dec(canvas, soft)  # warm-up
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        dec(canvas, soft)
+    api.fail = None
+    torch.testing.assert_close(dec(canvas, soft), model.decode_hidden(canvas, cache, soft))
+    assert (dec.captures, dec.replays, dec.fallback) == (1, 1, None)
 
 
 @pytest.mark.parametrize("fail", [None, "operation not permitted when stream is capturing"])

@@ -389,15 +389,17 @@ def test_stop_string_and_cancellation(engines):
     assert events[-1].done_reason == "cancelled" and len(seen) == 3 and events[-1].steps_per_canvas == [3]
 
 
-def test_running_out_of_gpu_memory_mid_generation_is_one_line(engines, monkeypatch):
-    """CUDA's out-of-memory error while encoding a finished canvas (the KV cache grows) ends the generation
-    with an EngineError of one line saying how far it got and what needs less; the next generation runs."""
+@pytest.mark.parametrize("at", [1, 2])  # the prompt's encode, or the first canvas's after it was sent
+def test_running_out_of_gpu_memory_mid_generation_is_one_line(engines, monkeypatch, at):
+    """CUDA's out-of-memory error while encoding (the KV cache grows) ends the generation with an EngineError of
+    one line saying how far it got and what needs less, chained to nothing (CUDA's error would keep its frames'
+    tensors alive); the next generation runs."""
     _, engine = engines("base")
     encode, calls = engine.model.encode, []
 
     def short_of_memory(tokens, cache, **kw):
         calls.append(tokens.shape[1])
-        if len(calls) == 2:  # the prompt went in; the first canvas does not
+        if len(calls) == at:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB (GPU 0; ...)\nmore")
         return encode(tokens, cache, **kw)
 
@@ -407,9 +409,10 @@ def test_running_out_of_gpu_memory_mid_generation_is_one_line(engines, monkeypat
         for event in engine.generate([2, 105, 40], GenerateOptions(seed=4, max_tokens=48, eos_ids=set())):
             events.append(event)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("the GPU ran out of memory with 3 positions in the KV cache (the "
-                                               "prompt and 16 tokens generated)") and "num_ctx" in msg
-    assert calls == [3, 16] and len(events) == 1 and isinstance(events[0], TextEvent)  # the first canvas was sent
+    got = "0 positions in the KV cache (the prompt and 0" if at == 1 else "3 positions in the KV cache (the prompt and 16"
+    assert "\n" not in msg and msg.startswith(f"the GPU ran out of memory with {got} tokens generated)")
+    assert "num_ctx" in msg and e.value.__context__ is None and e.value.__cause__ is None
+    assert calls == [3, 16][:at] and len(events) == at - 1 and all(isinstance(x, TextEvent) for x in events)
     monkeypatch.setattr(engine.model, "encode", encode)
     assert generate_ids(engine, [2, 105, 40], 4, max_tokens=48, eos_ids=set()).eval_count == 48
 

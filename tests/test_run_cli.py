@@ -181,7 +181,13 @@ def test_a_gpu_with_too_little_free_memory_is_one_clear_error_before_the_load(mo
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3060")
     monkeypatch.setattr(cw, "load_cuda_weights", lambda *a: loads.append(a) or pytest.fail("loaded"))
     free = {"bytes": 3 << 20}
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 12 << 30))
+    def mem_get_info(device: int) -> tuple[int, int]:
+        assert isinstance(device, int)  # torch 2.4 takes no device without an index ("cuda")
+        return free["bytes"], 12 << 30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    for name in ("current_device", "memory_reserved", "memory_allocated"):  # (on a GPU: not this process's own)
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: 0)
     for backend in ("cuda", "auto"):
         with pytest.raises(GpuMemoryError) as e:  # an EngineError: one line, and no fallback for auto
             Engine.load(path, backend)

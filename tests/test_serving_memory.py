@@ -47,8 +47,13 @@ def gpu(default_gguf, tmp_path, monkeypatch):
 
     monkeypatch.setattr(cuda, "check_cuda", lambda: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["capacity"] - state["used"],
-                                                                         state["capacity"]))
+    def mem_get_info(device: int) -> tuple[int, int]:
+        assert isinstance(device, int)  # torch 2.4 takes no device without an index ("cuda")
+        return state["capacity"] - state["used"], state["capacity"]
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    for name in ("current_device", "memory_reserved", "memory_allocated"):  # (on a GPU: not this process's own)
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: 0)
     monkeypatch.setattr(cw, "load_cuda_weights", load)
     monkeypatch.setattr(tune, "choose", lambda *a, **k: {})
     return ModelManager(registry, backend="cuda"), state
@@ -82,5 +87,46 @@ def test_the_soonest_to_expire_goes_first_and_only_as_many_as_needed(gpu):
         await manager.get("c")
         assert sorted(manager.loaded) == ["a", "c"]
         assert state["used"] == 2 * state["need"]
+
+    asyncio.run(run())
+
+
+def test_a_model_another_request_got_is_not_unloaded_before_it_generates(gpu):
+    """Between ModelManager.get and its generation counting as busy, a request still holds the model (its task
+    claimed it): another request's load does not unload it, until that request has answered."""
+    manager, state = gpu
+    state["capacity"] = state["need"] * 3 // 2
+
+    async def run() -> None:
+        got, answer = asyncio.Event(), asyncio.Event()
+
+        async def first_request() -> None:
+            await manager.get("a")
+            got.set()
+            await answer.wait()  # about to generate: not busy yet
+
+        first = asyncio.create_task(first_request())
+        await got.wait()
+        with pytest.raises(GpuMemoryError):
+            await manager.get("b")
+        assert list(manager.loaded) == ["a"] and state["loads"] == ["a"] and state["used"] == state["need"]
+        answer.set()
+        await first
+        await manager.get("b")  # a has answered: it goes
+        assert list(manager.loaded) == ["b"]
+
+    asyncio.run(run())
+
+
+def test_nothing_is_unloaded_for_a_model_larger_than_the_gpu(gpu):
+    manager, state = gpu
+    state["capacity"] = state["need"] * 3 // 2
+
+    async def run() -> None:
+        await manager.get("a")
+        state["capacity"], state["used"] = state["need"] // 2, 0  # a GPU smaller than one model
+        with pytest.raises(GpuMemoryError) as e:
+            await manager.get("b")
+        assert e.value.need > e.value.total and list(manager.loaded) == ["a"]
 
     asyncio.run(run())

@@ -58,6 +58,9 @@ class GraphedDecoder:
         if self.graph is None:
             try:
                 self._capture(canvas, soft)
+            except torch.cuda.OutOfMemoryError:  # a shortage now, not a pass that cannot be captured: no fallback
+                self.graph = None
+                raise
             except RuntimeError as e:
                 self.graph, self.fallback = None, str(e).splitlines()[0]
                 warnings.warn(f"CUDA graph capture of the decoder failed, running it eagerly: {self.fallback}",

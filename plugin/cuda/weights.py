@@ -172,13 +172,17 @@ def vram_estimate(reader: GGUFReader, cfg: ModelConfig) -> Breakdown:
 def free_vram(device: str = "cuda") -> tuple[int, int]:
     """(free, total) bytes of the GPU, counting as free what PyTorch's allocator keeps cached but unused (an
     unloaded model's blocks, an earlier generation's KV cache), which it hands out again before asking CUDA."""
-    free, total = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index  # torch 2.4's mem_get_info wants an index
+    free, total = torch.cuda.mem_get_info(index)
+    return free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index), total
 
 
-def vram_shortage(reader: GGUFReader, cfg: ModelConfig, path: str | Path, device: str = "cuda") -> str | None:
-    """None where the GPU's free memory holds the estimate, else the one-line error saying so (instead of CUDA's
-    out-of-memory error halfway through the load) and which --fit plan would fit the card."""
+def vram_shortage(reader: GGUFReader, cfg: ModelConfig, path: str | Path,
+                  device: str = "cuda") -> tuple[str, int, int] | None:
+    """None where the GPU's free memory holds the estimate, else (the one-line error saying so, instead of CUDA's
+    out-of-memory error halfway through the load, and which --fit plan would fit the card; bytes needed; the GPU's
+    bytes in all)."""
     need = vram_estimate(reader, cfg)
     free, total = free_vram(device)
     if need.total <= free:
@@ -186,7 +190,7 @@ def vram_shortage(reader: GGUFReader, cfg: ModelConfig, path: str | Path, device
     return (f"{path}: the cuda backend needs about {need.total / GiB:.2f} GiB of GPU memory for this model before its "
             f"KV cache (weights {need.weights / GiB:.2f} GiB), but {torch.cuda.get_device_name(device)} has "
             f"{free / GiB:.2f} GiB free of {total / GiB:.2f}: convert the model for this GPU "
-            f"(dgemma convert ... --fit {max(1, int(total / GiB))}GB) or free GPU memory")
+            f"(dgemma convert ... --fit {max(1, int(total / GiB))}GB) or free GPU memory", need.total, total)
 
 
 def load_cuda_weights(reader: GGUFReader, cfg: ModelConfig, path: str | Path = "", device: str = "cuda") -> Weights:

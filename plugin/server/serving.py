@@ -15,6 +15,7 @@ import gc
 import math
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,8 @@ class LoadedModel:
     expires_at: float = float("inf")  # monotonic seconds
     busy: int = 0  # requests holding or waiting for it
     queue: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # the request tasks that got it from ModelManager.get (each ends with its response): in use before busy counts
+    claims: weakref.WeakSet = field(default_factory=weakref.WeakSet)
 
 
 class ModelManager:
@@ -66,6 +69,7 @@ class ModelManager:
         self.default_keep_alive = default_keep_alive
         self.loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Lock] = {}
+        self._gpu = asyncio.Lock()  # one load (and its unloading for room) at a time: two would both see the room
 
     async def get(self, name: str) -> LoadedModel:
         """The loaded model for `name`, loading it (in a worker thread) on first use."""
@@ -77,27 +81,42 @@ class ModelManager:
                 engine = await self._load(entry)
                 info = await asyncio.to_thread(read_model_info, entry.path)
                 model = self.loaded[entry.name] = LoadedModel(entry, engine, info)
+            task = asyncio.current_task()
+            if task is not None:
+                model.claims.add(task)
         return model
 
+    @staticmethod
+    def in_use(model: LoadedModel) -> bool:
+        """Whether a request holds it: generating or queued (busy), or another request's task got it from get
+        and has not answered yet."""
+        me = asyncio.current_task()
+        return model.busy > 0 or any(t is not me and not t.done() for t in model.claims)
+
     async def _load(self, entry: ModelEntry) -> Engine:
-        """Engine.load in a worker thread. Where the GPU has too little free memory for the model, the loaded
-        models that no request holds or waits for are unloaded one at a time, the soonest to expire first, until
-        it loads; with none left, the GpuMemoryError is the answer."""
-        while True:
-            try:
-                return await asyncio.to_thread(Engine.load, entry.path, self.backend)
-            except GpuMemoryError:
-                # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
-                idle = [(m.expires_at, name) for name, m in self.loaded.items() if m.busy == 0]
-                if not idle:
-                    raise
-                self.unload(min(idle)[1])
+        """Engine.load in a worker thread. Where the GPU has too little free memory for the model, the models on
+        the GPU that no request holds are unloaded one at a time, the soonest to expire first, until it loads;
+        with none left, or a model larger than the whole GPU, the GpuMemoryError is the answer."""
+        async with self._gpu:
+            while True:
+                try:
+                    return await asyncio.to_thread(Engine.load, entry.path, self.backend)
+                except GpuMemoryError as e:
+                    if e.need is not None and e.total is not None and e.need > e.total:
+                        raise  # no unloading makes room
+                    # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
+                    idle = [(m.expires_at, name) for name, m in self.loaded.items()
+                            if m.engine.device.type == "cuda" and not self.in_use(m)]
+                    if not idle:
+                        raise
+                    name = min(idle)[1]
+                self.unload(name)  # out of the except block: the error no longer holds the failed load's frames
                 gc.collect()  # its tensors go back to PyTorch's allocator now, which the next check counts as free
 
     def touch(self, model: LoadedModel, keep_alive: float) -> None:
         model.expires_at = time.monotonic() + keep_alive if keep_alive != float("inf") else float("inf")
-        if keep_alive == 0 and model.busy == 0:
-            self.unload(model.entry.name)
+        if keep_alive == 0 and not self.in_use(model) and self.loaded.get(model.entry.name) is model:
+            self.unload(model.entry.name)  # (not a newer copy loaded under the same name meanwhile)
 
     def unload(self, name: str) -> bool:
         return self.loaded.pop(name, None) is not None
@@ -105,7 +124,7 @@ class ModelManager:
     def reap(self) -> None:
         now = time.monotonic()
         for name, model in list(self.loaded.items()):
-            if model.busy == 0 and model.expires_at <= now:
+            if model.expires_at <= now and not self.in_use(model):
                 self.unload(name)
 
     async def reaper(self, interval: float = 1.0) -> None:
