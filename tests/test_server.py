@@ -236,6 +236,12 @@ def test_keep_alive_unloads_after_expiry(server):
     assert client.ps().models == []
     client.generate(model="default", prompt="", keep_alive=-1)
     assert client.ps().models[0].expires_at.year > 2200
+    for stream in (False, True):  # keep_alive 0 on a generation: unloaded as it ends (the request's own claim
+        out = client.generate(model="default", prompt="hi", keep_alive=0, stream=stream,  # on the model is no hold)
+                              options={"num_predict": 2, "seed": 1})
+        if stream:
+            out = list(out)[-1]
+        assert out.done and client.ps().models == []
 
 
 def test_api_key_and_non_loopback_refusal(models):

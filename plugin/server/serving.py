@@ -133,13 +133,22 @@ class ModelManager:
             self.reap()
 
 
-async def generate_stream(manager: ModelManager, model: LoadedModel, prompt: Any, options: GenerateOptions,
-                          keep_alive: float, **template_kwargs: Any) -> AsyncIterator[Event]:
+def generate_stream(manager: ModelManager, model: LoadedModel, prompt: Any, options: GenerateOptions,
+                    keep_alive: float, **template_kwargs: Any) -> AsyncIterator[Event]:
     """Run one generation in a worker thread, one request at a time per model, yielding engine events.
-    Closing the iterator early (client gone) cancels the generation at the next denoising step."""
+    Closing the iterator early (client gone) cancels the generation at the next denoising step. Called in the
+    request's task, which claimed the model (ModelManager.get); once the generation counts as busy the claim is
+    dropped, so that the keep-alive at its end sees no request but others."""
+    return _generate_stream(asyncio.current_task(), manager, model, prompt, options, keep_alive, **template_kwargs)
+
+
+async def _generate_stream(claimant: asyncio.Task | None, manager: ModelManager, model: LoadedModel, prompt: Any,
+                           options: GenerateOptions, keep_alive: float, **template_kwargs: Any) -> AsyncIterator[Event]:
     cancel = threading.Event()
     options.cancel = cancel
     model.busy += 1
+    if claimant is not None:
+        model.claims.discard(claimant)
     try:
         async with model.queue:
             # prompt errors (chat template, vocabulary) surface here, before any output
