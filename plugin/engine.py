@@ -32,7 +32,7 @@ from .inspect import open_gguf
 from .model import DiffusionGemma, KVCache
 from .sampler import CounterSteps, Denoised, Steps, StepInfo, TorchSteps, denoise_canvas, logits_stats
 from .tokenizer import Tokenizer
-from .weights import load_weights
+from .weights import load_weights, ram_shortage
 
 DEFAULT_MAX_TOKENS = 1024
 # finished canvases the KV cache's global-layer buffers are made with room for (KVCache.until): they are made
@@ -153,7 +153,8 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, backend: str = "torch", device: str | None = None, rng: str | None = None,
              kv_cache: str | None = None, matmul: str | None = None, graphs: bool | None = None) -> "Engine":
-        """backend "torch": the reference (float32 weights, CPU or a CUDA device); "cuda": weights stay
+        """backend "torch": the reference (float32 weights, CPU or a CUDA device; a machine with too little memory
+        available for them is an EngineError before loading, plugin/weights.py ram_shortage); "cuda": weights stay
         quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU); "auto": cuda where
         it can run (pick_backend), else torch on the CPU (also, with a warning, when the GPU side fails
         while loading: a kernel that does not compile; but a GPU with too little free memory for the model is a
@@ -208,6 +209,9 @@ class Engine:
                 weights = load_cuda_weights(reader, cfg, path, device)
                 plan = choose(weights, matmul, rows=cfg.canvas_length, device=device, top_k=cfg.n_expert_used)
             else:
+                shortage = ram_shortage(reader, path)  # say so, rather than be ended by the kernel's OOM killer
+                if shortage:
+                    raise EngineError(shortage)
                 weights = load_weights(reader, cfg, path)
                 if device != "cpu":
                     weights = _to_device(weights, device)

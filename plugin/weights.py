@@ -11,10 +11,43 @@ from gguf import quants as gguf_quants
 
 from dgemma import quant
 from dgemma.convert import constants as C
+from dgemma.quant.planner import GiB
 
 from .config import ModelConfig
 from .inspect import InspectError, field_value
 from .model import LayerWeights, Weights
+
+
+def meminfo_available(text: str) -> int | None:
+    """Bytes a process can still get, from /proc/meminfo's text: MemAvailable plus SwapFree; None without them."""
+    kib = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[0].isdigit():
+            kib[key.strip()] = int(parts[0])
+    if "MemAvailable" not in kib:
+        return None
+    return (kib["MemAvailable"] + kib.get("SwapFree", 0)) * 1024
+
+
+def available_ram() -> int | None:
+    """meminfo_available of this machine (Linux), else None."""
+    try:
+        return meminfo_available(Path("/proc/meminfo").read_text())
+    except OSError:
+        return None
+
+
+def ram_shortage(reader: GGUFReader, path: str | Path) -> str | None:
+    """None where this machine's available memory holds the torch backend's float32 weights (4 bytes per value of
+    every tensor, whatever the file's types) or cannot be known, else the one-line error saying so."""
+    need, avail = 4 * sum(int(t.n_elements) for t in reader.tensors), available_ram()
+    if avail is None or need <= avail:
+        return None
+    return (f"{path}: the torch backend holds the weights as float32, about {need / GiB:.1f} GiB, but this machine "
+            f"has {avail / GiB:.1f} GiB of memory available: run the model on an NVIDIA GPU with the cuda backend "
+            "(pip install 'dgemma[cuda12]' or 'dgemma[cuda13]'), which keeps them quantized")
 
 
 def tensor_to_torch(t: ReaderTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -211,6 +211,41 @@ def test_a_gpu_with_too_little_free_memory_is_one_clear_error_before_the_load(mo
             Engine.load(path, backend)
 
 
+def test_too_little_ram_for_the_torch_backends_float32_weights_is_one_line(models, monkeypatch):
+    """The torch backend dequantizes every tensor to float32 (about 100 GiB for the 26B): where the machine has
+    less memory available, Engine.load says so before loading, instead of the kernel ending the process."""
+    import torch
+
+    import dgemma.plugin.weights as pw
+    from dgemma.plugin.config import ModelConfig
+    from dgemma.plugin.engine import EngineError
+    from dgemma.plugin.inspect import open_gguf
+    from dgemma.plugin.weights import load_weights, meminfo_available
+
+    path = models / "default.gguf"
+    reader = open_gguf(path)
+    weights = load_weights(reader, ModelConfig.from_gguf(reader, path), path)
+    storages = {}
+    for t in [v for lw in weights.layers for v in vars(lw).values()] + list(vars(weights).values()):
+        if isinstance(t, torch.Tensor):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    need = 4 * sum(int(t.n_elements) for t in reader.tensors)
+    assert need == sum(storages.values())  # what the estimate counts is what load_weights holds
+    monkeypatch.setattr(pw, "available_ram", lambda: need - 1)
+    with pytest.raises(EngineError) as e:
+        Engine.load(path, "torch")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: the torch backend holds the weights as float32, about ")
+    assert "cuda backend" in msg
+    monkeypatch.setattr(pw, "available_ram", lambda: need)
+    assert Engine.load(path, "torch").cfg.n_layer > 0
+    monkeypatch.setattr(pw, "available_ram", lambda: None)  # not known (not Linux): no check
+    assert Engine.load(path, "torch").cfg.n_layer > 0
+    sample = ("MemTotal:       24588352 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\nSwapFree:   1000 kB\n"
+              "HugePages_Total:       0\n")
+    assert meminfo_available(sample) == 20001000 * 1024 and meminfo_available("MemFree: 100 kB\n") is None
+
+
 @pytest.mark.skipif(_cuda_usable(), reason="here the cuda backend can run")
 def test_serve_with_the_cuda_backend_says_what_is_missing(models):
     env = {**os.environ, "DGEMMA_MODELS": str(models)}
