@@ -59,6 +59,11 @@ class GpuMemoryError(EngineError):
         self.need, self.total = need, total
 
 
+class RamShortageError(EngineError):
+    """The machine has too little memory available for the torch backend's float32 weights, found before loading
+    them: a server can unload idle models and try again."""
+
+
 def _check_choices(**choices: tuple[str, Any]) -> None:
     """name=(value, allowed): an EngineError naming the first value not allowed."""
     for name, (value, allowed) in choices.items():
@@ -154,7 +159,7 @@ class Engine:
     def load(cls, path: str | Path, backend: str = "torch", device: str | None = None, rng: str | None = None,
              kv_cache: str | None = None, matmul: str | None = None, graphs: bool | None = None) -> "Engine":
         """backend "torch": the reference (float32 weights, CPU or a CUDA device; a machine with too little memory
-        available for them is an EngineError before loading, plugin/weights.py ram_shortage); "cuda": weights stay
+        available for them is a RamShortageError before loading, plugin/weights.py ram_shortage); "cuda": weights stay
         quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU); "auto": cuda where
         it can run (pick_backend), else torch on the CPU (also, with a warning, when the GPU side fails
         while loading: a kernel that does not compile; but a GPU with too little free memory for the model is a
@@ -209,9 +214,9 @@ class Engine:
                 weights = load_cuda_weights(reader, cfg, path, device)
                 plan = choose(weights, matmul, rows=cfg.canvas_length, device=device, top_k=cfg.n_expert_used)
             else:
-                shortage = ram_shortage(reader, path)  # say so, rather than be ended by the kernel's OOM killer
+                shortage = ram_shortage(reader, cfg, path)  # say so, rather than be ended by the kernel's OOM killer
                 if shortage:
-                    raise EngineError(shortage)
+                    raise RamShortageError(shortage)
                 weights = load_weights(reader, cfg, path)
                 if device != "cpu":
                     weights = _to_device(weights, device)

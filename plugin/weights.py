@@ -39,10 +39,23 @@ def available_ram() -> int | None:
         return None
 
 
-def ram_shortage(reader: GGUFReader, path: str | Path) -> str | None:
-    """None where this machine's available memory holds the torch backend's float32 weights (4 bytes per value of
-    every tensor, whatever the file's types) or cannot be known, else the one-line error saying so."""
-    need, avail = 4 * sum(int(t.n_elements) for t in reader.tensors), available_ram()
+def float32_bytes(reader: GGUFReader, cfg: ModelConfig) -> int:
+    """What load_weights holds: 4 bytes per value of every tensor, whatever the file's types, the expert down rows
+    of a --pad-experts file at the model's width (load_weights drops the zero columns)."""
+    padded = field_value(reader, C.DGEMMA_EXPERT_DOWN_PADDED)
+    total = 0
+    for t in reader.tensors:
+        n = int(t.n_elements)
+        if padded is not None and t.name.endswith(f"{C.FFN_DOWN_EXPS}.weight"):
+            n = n // int(padded) * cfg.n_ff_exp
+        total += 4 * n
+    return total
+
+
+def ram_shortage(reader: GGUFReader, cfg: ModelConfig, path: str | Path) -> str | None:
+    """None where this machine's available memory holds the torch backend's float32 weights (float32_bytes) or
+    cannot be known, else the one-line error saying so."""
+    need, avail = float32_bytes(reader, cfg), available_ram()
     if avail is None or need <= avail:
         return None
     return (f"{path}: the torch backend holds the weights as float32, about {need / GiB:.1f} GiB, but this machine "

@@ -218,9 +218,11 @@ def test_too_little_ram_for_the_torch_backends_float32_weights_is_one_line(model
 
     import dgemma.plugin.weights as pw
     from dgemma.plugin.config import ModelConfig
-    from dgemma.plugin.engine import EngineError
+    from dgemma.plugin.engine import EngineError, RamShortageError
     from dgemma.plugin.inspect import open_gguf
     from dgemma.plugin.weights import load_weights, meminfo_available
+
+    assert issubclass(RamShortageError, EngineError)
 
     path = models / "default.gguf"
     reader = open_gguf(path)
@@ -229,10 +231,10 @@ def test_too_little_ram_for_the_torch_backends_float32_weights_is_one_line(model
     for t in [v for lw in weights.layers for v in vars(lw).values()] + list(vars(weights).values()):
         if isinstance(t, torch.Tensor):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    need = 4 * sum(int(t.n_elements) for t in reader.tensors)
+    need = pw.float32_bytes(reader, ModelConfig.from_gguf(reader, path))
     assert need == sum(storages.values())  # what the estimate counts is what load_weights holds
     monkeypatch.setattr(pw, "available_ram", lambda: need - 1)
-    with pytest.raises(EngineError) as e:
+    with pytest.raises(RamShortageError) as e:  # an EngineError: one line
         Engine.load(path, "torch")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{path}: the torch backend holds the weights as float32, about ")

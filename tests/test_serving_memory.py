@@ -130,3 +130,73 @@ def test_nothing_is_unloaded_for_a_model_larger_than_the_gpu(gpu):
         assert e.value.need > e.value.total and list(manager.loaded) == ["a"]
 
     asyncio.run(run())
+
+
+def test_a_cancelled_stream_holds_its_model_until_its_worker_stops(default_gguf, tmp_path):
+    """A stream cancelled as Starlette cancels one whose client went away (anyio, which cancels again and again):
+    the model is still busy, and its queue held, until the worker thread has stopped at its next denoising step.
+    Also, a model loaded and never generated with expires after the default keep-alive, not never."""
+    import threading
+    import time
+
+    import anyio
+
+    from dgemma.plugin.engine import GenerateOptions
+    from dgemma.plugin.server.serving import generate_stream
+
+    registry = Registry(tmp_path / "models")
+    registry.import_file(shutil.copy(default_gguf, tmp_path / "a.gguf"), name="a")
+    manager = ModelManager(registry, default_keep_alive=60, backend="torch")
+
+    def generating() -> bool:
+        return any(t.name == "dgemma-generate" and t.is_alive() for t in threading.enumerate())
+
+    async def run() -> None:
+        model = await manager.get("a")
+        assert model.expires_at < time.monotonic() + 61
+        opts = GenerateOptions(seed=1, max_tokens=400, eos_ids=set(), on_step=lambda info: time.sleep(0.1))
+        first = anyio.Event()
+
+        async def consume() -> None:
+            async for _ in generate_stream(manager, model, "hi", opts, 60):
+                first.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            await first.wait()
+            assert model.busy == 1 and generating()
+            tg.cancel_scope.cancel()
+        assert model.busy == 0 and not model.queue.locked() and not generating()
+
+    anyio.run(run)
+
+
+def test_the_torch_backend_unloads_an_idle_model_for_want_of_ram(default_gguf, tmp_path, monkeypatch):
+    """The same on the machine's memory for the torch backend's float32 weights (RamShortageError): the available
+    memory is a capacity less the weight sets still alive."""
+    import dgemma.plugin.engine as engine_module
+    import dgemma.plugin.weights as pw
+
+    registry = Registry(tmp_path / "models")
+    for name in ("a", "b"):
+        registry.import_file(shutil.copy(default_gguf, tmp_path / f"{name}.gguf"), name=name)
+    reader = open_gguf(default_gguf)
+    need = pw.float32_bytes(reader, ModelConfig.from_gguf(reader, default_gguf))
+    state = {"used": 0}
+
+    def load_weights(*a, **k):
+        w = pw.load_weights(*a, **k)
+        state["used"] += need
+        weakref.finalize(w, lambda: state.__setitem__("used", state["used"] - need))
+        return w
+
+    monkeypatch.setattr(engine_module, "load_weights", load_weights)
+    monkeypatch.setattr(pw, "available_ram", lambda: need * 3 // 2 - state["used"])
+    manager = ModelManager(registry, backend="torch")
+
+    async def run() -> None:
+        await manager.get("a")
+        await manager.get("b")
+        assert list(manager.loaded) == ["b"] and state["used"] == need
+
+    asyncio.run(run())

@@ -20,7 +20,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, GpuMemoryError
+import anyio
+
+from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, GpuMemoryError, RamShortageError
 from ..registry import ModelEntry, Registry, read_model_info
 
 DEFAULT_KEEP_ALIVE = 300.0  # seconds, Ollama's default "5m"
@@ -49,6 +51,11 @@ def parse_keep_alive(value: Any, default: float = DEFAULT_KEEP_ALIVE) -> float:
     sign, h, m, s, ms = parts.groups()
     seconds = float(h or 0) * 3600 + float(m or 0) * 60 + float(s or 0) + float(ms or 0) / 1000
     return float("inf") if sign else seconds
+
+
+def expiry(keep_alive: float) -> float:
+    """The monotonic time a model kept alive for keep_alive seconds from now expires (inf: never)."""
+    return time.monotonic() + keep_alive if keep_alive != float("inf") else float("inf")
 
 
 @dataclass
@@ -81,6 +88,7 @@ class ModelManager:
                 engine = await self._load(entry)
                 info = await asyncio.to_thread(read_model_info, entry.path)
                 model = self.loaded[entry.name] = LoadedModel(entry, engine, info)
+                model.expires_at = expiry(self.default_keep_alive)  # reaped even if no generation ever touches it
             task = asyncio.current_task()
             if task is not None:
                 model.claims.add(task)
@@ -94,19 +102,21 @@ class ModelManager:
         return model.busy > 0 or any(t is not me and not t.done() for t in model.claims)
 
     async def _load(self, entry: ModelEntry) -> Engine:
-        """Engine.load in a worker thread. Where the GPU has too little free memory for the model, the models on
-        the GPU that no request holds are unloaded one at a time, the soonest to expire first, until it loads;
-        with none left, or a model larger than the whole GPU, the GpuMemoryError is the answer."""
+        """Engine.load in a worker thread. Where the GPU (or, for the torch backend, the machine) has too little
+        free memory for the model, the models there that no request holds are unloaded one at a time, the soonest
+        to expire first, until it loads; with none left, or a model larger than the whole GPU, the error is the
+        answer."""
         async with self._gpu:
             while True:
                 try:
                     return await asyncio.to_thread(Engine.load, entry.path, self.backend)
-                except GpuMemoryError as e:
-                    if e.need is not None and e.total is not None and e.need > e.total:
+                except (GpuMemoryError, RamShortageError) as e:
+                    if getattr(e, "need", None) is not None and e.total is not None and e.need > e.total:
                         raise  # no unloading makes room
+                    where = "cuda" if isinstance(e, GpuMemoryError) else "cpu"
                     # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
                     idle = [(m.expires_at, name) for name, m in self.loaded.items()
-                            if m.engine.device.type == "cuda" and not self.in_use(m)]
+                            if m.engine.device.type == where and not self.in_use(m)]
                     if not idle:
                         raise
                     name = min(idle)[1]
@@ -114,7 +124,7 @@ class ModelManager:
                 gc.collect()  # its tensors go back to PyTorch's allocator now, which the next check counts as free
 
     def touch(self, model: LoadedModel, keep_alive: float) -> None:
-        model.expires_at = time.monotonic() + keep_alive if keep_alive != float("inf") else float("inf")
+        model.expires_at = expiry(keep_alive)
         if keep_alive == 0 and not self.in_use(model) and self.loaded.get(model.entry.name) is model:
             self.unload(model.entry.name)  # (not a newer copy loaded under the same name meanwhile)
 
@@ -178,7 +188,10 @@ async def _generate_stream(claimant: asyncio.Task | None, manager: ModelManager,
                     yield item
             finally:
                 cancel.set()
-                await asyncio.to_thread(worker.join)
+                # shielded: a cancelled stream (the client went away) must not release the model and its queue while
+                # the worker is still generating (until its next denoising step)
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(worker.join)
     finally:
         model.busy -= 1
         manager.touch(model, keep_alive)
