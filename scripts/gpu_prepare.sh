@@ -5,8 +5,8 @@ cd "$(dirname "$0")/.."
 python3 -m pip download -q --only-binary :all: --python-version 3.12 --no-deps -d .gpu_wheels \
   gguf==0.19.0 pytest pluggy iniconfig packaging
 ls .gpu_wheels
-# the random-weight test model "base" (canvas 16) at Q8_0, for the GPU token tests: the GPU machine's
-# transformers cannot build it (tests/test_cuda_kernels.py, canvas16_gguf)
+# the random-weight test model "base" (canvas 16) at Q8_0, for the GPU token tests: built here with the tests'
+# transformers 5.23, not by the GPU machine's 5.17 (tests/test_cuda_kernels.py, canvas16_gguf)
 python3 - <<'PY'
 import sys
 import tempfile

@@ -107,8 +107,8 @@ def default_gguf(tmp_path_factory):
 @pytest.fixture(scope="session")
 def canvas16_gguf(tmp_path_factory, checkpoint_factory):
     """The random-weight test model "base" (canvas 16, so that positions are re-noised; the default model's
-    canvas is one token) at Q8_0: carried by scripts/gpu_prepare.sh where transformers cannot build it (the
-    GPU machine), else built here."""
+    canvas is one token) at Q8_0: carried by scripts/gpu_prepare.sh to the GPU machine, whose transformers (5.17)
+    is not the 5.23 the tests build with, else built here."""
     if CANVAS16.exists():
         return CANVAS16
     try:
