@@ -66,12 +66,10 @@ def weight_bytes(w: Weights) -> int:
 def estimate_8k(cfg: ModelConfig, rows: list) -> float:
     """The converter's VRAM estimate for a plan's tensors at 8K context (quant/planner.py, what --fit holds
     against its budget), without the CUDA context: the part the measured peak (PyTorch's allocator) counts."""
-    from dgemma.quant.planner import Breakdown, activation_bytes, kv_cache_bytes, nbytes
+    from dgemma.quant.planner import nbytes, runtime_breakdown
 
-    dims = cfg.model_dims()
-    b = Breakdown(sum(nbytes(shape, t) for _, shape, t in rows), kv_cache_bytes(dims, 8192), activation_bytes(dims),
-                  cuda_context=0)
-    return b.total / 2**30
+    weights = sum(nbytes(shape, t) for _, shape, t in rows)
+    return runtime_breakdown(weights, cfg.model_dims(), 8192, cuda_context=0).total / 2**30
 
 
 def float_weights(w: Weights, device: str) -> Weights:

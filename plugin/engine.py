@@ -50,18 +50,32 @@ class EngineError(ValueError):
     """A one-line, user-facing error from loading or generating."""
 
 
-class GpuMemoryError(EngineError):
-    """The GPU has too little free memory for a model: found before loading it (`need` and `total`, its bytes and
-    the GPU's), or CUDA ran out during the load (both None). A server can unload idle models and try again."""
+class MemoryShortageError(EngineError):
+    """Too little free memory for a model where `device_type` says ("cuda", "cpu"): a server can unload idle models
+    there and try again. `need` and `total` (the model's bytes and the memory's in all) where known: need > total,
+    and no unloading makes room."""
+
+    device_type = ""
 
     def __init__(self, message: str, need: int | None = None, total: int | None = None) -> None:
         super().__init__(message)
         self.need, self.total = need, total
 
+    @property
+    def hopeless(self) -> bool:
+        return self.need is not None and self.total is not None and self.need > self.total
 
-class RamShortageError(EngineError):
-    """The machine has too little memory available for the torch backend's float32 weights, found before loading
-    them: a server can unload idle models and try again."""
+
+class GpuMemoryError(MemoryShortageError):
+    """The GPU's: found before loading (need and total), or CUDA ran out during the load (neither known)."""
+
+    device_type = "cuda"
+
+
+class RamShortageError(MemoryShortageError):
+    """The machine's, for the torch backend's float32 weights, found before loading them."""
+
+    device_type = "cpu"
 
 
 def _check_choices(**choices: tuple[str, Any]) -> None:

@@ -121,6 +121,14 @@ def activation_bytes(d: ModelDims) -> int:
     return 2 * (hidden + moe + dense)
 
 
+def runtime_breakdown(weights: int, dims: ModelDims, ctx: int | None,
+                      cuda_context: int = CUDA_CONTEXT) -> Breakdown:
+    """`weights` bytes and what the runtime adds: the KV cache at context ctx (None: none yet), one canvas step's
+    activations, the workspace and the CUDA context (0: already counted, as in a GPU's free memory)."""
+    kv = 0 if ctx is None else kv_cache_bytes(dims, ctx)
+    return Breakdown(weights, kv, activation_bytes(dims), cuda_context=cuda_context)
+
+
 @dataclass
 class Plan:
     types: dict[str, GGMLQuantizationType]
@@ -162,7 +170,7 @@ def fit(tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts, dims: Mod
     runtime = kv_cache_bytes(dims, ctx) + activation_bytes(dims)
 
     def breakdown() -> Breakdown:
-        return Breakdown(weights_bytes(types, shapes), kv_cache_bytes(dims, ctx), activation_bytes(dims))
+        return runtime_breakdown(weights_bytes(types, shapes), dims, ctx)
 
     steps: list[str] = []
     b = breakdown()

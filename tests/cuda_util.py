@@ -64,6 +64,25 @@ def cpu_cuda_weights(path: Path) -> tuple[Weights, ModelConfig]:
     return load_cuda_weights(reader, cfg, path, device="cpu"), cfg
 
 
+def held_bytes(tree: object) -> int:
+    """Bytes of the tensors a weight tree holds (Weights, LayerWeights, the cuda weight objects; lists), each
+    tensor once by (address, bytes): one shared by two fields (the embedding and the tied head) counts once."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def walk(obj: object) -> None:
+        if isinstance(obj, torch.Tensor):
+            seen[(obj.data_ptr(), obj.nbytes)] = obj.nbytes
+        elif isinstance(obj, (list, tuple)):
+            for x in obj:
+                walk(x)
+        elif type(obj).__module__.startswith("dgemma."):
+            for x in vars(obj).values():
+                walk(x)
+
+    walk(tree)
+    return sum(seen.values())
+
+
 def decode_both(ref: DiffusionGemma, model: DiffusionGemma, prompt_len: int, before=lambda: None):
     """The same random prompt encoded and canvas decoded by two models (`before()` runs just before the
     second model's encode): (logits of ref, logits of model, canvas, ref's cache, model's cache)."""

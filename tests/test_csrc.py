@@ -253,7 +253,7 @@ def test_sampler_uniforms_equal_numpy_bit_for_bit(rng_harness, seed, step, pos, 
     ref = rng.sampler_uniforms(seed, step, pos, v0 + n)[0, v0:]
     # row v's word: word v % 4 of Philox(counter (v // 4, pos, step, 0)), one row at a time
     ref_words = np.array([rng.philox4x32_10(v // 4, pos, step, 0, seed & 0xFFFFFFFF, seed >> 32)[v % 4]
-                          for v in range(v0, v0 + n)], np.uint32).reshape(n)
+                          for v in range(v0, v0 + n)], np.uint32)
     np.testing.assert_array_equal(words, ref_words)
     np.testing.assert_array_equal(u, ref)
     np.testing.assert_array_equal(rng.sampler_uniforms(seed, step, pos, v0 + n, start=v0)[0], ref)  # any start

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuda_util import cpu_cuda_weights, decode_both
+from cuda_util import cpu_cuda_weights, decode_both, held_bytes
 
 from dgemma.plugin.cuda import ops
 from dgemma.plugin.cuda.weights import QuantEmbedding, QuantExperts, QuantLinear
@@ -29,19 +29,6 @@ def test_cuda_weights_give_the_torch_backends_logits(default_gguf, kernels):
     assert float((ref.model.decode(canvas, c1, sc) - gpu_like.decode(canvas, c2, sc)).abs().max()) < 1e-3
 
 
-def _held(obj, seen: dict[tuple[int, int], int]) -> None:
-    """The tensors a weight tree holds, each once by (address, bytes): a shared tensor (the embedding and the
-    tied head) counts once."""
-    if isinstance(obj, torch.Tensor):
-        seen[(obj.data_ptr(), obj.nbytes)] = obj.nbytes
-    elif isinstance(obj, (list, tuple)):
-        for x in obj:
-            _held(x, seen)
-    elif type(obj).__module__.startswith("dgemma."):  # Weights, LayerWeights, the Quant* objects
-        for x in vars(obj).values():
-            _held(x, seen)
-
-
 @pytest.mark.parametrize("model", ["default", "canvas16"])
 def test_vram_estimate_counts_what_the_cuda_weights_hold(request, model):
     """vram_shortage's figure for the weights is what cuda_weights loads: every GGML matrix as it is in the file,
@@ -52,10 +39,8 @@ def test_vram_estimate_counts_what_the_cuda_weights_hold(request, model):
 
     path = request.getfixturevalue(f"{model}_gguf")
     weights, cfg = cpu_cuda_weights(path)
-    seen: dict[tuple[int, int], int] = {}
-    _held(weights, seen)
     est = vram_estimate(open_gguf(path), ModelConfig.from_gguf(open_gguf(path), path))
-    assert est.weights == sum(seen.values())
+    assert est.weights == held_bytes(weights)
     assert est.activations > 0 and est.total == est.weights + est.activations + est.workspace
 
 

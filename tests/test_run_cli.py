@@ -214,8 +214,6 @@ def test_a_gpu_with_too_little_free_memory_is_one_clear_error_before_the_load(mo
 def test_too_little_ram_for_the_torch_backends_float32_weights_is_one_line(models, monkeypatch):
     """The torch backend dequantizes every tensor to float32 (about 100 GiB for the 26B): where the machine has
     less memory available, Engine.load says so before loading, instead of the kernel ending the process."""
-    import torch
-
     import dgemma.plugin.weights as pw
     from dgemma.plugin.config import ModelConfig
     from dgemma.plugin.engine import EngineError, RamShortageError
@@ -226,13 +224,11 @@ def test_too_little_ram_for_the_torch_backends_float32_weights_is_one_line(model
 
     path = models / "default.gguf"
     reader = open_gguf(path)
+    from cuda_util import held_bytes
+
     weights = load_weights(reader, ModelConfig.from_gguf(reader, path), path)
-    storages = {}
-    for t in [v for lw in weights.layers for v in vars(lw).values()] + list(vars(weights).values()):
-        if isinstance(t, torch.Tensor):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     need = pw.float32_bytes(reader, ModelConfig.from_gguf(reader, path))
-    assert need == sum(storages.values())  # what the estimate counts is what load_weights holds
+    assert need == held_bytes(weights)  # what the estimate counts is what load_weights holds
     monkeypatch.setattr(pw, "available_ram", lambda: need - 1)
     with pytest.raises(RamShortageError) as e:  # an EngineError: one line
         Engine.load(path, "torch")

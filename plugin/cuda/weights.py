@@ -11,7 +11,7 @@ import torch
 from gguf import GGUFReader, GGMLQuantizationType
 
 from dgemma.convert import constants as C
-from dgemma.quant.planner import GiB, Breakdown, activation_bytes
+from dgemma.quant.planner import GiB, Breakdown, runtime_breakdown
 
 from ..config import ModelConfig
 from ..inspect import InspectError, field_value
@@ -165,8 +165,7 @@ def vram_estimate(reader: GGUFReader, cfg: ModelConfig) -> Breakdown:
     (matrices as their GGML blocks; vectors as float32, which is how GGUF files keep them) and one canvas step's
     working memory, the converter's --fit estimates (quant/planner.py). No CUDA context: the free memory it is
     held against is counted after it."""
-    weights = sum(int(t.n_bytes) for t in reader.tensors)
-    return Breakdown(weights=weights, kv_cache=0, activations=activation_bytes(cfg.model_dims()), cuda_context=0)
+    return runtime_breakdown(sum(int(t.n_bytes) for t in reader.tensors), cfg.model_dims(), None, cuda_context=0)
 
 
 def free_vram(device: str = "cuda") -> tuple[int, int]:

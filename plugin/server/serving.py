@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, GpuMemoryError, RamShortageError
+from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, MemoryShortageError
 from ..registry import ModelEntry, Registry, read_model_info
 
 DEFAULT_KEEP_ALIVE = 300.0  # seconds, Ollama's default "5m"
@@ -76,7 +76,7 @@ class ModelManager:
         self.default_keep_alive = default_keep_alive
         self.loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Lock] = {}
-        self._gpu = asyncio.Lock()  # one load (and its unloading for room) at a time: two would both see the room
+        self._one_load = asyncio.Lock()  # one load (and its unloading for room) at a time: two would both see the room
 
     async def get(self, name: str) -> LoadedModel:
         """The loaded model for `name`, loading it (in a worker thread) on first use."""
@@ -106,18 +106,15 @@ class ModelManager:
         free memory for the model, the models there that no request holds are unloaded one at a time, the soonest
         to expire first, until it loads; with none left, or a model larger than the whole GPU, the error is the
         answer."""
-        async with self._gpu:
+        async with self._one_load:
             while True:
                 try:
                     return await asyncio.to_thread(Engine.load, entry.path, self.backend)
-                except (GpuMemoryError, RamShortageError) as e:
-                    if getattr(e, "need", None) is not None and e.total is not None and e.need > e.total:
-                        raise  # no unloading makes room
-                    where = "cuda" if isinstance(e, GpuMemoryError) else "cpu"
+                except MemoryShortageError as e:
                     # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
                     idle = [(m.expires_at, name) for name, m in self.loaded.items()
-                            if m.engine.device.type == where and not self.in_use(m)]
-                    if not idle:
+                            if m.engine.device.type == e.device_type and not self.in_use(m)]
+                    if e.hopeless or not idle:  # no unloading makes room, or none is left to unload
                         raise
                     name = min(idle)[1]
                 self.unload(name)  # out of the except block: the error no longer holds the failed load's frames
