@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import CONFIG_26B, SyntheticTensors, gpu_capability, model_config, plan_rows, sync, timed  # noqa: E402
 
+from dgemma.convert import constants as C  # noqa: E402
 from dgemma.plugin.config import ModelConfig  # noqa: E402
 from dgemma.plugin.engine import DEFAULT_NUM_BATCH  # noqa: E402
 from dgemma.plugin.model import DiffusionGemma, KVCache, Weights  # noqa: E402
@@ -209,6 +210,9 @@ def main() -> None:
                     "int8-wide, f16-cublas; the "
                     "first for every plan, the others (step time only) for the first plan")
     ap.add_argument("--eager", action="store_true", help="also measure the first plan's step without CUDA graphs")
+    ap.add_argument("--stream-for", default="8GB", metavar="SIZE",
+                    help="last, the last plan again with the experts of as many layers in host RAM as a GPU of SIZE "
+                         "would need at 8K context (plugin/cuda/offload.py; default 8GB, '' to skip)")
     args = ap.parse_args()
     from dgemma.plugin.cuda.tune import choose
     from dgemma.plugin.cuda.weights import cuda_weights
@@ -260,6 +264,40 @@ def main() -> None:
             print(report(results[-1], [b for b in bases if b is not None]), flush=True)
         w = None
         torch.cuda.empty_cache()
+    if args.stream_for:
+        streamed(args.stream_for, args, cfg, rows, plan, dev, tune_cache, base or results[0])
+
+
+def streamed(budget: str, args: argparse.Namespace, cfg: ModelConfig, rows: list, plan: str, dev: torch.device,
+             tune_cache: Path, base: dict, prompts: tuple[int, ...] = (512, 4096)) -> dict | None:
+    """The plan with the experts of the fewest layers in pinned host RAM that bring the --fit estimate at 8K
+    (with the CUDA context) within `budget`, copied to the GPU as each pass reaches them: what a card of that
+    size runs. Its step and prefill against `base`, its peak VRAM against the budget."""
+    from dgemma.plugin.cuda import offload
+    from dgemma.plugin.cuda.tune import choose
+    from dgemma.plugin.cuda.weights import cuda_weights
+    from dgemma.quant.planner import nbytes, parse_size, runtime_breakdown
+
+    sizes = {n: nbytes(shape, t) for n, shape, t in rows}
+    layers_bytes = [(sizes.get(C.blk(i, C.FFN_GATE_UP_EXPS), 0), sizes.get(C.blk(i, C.FFN_DOWN_EXPS), 0))
+                    for i in range(cfg.n_layer)]
+    need = runtime_breakdown(sum(sizes.values()), cfg.model_dims(), 8192).total
+    layers = offload.host_layers_for(layers_bytes, need - parse_size(budget))
+    if not layers:
+        print(f"plan {plan} at 8K: {need / 2**30:.2f} GiB, which streaming " +
+              ("does not bring within " if layers is None else "is not needed for ") + budget, flush=True)
+        return None
+    host = sum(sum(layers_bytes[i]) for i in layers)
+    print(f"plan {plan} on a {budget} GPU: experts of {len(layers)} of {cfg.n_layer} layers in host RAM "
+          f"({host / 2**30:.2f} GiB pinned, copied each pass); the estimate at 8K "
+          f"{(need - offload.vram_saving(layers_bytes, layers)) / 2**30:.2f} GiB with the CUDA context", flush=True)
+    w = cuda_weights(SyntheticTensors(rows), cfg, device=str(dev), host_layers=layers)
+    matmul = args.matmuls.split(",")[0]
+    choose(w, matmul, rows=cfg.canvas_length, device=dev, cache=tune_cache, top_k=cfg.n_expert_used)
+    name = f"cuda {plan} {matmul} streaming {len(layers)}"
+    r = measure(name, cfg, w, dev, args.steps, fused=True, graphs=False, label=name, prompts=prompts)
+    print(report(r, [base]) + f" | PCIe: {host / r['step_ms'] / 1e6:.1f} GB/s of experts per step", flush=True)
+    return r
 
 
 def _matrices(w: Weights):

@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve(ServerConfig(host=args.host, port=args.port, models=Path(args.models) if args.models else None,
                            api_key=args.api_key, insecure=args.insecure, upstream=args.upstream,
                            upstream_openai=args.upstream_openai, upstream_openai_key=args.upstream_openai_key,
-                           keep_alive=keep, backend=args.backend))
+                           keep_alive=keep, backend=args.backend, host_experts=args.host_experts))
     except (ApiError, ValueError) as e:
         return _fail(getattr(e, "message", str(e)))
     return 0
@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .engine import BACKEND_CHOICES
     from .run import add_arguments as add_run_arguments
+    from .run import host_experts_arg
 
     p = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma locally: convert, inspect, run, serve.")
     p.add_argument("--version", action="version", version=f"dgemma {__version__}")
@@ -210,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                     help="auto (the default: the cuda backend where CuPy and an NVIDIA GPU are there, else torch on "
                          "the CPU), torch or cuda")
+    sv.add_argument("--host-experts", metavar="auto|N", type=host_experts_arg, default="auto",
+                    help="cuda backend: a model that does not fit beside the models no request holds unloads them; one "
+                         "that does not fit the GPU even then keeps the routed experts of some layers in host RAM, "
+                         "copied to the GPU as each pass reaches them: auto (the default) as few layers as needed, N "
+                         "that many for every model, 0 never (the request gets the error)")
     sv.set_defaults(func=cmd_serve)
 
     mf = sub.add_parser("manifests", help="write provider files for Open WebUI, Continue, LiteLLM, AnythingLLM, Jan, "

@@ -78,6 +78,20 @@ class RamShortageError(MemoryShortageError):
     device_type = "cpu"
 
 
+def host_experts_choice(value: int | str | None) -> int | str:
+    """Engine.load's host_experts (and --host-experts) as vram_plan takes it: "auto" (None too) or a count of
+    layers >= 0; anything else is an EngineError."""
+    if value is None or value == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or isinstance(value, bool | float):
+        raise EngineError(f"host_experts {value!r} is not understood (have: auto, or a number of layers)")
+    return n
+
+
 def _check_choices(**choices: tuple[str, Any]) -> None:
     """name=(value, allowed): an EngineError naming the first value not allowed."""
     for name, (value, allowed) in choices.items():
@@ -168,10 +182,12 @@ class Engine:
         self.graphs = graphs  # replay the decoder pass from a CUDA graph (plugin/cuda/graph.py; rng counter only)
         self.graphed = None  # the last generation's GraphedDecoder (its captures, replays, fallback)
         self._graph_stream = None  # where every generation's decoder warms up and captures
+        self.host_layers: list[int] = []  # cuda backend: layers whose experts stream from host RAM (cuda/offload.py)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "torch", device: str | None = None, rng: str | None = None,
-             kv_cache: str | None = None, matmul: str | None = None, graphs: bool | None = None) -> "Engine":
+             kv_cache: str | None = None, matmul: str | None = None, graphs: bool | None = None,
+             host_experts: int | str | None = None) -> "Engine":
         """backend "torch": the reference (float32 weights, CPU or a CUDA device; a machine with too little memory
         available for them is a RamShortageError before loading, plugin/weights.py ram_shortage); "cuda": weights stay
         quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU); "auto": cuda where
@@ -188,10 +204,14 @@ class Engine:
         "int8-wide": the same in tiles 128 columns wide instead of 32; "f16-cublas": dense weights decoded to
         f16 once per product and multiplied by cuBLAS, the experts as with "f16"). graphs (cuda
         backend, default True): with rng "counter", each canvas's decoder pass is captured once into a CUDA
-        graph and replayed (plugin/cuda/graph.py); False launches its kernels one by one."""
+        graph and replayed (plugin/cuda/graph.py); False launches its kernels one by one. host_experts (cuda
+        backend): "auto" (the default: where the GPU's free memory is short of the model, the experts of as few
+        layers as make up for it stay in host RAM and are copied to the GPU as each pass reaches them,
+        plugin/cuda/offload.py; without graphs), a number of layers to do that for, or 0: never (too little
+        memory is then a GpuMemoryError)."""
         if backend == "auto" and pick_backend("auto") == "cuda":
             try:
-                return cls.load(path, "cuda", device, rng, kv_cache, matmul, graphs)
+                return cls.load(path, "cuda", device, rng, kv_cache, matmul, graphs, host_experts)
             except EngineError:
                 raise  # the file, the model or an option: the torch backend would say the same
             except Exception as e:  # noqa: BLE001 - the GPU side (NVRTC, a kernel, CUDA): auto falls back
@@ -200,12 +220,14 @@ class Engine:
                               RuntimeWarning, stacklevel=2)
                 return cls.load(path, "torch", None, rng, kv_cache)
         backend = pick_backend(backend)
-        for name, value in (("matmul", matmul), ("graphs", graphs or None)):  # graphs=False is what the others do
+        # graphs=False and host_experts=0 are what the others do
+        for name, value in (("matmul", matmul), ("graphs", graphs or None), ("host_experts", host_experts or None)):
             if value is not None and backend != "cuda":
                 raise EngineError(f"{name}={value!r} applies to the cuda backend only (backend is '{backend}')")
         if backend == "cuda":
             matmul = matmul or "auto"
             _check_choices(matmul=(matmul, MATMULS))
+            host_experts = host_experts_choice(host_experts)
         rng = rng or ("counter" if backend == "cuda" else "torch")
         kv_cache = kv_cache or ("f16" if backend == "cuda" else "f32")
         _check_choices(rng=(rng, RNGS), kv_cache=(kv_cache, KV_DTYPES))
@@ -213,19 +235,26 @@ class Engine:
         if backend == "torch" and device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError("no CUDA GPU is visible to PyTorch (use device='cpu')")
         t0 = time.perf_counter_ns()
-        path, plan, out_of_memory = Path(path), {}, False
+        path, plan, out_of_memory, host_layers = Path(path), {}, False, []
         try:
             reader = open_gguf(path)
             cfg = ModelConfig.from_gguf(reader, path)
             tokenizer = Tokenizer.from_gguf(reader, path)
             if backend == "cuda":
                 from .cuda.tune import choose
-                from .cuda.weights import load_cuda_weights, vram_shortage
+                from .cuda.offload import host_ram_shortage
+                from .cuda.weights import load_cuda_weights, vram_plan
 
-                shortage = vram_shortage(reader, cfg, path, device)  # say so before loading, not CUDA halfway
+                if isinstance(host_experts, int) and host_experts > cfg.n_layer:
+                    raise EngineError(f"host_experts={host_experts}: {path} has {cfg.n_layer} layers")
+                # say so before loading, not CUDA halfway
+                host_layers, shortage = vram_plan(reader, cfg, path, host_experts, device)
                 if shortage:
                     raise GpuMemoryError(*shortage)
-                weights = load_cuda_weights(reader, cfg, path, device)
+                shortage = host_ram_shortage(reader, cfg, path, host_layers)
+                if shortage:
+                    raise RamShortageError(shortage)
+                weights = load_cuda_weights(reader, cfg, path, device, host_layers)
                 plan = choose(weights, matmul, rows=cfg.canvas_length, device=device, top_k=cfg.n_expert_used)
             else:
                 shortage = ram_shortage(reader, cfg, path)  # say so, rather than be ended by the kernel's OOM killer
@@ -248,9 +277,15 @@ class Engine:
             raise GpuMemoryError(f"{path}: the GPU ran out of memory while loading this model: {advice}, or free GPU "
                                  "memory")
         engine = cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng, kv_cache,
-                     graphs=backend == "cuda" and graphs is not False)
-        engine.matmul, engine.backend = plan, backend
+                     graphs=backend == "cuda" and graphs is not False and not host_layers)
+        engine.matmul, engine.backend, engine.host_layers = plan, backend, host_layers
         return engine
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the weights kept in host RAM (streamed experts, cuda/offload.py); the rest are on self.device."""
+        layers = [self.model.w.layers[i] for i in self.host_layers]
+        return sum(lw.gate_up_exps.data.nbytes + lw.down_exps.data.nbytes for lw in layers)
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -260,7 +295,9 @@ class Engine:
         """One line on what runs the model: 'cuda on NVIDIA H100 (rng counter, KV cache f16, CUDA graphs)'."""
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "the CPU"
         graphs = ", CUDA graphs" if self.graphs and self.rng == "counter" else ""
-        return f"{self.backend} on {where} (rng {self.rng}, KV cache {self.kv_cache}{graphs})"
+        host = (f", experts of {len(self.host_layers)} of {self.cfg.n_layer} layers streamed from host RAM"
+                if self.host_layers else "")
+        return f"{self.backend} on {where} (rng {self.rng}, KV cache {self.kv_cache}{graphs}{host})"
 
     # ---- prompt ---------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[dict[str, Any]] | list[int], raw: bool = False, **template_kwargs) -> list[int]:

@@ -9,7 +9,8 @@ import threading
 from collections import Counter
 from typing import Any
 
-from .engine import BACKEND_CHOICES, KV_DTYPES, MATMULS, RNGS, DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
+from .engine import (BACKEND_CHOICES, KV_DTYPES, MATMULS, RNGS, DoneEvent, Engine, EngineError, GenerateOptions, TextEvent,
+                     host_experts_choice)
 from .registry import ModelNotFound, resolve_model
 from .sampler import StepInfo
 
@@ -44,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "torch backend's numbers), f16 or int8 (tensor cores, compute capability 7.5), f16-wide or "
                         "int8-wide (the same in tiles 128 columns wide), f16-cublas (dense weights decoded to f16, then "
                         "cuBLAS; the experts as with f16)")
+    p.add_argument("--host-experts", metavar="auto|N", type=host_experts_arg,
+                   help="cuda backend: where the GPU is short of memory for the model, keep the routed experts of some "
+                        "layers in host RAM and copy them to the GPU as each pass reaches them (slower, by PCIe); auto "
+                        "(the default) as few layers as the GPU needs, N that many, 0 never (too little memory is then "
+                        "an error). Without CUDA graphs")
     p.add_argument("--no-graphs", action="store_true",
                    help="cuda backend with --rng counter (its default): launch the decoder's kernels one by one "
                         "instead of replaying each canvas's pass from a CUDA graph")
@@ -119,13 +125,22 @@ class CanvasView:
         self.live.update(Text(self.done_text), refresh=True)
 
 
+def host_experts_arg(text: str) -> int | str:
+    """--host-experts: auto or a number of layers (engine.host_experts_choice), as argparse wants its errors."""
+    try:
+        return host_experts_choice(text)
+    except EngineError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .cli import EXIT_INTERRUPTED, _fail
 
     try:
         path = resolve_model(args.model)
         engine = Engine.load(path, backend=args.backend, device=args.device, rng=args.rng, kv_cache=args.kv_cache,
-                             matmul=args.matmul, graphs=False if args.no_graphs else None)
+                             matmul=args.matmul, graphs=False if args.no_graphs else None,
+                             host_experts=args.host_experts)
         prompt = _prompt(args)
         cancel = threading.Event()
         opts = GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps, raw=args.raw, cancel=cancel)

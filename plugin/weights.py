@@ -18,8 +18,9 @@ from .inspect import InspectError, field_value
 from .model import LayerWeights, Weights
 
 
-def meminfo_available(text: str) -> int | None:
-    """Bytes a process can still get, from /proc/meminfo's text: MemAvailable plus SwapFree; None without them."""
+def meminfo_available(text: str, swap: bool = True) -> int | None:
+    """Bytes a process can still get, from /proc/meminfo's text: MemAvailable plus SwapFree (swap False: without,
+    for page-locked memory); None without them."""
     kib = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
@@ -28,13 +29,13 @@ def meminfo_available(text: str) -> int | None:
             kib[key.strip()] = int(parts[0])
     if "MemAvailable" not in kib:
         return None
-    return (kib["MemAvailable"] + kib.get("SwapFree", 0)) * 1024
+    return (kib["MemAvailable"] + (kib.get("SwapFree", 0) if swap else 0)) * 1024
 
 
-def available_ram() -> int | None:
+def available_ram(swap: bool = True) -> int | None:
     """meminfo_available of this machine (Linux), else None."""
     try:
-        return meminfo_available(Path("/proc/meminfo").read_text())
+        return meminfo_available(Path("/proc/meminfo").read_text(), swap)
     except OSError:
         return None
 

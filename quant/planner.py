@@ -12,6 +12,7 @@ multiple of 256 (a dgemma-only layout) and keeping some layers' experts in host 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -194,6 +195,49 @@ def fit(tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts, dims: Mod
     return plan
 
 
+# ---- experts kept in host RAM and streamed through VRAM slots (the cuda backend, plugin/cuda/offload.py) ----
+SLOTS = 2  # VRAM slots: one layer's experts being read while the next streamed layer's are copied in
+SLOT_ALIGN = 256  # where a slot's down experts start: past every type's block alignment (plugin/cuda/ops.py block_align)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // SLOT_ALIGN) * SLOT_ALIGN
+
+
+def slot_bytes(gate_up: int, down: int) -> int:
+    """What a slot needs for a layer's experts: gate_up, then down from the next SLOT_ALIGN bytes."""
+    return _aligned(gate_up) + down
+
+
+def spread(n: int, n_layer: int) -> list[int]:
+    """n of the model's n_layer layers, as evenly spaced as they go (the last one last): the layers between two
+    streamed ones are the time their copies have."""
+    if not 0 <= n <= n_layer:
+        raise ValueError(f"experts of {n} layers in host RAM: the model has {n_layer}")
+    return [n_layer - 1 - (j * n_layer) // n for j in range(n)][::-1]
+
+
+def vram_saving(sizes: Sequence[tuple[int, int]], layers: Sequence[int]) -> int:
+    """VRAM freed by keeping these layers' experts in host RAM: their bytes less the slots they are copied into
+    (negative for one or two layers: the slots cost as much as they hold)."""
+    if not layers:
+        return 0
+    held = sum(sum(sizes[i]) for i in layers)
+    return held - min(SLOTS, len(layers)) * max(slot_bytes(*sizes[i]) for i in layers)
+
+
+def host_layers_for(sizes: Sequence[tuple[int, int]], shortfall: int) -> list[int] | None:
+    """The fewest layers (spread) whose streamed experts free `shortfall` bytes of VRAM (none for a shortfall
+    <= 0), or None where even every layer's would not."""
+    if shortfall <= 0:
+        return []
+    for n in range(SLOTS + 1, len(sizes) + 1):
+        layers = spread(n, len(sizes))
+        if vram_saving(sizes, layers) >= shortfall:
+            return layers
+    return None
+
+
 def _ways_out(types, shapes, facts: ModelFacts, dims: ModelDims, budget: int, runtime: int) -> list[str]:
     fixed = runtime + WORKSPACE + CUDA_CONTEXT
     floor = weights_bytes(types, shapes) + fixed
@@ -212,17 +256,22 @@ def _ways_out(types, shapes, facts: ModelFacts, dims: ModelDims, budget: int, ru
                      f"{pad_total / GiB:.2f} GiB" + (" - fits" if pad_total <= budget else " - still over"))
     else:
         notes.append(f"no plan fits {budget / GiB:.1f} GiB: at the lowest types the estimate is {floor / GiB:.2f} GiB")
-    per_layer: dict[int, int] = {}
+    n_layer = facts.n_layer
+    sizes = [(0, 0)] * n_layer  # each layer's (gate_up, down) expert bytes at these types
     for n, t in types.items():
         if tensor_class(n) in ("expert_gate_up", "expert_down"):
             layer = int(n.split(".")[1])
-            per_layer[layer] = per_layer.get(layer, 0) + nbytes(shapes[n], t)
-    host, moved = 0, 0
-    for layer in sorted(per_layer, reverse=True):
-        if floor - host <= budget:
-            break
-        host += per_layer[layer]
-        moved += 1
-    notes.append(f"experts of {moved} of {facts.n_layer} layers in host RAM (run on the CPU): VRAM "
-                 f"{(floor - host) / GiB:.2f} GiB, host RAM {host / GiB:.2f} GiB")
+            gate_up, down = sizes[layer]
+            b = nbytes(shapes[n], t)
+            sizes[layer] = (gate_up + b, down) if tensor_class(n) == "expert_gate_up" else (gate_up, down + b)
+    layers = host_layers_for(sizes, floor - budget)
+    if layers:
+        host = sum(sum(sizes[i]) for i in layers)
+        notes.append(f"or, at these types, experts of {len(layers)} of {n_layer} layers in host RAM, which the cuda "
+                     f"backend streams to the GPU as each pass reaches them (by itself where the GPU is short; dgemma run "
+                     f"--host-experts): VRAM {(floor - vram_saving(sizes, layers)) / GiB:.2f} GiB, host RAM "
+                     f"{host / GiB:.2f} GiB (convert for the smallest --fit that fits)")
+    elif layers is None:
+        notes.append(f"even with the experts of every layer in host RAM, streamed to the GPU, VRAM "
+                     f"{(floor - vram_saving(sizes, spread(n_layer, n_layer))) / GiB:.2f} GiB")
     return notes

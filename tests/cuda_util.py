@@ -57,11 +57,12 @@ def use_references(monkeypatch) -> None:
             monkeypatch.setattr(module, name, getattr(module, f"{name}_reference"))
 
 
-def cpu_cuda_weights(path: Path) -> tuple[Weights, ModelConfig]:
-    """The cuda backend's weight objects for the GGUF at `path`, on the CPU, and its config."""
+def cpu_cuda_weights(path: Path, host_layers: tuple[int, ...] | list[int] = ()) -> tuple[Weights, ModelConfig]:
+    """The cuda backend's weight objects for the GGUF at `path`, on the CPU (the experts of host_layers streamed
+    through slots, plugin/cuda/offload.py), and its config."""
     reader = open_gguf(path)
     cfg = ModelConfig.from_gguf(reader, path)
-    return load_cuda_weights(reader, cfg, path, device="cpu"), cfg
+    return load_cuda_weights(reader, cfg, path, device="cpu", host_layers=host_layers), cfg
 
 
 def held_bytes(tree: object) -> int:

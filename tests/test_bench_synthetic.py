@@ -89,6 +89,32 @@ def test_bench_steps_run_on_synthetic_weights(checkpoint_factory, kernels_as_ref
     assert both.count("x faster than torch") == 4 and both.count("x faster than scalar") == 4
 
 
+def test_model_gpu_streams_the_experts_a_smaller_gpu_needs(checkpoint_factory, kernels_as_references, tmp_path,
+                                                          capsys, monkeypatch):
+    """model_gpu's last line: the plan with the experts of the fewest layers in host RAM that fit a budget, timed
+    like the others (tiny shapes on the CPU), with the layers, the pinned bytes and the PCIe rate named."""
+    import argparse
+
+    from dgemma.plugin.cuda import offload
+    from dgemma.quant.planner import nbytes, runtime_breakdown
+
+    ckpt = checkpoint_factory(SPECS["base"])
+    cfg = synthetic.model_config(ckpt)
+    rows = synthetic.plan_rows(ckpt, "Q8_0")
+    need = runtime_breakdown(sum(nbytes(s, t) for _, s, t in rows), cfg.model_dims(), 8192).total
+    args = argparse.Namespace(matmuls="scalar", steps=1)
+    dev = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # what the tuner asks
+    base = {"label": "torch", "step_ms": 1e9, "prefill_5_ms": 1e9, "prefill_9_ms": 1e9}
+    r = model_gpu.streamed(f"{need - 1}", args, cfg, rows, "Q8_0", dev, tmp_path / "m.json", base, prompts=(5, 9))
+    out = capsys.readouterr().out
+    assert r is not None and r["step_ms"] > 0 and f"experts of 3 of {cfg.n_layer} layers in host RAM" in out
+    assert "cuda Q8_0 scalar streaming 3" in out and "GB/s of experts per step" in out
+    assert model_gpu.streamed(f"{need}", args, cfg, rows, "Q8_0", dev, tmp_path / "m.json", base) is None
+    assert "is not needed for" in capsys.readouterr().out
+    assert offload.SLOTS == 2  # (three layers: the fewest that free anything)
+
+
 def test_kernel_benches_name_nothing_undefined():
     """bench/step_gpu.py and bench/model_gpu.py need a GPU to run. Every global name their functions load
     (nested functions too) must exist, so a misspelled or shadowed name fails here and not in a GPU session."""

@@ -538,6 +538,72 @@ def test_graphed_decoder_equals_the_eager_pass(ops, dev, request, model):
     assert (graphed.captures, graphed.replays) == (2, 6)
 
 
+def test_expert_stage_copies_on_its_stream_and_never_under_a_reader(ops, dev):
+    """plugin/cuda/offload.py on a GPU: pinned host experts copied on the stage's stream, ordered by events.
+    Each acquired slot is read on the compute stream (a sum of its bytes, queued, not waited for) while the next
+    layer's copy runs; in the model's order and then in any order, every sum is its own layer's."""
+    needs_gpu(dev)
+    import random
+
+    from dgemma.plugin.cuda.offload import ExpertStage, pinned
+    from dgemma.plugin.cuda.weights import QuantExperts
+
+    rng = random.Random(1)
+    host = {}
+    for layer in (0, 3, 4, 8):
+        pair = []
+        for n, k in ((2 * 704, 2816), (2816, 704)):  # a 26B layer's expert shapes, 8 experts of Q8_0
+            data = pinned(torch.randint(0, 256, (8, n, k // 32 * 34), dtype=torch.uint8))
+            pair.append(QuantExperts(data, Q.Q8_0, n, k))
+        host[layer] = tuple(pair)
+    want = {layer: sum(int(e.data.sum(dtype=torch.int64)) for e in pair) for layer, pair in host.items()}
+    stage = ExpertStage(host, dev)
+    order = [0, 3, 4, 8] * 3 + [rng.choice([0, 3, 4, 8]) for _ in range(30)]
+    sums = []
+    for layer in order:
+        gate_up, down = stage.acquire(layer)
+        sums.append(gate_up.data.sum(dtype=torch.int64) + down.data.sum(dtype=torch.int64))  # [] on the GPU
+        stage.release(layer)
+    assert [int(x) for x in sums] == [want[layer] for layer in order]
+
+
+@pytest.mark.parametrize("model", ["default", "canvas16"])
+def test_streamed_experts_give_the_whole_models_logits_and_tokens(ops, dev, request, model):
+    """Every layer's experts in pinned host RAM (host_experts = n_layer: the most copies), copied to the GPU as
+    each pass reaches them: the logits of the model loaded whole (up to the experts' float atomics) and the same
+    tokens."""
+    needs_gpu(dev)
+    from dgemma.plugin.cuda.offload import HostExperts
+    from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions
+    from dgemma.plugin.model import KVCache
+
+    path = request.getfixturevalue(f"{model}_gguf")
+    whole = Engine.load(path, backend="cuda", matmul="scalar", kv_cache="f32", graphs=False)
+    n = whole.cfg.n_layer
+    streamed = Engine.load(path, backend="cuda", matmul="scalar", kv_cache="f32", host_experts=n)
+    assert streamed.host_layers == list(range(n)) and not streamed.graphs
+    lw = streamed.model.w.layers[0]
+    assert isinstance(lw.gate_up_exps, HostExperts) and lw.gate_up_exps.data.is_pinned() and lw.down_exps.data.is_pinned()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, whole.cfg.vocab_size, (1, 40), generator=g).to(dev)
+    canvas = torch.randint(0, whole.cfg.vocab_size, (1, whole.cfg.canvas_length), generator=g).to(dev)
+    c1, c2 = KVCache(reserve=whole.cfg.canvas_length), KVCache(reserve=whole.cfg.canvas_length)
+    whole.model.encode(prompt, c1)
+    streamed.model.encode(prompt, c2)
+    a, b = whole.model.decode(canvas, c1), streamed.model.decode(canvas, c2)
+    assert (a - b).abs().max().item() < 1e-4 and torch.equal(a.argmax(-1), b.argmax(-1))
+    outs = []
+    for engine in (whole, streamed):
+        done = list(engine.generate("Once upon a time", GenerateOptions(seed=3, max_tokens=64, raw=model != "default")))[-1]
+        assert isinstance(done, DoneEvent)
+        outs.append((done.canvases, done.steps_per_canvas))
+    assert outs[0] == outs[1] and lw.gate_up_exps.stage.copies > n
+    from dgemma.plugin.cuda import tune
+
+    plan = tune.choose(streamed.model.w, "auto", rows=whole.cfg.canvas_length, device=dev, cache=False)
+    assert lw.gate_up_exps.matmul == plan[tune.shape_class(lw.gate_up_exps)]  # timed on a copy in VRAM
+
+
 @pytest.mark.parametrize("hd,KV,L,P,masked,dtype", [
     (256, 8, 256, 1023, False, torch.float32), (512, 2, 256, 8192, False, torch.float32),
     (256, 8, 512, 1023, True, torch.float32), (512, 2, 512, 4096, True, torch.float32),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -86,6 +87,9 @@ def test_fit_budgets(real, gib, fits, lowered):
         assert "fits" in plan.notes[1]  # padding the 704-wide rows to 768 makes 10 GiB work
     if gib == 8:
         assert "still over" in plan.notes[1]
+    if not fits:  # the cuda backend's streamed experts (two VRAM slots counted): within the budget
+        streamed = re.search(r"experts of (\d+) of 30 layers in host RAM, .* VRAM ([\d.]+) GiB", plan.notes[2])
+        assert streamed and float(streamed[2]) <= gib and int(streamed[1]) == {10: 4, 8: 11}[gib]
 
 
 def test_breakdown_parts_are_plausible(real):

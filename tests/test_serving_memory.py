@@ -17,6 +17,8 @@ import torch
 from cuda_util import cpu_cuda_weights
 
 from dgemma.plugin.config import ModelConfig
+from dgemma.plugin.cuda import offload
+from dgemma.plugin.cuda.weights import vram_estimate
 from dgemma.plugin.engine import GpuMemoryError
 from dgemma.plugin.inspect import open_gguf
 from dgemma.plugin.registry import Registry
@@ -38,11 +40,12 @@ def gpu(default_gguf, tmp_path, monkeypatch):
     state = {"need": cw.vram_estimate(reader, ModelConfig.from_gguf(reader, default_gguf)).total, "used": 0,
              "loads": []}
 
-    def load(reader, cfg, path, device):
-        weights, _ = cpu_cuda_weights(path)
-        state["used"] += state["need"]
-        state["loads"].append(path.stem)
-        weakref.finalize(weights, lambda: state.__setitem__("used", state["used"] - state["need"]))
+    def load(reader, cfg, path, device, host_layers):
+        weights, _ = cpu_cuda_weights(path, host_layers)
+        need = cw.vram_estimate(reader, cfg, host_layers).total  # less with streamed experts (plugin/cuda/offload.py)
+        state["used"] += need
+        state["loads"].append(path.stem + (f" streaming {len(host_layers)}" if host_layers else ""))
+        weakref.finalize(weights, lambda: state.__setitem__("used", state["used"] - need))
         return weights
 
     monkeypatch.setattr(cuda, "check_cuda", lambda: (8, 6))
@@ -73,6 +76,31 @@ def test_a_full_gpu_unloads_an_idle_model_for_the_new_one(gpu):
         with pytest.raises(GpuMemoryError, match=r"Test GPU has 0\.\d\d GiB free of 0\.\d\d: .* --fit 1GB"):
             await manager.get("a")
         assert list(manager.loaded) == ["b"] and state["loads"] == ["a", "b"]
+
+    asyncio.run(run())
+
+
+def test_idle_models_are_unloaded_before_experts_stream_and_held_ones_are_not(gpu, default_gguf):
+    """As Ollama unloads idle models before it splits one between the GPU and the CPU: the new model loads whole
+    once an idle one is gone; beside a model a request holds, it streams the experts of as few layers as the
+    room left needs (host_experts "auto", the default), or the request gets the error (host_experts 0)."""
+    manager, state = gpu
+    reader = open_gguf(default_gguf)  # (a, b and c are copies of it)
+    cfg = ModelConfig.from_gguf(reader, default_gguf)
+    streamed = offload.host_layers_for(offload.expert_bytes(reader, cfg.n_layer), 1)
+    state["capacity"] = state["need"] + vram_estimate(reader, cfg, streamed).total  # one whole, one streamed
+
+    async def run() -> None:
+        await manager.get("a")
+        b = await manager.get("b")  # would fit streamed beside a, but a is idle: a goes, b loads whole
+        assert list(manager.loaded) == ["b"] and b.engine.host_layers == [] and state["loads"] == ["a", "b"]
+        b.busy = 1  # a request holds b
+        a = await manager.get("a")
+        assert sorted(manager.loaded) == ["a", "b"] and a.engine.host_layers == streamed
+        assert state["loads"] == ["a", "b", f"a streaming {len(streamed)}"] and "host RAM" in a.engine.describe()
+        a.busy, manager.host_experts = 1, 0
+        with pytest.raises(GpuMemoryError, match="needs about"):
+            await manager.get("c")
 
     asyncio.run(run())
 

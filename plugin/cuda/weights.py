@@ -3,6 +3,7 @@ and are multiplied by csrc/qmatmul.cu; vectors (norms, scales) become float32 on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -160,12 +161,17 @@ class GGUFTensors:
         return tensor_to_torch(self.tensors[name]).to(device)
 
 
-def vram_estimate(reader: GGUFReader, cfg: ModelConfig) -> Breakdown:
+def vram_estimate(reader: GGUFReader, cfg: ModelConfig, host_layers: Sequence[int] = ()) -> Breakdown:
     """What the cuda backend holds for this file before any KV cache: its tensors as cuda_weights loads them
-    (matrices as their GGML blocks; vectors as float32, which is how GGUF files keep them) and one canvas step's
-    working memory, the converter's --fit estimates (quant/planner.py). No CUDA context: the free memory it is
-    held against is counted after it."""
-    return runtime_breakdown(sum(int(t.n_bytes) for t in reader.tensors), cfg.model_dims(), None, cuda_context=0)
+    (matrices as their GGML blocks; vectors as float32, which is how GGUF files keep them), less the experts of
+    `host_layers` plus the slots they stream through (plugin/cuda/offload.py), and one canvas step's working
+    memory, the converter's --fit estimates (quant/planner.py). No CUDA context: the free memory it is held
+    against is counted after it."""
+    from . import offload  # (which builds on this module's QuantExperts)
+
+    weights = sum(int(t.n_bytes) for t in reader.tensors)
+    weights -= offload.vram_saving(offload.expert_bytes(reader, cfg.n_layer), host_layers)
+    return runtime_breakdown(weights, cfg.model_dims(), None, cuda_context=0)
 
 
 def free_vram(device: str = "cuda") -> tuple[int, int]:
@@ -177,30 +183,47 @@ def free_vram(device: str = "cuda") -> tuple[int, int]:
     return free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index), total
 
 
-def vram_shortage(reader: GGUFReader, cfg: ModelConfig, path: str | Path,
-                  device: str = "cuda") -> tuple[str, int, int] | None:
-    """None where the GPU's free memory holds the estimate, else (the one-line error saying so, instead of CUDA's
-    out-of-memory error halfway through the load, and which --fit plan would fit the card; bytes needed; the GPU's
-    bytes in all)."""
-    need = vram_estimate(reader, cfg)
+def vram_plan(reader: GGUFReader, cfg: ModelConfig, path: str | Path, host_experts: int | str = "auto",
+              device: str = "cuda") -> tuple[list[int], tuple[str, int, int] | None]:
+    """Which layers' experts stay in host RAM, streamed to the GPU (host_experts: "auto", as few as the GPU's free
+    memory needs, or a number of layers, 0 for none), and None where the GPU's free memory then holds the
+    estimate, else (the one-line error saying so, instead of CUDA's out-of-memory error halfway through the
+    load, and which --fit plan would fit the card; bytes needed; the GPU's bytes in all)."""
+    from . import offload
+
+    sizes = offload.expert_bytes(reader, cfg.n_layer)
     free, total = free_vram(device)
+    if host_experts == "auto":
+        layers = offload.host_layers_for(sizes, vram_estimate(reader, cfg).total - free)
+        if layers is None:  # not even with every layer's: say what that would still need
+            layers = offload.spread(cfg.n_layer, cfg.n_layer)
+    else:
+        layers = offload.spread(int(host_experts), cfg.n_layer)
+    need = vram_estimate(reader, cfg, layers)
     if need.total <= free:
-        return None
-    return (f"{path}: the cuda backend needs about {need.total / GiB:.2f} GiB of GPU memory for this model before its "
-            f"KV cache (weights {need.weights / GiB:.2f} GiB), but {torch.cuda.get_device_name(device)} has "
-            f"{free / GiB:.2f} GiB free of {total / GiB:.2f}: convert the model for this GPU "
-            f"(dgemma convert ... --fit {max(1, int(total / GiB))}GB) or free GPU memory", need.total, total)
+        return layers, None
+    streamed = f" with the experts of {len(layers)} of {cfg.n_layer} layers in host RAM" if layers else ""
+    return layers, (f"{path}: the cuda backend needs about {need.total / GiB:.2f} GiB of GPU memory for this model "
+                    f"before its KV cache{streamed} (weights {need.weights / GiB:.2f} GiB), but "
+                    f"{torch.cuda.get_device_name(device)} has {free / GiB:.2f} GiB free of {total / GiB:.2f}: convert "
+                    f"the model for this GPU (dgemma convert ... --fit {max(1, int(total / GiB))}GB) or free GPU memory",
+                    need.total, total)
 
 
-def load_cuda_weights(reader: GGUFReader, cfg: ModelConfig, path: str | Path = "", device: str = "cuda") -> Weights:
+def load_cuda_weights(reader: GGUFReader, cfg: ModelConfig, path: str | Path = "", device: str = "cuda",
+                      host_layers: Sequence[int] = ()) -> Weights:
     padded = field_value(reader, C.DGEMMA_EXPERT_DOWN_PADDED) is not None
-    return cuda_weights(GGUFTensors(reader), cfg, padded, path, device)
+    return cuda_weights(GGUFTensors(reader), cfg, padded, path, device, host_layers)
 
 
 def cuda_weights(src: TensorSource, cfg: ModelConfig, padded: bool = False, path: str | Path = "",
-                 device: str = "cuda") -> Weights:
+                 device: str = "cuda", host_layers: Sequence[int] = ()) -> Weights:
     """Weights for the cuda backend: matrices as GGML blocks (QuantLinear, QuantExperts, QuantEmbedding),
-    vectors as float32, all on `device`. padded: the expert down rows were zero-padded (--pad-experts)."""
+    vectors as float32, all on `device` but the experts of `host_layers`, which stay in host RAM and stream
+    through VRAM slots (plugin/cuda/offload.py). padded: the expert down rows were zero-padded (--pad-experts)."""
+    from . import offload
+
+    hosted = {C.blk(i, base) for i in host_layers for base in (C.FFN_GATE_UP_EXPS, C.FFN_DOWN_EXPS)}
 
     def need(name: str, optional: bool) -> bool:
         if src.shape(name) is None:
@@ -215,7 +238,8 @@ def cuda_weights(src: TensorSource, cfg: ModelConfig, padded: bool = False, path
     def mat(name: str, optional: bool = False):
         if not need(name, optional):
             return None
-        shape, qtype, raw = src.shape(name), src.qtype(name), src.raw(name, device)
+        shape, qtype = src.shape(name), src.qtype(name)
+        raw = offload.pinned(src.raw(name, "cpu")) if name in hosted else src.raw(name, device)
         if len(shape) == 3:
             k_in = cfg.n_ff_exp if name.endswith(f"{C.FFN_DOWN_EXPS}.weight") and padded else None
             obj = QuantExperts(raw.view(shape[0], shape[1], -1), qtype, shape[1], shape[2], k_in)
@@ -247,6 +271,7 @@ def cuda_weights(src: TensorSource, cfg: ModelConfig, padded: bool = False, path
     sc_pre_norm = vec(C.gguf_name(C.SELF_COND_PRE_NORM), optional=True)
     if sc_pre_norm is None:
         sc_pre_norm = vec(C.gguf_name(C.SELF_COND_NORM_ALT))
+    offload.stream_experts(layers, host_layers, device)
     head = mat(C.gguf_name(C.TOKEN_EMBD))  # the tied head and the embedding: one quantized copy
     return Weights(
         embed=QuantEmbedding(head.data, head.qtype, head.n, head.k), output_norm=vec(C.gguf_name(C.OUTPUT_NORM)),

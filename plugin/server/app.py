@@ -38,6 +38,7 @@ class ServerConfig:
     upstream_openai_key: str | None = None
     keep_alive: float = DEFAULT_KEEP_ALIVE
     backend: str = "auto"  # engine.BACKEND_CHOICES: auto is the cuda backend where it can run, else torch (CPU)
+    host_experts: int | str = "auto"  # cuda backend: Engine.load's, for a model the GPU cannot hold (ModelManager)
 
 
 def is_loopback(host: str) -> bool:
@@ -184,7 +185,7 @@ def _error_text(r: httpx.Response) -> str:
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     registry = Registry(config.models)
-    state = AppState(config, registry, ModelManager(registry, config.keep_alive, config.backend))
+    state = AppState(config, registry, ModelManager(registry, config.keep_alive, config.backend, config.host_experts))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -251,6 +252,9 @@ def serve(config: ServerConfig) -> None:
         backend = pick_backend(config.backend)
     except EngineError as e:
         raise ApiError(400, str(e)) from None
+    if backend != "cuda" and config.host_experts not in ("auto", 0):
+        raise ApiError(400, f"--host-experts {config.host_experts} applies to the cuda backend only (models run on the "
+                            f"{backend} backend)")
     if backend == "cuda":
         import torch
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, MemoryShortageError
+from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, GpuMemoryError, MemoryShortageError
 from ..registry import ModelEntry, Registry, read_model_info
 
 DEFAULT_KEEP_ALIVE = 300.0  # seconds, Ollama's default "5m"
@@ -71,8 +71,10 @@ class LoadedModel:
 
 
 class ModelManager:
-    def __init__(self, registry: Registry, default_keep_alive: float = DEFAULT_KEEP_ALIVE, backend: str = "auto") -> None:
+    def __init__(self, registry: Registry, default_keep_alive: float = DEFAULT_KEEP_ALIVE, backend: str = "auto",
+                 host_experts: int | str = "auto") -> None:
         self.registry, self.backend = registry, backend  # engine.BACKEND_CHOICES
+        self.host_experts = host_experts  # Engine.load's: "auto" only once unloading leaves the GPU still short
         self.default_keep_alive = default_keep_alive
         self.loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Lock] = {}
@@ -104,21 +106,27 @@ class ModelManager:
     async def _load(self, entry: ModelEntry) -> Engine:
         """Engine.load in a worker thread. Where the GPU (or, for the torch backend, the machine) has too little
         free memory for the model, the models there that no request holds are unloaded one at a time, the soonest
-        to expire first, until it loads; with none left, or a model larger than the whole GPU, the error is the
-        answer."""
+        to expire first, until it loads. With none left, or a model larger than the whole GPU, host_experts "auto"
+        then keeps some of its experts in host RAM (as Ollama, which unloads idle models before it splits one
+        between the GPU and the CPU), and without that (host_experts 0) or past it the error is the answer."""
+        host = 0 if self.host_experts == "auto" else self.host_experts  # the GPU alone first
         async with self._one_load:
             while True:
                 try:
-                    return await asyncio.to_thread(Engine.load, entry.path, self.backend)
+                    return await asyncio.to_thread(Engine.load, entry.path, self.backend, host_experts=host)
                 except MemoryShortageError as e:
                     # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
                     idle = [(m.expires_at, name) for name, m in self.loaded.items()
                             if m.engine.device.type == e.device_type and not self.in_use(m)]
                     if e.hopeless or not idle:  # no unloading makes room, or none is left to unload
-                        raise
-                    name = min(idle)[1]
-                self.unload(name)  # out of the except block: the error no longer holds the failed load's frames
-                gc.collect()  # its tensors go back to PyTorch's allocator now, which the next check counts as free
+                        if not (isinstance(e, GpuMemoryError) and host == 0 and self.host_experts == "auto"):
+                            raise
+                        host, name = "auto", None  # streamed experts, beside the models requests hold
+                    else:
+                        name = min(idle)[1]
+                if name is not None:
+                    self.unload(name)  # out of the except block: the error no longer holds the failed load's frames
+                    gc.collect()  # its tensors go back to PyTorch's allocator, which the next check counts as free
 
     def touch(self, model: LoadedModel, keep_alive: float) -> None:
         model.expires_at = expiry(keep_alive)

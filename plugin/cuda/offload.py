@@ -1,0 +1,153 @@
+"""Experts in host RAM, streamed to the GPU: how a model larger than the GPU's free memory still runs on it.
+
+A denoising pass multiplies 256 canvas rows by top-8 of 128 experts, so nearly every expert of every layer is
+read on every pass: running the offloaded experts on the CPU would cost about as much arithmetic as the GPU does
+for them (some 25 GFLOP per layer and pass for the 26B-A4B), far past what a CPU does in the GPU's time.
+Copying them is cheaper: a layer's experts (0.32-0.52 GiB) cross PCIe in 14-22 ms at 25 GB/s, while a GeForce
+card, compute-bound on the canvas, spends about as long on the layers in between. So the experts of some layers
+(`host_layers`, spread evenly over the model) stay in pinned host memory and are copied into one of two VRAM
+slots (ExpertStage) on a side stream, the next streamed layer's while the GPU computes, each slot reused only
+after the layer that read it has run. Nothing else changes: the staged experts are QuantExperts, run by the same
+kernels on the same bytes, so the logits equal those of the model loaded whole. CUDA graphs are off with them:
+a pass then takes tens of milliseconds, and what graphs save is a fraction of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from gguf import GGUFReader
+
+from dgemma.convert import constants as C
+from dgemma.quant.planner import SLOTS, GiB, host_layers_for, slot_bytes, spread, vram_saving  # noqa: F401
+
+from ..config import ModelConfig
+
+from ..model import LayerWeights
+from ..weights import available_ram
+from .weights import QuantExperts
+
+def expert_bytes(reader: GGUFReader, n_layer: int) -> list[tuple[int, int]]:
+    """Each layer's routed experts in bytes: (gate_up, down)."""
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    return [(sizes.get(C.blk(i, C.FFN_GATE_UP_EXPS), 0), sizes.get(C.blk(i, C.FFN_DOWN_EXPS), 0)) for i in range(n_layer)]
+
+
+def host_ram_shortage(reader: GGUFReader, cfg: ModelConfig, path: str | Path, layers: Sequence[int]) -> str | None:
+    """None where the machine's available memory holds these layers' experts (page-locked: no swap), else the
+    one-line error saying so."""
+    need = sum(sum(size) for i, size in enumerate(expert_bytes(reader, cfg.n_layer)) if i in layers)
+    have = available_ram(swap=False)
+    if not layers or have is None or need <= have:
+        return None
+    return (f"{path}: the experts of {len(layers)} layers kept in host RAM need {need / GiB:.2f} GiB, but the machine "
+            f"has {have / GiB:.2f} GiB available: free memory, or convert the model for this GPU (dgemma convert ... "
+            f"--fit)")
+
+
+class ExpertStage:
+    """The VRAM slots streamed layers' experts are copied into. acquire(layer) returns its gate_up and down
+    experts on the GPU (copied in already, or now), having started the copy of the next streamed layer into the
+    other slot; release(layer) marks its slot free once the work queued so far (the layer's) has run. On a GPU
+    the copies run on their own stream, ordered by events; on the CPU (tests) they are plain copies."""
+
+    def __init__(self, host: dict[int, tuple[QuantExperts, QuantExperts]], device: torch.device | str) -> None:
+        self.host, self.order, self.device = host, sorted(host), torch.device(device)
+        nbytes = max(slot_bytes(g.data.nbytes, d.data.nbytes) for g, d in host.values())
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(min(SLOTS, len(host)))]
+        self.held: list[int | None] = [None] * len(self.buffers)  # the layer each slot holds (or is being filled with)
+        self.ready: list[torch.cuda.Event | None] = [None] * len(self.buffers)  # its copy done
+        self.free: list[torch.cuda.Event | None] = [None] * len(self.buffers)  # the last work reading it done
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.last = 0  # the slot of the last acquire
+        self.copies = 0  # layers copied in so far
+
+    def acquire(self, layer: int) -> tuple[QuantExperts, QuantExperts]:
+        slot = self._slot(layer)
+        if slot is None:  # not prefetched (the first pass, or an earlier pass ended early)
+            slot = (self.last + 1) % len(self.buffers)
+            self._copy(layer, slot)
+        following = self.order[(self.order.index(layer) + 1) % len(self.order)]
+        if len(self.buffers) > 1 and self._slot(following) is None:
+            self._copy(following, (slot + 1) % len(self.buffers))
+        if self.ready[slot] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        self.last = slot
+        return self._views(layer, slot)
+
+    def release(self, layer: int) -> None:
+        slot = self._slot(layer)
+        if self.stream is not None and slot is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.free[slot] = event
+
+    def _slot(self, layer: int) -> int | None:
+        return self.held.index(layer) if layer in self.held else None
+
+    def _copy(self, layer: int, slot: int) -> None:
+        gate_up, down = self.host[layer]
+        start = slot_bytes(gate_up.data.nbytes, 0)
+        buf = self.buffers[slot]
+        if self.stream is None:
+            buf[: gate_up.data.nbytes].copy_(gate_up.data.reshape(-1))
+            buf[start : start + down.data.nbytes].copy_(down.data.reshape(-1))
+        else:
+            with torch.cuda.stream(self.stream):
+                if self.free[slot] is not None:
+                    self.stream.wait_event(self.free[slot])  # the layer that read this slot last has run
+                buf[: gate_up.data.nbytes].copy_(gate_up.data.reshape(-1), non_blocking=True)
+                buf[start : start + down.data.nbytes].copy_(down.data.reshape(-1), non_blocking=True)
+                self.ready[slot] = torch.cuda.Event()
+                self.ready[slot].record(self.stream)
+        self.held[slot] = layer
+        self.copies += 1
+
+    def _views(self, layer: int, slot: int) -> tuple[QuantExperts, QuantExperts]:
+        """The slot's bytes as the layer's two QuantExperts, with their kernel choices."""
+        out = []
+        start = 0
+        for src in self.host[layer]:
+            data = self.buffers[slot][start : start + src.data.nbytes].view(src.data.shape)
+            view = QuantExperts(data, src.qtype, src.n, src.k, src.k_in)
+            view.matmul, view.bounded_input = src.matmul, src.bounded_input
+            out.append(view)
+            start = slot_bytes(src.data.nbytes, 0)
+        return out[0], out[1]
+
+
+class HostExperts(QuantExperts):
+    """A streamed layer's gate_up experts (its `data` in host RAM), standing where the model looks for them
+    (LayerWeights.gate_up_exps): grouped() runs the layer's experts from the slot ExpertStage copied them into.
+    The layer's down experts (LayerWeights.down_exps) are a QuantExperts in host RAM, which only this reads."""
+
+    def __init__(self, gate_up: QuantExperts, layer: int, stage: ExpertStage) -> None:
+        super().__init__(gate_up.data, gate_up.qtype, gate_up.n, gate_up.k, gate_up.k_in)
+        self.bounded_input, self.layer, self.stage = gate_up.bounded_input, layer, stage
+
+    def grouped(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+                down: QuantExperts) -> torch.Tensor:
+        gate_up, down = self.stage.acquire(self.layer)
+        out = gate_up.grouped(x, rows, weights, counts, down)  # [N, D]
+        self.stage.release(self.layer)
+        return out
+
+
+def stream_experts(layers: list[LayerWeights], host_layers: Sequence[int], device: torch.device | str) -> ExpertStage | None:
+    """Make the experts of `host_layers` (their data already in host RAM) streamed ones: HostExperts in their
+    layers' gate_up_exps, one ExpertStage for all. None where there are none."""
+    if not host_layers:
+        return None
+    stage = ExpertStage({i: (layers[i].gate_up_exps, layers[i].down_exps) for i in host_layers}, device)
+    for i in host_layers:
+        layers[i].gate_up_exps = HostExperts(layers[i].gate_up_exps, i, stage)
+        stage.host[i] = (layers[i].gate_up_exps, layers[i].down_exps)  # the objects tune.choose sets kernels on
+    return stage
+
+
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """t in host RAM, page-locked where there is a GPU (what a copy to it can run beside the kernels from)."""
+    t = t.cpu()
+    return t.pin_memory() if torch.cuda.is_available() else t
