@@ -67,9 +67,20 @@ class MemoryShortageError(EngineError):
 
 
 class GpuMemoryError(MemoryShortageError):
-    """The GPU's: found before loading (need and total), or CUDA ran out during the load (neither known)."""
+    """The GPU's: found before loading (need and total, and `least`: the need with every layer's experts
+    streamed from host RAM, plugin/cuda/offload.py), or CUDA ran out during the load (none known)."""
 
     device_type = "cuda"
+
+    def __init__(self, message: str, need: int | None = None, total: int | None = None,
+                 least: int | None = None) -> None:
+        super().__init__(message, need, total)
+        self.least = least
+
+    @property
+    def streaming_hopeless(self) -> bool:
+        """Too large for the whole GPU even with every layer's experts streamed."""
+        return self.least is not None and self.total is not None and self.least > self.total
 
 
 class RamShortageError(MemoryShortageError):
@@ -286,6 +297,12 @@ class Engine:
         """Bytes of the weights kept in host RAM (streamed experts, cuda/offload.py); the rest are on self.device."""
         layers = [self.model.w.layers[i] for i in self.host_layers]
         return sum(lw.gate_up_exps.data.nbytes + lw.down_exps.data.nbytes for lw in layers)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of the VRAM slots streamed experts are copied into (none without them)."""
+        stage = self.model.w.layers[self.host_layers[0]].gate_up_exps.stage if self.host_layers else None
+        return sum(b.nbytes for b in stage.buffers) if stage else 0
 
     @property
     def kv_dtype(self) -> torch.dtype:

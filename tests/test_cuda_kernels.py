@@ -545,7 +545,7 @@ def test_expert_stage_copies_on_its_stream_and_never_under_a_reader(ops, dev):
     needs_gpu(dev)
     import random
 
-    from dgemma.plugin.cuda.offload import ExpertStage, pinned
+    from dgemma.plugin.cuda.offload import ExpertStage
     from dgemma.plugin.cuda.weights import QuantExperts
 
     rng = random.Random(1)
@@ -553,18 +553,28 @@ def test_expert_stage_copies_on_its_stream_and_never_under_a_reader(ops, dev):
     for layer in (0, 3, 4, 8):
         pair = []
         for n, k in ((2 * 704, 2816), (2816, 704)):  # a 26B layer's expert shapes, 8 experts of Q8_0
-            data = pinned(torch.randint(0, 256, (8, n, k // 32 * 34), dtype=torch.uint8))
+            data = torch.randint(0, 256, (8, n, k // 32 * 34), dtype=torch.uint8)  # page-locked by the stage
             pair.append(QuantExperts(data, Q.Q8_0, n, k))
         host[layer] = tuple(pair)
     want = {layer: sum(int(e.data.sum(dtype=torch.int64)) for e in pair) for layer, pair in host.items()}
     stage = ExpertStage(host, dev)
+    assert all(e.data.is_pinned() for pair in host.values() for e in pair)
     order = [0, 3, 4, 8] * 3 + [rng.choice([0, 3, 4, 8]) for _ in range(30)]
     sums = []
     for layer in order:
         gate_up, down = stage.acquire(layer)
+        torch.cuda._sleep(20_000_000)  # ~10 ms: the compute stream lags; a copy not waiting for it would overwrite
         sums.append(gate_up.data.sum(dtype=torch.int64) + down.data.sum(dtype=torch.int64))  # [] on the GPU
         stage.release(layer)
     assert [int(x) for x in sums] == [want[layer] for layer in order]
+
+
+def _generate(engine, model: str) -> tuple[list[list[int]], list[int]]:
+    from dgemma.plugin.engine import DoneEvent, GenerateOptions
+
+    done = list(engine.generate("Once upon a time", GenerateOptions(seed=3, max_tokens=64, raw=model != "default")))[-1]
+    assert isinstance(done, DoneEvent)
+    return done.canvases, done.steps_per_canvas
 
 
 @pytest.mark.parametrize("model", ["default", "canvas16"])
@@ -574,7 +584,7 @@ def test_streamed_experts_give_the_whole_models_logits_and_tokens(ops, dev, requ
     tokens."""
     needs_gpu(dev)
     from dgemma.plugin.cuda.offload import HostExperts
-    from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions
+    from dgemma.plugin.engine import Engine
     from dgemma.plugin.model import KVCache
 
     path = request.getfixturevalue(f"{model}_gguf")
@@ -592,16 +602,15 @@ def test_streamed_experts_give_the_whole_models_logits_and_tokens(ops, dev, requ
     streamed.model.encode(prompt, c2)
     a, b = whole.model.decode(canvas, c1), streamed.model.decode(canvas, c2)
     assert (a - b).abs().max().item() < 1e-4 and torch.equal(a.argmax(-1), b.argmax(-1))
-    outs = []
-    for engine in (whole, streamed):
-        done = list(engine.generate("Once upon a time", GenerateOptions(seed=3, max_tokens=64, raw=model != "default")))[-1]
-        assert isinstance(done, DoneEvent)
-        outs.append((done.canvases, done.steps_per_canvas))
+    outs = [_generate(engine, model) for engine in (whole, streamed)]
     assert outs[0] == outs[1] and lw.gate_up_exps.stage.copies > n
     from dgemma.plugin.cuda import tune
 
-    plan = tune.choose(streamed.model.w, "auto", rows=whole.cfg.canvas_length, device=dev, cache=False)
-    assert lw.gate_up_exps.matmul == plan[tune.shape_class(lw.gate_up_exps)]  # timed on a copy in VRAM
+    timed = []
+    plan = tune.choose(streamed.model.w, "auto", rows=whole.cfg.canvas_length, device=dev, cache=False,
+                       timer=lambda fn: timed.append(fn) or tune.cuda_timer(fn))
+    assert lw.gate_up_exps.matmul == plan[tune.shape_class(lw.gate_up_exps)] and timed  # timed in a slot
+    assert outs[1] == _generate(streamed, model)  # the slot the tuner used is copied into again
 
 
 @pytest.mark.parametrize("hd,KV,L,P,masked,dtype", [

@@ -15,9 +15,10 @@ from gguf import GGMLQuantizationType as Q
 from dgemma.plugin.config import ModelConfig
 from dgemma.plugin.cuda import offload
 from dgemma.plugin.cuda.offload import HostExperts
-from dgemma.plugin.cuda.weights import QuantExperts, vram_estimate
+from dgemma.plugin.cuda.weights import KV_RESERVE_POSITIONS, QuantExperts, vram_estimate
 from dgemma.plugin.inspect import open_gguf
 from dgemma.plugin.model import DiffusionGemma
+from dgemma.quant.planner import kv_cache_bytes
 
 
 def test_spread_layers_are_evenly_spaced_and_end_with_the_last():
@@ -73,6 +74,52 @@ def test_the_stage_hands_out_each_layers_own_bytes_in_any_order():
         stage.release(layer)
         if n == 11:  # four passes in order: the first copies one layer more than the others
             assert stage.copies == 3 * 4 + 1
+
+
+def test_the_tuner_times_streamed_experts_in_a_slot_which_is_then_filled_again():
+    rng = random.Random(2)
+    host = {i: (_experts(rng, 2, 8, 64, Q.Q8_0), _experts(rng, 2, 16, 32, Q.Q4_0)) for i in (0, 1, 2)}
+    stage = offload.ExpertStage(host, "cpu")
+    stage.acquire(0)
+    stage.release(0)
+    twin = stage.scratch(host[2][1])
+    assert torch.equal(twin.data, host[2][1].data) and twin.data.data_ptr() == stage.buffers[0].data_ptr()
+    assert (twin.qtype, twin.n, twin.k, twin.stage) == (Q.Q4_0, 16, 32, None) and stage.held[0] is None
+    for layer in (0, 1, 2, 0):
+        gate_up, down = stage.acquire(layer)
+        assert torch.equal(gate_up.data, host[layer][0].data) and torch.equal(down.data, host[layer][1].data)
+        stage.release(layer)
+
+
+def test_page_locked_copies_register_whole_pages_of_their_own(monkeypatch):
+    """offload.page_locked through a stand-in for cudart (no GPU here): the registered range starts on a page,
+    covers the tensor in whole pages, and lies inside the copy's own allocation; the bytes are the tensor's;
+    _unregister releases each address, then lets the memory go."""
+    calls = []
+
+    class Cudart:
+        def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:
+            calls.append(("register", ptr, size))
+            return 0
+
+        def cudaHostUnregister(self, ptr: int) -> int:
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
+    for nbytes in (1, 4095, 4096, 100_000):
+        t = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+        out, address, size = offload.page_locked(t.view(1, -1))
+        base = out.untyped_storage().data_ptr()
+        assert torch.equal(out.reshape(-1), t) and out.shape == (1, nbytes) and calls[-1] == ("register", address, size)
+        assert address % offload.PAGE == 0 and size % offload.PAGE == 0 and size >= nbytes
+        assert base <= address and address + size <= base + out.untyped_storage().nbytes()
+    keep = [out]
+    offload._unregister([address], keep)
+    assert calls[-1] == ("unregister", address) and keep == []
+    monkeypatch.setattr(Cudart, "cudaHostRegister", lambda self, ptr, size, flags: 712)
+    with pytest.raises(RuntimeError, match="cudaHostRegister of 4096 bytes failed \\(CUDA error 712\\)"):
+        offload.page_locked(torch.zeros(10, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("model", ["default", "canvas16"])
@@ -145,12 +192,15 @@ def test_auto_streams_as_few_layers_as_the_gpu_needs_and_generates_the_same_toke
     engine = load()
     assert engine.host_layers == [] and engine.graphs and "host RAM" not in engine.describe()
     want = tokens(load(graphs=False))  # (CUDA graphs need a GPU)
-    free["bytes"] = whole - 1  # one byte short: three layers' experts (two slots) make up for it
-    engine = load()
-    assert engine.host_layers == [1, 2, 3] and not engine.graphs
     sizes = offload.expert_bytes(reader, cfg.n_layer)
-    assert engine.host_bytes == sum(sum(sizes[i]) for i in (1, 2, 3)) > 0  # /api/ps: size_vram leaves them out
-    assert "experts of 3 of 4 layers streamed from host RAM" in engine.describe()
+    reserve = kv_cache_bytes(cfg.model_dims(), min(cfg.context_length, KV_RESERVE_POSITIONS))
+    free["bytes"] = whole - 1  # one byte short, and room for the KV cache: all four layers (three are not enough)
+    assert offload.vram_saving(sizes, [1, 2, 3]) < reserve + 1 <= offload.vram_saving(sizes, [0, 1, 2, 3])
+    engine = load()
+    assert engine.host_layers == [0, 1, 2, 3] and not engine.graphs
+    assert engine.host_bytes == sum(map(sum, sizes)) > 0  # /api/ps: size_vram leaves them out, counts the slots
+    assert engine.slot_bytes == 2 * offload.slot_bytes(*sizes[0])
+    assert "experts of 4 of 4 layers streamed from host RAM" in engine.describe()
     assert tokens(engine) == want
     with pytest.raises(GpuMemoryError, match=r"needs about .* GiB of GPU memory for this model before its KV cache "
                                              r"\(weights"):
@@ -177,7 +227,7 @@ def test_host_ram_for_the_streamed_experts_is_checked_before_loading(default_ggu
 
     reader = open_gguf(default_gguf)
     cfg = ModelConfig.from_gguf(reader, default_gguf)
-    need = sum(sum(s) for s in offload.expert_bytes(reader, cfg.n_layer)[1:])
+    need = sum(sum(s) for s in offload.expert_bytes(reader, cfg.n_layer)[1:])  # layers 1-3
     asked = []
     monkeypatch.setattr(offload, "available_ram", lambda swap=True: asked.append(swap) or need - 1)
     msg = offload.host_ram_shortage(reader, cfg, default_gguf, [1, 2, 3])
@@ -193,8 +243,8 @@ def test_host_ram_for_the_streamed_experts_is_checked_before_loading(default_ggu
 
     monkeypatch.setattr(cw, "load_cuda_weights", lambda *a: pytest.fail("loaded"))
     monkeypatch.setattr(offload, "available_ram", lambda swap=True: need - 1)
-    standin_gpu["bytes"] = vram_estimate(reader, cfg).total - 1  # auto streams layers 1-3
-    with pytest.raises(RamShortageError, match="the experts of 3 layers kept in host RAM need"):
+    standin_gpu["bytes"] = vram_estimate(reader, cfg).total - 1  # auto streams all four layers
+    with pytest.raises(RamShortageError, match="the experts of 4 layers kept in host RAM need"):
         Engine.load(default_gguf, "cuda", device="cpu", matmul="scalar")
 
 

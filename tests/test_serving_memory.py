@@ -87,7 +87,7 @@ def test_idle_models_are_unloaded_before_experts_stream_and_held_ones_are_not(gp
     manager, state = gpu
     reader = open_gguf(default_gguf)  # (a, b and c are copies of it)
     cfg = ModelConfig.from_gguf(reader, default_gguf)
-    streamed = offload.host_layers_for(offload.expert_bytes(reader, cfg.n_layer), 1)
+    streamed = offload.spread(cfg.n_layer, cfg.n_layer)  # the fewest that also leave room for the KV cache
     state["capacity"] = state["need"] + vram_estimate(reader, cfg, streamed).total  # one whole, one streamed
 
     async def run() -> None:
@@ -101,6 +101,35 @@ def test_idle_models_are_unloaded_before_experts_stream_and_held_ones_are_not(gp
         a.busy, manager.host_experts = 1, 0
         with pytest.raises(GpuMemoryError, match="needs about"):
             await manager.get("c")
+
+    asyncio.run(run())
+
+
+def test_a_model_larger_than_the_gpu_unloads_idle_ones_then_streams(gpu, default_gguf, monkeypatch):
+    """A model the whole GPU cannot hold, but can with streamed experts: the idle models go first (the
+    loads in between still ask for the GPU alone), then it streams; one that even streaming cannot fit unloads
+    nothing."""
+    import dgemma.plugin.cuda.weights as cw
+
+    manager, state = gpu
+    reader = open_gguf(default_gguf)
+    cfg = ModelConfig.from_gguf(reader, default_gguf)
+    state["capacity"] = state["need"] - 1  # the default model streams all four layers' experts to fit
+    asked = []
+    plan = cw.vram_plan
+    monkeypatch.setattr(cw, "vram_plan", lambda *a: asked.append(a[3]) or plan(*a))
+
+    async def run() -> None:
+        await manager.get("a")
+        assert state["loads"] == ["a streaming 4"] and asked == [0, "auto"]
+        asked.clear()
+        await manager.get("b")  # a is idle: unloaded before b streams (a streams too: it could stay beside)
+        assert list(manager.loaded) == ["b"] and asked == [0, 0, "auto"]
+        state["capacity"], state["used"] = vram_estimate(reader, cfg, [0, 1, 2, 3]).total - 1, 0  # (b's, forgotten)
+        asked.clear()
+        with pytest.raises(GpuMemoryError, match="needs about") as e:
+            await manager.get("c")
+        assert e.value.streaming_hopeless and list(manager.loaded) == ["b"] and asked == [0]
 
     asyncio.run(run())
 

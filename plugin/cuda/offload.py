@@ -17,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import warnings
+import weakref
+
 import torch
 from gguf import GGUFReader
 
@@ -24,10 +27,12 @@ from dgemma.convert import constants as C
 from dgemma.quant.planner import SLOTS, GiB, host_layers_for, slot_bytes, spread, vram_saving  # noqa: F401
 
 from ..config import ModelConfig
-
 from ..model import LayerWeights
 from ..weights import available_ram
 from .weights import QuantExperts
+
+PAGE = 4096  # host pages: each page-locked range covers only whole pages of its own allocation
+
 
 def expert_bytes(reader: GGUFReader, n_layer: int) -> list[tuple[int, int]]:
     """Each layer's routed experts in bytes: (gate_up, down)."""
@@ -47,14 +52,41 @@ def host_ram_shortage(reader: GGUFReader, cfg: ModelConfig, path: str | Path, la
             f"--fit)")
 
 
+def page_locked(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """A copy of the CPU tensor t in page-locked memory, which a copy to the GPU runs from beside the kernels:
+    (the copy, the registered address, its bytes), to be unregistered (cudaHostUnregister) before the memory
+    goes. Registered with cudaHostRegister over whole pages of its own allocation, not by pin_memory(), whose
+    caching allocator rounds every block up to a power of two (a 285 MB tensor would lock 512 MiB) and keeps
+    it after it is freed."""
+    buf = torch.empty(t.nbytes + 2 * PAGE, dtype=torch.uint8)
+    start = -buf.data_ptr() % PAGE
+    size = -(-t.nbytes // PAGE) * PAGE
+    out = buf[start : start + t.nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    err = int(torch.cuda.cudart().cudaHostRegister(out.data_ptr(), size, 0))
+    if err:
+        raise RuntimeError(f"cudaHostRegister of {size} bytes failed (CUDA error {err})")
+    return out, out.data_ptr(), size
+
+
+def _unregister(addresses: list[int], keep: list[torch.Tensor]) -> None:
+    """ExpertStage's finalizer: `keep` holds the registered memory until it is unregistered here."""
+    for address in addresses:
+        torch.cuda.cudart().cudaHostUnregister(address)
+    keep.clear()
+
+
 class ExpertStage:
     """The VRAM slots streamed layers' experts are copied into. acquire(layer) returns its gate_up and down
     experts on the GPU (copied in already, or now), having started the copy of the next streamed layer into the
     other slot; release(layer) marks its slot free once the work queued so far (the layer's) has run. On a GPU
-    the copies run on their own stream, ordered by events; on the CPU (tests) they are plain copies."""
+    the copies run on their own stream, ordered by events, from the experts' bytes moved to page-locked memory
+    here (unregistered when the stage goes); on the CPU (tests) they are plain copies."""
 
     def __init__(self, host: dict[int, tuple[QuantExperts, QuantExperts]], device: torch.device | str) -> None:
         self.host, self.order, self.device = host, sorted(host), torch.device(device)
+        if self.device.type == "cuda":
+            self._lock_pages()
         nbytes = max(slot_bytes(g.data.nbytes, d.data.nbytes) for g, d in host.values())
         self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(min(SLOTS, len(host)))]
         self.held: list[int | None] = [None] * len(self.buffers)  # the layer each slot holds (or is being filled with)
@@ -76,6 +108,33 @@ class ExpertStage:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
         self.last = slot
         return self._views(layer, slot)
+
+    def _lock_pages(self) -> None:
+        addresses: list[int] = []
+        keep: list[torch.Tensor] = []
+        weakref.finalize(self, _unregister, addresses, keep)
+        try:
+            for pair in self.host.values():
+                for experts in pair:
+                    experts.data, address, _ = page_locked(experts.data)
+                    addresses.append(address)
+                    keep.append(experts.data)
+        except (RuntimeError, AttributeError) as e:  # (AttributeError: a torch without cudart's cudaHostRegister)
+            warnings.warn(f"streamed experts stay in pageable memory, which makes each copy slower ({e})",
+                          RuntimeWarning, stacklevel=3)
+
+    def scratch(self, experts: QuantExperts) -> QuantExperts:
+        """One streamed weight copied into the first slot, which then holds no layer: for the tuner to time its
+        kernels on, at load (nothing else in flight)."""
+        if self.stream is not None:
+            self.stream.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+        data = self.buffers[0][: experts.data.nbytes]
+        data.copy_(experts.data.reshape(-1))
+        self.held[0], self.ready[0], self.free[0] = None, None, None
+        twin = QuantExperts(data.view(experts.data.shape), experts.qtype, experts.n, experts.k, experts.k_in)
+        twin.bounded_input = experts.bounded_input
+        return twin
 
     def release(self, layer: int) -> None:
         slot = self._slot(layer)
@@ -130,24 +189,20 @@ class HostExperts(QuantExperts):
     def grouped(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
                 down: QuantExperts) -> torch.Tensor:
         gate_up, down = self.stage.acquire(self.layer)
-        out = gate_up.grouped(x, rows, weights, counts, down)  # [N, D]
-        self.stage.release(self.layer)
-        return out
+        try:
+            return gate_up.grouped(x, rows, weights, counts, down)  # [N, D]
+        finally:  # (also after an error: the kernels it queued may still read the slot)
+            self.stage.release(self.layer)
 
 
 def stream_experts(layers: list[LayerWeights], host_layers: Sequence[int], device: torch.device | str) -> ExpertStage | None:
     """Make the experts of `host_layers` (their data already in host RAM) streamed ones: HostExperts in their
-    layers' gate_up_exps, one ExpertStage for all. None where there are none."""
+    layers' gate_up_exps, one ExpertStage for all (each weight's `stage`). None where there are none."""
     if not host_layers:
         return None
     stage = ExpertStage({i: (layers[i].gate_up_exps, layers[i].down_exps) for i in host_layers}, device)
     for i in host_layers:
         layers[i].gate_up_exps = HostExperts(layers[i].gate_up_exps, i, stage)
+        layers[i].down_exps.stage = stage
         stage.host[i] = (layers[i].gate_up_exps, layers[i].down_exps)  # the objects tune.choose sets kernels on
     return stage
-
-
-def pinned(t: torch.Tensor) -> torch.Tensor:
-    """t in host RAM, page-locked where there is a GPU (what a copy to it can run beside the kernels from)."""
-    t = t.cpu()
-    return t.pin_memory() if torch.cuda.is_available() else t

@@ -78,9 +78,8 @@ def _call(obj: QuantLinear | QuantExperts, matmul: str, rows: int, top_k: int,
     of gate_up differ only in where X is read from), gate_up with its GELU gate and the down projection
     with its scatter to the tokens, as the engine runs them."""
     g = torch.Generator(device=device).manual_seed(0)
-    if isinstance(obj, QuantExperts) and obj.data.device.type != torch.device(device).type:
-        twin = QuantExperts(obj.data.to(device), obj.qtype, obj.n, obj.k, obj.k_in)  # streamed experts (offload.py):
-        twin.bounded_input, obj = obj.bounded_input, twin  # timed on a copy in VRAM, as they run from their slot
+    if isinstance(obj, QuantExperts) and obj.stage is not None:  # streamed experts (offload.py): timed in a slot
+        obj = obj.stage.scratch(obj)
     obj.matmul = matmul  # choose() sets every weight's final choice afterwards
     if isinstance(obj, QuantLinear):
         x = torch.randn(rows, obj.k_in, generator=g, device=device)

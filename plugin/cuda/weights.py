@@ -12,7 +12,7 @@ import torch
 from gguf import GGUFReader, GGMLQuantizationType
 
 from dgemma.convert import constants as C
-from dgemma.quant.planner import GiB, Breakdown, runtime_breakdown
+from dgemma.quant.planner import GiB, Breakdown, kv_cache_bytes, runtime_breakdown
 
 from ..config import ModelConfig
 from ..inspect import InspectError, field_value
@@ -22,6 +22,8 @@ from . import head_ops, ops
 
 
 DOWN_PROJECTIONS = (C.FFN_DOWN, C.FFN_DOWN_EXPS, C.SELF_COND_DOWN)  # tensor base names
+# the load check counts no KV cache, but a model streaming its experts leaves room for this many positions' (f16)
+KV_RESERVE_POSITIONS = 8192
 
 
 class QuantLinear:
@@ -100,6 +102,7 @@ class QuantExperts:
         self.data, self.qtype, self.n, self.k, self.k_in = data, qtype, n, k, k_in or k
         self.matmul = "scalar"
         self.bounded_input = True  # False: its input is not normalised (gelu(gate) * up), f16 could overflow
+        self.stage = None  # streamed experts (in host RAM): the ExpertStage copying them to the GPU, cuda/offload.py
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -184,17 +187,21 @@ def free_vram(device: str = "cuda") -> tuple[int, int]:
 
 
 def vram_plan(reader: GGUFReader, cfg: ModelConfig, path: str | Path, host_experts: int | str = "auto",
-              device: str = "cuda") -> tuple[list[int], tuple[str, int, int] | None]:
+              device: str = "cuda") -> tuple[list[int], tuple[str, int, int, int] | None]:
     """Which layers' experts stay in host RAM, streamed to the GPU (host_experts: "auto", as few as the GPU's free
     memory needs, or a number of layers, 0 for none), and None where the GPU's free memory then holds the
     estimate, else (the one-line error saying so, instead of CUDA's out-of-memory error halfway through the
-    load, and which --fit plan would fit the card; bytes needed; the GPU's bytes in all)."""
+    load, and which --fit plan would fit the card; bytes needed; the GPU's bytes in all; bytes needed with every
+    layer's experts streamed)."""
     from . import offload
 
     sizes = offload.expert_bytes(reader, cfg.n_layer)
     free, total = free_vram(device)
     if host_experts == "auto":
-        layers = offload.host_layers_for(sizes, vram_estimate(reader, cfg).total - free)
+        shortfall = vram_estimate(reader, cfg).total - free
+        if shortfall > 0:  # streaming: as many layers more as leave room for the KV cache of 8K positions
+            shortfall += kv_cache_bytes(cfg.model_dims(), min(cfg.context_length, KV_RESERVE_POSITIONS))
+        layers = offload.host_layers_for(sizes, shortfall)
         if layers is None:  # not even with every layer's: say what that would still need
             layers = offload.spread(cfg.n_layer, cfg.n_layer)
     else:
@@ -207,7 +214,7 @@ def vram_plan(reader: GGUFReader, cfg: ModelConfig, path: str | Path, host_exper
                     f"before its KV cache{streamed} (weights {need.weights / GiB:.2f} GiB), but "
                     f"{torch.cuda.get_device_name(device)} has {free / GiB:.2f} GiB free of {total / GiB:.2f}: convert "
                     f"the model for this GPU (dgemma convert ... --fit {max(1, int(total / GiB))}GB) or free GPU memory",
-                    need.total, total)
+                    need.total, total, vram_estimate(reader, cfg, offload.spread(cfg.n_layer, cfg.n_layer)).total)
 
 
 def load_cuda_weights(reader: GGUFReader, cfg: ModelConfig, path: str | Path = "", device: str = "cuda",
@@ -239,7 +246,7 @@ def cuda_weights(src: TensorSource, cfg: ModelConfig, padded: bool = False, path
         if not need(name, optional):
             return None
         shape, qtype = src.shape(name), src.qtype(name)
-        raw = offload.pinned(src.raw(name, "cpu")) if name in hosted else src.raw(name, device)
+        raw = src.raw(name, "cpu" if name in hosted else device)  # (the stage page-locks the hosted ones)
         if len(shape) == 3:
             k_in = cfg.n_ff_exp if name.endswith(f"{C.FFN_DOWN_EXPS}.weight") and padded else None
             obj = QuantExperts(raw.view(shape[0], shape[1], -1), qtype, shape[1], shape[2], k_in)

@@ -141,8 +141,9 @@ async def ps(request: Request) -> dict[str, Any]:
         left = m.expires_at - time.monotonic()
         expires = P.FOREVER if left == float("inf") else P.rfc3339(datetime.now(timezone.utc) + timedelta(seconds=max(0.0, left)))
         entry = P.tag_entry(m.entry, m.info)
-        # all of it on the GPU but streamed experts (kept in host RAM), or none of it
-        vram = max(0, entry.get("size", 0) - m.engine.host_bytes) if m.engine.device.type == "cuda" else 0
+        # all of it on the GPU but streamed experts (kept in host RAM, plus the slots they are copied into), or none
+        engine = m.engine
+        vram = max(0, entry.get("size", 0) - engine.host_bytes + engine.slot_bytes) if engine.device.type == "cuda" else 0
         out.append({**entry, "expires_at": expires, "size_vram": vram, "context_length": m.engine.cfg.context_length})
     return {"models": out}
 

@@ -118,12 +118,14 @@ class ModelManager:
                     # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
                     idle = [(m.expires_at, name) for name, m in self.loaded.items()
                             if m.engine.device.type == e.device_type and not self.in_use(m)]
-                    if e.hopeless or not idle:  # no unloading makes room, or none is left to unload
-                        if not (isinstance(e, GpuMemoryError) and host == 0 and self.host_experts == "auto"):
-                            raise
-                        host, name = "auto", None  # streamed experts, beside the models requests hold
-                    else:
+                    streams_next = (isinstance(e, GpuMemoryError) and host == 0 and self.host_experts == "auto"
+                                    and not e.streaming_hopeless)
+                    if idle and (streams_next or not e.hopeless):  # what unloading frees: room, or fewer layers streamed
                         name = min(idle)[1]
+                    elif streams_next:
+                        host, name = "auto", None  # streamed experts, beside the models requests hold
+                    else:  # no unloading makes room, or none is left to unload
+                        raise
                 if name is not None:
                     self.unload(name)  # out of the except block: the error no longer holds the failed load's frames
                     gc.collect()  # its tensors go back to PyTorch's allocator, which the next check counts as free
