@@ -265,14 +265,16 @@ def main() -> None:
         w = None
         torch.cuda.empty_cache()
     if args.stream_for:
-        streamed(args.stream_for, args, cfg, rows, plan, dev, tune_cache, base or results[0])
+        # against the torch backend (or the first cuda line) and the same plan with every expert in VRAM
+        streamed(args.stream_for, args, cfg, rows, plan, dev, tune_cache, [b for b in (base, results[-1]) if b])
 
 
 def streamed(budget: str, args: argparse.Namespace, cfg: ModelConfig, rows: list, plan: str, dev: torch.device,
-             tune_cache: Path, base: dict, prompts: tuple[int, ...] = (512, 4096)) -> dict | None:
-    """The plan with the experts of the fewest layers in pinned host RAM that bring the --fit estimate at 8K
+             tune_cache: Path, bases: list[dict], prompts: tuple[int, ...] = (512, 4096)) -> dict | None:
+    """The plan with the experts of the fewest layers in page-locked host RAM that bring the --fit estimate at 8K
     (with the CUDA context) within `budget`, copied to the GPU as each pass reaches them: what a card of that
-    size runs. Its step and prefill against `base`, its peak VRAM against the budget."""
+    size runs. Its step and prefill against `bases` (the same plan whole among them: what streaming costs), its
+    peak VRAM against the budget."""
     from dgemma.plugin.cuda import offload
     from dgemma.plugin.cuda.tune import choose
     from dgemma.plugin.cuda.weights import cuda_weights
@@ -289,14 +291,14 @@ def streamed(budget: str, args: argparse.Namespace, cfg: ModelConfig, rows: list
         return None
     host = sum(sum(layers_bytes[i]) for i in layers)
     print(f"plan {plan} on a {budget} GPU: experts of {len(layers)} of {cfg.n_layer} layers in host RAM "
-          f"({host / 2**30:.2f} GiB pinned, copied each pass); the estimate at 8K "
+          f"({host / 2**30:.2f} GiB page-locked, copied each pass); the estimate at 8K "
           f"{(need - offload.vram_saving(layers_bytes, layers)) / 2**30:.2f} GiB with the CUDA context", flush=True)
     w = cuda_weights(SyntheticTensors(rows), cfg, device=str(dev), host_layers=layers)
     matmul = args.matmuls.split(",")[0]
     choose(w, matmul, rows=cfg.canvas_length, device=dev, cache=tune_cache, top_k=cfg.n_expert_used)
     name = f"cuda {plan} {matmul} streaming {len(layers)}"
     r = measure(name, cfg, w, dev, args.steps, fused=True, graphs=False, label=name, prompts=prompts)
-    print(report(r, [base]) + f" | PCIe: {host / r['step_ms'] / 1e6:.1f} GB/s of experts per step", flush=True)
+    print(report(r, bases) + f" | PCIe: {host / r['step_ms'] / 1e6:.1f} GB/s of experts per step", flush=True)
     return r
 
 

@@ -105,12 +105,14 @@ def test_model_gpu_streams_the_experts_a_smaller_gpu_needs(checkpoint_factory, k
     args = argparse.Namespace(matmuls="scalar", steps=1)
     dev = torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # what the tuner asks
-    base = {"label": "torch", "step_ms": 1e9, "prefill_5_ms": 1e9, "prefill_9_ms": 1e9}
-    r = model_gpu.streamed(f"{need - 1}", args, cfg, rows, "Q8_0", dev, tmp_path / "m.json", base, prompts=(5, 9))
+    bases = [{"label": "torch", "step_ms": 1e9, "prefill_5_ms": 1e9, "prefill_9_ms": 1e9},
+             {"label": "cuda Q8_0 scalar", "step_ms": 1e-3, "prefill_5_ms": 1e-3, "prefill_9_ms": 1e-3}]
+    r = model_gpu.streamed(f"{need - 1}", args, cfg, rows, "Q8_0", dev, tmp_path / "m.json", bases, prompts=(5, 9))
     out = capsys.readouterr().out
     assert r is not None and r["step_ms"] > 0 and f"experts of 3 of {cfg.n_layer} layers in host RAM" in out
     assert "cuda Q8_0 scalar streaming 3" in out and "GB/s of experts per step" in out
-    assert model_gpu.streamed(f"{need}", args, cfg, rows, "Q8_0", dev, tmp_path / "m.json", base) is None
+    assert "x faster than torch" in out and "x faster than cuda Q8_0 scalar" in out  # (a fraction: slower)
+    assert model_gpu.streamed(f"{need}", args, cfg, rows, "Q8_0", dev, tmp_path / "m.json", bases) is None
     assert "is not needed for" in capsys.readouterr().out
     assert offload.SLOTS == 2  # (three layers: the fewest that free anything)
 
