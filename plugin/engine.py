@@ -259,7 +259,8 @@ class Engine:
                 if isinstance(host_experts, int) and host_experts > cfg.n_layer:
                     raise EngineError(f"host_experts={host_experts}: {path} has {cfg.n_layer} layers")
                 # say so before loading, not CUDA halfway
-                host_layers, shortage = vram_plan(reader, cfg, path, host_experts, device)
+                host_layers, shortage = vram_plan(reader, cfg, path, host_experts, device,
+                                                  KV_DTYPES[kv_cache].itemsize)
                 if shortage:
                     raise GpuMemoryError(*shortage)
                 shortage = host_ram_shortage(reader, cfg, path, host_layers)

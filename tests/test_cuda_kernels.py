@@ -539,9 +539,10 @@ def test_graphed_decoder_equals_the_eager_pass(ops, dev, request, model):
 
 
 def test_expert_stage_copies_on_its_stream_and_never_under_a_reader(ops, dev):
-    """plugin/cuda/offload.py on a GPU: pinned host experts copied on the stage's stream, ordered by events.
-    Each acquired slot is read on the compute stream (a sum of its bytes, queued, not waited for) while the next
-    layer's copy runs; in the model's order and then in any order, every sum is its own layer's."""
+    """plugin/cuda/offload.py on a GPU: host experts page-locked by the stage and copied on its stream, ordered
+    by events. Each acquired slot is read on the compute stream (a sum of its bytes, queued, not waited for):
+    in the first half behind a sleep on the compute stream, in the second with each copy behind one on the copy
+    stream. In the model's order and then in any order, every sum is its own layer's."""
     needs_gpu(dev)
     import random
 
@@ -561,11 +562,18 @@ def test_expert_stage_copies_on_its_stream_and_never_under_a_reader(ops, dev):
     assert all(e.data.is_pinned() for pair in host.values() for e in pair)
     order = [0, 3, 4, 8] * 3 + [rng.choice([0, 3, 4, 8]) for _ in range(30)]
     sums = []
-    for layer in order:
-        gate_up, down = stage.acquire(layer)
-        torch.cuda._sleep(20_000_000)  # ~10 ms: the compute stream lags; a copy not waiting for it would overwrite
+    half = len(order) // 2
+    for i, layer in enumerate(order):
+        if i >= half:  # the copy stream lags (~10 ms): a read not waiting for its copy would see earlier bytes
+            with torch.cuda.stream(stage.stream):
+                torch.cuda._sleep(20_000_000)
+        gate_up, down = stage.acquire(layer, *host[layer])
+        if i < half:  # the compute stream lags: a copy not waiting for the slot's last read would overwrite it
+            torch.cuda._sleep(20_000_000)
         sums.append(gate_up.data.sum(dtype=torch.int64) + down.data.sum(dtype=torch.int64))  # [] on the GPU
         stage.release(layer)
+        if i + 1 == half:
+            torch.cuda.synchronize()
     assert [int(x) for x in sums] == [want[layer] for layer in order]
 
 
@@ -579,7 +587,7 @@ def _generate(engine, model: str) -> tuple[list[list[int]], list[int]]:
 
 @pytest.mark.parametrize("model", ["default", "canvas16"])
 def test_streamed_experts_give_the_whole_models_logits_and_tokens(ops, dev, request, model):
-    """Every layer's experts in pinned host RAM (host_experts = n_layer: the most copies), copied to the GPU as
+    """Every layer's experts in page-locked host RAM (host_experts = n_layer: the most copies), copied to the GPU as
     each pass reaches them: the logits of the model loaded whole (up to the experts' float atomics) and the same
     tokens."""
     needs_gpu(dev)
@@ -606,11 +614,14 @@ def test_streamed_experts_give_the_whole_models_logits_and_tokens(ops, dev, requ
     assert outs[0] == outs[1] and lw.gate_up_exps.stage.copies > n
     from dgemma.plugin.cuda import tune
 
-    timed = []
-    plan = tune.choose(streamed.model.w, "auto", rows=whole.cfg.canvas_length, device=dev, cache=False,
-                       timer=lambda fn: timed.append(fn) or tune.cuda_timer(fn))
-    assert lw.gate_up_exps.matmul == plan[tune.shape_class(lw.gate_up_exps)] and timed  # timed in a slot
-    assert outs[1] == _generate(streamed, model)  # the slot the tuner used is copied into again
+    stage, scratched = lw.gate_up_exps.stage, []
+    scratch = stage.scratch
+    stage.scratch = lambda experts: scratched.append(scratch(experts)) or scratched[-1]
+    plan = tune.choose(streamed.model.w, "auto", rows=whole.cfg.canvas_length, device=dev, cache=False)
+    assert lw.gate_up_exps.matmul == plan[tune.shape_class(lw.gate_up_exps)] and scratched  # timed in slot 0:
+    assert all(t.data.data_ptr() == stage.buffers[0].data_ptr() for t in scratched)  # not from host memory (UVA)
+    tune.choose(streamed.model.w, "scalar", device=dev)  # the kernels compared above
+    assert outs[1] == _generate(streamed, model)  # slot 0, which the tuner used, is copied into again
 
 
 @pytest.mark.parametrize("hd,KV,L,P,masked,dtype", [

@@ -66,7 +66,7 @@ def test_the_stage_hands_out_each_layers_own_bytes_in_any_order():
         offload.slot_bytes(g.data.nbytes, d.data.nbytes) for g, d in host.values())
     order = [2, 5, 7] * 4 + [rng.choice([2, 5, 7]) for _ in range(40)]
     for n, layer in enumerate(order):
-        gate_up, down = stage.acquire(layer)
+        gate_up, down = stage.acquire(layer, *host[layer])
         assert torch.equal(gate_up.data, host[layer][0].data) and torch.equal(down.data, host[layer][1].data)
         assert (gate_up.qtype, gate_up.matmul, down.matmul) == (host[layer][0].qtype, f"kind{layer}", "int8")
         base = stage.buffers[stage.last].data_ptr()  # (CUDA allocations start at multiples of 256)
@@ -80,46 +80,63 @@ def test_the_tuner_times_streamed_experts_in_a_slot_which_is_then_filled_again()
     rng = random.Random(2)
     host = {i: (_experts(rng, 2, 8, 64, Q.Q8_0), _experts(rng, 2, 16, 32, Q.Q4_0)) for i in (0, 1, 2)}
     stage = offload.ExpertStage(host, "cpu")
-    stage.acquire(0)
+    stage.acquire(0, *host[0])
     stage.release(0)
     twin = stage.scratch(host[2][1])
     assert torch.equal(twin.data, host[2][1].data) and twin.data.data_ptr() == stage.buffers[0].data_ptr()
     assert (twin.qtype, twin.n, twin.k, twin.stage) == (Q.Q4_0, 16, 32, None) and stage.held[0] is None
     for layer in (0, 1, 2, 0):
-        gate_up, down = stage.acquire(layer)
+        gate_up, down = stage.acquire(layer, *host[layer])
         assert torch.equal(gate_up.data, host[layer][0].data) and torch.equal(down.data, host[layer][1].data)
         stage.release(layer)
 
 
 def test_page_locked_copies_register_whole_pages_of_their_own(monkeypatch):
-    """offload.page_locked through a stand-in for cudart (no GPU here): the registered range starts on a page,
-    covers the tensor in whole pages, and lies inside the copy's own allocation; the bytes are the tensor's;
-    _unregister releases each address, then lets the memory go."""
+    """offload.page_locked with the CUDA runtime's register and unregister stood in for (no GPU here): the
+    registered range starts on a page, covers the tensor in whole pages, and lies inside the copy's own
+    allocation; the bytes are the tensor's; _release unregisters each address, then lets the memory go."""
     calls = []
-
-    class Cudart:
-        def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:
-            calls.append(("register", ptr, size))
-            return 0
-
-        def cudaHostUnregister(self, ptr: int) -> int:
-            calls.append(("unregister", ptr))
-            return 0
-
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
-    for nbytes in (1, 4095, 4096, 100_000):
+    monkeypatch.setattr(offload, "_host_register", lambda address, size: calls.append(("register", address, size)))
+    monkeypatch.setattr(offload, "_host_unregister", lambda address: calls.append(("unregister", address)))
+    for nbytes in (1, offload.PAGE - 1, offload.PAGE, 100_000):
         t = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
-        out, address, size = offload.page_locked(t.view(1, -1))
-        base = out.untyped_storage().data_ptr()
-        assert torch.equal(out.reshape(-1), t) and out.shape == (1, nbytes) and calls[-1] == ("register", address, size)
-        assert address % offload.PAGE == 0 and size % offload.PAGE == 0 and size >= nbytes
+        out, address = offload.page_locked(t.view(1, -1))
+        base, (_, registered, size) = out.untyped_storage().data_ptr(), calls[-1]
+        assert torch.equal(out.reshape(-1), t) and out.shape == (1, nbytes) and registered == address
+        assert address % offload.PAGE == 0 and size % offload.PAGE == 0 and nbytes <= size < nbytes + offload.PAGE
         assert base <= address and address + size <= base + out.untyped_storage().nbytes()
     keep = [out]
-    offload._unregister([address], keep)
+    offload._release(None, [address], keep)
     assert calls[-1] == ("unregister", address) and keep == []
-    monkeypatch.setattr(Cudart, "cudaHostRegister", lambda self, ptr, size, flags: 712)
-    with pytest.raises(RuntimeError, match="cudaHostRegister of 4096 bytes failed \\(CUDA error 712\\)"):
+
+    def refuse(address: int, size: int) -> None:
+        raise offload.PageLockError(f"cudaHostRegister of {size} bytes failed (712)")
+
+    monkeypatch.setattr(offload, "_host_register", refuse)
+    with pytest.raises(offload.PageLockError, match=f"cudaHostRegister of {offload.PAGE} bytes failed"):
         offload.page_locked(torch.zeros(10, dtype=torch.uint8))
+
+
+def test_the_stage_holds_no_weight_object():
+    """The weight objects hold the stage (HostExperts.stage, the down experts' stage), not the other way round:
+    dropping a model's weights frees its host and slot memory at once, without waiting for the cycle collector
+    (which is when the page-locked memory is unregistered)."""
+    import gc
+    import weakref
+
+    rng = random.Random(3)
+    layers = [type("L", (), {})() for _ in range(4)]
+    for lw in layers:
+        lw.gate_up_exps, lw.down_exps = _experts(rng, 2, 8, 64, Q.Q8_0), _experts(rng, 2, 16, 32, Q.Q8_0)
+    stage = offload.stream_experts(layers, [1, 2, 3], "cpu")
+    assert isinstance(layers[1].gate_up_exps, HostExperts) and layers[3].down_exps.stage is stage
+    alive = weakref.ref(stage)
+    gc.disable()
+    try:
+        del stage, layers, lw
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("model", ["default", "canvas16"])

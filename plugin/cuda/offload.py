@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import mmap
 import warnings
 import weakref
 
@@ -31,7 +32,7 @@ from ..model import LayerWeights
 from ..weights import available_ram
 from .weights import QuantExperts
 
-PAGE = 4096  # host pages: each page-locked range covers only whole pages of its own allocation
+PAGE = mmap.PAGESIZE  # host pages: each page-locked range covers only whole pages of its own allocation
 
 
 def expert_bytes(reader: GGUFReader, n_layer: int) -> list[tuple[int, int]]:
@@ -52,51 +53,94 @@ def host_ram_shortage(reader: GGUFReader, cfg: ModelConfig, path: str | Path, la
             f"--fit)")
 
 
-def page_locked(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+class PageLockError(RuntimeError):
+    """cudaHostRegister refused a range (the experts then stay in pageable memory)."""
+
+
+def _host_register(address: int, size: int) -> None:
+    import cupy  # (its runtime calls clear CUDA's last error when they raise, unlike torch's cudart binding)
+
+    try:
+        cupy.cuda.runtime.hostRegister(address, size, 1)  # cudaHostRegisterPortable: every context sees it
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        raise PageLockError(f"cudaHostRegister of {size} bytes failed ({e})") from None
+
+
+def _host_unregister(address: int) -> None:
+    import cupy
+
+    try:
+        cupy.cuda.runtime.hostUnregister(address)
+    except cupy.cuda.runtime.CUDARuntimeError:  # (at exit, CUDA may be gone already: nothing left to undo)
+        pass
+
+
+def page_locked(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """A copy of the CPU tensor t in page-locked memory, which a copy to the GPU runs from beside the kernels:
-    (the copy, the registered address, its bytes), to be unregistered (cudaHostUnregister) before the memory
-    goes. Registered with cudaHostRegister over whole pages of its own allocation, not by pin_memory(), whose
-    caching allocator rounds every block up to a power of two (a 285 MB tensor would lock 512 MiB) and keeps
-    it after it is freed."""
+    (the copy, its registered address), to be unregistered (_host_unregister) before the memory goes; a
+    PageLockError where that is refused. Registered over whole pages of its own allocation with
+    cudaHostRegister, not by pin_memory(), whose caching allocator rounds every block up to a power of two (a
+    285 MB tensor would lock 512 MiB) and keeps it after it is freed."""
     buf = torch.empty(t.nbytes + 2 * PAGE, dtype=torch.uint8)
     start = -buf.data_ptr() % PAGE
-    size = -(-t.nbytes // PAGE) * PAGE
     out = buf[start : start + t.nbytes].view(t.dtype).view(t.shape)
     out.copy_(t)
-    err = int(torch.cuda.cudart().cudaHostRegister(out.data_ptr(), size, 0))
-    if err:
-        raise RuntimeError(f"cudaHostRegister of {size} bytes failed (CUDA error {err})")
-    return out, out.data_ptr(), size
+    _host_register(out.data_ptr(), -(-t.nbytes // PAGE) * PAGE)
+    return out, out.data_ptr()
 
 
-def _unregister(addresses: list[int], keep: list[torch.Tensor]) -> None:
-    """ExpertStage's finalizer: `keep` holds the registered memory until it is unregistered here."""
+def _release(stream: torch.cuda.Stream | None, addresses: list[int], keep: list[torch.Tensor]) -> None:
+    """ExpertStage's finalizer: the copies still running from host memory finish, then each range is
+    unregistered; `keep` holds the memory until then."""
+    if stream is not None:
+        stream.synchronize()
     for address in addresses:
-        torch.cuda.cudart().cudaHostUnregister(address)
+        _host_unregister(address)
     keep.clear()
 
 
 class ExpertStage:
-    """The VRAM slots streamed layers' experts are copied into. acquire(layer) returns its gate_up and down
-    experts on the GPU (copied in already, or now), having started the copy of the next streamed layer into the
-    other slot; release(layer) marks its slot free once the work queued so far (the layer's) has run. On a GPU
-    the copies run on their own stream, ordered by events, from the experts' bytes moved to page-locked memory
-    here (unregistered when the stage goes); on the CPU (tests) they are plain copies."""
+    """The VRAM slots streamed layers' experts are copied into. acquire(layer, gate_up, down) returns the
+    layer's experts on the GPU (copied in already, or now) as QuantExperts with the kernel choices of the two
+    given, having started the copy of the next streamed layer into the other slot; release(layer) marks its
+    slot free once the work queued so far (the layer's) has run. On a GPU the copies run on their own stream,
+    ordered by events, from the experts' bytes moved to page-locked memory here (their QuantExperts' data
+    replaced; unregistered when the stage goes, after its copies); on the CPU (tests) they are plain copies.
+    The stage holds the bytes only, not the weight objects, which hold it: no reference cycle keeps page-locked
+    RAM and VRAM after an engine is dropped."""
 
     def __init__(self, host: dict[int, tuple[QuantExperts, QuantExperts]], device: torch.device | str) -> None:
-        self.host, self.order, self.device = host, sorted(host), torch.device(device)
-        if self.device.type == "cuda":
-            self._lock_pages()
-        nbytes = max(slot_bytes(g.data.nbytes, d.data.nbytes) for g, d in host.values())
+        self.order, self.device = sorted(host), torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.stream is not None:
+            self._lock_pages([e for pair in host.values() for e in pair])
+        self.host = {layer: (gate_up.data, down.data) for layer, (gate_up, down) in host.items()}  # [E, N, bytes]
+        nbytes = max(slot_bytes(g.nbytes, d.nbytes) for g, d in self.host.values())
         self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(min(SLOTS, len(host)))]
+        if self.stream is not None:
+            for buf in self.buffers:  # freed, a slot waits for the copies queued on the stage's stream
+                buf.record_stream(self.stream)
         self.held: list[int | None] = [None] * len(self.buffers)  # the layer each slot holds (or is being filled with)
         self.ready: list[torch.cuda.Event | None] = [None] * len(self.buffers)  # its copy done
         self.free: list[torch.cuda.Event | None] = [None] * len(self.buffers)  # the last work reading it done
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.last = 0  # the slot of the last acquire
         self.copies = 0  # layers copied in so far
 
-    def acquire(self, layer: int) -> tuple[QuantExperts, QuantExperts]:
+    def _lock_pages(self, weights: list[QuantExperts]) -> None:
+        addresses: list[int] = []
+        keep: list[torch.Tensor] = []
+        weakref.finalize(self, _release, self.stream, addresses, keep)
+        try:
+            with torch.cuda.device(self.device):  # (the runtime calls go to this GPU's context)
+                for experts in weights:
+                    experts.data, address = page_locked(experts.data)
+                    addresses.append(address)
+                    keep.append(experts.data)
+        except PageLockError as e:
+            warnings.warn(f"streamed experts stay in pageable memory, which makes each copy slower ({e})",
+                          RuntimeWarning, stacklevel=3)
+
+    def acquire(self, layer: int, gate_up: QuantExperts, down: QuantExperts) -> tuple[QuantExperts, QuantExperts]:
         slot = self._slot(layer)
         if slot is None:  # not prefetched (the first pass, or an earlier pass ended early)
             slot = (self.last + 1) % len(self.buffers)
@@ -107,34 +151,7 @@ class ExpertStage:
         if self.ready[slot] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
         self.last = slot
-        return self._views(layer, slot)
-
-    def _lock_pages(self) -> None:
-        addresses: list[int] = []
-        keep: list[torch.Tensor] = []
-        weakref.finalize(self, _unregister, addresses, keep)
-        try:
-            for pair in self.host.values():
-                for experts in pair:
-                    experts.data, address, _ = page_locked(experts.data)
-                    addresses.append(address)
-                    keep.append(experts.data)
-        except (RuntimeError, AttributeError) as e:  # (AttributeError: a torch without cudart's cudaHostRegister)
-            warnings.warn(f"streamed experts stay in pageable memory, which makes each copy slower ({e})",
-                          RuntimeWarning, stacklevel=3)
-
-    def scratch(self, experts: QuantExperts) -> QuantExperts:
-        """One streamed weight copied into the first slot, which then holds no layer: for the tuner to time its
-        kernels on, at load (nothing else in flight)."""
-        if self.stream is not None:
-            self.stream.synchronize()
-            torch.cuda.current_stream(self.device).synchronize()
-        data = self.buffers[0][: experts.data.nbytes]
-        data.copy_(experts.data.reshape(-1))
-        self.held[0], self.ready[0], self.free[0] = None, None, None
-        twin = QuantExperts(data.view(experts.data.shape), experts.qtype, experts.n, experts.k, experts.k_in)
-        twin.bounded_input = experts.bounded_input
-        return twin
+        return self._view(slot, 0, gate_up), self._view(slot, slot_bytes(gate_up.data.nbytes, 0), down)
 
     def release(self, layer: int) -> None:
         slot = self._slot(layer)
@@ -143,38 +160,43 @@ class ExpertStage:
             event.record(torch.cuda.current_stream(self.device))
             self.free[slot] = event
 
+    def scratch(self, experts: QuantExperts) -> QuantExperts:
+        """One streamed weight copied into the first slot, which then holds no layer: for the tuner to time its
+        kernels on, at load (nothing else in flight)."""
+        if self.stream is not None:
+            self.stream.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+        self.buffers[0][: experts.data.nbytes].copy_(experts.data.reshape(-1))
+        self.held[0], self.ready[0], self.free[0] = None, None, None
+        return self._view(0, 0, experts)
+
     def _slot(self, layer: int) -> int | None:
         return self.held.index(layer) if layer in self.held else None
 
     def _copy(self, layer: int, slot: int) -> None:
         gate_up, down = self.host[layer]
-        start = slot_bytes(gate_up.data.nbytes, 0)
+        start = slot_bytes(gate_up.nbytes, 0)
         buf = self.buffers[slot]
         if self.stream is None:
-            buf[: gate_up.data.nbytes].copy_(gate_up.data.reshape(-1))
-            buf[start : start + down.data.nbytes].copy_(down.data.reshape(-1))
+            buf[: gate_up.nbytes].copy_(gate_up.reshape(-1))
+            buf[start : start + down.nbytes].copy_(down.reshape(-1))
         else:
             with torch.cuda.stream(self.stream):
                 if self.free[slot] is not None:
                     self.stream.wait_event(self.free[slot])  # the layer that read this slot last has run
-                buf[: gate_up.data.nbytes].copy_(gate_up.data.reshape(-1), non_blocking=True)
-                buf[start : start + down.data.nbytes].copy_(down.data.reshape(-1), non_blocking=True)
+                buf[: gate_up.nbytes].copy_(gate_up.reshape(-1), non_blocking=True)
+                buf[start : start + down.nbytes].copy_(down.reshape(-1), non_blocking=True)
                 self.ready[slot] = torch.cuda.Event()
                 self.ready[slot].record(self.stream)
         self.held[slot] = layer
         self.copies += 1
 
-    def _views(self, layer: int, slot: int) -> tuple[QuantExperts, QuantExperts]:
-        """The slot's bytes as the layer's two QuantExperts, with their kernel choices."""
-        out = []
-        start = 0
-        for src in self.host[layer]:
-            data = self.buffers[slot][start : start + src.data.nbytes].view(src.data.shape)
-            view = QuantExperts(data, src.qtype, src.n, src.k, src.k_in)
-            view.matmul, view.bounded_input = src.matmul, src.bounded_input
-            out.append(view)
-            start = slot_bytes(src.data.nbytes, 0)
-        return out[0], out[1]
+    def _view(self, slot: int, start: int, like: QuantExperts) -> QuantExperts:
+        """The slot's bytes from `start` as a QuantExperts of like's shape and type, with its kernel choice."""
+        data = self.buffers[slot][start : start + like.data.nbytes].view(like.data.shape)
+        view = QuantExperts(data, like.qtype, like.n, like.k, like.k_in)
+        view.matmul, view.bounded_input = like.matmul, like.bounded_input
+        return view
 
 
 class HostExperts(QuantExperts):
@@ -188,9 +210,9 @@ class HostExperts(QuantExperts):
 
     def grouped(self, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
                 down: QuantExperts) -> torch.Tensor:
-        gate_up, down = self.stage.acquire(self.layer)
+        staged_gate_up, staged_down = self.stage.acquire(self.layer, self, down)
         try:
-            return gate_up.grouped(x, rows, weights, counts, down)  # [N, D]
+            return staged_gate_up.grouped(x, rows, weights, counts, staged_down)  # [N, D]
         finally:  # (also after an error: the kernels it queued may still read the slot)
             self.stage.release(self.layer)
 
@@ -201,8 +223,7 @@ def stream_experts(layers: list[LayerWeights], host_layers: Sequence[int], devic
     if not host_layers:
         return None
     stage = ExpertStage({i: (layers[i].gate_up_exps, layers[i].down_exps) for i in host_layers}, device)
-    for i in host_layers:
+    for i in host_layers:  # (their data page-locked by now)
         layers[i].gate_up_exps = HostExperts(layers[i].gate_up_exps, i, stage)
         layers[i].down_exps.stage = stage
-        stage.host[i] = (layers[i].gate_up_exps, layers[i].down_exps)  # the objects tune.choose sets kernels on
     return stage

@@ -187,12 +187,12 @@ def free_vram(device: str = "cuda") -> tuple[int, int]:
 
 
 def vram_plan(reader: GGUFReader, cfg: ModelConfig, path: str | Path, host_experts: int | str = "auto",
-              device: str = "cuda") -> tuple[list[int], tuple[str, int, int, int] | None]:
+              device: str = "cuda", kv_bytes: int = 2) -> tuple[list[int], tuple[str, int, int, int] | None]:
     """Which layers' experts stay in host RAM, streamed to the GPU (host_experts: "auto", as few as the GPU's free
-    memory needs, or a number of layers, 0 for none), and None where the GPU's free memory then holds the
-    estimate, else (the one-line error saying so, instead of CUDA's out-of-memory error halfway through the
-    load, and which --fit plan would fit the card; bytes needed; the GPU's bytes in all; bytes needed with every
-    layer's experts streamed)."""
+    memory needs, with room for the KV cache of KV_RESERVE_POSITIONS at kv_bytes a value; or a number of layers,
+    0 for none), and None where the GPU's free memory then holds the estimate, else (the one-line error saying
+    so, instead of CUDA's out-of-memory error halfway through the load, and which --fit plan would fit the card;
+    bytes needed; the GPU's bytes in all; bytes needed with every layer's experts streamed)."""
     from . import offload
 
     sizes = offload.expert_bytes(reader, cfg.n_layer)
@@ -200,7 +200,7 @@ def vram_plan(reader: GGUFReader, cfg: ModelConfig, path: str | Path, host_exper
     if host_experts == "auto":
         shortfall = vram_estimate(reader, cfg).total - free
         if shortfall > 0:  # streaming: as many layers more as leave room for the KV cache of 8K positions
-            shortfall += kv_cache_bytes(cfg.model_dims(), min(cfg.context_length, KV_RESERVE_POSITIONS))
+            shortfall += kv_cache_bytes(cfg.model_dims(), min(cfg.context_length, KV_RESERVE_POSITIONS), kv_bytes)
         layers = offload.host_layers_for(sizes, shortfall)
         if layers is None:  # not even with every layer's: say what that would still need
             layers = offload.spread(cfg.n_layer, cfg.n_layer)
