@@ -92,8 +92,11 @@ def page_locked(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 def _release(stream: torch.cuda.Stream | None, addresses: list[int], keep: list[torch.Tensor]) -> None:
     """ExpertStage's finalizer: the copies still running from host memory finish, then each range is
     unregistered; `keep` holds the memory until then."""
-    if stream is not None:
-        stream.synchronize()
+    try:
+        if stream is not None:
+            stream.synchronize()
+    except RuntimeError:  # (CUDA already gone, at exit: no copy runs any more)
+        pass
     for address in addresses:
         _host_unregister(address)
     keep.clear()
