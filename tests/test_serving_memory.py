@@ -257,3 +257,40 @@ def test_the_torch_backend_unloads_an_idle_model_for_want_of_ram(default_gguf, t
         assert list(manager.loaded) == ["b"] and state["used"] == need
 
     asyncio.run(run())
+
+
+def test_ps_reports_streamed_experts_outside_size_vram(gpu, default_gguf, tmp_path):
+    """Through the real server on loopback (in this process, where the stand-in GPU is) and the official ollama
+    client: a model that streams its experts reports in /api/ps the file's size less the streamed bytes plus the
+    slots they are copied into."""
+    import threading
+
+    import ollama
+    import uvicorn
+    from server_util import free_port
+
+    from dgemma.plugin.server.app import ServerConfig, create_app
+
+    manager, state = gpu
+    reader = open_gguf(default_gguf)
+    cfg = ModelConfig.from_gguf(reader, default_gguf)
+    state["capacity"] = vram_estimate(reader, cfg, [0, 1, 2, 3]).total  # the whole GPU: all four layers stream
+    app = create_app(ServerConfig(models=manager.registry.root, backend="cuda"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            thread.join(0.05)
+            assert thread.is_alive()
+        client = ollama.Client(host=f"http://127.0.0.1:{server.config.port}")
+        assert client.generate(model="a", prompt="").done_reason == "load"
+        (loaded,) = client.ps().models
+        engine = app.state.dgemma.manager.loaded["a"].engine
+        sizes = offload.expert_bytes(reader, cfg.n_layer)
+        host, slots = sum(map(sum, sizes)), 2 * offload.slot_bytes(*sizes[0])
+        assert engine.host_layers == [0, 1, 2, 3] and (engine.host_bytes, engine.slot_bytes) == (host, slots)
+        assert loaded.size_vram == loaded.size - host + slots and loaded.size == default_gguf.stat().st_size
+    finally:
+        server.should_exit = True
+        thread.join(10)
