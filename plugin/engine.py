@@ -300,6 +300,15 @@ class Engine:
         return sum(lw.gate_up_exps.data.nbytes + lw.down_exps.data.nbytes for lw in layers)
 
     @property
+    def notice(self) -> str | None:
+        """A line for the user where the model runs slower than it could: experts streamed from host RAM."""
+        if not self.host_layers:
+            return None
+        return (f"{self.path.name}: the GPU's free memory is short of this model, so the experts of "
+                f"{len(self.host_layers)} of {self.cfg.n_layer} layers ({self.host_bytes / 2**30:.2f} GiB) stay in host "
+                f"RAM and are copied to the GPU on every pass: slower (--host-experts 0 refuses instead)")
+
+    @property
     def slot_bytes(self) -> int:
         """Bytes of the VRAM slots streamed experts are copied into (none without them)."""
         stage = self.model.w.layers[self.host_layers[0]].gate_up_exps.stage if self.host_layers else None

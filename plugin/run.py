@@ -141,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         engine = Engine.load(path, backend=args.backend, device=args.device, rng=args.rng, kv_cache=args.kv_cache,
                              matmul=args.matmul, graphs=False if args.no_graphs else None,
                              host_experts=args.host_experts)
+        if engine.notice:
+            print(f"dgemma: {engine.notice}", file=sys.stderr)
         prompt = _prompt(args)
         cancel = threading.Event()
         opts = GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps, raw=args.raw, cancel=cancel)

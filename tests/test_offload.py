@@ -207,7 +207,7 @@ def test_auto_streams_as_few_layers_as_the_gpu_needs_and_generates_the_same_toke
         return done.canvases
 
     engine = load()
-    assert engine.host_layers == [] and engine.graphs and "host RAM" not in engine.describe()
+    assert engine.host_layers == [] and engine.graphs and "host RAM" not in engine.describe() and engine.notice is None
     want = tokens(load(graphs=False))  # (CUDA graphs need a GPU)
     sizes = offload.expert_bytes(reader, cfg.n_layer)
     reserve = kv_cache_bytes(cfg.model_dims(), min(cfg.context_length, KV_RESERVE_POSITIONS))
@@ -218,6 +218,8 @@ def test_auto_streams_as_few_layers_as_the_gpu_needs_and_generates_the_same_toke
     assert engine.host_bytes == sum(map(sum, sizes)) > 0  # /api/ps: size_vram leaves them out, counts the slots
     assert engine.slot_bytes == 2 * offload.slot_bytes(*sizes[0])
     assert "experts of 4 of 4 layers streamed from host RAM" in engine.describe()
+    assert engine.notice.startswith("default.gguf: the GPU's free memory is short of this model, so the experts "
+                                    "of 4 of 4 layers (0.01 GiB) stay in host RAM")
     assert tokens(engine) == want
     with pytest.raises(GpuMemoryError, match=r"needs about .* GiB of GPU memory for this model before its KV cache "
                                              r"\(weights"):
@@ -263,6 +265,24 @@ def test_host_ram_for_the_streamed_experts_is_checked_before_loading(default_ggu
     standin_gpu["bytes"] = vram_estimate(reader, cfg).total - 1  # auto streams all four layers
     with pytest.raises(RamShortageError, match="the experts of 4 layers kept in host RAM need"):
         Engine.load(default_gguf, "cuda", device="cpu", matmul="scalar")
+
+
+def test_dgemma_run_says_when_experts_stream(default_gguf, standin_gpu, kernels_as_references, capsys):
+    from dgemma.plugin.cli import build_parser
+    from dgemma.plugin.run import cmd_run
+
+    reader = open_gguf(default_gguf)
+    args = ["run", str(default_gguf), "hi", "--backend", "cuda", "--device", "cpu", "--matmul", "scalar",
+            "--max-tokens", "2", "--seed", "1", "--no-graphs"]
+    standin_gpu["bytes"] = vram_estimate(reader, ModelConfig.from_gguf(reader, default_gguf)).total
+    assert cmd_run(build_parser().parse_args(args)) == 0
+    assert "host RAM" not in capsys.readouterr().err
+    standin_gpu["bytes"] -= 1
+    assert cmd_run(build_parser().parse_args(args)) == 0
+    err = capsys.readouterr().err
+    assert "dgemma: default.gguf: the GPU's free memory is short of this model, so the experts of 4 of 4" in err
+    assert cmd_run(build_parser().parse_args([*args, "--host-experts", "0"])) == 1
+    assert "needs about" in capsys.readouterr().err
 
 
 def test_host_experts_on_the_command_line(capsys):

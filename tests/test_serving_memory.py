@@ -259,10 +259,10 @@ def test_the_torch_backend_unloads_an_idle_model_for_want_of_ram(default_gguf, t
     asyncio.run(run())
 
 
-def test_ps_reports_streamed_experts_outside_size_vram(gpu, default_gguf, tmp_path):
+def test_ps_reports_streamed_experts_outside_size_vram(gpu, default_gguf, tmp_path, capsys):
     """Through the real server on loopback (in this process, where the stand-in GPU is) and the official ollama
     client: a model that streams its experts reports in /api/ps the file's size less the streamed bytes plus the
-    slots they are copied into."""
+    slots they are copied into, and the server's log says it streams."""
     import threading
 
     import ollama
@@ -291,6 +291,7 @@ def test_ps_reports_streamed_experts_outside_size_vram(gpu, default_gguf, tmp_pa
         host, slots = sum(map(sum, sizes)), 2 * offload.slot_bytes(*sizes[0])
         assert engine.host_layers == [0, 1, 2, 3] and (engine.host_bytes, engine.slot_bytes) == (host, slots)
         assert loaded.size_vram == loaded.size - host + slots and loaded.size == default_gguf.stat().st_size
+        assert "dgemma serve: a.gguf: the GPU's free memory is short of this model" in capsys.readouterr().out
     finally:
         server.should_exit = True
         thread.join(10)

@@ -113,7 +113,10 @@ class ModelManager:
         async with self._one_load:
             while True:
                 try:
-                    return await asyncio.to_thread(Engine.load, entry.path, self.backend, host_experts=host)
+                    engine = await asyncio.to_thread(Engine.load, entry.path, self.backend, host_experts=host)
+                    if engine.notice:
+                        print(f"dgemma serve: {engine.notice}", flush=True)  # (the server's log)
+                    return engine
                 except MemoryShortageError as e:
                     # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
                     idle = [(m.expires_at, name) for name, m in self.loaded.items()
