@@ -14,9 +14,11 @@ in the same run (issue 5, docs/CUDA.md step 6).
 Prefill is the encoder over 512 and 4096 prompt tokens, in passes of the engine's num_batch (512) as
 Engine.generate runs it; the peak VRAM figure adds a second 4096-token prompt (8K context), where the step is
 timed again (one warm-up and --steps timed: the attention's share grows with the context) and one step, counting what PyTorch's allocator holds (the CUDA context and NVRTC modules,
-~0.5 GB, come on top). Tokens/s assumes 16 steps per 256-token canvas.
+~0.5 GB, come on top). Tokens/s assumes 16 steps per 256-token canvas. Last, the last plan again with the
+experts of as many layers in page-locked host RAM, copied to the GPU each pass, as a `--stream-for` GPU (8 GiB)
+needs (plugin/cuda/offload.py): against the same plan whole, what streaming costs.
 
-    python bench/model_gpu.py [--plans Q4_K_M,12GB] [--steps 5] [--config DIR] [--no-torch]
+    python bench/model_gpu.py [--plans Q4_K_M,12GB] [--steps 5] [--config DIR] [--no-torch] [--stream-for 8GB]
 """
 
 from __future__ import annotations
