@@ -47,5 +47,5 @@ grep -oE '^FAILED [^ ]+|^ERROR [^ ]+' "$OUT/gpu_tests.txt" | cut -d' ' -f2 | sor
 # a kernel that fails the tests may end this run with a CUDA error: rerun it with --kinds naming the others
 echo "== kernels at the 26B-A4B's shapes (every matmul kind: 6 columns since session 12, f16-cublas)"
 timeout 110 $PY bench/step_gpu.py --repeat 10 2>&1 | tee "$OUT/bench.txt"
-echo "== whole denoising step, prefill, VRAM: cuda backend (Q4_K_M, the 12 GB plan) against the torch backend"
+echo "== whole denoising step, prefill, VRAM: cuda backend (Q4_K_M, the 12 GB plan; last, that plan streaming experts as an 8 GiB card would) against the torch backend"
 timeout 200 $PY bench/model_gpu.py --matmuls scalar,auto --eager 2>&1 | tee "$OUT/model_bench.txt"
