@@ -276,8 +276,8 @@ def streamed(budget: str, args: argparse.Namespace, cfg: ModelConfig, rows: list
              tune_cache: Path, bases: list[dict], prompts: tuple[int, ...] = (512, 4096)) -> dict | None:
     """The plan with the experts of the fewest layers in page-locked host RAM that bring the --fit estimate at 8K
     (with the CUDA context) within `budget`, copied to the GPU as each pass reaches them: what a card of that
-    size runs. Its step and prefill against `bases` (the same plan whole among them: what streaming costs), its
-    peak VRAM against the budget."""
+    size runs. Its step and prefill against `bases` (the same plan whole among them: what streaming costs), and
+    its peak VRAM at 8K, to read against the budget."""
     from dgemma.plugin.cuda import offload
     from dgemma.plugin.cuda.tune import choose
     from dgemma.plugin.cuda.weights import cuda_weights

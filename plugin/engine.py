@@ -304,9 +304,9 @@ class Engine:
         """A line for the user where the model runs slower than it could: experts streamed from host RAM."""
         if not self.host_layers:
             return None
-        return (f"{self.path.name}: the GPU's free memory is short of this model, so the experts of "
-                f"{len(self.host_layers)} of {self.cfg.n_layer} layers ({self.host_bytes / 2**30:.2f} GiB) stay in host "
-                f"RAM and are copied to the GPU on every pass: slower (--host-experts 0 refuses instead)")
+        return (f"{self.path.name}: the experts of {len(self.host_layers)} of {self.cfg.n_layer} layers "
+                f"({self.host_bytes / 2**30:.2f} GiB) stay in host RAM and are copied to the GPU on every pass: "
+                f"slower (--host-experts 0: none, or an error where the GPU is short)")
 
     @property
     def slot_bytes(self) -> int:

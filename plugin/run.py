@@ -48,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-experts", metavar="auto|N", type=host_experts_arg,
                    help="cuda backend: where the GPU is short of memory for the model, keep the routed experts of some "
                         "layers in host RAM and copy them to the GPU as each pass reaches them (slower, by PCIe); auto "
-                        "(the default) as few layers as the GPU needs, N that many, 0 never (too little memory is then "
-                        "an error). Without CUDA graphs")
+                        "(the default) as few layers as the GPU needs, N that many (short or not), 0 never (too little "
+                        "memory is then an error). Without CUDA graphs")
     p.add_argument("--no-graphs", action="store_true",
                    help="cuda backend with --rng counter (its default): launch the decoder's kernels one by one "
                         "instead of replaying each canvas's pass from a CUDA graph")

@@ -218,8 +218,8 @@ def test_auto_streams_as_few_layers_as_the_gpu_needs_and_generates_the_same_toke
     assert engine.host_bytes == sum(map(sum, sizes)) > 0  # /api/ps: size_vram leaves them out, counts the slots
     assert engine.slot_bytes == 2 * offload.slot_bytes(*sizes[0])
     assert "experts of 4 of 4 layers streamed from host RAM" in engine.describe()
-    assert engine.notice.startswith("default.gguf: the GPU's free memory is short of this model, so the experts "
-                                    "of 4 of 4 layers (0.01 GiB) stay in host RAM")
+    assert engine.notice.startswith("default.gguf: the experts of 4 of 4 layers (0.01 GiB) stay in host RAM and are "
+                                    "copied to the GPU on every pass: slower")
     assert tokens(engine) == want
     with pytest.raises(GpuMemoryError, match=r"needs about .* GiB of GPU memory for this model before its KV cache "
                                              r"\(weights"):
@@ -280,7 +280,7 @@ def test_dgemma_run_says_when_experts_stream(default_gguf, standin_gpu, kernels_
     standin_gpu["bytes"] -= 1
     assert cmd_run(build_parser().parse_args(args)) == 0
     err = capsys.readouterr().err
-    assert "dgemma: default.gguf: the GPU's free memory is short of this model, so the experts of 4 of 4" in err
+    assert "dgemma: default.gguf: the experts of 4 of 4 layers (0.01 GiB) stay in host RAM" in err
     assert cmd_run(build_parser().parse_args([*args, "--host-experts", "0"])) == 1
     assert "needs about" in capsys.readouterr().err
 

@@ -291,7 +291,7 @@ def test_ps_reports_streamed_experts_outside_size_vram(gpu, default_gguf, tmp_pa
         host, slots = sum(map(sum, sizes)), 2 * offload.slot_bytes(*sizes[0])
         assert engine.host_layers == [0, 1, 2, 3] and (engine.host_bytes, engine.slot_bytes) == (host, slots)
         assert loaded.size_vram == loaded.size - host + slots and loaded.size == default_gguf.stat().st_size
-        assert "dgemma serve: a.gguf: the GPU's free memory is short of this model" in capsys.readouterr().out
+        assert "dgemma serve: a.gguf: the experts of 4 of 4 layers (0.01 GiB) stay in host RAM" in capsys.readouterr().out
     finally:
         server.should_exit = True
         thread.join(10)

@@ -5,10 +5,11 @@ read on every pass: running the offloaded experts on the CPU would cost about as
 for them (some 25 GFLOP per layer and pass for the 26B-A4B), far past what a CPU does in the GPU's time.
 Copying them is cheaper: a layer's experts (0.32-0.52 GiB) cross PCIe in 14-22 ms at 25 GB/s, while a GeForce
 card, compute-bound on the canvas, spends about as long on the layers in between. So the experts of some layers
-(`host_layers`, spread evenly over the model) stay in pinned host memory and are copied into one of two VRAM
+(`host_layers`, spread evenly over the model) stay in page-locked host memory and are copied into one of two VRAM
 slots (ExpertStage) on a side stream, the next streamed layer's while the GPU computes, each slot reused only
 after the layer that read it has run. Nothing else changes: the staged experts are QuantExperts, run by the same
-kernels on the same bytes, so the logits equal those of the model loaded whole. CUDA graphs are off with them:
+kernels on the same bytes, so the logits equal those of the model loaded whole (on a GPU up to the experts'
+float atomics). CUDA graphs are off with them:
 a pass then takes tens of milliseconds, and what graphs save is a fraction of one.
 """
 

@@ -106,9 +106,10 @@ class ModelManager:
     async def _load(self, entry: ModelEntry) -> Engine:
         """Engine.load in a worker thread. Where the GPU (or, for the torch backend, the machine) has too little
         free memory for the model, the models there that no request holds are unloaded one at a time, the soonest
-        to expire first, until it loads. With none left, or a model larger than the whole GPU, host_experts "auto"
-        then keeps some of its experts in host RAM (as Ollama, which unloads idle models before it splits one
-        between the GPU and the CPU), and without that (host_experts 0) or past it the error is the answer."""
+        to expire first, until it loads. With none left (also for a model larger than the whole GPU, unless even
+        streaming every layer's experts would not fit it, when nothing is unloaded), host_experts "auto" then keeps
+        some of its experts in host RAM (as Ollama, which unloads idle models before it splits one between the
+        GPU and the CPU), and without that (host_experts 0) or past it the error is the answer."""
         host = 0 if self.host_experts == "auto" else self.host_experts  # the GPU alone first
         async with self._one_load:
             while True:
