@@ -9,23 +9,23 @@ card, compute-bound on the canvas, spends about as long on the layers in between
 slots (ExpertStage) on a side stream, the next streamed layer's while the GPU computes, each slot reused only
 after the layer that read it has run. Nothing else changes: the staged experts are QuantExperts, run by the same
 kernels on the same bytes, so the logits equal those of the model loaded whole (on a GPU up to the experts'
-float atomics). CUDA graphs are off with them:
-a pass then takes tens of milliseconds, and what graphs save is a fraction of one.
+float atomics). CUDA graphs are off with them: a pass then takes tens of milliseconds, and what graphs save is a
+fraction of one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
 import mmap
 import warnings
 import weakref
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from gguf import GGUFReader
 
 from dgemma.convert import constants as C
+# (host_layers_for, spread and vram_saving: the slot math, used through this module by weights.py and the tests)
 from dgemma.quant.planner import SLOTS, GiB, host_layers_for, slot_bytes, spread, vram_saving  # noqa: F401
 
 from ..config import ModelConfig
