@@ -35,7 +35,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import CONFIG_26B, SyntheticTensors, gpu_capability, model_config, plan_rows, sync, timed  # noqa: E402
 
-from dgemma.convert import constants as C  # noqa: E402
 from dgemma.plugin.config import ModelConfig  # noqa: E402
 from dgemma.plugin.engine import DEFAULT_NUM_BATCH  # noqa: E402
 from dgemma.plugin.model import DiffusionGemma, KVCache, Weights  # noqa: E402
@@ -281,11 +280,10 @@ def streamed(budget: str, args: argparse.Namespace, cfg: ModelConfig, rows: list
     from dgemma.plugin.cuda import offload
     from dgemma.plugin.cuda.tune import choose
     from dgemma.plugin.cuda.weights import cuda_weights
-    from dgemma.quant.planner import nbytes, parse_size, runtime_breakdown
+    from dgemma.quant.planner import expert_sizes, nbytes, parse_size, runtime_breakdown
 
     sizes = {n: nbytes(shape, t) for n, shape, t in rows}
-    layers_bytes = [(sizes.get(C.blk(i, C.FFN_GATE_UP_EXPS), 0), sizes.get(C.blk(i, C.FFN_DOWN_EXPS), 0))
-                    for i in range(cfg.n_layer)]
+    layers_bytes = expert_sizes(sizes, cfg.n_layer)
     need = runtime_breakdown(sum(sizes.values()), cfg.model_dims(), 8192).total
     layers = offload.host_layers_for(layers_bytes, need - parse_size(budget))
     if not layers:

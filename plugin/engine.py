@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from dgemma.quant.planner import GiB
+
 from .chat import render_chat
 from .config import ModelConfig, SamplerDefaults
 from .cuda.tune import CHOICES as MATMULS
@@ -204,7 +206,7 @@ class Engine:
         quantized in VRAM and csrc kernels multiply them (needs CuPy and an NVIDIA GPU); "auto": cuda where
         it can run (pick_backend), else torch on the CPU (also, with a warning, when the GPU side fails
         while loading: a kernel that does not compile; but a GPU with too little free memory for the model is a
-        GpuMemoryError, mostly found before anything is loaded (plugin/cuda/weights.py vram_shortage), not a
+        GpuMemoryError, mostly found before anything is loaded (plugin/cuda/weights.py vram_plan), not a
         fallback: the torch backend would hold the weights in RAM as float32, several times the file's size). rng: the sampler's
         draws, "torch" (transformers' order, the torch backend's default) or "counter" (the cuda backend's, which samples
         on the GPU; the torch backend with "counter" draws the same tokens). kv_cache: "f32"
@@ -305,7 +307,7 @@ class Engine:
         if not self.host_layers:
             return None
         return (f"{self.path.name}: the experts of {len(self.host_layers)} of {self.cfg.n_layer} layers "
-                f"({self.host_bytes / 2**30:.2f} GiB) stay in host RAM and are copied to the GPU on every pass: "
+                f"({self.host_bytes / GiB:.2f} GiB) stay in host RAM and are copied to the GPU on every pass: "
                 f"slower (--host-experts 0: none, or an error where the GPU is short)")
 
     @property

@@ -12,7 +12,7 @@ multiple of 256 (a dgemma-only layout) and keeping some layers' experts in host 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -204,6 +204,19 @@ def _aligned(n: int) -> int:
     return -(-n // SLOT_ALIGN) * SLOT_ALIGN
 
 
+def expert_sizes(nbytes_by_name: Mapping[str, int], n_layer: int) -> list[tuple[int, int]]:
+    """Each layer's routed experts in bytes, (gate_up, down), from the bytes of every tensor by name (a file's, or
+    a plan's at its types)."""
+    sizes = [(0, 0)] * n_layer
+    for name, b in nbytes_by_name.items():
+        cls = tensor_class(name)
+        if cls in ("expert_gate_up", "expert_down"):
+            layer = int(name.split(".")[1])
+            gate_up, down = sizes[layer]
+            sizes[layer] = (gate_up + b, down) if cls == "expert_gate_up" else (gate_up, down + b)
+    return sizes
+
+
 def slot_bytes(gate_up: int, down: int) -> int:
     """What a slot needs for a layer's experts: gate_up, then down from the next SLOT_ALIGN bytes."""
     return _aligned(gate_up) + down
@@ -257,13 +270,7 @@ def _ways_out(types, shapes, facts: ModelFacts, dims: ModelDims, budget: int, ru
     else:
         notes.append(f"no plan fits {budget / GiB:.1f} GiB: at the lowest types the estimate is {floor / GiB:.2f} GiB")
     n_layer = facts.n_layer
-    sizes = [(0, 0)] * n_layer  # each layer's (gate_up, down) expert bytes at these types
-    for n, t in types.items():
-        if tensor_class(n) in ("expert_gate_up", "expert_down"):
-            layer = int(n.split(".")[1])
-            gate_up, down = sizes[layer]
-            b = nbytes(shapes[n], t)
-            sizes[layer] = (gate_up + b, down) if tensor_class(n) == "expert_gate_up" else (gate_up, down + b)
+    sizes = expert_sizes({n: nbytes(shapes[n], t) for n, t in types.items()}, n_layer)  # at these types
     layers = host_layers_for(sizes, floor - budget)
     if layers:
         host = sum(sum(sizes[i]) for i in layers)

@@ -109,12 +109,12 @@ def test_model_gpu_streams_the_experts_a_smaller_gpu_needs(checkpoint_factory, k
              {"label": "cuda Q8_0 scalar", "step_ms": 1e-3, "prefill_5_ms": 1e-3, "prefill_9_ms": 1e-3}]
     r = model_gpu.streamed(f"{need - 1}", args, cfg, rows, "Q8_0", dev, tmp_path / "m.json", bases, prompts=(5, 9))
     out = capsys.readouterr().out
-    assert r is not None and r["step_ms"] > 0 and f"experts of 3 of {cfg.n_layer} layers in host RAM" in out
-    assert "cuda Q8_0 scalar streaming 3" in out and "GB/s of experts per step" in out
+    fewest = offload.SLOTS + 1  # one byte short: the fewest layers that free anything (three, with two slots)
+    assert r is not None and r["step_ms"] > 0 and f"experts of {fewest} of {cfg.n_layer} layers in host RAM" in out
+    assert f"cuda Q8_0 scalar streaming {fewest}" in out and "GB/s of experts per step" in out
     assert "x faster than torch" in out and "x faster than cuda Q8_0 scalar" in out  # (a fraction: slower)
     assert model_gpu.streamed(f"{need}", args, cfg, rows, "Q8_0", dev, tmp_path / "m.json", bases) is None
     assert "is not needed for" in capsys.readouterr().out
-    assert offload.SLOTS == 2  # (three layers: the fewest that free anything)
 
 
 def test_kernel_benches_name_nothing_undefined():

@@ -31,7 +31,7 @@ def test_cuda_weights_give_the_torch_backends_logits(default_gguf, kernels):
 
 @pytest.mark.parametrize("model", ["default", "canvas16"])
 def test_vram_estimate_counts_what_the_cuda_weights_hold(request, model):
-    """vram_shortage's figure for the weights is what cuda_weights loads: every GGML matrix as it is in the file,
+    """vram_estimate's figure for the weights (vram_plan's load check) is what cuda_weights loads: every GGML matrix as it is in the file,
     every vector as float32, the tied head once."""
     from dgemma.plugin.config import ModelConfig
     from dgemma.plugin.cuda.weights import vram_estimate

@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 from gguf import GGUFReader
 
-from dgemma.convert import constants as C
 # (host_layers_for, spread and vram_saving: the slot math, used through this module by weights.py and the tests)
-from dgemma.quant.planner import SLOTS, GiB, host_layers_for, slot_bytes, spread, vram_saving  # noqa: F401
+from dgemma.quant.planner import SLOTS, GiB, expert_sizes, host_layers_for, slot_bytes, spread, vram_saving  # noqa: F401
 
 from ..config import ModelConfig
 from ..model import LayerWeights
@@ -37,9 +36,8 @@ PAGE = mmap.PAGESIZE  # host pages: each page-locked range covers only whole pag
 
 
 def expert_bytes(reader: GGUFReader, n_layer: int) -> list[tuple[int, int]]:
-    """Each layer's routed experts in bytes: (gate_up, down)."""
-    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    return [(sizes.get(C.blk(i, C.FFN_GATE_UP_EXPS), 0), sizes.get(C.blk(i, C.FFN_DOWN_EXPS), 0)) for i in range(n_layer)]
+    """Each layer's routed experts in the file, in bytes: (gate_up, down)."""
+    return expert_sizes({t.name: int(t.n_bytes) for t in reader.tensors}, n_layer)
 
 
 def host_ram_shortage(reader: GGUFReader, cfg: ModelConfig, path: str | Path, layers: Sequence[int]) -> str | None:

@@ -4,6 +4,7 @@ and are multiplied by csrc/qmatmul.cu; vectors (norms, scales) become float32 on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +23,7 @@ from . import head_ops, ops
 
 
 DOWN_PROJECTIONS = (C.FFN_DOWN, C.FFN_DOWN_EXPS, C.SELF_COND_DOWN)  # tensor base names
-# the load check counts no KV cache, but a model streaming its experts leaves room for this many positions' (f16)
+# the load check counts no KV cache, but a model streaming its experts leaves room for this many positions'
 KV_RESERVE_POSITIONS = 8192
 
 
@@ -196,17 +197,18 @@ def vram_plan(reader: GGUFReader, cfg: ModelConfig, path: str | Path, host_exper
     from . import offload
 
     sizes = offload.expert_bytes(reader, cfg.n_layer)
-    free, total = free_vram(device)
+    every = offload.spread(cfg.n_layer, cfg.n_layer)
+    whole, (free, total) = vram_estimate(reader, cfg), free_vram(device)
     if host_experts == "auto":
-        shortfall = vram_estimate(reader, cfg).total - free
+        shortfall = whole.total - free
         if shortfall > 0:  # streaming: as many layers more as leave room for the KV cache of 8K positions
             shortfall += kv_cache_bytes(cfg.model_dims(), min(cfg.context_length, KV_RESERVE_POSITIONS), kv_bytes)
         layers = offload.host_layers_for(sizes, shortfall)
         if layers is None:  # not even with every layer's: say what that would still need
-            layers = offload.spread(cfg.n_layer, cfg.n_layer)
+            layers = every
     else:
         layers = offload.spread(int(host_experts), cfg.n_layer)
-    need = vram_estimate(reader, cfg, layers)
+    need = replace(whole, weights=whole.weights - offload.vram_saving(sizes, layers))  # = vram_estimate(.., layers)
     if need.total <= free:
         return layers, None
     streamed = f" with the experts of {len(layers)} of {cfg.n_layer} layers in host RAM" if layers else ""
@@ -214,7 +216,7 @@ def vram_plan(reader: GGUFReader, cfg: ModelConfig, path: str | Path, host_exper
                     f"before its KV cache{streamed} (weights {need.weights / GiB:.2f} GiB), but "
                     f"{torch.cuda.get_device_name(device)} has {free / GiB:.2f} GiB free of {total / GiB:.2f}: convert "
                     f"the model for this GPU (dgemma convert ... --fit {max(1, int(total / GiB))}GB) or free GPU memory",
-                    need.total, total, vram_estimate(reader, cfg, offload.spread(cfg.n_layer, cfg.n_layer)).total)
+                    need.total, total, whole.total - offload.vram_saving(sizes, every))
 
 
 def load_cuda_weights(reader: GGUFReader, cfg: ModelConfig, path: str | Path = "", device: str = "cuda",
