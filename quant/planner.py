@@ -86,7 +86,6 @@ class Breakdown:
     activations: int
     workspace: int = WORKSPACE
     cuda_context: int = CUDA_CONTEXT
-    host_weights: int = 0  # weights kept in host RAM (offloaded experts)
 
     @property
     def total(self) -> int:
@@ -95,10 +94,7 @@ class Breakdown:
     def lines(self) -> list[str]:
         rows = [("weights", self.weights), ("KV cache", self.kv_cache), ("canvas activations", self.activations),
                 ("workspace", self.workspace), ("CUDA context", self.cuda_context), ("total VRAM", self.total)]
-        out = [f"  {k:<20} {v / GiB:7.2f} GiB" for k, v in rows]
-        if self.host_weights:
-            out.append(f"  {'host RAM (experts)':<20} {self.host_weights / GiB:7.2f} GiB")
-        return out
+        return [f"  {k:<20} {v / GiB:7.2f} GiB" for k, v in rows]
 
 
 def kv_cache_bytes(d: ModelDims, ctx: int, bytes_per_value: int = 2) -> int:
