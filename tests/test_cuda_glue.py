@@ -32,7 +32,7 @@ def test_cuda_weights_give_the_torch_backends_logits(default_gguf, kernels):
 @pytest.mark.parametrize("model", ["default", "canvas16"])
 def test_vram_estimate_counts_what_the_cuda_weights_hold(request, model):
     """vram_estimate's figure for the weights (vram_plan's load check) is what cuda_weights loads: every GGML matrix as it is in the file,
-    every vector as float32, the tied head once."""
+    every vector as float32, the tied head once; beside them the KV cache it leaves room for, no CUDA context."""
     from dgemma.plugin.config import ModelConfig
     from dgemma.plugin.cuda.weights import vram_estimate
     from dgemma.plugin.inspect import open_gguf
@@ -41,7 +41,8 @@ def test_vram_estimate_counts_what_the_cuda_weights_hold(request, model):
     weights, cfg = cpu_cuda_weights(path)
     est = vram_estimate(open_gguf(path), ModelConfig.from_gguf(open_gguf(path), path))
     assert est.weights == held_bytes(weights)
-    assert est.activations > 0 and est.total == est.weights + est.activations + est.workspace
+    assert est.activations > 0 and est.kv_cache > 0 and est.cuda_context == 0
+    assert est.total == est.weights + est.kv_cache + est.activations + est.workspace
 
 
 def test_grouped_experts_through_quant_experts_match_float_experts(kernels):

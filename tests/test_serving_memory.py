@@ -28,7 +28,8 @@ from dgemma.plugin.server.serving import ModelManager
 @pytest.fixture
 def gpu(default_gguf, tmp_path, monkeypatch):
     """A registry of three names for the default model, and a stand-in GPU: returns (manager, state), where
-    state["capacity"] is the GPU's memory in bytes and state["need"] what one model takes of it."""
+    state["capacity"] is the GPU's memory in bytes, state["need"] what the load check asks for one model
+    (with room for its KV cache) and state["held"] what a loaded one takes."""
     import dgemma.plugin.cuda as cuda
     import dgemma.plugin.cuda.tune as tune
     import dgemma.plugin.cuda.weights as cw
@@ -37,12 +38,13 @@ def gpu(default_gguf, tmp_path, monkeypatch):
     for name in ("a", "b", "c"):
         registry.import_file(shutil.copy(default_gguf, tmp_path / f"{name}.gguf"), name=name)
     reader = open_gguf(default_gguf)
-    state = {"need": cw.vram_estimate(reader, ModelConfig.from_gguf(reader, default_gguf)).total, "used": 0,
-             "loads": []}
+    whole = cw.vram_estimate(reader, ModelConfig.from_gguf(reader, default_gguf))
+    state = {"need": whole.total, "held": whole.total - whole.kv_cache, "used": 0, "loads": []}
 
     def load(reader, cfg, path, device, host_layers):
         weights, _ = cpu_cuda_weights(path, host_layers)
-        need = cw.vram_estimate(reader, cfg, host_layers).total  # less with streamed experts (plugin/cuda/offload.py)
+        est = cw.vram_estimate(reader, cfg, host_layers)  # less with streamed experts (plugin/cuda/offload.py)
+        need = est.total - est.kv_cache  # what loading takes: the KV cache comes with a generation
         state["used"] += need
         state["loads"].append(path.stem + (f" streaming {len(host_layers)}" if host_layers else ""))
         weakref.finalize(weights, lambda: state.__setitem__("used", state["used"] - need))
@@ -68,14 +70,30 @@ def test_a_full_gpu_unloads_an_idle_model_for_the_new_one(gpu):
 
     async def run() -> None:
         await manager.get("a")
-        assert list(manager.loaded) == ["a"] and state["used"] == state["need"]
+        assert list(manager.loaded) == ["a"] and state["used"] == state["held"]
         b = await manager.get("b")  # does not fit beside a: a goes
-        assert list(manager.loaded) == ["b"] and state["used"] == state["need"]
+        assert list(manager.loaded) == ["b"] and state["used"] == state["held"]
         assert state["loads"] == ["a", "b"]
         b.busy = 1  # a request holds b: it stays, and a cannot load
         with pytest.raises(GpuMemoryError, match=r"Test GPU has 0\.\d\d GiB free of 0\.\d\d: .* --fit 1GB"):
             await manager.get("a")
         assert list(manager.loaded) == ["b"] and state["loads"] == ["a", "b"]
+
+    asyncio.run(run())
+
+
+def test_an_idle_model_is_unloaded_to_leave_the_new_one_room_for_its_kv_cache(gpu):
+    """The weights of b fit beside a, but not the KV cache of 8K positions (the model's 4096 here) the load
+    check leaves room for: a, idle, goes, rather than b's first long prompt running out of memory."""
+    manager, state = gpu
+    kv = state["need"] - state["held"]
+    state["capacity"] = state["held"] + state["need"] - kv // 2  # a as loaded, then b with half its KV cache
+
+    async def run() -> None:
+        await manager.get("a")
+        assert state["used"] == state["held"] and kv > 0
+        b = await manager.get("b")
+        assert list(manager.loaded) == ["b"] and b.engine.host_layers == [] and state["loads"] == ["a", "b"]
 
     asyncio.run(run())
 
@@ -87,8 +105,8 @@ def test_idle_models_are_unloaded_before_experts_stream_and_held_ones_are_not(gp
     manager, state = gpu
     reader = open_gguf(default_gguf)  # (a, b and c are copies of it)
     cfg = ModelConfig.from_gguf(reader, default_gguf)
-    streamed = offload.spread(cfg.n_layer, cfg.n_layer)  # the fewest that also leave room for the KV cache
-    state["capacity"] = state["need"] + vram_estimate(reader, cfg, streamed).total  # one whole, one streamed
+    streamed = offload.spread(cfg.n_layer, cfg.n_layer)  # all four: the room left beside a is what they need
+    state["capacity"] = state["held"] + vram_estimate(reader, cfg, streamed).total  # one whole, one streamed
 
     async def run() -> None:
         await manager.get("a")
@@ -114,14 +132,14 @@ def test_a_model_larger_than_the_gpu_unloads_idle_ones_then_streams(gpu, default
     manager, state = gpu
     reader = open_gguf(default_gguf)
     cfg = ModelConfig.from_gguf(reader, default_gguf)
-    state["capacity"] = state["need"] - 1  # the default model streams all four layers' experts to fit
+    state["capacity"] = state["need"] - 1  # the default model streams three layers' experts to fit
     asked = []
     plan = cw.vram_plan
     monkeypatch.setattr(cw, "vram_plan", lambda *a: asked.append(a[3]) or plan(*a))
 
     async def run() -> None:
         await manager.get("a")
-        assert state["loads"] == ["a streaming 4"] and asked == [0, "auto"]
+        assert state["loads"] == ["a streaming 3"] and asked == [0, "auto"]
         asked.clear()
         await manager.get("b")  # a is idle: unloaded before b streams (a streams too: it could stay beside)
         assert list(manager.loaded) == ["b"] and asked == [0, 0, "auto"]
@@ -143,7 +161,7 @@ def test_the_soonest_to_expire_goes_first_and_only_as_many_as_needed(gpu):
         manager.touch(await manager.get("b"), 60)  # b expires first (and nothing here holds either)
         await manager.get("c")
         assert sorted(manager.loaded) == ["a", "c"]
-        assert state["used"] == 2 * state["need"]
+        assert state["used"] == 2 * state["held"]
 
     asyncio.run(run())
 
@@ -166,7 +184,7 @@ def test_a_model_another_request_got_is_not_unloaded_before_it_generates(gpu):
         await got.wait()
         with pytest.raises(GpuMemoryError):
             await manager.get("b")
-        assert list(manager.loaded) == ["a"] and state["loads"] == ["a"] and state["used"] == state["need"]
+        assert list(manager.loaded) == ["a"] and state["loads"] == ["a"] and state["used"] == state["held"]
         answer.set()
         await first
         await manager.get("b")  # a has answered: it goes

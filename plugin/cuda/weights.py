@@ -23,7 +23,8 @@ from . import head_ops, ops
 
 
 DOWN_PROJECTIONS = (C.FFN_DOWN, C.FFN_DOWN_EXPS, C.SELF_COND_DOWN)  # tensor base names
-# the load check counts no KV cache, but a model streaming its experts leaves room for this many positions'
+# the load check leaves room for the KV cache of this many positions (or the model's context, if shorter): a model
+# that loads but cannot hold a long prompt would fail on the first one, halfway through (Ollama counts num_ctx's)
 KV_RESERVE_POSITIONS = 8192
 
 
@@ -165,17 +166,20 @@ class GGUFTensors:
         return tensor_to_torch(self.tensors[name]).to(device)
 
 
-def vram_estimate(reader: GGUFReader, cfg: ModelConfig, host_layers: Sequence[int] = ()) -> Breakdown:
-    """What the cuda backend holds for this file before any KV cache: its tensors as cuda_weights loads them
-    (matrices as their GGML blocks; vectors as float32, which is how GGUF files keep them), less the experts of
-    `host_layers` plus the slots they stream through (plugin/cuda/offload.py), and one canvas step's working
-    memory, the converter's --fit estimates (quant/planner.py). No CUDA context: the free memory it is held
-    against is counted after it."""
+def vram_estimate(reader: GGUFReader, cfg: ModelConfig, host_layers: Sequence[int] = (),
+                  kv_bytes: int = 2) -> Breakdown:
+    """What the cuda backend holds for this file: its tensors as cuda_weights loads them (matrices as their GGML
+    blocks; vectors as float32, which is how GGUF files keep them), less the experts of `host_layers` plus the
+    slots they stream through (plugin/cuda/offload.py), the KV cache of min(context, KV_RESERVE_POSITIONS)
+    positions at kv_bytes a value, and one canvas step's working memory, the converter's --fit estimates
+    (quant/planner.py). No CUDA context: the free memory it is held against is counted after it."""
     from . import offload  # (which builds on this module's QuantExperts)
 
     weights = sum(int(t.n_bytes) for t in reader.tensors)
     weights -= offload.vram_saving(offload.expert_bytes(reader, cfg.n_layer), host_layers)
-    return runtime_breakdown(weights, cfg.model_dims(), None, cuda_context=0)
+    dims = cfg.model_dims()
+    kv = kv_cache_bytes(dims, min(cfg.context_length, KV_RESERVE_POSITIONS), kv_bytes)
+    return replace(runtime_breakdown(weights, dims, None, cuda_context=0), kv_cache=kv)
 
 
 def free_vram(device: str = "cuda") -> tuple[int, int]:
@@ -190,20 +194,18 @@ def free_vram(device: str = "cuda") -> tuple[int, int]:
 def vram_plan(reader: GGUFReader, cfg: ModelConfig, path: str | Path, host_experts: int | str = "auto",
               device: str = "cuda", kv_bytes: int = 2) -> tuple[list[int], tuple[str, int, int, int] | None]:
     """Which layers' experts stay in host RAM, streamed to the GPU (host_experts: "auto", as few as the GPU's free
-    memory needs, with room for the KV cache of KV_RESERVE_POSITIONS at kv_bytes a value; or a number of layers,
-    0 for none), and None where the GPU's free memory then holds the estimate, else (the one-line error saying
-    so, instead of CUDA's out-of-memory error halfway through the load, and which --fit plan would fit the card;
-    bytes needed; the GPU's bytes in all; bytes needed with every layer's experts streamed)."""
+    memory needs; or a number of layers, 0 for none), and None where the GPU's free memory then holds the
+    estimate (vram_estimate: with room for the KV cache of KV_RESERVE_POSITIONS at kv_bytes a value), else (the
+    one-line error saying so, instead of CUDA's out-of-memory error halfway through the load or the first long
+    prompt, and which --fit plan would fit the card; bytes needed; the GPU's bytes in all; bytes needed with
+    every layer's experts streamed)."""
     from . import offload
 
     sizes = offload.expert_bytes(reader, cfg.n_layer)
     every = offload.spread(cfg.n_layer, cfg.n_layer)
-    whole, (free, total) = vram_estimate(reader, cfg), free_vram(device)
+    whole, (free, total) = vram_estimate(reader, cfg, kv_bytes=kv_bytes), free_vram(device)
     if host_experts == "auto":
-        shortfall = whole.total - free
-        if shortfall > 0:  # streaming: as many layers more as leave room for the KV cache of 8K positions
-            shortfall += kv_cache_bytes(cfg.model_dims(), min(cfg.context_length, KV_RESERVE_POSITIONS), kv_bytes)
-        layers = offload.host_layers_for(sizes, shortfall)
+        layers = offload.host_layers_for(sizes, whole.total - free)
         if layers is None:  # not even with every layer's: say what that would still need
             layers = every
     else:
@@ -213,9 +215,10 @@ def vram_plan(reader: GGUFReader, cfg: ModelConfig, path: str | Path, host_exper
         return layers, None
     streamed = f" with the experts of {len(layers)} of {cfg.n_layer} layers in host RAM" if layers else ""
     return layers, (f"{path}: the cuda backend needs about {need.total / GiB:.2f} GiB of GPU memory for this model "
-                    f"before its KV cache{streamed} (weights {need.weights / GiB:.2f} GiB), but "
-                    f"{torch.cuda.get_device_name(device)} has {free / GiB:.2f} GiB free of {total / GiB:.2f}: convert "
-                    f"the model for this GPU (dgemma convert ... --fit {max(1, int(total / GiB))}GB) or free GPU memory",
+                    f"with a KV cache of {min(cfg.context_length, KV_RESERVE_POSITIONS)} positions{streamed} "
+                    f"(weights {need.weights / GiB:.2f} GiB), but {torch.cuda.get_device_name(device)} has "
+                    f"{free / GiB:.2f} GiB free of {total / GiB:.2f}: convert the model for this GPU (dgemma convert "
+                    f"... --fit {max(1, int(total / GiB))}GB) or free GPU memory",
                     need.total, total, whole.total - offload.vram_saving(sizes, every))
 
 
