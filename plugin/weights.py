@@ -14,30 +14,9 @@ from dgemma.convert import constants as C
 from dgemma.quant.planner import GiB
 
 from .config import ModelConfig
+from .hostmem import available_ram
 from .inspect import InspectError, field_value
 from .model import LayerWeights, Weights
-
-
-def meminfo_available(text: str, swap: bool = True) -> int | None:
-    """Bytes a process can still get, from /proc/meminfo's text: MemAvailable plus SwapFree (swap False: without,
-    for page-locked memory); None without them."""
-    kib = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        parts = value.split()
-        if parts and parts[0].isdigit():
-            kib[key.strip()] = int(parts[0])
-    if "MemAvailable" not in kib:
-        return None
-    return (kib["MemAvailable"] + (kib.get("SwapFree", 0) if swap else 0)) * 1024
-
-
-def available_ram(swap: bool = True) -> int | None:
-    """meminfo_available of this machine (Linux), else None."""
-    try:
-        return meminfo_available(Path("/proc/meminfo").read_text(), swap)
-    except OSError:
-        return None
 
 
 def float32_bytes(reader: GGUFReader, cfg: ModelConfig) -> int:

@@ -28,8 +28,8 @@ from gguf import GGUFReader
 from dgemma.quant.planner import SLOTS, GiB, expert_sizes, host_layers_for, slot_bytes, spread, vram_saving  # noqa: F401
 
 from ..config import ModelConfig
+from ..hostmem import available_ram
 from ..model import LayerWeights
-from ..weights import available_ram
 from .weights import QuantExperts
 
 PAGE = mmap.PAGESIZE  # host pages: each page-locked range covers only whole pages of its own allocation

@@ -1,0 +1,110 @@
+"""How much host RAM a load can still take: /proc/meminfo's MemAvailable, bounded by the memory limit of the
+process's cgroup where it has one (a Docker or Kubernetes container, a systemd slice), which meminfo does not
+show: a container limited to 16 GiB on a 64 GiB machine sees 64 in meminfo, and the kernel ends the process
+past 16. The checks before a load (plugin/weights.py ram_shortage, plugin/cuda/offload.py host_ram_shortage)
+read available_ram."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROC_MEMINFO = Path("/proc/meminfo")
+PROC_CGROUP = Path("/proc/self/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # cgroup v2's mount; v1's memory controller is under it, in memory/
+V1_UNLIMITED = 1 << 62  # cgroup v1 writes "no limit" as 2**63 - 1 rounded down to a page
+
+
+def _kib(text: str) -> dict[str, int]:
+    """/proc/meminfo's "Key:   123 kB" lines as {key: KiB}."""
+    kib = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[0].isdigit():
+            kib[key.strip()] = int(parts[0])
+    return kib
+
+
+def meminfo_available(text: str, swap: bool = True) -> int | None:
+    """Bytes a process can still get, from /proc/meminfo's text: MemAvailable plus SwapFree (swap False: without,
+    for page-locked memory); None without them."""
+    kib = _kib(text)
+    if "MemAvailable" not in kib:
+        return None
+    return (kib["MemAvailable"] + (kib.get("SwapFree", 0) if swap else 0)) * 1024
+
+
+def _read_int(path: Path) -> int | None:
+    """A cgroup file's number; None where it is missing, unreadable or "max" (no limit)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _dirs(mount: Path, relative: str) -> list[Path]:
+    """The process's cgroup and its ancestors as far as `mount` shows them, innermost first. Inside a container
+    the path /proc/self/cgroup names is often not there (the mount is the container's own cgroup): the mount."""
+    parts = [p for p in relative.strip().strip("/").split("/") if p and p != ".."]
+    return [d for d in (mount.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)) if d.is_dir()]
+
+
+def cgroup_available(cgroup_text: str, root: Path = CGROUP_ROOT, swap_free: int = 0,
+                     swap: bool = True) -> int | None:
+    """Bytes the memory cgroups this process is in still allow, the tightest along its path (cgroup_text is
+    /proc/self/cgroup's): limit less usage, plus the inactive page cache, which the kernel reclaims before it
+    ends anything; with swap, plus what the cgroup may still swap (v2's memory.swap.max; else swap_free, the
+    machine's). None where no cgroup on the path has a memory limit, or the files are not there."""
+    v1 = v2 = None
+    for line in cgroup_text.splitlines():
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if "memory" in controllers.split(","):
+            v1 = path
+        elif hierarchy == "0" and controllers == "":
+            v2 = path
+    if v1 is not None and (root / "memory").is_dir():
+        mount, names = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    elif v2 is not None:
+        mount, names = root, ("memory.max", "memory.current", "inactive_file")
+    else:
+        return None
+    best = None
+    for d in _dirs(mount, v1 if v1 is not None else v2):
+        limit, usage = _read_int(d / names[0]), _read_int(d / names[1])
+        if limit is None or usage is None or limit >= V1_UNLIMITED:
+            continue
+        room = max(0, limit - usage) + _stat(d / "memory.stat", names[2])
+        if swap:
+            swap_limit, swapped = _read_int(d / "memory.swap.max"), _read_int(d / "memory.swap.current")
+            v2_swap = (d / "memory.swap.max").exists() and swap_limit is not None and swapped is not None
+            room += min(swap_free, max(0, swap_limit - swapped)) if v2_swap else swap_free
+        best = room if best is None else min(best, room)
+    return best
+
+
+def available_ram(swap: bool = True) -> int | None:
+    """Bytes this process can still take (swap False: without swap, for page-locked memory): meminfo_available,
+    bounded by cgroup_available; None where not known (not Linux)."""
+    try:
+        meminfo = PROC_MEMINFO.read_text()
+    except OSError:
+        return None
+    have = meminfo_available(meminfo, swap)
+    try:
+        cgroup_text = PROC_CGROUP.read_text()
+    except OSError:
+        return have
+    limited = cgroup_available(cgroup_text, CGROUP_ROOT, _kib(meminfo).get("SwapFree", 0) * 1024, swap)
+    return limited if have is None else have if limited is None else min(have, limited)
