@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 import weakref
 
 import pytest
@@ -94,6 +95,73 @@ def test_an_idle_model_is_unloaded_to_leave_the_new_one_room_for_its_kv_cache(gp
         assert state["used"] == state["held"] and kv > 0
         b = await manager.get("b")
         assert list(manager.loaded) == ["b"] and b.engine.host_layers == [] and state["loads"] == ["a", "b"]
+
+    asyncio.run(run())
+
+
+def test_a_load_outlives_the_request_that_gave_up_on_it(gpu, monkeypatch):
+    """A client that goes away while its model loads (the worker thread cannot be stopped): the load goes on,
+    keeps the model's lock and registers the model; the next request for it waits for that load instead of
+    starting a second one beside it (twice the memory), and a load of another model waits its turn."""
+    import dgemma.plugin.cuda.weights as cw
+
+    manager, state = gpu
+    state["capacity"] = state["need"] * 3
+    go, calls = threading.Event(), []
+    load = cw.load_cuda_weights
+
+    def slow(*a):
+        calls.append(a[2].stem)
+        assert go.wait(30)
+        return load(*a)
+
+    monkeypatch.setattr(cw, "load_cuda_weights", slow)
+
+    async def run() -> None:
+        first = asyncio.create_task(manager.get("a"))
+        while not calls:
+            await asyncio.sleep(0.01)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        second, other = asyncio.create_task(manager.get("a")), asyncio.create_task(manager.get("b"))
+        await asyncio.sleep(0.3)
+        assert calls == ["a"] and not second.done() and not other.done()
+        go.set()
+        a, b = await second, await other
+        assert calls == ["a", "b"] and state["loads"] == ["a", "b"] and state["used"] == 2 * state["held"]
+        assert manager.loaded == {"a": a, "b": b} and second in a.claims and other in b.claims
+
+    asyncio.run(run())
+
+
+def test_a_failed_load_whose_request_gave_up_leaves_the_model_free_to_load(gpu, monkeypatch):
+    import dgemma.plugin.cuda.weights as cw
+
+    manager, state = gpu
+    state["capacity"] = state["need"] * 3
+    go, fail = threading.Event(), [True]
+    load = cw.load_cuda_weights
+
+    def flaky(*a):
+        assert go.wait(30)
+        if fail[0]:
+            raise RuntimeError("a kernel that does not compile")
+        return load(*a)
+
+    monkeypatch.setattr(cw, "load_cuda_weights", flaky)
+
+    async def run() -> None:
+        first = asyncio.create_task(manager.get("a"))
+        await asyncio.sleep(0.2)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        go.set()
+        await asyncio.sleep(0.2)  # the load fails in its own task: its lock is released, its error retrieved
+        fail[0] = False
+        a = await asyncio.wait_for(manager.get("a"), 30)
+        assert manager.loaded == {"a": a} and state["loads"] == ["a"]
 
     asyncio.run(run())
 

@@ -81,29 +81,52 @@ class ModelManager:
         self._one_load = asyncio.Lock()  # one load (and its unloading for room) at a time: two would both see the room
 
     async def get(self, name: str) -> LoadedModel:
-        """The loaded model for `name`, loading it (in a worker thread) on first use."""
+        """The loaded model for `name`, loading it (in a worker thread) on first use. A load outlives a request
+        that goes away meanwhile (a client that gives up, a cancelled task): the thread cannot be stopped, so the
+        load goes on in its own task, keeps the model's lock until it ends, and registers the model, which then
+        stays for the default keep-alive; a request for it meanwhile waits for that load rather than start another."""
         entry = await asyncio.to_thread(self.registry.resolve, name)  # raises ModelNotFound
         lock = self._loading.setdefault(entry.name, asyncio.Lock())
-        async with lock:
+        me = asyncio.current_task()
+        await lock.acquire()
+        held = True
+        try:
             model = self.loaded.get(entry.name)
             if model is None or model.entry.path != entry.path:
-                engine = await self._load(entry)
-                info = await asyncio.to_thread(read_model_info, entry.path)
-                model = self.loaded[entry.name] = LoadedModel(entry, engine, info)
-                model.expires_at = expiry(self.default_keep_alive)  # reaped even if no generation ever touches it
-            task = asyncio.current_task()
-            if task is not None:
-                model.claims.add(task)
+                load = asyncio.ensure_future(self._load_registered(entry, me))
+                try:
+                    model = await asyncio.shield(load)
+                except asyncio.CancelledError:
+                    if not load.done():  # the load keeps the lock, and its error (if any) is retrieved
+                        load.add_done_callback(lambda t: (lock.release(), t.cancelled() or t.exception()))
+                        held = False
+                    raise
+            elif me is not None:
+                model.claims.add(me)
+        finally:
+            if held:
+                lock.release()
+        return model
+
+    async def _load_registered(self, entry: ModelEntry, claimant: asyncio.Task | None) -> LoadedModel:
+        """_load, then the model in self.loaded, claimed for the request that asked (in the same step: no other
+        load can take it for idle in between)."""
+        engine = await self._load(entry, claimant)
+        info = await asyncio.to_thread(read_model_info, entry.path)
+        model = self.loaded[entry.name] = LoadedModel(entry, engine, info)
+        model.expires_at = expiry(self.default_keep_alive)  # reaped even if no generation ever touches it
+        if claimant is not None:
+            model.claims.add(claimant)
         return model
 
     @staticmethod
-    def in_use(model: LoadedModel) -> bool:
-        """Whether a request holds it: generating or queued (busy), or another request's task got it from get
-        and has not answered yet."""
-        me = asyncio.current_task()
+    def in_use(model: LoadedModel, me: asyncio.Task | None = None) -> bool:
+        """Whether a request holds it: generating or queued (busy), or a request's task other than `me` (default:
+        the current task) got it from get and has not answered yet."""
+        me = me or asyncio.current_task()
         return model.busy > 0 or any(t is not me and not t.done() for t in model.claims)
 
-    async def _load(self, entry: ModelEntry) -> Engine:
+    async def _load(self, entry: ModelEntry, requester: asyncio.Task | None = None) -> Engine:
         """Engine.load in a worker thread. Where the GPU (or, for the torch backend, the machine) has too little
         free memory for the model, the models there that no request holds are unloaded one at a time, the soonest
         to expire first, until it loads. With none left (also for a model larger than the whole GPU, unless even
@@ -121,7 +144,7 @@ class ModelManager:
                 except MemoryShortageError as e:
                     # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
                     idle = [(m.expires_at, name) for name, m in self.loaded.items()
-                            if m.engine.device.type == e.device_type and not self.in_use(m)]
+                            if m.engine.device.type == e.device_type and not self.in_use(m, requester)]
                     streams_next = (isinstance(e, GpuMemoryError) and host == 0 and self.host_experts == "auto"
                                     and not e.streaming_hopeless)
                     if idle and (streams_next or not e.hopeless):  # what unloading frees: room, or fewer layers streamed
