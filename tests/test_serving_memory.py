@@ -20,7 +20,7 @@ from cuda_util import cpu_cuda_weights
 from dgemma.plugin.config import ModelConfig
 from dgemma.plugin.cuda import offload
 from dgemma.plugin.cuda.weights import vram_estimate
-from dgemma.plugin.engine import GpuMemoryError
+from dgemma.plugin.engine import GpuMemoryError, RamShortageError
 from dgemma.plugin.inspect import open_gguf
 from dgemma.plugin.registry import Registry
 from dgemma.plugin.server.serving import ModelManager
@@ -162,6 +162,28 @@ def test_a_failed_load_whose_request_gave_up_leaves_the_model_free_to_load(gpu, 
         fail[0] = False
         a = await asyncio.wait_for(manager.get("a"), 30)
         assert manager.loaded == {"a": a} and state["loads"] == ["a"]
+
+    asyncio.run(run())
+
+
+def test_an_idle_model_streaming_experts_is_unloaded_for_the_host_ram_they_hold(gpu, monkeypatch):
+    """--host-experts N: each model keeps N layers' experts in page-locked host RAM. Where the machine has too
+    little left for the next one's, an idle model that streams is unloaded for it (its RAM, not its VRAM)."""
+    manager, state = gpu
+    state["capacity"] = state["need"] * 3  # VRAM enough for all
+    manager.host_experts = 3
+    a = asyncio.run(manager.get("a"))
+    per_model = a.engine.host_bytes
+    assert a.engine.host_layers == [1, 2, 3] and per_model > 0
+    monkeypatch.setattr(offload, "available_ram",
+                        lambda swap=True: per_model * 3 // 2 - sum(m.engine.host_bytes for m in manager.loaded.values()))
+
+    async def run() -> None:
+        b = await manager.get("b")
+        assert list(manager.loaded) == ["b"] and b.engine.host_layers == [1, 2, 3]
+        b.busy = 1  # held: nothing to unload, the error
+        with pytest.raises(RamShortageError, match="kept in host RAM need"):
+            await manager.get("c")
 
     asyncio.run(run())
 

@@ -144,7 +144,7 @@ class ModelManager:
                 except MemoryShortageError as e:
                     # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
                     idle = [(m.expires_at, name) for name, m in self.loaded.items()
-                            if m.engine.device.type == e.device_type and not self.in_use(m, requester)]
+                            if _holds(m.engine, e.device_type) and not self.in_use(m, requester)]
                     streams_next = (isinstance(e, GpuMemoryError) and host == 0 and self.host_experts == "auto"
                                     and not e.streaming_hopeless)
                     if idle and (streams_next or not e.hopeless):  # what unloading frees: room, or fewer layers streamed
@@ -175,6 +175,12 @@ class ModelManager:
         while True:
             await asyncio.sleep(interval)
             self.reap()
+
+
+def _holds(engine: Engine, device_type: str) -> bool:
+    """Whether unloading this engine frees memory of that kind: its device's, and host RAM ("cpu") for the
+    experts a cuda model streams from there (page-locked, plugin/cuda/offload.py)."""
+    return engine.device.type == device_type or (device_type == "cpu" and engine.host_bytes > 0)
 
 
 def generate_stream(manager: ModelManager, model: LoadedModel, prompt: Any, options: GenerateOptions,
