@@ -290,6 +290,9 @@ class Engine:
                       "the torch backend holds the weights as float32: use the cuda backend")
             raise GpuMemoryError(f"{path}: the GPU ran out of memory while loading this model: {advice}, or free GPU "
                                  "memory")
+        if graphs and host_layers:  # (asked for: the default is quietly off)
+            warnings.warn(f"{path}: CUDA graphs are off while experts stream from host RAM (graphs=True ignored)",
+                          RuntimeWarning, stacklevel=2)
         engine = cls(path, cfg, tokenizer, model, time.perf_counter_ns() - t0, torch.device(device), rng, kv_cache,
                      graphs=backend == "cuda" and graphs is not False and not host_layers)
         engine.matmul, engine.backend, engine.host_layers = plan, backend, host_layers

@@ -231,6 +231,8 @@ def test_auto_streams_as_few_layers_as_the_gpu_needs_and_generates_the_same_toke
         load(host_experts=2)  # as asked: two slots for two layers save nothing
     free["bytes"] = whole
     assert load(host_experts=2).host_layers == [1, 3]
+    with pytest.warns(RuntimeWarning, match="CUDA graphs are off while experts stream"):
+        assert not load(host_experts=3, graphs=True).graphs
     free["bytes"] = vram_estimate(reader, cfg, [0, 1, 2, 3]).total - 1
     with pytest.raises(GpuMemoryError, match="with the experts of 4 of 4 layers in host RAM"):
         load()
