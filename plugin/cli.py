@@ -109,6 +109,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ps(args: argparse.Namespace) -> int:
+    from .remote import RemoteError, ps_table, running, server_url
+
+    try:
+        print(ps_table(running(server_url(args.host, args.port), args.api_key)))
+    except RemoteError as e:
+        return _fail(str(e))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from .remote import RemoteError, server_url, stop
+
+    try:
+        stop(server_url(args.host, args.port), args.name, args.api_key)
+    except RemoteError as e:
+        return _fail(str(e))
+    return 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from .registry import Registry, RegistryError
 
@@ -183,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .engine import BACKEND_CHOICES
     from .run import add_arguments as add_run_arguments
     from .run import host_experts_arg
+    from .server import DEFAULT_HOST, DEFAULT_PORT
 
     p = argparse.ArgumentParser(prog="dgemma", description="Run DiffusionGemma locally: convert, inspect, run, serve.")
     p.add_argument("--version", action="version", version=f"dgemma {__version__}")
@@ -198,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="An Ollama-compatible (/api) and OpenAI-compatible (/v1) server for the models "
                                     "in the models directory ($DGEMMA_MODELS, default ~/.dgemma/models), plus the "
                                     "bundled default model.")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=11435, help="port (default 11435; Ollama itself uses 11434)")
+    sv.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    sv.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; Ollama itself uses 11434)")
     sv.add_argument("--models", metavar="DIR", help="models directory (default: $DGEMMA_MODELS or ~/.dgemma/models)")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (needed to listen beyond loopback)")
     sv.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
@@ -221,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     mf = sub.add_parser("manifests", help="write provider files for Open WebUI, Continue, LiteLLM, AnythingLLM, Jan, "
                                           "LM Studio", description="Render drop-in provider files pointing at dgemma serve.")
     mf.add_argument("--out", required=True, metavar="DIR")
-    mf.add_argument("--host", default="127.0.0.1")
-    mf.add_argument("--port", type=int, default=11435)
+    mf.add_argument("--host", default=DEFAULT_HOST)
+    mf.add_argument("--port", type=int, default=DEFAULT_PORT)
     mf.add_argument("--models", help="comma-separated model names (default: every model dgemma serves)")
     mf.set_defaults(func=cmd_manifests)
 
@@ -239,6 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list the models dgemma serves")
     ls.set_defaults(func=cmd_list)
+    ps = sub.add_parser("ps", help="list the models a running dgemma serve has loaded (as ollama ps)",
+                        description="The models a running `dgemma serve` has loaded: size, where their bytes are "
+                                    "(GPU, CPU, or split where experts stream from host RAM), context, keep-alive.")
+    st = sub.add_parser("stop", help="unload a model from a running dgemma serve (as ollama stop)",
+                        description="Unload a model that a running `dgemma serve` has loaded.")
+    st.add_argument("name", metavar="NAME")
+    for client in (ps, st):
+        client.add_argument("--host", default=DEFAULT_HOST,
+                            help=f"the server's address, or its URL (default {DEFAULT_HOST})")
+        client.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the server's port (default {DEFAULT_PORT})")
+        client.add_argument("--api-key", help="the key the server was started with (--api-key)")
+    ps.set_defaults(func=cmd_ps)
+    st.set_defaults(func=cmd_stop)
     im = sub.add_parser("import", help="add a DiffusionGemma GGUF to the models directory")
     im.add_argument("file", metavar="FILE.gguf")
     im.add_argument("--name", help="model name (default from metadata, e.g. diffusiongemma:26b-a4b-q4_K_M)")

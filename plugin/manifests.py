@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DEFAULT_BASE_URL = "http://127.0.0.1:11435"
+from .server import DEFAULT_HOST, DEFAULT_PORT
+
+DEFAULT_BASE_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 DEFAULT_MODELS = ("default:latest",)
 DUMMY_KEY = "sk-dgemma-local"  # OpenAI clients insist on a key; dgemma serve ignores it unless --api-key
 

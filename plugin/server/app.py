@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..registry import ModelEntry, ModelInfo, ModelNotFound, Registry, read_model_info
-from . import ollama, openai
+from . import DEFAULT_HOST, DEFAULT_PORT, ollama, openai
 from . import protocol as P
 from .serving import DEFAULT_KEEP_ALIVE, ApiError, ModelManager
 
@@ -28,8 +28,8 @@ UPSTREAM_LIST_TTL = 5.0  # seconds a fetched upstream model list is reused
 
 @dataclass
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 11435
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
     models: Path | None = None
     api_key: str | None = None
     insecure: bool = False
