@@ -32,15 +32,18 @@ def float32_bytes(reader: GGUFReader, cfg: ModelConfig) -> int:
     return total
 
 
-def ram_shortage(reader: GGUFReader, cfg: ModelConfig, path: str | Path) -> str | None:
+def ram_shortage(reader: GGUFReader, cfg: ModelConfig, path: str | Path, cuda_error: str | None = None) -> str | None:
     """None where this machine's available memory holds the torch backend's float32 weights (float32_bytes) or
-    cannot be known, else the one-line error saying so."""
+    cannot be known, else the one-line error saying so (cuda_error: why the cuda backend, which it would advise,
+    already failed to load the model)."""
     need, avail = float32_bytes(reader, cfg), available_ram()
     if avail is None or need <= avail:
         return None
+    advice = ("run the model on an NVIDIA GPU with the cuda backend (pip install 'dgemma[cuda12]' or "
+              "'dgemma[cuda13]'), which keeps them quantized" if cuda_error is None else
+              f"the cuda backend, which keeps them quantized, could not load it ({cuda_error})")
     return (f"{path}: the torch backend holds the weights as float32, about {need / GiB:.1f} GiB, but this machine "
-            f"has {avail / GiB:.1f} GiB of memory available: run the model on an NVIDIA GPU with the cuda backend "
-            "(pip install 'dgemma[cuda12]' or 'dgemma[cuda13]'), which keeps them quantized")
+            f"has {avail / GiB:.1f} GiB of memory available: {advice}")
 
 
 def tensor_to_torch(t: ReaderTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
