@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "in the models directory ($DGEMMA_MODELS, default ~/.dgemma/models), plus the "
                                     "bundled default model.")
     sv.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
-    sv.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; Ollama itself uses 11434)")
+    sv.add_argument("--port", type=int, default=DEFAULT_PORT,
+                    help=f"port (default {DEFAULT_PORT}; Ollama itself uses 11434)")
     sv.add_argument("--models", metavar="DIR", help="models directory (default: $DGEMMA_MODELS or ~/.dgemma/models)")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (needed to listen beyond loopback)")
     sv.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
@@ -269,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     for client in (ps, st):
         client.add_argument("--host", default=DEFAULT_HOST,
                             help=f"the server's address, or its URL (default {DEFAULT_HOST})")
-        client.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the server's port (default {DEFAULT_PORT})")
+        client.add_argument("--port", type=int, default=DEFAULT_PORT,
+                            help=f"the server's port (default {DEFAULT_PORT})")
         client.add_argument("--api-key", help="the key the server was started with (--api-key)")
     ps.set_defaults(func=cmd_ps)
     st.set_defaults(func=cmd_stop)
