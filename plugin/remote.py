@@ -4,12 +4,12 @@ or "27%/73% CPU/GPU" for a cuda model whose experts partly stream from host RAM 
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import datetime, timezone
 from typing import Any
 
 import httpx
-
-from .server.protocol import FOREVER
 
 TIMEOUT = 30.0
 
@@ -24,10 +24,12 @@ def server_url(host: str, port: int) -> str:
 
 def _request(method: str, url: str, api_key: str | None, **kw: Any) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    base = url.split("/api/")[0]
     try:
         r = httpx.request(method, url, headers=headers, timeout=TIMEOUT, **kw)
+    except httpx.TimeoutException:
+        raise RemoteError(f"the dgemma server at {base} did not answer within {TIMEOUT:.0f} s") from None
     except httpx.HTTPError as e:
-        base = url.split("/api/")[0]
         raise RemoteError(f"could not reach a dgemma server at {base} ({type(e).__name__}): start one with "
                           "`dgemma serve`, or name it with --host/--port") from None
     try:
@@ -43,39 +45,66 @@ def _request(method: str, url: str, api_key: str | None, **kw: Any) -> dict[str,
 
 
 def human_bytes(n: int) -> str:
-    """Ollama's format.HumanBytes: decimal units, "17 GB", "40 MB", "512 B"."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    """As Ollama's format.HumanBytes: decimal units; from 10 up the whole number ("17 GB", cut, not rounded),
+    below it one decimal where there is a fraction ("2.5 MB", "2 GB")."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= size:
             value = n / size
-            return f"{value:.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
+            return f"{int(value)} {unit}" if value >= 10 or value == int(value) else f"{value:.1f} {unit}"
     return f"{n} B"
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)  # (Go's math.Round for the non-negative numbers here; Python's round is to even)
 
 
 def processor(size: int, size_vram: int) -> str:
     """Where the model's bytes are, as `ollama ps` says it."""
-    if size_vram <= 0:
+    if size_vram == 0:
         return "100% CPU"
-    if size <= 0 or size_vram >= size:  # (two slots can exceed what a few streamed layers save)
+    if size_vram == size:
         return "100% GPU"
-    cpu = round((size - size_vram) / size * 100)
+    if size_vram > size or size <= 0:
+        return "Unknown"
+    cpu = _round_half_up((size - size_vram) / size * 100)
     return f"{cpu}%/{100 - cpu}% CPU/GPU"
 
 
+def _duration(seconds: float) -> str:
+    """A duration in words, in the steps `ollama ps` uses."""
+    if seconds < 1:
+        return "Less than a second"
+    if seconds < 60:
+        return "1 second" if int(seconds) == 1 else f"{int(seconds)} seconds"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return "About a minute" if minutes == 1 else f"{minutes} minutes"
+    hours = _round_half_up(seconds / 3600)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // (24 * 7)} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // (24 * 30)} months"
+    return f"{int(seconds // 3600) // (24 * 365)} years"
+
+
 def until(expires_at: str, now: datetime | None = None) -> str:
-    """How long until a model's keep-alive ends: "Forever", "4 minutes from now", "Stopping..."."""
+    """How long until a model's keep-alive ends, as `ollama ps` says it: "4 minutes from now", "Forever" (more
+    than 20 years ahead: keep_alive -1), "Stopping..." (past: it goes once its requests are done)."""
     if not expires_at:
-        return ""
-    if expires_at == FOREVER or expires_at.startswith("2262-"):
-        return "Forever"
-    then = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
-    left = (then - (now or datetime.now(timezone.utc))).total_seconds()
-    if left <= 0:
+        return "Never"
+    text = re.sub(r"(\.\d{6})\d+", r"\1", expires_at.replace("Z", "+00:00"))  # (Go writes nanoseconds)
+    left = (datetime.fromisoformat(text) - (now or datetime.now(timezone.utc))).total_seconds()
+    if left < 0:
         return "Stopping..."
-    for unit, size in (("hour", 3600), ("minute", 60), ("second", 1)):
-        if left >= size:
-            n = int(left // size)
-            return f"{n} {unit}{'s' if n != 1 else ''} from now"
-    return "Less than a second from now"
+    if int(left // 3600) // 24 // 365 > 20:
+        return "Forever"
+    return f"{_duration(left)} from now"
 
 
 def running(url: str, api_key: str | None = None) -> list[dict[str, Any]]:

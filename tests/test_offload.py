@@ -218,7 +218,7 @@ def test_auto_streams_as_few_layers_as_the_gpu_needs_and_generates_the_same_toke
     assert offload.vram_saving(sizes, [1, 2, 3]) < reserve <= offload.vram_saving(sizes, [0, 1, 2, 3])
     engine = load()
     assert engine.host_layers == [0, 1, 2, 3] and not engine.graphs
-    assert engine.host_bytes == sum(map(sum, sizes)) > 0  # /api/ps: size_vram leaves them out, counts the slots
+    assert engine.host_bytes == sum(map(sum, sizes)) > 0  # /api/ps: size_vram leaves them out
     assert engine.slot_bytes == 2 * offload.slot_bytes(*sizes[0])
     assert "experts of 4 of 4 layers streamed from host RAM" in engine.describe()
     assert engine.notice.startswith("default.gguf: the experts of 4 of 4 layers (0.01 GiB) stay in host RAM and are "

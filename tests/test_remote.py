@@ -34,18 +34,29 @@ def port_of(url: str) -> str:
 
 
 def test_columns():
+    """As `ollama ps` prints them (its cmd.ListRunningHandler, format.HumanBytes and format.HumanTime)."""
     assert processor(1000, 0) == "100% CPU" and processor(1000, 1000) == "100% GPU"
     assert processor(1000, 730) == "27%/73% CPU/GPU"  # experts of some layers in host RAM
-    assert processor(1000, 1010) == "100% GPU"  # two slots outweigh what few streamed layers save
-    assert human_bytes(17_300_000_000) == "17 GB" and human_bytes(41_000_000) == "41 MB"
-    assert human_bytes(2_500_000) == "2.5 MB" and human_bytes(512) == "512 B"
+    assert processor(1000, 875) == "13%/87% CPU/GPU"  # halves round up (Go's math.Round), not to even
+    assert processor(1000, 1010) == "Unknown" and processor(0, 5) == "Unknown"
+    assert human_bytes(17_900_000_000) == "17 GB" and human_bytes(41_000_000) == "41 MB"  # cut, not rounded
+    assert human_bytes(2_500_000) == "2.5 MB" and human_bytes(2_000_000_000) == "2 GB" and human_bytes(512) == "512 B"
+    assert human_bytes(1_200_000_000_000) == "1.2 TB"
     now = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
-    assert until(FOREVER, now) == "Forever"
-    assert until((now + timedelta(minutes=4, seconds=59)).isoformat(), now) == "4 minutes from now"
-    assert until((now + timedelta(seconds=1)).isoformat(), now) == "1 second from now"
+
+    def ahead(**kw) -> str:
+        return until((now + timedelta(**kw)).isoformat(), now)
+
+    assert until(FOREVER, now) == "Forever" and until("", now) == "Never"
+    assert ahead(minutes=4, seconds=59) == "4 minutes from now" and ahead(seconds=1) == "1 second from now"
+    assert ahead(seconds=30) == "30 seconds from now" and ahead(milliseconds=300) == "Less than a second from now"
+    assert ahead(seconds=90) == "About a minute from now" and ahead(minutes=70) == "About an hour from now"
+    assert ahead(hours=1, minutes=50) == "2 hours from now" and ahead(days=3) == "3 days from now"
+    assert ahead(days=20) == "2 weeks from now" and ahead(days=100) == "3 months from now"
+    assert ahead(days=900) == "2 years from now"
     assert until((now + timedelta(hours=2)).astimezone(timezone(timedelta(hours=5))).isoformat(), now) == \
         "2 hours from now"  # (the server writes local time with its offset)
-    assert until((now - timedelta(seconds=3)).isoformat(), now) == "Stopping..."
+    assert ahead(seconds=-3) == "Stopping..."
     table = ps_table([{"name": "diffusiongemma:26b", "digest": "ab" * 32, "size": 17_300_000_000,
                        "size_vram": 12_600_000_000, "context_length": 262144, "expires_at": FOREVER}], now)
     header, row = table.splitlines()
@@ -68,8 +79,7 @@ def test_ps_and_stop_against_a_running_server(models):
         listed = client.ps().models[0]
         assert row[:2] == ["default:latest", listed.digest[:12]] and " ".join(row[2:4]) == human_bytes(size)
         assert " ".join(row[4:6]) == "100% CPU"  # (no GPU here: the torch backend)
-        assert row[6] == str(listed.context_length) and " ".join(row[7:]) in ("4 minutes from now",
-                                                                            "5 minutes from now")
+        assert row[6] == str(listed.context_length) and " ".join(row[7:]) == "4 minutes from now"
         stopped = dgemma("stop", "default", "--port", port)
         assert stopped.returncode == 0, stopped.stderr
         assert client.ps().models == []

@@ -9,9 +9,11 @@ next load would fail."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import threading
 import weakref
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -140,12 +142,14 @@ def test_a_failed_load_whose_request_gave_up_leaves_the_model_free_to_load(gpu, 
 
     manager, state = gpu
     state["capacity"] = state["need"] * 3
-    go, fail = threading.Event(), [True]
+    go, raised, calls = threading.Event(), threading.Event(), []
     load = cw.load_cuda_weights
 
     def flaky(*a):
+        calls.append(a[2].stem)
         assert go.wait(30)
-        if fail[0]:
+        if len(calls) == 1:
+            raised.set()
             raise RuntimeError("a kernel that does not compile")
         return load(*a)
 
@@ -153,15 +157,72 @@ def test_a_failed_load_whose_request_gave_up_leaves_the_model_free_to_load(gpu, 
 
     async def run() -> None:
         first = asyncio.create_task(manager.get("a"))
-        await asyncio.sleep(0.2)
+        while not calls:  # its thread is loading
+            await asyncio.sleep(0.01)
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
         go.set()
-        await asyncio.sleep(0.2)  # the load fails in its own task: its lock is released, its error retrieved
-        fail[0] = False
-        a = await asyncio.wait_for(manager.get("a"), 30)
-        assert manager.loaded == {"a": a} and state["loads"] == ["a"]
+        while not raised.is_set():
+            await asyncio.sleep(0.01)
+        a = await asyncio.wait_for(manager.get("a"), 30)  # the failed load's task released the model's lock
+        assert calls == ["a", "a"] and manager.loaded == {"a": a} and state["loads"] == ["a"]
+
+    asyncio.run(run())
+
+
+def test_a_queued_load_that_no_request_wants_any_more_is_dropped(gpu, monkeypatch):
+    """b's request goes away while b's load waits behind a's: b is not loaded (nor anything unloaded for it)."""
+    import dgemma.plugin.cuda.weights as cw
+
+    manager, state = gpu
+    state["capacity"] = state["need"] * 3
+    go, calls = threading.Event(), []
+    load = cw.load_cuda_weights
+
+    def slow(*a):
+        calls.append(a[2].stem)
+        assert go.wait(30)
+        return load(*a)
+
+    monkeypatch.setattr(cw, "load_cuda_weights", slow)
+
+    async def run() -> None:
+        a = asyncio.create_task(manager.get("a"))
+        while not calls:
+            await asyncio.sleep(0.01)
+        b = asyncio.create_task(manager.get("b"))
+        await asyncio.sleep(0.2)
+        b.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await b
+        go.set()
+        await a
+        for _ in range(20):  # b's load task, let go by a's: it ends without loading
+            await asyncio.sleep(0.01)
+        assert calls == ["a"] and list(manager.loaded) == ["a"] and not manager._loading["b"].locked()
+        assert (await manager.get("b")).entry.name == "b" and calls == ["a", "b"]  # asked again: it loads
+
+    asyncio.run(run())
+
+
+def test_keep_alive_0_unloads_once_the_requests_holding_the_model_are_done(gpu):
+    """As Ollama's `ollama stop` on a model that is generating: it goes when the generation ends, whatever that
+    request's own keep_alive; a model loaded again later is not marked."""
+    manager, state = gpu
+    state["capacity"] = state["need"] * 3
+
+    async def run() -> None:
+        a = await manager.get("a")
+        a.busy = 1  # generating
+        manager.touch(a, 0)  # (the stop request)
+        assert "a" in manager.loaded and a.stopping
+        a.busy = 0
+        manager.touch(a, 300)  # the generation ends with its keep_alive
+        assert "a" not in manager.loaded
+        again = await manager.get("a")
+        manager.touch(again, 300)
+        assert manager.loaded == {"a": again} and not again.stopping
 
     asyncio.run(run())
 
@@ -367,23 +428,12 @@ def test_the_torch_backend_unloads_an_idle_model_for_want_of_ram(default_gguf, t
     asyncio.run(run())
 
 
-def test_ps_reports_streamed_experts_outside_size_vram(gpu, default_gguf, tmp_path, capsys):
-    """Through the real server on loopback (in this process, where the stand-in GPU is) and the official ollama
-    client: a model that streams its experts reports in /api/ps the file's size less the streamed bytes plus the
-    slots they are copied into, and the server's log says it streams."""
-    import threading
-
-    import ollama
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """The app on a loopback port in this process (where the stand-in GPU is), served by uvicorn in a thread."""
     import uvicorn
     from server_util import free_port
 
-    from dgemma.plugin.server.app import ServerConfig, create_app
-
-    manager, state = gpu
-    reader = open_gguf(default_gguf)
-    cfg = ModelConfig.from_gguf(reader, default_gguf)
-    state["capacity"] = vram_estimate(reader, cfg, [0, 1, 2, 3]).total  # the whole GPU: all four layers stream
-    app = create_app(ServerConfig(models=manager.registry.root, backend="cuda"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -391,15 +441,57 @@ def test_ps_reports_streamed_experts_outside_size_vram(gpu, default_gguf, tmp_pa
         while not server.started:
             thread.join(0.05)
             assert thread.is_alive()
-        client = ollama.Client(host=f"http://127.0.0.1:{server.config.port}")
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_ps_reports_streamed_experts_outside_size_vram(gpu, default_gguf, capsys):
+    """Through the real server on loopback and the official ollama client: a model that streams its experts
+    reports in /api/ps as its size the file's plus the slots the experts are copied into, and as size_vram that
+    less the streamed bytes; `dgemma ps` shows the share in host RAM as CPU; the server's log says it streams."""
+    import ollama
+
+    from dgemma.plugin.remote import processor, ps_table, running
+    from dgemma.plugin.server.app import ServerConfig, create_app
+
+    manager, state = gpu
+    reader = open_gguf(default_gguf)
+    cfg = ModelConfig.from_gguf(reader, default_gguf)
+    state["capacity"] = vram_estimate(reader, cfg, [0, 1, 2, 3]).total  # the whole GPU: all four layers stream
+    app = create_app(ServerConfig(models=manager.registry.root, backend="cuda"))
+    with serving(app) as url:
+        client = ollama.Client(host=url)
         assert client.generate(model="a", prompt="").done_reason == "load"
         (loaded,) = client.ps().models
         engine = app.state.dgemma.manager.loaded["a"].engine
         sizes = offload.expert_bytes(reader, cfg.n_layer)
         host, slots = sum(map(sum, sizes)), 2 * offload.slot_bytes(*sizes[0])
         assert engine.host_layers == [0, 1, 2, 3] and (engine.host_bytes, engine.slot_bytes) == (host, slots)
-        assert loaded.size_vram == loaded.size - host + slots and loaded.size == default_gguf.stat().st_size
+        assert loaded.size == default_gguf.stat().st_size + slots and loaded.size_vram == loaded.size - host
+        split = processor(loaded.size, loaded.size_vram)  # what `dgemma ps` (and `ollama ps`) show
+        assert split.endswith("% CPU/GPU") and split != "0%/100% CPU/GPU" and split in ps_table(running(url))
         assert "dgemma serve: a.gguf: the experts of 4 of 4 layers (0.01 GiB) stay in host RAM" in capsys.readouterr().out
-    finally:
-        server.should_exit = True
-        thread.join(10)
+
+
+def test_a_stop_request_unloads_without_loading_first(gpu):
+    """keep_alive 0 with nothing to generate (`ollama stop`, `dgemma stop`): the model goes if it is loaded, and
+    is not loaded first to be unloaded (which could unload idle models for it); an unknown name is a 404."""
+    import ollama
+
+    from dgemma.plugin.remote import stop
+    from dgemma.plugin.server.app import ServerConfig, create_app
+
+    manager, state = gpu
+    state["capacity"] = state["need"] * 3
+    with serving(create_app(ServerConfig(models=manager.registry.root, backend="cuda"))) as url:
+        client = ollama.Client(host=url)
+        assert client.generate(model="a", prompt="", keep_alive=0).done_reason == "unload"
+        assert client.chat(model="a", messages=[], keep_alive=0).done_reason == "unload"
+        assert state["loads"] == [] and client.ps().models == []
+        with pytest.raises(ollama.ResponseError) as e:
+            client.generate(model="nope", prompt="", keep_alive=0)
+        assert e.value.status_code == 404
+        assert client.chat(model="a", messages=[]).done_reason == "load" and state["loads"] == ["a"]
+        assert stop(url, "a") == "a:latest" and client.ps().models == [] and state["loads"] == ["a"]

@@ -59,6 +59,14 @@ async def _load(request: Request, name: str) -> tuple[LoadedModel, int]:
     return model, time.perf_counter_ns() - t0
 
 
+async def _stop(request: Request, name: str) -> None:
+    """keep_alive 0 with nothing to generate (`ollama stop`): unload the model without loading it first."""
+    try:
+        await _state(request).manager.stop(name)
+    except ModelNotFound:
+        raise ApiError(404, f"model '{name}' not found") from None
+
+
 def _unsupported(**fields: Any) -> None:
     reasons = {
         "images": "images are not supported: dgemma serves DiffusionGemma as a text-only model",
@@ -141,10 +149,13 @@ async def ps(request: Request) -> dict[str, Any]:
         left = m.expires_at - time.monotonic()
         expires = P.FOREVER if left == float("inf") else P.rfc3339(datetime.now(timezone.utc) + timedelta(seconds=max(0.0, left)))
         entry = P.tag_entry(m.entry, m.info)
-        # all of it on the GPU but streamed experts (kept in host RAM, plus the slots they are copied into), or none
+        # the file plus the slots streamed experts are copied into; all of it on the GPU but the streamed experts
+        # (kept in host RAM), or none: `ollama ps` shows the share in host RAM as CPU
         engine = m.engine
-        vram = max(0, entry.get("size", 0) - engine.host_bytes + engine.slot_bytes) if engine.device.type == "cuda" else 0
-        out.append({**entry, "expires_at": expires, "size_vram": vram, "context_length": m.engine.cfg.context_length})
+        size = entry.get("size", 0) + engine.slot_bytes
+        vram = size - engine.host_bytes if engine.device.type == "cuda" else 0
+        out.append({**entry, "size": size, "expires_at": expires, "size_vram": vram,
+                    "context_length": m.engine.cfg.context_length})
     return {"models": out}
 
 
@@ -195,12 +206,15 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
         raise ApiError(400, "raw mode does not support template, system, or context")
     if req.template:
         raise ApiError(400, "template overrides are not supported: dgemma renders the model's own chat template")
+    if not req.prompt and keep == 0:
+        await _stop(request, name)
+        return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(), "response": "", "done": True,
+                             "done_reason": "unload"})
     model, load_ns = await _load(request, name)
-    created = P.now_rfc3339()
-    if not req.prompt:  # load (or, with keep_alive 0, unload) the model
+    if not req.prompt:  # load the model
         state.manager.touch(model, keep)
-        reason = "unload" if keep == 0 else "load"
-        return JSONResponse({"model": req.model, "created_at": created, "response": "", "done": True, "done_reason": reason})
+        return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(), "response": "", "done": True,
+                             "done_reason": "load"})
     opts = generate_options(model.engine, req.options)
     if req.raw:
         ids = prompt_ids(model.engine, req.prompt, raw=True)
@@ -231,12 +245,15 @@ async def chat(request: Request, req: P.ChatRequest) -> Response:
     keep = _keep_alive(request, req.keep_alive)
     messages = req.messages or []
     _unsupported(images=any(m.images for m in messages), format=req.format, tools=req.tools)
-    model, load_ns = await _load(request, name)
-    if not messages:
-        state.manager.touch(model, keep)
+    if not messages:  # load the model, or with keep_alive 0 unload it (without loading it first)
+        if keep == 0:
+            await _stop(request, name)
+        else:
+            state.manager.touch((await _load(request, name))[0], keep)
         return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(),
                              "message": {"role": "assistant", "content": ""}, "done": True,
                              "done_reason": "unload" if keep == 0 else "load"})
+    model, load_ns = await _load(request, name)
     opts = generate_options(model.engine, req.options)
     conv = [{"role": m.role.lower(), "content": m.content or ""} for m in messages]
     ids = prompt_ids(model.engine, conv, **_think(req.think))

@@ -16,6 +16,7 @@ import math
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,7 @@ class LoadedModel:
     queue: asyncio.Lock = field(default_factory=asyncio.Lock)
     # the request tasks that got it from ModelManager.get (each ends with its response): in use before busy counts
     claims: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    stopping: bool = False  # asked to unload (keep_alive 0): it goes once no request holds it, whatever their keep_alive
 
 
 class ModelManager:
@@ -79,33 +81,39 @@ class ModelManager:
         self.loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Lock] = {}
         self._one_load = asyncio.Lock()  # one load (and its unloading for room) at a time: two would both see the room
+        self._wanted: Counter[str] = Counter()  # requests in get, per model name: a load none of them wants is dropped
 
     async def get(self, name: str) -> LoadedModel:
         """The loaded model for `name`, loading it (in a worker thread) on first use. A load outlives a request
         that goes away meanwhile (a client that gives up, a cancelled task): the thread cannot be stopped, so the
         load goes on in its own task, keeps the model's lock until it ends, and registers the model, which then
-        stays for the default keep-alive; a request for it meanwhile waits for that load rather than start another."""
+        stays for the default keep-alive; a request for it meanwhile waits for that load rather than start another.
+        A load that has not begun when every request for the model has gone (queued behind another) is dropped."""
         entry = await asyncio.to_thread(self.registry.resolve, name)  # raises ModelNotFound
         lock = self._loading.setdefault(entry.name, asyncio.Lock())
         me = asyncio.current_task()
-        await lock.acquire()
-        held = True
+        self._wanted[entry.name] += 1
         try:
-            model = self.loaded.get(entry.name)
-            if model is None or model.entry.path != entry.path:
-                load = asyncio.ensure_future(self._load_registered(entry, me))
-                try:
-                    model = await asyncio.shield(load)
-                except asyncio.CancelledError:
-                    if not load.done():  # the load keeps the lock, and its error (if any) is retrieved
-                        load.add_done_callback(lambda t: (lock.release(), t.cancelled() or t.exception()))
-                        held = False
-                    raise
-            elif me is not None:
-                model.claims.add(me)
+            await lock.acquire()
+            held = True
+            try:
+                model = self.loaded.get(entry.name)
+                if model is None or model.entry.path != entry.path:
+                    load = asyncio.ensure_future(self._load_registered(entry, me))
+                    try:
+                        model = await asyncio.shield(load)
+                    except asyncio.CancelledError:
+                        if not load.done():  # the load keeps the lock, and its error (if any) is retrieved
+                            load.add_done_callback(lambda t: (lock.release(), t.cancelled() or t.exception()))
+                            held = False
+                        raise
+                elif me is not None:
+                    model.claims.add(me)
+            finally:
+                if held:
+                    lock.release()
         finally:
-            if held:
-                lock.release()
+            self._wanted[entry.name] -= 1
         return model
 
     async def _load_registered(self, entry: ModelEntry, claimant: asyncio.Task | None) -> LoadedModel:
@@ -136,6 +144,8 @@ class ModelManager:
         host = 0 if self.host_experts == "auto" else self.host_experts  # the GPU alone first
         async with self._one_load:
             while True:
+                if not self._wanted[entry.name]:  # every request for it went away while it waited: none is begun
+                    raise asyncio.CancelledError
                 try:
                     engine = await asyncio.to_thread(Engine.load, entry.path, self.backend, host_experts=host)
                     if engine.notice:
@@ -158,9 +168,20 @@ class ModelManager:
                     gc.collect()  # its tensors go back to PyTorch's allocator, which the next check counts as free
 
     def touch(self, model: LoadedModel, keep_alive: float) -> None:
-        model.expires_at = expiry(keep_alive)
-        if keep_alive == 0 and not self.in_use(model) and self.loaded.get(model.entry.name) is model:
+        """A request's keep_alive for the model (at its start and end). 0 unloads it now, or, where requests hold
+        it, once they are done: a later request's own keep_alive does not undo that (as Ollama's expireRunner)."""
+        model.stopping = model.stopping or keep_alive == 0
+        model.expires_at = expiry(0 if model.stopping else keep_alive)
+        if model.stopping and not self.in_use(model) and self.loaded.get(model.entry.name) is model:
             self.unload(model.entry.name)  # (not a newer copy loaded under the same name meanwhile)
+
+    async def stop(self, name: str) -> None:
+        """An empty request with keep_alive 0 (`ollama stop`): unload the model, or once the requests holding it
+        are done; nothing where it is not loaded (it is not loaded first, to be unloaded)."""
+        entry = await asyncio.to_thread(self.registry.resolve, name)  # raises ModelNotFound
+        model = self.loaded.get(entry.name)
+        if model is not None:
+            self.touch(model, 0)
 
     def unload(self, name: str) -> bool:
         return self.loaded.pop(name, None) is not None
