@@ -68,10 +68,10 @@ def weight_bytes(w: Weights) -> int:
 def estimate_8k(cfg: ModelConfig, rows: list) -> float:
     """The converter's VRAM estimate for a plan's tensors at 8K context (quant/planner.py, what --fit holds
     against its budget), without the CUDA context: the part the measured peak (PyTorch's allocator) counts."""
-    from dgemma.quant.planner import nbytes, runtime_breakdown
+    from dgemma.quant.planner import PLAN_CTX, nbytes, runtime_breakdown
 
     weights = sum(nbytes(shape, t) for _, shape, t in rows)
-    return runtime_breakdown(weights, cfg.model_dims(), 8192, cuda_context=0).total / 2**30
+    return runtime_breakdown(weights, cfg.model_dims(), PLAN_CTX, cuda_context=0).total / 2**30
 
 
 def float_weights(w: Weights, device: str) -> Weights:
@@ -280,11 +280,11 @@ def streamed(budget: str, args: argparse.Namespace, cfg: ModelConfig, rows: list
     from dgemma.plugin.cuda import offload
     from dgemma.plugin.cuda.tune import choose
     from dgemma.plugin.cuda.weights import cuda_weights
-    from dgemma.quant.planner import expert_sizes, nbytes, parse_size, runtime_breakdown
+    from dgemma.quant.planner import PLAN_CTX, expert_sizes, nbytes, parse_size, runtime_breakdown
 
     sizes = {n: nbytes(shape, t) for n, shape, t in rows}
     layers_bytes = expert_sizes(sizes, cfg.n_layer)
-    need = runtime_breakdown(sum(sizes.values()), cfg.model_dims(), 8192).total
+    need = runtime_breakdown(sum(sizes.values()), cfg.model_dims(), PLAN_CTX).total
     layers = offload.host_layers_for(layers_bytes, need - parse_size(budget))
     if not layers:
         print(f"plan {plan} at 8K: {need / 2**30:.2f} GiB, which streaming " +

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType
 
-from dgemma.quant.planner import GiB, Plan, fit, nbytes, parse_size
+from dgemma.quant.planner import PLAN_CTX, GiB, Plan, fit, nbytes, parse_size
 from dgemma.quant.presets import PRESETS, Preset
 
 from .arch import ModelConverter, converter_for
 from .source import Checkpoint, ConvertError
 from .writer import parse_type, plan_tensors
 
-DEFAULT_CTX = 8192
+DEFAULT_CTX = PLAN_CTX
 METADATA_ALLOWANCE = 8 << 20  # tokenizer and keys of a 262k-vocabulary model: ~6 MiB
 
 

@@ -199,6 +199,7 @@ def cmd_quant_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from dgemma.convert.writer import OUTPUT_TYPES
+    from dgemma.quant.planner import PLAN_CTX
 
     from .engine import BACKEND_CHOICES
     from .run import add_arguments as add_run_arguments
@@ -296,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(works from config.json alone)")
     c.add_argument("--fit", metavar="SIZE", help="choose types so that the VRAM estimate stays under SIZE (e.g. 12GB; "
                                                  "GB means GiB), starting from --type (a K preset, default Q4_K_M)")
-    c.add_argument("--ctx", type=int, default=8192, help="context length the --fit estimate reserves KV cache for")
+    c.add_argument("--ctx", type=int, default=PLAN_CTX,
+                   help=f"context length the --fit estimate reserves KV cache for (default {PLAN_CTX})")
     c.add_argument("--pad-experts", action="store_true",
                    help="zero-pad expert down rows to a multiple of 256 so K-quants apply (a dgemma-only layout "
                         "that llama.cpp cannot read)")

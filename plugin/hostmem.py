@@ -61,12 +61,43 @@ def _dirs(mount: Path, relative: str) -> list[Path]:
     return [d for d in (mount.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)) if d.is_dir()]
 
 
+def _room(limit: int | None, usage: int | None, cache: int) -> int | None:
+    """What a cgroup's limit still allows: limit less usage (0 past it) plus the reclaimable cache; None where it
+    has no limit or the files are not there."""
+    if limit is None or usage is None or limit >= V1_UNLIMITED:
+        return None
+    return max(0, limit - usage) + cache
+
+
+def _v2_room(d: Path, swap_free: int, swap: bool) -> int | None:
+    room = _room(_read_int(d / "memory.max"), _read_int(d / "memory.current"), _stat(d / "memory.stat", "inactive_file"))
+    if room is None or not swap:
+        return room
+    swap_room = _room(_read_int(d / "memory.swap.max"), _read_int(d / "memory.swap.current"), 0)
+    return room + (swap_free if swap_room is None else min(swap_free, swap_room))  # ("max", or no swap controller)
+
+
+def _v1_room(d: Path, swap_free: int, swap: bool) -> int | None:
+    cache = _stat(d / "memory.stat", "total_inactive_file")
+    limit = _read_int(d / "memory.limit_in_bytes")
+    hierarchical = _stat(d / "memory.stat", "hierarchical_memory_limit")  # an ancestor's the mount may not show
+    if limit is not None and 0 < hierarchical < limit:
+        limit = hierarchical  # (against this cgroup's usage: the ancestor's is not visible)
+    room = _room(limit, _read_int(d / "memory.usage_in_bytes"), cache)
+    if room is None or not swap:
+        return room
+    both = _room(_read_int(d / "memory.memsw.limit_in_bytes"), _read_int(d / "memory.memsw.usage_in_bytes"), cache)
+    return room + swap_free if both is None else min(room + swap_free, both)  # memsw: memory and swap together
+
+
 def cgroup_available(cgroup_text: str, root: Path = CGROUP_ROOT, swap_free: int = 0,
                      swap: bool = True) -> int | None:
     """Bytes the memory cgroups this process is in still allow, the tightest along its path (cgroup_text is
     /proc/self/cgroup's): limit less usage, plus the inactive page cache, which the kernel reclaims before it
-    ends anything; with swap, plus what the cgroup may still swap (v2's memory.swap.max; else swap_free, the
-    machine's). None where no cgroup on the path has a memory limit, or the files are not there."""
+    ends anything; with swap, plus what the cgroup may still swap (v2's memory.swap.max, v1's memsw limit on
+    memory and swap together; else swap_free, the machine's). None where no cgroup on the path has a memory
+    limit, or the files are not there. The memory controller's mount is taken to be /sys/fs/cgroup (v2) or
+    /sys/fs/cgroup/memory (v1), where systemd, Docker and Kubernetes put it."""
     v1 = v2 = None
     for line in cgroup_text.splitlines():
         hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
@@ -75,23 +106,13 @@ def cgroup_available(cgroup_text: str, root: Path = CGROUP_ROOT, swap_free: int 
         elif hierarchy == "0" and controllers == "":
             v2 = path
     if v1 is not None and (root / "memory").is_dir():
-        mount, names = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        dirs, room = _dirs(root / "memory", v1), _v1_room
     elif v2 is not None:
-        mount, names = root, ("memory.max", "memory.current", "inactive_file")
+        dirs, room = _dirs(root, v2), _v2_room
     else:
         return None
-    best = None
-    for d in _dirs(mount, v1 if v1 is not None else v2):
-        limit, usage = _read_int(d / names[0]), _read_int(d / names[1])
-        if limit is None or usage is None or limit >= V1_UNLIMITED:
-            continue
-        room = max(0, limit - usage) + _stat(d / "memory.stat", names[2])
-        if swap:
-            swap_limit, swapped = _read_int(d / "memory.swap.max"), _read_int(d / "memory.swap.current")
-            v2_swap = (d / "memory.swap.max").exists() and swap_limit is not None and swapped is not None
-            room += min(swap_free, max(0, swap_limit - swapped)) if v2_swap else swap_free
-        best = room if best is None else min(best, room)
-    return best
+    rooms = [r for r in (room(d, swap_free, swap) for d in dirs) if r is not None]
+    return min(rooms) if rooms else None
 
 
 def available_ram(swap: bool = True) -> int | None:

@@ -9,6 +9,8 @@ import threading
 from collections import Counter
 from typing import Any
 
+from dgemma.quant.planner import PLAN_CTX
+
 from .engine import (BACKEND_CHOICES, KV_DTYPES, MATMULS, RNGS, DoneEvent, Engine, EngineError, GenerateOptions, TextEvent,
                      host_experts_choice)
 from .registry import ModelNotFound, resolve_model
@@ -46,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "int8-wide (the same in tiles 128 columns wide), f16-cublas (dense weights decoded to f16, then "
                         "cuBLAS; the experts as with f16)")
     p.add_argument("--host-experts", metavar="auto|N", type=host_experts_arg,
-                   help="cuda backend: where the GPU is short of memory for the model (with room for a KV cache of 8192 "
-                        "positions), keep the routed experts of some "
+                   help=f"cuda backend: where the GPU is short of memory for the model (with room for a KV cache of "
+                        f"{PLAN_CTX} positions), keep the routed experts of some "
                         "layers in host RAM and copy them to the GPU as each pass reaches them (slower, by PCIe); auto "
                         "(the default) as few layers as the GPU needs, N that many (short or not), 0 never (too little "
                         "memory is then an error). Without CUDA graphs")

@@ -25,6 +25,8 @@ MiB = 1 << 20
 
 CUDA_CONTEXT = 450 * MiB  # driver context + cuBLAS handles, measured typically 300-500 MiB
 WORKSPACE = 256 * MiB  # dequant scratch, MoE grouping buffers, attention temporaries
+# the context whose KV cache the --fit plans hold (--ctx) and the cuda backend's load check leaves room for
+PLAN_CTX = 8192
 
 # type ladders, best first; a step down moves one rung
 LADDER_K = [Q.Q8_0, Q.Q6_K, Q.Q5_K, Q.Q4_K, Q.Q3_K, Q.Q2_K]  # rows that are multiples of 256

@@ -75,6 +75,15 @@ def test_v1_memory_controller(tmp_path):
     write(mount, {"process_api/abc/memory.limit_in_bytes": "4000000"})
     assert cgroup_available(here, tmp_path, swap=False) == 1000000 + 1800000
     assert cgroup_available(here, tmp_path, swap_free=123) == 2800000 + 123
+    # memsw bounds memory and swap together: Docker's --memory-swap equal to --memory allows no swap
+    write(mount, {"process_api/abc/memory.memsw.limit_in_bytes": "4000000",
+                  "process_api/abc/memory.memsw.usage_in_bytes": "3000000"})
+    assert cgroup_available(here, tmp_path, swap_free=10**9) == 2800000
+    write(mount, {"process_api/abc/memory.memsw.limit_in_bytes": "4500000"})  # 0.5 MB of swap allowed
+    assert cgroup_available(here, tmp_path, swap_free=10**9) == 2800000 + 500000
+    # a limit on an ancestor the mount does not show, as the kernel reports it in memory.stat
+    write(mount, {"process_api/abc/memory.stat": "total_inactive_file 0\nhierarchical_memory_limit 3500000"})
+    assert cgroup_available(here, tmp_path, swap=False) == 500000
 
 
 def test_available_ram_is_the_smaller_and_gates_a_load(tmp_path, monkeypatch, default_gguf):
@@ -103,8 +112,12 @@ def test_available_ram_is_the_smaller_and_gates_a_load(tmp_path, monkeypatch, de
 
 
 def test_this_machine():
-    """Whatever this machine's cgroups say, the figure is a number no larger than meminfo's."""
-    have = meminfo_available(Path("/proc/meminfo").read_text()) if Path("/proc/meminfo").exists() else None
-    if have is None:
-        pytest.skip("no /proc/meminfo")
-    assert 0 < available_ram() <= have and available_ram(swap=False) <= available_ram()
+    """This machine's own /proc and /sys/fs/cgroup, read once: whatever its cgroups say, they parse, and the
+    figure is a number no larger than meminfo's."""
+    meminfo, cgroup = Path("/proc/meminfo"), Path("/proc/self/cgroup")
+    if not meminfo.exists() or not cgroup.exists():
+        pytest.skip("not Linux")
+    text = meminfo.read_text()
+    have = meminfo_available(text, swap=False)
+    limited = cgroup_available(cgroup.read_text(), swap=False)
+    assert have > 0 and (limited is None or limited >= 0)

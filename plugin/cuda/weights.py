@@ -13,7 +13,7 @@ import torch
 from gguf import GGUFReader, GGMLQuantizationType
 
 from dgemma.convert import constants as C
-from dgemma.quant.planner import GiB, Breakdown, kv_cache_bytes, runtime_breakdown
+from dgemma.quant.planner import PLAN_CTX, GiB, Breakdown, kv_cache_bytes, runtime_breakdown
 
 from ..config import ModelConfig
 from ..inspect import InspectError, field_value
@@ -25,7 +25,7 @@ from . import head_ops, ops
 DOWN_PROJECTIONS = (C.FFN_DOWN, C.FFN_DOWN_EXPS, C.SELF_COND_DOWN)  # tensor base names
 # the load check leaves room for the KV cache of this many positions (or the model's context, if shorter): a model
 # that loads but cannot hold a long prompt would fail on the first one, halfway through (Ollama counts num_ctx's)
-KV_RESERVE_POSITIONS = 8192
+KV_RESERVE_POSITIONS = PLAN_CTX  # (the context --fit plans for)
 
 
 class QuantLinear:
