@@ -19,7 +19,9 @@ from .sampler import StepInfo
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a .gguf path, 'default' (the bundled tiny model) or a model name")
-    p.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (read from stdin when omitted)")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?",
+                   help="the prompt (read from stdin when omitted; at a terminal, an interactive chat as ollama run "
+                        "opens: /? for its commands)")
     p.add_argument("--seed", type=int, help="random seed (default: random, shown by --stats)")
     p.add_argument("--max-tokens", type=int, help="stop after this many tokens (default 1024)")
     p.add_argument("--steps", type=int, help="max denoising steps per canvas (default: the model's, usually 48)")
@@ -65,9 +67,7 @@ def _prompt(args: argparse.Namespace) -> str | list[Any]:
         except ValueError:
             raise EngineError(f"--prompt-ids must be comma-separated integers (got '{args.prompt_ids}')") from None
     text = args.prompt
-    if text is None:
-        if sys.stdin.isatty():
-            raise EngineError("no PROMPT given (pass it as an argument or on stdin)")
+    if text is None:  # (at a terminal, cmd_run chats instead)
         text = sys.stdin.read()
     if args.system and not args.raw:
         return [{"role": "system", "content": args.system}, {"role": "user", "content": text}]
@@ -139,13 +139,23 @@ def host_experts_arg(text: str) -> int | str:
 def cmd_run(args: argparse.Namespace) -> int:
     from .cli import EXIT_INTERRUPTED, _fail
 
+    chatting = args.prompt is None and not args.prompt_ids and sys.stdin.isatty()
     try:
+        if chatting and (args.raw or args.json or args.visualize):
+            flag = "--raw" if args.raw else "--json" if args.json else "--visualize"
+            raise EngineError(f"{flag} needs a PROMPT (an argument or stdin); without one, at a terminal, "
+                              "dgemma run opens a chat")
         path = resolve_model(args.model)
         engine = Engine.load(path, backend=args.backend, device=args.device, rng=args.rng, kv_cache=args.kv_cache,
                              matmul=args.matmul, graphs=False if args.no_graphs else None,
                              host_experts=args.host_experts)
         if engine.notice:
             print(f"dgemma: {engine.notice}", file=sys.stderr)
+        if chatting:
+            from .interactive import chat
+
+            return chat(engine, GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps),
+                        args.system, stats=stats_lines if args.stats else None)
         prompt = _prompt(args)
         cancel = threading.Event()
         opts = GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps, raw=args.raw, cancel=cancel)

@@ -1,0 +1,144 @@
+"""`dgemma run MODEL` at a terminal without a prompt: a chat, turn by turn, as `ollama run MODEL` opens one.
+
+Each turn sends the whole conversation through the model's chat template and streams the reply a canvas at a
+time. Commands, as Ollama's: /? (help), /bye, /clear, /set system, /set parameter, /show info; a message in
+triple quotes spans lines. Ctrl+C stops a reply at its next denoising step (the turn is dropped); at the
+prompt it says how to leave; Ctrl+D leaves.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, TextIO
+
+from .engine import DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
+
+PROMPT, CONTINUATION, QUOTES = ">>> ", "... ", '"""'
+HELP = f"""Available commands:
+  /set system <text>           set the system message (and clear the conversation)
+  /set parameter <name> <n>    seed, num_predict or diffusion_steps; /set parameter <name> alone unsets it
+  /show info                   the model and what runs it
+  /clear                       clear the conversation
+  /bye                         exit
+  /?, /help                    this help
+
+Use {QUOTES} to begin and end a message of several lines."""
+# /set parameter names (Ollama's, and the server's diffusion option) -> GenerateOptions fields
+PARAMETERS = {"seed": "seed", "num_predict": "max_tokens", "diffusion_steps": "steps"}
+
+
+@dataclass
+class Session:
+    options: GenerateOptions  # each turn's (a copy, with its own cancel flag)
+    system: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)  # user and assistant turns
+
+    def conversation(self, text: str) -> list[dict[str, Any]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.messages + [{"role": "user", "content": text}]
+
+
+def read_message(read: Callable[[str], str]) -> str:
+    """One message: a line, or the lines between two triple quotes. EOFError at the end of input."""
+    line = read(PROMPT)
+    if not line.lstrip().startswith(QUOTES):
+        return line
+    lines, rest = [], line.lstrip()[len(QUOTES):]
+    while not rest.rstrip().endswith(QUOTES):
+        lines.append(rest)
+        rest = read(CONTINUATION)
+    lines.append(rest.rstrip()[:-len(QUOTES)])
+    return "\n".join(lines).strip("\n")
+
+
+def command(session: Session, engine: Engine, line: str, out: TextIO) -> bool:
+    """Run a /command; False for /bye."""
+    words = line.split()
+    name, args = words[0], words[1:]
+    if name == "/bye":
+        return False
+    if name in ("/?", "/help"):
+        print(HELP, file=out)
+    elif name == "/clear":
+        session.messages.clear()
+        print("Cleared session context", file=out)
+    elif name == "/show" and args[:1] == ["info"]:
+        c = engine.cfg
+        print(f"  model        {engine.path.name}\n  layers       {c.n_layer}\n  context      {c.context_length}\n"
+              f"  canvas       {c.canvas_length}\n  runs on      {engine.describe()}", file=out)
+    elif name == "/set" and args[:1] == ["system"] and len(args) > 1:
+        session.system = line.split(None, 2)[2].strip()
+        session.messages.clear()
+        print("Set system message.", file=out)
+    elif name == "/set" and args[:1] == ["parameter"] and len(args) in (2, 3) and args[1] in PARAMETERS:
+        try:
+            value = int(args[2]) if len(args) == 3 else None
+        except ValueError:
+            print(f"Couldn't set parameter: '{args[2]}' is not a whole number", file=out)
+            return True
+        setattr(session.options, PARAMETERS[args[1]], value)
+        print(f"Set parameter '{args[1]}' to '{args[2]}'" if value is not None else f"Unset parameter '{args[1]}'",
+              file=out)
+    else:
+        print(f"Unknown command '{line.strip()}'. Type /? for help", file=out)
+    return True
+
+
+def reply(session: Session, engine: Engine, text: str, out: TextIO, err: TextIO,
+          stats: Callable[[DoneEvent], list[str]] | None) -> None:
+    """One turn: the reply streamed to `out`; the turn kept unless Ctrl+C stopped it or the engine refused it."""
+    cancel = threading.Event()
+    options = replace(session.options, cancel=cancel)
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # (the engine stops at its next step)
+    done, parts = None, []
+    try:
+        for event in engine.generate(session.conversation(text), options):
+            if isinstance(event, TextEvent):
+                parts.append(event.text)
+                out.write(event.text)
+                out.flush()
+            else:
+                done = event
+    except EngineError as e:  # a prompt past the context, say: the session goes on
+        print(f"Error: {e}", file=err)
+        return
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print("\n", file=out)
+    if done is None or done.done_reason == "cancelled":
+        return
+    session.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(parts)}]
+    if stats is not None:
+        print("\n".join(stats(done)), file=err)
+
+
+def chat(engine: Engine, options: GenerateOptions, system: str | None = None, *, read: Callable[[str], str] = input,
+         out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+         stats: Callable[[DoneEvent], list[str]] | None = None) -> int:
+    """The conversation loop, until /bye or the end of input; 0."""
+    try:
+        import readline  # noqa: F401 - line editing and history for input(), where the platform has it
+    except ImportError:
+        pass
+    session = Session(options, system)
+    print("Send a message (/? for help)", file=out)
+    while True:
+        try:
+            text = read_message(read)
+        except KeyboardInterrupt:
+            print("\nUse Ctrl + d or /bye to exit.", file=out)
+            continue
+        except EOFError:
+            print(file=out)
+            return 0
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            if not command(session, engine, text, out):
+                return 0
+            continue
+        reply(session, engine, text, out, err, stats)

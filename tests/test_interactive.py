@@ -1,0 +1,129 @@
+"""`dgemma run MODEL` at a terminal without a prompt: the chat loop (plugin/interactive.py), driven by a script
+of input lines, and once through a real pseudo-terminal."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dgemma.plugin.engine import Engine, GenerateOptions, TextEvent
+from dgemma.plugin.interactive import chat, read_message
+
+
+@pytest.fixture(scope="module")
+def engine(default_gguf) -> Engine:
+    return Engine.load(default_gguf)
+
+
+def script(*lines: str):
+    """input() stand-in: the lines in order, then the end of input; records the prompts it was shown."""
+    feed, shown = list(lines), []
+
+    def read(prompt: str) -> str:
+        shown.append(prompt)
+        if not feed:
+            raise EOFError
+        line = feed.pop(0)
+        if isinstance(line, BaseException):
+            raise line
+        return line
+
+    return read, shown
+
+
+def alone(engine: Engine, conversation, seed: int, n: int) -> str:
+    opts = GenerateOptions(seed=seed, max_tokens=n)
+    return "".join(e.text for e in engine.generate(conversation, opts) if isinstance(e, TextEvent))
+
+
+def test_multi_line_messages():
+    read, shown = script('"""first', "second", 'third"""')
+    assert read_message(read) == "first\nsecond\nthird" and shown == [">>> ", "... ", "... "]
+    assert read_message(script('"""one line"""')[0]) == "one line"
+    assert read_message(script("plain")[0]) == "plain"
+
+
+def test_a_conversation_with_commands(engine, monkeypatch):
+    seen = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda conv, opts: seen.append((conv, opts.seed)) or generate(conv, opts))
+    read, shown = script("/?", "hello", '"""two', 'lines"""', "/set parameter seed x", "/set parameter seed 3",
+                         "again", "/show info", "/clear", "/set system be brief", "after", "/nope", KeyboardInterrupt(),
+                         "", "/bye", "never read")
+    out, err = io.StringIO(), io.StringIO()
+    assert chat(engine, GenerateOptions(seed=1, max_tokens=6), read=read, out=out, err=err) == 0
+    text = out.getvalue()
+    assert text.startswith("Send a message (/? for help)\n") and "/set parameter <name> <n>" in text
+    assert "Couldn't set parameter: 'x' is not a whole number" in text and "Set parameter 'seed' to '3'" in text
+    assert f"model        {engine.path.name}" in text and "Cleared session context" in text
+    assert "Unknown command '/nope'. Type /? for help" in text and "Use Ctrl + d or /bye to exit." in text
+    assert shown.count(">>> ") == 14 and shown.count("... ") == 1  # ("never read" is not)
+    convs = [c for c, _ in seen]
+    assert [len(c) for c in convs] == [1, 3, 5, 2] and [s for _, s in seen] == [1, 1, 3, 3]
+    first = alone(engine, convs[0], 1, 6)  # each reply is what the engine gives that conversation alone
+    assert convs[1][:2] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first}]
+    assert convs[1][2] == {"role": "user", "content": "two\nlines"}
+    assert convs[3] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "after"}]
+    assert alone(engine, convs[3], 3, 6) in text and err.getvalue() == ""
+
+
+def test_ctrl_c_stops_a_reply_and_drops_the_turn(engine):
+    """SIGINT during a reply sets the engine's cancel flag (it stops at its next denoising step); the turn is
+    not kept, the chat goes on, and the terminal's own Ctrl+C handling is back afterwards."""
+    steps = []
+
+    def interrupt(info) -> None:
+        steps.append(info.index)
+        if len(steps) == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    seen = []
+    generate = engine.generate
+    engine.generate = lambda conv, opts: seen.append(conv) or generate(conv, opts)
+    try:
+        read, _ = script("stopped", "kept")
+        opts = GenerateOptions(seed=1, max_tokens=64, on_step=interrupt)
+        assert chat(engine, opts, read=read, out=io.StringIO(), err=io.StringIO()) == 0
+    finally:
+        del engine.generate
+    assert seen[1] == [{"role": "user", "content": "kept"}]  # the stopped turn is gone
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_dgemma_run_opens_a_chat_at_a_terminal(tmp_path):
+    """The real command on a pseudo-terminal: the greeting, a reply to a message, /bye, exit 0; with --json (one
+    prompt's output) and no prompt it is a one-line error instead, before the model loads."""
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "TERM": "dumb"}
+    proc = subprocess.Popen([sys.executable, "-m", "dgemma.plugin.cli", "run", "default", "--seed", "1",
+                             "--max-tokens", "6"], stdin=secondary, stdout=secondary, stderr=secondary, env=env)
+    os.close(secondary)
+    os.write(primary, b"hello there\n/bye\n")
+    seen, deadline = b"", time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([primary], [], [], 0.5)
+        if ready:
+            try:
+                seen += os.read(primary, 4096)
+            except OSError:
+                break
+    proc.wait(10)
+    os.close(primary)
+    text = seen.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "Send a message (/? for help)" in text and text.count(">>> ") >= 2
+    primary, secondary = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "run", "default", "--json"], stdin=secondary,
+                          capture_output=True, text=True, timeout=120)
+    os.close(secondary)
+    os.close(primary)
+    assert proc.returncode == 1 and proc.stderr == ("dgemma: error: --json needs a PROMPT (an argument or stdin); "
+                                                    "without one, at a terminal, dgemma run opens a chat\n")
