@@ -46,11 +46,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import InspectError, format_summary, summarize
+    from pathlib import Path
 
-    try:
-        print(format_summary(summarize(args.file)))
-    except InspectError as e:
+    from .inspect import InspectError, format_summary, summarize
+    from .registry import ModelNotFound, resolve_model
+
+    try:  # a file, or a model's name as dgemma run takes it (as ollama show)
+        print(format_summary(summarize(args.file if Path(args.file).is_file() else resolve_model(args.file))))
+    except (InspectError, ModelNotFound) as e:
         return _fail(str(e))
     return 0
 
@@ -306,9 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=cmd_convert)
 
-    i = sub.add_parser("inspect", help="summarize a DiffusionGemma GGUF file",
+    i = sub.add_parser("inspect", help="summarize a DiffusionGemma GGUF file (or a model by name)",
                        description="Architecture, parameter count, tensors per GGML type, sampler defaults, tokenizer.")
-    i.add_argument("file", metavar="FILE.gguf")
+    i.add_argument("file", metavar="FILE.gguf|MODEL", help="a .gguf path, 'default' or a model name (dgemma list)")
     i.set_defaults(func=cmd_inspect)
 
     t = sub.add_parser("make-tiny", help="write a tiny random DiffusionGemma checkpoint (needs the tiny or dev extra)",

@@ -91,6 +91,20 @@ def test_not_a_gguf_and_missing_file(tmp_path):
     assert proc.returncode != 0 and "no such file" in proc.stderr
 
 
+def test_a_model_by_name(tmp_path):
+    """As dgemma run takes it (and ollama show): 'default', or a name in the models directory."""
+    import os
+
+    env = {**os.environ, "DGEMMA_MODELS": str(tmp_path)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=120, env=env)
+    shown = run("inspect", "default")
+    assert shown.returncode == 0 and "diffusion-gemma" in shown.stdout
+    assert shown.stdout == run("inspect", str(tmp_path / "default.gguf")).stdout  # (the name's file, written then)
+    missing = run("inspect", "nosuch")
+    assert missing.returncode == 1 and missing.stderr.startswith("dgemma: error: model 'nosuch' not found in ")
+
+
 def test_format_doc_lists_every_key_and_tensor_we_write(q8_file):
     """docs/FORMAT.md is the table of what we write: every key and tensor name must be in it."""
     doc = (ROOT / "docs" / "FORMAT.md").read_text()
