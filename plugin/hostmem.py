@@ -1,11 +1,13 @@
 """How much host RAM a load can still take: /proc/meminfo's MemAvailable, bounded by the memory limit of the
 process's cgroup where it has one (a Docker or Kubernetes container, a systemd slice), which meminfo does not
 show: a container limited to 16 GiB on a 64 GiB machine sees 64 in meminfo, and the kernel ends the process
-past 16. The checks before a load (plugin/weights.py ram_shortage, plugin/cuda/offload.py host_ram_shortage)
-read available_ram."""
+past 16. On Windows, GlobalMemoryStatusEx. The checks before a load (plugin/weights.py ram_shortage,
+plugin/cuda/offload.py host_ram_shortage) read available_ram."""
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from pathlib import Path
 
 PROC_MEMINFO = Path("/proc/meminfo")
@@ -115,9 +117,27 @@ def cgroup_available(cgroup_text: str, root: Path = CGROUP_ROOT, swap_free: int 
     return min(rooms) if rooms else None
 
 
+class _MemoryStatus(ctypes.Structure):  # Windows' MEMORYSTATUSEX
+    _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32)] + [
+        (name, ctypes.c_uint64) for name in ("ullTotalPhys", "ullAvailPhys", "ullTotalPageFile", "ullAvailPageFile",
+                                             "ullTotalVirtual", "ullAvailVirtual", "ullAvailExtendedVirtual")]
+
+
+def windows_available(swap: bool = True) -> int | None:
+    """Windows: GlobalMemoryStatusEx's available physical memory, or with swap what the commit limit (physical
+    memory and page file) still allows; None where the call fails."""
+    status = _MemoryStatus()
+    status.dwLength = ctypes.sizeof(_MemoryStatus)
+    if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+        return None
+    return int(status.ullAvailPageFile if swap else status.ullAvailPhys)
+
+
 def available_ram(swap: bool = True) -> int | None:
-    """Bytes this process can still take (swap False: without swap, for page-locked memory): meminfo_available,
-    bounded by cgroup_available; None where not known (not Linux)."""
+    """Bytes this process can still take (swap False: without swap, for page-locked memory): on Linux
+    meminfo_available bounded by cgroup_available, on Windows windows_available; None where not known."""
+    if sys.platform == "win32":
+        return windows_available(swap)
     try:
         meminfo = PROC_MEMINFO.read_text()
     except OSError:

@@ -121,3 +121,30 @@ def test_this_machine():
     have = meminfo_available(text, swap=False)
     limited = cgroup_available(cgroup.read_text(), swap=False)
     assert have > 0 and (limited is None or limited >= 0)
+
+
+def test_windows(monkeypatch):
+    """GlobalMemoryStatusEx through ctypes (a stand-in kernel32 here): available physical memory without swap,
+    the commit limit's remainder with it; None where the call fails."""
+    import ctypes
+    import sys
+
+    calls = []
+
+    class Kernel32:
+        ok = 1
+
+        @staticmethod
+        def GlobalMemoryStatusEx(ref) -> int:  # noqa: N802 - the Win32 name
+            status = ref._obj
+            calls.append(status.dwLength)
+            status.ullAvailPhys, status.ullAvailPageFile = 5 << 30, 9 << 30
+            return Kernel32.ok
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(ctypes, "windll", type("windll", (), {"kernel32": Kernel32}), raising=False)
+    monkeypatch.setattr(hostmem, "PROC_MEMINFO", Path("/nonexistent"))  # (not read on Windows)
+    assert available_ram(swap=False) == 5 << 30 and available_ram() == 9 << 30
+    assert calls == [64, 64]  # dwLength: MEMORYSTATUSEX's size, as the call wants it
+    Kernel32.ok = 0
+    assert available_ram() is None
