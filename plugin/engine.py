@@ -251,6 +251,11 @@ class Engine:
         device = device or ("cuda" if backend == "cuda" else "cpu")
         if backend == "torch" and device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError("no CUDA GPU is visible to PyTorch (use device='cpu')")
+        if backend == "cuda" and device.startswith("cuda:") and torch.device(device).index != torch.cuda.current_device():
+            # (its kernels launch on the current GPU's stream)
+            raise EngineError(f"device={device!r}: the cuda backend runs on the current GPU "
+                              f"(cuda:{torch.cuda.current_device()}); for another, set CUDA_VISIBLE_DEVICES "
+                              "(CUDA_VISIBLE_DEVICES=1 dgemma serve: the second GPU)")
         t0 = time.perf_counter_ns()
         path, plan, out_of_memory, host_layers = Path(path), {}, False, []
         try:

@@ -236,6 +236,9 @@ def test_auto_streams_as_few_layers_as_the_gpu_needs_and_generates_the_same_toke
     free["bytes"] = vram_estimate(reader, cfg, [0, 1, 2, 3]).total - 1
     with pytest.raises(GpuMemoryError, match="with the experts of 4 of 4 layers in host RAM"):
         load()
+    with pytest.raises(EngineError, match=r"device='cuda:1': the cuda backend runs on the current GPU \(cuda:0\); "
+                                          "for another, set CUDA_VISIBLE_DEVICES"):
+        Engine.load(default_gguf, "cuda", device="cuda:1")
     for bad in (5, -1, "some", 1.5):
         with pytest.raises(EngineError, match="host_experts"):
             load(host_experts=bad)
