@@ -1,8 +1,8 @@
 """`dgemma run MODEL` at a terminal without a prompt: a chat, turn by turn, as `ollama run MODEL` opens one.
 
 Each turn sends the whole conversation through the model's chat template and streams the reply a canvas at a
-time. Commands, as Ollama's: /? (help), /bye, /clear, /set system, /set parameter, /show info; a message in
-triple quotes spans lines. Ctrl+C stops a reply at its next denoising step (the turn is dropped); at the
+time. Commands, as Ollama's: /? (help), /bye, /clear, /set system, /set parameter, /show info; a message (or
+a /set system text) in triple quotes spans lines. Ctrl+C stops a reply at its next denoising step (the turn is dropped); at the
 prompt it says how to leave; Ctrl+D leaves.
 """
 
@@ -15,12 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
+from .chat import ChatTemplateError
 from .engine import DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
 
 PROMPT, CONTINUATION, QUOTES = ">>> ", "... ", '"""'
 HELP = f"""Available commands:
-  /set system <text>           set the system message (and clear the conversation)
-  /set parameter <name> <n>    seed, num_predict or diffusion_steps; /set parameter <name> alone unsets it
+  /set system <text>           set the system message (for the turns that follow)
+  /set parameter <name> <n>    seed (negative: random), num_predict (negative: up to the model's default) or
+                               diffusion_steps; /set parameter <name> alone unsets it
   /show info                   the model and what runs it
   /clear                       clear the conversation
   /bye                         exit
@@ -42,12 +44,11 @@ class Session:
         return head + self.messages + [{"role": "user", "content": text}]
 
 
-def read_message(read: Callable[[str], str]) -> str:
-    """One message: a line, or the lines between two triple quotes. EOFError at the end of input."""
-    line = read(PROMPT)
-    if not line.lstrip().startswith(QUOTES):
-        return line
-    lines, rest = [], line.lstrip()[len(QUOTES):]
+def quoted(text: str, read: Callable[[str], str]) -> str:
+    """`text` as it is, or, where it opens with triple quotes, up to the line that closes them (read further)."""
+    if not text.lstrip().startswith(QUOTES):
+        return text
+    lines, rest = [], text.lstrip()[len(QUOTES):]
     while not rest.rstrip().endswith(QUOTES):
         lines.append(rest)
         rest = read(CONTINUATION)
@@ -55,8 +56,22 @@ def read_message(read: Callable[[str], str]) -> str:
     return "\n".join(lines).strip("\n")
 
 
-def command(session: Session, engine: Engine, line: str, out: TextIO) -> bool:
-    """Run a /command; False for /bye."""
+def read_message(read: Callable[[str], str]) -> str:
+    """One message: a line, or the lines between two triple quotes. EOFError at the end of input."""
+    return quoted(read(PROMPT), read)
+
+
+def _parameter(name: str, value: int | None) -> tuple[int | None, str | None]:
+    """A /set parameter value as GenerateOptions takes it, or the reason it is refused."""
+    if value is not None and value < 0 and name in ("seed", "num_predict"):
+        return None, None  # (random; the default length, as the server reads a negative num_predict)
+    if value is not None and value < 1 and name in ("num_predict", "diffusion_steps"):
+        return None, f"'{name}' must be at least 1"
+    return value, None
+
+
+def command(session: Session, engine: Engine, line: str, out: TextIO, read: Callable[[str], str]) -> bool:
+    """Run a /command (a /set system text may span lines in triple quotes); False for /bye."""
     words = line.split()
     name, args = words[0], words[1:]
     if name == "/bye":
@@ -71,17 +86,18 @@ def command(session: Session, engine: Engine, line: str, out: TextIO) -> bool:
         print(f"  model        {engine.path.name}\n  layers       {c.n_layer}\n  context      {c.context_length}\n"
               f"  canvas       {c.canvas_length}\n  runs on      {engine.describe()}", file=out)
     elif name == "/set" and args[:1] == ["system"] and len(args) > 1:
-        session.system = line.split(None, 2)[2].strip()
-        session.messages.clear()
+        session.system = quoted(line.split(None, 2)[2], read).strip()
         print("Set system message.", file=out)
     elif name == "/set" and args[:1] == ["parameter"] and len(args) in (2, 3) and args[1] in PARAMETERS:
         try:
-            value = int(args[2]) if len(args) == 3 else None
+            value, refused = _parameter(args[1], int(args[2]) if len(args) == 3 else None)
         except ValueError:
-            print(f"Couldn't set parameter: '{args[2]}' is not a whole number", file=out)
+            value, refused = None, f"'{args[2]}' is not a whole number"
+        if refused:
+            print(f"Couldn't set parameter: {refused}", file=out)
             return True
         setattr(session.options, PARAMETERS[args[1]], value)
-        print(f"Set parameter '{args[1]}' to '{args[2]}'" if value is not None else f"Unset parameter '{args[1]}'",
+        print(f"Set parameter '{args[1]}' to '{args[2]}'" if len(args) == 3 else f"Unset parameter '{args[1]}'",
               file=out)
     else:
         print(f"Unknown command '{line.strip()}'. Type /? for help", file=out)
@@ -103,7 +119,9 @@ def reply(session: Session, engine: Engine, text: str, out: TextIO, err: TextIO,
                 out.flush()
             else:
                 done = event
-    except EngineError as e:  # a prompt past the context, say: the session goes on
+    except (EngineError, ChatTemplateError) as e:  # a prompt past the context, say: the session goes on
+        if parts:
+            print(file=out)
         print(f"Error: {e}", file=err)
         return
     finally:
@@ -127,18 +145,17 @@ def chat(engine: Engine, options: GenerateOptions, system: str | None = None, *,
     session = Session(options, system)
     print("Send a message (/? for help)", file=out)
     while True:
-        try:
+        try:  # Ctrl+C anywhere but in a reply (whose own handler stops it) comes back to the prompt
             text = read_message(read)
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                if not command(session, engine, text, out, read):
+                    return 0
+                continue
+            reply(session, engine, text, out, err, stats)
         except KeyboardInterrupt:
             print("\nUse Ctrl + d or /bye to exit.", file=out)
-            continue
         except EOFError:
             print(file=out)
             return 0
-        if not text.strip():
-            continue
-        if text.startswith("/"):
-            if not command(session, engine, text, out):
-                return 0
-            continue
-        reply(session, engine, text, out, err, stats)

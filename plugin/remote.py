@@ -27,6 +27,9 @@ def _request(method: str, url: str, api_key: str | None, **kw: Any) -> dict[str,
     base = url.split("/api/")[0]
     try:
         r = httpx.request(method, url, headers=headers, timeout=TIMEOUT, **kw)
+    except httpx.ConnectTimeout:
+        raise RemoteError(f"could not reach a dgemma server at {base} (no answer to connect): start one with "
+                          "`dgemma serve`, or name it with --host/--port") from None
     except httpx.TimeoutException:
         raise RemoteError(f"the dgemma server at {base} did not answer within {TIMEOUT:.0f} s") from None
     except httpx.HTTPError as e:
@@ -98,7 +101,8 @@ def until(expires_at: str, now: datetime | None = None) -> str:
     than 20 years ahead: keep_alive -1), "Stopping..." (past: it goes once its requests are done)."""
     if not expires_at:
         return "Never"
-    text = re.sub(r"(\.\d{6})\d+", r"\1", expires_at.replace("Z", "+00:00"))  # (Go writes nanoseconds)
+    # Go writes 0-9 digits of fraction (RFC3339Nano), Python 3.10 reads 3 or 6
+    text = re.sub(r"\.(\d+)", lambda m: "." + m.group(1)[:6].ljust(6, "0"), expires_at.replace("Z", "+00:00"))
     left = (datetime.fromisoformat(text) - (now or datetime.now(timezone.utc))).total_seconds()
     if left < 0:
         return "Stopping..."

@@ -88,6 +88,7 @@ def test_ctrl_c_stops_a_reply_and_drops_the_turn(engine):
     seen = []
     generate = engine.generate
     engine.generate = lambda conv, opts: seen.append(conv) or generate(conv, opts)
+    before = signal.getsignal(signal.SIGINT)
     try:
         read, _ = script("stopped", "kept")
         opts = GenerateOptions(seed=1, max_tokens=64, on_step=interrupt)
@@ -95,7 +96,40 @@ def test_ctrl_c_stops_a_reply_and_drops_the_turn(engine):
     finally:
         del engine.generate
     assert seen[1] == [{"role": "user", "content": "kept"}]  # the stopped turn is gone
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_parameters_system_text_and_errors_keep_the_session(engine, monkeypatch):
+    """Values as the server reads them (a negative seed: random; a negative num_predict: the default length),
+    those the engine would refuse are refused at /set; a /set system text in triple quotes spans lines; a
+    template error or Ctrl+C between turns (here in --stats' printing) leaves the chat running."""
+    from dgemma.plugin.chat import ChatTemplateError
+
+    seen = []
+    generate = engine.generate
+
+    def spy(conv, opts):
+        seen.append((conv, opts.seed, opts.max_tokens, opts.steps))
+        if conv[-1]["content"] == "boom":
+            raise ChatTemplateError("chat template failed: nope")
+        return generate(conv, opts)
+
+    def stats(done):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "generate", spy)
+    read, _ = script("/set parameter seed 4", "/set parameter seed -1", "/set parameter num_predict -1",
+                     "/set parameter num_predict 0", "/set parameter diffusion_steps 0", "/set parameter diffusion_steps 2",
+                     '/set system """be', 'brief"""', "boom", "hi", "/bye")
+    out, err = io.StringIO(), io.StringIO()
+    assert chat(engine, GenerateOptions(max_tokens=5), read=read, out=out, err=err, stats=stats) == 0
+    text = out.getvalue()
+    assert "Unset parameter 'seed'" not in text and "Set parameter 'seed' to '-1'" in text
+    assert text.count("Couldn't set parameter: ") == 2 and "'diffusion_steps' must be at least 1" in text
+    assert err.getvalue() == "Error: chat template failed: nope\n" and "Use Ctrl + d or /bye to exit." in text
+    (boom, *_), (hi, seed, max_tokens, steps) = seen
+    assert hi == [{"role": "system", "content": "be\nbrief"}, {"role": "user", "content": "hi"}]  # boom's is gone
+    assert (seed, max_tokens, steps) == (None, None, 2)
 
 
 def test_dgemma_run_opens_a_chat_at_a_terminal(tmp_path):

@@ -57,6 +57,8 @@ def test_columns():
     assert until((now + timedelta(hours=2)).astimezone(timezone(timedelta(hours=5))).isoformat(), now) == \
         "2 hours from now"  # (the server writes local time with its offset)
     assert ahead(seconds=-3) == "Stopping..."
+    assert until("2026-11-30T12:05:31.5Z", now) == "5 minutes from now"  # (Go's fractions: any length)
+    assert until("2026-11-30T12:05:31.123456789+00:00", now) == "5 minutes from now"
     table = ps_table([{"name": "diffusiongemma:26b", "digest": "ab" * 32, "size": 17_300_000_000,
                        "size_vram": 12_600_000_000, "context_length": 262144, "expires_at": FOREVER}], now)
     header, row = table.splitlines()

@@ -192,7 +192,8 @@ def test_a_queued_load_that_no_request_wants_any_more_is_dropped(gpu, monkeypatc
         while not calls:
             await asyncio.sleep(0.01)
         b = asyncio.create_task(manager.get("b"))
-        await asyncio.sleep(0.2)
+        while not manager._wanted["b"] or not manager._loading.get("b") or not manager._loading["b"].locked():
+            await asyncio.sleep(0.01)  # b's request holds b's lock, its load waits for a's
         b.cancel()
         with pytest.raises(asyncio.CancelledError):
             await b
@@ -206,21 +207,26 @@ def test_a_queued_load_that_no_request_wants_any_more_is_dropped(gpu, monkeypatc
     asyncio.run(run())
 
 
-def test_keep_alive_0_unloads_once_the_requests_holding_the_model_are_done(gpu):
+def test_a_stop_unloads_once_the_requests_holding_the_model_are_done(gpu):
     """As Ollama's `ollama stop` on a model that is generating: it goes when the generation ends, whatever that
-    request's own keep_alive; a model loaded again later is not marked."""
+    request's own keep_alive; a model loaded again later is not marked. An ordinary request's keep_alive 0 is
+    not a stop: a later request's keep_alive still counts."""
     manager, state = gpu
     state["capacity"] = state["need"] * 3
 
     async def run() -> None:
         a = await manager.get("a")
         a.busy = 1  # generating
-        manager.touch(a, 0)  # (the stop request)
+        await manager.stop("a")
         assert "a" in manager.loaded and a.stopping
         a.busy = 0
         manager.touch(a, 300)  # the generation ends with its keep_alive
         assert "a" not in manager.loaded
         again = await manager.get("a")
+        again.busy = 2  # two requests: the first asks keep_alive 0, the second 5 minutes
+        again.busy -= 1
+        manager.touch(again, 0)
+        again.busy -= 1
         manager.touch(again, 300)
         assert manager.loaded == {"a": again} and not again.stopping
 
@@ -494,4 +500,12 @@ def test_a_stop_request_unloads_without_loading_first(gpu):
             client.generate(model="nope", prompt="", keep_alive=0)
         assert e.value.status_code == 404
         assert client.chat(model="a", messages=[]).done_reason == "load" and state["loads"] == ["a"]
+        client.generate(model="a", prompt="", keep_alive=10**12)  # (its date would pass the year 9999)
+        assert client.ps().models[0].expires_at.year == 2262  # Ollama's "forever"
         assert stop(url, "a") == "a:latest" and client.ps().models == [] and state["loads"] == ["a"]
+    # the server's own keep_alive 0 (--keep-alive 0) with a request that asks none: a load, as it says
+    with serving(create_app(ServerConfig(models=manager.registry.root, backend="cuda", keep_alive=0))) as url:
+        client = ollama.Client(host=url)
+        assert client.generate(model="a", prompt="").done_reason == "load" and state["loads"] == ["a", "a"]
+        assert client.chat(model="a", messages=[]).done_reason == "load" and state["loads"] == ["a", "a", "a"]
+        assert client.ps().models == []  # (kept alive for 0 s)

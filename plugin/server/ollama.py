@@ -29,6 +29,7 @@ from .serving import (
 
 router = APIRouter()
 NDJSON = "application/x-ndjson"
+FOREVER_AFTER = 100 * 365 * 86400.0  # seconds of keep-alive left that /api/ps reports as forever
 
 
 def _state(request: Request):
@@ -147,7 +148,8 @@ async def ps(request: Request) -> dict[str, Any]:
     out = []
     for name, m in sorted(state.manager.loaded.items(), key=lambda kv: -kv[1].expires_at):
         left = m.expires_at - time.monotonic()
-        expires = P.FOREVER if left == float("inf") else P.rfc3339(datetime.now(timezone.utc) + timedelta(seconds=max(0.0, left)))
+        forever = left > FOREVER_AFTER  # (keep_alive -1, or so long that its date would pass the year 9999)
+        expires = P.FOREVER if forever else P.rfc3339(datetime.now(timezone.utc) + timedelta(seconds=max(0.0, left)))
         entry = P.tag_entry(m.entry, m.info)
         # the file plus the slots streamed experts are copied into; all of it on the GPU but the streamed experts
         # (kept in host RAM), or none: `ollama ps` shows the share in host RAM as CPU
@@ -206,12 +208,12 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
         raise ApiError(400, "raw mode does not support template, system, or context")
     if req.template:
         raise ApiError(400, "template overrides are not supported: dgemma renders the model's own chat template")
-    if not req.prompt and keep == 0:
+    if not req.prompt and req.keep_alive is not None and keep == 0:  # (asked for: not the server's default)
         await _stop(request, name)
         return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(), "response": "", "done": True,
                              "done_reason": "unload"})
     model, load_ns = await _load(request, name)
-    if not req.prompt:  # load the model
+    if not req.prompt:  # load the model (with the server's default keep_alive 0, for nothing)
         state.manager.touch(model, keep)
         return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(), "response": "", "done": True,
                              "done_reason": "load"})
@@ -246,13 +248,14 @@ async def chat(request: Request, req: P.ChatRequest) -> Response:
     messages = req.messages or []
     _unsupported(images=any(m.images for m in messages), format=req.format, tools=req.tools)
     if not messages:  # load the model, or with keep_alive 0 unload it (without loading it first)
-        if keep == 0:
+        stop = req.keep_alive is not None and keep == 0
+        if stop:
             await _stop(request, name)
         else:
             state.manager.touch((await _load(request, name))[0], keep)
         return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(),
                              "message": {"role": "assistant", "content": ""}, "done": True,
-                             "done_reason": "unload" if keep == 0 else "load"})
+                             "done_reason": "unload" if stop else "load"})
     model, load_ns = await _load(request, name)
     opts = generate_options(model.engine, req.options)
     conv = [{"role": m.role.lower(), "content": m.content or ""} for m in messages]

@@ -69,7 +69,7 @@ class LoadedModel:
     queue: asyncio.Lock = field(default_factory=asyncio.Lock)
     # the request tasks that got it from ModelManager.get (each ends with its response): in use before busy counts
     claims: weakref.WeakSet = field(default_factory=weakref.WeakSet)
-    stopping: bool = False  # asked to unload (keep_alive 0): it goes once no request holds it, whatever their keep_alive
+    stopping: bool = False  # asked to unload (ModelManager.stop): it goes once no request holds it, whatever they ask
 
 
 class ModelManager:
@@ -168,19 +168,21 @@ class ModelManager:
                     gc.collect()  # its tensors go back to PyTorch's allocator, which the next check counts as free
 
     def touch(self, model: LoadedModel, keep_alive: float) -> None:
-        """A request's keep_alive for the model (at its start and end). 0 unloads it now, or, where requests hold
-        it, once they are done: a later request's own keep_alive does not undo that (as Ollama's expireRunner)."""
-        model.stopping = model.stopping or keep_alive == 0
+        """A request's keep_alive for the model (at its start and end): 0 unloads it now if no request holds it,
+        else it expires now and the reaper takes it once they are done, unless a later request keeps it longer;
+        after stop(), whatever they ask."""
         model.expires_at = expiry(0 if model.stopping else keep_alive)
-        if model.stopping and not self.in_use(model) and self.loaded.get(model.entry.name) is model:
+        if (model.stopping or keep_alive == 0) and not self.in_use(model) and self.loaded.get(model.entry.name) is model:
             self.unload(model.entry.name)  # (not a newer copy loaded under the same name meanwhile)
 
     async def stop(self, name: str) -> None:
-        """An empty request with keep_alive 0 (`ollama stop`): unload the model, or once the requests holding it
-        are done; nothing where it is not loaded (it is not loaded first, to be unloaded)."""
+        """An empty request with keep_alive 0 (`ollama stop`): unload the model now, or once the requests holding
+        it are done, whatever keep_alive they ask (as Ollama's expireRunner); nothing where it is not loaded (it
+        is not loaded first, to be unloaded)."""
         entry = await asyncio.to_thread(self.registry.resolve, name)  # raises ModelNotFound
         model = self.loaded.get(entry.name)
         if model is not None:
+            model.stopping = True
             self.touch(model, 0)
 
     def unload(self, name: str) -> bool:
