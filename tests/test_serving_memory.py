@@ -101,14 +101,10 @@ def test_an_idle_model_is_unloaded_to_leave_the_new_one_room_for_its_kv_cache(gp
     asyncio.run(run())
 
 
-def test_a_load_outlives_the_request_that_gave_up_on_it(gpu, monkeypatch):
-    """A client that goes away while its model loads (the worker thread cannot be stopped): the load goes on,
-    keeps the model's lock and registers the model; the next request for it waits for that load instead of
-    starting a second one beside it (twice the memory), and a load of another model waits its turn."""
+def gated_loads(monkeypatch) -> tuple[threading.Event, list[str]]:
+    """The stand-in GPU's loads wait for `go`; `calls` names each load as its worker thread begins it."""
     import dgemma.plugin.cuda.weights as cw
 
-    manager, state = gpu
-    state["capacity"] = state["need"] * 3
     go, calls = threading.Event(), []
     load = cw.load_cuda_weights
 
@@ -118,6 +114,16 @@ def test_a_load_outlives_the_request_that_gave_up_on_it(gpu, monkeypatch):
         return load(*a)
 
     monkeypatch.setattr(cw, "load_cuda_weights", slow)
+    return go, calls
+
+
+def test_a_load_outlives_the_request_that_gave_up_on_it(gpu, monkeypatch):
+    """A client that goes away while its model loads (the worker thread cannot be stopped): the load goes on,
+    keeps the model's lock and registers the model; the next request for it waits for that load instead of
+    starting a second one beside it (twice the memory), and a load of another model waits its turn."""
+    manager, state = gpu
+    state["capacity"] = state["need"] * 3
+    go, calls = gated_loads(monkeypatch)
 
     async def run() -> None:
         first = asyncio.create_task(manager.get("a"))
@@ -173,19 +179,9 @@ def test_a_failed_load_whose_request_gave_up_leaves_the_model_free_to_load(gpu, 
 
 def test_a_queued_load_that_no_request_wants_any_more_is_dropped(gpu, monkeypatch):
     """b's request goes away while b's load waits behind a's: b is not loaded (nor anything unloaded for it)."""
-    import dgemma.plugin.cuda.weights as cw
-
     manager, state = gpu
     state["capacity"] = state["need"] * 3
-    go, calls = threading.Event(), []
-    load = cw.load_cuda_weights
-
-    def slow(*a):
-        calls.append(a[2].stem)
-        assert go.wait(30)
-        return load(*a)
-
-    monkeypatch.setattr(cw, "load_cuda_weights", slow)
+    go, calls = gated_loads(monkeypatch)
 
     async def run() -> None:
         a = asyncio.create_task(manager.get("a"))
