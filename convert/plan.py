@@ -90,8 +90,13 @@ def format_plan(p: ConversionPlan, per_tensor: bool = True) -> str:
                  + ("" if p.from_weights else " (planned from config.json alone)"))
     if p.fit is not None:
         f = p.fit
-        lines.append(f"--fit {f.budget / GiB:.1f} GiB: {'fits' if f.fits else 'DOES NOT FIT'}")
+        streamed = f" with the experts of {len(f.host_layers)} layers streamed from host RAM" if f.host_layers else ""
+        lines.append(f"--fit {f.budget / GiB:.1f} GiB: {'fits' + streamed if f.fits else 'DOES NOT FIT'}")
         lines += f.breakdown.lines()
+        if f.host_layers:
+            lines.append(f"  {'streamed experts':<20} {(f.streamed_vram - f.breakdown.total) / GiB:7.2f} GiB  "
+                         f"({f.host_bytes / GiB:.2f} GiB in host RAM, two VRAM slots counted)")
+            lines.append(f"  {'VRAM, streaming':<20} {f.streamed_vram / GiB:7.2f} GiB")
         if f.steps:
             lines.append("lowered: " + "; ".join(f.steps))
         lines += [f"note: {n}" for n in f.notes]

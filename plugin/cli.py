@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and the file size; write nothing "
                                                           "(works from config.json alone)")
     c.add_argument("--fit", metavar="SIZE", help="choose types so that the VRAM estimate stays under SIZE (e.g. 12GB; "
-                                                 "GB means GiB), starting from --type (a K preset, default Q4_K_M)")
+                                                 "GB means GiB), starting from --type (a K preset, default Q4_K_M); "
+                                                 "where even the lowest types do not, the plan says how many layers' "
+                                                 "experts the cuda backend then streams from host RAM (8GB: 11)")
     c.add_argument("--ctx", type=int, default=PLAN_CTX,
                    help=f"context length the --fit estimate reserves KV cache for (default {PLAN_CTX})")
     c.add_argument("--pad-experts", action="store_true",

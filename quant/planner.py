@@ -133,9 +133,14 @@ class Plan:
     types: dict[str, GGMLQuantizationType]
     breakdown: Breakdown
     budget: int
-    fits: bool
+    fits: bool  # whole, or with host_layers' experts streamed
     steps: list[str] = field(default_factory=list)  # what was lowered, in order
     notes: list[str] = field(default_factory=list)
+    # where even the lowest types do not fit whole: the layers whose experts the cuda backend keeps in host RAM
+    # on a card of this budget (plugin/cuda/offload.py), their bytes there, and the VRAM then
+    host_layers: list[int] = field(default_factory=list)
+    host_bytes: int = 0
+    streamed_vram: int = 0
 
     def class_types(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -188,7 +193,13 @@ def fit(tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts, dims: Mod
         if b.total <= budget:
             break
     plan = Plan(dict(types), b, budget, b.total <= budget, steps)
-    if not plan.fits:
+    if not plan.fits:  # what still does not fit at the lowest types streams, where that is enough
+        sizes = expert_sizes({n: nbytes(shapes[n], t) for n, t in types.items()}, facts.n_layer)
+        layers = host_layers_for(sizes, b.total - budget)
+        if layers:
+            plan.fits, plan.host_layers = True, layers
+            plan.host_bytes = sum(sum(sizes[i]) for i in layers)
+            plan.streamed_vram = b.total - vram_saving(sizes, layers)
         plan.notes += _ways_out(types, shapes, facts, dims, budget, runtime)
     return plan
 
@@ -255,7 +266,7 @@ def _ways_out(types, shapes, facts: ModelFacts, dims: ModelDims, budget: int, ru
     down_cols = next((s[-1] for n, s in shapes.items() if tensor_class(n) == "expert_down"), 0)
     notes = []
     if down_cols % 256:
-        notes.append(f"no llama.cpp-compatible plan fits {budget / GiB:.1f} GiB: at the lowest types the estimate is "
+        notes.append(f"no llama.cpp-compatible plan fits {budget / GiB:.1f} GiB whole: at the lowest types the estimate is "
                      f"{floor / GiB:.2f} GiB (expert down rows of {down_cols} cannot go below Q4_0)")
         padded, pad_shapes = dict(types), dict(shapes)
         for n, s in shapes.items():
@@ -266,16 +277,16 @@ def _ways_out(types, shapes, facts: ModelFacts, dims: ModelDims, budget: int, ru
         notes.append(f"--pad-experts (zero-pad expert down rows to a multiple of 256, Q2_K; a dgemma-only layout): "
                      f"{pad_total / GiB:.2f} GiB" + (" - fits" if pad_total <= budget else " - still over"))
     else:
-        notes.append(f"no plan fits {budget / GiB:.1f} GiB: at the lowest types the estimate is {floor / GiB:.2f} GiB")
+        notes.append(f"no plan fits {budget / GiB:.1f} GiB whole: at the lowest types the estimate is {floor / GiB:.2f} GiB")
     n_layer = facts.n_layer
     sizes = expert_sizes({n: nbytes(shapes[n], t) for n, t in types.items()}, n_layer)  # at these types
     layers = host_layers_for(sizes, floor - budget)
     if layers:
         host = sum(sum(sizes[i]) for i in layers)
-        notes.append(f"or, at these types, experts of {len(layers)} of {n_layer} layers in host RAM, which the cuda "
-                     f"backend streams to the GPU as each pass reaches them (by itself where the GPU is short; dgemma run "
-                     f"--host-experts): VRAM {(floor - vram_saving(sizes, layers)) / GiB:.2f} GiB, host RAM "
-                     f"{host / GiB:.2f} GiB (convert for the smallest --fit that fits)")
+        notes.append(f"fits with the experts of {len(layers)} of {n_layer} layers in host RAM, which the cuda backend "
+                     f"streams to the GPU as each pass reaches them (by itself where the GPU is short; slower, by the "
+                     f"PCIe copies; dgemma run --host-experts): VRAM {(floor - vram_saving(sizes, layers)) / GiB:.2f} GiB, "
+                     f"host RAM {host / GiB:.2f} GiB (page-locked)")
     elif layers is None:
         notes.append(f"even with the experts of every layer in host RAM, streamed to the GPU, VRAM "
                      f"{(floor - vram_saving(sizes, spread(n_layer, n_layer))) / GiB:.2f} GiB")

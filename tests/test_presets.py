@@ -67,29 +67,39 @@ def test_presets_order_by_size_and_rules(real):
     assert q2["blk.4.attn_v.weight"] == Q.Q3_K and q2["blk.4.attn_output.weight"] == Q.Q3_K  # n_gqa = 2 < 4
 
 
-@pytest.mark.parametrize("gib,fits,lowered", [
-    (24, True, set()), (16, True, {"expert_gate_up"}), (12, True, {"expert_gate_up", "expert_down"}),
-    (10, False, None), (8, False, None),
+ALL_CLASSES = {"expert_gate_up", "expert_down", "dense_ffn", "self_cond", "attention", "embedding"}
+
+
+@pytest.mark.parametrize("gib,fits,lowered,streamed", [
+    (24, True, set(), 0), (16, True, {"expert_gate_up"}, 0), (12, True, {"expert_gate_up", "expert_down"}, 0),
+    (10, True, ALL_CLASSES, 4), (8, True, ALL_CLASSES, 11), (2, False, ALL_CLASSES, 0),
 ])
-def test_fit_budgets(real, gib, fits, lowered):
+def test_fit_budgets(real, gib, fits, lowered, streamed):
+    """Whole where the types can go low enough; else at the lowest types, with the experts of as few layers as
+    needed in host RAM, streamed by the cuda backend (two VRAM slots counted), within the budget; else not."""
     conv, tensors = real
     plan = fit(tensors, conv.model_facts(), conv.model_dims(), gib * GiB, 8192)
-    assert plan.fits is fits
-    if fits:
-        assert plan.breakdown.total <= gib * GiB
-        assert {s.split(" ")[0] for s in plan.steps} == lowered
+    assert plan.fits is fits and len(plan.host_layers) == streamed
+    assert {s.split(" ")[0] for s in plan.steps} == lowered
+    if fits and not streamed:
+        assert plan.breakdown.total <= gib * GiB and not plan.notes
         assert all(plan.types[n] == Q.Q2_K for n in plan.types if tensor_class(n) == "expert_gate_up") or gib > 12
-    else:
+    if streamed:
+        assert plan.breakdown.total > gib * GiB >= plan.streamed_vram > gib * GiB - 0.5 * GiB
+        assert plan.host_bytes > (plan.breakdown.total - plan.streamed_vram)  # (the slots stay in VRAM)
+    if gib <= 10:
         text = "\n".join(plan.notes)
-        assert "no llama.cpp-compatible plan fits" in text and "704" in text
+        assert "no llama.cpp-compatible plan fits" in text and "whole" in text and "704" in text
         assert "--pad-experts" in text and "host RAM" in text
     if gib == 10:
-        assert "fits" in plan.notes[1]  # padding the 704-wide rows to 768 makes 10 GiB work
+        assert "fits" in plan.notes[1]  # padding the 704-wide rows to 768 makes 10 GiB work whole
     if gib == 8:
         assert "still over" in plan.notes[1]
-    if not fits:  # the cuda backend's streamed experts (two VRAM slots counted): within the budget
-        streamed = re.search(r"experts of (\d+) of 30 layers in host RAM, .* VRAM ([\d.]+) GiB", plan.notes[2])
-        assert streamed and float(streamed[2]) <= gib and int(streamed[1]) == {10: 4, 8: 11}[gib]
+    if streamed:  # the note says the same
+        note = re.search(r"fits with the experts of (\d+) of 30 layers in host RAM, .* VRAM ([\d.]+) GiB", plan.notes[2])
+        assert note and int(note[1]) == streamed and float(note[2]) == round(plan.streamed_vram / GiB, 2)
+    if gib == 2:
+        assert "even with the experts of every layer in host RAM" in plan.notes[2]
 
 
 def test_breakdown_parts_are_plausible(real):
@@ -114,3 +124,32 @@ def test_dry_run_cli_from_config_alone(real):
     assert proc.returncode == 0, proc.stderr
     assert "blk.29.ffn_down_exps.weight" in proc.stdout and "fits" in proc.stdout and "total VRAM" in proc.stdout
     assert "planned from config.json alone" in proc.stdout
+
+
+def test_convert_for_a_card_the_model_fits_only_streaming_writes_the_file(base_checkpoint, tmp_path):
+    """`dgemma convert --fit` for a budget the lowest types fit only with some layers' experts in host RAM
+    writes the file and says how many stream; one that even streaming every layer cannot fit is the error, and
+    nothing is written."""
+    from gguf import GGUFReader
+
+    from dgemma.convert.plan import make_plan
+    from dgemma.quant.planner import expert_sizes, nbytes, vram_saving
+
+    plan = make_plan(base_checkpoint, fit_size="0.001GB")  # (nothing fits: the lowest types)
+    layers = sorted({int(n.split(".")[1]) for n in plan.fit.types if n.startswith("blk.")})
+    every = vram_saving(expert_sizes({n: nbytes(s, t) for n, s, t in plan.tensors}, len(layers)), layers)
+    floor = plan.fit.breakdown.total
+    assert every > 0 and not plan.fit.fits and len(layers) == 3
+
+    def convert(budget: int, name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "convert", str(base_checkpoint), "-o",
+                               str(tmp_path / name), "--fit", f"{budget / GiB:.15f}GiB"], capture_output=True,
+                              text=True, timeout=300)
+
+    done = convert(floor - every // 2, "streams.gguf")
+    assert done.returncode == 0, done.stderr
+    assert "fits with the experts of 3 layers streamed from host RAM" in done.stdout and "VRAM, streaming" in done.stdout
+    assert len(GGUFReader(tmp_path / "streams.gguf").tensors) > 0
+    refused = convert(floor - every - 4096, "none.gguf")
+    assert refused.returncode == 1 and "DOES NOT FIT" in refused.stdout and not (tmp_path / "none.gguf").exists()
+    assert refused.stderr.strip().endswith("no plan fits (see the notes above)")
