@@ -171,7 +171,6 @@ def fit(tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts, dims: Mod
     start = start or PRESETS["Q4_K_M"]
     shapes = dict(tensors)
     types = preset_types(tensors, start, facts)
-    runtime = kv_cache_bytes(dims, ctx) + activation_bytes(dims)
 
     def breakdown() -> Breakdown:
         return runtime_breakdown(weights_bytes(types, shapes), dims, ctx)
@@ -200,7 +199,7 @@ def fit(tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts, dims: Mod
             plan.fits, plan.host_layers = True, layers
             plan.host_bytes = sum(sum(sizes[i]) for i in layers)
             plan.streamed_vram = b.total - vram_saving(sizes, layers)
-        plan.notes += _ways_out(types, shapes, facts, dims, budget, runtime)
+        plan.notes += _ways_out(plan, shapes, sizes)
     return plan
 
 
@@ -260,9 +259,10 @@ def host_layers_for(sizes: Sequence[tuple[int, int]], shortfall: int) -> list[in
     return None
 
 
-def _ways_out(types, shapes, facts: ModelFacts, dims: ModelDims, budget: int, runtime: int) -> list[str]:
-    fixed = runtime + WORKSPACE + CUDA_CONTEXT
-    floor = weights_bytes(types, shapes) + fixed
+def _ways_out(plan: Plan, shapes: dict[str, tuple[int, ...]], sizes: list[tuple[int, int]]) -> list[str]:
+    """Notes for a plan that does not fit whole at the lowest types: --pad-experts, and the layers streamed."""
+    types, budget, floor = plan.types, plan.budget, plan.breakdown.total
+    fixed = floor - plan.breakdown.weights
     down_cols = next((s[-1] for n, s in shapes.items() if tensor_class(n) == "expert_down"), 0)
     notes = []
     if down_cols % 256:
@@ -278,16 +278,13 @@ def _ways_out(types, shapes, facts: ModelFacts, dims: ModelDims, budget: int, ru
                      f"{pad_total / GiB:.2f} GiB" + (" - fits" if pad_total <= budget else " - still over"))
     else:
         notes.append(f"no plan fits {budget / GiB:.1f} GiB whole: at the lowest types the estimate is {floor / GiB:.2f} GiB")
-    n_layer = facts.n_layer
-    sizes = expert_sizes({n: nbytes(shapes[n], t) for n, t in types.items()}, n_layer)  # at these types
-    layers = host_layers_for(sizes, floor - budget)
-    if layers:
-        host = sum(sum(sizes[i]) for i in layers)
-        notes.append(f"fits with the experts of {len(layers)} of {n_layer} layers in host RAM, which the cuda backend "
-                     f"streams to the GPU as each pass reaches them (by itself where the GPU is short; slower, by the "
-                     f"PCIe copies; dgemma run --host-experts): VRAM {(floor - vram_saving(sizes, layers)) / GiB:.2f} GiB, "
-                     f"host RAM {host / GiB:.2f} GiB (page-locked)")
-    elif layers is None:
+    n_layer = len(sizes)
+    if plan.host_layers:
+        notes.append(f"fits with the experts of {len(plan.host_layers)} of {n_layer} layers in host RAM, which the cuda "
+                     f"backend streams to the GPU as each pass reaches them (by itself where the GPU is short; slower, by "
+                     f"the PCIe copies; dgemma run --host-experts): VRAM {plan.streamed_vram / GiB:.2f} GiB, host RAM "
+                     f"{plan.host_bytes / GiB:.2f} GiB (page-locked)")
+    else:  # (host_layers_for found none enough)
         notes.append(f"even with the experts of every layer in host RAM, streamed to the GPU, VRAM "
                      f"{(floor - vram_saving(sizes, spread(n_layer, n_layer))) / GiB:.2f} GiB")
     return notes
