@@ -277,23 +277,20 @@ def streamed(budget: str, args: argparse.Namespace, cfg: ModelConfig, rows: list
     (with the CUDA context) within `budget`, copied to the GPU as each pass reaches them: what a card of that
     size runs. Its step and prefill against `bases` (the same plan whole among them: what streaming costs), and
     its peak VRAM at 8K, to read against the budget."""
-    from dgemma.plugin.cuda import offload
     from dgemma.plugin.cuda.tune import choose
     from dgemma.plugin.cuda.weights import cuda_weights
-    from dgemma.quant.planner import PLAN_CTX, expert_sizes, nbytes, parse_size, runtime_breakdown
+    from dgemma.quant.planner import PLAN_CTX, expert_sizes, nbytes, parse_size, runtime_breakdown, stream_for
 
     sizes = {n: nbytes(shape, t) for n, shape, t in rows}
-    layers_bytes = expert_sizes(sizes, cfg.n_layer)
     need = runtime_breakdown(sum(sizes.values()), cfg.model_dims(), PLAN_CTX).total
-    layers = offload.host_layers_for(layers_bytes, need - parse_size(budget))
+    layers, host, vram = stream_for(expert_sizes(sizes, cfg.n_layer), need, parse_size(budget))
     if not layers:
         print(f"plan {plan} at 8K: {need / 2**30:.2f} GiB, which streaming " +
               ("does not bring within " if layers is None else "is not needed for ") + budget, flush=True)
         return None
-    host = sum(sum(layers_bytes[i]) for i in layers)
     print(f"plan {plan} on a {budget} GPU: experts of {len(layers)} of {cfg.n_layer} layers in host RAM "
           f"({host / 2**30:.2f} GiB page-locked, copied each pass); the estimate at 8K "
-          f"{(need - offload.vram_saving(layers_bytes, layers)) / 2**30:.2f} GiB with the CUDA context", flush=True)
+          f"{vram / 2**30:.2f} GiB with the CUDA context", flush=True)
     w = cuda_weights(SyntheticTensors(rows), cfg, device=str(dev), host_layers=layers)
     matmul = args.matmuls.split(",")[0]
     choose(w, matmul, rows=cfg.canvas_length, device=dev, cache=tune_cache, top_k=cfg.n_expert_used)

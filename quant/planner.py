@@ -194,11 +194,9 @@ def fit(tensors: list[tuple[str, tuple[int, ...]]], facts: ModelFacts, dims: Mod
     plan = Plan(dict(types), b, budget, b.total <= budget, steps)
     if not plan.fits:  # what still does not fit at the lowest types streams, where that is enough
         sizes = expert_sizes({n: nbytes(shapes[n], t) for n, t in types.items()}, facts.n_layer)
-        layers = host_layers_for(sizes, b.total - budget)
+        layers, host, vram = stream_for(sizes, b.total, budget)
         if layers:
-            plan.fits, plan.host_layers = True, layers
-            plan.host_bytes = sum(sum(sizes[i]) for i in layers)
-            plan.streamed_vram = b.total - vram_saving(sizes, layers)
+            plan.fits, plan.host_layers, plan.host_bytes, plan.streamed_vram = True, layers, host, vram
         plan.notes += _ways_out(plan, shapes, sizes)
     return plan
 
@@ -257,6 +255,15 @@ def host_layers_for(sizes: Sequence[tuple[int, int]], shortfall: int) -> list[in
         if vram_saving(sizes, layers) >= shortfall:
             return layers
     return None
+
+
+def stream_for(sizes: Sequence[tuple[int, int]], need: int, budget: int) -> tuple[list[int] | None, int, int]:
+    """For an estimate of `need` bytes against `budget`: the layers whose experts stream (host_layers_for: none
+    where it fits, None where even every layer's would not do), their bytes in host RAM, and the VRAM then."""
+    layers = host_layers_for(sizes, need - budget)
+    if not layers:
+        return layers, 0, need
+    return layers, sum(sum(sizes[i]) for i in layers), need - vram_saving(sizes, layers)
 
 
 def _ways_out(plan: Plan, shapes: dict[str, tuple[int, ...]], sizes: list[tuple[int, int]]) -> list[str]:
