@@ -60,12 +60,17 @@ async def _load(request: Request, name: str) -> tuple[LoadedModel, int]:
     return model, time.perf_counter_ns() - t0
 
 
-async def _stop(request: Request, name: str) -> None:
-    """keep_alive 0 with nothing to generate (`ollama stop`): unload the model without loading it first."""
+async def _load_or_unload(request: Request, name: str, asked_keep_alive: Any, keep: float) -> str:
+    """A request with nothing to generate: load the model ("load"; with the server's default keep_alive 0, for
+    nothing), or, with keep_alive 0 asked for, unload it without loading it first ("unload", `ollama stop`)."""
+    if asked_keep_alive is None or keep != 0:
+        _state(request).manager.touch((await _load(request, name))[0], keep)
+        return "load"
     try:
         await _state(request).manager.stop(name)
     except ModelNotFound:
         raise ApiError(404, f"model '{name}' not found") from None
+    return "unload"
 
 
 def _unsupported(**fields: Any) -> None:
@@ -208,15 +213,11 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
         raise ApiError(400, "raw mode does not support template, system, or context")
     if req.template:
         raise ApiError(400, "template overrides are not supported: dgemma renders the model's own chat template")
-    if not req.prompt and req.keep_alive is not None and keep == 0:  # (asked for: not the server's default)
-        await _stop(request, name)
+    if not req.prompt:
+        reason = await _load_or_unload(request, name, req.keep_alive, keep)
         return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(), "response": "", "done": True,
-                             "done_reason": "unload"})
+                             "done_reason": reason})
     model, load_ns = await _load(request, name)
-    if not req.prompt:  # load the model (with the server's default keep_alive 0, for nothing)
-        state.manager.touch(model, keep)
-        return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(), "response": "", "done": True,
-                             "done_reason": "load"})
     opts = generate_options(model.engine, req.options)
     if req.raw:
         ids = prompt_ids(model.engine, req.prompt, raw=True)
@@ -247,15 +248,10 @@ async def chat(request: Request, req: P.ChatRequest) -> Response:
     keep = _keep_alive(request, req.keep_alive)
     messages = req.messages or []
     _unsupported(images=any(m.images for m in messages), format=req.format, tools=req.tools)
-    if not messages:  # load the model, or with keep_alive 0 unload it (without loading it first)
-        stop = req.keep_alive is not None and keep == 0
-        if stop:
-            await _stop(request, name)
-        else:
-            state.manager.touch((await _load(request, name))[0], keep)
+    if not messages:
+        reason = await _load_or_unload(request, name, req.keep_alive, keep)
         return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(),
-                             "message": {"role": "assistant", "content": ""}, "done": True,
-                             "done_reason": "unload" if stop else "load"})
+                             "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": reason})
     model, load_ns = await _load(request, name)
     opts = generate_options(model.engine, req.options)
     conv = [{"role": m.role.lower(), "content": m.content or ""} for m in messages]
