@@ -16,24 +16,27 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")  # cgroup v2's mount; v1's memory controlle
 V1_UNLIMITED = 1 << 62  # cgroup v1 writes "no limit" as 2**63 - 1 rounded down to a page
 
 
-def _kib(text: str) -> dict[str, int]:
-    """/proc/meminfo's "Key:   123 kB" lines as {key: KiB}."""
-    kib = {}
+def _numbers(text: str) -> dict[str, int]:
+    """Lines of a name and a number as {name: number}: /proc/meminfo's "MemAvailable:   123 kB" (KiB), a cgroup's
+    memory.stat "inactive_file 123" (bytes)."""
+    out = {}
     for line in text.splitlines():
-        key, _, value = line.partition(":")
-        parts = value.split()
-        if parts and parts[0].isdigit():
-            kib[key.strip()] = int(parts[0])
-    return kib
+        parts = line.replace(":", " ", 1).split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _meminfo(kib: dict[str, int], swap: bool) -> int | None:
+    if "MemAvailable" not in kib:
+        return None
+    return (kib["MemAvailable"] + (kib.get("SwapFree", 0) if swap else 0)) * 1024
 
 
 def meminfo_available(text: str, swap: bool = True) -> int | None:
     """Bytes a process can still get, from /proc/meminfo's text: MemAvailable plus SwapFree (swap False: without,
     for page-locked memory); None without them."""
-    kib = _kib(text)
-    if "MemAvailable" not in kib:
-        return None
-    return (kib["MemAvailable"] + (kib.get("SwapFree", 0) if swap else 0)) * 1024
+    return _meminfo(_numbers(text), swap)
 
 
 def _read_int(path: Path) -> int | None:
@@ -45,15 +48,12 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _stat(path: Path, key: str) -> int:
+def _stat(d: Path) -> dict[str, int]:
+    """A cgroup's memory.stat ({} where it is not there)."""
     try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
+        return _numbers((d / "memory.stat").read_text())
     except OSError:
-        pass
-    return 0
+        return {}
 
 
 def _dirs(mount: Path, relative: str) -> list[Path]:
@@ -72,7 +72,7 @@ def _room(limit: int | None, usage: int | None, cache: int) -> int | None:
 
 
 def _v2_room(d: Path, swap_free: int, swap: bool) -> int | None:
-    room = _room(_read_int(d / "memory.max"), _read_int(d / "memory.current"), _stat(d / "memory.stat", "inactive_file"))
+    room = _room(_read_int(d / "memory.max"), _read_int(d / "memory.current"), _stat(d).get("inactive_file", 0))
     if room is None or not swap:
         return room
     swap_room = _room(_read_int(d / "memory.swap.max"), _read_int(d / "memory.swap.current"), 0)
@@ -80,9 +80,10 @@ def _v2_room(d: Path, swap_free: int, swap: bool) -> int | None:
 
 
 def _v1_room(d: Path, swap_free: int, swap: bool) -> int | None:
-    cache = _stat(d / "memory.stat", "total_inactive_file")
+    stat = _stat(d)
+    cache = stat.get("total_inactive_file", 0)
     limit = _read_int(d / "memory.limit_in_bytes")
-    hierarchical = _stat(d / "memory.stat", "hierarchical_memory_limit")  # an ancestor's the mount may not show
+    hierarchical = stat.get("hierarchical_memory_limit", 0)  # an ancestor's the mount may not show
     if limit is not None and 0 < hierarchical < limit:
         limit = hierarchical  # (against this cgroup's usage: the ancestor's is not visible)
     room = _room(limit, _read_int(d / "memory.usage_in_bytes"), cache)
@@ -142,10 +143,11 @@ def available_ram(swap: bool = True) -> int | None:
         meminfo = PROC_MEMINFO.read_text()
     except OSError:
         return None
-    have = meminfo_available(meminfo, swap)
+    kib = _numbers(meminfo)
+    have = _meminfo(kib, swap)
     try:
         cgroup_text = PROC_CGROUP.read_text()
     except OSError:
         return have
-    limited = cgroup_available(cgroup_text, CGROUP_ROOT, _kib(meminfo).get("SwapFree", 0) * 1024, swap)
+    limited = cgroup_available(cgroup_text, CGROUP_ROOT, kib.get("SwapFree", 0) * 1024, swap)
     return limited if have is None else have if limited is None else min(have, limited)
