@@ -229,13 +229,14 @@ class Engine:
                 raise  # the file, the model or an option: the torch backend would say the same
             except Exception as e:  # noqa: BLE001 - the GPU side (NVRTC, a kernel, CUDA): auto falls back
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                reader = open_gguf(path)  # (the cuda load opened it: it opens)
-                shortage = ram_shortage(reader, ModelConfig.from_gguf(reader, path), path, cuda_error=first)
-                if shortage:  # the fallback cannot hold the model either: say both
-                    raise RamShortageError(shortage) from None
                 warnings.warn(f"the cuda backend could not load {path} ({first}); using the torch backend on the CPU",
                               RuntimeWarning, stacklevel=2)
+            try:
                 return cls.load(path, "torch", None, rng, kv_cache)
+            except RamShortageError as e:  # the fallback cannot hold the model either: say why not the cuda backend
+                reader = open_gguf(path)
+                raise RamShortageError(ram_shortage(reader, ModelConfig.from_gguf(reader, path), path, cuda_error=first)
+                                       or str(e)) from None
         backend = pick_backend(backend)
         # graphs=False and host_experts=0 are what the others do
         for name, value in (("matmul", matmul), ("graphs", graphs or None), ("host_experts", host_experts or None)):

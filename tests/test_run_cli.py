@@ -165,8 +165,9 @@ def test_backend_auto_is_torch_without_a_gpu_and_falls_back_when_the_gpu_side_fa
     need = pw.float32_bytes(open_gguf(path), engine.cfg)
     with monkeypatch.context() as m:
         m.setattr(pw, "available_ram", lambda: need - 1)
-        with pytest.raises(RamShortageError, match=r"of memory available: the cuda backend, which keeps them "
-                                                   r"quantized, could not load it \(.+\)$"):
+        with pytest.warns(RuntimeWarning, match="the cuda backend could not load"), \
+                pytest.raises(RamShortageError, match=r"of memory available: the cuda backend, which keeps them "
+                                                      r"quantized, could not load it \(.+\)$"):
             Engine.load(path, "auto")
     with pytest.raises(EngineError, match="missing.gguf"):  # not the GPU's fault: no fallback, the same error
         Engine.load(tmp_path / "missing.gguf", "auto")

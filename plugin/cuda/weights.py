@@ -176,7 +176,8 @@ def vram_estimate(reader: GGUFReader, cfg: ModelConfig, host_layers: Sequence[in
     from . import offload  # (which builds on this module's QuantExperts)
 
     weights = sum(int(t.n_bytes) for t in reader.tensors)
-    weights -= offload.vram_saving(offload.expert_bytes(reader, cfg.n_layer), host_layers)
+    if host_layers:
+        weights -= offload.vram_saving(offload.expert_bytes(reader, cfg.n_layer), host_layers)
     dims = cfg.model_dims()
     kv = kv_cache_bytes(dims, min(cfg.context_length, KV_RESERVE_POSITIONS), kv_bytes)
     return replace(runtime_breakdown(weights, dims, None, cuda_context=0), kv_cache=kv)
