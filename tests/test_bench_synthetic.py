@@ -13,6 +13,8 @@ from conftest import SPECS
 import model_gpu  # bench/ (pyproject's pythonpath)
 import synthetic
 
+from dgemma.quant.planner import PLAN_CTX
+
 
 def test_config_from_config_json_equals_the_converted_files(checkpoint_factory, tmp_path):
     from dgemma.convert import convert
@@ -49,7 +51,7 @@ def test_model_gpu_estimate_is_the_fit_plans_without_the_cuda_context():
     from dgemma.convert.plan import make_plan
     from dgemma.quant.planner import CUDA_CONTEXT
 
-    p = make_plan(synthetic.CONFIG_26B, "Q4_K_M", "12GB", 8192)
+    p = make_plan(synthetic.CONFIG_26B, "Q4_K_M", "12GB", PLAN_CTX)
     cfg = synthetic.model_config(synthetic.CONFIG_26B)
     assert p.fit.fits and model_gpu.estimate_8k(cfg, p.tensors) * 2**30 == p.fit.breakdown.total - CUDA_CONTEXT
     assert model_gpu.estimate_8k(cfg, p.tensors) < 11.5
@@ -101,7 +103,7 @@ def test_model_gpu_streams_the_experts_a_smaller_gpu_needs(checkpoint_factory, k
     ckpt = checkpoint_factory(SPECS["base"])
     cfg = synthetic.model_config(ckpt)
     rows = synthetic.plan_rows(ckpt, "Q8_0")
-    need = runtime_breakdown(sum(nbytes(s, t) for _, s, t in rows), cfg.model_dims(), 8192).total
+    need = runtime_breakdown(sum(nbytes(s, t) for _, s, t in rows), cfg.model_dims(), PLAN_CTX).total
     args = argparse.Namespace(matmuls="scalar", steps=1)
     dev = torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # what the tuner asks

@@ -72,7 +72,8 @@ def test_a_conversation_with_commands(engine, monkeypatch):
     assert convs[1][:2] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first}]
     assert convs[1][2] == {"role": "user", "content": "two\nlines"}
     assert convs[3] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "after"}]
-    assert alone(engine, convs[3], 3, 6) in text and err.getvalue() == ""
+    last = alone(engine, convs[3], 3, 6)
+    assert last.strip() and last in text and err.getvalue() == ""  # (an empty reply would be in any text)
 
 
 def test_ctrl_c_stops_a_reply_and_drops_the_turn(engine):

@@ -117,6 +117,14 @@ def gated_loads(monkeypatch) -> tuple[threading.Event, list[str]]:
     return go, calls
 
 
+async def loading(manager: ModelManager, name: str, calls: list[str]) -> asyncio.Task:
+    """manager.get(name) in a task, once its load's worker thread has begun (calls: gated_loads', or a stand-in's)."""
+    task = asyncio.create_task(manager.get(name))
+    while name not in calls:
+        await asyncio.sleep(0.01)
+    return task
+
+
 def test_a_load_outlives_the_request_that_gave_up_on_it(gpu, monkeypatch):
     """A client that goes away while its model loads (the worker thread cannot be stopped): the load goes on,
     keeps the model's lock and registers the model; the next request for it waits for that load instead of
@@ -126,9 +134,7 @@ def test_a_load_outlives_the_request_that_gave_up_on_it(gpu, monkeypatch):
     go, calls = gated_loads(monkeypatch)
 
     async def run() -> None:
-        first = asyncio.create_task(manager.get("a"))
-        while not calls:
-            await asyncio.sleep(0.01)
+        first = await loading(manager, "a", calls)
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
@@ -162,9 +168,7 @@ def test_a_failed_load_whose_request_gave_up_leaves_the_model_free_to_load(gpu, 
     monkeypatch.setattr(cw, "load_cuda_weights", flaky)
 
     async def run() -> None:
-        first = asyncio.create_task(manager.get("a"))
-        while not calls:  # its thread is loading
-            await asyncio.sleep(0.01)
+        first = await loading(manager, "a", calls)
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
@@ -184,9 +188,7 @@ def test_a_queued_load_that_no_request_wants_any_more_is_dropped(gpu, monkeypatc
     go, calls = gated_loads(monkeypatch)
 
     async def run() -> None:
-        a = asyncio.create_task(manager.get("a"))
-        while not calls:
-            await asyncio.sleep(0.01)
+        a = await loading(manager, "a", calls)
         b = asyncio.create_task(manager.get("b"))
         while not manager._wanted["b"] or not manager._loading.get("b") or not manager._loading["b"].locked():
             await asyncio.sleep(0.01)  # b's request holds b's lock, its load waits for a's
