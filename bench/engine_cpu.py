@@ -37,34 +37,54 @@ SPECS = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", type=Path)
-    ap.add_argument("--size", choices=sorted(SPECS), default="tiny")
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--canvases", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
-    tmp = tempfile.TemporaryDirectory() if args.dir is None else None
-    root = (args.dir or Path(tmp.name)) / args.size
-    SPEC = SPECS[args.size]
-    ckpt = root / "ckpt"
+def built(size: str, where: Path) -> tuple[Path, Path]:
+    """The checkpoint of SPECS[size] under where/size and its F32 GGUF, built unless they are there."""
+    root = where / size
+    ckpt, gguf = root / "ckpt", root / "model-f32.gguf"
     if not (ckpt / "config.json").exists():
-        build_checkpoint(SPEC, ckpt)
-    gguf = root / "model-f32.gguf"
+        build_checkpoint(SPECS[size], ckpt)
     if not gguf.exists():
         convert(ckpt, gguf, "F32", quiet=True)
+    return ckpt, gguf
+
+
+def model_arguments(ap: argparse.ArgumentParser, size: str) -> None:
+    """--dir, --size (default `size`) and --threads, which prepared() reads."""
+    ap.add_argument("--dir", type=Path, help="where the model is built once (default: a temporary directory)")
+    ap.add_argument("--size", choices=sorted(SPECS), default=size)
+    ap.add_argument("--threads", type=int, default=2)
+
+
+def prepared(args: argparse.Namespace) -> tuple[Path, Path, tempfile.TemporaryDirectory | None]:
+    """torch's threads set, and the model of --size built in --dir (else in a temporary directory, returned for
+    the caller to clean up): its checkpoint and F32 GGUF."""
+    torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory() if args.dir is None else None
+    return (*built(args.size, args.dir or Path(tmp.name)), tmp)
+
+
+def every_step(engine: Engine) -> Engine:
+    """Stopping off: stability 0 with an unreachable confidence (1e-30) keeps every step of every canvas."""
+    engine.cfg.sampler.stability_threshold, engine.cfg.sampler.confidence_threshold = 0, 1e-30
+    return engine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    model_arguments(ap, "tiny")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--canvases", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    ckpt, gguf, tmp = prepared(args)
+    SPEC = SPECS[args.size]
 
     prompt = list(range(10, 10 + 2 * SPEC.canvas_length))
     n_tokens = args.canvases * SPEC.canvas_length
     total_steps = args.canvases * args.steps
-    # stopping off: stability 0 with an unreachable confidence (1e-30) keeps every step
-    engine = Engine.load(gguf)
-    engine.cfg.sampler.stability_threshold, engine.cfg.sampler.confidence_threshold = 0, 1e-30
-    opts = GenerateOptions(seed=0, max_tokens=n_tokens, steps=args.steps, eos_ids=set())
+    engine = every_step(Engine.load(gguf))
+    # every run encodes its prompt (the same each time), as transformers' does: no kept cache (bench/chat_turns.py)
+    opts = GenerateOptions(seed=0, max_tokens=n_tokens, steps=args.steps, eos_ids=set(), cache_prompt=False)
     hf = hf_model(ckpt)
     hf_kwargs = dict(max_new_tokens=n_tokens, max_denoising_steps=args.steps, stability_threshold=0,
                      confidence_threshold=1e-30, eos_token_id=None)

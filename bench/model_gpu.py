@@ -37,7 +37,8 @@ from synthetic import CONFIG_26B, SyntheticTensors, gpu_capability, model_config
 
 from dgemma.plugin.config import ModelConfig  # noqa: E402
 from dgemma.plugin.engine import DEFAULT_NUM_BATCH  # noqa: E402
-from dgemma.plugin.model import DiffusionGemma, KVCache, Weights  # noqa: E402
+from dgemma.plugin.kv_cache import KVCache  # noqa: E402
+from dgemma.plugin.model import DiffusionGemma, Weights  # noqa: E402
 
 # dense bf16 tensor-core FLOP/s and HBM bytes/s from the datasheets (SXM parts), by device-name substring
 PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12), "L40S": (362e12, 0.864e12),

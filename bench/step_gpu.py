@@ -148,7 +148,7 @@ def head_pass(repeat: int, kinds: list[str], vocab: int = 262144, d: int = 2816,
 
 def attention(repeat: int, canvas: int = 256, context: int = 8192) -> None:
     """The decoder's attention at the 26B's heads (16 query heads; 25 sliding layers of 8 KV heads x 256 over
-    the window, 5 global of 2 x 512 over the context) with the f16 KV cache, through model.KVCache as the
+    the window, 5 global of 2 x 512 over the context) with the f16 KV cache, through kv_cache.KVCache as the
     decoder reads it: the engine's way (the canvas's keys written into the positions reserved after the
     cache, SDPA in f16 over the cache as it is), the same concatenated to a copy (no reserve), the way before
     session 9 (`attend` float32: the cache cast to float32 and concatenated every pass, SDPA in float32),
@@ -156,7 +156,7 @@ def attention(repeat: int, canvas: int = 256, context: int = 8192) -> None:
     layers, with ratios against the float32 way."""
     import torch.nn.functional as F
 
-    from dgemma.plugin.model import KVCache
+    from dgemma.plugin.kv_cache import KVCache
 
     g = torch.Generator(device=DEVICE).manual_seed(0)
     caches = {"f16 in place (engine)": KVCache(dtype=torch.float16, reserve=canvas),

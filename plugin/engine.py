@@ -24,14 +24,15 @@ from typing import Any
 
 import torch
 
-from dgemma.quant.planner import GiB
+from dgemma.quant.planner import KV_SPARE, GiB
 
 from .chat import render_chat
 from .config import ModelConfig, SamplerDefaults
 from .cuda.tune import CHOICES as MATMULS
 from .fast_decode import FastDecoder
 from .inspect import open_gguf
-from .model import DiffusionGemma, KVCache
+from .kv_cache import KVCache, PromptCache
+from .model import DiffusionGemma
 from .sampler import CounterSteps, Denoised, Steps, StepInfo, TorchSteps, denoise_canvas, logits_stats
 from .tokenizer import Tokenizer
 from .weights import load_weights, ram_shortage
@@ -45,7 +46,7 @@ DEFAULT_NUM_BATCH = 512  # prompt tokens per encoder pass (Ollama's num_batch an
 BACKENDS = ("torch", "cuda")
 BACKEND_CHOICES = ("auto", *BACKENDS)  # auto: cuda where it can run, else torch (pick_backend)
 RNGS = ("torch", "counter")  # the sampler's draws (plugin/sampler.py): a torch.Generator, or counter-based
-KV_DTYPES = {"f32": torch.float32, "f16": torch.float16}  # what the KV cache stores (model.KVCache)
+KV_DTYPES = {"f32": torch.float32, "f16": torch.float16}  # what the KV cache stores (kv_cache.KVCache)
 
 
 class EngineError(ValueError):
@@ -145,6 +146,9 @@ class GenerateOptions:
     eos_ids: set[int] | None = None  # None: the model's end-of-generation tokens
     cancel: threading.Event | Callable[[], bool] | None = None  # checked between denoising steps
     on_step: Callable[[StepInfo], None] | None = None
+    # start from the KV cache the last generation left where this prompt begins with its tokens (kv_cache.PromptCache;
+    # llama.cpp's cache_prompt); False: encode the whole prompt, and keep nothing for the next
+    cache_prompt: bool = True
 
     def cancelled(self) -> bool:
         if self.cancel is None:
@@ -163,7 +167,7 @@ class TextEvent:
 @dataclass
 class DoneEvent:
     done_reason: str  # "stop" (EOG or stop string), "length" (max_tokens) or "cancelled"
-    prompt_eval_count: int
+    prompt_eval_count: int  # the prompt's tokens, those taken from the kept KV cache included (as Ollama counts)
     eval_count: int  # generated tokens reported
     token_ids: list[int]
     canvases: list[list[int]]  # every whole canvas, as denoised (before cutting)
@@ -174,6 +178,7 @@ class DoneEvent:
     load_duration: int
     prompt_eval_duration: int
     eval_duration: int
+    prompt_cached_count: int = 0  # the prompt's first tokens, whose keys and values the last generation left
 
 
 Event = TextEvent | DoneEvent
@@ -196,6 +201,7 @@ class Engine:
         self.graphed = None  # the last generation's GraphedDecoder (its captures, replays, fallback)
         self._graph_stream = None  # where every generation's decoder warms up and captures
         self.host_layers: list[int] = []  # cuda backend: layers whose experts stream from host RAM (cuda/offload.py)
+        self.prompt_cache = PromptCache()  # the last generation's KV cache, for a prompt that starts the same
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "torch", device: str | None = None, rng: str | None = None,
@@ -418,9 +424,8 @@ class Engine:
                   seed: int) -> Iterator[Event]:
         t_start = time.perf_counter_ns()
         C = self.cfg.canvas_length
-        cache = KVCache(dtype=self.kv_dtype, reserve=C)
+        kept = self.prompt_cache
         n_canvases = math.ceil(max_tokens / C)  # every one but the last is encoded after the prompt
-        cache.until = len(ids) + min(n_canvases - 1, KV_LOOKAHEAD) * C
         dev = self.device
         cancelled = False
 
@@ -437,8 +442,21 @@ class Engine:
         steps: list[int] = []
         reason = "length"
         out_of_memory = False
+        cache, cached = None, 0
+        held, whole = [], False  # the tokens the cache holds; whole: it holds them (not half-way through an encode)
         try:
-            self.model.encode(torch.tensor([ids], device=dev), cache, chunk=o.num_batch or DEFAULT_NUM_BATCH)
+            if o.cache_prompt:  # (in here: going back copies, and may run out of memory)
+                cache, cached = kept.take(ids)
+            else:
+                kept.clear()
+            if cache is None:
+                cache = KVCache(dtype=self.kv_dtype, reserve=C, spare=KV_SPARE)
+            held, whole = ids[:cached], True
+            cache.until = len(ids) + min(n_canvases - 1, KV_LOOKAHEAD) * C
+            if cached < len(ids):
+                whole = False
+                self.model.encode(torch.tensor([ids[cached:]], device=dev), cache, chunk=o.num_batch or DEFAULT_NUM_BATCH)
+            held, whole = list(ids), True
             t_prompt = time.perf_counter_ns()
             sampler = self._steps(cache, seed)
             for index in range(n_canvases):
@@ -467,14 +485,25 @@ class Engine:
                     break
                 # where the global layers' buffers are full, the new ones have room for KV_LOOKAHEAD canvases
                 cache.until = max(cache.until, cache.length + min(n_canvases - 1 - index, KV_LOOKAHEAD) * C)
+                if index == 0 and o.cache_prompt:
+                    kept.mark(cache)  # the prompt's end, before the sliding windows move past it
+                whole = False
                 self.model.encode(torch.tensor([canvas], device=dev), cache)
+                held += canvas
+                whole = True
         except torch.cuda.OutOfMemoryError:  # one line, not CUDA's paragraph
-            out_of_memory = True  # raised below, outside this block: CUDA's error would keep its frames' tensors alive
+            out_of_memory, whole = True, False  # raised below, outside this block: CUDA's error would keep its frames'
+            # tensors alive; and its cache is not kept
         finally:  # also when the caller stops early (the generator closed at a yield)
             if self.graphed is not None:
-                self.graphed.release()  # the graph's memory pool and the KV cache: the next generation makes its own
+                self.graphed.release()  # the graph's memory pool; the cache is kept or dropped below
+            if o.cache_prompt and whole:
+                kept.put(cache, held)
+            else:
+                kept.clear()
         if out_of_memory:
-            positions, cache, sampler, result = cache.length, None, None, None  # this frame lives on in the error's
+            positions = 0 if cache is None else cache.length
+            cache, sampler, result = None, None, None  # this frame lives on in the error's
             # traceback: no tensors held by it
             raise EngineError(f"the GPU ran out of memory with {positions} positions in the KV cache (the prompt and "
                               f"{len(out_ids)} tokens generated): a smaller num_ctx or num_predict, a shorter prompt, "
@@ -485,7 +514,7 @@ class Engine:
             done_reason=reason, prompt_eval_count=len(ids), eval_count=len(out_ids), token_ids=out_ids,
             canvases=canvases, steps_per_canvas=steps, tokens_per_forward=len(out_ids) / forwards if forwards else 0.0,
             seed=seed, total_duration=t_end - t_start + self.load_duration, load_duration=self.load_duration,
-            prompt_eval_duration=t_prompt - t_start, eval_duration=t_end - t_prompt,
+            prompt_eval_duration=t_prompt - t_start, eval_duration=t_end - t_prompt, prompt_cached_count=cached,
         )
 
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import DiffusionGemma, KVCache, dense_experts, dense_moe, grouped_experts
+from .kv_cache import KVCache
+from .model import DiffusionGemma, dense_experts, dense_moe, grouped_experts
 
 # Above this many matmul FLOPs per denoising step the GEMMs dominate and the fold-ups stop paying for
 # their extra weight copies (measured, 2 threads): bench/engine_cpu.py's tiny model (8 MFLOP) and the test

@@ -13,12 +13,13 @@ proportional RoPE (the unrotated pairs carry a huge frequency divisor in `rope_f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kv_cache import KVCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -206,140 +207,6 @@ class Weights:
     sc_down: torch.Tensor
     layers: list[LayerWeights]
     head: object = None  # the tied head as a backend weight object (quantized); None: F.linear with embed
-
-
-@dataclass
-class KVCache:
-    """Keys/values of the encoded positions, per layer: [B, KV, T, hd]. Global layers keep every position;
-    sliding layers keep only the last sliding_window - 1, all that a later query can see. `dtype`: what
-    they are stored in (None: the model's compute dtype; float16 halves the cache). `length` counts every
-    encoded position (the next position's index). `reserve`: positions kept free after each layer's cached
-    ones, where the decoder writes its canvas's keys and values instead of concatenating them to a copy of
-    the cache on every pass (the engine reserves one canvas). `attend`: the dtype attention runs in, the
-    encoder's and the decoder's (None: the cache's, so that a float16 cache is read as it is, on tensor
-    cores; float32 over a float16 cache casts a copy of it every pass, the way before session 9, kept as
-    bench/step_gpu.py's baseline). `until`: the position the encode under way reaches (encode sets it), so
-    that a global layer's buffers are made long enough for every chunk at once (KVCache.extend)."""
-
-    keys: list[torch.Tensor | None] = field(default_factory=list)
-    values: list[torch.Tensor | None] = field(default_factory=list)
-    length: int = 0
-    dtype: torch.dtype | None = None
-    reserve: int = 0
-    attend: torch.dtype | None = None
-    # each layer's (keys, values) buffers [B, KV, T + reserve, hd] (a global layer's longer during an encode:
-    # room for its chunks, extend()): keys[i] is buffers[i][0][:, :, :T]
-    buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list, repr=False)
-    version: int = 0  # counts store()/extend() calls: what holds the buffers' addresses (a CUDA graph) checks it
-    until: int = 0
-
-    def attention_dtype(self, compute: torch.dtype) -> torch.dtype:
-        """What attention over this cache runs in, for a model computing in `compute`."""
-        return self.attend or self.dtype or compute
-
-    def layer(self, i: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Layer i's keys and values (None before the first encode), in `dtype` when given."""
-        if i >= len(self.keys):
-            return None, None
-        k, v = self.keys[i], self.values[i]
-        return (k, v) if dtype is None else (k.to(dtype), v.to(dtype))
-
-    def store(self, i: int, keys: torch.Tensor, values: torch.Tensor, keep: int | None) -> None:
-        """Layer i's keys and values after an encode, trimmed to their last `keep` positions (None: all)."""
-        dtype = self.dtype or keys.dtype
-        start = keys.shape[2] - keep if keep is not None and keys.shape[2] > keep else 0
-        keys, values = keys[:, :, start:], values[:, :, start:]
-        if self.reserve:  # copied into buffers with room for the canvas after them
-            T = keys.shape[2]
-            bufs = self._buffers(keys, values, T + self.reserve, dtype)
-            keys, values = bufs[0][:, :, :T], bufs[1][:, :, :T]
-        elif start:  # a copy, so that the dropped positions are freed
-            keys, values = keys.to(dtype, copy=True), values.to(dtype, copy=True)
-            bufs = None
-        else:
-            keys, values, bufs = keys.to(dtype), values.to(dtype), None
-        self._put(i, keys, values, bufs)
-
-    def extend(self, i: int, k: torch.Tensor, v: torch.Tensor, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder's step: layer i's cached keys/values followed by a chunk's k, v [B, KV, L, hd], in the
-        dtype attention runs in ([B, KV, P+L, hd]: what the chunk attends over), stored as the cache trimmed to
-        its last `keep` positions (None: all). A layer that keeps every position (global) and attends in the
-        dtype it stores writes the chunk after the cached positions in its buffers, made once per encode long
-        enough for `until` and the reserve, instead of concatenating the chunk to the cache and copying the
-        result into new buffers on every chunk. Otherwise (sliding layers: a chunk sees more than the window
-        they keep) the concatenation is stored."""
-        dtype = self.attention_dtype(k.dtype)
-        past_k, past_v = self.layer(i)
-        if past_k is not None and past_k.shape[0] != k.shape[0]:
-            raise ValueError(f"KVCache.extend: a chunk of batch {k.shape[0]} over a cache of batch {past_k.shape[0]}")
-        k, v = k.to(dtype), v.to(dtype)
-        if keep is not None or dtype != (self.dtype or dtype):
-            if past_k is None:
-                k, v = k.contiguous(), v.contiguous()
-            else:
-                k, v = torch.cat([past_k.to(dtype), k], dim=2), torch.cat([past_v.to(dtype), v], dim=2)  # [B, KV, P+L, hd]
-            self.store(i, k, v, keep)
-            return k, v
-        P, L = 0 if past_k is None else past_k.shape[2], k.shape[2]
-        bufs = self._room(i, P, L + self.reserve, dtype)
-        if bufs is None:  # long enough for the rest of this encode and the canvas after it
-            size = max(P + L, self.until - self.length + P) + self.reserve
-            bufs = self._buffers(k[:, :, :0] if past_k is None else past_k, v[:, :, :0] if past_v is None else past_v,
-                                 size, dtype)
-        keys, values = self._write(bufs, P, k, v)
-        self._put(i, keys, values, bufs)
-        return keys, values
-
-    def _room(self, i: int, T: int, L: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Layer i's buffers if L more positions of `dtype` fit after its T cached ones, else None (the callers
-        check the batch)."""
-        bufs = self.buffers[i] if i < len(self.buffers) else None
-        return bufs if bufs is not None and bufs[0].dtype == dtype and bufs[0].shape[2] >= T + L else None
-
-    @staticmethod
-    def _buffers(keys: torch.Tensor, values: torch.Tensor, size: int,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """New buffers [B, KV, size, hd] in `dtype` whose first T positions hold keys, values [B, KV, T, hd]."""
-        B, KV, T, hd = keys.shape
-        bufs = tuple(keys.new_empty((B, KV, size, hd), dtype=dtype) for _ in range(2))
-        bufs[0][:, :, :T], bufs[1][:, :, :T] = keys, values
-        return bufs
-
-    @staticmethod
-    def _write(bufs: tuple[torch.Tensor, torch.Tensor], T: int, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [B, KV, L, hd] written after the first T positions of bufs: views [B, KV, T+L, hd] of them."""
-        L = k.shape[2]
-        with torch.inference_mode():  # the buffers were made in it (encode), wherever the decoder runs
-            bufs[0][:, :, T : T + L], bufs[1][:, :, T : T + L] = k, v
-        return bufs[0][:, :, : T + L], bufs[1][:, :, : T + L]
-
-    def _put(self, i: int, keys: torch.Tensor, values: torch.Tensor,
-             bufs: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        self.version += 1
-        if i < len(self.keys):
-            self.keys[i], self.values[i], self.buffers[i] = keys, values, bufs
-        else:
-            self.keys.append(keys)
-            self.values.append(values)
-            self.buffers.append(bufs)
-
-    def with_canvas(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's cached keys/values followed by the canvas's k, v [B, KV, L, hd], in the dtype attention
-        runs in: [B, KV, T + L, hd]. Written into the reserved positions (views of the buffers, valid until
-        the next call) where they fit, else concatenated to a copy of the cache. The cache itself (keys[i])
-        is unchanged."""
-        dtype = self.attention_dtype(k.dtype)
-        past_k, past_v = self.layer(i, dtype)
-        if past_k is None:
-            return k.to(dtype), v.to(dtype)
-        if past_k.shape[0] != k.shape[0]:
-            raise ValueError(f"KVCache.with_canvas: a canvas of batch {k.shape[0]} over a cache of batch {past_k.shape[0]}")
-        T = past_k.shape[2]
-        bufs = self._room(i, T, k.shape[2], dtype)
-        if bufs is None:
-            return torch.cat([past_k, k.to(dtype)], dim=2), torch.cat([past_v, v.to(dtype)], dim=2)
-        return self._write(bufs, T, k, v)
 
 
 class DiffusionGemma:

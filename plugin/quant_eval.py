@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .engine import Engine
-from .model import KVCache
+from .kv_cache import KVCache
 
 DEFAULT_CASES = 8
 DEFAULT_PROMPT_LEN = 48

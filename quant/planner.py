@@ -27,6 +27,9 @@ CUDA_CONTEXT = 450 * MiB  # driver context + cuBLAS handles, measured typically 
 WORKSPACE = 256 * MiB  # dequant scratch, MoE grouping buffers, attention temporaries
 # the context whose KV cache the --fit plans hold (--ctx) and the cuda backend's load check leaves room for
 PLAN_CTX = 8192
+# positions a sliding layer keeps from before its window, so that a chat's next prompt, which may differ from
+# the last in its final few tokens, goes back to their common prefix (plugin/kv_cache.py: KVCache.spare)
+KV_SPARE = 16
 
 # type ladders, best first; a step down moves one rung
 LADDER_K = [Q.Q8_0, Q.Q6_K, Q.Q5_K, Q.Q4_K, Q.Q3_K, Q.Q2_K]  # rows that are multiples of 256
@@ -100,11 +103,11 @@ class Breakdown:
 
 
 def kv_cache_bytes(d: ModelDims, ctx: int, bytes_per_value: int = 2) -> int:
-    """K and V (f16) for every layer: all positions on global layers, the window on sliding ones,
-    plus one canvas of positions being denoised."""
+    """K and V (f16) for every layer: all positions on global layers, the window and KV_SPARE on sliding
+    ones, plus one canvas of positions being denoised."""
     total = 0
     for sliding, kv, hd in d.layers:
-        positions = (min(ctx, d.sliding_window) if sliding else ctx) + d.canvas
+        positions = (min(ctx, d.sliding_window + KV_SPARE) if sliding else ctx) + d.canvas
         total += 2 * positions * kv * hd * bytes_per_value
     return total
 

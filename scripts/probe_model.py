@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train.data import read_fortunes, split, subset, words  # noqa: E402
 
 from dgemma.plugin.engine import Engine, GenerateOptions, TextEvent  # noqa: E402
-from dgemma.plugin.model import KVCache  # noqa: E402
+from dgemma.plugin.kv_cache import KVCache  # noqa: E402
 
 PROMPTS = ("Once upon a time", "Tell me a fortune.", "Why is the sky blue?", "A fool", "Never")
 

@@ -9,6 +9,10 @@ import pytest
 
 from dgemma.convert.tiny import TinySpec, build_checkpoint
 
+# the most tokens at the end of a chat prompt that the next turn's prompt renders otherwise: Gemma 4's template
+# ends the generation prompt with an empty thought channel and renders the reply without it
+THOUGHT_CHANNEL_TOKENS = 8
+
 # Three shapes of model, differing in every dimension the converter reads.
 SPECS = {
     "base": TinySpec(),
@@ -35,6 +39,21 @@ WIDE_SPEC = TinySpec(
     num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1, head_dim=32, global_head_dim=64,
     num_experts=8, top_k_experts=3, moe_intermediate_size=64, sliding_window=12, canvas_length=32, seed=3,
 )
+
+
+def spy_encoder_passes(engine, setattr=setattr) -> list[int]:
+    """The token count of every encoder pass the engine's model runs from now on (its first layer's input), the
+    spy put in place by `setattr` (monkeypatch.setattr, or the builtin: `del engine.model.layer` takes it out)."""
+    passes: list[int] = []
+    layer = engine.model.layer
+
+    def spy(i, x, *a, encoder, **kw):
+        if i == 0 and encoder:
+            passes.append(x.shape[1])
+        return layer(i, x, *a, encoder=encoder, **kw)
+
+    setattr(engine.model, "layer", spy)
+    return passes
 
 
 @pytest.fixture(scope="session")

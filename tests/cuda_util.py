@@ -16,7 +16,8 @@ from dgemma.plugin.config import ModelConfig
 from dgemma.plugin.cuda import head_ops, ops
 from dgemma.plugin.cuda.weights import load_cuda_weights
 from dgemma.plugin.inspect import open_gguf
-from dgemma.plugin.model import DiffusionGemma, KVCache, Weights
+from dgemma.plugin.kv_cache import KVCache
+from dgemma.plugin.model import DiffusionGemma, Weights
 
 # a kernel's definition in csrc: (name, parameter list); tests/test_cuda_launch.py checks launches against the
 # parameters, tests/cuda_emu.py names extern "C" kernels by their type

@@ -14,7 +14,8 @@ from cuda_util import cpu_cuda_weights, decode_both, held_bytes
 from dgemma.plugin.cuda import ops
 from dgemma.plugin.cuda.weights import QuantEmbedding, QuantExperts, QuantLinear
 from dgemma.plugin.engine import Engine
-from dgemma.plugin.model import DiffusionGemma, KVCache, grouped_experts
+from dgemma.plugin.kv_cache import KVCache
+from dgemma.plugin.model import DiffusionGemma, grouped_experts
 
 
 def test_cuda_weights_give_the_torch_backends_logits(default_gguf, kernels):

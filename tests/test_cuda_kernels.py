@@ -430,7 +430,7 @@ def test_cuda_backend_logits_match_the_torch_backend(ops, dev, request, matmul, 
     needs_gpu(dev)
     default_gguf = request.getfixturevalue("default_gguf")  # not built under the emulator's patches
     from dgemma.plugin.engine import Engine
-    from dgemma.plugin.model import KVCache
+    from dgemma.plugin.kv_cache import KVCache
 
     ref = Engine.load(default_gguf)
     gpu = Engine.load(default_gguf, backend="cuda", matmul=matmul, kv_cache=kv)
@@ -499,6 +499,35 @@ def test_cuda_backend_generates_the_torch_backends_tokens(ops, dev, request, mod
     assert outs[:2] == outs[2:]
 
 
+def test_cuda_backend_reuses_the_kept_kv_cache(ops, dev, canvas16_gguf):
+    """plugin/kv_cache.py on the GPU: a generation of three canvases (two encoded after its 29-token prompt, past
+    the sliding window of 8), then a prompt that shares all but the last two of those 29 tokens: the cache goes
+    back to them from the checkpoint (host memory, copied back to the GPU), encodes the rest, replays its graphs,
+    and generates what the same engine does from scratch; the same prompt again takes all of it."""
+    needs_gpu(dev)
+    from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions
+
+    engine = Engine.load(canvas16_gguf, backend="cuda", kv_cache="f32", matmul="scalar")
+    first = [2] + list(range(40, 68))
+    nxt = first[:-2] + list(range(90, 97))
+
+    def run(ids, seed, max_tokens, cache=True):
+        done = list(engine.generate(ids, GenerateOptions(seed=seed, max_tokens=max_tokens, eos_ids=set(),
+                                                         cache_prompt=cache)))[-1]
+        assert isinstance(done, DoneEvent)
+        return done
+
+    run(first, 1, 48)
+    assert engine.prompt_cache.point is not None and engine.prompt_cache.point.end == 29
+    reused = run(nxt, 2, 32)
+    assert reused.prompt_cached_count == 27 and engine.prompt_cache.cache.keys[0].is_cuda
+    assert engine.graphed.fallback is None and engine.graphed.replays > 0
+    again = run(nxt, 2, 32)
+    assert again.prompt_cached_count == len(nxt)
+    scratch = run(nxt, 2, 32, cache=False)
+    assert reused.canvases == again.canvases == scratch.canvases
+
+
 @pytest.mark.parametrize("model", ["default", "canvas16"])
 def test_graphed_decoder_equals_the_eager_pass(ops, dev, request, model):
     """plugin/cuda/graph.py: the first pass with soft and a new cache runs eagerly, the next captures and
@@ -508,7 +537,7 @@ def test_graphed_decoder_equals_the_eager_pass(ops, dev, request, model):
     needs_gpu(dev)
     from dgemma.plugin.cuda.graph import GraphedDecoder
     from dgemma.plugin.engine import Engine
-    from dgemma.plugin.model import KVCache
+    from dgemma.plugin.kv_cache import KVCache
 
     engine = Engine.load(request.getfixturevalue(f"{model}_gguf"), backend="cuda", matmul="scalar")
     model_, cfg = engine.model, engine.cfg
@@ -593,7 +622,7 @@ def test_streamed_experts_give_the_whole_models_logits_and_tokens(ops, dev, requ
     needs_gpu(dev)
     from dgemma.plugin.cuda.offload import HostExperts
     from dgemma.plugin.engine import Engine
-    from dgemma.plugin.model import KVCache
+    from dgemma.plugin.kv_cache import KVCache
 
     path = request.getfixturevalue(f"{model}_gguf")
     whole = Engine.load(path, backend="cuda", matmul="scalar", kv_cache="f32", graphs=False)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SPECS, WIDE_SPEC
+from conftest import SPECS, WIDE_SPEC, spy_encoder_passes
 from oracle import hf_generate, hf_logits
 
 from dgemma.convert import convert
 from dgemma.plugin.engine import DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
 from dgemma.plugin.fast_decode import FastDecoder
-from dgemma.plugin.model import KVCache
+from dgemma.plugin.kv_cache import KVCache
 
 # three shapes: global layer last / in the middle, 4-8 experts, head dims 16/32 and 32/64, canvas 16 or 32
 ENGINE_SPECS = {
@@ -82,16 +82,7 @@ def test_logits_after_a_second_encoded_chunk(engines):
 
 def encoder_passes(engine: Engine, monkeypatch) -> list[int]:
     """The token count of every encoder pass the engine's model runs from now on (its first layer's input)."""
-    passes: list[int] = []
-    layer = engine.model.layer
-
-    def spy(i, x, *a, encoder, **kw):
-        if i == 0 and encoder:
-            passes.append(x.shape[1])
-        return layer(i, x, *a, encoder=encoder, **kw)
-
-    monkeypatch.setattr(engine.model, "layer", spy)
-    return passes
+    return spy_encoder_passes(engine, monkeypatch.setattr)
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, 11])
@@ -219,7 +210,8 @@ def test_a_generation_makes_the_global_layers_buffers_every_few_canvases(engines
     encode = engine.model.encode
     monkeypatch.setattr(KVCache, "extend", spy)
     monkeypatch.setattr(engine.model, "encode", lambda *a, **kw: (encode(*a, **kw), encoded.append(1))[0])
-    events = list(engine.generate([2, 5, 7, 9, 11], GenerateOptions(max_tokens=6 * C, seed=3, eos_ids=set(), steps=2)))
+    events = list(engine.generate([2, 5, 7, 9, 11], GenerateOptions(max_tokens=6 * C, seed=3, eos_ids=set(), steps=2,
+                                                                            cache_prompt=False)))
     assert len(events[-1].canvases) == 6
     glob = [i for i in range(cfg.n_layer) if not cfg.is_swa[i]]
     for i in glob:
@@ -330,7 +322,7 @@ def test_generate_matches_transformers_token_for_token(engines, seed, num_batch,
     ckpt, engine = engines("base")
     prompt = [2, 105, 40, 41, 42, 106, 107, 105, 60]
     passes = encoder_passes(engine, monkeypatch)
-    done = generate_ids(engine, prompt, seed, max_tokens=48, eos_ids={1}, num_batch=num_batch)
+    done = generate_ids(engine, prompt, seed, max_tokens=48, eos_ids={1}, num_batch=num_batch, cache_prompt=False)
     C = engine.cfg.canvas_length  # then each finished canvas but the last is encoded in one pass
     assert passes == ([4, 4, 1] if num_batch else [9]) + [C] * (len(done.canvases) - 1)
     ref, ref_tpf = hf_generate(ckpt, prompt, seed, max_new_tokens=48)
@@ -404,6 +396,7 @@ def test_running_out_of_gpu_memory_mid_generation_is_one_line(engines, monkeypat
         return encode(tokens, cache, **kw)
 
     monkeypatch.setattr(engine.model, "encode", short_of_memory)
+    engine.prompt_cache.clear()  # (an earlier test's generation of the same prompt: its encode would be skipped)
     events = []
     with pytest.raises(EngineError) as e:
         for event in engine.generate([2, 105, 40], GenerateOptions(seed=4, max_tokens=48, eos_ids=set())):
@@ -413,6 +406,7 @@ def test_running_out_of_gpu_memory_mid_generation_is_one_line(engines, monkeypat
     assert "\n" not in msg and msg.startswith(f"the GPU ran out of memory with {got} tokens generated)")
     assert "num_ctx" in msg and e.value.__context__ is None and e.value.__cause__ is None
     assert calls == [3, 16][:at] and len(events) == at - 1 and all(isinstance(x, TextEvent) for x in events)
+    assert engine.prompt_cache.cache is None  # nothing of it kept
     monkeypatch.setattr(engine.model, "encode", encode)
     assert generate_ids(engine, [2, 105, 40], 4, max_tokens=48, eos_ids=set()).eval_count == 48
 

@@ -14,7 +14,7 @@ from dgemma.convert import convert
 from dgemma.plugin import model as M
 from dgemma.plugin.config import ModelConfig
 from dgemma.plugin.inspect import open_gguf
-from dgemma.plugin.model import KVCache
+from dgemma.plugin.kv_cache import KVCache
 from dgemma.plugin.weights import load_weights
 
 

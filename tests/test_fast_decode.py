@@ -11,7 +11,7 @@ from dgemma.convert import convert
 from dgemma.plugin import fast_decode
 from dgemma.plugin.engine import Engine
 from dgemma.plugin.fast_decode import FastDecoder
-from dgemma.plugin.model import KVCache
+from dgemma.plugin.kv_cache import KVCache
 
 FAST_SPECS = {
     "base": SPECS["base"],  # every expert on every token (one GEMM pair for all)

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from conftest import THOUGHT_CHANNEL_TOKENS
 
 from dgemma.plugin.engine import Engine, GenerateOptions, TextEvent
 from dgemma.plugin.interactive import chat, read_message
@@ -58,8 +59,9 @@ def test_a_conversation_with_commands(engine, monkeypatch):
     read, shown = script("/?", "hello", '"""two', 'lines"""', "/set parameter seed x", "/set parameter seed 3",
                          "again", "/show info", "/clear", "/set system be brief", "after", "/nope", KeyboardInterrupt(),
                          "", "/bye", "never read")
-    out, err = io.StringIO(), io.StringIO()
-    assert chat(engine, GenerateOptions(seed=1, max_tokens=6), read=read, out=out, err=err) == 0
+    out, err, dones = io.StringIO(), io.StringIO(), []
+    assert chat(engine, GenerateOptions(seed=1, max_tokens=6), read=read, out=out, err=err,
+                stats=lambda d: dones.append(d) or ["stats"]) == 0
     text = out.getvalue()
     assert text.startswith("Send a message (/? for help)\n") and "/set parameter <name> <n>" in text
     assert "Couldn't set parameter: 'x' is not a whole number" in text and "Set parameter 'seed' to '3'" in text
@@ -72,8 +74,12 @@ def test_a_conversation_with_commands(engine, monkeypatch):
     assert convs[1][:2] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first}]
     assert convs[1][2] == {"role": "user", "content": "two\nlines"}
     assert convs[3] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "after"}]
+    # each turn took the last one's prompt, but for its thought channel, from the KV cache it left
+    assert len(dones) == 4
+    first_prompt = len(engine.prompt_ids(convs[0]))
+    assert first_prompt - THOUGHT_CHANNEL_TOKENS < dones[1].prompt_cached_count < first_prompt
     last = alone(engine, convs[3], 3, 6)
-    assert last.strip() and last in text and err.getvalue() == ""  # (an empty reply would be in any text)
+    assert last.strip() and last in text and err.getvalue() == "stats\n" * 4  # (an empty reply would be in any text)
 
 
 def test_ctrl_c_stops_a_reply_and_drops_the_turn(engine):

@@ -13,7 +13,7 @@ from dgemma.convert import constants as C
 from dgemma.convert import convert
 from dgemma.plugin.engine import Engine
 from dgemma.plugin.inspect import format_summary, summarize
-from dgemma.plugin.model import KVCache
+from dgemma.plugin.kv_cache import KVCache
 from test_presets import REAL
 
 

@@ -12,6 +12,7 @@ import httpx
 import ollama
 import openai
 import pytest
+from conftest import THOUGHT_CHANNEL_TOKENS
 from server_util import running_server
 
 from dgemma.plugin.default_model import ensure_default_model
@@ -153,6 +154,34 @@ def test_openai_client(server, engine):
     assert e.value.body["type"] == "not_found_error"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="default", messages=[])
+
+
+def test_a_conversation_reuses_its_kv_cache(server, engine):
+    """A chat's next turn (the messages so far, the reply, a new message) takes the last turn's prompt but for its
+    final few tokens (the template renders the reply without the generation prompt's empty thought channel)
+    from the KV cache the last turn left: Ollama's prompt_eval_cached_count and OpenAI's cached_tokens say
+    how many, prompt_eval_count and prompt_tokens count the whole prompt, and the reply is what the engine
+    gives from scratch. The same conversation again takes all of it."""
+    from dgemma.plugin.server.serving import generate_options
+
+    client = ollama.Client(host=server)
+    chat = [{"role": "user", "content": "Tell me a fortune."}]
+    first = client.chat(model="default", messages=chat, options={"seed": 3, "num_predict": 16})
+    chat += [{"role": "assistant", "content": first.message.content}, {"role": "user", "content": "Another one."}]
+    r = httpx.post(f"{server}/api/chat", timeout=120, json={"model": "default", "messages": chat, "stream": False,
+                                                            "options": {"seed": 4, "num_predict": 16}}).json()
+    ids1, ids2 = engine.prompt_ids(chat[:1]), engine.prompt_ids(chat)
+    common = next(n for n, (a, b) in enumerate(zip(ids1, ids2)) if a != b)
+    assert len(ids1) - THOUGHT_CHANNEL_TOKENS < common < len(ids1)
+    assert r["prompt_eval_cached_count"] == common and r["prompt_eval_count"] == len(ids2)
+    scratch = generate_options(engine, {"seed": 4, "num_predict": 16})
+    scratch.cache_prompt = False
+    assert r["message"]["content"] == "".join(e.text for e in engine.generate(chat, scratch) if isinstance(e, TextEvent))
+
+    openai_client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    again = openai_client.chat.completions.create(model="default", messages=chat, max_tokens=16, seed=4)
+    assert again.usage.prompt_tokens == len(ids2) and again.usage.prompt_tokens_details.cached_tokens == len(ids2)
+    assert again.choices[0].message.content == r["message"]["content"]
 
 
 def test_concurrent_streams_equal_running_alone(server, engine):

@@ -101,6 +101,35 @@ def test_an_idle_model_is_unloaded_to_leave_the_new_one_room_for_its_kv_cache(gp
     asyncio.run(run())
 
 
+def test_idle_models_kept_kv_caches_go_before_the_models(gpu):
+    """A model keeps its last generation's KV cache in VRAM (plugin/kv_cache.py PromptCache). Where b does not fit
+    beside a and a's kept cache, but does beside a alone, the cache goes and a stays loaded; where b does not fit
+    beside a either, a goes next."""
+    from dgemma.plugin.kv_cache import KVCache
+
+    manager, state = gpu
+    kv = state["need"] - state["held"]
+
+    def keep_a_cache() -> None:  # a stand-in cache of kv bytes in the stand-in GPU, freed with the KVCache
+        cache = KVCache()
+        manager.loaded["a"].engine.prompt_cache.put(cache, [])
+        state["used"] += kv
+        weakref.finalize(cache, lambda: state.__setitem__("used", state["used"] - kv))
+
+    async def run(capacity: int, loaded: list[str]) -> None:
+        state["capacity"] = capacity
+        await manager.get("a")
+        keep_a_cache()
+        await manager.get("b")
+        assert list(manager.loaded) == loaded and state["loads"][-2:] == ["a", "b"]
+        assert "a" not in loaded or manager.loaded["a"].engine.prompt_cache.cache is None
+        assert state["used"] == state["held"] * len(loaded)
+
+    asyncio.run(run(state["held"] + state["need"] + kv // 2, ["a", "b"]))
+    manager.unload("a"), manager.unload("b")
+    asyncio.run(run(state["held"] + state["need"] - kv // 2, ["b"]))
+
+
 def gated_loads(monkeypatch) -> tuple[threading.Event, list[str]]:
     """The stand-in GPU's loads wait for `go`; `calls` names each load as its worker thread begins it."""
     import dgemma.plugin.cuda.weights as cw
@@ -233,7 +262,10 @@ def test_a_stop_unloads_once_the_requests_holding_the_model_are_done(gpu):
 
 def test_an_idle_model_streaming_experts_is_unloaded_for_the_host_ram_they_hold(gpu, monkeypatch):
     """--host-experts N: each model keeps N layers' experts in page-locked host RAM. Where the machine has too
-    little left for the next one's, an idle model that streams is unloaded for it (its RAM, not its VRAM)."""
+    little left for the next one's, an idle model that streams is unloaded for it (its RAM, not its VRAM), without
+    first dropping the KV cache it keeps (in VRAM: no help for the RAM)."""
+    from dgemma.plugin.kv_cache import KVCache
+
     manager, state = gpu
     state["capacity"] = state["need"] * 3  # VRAM enough for all
     manager.host_experts = 3
@@ -244,8 +276,10 @@ def test_an_idle_model_streaming_experts_is_unloaded_for_the_host_ram_they_hold(
                         lambda swap=True: per_model * 3 // 2 - sum(m.engine.host_bytes for m in manager.loaded.values()))
 
     async def run() -> None:
+        a.engine.prompt_cache.put(KVCache(), [])
         b = await manager.get("b")
         assert list(manager.loaded) == ["b"] and b.engine.host_layers == [1, 2, 3]
+        assert a.engine.prompt_cache.cache is not None  # unloaded with it, not dropped first
         b.busy = 1  # held: nothing to unload, the error
         with pytest.raises(RamShortageError, match="kept in host RAM need"):
             await manager.get("c")
@@ -477,6 +511,24 @@ def test_ps_reports_streamed_experts_outside_size_vram(gpu, default_gguf, capsys
         split = processor(loaded.size, loaded.size_vram)  # what `dgemma ps` (and `ollama ps`) show
         assert split.endswith("% CPU/GPU") and split != "0%/100% CPU/GPU" and split in ps_table(running(url))
         assert "dgemma serve: a.gguf: the experts of 4 of 4 layers (0.01 GiB) stay in host RAM" in capsys.readouterr().out
+
+
+def test_ps_counts_the_kept_kv_cache(tmp_path, default_gguf):
+    """/api/ps's size: the file, then also the KV cache the last generation left (torch backend: size_vram 0)."""
+    import ollama
+
+    from dgemma.plugin.server.app import ServerConfig, create_app
+
+    Registry(tmp_path / "models").import_file(shutil.copy(default_gguf, tmp_path / "a.gguf"), name="a")
+    app = create_app(ServerConfig(models=tmp_path / "models", backend="torch"))
+    with serving(app) as url:
+        client = ollama.Client(host=url)
+        assert client.generate(model="a", prompt="").done_reason == "load"
+        assert client.ps().models[0].size == default_gguf.stat().st_size
+        client.generate(model="a", prompt="Once upon a time", options={"seed": 1, "num_predict": 4})
+        kept = app.state.dgemma.manager.loaded["a"].engine.prompt_cache.nbytes
+        (loaded,) = client.ps().models
+        assert kept > 0 and loaded.size == default_gguf.stat().st_size + kept and loaded.size_vram == 0
 
 
 def test_a_stop_request_unloads_without_loading_first(gpu):

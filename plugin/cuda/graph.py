@@ -24,7 +24,8 @@ import warnings
 
 import torch
 
-from ..model import DiffusionGemma, KVCache
+from ..kv_cache import KVCache
+from ..model import DiffusionGemma
 
 
 class GraphedDecoder:

@@ -156,10 +156,11 @@ async def ps(request: Request) -> dict[str, Any]:
         forever = left > FOREVER_AFTER  # (keep_alive -1, or so long that its date would pass the year 9999)
         expires = P.FOREVER if forever else P.rfc3339(datetime.now(timezone.utc) + timedelta(seconds=max(0.0, left)))
         entry = P.tag_entry(m.entry, m.info)
-        # the file plus the slots streamed experts are copied into; all of it on the GPU but the streamed experts
-        # (kept in host RAM), or none: `ollama ps` shows the share in host RAM as CPU
+        # the file, the slots streamed experts are copied into and the KV cache kept from the last generation (as
+        # Ollama's size counts its KV cache); all of it on the GPU but the streamed experts (kept in host RAM), or
+        # none: `ollama ps` shows the share in host RAM as CPU
         engine = m.engine
-        size = entry.get("size", 0) + engine.slot_bytes
+        size = entry.get("size", 0) + engine.slot_bytes + engine.prompt_cache.nbytes
         vram = size - engine.host_bytes if engine.device.type == "cuda" else 0
         out.append({**entry, "size": size, "expires_at": expires, "size_vram": vram,
                     "context_length": m.engine.cfg.context_length})

@@ -154,9 +154,11 @@ def tag_entry(entry: ModelEntry, info: ModelInfo) -> dict[str, Any]:
 
 
 def metrics(done: DoneEvent, total_ns: int, load_ns: int) -> dict[str, int]:
+    # prompt_eval_count counts the prompt's tokens taken from the kept KV cache too, and prompt_eval_cached_count
+    # those, as current Ollama reports them
     return {"total_duration": total_ns, "load_duration": load_ns, "prompt_eval_count": done.prompt_eval_count,
-            "prompt_eval_duration": done.prompt_eval_duration, "eval_count": done.eval_count,
-            "eval_duration": done.eval_duration}
+            "prompt_eval_cached_count": done.prompt_cached_count, "prompt_eval_duration": done.prompt_eval_duration,
+            "eval_count": done.eval_count, "eval_duration": done.eval_duration}
 
 
 def openai_error(message: str, status: int, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -175,6 +177,7 @@ def finish_reason(done: DoneEvent) -> FinishReason:
     return "length" if done.done_reason == "length" else "stop"
 
 
-def usage(done: DoneEvent) -> dict[str, int]:
+def usage(done: DoneEvent) -> dict[str, Any]:
     return {"prompt_tokens": done.prompt_eval_count, "completion_tokens": done.eval_count,
-            "total_tokens": done.prompt_eval_count + done.eval_count}
+            "total_tokens": done.prompt_eval_count + done.eval_count,
+            "prompt_tokens_details": {"cached_tokens": done.prompt_cached_count}}

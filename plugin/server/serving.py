@@ -140,7 +140,8 @@ class ModelManager:
         to expire first, until it loads. With none left (also for a model larger than the whole GPU, unless even
         streaming every layer's experts would not fit it, when nothing is unloaded), host_experts "auto" then keeps
         some of its experts in host RAM (as Ollama, which unloads idle models before it splits one between the
-        GPU and the CPU), and without that (host_experts 0) or past it the error is the answer."""
+        GPU and the CPU), and without that (host_experts 0) or past it the error is the answer. Before the idle
+        models themselves go, the KV caches they keep from their last generations do (all of them at once)."""
         host = 0 if self.host_experts == "auto" else self.host_experts  # the GPU alone first
         async with self._one_load:
             while True:
@@ -157,15 +158,23 @@ class ModelManager:
                             if _holds(m.engine, e.device_type) and not self.in_use(m, requester)]
                     streams_next = (isinstance(e, GpuMemoryError) and host == 0 and self.host_experts == "auto"
                                     and not e.streaming_hopeless)
+                    kept: list[str] = []  # idle models keeping their last generation's KV cache (kv_cache.PromptCache)
                     if idle and (streams_next or not e.hopeless):  # what unloading frees: room, or fewer layers streamed
-                        name = min(idle)[1]
+                        # their kept caches first: the models stay loaded if that makes room
+                        kept = [n for _, n in idle if self.loaded[n].engine.prompt_cache.cache is not None
+                                and self.loaded[n].engine.device.type == e.device_type]  # (caches on the short one)
+                        name = None if kept else min(idle)[1]
                     elif streams_next:
                         host, name = "auto", None  # streamed experts, beside the models requests hold
                     else:  # no unloading makes room, or none is left to unload
                         raise
+                # out of the except block: the error no longer holds the failed load's frames
+                for n in kept:
+                    self.loaded[n].engine.prompt_cache.clear()
                 if name is not None:
-                    self.unload(name)  # out of the except block: the error no longer holds the failed load's frames
-                    gc.collect()  # its tensors go back to PyTorch's allocator, which the next check counts as free
+                    self.unload(name)
+                if kept or name is not None:
+                    gc.collect()  # their tensors go back to PyTorch's allocator, which the next check counts as free
 
     def touch(self, model: LoadedModel, keep_alive: float) -> None:
         """A request's keep_alive for the model (at its start and end): 0 unloads it now if no request holds it,
