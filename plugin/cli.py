@@ -88,7 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve(ServerConfig(host=args.host, port=args.port, models=Path(args.models) if args.models else None,
                            api_key=args.api_key, insecure=args.insecure, upstream=args.upstream,
                            upstream_openai=args.upstream_openai, upstream_openai_key=args.upstream_openai_key,
-                           keep_alive=keep, backend=args.backend, host_experts=args.host_experts))
+                           keep_alive=keep, backend=args.backend, host_experts=args.host_experts,
+                           cache_ram=args.cache_ram))
     except (ApiError, ValueError) as e:
         return _fail(getattr(e, "message", str(e)))
     return 0
@@ -200,11 +201,27 @@ def cmd_quant_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cache_ram_arg(text: str) -> int:
+    """--cache-ram: a size (planner.parse_size: 8GiB, 512MiB), or as llama.cpp's option a number of MiB (0: none,
+    -1: no limit), as argparse wants its errors."""
+    from dgemma.quant.planner import MiB, parse_size
+
+    if text.strip() == "-1":
+        return sys.maxsize
+    if text.strip().isdigit():
+        return int(text) * MiB
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dgemma.convert.writer import OUTPUT_TYPES
-    from dgemma.quant.planner import PLAN_CTX
+    from dgemma.quant.planner import PLAN_CTX, GiB
 
     from .engine import BACKEND_CHOICES
+    from .kv_cache import DEFAULT_CACHE_RAM
     from .run import add_arguments as add_run_arguments
     from .run import host_experts_arg
     from .server import DEFAULT_HOST, DEFAULT_PORT
@@ -242,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "that does not fit the GPU even then keeps the routed experts of some layers in host RAM, "
                          "copied to the GPU as each pass reaches them: auto (the default) as few layers as needed, N "
                          "that many for every model, 0 never (the request gets the error)")
+    sv.add_argument("--cache-ram", metavar="SIZE", type=cache_ram_arg, default=DEFAULT_CACHE_RAM,
+                    help="host memory per model for the KV caches of conversations other than the last one, so that a "
+                         "chat whose turns alternate with other requests (a frontend's title and tags prompts, another "
+                         f"user) still encodes only what is new (default {DEFAULT_CACHE_RAM // GiB}GiB; e.g. 8GiB, or "
+                         "in MiB as llama.cpp's option, 8192; 0: none, only the last generation's cache is kept; -1: "
+                         "no limit but half the free RAM)")
     sv.set_defaults(func=cmd_serve)
 
     mf = sub.add_parser("manifests", help="write provider files for Open WebUI, Continue, LiteLLM, AnythingLLM, Jan, "

@@ -146,8 +146,9 @@ class GenerateOptions:
     eos_ids: set[int] | None = None  # None: the model's end-of-generation tokens
     cancel: threading.Event | Callable[[], bool] | None = None  # checked between denoising steps
     on_step: Callable[[StepInfo], None] | None = None
-    # start from the KV cache the last generation left where this prompt begins with its tokens (kv_cache.PromptCache;
-    # llama.cpp's cache_prompt); False: encode the whole prompt, and keep nothing for the next
+    # start from the KV cache a kept conversation left where this prompt begins with its tokens (kv_cache.PromptCache;
+    # llama.cpp's cache_prompt); False: encode the whole prompt, and keep nothing of it for the next (the live cache
+    # is dropped; the copies put aside stay)
     cache_prompt: bool = True
 
     def cancelled(self) -> bool:
@@ -201,7 +202,8 @@ class Engine:
         self.graphed = None  # the last generation's GraphedDecoder (its captures, replays, fallback)
         self._graph_stream = None  # where every generation's decoder warms up and captures
         self.host_layers: list[int] = []  # cuda backend: layers whose experts stream from host RAM (cuda/offload.py)
-        self.prompt_cache = PromptCache()  # the last generation's KV cache, for a prompt that starts the same
+        self.prompt_cache = PromptCache()  # the last generation's KV cache (and copies of earlier conversations'),
+        # for a prompt that starts the same
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "torch", device: str | None = None, rng: str | None = None,
@@ -446,9 +448,9 @@ class Engine:
         held, whole = [], False  # the tokens the cache holds; whole: it holds them (not half-way through an encode)
         try:
             if o.cache_prompt:  # (in here: going back copies, and may run out of memory)
-                cache, cached = kept.take(ids)
+                cache, cached = kept.take(ids, dev)
             else:
-                kept.clear()
+                kept.drop()
             if cache is None:
                 cache = KVCache(dtype=self.kv_dtype, reserve=C, spare=KV_SPARE)
             held, whole = ids[:cached], True
@@ -498,9 +500,9 @@ class Engine:
             if self.graphed is not None:
                 self.graphed.release()  # the graph's memory pool; the cache is kept or dropped below
             if o.cache_prompt and whole:
-                kept.put(cache, held)
+                kept.put(cache, held, len(ids))
             else:
-                kept.clear()
+                kept.drop()
         if out_of_memory:
             positions = 0 if cache is None else cache.length
             cache, sampler, result = None, None, None  # this frame lives on in the error's

@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dgemma.quant.planner import GiB, KV_SPARE
+
+from .hostmem import available_ram
+
+DEFAULT_CACHE_RAM = 2 * GiB  # host memory for the KV caches of conversations put aside (PromptCache.limit)
+
 
 @dataclass
 class KVCache:
@@ -168,6 +174,36 @@ class KVCache:
         tensors += [t for kv in self.tails.values() for t in kv]
         return sum({s.data_ptr(): s.nbytes() for s in (t.untyped_storage() for t in tensors)}.values())
 
+    @property
+    def held_nbytes(self) -> int:
+        """Bytes of the positions the cache holds (what moved() copies): keys, values and tails, no room after."""
+        tensors = [t for kv in zip(self.keys, self.values) for t in kv if t is not None]
+        return sum(t.nbytes for t in tensors + [t for kv in self.tails.values() for t in kv])
+
+    def moved(self, device: torch.device | str, room: bool = True) -> KVCache:
+        """A copy of this cache on `device`, also where it is there already. Each layer's positions, with `room`
+        in buffers with the reserve after them as encode() leaves them; without, only its positions (a conversation
+        put aside in host memory, PromptCache)."""
+        out = KVCache(length=self.length, dtype=self.dtype, reserve=self.reserve, attend=self.attend,
+                      until=self.length, spare=self.spare, keeps=dict(self.keeps))
+        with torch.inference_mode():  # as encode() makes them: the decoder writes into the buffers in it
+            for i, (k, v) in enumerate(zip(self.keys, self.values)):
+                bufs = None
+                if k is None:
+                    pass
+                elif self.reserve and room:  # copied straight into the buffers (no copy on `device` first)
+                    B, KV, T, hd = k.shape
+                    bufs = tuple(torch.empty((B, KV, T + self.reserve, hd), dtype=k.dtype, device=device)
+                                 for _ in range(2))
+                    bufs[0][:, :, :T].copy_(k)
+                    bufs[1][:, :, :T].copy_(v)
+                    k, v = bufs[0][:, :, :T], bufs[1][:, :, :T]
+                else:
+                    k, v = k.to(device, copy=True), v.to(device, copy=True)
+                out._put(i, k, v, bufs)
+            out.tails = {i: (k.to(device, copy=True), v.to(device, copy=True)) for i, (k, v) in self.tails.items()}
+        return out
+
     # ---- going back: the cache of an earlier prefix --------------------------------------------------------
     def _sliding(self) -> list[int]:
         return [i for i, keep in self.keeps.items() if keep is not None]
@@ -212,13 +248,17 @@ class KVCache:
         return KVCheckpoint(self.length, {i: (k.to("cpu"), v.to("cpu")) for i in self._sliding()
                                           for k, v in [self._known(i)]})
 
+    def restorable(self, point: KVCheckpoint) -> int:
+        """The earliest position restore(point, P) can go back to."""
+        return self._reach(point.end, {i: k.shape[2] for i, (k, _) in point.layers.items()})
+
     def restore(self, point: KVCheckpoint, P: int) -> bool:
         """Back to position P from a checkpoint() of this cache taken at point.end (P <= point.end <= length;
         the positions before point.end unchanged since): as rewind(P) where the checkpoint's windows reach P.
         False, with nothing changed, where they do not."""
         if not 0 <= P <= point.end <= self.length:
             raise ValueError(f"KVCache.restore: position {P} and a checkpoint at {point.end} outside 0..{self.length}")
-        if P < self._reach(point.end, {i: k.shape[2] for i, (k, _) in point.layers.items()}):
+        if P < self.restorable(point):
             return False
         self._truncate(P, point.end, list(point.layers),
                        lambda i: tuple(t.to(self.keys[i].device) for t in point.layers[i]))
@@ -252,42 +292,139 @@ class KVCheckpoint:
         return sum(t.nbytes for kv in self.layers.values() for t in kv)
 
 
-class PromptCache:
-    """What an engine keeps of its last generation for the next, one conversation at a time (as Ollama's and
-    llama.cpp's servers keep a slot's): the KV cache, the tokens it holds, and a checkpoint of its sliding
-    layers where that generation's prompt ended (taken before the first canvas is encoded after it). A chat's
-    next prompt (the conversation so far, the reply, a new message) starts with most of those tokens; only
-    the rest is encoded. The template may render the reply differently from how it was generated (Gemma 4's
-    drops the empty thought channel of the generation prompt): the cache goes back to the longest common
-    prefix, by rewind() where the sliding layers' tails reach, else from the checkpoint."""
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many first tokens a and b share."""
+    return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
-    def __init__(self) -> None:
+
+@dataclass(eq=False)  # (compared as objects: the fields hold tensors)
+class KeptPrompt:
+    """One conversation's kept cache: the KV cache, the tokens it holds, how many of them were the prompt of the
+    generation that left it, and its checkpoint where that prompt ended (None: none, or no longer its past)."""
+
+    cache: KVCache
+    tokens: list[int]
+    prompt: int
+    point: KVCheckpoint | None
+
+    def serves(self, ids: list[int]) -> int:
+        """How many of ids' first tokens the cache can go back to: their common prefix where rewind() reaches it,
+        else as far back as the checkpoint's end where restore() reaches that; 0 where neither does."""
+        P = common_prefix(self.tokens, ids)
+        if P >= self.cache.reach():
+            return P
+        if self.point is not None and min(P, self.point.end) >= self.cache.restorable(self.point):
+            return min(P, self.point.end)
+        return 0
+
+    def back_to(self, n: int) -> None:
+        """The cache gone back to hold tokens[:n] (n from serves()); the checkpoint dropped where n is before it."""
+        if not self.cache.rewind(n) and not (self.point is not None and self.cache.restore(self.point, n)):
+            raise ValueError(f"KeptPrompt.back_to: position {n} is out of reach")
+        self.tokens = self.tokens[:n]
+        self.prompt = min(self.prompt, n)
+        if self.point is not None and self.point.end > n:
+            self.point = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes + (0 if self.point is None else self.point.nbytes)
+
+
+class PromptCache:
+    """What an engine keeps of its generations for the next: the last one's KV cache on the engine's device (as
+    Ollama's and llama.cpp's servers keep a slot's), the tokens it holds, and a checkpoint of its sliding layers
+    where that generation's prompt ended (taken before the first canvas is encoded after it); and, in host
+    memory up to `limit` bytes, copies of the caches of other conversations it was used for before (as
+    llama.cpp's server's --cache-ram), the least recently used going first. A chat's next prompt (the
+    conversation so far, the reply, a new message) starts with most of the tokens of one of them; only the rest
+    is encoded. The template may render the reply differently from how it was generated (Gemma 4's drops the
+    empty thought channel of the generation prompt): the cache goes back to the longest common prefix, by
+    rewind() where the sliding layers' tails reach, else from the checkpoint. A frontend's requests between a
+    chat's turns (Open WebUI's title, tags and follow-up prompts, another user's chat) would otherwise leave the
+    conversation to be encoded whole again at its next turn."""
+
+    def __init__(self, limit: int = DEFAULT_CACHE_RAM) -> None:
         self.cache: KVCache | None = None
         self.tokens: list[int] = []
+        self.prompt = 0  # how many of tokens the prompt of the generation that left the cache had
         self.point: KVCheckpoint | None = None
         # the cache's bytes as put() last measured them, for /api/ps: read from another thread, which must not walk
         # the cache's lists while a generation changes them; kept while a generation has the cache (take())
         self.nbytes = 0
+        self.limit = limit  # host bytes for the copies of other conversations' caches (0: none kept)
+        self.saved: list[KeptPrompt] = []  # those copies, the least recently used first
+        self.saved_nbytes = 0  # their bytes
 
-    def take(self, ids: list[int]) -> tuple[KVCache | None, int]:
-        """The kept cache, gone back to hold ids[:n], and n; (None, 0) where nothing of it serves. Either way
-        nothing is kept meanwhile (put() gives the cache back): a cache that does not serve is freed before the
-        caller makes a new one."""
-        cache, tokens, point = self.cache, self.tokens, self.point
-        self.cache, self.tokens, self.point = None, [], None
-        if cache is None:
-            return None, 0
-        P = next((n for n, (a, b) in enumerate(zip(tokens, ids)) if a != b), min(len(tokens), len(ids)))
-        if cache.rewind(P):
-            n = P
-        elif point is not None and cache.restore(point, min(P, point.end)):
-            n = min(P, point.end)
+    def take(self, ids: list[int], device: torch.device | str = "cpu") -> tuple[KVCache | None, int]:
+        """The cache, on `device`, of the kept conversation that serves the most of ids' first tokens, gone back to
+        hold ids[:n], and n; (None, 0) where none serves. The live one serves unless a copy serves more than
+        KV_SPARE tokens more: then it is put aside (copied to host memory, its device memory freed) before the copy
+        comes back to the device. A cache that serves but would be cut back more than KV_SPARE positions into its
+        last prompt (another conversation sharing a system prompt, an edited earlier message) stays as it is for
+        its own conversation: the live one is put aside first, a copy is copied back and stays saved. Where
+        nothing serves, the live one is put aside and the caller makes a new one. Either way nothing live is kept
+        meanwhile (put() gives the cache back)."""
+        live = None
+        if self.cache is not None:
+            live = KeptPrompt(self.cache, self.tokens, self.prompt, self.point)
+        self.cache, self.tokens, self.prompt, self.point = None, [], 0, None
+        n_live = live.serves(ids) if live is not None else 0
+        serve = [entry.serves(ids) for entry in self.saved]
+        best = max(range(len(serve)), key=lambda j: (serve[j], j), default=None)  # the most recent of equals
+        if best is not None and serve[best] - n_live > KV_SPARE:
+            saved, n = self.saved[best], serve[best]
+            self._drop_saved([saved])  # (out of the list meanwhile: putting the live one aside must not drop it)
+            try:
+                if live is not None:
+                    self._put_aside(live)
+                    live = None  # (its device memory, before the copy comes back)
+                chosen = KeptPrompt(saved.cache.moved(device), saved.tokens, saved.prompt, saved.point)
+            except BaseException:
+                self._keep(saved)
+                raise
+            if saved.prompt - n > KV_SPARE:  # its own conversation may come back: the copy stays
+                self._keep(saved)
+        elif n_live:
+            chosen, n = live, n_live
+            if live.prompt - n > KV_SPARE:
+                self._put_aside(live)
         else:
+            if live is not None:
+                self._put_aside(live)
             self.nbytes = 0
             return None, 0
-        if point is not None and point.end <= n:  # still the cache's past: a later take() may go back to it
-            self.point = point
-        return cache, n
+        chosen.back_to(n)
+        self.point = chosen.point  # still the cache's past: a later take() may go back to it
+        return chosen.cache, n
+
+    def _put_aside(self, entry: KeptPrompt) -> None:
+        """A copy of entry's cache in host memory, among the saved ones (the least recently used dropped past
+        `limit`); none where it alone is over the limit, where host RAM (without swap) has less than twice its
+        size free, or where the copy cannot be allocated (a best effort: the request goes on without it)."""
+        size = entry.cache.held_nbytes + (0 if entry.point is None else entry.point.nbytes)
+        if size > self.limit or size * 2 > (available_ram(swap=False) or size * 2):
+            return
+        try:
+            cache = entry.cache.moved("cpu", room=False)
+        except RuntimeError as e:  # (torch's host allocator: "DefaultCPUAllocator: can't allocate memory ...")
+            if "allocat" not in str(e):
+                raise
+            return
+        self._drop_saved([e for e in self.saved if e.tokens == entry.tokens])  # the same conversation, older
+        self._keep(KeptPrompt(cache, list(entry.tokens), entry.prompt, entry.point))
+
+    def _keep(self, copy: KeptPrompt) -> None:
+        """copy (in host memory) saved as the most recently used; the least recently used go past the limit."""
+        self.saved.append(copy)
+        self.saved_nbytes += copy.nbytes
+        while self.saved_nbytes > self.limit:
+            self._drop_saved(self.saved[:1])
+
+    def _drop_saved(self, entries: list[KeptPrompt]) -> None:
+        for entry in entries:
+            self.saved.remove(entry)  # (by identity: KeptPrompt compares as an object)
+            self.saved_nbytes -= entry.nbytes
 
     def mark(self, cache: KVCache) -> None:
         """Checkpoint the cache where the prompt ends, before an encode moves its sliding windows on."""
@@ -295,11 +432,31 @@ class PromptCache:
             self.point = None  # the old one's memory first
             self.point = cache.checkpoint()
 
-    def put(self, cache: KVCache, tokens: list[int]) -> None:
-        """Keep `cache`, which holds `tokens`, for the next take()."""
+    def put(self, cache: KVCache, tokens: list[int], prompt: int | None = None) -> None:
+        """Keep `cache`, which holds `tokens` (the first `prompt` of them the generation's prompt; None: all), for
+        the next take()."""
         if cache.length != len(tokens):
             raise ValueError(f"PromptCache.put: a cache of {cache.length} positions for {len(tokens)} tokens")
         self.cache, self.tokens, self.nbytes = cache, list(tokens), cache.nbytes
+        self.prompt = len(tokens) if prompt is None else prompt
+
+    def drop(self) -> None:
+        """Forget the live cache (the copies in host memory stay)."""
+        self.cache, self.tokens, self.prompt, self.point, self.nbytes = None, [], 0, None, 0
 
     def clear(self) -> None:
-        self.cache, self.tokens, self.point, self.nbytes = None, [], None, 0
+        """Forget everything: the live cache and the copies."""
+        self.drop()
+        self._drop_saved(list(self.saved))
+
+    def holds(self, device_type: str, live_on: str) -> bool:
+        """Whether anything kept is in memory of `device_type` ("cuda" or "cpu"; the live cache is on `live_on`,
+        the copies on "cpu")."""
+        return (self.cache is not None and live_on == device_type) or (device_type == "cpu" and bool(self.saved))
+
+    def free(self, device_type: str, live_on: str) -> None:
+        """Forget what is kept in memory of `device_type` (as holds())."""
+        if live_on == device_type:
+            self.drop()
+        if device_type == "cpu":
+            self._drop_saved(list(self.saved))

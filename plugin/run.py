@@ -82,7 +82,7 @@ def stats_lines(d: DoneEvent) -> list[str]:
         f"total duration:       {d.total_duration / 1e6:.1f} ms",
         f"load duration:        {d.load_duration / 1e6:.1f} ms",
         f"prompt eval count:    {d.prompt_eval_count} token(s)" + (
-            f" ({d.prompt_cached_count} from the last generation's KV cache)" if d.prompt_cached_count else ""),
+            f" ({d.prompt_cached_count} from the kept KV cache)" if d.prompt_cached_count else ""),
         f"prompt eval duration: {d.prompt_eval_duration / 1e6:.1f} ms "
         f"({rate(d.prompt_eval_count - d.prompt_cached_count, d.prompt_eval_duration)})",
         f"eval count:           {d.eval_count} token(s)",

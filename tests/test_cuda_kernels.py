@@ -503,7 +503,8 @@ def test_cuda_backend_reuses_the_kept_kv_cache(ops, dev, canvas16_gguf):
     """plugin/kv_cache.py on the GPU: a generation of three canvases (two encoded after its 29-token prompt, past
     the sliding window of 8), then a prompt that shares all but the last two of those 29 tokens: the cache goes
     back to them from the checkpoint (host memory, copied back to the GPU), encodes the rest, replays its graphs,
-    and generates what the same engine does from scratch; the same prompt again takes all of it."""
+    and generates what the same engine does from scratch; the same prompt again takes all of it, also after another
+    conversation has put its cache aside in host memory (copied back to the GPU, in buffers with the canvas's room)."""
     needs_gpu(dev)
     from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions
 
@@ -524,8 +525,13 @@ def test_cuda_backend_reuses_the_kept_kv_cache(ops, dev, canvas16_gguf):
     assert engine.graphed.fallback is None and engine.graphed.replays > 0
     again = run(nxt, 2, 32)
     assert again.prompt_cached_count == len(nxt)
+    other = run([2] + list(range(120, 150)), 3, 16)  # another conversation: nxt's cache is put aside, in host memory
+    assert other.prompt_cached_count <= 1 and engine.prompt_cache.saved[-1].cache.keys[0].device.type == "cpu"
+    back = run(nxt, 2, 32)  # from that copy, back on the GPU
+    assert back.prompt_cached_count == len(nxt) and engine.prompt_cache.cache.keys[0].is_cuda
+    assert engine.graphed.fallback is None and engine.graphed.replays > 0
     scratch = run(nxt, 2, 32, cache=False)
-    assert reused.canvases == again.canvases == scratch.canvases
+    assert reused.canvases == again.canvases == back.canvases == scratch.canvases
 
 
 @pytest.mark.parametrize("model", ["default", "canvas16"])

@@ -14,7 +14,7 @@ from conftest import SPECS, THOUGHT_CHANNEL_TOKENS, spy_encoder_passes
 
 from dgemma.convert import convert
 from dgemma.plugin.engine import DoneEvent, Engine, EngineError, GenerateOptions
-from dgemma.plugin.kv_cache import KVCache
+from dgemma.plugin.kv_cache import DEFAULT_CACHE_RAM, KeptPrompt, KVCache, PromptCache
 
 KEEP, SPARE = 5, 3  # a sliding layer's window (sliding_window - 1) and the positions kept before it
 
@@ -94,6 +94,31 @@ def test_nbytes_counts_each_storage_once():
     assert KVCache().nbytes == 0
 
 
+@pytest.mark.parametrize("room", [True, False])
+def test_moved_copies_the_positions(room):
+    """KVCache.moved: a copy (no storage shared), each layer's positions and the tails equal; with room in buffers
+    with the reserve after them again, without only the positions (nbytes == held_nbytes); it goes on as the
+    original does, and goes back as far."""
+    cache = encoded([12, 3], reserve=2)
+    copy = cache.moved("cpu", room=room)
+    assert (copy.length, copy.until, copy.keeps, copy.spare, copy.reserve) == (15, 15, cache.keeps, SPARE, 2)
+    mine = {t.untyped_storage().data_ptr() for t in cache.keys + cache.values}
+    assert not mine & {t.untyped_storage().data_ptr() for t in copy.keys + copy.values}
+    assert all(held(copy, i) == held(cache, i) for i in (0, 1)) and tail(copy, 0) == tail(cache, 0)
+    assert copy.tails[0][0].untyped_storage().data_ptr() != cache.tails[0][0].untyped_storage().data_ptr()
+    if room:
+        assert all(copy.buffers[i][0].shape[2] == copy.keys[i].shape[2] + 2 for i in (0, 1))
+    else:
+        assert copy.buffers == [None, None] and copy.nbytes == copy.held_nbytes < cache.nbytes
+    assert copy.reach() == cache.reach() and copy.rewind(12) and held(copy, 1) == list(range(12))
+    for c in (cache, copy):
+        for i, keep in ((0, KEEP), (1, None)):
+            k = positions(3, c.length)
+            c.extend(i, k, -k, keep)
+        c.length += 3
+    assert held(copy, 0) == list(range(15 - KEEP, 15)) and held(copy, 1) == list(range(15))
+
+
 def test_rewind_refuses_positions_past_the_end():
     cache = encoded([4])
     with pytest.raises(ValueError, match="position 5 outside 0..4"):
@@ -128,6 +153,111 @@ def test_restore_from_a_checkpoint(prompt):
             assert cache.length == prompt + 16
     with pytest.raises(ValueError, match="checkpoint at 11"):
         encoded([4]).restore(encoded([11]).checkpoint(), 2)
+
+
+# ---- PromptCache's choice among the live cache and the copies, on caches of one global layer (every position) --
+
+def global_only(n: int) -> KVCache:
+    cache = KVCache(reserve=2)
+    cache.until = n
+    k = positions(n)
+    cache.extend(0, k, -k, None)
+    cache.length = n
+    return cache
+
+
+def kept_with(convs: list[list[int]]) -> PromptCache:
+    """A PromptCache whose copies hold convs[:-1] (oldest first) and whose live cache holds convs[-1] (each the
+    prompt of its last generation); the conversations share no first token."""
+    kept = PromptCache()
+    for tokens in convs:
+        assert kept.take(tokens) == (None, 0)  # (puts the live one aside)
+        kept.put(global_only(len(tokens)), tokens)
+    assert [e.tokens for e in kept.saved] == convs[:-1] and kept.tokens == convs[-1]
+    return kept
+
+
+X, L = [1] + list(range(100, 199)), [2] + list(range(300, 399))  # 100 tokens each
+
+
+def test_a_copy_that_serves_only_the_start_of_its_conversation_stays_saved():
+    """A prompt sharing only X's first 3 tokens (a template's opening: no more than KV_SPARE) does not take X's
+    copy: nothing serves it (L, live, is put aside). One sharing X's first 40 tokens (a system prompt, an earlier
+    message) is served by X's copy: a copy of it comes back gone back to 40, and X's copy stays saved (now the most
+    recently used) for X's own next turn, which then takes all 100 from it (and X's copy, needed no more, goes)."""
+    kept = kept_with([X, L])
+    assert kept.take(X[:3] + [9] * 50) == (None, 0)
+    assert [e.tokens for e in kept.saved] == [X, L]
+    cache, n = kept.take(X[:40] + [7] * 10)
+    assert n == 40 and held(cache, 0) == list(range(40)) and cache.buffers[0][0].shape[2] == 100 + 2  # (the room)
+    assert [e.tokens for e in kept.saved] == [L, X] and kept.saved_nbytes == sum(e.nbytes for e in kept.saved)
+    kept.put(cache, X[:40])
+    cache, n = kept.take(X)
+    assert n == 100 and held(cache, 0) == list(range(100)) and [e.tokens for e in kept.saved] == [L, X[:40]]
+    assert kept.saved_nbytes == sum(e.nbytes for e in kept.saved)
+
+
+def test_putting_aside_a_conversation_already_saved_replaces_its_copy():
+    """The older copy of the same tokens goes, wherever it is in the list (a KeptPrompt compares as an object,
+    not by its tensors)."""
+    B = [3] + list(range(500, 520))
+    kept = kept_with([X, B, L])
+    kept._put_aside(KeptPrompt(global_only(len(B)), B, len(B), None))
+    assert [e.tokens for e in kept.saved] == [X, B] and kept.saved_nbytes == sum(e.nbytes for e in kept.saved)
+
+
+def test_a_copy_that_cannot_come_back_stays_saved(monkeypatch):
+    """Out of GPU memory while X's copy comes back: the error goes to the caller (the engine's one-line error),
+    X's copy stays saved, and L, put aside first, is saved too."""
+    kept = kept_with([X, L])
+    moved = KVCache.moved
+
+    def short(self, device, room=True):
+        if room:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return moved(self, device, room)
+
+    monkeypatch.setattr(KVCache, "moved", short)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        kept.take(X + [5])
+    assert [e.tokens for e in kept.saved] == [L, X] and kept.cache is None
+
+
+@pytest.mark.parametrize("why", ["ram", "alloc", "limit"])
+def test_no_copy_where_host_memory_is_short(monkeypatch, why):
+    """No copy where host RAM without swap has less than twice its size free, where allocating it fails (the
+    request goes on: a best effort), or where it alone is over the limit; another error is raised."""
+    import dgemma.plugin.kv_cache as kv
+
+    kept = kept_with([X])
+    size = kept.cache.held_nbytes
+    asked = []
+    monkeypatch.setattr(kv, "available_ram", lambda swap=True: asked.append(swap) or 2 * size - (why == "ram"))
+    if why == "alloc":
+        def fail(self, device, room=True):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        monkeypatch.setattr(KVCache, "moved", fail)
+    kept.limit = size - 1 if why == "limit" else size
+    assert kept.take(L) == (None, 0) and kept.saved == [] and kept.saved_nbytes == 0
+    assert asked == ([] if why == "limit" else [False])
+    kept.put(global_only(len(X)), X)
+    monkeypatch.setattr(KVCache, "moved", lambda self, device, room=True: 1 / 0)
+    kept.limit = size
+    if why != "ram":
+        with pytest.raises(ZeroDivisionError):
+            kept.take(L)
+
+
+def test_cache_ram_sizes():
+    """--cache-ram: a size, or a bare number in MiB as llama.cpp's option (0: none, -1: no limit)."""
+    import argparse
+
+    from dgemma.plugin.cli import cache_ram_arg
+
+    assert cache_ram_arg("8192") == 8 << 30 and cache_ram_arg("2GiB") == 2 << 30 and cache_ram_arg("512MiB") == 512 << 20
+    assert cache_ram_arg("0") == 0 and cache_ram_arg("-1") == sys.maxsize
+    with pytest.raises(argparse.ArgumentTypeError, match="size '3x' is not understood"):
+        cache_ram_arg("3x")
 
 
 # ---- the engine keeps its last generation's cache ----------------------------------------------------------
@@ -255,6 +385,92 @@ def test_out_of_memory_keeps_nothing(odd, monkeypatch, where):
     assert odd.prompt_cache.cache is None and odd.prompt_cache.point is None
 
 
+def conversation(seed: int, n: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [2] + torch.randint(3, vocab, (n - 1,), generator=g).tolist()
+
+
+def test_a_conversation_put_aside_comes_back(odd):
+    """Two conversations in turns, as a frontend's background requests (a title, tags) come between a chat's turns:
+    A (three canvases: its windows move past its prompt), then B, which no kept cache serves (A's goes to host
+    memory, compact: only its positions), then A's next turn, which takes 27 positions from A's copy (B's cache
+    going aside in its place) and generates what a generation from scratch does; then B regenerated from B's
+    copy, back in buffers with the canvas's room. The copies' bytes are counted."""
+    vocab, C = odd.cfg.vocab_size, odd.cfg.canvas_length
+    a, b = conversation(11, 29, vocab), conversation(12, 29, vocab)
+    new = conversation(13, 8, vocab)[1:]
+    kept = odd.prompt_cache
+    kept.clear()
+    generate(odd, a, 1, max_tokens=3 * C)
+    done, passes = generate(odd, b, 2, max_tokens=C)
+    assert done.prompt_cached_count == 0 and passes == [29]
+    assert len(kept.saved) == 1 and kept.saved[0].tokens[:29] == a and kept.saved[0].prompt == 29
+    copy = kept.saved[0].cache
+    assert copy.length == 29 + 2 * C and all(bufs is None for bufs in copy.buffers)
+    assert all(t.device.type == "cpu" for t in copy.keys + copy.values) and copy.nbytes == copy.held_nbytes
+    assert kept.saved_nbytes == sum(e.nbytes for e in kept.saved) > 0
+
+    done, passes = generate(odd, a[:-2] + new, 3, max_tokens=C)  # restored from the copy's checkpoint
+    assert done.prompt_cached_count == 27 and passes == [len(new)]
+    assert [e.tokens[:29] for e in kept.saved] == [b] and kept.saved_nbytes == kept.saved[0].nbytes
+    scratch = generate(odd, a[:-2] + new, 3, max_tokens=C, cache_prompt=False)[0]
+    assert done.token_ids == scratch.token_ids and done.canvases == scratch.canvases
+    assert [e.tokens[:29] for e in kept.saved] == [b]  # cache_prompt False drops the live cache, not the copies
+
+    done, passes = generate(odd, b, 4, max_tokens=C)  # (regenerate: nothing to encode)
+    assert done.prompt_cached_count == 29 and passes == []
+    assert all(bufs is not None for bufs in kept.cache.buffers)  # the copy came back with the canvas's room
+    assert done.token_ids == generate(odd, b, 4, max_tokens=C, cache_prompt=False)[0].token_ids
+    kept.clear()
+    assert kept.saved == [] and kept.saved_nbytes == 0 and kept.cache is None
+
+
+def test_a_branch_cut_from_the_live_cache_is_put_aside_first(odd):
+    """A prompt sharing only the first 4 of the last prompt's 22 tokens (an edited early message): the live cache
+    serves those 4, but before it goes back a copy of it is put aside (it loses more than KV_SPARE positions of
+    its prompt), so that the old branch, asked for again, is served whole. A next turn that loses only a few
+    (the chat's usual) puts nothing aside."""
+    vocab, C = odd.cfg.vocab_size, odd.cfg.canvas_length
+    a = conversation(21, 22, vocab)
+    edited = a[:4] + conversation(22, 12, vocab)[1:]
+    kept = odd.prompt_cache
+    kept.clear()
+    generate(odd, a, 1, max_tokens=C)
+    done, passes = generate(odd, edited, 2, max_tokens=C)
+    assert done.prompt_cached_count == 4 and passes == [len(edited) - 4]
+    assert [e.tokens for e in kept.saved] == [a]
+    done, passes = generate(odd, a, 3, max_tokens=C)
+    assert done.prompt_cached_count == 22 and passes == []
+    assert done.token_ids == generate(odd, a, 3, max_tokens=C, cache_prompt=False)[0].token_ids
+    kept.clear()
+    generate(odd, a, 1, max_tokens=C)
+    generate(odd, a[:-3] + [5, 6], 2, max_tokens=C)
+    assert kept.saved == []
+
+
+@pytest.mark.parametrize("copies", [0, 1])
+def test_the_copies_stay_within_the_limit(odd, copies):
+    """PromptCache.limit: 0 keeps no copy (a conversation put aside is gone, as before copies were kept); room for
+    one keeps the most recently put aside (A, B, C in turns: A's copy goes when B's comes; B comes back from its
+    copy, A from nothing)."""
+    vocab, C = odd.cfg.vocab_size, odd.cfg.canvas_length
+    a, b, c = (conversation(s, 29, vocab) for s in (31, 32, 33))  # longer than the windows reach back: none serves another
+    kept = odd.prompt_cache
+    kept.clear()
+    generate(odd, a, 1, max_tokens=C)
+    one = odd.prompt_cache.cache.held_nbytes
+    kept.limit = copies * one
+    try:
+        generate(odd, b, 2, max_tokens=C)
+        generate(odd, c, 3, max_tokens=C)
+        assert [e.tokens for e in kept.saved] == [b][:copies] and kept.saved_nbytes <= kept.limit
+        assert generate(odd, b, 4, max_tokens=C)[0].prompt_cached_count == 29 * copies
+        assert generate(odd, a, 5, max_tokens=C)[0].prompt_cached_count == 0
+    finally:
+        kept.limit = DEFAULT_CACHE_RAM
+        kept.clear()
+
+
 def test_a_chat_turn_reuses_the_conversation_so_far(default_gguf):
     """Through the chat template, as a frontend sends a conversation (the default model: canvas 1, so each reply
     token after the first was encoded; its template renders the reply without the empty thought channel the
@@ -281,18 +497,22 @@ def test_stats_count_the_cached_tokens_apart():
 
     done = DoneEvent("stop", 30, 4, [], [], [1], 4.0, 0, 3_000_000_000, 0, 1_000_000_000, 2_000_000_000, 27)
     lines = stats_lines(done)
-    assert "prompt eval count:    30 token(s) (27 from the last generation's KV cache)" in lines
+    assert "prompt eval count:    30 token(s) (27 from the kept KV cache)" in lines
     assert "prompt eval duration: 1000.0 ms (3.00 tokens/s)" in lines
     assert "prompt eval count:    30 token(s)" in stats_lines(DoneEvent("stop", 30, 4, [], [], [1], 4.0, 0, 3, 0, 1, 2))
 
 
-def test_chat_turns_bench_runs(tmp_path):
+@pytest.mark.parametrize("task", [0, 30])
+def test_chat_turns_bench_runs(tmp_path, task):
     """bench/chat_turns.py at the tiny size, two turns: the second takes its prompt but for the new message and
-    the generation prompt from the cache."""
+    the generation prompt from the cache; the baseline encodes it whole, and with a task prompt between the turns
+    (--task) so does the baseline that keeps only its last generation's cache, while the engine keeping copies
+    takes it from the conversation's copy."""
     out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "chat_turns.py"), "--size", "tiny",
                           "--dir", str(tmp_path), "--turns", "2", "--system", "40", "--message", "6", "--steps", "2",
-                          "--canvases", "1"], capture_output=True, text=True, timeout=600)
+                          "--canvases", "1", "--task", str(task)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line.split() and line.split()[0] in ("0", "1")]
-    assert [r[:3] for r in rows] == [["0", "51", "0"], ["1", "75", "47"]]  # 1 + 40 + 6 + 4; 47 + 16 + 2 + 6 + 4 (canvas 16)
+    # 1 + 40 + 6 + 4; 47 + 16 + 2 + 6 + 4 (canvas 16)
+    assert [r[:4] for r in rows] == [["0", "51", "0", "0"], ["1", "75", "0", "47"]]
     assert "conversation:" in out.stdout

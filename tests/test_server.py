@@ -184,6 +184,36 @@ def test_a_conversation_reuses_its_kv_cache(server, engine):
     assert again.choices[0].message.content == r["message"]["content"]
 
 
+TITLE_PROMPT = "### Task: Generate a concise, 3-5 word title for the chat history below.\n### Chat History:\n"
+
+
+def test_a_conversation_comes_back_after_a_frontend_task(server, models, tmp_path, engine):
+    """Open WebUI's way: after a chat's first reply it sends its own task prompt (a title for the chat) to the same
+    model, then the chat's next turn. The conversation's KV cache was put aside (host memory, --cache-ram), so
+    the next turn still takes all but the last turn's final few tokens from it; with --cache-ram 0 the task's
+    cache took its place and the turn is encoded (nearly) whole. The reply is the same either way."""
+    chat = [{"role": "user", "content": "Tell me a fortune, and then another fortune, and a third one."}]
+    options = {"seed": 5, "num_predict": 16}
+
+    def turns(url: str) -> dict:
+        client = ollama.Client(host=url)
+        first = client.chat(model="default", messages=chat, options=options)
+        task = [{"role": "user", "content": TITLE_PROMPT + f"USER: {chat[0]['content']}\nASSISTANT: {first.message.content}"}]
+        client.chat(model="default", messages=task, options={"num_predict": 8})
+        turn = chat + [{"role": "assistant", "content": first.message.content}, {"role": "user", "content": "One more."}]
+        # (the client's ChatResponse has no prompt_eval_cached_count)
+        return httpx.post(f"{url}/api/chat", timeout=120, json={"model": "default", "messages": turn, "stream": False,
+                                                                "options": options}).json()
+
+    kept = turns(server)
+    with running_server(models, "--cache-ram", "0", log=tmp_path / "serve.log") as url:
+        none = turns(url)
+    assert kept["message"] == none["message"] and kept["prompt_eval_count"] == none["prompt_eval_count"]
+    ids1 = engine.prompt_ids(chat)
+    assert len(ids1) - THOUGHT_CHANNEL_TOKENS < kept["prompt_eval_cached_count"] < len(ids1)
+    assert none["prompt_eval_cached_count"] < 8  # the task's first tokens (the turn's opening) are all it shares
+
+
 def test_concurrent_streams_equal_running_alone(server, engine):
     """16 clients at once, distinct seeds: each gets exactly what the engine gives it alone."""
     messages = [{"role": "user", "content": "Tell me a story"}]

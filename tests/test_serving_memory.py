@@ -287,6 +287,39 @@ def test_an_idle_model_streaming_experts_is_unloaded_for_the_host_ram_they_hold(
     asyncio.run(run())
 
 
+def test_an_idle_models_kv_cache_copies_go_for_host_ram_before_it(gpu, monkeypatch):
+    """The copies of other conversations' KV caches a model keeps in host RAM (--cache-ram, PromptCache.saved) go
+    before the model itself where the next model's streamed experts need the RAM: here that makes room, and a
+    stays loaded, its live cache (VRAM) kept."""
+    from dgemma.plugin.kv_cache import KeptPrompt, KVCache
+
+    manager, state = gpu
+    state["capacity"] = state["need"] * 3
+    manager.host_experts = 3
+    a = asyncio.run(manager.get("a"))
+    per_model = a.engine.host_bytes
+    kept = a.engine.prompt_cache
+    monkeypatch.setattr(offload, "available_ram", lambda swap=True: per_model * 5 // 2 - per_model * len(kept.saved)
+                        - sum(m.engine.host_bytes for m in manager.loaded.values()))
+    kept.put(KVCache(), [])
+    kept.saved.append(KeptPrompt(KVCache(), [2, 3], 2, None))  # counted as per_model bytes of RAM above
+    assert kept.holds("cpu", "cuda") and kept.holds("cuda", "cuda")
+    b = asyncio.run(manager.get("b"))
+    assert list(manager.loaded) == ["a", "b"] and b.engine.host_layers == [1, 2, 3]
+    assert kept.saved == [] and not kept.holds("cpu", "cuda") and kept.cache is not None
+    # a model that streams nothing, whose copies are all it holds of host RAM: they go, and it stays
+    monkeypatch.setattr(offload, "available_ram", lambda swap=True: per_model * 2 - 1 - per_model * len(kept.saved)
+                        - sum(m.engine.host_bytes for m in manager.loaded.values()))
+    manager.unload("a"), manager.unload("b")
+    manager.host_experts = 0
+    a = asyncio.run(manager.get("a"))
+    kept = a.engine.prompt_cache
+    kept.saved.append(KeptPrompt(KVCache(), [2, 3], 2, None))
+    manager.host_experts = 3
+    b = asyncio.run(manager.get("b"))
+    assert list(manager.loaded) == ["a", "b"] and a.engine.host_bytes == 0 and kept.saved == []
+
+
 def test_idle_models_are_unloaded_before_experts_stream_and_held_ones_are_not(gpu, default_gguf):
     """As Ollama unloads idle models before it splits one between the GPU and the CPU: the new model loads whole
     once an idle one is gone; beside a model a request holds, it streams the experts of as few layers as the

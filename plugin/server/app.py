@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..kv_cache import DEFAULT_CACHE_RAM
 from ..registry import ModelEntry, ModelInfo, ModelNotFound, Registry, read_model_info
 from . import DEFAULT_HOST, DEFAULT_PORT, ollama, openai
 from . import protocol as P
@@ -39,6 +40,7 @@ class ServerConfig:
     keep_alive: float = DEFAULT_KEEP_ALIVE
     backend: str = "auto"  # engine.BACKEND_CHOICES: auto is the cuda backend where it can run, else torch (CPU)
     host_experts: int | str = "auto"  # cuda backend: Engine.load's, for a model the GPU cannot hold (ModelManager)
+    cache_ram: int = DEFAULT_CACHE_RAM  # host bytes per model for the KV caches of conversations put aside
 
 
 def is_loopback(host: str) -> bool:
@@ -185,7 +187,8 @@ def _error_text(r: httpx.Response) -> str:
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     registry = Registry(config.models)
-    state = AppState(config, registry, ModelManager(registry, config.keep_alive, config.backend, config.host_experts))
+    state = AppState(config, registry, ModelManager(registry, config.keep_alive, config.backend, config.host_experts,
+                                                      config.cache_ram))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

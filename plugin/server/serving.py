@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 
 from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, GpuMemoryError, MemoryShortageError
+from ..kv_cache import DEFAULT_CACHE_RAM
 from ..registry import ModelEntry, Registry, read_model_info
 
 DEFAULT_KEEP_ALIVE = 300.0  # seconds, Ollama's default "5m"
@@ -74,9 +75,10 @@ class LoadedModel:
 
 class ModelManager:
     def __init__(self, registry: Registry, default_keep_alive: float = DEFAULT_KEEP_ALIVE, backend: str = "auto",
-                 host_experts: int | str = "auto") -> None:
+                 host_experts: int | str = "auto", cache_ram: int = DEFAULT_CACHE_RAM) -> None:
         self.registry, self.backend = registry, backend  # engine.BACKEND_CHOICES
         self.host_experts = host_experts  # Engine.load's: "auto" only once unloading leaves the GPU still short
+        self.cache_ram = cache_ram  # each model's PromptCache.limit: host bytes for other conversations' KV caches
         self.default_keep_alive = default_keep_alive
         self.loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Lock] = {}
@@ -141,7 +143,8 @@ class ModelManager:
         streaming every layer's experts would not fit it, when nothing is unloaded), host_experts "auto" then keeps
         some of its experts in host RAM (as Ollama, which unloads idle models before it splits one between the
         GPU and the CPU), and without that (host_experts 0) or past it the error is the answer. Before the idle
-        models themselves go, the KV caches they keep from their last generations do (all of them at once)."""
+        models themselves go, the KV caches they keep do (all of them at once, for a short GPU those of their last
+        generations, for short host RAM also the copies of other conversations')."""
         host = 0 if self.host_experts == "auto" else self.host_experts  # the GPU alone first
         async with self._one_load:
             while True:
@@ -151,6 +154,7 @@ class ModelManager:
                     engine = await asyncio.to_thread(Engine.load, entry.path, self.backend, host_experts=host)
                     if engine.notice:
                         print(f"dgemma serve: {engine.notice}", flush=True)  # (the server's log)
+                    engine.prompt_cache.limit = self.cache_ram
                     return engine
                 except MemoryShortageError as e:
                     # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
@@ -158,11 +162,12 @@ class ModelManager:
                             if _holds(m.engine, e.device_type) and not self.in_use(m, requester)]
                     streams_next = (isinstance(e, GpuMemoryError) and host == 0 and self.host_experts == "auto"
                                     and not e.streaming_hopeless)
-                    kept: list[str] = []  # idle models keeping their last generation's KV cache (kv_cache.PromptCache)
+                    short = e.device_type  # the memory that is short ("cuda" or "cpu")
+                    kept: list[str] = []  # idle models keeping KV caches (kv_cache.PromptCache) in it
                     if idle and (streams_next or not e.hopeless):  # what unloading frees: room, or fewer layers streamed
                         # their kept caches first: the models stay loaded if that makes room
-                        kept = [n for _, n in idle if self.loaded[n].engine.prompt_cache.cache is not None
-                                and self.loaded[n].engine.device.type == e.device_type]  # (caches on the short one)
+                        kept = [n for _, n in idle if self.loaded[n].engine.prompt_cache.holds(
+                            short, self.loaded[n].engine.device.type)]
                         name = None if kept else min(idle)[1]
                     elif streams_next:
                         host, name = "auto", None  # streamed experts, beside the models requests hold
@@ -170,7 +175,7 @@ class ModelManager:
                         raise
                 # out of the except block: the error no longer holds the failed load's frames
                 for n in kept:
-                    self.loaded[n].engine.prompt_cache.clear()
+                    self.loaded[n].engine.prompt_cache.free(short, self.loaded[n].engine.device.type)
                 if name is not None:
                     self.unload(name)
                 if kept or name is not None:
@@ -211,8 +216,10 @@ class ModelManager:
 
 def _holds(engine: Engine, device_type: str) -> bool:
     """Whether unloading this engine frees memory of that kind: its device's, and host RAM ("cpu") for the
-    experts a cuda model streams from there (page-locked, plugin/cuda/offload.py)."""
-    return engine.device.type == device_type or (device_type == "cpu" and engine.host_bytes > 0)
+    experts a cuda model streams from there (page-locked, plugin/cuda/offload.py) and for the KV caches it keeps
+    there (kv_cache.PromptCache)."""
+    return (engine.device.type == device_type or (device_type == "cpu" and engine.host_bytes > 0)
+            or engine.prompt_cache.holds(device_type, engine.device.type))
 
 
 def generate_stream(manager: ModelManager, model: LoadedModel, prompt: Any, options: GenerateOptions,
