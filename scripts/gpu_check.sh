@@ -3,7 +3,8 @@
 # the wheels carried in .gpu_wheels/ (made by scripts/gpu_prepare.sh), run the GPU tests, then the
 # benchmark. Use with the device tool: carry [".gpu_wheels"], command "bash scripts/gpu_check.sh", timeout_s about
 # 560: the three steps are capped at 200 + 110 + 200 s (and 15 s of grace for a hung test), about 35 s left for the
-# installs. The model-level GPU tests come last in the test file, then the tiles compiled on sm_75's instructions
+# installs. The tests run in 8 processes where pytest-xdist loads (the GPU image has it), else in one, where the
+# model-level GPU tests come last in the test file, then the tiles compiled on sm_75's instructions
 # (tests/test_cuda_turing.py): a cut at the cap loses those first.
 #
 # `bash scripts/gpu_check.sh --failed`, at once after it on the same (still warm) machine: only the tests that failed,
@@ -19,7 +20,11 @@ if [ "${1:-}" = "--failed" ]; then
   [ -f /tmp/dgemma_pythonpath ] && export PYTHONPATH=$(cat /tmp/dgemma_pythonpath)
   export PYTHONUNBUFFERED=1
   mapfile -t ids < "$FAILED"  # one id a line ([brackets] and all)
-  timeout -s INT -k 15 240 $PY -m pytest -v -rfE --tb=long -p no:cacheprovider "${ids[@]}" 2>&1 | tee "$OUT/failed_tests.txt"
+  TO=()  # a hung test: pytest-timeout prints every thread's stack after 100 s and ends the run
+  $PY -m pytest -q --timeout 100 --timeout-method thread -p no:cacheprovider --co "${ids[0]}" >/dev/null 2>&1 &&
+    TO=(--timeout 100 --timeout-method thread)
+  timeout -s INT -k 15 240 $PY -m pytest -v -rfE --tb=long ${TO[@]+"${TO[@]}"} -p no:cacheprovider "${ids[@]}" 2>&1 |
+    tee "$OUT/failed_tests.txt"
   exit
 fi
 rm -f "$FAILED" /tmp/dgemma_pythonpath  # an earlier run's, on a machine kept warm
@@ -38,11 +43,25 @@ if ! $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$OU
 fi
 $PY -c "import dgemma.plugin.cuda as c; print('compute capability', c.check_cuda())" 2>&1 | tee -a "$OUT/gpu.txt"
 export PYTHONUNBUFFERED=1
+# pytest-xdist (the GPU image has it): the tests in 8 processes, so that their NVRTC compiles (each kernel
+# module once per process, then from CuPy's disk cache) use the machine's cores, and a kernel that poisons its
+# process's CUDA context takes down only the tests after it in that process; where xdist does not load beside
+# the carried pytest, one process as before. With xdist and pytest-timeout (also there), a test still running
+# after 120 s (a hung kernel) ends its worker, which xdist reports as crashed and replaces, and the rest go on.
+PAR=()
+if $PY -m pytest -q -n 2 -p no:cacheprovider --co tests/test_cuda_turing.py >/dev/null 2>&1; then
+  PAR=(-n 8)
+  if $PY -m pytest -q -n 2 --timeout 120 --timeout-method thread -p no:cacheprovider --co tests/test_cuda_turing.py \
+      >/dev/null 2>&1; then
+    PAR+=(--timeout 120 --timeout-method thread)
+  fi
+fi
+echo "pytest workers: ${PAR[*]:-one process (no pytest-xdist)}" | tee -a "$OUT/gpu.txt"
 echo "== GPU tests"
 # -v: each test's name and result as it finishes; SIGINT at the limit: pytest stops and still prints its
 # summary of what failed so far (-k: killed 15 s later if a kernel hangs it)
-timeout -s INT -k 15 200 $PY -m pytest -v -rfE --durations=15 -m gpu -p no:cacheprovider tests/test_cuda_kernels.py tests/test_cuda_turing.py \
-  2>&1 | tee "$OUT/gpu_tests.txt" | grep -v PASSED | tail -60
+timeout -s INT -k 15 200 $PY -m pytest -v -rfE --durations=15 ${PAR[@]+"${PAR[@]}"} -m gpu -p no:cacheprovider \
+  tests/test_cuda_kernels.py tests/test_cuda_turing.py 2>&1 | tee "$OUT/gpu_tests.txt" | grep -v PASSED | tail -60
 grep -oE '^FAILED [^ ]+|^ERROR [^ ]+' "$OUT/gpu_tests.txt" | cut -d' ' -f2 | sort -u | tee "$FAILED" > "$OUT/failed.txt"
 # a kernel that fails the tests may end this run with a CUDA error: rerun it with --kinds naming the others
 echo "== kernels at the 26B-A4B's shapes (every matmul kind: 6 columns since session 12, f16-cublas)"
