@@ -163,7 +163,7 @@ async def ps(request: Request) -> dict[str, Any]:
         size = entry.get("size", 0) + engine.slot_bytes + engine.prompt_cache.nbytes
         vram = size - engine.host_bytes if engine.device.type == "cuda" else 0
         out.append({**entry, "size": size, "expires_at": expires, "size_vram": vram,
-                    "context_length": m.engine.cfg.context_length})
+                    "context_length": min(m.num_ctx, m.engine.cfg.context_length)})
     return {"models": out}
 
 

@@ -28,6 +28,7 @@ from ..kv_cache import DEFAULT_CACHE_RAM
 from ..registry import ModelEntry, Registry, read_model_info
 
 DEFAULT_KEEP_ALIVE = 300.0  # seconds, Ollama's default "5m"
+DEFAULT_NUM_CTX = 4096  # Ollama's default context when a request does not set num_ctx
 
 
 def parse_keep_alive(value: Any, default: float = DEFAULT_KEEP_ALIVE) -> float:
@@ -71,6 +72,9 @@ class LoadedModel:
     # the request tasks that got it from ModelManager.get (each ends with its response): in use before busy counts
     claims: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     stopping: bool = False  # asked to unload (ModelManager.stop): it goes once no request holds it, whatever they ask
+    # the last request's context (num_ctx, within the model's), as `ollama ps` shows the loaded runner's: Ollama loads
+    # a model again for another num_ctx, while here each request's only bounds its own generation
+    num_ctx: int = DEFAULT_NUM_CTX
 
 
 class ModelManager:
@@ -236,6 +240,7 @@ async def _generate_stream(claimant: asyncio.Task | None, manager: ModelManager,
     cancel = threading.Event()
     options.cancel = cancel
     model.busy += 1
+    model.num_ctx = min(options.num_ctx or model.engine.cfg.context_length, model.engine.cfg.context_length)
     if claimant is not None:
         model.claims.discard(claimant)
     try:
@@ -296,7 +301,6 @@ class ApiError(Exception):
         self.status, self.message, self.code = status, message, code
 
 
-DEFAULT_NUM_CTX = 4096  # Ollama's default context when a request does not set num_ctx
 MIN_TEMPERATURE = 1e-3
 
 
