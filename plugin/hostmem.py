@@ -1,12 +1,15 @@
 """How much host RAM a load can still take: /proc/meminfo's MemAvailable, bounded by the memory limit of the
 process's cgroup where it has one (a Docker or Kubernetes container, a systemd slice), which meminfo does not
 show: a container limited to 16 GiB on a 64 GiB machine sees 64 in meminfo, and the kernel ends the process
-past 16. On Windows, GlobalMemoryStatusEx. The checks before a load (plugin/weights.py ram_shortage,
-plugin/cuda/offload.py host_ram_shortage) read available_ram."""
+past 16. On Windows, GlobalMemoryStatusEx; on macOS, vm_stat's free and inactive pages. The checks before a
+load (plugin/weights.py ram_shortage, plugin/cuda/offload.py host_ram_shortage) and before a KV cache is put
+aside in host memory (plugin/kv_cache.py) read available_ram."""
 
 from __future__ import annotations
 
 import ctypes
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -134,11 +137,34 @@ def windows_available(swap: bool = True) -> int | None:
     return int(status.ullAvailPageFile if swap else status.ullAvailPhys)
 
 
+def vm_stat_available(text: str) -> int | None:
+    """macOS: the bytes of free and inactive pages in `vm_stat`'s text (as psutil counts available memory; its
+    "Pages free" already leaves out the speculative ones); None without them. Swap, which macOS grows as it
+    needs, is not counted."""
+    size = re.search(r"page size of (\d+) bytes", text)
+    pages = dict(re.findall(r"^Pages (free|inactive):\s+(\d+)\.?\s*$", text, re.M))
+    if size is None or len(pages) < 2:
+        return None
+    return (int(pages["free"]) + int(pages["inactive"])) * int(size.group(1))
+
+
+def macos_available() -> int | None:
+    """vm_stat_available of `vm_stat`'s output; None where it does not run."""
+    try:
+        out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return vm_stat_available(out.stdout) if out.returncode == 0 else None
+
+
 def available_ram(swap: bool = True) -> int | None:
     """Bytes this process can still take (swap False: without swap, for page-locked memory): on Linux
-    meminfo_available bounded by cgroup_available, on Windows windows_available; None where not known."""
+    meminfo_available bounded by cgroup_available, on Windows windows_available, on macOS macos_available (no
+    swap either way); None where not known."""
     if sys.platform == "win32":
         return windows_available(swap)
+    if sys.platform == "darwin":
+        return macos_available()
     try:
         meminfo = PROC_MEMINFO.read_text()
     except OSError:

@@ -148,3 +148,48 @@ def test_windows(monkeypatch):
     assert calls == [64, 64]  # dwLength: MEMORYSTATUSEX's size, as the call wants it
     Kernel32.ok = 0
     assert available_ram() is None
+
+
+VM_STAT = """Mach Virtual Memory Statistics: (page size of 16384 bytes)
+Pages free:                               12345.
+Pages active:                            234567.
+Pages inactive:                          223344.
+Pages speculative:                         1234.
+Pages throttled:                              0.
+Pages wired down:                         98765.
+Pages purgeable:                           4321.
+"Translation faults":                 123456789.
+Pages copy-on-write:                    1234567.
+Pages stored in compressor:              345678.
+Swapins:                                      0.
+"""
+
+
+def test_macos(monkeypatch):
+    """vm_stat's free and inactive pages times its page size (psutil's "available"); None where vm_stat does not
+    run, fails, or lacks the lines."""
+    import subprocess
+    import sys
+
+    from dgemma.plugin.hostmem import vm_stat_available
+
+    assert vm_stat_available(VM_STAT) == (12345 + 223344) * 16384
+    assert vm_stat_available(VM_STAT.replace("Pages inactive", "Pages gone")) is None
+    assert vm_stat_available(VM_STAT.replace("page size of", "pages of")) is None
+    runs = []
+
+    def run(cmd, **kw):
+        runs.append(cmd)
+        if state["missing"]:
+            raise FileNotFoundError(cmd[0])
+        return subprocess.CompletedProcess(cmd, state["rc"], VM_STAT, "")
+
+    state = {"missing": False, "rc": 0}
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(hostmem, "PROC_MEMINFO", Path("/nonexistent"))  # (not read on macOS)
+    assert available_ram() == available_ram(swap=False) == (12345 + 223344) * 16384 and runs == [["vm_stat"]] * 2
+    state["rc"] = 1
+    assert available_ram() is None
+    state["missing"] = True
+    assert available_ram() is None
