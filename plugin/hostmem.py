@@ -138,20 +138,23 @@ def windows_available(swap: bool = True) -> int | None:
 
 
 def vm_stat_available(text: str) -> int | None:
-    """macOS: the bytes of free and inactive pages in `vm_stat`'s text (as psutil counts available memory; its
-    "Pages free" already leaves out the speculative ones); None without them. Swap, which macOS grows as it
-    needs, is not counted."""
+    """macOS: the bytes of free, speculative and inactive pages in `vm_stat`'s text (psutil's available memory:
+    inactive plus the kernel's free count, which vm_stat prints less the speculative pages); None without them.
+    Swap, which macOS grows as it needs, and what its compressor could make room for are not counted."""
     size = re.search(r"page size of (\d+) bytes", text)
-    pages = dict(re.findall(r"^Pages (free|inactive):\s+(\d+)\.?\s*$", text, re.M))
-    if size is None or len(pages) < 2:
+    pages = dict(re.findall(r"^Pages (free|speculative|inactive):\s+(\d+)\.?\s*$", text, re.M))
+    if size is None or len(pages) < 3:
         return None
-    return (int(pages["free"]) + int(pages["inactive"])) * int(size.group(1))
+    return sum(int(n) for n in pages.values()) * int(size.group(1))
+
+
+VM_STAT = "/usr/bin/vm_stat"
 
 
 def macos_available() -> int | None:
     """vm_stat_available of `vm_stat`'s output; None where it does not run."""
     try:
-        out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run([VM_STAT], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return vm_stat_available(out.stdout) if out.returncode == 0 else None

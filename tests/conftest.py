@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,30 @@ def canvas16_gguf(tmp_path_factory, checkpoint_factory):
         return path
     except ImportError as e:
         pytest.skip(f"no canvas-16 test model ({e}); run scripts/gpu_prepare.sh")
+
+
+# ---- the GPU tests in pytest-xdist workers (scripts/gpu_check.sh) -----------------------------------------------
+# A kernel's illegal address (or misaligned access, illegal instruction, launch failure) poisons its process's
+# CUDA context: every later launch there fails. A worker that saw one ends once that test's reports are sent
+# (xdist reports it crashed while running it, and starts another worker), so that the tests it would have run
+# next run in a fresh process. Inert outside xdist.
+CUDA_STICKY_ERRORS = ("an illegal memory access", "misaligned address", "an illegal instruction",
+                      "unspecified launch failure", "CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_MISALIGNED_ADDRESS",
+                      "CUDA_ERROR_ILLEGAL_INSTRUCTION", "CUDA_ERROR_LAUNCH_FAILED")
+_poisoned_by: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    yield
+    if call.excinfo is not None and os.environ.get("PYTEST_XDIST_WORKER"):
+        if any(s in f"{call.excinfo.typename}: {call.excinfo.value}" for s in CUDA_STICKY_ERRORS):
+            _poisoned_by.append(item.nodeid)
+
+
+@pytest.hookimpl(trylast=True)  # (after xdist's own, which sends the test's last report)
+def pytest_runtest_logfinish(nodeid, location):
+    if _poisoned_by:
+        sys.stderr.write(f"{_poisoned_by[0]} left this worker's CUDA context unusable: the worker ends\n")
+        sys.stderr.flush()
+        os._exit(3)

@@ -166,14 +166,14 @@ Swapins:                                      0.
 
 
 def test_macos(monkeypatch):
-    """vm_stat's free and inactive pages times its page size (psutil's "available"); None where vm_stat does not
-    run, fails, or lacks the lines."""
+    """vm_stat's free, speculative and inactive pages times its page size (psutil's "available"); None where
+    vm_stat does not run, fails, or lacks the lines."""
     import subprocess
     import sys
 
     from dgemma.plugin.hostmem import vm_stat_available
 
-    assert vm_stat_available(VM_STAT) == (12345 + 223344) * 16384
+    assert vm_stat_available(VM_STAT) == (12345 + 1234 + 223344) * 16384
     assert vm_stat_available(VM_STAT.replace("Pages inactive", "Pages gone")) is None
     assert vm_stat_available(VM_STAT.replace("page size of", "pages of")) is None
     runs = []
@@ -188,7 +188,8 @@ def test_macos(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setattr(subprocess, "run", run)
     monkeypatch.setattr(hostmem, "PROC_MEMINFO", Path("/nonexistent"))  # (not read on macOS)
-    assert available_ram() == available_ram(swap=False) == (12345 + 223344) * 16384 and runs == [["vm_stat"]] * 2
+    assert available_ram() == available_ram(swap=False) == (12345 + 1234 + 223344) * 16384
+    assert runs == [["/usr/bin/vm_stat"]] * 2
     state["rc"] = 1
     assert available_ram() is None
     state["missing"] = True

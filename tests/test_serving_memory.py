@@ -549,7 +549,7 @@ def test_ps_reports_streamed_experts_outside_size_vram(gpu, default_gguf, capsys
 def test_ps_counts_the_kept_kv_cache(tmp_path, default_gguf):
     """/api/ps's size: the file, then also the KV cache the last generation left (torch backend: size_vram 0);
     its context_length: Ollama's default num_ctx until a request sets one, then the last request's (within the
-    model's own)."""
+    model's own), a load-only request's too."""
     import ollama
 
     from dgemma.plugin.server.app import ServerConfig, create_app
@@ -560,15 +560,20 @@ def test_ps_counts_the_kept_kv_cache(tmp_path, default_gguf):
         client = ollama.Client(host=url)
         assert client.generate(model="a", prompt="").done_reason == "load"
         assert client.ps().models[0].size == default_gguf.stat().st_size
-        trained = app.state.dgemma.manager.loaded["a"].engine.cfg.context_length
-        assert client.ps().models[0].context_length == min(4096, trained)
+        engine = app.state.dgemma.manager.loaded["a"].engine
+        engine.cfg.context_length = 8192  # (the default model's is Ollama's default, 4096)
+        assert client.ps().models[0].context_length == 4096
         client.generate(model="a", prompt="Once upon a time", options={"seed": 1, "num_predict": 4, "num_ctx": 300})
-        kept = app.state.dgemma.manager.loaded["a"].engine.prompt_cache.nbytes
+        kept = engine.prompt_cache.nbytes
         (loaded,) = client.ps().models
         assert kept > 0 and loaded.size == default_gguf.stat().st_size + kept and loaded.size_vram == 0
-        assert loaded.context_length == min(300, trained)
-        client.generate(model="a", prompt="Once", options={"num_predict": 1, "num_ctx": 10 * trained})
-        assert client.ps().models[0].context_length == trained
+        assert loaded.context_length == 300
+        client.generate(model="a", prompt="Once", options={"num_predict": 1, "num_ctx": 100_000})
+        assert client.ps().models[0].context_length == 8192
+        assert client.generate(model="a", prompt="", options={"num_ctx": 6000}).done_reason == "load"
+        assert client.ps().models[0].context_length == 6000
+        client.chat(model="a", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 1})
+        assert client.ps().models[0].context_length == 4096
 
 
 def test_a_stop_request_unloads_without_loading_first(gpu):

@@ -60,11 +60,15 @@ async def _load(request: Request, name: str) -> tuple[LoadedModel, int]:
     return model, time.perf_counter_ns() - t0
 
 
-async def _load_or_unload(request: Request, name: str, asked_keep_alive: Any, keep: float) -> str:
+async def _load_or_unload(request: Request, name: str, asked_keep_alive: Any, keep: float,
+                          options: dict[str, Any] | None) -> str:
     """A request with nothing to generate: load the model ("load"; with the server's default keep_alive 0, for
-    nothing), or, with keep_alive 0 asked for, unload it without loading it first ("unload", `ollama stop`)."""
+    nothing; its options' num_ctx is what /api/ps then shows, as Ollama loads a runner for it), or, with
+    keep_alive 0 asked for, unload it without loading it first ("unload", `ollama stop`)."""
     if asked_keep_alive is None or keep != 0:
-        _state(request).manager.touch((await _load(request, name))[0], keep)
+        model = (await _load(request, name))[0]
+        model.num_ctx = min(generate_options(model.engine, options).num_ctx, model.engine.cfg.context_length)
+        _state(request).manager.touch(model, keep)
         return "load"
     try:
         await _state(request).manager.stop(name)
@@ -163,7 +167,7 @@ async def ps(request: Request) -> dict[str, Any]:
         size = entry.get("size", 0) + engine.slot_bytes + engine.prompt_cache.nbytes
         vram = size - engine.host_bytes if engine.device.type == "cuda" else 0
         out.append({**entry, "size": size, "expires_at": expires, "size_vram": vram,
-                    "context_length": min(m.num_ctx, m.engine.cfg.context_length)})
+                    "context_length": m.num_ctx})
     return {"models": out}
 
 
@@ -215,7 +219,7 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
     if req.template:
         raise ApiError(400, "template overrides are not supported: dgemma renders the model's own chat template")
     if not req.prompt:
-        reason = await _load_or_unload(request, name, req.keep_alive, keep)
+        reason = await _load_or_unload(request, name, req.keep_alive, keep, req.options)
         return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(), "response": "", "done": True,
                              "done_reason": reason})
     model, load_ns = await _load(request, name)
@@ -250,7 +254,7 @@ async def chat(request: Request, req: P.ChatRequest) -> Response:
     messages = req.messages or []
     _unsupported(images=any(m.images for m in messages), format=req.format, tools=req.tools)
     if not messages:
-        reason = await _load_or_unload(request, name, req.keep_alive, keep)
+        reason = await _load_or_unload(request, name, req.keep_alive, keep, req.options)
         return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(),
                              "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": reason})
     model, load_ns = await _load(request, name)

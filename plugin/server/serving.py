@@ -72,8 +72,9 @@ class LoadedModel:
     # the request tasks that got it from ModelManager.get (each ends with its response): in use before busy counts
     claims: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     stopping: bool = False  # asked to unload (ModelManager.stop): it goes once no request holds it, whatever they ask
-    # the last request's context (num_ctx, within the model's), as `ollama ps` shows the loaded runner's: Ollama loads
-    # a model again for another num_ctx, while here each request's only bounds its own generation
+    # the context (num_ctx, within the model's) of the last request that began generating or only loaded it, as
+    # `ollama ps` shows the loaded runner's: Ollama loads a model again for another num_ctx, while here each
+    # request's only bounds its own generation
     num_ctx: int = DEFAULT_NUM_CTX
 
 
@@ -240,13 +241,13 @@ async def _generate_stream(claimant: asyncio.Task | None, manager: ModelManager,
     cancel = threading.Event()
     options.cancel = cancel
     model.busy += 1
-    model.num_ctx = min(options.num_ctx or model.engine.cfg.context_length, model.engine.cfg.context_length)
     if claimant is not None:
         model.claims.discard(claimant)
     try:
         async with model.queue:
             # prompt errors (chat template, vocabulary) surface here, before any output
             iterator = model.engine.generate(prompt, options, **template_kwargs)
+            model.num_ctx = min(options.num_ctx or model.engine.cfg.context_length, model.engine.cfg.context_length)
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[Any] = asyncio.Queue()
             sentinel = object()
