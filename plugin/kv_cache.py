@@ -121,11 +121,12 @@ class KVCache:
         return bufs if bufs is not None and bufs[0].dtype == dtype and bufs[0].shape[2] >= T + L else None
 
     @staticmethod
-    def _buffers(keys: torch.Tensor, values: torch.Tensor, size: int,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """New buffers [B, KV, size, hd] in `dtype` whose first T positions hold keys, values [B, KV, T, hd]."""
+    def _buffers(keys: torch.Tensor, values: torch.Tensor, size: int, dtype: torch.dtype,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """New buffers [B, KV, size, hd] in `dtype` on `device` (None: keys') whose first T positions hold keys,
+        values [B, KV, T, hd] (copied straight from wherever they are)."""
         B, KV, T, hd = keys.shape
-        bufs = tuple(keys.new_empty((B, KV, size, hd), dtype=dtype) for _ in range(2))
+        bufs = tuple(keys.new_empty((B, KV, size, hd), dtype=dtype, device=device) for _ in range(2))
         bufs[0][:, :, :T], bufs[1][:, :, :T] = keys, values
         return bufs
 
@@ -192,11 +193,8 @@ class KVCache:
                 if k is None:
                     pass
                 elif self.reserve and room:  # copied straight into the buffers (no copy on `device` first)
-                    B, KV, T, hd = k.shape
-                    bufs = tuple(torch.empty((B, KV, T + self.reserve, hd), dtype=k.dtype, device=device)
-                                 for _ in range(2))
-                    bufs[0][:, :, :T].copy_(k)
-                    bufs[1][:, :, :T].copy_(v)
+                    T = k.shape[2]
+                    bufs = self._buffers(k, v, T + self.reserve, k.dtype, device)
                     k, v = bufs[0][:, :, :T], bufs[1][:, :, :T]
                 else:
                     k, v = k.to(device, copy=True), v.to(device, copy=True)
@@ -328,7 +326,8 @@ class KeptPrompt:
 
     @property
     def nbytes(self) -> int:
-        return self.cache.nbytes + (0 if self.point is None else self.point.nbytes)
+        """Its positions' bytes and its checkpoint's (a copy's memory: no room after them; a live cache's copy's)."""
+        return self.cache.held_nbytes + (0 if self.point is None else self.point.nbytes)
 
 
 class PromptCache:
@@ -402,7 +401,7 @@ class PromptCache:
         """A copy of entry's cache in host memory, among the saved ones (the least recently used dropped past
         `limit`); none where it alone is over the limit, where host RAM (without swap) has less than twice its
         size free, or where the copy cannot be allocated (a best effort: the request goes on without it)."""
-        size = entry.cache.held_nbytes + (0 if entry.point is None else entry.point.nbytes)
+        size = entry.nbytes
         if size > self.limit or size * 2 > (available_ram(swap=False) or size * 2):
             return
         try:

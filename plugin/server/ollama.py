@@ -67,7 +67,7 @@ async def _load_or_unload(request: Request, name: str, asked_keep_alive: Any, ke
     keep_alive 0 asked for, unload it without loading it first ("unload", `ollama stop`)."""
     if asked_keep_alive is None or keep != 0:
         model = (await _load(request, name))[0]
-        model.num_ctx = min(generate_options(model.engine, options).num_ctx, model.engine.cfg.context_length)
+        model.asked_for(generate_options(model.engine, options).num_ctx)
         _state(request).manager.touch(model, keep)
         return "load"
     try:

@@ -77,6 +77,10 @@ class LoadedModel:
     # request's only bounds its own generation
     num_ctx: int = DEFAULT_NUM_CTX
 
+    def asked_for(self, num_ctx: int | None) -> None:
+        """A request's num_ctx (None: the model's context), as /api/ps reports it: within the model's context."""
+        self.num_ctx = min(num_ctx or self.engine.cfg.context_length, self.engine.cfg.context_length)
+
 
 class ModelManager:
     def __init__(self, registry: Registry, default_keep_alive: float = DEFAULT_KEEP_ALIVE, backend: str = "auto",
@@ -247,7 +251,7 @@ async def _generate_stream(claimant: asyncio.Task | None, manager: ModelManager,
         async with model.queue:
             # prompt errors (chat template, vocabulary) surface here, before any output
             iterator = model.engine.generate(prompt, options, **template_kwargs)
-            model.num_ctx = min(options.num_ctx or model.engine.cfg.context_length, model.engine.cfg.context_length)
+            model.asked_for(options.num_ctx)
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[Any] = asyncio.Queue()
             sentinel = object()
