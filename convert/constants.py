@@ -114,6 +114,11 @@ class TokenType(IntEnum):
 VISIBLE_SPECIAL_TOKENS = frozenset(
     {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>'}
 )
+# the structure of a Gemma 4 reply (plugin/reply.py): the thought channel, tool calls and their string quotes
+CHANNEL_START, CHANNEL_END = "<|channel>", "<channel|>"
+TOOL_CALL_START, TOOL_CALL_END = "<|tool_call>", "<tool_call|>"
+TOOL_QUOTE = '<|"|>'
+TURN_START = "<|turn>"
 PAD_TOKEN_FORMAT = "[PAD{}]"  # fills the token list up to vocab_size when the tokenizer has fewer tokens
 
 # ---- tensor names ---------------------------------------------------------------------------------

@@ -35,26 +35,54 @@ EXTRA_SPECIAL_TOKENS = {
     "etc_token": "<tool_call|>", "std_token": "<|tool>", "etd_token": "<tool|>",
 }
 
-# Renders text conversations as Gemma 4's template does (large-model variant: an empty thought
-# channel after the generation prompt when thinking is off). Written for dgemma; tools and
+# Renders conversations as Gemma 4's template does (large-model variant: an empty thought channel after the
+# generation prompt when thinking is off), tools included: declarations in the system turn, a reply's calls
+# `<|tool_call>call:NAME{...}<tool_call|>` with the tool messages after it as `<|tool_response>response:NAME{value:
+# ...}<tool_response|>` in the same model turn, which goes on (no new generation prompt) after them. Values as
+# Gemma 4's format_argument writes them: strings between <|"|> tokens, keys sorted and bare. Written for dgemma;
 # images are not part of it.
 CHAT_TEMPLATE = """{{- bos_token -}}
+{%- macro arg(v) -%}
+{%- if v is string -%}{{- '<|"|>' + v + '<|"|>' -}}
+{%- elif v is boolean -%}{{- 'true' if v else 'false' -}}
+{%- elif v is none -%}{{- 'null' -}}
+{%- elif v is mapping -%}{{- '{' -}}{%- for k, x in v | dictsort -%}{{- k + ':' + arg(x) -}}{{- ',' if not loop.last -}}{%- endfor -%}{{- '}' -}}
+{%- elif v is iterable -%}{{- '[' -}}{%- for x in v -%}{{- arg(x) -}}{{- ',' if not loop.last -}}{%- endfor -%}{{- ']' -}}
+{%- else -%}{{- v | string -}}
+{%- endif -%}
+{%- endmacro -%}
 {%- set thinking = enable_thinking | default(false) -%}
 {%- set loop_messages = messages -%}
-{%- if thinking or (messages and messages[0]['role'] in ['system', 'developer']) -%}
+{%- if thinking or tools or (messages and messages[0]['role'] in ['system', 'developer']) -%}
 {{- '<|turn>system\\n' -}}
 {%- if thinking -%}{{- '<|think|>\\n' -}}{%- endif -%}
 {%- if messages and messages[0]['role'] in ['system', 'developer'] -%}
 {{- messages[0]['content'] | trim -}}
 {%- set loop_messages = messages[1:] -%}
 {%- endif -%}
+{%- for tool in tools or [] -%}
+{%- set fn = tool['function'] if tool['function'] is defined else tool -%}
+{{- '<|tool>declaration:' + fn['name'] + '{description:' + arg(fn['description'] | default('')) + ',parameters:' + arg(fn['parameters'] | default({})) + '}<tool|>' -}}
+{%- endfor -%}
 {{- '<turn|>\\n' -}}
 {%- endif -%}
+{%- set ns = namespace(open=false) -%}
 {%- for message in loop_messages -%}
+{%- if message['role'] == 'tool' -%}
+{{- '<|tool_response>response:' + (message['name'] or 'unknown') + '{value:' + arg(message['content'] or '') + '}<tool_response|>' -}}
+{%- else -%}
 {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-{{- '<|turn>' + role + '\\n' + (message['content'] | trim) + '<turn|>\\n' -}}
+{%- if ns.open and role != 'model' -%}{{- '<turn|>\\n' -}}{%- endif -%}
+{%- if not (ns.open and role == 'model') -%}{{- '<|turn>' + role + '\\n' -}}{%- endif -%}
+{{- (message['content'] or '') | trim -}}
+{%- for call in message['tool_calls'] or [] -%}
+{{- '<|tool_call>call:' + call['function']['name'] + arg(call['function']['arguments']) + '<tool_call|>' -}}
 {%- endfor -%}
-{%- if add_generation_prompt -%}
+{%- set ns.open = role == 'model' and (message['tool_calls'] or []) | length > 0 -%}
+{%- if not ns.open -%}{{- '<turn|>\\n' -}}{%- endif -%}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt and not ns.open -%}
 {{- '<|turn>model\\n' -}}
 {%- if not thinking -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}
 {%- endif -%}"""

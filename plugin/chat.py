@@ -8,6 +8,7 @@ text as variables (`bos_token`, `eos_token`, ...).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -40,16 +41,55 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+def _specials(tok: Tokenizer) -> dict[str, str]:
+    return {name: tok.tokens[i] for name, i in
+            (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("unk_token", tok.unk_id), ("pad_token", tok.pad_id))
+            if i is not None}
+
+
 def render_chat(tok: Tokenizer, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                 **kwargs: Any) -> str:
     if not tok.chat_template:
         raise ChatTemplateError("this model has no chat template (tokenizer.chat_template); send a raw prompt instead")
-    specials = {name: tok.tokens[i] for name, i in
-                (("bos_token", tok.bos_id), ("eos_token", tok.eos_id), ("unk_token", tok.unk_id), ("pad_token", tok.pad_id))
-                if i is not None}
+    specials = _specials(tok)
     try:
         return compile_template(tok.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **specials, **kwargs
         )
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template failed: {e}") from None
+
+
+PROBE_TOOL = "dgemma_probe_tool"  # a tool's name no template writes unless it renders the tools it is given
+
+
+@dataclass(frozen=True)
+class TemplateFeatures:
+    tools: bool  # renders the tools it is given (`tools=`), so the model can call them
+    thinking: bool  # `enable_thinking=True` changes the prompt
+
+
+def template_features(tok: Tokenizer) -> TemplateFeatures:
+    """What the model's chat template does with tools and thinking, found by rendering a probe conversation (as
+    llama.cpp's minja finds a template's capabilities), since a Jinja template declares nothing."""
+    return _features(tok.chat_template, tuple(sorted(_specials(tok).items())))
+
+
+@lru_cache(maxsize=8)
+def _features(source: str | None, specials: tuple[tuple[str, str], ...]) -> TemplateFeatures:
+    if not source:
+        return TemplateFeatures(False, False)
+    messages = [{"role": "user", "content": "x"}]
+    tool = {"type": "function", "function": {"name": PROBE_TOOL, "description": "probe",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    template = compile_template(source)
+
+    def render(**kw: Any) -> str | None:
+        try:
+            return template.render(messages=messages, add_generation_prompt=True, **dict(specials), **kw)
+        except Exception:  # noqa: BLE001 - a template that fails on the probe lacks the feature
+            return None
+
+    tools = PROBE_TOOL in (render(tools=[tool]) or "")
+    on, off = render(enable_thinking=True), render(enable_thinking=False)
+    return TemplateFeatures(tools, on is not None and off is not None and on != off)

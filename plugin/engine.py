@@ -11,7 +11,6 @@ unless `raw=True`; a list of messages always goes through the template; `prompt_
 
 from __future__ import annotations
 
-import codecs
 import math
 import os
 import threading
@@ -33,6 +32,7 @@ from .fast_decode import FastDecoder
 from .inspect import open_gguf
 from .kv_cache import KVCache, PromptCache
 from .model import DiffusionGemma
+from .reply import ReplyDelta, ReplyParser, ToolCall
 from .sampler import CounterSteps, Denoised, Steps, StepInfo, TorchSteps, denoise_canvas, logits_stats
 from .tokenizer import Tokenizer
 from .weights import load_weights, ram_shortage
@@ -150,6 +150,10 @@ class GenerateOptions:
     # llama.cpp's cache_prompt); False: encode the whole prompt, and keep nothing of it for the next (the live cache
     # is dropped; the copies put aside stay)
     cache_prompt: bool = True
+    # the reply's parts (plugin/reply.py): the thought channel into TextEvent.thinking; tool calls read into
+    # TextEvent.tool_calls. Off: every special token is left out of the text (a raw prompt's completion)
+    split_thinking: bool = False
+    tool_calls: bool = False
 
     def cancelled(self) -> bool:
         if self.cancel is None:
@@ -159,10 +163,12 @@ class GenerateOptions:
 
 @dataclass
 class TextEvent:
-    text: str  # new text from the canvas just finished
+    text: str  # new answer text from the canvas just finished
     token_ids: list[int]  # the canvas's tokens that count (cut at EOG / max_tokens)
     canvas: int  # 0-based canvas index
     steps: int
+    thinking: str = ""  # new thought-channel text (GenerateOptions.split_thinking)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # calls the canvas finished (GenerateOptions.tool_calls)
 
 
 @dataclass
@@ -438,7 +444,8 @@ class Engine:
             cancelled = o.cancelled()
             return cancelled
 
-        text = _TextAssembler(self.tokenizer, o.stop)
+        text = _TextAssembler(ReplyParser(self.tokenizer, thinking=o.split_thinking, tools=o.tool_calls), o.stop)
+        text.parser.prime(ids)
         out_ids: list[int] = []
         canvases: list[list[int]] = []
         steps: list[int] = []
@@ -474,9 +481,9 @@ class Engine:
                 if hit_eos is not None:
                     keep = keep[:hit_eos]
                 out_ids += keep
-                new_text, hit_stop = text.add(keep, final=hit_eos is not None or len(out_ids) >= max_tokens or cancelled)
-                if new_text or keep:
-                    yield TextEvent(new_text, keep, index, result.steps)
+                new, hit_stop = text.add(keep, final=hit_eos is not None or len(out_ids) >= max_tokens or cancelled)
+                if new or keep:
+                    yield TextEvent(new.content, keep, index, result.steps, new.thinking, new.tool_calls)
                 if cancelled:
                     reason = "cancelled"
                     break
@@ -554,23 +561,30 @@ def _to_device(w, device: str):
 
 
 class _TextAssembler:
-    """Turns canvases of token ids into text deltas: whole UTF-8 characters only, cut at stop strings,
-    holding back a tail that could be the start of a stop string split across canvases."""
+    """Turns canvases of token ids into the reply's new parts (plugin/reply.py): whole UTF-8 characters only, the
+    answer cut at stop strings, holding back a tail of it that could be the start of a stop string split across
+    canvases."""
 
-    def __init__(self, tok: Tokenizer, stop: list[str]) -> None:
-        self.tok, self.stop = tok, [x for x in stop if x]
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    def __init__(self, parser: ReplyParser, stop: list[str]) -> None:
+        self.parser, self.stop = parser, [x for x in stop if x]
         self.text, self.emitted = "", 0
 
-    def add(self, ids: list[int], final: bool) -> tuple[str, bool]:
-        self.text += self.decoder.decode(self.tok.decode_bytes(ids, skip_special=True), final=final)
+    def add(self, ids: list[int], final: bool) -> tuple[ReplyDelta, bool]:
+        new = self.parser.feed(ids, final=final)
+        base = len(self.text)
+        self.text += new.content
         for s in self.stop:
             at = self.text.find(s, max(0, self.emitted - len(s) + 1))
             if at != -1:
                 self.text = self.text[:at]
-                return self._flush(len(self.text)), True
+                # the calls made before the stop string stay; those after it are cut with the answer
+                kept = [k for k, c in enumerate(new.call_at) if base + c <= at]
+                new.tool_calls, new.call_at = [new.tool_calls[k] for k in kept], [new.call_at[k] for k in kept]
+                new.content = self._flush(len(self.text))
+                return new, True
         hold = 0 if final or not self.stop else max(len(s) for s in self.stop) - 1
-        return self._flush(max(self.emitted, len(self.text) - hold)), False
+        new.content = self._flush(max(self.emitted, len(self.text) - hold))
+        return new, False
 
     def _flush(self, upto: int) -> str:
         piece = self.text[self.emitted : upto]

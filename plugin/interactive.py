@@ -1,7 +1,9 @@
 """`dgemma run MODEL` at a terminal without a prompt: a chat, turn by turn, as `ollama run MODEL` opens one.
 
 Each turn sends the whole conversation through the model's chat template and streams the reply a canvas at a
-time. Commands, as Ollama's: /? (help), /bye, /clear, /set system, /set parameter, /show info; a message (or
+time (the thinking, where the model writes any, between "Thinking..." and "...done thinking.", as ollama run
+prints it). Commands, as Ollama's: /? (help), /bye, /clear, /set system, /set parameter, /set think, /set nothink,
+/show info; a message (or
 a /set system text) in triple quotes spans lines. Ctrl+C stops a reply at its next denoising step (the turn is dropped); at the
 prompt it says how to leave; Ctrl+D leaves.
 """
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
-from .chat import ChatTemplateError
+from .chat import ChatTemplateError, template_features
 from .engine import DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
 
 PROMPT, CONTINUATION, QUOTES = ">>> ", "... ", '"""'
@@ -23,6 +25,7 @@ HELP = f"""Available commands:
   /set system <text>           set the system message (for the turns that follow)
   /set parameter <name> <n>    seed (negative: random), num_predict (negative: up to the model's default) or
                                diffusion_steps; /set parameter <name> alone unsets it
+  /set think, /set nothink     the chat template's thinking mode on / off
   /show info                   the model and what runs it
   /clear                       clear the conversation
   /bye                         exit
@@ -38,6 +41,8 @@ class Session:
     options: GenerateOptions  # each turn's (a copy, with its own cancel flag)
     system: str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)  # user and assistant turns
+    think: bool = False  # the chat template's enable_thinking
+    hide_thinking: bool = False
 
     def conversation(self, text: str) -> list[dict[str, Any]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -85,6 +90,12 @@ def command(session: Session, engine: Engine, line: str, out: TextIO, read: Call
         c = engine.cfg
         print(f"  model        {engine.path.name}\n  layers       {c.n_layer}\n  context      {c.context_length}\n"
               f"  canvas       {c.canvas_length}\n  runs on      {engine.describe()}", file=out)
+    elif name == "/set" and args in (["think"], ["nothink"]):
+        if args == ["think"] and not template_features(engine.tokenizer).thinking:
+            print("Couldn't set 'think' mode: the model's chat template has no thinking mode", file=out)
+            return True
+        session.think = args == ["think"]
+        print("Set 'think' mode." if session.think else "Set 'nothink' mode.", file=out)
     elif name == "/set" and args[:1] == ["system"] and len(args) > 1:
         session.system = quoted(line.split(None, 2)[2], read).strip()
         print("Set system message.", file=out)
@@ -104,21 +115,46 @@ def command(session: Session, engine: Engine, line: str, out: TextIO, read: Call
     return True
 
 
+class ThoughtPrinter:
+    """A reply's parts as `ollama run` prints them: the thinking (unless hidden) between "Thinking..." and
+    "...done thinking.", then the answer."""
+
+    def __init__(self, out: TextIO, hide: bool = False) -> None:
+        self.out, self.hide, self.open = out, hide, False
+
+    def write(self, event: TextEvent) -> None:
+        if event.thinking and not self.hide:
+            if not self.open:
+                self.out.write("Thinking...\n")
+                self.open = True
+            self.out.write(event.thinking)
+        if event.text:
+            self.close()
+            self.out.write(event.text)
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.open:
+            self.out.write("\n...done thinking.\n\n")
+            self.open = False
+
+
 def reply(session: Session, engine: Engine, text: str, out: TextIO, err: TextIO,
           stats: Callable[[DoneEvent], list[str]] | None) -> None:
     """One turn: the reply streamed to `out`; the turn kept unless Ctrl+C stopped it or the engine refused it."""
     cancel = threading.Event()
-    options = replace(session.options, cancel=cancel)
+    options = replace(session.options, cancel=cancel, split_thinking=True)
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # (the engine stops at its next step)
-    done, parts = None, []
+    done, parts, printer = None, [], ThoughtPrinter(out, session.hide_thinking)
     try:
-        for event in engine.generate(session.conversation(text), options):
+        think = {"enable_thinking": True} if session.think else {}
+        for event in engine.generate(session.conversation(text), options, **think):
             if isinstance(event, TextEvent):
                 parts.append(event.text)
-                out.write(event.text)
-                out.flush()
+                printer.write(event)
             else:
                 done = event
+        printer.close()
     except (EngineError, ChatTemplateError) as e:  # a prompt past the context, say: the session goes on
         if parts:
             print(file=out)
@@ -136,13 +172,13 @@ def reply(session: Session, engine: Engine, text: str, out: TextIO, err: TextIO,
 
 def chat(engine: Engine, options: GenerateOptions, system: str | None = None, *, read: Callable[[str], str] = input,
          out: TextIO = sys.stdout, err: TextIO = sys.stderr,
-         stats: Callable[[DoneEvent], list[str]] | None = None) -> int:
+         stats: Callable[[DoneEvent], list[str]] | None = None, think: bool = False, hide_thinking: bool = False) -> int:
     """The conversation loop, until /bye or the end of input; 0."""
     try:
         import readline  # noqa: F401 - line editing and history for input(), where the platform has it
     except ImportError:
         pass
-    session = Session(options, system)
+    session = Session(options, system, think=think, hide_thinking=hide_thinking)
     print("Send a message (/? for help)", file=out)
     while True:
         try:  # Ctrl+C anywhere but in a reply (whose own handler stops it) comes back to the prompt

@@ -13,6 +13,8 @@ from dgemma.quant.planner import PLAN_CTX
 
 from .engine import (BACKEND_CHOICES, KV_DTYPES, MATMULS, RNGS, DoneEvent, Engine, EngineError, GenerateOptions, TextEvent,
                      host_experts_choice)
+from .chat import template_features
+from .interactive import ThoughtPrinter
 from .registry import ModelNotFound, resolve_model
 from .sampler import StepInfo
 
@@ -27,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="max denoising steps per canvas (default: the model's, usually 48)")
     p.add_argument("--system", help="a system message for the chat template")
     p.add_argument("--raw", action="store_true", help="send PROMPT as-is (with BOS), without the chat template")
+    p.add_argument("--think", action="store_true",
+                   help="turn the chat template's thinking mode on: the model reasons first, printed between "
+                        "'Thinking...' and '...done thinking.' (as ollama run --think)")
+    p.add_argument("--hidethinking", action="store_true", help="leave the model's thinking out of the output")
     p.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids to use as the prompt, e.g. 2,10,11")
     p.add_argument("--stats", action="store_true", help="print timings, steps per canvas and tokens per forward")
     p.add_argument("--visualize", action="store_true", help="redraw the canvas at every denoising step")
@@ -147,20 +153,28 @@ def cmd_run(args: argparse.Namespace) -> int:
             flag = "--raw" if args.raw else "--json" if args.json else "--visualize"
             raise EngineError(f"{flag} needs a PROMPT (an argument or stdin); without one, at a terminal, "
                               "dgemma run opens a chat")
+        if args.think and (args.raw or args.prompt_ids):
+            raise EngineError(f"--think needs the chat template; {'--raw' if args.raw else '--prompt-ids'} leaves it out")
         path = resolve_model(args.model)
         engine = Engine.load(path, backend=args.backend, device=args.device, rng=args.rng, kv_cache=args.kv_cache,
                              matmul=args.matmul, graphs=False if args.no_graphs else None,
                              host_experts=args.host_experts)
         if engine.notice:
             print(f"dgemma: {engine.notice}", file=sys.stderr)
+        if args.think and not template_features(engine.tokenizer).thinking:
+            raise EngineError(f"--think: the chat template of {path.name} has no thinking mode")
         if chatting:
             from .interactive import chat
 
             return chat(engine, GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps),
-                        args.system, stats=stats_lines if args.stats else None)
+                        args.system, stats=stats_lines if args.stats else None, think=args.think,
+                        hide_thinking=args.hidethinking)
         prompt = _prompt(args)
         cancel = threading.Event()
-        opts = GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps, raw=args.raw, cancel=cancel)
+        # the thinking apart where text is printed as it comes (--json and --visualize show every token as before)
+        opts = GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps, raw=args.raw, cancel=cancel,
+                               split_thinking=not (args.raw or args.prompt_ids or args.json or args.visualize))
+        printer = ThoughtPrinter(sys.stdout, args.hidethinking)
         view = CanvasView(engine) if args.visualize and not args.json else None
         if view is not None:
             opts.on_step = view.step
@@ -168,15 +182,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             if view is not None:
                 view.__enter__()
-            for event in engine.generate(prompt, opts):
+            for event in engine.generate(prompt, opts, **({"enable_thinking": True} if args.think else {})):
                 if isinstance(event, TextEvent):
                     if view is not None:
                         view.finish_canvas(event.text)
                     elif not args.json:
-                        sys.stdout.write(event.text)
-                        sys.stdout.flush()
+                        printer.write(event)
                 else:
                     done = event
+            printer.close()
         finally:
             if view is not None:
                 view.__exit__(None, None, None)

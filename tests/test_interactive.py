@@ -168,3 +168,30 @@ def test_dgemma_run_opens_a_chat_at_a_terminal(tmp_path):
     os.close(primary)
     assert proc.returncode == 1 and proc.stderr == ("dgemma: error: --json needs a PROMPT (an argument or stdin); "
                                                     "without one, at a terminal, dgemma run opens a chat\n")
+
+
+def test_think_mode_and_the_thinking_printed(engine, monkeypatch):
+    """/set think and /set nothink switch the template's thinking mode for the turns after them; the thinking
+    is printed as ollama run prints it (or left out with --hidethinking), the answer kept alone in the history."""
+    from dgemma.plugin.interactive import ThoughtPrinter
+
+    seen = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate",
+                        lambda conv, opts, **kw: seen.append((len(conv), opts.split_thinking, kw)) or generate(conv, opts, **kw))
+    read, _ = script("/set think", "hi", "/set nothink", "hi")
+    out = io.StringIO()
+    assert chat(engine, GenerateOptions(seed=1, max_tokens=4), read=read, out=out, err=io.StringIO()) == 0
+    assert seen == [(1, True, {"enable_thinking": True}), (3, True, {})]
+    assert "Set 'think' mode." in out.getvalue() and "Set 'nothink' mode." in out.getvalue()
+    assert len(engine.prompt_ids([{"role": "user", "content": "hi"}], enable_thinking=True)) != \
+        len(engine.prompt_ids([{"role": "user", "content": "hi"}]))
+
+    events = [TextEvent("", [], 0, 1, "Let me"), TextEvent("", [], 1, 1, " think."), TextEvent("Hi!", [], 2, 1),
+              TextEvent(" Bye", [], 3, 1)]
+    for hide, want in ((False, "Thinking...\nLet me think.\n...done thinking.\n\nHi! Bye"), (True, "Hi! Bye")):
+        buf = io.StringIO()
+        printer = ThoughtPrinter(buf, hide)
+        for e in events:
+            printer.write(e)
+        assert buf.getvalue() == want

@@ -275,3 +275,16 @@ def test_stats_name_the_kernels_and_the_head():
         gpu = SimpleNamespace(describe=lambda: "cuda on H100", matmul={**plan, "head Q6_K 262144x2816": head})
         lines = backend_lines(gpu)
         assert lines[1].endswith("weight shapes") and ("int8 for 2" in lines[1]) and lines[2].endswith(form)
+
+
+def test_run_think(models):
+    """--think: the template's thinking mode (a different prompt, so other tokens); with --raw it is refused."""
+    engine = Engine.load(models / "default.gguf")
+    opts = GenerateOptions(seed=7, max_tokens=12, split_thinking=True)
+    events = list(engine.generate("Once upon a time", opts, enable_thinking=True))
+    assert events[-1].prompt_eval_count == len(engine.prompt_ids("Once upon a time", enable_thinking=True))
+    answer = "".join(e.text for e in events if isinstance(e, TextEvent))
+    proc = run_cli(models, "default", "Once upon a time", "--seed", "7", "--max-tokens", "12", "--think", "--hidethinking")
+    assert proc.returncode == 0 and proc.stdout == answer + "\n", proc.stderr
+    proc = run_cli(models, "default", "x", "--think", "--raw")
+    assert proc.returncode != 0 and "--think needs the chat template" in proc.stderr

@@ -78,3 +78,29 @@ def test_chat_template_renders_as_hf(pair, messages, gen_prompt, thinking):
     ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt, **kw)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert ours.encode(text) == list(ids)
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}}]
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "Use tools."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Paris", "days": 2, "units": {"metric": True, "x": None}}}}]},
+    {"role": "tool", "name": "get_weather", "content": "18 C"},
+    {"role": "assistant", "content": "It is 18 C."},
+    {"role": "user", "content": "Thanks"},
+]
+
+
+@pytest.mark.parametrize("upto", [2, 3, 4, 6])
+@pytest.mark.parametrize("gen_prompt", [True, False])
+def test_chat_template_renders_tools_as_hf(pair, upto, gen_prompt):
+    """Tool declarations, a reply's calls and the tool's answer, cut after each of them."""
+    hf, ours = pair
+    messages = TOOL_CONVERSATION[:upto]
+    text = render_chat(ours, messages, add_generation_prompt=gen_prompt, tools=TOOLS)
+    assert text == hf.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=gen_prompt)
+    assert "<|tool>declaration:get_weather{" in text and (upto < 3 or '<|tool_call>call:get_weather{city:<|"|>Paris' in text)

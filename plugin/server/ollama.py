@@ -12,9 +12,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from ..chat import template_features
 from ..engine import DoneEvent, EngineError, TextEvent
 from ..registry import ModelNotFound, RegistryError, normalize_name
+from ..reply import ReplyDelta
 from . import protocol as P
+from .conversation import check_thinking, check_tools, ollama_messages, ollama_tool_calls, tool_list
 from .serving import (
     DEFAULT_NUM_CTX,
     ApiError,
@@ -82,7 +85,6 @@ def _unsupported(**fields: Any) -> None:
         "images": "images are not supported: dgemma serves DiffusionGemma as a text-only model",
         "format": "structured output ('format') is not supported by dgemma yet: it cannot be enforced on a diffusion canvas",
         "suffix": "fill-in-the-middle ('suffix') is not supported",
-        "tools": "tools are not supported by dgemma yet",
     }
     for key, value in fields.items():
         if value:
@@ -100,19 +102,19 @@ async def _ndjson(lines: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
         yield (json.dumps({"error": f"an error was encountered while running the model: {e}"}) + "\n").encode()
 
 
-def _think(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if isinstance(value, bool):
-        return {"enable_thinking": value}
+def _think(engine, model: str, value: Any) -> dict[str, Any]:
+    """`think` (true, false or a level) as the chat template's enable_thinking."""
+    if value is None or isinstance(value, bool):
+        return check_thinking(engine, model, value)
     if value in ("low", "medium", "high", "max"):
-        return {"enable_thinking": True}
+        return check_thinking(engine, model, True)
     raise ApiError(400, f'invalid think value: {json.dumps(value)} (must be "high", "medium", "low", "max", true, or false)')
 
 
 async def _respond(request: Request, model: LoadedModel, ids: list[int], opts, keep: float, stream: bool,
                    t_start: int, load_ns: int, chunk, final) -> Response:
-    """Stream NDJSON chunks (chunk(text) per canvas, then final(done)) or answer one object."""
+    """Stream NDJSON chunks (chunk(part) per canvas with any answer, thinking or tool call: a ReplyDelta, then
+    final(done, empty part)) or answer one object (final(done, the whole reply))."""
     check_request(model.engine, ids, opts)
     state = _state(request)
     events = generate_stream(state.manager, model, ids, opts, keep)
@@ -120,14 +122,26 @@ async def _respond(request: Request, model: LoadedModel, ids: list[int], opts, k
         async def lines() -> AsyncIterator[dict[str, Any]]:
             async for event in events:
                 if isinstance(event, TextEvent):
-                    if event.text:
-                        yield chunk(event.text)
+                    part = ReplyDelta(event.text, event.thinking, event.tool_calls)
+                    if part:
+                        yield chunk(part)
                 elif isinstance(event, DoneEvent):
-                    yield final(event, "", time.perf_counter_ns() - t_start)
+                    yield final(event, ReplyDelta(), time.perf_counter_ns() - t_start)
 
         return StreamingResponse(_ndjson(lines()), media_type=NDJSON)
-    text, done = await state.until_disconnected(request, collect(events))
-    return JSONResponse(final(done, text, time.perf_counter_ns() - t_start))
+    reply, done = await state.until_disconnected(request, collect(events))
+    return JSONResponse(final(done, reply, time.perf_counter_ns() - t_start))
+
+
+def _chat_message(part: ReplyDelta, calls_before: int = 0) -> dict[str, Any]:
+    """An /api/chat message: the answer, and the thinking and tool calls where there are any (indexed after
+    the calls_before of earlier chunks)."""
+    out: dict[str, Any] = {"role": "assistant", "content": part.content}
+    if part.thinking:
+        out["thinking"] = part.thinking
+    if part.tool_calls:
+        out["tool_calls"] = ollama_tool_calls(part.tool_calls, calls_before)
+    return out
 
 
 @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
@@ -187,6 +201,7 @@ async def show(request: Request, req: P.ShowRequest) -> dict[str, Any]:
 
     tok = await asyncio.to_thread(lambda: Tokenizer.from_gguf(open_gguf(entry.path), entry.path))
     stops = [tok.tokens[i] for i in sorted(tok.eog_ids)]
+    features = template_features(tok)
     params = [("num_ctx", DEFAULT_NUM_CTX)] + [("stop", s) for s in stops]
     params += [(k, info.metadata[key]) for k, key in P.SHOW_SAMPLER_PARAMS if key in info.metadata]
     model_info = {k: v for k, v in info.metadata.items() if k not in ("general.name",)}
@@ -200,7 +215,7 @@ async def show(request: Request, req: P.ShowRequest) -> dict[str, Any]:
         "template": tok.chat_template or "",
         "details": P.details(info),
         "model_info": model_info,
-        "capabilities": ["completion"],
+        "capabilities": ["completion"] + [k for k, on in (("tools", features.tools), ("thinking", features.thinking)) if on],
         "modified_at": P.rfc3339(entry.modified_at),
     }
 
@@ -228,13 +243,18 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
         ids = prompt_ids(model.engine, req.prompt, raw=True)
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": req.prompt}]
-        ids = list(req.context or []) + prompt_ids(model.engine, messages, **_think(req.think))
+        ids = list(req.context or []) + prompt_ids(model.engine, messages, **_think(model.engine, name, req.think))
+        opts.split_thinking = True
 
-    def chunk(text: str) -> dict[str, Any]:
-        return {"model": req.model, "created_at": P.now_rfc3339(), "response": text, "done": False}
+    def response(part: ReplyDelta) -> dict[str, Any]:
+        out = {"model": req.model, "created_at": P.now_rfc3339(), "response": part.content}
+        return {**out, "thinking": part.thinking} if part.thinking else out
 
-    def final(done: DoneEvent, text: str, total_ns: int) -> dict[str, Any]:
-        out = {"model": req.model, "created_at": P.now_rfc3339(), "response": text, "done": True,
+    def chunk(part: ReplyDelta) -> dict[str, Any]:
+        return {**response(part), "done": False}
+
+    def final(done: DoneEvent, part: ReplyDelta, total_ns: int) -> dict[str, Any]:
+        out = {**response(part), "done": True,
                "done_reason": "stop" if done.done_reason == "cancelled" else done.done_reason}
         if not req.raw:
             out["context"] = ids + done.token_ids
@@ -252,22 +272,26 @@ async def chat(request: Request, req: P.ChatRequest) -> Response:
         return await state.upstream_ollama_proxy(request, "/api/chat")
     keep = _keep_alive(request, req.keep_alive)
     messages = req.messages or []
-    _unsupported(images=any(m.images for m in messages), format=req.format, tools=req.tools)
+    _unsupported(images=any(m.images for m in messages), format=req.format)
     if not messages:
         reason = await _load_or_unload(request, name, req.keep_alive, keep, req.options)
         return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(),
                              "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": reason})
+    conv, tools = ollama_messages(messages), tool_list(req.tools)
     model, load_ns = await _load(request, name)
     opts = generate_options(model.engine, req.options)
-    conv = [{"role": m.role.lower(), "content": m.content or ""} for m in messages]
-    ids = prompt_ids(model.engine, conv, **_think(req.think))
+    ids = prompt_ids(model.engine, conv, **_think(model.engine, name, req.think), **check_tools(model.engine, name, tools))
+    opts.split_thinking, opts.tool_calls = True, bool(tools)
+    made = 0  # tool calls streamed so far (their index goes on across chunks)
 
-    def chunk(text: str) -> dict[str, Any]:
-        return {"model": req.model, "created_at": P.now_rfc3339(), "message": {"role": "assistant", "content": text},
-                "done": False}
+    def chunk(part: ReplyDelta) -> dict[str, Any]:
+        nonlocal made
+        message = _chat_message(part, made)
+        made += len(part.tool_calls)
+        return {"model": req.model, "created_at": P.now_rfc3339(), "message": message, "done": False}
 
-    def final(done: DoneEvent, text: str, total_ns: int) -> dict[str, Any]:
-        return {"model": req.model, "created_at": P.now_rfc3339(), "message": {"role": "assistant", "content": text},
+    def final(done: DoneEvent, part: ReplyDelta, total_ns: int) -> dict[str, Any]:
+        return {"model": req.model, "created_at": P.now_rfc3339(), "message": _chat_message(part),
                 "done": True, "done_reason": "stop" if done.done_reason == "cancelled" else done.done_reason,
                 **P.metrics(done, total_ns, load_ns)}
 

@@ -13,7 +13,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import DoneEvent, EngineError, TextEvent
 from ..registry import ModelNotFound
+from ..reply import ReplyDelta
 from . import protocol as P
+from .conversation import check_tools, openai_messages, openai_tool_calls, tool_list
 from .serving import ApiError, check_request, collect, generate_options, generate_stream, prompt_ids
 
 router = APIRouter(prefix="/v1")
@@ -98,14 +100,15 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
         return await state.upstream_openai_proxy(request, "/chat/completions", req.model)
     if not req.messages:
         raise ApiError(400, "[] is too short - 'messages'", code="invalid_request")
-    if req.tools:
-        raise ApiError(400, "tools are not supported by dgemma yet", code="unsupported_parameter")
     if req.response_format and req.response_format.get("type") not in (None, "text"):
         raise ApiError(400, "response_format other than text is not supported", code="unsupported_parameter")
+    # tool_choice "none": no tools; any other (auto, required, a named function) as auto, since a diffusion canvas
+    # cannot be made to call one
+    conv, tools = openai_messages(req.messages, _text), tool_list(req.tools) if req.tool_choice != "none" else None
     model = await _load(request, req.model)
     opts = generate_options(model.engine, None, **_common(req, req.max_completion_tokens or req.max_tokens))
-    conv = [{"role": m.role if m.role != "developer" else "system", "content": _text(m.content)} for m in req.messages]
-    ids = prompt_ids(model.engine, conv)
+    ids = prompt_ids(model.engine, conv, **check_tools(model.engine, req.model, tools))
+    opts.split_thinking, opts.tool_calls = True, bool(tools)
     check_request(model.engine, ids, opts)
     keep = state.manager.default_keep_alive
     cid, created = P.completion_id("chatcmpl"), int(time.time())
@@ -117,21 +120,49 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
 
         async def chunks() -> AsyncIterator[dict[str, Any]]:
             yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+            calls = 0
             async for event in events:
-                if isinstance(event, TextEvent) and event.text:
-                    yield {**head, "choices": [{"index": 0, "delta": {"content": event.text}, "finish_reason": None}]}
+                if isinstance(event, TextEvent):
+                    delta = _delta(event, calls)
+                    calls += len(event.tool_calls)
+                    if delta:
+                        yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
                 elif isinstance(event, DoneEvent):
-                    yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": P.finish_reason(event)}]}
+                    yield {**head, "choices": [{"index": 0, "delta": {},
+                                                "finish_reason": P.finish_reason(event, calls > 0)}]}
                     if include_usage:
                         yield {**head, "choices": [], "usage": P.usage(event)}
 
         return StreamingResponse(_sse_stream(chunks()), media_type="text/event-stream")
-    text, done = await state.until_disconnected(request, collect(events))
+    reply, done = await state.until_disconnected(request, collect(events))
     return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                          "system_fingerprint": "dgemma",
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": P.finish_reason(done)}],
+                         "choices": [{"index": 0, "message": _message(reply),
+                                      "finish_reason": P.finish_reason(done, bool(reply.tool_calls))}],
                          "usage": P.usage(done)})
+
+
+def _message(reply: ReplyDelta) -> dict[str, Any]:
+    """The whole reply: content null where it is only tool calls, as OpenAI answers."""
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content or (None if reply.tool_calls else "")}
+    if reply.thinking:
+        message["reasoning_content"] = reply.thinking
+    if reply.tool_calls:
+        message["tool_calls"] = openai_tool_calls(reply.tool_calls)
+    return message
+
+
+def _delta(event: TextEvent, calls_before: int) -> dict[str, Any]:
+    """A stream's delta for one canvas: its thinking (reasoning_content, as llama.cpp's server sends it), its
+    answer and the tool calls it finished (each whole, indexed after those of earlier canvases)."""
+    delta: dict[str, Any] = {}
+    if event.thinking:
+        delta["reasoning_content"] = event.thinking
+    if event.text:
+        delta["content"] = event.text
+    if event.tool_calls:
+        delta["tool_calls"] = openai_tool_calls(event.tool_calls, calls_before, delta=True)
+    return delta
 
 
 @router.post("/completions")
@@ -169,7 +200,7 @@ async def completions(request: Request, req: P.CompletionRequest) -> Response:
                         yield {**head, "choices": [], "usage": P.usage(event)}
 
         return StreamingResponse(_sse_stream(chunks()), media_type="text/event-stream")
-    text, done = await state.until_disconnected(request, collect(events))
-    return JSONResponse({**head, "choices": [{"index": 0, "text": echo + text, "finish_reason": P.finish_reason(done)}],
+    reply, done = await state.until_disconnected(request, collect(events))
+    return JSONResponse({**head, "choices": [{"index": 0, "text": echo + reply.content, "finish_reason": P.finish_reason(done)}],
                          "usage": P.usage(done)})
 

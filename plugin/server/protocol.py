@@ -35,6 +35,7 @@ class OllamaMessage(_Lenient):
     images: list[str] | None = None
     tool_calls: list[Any] | None = None
     thinking: str | None = None
+    tool_name: str | None = None  # a tool message: the tool that answered
 
 
 class GenerateRequest(_Lenient):
@@ -83,6 +84,10 @@ class StreamOptions(_Lenient):
 class OpenAIMessage(_Lenient):
     role: str
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionRequest(_Lenient):
@@ -98,6 +103,7 @@ class ChatCompletionRequest(_Lenient):
     n: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
 
 
 class CompletionRequest(_Lenient):
@@ -170,11 +176,14 @@ def completion_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
-def finish_reason(done: DoneEvent) -> FinishReason:
-    return "length" if done.done_reason == "length" else "stop"
+def finish_reason(done: DoneEvent, tool_calls: bool = False) -> FinishReason:
+    """OpenAI's: "tool_calls" where the reply called tools (and was not cut by max_tokens)."""
+    if done.done_reason == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 def usage(done: DoneEvent) -> dict[str, Any]:

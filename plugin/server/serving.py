@@ -26,6 +26,7 @@ import anyio
 from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, GpuMemoryError, MemoryShortageError
 from ..kv_cache import DEFAULT_CACHE_RAM
 from ..registry import ModelEntry, Registry, read_model_info
+from ..reply import ReplyDelta
 
 DEFAULT_KEEP_ALIVE = 300.0  # seconds, Ollama's default "5m"
 DEFAULT_NUM_CTX = 4096  # Ollama's default context when a request does not set num_ctx
@@ -286,16 +287,17 @@ async def _generate_stream(claimant: asyncio.Task | None, manager: ModelManager,
         manager.touch(model, keep_alive)
 
 
-async def collect(stream: AsyncIterator[Event]) -> tuple[str, DoneEvent]:
-    text, done = [], None
+async def collect(stream: AsyncIterator[Event]) -> tuple[ReplyDelta, DoneEvent]:
+    """The whole reply (its answer, thinking and tool calls) and the final event."""
+    reply, done = ReplyDelta(), None
     async for event in stream:
         if isinstance(event, DoneEvent):
             done = event
         else:
-            text.append(event.text)
+            reply.extend(ReplyDelta(event.text, event.thinking, event.tool_calls))
     if done is None:
         raise EngineError("generation ended without a result")
-    return "".join(text), done
+    return reply, done
 
 
 class ApiError(Exception):
