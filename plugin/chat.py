@@ -47,17 +47,40 @@ def _specials(tok: Tokenizer) -> dict[str, str]:
             if i is not None}
 
 
+CONTINUE_TAG = "DGEMMA_CONTINUES_HERE "  # ends with a space, which a template that trims the message drops
+
+
+def continues_final(messages: list[dict[str, Any]]) -> bool:
+    """A conversation whose last message is the model's, with text and no tool calls: the reply goes on from
+    it (Ollama's /api/chat, llama.cpp's server; transformers' continue_final_message)."""
+    last = messages[-1] if messages else {}
+    return (last.get("role") == "assistant" and isinstance(last.get("content"), str) and bool(last["content"].strip())
+            and not last.get("tool_calls"))
+
+
 def render_chat(tok: Tokenizer, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-                **kwargs: Any) -> str:
+                continue_final: bool = False, **kwargs: Any) -> str:
+    """The conversation through the model's chat template. continue_final: the text ends where the last
+    message's does (no end of turn, no generation prompt), as transformers' continue_final_message renders it:
+    a tag appended to that message marks the place, and where the template trimmed the message, so is the end."""
     if not tok.chat_template:
         raise ChatTemplateError("this model has no chat template (tokenizer.chat_template); send a raw prompt instead")
-    specials = _specials(tok)
+    if continue_final:
+        messages = messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + CONTINUE_TAG}]
     try:
-        return compile_template(tok.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **specials, **kwargs
+        text = compile_template(tok.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt and not continue_final, **_specials(tok),
+            **kwargs,
         )
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template failed: {e}") from None
+    if continue_final:
+        at = text.rfind(CONTINUE_TAG.strip())
+        if at < 0:
+            raise ChatTemplateError("the chat template leaves out the end of the last (assistant) message, so the "
+                                    "reply cannot go on from it")
+        text = text[:at] if text.startswith(CONTINUE_TAG, at) else text[:at].rstrip()
+    return text
 
 
 PROBE_TOOL = "dgemma_probe_tool"  # a tool's name no template writes unless it renders the tools it is given

@@ -25,7 +25,7 @@ import torch
 
 from dgemma.quant.planner import KV_SPARE, GiB
 
-from .chat import render_chat
+from .chat import continues_final, render_chat
 from .config import ModelConfig, SamplerDefaults
 from .cuda.tune import CHOICES as MATMULS
 from .fast_decode import FastDecoder
@@ -364,7 +364,7 @@ class Engine:
             ids = tok.encode(prompt, add_bos=True)
         else:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            ids = tok.encode(render_chat(tok, messages, **template_kwargs))
+            ids = tok.encode(render_chat(tok, messages, continue_final=continues_final(messages), **template_kwargs))
         if not ids:
             raise EngineError("empty prompt")
         bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]

@@ -319,3 +319,17 @@ def test_api_key_and_non_loopback_refusal(models):
     proc = subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "serve", "--host", "0.0.0.0", "--models",
                            str(models)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "--api-key" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_final_assistant_message_is_continued(server, engine):
+    """As Ollama's /api/chat (and llama.cpp's server): a conversation ending with the model's message goes on
+    from it (a prefill): its prompt ends with that text, and the reply is what comes after."""
+    messages = [{"role": "user", "content": "Tell me a fortune."}, {"role": "assistant", "content": "The only way"}]
+    ids = engine.prompt_ids(messages)
+    assert engine.tokenizer.decode(ids).endswith("<|turn>model\nThe only way")
+    expected = alone(engine, messages, seed=3, n=20)
+    r = ollama.Client(host=server).chat(model="default", messages=messages, options={"seed": 3, "num_predict": 20})
+    assert r.prompt_eval_count == len(ids) and r.message.content == expected
+    o = openai.OpenAI(base_url=f"{server}/v1", api_key="unused").chat.completions.create(
+        model="default", messages=messages, max_tokens=20, seed=3)
+    assert o.usage.prompt_tokens == len(ids) and o.choices[0].message.content == expected

@@ -104,3 +104,19 @@ def test_chat_template_renders_tools_as_hf(pair, upto, gen_prompt):
     text = render_chat(ours, messages, add_generation_prompt=gen_prompt, tools=TOOLS)
     assert text == hf.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=gen_prompt)
     assert "<|tool>declaration:get_weather{" in text and (upto < 3 or '<|tool_call>call:get_weather{city:<|"|>Paris' in text)
+
+
+@pytest.mark.parametrize("content", ["Once upon", "Once upon ", "  leading and trailing  \n", "two\nlines"])
+@pytest.mark.parametrize("system", [False, True])
+def test_a_final_assistant_message_continues_as_hf(pair, content, system):
+    """continue_final: the text ends where the model's last message does, as transformers' continue_final_message
+    renders it (the template trims the message, so its trailing spaces go too)."""
+    from dgemma.plugin.chat import continues_final
+
+    hf, ours = pair
+    messages = ([{"role": "system", "content": "S"}] if system else []) + \
+        [{"role": "user", "content": "Tell me"}, {"role": "assistant", "content": content}]
+    assert continues_final(messages) and not continues_final(messages[:-1])
+    text = render_chat(ours, messages, continue_final=True)
+    assert text == hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert text.endswith("<|turn>model\n" + content.strip())
