@@ -213,3 +213,71 @@ def test_openai_reply_shapes_read_by_the_client():
     assert (P.finish_reason(done), P.finish_reason(done, True)) == ("stop", "tool_calls")
     done.done_reason = "length"
     assert P.finish_reason(done, True) == "length"  # cut by max_tokens: a call may be half-written
+
+
+HARNESS = r"""
+// Runs the LM Studio plugin's generate() as LM Studio would, against a live dgemma serve; prints what it
+// reported and the request body it sent.
+const { Chat } = require("@lmstudio/sdk");
+const { generate } = require("./out/index.js");
+const [base, model, tools, history] = process.argv.slice(2).map((a, i) => (i < 2 ? a : JSON.parse(a)));
+const realFetch = globalThis.fetch, sent = [], got = [];
+globalThis.fetch = (url, init) => { sent.push(JSON.parse(init.body)); return realFetch(url, init); };
+const config = { baseUrl: base, model };
+const ctl = {
+  abortSignal: new AbortController().signal,
+  getGlobalPluginConfig: () => ({ get: (k) => config[k] }),
+  getToolDefinitions: () => tools,
+  fragmentGenerated: (text, opts) => got.push(["text", text, (opts && opts.reasoningType) || "none"]),
+  toolCallGenerationStarted: () => got.push(["call start"]),
+  toolCallGenerationNameReceived: (name) => got.push(["call name", name]),
+  toolCallGenerationArgumentFragmentGenerated: (text) => got.push(["call arguments", text]),
+  toolCallGenerationEnded: (request) => got.push(["call", request]),
+  toolCallGenerationFailed: (error) => got.push(["call failed", String(error)]),
+};
+generate(ctl, Chat.from(history)).then(() => console.log(JSON.stringify({ sent, got })));
+"""
+
+
+def test_the_lm_studio_plugin_sends_the_conversation_and_tools(server, engine, tmp_path):
+    """The generator plugin (manifests/lmstudio-plugin, compiled against the real @lmstudio/sdk) run by node
+    against the live server with an LM Studio history that holds a tool call and its result: it sends the
+    conversation and tools as the openai client does (the same prompt), and reports the streamed answer."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        pytest.skip("node and npm are not installed")
+    plugin = tmp_path / "plugin"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "manifests" / "lmstudio-plugin", plugin)
+    install = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "typescript@5", "@types/node"],
+                             cwd=plugin, capture_output=True, text=True, timeout=300)
+    if install.returncode != 0:
+        pytest.skip(f"npm install failed (registry unreachable?): {install.stderr.strip()[-200:]}")
+    tsc = subprocess.run(["npx", "tsc", "--strict", "--target", "es2022", "--module", "commonjs", "--skipLibCheck",
+                          "--types", "node", "--outDir", "out", "src/index.ts"], cwd=plugin, capture_output=True,
+                         text=True, timeout=300)
+    assert tsc.returncode == 0, tsc.stdout + tsc.stderr
+    (plugin / "harness.cjs").write_text(HARNESS)
+    history = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+        {"role": "assistant", "content": [{"type": "toolCallRequest", "toolCallRequest": {
+            "type": "function", "id": "call_7", "name": "get_weather", "arguments": ARGS}}]},
+        {"role": "tool", "content": [{"type": "toolCallResult", "toolCallId": "call_7", "content": "18 C, sunny"}]},
+    ]}
+    run = subprocess.run(["node", "harness.cjs", f"{server}/v1", "tiny", json.dumps([WEATHER]), json.dumps(history)],
+                         cwd=plugin, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    (body,) = out["sent"]
+    assert body["tools"] == [WEATHER] and body["stream"] is True
+    assert body["messages"][1]["tool_calls"] == [
+        {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(ARGS, separators=(",", ":"))}}]
+    assert body["messages"][2] == {"role": "tool", "tool_call_id": "call_7", "content": "18 C, sunny"}
+    assert out["got"] and all(kind == "text" for kind, *_ in out["got"])  # a random model calls no tool
+    # the body, sent again with a seed by the openai client, is the prompt rendered here
+    n_prompt, want = expected(engine, seed=8, n=16)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    r = client.chat.completions.create(model="tiny", messages=body["messages"], tools=body["tools"], max_tokens=16, seed=8)
+    assert r.usage.prompt_tokens == n_prompt and r.choices[0].message.content == want.content

@@ -1,23 +1,51 @@
 // LM Studio generator plugin: DiffusionGemma via dgemma's OpenAI-compatible endpoint.
 // `lms dev` in this folder runs it; the generator then appears in the model picker.
-import { type Chat, type GeneratorController, type PluginContext, createConfigSchematics } from "@lmstudio/sdk";
+// The model's thinking shows as reasoning; LM Studio's tools go to the model where its chat template has them.
+import {
+  type Chat,
+  type ChatMessage,
+  type GeneratorController,
+  type PluginContext,
+  createConfigSchematics,
+} from "@lmstudio/sdk";
 
 const globalConfig = createConfigSchematics()
   .field("baseUrl", "string", { displayName: "dgemma URL (OpenAI API)" }, "http://127.0.0.1:11435/v1")
   .field("model", "string", { displayName: "Model" }, "default:latest")
   .build();
 
-async function generate(ctl: GeneratorController, history: Chat): Promise<void> {
+interface OpenAIToolCall {
+  id: string;
+  function: { name: string; arguments: string };
+}
+
+// One LM Studio message as OpenAI's: a tool message per result, an assistant's tool calls with it.
+function toOpenAI(m: ChatMessage): Array<Record<string, unknown>> {
+  const role = m.getRole();
+  if (role === "tool") {
+    return m.getToolCallResults().map((r) => ({ role: "tool", tool_call_id: r.toolCallId, content: r.content }));
+  }
+  const message: Record<string, unknown> = { role, content: m.getText() };
+  const calls = role === "assistant" ? m.getToolCallRequests() : [];
+  if (calls.length > 0) {
+    message.tool_calls = calls.map((c) => ({
+      id: c.id,
+      type: "function",
+      function: { name: c.name, arguments: JSON.stringify(c.arguments ?? {}) },
+    }));
+  }
+  return [message];
+}
+
+export async function generate(ctl: GeneratorController, history: Chat): Promise<void> {
   const cfg = ctl.getGlobalPluginConfig(globalConfig);
-  const messages = history
-    .getMessagesArray()
-    .filter((m) => m.getRole() !== "tool")
-    .map((m) => ({ role: m.getRole(), content: m.getText() }));
+  const messages = history.getMessagesArray().flatMap(toOpenAI);
+  const tools = ctl.getToolDefinitions();
   const response = await fetch(`${cfg.get("baseUrl")}/chat/completions`, {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     signal: ctl.abortSignal,
-    body: JSON.stringify({ model: cfg.get("model"), messages, stream: true }),
+    body: JSON.stringify({ model: cfg.get("model"), messages, stream: true, ...(tools.length > 0 ? { tools } : {}) }),
   });
   if (!response.ok || !response.body) {
     throw new Error(`dgemma answered ${response.status}: ${await response.text()}`);
@@ -33,8 +61,21 @@ async function generate(ctl: GeneratorController, history: Chat): Promise<void> 
       if (!line.startsWith("data:") || line === "data: [DONE]") continue;
       const event = JSON.parse(line.slice(5));
       if (event.error) throw new Error(event.error.message);
-      const text = event.choices?.[0]?.delta?.content;
-      if (text) ctl.fragmentGenerated(text);
+      const delta = event.choices?.[0]?.delta ?? {};
+      if (delta.reasoning_content) ctl.fragmentGenerated(delta.reasoning_content, { reasoningType: "reasoning" });
+      if (delta.content) ctl.fragmentGenerated(delta.content);
+      for (const call of (delta.tool_calls ?? []) as Array<OpenAIToolCall>) {
+        // dgemma sends each call whole, in the delta of the canvas that finished it
+        ctl.toolCallGenerationStarted({ toolCallId: call.id });
+        ctl.toolCallGenerationNameReceived(call.function.name);
+        ctl.toolCallGenerationArgumentFragmentGenerated(call.function.arguments);
+        ctl.toolCallGenerationEnded({
+          type: "function",
+          id: call.id,
+          name: call.function.name,
+          arguments: JSON.parse(call.function.arguments),
+        });
+      }
     }
   }
 }
