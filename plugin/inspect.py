@@ -98,6 +98,13 @@ def summarize(path: str | Path) -> Summary:
         **{role: field_value(reader, key) for role, key in C.SPECIAL_TOKEN_KEYS.items() if key in reader.fields},
         "chat_template": "yes" if C.TOKENIZER_CHAT_TEMPLATE in reader.fields else "no",
     }
+    if C.TOKENIZER_CHAT_TEMPLATE in reader.fields:  # what it renders, as /api/show's capabilities
+        from .chat import template_features
+        from .tokenizer import Tokenizer
+
+        features = template_features(Tokenizer.from_gguf(reader, path))
+        on = [name for name, has in (("tools", features.tools), ("thinking", features.thinking)) if has]
+        tokenizer["chat_template"] = f"yes ({', '.join(on)})" if on else "yes"
     return Summary(
         path=Path(path), architecture=C.ARCH, name=field_value(reader, C.GENERAL_NAME),
         file_size=Path(path).stat().st_size, n_params=n_params, n_tensors=len(reader.tensors),

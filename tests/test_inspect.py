@@ -50,7 +50,7 @@ def test_cli_prints_architecture_types_sampler_and_tokenizer(q8_file):
     assert f"({s.n_params:,})" in out
     assert re.search(r"Q8_0\s+30 tensors", out) and re.search(r"F32\s+45 tensors", out)
     assert re.search(r"entropy_bound\s+0\.1\b", out) and re.search(r"canvas_length\s+16\b", out)
-    assert re.search(r"model\s+gemma4", out) and "chat_template  yes" in out
+    assert re.search(r"model\s+gemma4", out) and "chat_template  yes (tools, thinking)" in out
 
 
 def test_missing_sampler_keys_show_reader_defaults(tmp_path, base_checkpoint):
