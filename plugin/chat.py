@@ -69,8 +69,8 @@ def render_chat(tok: Tokenizer, messages: list[dict[str, Any]], *, add_generatio
         messages = messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + CONTINUE_TAG}]
     try:
         text = compile_template(tok.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt and not continue_final, **_specials(tok),
-            **kwargs,
+            {**_specials(tok), **kwargs, "messages": messages,
+             "add_generation_prompt": add_generation_prompt and not continue_final}
         )
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template failed: {e}") from None

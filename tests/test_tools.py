@@ -281,3 +281,24 @@ def test_the_lm_studio_plugin_sends_the_conversation_and_tools(server, engine, t
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     r = client.chat.completions.create(model="tiny", messages=body["messages"], tools=body["tools"], max_tokens=16, seed=8)
     assert r.usage.prompt_tokens == n_prompt and r.choices[0].message.content == want.content
+
+
+def test_thinking_through_the_openai_api(server, engine):
+    """reasoning_effort (any but "none" turns the template's thinking mode on) and chat_template_kwargs (as vLLM
+    and llama.cpp's server take them) reach the chat template."""
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    ask = [{"role": "user", "content": "hi"}]
+    on, off = len(engine.prompt_ids(ask, enable_thinking=True)), len(engine.prompt_ids(ask))
+    assert on != off
+
+    def prompt_tokens(**kw) -> int:
+        return client.chat.completions.create(model="tiny", messages=ask, max_tokens=1, **kw).usage.prompt_tokens
+
+    assert prompt_tokens(reasoning_effort="high") == prompt_tokens(reasoning_effort="minimal") == on
+    assert prompt_tokens(reasoning_effort="none") == prompt_tokens() == off
+    assert prompt_tokens(extra_body={"chat_template_kwargs": {"enable_thinking": True}}) == on
+    for kw, needle in [({"reasoning_effort": "extreme"}, "reasoning_effort: expected one of"),
+                       ({"extra_body": {"chat_template_kwargs": {"messages": []}}}, "'messages' cannot be set")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            prompt_tokens(**kw)
+        assert needle in e.value.body["message"]

@@ -15,7 +15,7 @@ from ..engine import DoneEvent, EngineError, TextEvent
 from ..registry import ModelNotFound
 from ..reply import ReplyDelta
 from . import protocol as P
-from .conversation import check_tools, openai_messages, openai_tool_calls, tool_list
+from .conversation import check_thinking, check_tools, openai_messages, openai_tool_calls, tool_list
 from .serving import ApiError, check_request, collect, generate_options, generate_stream, prompt_ids
 
 router = APIRouter(prefix="/v1")
@@ -107,7 +107,7 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
     conv, tools = openai_messages(req.messages, _text), tool_list(req.tools) if req.tool_choice != "none" else None
     model = await _load(request, req.model)
     opts = generate_options(model.engine, None, **_common(req, req.max_completion_tokens or req.max_tokens))
-    ids = prompt_ids(model.engine, conv, **check_tools(model.engine, req.model, tools))
+    ids = prompt_ids(model.engine, conv, **_template_kwargs(model.engine, req), **check_tools(model.engine, req.model, tools))
     opts.split_thinking, opts.tool_calls = True, bool(tools)
     check_request(model.engine, ids, opts)
     keep = state.manager.default_keep_alive
@@ -140,6 +140,25 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
                          "choices": [{"index": 0, "message": _message(reply),
                                       "finish_reason": P.finish_reason(done, bool(reply.tool_calls))}],
                          "usage": P.usage(done)})
+
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "continue_final")
+
+
+def _template_kwargs(engine, req: P.ChatCompletionRequest) -> dict[str, Any]:
+    """The chat template's variables: chat_template_kwargs (as vLLM and llama.cpp's server take them), and
+    reasoning_effort as enable_thinking (the template has one thinking mode: any effort but "none" turns it on)."""
+    out = dict(req.chat_template_kwargs or {})
+    bad = [k for k in out if k in RESERVED_TEMPLATE_KWARGS or not k.isidentifier()]
+    if bad:
+        raise ApiError(400, f"chat_template_kwargs: '{bad[0]}' cannot be set", code="invalid_request")
+    if req.reasoning_effort is not None:
+        if req.reasoning_effort not in REASONING_EFFORTS:
+            raise ApiError(400, f"reasoning_effort: expected one of {', '.join(REASONING_EFFORTS)}, got "
+                                f"{req.reasoning_effort!r}", code="invalid_request")
+        out.update(check_thinking(engine, req.model, req.reasoning_effort != "none"))
+    return out
 
 
 def _message(reply: ReplyDelta) -> dict[str, Any]:

@@ -104,6 +104,8 @@ class ChatCompletionRequest(_Lenient):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    reasoning_effort: str | None = None  # "none": thinking off; "minimal" ... "high": on (the template has one mode)
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's and llama.cpp's: variables for the chat template
 
 
 class CompletionRequest(_Lenient):
