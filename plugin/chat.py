@@ -59,21 +59,24 @@ def continues_final(messages: list[dict[str, Any]]) -> bool:
 
 
 def render_chat(tok: Tokenizer, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-                continue_final: bool = False, **kwargs: Any) -> str:
-    """The conversation through the model's chat template. continue_final: the text ends where the last
-    message's does (no end of turn, no generation prompt), as transformers' continue_final_message renders it:
-    a tag appended to that message marks the place, and where the template trimmed the message, so is the end."""
+                continue_final: bool = False, variables: dict[str, Any] | None = None, **kwargs: Any) -> str:
+    """The conversation through the model's chat template, with the template's variables (`variables` and
+    kwargs: enable_thinking, tools, ...). continue_final: the text ends where the last message's does (no end of
+    turn, no generation prompt), as transformers' continue_final_message renders it: a tag appended to that
+    message marks the place, and where the template trimmed the message (its trailing spaces), so is the end.
+    Any failure while rendering (the request's values included: a number where the template adds strings) is a
+    ChatTemplateError."""
     if not tok.chat_template:
         raise ChatTemplateError("this model has no chat template (tokenizer.chat_template); send a raw prompt instead")
     if continue_final:
         messages = messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + CONTINUE_TAG}]
     try:
         text = compile_template(tok.chat_template).render(
-            {**_specials(tok), **kwargs, "messages": messages,
+            {**_specials(tok), **(variables or {}), **kwargs, "messages": messages,
              "add_generation_prompt": add_generation_prompt and not continue_final}
         )
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"chat template failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - jinja2's errors, and Python's from the request's values in it
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
     if continue_final:
         at = text.rfind(CONTINUE_TAG.strip())
         if at < 0:
@@ -105,12 +108,10 @@ def _features(source: str | None, specials: tuple[tuple[str, str], ...]) -> Temp
     messages = [{"role": "user", "content": "x"}]
     tool = {"type": "function", "function": {"name": PROBE_TOOL, "description": "probe",
                                              "parameters": {"type": "object", "properties": {}}}}
-    template = compile_template(source)
-
     def render(**kw: Any) -> str | None:
         try:
-            return template.render(messages=messages, add_generation_prompt=True, **dict(specials), **kw)
-        except Exception:  # noqa: BLE001 - a template that fails on the probe lacks the feature
+            return compile_template(source).render(messages=messages, add_generation_prompt=True, **dict(specials), **kw)
+        except Exception:  # noqa: BLE001 - a template that fails on the probe (or to compile) lacks the feature
             return None
 
     tools = PROBE_TOOL in (render(tools=[tool]) or "")

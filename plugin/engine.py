@@ -356,7 +356,10 @@ class Engine:
         return f"{self.backend} on {where} (rng {self.rng}, KV cache {self.kv_cache}{graphs}{host})"
 
     # ---- prompt ---------------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str | list[dict[str, Any]] | list[int], raw: bool = False, **template_kwargs) -> list[int]:
+    def prompt_ids(self, prompt: str | list[dict[str, Any]] | list[int], raw: bool = False,
+                   variables: dict[str, Any] | None = None, **template_kwargs) -> list[int]:
+        """The prompt's token ids: given, a raw string (BOS first), or a conversation (a string: one user turn)
+        through the chat template with its variables (`variables` and template_kwargs)."""
         tok = self.tokenizer
         if isinstance(prompt, list) and all(isinstance(x, int) for x in prompt) and prompt:
             ids = list(prompt)
@@ -364,7 +367,8 @@ class Engine:
             ids = tok.encode(prompt, add_bos=True)
         else:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            ids = tok.encode(render_chat(tok, messages, continue_final=continues_final(messages), **template_kwargs))
+            ids = tok.encode(render_chat(tok, messages, continue_final=continues_final(messages),
+                                         variables={**(variables or {}), **template_kwargs}))
         if not ids:
             raise EngineError("empty prompt")
         bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]

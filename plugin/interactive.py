@@ -41,7 +41,7 @@ class Session:
     options: GenerateOptions  # each turn's (a copy, with its own cancel flag)
     system: str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)  # user and assistant turns
-    think: bool = False  # the chat template's enable_thinking
+    think: bool | None = None  # the chat template's enable_thinking (None: the template's default)
     hide_thinking: bool = False
 
     def conversation(self, text: str) -> list[dict[str, Any]]:
@@ -147,7 +147,7 @@ def reply(session: Session, engine: Engine, text: str, out: TextIO, err: TextIO,
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # (the engine stops at its next step)
     done, parts, printer = None, [], ThoughtPrinter(out, session.hide_thinking)
     try:
-        think = {"enable_thinking": True} if session.think else {}
+        think = {} if session.think is None else {"enable_thinking": session.think}
         for event in engine.generate(session.conversation(text), options, **think):
             if isinstance(event, TextEvent):
                 parts.append(event.text)
@@ -172,7 +172,8 @@ def reply(session: Session, engine: Engine, text: str, out: TextIO, err: TextIO,
 
 def chat(engine: Engine, options: GenerateOptions, system: str | None = None, *, read: Callable[[str], str] = input,
          out: TextIO = sys.stdout, err: TextIO = sys.stderr,
-         stats: Callable[[DoneEvent], list[str]] | None = None, think: bool = False, hide_thinking: bool = False) -> int:
+         stats: Callable[[DoneEvent], list[str]] | None = None, think: bool | None = None,
+         hide_thinking: bool = False) -> int:
     """The conversation loop, until /bye or the end of input; 0."""
     try:
         import readline  # noqa: F401 - line editing and history for input(), where the platform has it

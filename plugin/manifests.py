@@ -93,7 +93,8 @@ def lmstudio_package(base: str, models: list[str]) -> str:
 
 LMSTUDIO_INDEX = """// LM Studio generator plugin: DiffusionGemma via dgemma's OpenAI-compatible endpoint.
 // `lms dev` in this folder runs it; the generator then appears in the model picker.
-// The model's thinking shows as reasoning; LM Studio's tools go to the model where its chat template has them.
+// The model's thinking shows as reasoning; LM Studio's tools go to the model where its chat template renders
+// them (/api/show's capabilities), else the model answers without them.
 import {
   type Chat,
   type ChatMessage,
@@ -130,10 +131,29 @@ function toOpenAI(m: ChatMessage): Array<Record<string, unknown>> {
   return [message];
 }
 
+// Whether the model takes tools: "tools" among the capabilities dgemma's Ollama API (beside /v1) reports.
+async function takesTools(baseUrl: string, model: string, signal: AbortSignal): Promise<boolean> {
+  const root = baseUrl.endsWith("/v1") ? baseUrl.slice(0, -3) : baseUrl.endsWith("/v1/") ? baseUrl.slice(0, -4) : baseUrl;
+  try {
+    const response = await fetch(`${root}/api/show`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      signal,
+      body: JSON.stringify({ model }),
+    });
+    const info = (await response.json()) as { capabilities?: Array<string> };
+    return response.ok && (info.capabilities ?? []).includes("tools");
+  } catch {
+    return false;
+  }
+}
+
 export async function generate(ctl: GeneratorController, history: Chat): Promise<void> {
   const cfg = ctl.getGlobalPluginConfig(globalConfig);
   const messages = history.getMessagesArray().flatMap(toOpenAI);
-  const tools = ctl.getToolDefinitions();
+  const defined = ctl.getToolDefinitions();
+  const withTools = defined.length > 0 && (await takesTools(cfg.get("baseUrl"), cfg.get("model"), ctl.abortSignal));
+  const tools = withTools ? defined : [];
   const response = await fetch(`${cfg.get("baseUrl")}/chat/completions`, {
     method: "POST",
     headers: { "Content-Type": "application/json" },

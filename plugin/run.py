@@ -167,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             from .interactive import chat
 
             return chat(engine, GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps),
-                        args.system, stats=stats_lines if args.stats else None, think=args.think,
+                        args.system, stats=stats_lines if args.stats else None, think=True if args.think else None,
                         hide_thinking=args.hidethinking)
         prompt = _prompt(args)
         cancel = threading.Event()

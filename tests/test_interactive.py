@@ -182,7 +182,7 @@ def test_think_mode_and_the_thinking_printed(engine, monkeypatch):
     read, _ = script("/set think", "hi", "/set nothink", "hi")
     out = io.StringIO()
     assert chat(engine, GenerateOptions(seed=1, max_tokens=4), read=read, out=out, err=io.StringIO()) == 0
-    assert seen == [(1, True, {"enable_thinking": True}), (3, True, {})]
+    assert seen == [(1, True, {"enable_thinking": True}), (3, True, {"enable_thinking": False})]
     assert "Set 'think' mode." in out.getvalue() and "Set 'nothink' mode." in out.getvalue()
     assert len(engine.prompt_ids([{"role": "user", "content": "hi"}], enable_thinking=True)) != \
         len(engine.prompt_ids([{"role": "user", "content": "hi"}]))

@@ -36,11 +36,26 @@ CANONICAL = [
 ]
 
 
+# a chat template with neither tools nor a thinking mode
+PLAIN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+                  "{{ m['content'] }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}")
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, base_checkpoint):
+    import shutil
+
     d = tmp_path_factory.mktemp("tool-models")
     ensure_default_model(d)
     convert(base_checkpoint, d / "tiny.gguf", "Q8_0", quiet=True)
+    for name, template in (("plain", PLAIN_TEMPLATE), ("broken", "{% if %}")):
+        ckpt = tmp_path_factory.mktemp(f"{name}-checkpoint") / "ckpt"
+        shutil.copytree(base_checkpoint, ckpt)
+        config = json.loads((ckpt / "tokenizer_config.json").read_text())
+        config["chat_template"] = template
+        (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+        (ckpt / "chat_template.jinja").unlink(missing_ok=True)
+        convert(ckpt, d / f"{name}.gguf", "Q8_0", quiet=True)
     return d
 
 
@@ -153,13 +168,28 @@ def test_bad_tool_requests_get_a_400_naming_the_field(server):
     assert "does not support tools" in e.value.body["message"]
 
 
-def test_thinking_asked_of_a_model_without_it(server, models, tmp_path):
+def test_thinking_asked_of_a_model_without_it(server):
     """think on the tiny model: the template's thinking mode (its prompt differs); a model whose template has
-    none answers 400, as Ollama does."""
+    none (nor tools) answers 400 to think and tools on both APIs, as Ollama does, and serves without them."""
     client = ollama.Client(host=server)
-    on = client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], think=True, options={"num_predict": 2})
-    off = client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], think=False, options={"num_predict": 2})
+    ask = [{"role": "user", "content": "hi"}]
+    on = client.chat(model="tiny", messages=ask, think=True, options={"num_predict": 2})
+    off = client.chat(model="tiny", messages=ask, think=False, options={"num_predict": 2})
     assert on.prompt_eval_count != off.prompt_eval_count
+    assert client.show("plain").capabilities == ["completion"]
+    assert client.chat(model="plain", messages=ask, think=False, options={"num_predict": 2}).done
+    for kw, needle in [({"think": True}, "model 'plain' does not support thinking"),
+                       ({"tools": [WEATHER]}, "model 'plain' does not support tools")]:
+        with pytest.raises(ollama.ResponseError) as e:
+            client.chat(model="plain", messages=ask, **kw)
+        assert e.value.status_code == 400 and needle in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="plain", prompt="hi", think=True)
+    assert e.value.status_code == 400 and "does not support thinking" in e.value.error
+    oai = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="plain", messages=ask, reasoning_effort="high")
+    assert "model 'plain' does not support thinking" in e.value.body["message"]
 
 
 CALLS = [ToolCall("get_weather", ARGS), ToolCall("get_time", {"zone": "CET", "detail": {"utc": True}})]
@@ -217,19 +247,24 @@ def test_openai_reply_shapes_read_by_the_client():
 
 HARNESS = r"""
 // Runs the LM Studio plugin's generate() as LM Studio would, against a live dgemma serve; prints what it
-// reported and the request body it sent.
+// reported and the chat request bodies it sent. With a 5th argument, the chat request is answered with that
+// SSE text instead (the server's own deltas, built by the test).
 const { Chat } = require("@lmstudio/sdk");
 const { generate } = require("./out/index.js");
-const [base, model, tools, history] = process.argv.slice(2).map((a, i) => (i < 2 ? a : JSON.parse(a)));
+const [base, model, tools, history, canned] = process.argv.slice(2).map((a, i) => (i === 2 || i === 3 ? JSON.parse(a) : a));
 const realFetch = globalThis.fetch, sent = [], got = [];
-globalThis.fetch = (url, init) => { sent.push(JSON.parse(init.body)); return realFetch(url, init); };
+globalThis.fetch = (url, init) => {
+  if (!String(url).endsWith("/chat/completions")) return realFetch(url, init);
+  sent.push(JSON.parse(init.body));
+  return canned ? Promise.resolve(new Response(canned, { status: 200 })) : realFetch(url, init);
+};
 const config = { baseUrl: base, model };
 const ctl = {
   abortSignal: new AbortController().signal,
   getGlobalPluginConfig: () => ({ get: (k) => config[k] }),
   getToolDefinitions: () => tools,
   fragmentGenerated: (text, opts) => got.push(["text", text, (opts && opts.reasoningType) || "none"]),
-  toolCallGenerationStarted: () => got.push(["call start"]),
+  toolCallGenerationStarted: (o) => got.push(["call start", o.toolCallId]),
   toolCallGenerationNameReceived: (name) => got.push(["call name", name]),
   toolCallGenerationArgumentFragmentGenerated: (text) => got.push(["call arguments", text]),
   toolCallGenerationEnded: (request) => got.push(["call", request]),
@@ -237,19 +272,24 @@ const ctl = {
 };
 generate(ctl, Chat.from(history)).then(() => console.log(JSON.stringify({ sent, got })));
 """
+LM_HISTORY = {"messages": [
+    {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+    {"role": "assistant", "content": [{"type": "toolCallRequest", "toolCallRequest": {
+        "type": "function", "id": "call_7", "name": "get_weather", "arguments": ARGS}}]},
+    {"role": "tool", "content": [{"type": "toolCallResult", "toolCallId": "call_7", "content": "18 C, sunny"}]},
+]}
 
 
-def test_the_lm_studio_plugin_sends_the_conversation_and_tools(server, engine, tmp_path):
-    """The generator plugin (manifests/lmstudio-plugin, compiled against the real @lmstudio/sdk) run by node
-    against the live server with an LM Studio history that holds a tool call and its result: it sends the
-    conversation and tools as the openai client does (the same prompt), and reports the streamed answer."""
+@pytest.fixture(scope="module")
+def lmstudio_plugin(tmp_path_factory):
+    """manifests/lmstudio-plugin compiled against the real @lmstudio/sdk, with the harness beside it."""
     import shutil
     import subprocess
     from pathlib import Path
 
     if shutil.which("npm") is None or shutil.which("node") is None:
         pytest.skip("node and npm are not installed")
-    plugin = tmp_path / "plugin"
+    plugin = tmp_path_factory.mktemp("lmstudio") / "plugin"
     shutil.copytree(Path(__file__).resolve().parents[1] / "manifests" / "lmstudio-plugin", plugin)
     install = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "typescript@5", "@types/node"],
                              cwd=plugin, capture_output=True, text=True, timeout=300)
@@ -260,16 +300,21 @@ def test_the_lm_studio_plugin_sends_the_conversation_and_tools(server, engine, t
                          text=True, timeout=300)
     assert tsc.returncode == 0, tsc.stdout + tsc.stderr
     (plugin / "harness.cjs").write_text(HARNESS)
-    history = {"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
-        {"role": "assistant", "content": [{"type": "toolCallRequest", "toolCallRequest": {
-            "type": "function", "id": "call_7", "name": "get_weather", "arguments": ARGS}}]},
-        {"role": "tool", "content": [{"type": "toolCallResult", "toolCallId": "call_7", "content": "18 C, sunny"}]},
-    ]}
-    run = subprocess.run(["node", "harness.cjs", f"{server}/v1", "tiny", json.dumps([WEATHER]), json.dumps(history)],
-                         cwd=plugin, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout)
+
+    def run(base: str, model: str, tools: list, history: dict, canned: str | None = None) -> dict:
+        args = ["node", "harness.cjs", base, model, json.dumps(tools), json.dumps(history)] + ([canned] if canned else [])
+        done = subprocess.run(args, cwd=plugin, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    return run
+
+
+def test_the_lm_studio_plugin_sends_the_conversation_and_tools(server, engine, lmstudio_plugin):
+    """The generator plugin run by node against the live server with an LM Studio history that holds a tool
+    call and its result: it sends the conversation and tools as the openai client does (the same prompt), and
+    reports the streamed answer; to a model whose template renders no tools it sends none."""
+    out = lmstudio_plugin(f"{server}/v1", "tiny", [WEATHER], LM_HISTORY)
     (body,) = out["sent"]
     assert body["tools"] == [WEATHER] and body["stream"] is True
     assert body["messages"][1]["tool_calls"] == [
@@ -281,6 +326,33 @@ def test_the_lm_studio_plugin_sends_the_conversation_and_tools(server, engine, t
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     r = client.chat.completions.create(model="tiny", messages=body["messages"], tools=body["tools"], max_tokens=16, seed=8)
     assert r.usage.prompt_tokens == n_prompt and r.choices[0].message.content == want.content
+
+    plain = lmstudio_plugin(f"{server}/v1", "default:latest", [WEATHER], {"messages": LM_HISTORY["messages"][:1]})
+    assert "tools" not in plain["sent"][0] and plain["got"]
+
+
+def test_the_lm_studio_plugin_reports_thinking_and_calls(server, lmstudio_plugin):
+    """The plugin fed the deltas this server streams for a reply that thinks and calls two tools (openai.py's
+    own builder): the thinking as reasoning fragments, the answer, each call started, named, given its
+    arguments and ended with them as an object."""
+    from dgemma.plugin.server.openai import _delta
+
+    events = [TextEvent("", [], 0, 1, "They want", []), TextEvent("Sure.", [], 1, 1, " the weather.", CALLS[:1]),
+              TextEvent("", [], 2, 1, "", CALLS[1:])]
+    chunks, calls = [], 0
+    for e in events:
+        chunks.append({"choices": [{"index": 0, "delta": _delta(e, calls), "finish_reason": None}]})
+        calls += len(e.tool_calls)
+    sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    got = lmstudio_plugin(f"{server}/v1", "tiny", [WEATHER], {"messages": LM_HISTORY["messages"][:1]}, sse)["got"]
+    ids = [c["choices"][0]["delta"]["tool_calls"][0]["id"] for c in chunks[1:]]
+    assert got == [
+        ["text", "They want", "reasoning"], ["text", " the weather.", "reasoning"], ["text", "Sure.", "none"],
+        ["call start", ids[0]], ["call name", "get_weather"], ["call arguments", json.dumps(ARGS)],
+        ["call", {"type": "function", "id": ids[0], "name": "get_weather", "arguments": ARGS}],
+        ["call start", ids[1]], ["call name", "get_time"], ["call arguments", json.dumps(CALLS[1].arguments)],
+        ["call", {"type": "function", "id": ids[1], "name": "get_time", "arguments": CALLS[1].arguments}],
+    ]
 
 
 def test_thinking_through_the_openai_api(server, engine):
@@ -302,3 +374,26 @@ def test_thinking_through_the_openai_api(server, engine):
         with pytest.raises(openai.BadRequestError) as e:
             prompt_tokens(**kw)
         assert needle in e.value.body["message"]
+
+
+def test_odd_values_get_a_400_or_go_to_the_template(server):
+    """Values the template cannot take are a 400 naming the template, never a 500: a tool message's name that is
+    not a string (left out), a text part whose text is not one, template variables named as the server's own
+    parameters (they are the template's), a model whose template does not compile."""
+    client = ollama.Client(host=server)
+    odd = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "r", "name": 5}]
+    r = httpx.post(f"{server}/api/chat", json={"model": "tiny", "messages": odd, "stream": False,
+                                               "options": {"num_predict": 1}}, timeout=60)
+    assert r.status_code == 200, r.text
+    oai = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}])
+    assert "'text' must be a string" in e.value.body["message"]
+    for variables in ({"prompt": 1, "raw": True, "engine": 2, "self": 3, "tok": 4, "variables": 5}, {"bos_token": "x"}):
+        r = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                        extra_body={"chat_template_kwargs": variables})
+        assert r.usage.prompt_tokens > 0
+    assert client.show("broken").capabilities == ["completion"]
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model="broken", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 400 and "chat template failed" in e.value.error

@@ -62,7 +62,8 @@ def ollama_messages(messages: list[Any]) -> list[dict[str, Any]]:
         if m.thinking:
             msg["reasoning_content"] = m.thinking
         if msg["role"] == "tool":
-            msg["name"] = m.tool_name or (m.model_extra or {}).get("name") or "unknown"
+            name = m.tool_name or (m.model_extra or {}).get("name")
+            msg["name"] = name if isinstance(name, str) and name else "unknown"
         out.append(msg)
     return out
 

@@ -59,6 +59,8 @@ def _text(content: Any) -> str:
     for part in content:
         if part.get("type") != "text":
             raise ApiError(400, f"content part of type '{part.get('type')}' is not supported (text only)")
+        if not isinstance(part.get("text", ""), str):
+            raise ApiError(400, f"content part of type 'text': 'text' must be a string, got {type(part['text']).__name__}")
         texts.append(part.get("text", ""))
     return "".join(texts)
 
@@ -105,9 +107,12 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
     # tool_choice "none": no tools; any other (auto, required, a named function) as auto, since a diffusion canvas
     # cannot be made to call one
     conv, tools = openai_messages(req.messages, _text), tool_list(req.tools) if req.tool_choice != "none" else None
+    variables = _template_variables(req)
     model = await _load(request, req.model)
     opts = generate_options(model.engine, None, **_common(req, req.max_completion_tokens or req.max_tokens))
-    ids = prompt_ids(model.engine, conv, **_template_kwargs(model.engine, req), **check_tools(model.engine, req.model, tools))
+    if "enable_thinking" in variables:
+        variables.update(check_thinking(model.engine, req.model, variables["enable_thinking"]))
+    ids = prompt_ids(model.engine, conv, variables={**variables, **check_tools(model.engine, req.model, tools)})
     opts.split_thinking, opts.tool_calls = True, bool(tools)
     check_request(model.engine, ids, opts)
     keep = state.manager.default_keep_alive
@@ -143,12 +148,13 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
 
 
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
-RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "continue_final")
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt")
 
 
-def _template_kwargs(engine, req: P.ChatCompletionRequest) -> dict[str, Any]:
-    """The chat template's variables: chat_template_kwargs (as vLLM and llama.cpp's server take them), and
-    reasoning_effort as enable_thinking (the template has one thinking mode: any effort but "none" turns it on)."""
+def _template_variables(req: P.ChatCompletionRequest) -> dict[str, Any]:
+    """The chat template's variables, checked before any model loads: chat_template_kwargs (as vLLM and
+    llama.cpp's server take them), and reasoning_effort as enable_thinking (the template has one thinking mode:
+    any effort but "none" turns it on)."""
     out = dict(req.chat_template_kwargs or {})
     bad = [k for k in out if k in RESERVED_TEMPLATE_KWARGS or not k.isidentifier()]
     if bad:
@@ -157,7 +163,7 @@ def _template_kwargs(engine, req: P.ChatCompletionRequest) -> dict[str, Any]:
         if req.reasoning_effort not in REASONING_EFFORTS:
             raise ApiError(400, f"reasoning_effort: expected one of {', '.join(REASONING_EFFORTS)}, got "
                                 f"{req.reasoning_effort!r}", code="invalid_request")
-        out.update(check_thinking(engine, req.model, req.reasoning_effort != "none"))
+        out["enable_thinking"] = req.reasoning_effort != "none"
     return out
 
 

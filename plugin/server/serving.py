@@ -359,13 +359,14 @@ def generate_options(engine: Engine, options: dict[str, Any] | None, *, max_toke
     return out
 
 
-def prompt_ids(engine: Engine, prompt: Any, *, raw: bool = False, **template_kwargs: Any) -> list[int]:
+def prompt_ids(engine: Engine, prompt: Any, *, raw: bool = False, variables: dict[str, Any] | None = None,
+               **template_kwargs: Any) -> list[int]:
     """Tokenize (through the chat template unless raw) before any response is sent, so that a bad
     prompt is a 400 and not a broken stream."""
     from ..chat import ChatTemplateError
 
     try:
-        return engine.prompt_ids(prompt, raw, **template_kwargs)
+        return engine.prompt_ids(prompt, raw, {**(variables or {}), **template_kwargs})
     except (EngineError, ChatTemplateError) as e:
         raise ApiError(400, str(e)) from None
 
