@@ -113,6 +113,14 @@ def test_a_tool_conversation_from_ollama(server, engine):
         """
         return "18 C"
 
+    # the call's id and the answer's tool_call_id instead of tool_name (as the calls this server returns carry ids)
+    by_id = [messages[0], {"role": "assistant", "content": "", "tool_calls": [
+                 {"id": "call_3", "function": {"name": "get_weather", "arguments": ARGS}}]},
+             {"role": "tool", "content": "18 C, sunny", "tool_call_id": "call_3"}]
+    r = httpx.post(f"{server}/api/chat", json={"model": "tiny", "messages": by_id, "tools": [WEATHER], "stream": False,
+                                               "options": {"seed": 4, "num_predict": 24}}, timeout=60).json()
+    assert r["prompt_eval_count"] == n_prompt and r["message"]["content"] == want.content
+
     # a Python function as the tool (the client writes its schema): accepted, and a longer prompt than no tools
     r2 = client.chat(model="tiny", messages=messages[:1], tools=[get_weather], options={"seed": 4, "num_predict": 4})
     r3 = client.chat(model="tiny", messages=messages[:1], options={"seed": 4, "num_predict": 4})

@@ -53,16 +53,22 @@ def _calls(calls: list[Any] | None, where: str) -> list[dict[str, Any]]:
 
 
 def ollama_messages(messages: list[Any]) -> list[dict[str, Any]]:
-    """Ollama's /api/chat messages (protocol.OllamaMessage) for the chat template."""
-    out = []
+    """Ollama's /api/chat messages (protocol.OllamaMessage) for the chat template. A tool message's name: its
+    `tool_name` (or legacy `name`), else that of the call whose id its `tool_call_id` gives (as the calls this
+    server returns carry ids), else "unknown"."""
+    out, names = [], {}  # names: call id -> function name, from the replies so far
     for i, m in enumerate(messages):
         msg: dict[str, Any] = {"role": m.role.lower(), "content": m.content or ""}
         if m.tool_calls:
             msg["tool_calls"] = _calls(m.tool_calls, f"messages[{i}]")
+            names.update({c["id"]: c["function"]["name"] for c in msg["tool_calls"] if "id" in c})
         if m.thinking:
             msg["reasoning_content"] = m.thinking
         if msg["role"] == "tool":
-            name = m.tool_name or (m.model_extra or {}).get("name")
+            extra = m.model_extra or {}
+            name = m.tool_name or extra.get("name")
+            if not (isinstance(name, str) and name) and isinstance(extra.get("tool_call_id"), str):
+                name = names.get(extra["tool_call_id"])
             msg["name"] = name if isinstance(name, str) and name else "unknown"
         out.append(msg)
     return out
