@@ -170,6 +170,11 @@ class TextEvent:
     thinking: str = ""  # new thought-channel text (GenerateOptions.split_thinking)
     tool_calls: list[ToolCall] = field(default_factory=list)  # calls the canvas finished (GenerateOptions.tool_calls)
 
+    @property
+    def reply(self) -> ReplyDelta:
+        """The canvas's new parts: answer, thinking, tool calls."""
+        return ReplyDelta(self.text, self.thinking, self.tool_calls)
+
 
 @dataclass
 class DoneEvent:

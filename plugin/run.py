@@ -14,7 +14,7 @@ from dgemma.quant.planner import PLAN_CTX
 from .engine import (BACKEND_CHOICES, KV_DTYPES, MATMULS, RNGS, DoneEvent, Engine, EngineError, GenerateOptions, TextEvent,
                      host_experts_choice)
 from .chat import template_features
-from .interactive import ThoughtPrinter
+from .interactive import ThoughtPrinter, chat
 from .registry import ModelNotFound, resolve_model
 from .sampler import StepInfo
 
@@ -164,8 +164,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.think and not template_features(engine.tokenizer).thinking:
             raise EngineError(f"--think: the chat template of {path.name} has no thinking mode")
         if chatting:
-            from .interactive import chat
-
             return chat(engine, GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps),
                         args.system, stats=stats_lines if args.stats else None, think=True if args.think else None,
                         hide_thinking=args.hidethinking)

@@ -197,7 +197,7 @@ def test_the_engine_splits_its_canvases(gguf_path, tok):
         assert len(texts) >= 2
         got = ReplyDelta()
         for e in texts:
-            got.extend(ReplyDelta(e.text, e.thinking, e.tool_calls))
+            got.extend(e.reply)
         p = ReplyParser(tok, thinking=split, tools=split)
         p.prime(engine.prompt_ids(messages, enable_thinking=True))
         assert got == p.feed(done.token_ids, final=True)

@@ -77,7 +77,7 @@ def expected(engine: Engine, seed: int, n: int, **template) -> tuple[int, ReplyD
     reply = ReplyDelta()
     for e in engine.generate(ids, o):
         if isinstance(e, TextEvent):
-            reply.extend(ReplyDelta(e.text, e.thinking, e.tool_calls))
+            reply.extend(e.reply)
     return len(ids), reply
 
 

@@ -16,12 +16,12 @@ The reply's parts (plugin/reply.py) go back as Ollama's `message.thinking` / `me
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from ..chat import template_features
 from ..engine import Engine
 from ..reply import ToolCall
+from .protocol import completion_id
 from .serving import ApiError
 
 
@@ -37,77 +37,75 @@ def _arguments(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _calls(calls: list[Any] | None, where: str) -> list[dict[str, Any]]:
+def _function_name(item: Any, where: str) -> str:
+    """The function name of a tool or a call, {"function": {"name": ...}}; a 400 naming where it is missing."""
+    fn = item.get("function") if isinstance(item, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ApiError(400, f"{where}.function.name: expected a string")
+    return fn["name"]
+
+
+def _calls(calls: list[Any], where: str) -> list[dict[str, Any]]:
     out = []
-    for j, call in enumerate(calls or []):
+    for j, call in enumerate(calls):
         at = f"{where}.tool_calls[{j}]"
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ApiError(400, f"{at}.function.name: expected a string")
-        entry = {"type": "function", "function": {"name": fn["name"],
-                                                   "arguments": _arguments(fn.get("arguments", {}), f"{at}.function.arguments")}}
+        entry = {"type": "function", "function": {"name": _function_name(call, at), "arguments": _arguments(
+            call["function"].get("arguments", {}), f"{at}.function.arguments")}}
         if isinstance(call.get("id"), str):
             entry["id"] = call["id"]
         out.append(entry)
     return out
 
 
-def ollama_messages(messages: list[Any]) -> list[dict[str, Any]]:
-    """Ollama's /api/chat messages (protocol.OllamaMessage) for the chat template. A tool message's name: its
-    `tool_name` (or legacy `name`), else that of the call whose id its `tool_call_id` gives (as the calls this
-    server returns carry ids), else "unknown"."""
+def _for_template(turns: list[dict[str, Any]], strict: bool) -> list[dict[str, Any]]:
+    """API messages read into role, content, calls, thinking, tool_name, tool_call_id (None where absent), as
+    the chat template takes them. A tool message's name: that of the call its tool_call_id answers, else its own
+    tool name; where neither, a 400 (strict) or "unknown"."""
     out, names = [], {}  # names: call id -> function name, from the replies so far
-    for i, m in enumerate(messages):
-        msg: dict[str, Any] = {"role": m.role.lower(), "content": m.content or ""}
-        if m.tool_calls:
-            msg["tool_calls"] = _calls(m.tool_calls, f"messages[{i}]")
+    for i, t in enumerate(turns):
+        msg: dict[str, Any] = {"role": t["role"], "content": t["content"]}
+        if t["calls"]:
+            msg["tool_calls"] = _calls(t["calls"], f"messages[{i}]")
             names.update({c["id"]: c["function"]["name"] for c in msg["tool_calls"] if "id" in c})
-        if m.thinking:
-            msg["reasoning_content"] = m.thinking
-        if msg["role"] == "tool":
-            extra = m.model_extra or {}
-            name = m.tool_name or extra.get("name")
-            if not (isinstance(name, str) and name) and isinstance(extra.get("tool_call_id"), str):
-                name = names.get(extra["tool_call_id"])
-            msg["name"] = name if isinstance(name, str) and name else "unknown"
+        if t["thinking"]:
+            msg["reasoning_content"] = t["thinking"]
+        if t["role"] == "tool":
+            call = t["tool_call_id"] if isinstance(t["tool_call_id"], str) else None
+            name = names.get(call) or (t["tool_name"] if isinstance(t["tool_name"], str) else None)
+            if not name and strict:
+                raise ApiError(400, f"messages[{i}].tool_call_id: {call!r} answers no tool call of an earlier "
+                                    "assistant message")
+            msg["name"] = name or "unknown"
+            if call:
+                msg["tool_call_id"] = call
         out.append(msg)
     return out
+
+
+def ollama_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """Ollama's /api/chat messages (protocol.OllamaMessage) for the chat template; a tool message names its
+    tool by `tool_name` (or the legacy `name`), or by the `tool_call_id` of a call this server returned."""
+    return _for_template([{
+        "role": m.role.lower(), "content": m.content or "", "calls": m.tool_calls, "thinking": m.thinking,
+        "tool_name": m.tool_name or (m.model_extra or {}).get("name"),
+        "tool_call_id": (m.model_extra or {}).get("tool_call_id")} for m in messages], strict=False)
 
 
 def openai_messages(messages: list[Any], text) -> list[dict[str, Any]]:
     """OpenAI's chat messages (protocol.OpenAIMessage; text(content) reads a content) for the chat template."""
-    out, names = [], {}  # names: call id -> function name, from the replies so far
-    for i, m in enumerate(messages):
-        role = "system" if m.role == "developer" else m.role
-        msg: dict[str, Any] = {"role": role, "content": text(m.content)}
-        if m.tool_calls:
-            msg["tool_calls"] = _calls(m.tool_calls, f"messages[{i}]")
-            names.update({c["id"]: c["function"]["name"] for c in msg["tool_calls"] if "id" in c})
-        if m.reasoning_content:
-            msg["reasoning_content"] = m.reasoning_content
-        if role == "tool":
-            name = names.get(m.tool_call_id) or m.name
-            if not name:
-                raise ApiError(400, f"messages[{i}].tool_call_id: {m.tool_call_id!r} answers no tool call of an earlier "
-                                    "assistant message")
-            msg["name"] = name
-            if m.tool_call_id:
-                msg["tool_call_id"] = m.tool_call_id
-        out.append(msg)
-    return out
+    return _for_template([{
+        "role": "system" if m.role == "developer" else m.role, "content": text(m.content), "calls": m.tool_calls,
+        "thinking": m.reasoning_content, "tool_name": m.name, "tool_call_id": m.tool_call_id} for m in messages],
+        strict=True)
 
 
 def tool_list(tools: list[Any] | None) -> list[dict[str, Any]] | None:
     """The request's tools, checked before any model loads: each {"type": "function", "function": {"name", ...}}."""
-    if not tools:
-        return None
-    for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ApiError(400, f"tools[{i}].function.name: expected a string")
+    for i, tool in enumerate(tools or []):
+        _function_name(tool, f"tools[{i}]")
         if tool.get("type", "function") != "function":
             raise ApiError(400, f"tools[{i}].type: expected 'function', got {tool.get('type')!r}")
-    return tools
+    return tools or None
 
 
 def check_tools(engine: Engine, model: str, tools: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -129,17 +127,13 @@ def check_thinking(engine: Engine, model: str, enable: bool | None) -> dict[str,
     return {"enable_thinking": enable}
 
 
-def call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
 def ollama_tool_calls(calls: list[ToolCall], first: int = 0) -> list[dict[str, Any]]:
-    return [{"id": call_id(), "function": {"index": first + k, "name": c.name, "arguments": c.arguments}}
+    return [{"id": completion_id("call"), "function": {"index": first + k, "name": c.name, "arguments": c.arguments}}
             for k, c in enumerate(calls)]
 
 
 def openai_tool_calls(calls: list[ToolCall], first: int = 0, delta: bool = False) -> list[dict[str, Any]]:
     """OpenAI's tool_calls: in a stream's delta each carries its index (the whole call in one delta)."""
-    return [{**({"index": first + k} if delta else {}), "id": call_id(), "type": "function",
+    return [{**({"index": first + k} if delta else {}), "id": completion_id("call"), "type": "function",
              "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
             for k, c in enumerate(calls)]

@@ -122,9 +122,8 @@ async def _respond(request: Request, model: LoadedModel, ids: list[int], opts, k
         async def lines() -> AsyncIterator[dict[str, Any]]:
             async for event in events:
                 if isinstance(event, TextEvent):
-                    part = ReplyDelta(event.text, event.thinking, event.tool_calls)
-                    if part:
-                        yield chunk(part)
+                    if event.reply:
+                        yield chunk(event.reply)
                 elif isinstance(event, DoneEvent):
                     yield final(event, ReplyDelta(), time.perf_counter_ns() - t_start)
 

@@ -294,7 +294,7 @@ async def collect(stream: AsyncIterator[Event]) -> tuple[ReplyDelta, DoneEvent]:
         if isinstance(event, DoneEvent):
             done = event
         else:
-            reply.extend(ReplyDelta(event.text, event.thinking, event.tool_calls))
+            reply.extend(event.reply)
     if done is None:
         raise EngineError("generation ended without a result")
     return reply, done
