@@ -193,14 +193,15 @@ class ReplyParser:
 
     def feed(self, ids: list[int], final: bool = False) -> ReplyDelta:
         out = ReplyDelta()
-        for i in ids:
-            mark = self.marks.get(i)
-            if mark is not None:
+        start = 0  # each run of ids between markers decoded at once (other special tokens left out, as HF's
+        # skip_special_tokens)
+        for at in [k for k, i in enumerate(ids) if i in self.marks] + [len(ids)]:
+            self._text(out, self.decoder.decode(self.tok.decode_bytes(ids[start:at], skip_special=True)))
+            if at < len(ids):
                 self._text(out, self.decoder.decode(b"", final=True))
                 self.decoder = self._new_decoder()
-                self._mark(out, mark)
-            else:  # other special tokens are left out, as HF's skip_special_tokens
-                self._text(out, self.decoder.decode(self.tok.decode_bytes([i], skip_special=True)))
+                self._mark(out, self.marks[ids[at]])
+            start = at + 1
         if final:
             self._text(out, self.decoder.decode(b"", final=True))
             self.decoder = self._new_decoder()

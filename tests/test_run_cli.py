@@ -284,6 +284,9 @@ def test_run_think(models):
     events = list(engine.generate("Once upon a time", opts, enable_thinking=True))
     assert events[-1].prompt_eval_count == len(engine.prompt_ids("Once upon a time", enable_thinking=True))
     answer = "".join(e.text for e in events if isinstance(e, TextEvent))
+    plain = "".join(e.text for e in engine.generate("Once upon a time", GenerateOptions(seed=7, max_tokens=12))
+                    if isinstance(e, TextEvent))
+    assert answer != plain  # (so that a --think left out shows)
     proc = run_cli(models, "default", "Once upon a time", "--seed", "7", "--max-tokens", "12", "--think", "--hidethinking")
     assert proc.returncode == 0 and proc.stdout == answer + "\n", proc.stderr
     proc = run_cli(models, "default", "x", "--think", "--raw")
