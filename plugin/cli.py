@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -152,6 +153,68 @@ def cmd_rm(args: argparse.Namespace) -> int:
     except (ModelNotFound, RegistryError) as e:
         return _fail(str(e))
     print(f"deleted {args.name}")
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .modelfile import ModelfileError, read_modelfile
+    from .registry import Registry, RegistryError
+
+    try:
+        made = read_modelfile(args.file)
+        entry = Registry().create(args.name, made.base, made.settings, folder=Path(args.file).parent)
+    except (ModelfileError, RegistryError) as e:
+        return _fail(str(e))
+    print(f"created {entry.name} from {made.base} ({entry.path.name})")
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from .registry import ModelNotFound, Registry, RegistryError
+
+    try:
+        Registry().copy(args.source, args.destination)
+    except (ModelNotFound, RegistryError) as e:
+        return _fail(str(e))
+    print(f"copied '{args.source}' to '{args.destination}'")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .inspect import InspectError, format_summary, open_gguf, summarize
+    from .modelfile import parameter_lines, render_modelfile
+    from .registry import ModelNotFound, Registry, RegistryError, display_name, read_model_info
+    from .server.protocol import show_parameters
+    from .tokenizer import Tokenizer
+
+    try:
+        entry = Registry().resolve(args.name)
+        if args.modelfile or args.parameters:
+            tok = Tokenizer.from_gguf(open_gguf(entry.path), entry.path)
+            params = show_parameters(entry, tok, read_model_info(entry.path))
+        if args.modelfile:
+            print(render_modelfile(str(entry.path), entry.settings, params, display_name(entry.name)), end="")
+        elif args.parameters:
+            print("\n".join(f"{k:<30} {json.dumps(v)}" for k, v in parameter_lines(params)))
+        elif args.system:
+            print(entry.settings.system or "")
+        elif args.template:
+            print(Tokenizer.from_gguf(open_gguf(entry.path), entry.path).chat_template or "")
+        elif args.license:
+            print("\n".join(entry.settings.license))
+        else:
+            print(format_summary(summarize(entry.path)))
+            for title, lines in (("Parameters", [f"{k:<30} {json.dumps(v)}" for k, v in
+                                                 parameter_lines(entry.settings.parameters)]),
+                                 ("System", (entry.settings.system or "").splitlines()),
+                                 ("Messages", [f"{m['role']}: {m['content']}" for m in entry.settings.messages]),
+                                 ("License", "\n".join(entry.settings.license).splitlines())):
+                if lines:
+                    print(f"\n{title}\n" + "\n".join(f"  {line}" for line in lines))
+    except (InspectError, ModelNotFound, RegistryError) as e:
+        return _fail(str(e))
     return 0
 
 
@@ -310,6 +373,28 @@ def build_parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="remove a model from the models directory")
     rm.add_argument("name", metavar="NAME")
     rm.set_defaults(func=cmd_rm)
+    cr = sub.add_parser("create", help="make a model from a Modelfile (as ollama create): a system prompt, "
+                                       "parameters and messages over a model or a .gguf file",
+                        description="Make a model from an Ollama Modelfile: FROM (a model name, or a .gguf path "
+                                    "relative to the Modelfile, copied in), SYSTEM, PARAMETER, MESSAGE, LICENSE. A "
+                                    "model made from another shares its file. TEMPLATE and ADAPTER are refused: the "
+                                    "GGUF's own chat template is used. An existing NAME is replaced.")
+    cr.add_argument("name", metavar="NAME")
+    cr.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default ./Modelfile)")
+    cr.set_defaults(func=cmd_create)
+    cp = sub.add_parser("cp", help="copy a model under another name (as ollama cp; the file is shared)")
+    cp.add_argument("source", metavar="SOURCE")
+    cp.add_argument("destination", metavar="DESTINATION")
+    cp.set_defaults(func=cmd_cp)
+    sh = sub.add_parser("show", help="show a model's information, or its Modelfile, parameters, system prompt, "
+                                     "template or license (as ollama show)")
+    sh.add_argument("name", metavar="NAME", help="a model name (dgemma list), 'default' or a .gguf path")
+    what = sh.add_mutually_exclusive_group()
+    for flag, text in (("modelfile", "the Modelfile that makes the model again"),
+                       ("parameters", "the parameters a request starts from"), ("system", "the system prompt"),
+                       ("template", "the chat template (Jinja, from the GGUF)"), ("license", "the license")):
+        what.add_argument(f"--{flag}", action="store_true", help=f"only {text}")
+    sh.set_defaults(func=cmd_show)
 
     c = sub.add_parser("convert", help="convert a Hugging Face DiffusionGemma checkpoint folder to one GGUF file",
                        description="Convert a Hugging Face DiffusionGemma checkpoint folder (config.json, "

@@ -41,12 +41,13 @@ class Session:
     options: GenerateOptions  # each turn's (a copy, with its own cancel flag)
     system: str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)  # user and assistant turns
+    history: list[dict[str, Any]] = field(default_factory=list)  # a Modelfile's MESSAGEs, before them (/clear keeps)
     think: bool | None = None  # the chat template's enable_thinking (None: the template's default)
     hide_thinking: bool = False
 
     def conversation(self, text: str) -> list[dict[str, Any]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.messages + [{"role": "user", "content": text}]
+        return head + self.history + self.messages + [{"role": "user", "content": text}]
 
 
 def quoted(text: str, read: Callable[[str], str]) -> str:
@@ -173,13 +174,14 @@ def reply(session: Session, engine: Engine, text: str, out: TextIO, err: TextIO,
 def chat(engine: Engine, options: GenerateOptions, system: str | None = None, *, read: Callable[[str], str] = input,
          out: TextIO = sys.stdout, err: TextIO = sys.stderr,
          stats: Callable[[DoneEvent], list[str]] | None = None, think: bool | None = None,
-         hide_thinking: bool = False) -> int:
-    """The conversation loop, until /bye or the end of input; 0."""
+         hide_thinking: bool = False, history: list[dict[str, Any]] | None = None) -> int:
+    """The conversation loop, until /bye or the end of input; 0. `history`: the turns every conversation starts
+    from (a Modelfile's MESSAGEs)."""
     try:
         import readline  # noqa: F401 - line editing and history for input(), where the platform has it
     except ImportError:
         pass
-    session = Session(options, system, think=think, hide_thinking=hide_thinking)
+    session = Session(options, system, think=think, hide_thinking=hide_thinking, history=list(history or []))
     print("Send a message (/? for help)", file=out)
     while True:
         try:  # Ctrl+C anywhere but in a reply (whose own handler stops it) comes back to the prompt

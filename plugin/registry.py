@@ -4,6 +4,11 @@
 names given by `dgemma import` (from metadata: `diffusiongemma:26b-a4b-q4_K_M`, or `--name`) to files.
 A GGUF dropped into the directory by hand is served under its file stem. `default`, the bundled tiny
 model, is always there (made on first use). Names resolve with or without Ollama's `:latest` tag.
+
+Models made by `dgemma create` (a Modelfile, modelfile.py) or `dgemma cp` share their base's file: their
+entry in registry.json is `{"file": ..., "from": base name, "system": ..., "parameters": {...}, ...}`, and a
+file goes when no name uses it any more. Ollama's /api/blobs uploads wait in `blobs/` until a create takes
+them.
 """
 
 from __future__ import annotations
@@ -25,11 +30,16 @@ from dgemma.convert import constants as C
 
 from .default_model import DEFAULT_NAME, ensure_default_model
 from .inspect import InspectError, field_value, open_gguf
+from .modelfile import ModelfileError, ModelSettings
 
 MODELS_ENV = "DGEMMA_MODELS"
 REGISTRY_FILE = "registry.json"
 FAMILY = "diffusiongemma"
 LATEST = ":latest"
+BLOBS_DIR = "blobs"
+DIGESTS_FILE = ".digests.json"  # file name -> [size, mtime_ns, sha256] (file_digest)
+DIGEST = re.compile(r"sha256[:-]([0-9a-f]{64})")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(:[A-Za-z0-9_][A-Za-z0-9._-]*)?")
 
 
 class ModelNotFound(LookupError):
@@ -101,6 +111,46 @@ def read_model_info(path: Path) -> ModelInfo:
                      int(field_value(reader, C.CONTEXT_LENGTH, 0) or 0), metadata)
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, in this process
+
+
+def file_digest(path: Path) -> str:
+    """sha256 (hex) of a file, hashed once: remembered in this process and in its folder's .digests.json by
+    size and modification time (a 16 GB GGUF takes seconds to hash, and /api/tags gives every model's)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    side = path.parent / DIGESTS_FILE
+    try:
+        known = json.loads(side.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    row = known.get(path.name)
+    if isinstance(row, list) and len(row) == 3 and row[:2] == [st.st_size, st.st_mtime_ns] and isinstance(row[2], str):
+        digest = row[2]
+    else:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+        known = {k: v for k, v in known.items() if (path.parent / k).is_file()}  # (files gone since: dropped)
+        known[path.name] = [st.st_size, st.st_mtime_ns, digest]
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".digests.", suffix=".partial")
+            with os.fdopen(fd, "w") as f:
+                json.dump(known, f)
+            os.replace(tmp, side)
+        except OSError:  # (a folder it cannot write: hashed again by the next process)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+    _DIGESTS[key] = digest
+    return digest
+
+
 @dataclass
 class ModelEntry:
     name: str
@@ -108,17 +158,19 @@ class ModelEntry:
     size: int
     modified_at: datetime
     _digest: str | None = field(default=None, repr=False)
+    settings: ModelSettings = field(default_factory=ModelSettings)  # a Modelfile's (empty for a plain import)
+    base: str | None = None  # the model it was made from (`dgemma create` / `cp`), None for a file
 
     @property
     def digest(self) -> str:
-        """sha256 of the file (hex), computed once per entry."""
+        """sha256 of the file (hex), computed once per entry; for a model made with settings, of the file's
+        digest and the settings (as Ollama's digest, of a manifest, differs between a model and one made from it)."""
         if self._digest is None:
-            h = hashlib.sha256()
-            with self.path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self._digest = h.hexdigest()
-        return self._digest
+            self._digest = file_digest(self.path)
+        if not self.settings:
+            return self._digest
+        made = json.dumps({"file": self._digest, **self.settings.to_json()}, sort_keys=True)
+        return hashlib.sha256(made.encode()).hexdigest()
 
 
 def _slug(name: str) -> str:
@@ -129,42 +181,68 @@ def normalize_name(name: str) -> str:
     return name[: -len(LATEST)] if name.endswith(LATEST) else name
 
 
+@dataclass
+class _Record:
+    """One name in registry.json: its file in the models directory, and what a Modelfile added."""
+
+    file: str
+    base: str | None = None
+    settings: ModelSettings = field(default_factory=ModelSettings)
+
+    def to_json(self) -> str | dict[str, Any]:
+        if self.base is None and not self.settings:
+            return self.file  # (the plain form, as before models could be made from others)
+        return {"file": self.file, **({"from": self.base} if self.base else {}), **self.settings.to_json()}
+
+    @classmethod
+    def from_json(cls, value: Any) -> _Record:
+        if isinstance(value, str):
+            return cls(value)
+        if not isinstance(value, dict) or not isinstance(value.get("file"), str):
+            raise ValueError(f"expected a file name or {{\"file\": ...}}, got {value!r}")
+        base = value.get("from")
+        return cls(value["file"], base if isinstance(base, str) else None, ModelSettings.from_json(value))
+
+
 class Registry:
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root is not None else models_dir()
 
     # ---- the index ------------------------------------------------------------------------------
-    def _index(self) -> dict[str, str]:
+    def _index(self) -> dict[str, _Record]:
         path = self.root / REGISTRY_FILE
         if not path.exists():
             return {}
         try:
             data = json.loads(path.read_text())
-            return {str(k): str(v) for k, v in data.get("models", {}).items()}
-        except (json.JSONDecodeError, AttributeError):
-            raise RegistryError(f"{path}: corrupt (expected {{\"models\": {{name: file}}}})") from None
+            return {str(k): _Record.from_json(v) for k, v in data.get("models", {}).items()}
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise RegistryError(f"{path}: corrupt (expected {{\"models\": {{name: file}}}}: {e})") from None
+        except (ValueError, ModelfileError) as e:
+            raise RegistryError(f"{path}: corrupt entry ({e})") from None
 
-    def _write_index(self, index: dict[str, str]) -> None:
+    def _write_index(self, index: dict[str, _Record]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".registry.", suffix=".partial")
         with os.fdopen(fd, "w") as f:
-            json.dump({"models": dict(sorted(index.items()))}, f, indent=2)
+            json.dump({"models": {k: r.to_json() for k, r in sorted(index.items())}}, f, indent=2)
         os.replace(tmp, self.root / REGISTRY_FILE)
 
     @staticmethod
-    def _entry(name: str, path: Path) -> ModelEntry:
+    def _entry(name: str, path: Path, record: _Record | None = None) -> ModelEntry:
         st = path.stat()
-        return ModelEntry(name, path, st.st_size, datetime.fromtimestamp(st.st_mtime, tz=timezone.utc))
+        return ModelEntry(name, path, st.st_size, datetime.fromtimestamp(st.st_mtime, tz=timezone.utc),
+                          settings=record.settings if record else ModelSettings(), base=record.base if record else None)
 
     # ---- queries --------------------------------------------------------------------------------
     def list(self) -> list[ModelEntry]:
         default = ensure_default_model(self.root)
         entries = {DEFAULT_NAME: self._entry(DEFAULT_NAME, default)}
         index = self._index()
-        named_files = set(index.values())
-        for name, file in index.items():
-            if (self.root / file).is_file():
-                entries[name] = self._entry(name, self.root / file)
+        named_files = {r.file for r in index.values()}
+        for name, record in index.items():
+            if (self.root / record.file).is_file():
+                entries[name] = self._entry(name, self.root / record.file, record)
         for p in sorted(self.root.glob("*.gguf")):
             if p.name not in named_files and p.stem not in entries and p != default:
                 entries[p.stem] = self._entry(p.stem, p)
@@ -181,29 +259,42 @@ class Registry:
         if wanted == DEFAULT_NAME:
             return self._entry(DEFAULT_NAME, ensure_default_model(self.root))
         index = self._index()
-        if wanted in index and (self.root / index[wanted]).is_file():
-            return self._entry(wanted, self.root / index[wanted])
+        if wanted in index and (self.root / index[wanted].file).is_file():
+            return self._entry(wanted, self.root / index[wanted].file, index[wanted])
         loose = self.root / f"{wanted}.gguf"
         if loose.is_file():
             return self._entry(wanted, loose)
-        known = sorted({DEFAULT_NAME, *index, *(p.stem for p in self.root.glob("*.gguf") if p.name not in index.values())})
+        files = {r.file for r in index.values()}
+        known = sorted({DEFAULT_NAME, *index, *(p.stem for p in self.root.glob("*.gguf") if p.name not in files)})
         raise ModelNotFound(f"model '{name}' not found in {self.root} (have: {', '.join(known)})")
 
     # ---- changes --------------------------------------------------------------------------------
-    def import_file(self, src: str | Path, name: str | None = None, *, force: bool = False) -> ModelEntry:
-        src = Path(src)
-        try:
-            info = read_model_info(src)
-        except InspectError as e:
-            raise RegistryError(str(e)) from None
-        name = normalize_name(name or info.default_name())
+    def _new_name(self, name: str) -> str:
+        name = normalize_name(name)
         if name == DEFAULT_NAME:
             raise RegistryError(f"the name '{DEFAULT_NAME}' is reserved for the bundled model")
-        index = self._index()
-        if name in index and not force:
-            raise RegistryError(f"model '{name}' already exists in {self.root} (use --force to replace it)")
+        if not NAME.fullmatch(name):
+            raise RegistryError(f"invalid model name '{name}' (letters, digits, '.', '_', '-' and one ':' before a tag)")
+        return name
+
+    def _file_for(self, name: str, index: dict[str, _Record]) -> str:
+        """A file name for a new GGUF under `name`: its slug, unless another name's model (or the bundled one)
+        uses that file."""
+        slug, n = _slug(name), 1
+        used = {r.file for k, r in index.items() if k != name} | {f"{DEFAULT_NAME}.gguf"}
+        file = f"{slug}.gguf"
+        while file in used:
+            n += 1
+            file = f"{slug}-{n}.gguf"
+        return file
+
+    def _add_file(self, src: Path, file: str, *, move: bool = False) -> None:
+        """src (a GGUF) into the models directory as `file`, through a temporary file renamed when complete; an
+        upload (move) is renamed into place."""
         self.root.mkdir(parents=True, exist_ok=True)
-        file = f"{_slug(name)}.gguf"
+        if move:
+            os.replace(src, self.root / file)
+            return
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{file}.", suffix=".partial")
         os.close(fd)
         try:
@@ -212,9 +303,79 @@ class Registry:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        index[name] = file
+
+    def _set(self, index: dict[str, _Record], name: str, record: _Record) -> ModelEntry:
+        """Write `name` (replacing what it was) and drop the file it leaves that no name uses."""
+        old = index.get(name)
+        index[name] = record
         self._write_index(index)
-        return self._entry(name, self.root / file)
+        if old is not None:
+            self._release(old.file, index)
+        return self._entry(name, self.root / record.file, record)
+
+    def _release(self, file: str, index: dict[str, _Record]) -> None:
+        if file != f"{DEFAULT_NAME}.gguf" and all(r.file != file for r in index.values()):
+            (self.root / file).unlink(missing_ok=True)
+
+    @staticmethod
+    def _check_gguf(path: Path) -> ModelInfo:
+        try:
+            return read_model_info(path)
+        except InspectError as e:
+            raise RegistryError(str(e)) from None
+
+    def import_file(self, src: str | Path, name: str | None = None, *, force: bool = False) -> ModelEntry:
+        src = Path(src)
+        info = self._check_gguf(src)
+        name = self._new_name(name or info.default_name())
+        index = self._index()
+        if name in index and not force:
+            raise RegistryError(f"model '{name}' already exists in {self.root} (use --force to replace it)")
+        file = self._file_for(name, index)
+        self._add_file(src, file)
+        return self._set(index, name, _Record(file))
+
+    def _record_of(self, entry: ModelEntry, index: dict[str, _Record]) -> _Record:
+        """The record of a model in this directory, adopting a loose file under its stem (so that a model made
+        from it does not hide it)."""
+        if entry.path.parent.resolve() != self.root.resolve():
+            raise RegistryError(f"{entry.path}: not in the models directory {self.root} (import it first)")
+        if entry.name not in index and entry.name != DEFAULT_NAME:
+            index[entry.name] = _Record(entry.path.name)
+        return _Record(entry.path.name, entry.base, entry.settings)
+
+    def create(self, name: str, base: str, settings: ModelSettings, *, folder: Path | None = None,
+               blob: Path | None = None) -> ModelEntry:
+        """A model from a Modelfile: FROM a model name (it shares that model's file and builds on its
+        settings), a .gguf path (relative to `folder`; the file is copied in) or an uploaded blob (moved in).
+        An existing name is replaced, as Ollama's create does."""
+        name = self._new_name(name)
+        index = self._index()
+        path = blob if blob is not None else Path(base).expanduser()
+        if blob is None and not path.is_absolute() and folder is not None:
+            path = folder / path
+        if blob is not None or base.endswith(".gguf") or os.sep in base or "/" in base:
+            if not path.is_file():
+                raise RegistryError(f"FROM {base}: no such file")
+            self._check_gguf(path)
+            file = self._file_for(name, index)
+            self._add_file(path, file, move=blob is not None)
+            return self._set(index, name, _Record(file, None, settings))
+        try:
+            parent = self.resolve(base)
+        except ModelNotFound as e:
+            raise RegistryError(f"FROM {base}: {e}") from None
+        record = self._record_of(parent, index)
+        return self._set(index, name, _Record(record.file, display_name(parent.name), settings.over(record.settings)))
+
+    def copy(self, source: str, destination: str) -> ModelEntry:
+        """`dgemma cp` / /api/copy: another name for a model, with its settings (ModelNotFound for the source)."""
+        entry = self.resolve(source) if not (source.endswith(".gguf") or os.sep in source) else None
+        if entry is None:
+            raise ModelNotFound(f"model '{source}' not found")
+        name = self._new_name(destination)
+        index = self._index()
+        return self._set(index, name, self._record_of(entry, index))
 
     def remove(self, name: str) -> None:
         wanted = normalize_name(name)
@@ -222,14 +383,58 @@ class Registry:
             raise RegistryError(f"'{DEFAULT_NAME}' is the bundled model and cannot be removed")
         index = self._index()
         if wanted in index:
-            (self.root / index.pop(wanted)).unlink(missing_ok=True)
+            record = index.pop(wanted)
             self._write_index(index)
+            self._release(record.file, index)
             return
         loose = self.root / f"{wanted}.gguf"
-        if loose.is_file():
+        if loose.is_file() and all(r.file != loose.name for r in index.values()):
             loose.unlink()
             return
         raise ModelNotFound(f"model '{name}' not found in {self.root}")
+
+    # ---- uploads (Ollama's /api/blobs) ------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        """Where the blob `sha256:<hex>` is kept (RegistryError for another form)."""
+        m = DIGEST.fullmatch(digest)
+        if not m:
+            raise RegistryError(f"invalid digest '{digest}' (expected sha256:<64 hex digits>)")
+        return self.root / BLOBS_DIR / f"sha256-{m.group(1)}"
+
+    def blob_writer(self, digest: str) -> BlobWriter:
+        return BlobWriter(self.blob_path(digest), DIGEST.fullmatch(digest).group(1))
+
+
+class BlobWriter:
+    """An upload to a temporary file beside its place, hashed as it comes; `finish` checks the digest and puts
+    it in place (a mismatch leaves nothing), `abort` drops it."""
+
+    def __init__(self, path: Path, hexdigest: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.expected = path, hexdigest
+        fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        self.file, self.hash = os.fdopen(fd, "wb"), hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.file.write(data)
+
+    def finish(self) -> None:
+        self.file.close()
+        got = self.hash.hexdigest()
+        if got != self.expected:
+            self.abort()
+            raise RegistryError(f"digest mismatch: the upload's sha256 is {got}, not {self.expected}")
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+
+def display_name(name: str) -> str:
+    """A name as Ollama shows it, with its tag (`default:latest`)."""
+    return name if ":" in name else name + LATEST
 
 
 def resolve_model(name: str) -> Path:

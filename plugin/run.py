@@ -15,7 +15,8 @@ from .engine import (BACKEND_CHOICES, KV_DTYPES, MATMULS, RNGS, DoneEvent, Engin
                      host_experts_choice)
 from .chat import template_features
 from .interactive import ThoughtPrinter, chat
-from .registry import ModelNotFound, resolve_model
+from .modelfile import ModelSettings
+from .registry import ModelNotFound, Registry, RegistryError
 from .sampler import StepInfo
 
 
@@ -66,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "instead of replaying each canvas's pass from a CUDA graph")
 
 
-def _prompt(args: argparse.Namespace) -> str | list[Any]:
+def _prompt(args: argparse.Namespace, settings: ModelSettings) -> str | list[Any]:
+    """The prompt: ids, raw text, or a chat (with the model's Modelfile SYSTEM, unless --system, and MESSAGEs)."""
     if args.prompt_ids:
         try:
             return [int(x) for x in args.prompt_ids.split(",") if x.strip()]
@@ -75,9 +77,27 @@ def _prompt(args: argparse.Namespace) -> str | list[Any]:
     text = args.prompt
     if text is None:  # (at a terminal, cmd_run chats instead)
         text = sys.stdin.read()
-    if args.system and not args.raw:
-        return [{"role": "system", "content": args.system}, {"role": "user", "content": text}]
-    return text
+    if args.raw:
+        return text
+    return settings.prompt(text, args.system)
+
+
+def run_options(engine: Engine, settings: ModelSettings, args: argparse.Namespace) -> GenerateOptions:
+    """The flags over the model's Modelfile PARAMETERs (as a request's options over them); without either, the
+    engine's defaults (DEFAULT_MAX_TOKENS tokens, the model's whole context)."""
+    from .server.serving import ApiError, generate_options
+
+    flags = {"seed": args.seed, "num_predict": args.max_tokens, "diffusion_steps": args.steps}
+    merged = settings.options({k: v for k, v in flags.items() if v is not None})
+    try:
+        opts = generate_options(engine, merged)
+    except ApiError as e:
+        raise EngineError(e.message) from None
+    if "num_predict" not in merged:
+        opts.max_tokens = None
+    if "num_ctx" not in merged:
+        opts.num_ctx = None
+    return opts
 
 
 def stats_lines(d: DoneEvent) -> list[str]:
@@ -155,7 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                               "dgemma run opens a chat")
         if args.think and (args.raw or args.prompt_ids):
             raise EngineError(f"--think needs the chat template; {'--raw' if args.raw else '--prompt-ids'} leaves it out")
-        path = resolve_model(args.model)
+        entry = Registry().resolve(args.model)
+        path, settings = entry.path, entry.settings
         engine = Engine.load(path, backend=args.backend, device=args.device, rng=args.rng, kv_cache=args.kv_cache,
                              matmul=args.matmul, graphs=False if args.no_graphs else None,
                              host_experts=args.host_experts)
@@ -163,15 +184,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"dgemma: {engine.notice}", file=sys.stderr)
         if args.think and not template_features(engine.tokenizer).thinking:
             raise EngineError(f"--think: the chat template of {path.name} has no thinking mode")
+        opts = run_options(engine, settings, args)
         if chatting:
-            return chat(engine, GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps),
-                        args.system, stats=stats_lines if args.stats else None, think=True if args.think else None,
-                        hide_thinking=args.hidethinking)
-        prompt = _prompt(args)
+            return chat(engine, opts, args.system or settings.system, stats=stats_lines if args.stats else None,
+                        think=True if args.think else None, hide_thinking=args.hidethinking, history=settings.messages)
+        prompt = _prompt(args, settings)
         cancel = threading.Event()
         # the thinking apart where text is printed as it comes (--json and --visualize show every token as before)
-        opts = GenerateOptions(max_tokens=args.max_tokens, seed=args.seed, steps=args.steps, raw=args.raw, cancel=cancel,
-                               split_thinking=not (args.raw or args.prompt_ids or args.json or args.visualize))
+        opts.raw, opts.cancel = args.raw, cancel
+        opts.split_thinking = not (args.raw or args.prompt_ids or args.json or args.visualize)
         printer = ThoughtPrinter(sys.stdout, args.hidethinking)
         view = CanvasView(engine) if args.visualize and not args.json else None
         if view is not None:
@@ -192,7 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             if view is not None:
                 view.__exit__(None, None, None)
-    except (EngineError, ModelNotFound) as e:
+    except (EngineError, ModelNotFound, RegistryError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print(file=sys.stderr)

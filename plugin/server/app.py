@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..kv_cache import DEFAULT_CACHE_RAM
 from ..registry import ModelEntry, ModelInfo, ModelNotFound, Registry, read_model_info
-from . import DEFAULT_HOST, DEFAULT_PORT, ollama, openai
+from . import DEFAULT_HOST, DEFAULT_PORT, create, ollama, openai
 from . import protocol as P
 from .serving import DEFAULT_KEEP_ALIVE, ApiError, ModelManager
 
@@ -239,6 +239,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             return await call_next(request)
 
     app.include_router(ollama.router)
+    app.include_router(create.router)
     app.include_router(openai.router)
     return app
 

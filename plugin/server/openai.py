@@ -109,7 +109,9 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
     conv, tools = openai_messages(req.messages, _text), tool_list(req.tools) if req.tool_choice != "none" else None
     variables = _template_variables(req)
     model = await _load(request, req.model)
-    opts = generate_options(model.engine, None, **_common(req, req.max_completion_tokens or req.max_tokens))
+    opts = generate_options(model.engine, model.entry.settings.parameters,
+                            **_common(req, req.max_completion_tokens or req.max_tokens))
+    conv = model.entry.settings.chat(conv)  # (a Modelfile's SYSTEM and MESSAGEs)
     if "enable_thinking" in variables:
         variables.update(check_thinking(model.engine, req.model, variables["enable_thinking"]))
     ids = prompt_ids(model.engine, conv, variables={**variables, **check_tools(model.engine, req.model, tools)})
@@ -203,7 +205,7 @@ async def completions(request: Request, req: P.CompletionRequest) -> Response:
             raise ApiError(400, "exactly one prompt is supported", code="unsupported_parameter")
         prompt = req.prompt[0]
     model = await _load(request, req.model)
-    opts = generate_options(model.engine, None, **_common(req, req.max_tokens))
+    opts = generate_options(model.engine, model.entry.settings.parameters, **_common(req, req.max_tokens))
     ids = prompt_ids(model.engine, prompt, raw=True)
     check_request(model.engine, ids, opts)
     cid, created = P.completion_id("cmpl"), int(time.time())

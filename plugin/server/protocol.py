@@ -11,10 +11,10 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import DoneEvent
-from ..registry import FAMILY, ModelEntry, ModelInfo
+from ..registry import FAMILY, ModelEntry, ModelInfo, display_name  # noqa: F401 - (P.display_name in the routers)
 
 OLLAMA_VERSION = "0.12.0"  # what /api/version reports: frontends compare it with their minimum Ollama
 FORMAT = "gguf"
@@ -74,6 +74,27 @@ class ShowRequest(_Lenient):
 class DeleteRequest(_Lenient):
     model: str | None = None
     name: str | None = None
+
+
+class CreateRequest(_Lenient):
+    model: str | None = None
+    name: str | None = None  # the legacy field
+    from_: str | None = Field(None, alias="from")
+    files: dict[str, str] | None = None  # {"file.gguf": "sha256:..."}, blobs uploaded first
+    adapters: dict[str, str] | None = None
+    template: str | None = None
+    license: str | list[str] | None = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    quantize: str | None = None
+    modelfile: str | None = None  # the legacy form: the Modelfile's text
+    stream: bool | None = None
+
+
+class CopyRequest(_Lenient):
+    source: str = ""
+    destination: str = ""
 
 
 # ---- OpenAI requests ---------------------------------------------------------------------------------
@@ -150,15 +171,20 @@ def details(info: ModelInfo) -> dict[str, Any]:
             "parameter_size": human_number(info.n_params), "quantization_level": info.quantization}
 
 
-def display_name(name: str) -> str:
-    """Names as Ollama lists them: with a tag (`default` -> `default:latest`)."""
-    return name if ":" in name else f"{name}:latest"
+def show_parameters(entry: ModelEntry, tok: Any, info: ModelInfo) -> dict[str, Any]:
+    """/api/show's `parameters` (and `dgemma show --parameters`): the defaults a request starts from, the
+    model's own (its end-of-generation tokens as stops, the diffusion sampler's), then its Modelfile's."""
+    from .serving import DEFAULT_NUM_CTX
+
+    return {"num_ctx": DEFAULT_NUM_CTX, "stop": [tok.tokens[i] for i in sorted(tok.eog_ids)],
+            **{k: info.metadata[key] for k, key in SHOW_SAMPLER_PARAMS if key in info.metadata},
+            **entry.settings.parameters}
 
 
 def tag_entry(entry: ModelEntry, info: ModelInfo) -> dict[str, Any]:
     name = display_name(entry.name)
     return {"name": name, "model": name, "modified_at": rfc3339(entry.modified_at), "size": entry.size,
-            "digest": entry.digest, "details": details(info)}
+            "digest": entry.digest, "details": {**details(info), "parent_model": entry.base or ""}}
 
 
 def metrics(done: DoneEvent, total_ns: int, load_ns: int) -> dict[str, int]:

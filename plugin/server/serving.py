@@ -119,8 +119,10 @@ class ModelManager:
                             load.add_done_callback(lambda t: (lock.release(), t.cancelled() or t.exception()))
                             held = False
                         raise
-                elif me is not None:
-                    model.claims.add(me)
+                else:
+                    model.entry = entry  # (the settings `dgemma create` may have changed since it loaded)
+                    if me is not None:
+                        model.claims.add(me)
             finally:
                 if held:
                     lock.release()
