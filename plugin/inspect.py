@@ -1,4 +1,5 @@
-"""`dgemma inspect FILE.gguf`: what a DiffusionGemma GGUF holds, read with gguf-py's GGUFReader."""
+"""`dgemma inspect FILE.gguf`: what a DiffusionGemma GGUF holds, read with gguf-py's GGUFReader (its metadata
+arrays at once: gguf_reader.FastReader)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType
 
 from dgemma.convert import constants as C
+
+from .gguf_reader import FastReader
 
 
 class InspectError(ValueError):
@@ -40,7 +43,7 @@ def open_gguf(path: str | Path, *, require_arch: bool = True) -> GGUFReader:
         if f.read(4) != b"GGUF":
             raise InspectError(f"{path}: not a GGUF file (bad magic)")
     try:
-        reader = GGUFReader(path)
+        reader = FastReader(path)
     except Exception as e:  # gguf-py raises ValueError/struct.error/IndexError on damaged files
         raise InspectError(f"{path}: unreadable GGUF ({type(e).__name__}: {e})") from None
     arch = field_value(reader, C.GENERAL_ARCHITECTURE)
