@@ -193,7 +193,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         entry = Registry().resolve(args.name)
         if args.modelfile or args.parameters:
             tok = Tokenizer.from_gguf(open_gguf(entry.path), entry.path)
-            params = show_parameters(entry, tok, read_model_info(entry.path))
+            params = show_parameters(entry, [tok.tokens[i] for i in sorted(tok.eog_ids)], read_model_info(entry.path))
         if args.modelfile:
             print(render_modelfile(str(entry.path), entry.settings, params, display_name(entry.name)), end="")
         elif args.parameters:

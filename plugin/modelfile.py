@@ -2,13 +2,20 @@
 
 `dgemma create NAME -f Modelfile` (and Ollama's /api/create) reads the instructions Ollama's parser reads:
 
-    FROM diffusiongemma:26b-a4b-q4_K_M     # a model name, or a .gguf path (relative to the Modelfile)
+    # FROM: a model name, or a .gguf path (relative to the Modelfile)
+    FROM diffusiongemma:26b-a4b-q4_K_M
     SYSTEM \"\"\"You are Mario from Super Mario Bros.\"\"\"
     PARAMETER temperature 0.7
-    PARAMETER stop "<end>"                 # one line per stop string
-    MESSAGE user Is Toad a good friend?     # a conversation every chat starts from
+    # one line per stop string
+    PARAMETER stop "<end>"
+    # a conversation every chat starts from
+    MESSAGE user Is Toad a good friend?
     MESSAGE assistant Yes, the best.
     LICENSE \"\"\"...\"\"\"
+
+Values as Ollama's parser reads them: `\"\"\"...\"\"\"` over lines up to one that ends with the closing quotes (the
+text between kept as it is), `"..."` as it is between the quotes, or the rest of the line; `#` starts a comment
+only at the start of a line.
 
 TEMPLATE (Go templates), ADAPTER (LoRA) and quantizing are refused with a line that says why: dgemma renders the
 GGUF's own Jinja chat template and has no adapters. A derived model shares its base's GGUF file
@@ -19,7 +26,7 @@ and the MESSAGEs come before the chat's messages.
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +42,12 @@ OLLAMA_PARAMETERS: dict[str, type] = {
     **{k: int for k in ("top_k", "num_keep", "repeat_last_n", "mirostat", "num_gpu", "main_gpu", "num_thread")},
     **{k: float for k in ("top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty", "frequency_penalty",
                           "mirostat_tau", "mirostat_eta", "tfs_z")},
-    **{k: bool for k in ("penalize_newline", "numa", "use_mmap", "use_mlock", "low_vram", "f16_kv", "vocab_only")},
+    **{k: bool for k in ("penalize_newline", "numa", "use_mmap", "use_mlock", "low_vram", "f16_kv", "vocab_only",
+                         "logits_all", "embedding_only")},
 }
+# the least value a parameter takes (the others: any finite number)
+MINIMUM = {"num_ctx": 1, "num_batch": 1, "diffusion_steps": 1, "temperature": 0.0, "entropy_bound": 0.0,
+           "t_min": 0.0, "t_max": 0.0}
 ROLES = ("system", "user", "assistant")
 INSTRUCTIONS = ("from", "system", "parameter", "message", "license", "template", "adapter", "requires")
 TRIPLE = '"""'
@@ -70,15 +81,16 @@ def parameter_value(name: str, value: Any) -> Any:
     if isinstance(value, bool):
         raise ModelfileError(f"parameter '{name}' must be a number (got {value!r})")
     try:
-        if kind is int:
-            number = float(value)
-            if number != int(number):
-                raise ValueError
-            return int(number)
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number) or (kind is int and number != int(number)):
+            raise ValueError
+        number = int(number) if kind is int else number
     except (TypeError, ValueError, OverflowError):
-        raise ModelfileError(f"parameter '{name}' must be {'an integer' if kind is int else 'a number'} "
+        raise ModelfileError(f"parameter '{name}' must be {'an integer' if kind is int else 'a finite number'} "
                              f"(got {value!r})") from None
+    if name in MINIMUM and number < MINIMUM[name]:
+        raise ModelfileError(f"parameter '{name}' must be at least {MINIMUM[name]} (got {value!r})")
+    return number
 
 
 def check_parameters(parameters: Any) -> dict[str, Any]:
@@ -115,8 +127,9 @@ class ModelSettings:
         return bool(self.system is not None or self.parameters or self.messages or self.license)
 
     def over(self, base: ModelSettings) -> ModelSettings:
-        """These settings on top of a base model's: parameters merged, the rest replaced where given."""
-        return ModelSettings(self.system if self.system is not None else base.system,
+        """These settings on top of a base model's: parameters merged, the rest replaced where given (an empty
+        SYSTEM keeps the base's, as Ollama's)."""
+        return ModelSettings(self.system or base.system,
                              {**base.parameters, **self.parameters}, list(self.messages or base.messages),
                              list(self.license or base.license))
 
@@ -162,41 +175,35 @@ class Modelfile:
     settings: ModelSettings
 
 
-_LINE = re.compile(r"\s*([A-Za-z]+)(?:\s+(.*))?$", re.S)
+_LINE = re.compile(r"([A-Za-z]+)(?:[ \t]+(.*))?$", re.S)
 
 
 def _value(text: str, lines: list[str], at: int, where: str) -> tuple[str, int]:
-    """The value starting at `text` (the rest of line `at`): triple-quoted (over lines), double-quoted (JSON
-    escapes) or bare; and the index of the line after it."""
+    """The value starting at `text` (the rest of line `at`), and the index of the line after it: triple-quoted up
+    to the line that ends with the closing quotes (as Ollama's parser reads it), double-quoted, or bare."""
     stripped = text.strip()
     if stripped.startswith(TRIPLE):
-        rest, end = stripped[len(TRIPLE):], at
-        while TRIPLE not in rest:
+        body, end = [text.lstrip()[len(TRIPLE):]], at
+        while not body[-1].rstrip().endswith(TRIPLE):
             end += 1
             if end >= len(lines):
                 raise ModelfileError(f"{where}:{at + 1}: unterminated {TRIPLE}")
-            rest += "\n" + lines[end]
-        body, after = rest.split(TRIPLE, 1)
-        if after.strip():
-            raise ModelfileError(f"{where}:{end + 1}: unexpected text after the closing {TRIPLE}: {after.strip()!r}")
-        return body.strip(), end + 1
+            body.append(lines[end])
+        return "\n".join(body).rstrip()[: -len(TRIPLE)], end + 1
     if len(stripped) >= 2 and stripped[0] == stripped[-1] == '"':
-        try:
-            return json.loads(stripped), at + 1
-        except json.JSONDecodeError:
-            return stripped[1:-1], at + 1
+        return stripped[1:-1], at + 1
     return stripped, at + 1
 
 
 def parse_modelfile(text: str, where: str = "Modelfile") -> Modelfile:
-    """A Modelfile's instructions (case-insensitive, `#` comments), errors as `where:LINE: ...`."""
-    lines = text.splitlines()
+    """A Modelfile's instructions (case-insensitive, `#` comment lines), errors as `where:LINE: ...`."""
+    lines = text.removeprefix("\ufeff").replace("\r\n", "\n").split("\n")
     base: str | None = None
     s = ModelSettings()
     i = 0
     while i < len(lines):
-        line, n = lines[i], i + 1
-        if not line.strip() or line.lstrip().startswith("#"):
+        line, n = lines[i].strip(), i + 1
+        if not line or line.startswith("#"):
             i += 1
             continue
         m = _LINE.match(line)
@@ -206,24 +213,22 @@ def parse_modelfile(text: str, where: str = "Modelfile") -> Modelfile:
                                  f"{', '.join(w.upper() for w in INSTRUCTIONS)})")
         if word in REFUSED:
             raise ModelfileError(f"{where}:{n}: {REFUSED[word]}")
-        rest = m.group(2) or ""
-        if word == "parameter":
-            name, _, raw = rest.strip().partition(" ")
-            if not name or not raw.strip():
+        rest = lines[i].lstrip()[len(m.group(1)):].lstrip(" \t")
+        if word in ("parameter", "message"):
+            head, raw = (re.split(r"[ \t]+", rest, maxsplit=1) + [""])[:2]
+            if word == "parameter" and (not head or not raw.strip()):
                 raise ModelfileError(f"{where}:{n}: PARAMETER needs a name and a value (e.g. PARAMETER temperature 0.7)")
+            if word == "message" and head.lower() not in ROLES:
+                raise ModelfileError(f"{where}:{n}: MESSAGE needs a role, one of {', '.join(ROLES)} (got {head!r})")
             value, i = _value(raw, lines, i, where)
+            if word == "message":
+                s.messages.append({"role": head.lower(), "content": value})
+                continue
             try:
-                typed = parameter_value(name, value)
+                typed = parameter_value(head, value)
             except ModelfileError as e:
                 raise ModelfileError(f"{where}:{n}: {e}") from None
-            s.parameters[name] = s.parameters.get(name, []) + typed if name == "stop" else typed
-            continue
-        if word == "message":
-            role, _, raw = rest.strip().partition(" ")
-            if role.lower() not in ROLES:
-                raise ModelfileError(f"{where}:{n}: MESSAGE needs a role, one of {', '.join(ROLES)} (got {role!r})")
-            value, i = _value(raw, lines, i, where)
-            s.messages.append({"role": role.lower(), "content": value})
+            s.parameters[head] = s.parameters.get(head, []) + typed if head == "stop" else typed
             continue
         value, i = _value(rest, lines, i, where)
         if not value and word in ("from", "requires"):
@@ -252,11 +257,15 @@ def read_modelfile(path: str | Path) -> Modelfile:
 
 
 def _quoted(text: str) -> str:
+    """Triple quotes; the text reads back as it is unless one of its lines ends with three quotes (Ollama's
+    format has no escape)."""
     return f"{TRIPLE}{text}{TRIPLE}"
 
 
 def _parameter_text(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, str):
+        return _quoted(value) if "\n" in value or "\r" in value else f'"{value}"'
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def parameter_lines(parameters: dict[str, Any]) -> list[tuple[str, Any]]:

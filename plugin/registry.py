@@ -13,18 +13,26 @@ them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from gguf import LlamaFileType
+
+try:
+    import fcntl
+except ImportError:  # (not on Windows: the lock then holds within one process only)
+    fcntl = None
 
 from dgemma.convert import constants as C
 
@@ -37,6 +45,9 @@ REGISTRY_FILE = "registry.json"
 FAMILY = "diffusiongemma"
 LATEST = ":latest"
 BLOBS_DIR = "blobs"
+LOCK_FILE = ".registry.lock"
+MAX_NAME = 128  # characters in a model name (its file's name must fit the file system's 255 bytes)
+_CHANGING = threading.Lock()
 DIGESTS_FILE = ".digests.json"  # file name -> [size, mtime_ns, sha256] (file_digest)
 DIGEST = re.compile(r"sha256[:-]([0-9a-f]{64})")
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(:[A-Za-z0-9_][A-Za-z0-9._-]*)?")
@@ -204,6 +215,17 @@ class _Record:
         return cls(value["file"], base if isinstance(base, str) else None, ModelSettings.from_json(value))
 
 
+def _locked(method):
+    """A Registry change, run under Registry._changing."""
+
+    @functools.wraps(method)
+    def run(self: Registry, *args: Any, **kwargs: Any) -> Any:
+        with self._changing():
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class Registry:
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root is not None else models_dir()
@@ -261,10 +283,10 @@ class Registry:
         index = self._index()
         if wanted in index and (self.root / index[wanted].file).is_file():
             return self._entry(wanted, self.root / index[wanted].file, index[wanted])
-        loose = self.root / f"{wanted}.gguf"
-        if loose.is_file():
-            return self._entry(wanted, loose)
         files = {r.file for r in index.values()}
+        loose = self.root / f"{wanted}.gguf"
+        if loose.is_file() and loose.name not in files:  # (a file a made model shares stays that model's)
+            return self._entry(wanted, loose)
         known = sorted({DEFAULT_NAME, *index, *(p.stem for p in self.root.glob("*.gguf") if p.name not in files)})
         raise ModelNotFound(f"model '{name}' not found in {self.root} (have: {', '.join(known)})")
 
@@ -273,17 +295,34 @@ class Registry:
         name = normalize_name(name)
         if name == DEFAULT_NAME:
             raise RegistryError(f"the name '{DEFAULT_NAME}' is reserved for the bundled model")
+        if len(name) > MAX_NAME:
+            raise RegistryError(f"model name too long ({len(name)} characters, at most {MAX_NAME})")
         if not NAME.fullmatch(name):
             raise RegistryError(f"invalid model name '{name}' (letters, digits, '.', '_', '-' and one ':' before a tag)")
         return name
 
+    @contextlib.contextmanager
+    def _changing(self):
+        """One change to the directory at a time (read registry.json, write it, drop the files it leaves): in
+        this process, and across processes through a lock on .registry.lock. Not nested."""
+        with _CHANGING:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / LOCK_FILE, "a") as f:
+                if fcntl is not None:
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    if fcntl is not None:
+                        fcntl.flock(f, fcntl.LOCK_UN)
+
     def _file_for(self, name: str, index: dict[str, _Record]) -> str:
-        """A file name for a new GGUF under `name`: its slug, unless another name's model (or the bundled one)
-        uses that file."""
+        """A file name for a new GGUF under `name`: its slug, or the slug numbered where a file of that name
+        is there or named (also the name's own: a model loaded from it keeps it until it reloads)."""
         slug, n = _slug(name), 1
-        used = {r.file for k, r in index.items() if k != name} | {f"{DEFAULT_NAME}.gguf"}
+        used = {r.file for r in index.values()} | {f"{DEFAULT_NAME}.gguf"}
         file = f"{slug}.gguf"
-        while file in used:
+        while file in used or (self.root / file).exists():
             n += 1
             file = f"{slug}-{n}.gguf"
         return file
@@ -292,16 +331,20 @@ class Registry:
         """src (a GGUF) into the models directory as `file`, through a temporary file renamed when complete; an
         upload (move) is renamed into place."""
         self.root.mkdir(parents=True, exist_ok=True)
-        if move:
-            os.replace(src, self.root / file)
-            return
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{file}.", suffix=".partial")
-        os.close(fd)
+        tmp = None
         try:
+            if move:
+                os.replace(src, self.root / file)
+                return
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".copy.", suffix=".partial")
+            os.close(fd)
             shutil.copyfile(src, tmp)
             os.replace(tmp, self.root / file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as e:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise RegistryError(f"{src}: cannot add it to {self.root} as {file} ({e.strerror or e})") from None
             raise
 
     def _set(self, index: dict[str, _Record], name: str, record: _Record) -> ModelEntry:
@@ -324,6 +367,7 @@ class Registry:
         except InspectError as e:
             raise RegistryError(str(e)) from None
 
+    @_locked
     def import_file(self, src: str | Path, name: str | None = None, *, force: bool = False) -> ModelEntry:
         src = Path(src)
         info = self._check_gguf(src)
@@ -344,6 +388,7 @@ class Registry:
             index[entry.name] = _Record(entry.path.name)
         return _Record(entry.path.name, entry.base, entry.settings)
 
+    @_locked
     def create(self, name: str, base: str, settings: ModelSettings, *, folder: Path | None = None,
                blob: Path | None = None) -> ModelEntry:
         """A model from a Modelfile: FROM a model name (it shares that model's file and builds on its
@@ -368,6 +413,7 @@ class Registry:
         record = self._record_of(parent, index)
         return self._set(index, name, _Record(record.file, display_name(parent.name), settings.over(record.settings)))
 
+    @_locked
     def copy(self, source: str, destination: str) -> ModelEntry:
         """`dgemma cp` / /api/copy: another name for a model, with its settings (ModelNotFound for the source)."""
         entry = self.resolve(source) if not (source.endswith(".gguf") or os.sep in source) else None
@@ -377,6 +423,7 @@ class Registry:
         index = self._index()
         return self._set(index, name, self._record_of(entry, index))
 
+    @_locked
     def remove(self, name: str) -> None:
         wanted = normalize_name(name)
         if wanted == DEFAULT_NAME:

@@ -79,9 +79,14 @@ def test_create_from_a_model_and_generate_with_its_settings(server, engine):
     assert got.message.content == engine.tokenizer.decode(done.token_ids, skip_special=True)
     oa = openai.OpenAI(base_url=f"{server}/v1", api_key="x").chat.completions.create(model="mario", messages=chat)
     assert oa.usage.prompt_tokens == len(ids) and oa.choices[0].message.content == got.message.content
+    # a chat's own system message: after the MESSAGEs, as Ollama orders them (the reply tells the orders apart)
     own = [{"role": "system", "content": "Be brief."}, *chat]
-    assert client.chat(model="mario", messages=own).prompt_eval_count == len(engine.prompt_ids(settings.chat(own)))
-    assert len(engine.prompt_ids(settings.chat(own))) != len(ids)
+    ids, done = alone(engine, settings.chat(own), PARAMETERS)
+    _, other = alone(engine, [own[0], *MESSAGES, *chat], PARAMETERS)
+    assert other.token_ids != done.token_ids
+    got = client.chat(model="mario", messages=own)
+    assert got.prompt_eval_count == len(ids)
+    assert got.message.content == engine.tokenizer.decode(done.token_ids, skip_special=True)
 
     # made again: the new settings at the next request, without unloading
     client.create(model="mario", from_="default", parameters={"num_predict": 2, "seed": 11})
@@ -150,3 +155,23 @@ def test_copy_blob_and_name_refusals(server):
     assert r.status_code == 400 and "digest mismatch" in r.json()["error"]
     assert httpx.head(f"{server}/api/blobs/sha256:{'3' * 64}", timeout=60).status_code == 404
     assert httpx.head(f"{server}/api/blobs/md5:{'3' * 32}", timeout=60).status_code == 400
+
+
+def test_show_reads_a_tokenizer_once_per_file(monkeypatch, tmp_path):
+    import os
+
+    from dgemma.plugin.registry import Registry
+    from dgemma.plugin.server import app as server_app
+    from dgemma.plugin.server.serving import ModelManager
+
+    registry = Registry(tmp_path / "m")
+    state = server_app.AppState(server_app.ServerConfig(), registry, ModelManager(registry))
+    built = []
+    real = server_app.Tokenizer.from_gguf
+    monkeypatch.setattr(server_app.Tokenizer, "from_gguf", lambda *a: built.append(1) or real(*a))
+    first = state.template_info(registry.resolve("default"))
+    assert state.template_info(registry.resolve("default")) is first and len(built) == 1
+    assert first.stops and "<|turn>" in first.template and first.features.thinking
+    path = registry.resolve("default").path
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # (another file there now)
+    assert state.template_info(registry.resolve("default")) == first and len(built) == 2

@@ -31,7 +31,7 @@ PARAMETER top_k 40
 MESSAGE user Who is Toad?
 MESSAGE assistant """A friend,
 always."""
-LICENSE "MIT \\"or\\" not"
+LICENSE "MIT "or" not"
 REQUIRES 0.5.0
 '''
 
@@ -40,7 +40,7 @@ def test_parser_reads_every_instruction():
     made = parse_modelfile(MARIO)
     assert made.base == "default"
     s = made.settings
-    assert s.system == "You are Mario from Super Mario Bros.\nAnswer as Mario."
+    assert s.system == "\nYou are Mario from Super Mario Bros.\nAnswer as Mario.\n"  # (kept as written, as Ollama)
     assert s.parameters == {"temperature": 0.7, "stop": ["<end>", "</s>"], "num_predict": 6, "top_k": 40}
     assert s.messages == [{"role": "user", "content": "Who is Toad?"}, {"role": "assistant", "content": "A friend,\nalways."}]
     assert s.license == ['MIT "or" not']
@@ -49,8 +49,11 @@ def test_parser_reads_every_instruction():
 @pytest.mark.parametrize("settings", [
     parse_modelfile(MARIO).settings,
     ModelSettings(),
-    ModelSettings(system='quotes " and \\ inside', parameters={"stop": ["a b", '"q"', "\\n"]}),
+    ModelSettings(system='quotes " and \\ inside, """ and C:\\new\\tmp', parameters={"stop": [" a b ", '"q"', "\n", "x\ny"]}),
     ModelSettings(system="", messages=[{"role": "system", "content": "x\n\ny"}], license=["one", "two"]),
+    ModelSettings(system='ends with a quote: "hi"', messages=[{"role": "user", "content": "    x = 1\n  "}]),
+    ModelSettings(system="  leading and trailing  \n", license=["form\x0cfeed\u2028and\x85others\ttab"]),
+    ModelSettings(parameters={"temperature": 0.1, "seed": -1, "numa": True, "num_predict": -2}),
 ])
 def test_render_reads_back(settings):
     text = render_modelfile("some/file.gguf", settings, name="x:latest")
@@ -62,14 +65,17 @@ def test_render_reads_back(settings):
     ("SYSTEM hi", "Modelfile: no FROM line"),
     ("FROM default\nTEMPLATE {{ .Prompt }}", "Modelfile:2: TEMPLATE is not supported"),
     ("FROM default\nADAPTER ./lora.gguf", "Modelfile:2: ADAPTER is not supported"),
-    ("FROM default\nPARAMETER temperature hot", "Modelfile:2: parameter 'temperature' must be a number"),
+    ("FROM default\nPARAMETER temperature hot", "Modelfile:2: parameter 'temperature' must be a finite number"),
     ("FROM default\nPARAMETER num_ctx 1.5", "Modelfile:2: parameter 'num_ctx' must be an integer"),
     ("FROM default\nPARAMETER use_mmap maybe", "Modelfile:2: parameter 'use_mmap' must be true or false"),
     ("FROM default\nPARAMETER warmth 3", "Modelfile:2: unknown parameter 'warmth'"),
     ("FROM default\nPARAMETER seed", "Modelfile:2: PARAMETER needs a name and a value"),
     ("FROM default\nMESSAGE robot hi", "Modelfile:2: MESSAGE needs a role"),
     ("FROM default\n\nSYSTEM \"\"\"open\nstill open", "Modelfile:3: unterminated"),
-    ("FROM default\nSYSTEM \"\"\"a\"\"\" b", "Modelfile:2: unexpected text after the closing"),
+    ("FROM default\nSYSTEM \"\"\"a\"\"\" b\nPARAMETER seed 1", "Modelfile:2: unterminated"),
+    ("FROM default\nPARAMETER temperature nan", "Modelfile:2: parameter 'temperature' must be a finite number"),
+    ("FROM default\nPARAMETER diffusion_steps 0", "Modelfile:2: parameter 'diffusion_steps' must be at least 1"),
+    ("FROM default\nPARAMETER num_ctx -5", "Modelfile:2: parameter 'num_ctx' must be at least 1"),
     ("FROM default\nDESCRIBE it", "Modelfile:2: unknown instruction 'DESCRIBE'"),
     ("FROM", "Modelfile:1: FROM needs a value"),
 ])
@@ -77,6 +83,18 @@ def test_parser_errors_name_the_line(text, message):
     with pytest.raises(ModelfileError) as e:
         parse_modelfile(text)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_ollama_parser_details():
+    # a byte order mark, CRLF line ends, tabs between words, values as written between quotes
+    made = parse_modelfile('\ufeffFROM\tdefault\r\nPARAMETER\ttemperature\t0.5\r\nMESSAGE user\thi there\r\n'
+                           'SYSTEM "Save under C:\\new\\tmp"\r\nSYSTEM ""\r\n')
+    assert made.base == "default" and made.settings.parameters == {"temperature": 0.5}
+    assert made.settings.messages == [{"role": "user", "content": "hi there"}] and made.settings.system == ""
+    assert parse_modelfile('FROM x\nSYSTEM "Save under C:\\new\\tmp"').settings.system == "Save under C:\\new\\tmp"
+    assert parse_modelfile('FROM x\nSYSTEM """Say "hi""""').settings.system == 'Say "hi"'
+    # an empty SYSTEM keeps the base's, as Ollama's
+    assert ModelSettings("").over(ModelSettings("base")).system == "base"
 
 
 def test_request_parameters_are_typed():
@@ -111,7 +129,7 @@ def gguf(tmp_path_factory) -> Path:
 def test_made_models_share_files_and_build_on_their_base(reg, gguf):
     base = reg.import_file(gguf, "base")
     mario = reg.create("mario", "base", parse_modelfile(MARIO).settings)
-    assert mario.path == base.path and mario.base == "base:latest" and mario.settings.system.startswith("You are Mario")
+    assert mario.path == base.path and mario.base == "base:latest" and "You are Mario" in mario.settings.system
     # made again from mario: its settings over mario's
     luigi = reg.create("luigi:v2", "mario:latest", ModelSettings("Luigi", {"seed": 5}))
     assert luigi.settings.system == "Luigi" and luigi.settings.parameters["seed"] == 5
@@ -139,6 +157,52 @@ def test_import_over_a_shared_file_leaves_it_to_the_others(reg, gguf, tmp_path):
     index = json.loads((reg.root / "registry.json").read_text())["models"]
     assert index["mine"] == again.path.name  # (a plain import keeps the plain form)
     assert index["mine-sys"] == {"file": first.path.name, "from": "mine:latest", "system": "s"}
+
+
+def test_a_name_made_again_gets_a_new_file(reg, gguf, tmp_path):
+    # (a model loaded from the old file reloads: the server compares paths)
+    first = reg.create("m", str(gguf), ModelSettings())
+    other = tmp_path / "other.gguf"
+    other.write_bytes(gguf.read_bytes()[:-1] + b"\1")
+    again = reg.create("m", str(other), ModelSettings())
+    assert again.path != first.path and not first.path.exists() and again.path.read_bytes() == other.read_bytes()
+    # a name removed does not come back through a file another model shares
+    reg.create("m2", "m", ModelSettings("s"))
+    reg.remove("m")
+    with pytest.raises(ModelNotFound):
+        reg.resolve("m")
+    assert reg.resolve("m2").path == again.path
+    # a GGUF dropped in by hand is never overwritten by an import whose slug it has
+    (reg.root / "my-model.gguf").write_bytes(other.read_bytes())
+    imported = reg.import_file(gguf, "my:model")
+    assert imported.path.name != "my-model.gguf" and (reg.root / "my-model.gguf").read_bytes() == other.read_bytes()
+    with pytest.raises(RegistryError, match="too long"):
+        reg.create("y" * 260, str(gguf), ModelSettings())
+
+
+def test_concurrent_changes_keep_every_name_on_a_file(reg, gguf):
+    import threading
+
+    reg.import_file(gguf, "m")
+    errors: list[Exception] = []
+
+    def copy(i: int) -> None:
+        try:
+            reg.copy("m", f"c{i}")
+        except ModelNotFound:
+            pass  # (m removed first)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=copy, args=(i,)) for i in range(8)]
+    threads.append(threading.Thread(target=lambda: reg.remove("m")))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    index = json.loads((reg.root / "registry.json").read_text())["models"]
+    assert "m" not in index and all((reg.root / (v if isinstance(v, str) else v["file"])).is_file() for v in index.values())
 
 
 def test_made_from_the_bundled_and_loose_models(reg, gguf):
@@ -207,7 +271,7 @@ def test_cli_create_show_run_cp_rm(tmp_path):
     assert shown.parameters.items() >= mine.parameters.items() and shown.parameters["num_ctx"] == 4096
     shown.parameters = mine.parameters
     assert shown == mine
-    assert cli(models, "show", "mario", "--system").stdout == "You are Mario from Super Mario Bros.\nAnswer as Mario.\n"
+    assert cli(models, "show", "mario", "--system").stdout == "\nYou are Mario from Super Mario Bros.\nAnswer as Mario.\n\n"
     params = cli(models, "show", "mario", "--parameters").stdout
     assert '"</s>"' in params and "num_predict" in params and "diffusion_steps" in params
     assert "<|turn>" in cli(models, "show", "mario", "--template").stdout
@@ -239,7 +303,7 @@ def test_cli_create_show_run_cp_rm(tmp_path):
     assert longer["token_ids"] == done.token_ids and longer["prompt_eval_count"] == len(engine.prompt_ids(mine))
 
     assert cli(models, "cp", "mario", "mario:copy").returncode == 0
-    assert cli(models, "show", "mario:copy", "--system").stdout.startswith("You are Mario")
+    assert cli(models, "show", "mario:copy", "--system").stdout.startswith("\nYou are Mario")
     assert cli(models, "rm", "mario").returncode == 0 and cli(models, "rm", "mario:copy").returncode == 0
     assert sorted(p.name for p in models.glob("*.gguf")) == ["default.gguf"]
 

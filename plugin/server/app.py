@@ -17,8 +17,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat import TemplateFeatures, template_features
+from ..inspect import open_gguf
 from ..kv_cache import DEFAULT_CACHE_RAM
 from ..registry import ModelEntry, ModelInfo, ModelNotFound, Registry, read_model_info
+from ..tokenizer import Tokenizer
 from . import DEFAULT_HOST, DEFAULT_PORT, create, ollama, openai
 from . import protocol as P
 from .serving import DEFAULT_KEEP_ALIVE, ApiError, ModelManager
@@ -53,12 +56,20 @@ def is_loopback(host: str) -> bool:
 
 
 @dataclass
+class TemplateInfo:
+    stops: list[str]  # the end-of-generation tokens, /api/show's stop parameters
+    template: str  # the Jinja chat template
+    features: TemplateFeatures  # tools, thinking
+
+
+@dataclass
 class AppState:
     config: ServerConfig
     registry: Registry
     manager: ModelManager
     http: httpx.AsyncClient | None = None
     _info: dict[tuple[Path, int, float], ModelInfo] = field(default_factory=dict)
+    _templates: dict[tuple[Path, int, float], TemplateInfo] = field(default_factory=dict)
     _upstream_lists: dict[str, tuple[float, list[dict[str, Any]]]] = field(default_factory=dict)
 
     def info(self, entry: ModelEntry) -> ModelInfo:
@@ -66,6 +77,16 @@ class AppState:
         if key not in self._info:
             self._info[key] = read_model_info(entry.path)
         return self._info[key]
+
+    def template_info(self, entry: ModelEntry) -> TemplateInfo:
+        """What /api/show gives of a model's tokenizer, read once per file (a 262k vocabulary takes a second or
+        two to build, and frontends ask for /api/show often: the LM Studio plugin before every generation)."""
+        key = (entry.path, entry.size, entry.modified_at.timestamp())
+        if key not in self._templates:
+            tok = Tokenizer.from_gguf(open_gguf(entry.path), entry.path)
+            self._templates[key] = TemplateInfo([tok.tokens[i] for i in sorted(tok.eog_ids)], tok.chat_template or "",
+                                                template_features(tok))
+        return self._templates[key]
 
     async def until_disconnected(self, request: Request, work: Awaitable[T]) -> T:
         """Await `work`, cancelling it (and so the generation) if the client goes away first."""

@@ -12,7 +12,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from ..chat import template_features
 from ..engine import DoneEvent, EngineError, TextEvent
 from ..modelfile import parameter_lines, render_modelfile
 from ..registry import ModelNotFound, RegistryError, normalize_name
@@ -195,12 +194,9 @@ async def show(request: Request, req: P.ShowRequest) -> dict[str, Any]:
     except ModelNotFound:
         raise ApiError(404, f"model '{P.display_name(normalize_name(name))}' not found") from None
     info = await asyncio.to_thread(state.info, entry)
-    from ..inspect import open_gguf
-    from ..tokenizer import Tokenizer
-
-    tok = await asyncio.to_thread(lambda: Tokenizer.from_gguf(open_gguf(entry.path), entry.path))
-    features = template_features(tok)
-    params = P.show_parameters(entry, tok, info)
+    made = await asyncio.to_thread(state.template_info, entry)
+    features = made.features
+    params = P.show_parameters(entry, made.stops, info)
     model_info = {k: v for k, v in info.metadata.items() if k not in ("general.name",)}
     if not req.verbose:
         model_info = {k: (v if not isinstance(v, list) or len(v) <= 5 else []) for k, v in model_info.items()}
@@ -209,7 +205,7 @@ async def show(request: Request, req: P.ShowRequest) -> dict[str, Any]:
         "license": "\n".join(settings.license),
         "modelfile": render_modelfile(str(entry.path), settings, params, P.display_name(entry.name)),
         "parameters": "\n".join(f"{k:<30} {json.dumps(v)}" for k, v in parameter_lines(params)),
-        "template": tok.chat_template or "",
+        "template": made.template,
         **({"system": settings.system} if settings.system else {}),
         **({"messages": settings.messages} if settings.messages else {}),
         "details": P.details(info),

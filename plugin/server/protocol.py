@@ -171,12 +171,12 @@ def details(info: ModelInfo) -> dict[str, Any]:
             "parameter_size": human_number(info.n_params), "quantization_level": info.quantization}
 
 
-def show_parameters(entry: ModelEntry, tok: Any, info: ModelInfo) -> dict[str, Any]:
+def show_parameters(entry: ModelEntry, stops: list[str], info: ModelInfo) -> dict[str, Any]:
     """/api/show's `parameters` (and `dgemma show --parameters`): the defaults a request starts from, the
     model's own (its end-of-generation tokens as stops, the diffusion sampler's), then its Modelfile's."""
     from .serving import DEFAULT_NUM_CTX
 
-    return {"num_ctx": DEFAULT_NUM_CTX, "stop": [tok.tokens[i] for i in sorted(tok.eog_ids)],
+    return {"num_ctx": DEFAULT_NUM_CTX, "stop": stops,
             **{k: info.metadata[key] for k, key in SHOW_SAMPLER_PARAMS if key in info.metadata},
             **entry.settings.parameters}
 
