@@ -345,9 +345,14 @@ class DiffusionGemma(ModelConverter):
         return ModelFacts(n_layer=self.n_layer, n_gqa=self.n_head // kv0, n_expert=self.n_expert)
 
     def tensor_force_quant(self, name: str, shape: tuple[int, ...]) -> GGMLQuantizationType | None:
-        # llama.cpp keeps these in F32 whatever the file type: vectors, norms, the router, scales
-        if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
-            return GGMLQuantizationType.F32
-        if name.endswith(f".{C.FFN_GATE_INP}.weight"):
-            return GGMLQuantizationType.F32
-        return None
+        return force_quant(name, shape)
+
+
+def force_quant(name: str, shape: tuple[int, ...]) -> GGMLQuantizationType | None:
+    """The type a GGUF tensor keeps whatever the file type (the converter's and `dgemma quantize`'s rule)."""
+    # llama.cpp keeps these in F32 whatever the file type: vectors, norms, the router, scales
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return GGMLQuantizationType.F32
+    if name.endswith(f".{C.FFN_GATE_INP}.weight"):
+        return GGMLQuantizationType.F32
+    return None

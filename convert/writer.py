@@ -169,12 +169,18 @@ def convert(src: str | Path, out: str | Path, out_type: str = "BF16", *, force: 
     conv = converter_for(ckpt, pad_experts=pad_experts)
     plan = plan_tensors(ckpt, conv, preset, overrides)
     kv = build_metadata(ckpt, conv, preset.ftype)
+    write_atomically(out, lambda tmp: write_gguf(tmp, kv, plan, conv, quiet))
+    return ConvertResult(out, len(plan), out.stat().st_size)
 
+
+def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary file beside `out`, renamed to `out` once complete; any failure (a full disk,
+    Ctrl-C) removes it and leaves `out` as it was."""
     # named before anything is created, so that an interrupt at any point below can remove it (with
     # mkstemp, a Ctrl-C between the file's creation and the `try` left it behind)
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
     try:
-        write_gguf(tmp, kv, plan, conv, quiet)
+        write(tmp)
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -182,4 +188,3 @@ def convert(src: str | Path, out: str | Path, out_type: str = "BF16", *, force: 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return ConvertResult(out, len(plan), out.stat().st_size)

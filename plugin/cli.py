@@ -46,6 +46,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from dgemma.convert import ConvertError
+    from dgemma.convert.requant import requantize
+
+    try:
+        result = requantize(args.src, args.output, args.type, fit_size=args.fit, ctx=args.ctx,
+                            allow_requantize=args.allow_requantize, force=args.force, quiet=args.quiet)
+    except ConvertError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail(f"{args.output}: interrupted; nothing was written", EXIT_INTERRUPTED)
+    if not args.quiet:
+        what = f"--fit {args.fit}" if args.fit else args.type.upper()
+        print(f"wrote {result.path} ({result.n_tensors} tensors, {result.nbytes:,} bytes, {what})")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -164,7 +181,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     try:
         made = read_modelfile(args.file)
-        entry = Registry().create(args.name, made.base, made.settings, folder=Path(args.file).parent)
+        entry = Registry().create(args.name, made.base, made.settings, folder=Path(args.file).parent,
+                                  quantize=args.quantize)
     except (ModelfileError, RegistryError) as e:
         return _fail(str(e))
     print(f"created {entry.name} from {made.base} ({entry.path.name})")
@@ -381,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "GGUF's own chat template is used. An existing NAME is replaced.")
     cr.add_argument("name", metavar="NAME")
     cr.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default ./Modelfile)")
+    cr.add_argument("-q", "--quantize", metavar="TYPE",
+                    help="give the model its own file, FROM's (F16/BF16/F32) quantized to TYPE (e.g. q4_K_M), as "
+                         "ollama create --quantize")
     cr.set_defaults(func=cmd_create)
     cp = sub.add_parser("cp", help="copy a model under another name (as ollama cp; the file is shared)")
     cp.add_argument("source", metavar="SOURCE")
@@ -418,6 +439,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser("quantize", help="a DiffusionGemma GGUF in another type, e.g. BF16 to Q4_K_M (as llama-quantize)",
+                       description="Quantize a DiffusionGemma GGUF (F16, BF16 or F32: one downloaded, or one dgemma "
+                                   "convert wrote) to another type, with the per-tensor rules and --fit planner of "
+                                   "dgemma convert: the same file convert writes from the checkpoint.")
+    q.add_argument("src", metavar="IN.gguf")
+    q.add_argument("output", metavar="OUT.gguf")
+    q.add_argument("--type", default="Q4_K_M", metavar="TYPE",
+                   help="the output type, as dgemma convert --type (default Q4_K_M)")
+    q.add_argument("--fit", metavar="SIZE", help="choose types so that the VRAM estimate stays under SIZE (e.g. 12GB), "
+                                                 "starting from --type, as dgemma convert --fit")
+    q.add_argument("--ctx", type=int, default=PLAN_CTX,
+                   help=f"context length the --fit estimate reserves KV cache for (default {PLAN_CTX})")
+    q.add_argument("--allow-requantize", action="store_true",
+                   help="quantize a file that is already quantized (loses more than starting from F16/BF16)")
+    q.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+    q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    q.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("inspect", help="summarize a DiffusionGemma GGUF file (or a model by name)",
                        description="Architecture, parameter count, tensors per GGML type, sampler defaults, tokenizer.")

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -388,12 +389,43 @@ class Registry:
             index[entry.name] = _Record(entry.path.name)
         return _Record(entry.path.name, entry.base, entry.settings)
 
-    @_locked
     def create(self, name: str, base: str, settings: ModelSettings, *, folder: Path | None = None,
-               blob: Path | None = None) -> ModelEntry:
+               blob: Path | None = None, quantize: str | None = None) -> ModelEntry:
         """A model from a Modelfile: FROM a model name (it shares that model's file and builds on its
         settings), a .gguf path (relative to `folder`; the file is copied in) or an uploaded blob (moved in).
-        An existing name is replaced, as Ollama's create does."""
+        An existing name is replaced, as Ollama's create does. `quantize` (a type, as `dgemma quantize --type`):
+        the model gets its own file, the base's (F16/BF16/F32) quantized, first and outside the lock (minutes
+        for a large model)."""
+        if not quantize:
+            return self._create(name, base, settings, folder=folder, blob=blob)
+        from dgemma.convert import ConvertError
+        from dgemma.convert.requant import requantize
+
+        self._new_name(name)  # (refused before any work)
+        parent = None
+        if blob is None and not (base.endswith(".gguf") or os.sep in base or "/" in base):
+            try:
+                parent = self.resolve(base)
+            except ModelNotFound as e:
+                raise RegistryError(f"FROM {base}: {e}") from None
+        source = parent.path if parent is not None else blob if blob is not None else Path(base).expanduser()
+        if parent is None and blob is None and not source.is_absolute() and folder is not None:
+            source = folder / source
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".quantize.{secrets.token_hex(6)}.partial"
+        try:
+            requantize(source, tmp, quantize, quiet=True, force=True)
+            if parent is not None:
+                settings = settings.over(parent.settings)
+            return self._create(name, str(source), settings, blob=tmp)
+        except ConvertError as e:
+            raise RegistryError(f"quantize {quantize}: {e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @_locked
+    def _create(self, name: str, base: str, settings: ModelSettings, *, folder: Path | None = None,
+                blob: Path | None = None) -> ModelEntry:
         name = self._new_name(name)
         index = self._index()
         path = blob if blob is not None else Path(base).expanduser()

@@ -111,6 +111,34 @@ def test_create_from_an_uploaded_gguf_and_copy(server, models, tmp_path):
     assert sorted(p.name for p in models.glob("*.gguf")) == ["default.gguf"]
 
 
+def test_create_quantizes(server, models, checkpoint_factory, tmp_path):
+    """`quantize`: the model gets its own file, an uploaded F32 GGUF (or a model's) as dgemma quantize writes it."""
+    from conftest import SPECS
+
+    from dgemma.convert import convert
+    from dgemma.convert.requant import requantize
+
+    f32 = convert(checkpoint_factory(SPECS["base"]), tmp_path / "f32.gguf", "F32", quiet=True).path
+    expected = requantize(f32, tmp_path / "q8.gguf", "Q8_0", quiet=True).path.read_bytes()
+    client = ollama.Client(host=server)
+    digest = client.create_blob(f32)
+    statuses = [p.status for p in client.create(model="tiny-q8", files={"f32.gguf": digest}, quantize="q8_0",
+                                               system="Small.", stream=True)]
+    assert "quantized to Q8_0" in statuses and statuses[-1] == "success"
+    assert client.show("tiny-q8").details.quantization_level == "Q8_0"
+    made = next(models.glob("tiny-q8*.gguf"))
+    assert made.read_bytes() == expected
+    assert httpx.head(f"{server}/api/blobs/{digest}", timeout=60).status_code == 404  # (the upload went)
+    # from a model: its settings kept, its file left as it is
+    client.create(model="tiny-f32", files={"f32.gguf": client.create_blob(f32)}, system="Kept.")
+    client.create(model="tiny-q8b", from_="tiny-f32", quantize="Q8_0")
+    assert 'SYSTEM """Kept."""' in client.show("tiny-q8b").modelfile
+    assert client.show("tiny-f32").details.quantization_level == "F32"
+    for name in ("tiny-q8", "tiny-f32", "tiny-q8b"):
+        client.delete(name)
+    assert sorted(p.name for p in models.glob("*.gguf")) == ["default.gguf"] and not list(models.glob(".*.partial"))
+
+
 def test_the_legacy_modelfile_form(server, models):
     digest = "sha256:" + hashlib.sha256((models / "default.gguf").read_bytes()).hexdigest()
     with (models / "default.gguf").open("rb") as f:
@@ -125,7 +153,8 @@ def test_the_legacy_modelfile_form(server, models):
 @pytest.mark.parametrize("body, status, message", [
     ({"from": "default", "template": "{{ .Prompt }}"}, 400, "TEMPLATE is not supported"),
     ({"from": "default", "adapters": {"a.gguf": "sha256:" + "1" * 64}}, 400, "ADAPTER is not supported"),
-    ({"from": "default", "quantize": "q4_K_M"}, 400, "dgemma convert --type Q4_K_M"),
+    ({"from": "default", "quantize": "q4_K_M"}, 400, "quantize q4_K_M: "),
+    ({"from": "default", "quantize": "q9_z"}, 400, "--type 'q9_z' is not supported"),
     ({"from": "/etc/passwd.gguf"}, 400, "is a path"),
     ({"from": "nothing"}, 400, "FROM nothing: model 'nothing' not found"),
     ({}, 400, "'from' (the model to build on) or 'files'"),

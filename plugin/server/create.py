@@ -67,9 +67,6 @@ def _plan(registry: Registry, req: P.CreateRequest) -> tuple[str, ModelSettings,
     for field, value in (("adapters", req.adapters), ("template", req.template)):
         if value:
             raise ApiError(400, REFUSED["adapter" if field == "adapters" else "template"])
-    if req.quantize:
-        raise ApiError(400, "quantize is not supported: quantize while converting (dgemma convert --type "
-                            f"{req.quantize.upper()})")
     try:
         if req.modelfile:  # (before Ollama 0.5: the Modelfile's text, FROM @sha256:... for an uploaded file)
             made = parse_modelfile(req.modelfile, "modelfile")
@@ -107,15 +104,18 @@ async def create(request: Request, req: P.CreateRequest) -> Response:
     state = request.app.state.dgemma
     base, settings, blob = await asyncio.to_thread(_plan, state.registry, req)
     try:
-        entry = await asyncio.to_thread(state.registry.create, name, base, settings, blob=blob)
+        entry = await asyncio.to_thread(state.registry.create, name, base, settings, blob=blob, quantize=req.quantize)
     except ModelNotFound as e:
         raise ApiError(404, str(e)) from None
     except RegistryError as e:
         raise ApiError(400, str(e)) from None
     # a model loaded under this name before it was made again takes its new file at its next request (its
     # settings are read per request)
-    statuses = [f"using {'uploaded file' if blob is not None else 'model'} {base}",
-                f"writing manifest for {P.display_name(entry.name)}", "success"]
+    if blob is not None and req.quantize:
+        blob.unlink(missing_ok=True)  # (the upload was quantized into the model's own file)
+    statuses = [f"using {'uploaded file' if blob is not None else 'model'} {base}"]
+    statuses += [f"quantized to {req.quantize.upper()}"] if req.quantize else []
+    statuses += [f"writing manifest for {P.display_name(entry.name)}", "success"]
     if req.stream is False:
         return JSONResponse({"status": statuses[-1]})
 

@@ -1,0 +1,130 @@
+"""`dgemma quantize`: a GGUF requantized from its F32/BF16 conversion equals the file convert writes from the
+checkpoint (the reference), field for field and byte for byte."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SPECS
+from gguf import GGUFReader
+
+from dgemma.convert import ConvertError, convert
+from dgemma.convert.plan import make_plan
+from dgemma.convert.requant import requantize
+from dgemma.plugin.inspect import field_value
+
+
+def same_file(a: Path, b: Path) -> None:
+    ra, rb = GGUFReader(a), GGUFReader(b)
+    keys = {k for k in ra.fields if not k.startswith("GGUF.")}
+    assert keys == {k for k in rb.fields if not k.startswith("GGUF.")}
+    for k in keys:
+        assert field_value(ra, k) == field_value(rb, k), k
+    assert [t.name for t in ra.tensors] == [t.name for t in rb.tensors]
+    for ta, tb in zip(ra.tensors, rb.tensors):
+        assert ta.tensor_type == tb.tensor_type and list(ta.shape) == list(tb.shape), ta.name
+        assert np.asarray(ta.data).tobytes() == np.asarray(tb.data).tobytes(), ta.name
+
+
+@pytest.fixture(scope="module")
+def floats(checkpoint_factory, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Per test model: its checkpoint and its conversion in F32 (bf16_wide: BF16, its checkpoint's dtype)."""
+    out = {}
+    d = tmp_path_factory.mktemp("floats")
+    for key, spec in SPECS.items():
+        ckpt = checkpoint_factory(spec)
+        kind = "BF16" if spec.dtype == "bfloat16" else "F32"
+        out[key] = ckpt, convert(ckpt, d / f"{key}-{kind}.gguf", kind, quiet=True).path
+    return out
+
+
+@pytest.mark.parametrize("key", sorted(SPECS))
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K_M", "Q2_K", "F16"])
+def test_requantized_equals_converted(floats, tmp_path, key, kind):
+    ckpt, source = floats[key]
+    direct = convert(ckpt, tmp_path / "direct.gguf", kind, quiet=True).path
+    made = requantize(source, tmp_path / "made.gguf", kind, quiet=True).path
+    same_file(made, direct)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_fit_plans_as_convert_does(floats, tmp_path):
+    from dgemma.quant.planner import GiB
+
+    ckpt, source = floats["base"]
+    floor = make_plan(ckpt, "Q4_K_M", "0.001GB").fit.breakdown.total  # (the lowest types' estimate)
+    budget = f"{(floor + 4096) / GiB:.15f}GiB"
+    plan = make_plan(ckpt, "Q4_K_M", budget)
+    assert plan.fit.fits and plan.overrides() != make_plan(ckpt, "Q4_K_M").overrides()
+    direct = convert(ckpt, tmp_path / "direct.gguf", "Q4_K_M", quiet=True, overrides=plan.overrides()).path
+    same_file(requantize(source, tmp_path / "made.gguf", "Q4_K_M", fit_size=budget, quiet=True).path, direct)
+    with pytest.raises(ConvertError, match="--fit 1KB: no plan fits"):
+        requantize(source, tmp_path / "none.gguf", "Q4_K_M", fit_size="1KB", quiet=True)
+
+
+def test_a_quantized_source_needs_the_flag(floats, tmp_path):
+    ckpt, source = floats["base"]
+    q8 = requantize(source, tmp_path / "q8.gguf", "Q8_0", quiet=True).path
+    with pytest.raises(ConvertError, match="already quantized \\(Q8_0\\).*--allow-requantize"):
+        requantize(q8, tmp_path / "q4.gguf", "Q4_K_M", quiet=True)
+    again = requantize(q8, tmp_path / "q8b.gguf", "Q8_0", allow_requantize=True, quiet=True).path
+    same_file(again, q8)  # (tensors already in their type are copied as they are)
+    # Q8_0 -> Q4_K_M goes through the Q8_0 values: as Q8_0 -> F32 -> Q4_K_M
+    q4 = requantize(q8, tmp_path / "q4.gguf", "Q4_K_M", allow_requantize=True, quiet=True).path
+    f32 = requantize(q8, tmp_path / "f32.gguf", "F32", allow_requantize=True, quiet=True).path
+    same_file(q4, requantize(f32, tmp_path / "q4b.gguf", "Q4_K_M", quiet=True).path)
+    assert {t.tensor_type for t in GGUFReader(q4).tensors} != {t.tensor_type for t in GGUFReader(q8).tensors}
+
+
+def test_bad_input_is_one_line_and_writes_nothing(floats, tmp_path):
+    _, source = floats["base"]
+    junk = tmp_path / "junk.gguf"
+    junk.write_text("nope")
+    cases = [((junk, tmp_path / "o.gguf"), "not a GGUF"),
+             ((source, source), "already exists"),
+             ((source, tmp_path / "no" / "o.gguf"), "does not exist"),
+             ((source, tmp_path / "o.gguf", "Q9_X"), "--type 'Q9_X' is not supported")]
+    for args, message in cases:
+        with pytest.raises(ConvertError, match=message) as e:
+            requantize(*args, quiet=True)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConvertError, match="is the source file"):
+        requantize(source, source, "Q8_0", force=True, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.gguf"]
+
+
+def test_cli(floats, tmp_path):
+    ckpt, source = floats["odd"]
+    env = {**os.environ}
+    run = subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "quantize", str(source), str(tmp_path / "q.gguf"),
+                          "--type", "q4_k_m"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "wrote" in run.stdout and "Q4_K_M" in run.stdout
+    same_file(tmp_path / "q.gguf", convert(ckpt, tmp_path / "d.gguf", "Q4_K_M", quiet=True).path)
+    again = subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "quantize", str(tmp_path / "q.gguf"),
+                            str(tmp_path / "r.gguf")], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 1 and "--allow-requantize" in again.stderr and again.stderr.count("\n") == 1
+
+
+def test_create_quantize_cli(floats, tmp_path):
+    """`dgemma create NAME -q TYPE`: the model's own file is FROM's quantized, as `dgemma quantize` writes it."""
+    _, source = floats["odd"]
+    (tmp_path / "Modelfile").write_text(f"FROM {source}\nSYSTEM Small.\n")
+    models = tmp_path / "models"
+    env = {**os.environ, "DGEMMA_MODELS": str(models)}
+    run = subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "create", "small", "-q", "q8_0", "-f",
+                          str(tmp_path / "Modelfile")], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    same_file(models / "small.gguf", requantize(source, tmp_path / "q8.gguf", "Q8_0", quiet=True).path)
+    # a quantized FROM is refused, and nothing is left behind
+    (tmp_path / "Modelfile").write_text("FROM small\n")
+    bad = subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "create", "small2", "-q", "q4_K_M", "-f",
+                          str(tmp_path / "Modelfile")], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 1 and "already quantized (Q8_0)" in bad.stderr and bad.stderr.count("\n") == 1
+    assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".")) == ["registry.json", "small.gguf"]
+    assert not list(models.glob(".*.partial"))
