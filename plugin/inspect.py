@@ -43,7 +43,10 @@ def open_gguf(path: str | Path, *, require_arch: bool = True) -> GGUFReader:
         if f.read(4) != b"GGUF":
             raise InspectError(f"{path}: not a GGUF file (bad magic)")
     try:
-        reader = FastReader(path)
+        try:
+            reader = FastReader(path)
+        except (AttributeError, TypeError):  # (a gguf-py whose reader internals differ: read its own, slower way)
+            reader = GGUFReader(path)
     except Exception as e:  # gguf-py raises ValueError/struct.error/IndexError on damaged files
         raise InspectError(f"{path}: unreadable GGUF ({type(e).__name__}: {e})") from None
     arch = field_value(reader, C.GENERAL_ARCHITECTURE)

@@ -98,3 +98,15 @@ def test_a_cut_file_is_a_one_line_error(tmp_path, cut):
     with pytest.raises(InspectError, match="unreadable GGUF") as e:
         open_gguf(tmp_path / "cut.gguf", require_arch=False)
     assert "\n" not in str(e.value)
+
+
+def test_a_gguf_py_with_other_internals_is_read_its_own_way(tmp_path, monkeypatch):
+    path = ensure_default_model(tmp_path)
+
+    def changed(self, *args):
+        raise AttributeError("'FastReader' object has no attribute '_something'")
+
+    monkeypatch.setattr(FastReader, "_get_field_parts", changed)
+    reader = open_gguf(path)
+    assert type(reader) is GGUFReader
+    same(reader, GGUFReader(path))
