@@ -219,7 +219,8 @@ def test_a_queued_load_that_no_request_wants_any_more_is_dropped(gpu, monkeypatc
     async def run() -> None:
         a = await loading(manager, "a", calls)
         b = asyncio.create_task(manager.get("b"))
-        while not manager._wanted["b"] or not manager._loading.get("b") or not manager._loading["b"].locked():
+        key = str(manager.registry.resolve("b").path)  # (loads are one at a time per file)
+        while not manager._wanted["b"] or not manager._loading.get(key) or not manager._loading[key].locked():
             await asyncio.sleep(0.01)  # b's request holds b's lock, its load waits for a's
         b.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -228,7 +229,7 @@ def test_a_queued_load_that_no_request_wants_any_more_is_dropped(gpu, monkeypatc
         await a
         for _ in range(20):  # b's load task, let go by a's: it ends without loading
             await asyncio.sleep(0.01)
-        assert calls == ["a"] and list(manager.loaded) == ["a"] and not manager._loading["b"].locked()
+        assert calls == ["a"] and list(manager.loaded) == ["a"] and not manager._loading[key].locked()
         assert (await manager.get("b")).entry.name == "b" and calls == ["a", "b"]  # asked again: it loads
 
     asyncio.run(run())
@@ -604,3 +605,40 @@ def test_a_stop_request_unloads_without_loading_first(gpu):
         assert client.generate(model="a", prompt="").done_reason == "load" and state["loads"] == ["a", "a"]
         assert client.chat(model="a", messages=[]).done_reason == "load" and state["loads"] == ["a", "a", "a"]
         assert client.ps().models == []  # (kept alive for 0 s)
+
+
+def test_a_model_made_from_another_shares_its_loaded_weights(gpu, monkeypatch):
+    """`dgemma create made` FROM a: both names use a's file, so the second loads nothing (as Ollama keeps one
+    runner per model file): the same engine and queue (one generation at a time on it), its own settings. A load
+    for room takes both names, since one alone frees nothing; while one of them is held neither goes."""
+    from dgemma.plugin.modelfile import ModelSettings
+
+    manager, state = gpu
+    manager.registry.create("made", "a", ModelSettings(system="Be brief."))
+    state["capacity"] = state["need"] * 3 // 2  # room for one model
+    go, calls = gated_loads(monkeypatch)
+
+    async def run() -> None:
+        first = await loading(manager, "a", calls)
+        second = asyncio.create_task(manager.get("made"))  # waits for a's load, then shares it
+        await asyncio.sleep(0.2)
+        assert not second.done()
+        go.set()
+        a, made = await first, await second
+        assert state["loads"] == ["a"] and state["used"] == state["held"]
+        assert made.engine is a.engine and made.queue is a.queue and made.info is a.info
+        assert made.entry.settings.system == "Be brief." and a.entry.settings.system is None
+        manager.touch(a, 0)  # a goes, its weights stay for made
+        assert list(manager.loaded) == ["made"] and state["used"] == state["held"]
+        a = await manager.get("a")
+        assert a.engine is made.engine and state["loads"] == ["a"]
+        made.busy = 1  # a request holds made: a, idle, is not unloaded for b (that would free nothing)
+        with pytest.raises(GpuMemoryError):
+            await manager.get("b")
+        assert sorted(manager.loaded) == ["a", "made"]
+        made.busy = 0
+        del a, made, first, second  # (the tasks hold their results)
+        await manager.get("b")  # both names go
+        assert list(manager.loaded) == ["b"] and state["used"] == state["held"] and state["loads"] == ["a", "b"]
+
+    asyncio.run(run())

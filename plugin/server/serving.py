@@ -102,7 +102,8 @@ class ModelManager:
         stays for the default keep-alive; a request for it meanwhile waits for that load rather than start another.
         A load that has not begun when every request for the model has gone (queued behind another) is dropped."""
         entry = await asyncio.to_thread(self.registry.resolve, name)  # raises ModelNotFound
-        lock = self._loading.setdefault(entry.name, asyncio.Lock())
+        # (one load per file: a model made from another, `dgemma create`, waits for its base's and shares it)
+        lock = self._loading.setdefault(str(entry.path), asyncio.Lock())
         me = asyncio.current_task()
         self._wanted[entry.name] += 1
         try:
@@ -132,10 +133,17 @@ class ModelManager:
 
     async def _load_registered(self, entry: ModelEntry, claimant: asyncio.Task | None) -> LoadedModel:
         """_load, then the model in self.loaded, claimed for the request that asked (in the same step: no other
-        load can take it for idle in between)."""
-        engine = await self._load(entry, claimant)
-        info = await asyncio.to_thread(read_model_info, entry.path)
-        model = self.loaded[entry.name] = LoadedModel(entry, engine, info)
+        load can take it for idle in between). A model loaded under another name from the same file (made by
+        `dgemma create` from it, or copied) lends its engine and queue instead: one copy of the weights, one
+        generation at a time on it, as Ollama keeps one runner per model file; each name keeps its own settings
+        and keep-alive, and the weights go when the last name holding them unloads."""
+        twin = next((m for m in self.loaded.values() if m.entry.path == entry.path), None)
+        if twin is not None:
+            model = self.loaded[entry.name] = LoadedModel(entry, twin.engine, twin.info, queue=twin.queue)
+        else:
+            engine = await self._load(entry, claimant)
+            info = await asyncio.to_thread(read_model_info, entry.path)
+            model = self.loaded[entry.name] = LoadedModel(entry, engine, info)
         model.expires_at = expiry(self.default_keep_alive)  # reaped even if no generation ever touches it
         if claimant is not None:
             model.claims.add(claimant)
@@ -170,8 +178,10 @@ class ModelManager:
                     return engine
                 except MemoryShortageError as e:
                     # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
+                    # (a model whose engine another name shares, `dgemma create`, is idle only if that one is too)
+                    held = {id(m.engine) for m in self.loaded.values() if self.in_use(m, requester)}
                     idle = [(m.expires_at, name) for name, m in self.loaded.items()
-                            if _holds(m.engine, e.device_type) and not self.in_use(m, requester)]
+                            if _holds(m.engine, e.device_type) and id(m.engine) not in held]
                     streams_next = (isinstance(e, GpuMemoryError) and host == 0 and self.host_experts == "auto"
                                     and not e.streaming_hopeless)
                     short = e.device_type  # the memory that is short ("cuda" or "cpu")
@@ -188,8 +198,11 @@ class ModelManager:
                 # out of the except block: the error no longer holds the failed load's frames
                 for n in kept:
                     self.loaded[n].engine.prompt_cache.free(short, self.loaded[n].engine.device.type)
-                if name is not None:
-                    self.unload(name)
+                if name is not None:  # with the names sharing its engine: unloading one alone frees nothing
+                    engine = self.loaded[name].engine
+                    for n in [n for n, m in self.loaded.items() if m.engine is engine]:
+                        self.unload(n)
+                    del engine
                 if kept or name is not None:
                     gc.collect()  # their tensors go back to PyTorch's allocator, which the next check counts as free
 
