@@ -66,6 +66,17 @@ def plan_types(reader, cfg, out_type: str, fit_size: str | None = None,
     return {n: force_quant(n, s) or types[n] for n, s in shapes}
 
 
+def _check_metadata(src: Path, reader) -> None:
+    """What gguf-py's writer cannot write as it was read: refused, rather than written otherwise or failing midway."""
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key in SKIP_KEYS or f.types[0] != GGUFValueType.ARRAY:
+            continue
+        if len(f.types) > 2:
+            raise ConvertError(f"{src}: metadata '{key}' is an array of arrays, which dgemma quantize does not copy")
+        if not f.contents():
+            raise ConvertError(f"{src}: metadata '{key}' is an empty array, which gguf-py cannot write")
+
+
 def _metadata(writer: GGUFWriter, reader, file_type: int) -> None:
     for key, f in reader.fields.items():
         if key.startswith("GGUF.") or key in SKIP_KEYS:
@@ -82,8 +93,10 @@ def _metadata(writer: GGUFWriter, reader, file_type: int) -> None:
 def _requantized(t, qtype: GGMLQuantizationType):
     """The tensor's bytes in `qtype`, a few rows at a time (as they are where it already has that type)."""
     rows = np.asarray(t.data).reshape(-1, t.data.shape[-1]) if t.data.ndim else np.asarray(t.data).reshape(1, 1)
-    if t.tensor_type == qtype:
-        yield rows.view(np.uint8)
+    if t.tensor_type == qtype:  # (in slices of about CHUNK_ELEMENTS bytes: never the whole tensor in RAM)
+        step = max(1, CHUNK_ELEMENTS // max(1, rows[:1].view(np.uint8).shape[-1]))
+        for start in range(0, rows.shape[0], step):
+            yield rows[start:start + step].view(np.uint8)
         return
     width = int(t.shape[0])  # values per row (ggml's ne0)
     step = max(1, CHUNK_ELEMENTS // max(1, width))
@@ -104,12 +117,18 @@ def requantize(src: str | Path, out: str | Path, out_type: str = "Q4_K_M", *, fi
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise ConvertError(f"{out}: is the source file; write the new one elsewhere")
     reader, cfg = _open(src)
+    if reader.byte_order != "I":
+        raise ConvertError(f"{src}: a GGUF in the other byte order (big-endian); dgemma quantize reads this machine's")
+    _check_metadata(src, reader)
     quantized = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in FLOAT_TYPES})
     if quantized and not allow_requantize:
         raise ConvertError(f"{src}: already quantized ({', '.join(quantized)}): quantizing it again loses more than "
                            "quantizing an F16/BF16/F32 file (dgemma quantize --allow-requantize does it anyway)")
     types = plan_types(reader, cfg, out_type, fit_size, ctx)
     for t in reader.tensors:
+        if t.tensor_type != types[t.name] and t.tensor_type not in quant.QTYPES:
+            raise ConvertError(f"{src}: tensor '{t.name}' is {t.tensor_type.name}, which dgemma cannot read "
+                               f"(have: {', '.join(q.name for q in quant.QTYPES)})")
         if not quant.can_quantize((int(t.shape[0]),), types[t.name]):
             raise ConvertError(f"{src}: tensor '{t.name}' has rows of {int(t.shape[0])} values, not a multiple of "
                                f"the block of {types[t.name].name}")
@@ -119,6 +138,14 @@ def requantize(src: str | Path, out: str | Path, out_type: str = "Q4_K_M", *, fi
 
 def _write(path: Path, reader, types: dict[str, GGMLQuantizationType], file_type: int, quiet: bool) -> None:
     writer = GGUFWriter(path, C.ARCH)
+    try:
+        _write_to(writer, reader, types, file_type, quiet)
+    finally:
+        writer.close()  # (also on an error: the temporary file is removed closed)
+
+
+def _write_to(writer: GGUFWriter, reader, types: dict[str, GGMLQuantizationType], file_type: int,
+              quiet: bool) -> None:
     _metadata(writer, reader, file_type)
     sizes = {}
     for t in reader.tensors:
@@ -144,4 +171,3 @@ def _write(path: Path, reader, types: dict[str, GGMLQuantizationType], file_type
             writer.write_padding(fout, sizes[t.name])
     fout.flush()
     os.fsync(fout.fileno())
-    writer.close()

@@ -5,8 +5,10 @@ GGUFReader keeps a numpy view per array element (a string: two): about 40 us eac
 `dgemma list`, /api/tags and /api/show. FastReader reads an array of strings in one pass over the file's bytes
 and an array of numbers as one numpy view, and hands back the same values (`contents()`, `types`) through a
 ReaderField whose contents are those values (its `parts` hold the array's header and the whole payload, not a
-part per element). Everything else (scalars, tensors, alignment) is gguf-py's own. Files in the other byte order
-and arrays of arrays are read by gguf-py as before.
+part per element; `data` is empty). Everything else (scalars, tensors, alignment) is gguf-py's own. Files in the
+other byte order, arrays of arrays and string arrays that are not UTF-8 are read by gguf-py as before. It relies
+on two of GGUFReader's private methods; where a gguf-py builds its fields another way it raises TypeError and
+plugin/inspect.py open_gguf reads the file with GGUFReader.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ class ArrayField(ReaderField):
 
 class FastReader(GGUFReader):
     _nested = False  # inside an array of arrays, which gguf-py reads element by element
+    _read = _made = 0  # arrays read at once, and fields made of them (equal unless gguf-py's internals changed)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._read != self._made:  # (a gguf-py that builds its fields another way: open_gguf reads it with its own)
+            raise TypeError(f"gguf {getattr(sys.modules['gguf'], '__version__', '?')}: FastReader does not know "
+                            "how this version builds its fields")
 
     def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list[GGUFValueType]]:
         # (called for each value of a field, and by gguf-py's loop for each element of an array it reads itself)
@@ -41,7 +50,10 @@ class FastReader(GGUFReader):
         count = self._get(orig_offs + 4, np.uint64)
         itype, n, offs = GGUFValueType(int(raw_itype[0])), int(count[0]), orig_offs + 12
         if itype == GGUFValueType.STRING:
-            values, end = _strings(self.data, offs, n)
+            try:
+                values, end = _strings(self.data, offs, n)
+            except UnicodeDecodeError:  # (gguf-py's way: the file opens, reading that field fails, as GGUFReader)
+                return self._as_gguf_py(orig_offs, raw_type)
         elif itype in self.gguf_scalar_to_np:
             dtype = np.dtype(self.gguf_scalar_to_np[itype])
             end = offs + dtype.itemsize * n
@@ -49,19 +61,24 @@ class FastReader(GGUFReader):
                 raise ValueError(f"array of {n} {itype.name} at offset {offs} runs past the end of the file")
             values = self.data[offs:end].view(dtype).tolist()
         else:  # (arrays of arrays: gguf-py's way)
-            self._nested = True
-            try:
-                return super()._get_field_parts(orig_offs, raw_type)
-            finally:
-                self._nested = False
-        self._values = values  # (taken by _build_fields for the field being built)
+            return self._as_gguf_py(orig_offs, raw_type)
+        self._values = values  # (taken by _push_field for the field being built)
+        self._read += 1
         return end - orig_offs, [raw_itype, count, self.data[offs:end]], [], [GGUFValueType.ARRAY, itype]
+
+    def _as_gguf_py(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list[GGUFValueType]]:
+        self._nested = True
+        try:
+            return super()._get_field_parts(orig_offs, raw_type)
+        finally:
+            self._nested = False
 
     def _push_field(self, field: ReaderField, skip_sum: bool = False) -> int:
         values = self.__dict__.pop("_values", None)
         if values is not None and field.types[:1] == [GGUFValueType.ARRAY]:
             field = ArrayField(*field)
             field.values = values
+            self._made += 1
         return super()._push_field(field, skip_sum)
 
 
@@ -69,6 +86,8 @@ def _strings(data: np.ndarray, offs: int, n: int) -> tuple[list[str], int]:
     """n GGUF strings (u64 length, UTF-8 bytes) from offs; and the offset after them."""
     buf = memoryview(data)
     size, out = len(buf), []
+    if n > (size - offs) // 8:  # (each string takes at least its 8-byte length: a damaged count fails at once)
+        raise ValueError(f"array of {n} strings at offset {offs} runs past the end of the file")
     for _ in range(n):
         if offs + 8 > size:
             raise ValueError(f"string array runs past the end of the file at offset {offs}")

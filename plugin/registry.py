@@ -32,8 +32,10 @@ from gguf import LlamaFileType
 
 try:
     import fcntl
-except ImportError:  # (not on Windows: the lock then holds within one process only)
+    msvcrt = None
+except ImportError:  # (Windows: a lock on the lock file's first byte instead)
     fcntl = None
+    import msvcrt
 
 from dgemma.convert import constants as C
 
@@ -189,6 +191,11 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
 
 
+def _is_path(name: str) -> bool:
+    """Whether a model name is a path to a GGUF file (`model.gguf`, `dir/model`) rather than a model's name."""
+    return name.endswith(".gguf") or "/" in name or os.sep in name
+
+
 def normalize_name(name: str) -> str:
     return name[: -len(LATEST)] if name.endswith(LATEST) else name
 
@@ -216,6 +223,21 @@ class _Record:
         return cls(value["file"], base if isinstance(base, str) else None, ModelSettings.from_json(value))
 
 
+def _lock_file(f: Any, lock: bool) -> None:
+    """Lock (waiting for it) or unlock an open file for this process alone: flock, or on Windows its first byte."""
+    if fcntl is not None:
+        fcntl.flock(f, fcntl.LOCK_EX if lock else fcntl.LOCK_UN)
+        return
+    f.seek(0)
+    while True:
+        try:  # (LK_LOCK tries for 10 s, then raises: another process holds it longer, try again)
+            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK if lock else msvcrt.LK_UNLCK, 1)
+            return
+        except OSError:
+            if not lock:
+                raise
+
+
 def _locked(method):
     """A Registry change, run under Registry._changing."""
 
@@ -228,8 +250,9 @@ def _locked(method):
 
 
 class Registry:
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, paths: bool = True) -> None:
         self.root = Path(root) if root is not None else models_dir()
+        self.paths = paths  # whether resolve takes a path to a .gguf file (the CLI's); the server's takes names only
 
     # ---- the index ------------------------------------------------------------------------------
     def _index(self) -> dict[str, _Record]:
@@ -274,7 +297,9 @@ class Registry:
     def resolve(self, name: str) -> ModelEntry:
         """A registered name (with or without `:latest`), `default`, or a path to a .gguf file."""
         path = Path(name).expanduser()
-        if name.endswith(".gguf") or os.sep in name:
+        if _is_path(name):
+            if not self.paths:  # (a client of the server names models; it does not open the server's files)
+                raise ModelNotFound(f"model '{name}' not found: give a model's name (dgemma list), not a path")
             if not path.exists():
                 raise ModelNotFound(f"{path}: no such file")
             return self._entry(path.stem, path)
@@ -309,13 +334,11 @@ class Registry:
         with _CHANGING:
             self.root.mkdir(parents=True, exist_ok=True)
             with open(self.root / LOCK_FILE, "a") as f:
-                if fcntl is not None:
-                    fcntl.flock(f, fcntl.LOCK_EX)
+                _lock_file(f, True)
                 try:
                     yield
                 finally:
-                    if fcntl is not None:
-                        fcntl.flock(f, fcntl.LOCK_UN)
+                    _lock_file(f, False)
 
     def _file_for(self, name: str, index: dict[str, _Record]) -> str:
         """A file name for a new GGUF under `name`: its slug, or the slug numbered where a file of that name
@@ -328,25 +351,28 @@ class Registry:
             file = f"{slug}-{n}.gguf"
         return file
 
-    def _add_file(self, src: Path, file: str, *, move: bool = False) -> None:
-        """src (a GGUF) into the models directory as `file`, through a temporary file renamed when complete; an
-        upload (move) is renamed into place."""
+    @contextlib.contextmanager
+    def _staged(self, src: Path):
+        """src (a GGUF) copied to a temporary file in the models directory, before and outside the lock (a large
+        one takes minutes, and changes by other requests and commands go on meanwhile); gone afterwards unless
+        _add_file moved it into place."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = None
+        tmp = self.root / f".copy.{secrets.token_hex(6)}.partial"
         try:
-            if move:
-                os.replace(src, self.root / file)
-                return
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".copy.", suffix=".partial")
-            os.close(fd)
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, self.root / file)
-        except BaseException as e:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise RegistryError(f"{src}: cannot add it to {self.root} as {file} ({e.strerror or e})") from None
-            raise
+            try:
+                shutil.copyfile(src, tmp)
+            except OSError as e:
+                raise RegistryError(f"{src}: cannot copy it into {self.root} ({e.strerror or e})") from None
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _add_file(self, src: Path, file: str) -> None:
+        """A file in the models directory (_staged's, or an upload's blob) renamed into place as `file`."""
+        try:
+            os.replace(src, self.root / file)
+        except OSError as e:
+            raise RegistryError(f"{src}: cannot add it to {self.root} as {file} ({e.strerror or e})") from None
 
     def _set(self, index: dict[str, _Record], name: str, record: _Record) -> ModelEntry:
         """Write `name` (replacing what it was) and drop the file it leaves that no name uses."""
@@ -368,16 +394,24 @@ class Registry:
         except InspectError as e:
             raise RegistryError(str(e)) from None
 
-    @_locked
     def import_file(self, src: str | Path, name: str | None = None, *, force: bool = False) -> ModelEntry:
         src = Path(src)
         info = self._check_gguf(src)
         name = self._new_name(name or info.default_name())
-        index = self._index()
+        self._refuse_existing(name, self._index(), force)  # (before the copy; again under the lock)
+        with self._staged(src) as tmp:
+            return self._import(tmp, name, force)
+
+    def _refuse_existing(self, name: str, index: dict[str, _Record], force: bool) -> None:
         if name in index and not force:
             raise RegistryError(f"model '{name}' already exists in {self.root} (use --force to replace it)")
+
+    @_locked
+    def _import(self, tmp: Path, name: str, force: bool) -> ModelEntry:
+        index = self._index()
+        self._refuse_existing(name, index, force)
         file = self._file_for(name, index)
-        self._add_file(src, file)
+        self._add_file(tmp, file)
         return self._set(index, name, _Record(file))
 
     def _record_of(self, entry: ModelEntry, index: dict[str, _Record]) -> _Record:
@@ -397,47 +431,62 @@ class Registry:
         the model gets its own file, the base's (F16/BF16/F32) quantized, first and outside the lock (minutes
         for a large model)."""
         if not quantize:
-            return self._create(name, base, settings, folder=folder, blob=blob)
+            if blob is None and _is_path(base):  # (the file copied in first, outside the lock)
+                self._new_name(name)
+                path = self._from_file(base, folder)
+                with self._staged(path) as tmp:
+                    return self._create(name, base, settings, blob=tmp)
+            return self._create(name, base, settings, blob=blob)
         from dgemma.convert import ConvertError
         from dgemma.convert.requant import requantize
 
         self._new_name(name)  # (refused before any work)
         parent = None
-        if blob is None and not (base.endswith(".gguf") or os.sep in base or "/" in base):
+        if blob is None and not _is_path(base):
             try:
                 parent = self.resolve(base)
             except ModelNotFound as e:
                 raise RegistryError(f"FROM {base}: {e}") from None
-        source = parent.path if parent is not None else blob if blob is not None else Path(base).expanduser()
-        if parent is None and blob is None and not source.is_absolute() and folder is not None:
-            source = folder / source
+        source = parent.path if parent is not None else blob if blob is not None else self._from_file(base, folder)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".quantize.{secrets.token_hex(6)}.partial"
         try:
             requantize(source, tmp, quantize, quiet=True, force=True)
             if parent is not None:
+                with contextlib.suppress(ModelNotFound):  # (its settings as they are now, minutes later)
+                    parent = self.resolve(base)
                 settings = settings.over(parent.settings)
-            return self._create(name, str(source), settings, blob=tmp)
+            return self._create(name, str(source), settings, blob=tmp,
+                                parent=display_name(parent.name) if parent is not None else None)
         except ConvertError as e:
             raise RegistryError(f"quantize {quantize}: {e}") from None
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _from_file(self, base: str, folder: Path | None) -> Path:
+        """FROM a .gguf path (relative to the Modelfile's folder): the file, a GGUF of this architecture."""
+        path = Path(base).expanduser()
+        if not path.is_absolute() and folder is not None:
+            path = folder / path
+        if not path.is_file():
+            raise RegistryError(f"FROM {base}: no such file")
+        self._check_gguf(path)
+        return path
+
     @_locked
-    def _create(self, name: str, base: str, settings: ModelSettings, *, folder: Path | None = None,
-                blob: Path | None = None) -> ModelEntry:
+    def _create(self, name: str, base: str, settings: ModelSettings, *, blob: Path | None = None,
+                parent: str | None = None) -> ModelEntry:
+        """create under the lock: FROM a model (its file shared), or a file moved into place (`blob`: an upload,
+        or one _staged or quantized in the models directory; `parent`: the model it was quantized from)."""
         name = self._new_name(name)
         index = self._index()
-        path = blob if blob is not None else Path(base).expanduser()
-        if blob is None and not path.is_absolute() and folder is not None:
-            path = folder / path
-        if blob is not None or base.endswith(".gguf") or os.sep in base or "/" in base:
-            if not path.is_file():
+        if blob is not None:
+            if not blob.is_file():
                 raise RegistryError(f"FROM {base}: no such file")
-            self._check_gguf(path)
+            self._check_gguf(blob)
             file = self._file_for(name, index)
-            self._add_file(path, file, move=blob is not None)
-            return self._set(index, name, _Record(file, None, settings))
+            self._add_file(blob, file)
+            return self._set(index, name, _Record(file, parent, settings))
         try:
             parent = self.resolve(base)
         except ModelNotFound as e:
@@ -448,7 +497,7 @@ class Registry:
     @_locked
     def copy(self, source: str, destination: str) -> ModelEntry:
         """`dgemma cp` / /api/copy: another name for a model, with its settings (ModelNotFound for the source)."""
-        entry = self.resolve(source) if not (source.endswith(".gguf") or os.sep in source) else None
+        entry = self.resolve(source) if not _is_path(source) else None
         if entry is None:
             raise ModelNotFound(f"model '{source}' not found")
         name = self._new_name(destination)
@@ -460,6 +509,8 @@ class Registry:
         wanted = normalize_name(name)
         if wanted == DEFAULT_NAME:
             raise RegistryError(f"'{DEFAULT_NAME}' is the bundled model and cannot be removed")
+        if not NAME.fullmatch(wanted):  # (a path, `../x`: never a file outside the models directory)
+            raise ModelNotFound(f"model '{name}' not found in {self.root} (give a model's name, not a path)")
         index = self._index()
         if wanted in index:
             record = index.pop(wanted)

@@ -110,3 +110,38 @@ def test_a_gguf_py_with_other_internals_is_read_its_own_way(tmp_path, monkeypatc
     reader = open_gguf(path)
     assert type(reader) is GGUFReader
     same(reader, GGUFReader(path))
+
+
+def test_a_string_array_that_is_not_utf8_opens_as_gguf_py_opens_it(tmp_path):
+    """The file opens (dgemma list, /api/tags still list it); reading that field fails, as with GGUFReader."""
+    w = GGUFWriter(str(tmp_path / "bad.gguf"), "diffusion-gemma")
+    w.add_key_value("a.bad", [b"ok", b"\xff\xfe"], GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
+    w.add_array("a.good", ["x", "y"])
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    fast, ref = FastReader(tmp_path / "bad.gguf"), GGUFReader(tmp_path / "bad.gguf")
+    assert not isinstance(fast.fields["a.bad"], ArrayField) and isinstance(fast.fields["a.good"], ArrayField)
+    for reader in (fast, ref):
+        with pytest.raises(UnicodeDecodeError):
+            reader.fields["a.bad"].contents()
+    assert fast.fields["a.good"].contents() == ["x", "y"] and fast.fields["a.bad"].contents(0) == "ok"
+
+
+def test_a_gguf_py_that_builds_fields_without_push_field_is_caught(tmp_path, monkeypatch):
+    """Were the arrays read at once never made into fields (their contents would read as empty), FastReader
+    refuses, and open_gguf reads the file with GGUFReader."""
+    path = write(tmp_path / "all.gguf", nested=False)
+    monkeypatch.setattr(FastReader, "_push_field", GGUFReader._push_field)
+    with pytest.raises(TypeError, match="does not know"):
+        FastReader(path)
+    reader = open_gguf(path, require_arch=False)
+    assert type(reader) is GGUFReader and reader.fields["a.str"].contents() == ARRAYS["a.str"][0]
+
+
+def test_a_damaged_string_count_fails_at_once(tmp_path):
+    path = write(tmp_path / "all.gguf", nested=False)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"a.tokens") + len(b"a.tokens") + 4 + 4  # key, value type ARRAY, element type STRING
+    data[at:at + 8] = (2**62).to_bytes(8, "little")
+    (tmp_path / "damaged.gguf").write_bytes(data)
+    with pytest.raises(ValueError, match="runs past the end"):
+        FastReader(tmp_path / "damaged.gguf")

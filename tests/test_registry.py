@@ -64,6 +64,49 @@ def test_loose_files_are_served_under_their_stem(reg, gguf):
         reg.resolve("other")
 
 
+def test_paths_never_reach_outside_the_models_directory(reg, gguf, tmp_path):
+    """rm takes names only (`../x`, an absolute path: not found, nothing deleted); the server's registry
+    (paths=False) does not open a client's path, the CLI's does."""
+    victim = tmp_path / "victim.gguf"
+    shutil.copy(gguf, victim)
+    reg.root.mkdir(parents=True)
+    for name in ("../victim", str(tmp_path / "victim"), str(victim)):
+        with pytest.raises(ModelNotFound, match="not a path"):
+            reg.remove(name)
+    assert victim.is_file()
+    assert reg.resolve(str(victim)).path == victim
+    server = Registry(reg.root, paths=False)
+    for name in (str(victim), "../victim.gguf", "sub/model"):
+        with pytest.raises(ModelNotFound, match="not a path"):
+            server.resolve(name)
+    assert server.resolve("default").path == reg.root / "default.gguf"
+
+
+def test_files_are_copied_in_outside_the_lock(reg, gguf, tmp_path, monkeypatch):
+    """A large GGUF takes minutes to copy: meanwhile other changes (an upload's create, rm, cp) go on."""
+    import dgemma.plugin.registry as registry
+    from dgemma.plugin.modelfile import ModelSettings
+
+    free, copy = [], shutil.copyfile
+
+    def copying(src, dst):
+        free.append(registry._CHANGING.acquire(blocking=False))
+        if free[-1]:
+            registry._CHANGING.release()
+        return copy(src, dst)
+
+    monkeypatch.setattr(registry.shutil, "copyfile", copying)
+    reg.import_file(gguf, "imported")
+    (tmp_path / "Modelfile").write_text("FROM x")
+    entry = reg.create("made", str(gguf), ModelSettings(system="S."), folder=tmp_path)
+    assert free == [True, True] and entry.path.read_bytes() == gguf.read_bytes()
+    assert sorted(e.name for e in reg.list()) == ["default", "imported", "made"]
+    assert not list(reg.root.glob(".copy.*"))
+    with pytest.raises(RegistryError, match="already exists"):
+        reg.import_file(gguf, "imported")
+    assert len(free) == 2  # (refused before any copy)
+
+
 def test_bad_files_are_refused(reg, tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_text("nope")
@@ -101,3 +144,27 @@ def test_stream_failure_becomes_a_final_error_line():
 
     out = asyncio.run(run())
     assert out[0] == {"response": "a", "done": False} and "disk vanished" in out[-1]["error"] and len(out) == 2
+
+
+def test_the_windows_lock_is_on_the_lock_files_first_byte(reg, gguf, monkeypatch):
+    """Without fcntl (Windows) changes lock the first byte of .registry.lock with msvcrt.locking, trying again
+    while another process holds it (LK_LOCK gives up after 10 s), and unlock it after."""
+    import dgemma.plugin.registry as registry
+
+    calls = []
+
+    class Msvcrt:  # (msvcrt.locking's contract: locks n bytes from the file's position)
+        LK_UNLCK, LK_LOCK = 0, 1
+        held_elsewhere = 2  # tries that find it held
+
+        @classmethod
+        def locking(cls, fd: int, mode: int, n: int) -> None:
+            calls.append((mode, os.lseek(fd, 0, os.SEEK_CUR), n))
+            if mode == cls.LK_LOCK and cls.held_elsewhere:
+                cls.held_elsewhere -= 1
+                raise OSError(36, "Resource deadlock avoided")
+
+    monkeypatch.setattr(registry, "fcntl", None)
+    monkeypatch.setattr(registry, "msvcrt", Msvcrt)
+    reg.import_file(gguf, "mine")
+    assert calls == [(1, 0, 1)] * 3 + [(0, 0, 1)] and reg.resolve("mine").path.is_file()

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SPECS
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter
 
 from dgemma.convert import ConvertError, convert
 from dgemma.convert.plan import make_plan
+from dgemma.convert import requant
 from dgemma.convert.requant import requantize
-from dgemma.plugin.inspect import field_value
+from dgemma.plugin.inspect import field_value, open_gguf
 
 
 def same_file(a: Path, b: Path) -> None:
@@ -128,3 +129,77 @@ def test_create_quantize_cli(floats, tmp_path):
     assert bad.returncode == 1 and "already quantized (Q8_0)" in bad.stderr and bad.stderr.count("\n") == 1
     assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".")) == ["registry.json", "small.gguf"]
     assert not list(models.glob(".*.partial"))
+
+
+def rewrite(source: Path, out: Path, *, endian: GGUFEndian = GGUFEndian.LITTLE,
+            embd: GGMLQuantizationType | None = None) -> Path:
+    """An F32 model written again: in another byte order, or with token_embd in another (gguf-py's) type."""
+    import gguf
+
+    r = open_gguf(source)
+    w = GGUFWriter(out, "diffusion-gemma", endianess=endian)
+    requant._metadata(w, r, 0)
+    for t in r.tensors:
+        values = np.array(t.data)
+        if embd is not None and t.name == "token_embd.weight":
+            w.add_tensor(t.name, gguf.quants.quantize(values, embd), raw_dtype=embd)
+        else:
+            w.add_tensor(t.name, values)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return out
+
+
+def test_what_cannot_be_copied_faithfully_is_refused(floats, tmp_path):
+    """A big-endian file, a tensor type dgemma does not read, an empty metadata array (gguf-py cannot write
+    one): one-line errors before anything is written."""
+    _, source = floats["base"]
+    data = bytearray(source.read_bytes())
+    key = b"x" * 40  # key length, key, ARRAY, INT32, count 0: 64 bytes, so the tensor data stays aligned
+    kv = len(key).to_bytes(8, "little") + key + int(GGUFValueType.ARRAY).to_bytes(4, "little") + \
+        int(GGUFValueType.INT32).to_bytes(4, "little") + (0).to_bytes(8, "little")
+    data[16:24] = (int.from_bytes(data[16:24], "little") + 1).to_bytes(8, "little")  # kv count
+    data[24:24] = kv
+    (tmp_path / "empty.gguf").write_bytes(data)
+    cases = [(rewrite(source, tmp_path / "big.gguf", endian=GGUFEndian.BIG), "other byte order"),
+             (rewrite(source, tmp_path / "q41.gguf", embd=GGMLQuantizationType.Q4_1), "token_embd.weight' is Q4_1"),
+             (tmp_path / "empty.gguf", f"metadata '{key.decode()}' is an empty array")]
+    for src, message in cases:
+        with pytest.raises(ConvertError, match=message) as e:
+            requantize(src, tmp_path / "out.gguf", "Q8_0", allow_requantize=True, quiet=True)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "out.gguf").exists() and not list(tmp_path.glob("*.partial"))
+    same_file(rewrite(source, tmp_path / "little.gguf"), source)  # (the rewrite itself changes nothing)
+
+
+def test_tensors_are_copied_and_quantized_a_slice_at_a_time(floats, tmp_path, monkeypatch):
+    """Never a whole tensor in RAM (a 26B model's expert tensors are GBs): with small slices the files are the same."""
+    _, source = floats["base"]
+    whole = [requantize(source, tmp_path / f"{k}.gguf", k, quiet=True).path for k in ("F32", "Q8_0")]
+    sizes = []
+    real = requant._requantized
+
+    def sliced(t, qtype):
+        for chunk in real(t, qtype):
+            sizes.append(chunk.nbytes)
+            yield chunk
+
+    monkeypatch.setattr(requant, "CHUNK_ELEMENTS", 256)
+    monkeypatch.setattr(requant, "_requantized", sliced)
+    for kind, ref in zip(("F32", "Q8_0"), whole):
+        same_file(requantize(ref, tmp_path / f"{kind}-sliced.gguf", kind, allow_requantize=True, quiet=True).path, ref)
+    biggest = max(t.n_bytes for t in GGUFReader(whole[0]).tensors)
+    assert max(sizes) < biggest // 4
+
+
+def test_a_model_quantized_from_another_names_it_as_its_parent(floats, tmp_path):
+    from dgemma.plugin.modelfile import ModelSettings
+    from dgemma.plugin.registry import Registry
+
+    _, source = floats["odd"]
+    reg = Registry(tmp_path / "models")
+    reg.import_file(source, "floaty")
+    reg.create("floaty", "floaty", ModelSettings(system="Base."))  # (its settings, which the quantized one keeps)
+    entry = reg.create("small", "floaty", ModelSettings(parameters={"temperature": 0.5}), quantize="q8_0")
+    assert entry.base == "floaty:latest" and entry.path != reg.resolve("floaty").path
+    assert entry.settings.system == "Base." and entry.settings.parameters == {"temperature": 0.5}
+    assert {t.tensor_type.name for t in GGUFReader(entry.path).tensors} >= {"Q8_0"}

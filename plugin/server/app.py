@@ -207,7 +207,7 @@ def _error_text(r: httpx.Response) -> str:
 
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
-    registry = Registry(config.models)
+    registry = Registry(config.models, paths=False)
     state = AppState(config, registry, ModelManager(registry, config.keep_alive, config.backend, config.host_experts,
                                                       config.cache_ram))
 
