@@ -23,6 +23,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +50,8 @@ FAMILY = "diffusiongemma"
 LATEST = ":latest"
 BLOBS_DIR = "blobs"
 LOCK_FILE = ".registry.lock"
+NOPRUNE_ENV = "DGEMMA_NOPRUNE"  # set: `dgemma serve` keeps leftover uploads and temporary files (Registry.prune)
+PRUNE_AGE = 3600.0  # seconds a leftover file is left alone (another process may still be writing it)
 MAX_NAME = 128  # characters in a model name (its file's name must fit the file system's 255 bytes)
 _CHANGING = threading.Lock()
 DIGESTS_FILE = ".digests.json"  # file name -> [size, mtime_ns, sha256] (file_digest)
@@ -522,6 +525,21 @@ class Registry:
             loose.unlink()
             return
         raise ModelNotFound(f"model '{name}' not found in {self.root}")
+
+    def prune(self, max_age: float = PRUNE_AGE) -> list[Path]:
+        """What `dgemma serve` removes at its start (as `ollama serve` prunes unused blobs, unless OLLAMA_NOPRUNE;
+        here DGEMMA_NOPRUNE): uploads that no create took (/api/create moves the blob it uses into place) and
+        temporary files a killed write left (`.*.partial`: copies, quantizations, uploads), GBs each for a large
+        model; only those not written for max_age seconds (another process may be writing one now)."""
+        if os.environ.get(NOPRUNE_ENV) or not self.root.is_dir():
+            return []
+        gone, old = [], time.time() - max_age
+        for path in [*self.root.glob(".*.partial"), *(self.root / BLOBS_DIR).glob("*")]:
+            with contextlib.suppress(OSError):  # (gone meanwhile, or not ours to remove)
+                if path.is_file() and path.stat().st_mtime < old:
+                    path.unlink()
+                    gone.append(path)
+        return gone
 
     # ---- uploads (Ollama's /api/blobs) ------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:

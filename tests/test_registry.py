@@ -168,3 +168,29 @@ def test_the_windows_lock_is_on_the_lock_files_first_byte(reg, gguf, monkeypatch
     monkeypatch.setattr(registry, "msvcrt", Msvcrt)
     reg.import_file(gguf, "mine")
     assert calls == [(1, 0, 1)] * 3 + [(0, 0, 1)] and reg.resolve("mine").path.is_file()
+
+
+def test_serve_prunes_leftovers_not_written_for_an_hour(reg, gguf, monkeypatch):
+    """Uploads no create took and temporary files of killed writes go at `dgemma serve`'s start, unless recent
+    (another process may be writing) or DGEMMA_NOPRUNE is set; models, the index and the lock stay."""
+    from fastapi.testclient import TestClient
+
+    from dgemma.plugin.server.app import ServerConfig, create_app
+
+    reg.import_file(gguf, "kept")
+    (reg.root / "blobs").mkdir()
+    old = [reg.root / "blobs" / ("sha256-" + "0" * 64), reg.root / ".quantize.abc.partial",
+           reg.root / "blobs" / ".sha256-x.partial", reg.root / ".copy.def.partial"]
+    new = [reg.root / "blobs" / ("sha256-" + "1" * 64), reg.root / ".copy.new.partial"]
+    for path in old + new:
+        path.write_bytes(b"x" * 10)
+    for path in old:
+        os.utime(path, (0, 1_000_000))
+    keep = sorted(p for p in reg.root.rglob("*") if p not in old)
+    monkeypatch.setenv("DGEMMA_NOPRUNE", "1")
+    with TestClient(create_app(ServerConfig(models=reg.root))):
+        assert all(p.exists() for p in old)
+    monkeypatch.delenv("DGEMMA_NOPRUNE")
+    with TestClient(create_app(ServerConfig(models=reg.root))) as client:
+        assert client.get("/api/tags").status_code == 200
+    assert not any(p.exists() for p in old) and all(p.exists() for p in keep)  # (/api/tags adds default's file)

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..chat import TemplateFeatures, template_features
 from ..inspect import open_gguf
 from ..kv_cache import DEFAULT_CACHE_RAM
-from ..registry import ModelEntry, ModelInfo, ModelNotFound, Registry, read_model_info
+from ..registry import NOPRUNE_ENV, ModelEntry, ModelInfo, ModelNotFound, Registry, read_model_info
 from ..tokenizer import Tokenizer
 from . import DEFAULT_HOST, DEFAULT_PORT, create, ollama, openai
 from . import protocol as P
@@ -213,6 +213,10 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        gone = await asyncio.to_thread(registry.prune)
+        if gone:
+            print(f"dgemma serve: removed {len(gone)} leftover upload(s) and temporary file(s) from {registry.root} "
+                  f"(set {NOPRUNE_ENV}=1 to keep them)", flush=True)
         state.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
         reaper = asyncio.create_task(state.manager.reaper())
         try:
