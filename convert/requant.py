@@ -13,6 +13,7 @@ temporary file and renamed when complete, as convert does.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
 from dgemma import quant
+from dgemma.quant.parallel import Pool, check_workers, requantize_chunk
 from dgemma.quant.presets import ModelFacts, preset_types
 
 from . import constants as C
@@ -90,8 +92,9 @@ def _metadata(writer: GGUFWriter, reader, file_type: int) -> None:
     writer.add_uint32(C.GENERAL_QUANTIZATION_VERSION, C.GGML_QUANT_VERSION)
 
 
-def _requantized(t, qtype: GGMLQuantizationType):
-    """The tensor's bytes in `qtype`, a few rows at a time (as they are where it already has that type)."""
+def _requantized(t, qtype: GGMLQuantizationType, pool: Pool) -> Iterator[np.ndarray]:
+    """The tensor's bytes in `qtype`, a few rows at a time (in the pool's workers, in order; as they are where it
+    already has that type)."""
     rows = np.asarray(t.data).reshape(-1, t.data.shape[-1]) if t.data.ndim else np.asarray(t.data).reshape(1, 1)
     if t.tensor_type == qtype:  # (in slices of about CHUNK_ELEMENTS bytes: never the whole tensor in RAM)
         step = max(1, CHUNK_ELEMENTS // max(1, rows[:1].view(np.uint8).shape[-1]))
@@ -100,16 +103,22 @@ def _requantized(t, qtype: GGMLQuantizationType):
         return
     width = int(t.shape[0])  # values per row (ggml's ne0)
     step = max(1, CHUNK_ELEMENTS // max(1, width))
-    for start in range(0, rows.shape[0], step):
-        values = quant.dequantize(rows[start:start + step].view(np.uint8), t.tensor_type)  # [r, width]
-        yield quant.quantize(values, qtype)
+
+    starts = range(0, rows.shape[0], step)
+    jobs = ((np.ascontiguousarray(rows[start:start + step]).view(np.uint8), t.tensor_type, qtype) for start in starts)
+    yield from pool.map(requantize_chunk, jobs, len(starts))
 
 
 def requantize(src: str | Path, out: str | Path, out_type: str = "Q4_K_M", *, fit_size: str | None = None,
                ctx: int = DEFAULT_CTX, allow_requantize: bool = False, force: bool = False,
-               quiet: bool = False) -> ConvertResult:
+               quiet: bool = False, threads: int | None = None) -> ConvertResult:
+    """`threads`: quantizing processes (None: one, quant/parallel.py); the file is the same for any."""
     src, out = Path(src), Path(out)
     preset = parse_type(out_type)
+    try:
+        threads = check_workers(threads)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
     if out.exists() and not force:
         raise ConvertError(f"{out}: already exists (use --force to overwrite)")
     if not out.parent.is_dir():
@@ -132,20 +141,22 @@ def requantize(src: str | Path, out: str | Path, out_type: str = "Q4_K_M", *, fi
         if not quant.can_quantize((int(t.shape[0]),), types[t.name]):
             raise ConvertError(f"{src}: tensor '{t.name}' has rows of {int(t.shape[0])} values, not a multiple of "
                                f"the block of {types[t.name].name}")
-    write_atomically(out, lambda tmp: _write(tmp, reader, types, int(preset.ftype), quiet))
+    write_atomically(out, lambda tmp: _write(tmp, reader, types, int(preset.ftype), quiet, threads))
     return ConvertResult(out, len(reader.tensors), out.stat().st_size)
 
 
-def _write(path: Path, reader, types: dict[str, GGMLQuantizationType], file_type: int, quiet: bool) -> None:
+def _write(path: Path, reader, types: dict[str, GGMLQuantizationType], file_type: int, quiet: bool,
+           threads: int) -> None:
     writer = GGUFWriter(path, C.ARCH)
     try:
-        _write_to(writer, reader, types, file_type, quiet)
+        with Pool(threads) as pool:
+            _write_to(writer, reader, types, file_type, quiet, pool)
     finally:
         writer.close()  # (also on an error: the temporary file is removed closed)
 
 
 def _write_to(writer: GGUFWriter, reader, types: dict[str, GGMLQuantizationType], file_type: int,
-              quiet: bool) -> None:
+              quiet: bool, pool: Pool) -> None:
     _metadata(writer, reader, file_type)
     sizes = {}
     for t in reader.tensors:
@@ -162,7 +173,7 @@ def _write_to(writer: GGUFWriter, reader, types: dict[str, GGMLQuantizationType]
             bar.set_postfix_str(t.name, refresh=False)
             writer.write_padding(fout, fout.tell())
             written = 0
-            for chunk in _requantized(t, types[t.name]):
+            for chunk in _requantized(t, types[t.name], pool):
                 fout.write(chunk.tobytes())
                 written += chunk.nbytes
                 bar.update(chunk.nbytes)

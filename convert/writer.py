@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 from tqdm import tqdm
 
 from dgemma import quant
+from dgemma.quant.parallel import Pool, check_workers, quantize_chunk
 from dgemma.quant.presets import PRESETS, Preset, preset_types
 
 from . import constants as C
@@ -110,17 +111,28 @@ def _add_kv(writer: GGUFWriter, key: str, value, kind: str) -> None:
         getattr(writer, f"add_{kind}")(key, value)
 
 
-def _chunks(data: torch.Tensor, qtype: GGMLQuantizationType) -> Iterator[np.ndarray]:
-    """Quantized bytes of `data`, a few rows at a time."""
+def _chunks(data: torch.Tensor, qtype: GGMLQuantizationType, pool: Pool) -> Iterator[np.ndarray]:
+    """Quantized bytes of `data`, a few rows at a time (in the pool's workers, in order)."""
     rows = data.reshape(-1, data.shape[-1]) if data.ndim else data.reshape(1, 1)  # [R, K]
     step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
-    for start in range(0, rows.shape[0], step):
-        block = rows[start : start + step].to(torch.float32).numpy()  # [r, K]
-        yield quant.quantize(block, qtype)
+
+    starts = range(0, rows.shape[0], step)
+    jobs = ((rows[start : start + step].to(torch.float32).numpy(), qtype) for start in starts)  # [r, K]
+    return pool.map(quantize_chunk, jobs, len(starts))
 
 
-def write_gguf(path: Path, kv: KV, plan: list[PlannedTensor], conv: ModelConverter, quiet: bool) -> None:
+def write_gguf(path: Path, kv: KV, plan: list[PlannedTensor], conv: ModelConverter, quiet: bool,
+               threads: int = 1) -> None:
     writer = GGUFWriter(path, C.ARCH)
+    try:
+        with Pool(threads) as pool:
+            _write_to(writer, kv, plan, conv, quiet, pool)
+    finally:
+        writer.close()  # (also on an error: write_atomically removes the file closed)
+
+
+def _write_to(writer: GGUFWriter, kv: KV, plan: list[PlannedTensor], conv: ModelConverter, quiet: bool,
+              pool: Pool) -> None:
     for key, (value, kind) in kv.items.items():
         _add_kv(writer, key, value, kind)
     for t in plan:
@@ -136,7 +148,7 @@ def write_gguf(path: Path, kv: KV, plan: list[PlannedTensor], conv: ModelConvert
             writer.write_padding(fout, fout.tell())
             data = conv.modify_tensors(t.name, t.load())
             written = 0
-            for chunk in _chunks(data, t.qtype):
+            for chunk in _chunks(data, t.qtype, pool):
                 fout.write(chunk.tobytes())
                 written += chunk.nbytes
                 bar.update(chunk.nbytes)
@@ -146,7 +158,6 @@ def write_gguf(path: Path, kv: KV, plan: list[PlannedTensor], conv: ModelConvert
             writer.write_padding(fout, t.nbytes)
     fout.flush()
     os.fsync(fout.fileno())
-    writer.close()
 
 
 @dataclass
@@ -158,9 +169,14 @@ class ConvertResult:
 
 def convert(src: str | Path, out: str | Path, out_type: str = "BF16", *, force: bool = False,
             quiet: bool = False, overrides: dict[str, GGMLQuantizationType] | None = None,
-            pad_experts: bool = False) -> ConvertResult:
+            pad_experts: bool = False, threads: int | None = None) -> ConvertResult:
+    """`threads`: quantizing processes (None: one, quant/parallel.py); the file is the same for any."""
     out = Path(out)
     preset = parse_type(out_type)
+    try:
+        threads = check_workers(threads)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
     if out.exists() and not force:
         raise ConvertError(f"{out}: already exists (use --force to overwrite)")
     if not out.parent.is_dir():
@@ -169,7 +185,7 @@ def convert(src: str | Path, out: str | Path, out_type: str = "BF16", *, force: 
     conv = converter_for(ckpt, pad_experts=pad_experts)
     plan = plan_tensors(ckpt, conv, preset, overrides)
     kv = build_metadata(ckpt, conv, preset.ftype)
-    write_atomically(out, lambda tmp: write_gguf(tmp, kv, plan, conv, quiet))
+    write_atomically(out, lambda tmp: write_gguf(tmp, kv, plan, conv, quiet, threads))
     return ConvertResult(out, len(plan), out.stat().st_size)
 
 

@@ -36,7 +36,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not args.output:
             return _fail("-o/--output is required (or use --dry-run)")
         result = convert(args.src, args.output, args.type, force=args.force, quiet=args.quiet, overrides=overrides,
-                         pad_experts=args.pad_experts)
+                         pad_experts=args.pad_experts, threads=args.threads)
     except ConvertError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -52,7 +52,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     try:
         result = requantize(args.src, args.output, args.type, fit_size=args.fit, ctx=args.ctx,
-                            allow_requantize=args.allow_requantize, force=args.force, quiet=args.quiet)
+                            allow_requantize=args.allow_requantize, force=args.force, quiet=args.quiet,
+                            threads=args.threads)
     except ConvertError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -437,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-pad expert down rows to a multiple of 256 so K-quants apply (a dgemma-only layout "
                         "that llama.cpp cannot read)")
     c.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+    c.add_argument("--threads", type=int, metavar="N",
+                   help="quantizing worker processes (default 1; bench/quantize_parallel.py measures what more give "
+                        "here); the file is the same for any N")
     c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=cmd_convert)
 
@@ -455,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--allow-requantize", action="store_true",
                    help="quantize a file that is already quantized (loses more than starting from F16/BF16)")
     q.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+    q.add_argument("--threads", type=int, metavar="N",
+                   help="quantizing worker processes (default 1; bench/quantize_parallel.py measures what more give "
+                        "here); the file is the same for any N")
     q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     q.set_defaults(func=cmd_quantize)
 

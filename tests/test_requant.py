@@ -178,8 +178,8 @@ def test_tensors_are_copied_and_quantized_a_slice_at_a_time(floats, tmp_path, mo
     sizes = []
     real = requant._requantized
 
-    def sliced(t, qtype):
-        for chunk in real(t, qtype):
+    def sliced(t, qtype, pool):
+        for chunk in real(t, qtype, pool):
             sizes.append(chunk.nbytes)
             yield chunk
 
