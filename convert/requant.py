@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
 from dgemma import quant
-from dgemma.quant.parallel import Pool, check_workers, requantize_chunk
+from dgemma.quant.parallel import Pool, WorkerError, check_workers, requantize_chunk
 from dgemma.quant.presets import ModelFacts, preset_types
 
 from . import constants as C
@@ -71,7 +71,13 @@ def plan_types(reader, cfg, out_type: str, fit_size: str | None = None,
 def _check_metadata(src: Path, reader) -> None:
     """What gguf-py's writer cannot write as it was read: refused, rather than written otherwise or failing midway."""
     for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in SKIP_KEYS or f.types[0] != GGUFValueType.ARRAY:
+        if key.startswith("GGUF.") or key in SKIP_KEYS:
+            continue
+        try:
+            f.contents()
+        except UnicodeDecodeError:
+            raise ConvertError(f"{src}: metadata '{key}' holds a string that is not UTF-8") from None
+        if f.types[0] != GGUFValueType.ARRAY:
             continue
         if len(f.types) > 2:
             raise ConvertError(f"{src}: metadata '{key}' is an array of arrays, which dgemma quantize does not copy")
@@ -151,6 +157,8 @@ def _write(path: Path, reader, types: dict[str, GGMLQuantizationType], file_type
     try:
         with Pool(threads) as pool:
             _write_to(writer, reader, types, file_type, quiet, pool)
+    except WorkerError as e:
+        raise ConvertError(str(e)) from None
     finally:
         writer.close()  # (also on an error: the temporary file is removed closed)
 

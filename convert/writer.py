@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 from tqdm import tqdm
 
 from dgemma import quant
-from dgemma.quant.parallel import Pool, check_workers, quantize_chunk
+from dgemma.quant.parallel import Pool, WorkerError, check_workers, quantize_chunk
 from dgemma.quant.presets import PRESETS, Preset, preset_types
 
 from . import constants as C
@@ -127,6 +127,8 @@ def write_gguf(path: Path, kv: KV, plan: list[PlannedTensor], conv: ModelConvert
     try:
         with Pool(threads) as pool:
             _write_to(writer, kv, plan, conv, quiet, pool)
+    except WorkerError as e:
+        raise ConvertError(str(e)) from None
     finally:
         writer.close()  # (also on an error: write_atomically removes the file closed)
 

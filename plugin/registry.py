@@ -177,6 +177,8 @@ class ModelEntry:
     _digest: str | None = field(default=None, repr=False)
     settings: ModelSettings = field(default_factory=ModelSettings)  # a Modelfile's (empty for a plain import)
     base: str | None = None  # the model it was made from (`dgemma create` / `cp`), None for a file
+    # which file it is (device, inode, size, mtime in ns): a path whose file was replaced is another model
+    file_id: tuple[int, ...] = ()
 
     @property
     def digest(self) -> str:
@@ -281,7 +283,8 @@ class Registry:
     def _entry(name: str, path: Path, record: _Record | None = None) -> ModelEntry:
         st = path.stat()
         return ModelEntry(name, path, st.st_size, datetime.fromtimestamp(st.st_mtime, tz=timezone.utc),
-                          settings=record.settings if record else ModelSettings(), base=record.base if record else None)
+                          settings=record.settings if record else ModelSettings(), base=record.base if record else None,
+                          file_id=(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
 
     # ---- queries --------------------------------------------------------------------------------
     def list(self) -> list[ModelEntry]:
@@ -313,11 +316,17 @@ class Registry:
         if wanted in index and (self.root / index[wanted].file).is_file():
             return self._entry(wanted, self.root / index[wanted].file, index[wanted])
         files = {r.file for r in index.values()}
-        loose = self.root / f"{wanted}.gguf"
-        if loose.is_file() and loose.name not in files:  # (a file a made model shares stays that model's)
+        loose = self._loose(wanted)
+        if loose is not None and loose.is_file() and loose.name not in files:  # (a made model's file stays its)
             return self._entry(wanted, loose)
         known = sorted({DEFAULT_NAME, *index, *(p.stem for p in self.root.glob("*.gguf") if p.name not in files)})
         raise ModelNotFound(f"model '{name}' not found in {self.root} (have: {', '.join(known)})")
+
+    def _loose(self, name: str) -> Path | None:
+        """The file a GGUF dropped into the models directory by hand would have under `name`: in that directory
+        only (on Windows `C:x` would name a file on drive C's current directory)."""
+        path = self.root / f"{name}.gguf"
+        return path if path.parent == self.root and path.name == f"{name}.gguf" else None
 
     # ---- changes --------------------------------------------------------------------------------
     def _new_name(self, name: str) -> str:
@@ -512,7 +521,7 @@ class Registry:
         wanted = normalize_name(name)
         if wanted == DEFAULT_NAME:
             raise RegistryError(f"'{DEFAULT_NAME}' is the bundled model and cannot be removed")
-        if not NAME.fullmatch(wanted):  # (a path, `../x`: never a file outside the models directory)
+        if _is_path(wanted):  # (`../x`, an absolute path: never a file outside the models directory)
             raise ModelNotFound(f"model '{name}' not found in {self.root} (give a model's name, not a path)")
         index = self._index()
         if wanted in index:
@@ -520,8 +529,8 @@ class Registry:
             self._write_index(index)
             self._release(record.file, index)
             return
-        loose = self.root / f"{wanted}.gguf"
-        if loose.is_file() and all(r.file != loose.name for r in index.values()):
+        loose = self._loose(wanted)
+        if loose is not None and loose.is_file() and all(r.file != loose.name for r in index.values()):
             loose.unlink()
             return
         raise ModelNotFound(f"model '{name}' not found in {self.root}")

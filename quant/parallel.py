@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -28,6 +30,10 @@ from gguf import GGMLQuantizationType
 from .api import dequantize, quantize
 
 IN_FLIGHT = 2  # chunks per worker submitted ahead of the one being written
+
+
+class WorkerError(RuntimeError):
+    """A worker process died mid-run (its chunk is lost: the file cannot be finished)."""
 
 
 DEFAULT_WORKERS = 1  # (see above)
@@ -74,8 +80,9 @@ class Pool:
             for job in jobs:
                 yield fn(*job)
             return
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        if self._executor is None and not self._start():
+            yield from self.map(fn, jobs, n_jobs)  # (now in this process)
+            return
         pending: deque[Future[np.ndarray]] = deque()
         try:
             for job in jobs:
@@ -84,9 +91,26 @@ class Pool:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
+        except BrokenProcessPool as e:  # (a worker killed: out of memory, a signal)
+            raise WorkerError(f"a quantizing worker process died ({e}); try fewer --threads") from None
         finally:  # (the consumer stopped early, or one failed: what has not begun is dropped)
             for future in pending:
                 future.cancel()
+
+    def _start(self) -> bool:
+        """Start the workers and check that they run; where they cannot (spawn re-imports the main script, which
+        a script read from stdin or an embedding interpreter does not have), say so once and go on with one."""
+        executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            executor.submit(cores).result()
+        except BrokenProcessPool as e:
+            executor.shutdown(wait=False, cancel_futures=True)
+            print(f"dgemma: quantizing worker processes do not start here ({e}); quantizing in this process",
+                  file=sys.stderr, flush=True)
+            self.workers = 1
+            return False
+        self._executor = executor
+        return True
 
     def close(self) -> None:
         if self._executor is not None:

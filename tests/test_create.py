@@ -88,6 +88,12 @@ def test_create_from_a_model_and_generate_with_its_settings(server, engine):
     assert got.prompt_eval_count == len(ids)
     assert got.message.content == engine.tokenizer.decode(done.token_ids, skip_special=True)
 
+    # default and mario share one engine: /api/ps lists both, the memory under one of them
+    client.generate(model="default", prompt="Hi", options={"num_predict": 1}, keep_alive="1h")
+    loaded = {m.model: m for m in client.ps().models}
+    assert set(loaded) == {"default:latest", "mario:latest"}
+    assert loaded["default:latest"].size > 0 and loaded["mario:latest"].size == loaded["mario:latest"].size_vram == 0
+
     # made again: the new settings at the next request, without unloading
     client.create(model="mario", from_="default", parameters={"num_predict": 2, "seed": 11})
     assert client.show("mario").license in ("", None) and client.generate(model="mario", prompt="Hi").eval_count <= 2

@@ -89,9 +89,42 @@ def test_convert_and_quantize_write_the_same_file_for_any_worker_count(checkpoin
     a = requantize(f32, tmp_path / "a.gguf", "Q2_K", quiet=True, threads=1).path
     b = requantize(f32, tmp_path / "b.gguf", "Q2_K", quiet=True, threads=3).path
     assert a.read_bytes() == b.read_bytes()
-    assert {"quantize_chunk", "requantize_chunk"} == set(submitted) and len(submitted) > 20
+    assert {"quantize_chunk", "requantize_chunk", "cores"} == set(submitted) and len(submitted) > 20  # (cores: the start check)
     for call in (lambda: convert(ckpt, tmp_path / "x.gguf", "Q8_0", quiet=True, threads=0),
                  lambda: requantize(f32, tmp_path / "x.gguf", "Q8_0", quiet=True, threads=0)):
         with pytest.raises(ConvertError, match="--threads must be a positive integer, got 0"):
             call()
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_dead_worker_is_a_clear_error():
+    import os
+
+    with Pool(2) as pool, pytest.raises(parallel.WorkerError, match="worker process died.*fewer --threads"):
+        list(pool.map(os._exit, [(3,), (3,), (3,)], 3))
+
+
+def test_where_workers_cannot_start_it_quantizes_here(tmp_path):
+    """spawn re-imports the main script: a script read from stdin has none, so the workers fail to start; the
+    pool says so once and quantizes in this process (the same bytes)."""
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from dgemma import quant
+from dgemma.quant.parallel import Pool, quantize_chunk
+chunks = [np.random.default_rng(i).standard_normal((4, 256), dtype=np.float32) for i in range(5)]
+with Pool(2) as pool:
+    out = list(pool.map(quantize_chunk, ((c, Q.Q4_K) for c in chunks), 5))
+    assert pool.workers == 1
+    again = list(pool.map(quantize_chunk, ((c, Q.Q4_K) for c in chunks), 5))
+assert all(np.array_equal(a, quant.quantize(c, Q.Q4_K)) for a, c in zip(out + again, chunks + chunks))
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    warned = [line for line in run.stderr.splitlines() if line.startswith("dgemma:")]
+    assert len(warned) == 1 and "quantizing in this process" in warned[0]

@@ -80,6 +80,17 @@ def test_paths_never_reach_outside_the_models_directory(reg, gguf, tmp_path):
         with pytest.raises(ModelNotFound, match="not a path"):
             server.resolve(name)
     assert server.resolve("default").path == reg.root / "default.gguf"
+    # a hand-dropped file with any name is listed, resolves and is removed (only paths are refused)
+    shutil.copy(gguf, reg.root / "my model (1).gguf")
+    assert "my model (1)" in {e.name for e in reg.list()} and reg.resolve("my model (1)").path.is_file()
+    reg.remove("my model (1)")
+    assert not (reg.root / "my model (1).gguf").exists()
+    # on Windows a name with a drive, `C:x`, would name a file outside the directory: not a loose file
+    from pathlib import PureWindowsPath
+
+    win = Registry(reg.root)
+    win.root = PureWindowsPath("D:/models")
+    assert win._loose("C:x") is None and win._loose("x") == PureWindowsPath("D:/models/x.gguf")
 
 
 def test_files_are_copied_in_outside_the_lock(reg, gguf, tmp_path, monkeypatch):

@@ -153,16 +153,24 @@ def test_what_cannot_be_copied_faithfully_is_refused(floats, tmp_path):
     """A big-endian file, a tensor type dgemma does not read, an empty metadata array (gguf-py cannot write
     one): one-line errors before anything is written."""
     _, source = floats["base"]
-    data = bytearray(source.read_bytes())
-    key = b"x" * 40  # key length, key, ARRAY, INT32, count 0: 64 bytes, so the tensor data stays aligned
-    kv = len(key).to_bytes(8, "little") + key + int(GGUFValueType.ARRAY).to_bytes(4, "little") + \
-        int(GGUFValueType.INT32).to_bytes(4, "little") + (0).to_bytes(8, "little")
-    data[16:24] = (int.from_bytes(data[16:24], "little") + 1).to_bytes(8, "little")  # kv count
-    data[24:24] = kv
-    (tmp_path / "empty.gguf").write_bytes(data)
+    def with_kv(name: str, kv: bytes) -> Path:  # (64 bytes after the header: the tensor data stays aligned)
+        assert len(kv) == 64
+        data = bytearray(source.read_bytes())
+        data[16:24] = (int.from_bytes(data[16:24], "little") + 1).to_bytes(8, "little")  # kv count
+        data[24:24] = kv
+        (tmp_path / name).write_bytes(data)
+        return tmp_path / name
+
+    key = b"x" * 40
+    head = len(key).to_bytes(8, "little") + key
+    empty = with_kv("empty.gguf", head + int(GGUFValueType.ARRAY).to_bytes(4, "little") +  # an empty INT32 array
+                    int(GGUFValueType.INT32).to_bytes(4, "little") + (0).to_bytes(8, "little"))
+    latin = with_kv("latin.gguf", head + int(GGUFValueType.STRING).to_bytes(4, "little") +  # a string, not UTF-8
+                    (4).to_bytes(8, "little") + "café".encode("latin-1"))
     cases = [(rewrite(source, tmp_path / "big.gguf", endian=GGUFEndian.BIG), "other byte order"),
              (rewrite(source, tmp_path / "q41.gguf", embd=GGMLQuantizationType.Q4_1), "token_embd.weight' is Q4_1"),
-             (tmp_path / "empty.gguf", f"metadata '{key.decode()}' is an empty array")]
+             (empty, f"metadata '{key.decode()}' is an empty array"),
+             (latin, f"metadata '{key.decode()}' holds a string that is not UTF-8")]
     for src, message in cases:
         with pytest.raises(ConvertError, match=message) as e:
             requantize(src, tmp_path / "out.gguf", "Q8_0", allow_requantize=True, quiet=True)

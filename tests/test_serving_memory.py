@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import threading
 import weakref
@@ -640,5 +641,52 @@ def test_a_model_made_from_another_shares_its_loaded_weights(gpu, monkeypatch):
         del a, made, first, second  # (the tasks hold their results)
         await manager.get("b")  # both names go
         assert list(manager.loaded) == ["b"] and state["used"] == state["held"] and state["loads"] == ["a", "b"]
+
+    asyncio.run(run())
+
+
+def test_a_file_replaced_at_the_same_path_is_another_model(gpu, tmp_path):
+    """A path whose file was replaced (its name removed and the file name given again) is loaded anew, under its
+    own name or a twin's, never served with the old file's weights."""
+    from dgemma.plugin.modelfile import ModelSettings
+
+    manager, state = gpu
+    state["capacity"] = state["need"] * 4
+    manager.registry.create("made", "a", ModelSettings(system="S."))
+
+    async def run() -> None:
+        a = await manager.get("a")
+        path = a.entry.path
+        shutil.copy(manager.registry.resolve("b").path, tmp_path / "other.gguf")
+        os.replace(tmp_path / "other.gguf", path)  # (another file where a's was)
+        made = await manager.get("made")
+        assert made.engine is not a.engine and state["loads"] == ["a", "a"]
+        again = await manager.get("a")
+        assert again.engine is made.engine and again is not a and state["loads"] == ["a", "a"]
+
+    asyncio.run(run())
+
+
+def test_shared_weights_go_by_their_last_keep_alive_and_not_while_one_generates(gpu):
+    """a kept forever and its twin made for 5 minutes outlast c kept for 10: a load for room takes c. A generation
+    on the shared engine holds it (a stays) even once its own name is unloaded (deleted meanwhile)."""
+    from dgemma.plugin.modelfile import ModelSettings
+
+    manager, state = gpu
+    manager.registry.create("made", "a", ModelSettings(system="S."))
+    state["capacity"] = state["held"] + state["need"] * 3 // 2  # room for two models
+
+    async def run() -> None:
+        a, made = await manager.get("a"), await manager.get("made")
+        manager.touch(manager.loaded["c"] if "c" in manager.loaded else await manager.get("c"), 600)
+        manager.touch(a, float("inf")), manager.touch(made, 300)
+        await manager.get("b")
+        assert sorted(manager.loaded) == ["a", "b", "made"] and state["loads"] == ["a", "c", "b"]
+        await made.queue.acquire()  # made generates...
+        manager.unload("made")  # ...and its name goes meanwhile
+        manager.touch(a, 1)  # a, soonest to expire, would go first were its weights not in use
+        await manager.get("c")  # b goes instead
+        assert sorted(manager.loaded) == ["a", "c"] and manager.loaded["a"] is a and state["loads"][-1] == "c"
+        made.queue.release()
 
     asyncio.run(run())

@@ -166,7 +166,7 @@ async def tags(request: Request) -> dict[str, Any]:
 @router.get("/api/ps")
 async def ps(request: Request) -> dict[str, Any]:
     state = _state(request)
-    out = []
+    out, seen = [], set()  # (engines listed: names sharing one, `dgemma create`, count its memory once)
     for name, m in sorted(state.manager.loaded.items(), key=lambda kv: -kv[1].expires_at):
         left = m.expires_at - time.monotonic()
         forever = left > FOREVER_AFTER  # (keep_alive -1, or so long that its date would pass the year 9999)
@@ -178,6 +178,9 @@ async def ps(request: Request) -> dict[str, Any]:
         engine = m.engine
         size = entry.get("size", 0) + engine.slot_bytes + engine.prompt_cache.nbytes
         vram = size - engine.host_bytes if engine.device.type == "cuda" else 0
+        if id(engine) in seen:  # (listed under the name kept longest: the others take no memory of their own)
+            size = vram = 0
+        seen.add(id(engine))
         out.append({**entry, "size": size, "expires_at": expires, "size_vram": vram,
                     "context_length": m.num_ctx})
     return {"models": out}

@@ -111,7 +111,7 @@ class ModelManager:
             held = True
             try:
                 model = self.loaded.get(entry.name)
-                if model is None or model.entry.path != entry.path:
+                if model is None or not _same_file(model.entry, entry):
                     load = asyncio.ensure_future(self._load_registered(entry, me))
                     try:
                         model = await asyncio.shield(load)
@@ -137,7 +137,7 @@ class ModelManager:
         `dgemma create` from it, or copied) lends its engine and queue instead: one copy of the weights, one
         generation at a time on it, as Ollama keeps one runner per model file; each name keeps its own settings
         and keep-alive, and the weights go when the last name holding them unloads."""
-        twin = next((m for m in self.loaded.values() if m.entry.path == entry.path), None)
+        twin = next((m for m in self.loaded.values() if _same_file(m.entry, entry)), None)
         if twin is not None:
             model = self.loaded[entry.name] = LoadedModel(entry, twin.engine, twin.info, queue=twin.queue)
         else:
@@ -178,9 +178,13 @@ class ModelManager:
                     return engine
                 except MemoryShortageError as e:
                     # (expiry, name) pairs: a list of the models themselves would keep the unloaded one's weights alive
-                    # (a model whose engine another name shares, `dgemma create`, is idle only if that one is too)
-                    held = {id(m.engine) for m in self.loaded.values() if self.in_use(m, requester)}
-                    idle = [(m.expires_at, name) for name, m in self.loaded.items()
+                    # an engine that names share (`dgemma create`) is idle only if all are, and none generates on
+                    # it (also a name unloaded meanwhile: their queue is one); it expires with the last of them
+                    held = {id(m.engine) for m in self.loaded.values() if self.in_use(m, requester) or m.queue.locked()}
+                    last: dict[int, float] = {}
+                    for key, t in [(id(m.engine), m.expires_at) for m in self.loaded.values()]:  # (no model kept)
+                        last[key] = max(last.get(key, t), t)
+                    idle = [(last[id(m.engine)], name) for name, m in self.loaded.items()
                             if _holds(m.engine, e.device_type) and id(m.engine) not in held]
                     streams_next = (isinstance(e, GpuMemoryError) and host == 0 and self.host_experts == "auto"
                                     and not e.streaming_hopeless)
@@ -237,6 +241,12 @@ class ModelManager:
         while True:
             await asyncio.sleep(interval)
             self.reap()
+
+
+def _same_file(a: ModelEntry, b: ModelEntry) -> bool:
+    """Whether two entries are the same file (not only the same path: a path reused for another file, once its
+    file went, is another model)."""
+    return a.path == b.path and a.file_id == b.file_id
 
 
 def _holds(engine: Engine, device_type: str) -> bool:
