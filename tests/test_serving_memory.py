@@ -9,16 +9,15 @@ next load would fail."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import threading
 import weakref
-from collections.abc import Iterator
 
 import pytest
 import torch
 from cuda_util import cpu_cuda_weights
+from server_util import serving
 
 from dgemma.plugin.config import ModelConfig
 from dgemma.plugin.cuda import offload
@@ -499,25 +498,6 @@ def test_the_torch_backend_unloads_an_idle_model_for_want_of_ram(default_gguf, t
         assert list(manager.loaded) == ["b"] and state["used"] == need
 
     asyncio.run(run())
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    """The app on a loopback port in this process (where the stand-in GPU is), served by uvicorn in a thread."""
-    import uvicorn
-    from server_util import free_port
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            thread.join(0.05)
-            assert thread.is_alive()
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_ps_reports_streamed_experts_outside_size_vram(gpu, default_gguf, capsys):

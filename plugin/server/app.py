@@ -169,9 +169,9 @@ class AppState:
             raise ApiError(r.status_code, _error_text(r))
         return r.json()
 
-    async def _proxy(self, request: Request, url: str, headers: dict[str, str]) -> Response:
+    async def _proxy(self, request: Request, url: str, headers: dict[str, str], method: str = "POST") -> Response:
         body = await request.body()
-        req = self.http.build_request("POST", url, content=body,
+        req = self.http.build_request(method, url, content=body,
                                       headers={"Content-Type": "application/json", **headers}, timeout=None)
         upstream = await self.http.send(req, stream=True)
 
@@ -185,8 +185,8 @@ class AppState:
         media = upstream.headers.get("content-type", "application/json")
         return StreamingResponse(relay(), status_code=upstream.status_code, media_type=media)
 
-    async def upstream_ollama_proxy(self, request: Request, path: str) -> Response:
-        return await self._proxy(request, f"{self.config.upstream.rstrip('/')}{path}", {})
+    async def upstream_ollama_proxy(self, request: Request, path: str, method: str = "POST") -> Response:
+        return await self._proxy(request, f"{self.config.upstream.rstrip('/')}{path}", {}, method)
 
     async def upstream_openai_proxy(self, request: Request, path: str, model: str) -> Response:
         if self.config.upstream_openai:

@@ -305,6 +305,8 @@ async def delete(request: Request, req: P.DeleteRequest) -> Response:
     try:
         await asyncio.to_thread(state.registry.remove, name)
     except ModelNotFound:
+        if await state.upstream_owns(name):  # (`ollama rm` of an upstream's model through dgemma)
+            return await state.upstream_ollama_proxy(request, "/api/delete", method="DELETE")
         raise ApiError(404, f"model '{name}' not found") from None
     except RegistryError as e:
         raise ApiError(400, str(e)) from None
@@ -320,12 +322,31 @@ _NOT_HERE = {
 }
 
 
-def _refuse(message: str):
-    async def handler() -> Response:
+def _elsewhere(path: str, message: str):
+    """What dgemma itself does not do, for an upstream Ollama's models (`--upstream`): embeddings of its
+    embedding models (Open WebUI's RAG pointed at dgemma), pulling a model into it (a name not ours), pushing;
+    for ours, or without an upstream, the error says why not."""
+
+    async def handler(request: Request) -> Response:
+        state = _state(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        name = (body.get("model") or body.get("name")) if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "model is required")
+        try:
+            await asyncio.to_thread(state.registry.resolve, name)
+        except ModelNotFound:
+            if state.config.upstream and (path == "/api/pull" or await state.upstream_owns(name)):
+                return await state.upstream_ollama_proxy(request, path)
+            if path != "/api/pull":
+                raise ApiError(404, f"model '{name}' not found") from None
         raise ApiError(400 if "not supported" in message else 501, message)
 
     return handler
 
 
 for _path, _message in _NOT_HERE.items():
-    router.add_api_route(_path, _refuse(_message), methods=["POST"], include_in_schema=False)
+    router.add_api_route(_path, _elsewhere(_path, _message), methods=["POST"], include_in_schema=False)

@@ -51,6 +51,27 @@ async def model(request: Request, model: str) -> dict[str, Any]:
     return _model_object(P.display_name(entry.name), int(entry.modified_at.timestamp()))
 
 
+@router.post("/embeddings")
+async def embeddings(request: Request) -> Response:
+    """An upstream's embedding model (`--upstream`, `--upstream-openai`), proxied; DiffusionGemma has none."""
+    state = _state(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    model = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required")
+    try:
+        await asyncio.to_thread(state.registry.resolve, model)
+    except ModelNotFound:
+        if await state.upstream_owns(model, openai=True):
+            return await state.upstream_openai_proxy(request, "/embeddings", model)
+        raise ApiError(404, f"model '{model}' not found", code="model_not_found") from None
+    raise ApiError(400, "DiffusionGemma is a generative model: embeddings are not supported",
+                   code="unsupported_parameter")
+
+
 def _text(content: Any) -> str:
     """OpenAI message content: a string or a list of parts; only text parts are supported."""
     if content is None or isinstance(content, str):
