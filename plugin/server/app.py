@@ -22,7 +22,7 @@ from ..inspect import open_gguf
 from ..kv_cache import DEFAULT_CACHE_RAM
 from ..registry import NOPRUNE_ENV, ModelEntry, ModelInfo, ModelNotFound, Registry, read_model_info
 from ..tokenizer import Tokenizer
-from . import DEFAULT_HOST, DEFAULT_PORT, create, ollama, openai
+from . import DEFAULT_HOST, DEFAULT_PORT, create, ollama, openai, responses
 from . import protocol as P
 from .serving import DEFAULT_KEEP_ALIVE, ApiError, ModelManager
 
@@ -266,6 +266,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.include_router(ollama.router)
     app.include_router(create.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     return app
 
 

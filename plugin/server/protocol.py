@@ -129,6 +129,25 @@ class ChatCompletionRequest(_Lenient):
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's and llama.cpp's: variables for the chat template
 
 
+class ResponsesRequest(_Lenient):
+    """OpenAI's /v1/responses (plugin/server/responses.py)."""
+
+    model: str
+    input: str | list[Any] | None = None
+    instructions: str | None = None
+    stream: bool | None = False
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    reasoning: dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    previous_response_id: str | None = None
+    conversation: Any = None
+
+
 class CompletionRequest(_Lenient):
     model: str
     prompt: str | list[str]
