@@ -317,7 +317,11 @@ class Registry:
             return self._entry(wanted, self.root / index[wanted].file, index[wanted])
         files = {r.file for r in index.values()}
         loose = self._loose(wanted)
-        if loose is not None and loose.is_file() and loose.name not in files:  # (a made model's file stays its)
+        try:
+            is_loose = loose is not None and loose.is_file() and loose.name not in files  # (a made model's stays its)
+        except OSError:  # (a name too long for a file name)
+            is_loose = False
+        if is_loose:
             return self._entry(wanted, loose)
         known = sorted({DEFAULT_NAME, *index, *(p.stem for p in self.root.glob("*.gguf") if p.name not in files)})
         raise ModelNotFound(f"model '{name}' not found in {self.root} (have: {', '.join(known)})")
@@ -530,7 +534,11 @@ class Registry:
             self._release(record.file, index)
             return
         loose = self._loose(wanted)
-        if loose is not None and loose.is_file() and all(r.file != loose.name for r in index.values()):
+        try:
+            loose = loose if loose is not None and loose.is_file() else None
+        except OSError:  # (a name too long for a file name: not found)
+            loose = None
+        if loose is not None and all(r.file != loose.name for r in index.values()):
             loose.unlink()
             return
         raise ModelNotFound(f"model '{name}' not found in {self.root}")

@@ -51,13 +51,13 @@ def running_server(models: Path, *extra: str, log: Path | None = None) -> Iterat
 
 
 @contextlib.contextmanager
-def serving(app) -> Iterator[str]:
+def serving(app, port: int | None = None) -> Iterator[str]:
     """An ASGI app on a loopback port in this process (e.g. beside a stand-in GPU), served by uvicorn in a thread."""
     import threading
 
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port or free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -106,9 +106,12 @@ def test_function_calls_and_outputs_become_the_chat_messages():
     ({"previous_response_id": "resp_1"}, "not stored"),
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "'input_image' is not"),
-    ({"tools": [{"type": "web_search"}]}, "only 'function' tools"),
+    ({"tools": ["web_search"]}, "tools[0]: expected an object"),
+    ({"text": {"format": "text"}}, "text.format: expected an object"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "arguments": "{}"}]}, "input[0].name: expected a string"),
+    ({"input": [{"type": "function_call_output", "call_id": "c9", "output": "x"}]}, "input[0].call_id: 'c9' answers"),
     ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "does not support tools"),
-    ({"reasoning": {"effort": "max"}}, "reasoning.effort"),
+    ({"reasoning": {"effort": "maximal"}}, "reasoning.effort"),
     ({"input": [{"type": "computer_call"}]}, "'computer_call' is not supported"),
     ({"extra_body": {"seed": "x"}}, "seed"),
 ])
@@ -165,3 +168,72 @@ def test_a_reply_with_thinking_text_and_calls_streams_as_the_client_rebuilds_it(
     completed = state._completed_response  # (get_final_response's: checked against the items the deltas made)
     assert completed.output_text == "It is sunny." and completed.output[0].summary[0].text == "Let me think."
     assert final["usage"]["input_tokens"] == 9 and final["usage"]["output_tokens"] == 30
+
+
+def test_built_in_tools_are_left_out_and_every_effort_is_known(client):
+    """Codex sends web_search along with its functions: left out (nothing here runs it), the request answered;
+    openai's newest efforts (xhigh, max) turn thinking on."""
+    got = client.responses.create(model="default", input="Hi", max_output_tokens=2, tools=[{"type": "web_search"}],
+                                  reasoning={"effort": "xhigh"}, extra_body={"seed": 1})
+    assert got.usage.output_tokens <= 2 and got.tools[0].type == "web_search"
+
+
+def _stream_of(canvases, done):
+    """The route's stream for these engine events, read back by the openai client's stream state."""
+    import asyncio
+    import json
+
+    from openai._models import construct_type
+    from openai.lib.streaming.responses._responses import ResponseStreamState
+    from openai.types.responses import ResponseStreamEvent
+
+    from dgemma.plugin.server.responses import _Head, _stream_events, _typed_stream
+
+    async def events():
+        for e in canvases:
+            if isinstance(e, Exception):
+                raise e
+            yield e
+        if done is not None:
+            yield done
+
+    async def sse() -> list[bytes]:
+        head = _Head(P.ResponsesRequest(model="m", input="x"), None)
+        return [chunk async for chunk in _typed_stream(_stream_events(head, events()))]
+
+    state = ResponseStreamState(input_tools=[], text_format=openai.omit)
+    raw = []
+    for chunk in asyncio.run(sse()):
+        raw.append(json.loads(chunk.decode().strip().split("\n")[1].removeprefix("data: ")))
+        if raw[-1]["type"] not in ("error", "response.failed"):
+            state.handle_event(construct_type(type_=ResponseStreamEvent, value=raw[-1]))
+    return raw, state
+
+
+def test_thinking_only_and_cut_replies_stream_as_they_answer_unstreamed():
+    from dgemma.plugin.engine import DoneEvent, TextEvent
+    from dgemma.plugin.reply import ReplyDelta
+    from dgemma.plugin.server.responses import output_items
+
+    stop = DoneEvent("stop", 3, 8, [], [], [], 1.0, 0, 0, 0, 0, 0)
+    raw, state = _stream_of([TextEvent("", [], 0, 4, thinking="Hmm.")], stop)
+    items = raw[-1]["response"]["output"]
+    assert [(i["type"], i.get("status")) for i in items] == [(i["type"], i.get("status"))
+                                                            for i in output_items(ReplyDelta("", "Hmm.", []))]
+    assert state._completed_response.output_text == "" and len(items) == 2
+    cut = DoneEvent("length", 3, 8, [], [], [], 1.0, 0, 0, 0, 0, 0)
+    raw, _ = _stream_of([TextEvent("Once upon", [], 0, 4)], cut)
+    assert raw[-1]["type"] == "response.incomplete" and raw[-1]["response"]["output"][0]["status"] == "incomplete"
+    assert raw[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert output_items(ReplyDelta("Once upon", "", []), cut=True)[0]["status"] == "incomplete"
+
+
+def test_a_failure_mid_stream_ends_it_with_response_failed():
+    from dgemma.plugin.engine import EngineError, TextEvent
+
+    raw, state = _stream_of([TextEvent("Half", [], 0, 4), EngineError("the GPU fell over")], None)
+    kinds = [r["type"] for r in raw]
+    assert kinds[-2:] == ["error", "response.failed"] and "response.output_item.done" in kinds
+    assert raw[-1]["response"]["status"] == "failed" and "fell over" in raw[-1]["response"]["error"]["message"]
+    assert raw[-1]["response"]["output"][0]["content"][0]["text"] == "Half"
+    assert [r["sequence_number"] for r in raw] == list(range(len(raw)))

@@ -12,7 +12,7 @@ import openai
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from server_util import serving
+from server_util import free_port, serving
 
 from dgemma.plugin.default_model import ensure_default_model
 from dgemma.plugin.server.app import ServerConfig, create_app
@@ -21,7 +21,10 @@ EMBEDDER = "nomic-embed-text:latest"
 
 
 def upstream_app(seen: list[tuple[str, str, dict]]) -> FastAPI:
+    from starlette.middleware.gzip import GZipMiddleware
+
     app = FastAPI()
+    app.add_middleware(GZipMiddleware, minimum_size=1)  # (as nginx in front of an upstream may: dgemma decodes)
     models = {EMBEDDER}
 
     async def note(request: Request) -> dict:
@@ -118,3 +121,33 @@ def test_pull_and_delete_of_upstream_models_go_upstream(front):
     with pytest.raises(ollama.ResponseError, match="does not download") as e:
         client.pull("default")  # ours: not pulled over
     assert e.value.status_code == 501
+
+
+def test_an_openai_upstream_alone_a_loop_back_and_a_dead_upstream(tmp_path):
+    """An OpenAI-only upstream gets its models' requests also by their untagged names; an --upstream that is
+    this server itself lists nothing and answers 508 instead of calling itself without end; an upstream that
+    does not answer is a 502 naming it; a model name too long for a file name is a 404."""
+    seen: list[tuple[str, str, dict]] = []
+    ensure_default_model(tmp_path / "models")
+    with serving(upstream_app(seen)) as upstream:
+        app = create_app(ServerConfig(models=tmp_path / "models", upstream_openai=f"{upstream}/v1"))
+        with serving(app) as url:
+            oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
+            assert oa.embeddings.create(model="nomic-embed-text", input="ab").data[0].embedding == [2.0, 0.5]
+    port = free_port()
+    me = f"http://127.0.0.1:{port}"
+    with serving(create_app(ServerConfig(models=tmp_path / "models", upstream=me)), port=port) as url:
+        client = ollama.Client(host=url, timeout=30)
+        assert [m.model for m in client.list().models] == ["default:latest"]
+        with pytest.raises(ollama.ResponseError) as e:
+            client.pull("zzz")
+        assert e.value.status_code == 508 and "leads back to this server" in str(e.value)
+    dead = f"http://127.0.0.1:{free_port()}"
+    with serving(create_app(ServerConfig(models=tmp_path / "models", upstream=dead))) as url:
+        client = ollama.Client(host=url, timeout=30)
+        with pytest.raises(ollama.ResponseError) as e:
+            client.pull("zzz")
+        assert e.value.status_code == 502 and dead in str(e.value)
+        with pytest.raises(ollama.ResponseError) as e:
+            client.embed(model="x" * 300, input="y")
+        assert e.value.status_code == 404

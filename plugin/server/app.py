@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import contextlib
 import ipaddress
 import time
@@ -28,6 +29,10 @@ from .serving import DEFAULT_KEEP_ALIVE, ApiError, ModelManager
 
 T = TypeVar("T")
 UPSTREAM_LIST_TTL = 5.0  # seconds a fetched upstream model list is reused
+# sent with every request to an upstream: a request that comes back with it (an upstream that is this server, or
+# leads back to it) finds no upstream models, instead of going round without end
+HOP_HEADER = "X-Dgemma-Upstream"
+_from_upstream: contextvars.ContextVar[bool] = contextvars.ContextVar("dgemma_from_upstream", default=False)
 
 
 @dataclass
@@ -102,6 +107,8 @@ class AppState:
 
     # ---- upstreams ------------------------------------------------------------------------------
     async def _cached_list(self, key: str, fetch) -> list[dict[str, Any]]:
+        if _from_upstream.get():  # (asked by ourselves through an upstream: none, or the lists never end)
+            return []
         now = time.monotonic()
         hit = self._upstream_lists.get(key)
         if hit and now - hit[0] < UPSTREAM_LIST_TTL:
@@ -122,7 +129,7 @@ class AppState:
             return []
 
         async def fetch():
-            r = await self.http.get(f"{self.config.upstream.rstrip('/')}/api/tags")
+            r = await self.http.get(f"{self.config.upstream.rstrip('/')}/api/tags", headers={HOP_HEADER: "1"})
             r.raise_for_status()
             return list(r.json().get("models") or [])
 
@@ -134,7 +141,8 @@ class AppState:
         local = await asyncio.to_thread(self._local_names)
         if self.config.upstream_openai and self.http is not None:
             async def fetch():
-                r = await self.http.get(f"{self.config.upstream_openai.rstrip('/')}/models", headers=self._openai_auth())
+                r = await self.http.get(f"{self.config.upstream_openai.rstrip('/')}/models",
+                                        headers={**self._openai_auth(), HOP_HEADER: "1"})
                 r.raise_for_status()
                 return list(r.json().get("data") or [])
 
@@ -170,15 +178,23 @@ class AppState:
         return r.json()
 
     async def _proxy(self, request: Request, url: str, headers: dict[str, str], method: str = "POST") -> Response:
+        if _from_upstream.get():  # (this server again, through its upstream)
+            raise ApiError(508, "the upstream leads back to this server (--upstream names dgemma itself)")
         body = await request.body()
-        req = self.http.build_request(method, url, content=body,
-                                      headers={"Content-Type": "application/json", **headers}, timeout=None)
-        upstream = await self.http.send(req, stream=True)
+        req = self.http.build_request(method, url, content=body, timeout=None,
+                                      headers={"Content-Type": "application/json", **headers, HOP_HEADER: "1"})
+        try:
+            upstream = await self.http.send(req, stream=True)
+        except httpx.HTTPError as e:
+            raise ApiError(502, f"upstream {url.split('/api/')[0].split('/v1/')[0]} did not answer "
+                                f"({type(e).__name__}: {e})") from None
 
         async def relay() -> AsyncIterator[bytes]:
-            try:
-                async for piece in upstream.aiter_raw():
+            try:  # (decoded: a gzip-ing upstream's bytes go out as the plain JSON their media type says)
+                async for piece in upstream.aiter_bytes():
                     yield piece
+            except httpx.HTTPError:
+                pass  # (the upstream went away mid-stream: the client sees the stream end)
             finally:
                 await upstream.aclose()
 
@@ -189,11 +205,29 @@ class AppState:
         return await self._proxy(request, f"{self.config.upstream.rstrip('/')}{path}", {}, method)
 
     async def upstream_openai_proxy(self, request: Request, path: str, model: str) -> Response:
+        """To the upstream that lists the model (upstream_owns said one does): the OpenAI one where it lists it
+        (its id with or without `:latest`), else the Ollama one's /v1."""
         if self.config.upstream_openai:
             _, listed = self._upstream_lists.get("openai", (0.0, []))  # refreshed by upstream_owns just before
-            if model in {m.get("id") for m in listed}:
+            ids = {m.get("id") for m in listed}
+            if model in ids or P.display_name(model) in ids or not self.config.upstream:
                 return await self._proxy(request, f"{self.config.upstream_openai.rstrip('/')}{path}", self._openai_auth())
         return await self._proxy(request, f"{self.config.upstream.rstrip('/')}/v1{path}", {})
+
+
+class _HopMark:
+    """Marks a request that came through an upstream from a dgemma server (HOP_HEADER) for its handlers."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        hop = scope["type"] == "http" and any(k == HOP_HEADER.lower().encode() for k, _ in scope.get("headers", ()))
+        token = _from_upstream.set(hop)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _from_upstream.reset(token)
 
 
 def _error_text(r: httpx.Response) -> str:
@@ -255,6 +289,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         return error(request, 500, f"internal error: {type(exc).__name__}: {exc}")
 
+    app.add_middleware(_HopMark)
     if config.api_key:
         @app.middleware("http")
         async def check_key(request: Request, call_next):

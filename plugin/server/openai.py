@@ -170,7 +170,7 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
                          "usage": P.usage(done)})
 
 
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")  # (openai's ReasoningEffort)
 RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt")
 
 

@@ -55,6 +55,7 @@ def input_messages(req: P.ResponsesRequest) -> list[P.OpenAIMessage]:
     out = [P.OpenAIMessage(role="system", content=req.instructions)] if req.instructions else []
     if isinstance(req.input, str):
         return [*out, P.OpenAIMessage(role="user", content=req.input)]
+    calls: set[str] = set()  # the call ids of the function_calls so far
     for i, item in enumerate(req.input):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -67,13 +68,22 @@ def input_messages(req: P.ResponsesRequest) -> list[P.OpenAIMessage]:
                                code="invalid_request")
             out.append(P.OpenAIMessage(role=role, content=_part_text(item.get("content"), f"{where}.content")))
         elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
+            for key in ("call_id", "name", "arguments"):
+                if not isinstance(item.get(key), str) or (key != "arguments" and not item[key]):
+                    raise ApiError(400, f"{where}.{key}: expected a string", code="invalid_request")
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            calls.add(item["call_id"])
             if out and out[-1].role == "assistant":  # (a reply's calls after its text, or parallel calls)
                 out[-1].tool_calls = [*(out[-1].tool_calls or []), call]
             else:
                 out.append(P.OpenAIMessage(role="assistant", content=None, tool_calls=[call]))
         elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str) or not item["call_id"]:
+                raise ApiError(400, f"{where}.call_id: expected a string", code="invalid_request")
+            if item["call_id"] not in calls:
+                raise ApiError(400, f"{where}.call_id: {item['call_id']!r} answers no function_call before it",
+                               code="invalid_request")
             output = item.get("output")
             text = output if isinstance(output, str) else _part_text(output, f"{where}.output")
             out.append(P.OpenAIMessage(role="tool", content=text, tool_call_id=item.get("call_id")))
@@ -84,17 +94,18 @@ def input_messages(req: P.ResponsesRequest) -> list[P.OpenAIMessage]:
 
 
 def function_tools(req: P.ResponsesRequest) -> list[dict[str, Any]] | None:
-    """The Responses API's flat function tools as chat completion tools; built-in tools are refused."""
+    """The Responses API's flat function tools as chat completion tools. Built-in tools (web_search, file_search,
+    ...; a client such as Codex sends them along) are left out: nothing here runs them, and the model is not told
+    of them."""
     if req.tool_choice == "none" or not req.tools:
         return None
     out = []
     for i, tool in enumerate(req.tools):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            raise ApiError(400, f"tools[{i}].type: only 'function' tools are supported, got {kind!r}",
-                           code="unsupported_parameter")
-        fn = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
-        out.append({"type": "function", "function": fn})
+        if not isinstance(tool, dict):
+            raise ApiError(400, f"tools[{i}]: expected an object", code="invalid_request")
+        if tool.get("type") == "function":
+            fn = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+            out.append({"type": "function", "function": fn})
     return tool_list(out)
 
 
@@ -104,6 +115,8 @@ def _checked(req: P.ResponsesRequest) -> dict[str, Any]:
         raise ApiError(400, "previous_response_id and conversation are not supported: responses are not stored, "
                             "send the whole conversation in 'input'", code="unsupported_parameter")
     fmt = (req.text or {}).get("format") or {}
+    if not isinstance(fmt, dict):
+        raise ApiError(400, f"text.format: expected an object, got {fmt!r}", code="invalid_request")
     if fmt.get("type") not in (None, "text"):
         raise ApiError(400, "text.format other than text is not supported", code="unsupported_parameter")
     if not req.input:
@@ -128,7 +141,9 @@ def _reasoning_item(text: str) -> dict[str, Any]:
 
 
 def _message_item(text: str, status: str = "completed") -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+    """The reply's message: completed, or incomplete where max_output_tokens cut it (in_progress: opened in a
+    stream, its text to come)."""
+    content = [{"type": "output_text", "text": text, "annotations": []}] if status != "in_progress" else []
     return {"type": "message", "id": P.completion_id("msg"), "status": status, "role": "assistant", "content": content}
 
 
@@ -137,10 +152,11 @@ def _call_item(call: ToolCall) -> dict[str, Any]:
             "name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False), "status": "completed"}
 
 
-def output_items(reply: ReplyDelta) -> list[dict[str, Any]]:
+def output_items(reply: ReplyDelta, cut: bool = False) -> list[dict[str, Any]]:
+    """The reply as output items; a message (empty if need be) unless it is only calls."""
     items = [_reasoning_item(reply.thinking)] if reply.thinking else []
     if reply.content or not reply.tool_calls:
-        items.append(_message_item(reply.content))
+        items.append(_message_item(reply.content, "incomplete" if cut else "completed"))
     return items + [_call_item(c) for c in reply.tool_calls]
 
 
@@ -189,7 +205,7 @@ async def responses(request: Request, req: P.ResponsesRequest) -> Response:
     if req.stream:
         return StreamingResponse(_typed_stream(_stream_events(head, events)), media_type="text/event-stream")
     reply, done = await state.until_disconnected(request, collect(events))
-    return JSONResponse(head.response("completed", output_items(reply), done))
+    return JSONResponse(head.response("completed", output_items(reply, done.done_reason == "length"), done))
 
 
 async def _typed_stream(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
@@ -223,7 +239,7 @@ async def _stream_events(head: _Head, events: AsyncIterator[Any]) -> AsyncIterat
     yield {"type": "response.created", "response": head.response("in_progress", [])}
     yield {"type": "response.in_progress", "response": head.response("in_progress", [])}
 
-    def close() -> list[dict[str, Any]]:
+    def close(cut: bool = False) -> list[dict[str, Any]]:
         nonlocal open_item
         if open_item is None:
             return []
@@ -237,7 +253,7 @@ async def _stream_events(head: _Head, events: AsyncIterator[Any]) -> AsyncIterat
                     "summary_index": 0, "part": part}]
         else:
             part = {"type": "output_text", "text": text, "annotations": []}
-            item = {**item, "status": "completed", "content": [part]}
+            item = {**item, "status": "incomplete" if cut else "completed", "content": [part]}
             out = [{"type": "response.output_text.done", "item_id": item["id"], "output_index": at,
                     "content_index": 0, "text": text},
                    {"type": "response.content_part.done", "item_id": item["id"], "output_index": at,
@@ -263,39 +279,61 @@ async def _stream_events(head: _Head, events: AsyncIterator[Any]) -> AsyncIterat
                 {"type": "response.content_part.added", "item_id": open_item["id"], "output_index": at,
                  "content_index": 0, "part": part}]
 
-    async for event in events:
-        if isinstance(event, TextEvent):
-            for kind, delta in (("reasoning", event.thinking), ("message", event.text)):
-                if not delta:
-                    continue
-                for e in opening(kind):
-                    yield e
-                text += delta
-                at = len(output)
-                if kind == "reasoning":
-                    yield {"type": "response.reasoning_summary_text.delta", "item_id": open_item["id"],
-                           "output_index": at, "summary_index": 0, "delta": delta}
-                else:
-                    yield {"type": "response.output_text.delta", "item_id": open_item["id"], "output_index": at,
-                           "content_index": 0, "delta": delta, "logprobs": []}
-            for call in event.tool_calls:
-                for e in close():
-                    yield e
-                item, at = _call_item(call), len(output)
-                yield {"type": "response.output_item.added", "output_index": at, "item": {**item, "arguments": "",
-                                                                                           "status": "in_progress"}}
-                yield {"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": at,
-                       "delta": item["arguments"]}
-                yield {"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": at,
-                       "arguments": item["arguments"]}
-                output.append(item)
-                yield {"type": "response.output_item.done", "output_index": at, "item": item}
-        elif isinstance(event, DoneEvent):
-            if not output and open_item is None:  # (an empty reply is an empty message, as when not streamed)
-                for e in opening("message"):
-                    yield e
-            for e in close():
-                yield e
-            final = head.response("completed", output, event)
-            yield {"type": "response.incomplete" if final["status"] == "incomplete" else "response.completed",
-                   "response": final}
+    async def parts() -> AsyncIterator[dict[str, Any]]:
+        async for event in events:
+            if isinstance(event, TextEvent):
+                for x in on_text(event):
+                    yield x
+            elif isinstance(event, DoneEvent):
+                for x in on_done(event):
+                    yield x
+
+    def on_text(event: TextEvent) -> list[dict[str, Any]]:
+        nonlocal text
+        out: list[dict[str, Any]] = []
+        for kind, delta in (("reasoning", event.thinking), ("message", event.text)):
+            if not delta:
+                continue
+            out += opening(kind)
+            text += delta
+            at = len(output)
+            if kind == "reasoning":
+                out.append({"type": "response.reasoning_summary_text.delta", "item_id": open_item["id"],
+                            "output_index": at, "summary_index": 0, "delta": delta})
+            else:
+                out.append({"type": "response.output_text.delta", "item_id": open_item["id"], "output_index": at,
+                            "content_index": 0, "delta": delta, "logprobs": []})
+        for call in event.tool_calls:
+            out += close()
+            item, at = _call_item(call), len(output)
+            out += [{"type": "response.output_item.added", "output_index": at,
+                     "item": {**item, "arguments": "", "status": "in_progress"}},
+                    {"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": at,
+                     "delta": item["arguments"]},
+                    {"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": at,
+                     "arguments": item["arguments"]}]
+            output.append(item)
+            out.append({"type": "response.output_item.done", "output_index": at, "item": item})
+        return out
+
+    def on_done(event: DoneEvent) -> list[dict[str, Any]]:
+        cut = event.done_reason == "length"
+        out: list[dict[str, Any]] = []
+        answered = any(i["type"] != "reasoning" for i in output) or (open_item or {}).get("type") == "message"
+        if not answered:  # (thinking only, or nothing: an empty message, as when not streamed)
+            out += opening("message")
+        out += close(cut)
+        final = head.response("completed", output, event)
+        out.append({"type": "response.incomplete" if cut else "response.completed", "response": final})
+        return out
+
+    try:
+        async for x in parts():
+            yield x
+    except Exception as e:  # noqa: BLE001 - the stream ends as OpenAI's does on a failure, never without an end
+        message = getattr(e, "message", None) or f"an error was encountered while running the model: {e}"
+        for x in close():
+            yield x
+        yield {"type": "error", "code": "server_error", "message": message, "param": None}
+        failed = head.response("failed", output)
+        yield {"type": "response.failed", "response": {**failed, "error": {"code": "server_error", "message": message}}}
