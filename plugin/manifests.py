@@ -204,6 +204,21 @@ def lmstudio_index(base: str, models: list[str]) -> str:
     return LMSTUDIO_INDEX.replace("__BASE__", base).replace("__MODEL__", models[0])
 
 
+def codex_config(base: str, models: list[str]) -> str:
+    return (
+        "# Codex CLI (~/.codex/config.toml): dgemma through its Responses API (POST /v1/responses). Root keys come\n"
+        "# before the tables in TOML: put model and model_provider at the top of your file. Codex reads the file\n"
+        "# at startup. With `dgemma serve --api-key KEY` add env_key = \"DGEMMA_API_KEY\" and export that variable.\n"
+        f"model = {_yaml_str(models[0])}\n"
+        'model_provider = "dgemma"\n'
+        "\n"
+        "[model_providers.dgemma]\n"
+        'name = "dgemma"\n'
+        f"base_url = {_yaml_str(base + '/v1')}\n"
+        'wire_api = "responses"\n'
+    )
+
+
 def readme(base: str, models: list[str]) -> str:
     return f"""# Provider files for dgemma serve
 
@@ -218,6 +233,7 @@ models with `dgemma manifests --out DIR --host H --port P`.
 | AnythingLLM | `anythingllm/.env` | merge into AnythingLLM's server `.env` |
 | Jan | `jan/model.json` | older Jan: `~/jan/data/models/<id>/model.json`; current Jan: Settings > Model Providers > Add Provider, Base URL `{base}/v1`, any key |
 | LM Studio | `lmstudio-plugin/` | `cd lmstudio-plugin && npm install && lms dev` (a generator plugin using the `/v1` endpoint: the thinking as reasoning, LM Studio's tools and their results passed on) |
+| Codex CLI | `codex/config.toml` | merge into `~/.codex/config.toml` (the Responses API, `/v1/responses`) |
 """
 
 
@@ -231,6 +247,7 @@ FILES = {
     "lmstudio-plugin/manifest.json": lmstudio_manifest,
     "lmstudio-plugin/package.json": lmstudio_package,
     "lmstudio-plugin/src/index.ts": lmstudio_index,
+    "codex/config.toml": codex_config,
 }
 
 

@@ -11,6 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
+try:
+    import tomllib
+except ImportError:  # (Python 3.10: pytest brings tomli)
+    import tomli as tomllib
 from server_util import running_server
 
 from dgemma.plugin.default_model import ensure_default_model
@@ -58,6 +63,10 @@ def endpoints(files: dict[str, str]) -> list[tuple[str, str, str]]:
     url = re.search(r'"(http[^"]+/v1)"', index).group(1)
     model = re.search(r'"model", "string", \{[^}]*\}, "([^"]+)"', index).group(1)
     found.append(("lmstudio", "openai", url, model))
+    codex = tomllib.loads(files["codex/config.toml"])
+    provider = codex["model_providers"][codex["model_provider"]]
+    assert provider["wire_api"] == "responses"
+    found.append(("codex", "openai", provider["base_url"], codex["model"]))
     return found
 
 
@@ -77,6 +86,11 @@ def test_every_file_points_at_a_url_and_model_the_server_serves(tmp_path):
         r = httpx.post(f"{url}/api/chat", json={"model": "second:latest", "messages": [{"role": "user", "content": "hi"}],
                                                "stream": False, "options": {"num_predict": 4, "seed": 1}}, timeout=120)
         assert r.status_code == 200 and r.json()["done"]
+        # Codex posts to base_url + /responses
+        codex = tomllib.loads(files["codex/config.toml"])
+        r = httpx.post(codex["model_providers"]["dgemma"]["base_url"] + "/responses", timeout=120,
+                       json={"model": codex["model"], "input": "hi", "max_output_tokens": 2})
+        assert r.status_code == 200 and r.json()["object"] == "response"
 
 
 def test_lmstudio_plugin_type_checks(tmp_path):
