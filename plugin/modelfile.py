@@ -45,9 +45,13 @@ OLLAMA_PARAMETERS: dict[str, type] = {
     **{k: bool for k in ("penalize_newline", "numa", "use_mmap", "use_mlock", "low_vram", "f16_kv", "vocab_only",
                          "logits_all", "embedding_only")},
 }
-# the least value a parameter takes (the others: any finite number)
+# the least and the most value a parameter takes (the others: any finite number); a seed is a signed 64-bit
+# integer (negative: a random one), denoising steps per canvas are bounded (the sampler's default is at most 48: a
+# million would hold the model for hours)
+MAX_DIFFUSION_STEPS = 1024
 MINIMUM = {"num_ctx": 1, "num_batch": 1, "diffusion_steps": 1, "temperature": 0.0, "entropy_bound": 0.0,
-           "t_min": 0.0, "t_max": 0.0}
+           "t_min": 0.0, "t_max": 0.0, "seed": -(2**63)}
+MAXIMUM = {"diffusion_steps": MAX_DIFFUSION_STEPS, "seed": 2**63 - 1}
 ROLES = ("system", "user", "assistant")
 INSTRUCTIONS = ("from", "system", "parameter", "message", "license", "template", "adapter", "requires")
 TRIPLE = '"""'
@@ -90,6 +94,8 @@ def parameter_value(name: str, value: Any) -> Any:
                              f"(got {value!r})") from None
     if name in MINIMUM and number < MINIMUM[name]:
         raise ModelfileError(f"parameter '{name}' must be at least {MINIMUM[name]} (got {value!r})")
+    if name in MAXIMUM and number > MAXIMUM[name]:
+        raise ModelfileError(f"parameter '{name}' must be at most {MAXIMUM[name]} (got {value!r})")
     return number
 
 

@@ -302,11 +302,16 @@ class Registry:
 
     def resolve(self, name: str) -> ModelEntry:
         """A registered name (with or without `:latest`), `default`, or a path to a .gguf file."""
-        path = Path(name).expanduser()
         if _is_path(name):
             if not self.paths:  # (a client of the server names models; it does not open the server's files)
                 raise ModelNotFound(f"model '{name}' not found: give a model's name (dgemma list), not a path")
-            if not path.exists():
+            path = Path(name)
+            try:
+                path = path.expanduser()
+                exists = path.exists()
+            except (RuntimeError, OSError):  # (no home directory for ~, a name too long)
+                exists = False
+            if not exists:
                 raise ModelNotFound(f"{path}: no such file")
             return self._entry(path.stem, path)
         wanted = normalize_name(name)
@@ -341,6 +346,8 @@ class Registry:
             raise RegistryError(f"model name too long ({len(name)} characters, at most {MAX_NAME})")
         if not NAME.fullmatch(name):
             raise RegistryError(f"invalid model name '{name}' (letters, digits, '.', '_', '-' and one ':' before a tag)")
+        if _is_path(name.split(":")[0]):
+            raise RegistryError(f"invalid model name '{name}': a name ending in .gguf is read as a file's path")
         return name
 
     @contextlib.contextmanager

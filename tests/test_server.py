@@ -112,7 +112,7 @@ def test_errors(server):
     r = httpx.post(f"{server}/api/chat", content=b"{broken", timeout=60)
     assert r.status_code == 400 and "error" in r.json()
     # options: a 400 naming the option, never a 500 (JSON's NaN and Infinity included, sent as raw text)
-    for options, needle in [('{"num_batch": 0}', "num_batch must be at least 1"), ('{"num_batch": 1.5}', "integer"),
+    for options, needle in [('{"num_batch": 0}', "'num_batch' must be at least 1"), ('{"num_batch": 1.5}', "integer"),
                             ('{"num_predict": Infinity}', "finite"), ('{"seed": NaN}', "finite")]:
         body = '{"model": "default", "prompt": "hi", "stream": false, "options": %s}' % options
         r = httpx.post(f"{server}/api/generate", content=body.encode(), headers={"content-type": "application/json"},
@@ -333,3 +333,42 @@ def test_a_final_assistant_message_is_continued(server, engine):
     o = openai.OpenAI(base_url=f"{server}/v1", api_key="unused").chat.completions.create(
         model="default", messages=messages, max_tokens=20, seed=3)
     assert o.usage.prompt_tokens == len(ids) and o.choices[0].message.content == expected
+
+
+ODD = [  # (method, path, raw body, status, words in the error): found by fuzzing every route for 500s
+    ("POST", "/api/generate", '{"model": "default", "prompt": "\\ud800", "stream": false}', 400, "surrogate"),
+    ("POST", "/api/show", '{"model": "a\\udfff"}', 400, "surrogate"),
+    ("POST", "/api/create", '{"model": "m", "from": "default", "system": "\\ud800"}', 400, "surrogate"),
+    ("POST", "/api/embed", "[" * 100_000 + "]" * 100_000, 400, "nested too deeply"),
+    ("POST", "/v1/embeddings", '{"model": ' * 50_000 + "1" + "}" * 50_000, 400, "nested too deeply"),
+    ("POST", "/api/generate", '{"model": "default", "prompt": "hi", "options": {"seed": 1e999}}', 400, "finite"),
+    ("POST", "/api/generate", '{"model": "default", "prompt": "hi", "options": {"seed": 100000000000000000000000}}',
+     400, "too large"),
+    ("POST", "/api/generate", '{"model": "default", "prompt": "hi", "options": {"seed": 9223372036854775808}}',
+     400, "'seed' must be at most"),
+    ("POST", "/v1/chat/completions", '{"model": "default", "messages": [{"role": "user", "content": "hi"}], '
+     '"seed": 9223372036854775808}', 400, "'seed' must be at most"),
+    ("POST", "/api/generate", '{"model": "default", "prompt": "hi", "options": {"diffusion_steps": 1000000}}', 400,
+     "'diffusion_steps' must be at most 1024"),
+    ("POST", "/api/generate", '{"model": "default", "options": {"num_ctx": -5}}', 400, "'num_ctx' must be at least 1"),
+    ("POST", "/api/generate", '{"model": "default", "prompt": "hi", "keep_alive": NaN}', 400, "NaN"),
+    ("POST", "/api/generate", '{"model": "default", "prompt": "hi", "keep_alive": "nan"}', 400, "keep_alive"),
+    ("POST", "/api/generate", '{"model": "default", "prompt": "hi", "stream": false, "context": [-1]}', 400,
+     "outside the vocabulary"),
+    ("POST", "/api/chat", '{"model": "~zz", "messages": []}', 404, "not found"),
+    ("POST", "/v1/responses", '{"model": "default", "input": "hi", "temperature": NaN}', 400, "NaN"),
+    ("POST", "/api/create", '{"model": "x.gguf", "from": "default"}', 400, "ending in .gguf"),
+    ("POST", "/api/create", '{"model": "m", "from": "default", "parameters": {"seed": 9223372036854775808}}', 400,
+     "'seed' must be at most"),
+    ("POST", "/api/create", '{"model": "m", "from": "default", "parameters": {"diffusion_steps": 5000}}', 400,
+     "at most 1024"),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status, needle", ODD, ids=[f"{o[1]}-{i}" for i, o in enumerate(ODD)])
+def test_odd_requests_are_one_line_errors_never_500s(server, method, path, body, status, needle):
+    r = httpx.request(method, f"{server}{path}", content=body.encode(), timeout=60,
+                      headers={"content-type": "application/json"})
+    error = r.json()["error"]
+    message = error["message"] if isinstance(error, dict) else error
+    assert r.status_code == status and needle in message and "\n" not in message, (r.status_code, message)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import contextlib
+import contextvars
 import ipaddress
+import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -215,6 +217,93 @@ class AppState:
         return await self._proxy(request, f"{self.config.upstream.rstrip('/')}/v1{path}", {})
 
 
+MAX_JSON_INT = 2**64  # (no field takes more; Ollama's Go decoder refuses more than its int64/uint64 hold)
+
+
+class _JsonGuard:
+    """Request bodies that are JSON no JSON parser but Python's would take, answered with one 400 before any
+    route reads them: NaN / Infinity (and numbers that overflow to it), integers past 2**64, lone UTF-16
+    surrogates ("\\ud800": no UTF-8 text holds one, so they could not be tokenized, stored or sent back) and
+    nesting too deep to read. Uploads (/api/blobs) pass untouched."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "DELETE") or \
+                scope["path"].startswith("/api/blobs"):
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        problem = _json_problem(body)
+        if problem is not None:
+            openai = scope["path"].startswith("/v1")
+            content = P.openai_error(problem, 400) if openai else {"error": problem}
+            await JSONResponse(content, status_code=400)(scope, receive, send)
+            return
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # (the disconnect, when it comes)
+
+        await self.app(scope, replay, send)
+
+
+def _json_problem(body: bytes) -> str | None:
+    """What makes a body unfit (None: fine, or not JSON at all, which the routes answer themselves)."""
+    def constant(name: str) -> None:
+        raise _Unfit(f"invalid JSON: {name} is not a finite number (JSON has no NaN or Infinity)")
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise _Unfit(f"invalid JSON: {text} is not a finite number")
+        return value
+
+    def integer(text: str) -> int:
+        if len(text.lstrip("-")) > 20 or abs(int(text)) >= MAX_JSON_INT:
+            raise _Unfit(f"invalid JSON: {text[:30]} is too large a number")
+        return int(text)
+
+    try:
+        value = json.loads(body, parse_constant=constant, parse_float=number, parse_int=integer)
+    except _Unfit as e:
+        return str(e)
+    except RecursionError:
+        return "invalid JSON: nested too deeply"
+    except ValueError:
+        return None
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return "invalid JSON: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is no text"
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
+
+
+class _Unfit(ValueError):
+    pass
+
+
 class _HopMark:
     """Marks a request that came through an upstream from a dgemma server (HOP_HEADER) for its handlers."""
 
@@ -290,6 +379,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         return error(request, 500, f"internal error: {type(exc).__name__}: {exc}")
 
     app.add_middleware(_HopMark)
+    app.add_middleware(_JsonGuard)
     if config.api_key:
         @app.middleware("http")
         async def check_key(request: Request, call_next):

@@ -242,7 +242,12 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
         ids = prompt_ids(model.engine, req.prompt, raw=True)
     else:
         messages = settings.prompt(req.prompt, req.system, history=not req.context)
-        ids = list(req.context or []) + prompt_ids(model.engine, messages, **_think(model.engine, name, req.think))
+        context = list(req.context or [])
+        vocab = model.engine.cfg.vocab_size
+        bad = [i for i in context if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
+        if bad:
+            raise ApiError(400, f"context: token id {str(bad[0])[:30]} is outside the vocabulary of {vocab}")
+        ids = context + prompt_ids(model.engine, messages, **_think(model.engine, name, req.think))
         opts.split_thinking = True
 
     def response(part: ReplyDelta) -> dict[str, Any]:

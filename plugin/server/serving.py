@@ -25,6 +25,7 @@ import anyio
 
 from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, GpuMemoryError, MemoryShortageError
 from ..kv_cache import DEFAULT_CACHE_RAM
+from ..modelfile import MAXIMUM, MINIMUM
 from ..registry import ModelEntry, Registry, read_model_info
 from ..reply import ReplyDelta
 
@@ -40,13 +41,20 @@ def parse_keep_alive(value: Any, default: float = DEFAULT_KEEP_ALIVE) -> float:
     if isinstance(value, bool):
         raise ValueError(f"keep_alive must be a duration, got {value!r}")
     if isinstance(value, (int, float)):
-        return float("inf") if value < 0 else float(value)
+        if value != value:  # (NaN: it would never expire, nor read as now)
+            raise ValueError(f"keep_alive must be a duration, got {value!r}")
+        if value < 0:
+            return float("inf")
+        return float(value) if value < 2**53 else float("inf")  # (past any date: forever)
     text = str(value).strip()
     try:
         seconds = float(text)
-        return float("inf") if seconds < 0 else seconds
     except ValueError:
         pass
+    else:
+        if seconds != seconds:
+            raise ValueError(f"keep_alive '{value}' is not a duration (examples: 5m, 30s, 1h, 0, -1)")
+        return float("inf") if seconds < 0 else seconds
     import re
 
     parts = re.fullmatch(r"(-)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?", text)
@@ -337,13 +345,22 @@ MIN_TEMPERATURE = 1e-3
 
 
 def _number(options: dict[str, Any], key: str, kind: type) -> Any:
+    """An option's number in its type, within the bounds a Modelfile's PARAMETER has (modelfile.MINIMUM/MAXIMUM)."""
     value = options.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ApiError(400, f"option '{key}' must be a finite number (got {value!r})")
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # (an integer past any float)
+        finite = False
+    if not finite:
+        raise ApiError(400, f"option '{key}' must be a finite number (got {str(value)[:40]})")
     if kind is int and value != int(value):
         raise ApiError(400, f"option '{key}' must be an integer (got {value!r})")
+    if key in MINIMUM and value < MINIMUM[key]:
+        raise ApiError(400, f"option '{key}' must be at least {MINIMUM[key]} (got {value!r})")
+    if key in MAXIMUM and value > MAXIMUM[key]:
+        raise ApiError(400, f"option '{key}' must be at most {MAXIMUM[key]} (got {value!r})")
     return kind(value)
 
 
@@ -362,9 +379,10 @@ def generate_options(engine: Engine, options: dict[str, Any] | None, *, max_toke
     out.num_batch = _number(o, "num_batch", int)
     num_predict = max_tokens if max_tokens is not None else _number(o, "num_predict", int)
     out.max_tokens = out.num_ctx if num_predict is None or num_predict < 0 else num_predict
-    seed = seed if seed is not None else _number(o, "seed", int)
+    seed = _number({"seed": seed}, "seed", int) if seed is not None else _number(o, "seed", int)  # (OpenAI's too)
     out.seed = seed if seed is not None and seed >= 0 else None
-    temp = temperature if temperature is not None else _number(o, "temperature", float)
+    temp = _number({"temperature": temperature}, "temperature", float) if temperature is not None else \
+        _number(o, "temperature", float)
     if temp is not None:
         t = max(temp, MIN_TEMPERATURE)
         out.t_max, out.t_min = t, s.t_min * t / s.t_max
