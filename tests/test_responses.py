@@ -109,6 +109,8 @@ def test_function_calls_and_outputs_become_the_chat_messages():
     ({"tools": ["web_search"]}, "tools[0]: expected an object"),
     ({"text": {"format": "text"}}, "text.format: expected an object"),
     ({"input": [{"type": "function_call", "call_id": "c1", "arguments": "{}"}]}, "input[0].name: expected a string"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "[1]"}]},
+     "input[0].arguments: expected a JSON object"),
     ({"input": [{"type": "function_call_output", "call_id": "c9", "output": "x"}]}, "input[0].call_id: 'c9' answers"),
     ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "does not support tools"),
     ({"reasoning": {"effort": "maximal"}}, "reasoning.effort"),

@@ -71,8 +71,15 @@ def input_messages(req: P.ResponsesRequest) -> list[P.OpenAIMessage]:
             for key in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(key), str) or (key != "arguments" and not item[key]):
                     raise ApiError(400, f"{where}.{key}: expected a string", code="invalid_request")
+            try:
+                arguments = json.loads(item["arguments"]) if item["arguments"].strip() else {}
+            except json.JSONDecodeError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise ApiError(400, f"{where}.arguments: expected a JSON object, got {item['arguments'][:60]!r}",
+                               code="invalid_request")
             call = {"id": item["call_id"], "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+                    "function": {"name": item["name"], "arguments": arguments}}
             calls.add(item["call_id"])
             if out and out[-1].role == "assistant":  # (a reply's calls after its text, or parallel calls)
                 out[-1].tool_calls = [*(out[-1].tool_calls or []), call]
