@@ -128,37 +128,16 @@ def test_a_reply_with_thinking_text_and_calls_streams_as_the_client_rebuilds_it(
     """A random model never thinks or calls a tool here, so the stream is built from the engine's events for a
     reply with all three parts (thinking over two canvases, then text, then two calls) and read back by the
     openai client's own stream state; the result is what the route answers unstreamed for that reply."""
-    import asyncio
     import json
-
-    from openai._models import construct_type
-    from openai.lib.streaming.responses._responses import ResponseStreamState
-    from openai.types.responses import ResponseStreamEvent
 
     from dgemma.plugin.engine import DoneEvent, TextEvent
     from dgemma.plugin.reply import ReplyDelta, ToolCall
-    from dgemma.plugin.server.responses import _Head, _stream_events, _typed_stream, output_items
+    from dgemma.plugin.server.responses import output_items
 
     calls = [ToolCall("weather", {"city": "Paris"}), ToolCall("time", {})]
     canvases = [TextEvent("", [], 0, 4, thinking="Let me"), TextEvent("It is", [], 1, 4, thinking=" think."),
                 TextEvent(" sunny.", [], 2, 4, tool_calls=calls)]
-    done = DoneEvent("stop", 9, 30, [], [], [], 1.0, 0, 0, 0, 0, 0)
-
-    async def events():
-        for e in [*canvases, done]:
-            yield e
-
-    async def sse() -> list[bytes]:
-        head = _Head(P.ResponsesRequest(model="m", input="x"), None)
-        return [chunk async for chunk in _typed_stream(_stream_events(head, events()))]
-
-    state = ResponseStreamState(input_tools=[], text_format=openai.omit)
-    raw = []
-    for chunk in asyncio.run(sse()):
-        kind, data = chunk.decode().strip().split("\n")
-        raw.append(json.loads(data.removeprefix("data: ")))
-        assert kind == f"event: {raw[-1]['type']}"
-        state.handle_event(construct_type(type_=ResponseStreamEvent, value=raw[-1]))
+    raw, state = _stream_of(canvases, DoneEvent("stop", 9, 30, [], [], [], 1.0, 0, 0, 0, 0, 0))
     final = raw[-1]["response"]
     expected = output_items(ReplyDelta("It is sunny.", "Let me think.", calls))
     strip = lambda items: [{k: v for k, v in i.items() if k not in ("id", "call_id")} for i in items]  # noqa: E731
@@ -206,7 +185,9 @@ def _stream_of(canvases, done):
     state = ResponseStreamState(input_tools=[], text_format=openai.omit)
     raw = []
     for chunk in asyncio.run(sse()):
-        raw.append(json.loads(chunk.decode().strip().split("\n")[1].removeprefix("data: ")))
+        kind, data = chunk.decode().strip().split("\n")
+        raw.append(json.loads(data.removeprefix("data: ")))
+        assert kind == f"event: {raw[-1]['type']}"
         if raw[-1]["type"] not in ("error", "response.failed"):
             state.handle_event(construct_type(type_=ResponseStreamEvent, value=raw[-1]))
     return raw, state
