@@ -21,14 +21,14 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
 from dgemma import quant
-from dgemma.quant.parallel import Pool, WorkerError, check_workers, requantize_chunk
+from dgemma.quant.parallel import Pool, requantize_chunk
 from dgemma.quant.presets import ModelFacts, preset_types
 
 from . import constants as C
 from .arch import force_quant
 from .plan import DEFAULT_CTX
 from .source import ConvertError
-from .writer import CHUNK_ELEMENTS, ConvertResult, parse_type, write_atomically
+from .writer import CHUNK_ELEMENTS, ConvertResult, parse_type, workers, write_atomically, write_with_pool
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 # written by the writer itself, or set here
@@ -121,10 +121,7 @@ def requantize(src: str | Path, out: str | Path, out_type: str = "Q4_K_M", *, fi
     """`threads`: quantizing processes (None: one, quant/parallel.py); the file is the same for any."""
     src, out = Path(src), Path(out)
     preset = parse_type(out_type)
-    try:
-        threads = check_workers(threads)
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
+    threads = workers(threads)
     if out.exists() and not force:
         raise ConvertError(f"{out}: already exists (use --force to overwrite)")
     if not out.parent.is_dir():
@@ -147,20 +144,9 @@ def requantize(src: str | Path, out: str | Path, out_type: str = "Q4_K_M", *, fi
         if not quant.can_quantize((int(t.shape[0]),), types[t.name]):
             raise ConvertError(f"{src}: tensor '{t.name}' has rows of {int(t.shape[0])} values, not a multiple of "
                                f"the block of {types[t.name].name}")
-    write_atomically(out, lambda tmp: _write(tmp, reader, types, int(preset.ftype), quiet, threads))
+    write_atomically(out, lambda tmp: write_with_pool(
+        tmp, threads, lambda writer, pool: _write_to(writer, reader, types, int(preset.ftype), quiet, pool)))
     return ConvertResult(out, len(reader.tensors), out.stat().st_size)
-
-
-def _write(path: Path, reader, types: dict[str, GGMLQuantizationType], file_type: int, quiet: bool,
-           threads: int) -> None:
-    writer = GGUFWriter(path, C.ARCH)
-    try:
-        with Pool(threads) as pool:
-            _write_to(writer, reader, types, file_type, quiet, pool)
-    except WorkerError as e:
-        raise ConvertError(str(e)) from None
-    finally:
-        writer.close()  # (also on an error: the temporary file is removed closed)
 
 
 def _write_to(writer: GGUFWriter, reader, types: dict[str, GGMLQuantizationType], file_type: int,

@@ -121,16 +121,30 @@ def _chunks(data: torch.Tensor, qtype: GGMLQuantizationType, pool: Pool) -> Iter
     return pool.map(quantize_chunk, jobs, len(starts))
 
 
-def write_gguf(path: Path, kv: KV, plan: list[PlannedTensor], conv: ModelConverter, quiet: bool,
-               threads: int = 1) -> None:
+def workers(threads: int | None) -> int:
+    """--threads as a worker count (quant/parallel.py), a ConvertError where it is not one."""
+    try:
+        return check_workers(threads)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+
+
+def write_with_pool(path: Path, threads: int, fill: Callable[[GGUFWriter, Pool], None]) -> None:
+    """fill(writer, pool): a GGUF at `path` written with `threads` quantizing workers; the writer closed also on
+    an error (write_atomically then removes the file), a worker's death a ConvertError. convert and quantize."""
     writer = GGUFWriter(path, C.ARCH)
     try:
         with Pool(threads) as pool:
-            _write_to(writer, kv, plan, conv, quiet, pool)
+            fill(writer, pool)
     except WorkerError as e:
         raise ConvertError(str(e)) from None
     finally:
-        writer.close()  # (also on an error: write_atomically removes the file closed)
+        writer.close()
+
+
+def write_gguf(path: Path, kv: KV, plan: list[PlannedTensor], conv: ModelConverter, quiet: bool,
+               threads: int = 1) -> None:
+    write_with_pool(path, threads, lambda writer, pool: _write_to(writer, kv, plan, conv, quiet, pool))
 
 
 def _write_to(writer: GGUFWriter, kv: KV, plan: list[PlannedTensor], conv: ModelConverter, quiet: bool,
@@ -175,10 +189,7 @@ def convert(src: str | Path, out: str | Path, out_type: str = "BF16", *, force: 
     """`threads`: quantizing processes (None: one, quant/parallel.py); the file is the same for any."""
     out = Path(out)
     preset = parse_type(out_type)
-    try:
-        threads = check_workers(threads)
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
+    threads = workers(threads)
     if out.exists() and not force:
         raise ConvertError(f"{out}: already exists (use --force to overwrite)")
     if not out.parent.is_dir():
