@@ -4,13 +4,11 @@ client's own accumulator (`responses.stream`) rebuilds into the same response.""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import openai
 import pytest
 from server_util import running_server
 
-from dgemma.plugin.default_model import ensure_default_model
 from dgemma.plugin.engine import Engine
 from dgemma.plugin.server import protocol as P
 from dgemma.plugin.server.conversation import openai_messages
@@ -20,21 +18,14 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("served")
-    ensure_default_model(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def client(models) -> openai.OpenAI:
-    with running_server(models) as url:
+def client(default_gguf) -> openai.OpenAI:
+    with running_server(default_gguf.parent) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="x")
 
 
 @pytest.fixture(scope="module")
-def engine(models) -> Engine:
-    return Engine.load(models / "default.gguf")
+def engine(default_gguf) -> Engine:
+    return Engine.load(default_gguf)
 
 
 def test_a_response_is_the_chat_completion_it_stands_for(client, engine):
@@ -179,7 +170,7 @@ def _stream_of(canvases, done):
             yield done
 
     async def sse() -> list[bytes]:
-        head = _Head(P.ResponsesRequest(model="m", input="x"), None)
+        head = _Head(P.ResponsesRequest(model="m", input="x"))
         return [chunk async for chunk in _typed_stream(_stream_events(head, events()))]
 
     state = ResponseStreamState(input_tools=[], text_format=openai.omit)

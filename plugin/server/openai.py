@@ -129,15 +129,8 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
     # cannot be made to call one
     conv, tools = openai_messages(req.messages, _text), tool_list(req.tools) if req.tool_choice != "none" else None
     variables = _template_variables(req)
-    model = await _load(request, req.model)
-    opts = generate_options(model.engine, model.entry.settings.parameters,
-                            **_common(req, req.max_completion_tokens or req.max_tokens))
-    conv = model.entry.settings.chat(conv)  # (a Modelfile's SYSTEM and MESSAGEs)
-    if "enable_thinking" in variables:
-        variables.update(check_thinking(model.engine, req.model, variables["enable_thinking"]))
-    ids = prompt_ids(model.engine, conv, variables={**variables, **check_tools(model.engine, req.model, tools)})
-    opts.split_thinking, opts.tool_calls = True, bool(tools)
-    check_request(model.engine, ids, opts)
+    model, ids, opts = await chat_prompt(request, req.model, conv, tools, variables,
+                                         **_common(req, req.max_completion_tokens or req.max_tokens))
     keep = state.manager.default_keep_alive
     cid, created = P.completion_id("chatcmpl"), int(time.time())
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
@@ -168,6 +161,23 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
                          "choices": [{"index": 0, "message": _message(reply),
                                       "finish_reason": P.finish_reason(done, bool(reply.tool_calls))}],
                          "usage": P.usage(done)})
+
+
+async def chat_prompt(request: Request, name: str, conv: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                      variables: dict[str, Any], **limits: Any) -> tuple[Any, list[int], Any]:
+    """A chat's model (loaded), prompt ids and GenerateOptions, for /v1/chat/completions and /v1/responses: the
+    Modelfile's SYSTEM and MESSAGEs around the conversation and its PARAMETERs under the request's `limits`
+    (generate_options' keywords), thinking and tools checked against the chat template, the whole checked
+    against the model; the reply split into thinking, answer and tool calls."""
+    model = await _load(request, name)
+    opts = generate_options(model.engine, model.entry.settings.parameters, **limits)
+    conv = model.entry.settings.chat(conv)
+    if "enable_thinking" in variables:
+        variables = {**variables, **check_thinking(model.engine, name, variables["enable_thinking"])}
+    ids = prompt_ids(model.engine, conv, variables={**variables, **check_tools(model.engine, name, tools)})
+    opts.split_thinking, opts.tool_calls = True, bool(tools)
+    check_request(model.engine, ids, opts)
+    return model, ids, opts
 
 
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")  # (openai's ReasoningEffort)

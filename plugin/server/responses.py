@@ -25,9 +25,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..engine import DoneEvent, EngineError, TextEvent
 from ..reply import ReplyDelta, ToolCall
 from . import protocol as P
-from .conversation import check_thinking, check_tools, openai_messages, tool_list
-from .openai import REASONING_EFFORTS, _load, _state
-from .serving import ApiError, check_request, collect, generate_options, generate_stream, prompt_ids
+from .conversation import openai_messages, tool_list
+from .openai import REASONING_EFFORTS, _state, chat_prompt
+from .serving import ApiError, collect, generate_stream
 
 router = APIRouter(prefix="/v1")
 
@@ -170,7 +170,7 @@ def output_items(reply: ReplyDelta, cut: bool = False) -> list[dict[str, Any]]:
 class _Head:
     """The response object's fields that do not change as it is made."""
 
-    def __init__(self, req: P.ResponsesRequest, tools: list[dict[str, Any]] | None) -> None:
+    def __init__(self, req: P.ResponsesRequest) -> None:
         self.id, self.created = P.completion_id("resp"), int(time.time())
         self.fields = {"object": "response", "model": req.model, "instructions": req.instructions,
                        "max_output_tokens": req.max_output_tokens, "temperature": req.temperature,
@@ -195,19 +195,10 @@ async def responses(request: Request, req: P.ResponsesRequest) -> Response:
     variables = _checked(req)
     tools = function_tools(req)
     conv = openai_messages(input_messages(req), lambda content: content or "")
-    model = await _load(request, req.model)
     seed = (req.model_extra or {}).get("seed")  # (not the Responses API's: as vLLM takes it, in extra_body)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, f"seed: expected an integer, got {seed!r}", code="invalid_request")
-    opts = generate_options(model.engine, model.entry.settings.parameters, max_tokens=req.max_output_tokens,
-                            temperature=req.temperature, seed=seed)
-    conv = model.entry.settings.chat(conv)  # (a Modelfile's SYSTEM and MESSAGEs)
-    if "enable_thinking" in variables:
-        variables.update(check_thinking(model.engine, req.model, variables["enable_thinking"]))
-    ids = prompt_ids(model.engine, conv, variables={**variables, **check_tools(model.engine, req.model, tools)})
-    opts.split_thinking, opts.tool_calls = True, bool(tools)
-    check_request(model.engine, ids, opts)
-    head = _Head(req, tools)
+    model, ids, opts = await chat_prompt(request, req.model, conv, tools, variables, max_tokens=req.max_output_tokens,
+                                         temperature=req.temperature, seed=seed)
+    head = _Head(req)
     events = generate_stream(state.manager, model, ids, opts, state.manager.default_keep_alive)
     if req.stream:
         return StreamingResponse(_typed_stream(_stream_events(head, events)), media_type="text/event-stream")
