@@ -459,6 +459,8 @@ class Registry:
                 path = self._from_file(base, folder)
                 with self._staged(path) as tmp:
                     return self._create(name, base, settings, blob=tmp)
+            if blob is not None:
+                self._check_gguf(blob)  # (an upload: checked before the lock, as a FROM file is)
             return self._create(name, base, settings, blob=blob)
         from dgemma.convert import ConvertError
         from dgemma.convert.requant import requantize
@@ -500,13 +502,13 @@ class Registry:
     def _create(self, name: str, base: str, settings: ModelSettings, *, blob: Path | None = None,
                 parent: str | None = None) -> ModelEntry:
         """create under the lock: FROM a model (its file shared), or a file moved into place (`blob`: an upload,
-        or one _staged or quantized in the models directory; `parent`: the model it was quantized from)."""
+        or one _staged or quantized in the models directory, checked before; `parent`: the model it was quantized
+        from)."""
         name = self._new_name(name)
         index = self._index()
         if blob is not None:
             if not blob.is_file():
                 raise RegistryError(f"FROM {base}: no such file")
-            self._check_gguf(blob)
             file = self._file_for(name, index)
             self._add_file(blob, file)
             return self._set(index, name, _Record(file, parent, settings))

@@ -100,6 +100,17 @@ def test_create_from_a_model_and_generate_with_its_settings(server, engine):
     assert client.delete("mario").status == "success" and client.show("default").modelfile
 
 
+def test_an_upload_that_is_not_a_gguf_is_refused(server, models, tmp_path):
+    client = ollama.Client(host=server)
+    (tmp_path / "junk.gguf").write_bytes(b"not a model at all")
+    digest = client.create_blob(tmp_path / "junk.gguf")
+    before = sorted(p.name for p in models.iterdir())
+    with pytest.raises(ollama.ResponseError) as e:
+        client.create(model="junk", files={"junk.gguf": digest})
+    assert e.value.status_code == 400 and "not a GGUF" in str(e.value)
+    assert sorted(p.name for p in models.iterdir()) == before and "junk" not in [m.model for m in client.list().models]
+
+
 def test_create_from_an_uploaded_gguf_and_copy(server, models, tmp_path):
     client = ollama.Client(host=server)
     digest = client.create_blob(models / "default.gguf")

@@ -188,8 +188,8 @@ class AppState:
         try:
             upstream = await self.http.send(req, stream=True)
         except httpx.HTTPError as e:
-            raise ApiError(502, f"upstream {url.split('/api/')[0].split('/v1/')[0]} did not answer "
-                                f"({type(e).__name__}: {e})") from None
+            origin = httpx.URL(url).copy_with(path="/", query=None)
+            raise ApiError(502, f"upstream {str(origin).rstrip('/')} did not answer ({type(e).__name__}: {e})") from None
 
         async def relay() -> AsyncIterator[bytes]:
             try:  # (decoded: a gzip-ing upstream's bytes go out as the plain JSON their media type says)
