@@ -31,6 +31,7 @@ from .cuda.tune import CHOICES as MATMULS
 from .fast_decode import FastDecoder
 from .inspect import open_gguf
 from .kv_cache import KVCache, PromptCache
+from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprobs
 from .model import DiffusionGemma
 from .reply import ReplyDelta, ReplyParser, ToolCall
 from .sampler import CounterSteps, Denoised, Steps, StepInfo, TorchSteps, denoise_canvas, logits_stats
@@ -154,6 +155,9 @@ class GenerateOptions:
     # TextEvent.tool_calls. Off: every special token is left out of the text (a raw prompt's completion)
     split_thinking: bool = False
     tool_calls: bool = False
+    # the generated tokens' logprobs (plugin/logprobs.py), each with this many most likely alternatives (0: none);
+    # None: no logprobs
+    logprobs: int | None = None
 
     def cancelled(self) -> bool:
         if self.cancel is None:
@@ -169,6 +173,7 @@ class TextEvent:
     steps: int
     thinking: str = ""  # new thought-channel text (GenerateOptions.split_thinking)
     tool_calls: list[ToolCall] = field(default_factory=list)  # calls the canvas finished (GenerateOptions.tool_calls)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # token_ids' (GenerateOptions.logprobs)
 
     @property
     def reply(self) -> ReplyDelta:
@@ -191,6 +196,7 @@ class DoneEvent:
     prompt_eval_duration: int
     eval_duration: int
     prompt_cached_count: int = 0  # the prompt's first tokens, whose keys and values the last generation left
+    logprobs: list[TokenLogprob] | None = None  # token_ids' (GenerateOptions.logprobs; None: not asked for)
 
 
 Event = TextEvent | DoneEvent
@@ -391,8 +397,9 @@ class Engine:
         return s
 
     # ---- generation -----------------------------------------------------------------------------
-    def _steps(self, cache: KVCache, seed: int) -> Steps:
-        """The sampler's backend for one generation (plugin/sampler.py)."""
+    def _steps(self, cache: KVCache, seed: int, keep_logits: bool = False) -> Steps:
+        """The sampler's backend for one generation (plugin/sampler.py); keep_logits: each pass's logits can be
+        formed afterwards (Denoised.logits, for logprobs)."""
         dev, V, counter_seed = self.device, self.cfg.vocab_size, seed % 2**64
         if self.rng == "counter" and hasattr(self.model.w.head, "stats"):
             decode = None
@@ -403,7 +410,7 @@ class Engine:
 
                 self._graph_stream = self._graph_stream or torch.cuda.Stream(self.device)
                 decode = self.graphed = GraphedDecoder(self.model, cache, self._graph_stream)
-            return _fused_steps(self.model, cache, V, counter_seed, dev, decode)
+            return _fused_steps(self.model, cache, V, counter_seed, dev, decode, keep_logits)
 
         def decode(canvas: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
             # the sampler runs on the CPU, so every backend draws the same numbers
@@ -411,8 +418,8 @@ class Engine:
             return logits.cpu()
 
         if self.rng == "counter":
-            return CounterSteps(logits_stats(decode), V, counter_seed)
-        return TorchSteps(decode, V, torch.Generator().manual_seed(seed))
+            return CounterSteps(logits_stats(decode, keep_logits), V, counter_seed)
+        return TorchSteps(decode, V, torch.Generator().manual_seed(seed), keep_logits)
 
     def settings(self, ids: list[int], o: GenerateOptions) -> tuple[SamplerDefaults, int, set[int]]:
         """Check a request before generating: sampler settings, token budget, end-of-generation ids."""
@@ -423,6 +430,8 @@ class Engine:
             raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {context}")
         if o.num_batch is not None and o.num_batch < 1:
             raise EngineError(f"num_batch must be at least 1 (got {o.num_batch})")
+        if o.logprobs is not None and not 0 <= o.logprobs <= MAX_TOP_LOGPROBS:
+            raise EngineError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS} (got {o.logprobs})")
         max_tokens = min(DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens, room)
         eos = self.tokenizer.eog_ids if o.eos_ids is None else set(o.eos_ids)
         return s, max_tokens, eos
@@ -456,6 +465,7 @@ class Engine:
         text = _TextAssembler(ReplyParser(self.tokenizer, thinking=o.split_thinking, tools=o.tool_calls), o.stop)
         text.parser.prime(ids)
         out_ids: list[int] = []
+        logprobs: list[TokenLogprob] | None = None if o.logprobs is None else []
         canvases: list[list[int]] = []
         steps: list[int] = []
         reason = "length"
@@ -476,7 +486,7 @@ class Engine:
                 self.model.encode(torch.tensor([ids[cached:]], device=dev), cache, chunk=o.num_batch or DEFAULT_NUM_BATCH)
             held, whole = list(ids), True
             t_prompt = time.perf_counter_ns()
-            sampler = self._steps(cache, seed)
+            sampler = self._steps(cache, seed, keep_logits=logprobs is not None)
             for index in range(n_canvases):
                 if o.cancelled():
                     reason = "cancelled"
@@ -490,9 +500,11 @@ class Engine:
                 if hit_eos is not None:
                     keep = keep[:hit_eos]
                 out_ids += keep
+                scored = [] if logprobs is None else token_logprobs(result.logits, keep, o.logprobs)
+                logprobs = None if logprobs is None else logprobs + scored
                 new, hit_stop = text.add(keep, final=hit_eos is not None or len(out_ids) >= max_tokens or cancelled)
                 if new or keep:
-                    yield TextEvent(new.content, keep, index, result.steps, new.thinking, new.tool_calls)
+                    yield TextEvent(new.content, keep, index, result.steps, new.thinking, new.tool_calls, scored)
                 if cancelled:
                     reason = "cancelled"
                     break
@@ -533,22 +545,31 @@ class Engine:
             canvases=canvases, steps_per_canvas=steps, tokens_per_forward=len(out_ids) / forwards if forwards else 0.0,
             seed=seed, total_duration=t_end - t_start + self.load_duration, load_duration=self.load_duration,
             prompt_eval_duration=t_prompt - t_start, eval_duration=t_end - t_prompt, prompt_cached_count=cached,
+            logprobs=logprobs,
         )
 
 
 def _fused_steps(model: DiffusionGemma, cache: KVCache, vocab_size: int, seed: int, device: torch.device,
-                 decode: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None) -> Steps:
+                 decode: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+                 keep_logits: bool = False) -> Steps:
     """Counter-based steps where the head is a backend object with `stats` (the cuda backend): the head
     kernel gives argmax, entropy, sample and softmax @ E, and csrc/accept.cu accepts and re-noises on the
     device; the [C, V] logits are never formed. decode(canvas, soft): the decoder pass (default
-    model.decode_hidden on `cache`; the engine passes a GraphedDecoder)."""
+    model.decode_hidden on `cache`; the engine passes a GraphedDecoder). keep_logits: each pass keeps a copy of
+    its last layer's output [1, C, D] (a CUDA graph's is overwritten by the next replay), from which the head
+    forms the logits of a few rows when asked (Denoised.logits)."""
     from .cuda import ops
 
     decode = decode or (lambda canvas, soft: model.decode_hidden(canvas, cache, soft))
 
     def stats(canvas: torch.Tensor, soft, temperature: torch.Tensor, seed: int, index: int) -> Denoised:
-        hs = model.hidden_stats(decode(canvas, soft), float(temperature), seed, index)
-        return Denoised(hs.argmax[None], hs.entropy[None], hs.sample[None], hs.sc[None])  # [1, C], soft [1, C, D]
+        hidden = decode(canvas, soft)  # [1, C, D]
+        hs = model.hidden_stats(hidden, float(temperature), seed, index)
+        logits = None
+        if keep_logits:
+            kept = hidden.clone()
+            logits = lambda rows: model.head(kept[:, rows])[0]  # noqa: E731 - [r, V]
+        return Denoised(hs.argmax[None], hs.entropy[None], hs.sample[None], hs.sc[None], logits)  # [1, C], soft [1, C, D]
 
     return CounterSteps(stats, vocab_size, seed, ops.accept_renoise, device)
 

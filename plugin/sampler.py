@@ -47,6 +47,7 @@ class CanvasResult:
     steps: int
     stopped_early: bool
     entropies: list[float] = field(default_factory=list)
+    logits: RowLogits | None = None  # the last pass's (the one tokens is the argmax of), where the steps keep them
 
 
 def temperature(step: int, s: SamplerDefaults) -> torch.Tensor:
@@ -131,6 +132,9 @@ class StableAndConfident:
 
 
 Decoder = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (canvas, sc_probs) -> logits
+# positions (a slice of the canvas) -> their softcapped logits at temperature 1 [r, V], formed when asked (for
+# logprobs, plugin/logprobs.py: the cuda backend forms them a few rows at a time, never [C, V])
+RowLogits = Callable[[slice], torch.Tensor]
 
 
 @dataclass
@@ -141,6 +145,7 @@ class Denoised:
     entropy: torch.Tensor  # of the processed (temperature-scaled) distribution
     sample: torch.Tensor  # a draw from it
     sc: Any  # the next pass's self-conditioning input, in the form the backend's decoder takes
+    logits: RowLogits | None = None  # the pass's logits by rows, where the steps were asked to keep them
 
 
 class Steps(Protocol):
@@ -152,25 +157,33 @@ class Steps(Protocol):
         ...  # (next canvas [1, C], accepted mask [1, C])
 
 
-def processed_logits(decode: Decoder, canvas: torch.Tensor, sc: Any, temperature: torch.Tensor):
+def processed_logits(logits: torch.Tensor, temperature: torch.Tensor):
     """(logits / T [1, C, V], their softmax: the next step's self-conditioning input)."""
-    processed = decode(canvas, sc) / temperature
+    processed = logits / temperature
     return processed, torch.softmax(processed, dim=-1, dtype=torch.float32)
 
 
-class TorchSteps:
-    """The logits-based step with one torch.Generator, in transformers' order of draws."""
+def row_logits(logits: torch.Tensor) -> RowLogits:
+    """A RowLogits over a pass's whole logits [1, C, V] (the logits-based steps have them)."""
+    return lambda rows: logits[0, rows]
 
-    def __init__(self, decode: Decoder, vocab_size: int, gen: torch.Generator) -> None:
-        self.decode, self.vocab_size, self.gen = decode, vocab_size, gen
+
+class TorchSteps:
+    """The logits-based step with one torch.Generator, in transformers' order of draws. keep_logits: each
+    Denoised keeps its pass's logits (for logprobs; else they go once the pass is done)."""
+
+    def __init__(self, decode: Decoder, vocab_size: int, gen: torch.Generator, keep_logits: bool = False) -> None:
+        self.decode, self.vocab_size, self.gen, self.keep_logits = decode, vocab_size, gen, keep_logits
 
     def init(self, length: int) -> torch.Tensor:
         return init_canvas(length, self.vocab_size, self.gen)
 
     def denoise(self, canvas: torch.Tensor, sc: Any, temperature: torch.Tensor) -> Denoised:
-        processed, probs = processed_logits(self.decode, canvas, sc, temperature)
+        logits = self.decode(canvas, sc)
+        processed, probs = processed_logits(logits, temperature)
         denoised = sample(probs, self.gen)
-        return Denoised(processed.argmax(dim=-1), token_entropy(processed, probs), denoised, probs)
+        return Denoised(processed.argmax(dim=-1), token_entropy(processed, probs), denoised, probs,
+                        row_logits(logits) if self.keep_logits else None)
 
     def accept_renoise(self, canvas: torch.Tensor, out: Denoised, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
         accepted, mask = accept(canvas, out.sample, out.entropy, bound)
@@ -193,13 +206,15 @@ def gumbel_sample(processed: torch.Tensor, seed: int, index: int) -> torch.Tenso
     return (processed[0].double().cpu() - torch.log(-torch.log(u))).argmax(dim=-1)[None].to(processed.device)
 
 
-def logits_stats(decode: Decoder) -> StatsDecoder:
-    """A StatsDecoder from a logits decoder (the torch backend's reference for the cuda head kernel)."""
+def logits_stats(decode: Decoder, keep_logits: bool = False) -> StatsDecoder:
+    """A StatsDecoder from a logits decoder (the torch backend's reference for the cuda head kernel); keep_logits
+    as TorchSteps'."""
 
     def stats(canvas: torch.Tensor, sc: Any, temperature: torch.Tensor, seed: int, index: int) -> Denoised:
-        processed, probs = processed_logits(decode, canvas, sc, temperature)
+        logits = decode(canvas, sc)
+        processed, probs = processed_logits(logits, temperature)
         return Denoised(processed.argmax(dim=-1), token_entropy(processed, probs), gumbel_sample(processed, seed, index),
-                        probs)
+                        probs, row_logits(logits) if keep_logits else None)
 
     return stats
 
@@ -238,13 +253,13 @@ def denoise_canvas(steps: Steps, length: int, s: SamplerDefaults,
                    on_step: Callable[[StepInfo], bool | None] | None = None) -> CanvasResult:
     """Run the sampler loop on one canvas. `on_step` may return True to cancel (the loop stops there)."""
     canvas = steps.init(length)
-    argmax, sc = canvas, None
+    argmax, sc, logits = canvas, None, None
     stop = StableAndConfident(s)
     entropies: list[float] = []
     n, stopped = 0, False
     for step in range(s.max_steps, 0, -1):
         out = steps.denoise(canvas, sc, temperature(step, s))
-        argmax, sc = out.argmax, out.sc
+        argmax, sc, logits = out.argmax, out.sc, out.logits
         canvas, mask = steps.accept_renoise(canvas, out, s.entropy_bound)
         n += 1
         done, mean_entropy = stop(argmax, out.entropy.mean())  # the pass's one read on the host
@@ -254,4 +269,4 @@ def denoise_canvas(steps: Steps, length: int, s: SamplerDefaults,
         if done:
             stopped = True
             break
-    return CanvasResult(argmax[0], n, stopped, entropies)
+    return CanvasResult(argmax[0], n, stopped, entropies, logits)

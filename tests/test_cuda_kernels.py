@@ -499,6 +499,31 @@ def test_cuda_backend_generates_the_torch_backends_tokens(ops, dev, request, mod
     assert outs[:2] == outs[2:]
 
 
+def test_cuda_backend_logprobs_are_the_torch_backends(ops, dev, canvas16_gguf, monkeypatch):
+    """Logprobs (plugin/logprobs.py) on the cuda backend (rng counter, CUDA graphs: the last pass's output copied
+    out of the graph's buffer, the head multiplying LOGPROB_ROWS positions at a time) equal the torch backend's
+    with the same draws, within the float-FMA matmuls' rounding; the same tokens."""
+    needs_gpu(dev)
+    from dgemma.plugin.engine import Engine, GenerateOptions
+    from dgemma.plugin.logprobs import LOGPROB_ROWS
+
+    done = []
+    for backend in ("torch", "cuda"):
+        engine = Engine.load(canvas16_gguf, backend=backend, rng="counter", kv_cache="f32",
+                             **({"matmul": "scalar"} if backend == "cuda" else {}))
+        if backend == "cuda":
+            V, qmatmul = engine.cfg.vocab_size, ops.qmatmul
+            monkeypatch.setattr(ops, "qmatmul", lambda x, w, *a: qmatmul(x, w, *a) if w.shape[0] != V or
+                                x.shape[0] <= LOGPROB_ROWS else pytest.fail("logits of a whole canvas formed"))
+        opts = GenerateOptions(seed=5, max_tokens=40, raw=True, eos_ids=set(), logprobs=3)
+        done.append(list(engine.generate("Once upon a time", opts))[-1])
+    want, got = done
+    assert got.canvases == want.canvases and len(got.logprobs) == 40
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got.logprobs, want.logprobs)) < 1e-3
+    # (the alternatives' values: two nearly tied ones may swap places)
+    assert max(abs(x - y) for a, b in zip(got.logprobs, want.logprobs) for (_, x), (_, y) in zip(a.top, b.top)) < 1e-3
+
+
 def test_cuda_backend_reuses_the_kept_kv_cache(ops, dev, canvas16_gguf):
     """plugin/kv_cache.py on the GPU: a generation of three canvases (two encoded after its 29-token prompt, past
     the sliding window of 8), then a prompt that shares all but the last two of those 29 tokens: the cache goes

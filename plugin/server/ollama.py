@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ..engine import DoneEvent, EngineError, TextEvent
+from ..logprobs import wire
 from ..modelfile import parameter_lines, render_modelfile
 from ..registry import ModelNotFound, RegistryError, normalize_name
 from ..reply import ReplyDelta
@@ -25,6 +26,7 @@ from .serving import (
     collect,
     generate_options,
     generate_stream,
+    logprobs_option,
     parse_keep_alive,
     prompt_ids,
 )
@@ -113,22 +115,26 @@ def _think(engine, model: str, value: Any) -> dict[str, Any]:
 async def _respond(request: Request, model: LoadedModel, ids: list[int], opts, keep: float, stream: bool,
                    t_start: int, load_ns: int, chunk, final) -> Response:
     """Stream NDJSON chunks (chunk(part) per canvas with any answer, thinking or tool call: a ReplyDelta, then
-    final(done, empty part)) or answer one object (final(done, the whole reply))."""
+    final(done, empty part)) or answer one object (final(done, the whole reply)); with logprobs asked for, each chunk
+    has its tokens' `logprobs` (a canvas's tokens that made no text yet too), the one object all of them."""
     check_request(model.engine, ids, opts)
     state = _state(request)
     events = generate_stream(state.manager, model, ids, opts, keep)
+    tok, top = model.engine.tokenizer, bool(opts.logprobs)
     if stream:
         async def lines() -> AsyncIterator[dict[str, Any]]:
             async for event in events:
                 if isinstance(event, TextEvent):
-                    if event.reply:
-                        yield chunk(event.reply)
+                    if event.reply or event.logprobs:
+                        line = chunk(event.reply)
+                        yield {**line, "logprobs": wire(tok, event.logprobs, top)} if event.logprobs else line
                 elif isinstance(event, DoneEvent):
                     yield final(event, ReplyDelta(), time.perf_counter_ns() - t_start)
 
         return StreamingResponse(_ndjson(lines()), media_type=NDJSON)
     reply, done = await state.until_disconnected(request, collect(events))
-    return JSONResponse(final(done, reply, time.perf_counter_ns() - t_start))
+    out = final(done, reply, time.perf_counter_ns() - t_start)
+    return JSONResponse(out if done.logprobs is None else {**out, "logprobs": wire(tok, done.logprobs, top)})
 
 
 def _chat_message(part: ReplyDelta, calls_before: int = 0) -> dict[str, Any]:
@@ -227,6 +233,7 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
         return await state.upstream_ollama_proxy(request, "/api/generate")
     keep = _keep_alive(request, req.keep_alive)
     _unsupported(images=req.images, format=req.format, suffix=req.suffix)
+    logprobs = logprobs_option(req.logprobs, req.top_logprobs)
     if req.raw and (req.system or req.template or req.context):
         raise ApiError(400, "raw mode does not support template, system, or context")
     if req.template:
@@ -238,6 +245,7 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
     model, load_ns = await _load(request, name)
     settings = model.entry.settings  # (a Modelfile's: SYSTEM, MESSAGEs, PARAMETERs)
     opts = generate_options(model.engine, settings.options(req.options))
+    opts.logprobs = logprobs
     if req.raw:
         ids = prompt_ids(model.engine, req.prompt, raw=True)
     else:
@@ -277,6 +285,7 @@ async def chat(request: Request, req: P.ChatRequest) -> Response:
     keep = _keep_alive(request, req.keep_alive)
     messages = req.messages or []
     _unsupported(images=any(m.images for m in messages), format=req.format)
+    logprobs = logprobs_option(req.logprobs, req.top_logprobs)
     if not messages:
         reason = await _load_or_unload(request, name, req.keep_alive, keep, req.options)
         return JSONResponse({"model": req.model, "created_at": P.now_rfc3339(),
@@ -284,6 +293,7 @@ async def chat(request: Request, req: P.ChatRequest) -> Response:
     conv, tools = ollama_messages(messages), tool_list(req.tools)
     model, load_ns = await _load(request, name)
     opts = generate_options(model.engine, model.entry.settings.options(req.options))
+    opts.logprobs = logprobs
     conv = model.entry.settings.chat(conv)
     ids = prompt_ids(model.engine, conv, **_think(model.engine, name, req.think), **check_tools(model.engine, name, tools))
     opts.split_thinking, opts.tool_calls = True, bool(tools)

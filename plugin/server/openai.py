@@ -12,11 +12,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import DoneEvent, EngineError, TextEvent
+from ..logprobs import MAX_COMPLETION_LOGPROBS, completion_wire, wire
 from ..registry import ModelNotFound
 from ..reply import ReplyDelta
 from . import protocol as P
 from .conversation import check_thinking, check_tools, openai_messages, openai_tool_calls, tool_list
-from .serving import ApiError, check_request, collect, generate_options, generate_stream, prompt_ids
+from .serving import (
+    ApiError,
+    check_request,
+    collect,
+    generate_options,
+    generate_stream,
+    logprobs_option,
+    prompt_ids,
+)
 
 router = APIRouter(prefix="/v1")
 
@@ -129,8 +138,14 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
     # cannot be made to call one
     conv, tools = openai_messages(req.messages, _text), tool_list(req.tools) if req.tool_choice != "none" else None
     variables = _template_variables(req)
+    logprobs = logprobs_option(req.logprobs, req.top_logprobs, strict=True)
     model, ids, opts = await chat_prompt(request, req.model, conv, tools, variables,
                                          **_common(req, req.max_completion_tokens or req.max_tokens))
+    opts.logprobs = logprobs
+    tok = model.engine.tokenizer
+
+    def content_logprobs(items) -> dict[str, Any]:
+        return {"content": wire(tok, items, top=True), "refusal": None}
     keep = state.manager.default_keep_alive
     cid, created = P.completion_id("chatcmpl"), int(time.time())
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
@@ -146,8 +161,11 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
                 if isinstance(event, TextEvent):
                     delta = _delta(event, calls)
                     calls += len(event.tool_calls)
-                    if delta:
-                        yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                    if delta or event.logprobs:
+                        choice = {"index": 0, "delta": delta, "finish_reason": None}
+                        if logprobs is not None:
+                            choice["logprobs"] = content_logprobs(event.logprobs)
+                        yield {**head, "choices": [choice]}
                 elif isinstance(event, DoneEvent):
                     yield {**head, "choices": [{"index": 0, "delta": {},
                                                 "finish_reason": P.finish_reason(event, calls > 0)}]}
@@ -156,11 +174,11 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
 
         return StreamingResponse(_sse_stream(chunks()), media_type="text/event-stream")
     reply, done = await state.until_disconnected(request, collect(events))
+    choice = {"index": 0, "message": _message(reply), "finish_reason": P.finish_reason(done, bool(reply.tool_calls))}
+    if done.logprobs is not None:
+        choice["logprobs"] = content_logprobs(done.logprobs)
     return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": req.model,
-                         "system_fingerprint": "dgemma",
-                         "choices": [{"index": 0, "message": _message(reply),
-                                      "finish_reason": P.finish_reason(done, bool(reply.tool_calls))}],
-                         "usage": P.usage(done)})
+                         "system_fingerprint": "dgemma", "choices": [choice], "usage": P.usage(done)})
 
 
 async def chat_prompt(request: Request, name: str, conv: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
@@ -230,6 +248,11 @@ async def completions(request: Request, req: P.CompletionRequest) -> Response:
         return await state.upstream_openai_proxy(request, "/completions", req.model)
     if req.suffix:
         raise ApiError(400, "suffix (fill-in-the-middle) is not supported", code="unsupported_parameter")
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise ApiError(400, f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS} (got {req.logprobs})",
+                       code="invalid_request")
+    if req.logprobs is not None and req.echo:
+        raise ApiError(400, "echo with logprobs (the prompt's logprobs) is not supported", code="unsupported_parameter")
     prompt = req.prompt if isinstance(req.prompt, str) else None
     if prompt is None:
         if len(req.prompt) != 1:
@@ -237,6 +260,8 @@ async def completions(request: Request, req: P.CompletionRequest) -> Response:
         prompt = req.prompt[0]
     model = await _load(request, req.model)
     opts = generate_options(model.engine, model.entry.settings.parameters, **_common(req, req.max_tokens))
+    opts.logprobs = req.logprobs
+    tok = model.engine.tokenizer
     ids = prompt_ids(model.engine, prompt, raw=True)
     check_request(model.engine, ids, opts)
     cid, created = P.completion_id("cmpl"), int(time.time())
@@ -249,9 +274,14 @@ async def completions(request: Request, req: P.CompletionRequest) -> Response:
         async def chunks() -> AsyncIterator[dict[str, Any]]:
             if echo:
                 yield {**head, "choices": [{"index": 0, "text": echo, "finish_reason": None}]}
+            offset = 0  # the next token's character offset (logprobs' text_offset)
             async for event in events:
-                if isinstance(event, TextEvent) and event.text:
-                    yield {**head, "choices": [{"index": 0, "text": event.text, "finish_reason": None}]}
+                if isinstance(event, TextEvent) and (event.text or event.logprobs):
+                    choice = {"index": 0, "text": event.text, "finish_reason": None}
+                    if req.logprobs is not None:
+                        choice["logprobs"] = completion_wire(tok, event.logprobs, offset)
+                        offset += sum(map(len, choice["logprobs"]["tokens"]))
+                    yield {**head, "choices": [choice]}
                 elif isinstance(event, DoneEvent):
                     yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": P.finish_reason(event)}]}
                     if include_usage:
@@ -259,6 +289,8 @@ async def completions(request: Request, req: P.CompletionRequest) -> Response:
 
         return StreamingResponse(_sse_stream(chunks()), media_type="text/event-stream")
     reply, done = await state.until_disconnected(request, collect(events))
-    return JSONResponse({**head, "choices": [{"index": 0, "text": echo + reply.content, "finish_reason": P.finish_reason(done)}],
-                         "usage": P.usage(done)})
+    choice = {"index": 0, "text": echo + reply.content, "finish_reason": P.finish_reason(done)}
+    if done.logprobs is not None:
+        choice["logprobs"] = completion_wire(tok, done.logprobs)
+    return JSONResponse({**head, "choices": [choice], "usage": P.usage(done)})
 

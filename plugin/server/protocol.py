@@ -52,6 +52,8 @@ class GenerateRequest(_Lenient):
     options: dict[str, Any] | None = None
     keep_alive: Any = None
     think: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class ChatRequest(_Lenient):
@@ -63,6 +65,8 @@ class ChatRequest(_Lenient):
     options: dict[str, Any] | None = None
     keep_alive: Any = None
     think: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class ShowRequest(_Lenient):
@@ -126,6 +130,8 @@ class ChatCompletionRequest(_Lenient):
     tools: list[Any] | None = None
     tool_choice: Any = None
     reasoning_effort: str | None = None  # "none": thinking off; "minimal" ... "high": on (the template has one mode)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's and llama.cpp's: variables for the chat template
 
 
@@ -160,6 +166,7 @@ class CompletionRequest(_Lenient):
     n: int | None = None
     suffix: str | None = None
     echo: bool | None = None
+    logprobs: int | None = None  # the legacy API's: this many alternatives per token (0: the token's own only)
 
 
 # ---- builders ------------------------------------------------------------------------------------

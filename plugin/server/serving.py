@@ -25,6 +25,7 @@ import anyio
 
 from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, GpuMemoryError, MemoryShortageError
 from ..kv_cache import DEFAULT_CACHE_RAM
+from ..logprobs import MAX_TOP_LOGPROBS
 from ..modelfile import MAXIMUM, MINIMUM
 from ..registry import ModelEntry, Registry, read_model_info
 from ..reply import ReplyDelta
@@ -400,6 +401,19 @@ def generate_options(engine: Engine, options: dict[str, Any] | None, *, max_toke
         raise ApiError(400, f"option 'stop' must be a string or a list of strings (got {stop!r})")
     out.stop = list(stop or [])
     return out
+
+
+def logprobs_option(logprobs: bool | None, top: int | None, *, strict: bool = False) -> int | None:
+    """A request's `logprobs` and `top_logprobs` as GenerateOptions.logprobs: None without logprobs, else the
+    number of alternatives per token (0 where top_logprobs is absent), at most MAX_TOP_LOGPROBS. top_logprobs
+    without logprobs is ignored (Ollama's API), or (strict: OpenAI's) a 400, as OpenAI answers it."""
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS} (got {top})")
+    if not logprobs:
+        if strict and top is not None:
+            raise ApiError(400, "top_logprobs needs logprobs set to true")
+        return None
+    return top or 0
 
 
 def prompt_ids(engine: Engine, prompt: Any, *, raw: bool = False, variables: dict[str, Any] | None = None,

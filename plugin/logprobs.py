@@ -1,0 +1,79 @@
+"""Log-probabilities of the generated tokens: Ollama's `logprobs` / `top_logprobs` and OpenAI's.
+
+An autoregressive model has one distribution per token, the one it was drawn from. A diffusion canvas is
+denoised as a whole: the distribution that settles a position is that of the canvas's last denoising pass,
+whose argmax is the token the canvas ends with (plugin/sampler.py). A token's logprob here is log softmax of
+that pass's softcapped logits at temperature 1 at its position: the model's own distribution, not the annealed
+sampler's (as Ollama and OpenAI report logprobs whatever the temperature), so the token is always the first of
+its top_logprobs (ties aside). The logits are formed LOGPROB_ROWS positions at a time: the cuda backend, whose
+sampler never forms a [C, V] logits tensor, does not form one for this either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .sampler import RowLogits
+from .tokenizer import Tokenizer
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as Ollama and OpenAI's chat completions allow
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy /v1/completions `logprobs`
+LOGPROB_ROWS = 16  # canvas positions whose logits are formed at once: 16 MiB of float32 at V = 262,144
+
+
+@dataclass
+class TokenLogprob:
+    id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), the most likely first
+
+
+def token_logprobs(logits: RowLogits, tokens: list[int], top: int, rows: int = LOGPROB_ROWS) -> list[TokenLogprob]:
+    """The logprobs of a canvas's first len(tokens) tokens, each with the `top` most likely alternatives, from
+    the logits of the pass that chose them (by rows)."""
+    out: list[TokenLogprob] = []
+    for start in range(0, len(tokens), rows):
+        ids = tokens[start : start + rows]
+        lp = torch.log_softmax(logits(slice(start, start + len(ids))).float(), dim=-1)  # [r, V]
+        chosen = lp.gather(-1, torch.tensor(ids, device=lp.device)[:, None])[:, 0].tolist()  # [r]
+        if top:
+            values, index = lp.topk(min(top, lp.shape[-1]), dim=-1)  # [r, top]
+            alternatives = [list(zip(i, v)) for i, v in zip(index.tolist(), values.tolist())]
+        else:
+            alternatives = [[] for _ in ids]
+        out += [TokenLogprob(t, c, a) for t, c, a in zip(ids, chosen, alternatives)]
+    return out
+
+
+# ---- wire shapes ---------------------------------------------------------------------------------------------
+def _token(tok: Tokenizer, i: int, logprob: float) -> dict[str, Any]:
+    """{token, logprob, bytes}: the token as text (a byte token that is part of a character shows as U+FFFD, as
+    in Ollama's and OpenAI's), and its UTF-8 bytes, from which the whole characters can be put back together."""
+    return {"token": tok.token_text(i), "logprob": logprob, "bytes": list(tok.decode_bytes([i]))}
+
+
+def wire(tok: Tokenizer, items: list[TokenLogprob], top: bool) -> list[dict[str, Any]]:
+    """Ollama's `logprobs` and OpenAI chat's `logprobs.content`: per token {token, logprob, bytes}, with
+    `top_logprobs` where asked for (OpenAI's always: an empty list when not)."""
+    out = []
+    for t in items:
+        entry = _token(tok, t.id, t.logprob)
+        if top:
+            entry["top_logprobs"] = [_token(tok, i, lp) for i, lp in t.top]
+        out.append(entry)
+    return out
+
+
+def completion_wire(tok: Tokenizer, items: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """OpenAI's legacy /v1/completions `logprobs`: parallel lists of the tokens, their logprobs, the top
+    alternatives as {token: logprob} and each token's character offset in the text (starting at `offset`)."""
+    texts = [tok.token_text(t.id) for t in items]
+    offsets, at = [], offset
+    for text in texts:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": texts, "token_logprobs": [t.logprob for t in items],
+            "top_logprobs": [{tok.token_text(i): lp for i, lp in t.top} for t in items], "text_offset": offsets}
