@@ -166,3 +166,31 @@ def pytest_runtest_logfinish(nodeid, location):
         sys.stderr.write(f"{_poisoned_by[0]} left this worker's CUDA context unusable: the worker ends\n")
         sys.stderr.flush()
         os._exit(3)
+
+
+# ---- `dgemma serve` on loopback over the default model (a test module may define its own `models` or `engine`) ----
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A models directory holding the default model, one per test module (its tests may add to it)."""
+    from dgemma.plugin.default_model import ensure_default_model
+
+    d = tmp_path_factory.mktemp("served")
+    ensure_default_model(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory) -> str:
+    """The URL of a `dgemma serve` of `models` (its log in a temporary folder)."""
+    from server_util import running_server
+
+    with running_server(models, log=tmp_path_factory.mktemp("log") / "serve.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    """The default model of `models`, loaded in this process: what the server should answer, with none between."""
+    from dgemma.plugin.engine import Engine
+
+    return Engine.load(models / "default.gguf")

@@ -4,15 +4,12 @@ models made are listed and shown, and generate what the engine generates for the
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import httpx
 import ollama
 import openai
 import pytest
-from server_util import running_server
 
-from dgemma.plugin.default_model import ensure_default_model
 from dgemma.plugin.engine import DoneEvent, Engine
 from dgemma.plugin.modelfile import ModelSettings
 from dgemma.plugin.server.serving import generate_options
@@ -20,24 +17,6 @@ from dgemma.plugin.server.serving import generate_options
 SYSTEM = "You are Mario from Super Mario Bros."
 MESSAGES = [{"role": "user", "content": "Who is Toad?"}, {"role": "assistant", "content": "A friend."}]
 PARAMETERS = {"num_predict": 7, "seed": 11, "stop": ["<never>"], "top_k": 40}
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("served")
-    ensure_default_model(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory) -> str:
-    with running_server(models, log=tmp_path_factory.mktemp("log") / "serve.log") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def engine(models) -> Engine:
-    return Engine.load(models / "default.gguf")
 
 
 def alone(engine: Engine, messages: list, options: dict) -> tuple[list[int], DoneEvent]:

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import httpx
 import ollama
 import openai
 import pytest
 import torch
-from server_util import running_server
 
-from dgemma.plugin.default_model import ensure_default_model
 from dgemma.plugin.engine import DoneEvent, Engine, EngineError, GenerateOptions, TextEvent
 from dgemma.plugin.logprobs import LOGPROB_ROWS, MAX_TOP_LOGPROBS, TokenLogprob
 
@@ -112,24 +109,6 @@ def test_the_fused_path_gives_the_torch_backends_logprobs_by_rows(canvas16_gguf,
 
 
 # ---- the server ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("served")
-    ensure_default_model(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def server(models) -> str:
-    with running_server(models) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def engine(models) -> Engine:
-    return Engine.load(models / "default.gguf")
-
-
 def _alone(engine: Engine, messages, n: int, top: int) -> list[TokenLogprob]:
     """The logprobs the engine gives a chat with no server in between."""
     from dgemma.plugin.server.serving import generate_options

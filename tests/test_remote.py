@@ -6,22 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import ollama
-import pytest
 from server_util import free_port, running_server
 
-from dgemma.plugin.default_model import ensure_default_model
 from dgemma.plugin.remote import human_bytes, processor, ps_table, until
 from dgemma.plugin.server.protocol import FOREVER
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("served")
-    ensure_default_model(d)
-    return d
 
 
 def dgemma(*args: str) -> subprocess.CompletedProcess:

@@ -17,13 +17,6 @@ from dgemma.plugin.default_model import BUNDLED, ensure_default_model
 from dgemma.plugin.engine import DoneEvent, Engine, GenerateOptions, TextEvent
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("models")
-    ensure_default_model(d)
-    return d
-
-
 def run_cli(models: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "DGEMMA_MODELS": str(models)}
     return subprocess.run([sys.executable, "-m", "dgemma.plugin.cli", "run", *args], capture_output=True, text=True,

@@ -6,7 +6,6 @@ import json
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import ollama
@@ -15,27 +14,7 @@ import pytest
 from conftest import THOUGHT_CHANNEL_TOKENS
 from server_util import running_server
 
-from dgemma.plugin.default_model import ensure_default_model
 from dgemma.plugin.engine import Engine, TextEvent
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("served")
-    ensure_default_model(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory) -> str:
-    log = tmp_path_factory.mktemp("log") / "serve.log"
-    with running_server(models, log=log) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def engine(models) -> Engine:
-    return Engine.load(models / "default.gguf")
 
 
 def alone(engine: Engine, messages, seed: int, n: int) -> str:

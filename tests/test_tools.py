@@ -16,7 +16,6 @@ import openai
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from server_util import running_server
 
 from dgemma.convert import convert
 from dgemma.plugin.default_model import ensure_default_model
@@ -57,12 +56,6 @@ def models(tmp_path_factory, base_checkpoint):
         (ckpt / "chat_template.jinja").unlink(missing_ok=True)
         convert(ckpt, d / f"{name}.gguf", "Q8_0", quiet=True)
     return d
-
-
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    with running_server(models, log=tmp_path_factory.mktemp("log") / "serve.log") as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
