@@ -30,10 +30,11 @@ from .config import ModelConfig, SamplerDefaults
 from .cuda.tune import CHOICES as MATMULS
 from .fast_decode import FastDecoder
 from .inspect import open_gguf
+from .fit import DEFAULT_NUM_KEEP, Fitted, fit_messages, fit_tokens, reply_room
 from .kv_cache import KVCache, PromptCache
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprobs
 from .model import DiffusionGemma
-from .reply import ReplyDelta, ReplyParser, ToolCall
+from .reply import ReplyDelta, ReplyParser, TextAssembler, ToolCall
 from .sampler import CounterSteps, Denoised, Steps, StepInfo, TorchSteps, denoise_canvas, logits_stats
 from .tokenizer import Tokenizer
 from .weights import load_weights, ram_shortage
@@ -158,6 +159,11 @@ class GenerateOptions:
     # the generated tokens' logprobs (plugin/logprobs.py), each with this many most likely alternatives (0: none);
     # None: no logprobs
     logprobs: int | None = None
+    # a prompt that leaves the reply less than fit.reply_room is cut to fit (plugin/fit.py, as Ollama's runner cuts
+    # one): its first num_keep tokens after BOS and its last; False: such a prompt is generated for as it is, and
+    # one that leaves no room at all is an EngineError
+    truncate: bool = False
+    num_keep: int = DEFAULT_NUM_KEEP
 
     def cancelled(self) -> bool:
         if self.cancel is None:
@@ -387,6 +393,24 @@ class Engine:
             raise EngineError(f"token id {bad[0]} is outside the vocabulary of {self.cfg.vocab_size}")
         return ids
 
+    def fitted_ids(self, prompt: str | list[dict[str, Any]] | list[int], o: GenerateOptions, raw: bool = False,
+                   variables: dict[str, Any] | None = None, **template_kwargs) -> Fitted:
+        """prompt_ids, fitted to leave the reply its room in o's context where o.truncate (plugin/fit.py, as
+        Ollama fits a prompt): a conversation's oldest messages left out (not its system messages, nor its last),
+        then what is still too long cut to its first o.num_keep tokens after BOS and its last."""
+        def render(p) -> list[int]:
+            return self.prompt_ids(p, raw, variables, **template_kwargs)
+
+        if not o.truncate:
+            return Fitted(render(prompt))
+        budget = self.prompt_budget(o)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids, dropped = fit_messages(render, prompt, budget)
+        else:
+            ids, dropped = render(prompt), 0
+        out = fit_tokens(ids, budget, o.num_keep, self.tokenizer.bos_id)
+        return Fitted(out, dropped, len(ids) - len(out))
+
     def sampler_settings(self, o: GenerateOptions) -> SamplerDefaults:
         s = replace(self.cfg.sampler)
         for attr, value in (("max_steps", o.steps), ("t_min", o.t_min), ("t_max", o.t_max), ("entropy_bound", o.entropy_bound)):
@@ -421,10 +445,20 @@ class Engine:
             return CounterSteps(logits_stats(decode, keep_logits), V, counter_seed)
         return TorchSteps(decode, V, torch.Generator().manual_seed(seed), keep_logits)
 
+    def context(self, o: GenerateOptions) -> int:
+        """The positions a generation has for its prompt and reply: num_ctx, within the model's context length."""
+        return min(self.cfg.context_length, o.num_ctx or self.cfg.context_length)
+
+    def prompt_budget(self, o: GenerateOptions) -> int:
+        """The most prompt tokens that leave the reply its room (plugin/fit.py): what o.truncate fits a prompt to."""
+        context = self.context(o)
+        max_tokens = DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens
+        return context - reply_room(context, max_tokens, self.cfg.canvas_length)
+
     def settings(self, ids: list[int], o: GenerateOptions) -> tuple[SamplerDefaults, int, set[int]]:
         """Check a request before generating: sampler settings, token budget, end-of-generation ids."""
         s = self.sampler_settings(o)
-        context = min(self.cfg.context_length, o.num_ctx or self.cfg.context_length)
+        context = self.context(o)
         room = context - len(ids)
         if room <= 0:
             raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {context}")
@@ -439,7 +473,7 @@ class Engine:
     def generate(self, prompt: str | list[dict[str, Any]] | list[int], options: GenerateOptions | None = None,
                  **template_kwargs) -> Iterator[Event]:
         o = options or GenerateOptions()
-        ids = self.prompt_ids(prompt, o.raw, **template_kwargs)
+        ids = self.fitted_ids(prompt, o, o.raw, **template_kwargs).ids
         s, max_tokens, eos = self.settings(ids, o)
         seed = o.seed if o.seed is not None else int.from_bytes(os.urandom(4), "little")
         with self._lock:
@@ -462,7 +496,7 @@ class Engine:
             cancelled = o.cancelled()
             return cancelled
 
-        text = _TextAssembler(ReplyParser(self.tokenizer, thinking=o.split_thinking, tools=o.tool_calls), o.stop)
+        text = TextAssembler(ReplyParser(self.tokenizer, thinking=o.split_thinking, tools=o.tool_calls), o.stop)
         text.parser.prime(ids)
         out_ids: list[int] = []
         logprobs: list[TokenLogprob] | None = None if o.logprobs is None else []
@@ -588,35 +622,3 @@ def _to_device(w, device: str):
         return obj
 
     return move(w)
-
-
-class _TextAssembler:
-    """Turns canvases of token ids into the reply's new parts (plugin/reply.py): whole UTF-8 characters only, the
-    answer cut at stop strings, holding back a tail of it that could be the start of a stop string split across
-    canvases."""
-
-    def __init__(self, parser: ReplyParser, stop: list[str]) -> None:
-        self.parser, self.stop = parser, [x for x in stop if x]
-        self.text, self.emitted = "", 0
-
-    def add(self, ids: list[int], final: bool) -> tuple[ReplyDelta, bool]:
-        new = self.parser.feed(ids, final=final)
-        base = len(self.text)
-        self.text += new.content
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.emitted - len(s) + 1))
-            if at != -1:
-                self.text = self.text[:at]
-                # the calls made before the stop string stay; those after it are cut with the answer
-                kept = [k for k, c in enumerate(new.call_at) if base + c <= at]
-                new.tool_calls, new.call_at = [new.tool_calls[k] for k in kept], [new.call_at[k] for k in kept]
-                new.content = self._flush(len(self.text))
-                return new, True
-        hold = 0 if final or not self.stop else max(len(s) for s in self.stop) - 1
-        new.content = self._flush(max(self.emitted, len(self.text) - hold))
-        return new, False
-
-    def _flush(self, upto: int) -> str:
-        piece = self.text[self.emitted : upto]
-        self.emitted = max(self.emitted, upto)
-        return piece

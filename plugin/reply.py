@@ -253,3 +253,35 @@ class ReplyParser:
         except ToolCallError:
             self._text(out, C.TOOL_CALL_START + self.call + (C.TOOL_CALL_END if ended else ""))
         self.call = ""
+
+
+class TextAssembler:
+    """Turns canvases of token ids into the reply's new parts (ReplyParser's): whole UTF-8 characters only, the
+    answer cut at stop strings, holding back a tail of it that could be the start of a stop string split across
+    canvases."""
+
+    def __init__(self, parser: ReplyParser, stop: list[str]) -> None:
+        self.parser, self.stop = parser, [x for x in stop if x]
+        self.text, self.emitted = "", 0
+
+    def add(self, ids: list[int], final: bool) -> tuple[ReplyDelta, bool]:
+        new = self.parser.feed(ids, final=final)
+        base = len(self.text)
+        self.text += new.content
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.emitted - len(s) + 1))
+            if at != -1:
+                self.text = self.text[:at]
+                # the calls made before the stop string stay; those after it are cut with the answer
+                kept = [k for k, c in enumerate(new.call_at) if base + c <= at]
+                new.tool_calls, new.call_at = [new.tool_calls[k] for k in kept], [new.call_at[k] for k in kept]
+                new.content = self._flush(len(self.text))
+                return new, True
+        hold = 0 if final or not self.stop else max(len(s) for s in self.stop) - 1
+        new.content = self._flush(max(self.emitted, len(self.text) - hold))
+        return new, False
+
+    def _flush(self, upto: int) -> str:
+        piece = self.text[self.emitted : upto]
+        self.emitted = max(self.emitted, upto)
+        return piece

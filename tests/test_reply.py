@@ -10,7 +10,8 @@ from gguf import GGUFReader
 
 from dgemma.convert import convert
 from dgemma.plugin.chat import render_chat, template_features
-from dgemma.plugin.engine import Engine, GenerateOptions, TextEvent, _TextAssembler
+from dgemma.plugin.engine import Engine, GenerateOptions, TextEvent
+from dgemma.plugin.reply import TextAssembler
 from dgemma.plugin.reply import MAX_DEPTH, ReplyDelta, ReplyParser, ToolCall, ToolCallError, parse_call
 from dgemma.plugin.tokenizer import Tokenizer
 
@@ -155,14 +156,14 @@ def test_the_prompt_says_where_the_reply_starts(tok):
 
 def test_stop_strings_cut_the_answer_only(tok):
     ids = tok.encode("<|channel>thought\nsay END here<channel|>first END second")
-    text = _TextAssembler(ReplyParser(tok, thinking=True), ["END"])
+    text = TextAssembler(ReplyParser(tok, thinking=True), ["END"])
     parts = [text.add(ids[:9], final=False), text.add(ids[9:], final=True)]
     assert "".join(p.thinking for p, _ in parts) == "say END here"
     assert "".join(p.content for p, _ in parts) == "first " and parts[-1][1]
     # a call before the stop string stays, one after it goes with the answer's rest
     ids = tok.encode("a<|tool_call>call:f{x:1}<tool_call|>b END c<|tool_call>call:g{}<tool_call|>")
     for cut in (0, 3, len(ids)):
-        text = _TextAssembler(ReplyParser(tok, tools=True), ["END"])
+        text = TextAssembler(ReplyParser(tok, tools=True), ["END"])
         first, stopped = text.add(ids[:cut], final=False)
         if not stopped:  # (the engine stops adding at the first stop)
             first.extend(text.add(ids[cut:], final=True)[0])

@@ -28,6 +28,7 @@ from .serving import (
     generate_stream,
     logprobs_option,
     parse_keep_alive,
+    fitted_ids,
     prompt_ids,
 )
 
@@ -245,9 +246,9 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
     model, load_ns = await _load(request, name)
     settings = model.entry.settings  # (a Modelfile's: SYSTEM, MESSAGEs, PARAMETERs)
     opts = generate_options(model.engine, settings.options(req.options))
-    opts.logprobs = logprobs
+    opts.logprobs, opts.truncate = logprobs, req.truncate is not False
     if req.raw:
-        ids = prompt_ids(model.engine, req.prompt, raw=True)
+        ids = fitted_ids(model.engine, req.prompt, opts, raw=True)
     else:
         messages = settings.prompt(req.prompt, req.system, history=not req.context)
         context = list(req.context or [])
@@ -255,7 +256,8 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
         bad = [i for i in context if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
         if bad:
             raise ApiError(400, f"context: token id {str(bad[0])[:30]} is outside the vocabulary of {vocab}")
-        ids = context + prompt_ids(model.engine, messages, **_think(model.engine, name, req.think))
+        ids = fitted_ids(model.engine, context + prompt_ids(model.engine, messages, **_think(model.engine, name, req.think)),
+                         opts)
         opts.split_thinking = True
 
     def response(part: ReplyDelta) -> dict[str, Any]:
@@ -295,7 +297,9 @@ async def chat(request: Request, req: P.ChatRequest) -> Response:
     opts = generate_options(model.engine, model.entry.settings.options(req.options))
     opts.logprobs = logprobs
     conv = model.entry.settings.chat(conv)
-    ids = prompt_ids(model.engine, conv, **_think(model.engine, name, req.think), **check_tools(model.engine, name, tools))
+    opts.truncate = req.truncate is not False
+    ids = fitted_ids(model.engine, conv, opts, variables={**_think(model.engine, name, req.think),
+                                                          **check_tools(model.engine, name, tools)})
     opts.split_thinking, opts.tool_calls = True, bool(tools)
     made = 0  # tool calls streamed so far (their index goes on across chunks)
 

@@ -23,8 +23,8 @@ from .serving import (
     collect,
     generate_options,
     generate_stream,
+    fitted_ids,
     logprobs_option,
-    prompt_ids,
 )
 
 router = APIRouter(prefix="/v1")
@@ -182,7 +182,7 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
 
 
 async def chat_prompt(request: Request, name: str, conv: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                      variables: dict[str, Any], **limits: Any) -> tuple[Any, list[int], Any]:
+                      variables: dict[str, Any], truncate: bool = True, **limits: Any) -> tuple[Any, list[int], Any]:
     """A chat's model (loaded), prompt ids and GenerateOptions, for /v1/chat/completions and /v1/responses: the
     Modelfile's SYSTEM and MESSAGEs around the conversation and its PARAMETERs under the request's `limits`
     (generate_options' keywords), thinking and tools checked against the chat template, the whole checked
@@ -192,7 +192,8 @@ async def chat_prompt(request: Request, name: str, conv: list[dict[str, Any]], t
     conv = model.entry.settings.chat(conv)
     if "enable_thinking" in variables:
         variables = {**variables, **check_thinking(model.engine, name, variables["enable_thinking"])}
-    ids = prompt_ids(model.engine, conv, variables={**variables, **check_tools(model.engine, name, tools)})
+    opts.truncate = truncate
+    ids = fitted_ids(model.engine, conv, opts, variables={**variables, **check_tools(model.engine, name, tools)})
     opts.split_thinking, opts.tool_calls = True, bool(tools)
     check_request(model.engine, ids, opts)
     return model, ids, opts
@@ -262,7 +263,7 @@ async def completions(request: Request, req: P.CompletionRequest) -> Response:
     opts = generate_options(model.engine, model.entry.settings.parameters, **_common(req, req.max_tokens))
     opts.logprobs = req.logprobs
     tok = model.engine.tokenizer
-    ids = prompt_ids(model.engine, prompt, raw=True)
+    ids = fitted_ids(model.engine, prompt, opts, raw=True)
     check_request(model.engine, ids, opts)
     cid, created = P.completion_id("cmpl"), int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": req.model, "system_fingerprint": "dgemma"}

@@ -54,6 +54,7 @@ class GenerateRequest(_Lenient):
     think: Any = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    truncate: bool | None = None  # False: a prompt too long for num_ctx is an error, not cut (plugin/fit.py)
 
 
 class ChatRequest(_Lenient):
@@ -67,6 +68,7 @@ class ChatRequest(_Lenient):
     think: Any = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    truncate: bool | None = None  # False: a chat too long for num_ctx is an error, not fitted (plugin/fit.py)
 
 
 class ShowRequest(_Lenient):
@@ -152,6 +154,8 @@ class ResponsesRequest(_Lenient):
     metadata: dict[str, Any] | None = None
     previous_response_id: str | None = None
     conversation: Any = None
+    truncation: str | None = None  # "disabled": a conversation too long for the context is an error; "auto" (the
+    # default here, as Ollama fits every chat): its oldest items left out
 
 
 class CompletionRequest(_Lenient):

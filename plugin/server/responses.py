@@ -128,6 +128,8 @@ def _checked(req: P.ResponsesRequest) -> dict[str, Any]:
         raise ApiError(400, "text.format other than text is not supported", code="unsupported_parameter")
     if not req.input:
         raise ApiError(400, "input is required", code="invalid_request")
+    if req.truncation not in (None, "auto", "disabled"):
+        raise ApiError(400, f"truncation: expected 'auto' or 'disabled', got {req.truncation!r}", code="invalid_request")
     effort = (req.reasoning or {}).get("effort")
     if effort is None:
         return {}
@@ -196,8 +198,8 @@ async def responses(request: Request, req: P.ResponsesRequest) -> Response:
     tools = function_tools(req)
     conv = openai_messages(input_messages(req), lambda content: content or "")
     seed = (req.model_extra or {}).get("seed")  # (not the Responses API's: as vLLM takes it, in extra_body)
-    model, ids, opts = await chat_prompt(request, req.model, conv, tools, variables, max_tokens=req.max_output_tokens,
-                                         temperature=req.temperature, seed=seed)
+    model, ids, opts = await chat_prompt(request, req.model, conv, tools, variables, req.truncation != "disabled",
+                                         max_tokens=req.max_output_tokens, temperature=req.temperature, seed=seed)
     head = _Head(req)
     events = generate_stream(state.manager, model, ids, opts, state.manager.default_keep_alive)
     if req.stream:

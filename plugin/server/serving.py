@@ -370,7 +370,8 @@ def generate_options(engine: Engine, options: dict[str, Any] | None, *, max_toke
     """Ollama `options` (and OpenAI's top-level fields) -> GenerateOptions; unknown options are ignored.
 
     temperature T rescales the annealed schedule: t_max becomes T and t_min keeps its ratio to t_max.
-    num_batch: prompt tokens per encoder pass (Engine's default when absent).
+    num_batch: prompt tokens per encoder pass (Engine's default when absent). A prompt too long for num_ctx is
+    fitted into it (truncate, as Ollama's requests are unless they say `truncate: false`; num_keep: plugin/fit.py).
     Diffusion options: diffusion_steps, entropy_bound, t_min, t_max. num_predict < 0 (Ollama's default,
     "infinite") runs until an end-of-generation token or the context (num_ctx, default 4096) is full."""
     o = dict(options or {})
@@ -378,6 +379,9 @@ def generate_options(engine: Engine, options: dict[str, Any] | None, *, max_toke
     out = GenerateOptions()
     out.num_ctx = _number(o, "num_ctx", int) or DEFAULT_NUM_CTX
     out.num_batch = _number(o, "num_batch", int)
+    out.truncate = True
+    num_keep = _number(o, "num_keep", int)
+    out.num_keep = out.num_keep if num_keep is None or num_keep < 0 else num_keep  # (Ollama's -1: all: as absent)
     num_predict = max_tokens if max_tokens is not None else _number(o, "num_predict", int)
     out.max_tokens = out.num_ctx if num_predict is None or num_predict < 0 else num_predict
     seed = _number({"seed": seed}, "seed", int) if seed is not None else _number(o, "seed", int)  # (OpenAI's too)
@@ -414,6 +418,27 @@ def logprobs_option(logprobs: bool | None, top: int | None, *, strict: bool = Fa
             raise ApiError(400, "top_logprobs needs logprobs set to true")
         return None
     return top or 0
+
+
+def fitted_ids(engine: Engine, prompt: Any, options: GenerateOptions, *, raw: bool = False,
+               variables: dict[str, Any] | None = None) -> list[int]:
+    """prompt_ids, fitted into num_ctx where options.truncate (Engine.fitted_ids: a conversation's oldest messages
+    left out but its system messages and its last, as Ollama's chatPrompt; then, where the rest is still too long,
+    cut as Ollama's runner cuts it), saying so in the server's log as Ollama does."""
+    from ..chat import ChatTemplateError
+
+    try:
+        f = engine.fitted_ids(prompt, options, raw, variables)
+    except (EngineError, ChatTemplateError) as e:
+        raise ApiError(400, str(e)) from None
+    if f.dropped:
+        print(f"dgemma serve: left out the {f.dropped} oldest message(s) to fit num_ctx {engine.context(options)}",
+              flush=True)
+    if f.cut:
+        print(f"dgemma serve: truncating input prompt: limit={engine.prompt_budget(options)} prompt="
+              f"{len(f.ids) + f.cut} keep={options.num_keep} new={len(f.ids)} (num_ctx {engine.context(options)}, "
+              "less the reply's room)", flush=True)
+    return f.ids
 
 
 def prompt_ids(engine: Engine, prompt: Any, *, raw: bool = False, variables: dict[str, Any] | None = None,
