@@ -535,6 +535,7 @@ class Engine:
                     keep = keep[:hit_eos]
                 out_ids += keep
                 scored = [] if logprobs is None else token_logprobs(result.logits, keep, o.logprobs)
+                result.logits = None  # (not kept through the next canvas)
                 logprobs = None if logprobs is None else logprobs + scored
                 new, hit_stop = text.add(keep, final=hit_eos is not None or len(out_ids) >= max_tokens or cancelled)
                 if new or keep:

@@ -34,7 +34,7 @@ def reply_room(context: int, max_tokens: int, canvas: int) -> int:
 def fit_tokens(ids: list[int], budget: int, num_keep: int = DEFAULT_NUM_KEEP, bos_id: int | None = None) -> list[int]:
     """ids as they are where they fit in `budget` positions, else their first num_keep (after a BOS, which stays
     too) and as many of their last as fit (Ollama's runner)."""
-    if len(ids) <= budget:
+    if len(ids) <= budget or budget < 1:  # (no room at all: Engine.settings refuses the prompt)
         return ids
     keep = max(0, num_keep) + (1 if ids and bos_id is not None and ids[0] == bos_id else 0)
     keep = min(keep, budget - 1)  # at least one of the last tokens: the prompt's end, where the reply begins
@@ -45,15 +45,15 @@ def fit_messages(render: Callable[[list[dict[str, Any]]], list[int]], messages: 
                  budget: int) -> tuple[list[int], int]:
     """The prompt ids (render(messages)) of the longest tail of the conversation that fits in `budget` positions,
     with the system messages of the part left out put first (Ollama's chatPrompt), and how many messages were
-    left out. A tail starts at a user message (so that no tool result or reply is left without what it answers)
-    or is the last message alone; the tails are searched in halves (the prompt gets shorter as the tail does), a
-    few renders instead of one per message. Where not even the last message fits, that shortest prompt is returned
-    (longer than budget: fit_tokens cuts it)."""
+    left out. A tail starts at any message but a tool's result (which would lose the call it answers) or is the
+    last message alone; the tails are searched in halves (the prompt gets shorter as the tail does), a few renders
+    instead of one per message. Where not even the last message fits, that shortest prompt is returned (longer
+    than budget: fit_tokens cuts it)."""
     ids = render(messages)
     if len(ids) <= budget or len(messages) < 2:
         return ids, 0
     last = len(messages) - 1
-    starts = sorted({i for i in range(1, last) if messages[i].get("role") == "user"} | {last})
+    starts = sorted({i for i in range(1, last) if messages[i].get("role") not in ("system", "tool")} | {last})
 
     def tail(i: int) -> list[dict[str, Any]]:
         return [m for m in messages[:i] if m.get("role") == "system"] + messages[i:]

@@ -11,6 +11,7 @@ sampler never forms a [C, V] logits tensor, does not form one for this either.
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,13 +68,30 @@ def wire(tok: Tokenizer, items: list[TokenLogprob], top: bool) -> list[dict[str,
     return out
 
 
-def completion_wire(tok: Tokenizer, items: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+class TextOffsets:
+    """Each token's character offset in a completion's text as the reply decodes it (special tokens left out, UTF-8
+    read across tokens: a token that goes on with a character begins at it; unfinished bytes are one U+FFFD), token
+    after token across a stream's chunks."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok, self.at = tok, 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, ids: list[int]) -> list[int]:
+        out = []
+        for i in ids:
+            data = self.tok.decode_bytes([i], skip_special=True)
+            pending = self.decoder.getstate()[0]  # the bytes of a character not finished yet
+            # after bytes that no continuation byte finishes comes their U+FFFD, then this token's text
+            out.append(self.at + (1 if pending and data and not 0x80 <= data[0] <= 0xBF else 0))
+            self.at += len(self.decoder.decode(data))
+        return out
+
+
+def completion_wire(tok: Tokenizer, items: list[TokenLogprob], offsets: TextOffsets | None = None) -> dict[str, Any]:
     """OpenAI's legacy /v1/completions `logprobs`: parallel lists of the tokens, their logprobs, the top
-    alternatives as {token: logprob} and each token's character offset in the text (starting at `offset`)."""
-    texts = [tok.token_text(t.id) for t in items]
-    offsets, at = [], offset
-    for text in texts:
-        offsets.append(at)
-        at += len(text)
-    return {"tokens": texts, "token_logprobs": [t.logprob for t in items],
-            "top_logprobs": [{tok.token_text(i): lp for i, lp in t.top} for t in items], "text_offset": offsets}
+    alternatives as {token: logprob} (alternatives shown alike, as byte tokens are, share one key) and each token's
+    character offset in the text (`offsets`: a stream's, which goes on from its earlier chunks)."""
+    at = (offsets or TextOffsets(tok))([t.id for t in items])
+    return {"tokens": [tok.token_text(t.id) for t in items], "token_logprobs": [t.logprob for t in items],
+            "top_logprobs": [{tok.token_text(i): lp for i, lp in t.top} for t in items], "text_offset": at}

@@ -181,9 +181,10 @@ class TorchSteps:
     def denoise(self, canvas: torch.Tensor, sc: Any, temperature: torch.Tensor) -> Denoised:
         logits = self.decode(canvas, sc)
         processed, probs = processed_logits(logits, temperature)
+        kept = row_logits(logits) if self.keep_logits else None
+        del logits  # (unless kept: one [C, V] less while the pass's statistics are formed)
         denoised = sample(probs, self.gen)
-        return Denoised(processed.argmax(dim=-1), token_entropy(processed, probs), denoised, probs,
-                        row_logits(logits) if self.keep_logits else None)
+        return Denoised(processed.argmax(dim=-1), token_entropy(processed, probs), denoised, probs, kept)
 
     def accept_renoise(self, canvas: torch.Tensor, out: Denoised, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
         accepted, mask = accept(canvas, out.sample, out.entropy, bound)
@@ -213,8 +214,10 @@ def logits_stats(decode: Decoder, keep_logits: bool = False) -> StatsDecoder:
     def stats(canvas: torch.Tensor, sc: Any, temperature: torch.Tensor, seed: int, index: int) -> Denoised:
         logits = decode(canvas, sc)
         processed, probs = processed_logits(logits, temperature)
+        kept = row_logits(logits) if keep_logits else None
+        del logits
         return Denoised(processed.argmax(dim=-1), token_entropy(processed, probs), gumbel_sample(processed, seed, index),
-                        probs, row_logits(logits) if keep_logits else None)
+                        probs, kept)
 
     return stats
 
@@ -258,6 +261,7 @@ def denoise_canvas(steps: Steps, length: int, s: SamplerDefaults,
     entropies: list[float] = []
     n, stopped = 0, False
     for step in range(s.max_steps, 0, -1):
+        out = logits = None  # (the last pass's kept logits go before the next pass forms its own)
         out = steps.denoise(canvas, sc, temperature(step, s))
         argmax, sc, logits = out.argmax, out.sc, out.logits
         canvas, mask = steps.accept_renoise(canvas, out, s.entropy_bound)

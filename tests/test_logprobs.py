@@ -176,7 +176,9 @@ def test_openai_clients_logprobs(server, engine):
     assert lp.tokens == [tok.token_text(t.id) for t in raw.logprobs]
     assert all(math.isclose(a, t.logprob, abs_tol=1e-4) for a, t in zip(lp.token_logprobs, raw.logprobs))
     assert [list(d) for d in lp.top_logprobs] == [[tok.token_text(i) for i, _ in t.top] for t in raw.logprobs]
-    assert lp.text_offset == list(itertools.accumulate([0] + [len(t) for t in lp.tokens[:-1]]))
+    text = done.choices[0].text
+    assert lp.text_offset == [len(tok.decode([t.id for t in raw.logprobs[:k]], skip_special=True))
+                              for k in range(len(raw.logprobs))] and lp.text_offset[-1] < len(text)
     streamed = [c.choices[0].logprobs for c in client.completions.create(
         model="default", prompt="Once upon", max_tokens=9, seed=2, logprobs=2, stream=True) if c.choices[0].logprobs]
     assert [t for s in streamed for t in s.tokens] == lp.tokens
@@ -198,6 +200,13 @@ def test_wire_shapes_of_a_byte_token(default_gguf):
         {"token": "\ufffd", "logprob": -0.5, "bytes": [0xE2]},
         {"token": tok.token_text(word), "logprob": -1.5, "bytes": list(tok.decode_bytes([word]))}]}
     assert "top_logprobs" not in wire(tok, items, top=False)[1]
-    legacy = completion_wire(tok, items, offset=3)
-    assert legacy["tokens"] == ["\ufffd", tok.token_text(word)] and legacy["text_offset"] == [3, 4]
+    legacy = completion_wire(tok, items)
+    # the lone byte is a character of its own (U+FFFD) in the text, as the reply decodes it
+    assert legacy["tokens"] == ["\ufffd", tok.token_text(word)] and legacy["text_offset"] == [0, 1]
     assert legacy["top_logprobs"][1] == {tok.token_text(word): -0.25, "\ufffd": -2.0}
+    # "é" in two byte tokens, then a control token (no text) and a word: the character begins where its first byte is
+    e1, e2, eos = tok.byte_ids[0xC3], tok.byte_ids[0xA9], tok.eos_id
+    ids = [word, e1, e2, eos, word]
+    got = completion_wire(tok, [TokenLogprob(i, -1.0) for i in ids])["text_offset"]
+    n = len(tok.token_text(word))
+    assert got == [0, n, n, n + 1, n + 1] and tok.decode(ids, skip_special=True) == tok.token_text(word) + "é" + tok.token_text(word)

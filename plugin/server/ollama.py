@@ -256,8 +256,10 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
         bad = [i for i in context if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
         if bad:
             raise ApiError(400, f"context: token id {str(bad[0])[:30]} is outside the vocabulary of {vocab}")
-        ids = fitted_ids(model.engine, context + prompt_ids(model.engine, messages, **_think(model.engine, name, req.think)),
-                         opts)
+        think = _think(model.engine, name, req.think)
+        # (without a context, the system message, the Modelfile's MESSAGEs and the prompt are fitted as a chat is)
+        ids = fitted_ids(model.engine, context + prompt_ids(model.engine, messages, **think) if context else messages,
+                         opts, variables=think)
         opts.split_thinking = True
 
     def response(part: ReplyDelta) -> dict[str, Any]:

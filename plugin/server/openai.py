@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import DoneEvent, EngineError, TextEvent
-from ..logprobs import MAX_COMPLETION_LOGPROBS, completion_wire, wire
+from ..logprobs import MAX_COMPLETION_LOGPROBS, TextOffsets, completion_wire, wire
 from ..registry import ModelNotFound
 from ..reply import ReplyDelta
 from . import protocol as P
@@ -275,13 +275,12 @@ async def completions(request: Request, req: P.CompletionRequest) -> Response:
         async def chunks() -> AsyncIterator[dict[str, Any]]:
             if echo:
                 yield {**head, "choices": [{"index": 0, "text": echo, "finish_reason": None}]}
-            offset = 0  # the next token's character offset (logprobs' text_offset)
+            offsets = TextOffsets(tok)  # (logprobs' text_offset, going on across the chunks)
             async for event in events:
                 if isinstance(event, TextEvent) and (event.text or event.logprobs):
                     choice = {"index": 0, "text": event.text, "finish_reason": None}
                     if req.logprobs is not None:
-                        choice["logprobs"] = completion_wire(tok, event.logprobs, offset)
-                        offset += sum(map(len, choice["logprobs"]["tokens"]))
+                        choice["logprobs"] = completion_wire(tok, event.logprobs, offsets)
                     yield {**head, "choices": [choice]}
                 elif isinstance(event, DoneEvent):
                     yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": P.finish_reason(event)}]}
