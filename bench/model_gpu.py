@@ -132,6 +132,16 @@ def logits_step(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor):
     return step
 
 
+def logprobs_ms(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, device: torch.device) -> float:
+    """ms to form a whole canvas's logprobs with 5 alternatives each (plugin/logprobs.py, as the engine does once a
+    canvas is done: the head's logits LOGPROB_ROWS positions at a time, from the last pass's output)."""
+    from dgemma.plugin.logprobs import token_logprobs
+
+    hidden = model.decode_hidden(canvas, cache)  # [1, C, D]
+    tokens = canvas[0].tolist()
+    return timed(lambda: token_logprobs(lambda rows: model.head(hidden[:, rows])[0], tokens, 5), device)
+
+
 def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps: int, fused: bool,
             prompts: tuple[int, ...] = (512, 4096), graphs: bool = False, peak: bool = True,
             label: str | None = None) -> dict:
@@ -155,6 +165,8 @@ def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps
     model.encode(tokens[:, : prompts[0]], cache)
     step = fused_step(model, cache, canvas, graphs=graphs) if fused else logits_step(model, cache, canvas)
     out["step_ms"] = timed(step, device, steps)
+    if fused and peak:
+        out["logprobs_ms"] = logprobs_ms(model, cache, canvas, device)
     graphed = getattr(step, "graphed", None)
     if graphed is not None:
         out["graph"] = f"{graphed.replays} replays" if graphed.fallback is None else f"eager: {graphed.fallback}"
@@ -194,6 +206,9 @@ def report(r: dict, bases: list[dict]) -> str:
             + ", ".join(f"{k.split('_')[1]}: {v:.0f} ms{vs(k)}" for k, v in r.items() if k.startswith("prefill_")))
     if "graph" in r:
         line += f" | CUDA graph: {r['graph']}"
+    if "logprobs_ms" in r:
+        line += (f" | a canvas's logprobs {r['logprobs_ms']:.1f} ms (x{r['logprobs_ms'] / (STEPS_PER_CANVAS * r['step_ms']):.2f}"
+                 f" of its {STEPS_PER_CANVAS} steps)")
     if "step_8k_ms" in r:
         line += f" | step at 8K context {r['step_8k_ms']:.1f} ms{vs('step_8k_ms')}"
     if "peak_8k_GiB" in r:

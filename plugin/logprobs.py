@@ -5,7 +5,7 @@ denoised as a whole: the distribution that settles a position is that of the can
 whose argmax is the token the canvas ends with (plugin/sampler.py). A token's logprob here is log softmax of
 that pass's softcapped logits at temperature 1 at its position: the model's own distribution, not the annealed
 sampler's (as Ollama and OpenAI report logprobs whatever the temperature), so the token is always the first of
-its top_logprobs (ties aside). The logits are formed LOGPROB_ROWS positions at a time: the cuda backend, whose
+its top_logprobs (near ties aside). The logits are formed LOGPROB_ROWS positions at a time: the cuda backend, whose
 sampler never forms a [C, V] logits tensor, does not form one for this either.
 """
 
@@ -22,7 +22,9 @@ from .tokenizer import Tokenizer
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as Ollama and OpenAI's chat completions allow
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy /v1/completions `logprobs`
-LOGPROB_ROWS = 16  # canvas positions whose logits are formed at once: 16 MiB of float32 at V = 262,144
+# canvas positions whose logits are formed at once: 32 MiB of float32 at V = 262,144, and each of the C / 32 passes
+# reads the whole vocabulary head (bench/model_gpu.py times a canvas's logprobs against its denoising steps)
+LOGPROB_ROWS = 32
 
 
 @dataclass
@@ -38,7 +40,8 @@ def token_logprobs(logits: RowLogits, tokens: list[int], top: int, rows: int = L
     out: list[TokenLogprob] = []
     for start in range(0, len(tokens), rows):
         ids = tokens[start : start + rows]
-        lp = torch.log_softmax(logits(slice(start, start + len(ids))).float(), dim=-1)  # [r, V]
+        lp = logits(slice(start, start + len(ids))).float()  # [r, V]
+        lp -= torch.logsumexp(lp, dim=-1, keepdim=True)  # log softmax in place (RowLogits gives a tensor of its own)
         chosen = lp.gather(-1, torch.tensor(ids, device=lp.device)[:, None])[:, 0].tolist()  # [r]
         if top:
             values, index = lp.topk(min(top, lp.shape[-1]), dim=-1)  # [r, top]

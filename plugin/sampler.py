@@ -132,8 +132,9 @@ class StableAndConfident:
 
 
 Decoder = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (canvas, sc_probs) -> logits
-# positions (a slice of the canvas) -> their softcapped logits at temperature 1 [r, V], formed when asked (for
-# logprobs, plugin/logprobs.py: the cuda backend forms them a few rows at a time, never [C, V])
+# positions (a slice of the canvas) -> their softcapped logits at temperature 1 [r, V], formed when asked, in a tensor
+# of their own that the caller may overwrite (for logprobs, plugin/logprobs.py: the cuda backend forms them a few rows
+# at a time, never [C, V])
 RowLogits = Callable[[slice], torch.Tensor]
 
 
@@ -165,7 +166,7 @@ def processed_logits(logits: torch.Tensor, temperature: torch.Tensor):
 
 def row_logits(logits: torch.Tensor) -> RowLogits:
     """A RowLogits over a pass's whole logits [1, C, V] (the logits-based steps have them)."""
-    return lambda rows: logits[0, rows]
+    return lambda rows: logits[0, rows].clone()
 
 
 class TorchSteps:

@@ -86,6 +86,7 @@ def test_bench_steps_run_on_synthetic_weights(checkpoint_factory, kernels_as_ref
     assert fused["weights_GB"] < torch_way["weights_GB"]  # blocks against float32
     line = model_gpu.report(fused, [torch_way])
     assert "prefill 5: " in line and line.count("x faster than torch") == 4  # both steps and both prefills
+    assert fused["logprobs_ms"] > 0 and "logprobs_ms" not in torch_way and "a canvas's logprobs" in line
     assert "faster than torch" not in model_gpu.report(torch_way, [torch_way])  # the baseline's own line has none
     both = model_gpu.report(fused, [torch_way, {**torch_way, "label": "scalar"}])  # each base named in every ratio
     assert both.count("x faster than torch") == 4 and both.count("x faster than scalar") == 4
