@@ -31,6 +31,7 @@ from .cuda.tune import CHOICES as MATMULS
 from .fast_decode import FastDecoder
 from .inspect import open_gguf
 from .fit import DEFAULT_NUM_KEEP, Fitted, fit_messages, fit_tokens, reply_room
+from .json_format import JsonPrefix, read_canvas
 from .kv_cache import KVCache, PromptCache
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprobs
 from .model import DiffusionGemma
@@ -164,6 +165,8 @@ class GenerateOptions:
     # one that leaves no room at all is an EngineError
     truncate: bool = False
     num_keep: int = DEFAULT_NUM_KEEP
+    # "json": each canvas read out as the next part of one JSON object (plugin/json_format.py); None: as denoised
+    format: str | None = None
 
     def cancelled(self) -> bool:
         if self.cancel is None:
@@ -464,6 +467,8 @@ class Engine:
             raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {context}")
         if o.num_batch is not None and o.num_batch < 1:
             raise EngineError(f"num_batch must be at least 1 (got {o.num_batch})")
+        if o.format not in (None, "json"):
+            raise EngineError(f"format {o.format!r} is not supported (have: json)")
         if o.logprobs is not None and not 0 <= o.logprobs <= MAX_TOP_LOGPROBS:
             raise EngineError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS} (got {o.logprobs})")
         max_tokens = min(DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens, room)
@@ -520,13 +525,16 @@ class Engine:
                 self.model.encode(torch.tensor([ids[cached:]], device=dev), cache, chunk=o.num_batch or DEFAULT_NUM_BATCH)
             held, whole = list(ids), True
             t_prompt = time.perf_counter_ns()
-            sampler = self._steps(cache, seed, keep_logits=logprobs is not None)
+            sampler = self._steps(cache, seed, keep_logits=logprobs is not None or o.format is not None)
+            json_state = JsonPrefix() if o.format == "json" else None
             for index in range(n_canvases):
                 if o.cancelled():
                     reason = "cancelled"
                     break
                 result = denoise_canvas(sampler, C, s, on_step)
                 canvas = result.tokens.tolist()
+                if json_state is not None:
+                    canvas = read_canvas(result.logits, C, json_state, self.tokenizer, eos, max_tokens - len(out_ids))
                 canvases.append(canvas)
                 steps.append(result.steps)
                 keep = canvas[: max_tokens - len(out_ids)]

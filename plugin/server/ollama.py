@@ -26,6 +26,7 @@ from .serving import (
     collect,
     generate_options,
     generate_stream,
+    json_format,
     logprobs_option,
     parse_keep_alive,
     fitted_ids,
@@ -85,7 +86,6 @@ async def _load_or_unload(request: Request, name: str, asked_keep_alive: Any, ke
 def _unsupported(**fields: Any) -> None:
     reasons = {
         "images": "images are not supported: dgemma serves DiffusionGemma as a text-only model",
-        "format": "structured output ('format') is not supported by dgemma yet: it cannot be enforced on a diffusion canvas",
         "suffix": "fill-in-the-middle ('suffix') is not supported",
     }
     for key, value in fields.items():
@@ -233,7 +233,8 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
     if await state.upstream_owns(name):
         return await state.upstream_ollama_proxy(request, "/api/generate")
     keep = _keep_alive(request, req.keep_alive)
-    _unsupported(images=req.images, format=req.format, suffix=req.suffix)
+    _unsupported(images=req.images, suffix=req.suffix)
+    fmt = json_format(req.format)
     logprobs = logprobs_option(req.logprobs, req.top_logprobs)
     if req.raw and (req.system or req.template or req.context):
         raise ApiError(400, "raw mode does not support template, system, or context")
@@ -246,7 +247,7 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
     model, load_ns = await _load(request, name)
     settings = model.entry.settings  # (a Modelfile's: SYSTEM, MESSAGEs, PARAMETERs)
     opts = generate_options(model.engine, settings.options(req.options))
-    opts.logprobs, opts.truncate = logprobs, req.truncate is not False
+    opts.logprobs, opts.truncate, opts.format = logprobs, req.truncate is not False, fmt
     if req.raw:
         ids = fitted_ids(model.engine, req.prompt, opts, raw=True)
     else:
@@ -288,7 +289,8 @@ async def chat(request: Request, req: P.ChatRequest) -> Response:
         return await state.upstream_ollama_proxy(request, "/api/chat")
     keep = _keep_alive(request, req.keep_alive)
     messages = req.messages or []
-    _unsupported(images=any(m.images for m in messages), format=req.format)
+    _unsupported(images=any(m.images for m in messages))
+    fmt = json_format(req.format)
     logprobs = logprobs_option(req.logprobs, req.top_logprobs)
     if not messages:
         reason = await _load_or_unload(request, name, req.keep_alive, keep, req.options)
@@ -299,7 +301,7 @@ async def chat(request: Request, req: P.ChatRequest) -> Response:
     opts = generate_options(model.engine, model.entry.settings.options(req.options))
     opts.logprobs = logprobs
     conv = model.entry.settings.chat(conv)
-    opts.truncate = req.truncate is not False
+    opts.truncate, opts.format = req.truncate is not False, fmt
     ids = fitted_ids(model.engine, conv, opts, variables={**_think(model.engine, name, req.think),
                                                           **check_tools(model.engine, name, tools)})
     opts.split_thinking, opts.tool_calls = True, bool(tools)

@@ -24,6 +24,7 @@ from .serving import (
     generate_options,
     generate_stream,
     fitted_ids,
+    json_format,
     logprobs_option,
 )
 
@@ -132,14 +133,13 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
         return await state.upstream_openai_proxy(request, "/chat/completions", req.model)
     if not req.messages:
         raise ApiError(400, "[] is too short - 'messages'", code="invalid_request")
-    if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise ApiError(400, "response_format other than text is not supported", code="unsupported_parameter")
+    fmt = json_format(req.response_format, openai="response_format")
     # tool_choice "none": no tools; any other (auto, required, a named function) as auto, since a diffusion canvas
     # cannot be made to call one
     conv, tools = openai_messages(req.messages, _text), tool_list(req.tools) if req.tool_choice != "none" else None
     variables = _template_variables(req)
     logprobs = logprobs_option(req.logprobs, req.top_logprobs, strict=True)
-    model, ids, opts = await chat_prompt(request, req.model, conv, tools, variables,
+    model, ids, opts = await chat_prompt(request, req.model, conv, tools, variables, format=fmt,
                                          **_common(req, req.max_completion_tokens or req.max_tokens))
     opts.logprobs = logprobs
     tok = model.engine.tokenizer
@@ -182,17 +182,19 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
 
 
 async def chat_prompt(request: Request, name: str, conv: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                      variables: dict[str, Any], truncate: bool = True, **limits: Any) -> tuple[Any, list[int], Any]:
+                      variables: dict[str, Any], truncate: bool = True, format: str | None = None,
+                      **limits: Any) -> tuple[Any, list[int], Any]:
     """A chat's model (loaded), prompt ids and GenerateOptions, for /v1/chat/completions and /v1/responses: the
     Modelfile's SYSTEM and MESSAGEs around the conversation and its PARAMETERs under the request's `limits`
     (generate_options' keywords), thinking and tools checked against the chat template, the whole checked
-    against the model; the reply split into thinking, answer and tool calls."""
+    against the model; the reply split into thinking, answer and tool calls. truncate and format: GenerateOptions'
+    (a prompt fitted into num_ctx, JSON mode)."""
     model = await _load(request, name)
     opts = generate_options(model.engine, model.entry.settings.parameters, **limits)
     conv = model.entry.settings.chat(conv)
     if "enable_thinking" in variables:
         variables = {**variables, **check_thinking(model.engine, name, variables["enable_thinking"])}
-    opts.truncate = truncate
+    opts.truncate, opts.format = truncate, format
     ids = fitted_ids(model.engine, conv, opts, variables={**variables, **check_tools(model.engine, name, tools)})
     opts.split_thinking, opts.tool_calls = True, bool(tools)
     check_request(model.engine, ids, opts)

@@ -27,7 +27,7 @@ from ..reply import ReplyDelta, ToolCall
 from . import protocol as P
 from .conversation import openai_messages, tool_list
 from .openai import REASONING_EFFORTS, _state, chat_prompt
-from .serving import ApiError, collect, generate_stream
+from .serving import ApiError, collect, generate_stream, json_format
 
 router = APIRouter(prefix="/v1")
 
@@ -124,8 +124,7 @@ def _checked(req: P.ResponsesRequest) -> dict[str, Any]:
     fmt = (req.text or {}).get("format") or {}
     if not isinstance(fmt, dict):
         raise ApiError(400, f"text.format: expected an object, got {fmt!r}", code="invalid_request")
-    if fmt.get("type") not in (None, "text"):
-        raise ApiError(400, "text.format other than text is not supported", code="unsupported_parameter")
+    _json(req)  # (checked before the model loads)
     if not req.input:
         raise ApiError(400, "input is required", code="invalid_request")
     if req.truncation not in (None, "auto", "disabled"):
@@ -137,6 +136,11 @@ def _checked(req: P.ResponsesRequest) -> dict[str, Any]:
         raise ApiError(400, f"reasoning.effort: expected one of {', '.join(REASONING_EFFORTS)}, got {effort!r}",
                        code="invalid_request")
     return {"enable_thinking": effort != "none"}
+
+
+def _json(req: P.ResponsesRequest) -> str | None:
+    """text.format as GenerateOptions.format ("json" for json_object)."""
+    return json_format((req.text or {}).get("format"), openai="text.format")
 
 
 def _usage(done: DoneEvent) -> dict[str, Any]:
@@ -178,7 +182,8 @@ class _Head:
                        "max_output_tokens": req.max_output_tokens, "temperature": req.temperature,
                        "top_p": req.top_p if req.top_p is not None else 1.0, "tools": req.tools or [],
                        "tool_choice": req.tool_choice or "auto", "parallel_tool_calls": True, "store": False,
-                       "text": {"format": {"type": "text"}}, "reasoning": req.reasoning, "truncation": "disabled",
+                       "text": {"format": {"type": "json_object" if _json(req) else "text"}},
+                       "reasoning": req.reasoning, "truncation": req.truncation or "auto",
                        "previous_response_id": None, "metadata": req.metadata or {}, "error": None}
 
     def response(self, status: str, output: list[dict[str, Any]], done: DoneEvent | None = None) -> dict[str, Any]:
@@ -199,7 +204,8 @@ async def responses(request: Request, req: P.ResponsesRequest) -> Response:
     conv = openai_messages(input_messages(req), lambda content: content or "")
     seed = (req.model_extra or {}).get("seed")  # (not the Responses API's: as vLLM takes it, in extra_body)
     model, ids, opts = await chat_prompt(request, req.model, conv, tools, variables, req.truncation != "disabled",
-                                         max_tokens=req.max_output_tokens, temperature=req.temperature, seed=seed)
+                                         _json(req), max_tokens=req.max_output_tokens, temperature=req.temperature,
+                                         seed=seed)
     head = _Head(req)
     events = generate_stream(state.manager, model, ids, opts, state.manager.default_keep_alive)
     if req.stream:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import math
 import threading
 import time
@@ -420,6 +421,33 @@ def logprobs_option(logprobs: bool | None, top: int | None, *, strict: bool = Fa
     return top or 0
 
 
+SCHEMAS_REFUSED = ("JSON schemas are not supported: dgemma's JSON mode makes the reply a JSON object, not one that "
+                   "follows a schema")
+
+
+def json_format(value: Any, openai: str | None = None) -> str | None:
+    """A request's ask for structured output as GenerateOptions.format ("json": plugin/json_format.py, or None):
+    Ollama's `format` ("json"; a JSON schema is a 400), or (openai: the field's name, for its errors) an OpenAI
+    response format's `type` ("json_object"; "json_schema" is a 400; "text" or none: None)."""
+    if openai:
+        kind = (value or {}).get("type") if isinstance(value, dict) else value
+        if kind in (None, "text"):
+            return None
+        if kind == "json_object":
+            return "json"
+        if kind == "json_schema":
+            raise ApiError(400, f"{openai}: {SCHEMAS_REFUSED} (json_object is)", code="unsupported_parameter")
+        raise ApiError(400, f"{openai}.type {str(kind)[:40]!r} is not supported (have: text, json_object)",
+                       code="invalid_request")
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return "json"
+    if isinstance(value, dict):
+        raise ApiError(400, f"format: {SCHEMAS_REFUSED} (format \"json\" is)")
+    raise ApiError(400, f'invalid format: expected "json" (got {json.dumps(value)[:40]})')
+
+
 def fitted_ids(engine: Engine, prompt: Any, options: GenerateOptions, *, raw: bool = False,
                variables: dict[str, Any] | None = None) -> list[int]:
     """prompt_ids, fitted into num_ctx where options.truncate (Engine.fitted_ids: a conversation's oldest messages
@@ -427,6 +455,8 @@ def fitted_ids(engine: Engine, prompt: Any, options: GenerateOptions, *, raw: bo
     cut as Ollama's runner cuts it), saying so in the server's log as Ollama does."""
     from ..chat import ChatTemplateError
 
+    if options.format and (variables or {}).get("enable_thinking"):
+        raise ApiError(400, "JSON mode leaves out the thought channel: ask for it without thinking (think false)")
     try:
         f = engine.fitted_ids(prompt, options, raw, variables)
     except (EngineError, ChatTemplateError) as e:
