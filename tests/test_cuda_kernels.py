@@ -502,7 +502,7 @@ def test_cuda_backend_generates_the_torch_backends_tokens(ops, dev, request, mod
 def test_cuda_backend_logprobs_are_the_torch_backends(ops, dev, canvas16_gguf, monkeypatch):
     """Logprobs (plugin/logprobs.py) on the cuda backend (rng counter, CUDA graphs: the last pass's output copied
     out of the graph's buffer, the head multiplying LOGPROB_ROWS positions at a time) equal the torch backend's
-    with the same draws, within the float-FMA matmuls' rounding; the same tokens."""
+    with the same draws, within the float-FMA matmuls' rounding; the same tokens. JSON mode's read-out there too."""
     needs_gpu(dev)
     from dgemma.plugin.engine import Engine, GenerateOptions
     from dgemma.plugin.logprobs import LOGPROB_ROWS
@@ -522,6 +522,11 @@ def test_cuda_backend_logprobs_are_the_torch_backends(ops, dev, canvas16_gguf, m
     assert max(abs(a.logprob - b.logprob) for a, b in zip(got.logprobs, want.logprobs)) < 1e-3
     # (the alternatives' values: two nearly tied ones may swap places)
     assert max(abs(x - y) for a, b in zip(got.logprobs, want.logprobs) for (_, x), (_, y) in zip(a.top, b.top)) < 1e-3
+    # JSON mode reads its canvases out from the same rows of logits (plugin/json_format.py): a reply that parses
+    import json
+
+    *events, _ = engine.generate("Once upon a time", GenerateOptions(seed=5, max_tokens=40, format="json"))
+    assert isinstance(json.loads("".join(e.text for e in events)), dict)
 
 
 def test_cuda_backend_reuses_the_kept_kv_cache(ops, dev, canvas16_gguf):
