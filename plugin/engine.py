@@ -472,6 +472,10 @@ class Engine:
         if o.logprobs is not None and not 0 <= o.logprobs <= MAX_TOP_LOGPROBS:
             raise EngineError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS} (got {o.logprobs})")
         max_tokens = min(DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens, room)
+        least = len(self.tokenizer.encode("{}", parse_special=False))  # the shortest object
+        if o.format and 0 < max_tokens < least:
+            raise EngineError(f"JSON mode needs room for {least} tokens at least (num_predict {max_tokens}, or the "
+                              "context left)")
         eos = self.tokenizer.eog_ids if o.eos_ids is None else set(o.eos_ids)
         return s, max_tokens, eos
 
@@ -541,6 +545,8 @@ class Engine:
                 hit_eos = next((n for n, t in enumerate(keep) if t in eos), None)
                 if hit_eos is not None:
                     keep = keep[:hit_eos]
+                elif json_state is not None and json_state.complete and not json_state.pending:
+                    hit_eos = len(keep)  # the object closed on the canvas's last position: the reply ends here
                 out_ids += keep
                 scored = [] if logprobs is None else token_logprobs(result.logits, keep, o.logprobs)
                 result.logits = None  # (not kept through the next canvas)

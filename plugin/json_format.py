@@ -23,6 +23,7 @@ from .tokenizer import Tokenizer
 CANDIDATES = 64  # the most likely tokens of a position tried, in order, before the object is closed instead
 ROWS = 32  # positions whose logits are formed at once (as plugin/logprobs.py's LOGPROB_ROWS)
 WHITESPACE = b" \t\n\r"
+MAX_DEPTH = 128  # nested objects and arrays (Python's json.loads gives up near 1000)
 SPECIAL = (C.TokenType.CONTROL, C.TokenType.USER_DEFINED)  # tokens that are markup, not text
 _NUMBER_END = {"int", "zero", "frac", "exp"}  # number states that may end here
 
@@ -98,6 +99,8 @@ class JsonPrefix:
         return c in b"}]" and self._close(c)
 
     def _open(self, c: bytes) -> bool:
+        if len(self.stack) >= MAX_DEPTH:
+            return False
         self.stack.append(c.decode())
         self.mode = "key_or_close" if c == b"{" else "first"
         return True

@@ -66,6 +66,14 @@ def test_the_automaton_agrees_with_json_loads_on_mutated_documents():
     assert 100 < agree < 3000  # both kinds were met
 
 
+def test_nesting_is_bounded():
+    from dgemma.plugin.json_format import MAX_DEPTH
+
+    state = JsonPrefix()
+    assert state.feed(b'{"a":' + b"[" * (MAX_DEPTH - 1)) and not state.copy().feed(b"[")
+    assert state.closing() == b"]" * (MAX_DEPTH - 1) + b"}" and _is_object('{"a":' + "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1) + "}")
+
+
 def test_what_is_refused():
     for text in ('[1]', '"a"', '1', '{"a":01}', '{"a":1,}', '{,}', '{"a" 1}', '{"a":tru}', '{"a":"\x01"}', '{"a":-}',
                  '{"a":1.}', '{"a":"\\x"}', '{"a":"\\u12g4"}', '{}}', '{} {}', '{"a":1]'):
@@ -130,6 +138,21 @@ def test_the_read_out_goes_on_across_canvases(tok):
             break
     kept = out[:budget]
     assert _is_object(tok.decode(kept[: kept.index(eos)] if eos in kept else kept))
+
+
+def test_the_reply_ends_where_the_object_closes(default_gguf):
+    """The default model's canvas is one token: the object closes on a canvas's last position, and no canvas follows
+    (none denoised only to be filled with end tokens); a budget too small for "{}" is refused."""
+    from dgemma.plugin.engine import EngineError
+
+    engine = Engine.load(default_gguf)
+    for seed in (1, 2, 3):
+        done = list(engine.generate("JSON", GenerateOptions(seed=seed, max_tokens=50, format="json")))[-1]
+        text = engine.tokenizer.decode(done.token_ids, skip_special=True)
+        assert _is_object(text) and done.done_reason == "stop" and len(done.canvases) == done.eval_count
+    with pytest.raises(EngineError, match="JSON mode needs room for 2 tokens"):
+        list(engine.generate("JSON", GenerateOptions(max_tokens=1, format="json")))
+    assert list(engine.generate("JSON", GenerateOptions(max_tokens=0, format="json")))[-1].eval_count == 0
 
 
 @pytest.mark.parametrize("max_tokens", [5, 16, 40])

@@ -22,6 +22,7 @@ from .conversation import check_thinking, check_tools, ollama_messages, ollama_t
 from .serving import (
     ApiError,
     LoadedModel,
+    check_json_thinking,
     check_request,
     collect,
     generate_options,
@@ -235,6 +236,7 @@ async def generate(request: Request, req: P.GenerateRequest) -> Response:
     keep = _keep_alive(request, req.keep_alive)
     _unsupported(images=req.images, suffix=req.suffix)
     fmt = json_format(req.format)
+    check_json_thinking(fmt, req.think)
     logprobs = logprobs_option(req.logprobs, req.top_logprobs)
     if req.raw and (req.system or req.template or req.context):
         raise ApiError(400, "raw mode does not support template, system, or context")
@@ -291,6 +293,7 @@ async def chat(request: Request, req: P.ChatRequest) -> Response:
     messages = req.messages or []
     _unsupported(images=any(m.images for m in messages))
     fmt = json_format(req.format)
+    check_json_thinking(fmt, req.think)
     logprobs = logprobs_option(req.logprobs, req.top_logprobs)
     if not messages:
         reason = await _load_or_unload(request, name, req.keep_alive, keep, req.options)

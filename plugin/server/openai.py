@@ -19,6 +19,7 @@ from . import protocol as P
 from .conversation import check_thinking, check_tools, openai_messages, openai_tool_calls, tool_list
 from .serving import (
     ApiError,
+    check_json_thinking,
     check_request,
     collect,
     generate_options,
@@ -138,6 +139,7 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
     # cannot be made to call one
     conv, tools = openai_messages(req.messages, _text), tool_list(req.tools) if req.tool_choice != "none" else None
     variables = _template_variables(req)
+    check_json_thinking(fmt, variables.get("enable_thinking"))
     logprobs = logprobs_option(req.logprobs, req.top_logprobs, strict=True)
     model, ids, opts = await chat_prompt(request, req.model, conv, tools, variables, format=fmt,
                                          **_common(req, req.max_completion_tokens or req.max_tokens))

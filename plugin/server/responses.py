@@ -27,7 +27,7 @@ from ..reply import ReplyDelta, ToolCall
 from . import protocol as P
 from .conversation import openai_messages, tool_list
 from .openai import REASONING_EFFORTS, _state, chat_prompt
-from .serving import ApiError, collect, generate_stream, json_format
+from .serving import ApiError, check_json_thinking, collect, generate_stream, json_format
 
 router = APIRouter(prefix="/v1")
 
@@ -200,6 +200,7 @@ async def responses(request: Request, req: P.ResponsesRequest) -> Response:
     if await state.upstream_owns(req.model, openai=True):
         return await state.upstream_openai_proxy(request, "/responses", req.model)
     variables = _checked(req)
+    check_json_thinking(_json(req), variables.get("enable_thinking"))
     tools = function_tools(req)
     conv = openai_messages(input_messages(req), lambda content: content or "")
     seed = (req.model_extra or {}).get("seed")  # (not the Responses API's: as vLLM takes it, in extra_body)

@@ -448,6 +448,12 @@ def json_format(value: Any, openai: str | None = None) -> str | None:
     raise ApiError(400, f'invalid format: expected "json" (got {json.dumps(value)[:40]})')
 
 
+def check_json_thinking(fmt: str | None, thinking: Any) -> None:
+    """JSON mode with thinking asked for (a truthy think, enable_thinking): a 400, before the model loads."""
+    if fmt and thinking not in (None, False, "", "none"):
+        raise ApiError(400, "JSON mode leaves out the thought channel: ask for it without thinking (think false)")
+
+
 def fitted_ids(engine: Engine, prompt: Any, options: GenerateOptions, *, raw: bool = False,
                variables: dict[str, Any] | None = None) -> list[int]:
     """prompt_ids, fitted into num_ctx where options.truncate (Engine.fitted_ids: a conversation's oldest messages
@@ -455,8 +461,6 @@ def fitted_ids(engine: Engine, prompt: Any, options: GenerateOptions, *, raw: bo
     cut as Ollama's runner cuts it), saying so in the server's log as Ollama does."""
     from ..chat import ChatTemplateError
 
-    if options.format and (variables or {}).get("enable_thinking"):
-        raise ApiError(400, "JSON mode leaves out the thought channel: ask for it without thinking (think false)")
     try:
         f = engine.fitted_ids(prompt, options, raw, variables)
     except (EngineError, ChatTemplateError) as e:
