@@ -3,7 +3,7 @@
 Each turn sends the whole conversation through the model's chat template and streams the reply a canvas at a
 time (the thinking, where the model writes any, between "Thinking..." and "...done thinking.", as ollama run
 prints it). Commands, as Ollama's: /? (help), /bye, /clear, /set system, /set parameter, /set think, /set nothink,
-/show info; a message (or
+/set format json, /set noformat, /show info; a message (or
 a /set system text) in triple quotes spans lines. Ctrl+C stops a reply at its next denoising step (the turn is dropped); at the
 prompt it says how to leave; Ctrl+D leaves.
 """
@@ -26,6 +26,7 @@ HELP = f"""Available commands:
   /set parameter <name> <n>    seed (negative: random), num_predict (negative: up to the model's default) or
                                diffusion_steps; /set parameter <name> alone unsets it
   /set think, /set nothink     the chat template's thinking mode on / off
+  /set format json             replies as JSON objects (JSON mode); /set noformat: as the model writes them
   /show info                   the model and what runs it
   /clear                       clear the conversation
   /bye                         exit
@@ -95,8 +96,17 @@ def command(session: Session, engine: Engine, line: str, out: TextIO, read: Call
         if args == ["think"] and not template_features(engine.tokenizer).thinking:
             print("Couldn't set 'think' mode: the model's chat template has no thinking mode", file=out)
             return True
+        if args == ["think"] and session.options.format:
+            print("Couldn't set 'think' mode: JSON mode leaves out the thinking (/set noformat first)", file=out)
+            return True
         session.think = args == ["think"]
         print("Set 'think' mode." if session.think else "Set 'nothink' mode.", file=out)
+    elif name == "/set" and args in (["format", "json"], ["noformat"]):
+        if args != ["noformat"] and session.think:
+            print("Couldn't set format: JSON mode leaves out the thinking (/set nothink first)", file=out)
+            return True
+        session.options.format = None if args == ["noformat"] else "json"
+        print("Set format to 'json' mode." if session.options.format else "Disabled format.", file=out)
     elif name == "/set" and args[:1] == ["system"] and len(args) > 1:
         session.system = quoted(line.split(None, 2)[2], read).strip()
         print("Set system message.", file=out)

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="turn the chat template's thinking mode on: the model reasons first, printed between "
                         "'Thinking...' and '...done thinking.' (as ollama run --think)")
     p.add_argument("--hidethinking", action="store_true", help="leave the model's thinking out of the output")
+    p.add_argument("--format", choices=["json"],
+                   help="json: the reply is one JSON object (JSON mode, docs/SERVER.md; as ollama run --format json)")
     p.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids to use as the prompt, e.g. 2,10,11")
     p.add_argument("--stats", action="store_true", help="print timings, steps per canvas and tokens per forward")
     p.add_argument("--visualize", action="store_true", help="redraw the canvas at every denoising step")
@@ -173,6 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             flag = "--raw" if args.raw else "--json" if args.json else "--visualize"
             raise EngineError(f"{flag} needs a PROMPT (an argument or stdin); without one, at a terminal, "
                               "dgemma run opens a chat")
+        if args.think and args.format:
+            raise EngineError("--format json leaves out the thinking: not with --think")
         if args.think and (args.raw or args.prompt_ids):
             raise EngineError(f"--think needs the chat template; {'--raw' if args.raw else '--prompt-ids'} leaves it out")
         entry = Registry().resolve(args.model)
@@ -185,6 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.think and not template_features(engine.tokenizer).thinking:
             raise EngineError(f"--think: the chat template of {path.name} has no thinking mode")
         opts = run_options(engine, settings, args)
+        opts.format = args.format
         if chatting:
             return chat(engine, opts, args.system or settings.system, stats=stats_lines if args.stats else None,
                         think=True if args.think else None, hide_thinking=args.hidethinking, history=settings.messages)

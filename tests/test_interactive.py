@@ -195,3 +195,20 @@ def test_think_mode_and_the_thinking_printed(engine, monkeypatch):
         for e in events:
             printer.write(e)
         assert buf.getvalue() == want
+
+
+def test_set_format_json(engine):
+    """/set format json: the next replies are JSON objects (JSON mode), /set noformat: as the model writes them;
+    not together with /set think."""
+    import json
+
+    read, _ = script("/set format json", "hello", "/set think", "/set noformat", "again", "/bye")
+    out, err = io.StringIO(), io.StringIO()
+    assert chat(engine, GenerateOptions(seed=1, max_tokens=20), read=read, out=out, err=err) == 0
+    text = out.getvalue()
+    assert "Set format to 'json' mode." in text and "Disabled format." in text
+    assert "Couldn't set 'think' mode: JSON mode leaves out the thinking" in text
+    conv = [{"role": "user", "content": "hello"}]
+    reply = "".join(e.text for e in engine.generate(conv, GenerateOptions(seed=1, max_tokens=20, format="json"))
+                    if isinstance(e, TextEvent))
+    assert isinstance(json.loads(reply), dict) and reply in text

@@ -284,3 +284,16 @@ def test_run_think(models):
     assert proc.returncode == 0 and proc.stdout == answer + "\n", proc.stderr
     proc = run_cli(models, "default", "x", "--think", "--raw")
     assert proc.returncode != 0 and "--think needs the chat template" in proc.stderr
+
+
+def test_run_format_json(models):
+    """`dgemma run --format json` (as `ollama run --format json`): the reply the engine gives in JSON mode, which
+    parses as an object; not with --think."""
+    engine = Engine.load(models / "default.gguf")
+    events = engine.generate("Reply in JSON", GenerateOptions(seed=4, max_tokens=30, format="json"))
+    expected = "".join(e.text for e in events if isinstance(e, TextEvent))
+    proc = run_cli(models, "default", "Reply in JSON", "--seed", "4", "--max-tokens", "30", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected + "\n" and isinstance(json.loads(proc.stdout), dict)
+    refused = run_cli(models, "default", "x", "--format", "json", "--think")
+    assert refused.returncode != 0 and "--format json leaves out the thinking" in refused.stderr
