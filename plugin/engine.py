@@ -538,7 +538,8 @@ class Engine:
                 result = denoise_canvas(sampler, C, s, on_step)
                 canvas = result.tokens.tolist()
                 if json_state is not None:
-                    canvas = read_canvas(result.logits, C, json_state, self.tokenizer, eos, max_tokens - len(out_ids))
+                    canvas = read_canvas(result.logits, C, json_state, self.tokenizer, eos, max_tokens - len(out_ids),
+                                         canvas)
                 canvases.append(canvas)
                 steps.append(result.steps)
                 keep = canvas[: max_tokens - len(out_ids)]

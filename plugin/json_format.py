@@ -182,19 +182,25 @@ class JsonPrefix:
 
 
 def read_canvas(logits: RowLogits, length: int, state: JsonPrefix, tok: Tokenizer, eog: set[int],
-                budget: int) -> list[int]:
+                budget: int, argmax: list[int] | None = None) -> list[int]:
     """A finished canvas of `length` positions read out as the next part of a JSON object (state: the reply's so far,
     advanced), from the logits of its last pass. At most `budget` tokens count (the reply's max_tokens left): a
     token is taken only where the text that would close the object after it still fits (one token per byte at most).
     Once the object is closed the rest is an end-of-generation token (the engine cuts there); closing tokens past
-    the canvas's end go first in the next one (state.pending)."""
+    the canvas's end go first in the next one (state.pending). argmax: the canvas as denoised; where the object is
+    not open yet and a later position of it opens one, what comes before (a code fence, a sentence) is read as
+    whitespace, so that the object starts where the model starts it (not at a lower-ranked "{" that shifts it)."""
     end = min(eog) if eog else tok.eos_id
     out, state.pending = state.pending[:length], state.pending[length:]
     start = len(out)
+    opens = _opening(argmax, start, state, tok) if argmax is not None else None
     while start < length and not state.complete:
         rows = logits(slice(start, min(length, start + ROWS)))  # [r, V]
         for ranked in rows.topk(min(CANDIDATES, rows.shape[-1]), dim=-1).indices.tolist():
-            pick = _choose(ranked, state, tok, eog, budget - len(out))
+            pick = None
+            if opens is not None and len(out) < opens and state.mode == "start" and budget - len(out) >= 3:
+                pick = _whitespace(ranked, state, tok)  # (room for it and "{}")
+            pick = pick if pick is not None else _choose(ranked, state, tok, eog, budget - len(out))
             if pick is None:  # nothing fits: close the object here
                 closing = tok.encode(state.closing().decode(), parse_special=False)
                 state.feed(state.closing())
@@ -208,6 +214,31 @@ def read_canvas(logits: RowLogits, length: int, state: JsonPrefix, tok: Tokenize
     if state.complete and not state.pending:
         out += [end] * (length - len(out))
     return out
+
+
+def _opening(argmax: list[int], start: int, state: JsonPrefix, tok: Tokenizer) -> int | None:
+    """Where the object is not open yet: the first position from `start` whose denoised token opens it, or None."""
+    if state.mode != "start":
+        return None
+    for p in range(start, len(argmax)):
+        trial = state.copy()
+        if tok.types[argmax[p]] not in SPECIAL and trial.feed(tok.decode_bytes([argmax[p]])) and trial.mode != "start":
+            return p
+    return None
+
+
+def _whitespace(ranked: list[int], state: JsonPrefix, tok: Tokenizer) -> int | None:
+    """Before the object opens: the position's own token where it fits (whitespace), else its most likely
+    whitespace token, else a newline."""
+    first = ranked[0]
+    if tok.types[first] not in SPECIAL and state.copy().feed(tok.decode_bytes([first])):
+        return first
+    for t in ranked:
+        data = tok.decode_bytes([t])
+        if tok.types[t] not in SPECIAL and data and all(b in WHITESPACE for b in data):
+            return t
+    newline = tok.encode("\n", parse_special=False)
+    return newline[0] if len(newline) == 1 else None
 
 
 def _choose(ranked: list[int], state: JsonPrefix, tok: Tokenizer, eog: set[int], room: int) -> int | None:

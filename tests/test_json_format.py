@@ -117,6 +117,22 @@ def test_the_read_out_takes_the_best_token_that_fits(tok):
         assert _is_object(text) and state.complete, (budget, text)
 
 
+def test_a_fence_before_the_object_is_read_as_whitespace(tok):
+    """A canvas denoised as ```json, newline, the object, ```: with the denoised canvas given, the fence's positions
+    are read as whitespace and the object comes out where the model put it, whole."""
+    fence, obj = tok.encode("```json\n"), tok.encode('{"name": "Ada", "age": 36}')
+    wanted = fence + obj + tok.encode("\n```")
+    eos, n = tok.eos_id, len(wanted)
+    got = read_canvas(_logits(tok, wanted, {}, n), n, JsonPrefix(), tok, {eos}, budget=100, argmax=wanted)
+    assert got[len(fence):len(fence) + len(obj)] == obj and set(got[len(fence) + len(obj):]) == {eos}
+    assert tok.decode(got[:len(fence)]).strip() == "" and json.loads(tok.decode(got[:got.index(eos)])) == {
+        "name": "Ada", "age": 36}
+    # no object anywhere in the canvas: read as before (the best candidates that fit; here the object closed)
+    prose = tok.encode("There is no JSON here at all, sorry.")
+    got = read_canvas(_logits(tok, prose, {}, len(prose)), len(prose), JsonPrefix(), tok, {eos}, 100, argmax=prose)
+    assert _is_object(tok.decode(got[:got.index(eos)]))
+
+
 def test_the_read_out_goes_on_across_canvases(tok):
     """Canvases of 3 positions: the object goes on from one to the next, and a closing that spills past a canvas
     comes first in the next."""
