@@ -139,7 +139,7 @@ def logprobs_ms(model: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, dev
 
     hidden = model.decode_hidden(canvas, cache)  # [1, C, D]
     tokens = canvas[0].tolist()
-    return timed(lambda: token_logprobs(lambda rows: model.head(hidden[:, rows])[0], tokens, 5), device)
+    return timed(lambda: token_logprobs(model.head_rows(hidden), tokens, 5), device)
 
 
 def measure(name: str, cfg: ModelConfig, w: Weights, device: torch.device, steps: int, fused: bool,

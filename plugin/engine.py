@@ -426,7 +426,7 @@ class Engine:
     # ---- generation -----------------------------------------------------------------------------
     def _steps(self, cache: KVCache, seed: int, keep_logits: bool = False) -> Steps:
         """The sampler's backend for one generation (plugin/sampler.py); keep_logits: each pass's logits can be
-        formed afterwards (Denoised.logits, for logprobs)."""
+        formed afterwards (Denoised.logits, for logprobs and JSON mode)."""
         dev, V, counter_seed = self.device, self.cfg.vocab_size, seed % 2**64
         if self.rng == "counter" and hasattr(self.model.w.head, "stats"):
             decode = None
@@ -472,8 +472,8 @@ class Engine:
         if o.logprobs is not None and not 0 <= o.logprobs <= MAX_TOP_LOGPROBS:
             raise EngineError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS} (got {o.logprobs})")
         max_tokens = min(DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens, room)
-        least = len(self.tokenizer.encode("{}", parse_special=False))  # the shortest object
-        if o.format and 0 < max_tokens < least:
+        least = len(self.tokenizer.encode("{}", parse_special=False)) if o.format else 0  # the shortest object
+        if 0 < max_tokens < least:
             raise EngineError(f"JSON mode needs room for {least} tokens at least (num_predict {max_tokens}, or the "
                               "context left)")
         eos = self.tokenizer.eog_ids if o.eos_ids is None else set(o.eos_ids)
@@ -551,7 +551,8 @@ class Engine:
                 out_ids += keep
                 scored = [] if logprobs is None else token_logprobs(result.logits, keep, o.logprobs)
                 result.logits = None  # (not kept through the next canvas)
-                logprobs = None if logprobs is None else logprobs + scored
+                if logprobs is not None:
+                    logprobs += scored
                 new, hit_stop = text.add(keep, final=hit_eos is not None or len(out_ids) >= max_tokens or cancelled)
                 if new or keep:
                     yield TextEvent(new.content, keep, index, result.steps, new.thinking, new.tool_calls, scored)
@@ -615,10 +616,7 @@ def _fused_steps(model: DiffusionGemma, cache: KVCache, vocab_size: int, seed: i
     def stats(canvas: torch.Tensor, soft, temperature: torch.Tensor, seed: int, index: int) -> Denoised:
         hidden = decode(canvas, soft)  # [1, C, D]
         hs = model.hidden_stats(hidden, float(temperature), seed, index)
-        logits = None
-        if keep_logits:
-            kept = hidden.clone()
-            logits = lambda rows: model.head(kept[:, rows])[0]  # noqa: E731 - [r, V]
+        logits = model.head_rows(hidden.clone()) if keep_logits else None
         return Denoised(hs.argmax[None], hs.entropy[None], hs.sample[None], hs.sc[None], logits)  # [1, C], soft [1, C, D]
 
     return CounterSteps(stats, vocab_size, seed, ops.accept_renoise, device)

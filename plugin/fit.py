@@ -62,11 +62,12 @@ def fit_messages(render: Callable[[list[dict[str, Any]]], list[int]], messages: 
     while lo <= hi:
         mid = (lo + hi) // 2
         tried = render(tail(starts[mid]))
+        if len(tried) <= budget or mid == len(starts) - 1:  # (the last message alone: kept, fitting or not)
+            best = (starts[mid], tried)
         if len(tried) <= budget:
-            best, hi = (starts[mid], tried), mid - 1
+            hi = mid - 1
         else:
             lo = mid + 1
-    if best is None:
-        return render(tail(last)), sum(1 for m in messages[:last] if m.get("role") != "system")
+    # (where none fits, the search ended on the last start: rendered already)
     start, ids = best
     return ids, sum(1 for m in messages[:start] if m.get("role") != "system")

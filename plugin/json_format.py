@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 from dgemma.convert import constants as C
 
+from .logprobs import LOGPROB_ROWS
 from .sampler import RowLogits
 from .tokenizer import Tokenizer
 
 CANDIDATES = 64  # the most likely tokens of a position tried, in order, before the object is closed instead
-ROWS = 32  # positions whose logits are formed at once (as plugin/logprobs.py's LOGPROB_ROWS)
 WHITESPACE = b" \t\n\r"
 MAX_DEPTH = 128  # nested objects and arrays (Python's json.loads gives up near 1000)
 SPECIAL = (C.TokenType.CONTROL, C.TokenType.USER_DEFINED)  # tokens that are markup, not text
@@ -195,15 +195,17 @@ def read_canvas(logits: RowLogits, length: int, state: JsonPrefix, tok: Tokenize
     start = len(out)
     opens = _opening(argmax, start, state, tok) if argmax is not None else None
     while start < length and not state.complete:
-        rows = logits(slice(start, min(length, start + ROWS)))  # [r, V]
+        rows = logits(slice(start, min(length, start + LOGPROB_ROWS)))  # [r, V]
         for ranked in rows.topk(min(CANDIDATES, rows.shape[-1]), dim=-1).indices.tolist():
             pick = None
-            if opens is not None and len(out) < opens and state.mode == "start" and budget - len(out) >= 3:
-                pick = _whitespace(ranked, state, tok)  # (room for it and "{}")
+            if opens is not None and len(out) < opens and state.mode == "start" and \
+                    1 + len(state.closing()) <= budget - len(out):  # (room for it and "{}")
+                pick = _whitespace(ranked, state, tok)
             pick = pick if pick is not None else _choose(ranked, state, tok, eog, budget - len(out))
             if pick is None:  # nothing fits: close the object here
-                closing = tok.encode(state.closing().decode(), parse_special=False)
-                state.feed(state.closing())
+                closing_text = state.closing()
+                closing = tok.encode(closing_text.decode(), parse_special=False)
+                state.feed(closing_text)
                 out, state.pending = out + closing[: length - len(out)], closing[length - len(out):]
             else:
                 out.append(pick)
@@ -221,8 +223,8 @@ def _opening(argmax: list[int], start: int, state: JsonPrefix, tok: Tokenizer) -
     if state.mode != "start":
         return None
     for p in range(start, len(argmax)):
-        trial = state.copy()
-        if tok.types[argmax[p]] not in SPECIAL and trial.feed(tok.decode_bytes([argmax[p]])) and trial.mode != "start":
+        trial = _after(state, argmax[p], tok)
+        if trial is not None and trial.mode != "start":
             return p
     return None
 
@@ -230,9 +232,8 @@ def _opening(argmax: list[int], start: int, state: JsonPrefix, tok: Tokenizer) -
 def _whitespace(ranked: list[int], state: JsonPrefix, tok: Tokenizer) -> int | None:
     """Before the object opens: the position's own token where it fits (whitespace), else its most likely
     whitespace token, else a newline."""
-    first = ranked[0]
-    if tok.types[first] not in SPECIAL and state.copy().feed(tok.decode_bytes([first])):
-        return first
+    if _after(state, ranked[0], tok) is not None:
+        return ranked[0]
     for t in ranked:
         data = tok.decode_bytes([t])
         if tok.types[t] not in SPECIAL and data and all(b in WHITESPACE for b in data):
@@ -245,9 +246,13 @@ def _choose(ranked: list[int], state: JsonPrefix, tok: Tokenizer, eog: set[int],
     """The first of a position's ranked tokens that goes on with the object and leaves room (tokens) for the text
     that would close it then (no end of generation before it is closed, no other special token), or None."""
     for t in ranked:
-        if t in eog or tok.types[t] in SPECIAL:
-            continue
-        trial = state.copy()
-        if trial.feed(tok.decode_bytes([t])) and 1 + len(trial.closing() if not trial.complete else b"") <= room:
+        trial = None if t in eog else _after(state, t, tok)
+        if trial is not None and 1 + len(b"" if trial.complete else trial.closing()) <= room:
             return t
     return None
+
+
+def _after(state: JsonPrefix, token: int, tok: Tokenizer) -> JsonPrefix | None:
+    """The state after `token` where it is text (no special token) that goes on with the object, else None."""
+    trial = state.copy()
+    return trial if tok.types[token] not in SPECIAL and trial.feed(tok.decode_bytes([token])) else None

@@ -380,6 +380,11 @@ class DiffusionGemma:
 
         return head_stats_reference(x, self.w.embed, self.cfg.softcap, temperature, seed, index)
 
+    def head_rows(self, hidden: torch.Tensor):
+        """The softcapped logits of a few positions at a time of a last-layer output hidden [1, C, D], formed
+        when asked: positions (a slice) -> [r, V] (plugin/sampler.RowLogits, for logprobs and JSON mode)."""
+        return lambda rows: self.head(hidden[:, rows])[0]
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Softcapped float32 logits [B, L, V] of the last layer's output x [B, L, D] (tied embedding)."""
         x = rms_norm(x, self.w.output_norm, self.cfg.rms_eps)

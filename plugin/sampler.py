@@ -158,15 +158,12 @@ class Steps(Protocol):
         ...  # (next canvas [1, C], accepted mask [1, C])
 
 
-def processed_logits(logits: torch.Tensor, temperature: torch.Tensor):
-    """(logits / T [1, C, V], their softmax: the next step's self-conditioning input)."""
+def processed_logits(logits: torch.Tensor, temperature: torch.Tensor, keep: bool = False):
+    """(logits / T [1, C, V], their softmax: the next step's self-conditioning input, and where `keep` a RowLogits
+    over the logits themselves, else None: the caller holds no reference, so they go once this returns)."""
     processed = logits / temperature
-    return processed, torch.softmax(processed, dim=-1, dtype=torch.float32)
-
-
-def row_logits(logits: torch.Tensor) -> RowLogits:
-    """A RowLogits over a pass's whole logits [1, C, V] (the logits-based steps have them)."""
-    return lambda rows: logits[0, rows].clone()
+    kept = (lambda rows: logits[0, rows].clone()) if keep else None
+    return processed, torch.softmax(processed, dim=-1, dtype=torch.float32), kept
 
 
 class TorchSteps:
@@ -180,10 +177,7 @@ class TorchSteps:
         return init_canvas(length, self.vocab_size, self.gen)
 
     def denoise(self, canvas: torch.Tensor, sc: Any, temperature: torch.Tensor) -> Denoised:
-        logits = self.decode(canvas, sc)
-        processed, probs = processed_logits(logits, temperature)
-        kept = row_logits(logits) if self.keep_logits else None
-        del logits  # (unless kept: one [C, V] less while the pass's statistics are formed)
+        processed, probs, kept = processed_logits(self.decode(canvas, sc), temperature, self.keep_logits)
         denoised = sample(probs, self.gen)
         return Denoised(processed.argmax(dim=-1), token_entropy(processed, probs), denoised, probs, kept)
 
@@ -213,10 +207,7 @@ def logits_stats(decode: Decoder, keep_logits: bool = False) -> StatsDecoder:
     as TorchSteps'."""
 
     def stats(canvas: torch.Tensor, sc: Any, temperature: torch.Tensor, seed: int, index: int) -> Denoised:
-        logits = decode(canvas, sc)
-        processed, probs = processed_logits(logits, temperature)
-        kept = row_logits(logits) if keep_logits else None
-        del logits
+        processed, probs, kept = processed_logits(decode(canvas, sc), temperature, keep_logits)
         return Denoised(processed.argmax(dim=-1), token_entropy(processed, probs), gumbel_sample(processed, seed, index),
                         probs, kept)
 
@@ -257,14 +248,14 @@ def denoise_canvas(steps: Steps, length: int, s: SamplerDefaults,
                    on_step: Callable[[StepInfo], bool | None] | None = None) -> CanvasResult:
     """Run the sampler loop on one canvas. `on_step` may return True to cancel (the loop stops there)."""
     canvas = steps.init(length)
-    argmax, sc, logits = canvas, None, None
+    argmax, sc = canvas, None
     stop = StableAndConfident(s)
     entropies: list[float] = []
     n, stopped = 0, False
     for step in range(s.max_steps, 0, -1):
-        out = logits = None  # (the last pass's kept logits go before the next pass forms its own)
+        out = None  # (the last pass's kept logits go before the next pass forms its own)
         out = steps.denoise(canvas, sc, temperature(step, s))
-        argmax, sc, logits = out.argmax, out.sc, out.logits
+        argmax, sc = out.argmax, out.sc
         canvas, mask = steps.accept_renoise(canvas, out, s.entropy_bound)
         n += 1
         done, mean_entropy = stop(argmax, out.entropy.mean())  # the pass's one read on the host
@@ -274,4 +265,4 @@ def denoise_canvas(steps: Steps, length: int, s: SamplerDefaults,
         if done:
             stopped = True
             break
-    return CanvasResult(argmax[0], n, stopped, entropies, logits)
+    return CanvasResult(argmax[0], n, stopped, entropies, out.logits)

@@ -124,7 +124,6 @@ def _checked(req: P.ResponsesRequest) -> dict[str, Any]:
     fmt = (req.text or {}).get("format") or {}
     if not isinstance(fmt, dict):
         raise ApiError(400, f"text.format: expected an object, got {fmt!r}", code="invalid_request")
-    _json(req)  # (checked before the model loads)
     if not req.input:
         raise ApiError(400, "input is required", code="invalid_request")
     if req.truncation not in (None, "auto", "disabled"):
@@ -176,13 +175,13 @@ def output_items(reply: ReplyDelta, cut: bool = False) -> list[dict[str, Any]]:
 class _Head:
     """The response object's fields that do not change as it is made."""
 
-    def __init__(self, req: P.ResponsesRequest) -> None:
+    def __init__(self, req: P.ResponsesRequest, fmt: str | None = None) -> None:
         self.id, self.created = P.completion_id("resp"), int(time.time())
         self.fields = {"object": "response", "model": req.model, "instructions": req.instructions,
                        "max_output_tokens": req.max_output_tokens, "temperature": req.temperature,
                        "top_p": req.top_p if req.top_p is not None else 1.0, "tools": req.tools or [],
                        "tool_choice": req.tool_choice or "auto", "parallel_tool_calls": True, "store": False,
-                       "text": {"format": {"type": "json_object" if _json(req) else "text"}},
+                       "text": {"format": {"type": "json_object" if fmt else "text"}},
                        "reasoning": req.reasoning, "truncation": req.truncation or "auto",
                        "previous_response_id": None, "metadata": req.metadata or {}, "error": None}
 
@@ -200,14 +199,15 @@ async def responses(request: Request, req: P.ResponsesRequest) -> Response:
     if await state.upstream_owns(req.model, openai=True):
         return await state.upstream_openai_proxy(request, "/responses", req.model)
     variables = _checked(req)
-    check_json_thinking(_json(req), variables.get("enable_thinking"))
+    fmt = _json(req)
+    check_json_thinking(fmt, variables.get("enable_thinking"))
     tools = function_tools(req)
     conv = openai_messages(input_messages(req), lambda content: content or "")
     seed = (req.model_extra or {}).get("seed")  # (not the Responses API's: as vLLM takes it, in extra_body)
     model, ids, opts = await chat_prompt(request, req.model, conv, tools, variables, req.truncation != "disabled",
-                                         _json(req), max_tokens=req.max_output_tokens, temperature=req.temperature,
+                                         fmt, max_tokens=req.max_output_tokens, temperature=req.temperature,
                                          seed=seed)
-    head = _Head(req)
+    head = _Head(req, fmt)
     events = generate_stream(state.manager, model, ids, opts, state.manager.default_keep_alive)
     if req.stream:
         return StreamingResponse(_typed_stream(_stream_events(head, events)), media_type="text/event-stream")

@@ -11,6 +11,7 @@ its request's cancel flag; the engine checks it between denoising steps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import math
@@ -18,7 +19,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -450,7 +451,7 @@ def json_format(value: Any, openai: str | None = None) -> str | None:
 
 def check_json_thinking(fmt: str | None, thinking: Any) -> None:
     """JSON mode with thinking asked for (a truthy think, enable_thinking): a 400, before the model loads."""
-    if fmt and thinking not in (None, False, "", "none"):
+    if fmt and thinking:
         raise ApiError(400, "JSON mode leaves out the thought channel: ask for it without thinking (think false)")
 
 
@@ -459,12 +460,8 @@ def fitted_ids(engine: Engine, prompt: Any, options: GenerateOptions, *, raw: bo
     """prompt_ids, fitted into num_ctx where options.truncate (Engine.fitted_ids: a conversation's oldest messages
     left out but its system messages and its last, as Ollama's chatPrompt; then, where the rest is still too long,
     cut as Ollama's runner cuts it), saying so in the server's log as Ollama does."""
-    from ..chat import ChatTemplateError
-
-    try:
+    with _prompt_errors():
         f = engine.fitted_ids(prompt, options, raw, variables)
-    except (EngineError, ChatTemplateError) as e:
-        raise ApiError(400, str(e)) from None
     if f.dropped:
         print(f"dgemma serve: left out the {f.dropped} oldest message(s) to fit num_ctx {engine.context(options)}",
               flush=True)
@@ -479,10 +476,17 @@ def prompt_ids(engine: Engine, prompt: Any, *, raw: bool = False, variables: dic
                **template_kwargs: Any) -> list[int]:
     """Tokenize (through the chat template unless raw) before any response is sent, so that a bad
     prompt is a 400 and not a broken stream."""
+    with _prompt_errors():
+        return engine.prompt_ids(prompt, raw, {**(variables or {}), **template_kwargs})
+
+
+@contextlib.contextmanager
+def _prompt_errors() -> Iterator[None]:
+    """A prompt the engine or the chat template refuses, as a 400 with its one line."""
     from ..chat import ChatTemplateError
 
     try:
-        return engine.prompt_ids(prompt, raw, {**(variables or {}), **template_kwargs})
+        yield
     except (EngineError, ChatTemplateError) as e:
         raise ApiError(400, str(e)) from None
 
