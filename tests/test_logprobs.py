@@ -129,7 +129,7 @@ def _same(wire: list, want: list[TokenLogprob], tok, top: int, raw: bool = False
     assert len(wire) == len(want) > 0
     for got, t in zip(wire, want):
         if raw:
-            got = SimpleNamespace(**got, top_logprobs=[SimpleNamespace(**a) for a in got.get("top_logprobs", [])])
+            got = SimpleNamespace(**{**got, "top_logprobs": [SimpleNamespace(**a) for a in got.get("top_logprobs", [])]})
         assert got.token == tok.token_text(t.id) and math.isclose(got.logprob, t.logprob, abs_tol=1e-4)
         if raw or hasattr(got, "bytes"):
             assert got.bytes == list(tok.decode_bytes([t.id]))
