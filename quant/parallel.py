@@ -86,7 +86,12 @@ class Pool:
         pending: deque[Future[np.ndarray]] = deque()
         try:
             for job in jobs:
-                pending.append(self._executor.submit(fn, *job))
+                try:
+                    pending.append(self._executor.submit(fn, *job))
+                except (ValueError, OSError) as e:  # submit starts workers on demand: where one died, CPython's
+                    # broken pool cannot start its replacement ("bad value(s) in fds_to_keep", seen once in CI)
+                    raise WorkerError(f"a quantizing worker process died or could not start ({e}); try fewer "
+                                      "--threads") from None
                 if len(pending) >= IN_FLIGHT * self.workers:
                     yield pending.popleft().result()
             while pending:
