@@ -32,6 +32,7 @@ from .fast_decode import FastDecoder
 from .inspect import open_gguf
 from .fit import DEFAULT_NUM_KEEP, Fitted, fit_messages, fit_tokens, reply_room
 from .json_format import JsonPrefix, read_canvas
+from .json_schema import Node, SchemaError, output_schema
 from .kv_cache import KVCache, PromptCache
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprobs
 from .model import DiffusionGemma
@@ -165,8 +166,9 @@ class GenerateOptions:
     # one that leaves no room at all is an EngineError
     truncate: bool = False
     num_keep: int = DEFAULT_NUM_KEEP
-    # "json": each canvas read out as the next part of one JSON object (plugin/json_format.py); None: as denoised
-    format: str | None = None
+    # "json" (any object: JSON mode), a JSON schema (dict) or one compiled (json_schema.Node): each canvas read out
+    # as the next part of one JSON value the schema takes (plugin/json_format.py); None: as denoised
+    format: Any = None
 
     def cancelled(self) -> bool:
         if self.cancel is None:
@@ -458,8 +460,9 @@ class Engine:
         max_tokens = DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens
         return context - reply_room(context, max_tokens, self.cfg.canvas_length)
 
-    def settings(self, ids: list[int], o: GenerateOptions) -> tuple[SamplerDefaults, int, set[int]]:
-        """Check a request before generating: sampler settings, token budget, end-of-generation ids."""
+    def settings(self, ids: list[int], o: GenerateOptions) -> tuple[SamplerDefaults, int, set[int], Node | None]:
+        """Check a request before generating: sampler settings, token budget, end-of-generation ids, the output's
+        schema (plugin/json_schema.py)."""
         s = self.sampler_settings(o)
         context = self.context(o)
         room = context - len(ids)
@@ -467,30 +470,32 @@ class Engine:
             raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {context}")
         if o.num_batch is not None and o.num_batch < 1:
             raise EngineError(f"num_batch must be at least 1 (got {o.num_batch})")
-        if o.format not in (None, "json"):
-            raise EngineError(f"format {o.format!r} is not supported (have: json)")
+        try:
+            schema = output_schema(o.format)
+        except SchemaError as e:
+            raise EngineError(str(e)) from None
         if o.logprobs is not None and not 0 <= o.logprobs <= MAX_TOP_LOGPROBS:
             raise EngineError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS} (got {o.logprobs})")
         max_tokens = min(DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens, room)
-        least = len(self.tokenizer.encode("{}", parse_special=False)) if o.format else 0  # the shortest object
+        least = len(self.tokenizer.encode(schema.shortest.decode(), parse_special=False)) if schema else 0
         if 0 < max_tokens < least:
             raise EngineError(f"JSON mode needs room for {least} tokens at least (num_predict {max_tokens}, or the "
-                              "context left)")
+                              f"context left), for {schema.shortest.decode()[:60]}")
         eos = self.tokenizer.eog_ids if o.eos_ids is None else set(o.eos_ids)
-        return s, max_tokens, eos
+        return s, max_tokens, eos, schema
 
     def generate(self, prompt: str | list[dict[str, Any]] | list[int], options: GenerateOptions | None = None,
                  **template_kwargs) -> Iterator[Event]:
         o = options or GenerateOptions()
         ids = self.fitted_ids(prompt, o, o.raw, **template_kwargs).ids
-        s, max_tokens, eos = self.settings(ids, o)
+        s, max_tokens, eos, schema = self.settings(ids, o)
         seed = o.seed if o.seed is not None else int.from_bytes(os.urandom(4), "little")
         with self._lock:
-            yield from self._generate(ids, o, s, max_tokens, eos, seed)
+            yield from self._generate(ids, o, s, max_tokens, eos, seed, schema)
 
     @torch.inference_mode()  # on a generator: torch enters and leaves the mode around each resumption
     def _generate(self, ids: list[int], o: GenerateOptions, s: SamplerDefaults, max_tokens: int, eos: set[int],
-                  seed: int) -> Iterator[Event]:
+                  seed: int, schema: Node | None) -> Iterator[Event]:
         t_start = time.perf_counter_ns()
         C = self.cfg.canvas_length
         kept = self.prompt_cache
@@ -529,8 +534,8 @@ class Engine:
                 self.model.encode(torch.tensor([ids[cached:]], device=dev), cache, chunk=o.num_batch or DEFAULT_NUM_BATCH)
             held, whole = list(ids), True
             t_prompt = time.perf_counter_ns()
-            sampler = self._steps(cache, seed, keep_logits=logprobs is not None or o.format is not None)
-            json_state = JsonPrefix() if o.format == "json" else None
+            sampler = self._steps(cache, seed, keep_logits=logprobs is not None or schema is not None)
+            json_state = JsonPrefix(schema) if schema is not None else None
             for index in range(n_canvases):
                 if o.cancelled():
                     reason = "cancelled"

@@ -1,195 +1,341 @@
-"""JSON mode (Ollama's `format: "json"`, OpenAI's `response_format: {"type": "json_object"}`) on a diffusion canvas.
+"""Structured output on a diffusion canvas: JSON mode (Ollama's `format: "json"`, OpenAI's `json_object`) and JSON
+schemas (Ollama's `format: {schema}`, OpenAI's `json_schema`; what of a schema is enforced: plugin/json_schema.py).
 
 An autoregressive runtime masks, token by token, what a grammar does not allow next. A canvas is denoised as a
 whole, so the grammar is applied where the canvas is read out: once its denoising is done, its positions are read
 left to right from the distribution of its last pass (the one whose argmax the canvas would be, as
 plugin/logprobs.py reads it), each taking the most likely of its CANDIDATES tokens that keeps the text so far the
-start of a JSON object (`JsonPrefix`, on bytes: the structure is ASCII, anything else goes inside strings). The
-object closed, the next position ends the reply (an end-of-generation token). Where none of a position's candidates
-fits, or the reply's token budget would run out first, the shortest text that closes the object is written
-instead (`JsonPrefix.closing`). The canvas so read is what the next canvas is encoded after. So the reply is always
-a JSON object (as llama.cpp's json grammar, whose root is an object): where the model writes one, its own tokens.
+start of a JSON value the schema takes (`JsonPrefix`, on bytes: the structure is ASCII, anything else goes inside
+strings; JSON mode's schema: any object). The value complete, the next position ends the reply (an
+end-of-generation token). Where none of a position's candidates fits, or the reply's token budget would run out
+first, the shortest text that completes the value is written instead (`JsonPrefix.close`). The canvas so read is
+what the next canvas is encoded after. So the reply is always such a value (as with llama.cpp's grammars): where
+the model writes one, its own tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from dgemma.convert import constants as C
 
+from .json_schema import ANY_ARRAY, ANY_OBJECT, ANY_STRING, Node, literal
 from .logprobs import LOGPROB_ROWS
 from .sampler import RowLogits
 from .tokenizer import Tokenizer
 
-CANDIDATES = 64  # the most likely tokens of a position tried, in order, before the object is closed instead
+CANDIDATES = 64  # the most likely tokens of a position tried, in order, before the value is completed instead
 WHITESPACE = b" \t\n\r"
 MAX_DEPTH = 128  # nested objects and arrays (Python's json.loads gives up near 1000)
+MAX_THREADS = 32  # a schema's alternatives followed side by side, at most
 SPECIAL = (C.TokenType.CONTROL, C.TokenType.USER_DEFINED)  # tokens that are markup, not text
 _NUMBER_END = {"int", "zero", "frac", "exp"}  # number states that may end here
+_NUMBER, _INTEGER = Node("number", shortest=b"0"), Node("integer", shortest=b"0")
+_WORDS = {w.text[0]: w for w in (literal(True), literal(False), literal(None))}
+_HEX, _ESCAPES = frozenset(b"0123456789abcdefABCDEF"), frozenset(b'"\\/bfnrt')
+_QUOTE, _BACKSLASH, _COLON, _COMMA = 0x22, 0x5C, 0x3A, 0x2C
+_DONE = ("done",)
+
+# A thread: (frame, the stack under it or None, how many objects and arrays are open). Frames: ("v", node) a value
+# to come; ("o", node, phase, declared keys seen, key so far, escape) an object, phase open (after "{"), key (after
+# ","), inkey, colon, after (a value); ("a", node, phase, items) an array, phase open or after; ("s", node, escape,
+# characters) a string; ("n", integer, state) a number; ("l", rest) a literal; _DONE. Escape: 1 after a backslash,
+# 2..5 the \u's hex digits still to come + 1.
+Thread = tuple
 
 
-@dataclass
 class JsonPrefix:
-    """Whether bytes so far are the start of one JSON object (RFC 8259), fed a piece at a time."""
+    """Whether bytes so far are the start of a JSON value (RFC 8259) that `schema` takes (default: any object, JSON
+    mode), fed a piece at a time. A nondeterministic pushdown automaton: each thread is a stack of frames, one per
+    value being written; a schema's alternatives (anyOf, a list of types) are threads side by side."""
 
-    mode: str = "start"  # start, value, first (value or "]"), key_or_close, key, colon, after, string, number, literal, done
-    stack: list[str] = field(default_factory=list)  # "{" / "[" of the open containers
-    key: bool = False  # the string is an object's key
-    escape: int = 0  # in a string: 1 after a backslash, 2..5 the \u's hex digits still to come + 1
-    number: str = ""  # in a number: minus, zero, int, dot, frac, e, esign, exp
-    rest: bytes = b""  # in a literal: what it still needs
-    pending: list[int] = field(default_factory=list)  # read_canvas: closing tokens fed here, for the next canvas
+    def __init__(self, schema: Node | None = None):
+        self.schema = schema or ANY_OBJECT
+        self.threads: list[Thread] = [(("v", self.schema), None, 0)]
+        self.started = False  # a byte other than whitespace taken
+        self.pending: list[int] = []  # read_canvas: closing tokens fed here, for the next canvas
 
     def copy(self) -> "JsonPrefix":
-        return JsonPrefix(self.mode, list(self.stack), self.key, self.escape, self.number, self.rest)  # (no pending)
+        c = JsonPrefix.__new__(JsonPrefix)  # (threads are never changed in place: shared)
+        c.schema, c.threads, c.started, c.pending = self.schema, self.threads, self.started, []
+        return c
 
     @property
     def complete(self) -> bool:
-        return self.mode == "done"
+        return any(t[0] is _DONE for t in self.threads)
 
     def feed(self, data: bytes) -> bool:
-        """Take data; False (and the state is then not to be used) where it cannot go on a JSON object."""
-        return all(self._byte(b) for b in data)
-
-    def _byte(self, b: int) -> bool:
-        c = bytes([b])
-        m = self.mode
-        if m == "string":
-            return self._string(b)
-        if m == "number":
-            if self._number(c):
-                return True
-            if self.number not in _NUMBER_END:
+        """Take data; False (the state then as it was) where it cannot go on a value the schema takes."""
+        threads, started = self.threads, self.started
+        for b in data:
+            after = dict.fromkeys(u for t in threads for u in _step(t, b))
+            if not after:
                 return False
-            self.mode = "after"
-            return self._byte(b)
-        if m == "literal":
-            if c != self.rest[:1]:
-                return False
-            self.rest = self.rest[1:]
-            if not self.rest:
-                self.mode = "after"
-            return True
-        if c in WHITESPACE:
-            return True
-        if m == "done":
-            return False
-        if m == "start":
-            return c == b"{" and self._open(c)
-        if m in ("value", "first"):
-            if m == "first" and c == b"]":
-                return self._close(c)
-            return self._value(c)
-        if m in ("key_or_close", "key"):
-            if m == "key_or_close" and c == b"}":
-                return self._close(c)
-            if c != b'"':
-                return False
-            self.mode, self.key, self.escape = "string", True, 0
-            return True
-        if m == "colon":
-            if c != b":":
-                return False
-            self.mode = "value"
-            return True
-        # after a value
-        if c == b",":
-            self.mode = "key" if self.stack[-1] == "{" else "value"
-            return True
-        return c in b"}]" and self._close(c)
-
-    def _open(self, c: bytes) -> bool:
-        if len(self.stack) >= MAX_DEPTH:
-            return False
-        self.stack.append(c.decode())
-        self.mode = "key_or_close" if c == b"{" else "first"
+            threads, started = list(after)[:MAX_THREADS], started or b not in WHITESPACE
+        self.threads, self.started = threads, started
         return True
-
-    def _close(self, c: bytes) -> bool:
-        if not self.stack or self.stack[-1] != {b"}": "{", b"]": "["}[c]:
-            return False
-        self.stack.pop()
-        self.mode = "after" if self.stack else "done"
-        return True
-
-    def _value(self, c: bytes) -> bool:
-        if c in b"{[":
-            return self._open(c)
-        if c == b'"':
-            self.mode, self.key, self.escape = "string", False, 0
-            return True
-        if c == b"-" or c.isdigit():
-            self.mode, self.number = "number", ""
-            return self._number(c)
-        for word in (b"true", b"false", b"null"):
-            if c == word[:1]:
-                self.mode, self.rest = "literal", word[1:]
-                return True
-        return False
-
-    def _string(self, b: int) -> bool:
-        if self.escape == 1:
-            if bytes([b]) == b"u":
-                self.escape = 5
-                return True
-            self.escape = 0
-            return bytes([b]) in b'"\\/bfnrt'
-        if self.escape > 1:
-            self.escape = 0 if self.escape == 2 else self.escape - 1
-            return bytes([b]) in b"0123456789abcdefABCDEF"
-        if b == 0x5C:  # backslash
-            self.escape = 1
-            return True
-        if b == 0x22:  # the closing quote
-            self.mode = "colon" if self.key else "after"
-            return True
-        return b >= 0x20  # control characters must be escaped
-
-    def _number(self, c: bytes) -> bool:
-        digit, s = c.isdigit(), self.number
-        nxt = {("", "-"): "minus", ("", "0"): "zero", ("minus", "0"): "zero", ("zero", "."): "dot", ("int", "."): "dot",
-               ("zero", "e"): "e", ("int", "e"): "e", ("frac", "e"): "e", ("e", "-"): "esign", ("e", "+"): "esign"}
-        key = c.decode("latin-1").lower() if c in b"eE" else c.decode("latin-1")
-        if (s, key) in nxt:
-            self.number = nxt[(s, key)]
-            return True
-        if digit:
-            step = {"": "int", "minus": "int", "int": "int", "dot": "frac", "frac": "frac", "e": "exp", "esign": "exp",
-                    "exp": "exp"}.get(s)
-            if step:
-                self.number = step
-                return True
-        return False
 
     def closing(self) -> bytes:
-        """The shortest bytes that complete the object from here."""
-        out = b""
-        if self.mode == "string":
-            out += {0: b"", 1: b"n"}.get(self.escape, b"0" * (self.escape - 1)) + b'"' + (b":null" if self.key else b"")
-        elif self.mode == "number" and self.number not in _NUMBER_END:
-            out += b"0"
-        elif self.mode == "literal":
-            out += self.rest
-        elif self.mode == "start":
-            return b"{}"
-        elif self.mode == "colon":
-            out += b":null"
-        elif self.mode == "value":
-            out += b"null"
-        elif self.mode == "key":
-            out += b'"":null'
-        return out + b"".join(b"}" if c == "{" else b"]" for c in reversed(self.stack))
+        """The shortest bytes that complete the value from here (one thread's; none of them may be the shortest)."""
+        return min((_closing(t)[0] for t in self.threads), key=len)
+
+    def close(self) -> bytes:
+        """closing(), taken: the value is complete."""
+        text, done = min((_closing(t) for t in self.threads), key=lambda c: len(c[0]))
+        self.threads, self.started = [done], True
+        return text
+
+
+def _step(t: Thread, b: int) -> list[Thread]:
+    """The threads a thread becomes on byte b (none: b does not go on it)."""
+    frame, parent, depth = t
+    kind = frame[0]
+    if kind == "s":
+        return _string(t, b)
+    if kind == "o" and frame[2] == "inkey":
+        return _key(t, b)
+    if kind == "n":
+        state = _number(frame[1], frame[2], b)
+        if state is not None:
+            return [(("n", frame[1], state), parent, depth)]
+        return _step(_finish(parent), b) if frame[2] in _NUMBER_END else []
+    if kind == "l":
+        rest = frame[1]
+        if b != rest[0]:
+            return []
+        return [_finish(parent) if len(rest) == 1 else (("l", rest[1:]), parent, depth)]
+    if b in WHITESPACE:
+        return [t]
+    if kind == "v":
+        return _value(frame[1], parent, depth, b, set())
+    if kind == "o":
+        return _object(t, b)
+    if kind == "a":
+        return _array(t, b)
+    return []  # done
+
+
+def _finish(parent: Thread | None) -> Thread:
+    """The thread once a value is complete, on the stack under it."""
+    if parent is None:
+        return (_DONE, None, 0)
+    frame, under, depth = parent
+    if frame[0] == "a":
+        return (("a", frame[1], "after", frame[3] + 1), under, depth)
+    return parent  # an object: after its value already
+
+
+def _value(node: Node, parent: Thread | None, depth: int, b: int, seen: set) -> list[Thread]:
+    """A value of `node` starting with byte b."""
+    kind = node.kind
+    if node.shortest is None:  # (nothing that ends: not begun)
+        return []
+    if kind == "union":
+        if node in seen:  # (an alternative that is itself, through references)
+            return []
+        seen.add(node)
+        return [u for o in node.options for u in _value(o, parent, depth, b, seen)]
+    if kind == "any":
+        sub = {0x7B: ANY_OBJECT, 0x5B: ANY_ARRAY, _QUOTE: ANY_STRING}.get(b) or _WORDS.get(b) or \
+            (_NUMBER if b == 0x2D or 0x30 <= b <= 0x39 else None)
+        return [] if sub is None else _value(sub, parent, depth, b, seen)
+    if kind == "object":
+        return [(("o", node, "open", frozenset(), b"", 0), parent, depth + 1)] if b == 0x7B and depth < MAX_DEPTH \
+            else []
+    if kind == "array":
+        return [(("a", node, "open", 0), parent, depth + 1)] if b == 0x5B and depth < MAX_DEPTH else []
+    if kind == "string":
+        return [(("s", node, 0, 0), parent, depth)] if b == _QUOTE else []
+    if kind in ("number", "integer"):
+        state = _number(kind == "integer", "", b)
+        return [] if state is None else [(("n", kind == "integer", state), parent, depth)]
+    if b != node.text[0]:  # a literal
+        return []
+    return [_finish(parent) if len(node.text) == 1 else (("l", node.text[1:]), parent, depth)]
+
+
+def _keys_left(node: Node, seen: frozenset) -> list[bytes]:
+    """An object's declared keys it has not had (and can have: their values end)."""
+    return [k for k, v in node.props.items() if k not in seen and v.shortest is not None]
+
+
+def _more_keys(node: Node, seen: frozenset) -> bool:
+    return node.extra is not None or bool(_keys_left(node, seen))
+
+
+def _other_key(node: Node, key: bytes) -> bytes:
+    """What makes `key` (so far) one of an object's other keys: nothing, or an underscore or more where it is a
+    declared one (had already)."""
+    end = b""
+    while key + end in node.props:
+        end += b"_"
+    return end
+
+
+def _object(t: Thread, b: int) -> list[Thread]:
+    (_, node, phase, seen, key, escape), parent, depth = t
+    if phase == "colon":
+        if b != _COLON:
+            return []
+        value = node.props[key] if key in node.props else node.extra
+        return [(("v", value), (("o", node, "after", seen, b"", 0), parent, depth), depth)]
+    if b == ord("}") and phase in ("open", "after"):
+        return [_finish(parent)] if all(k in seen for k in node.required) else []
+    if (b == _COMMA and phase == "after") or (b == _QUOTE and phase in ("open", "key")):
+        ok = _more_keys(node, seen)
+        return [(("o", node, "key" if b == _COMMA else "inkey", seen, b"", 0), parent, depth)] if ok else []
+    return []
+
+
+def _key(t: Thread, b: int) -> list[Thread]:
+    """A byte of an object's key: one it has not had of its declared keys, or (where it takes others) any other."""
+    (_, node, _, seen, key, escape), parent, depth = t
+    if escape == 0 and b == _QUOTE:
+        if key in node.props:
+            if key in seen or node.props[key].shortest is None:
+                return []
+            seen = seen | {key}
+        elif node.extra is None:
+            return []
+        return [(("o", node, "colon", seen, key, 0), parent, depth)]
+    escape = _escape(escape, b)
+    key += bytes([b])
+    if escape is None or (node.extra is None and not any(k.startswith(key) for k in _keys_left(node, seen))):
+        return []
+    return [(("o", node, "inkey", seen, key, escape), parent, depth)]
+
+
+def _array(t: Thread, b: int) -> list[Thread]:
+    (_, node, phase, count), parent, depth = t
+    if b == ord("]"):
+        return [_finish(parent)] if count >= node.low else []
+    if phase == "after" and b != _COMMA:
+        return []
+    item = _next_item(node, count)
+    if item is None:
+        return []
+    under = (("a", node, "after", count), parent, depth)
+    return [(("v", item), under, depth)] if phase == "after" else _value(item, under, depth, b, set())
+
+
+def _next_item(node: Node, count: int) -> Node | None:
+    """An array's item after `count` of them, where it may have one more."""
+    item = None if node.high is not None and count >= node.high else node.item(count)
+    return item if item is not None and item.shortest is not None else None
+
+
+def _escape(escape: int, b: int) -> int | None:
+    """A string's escape state after byte b (not its closing quote); None: b cannot be there."""
+    if escape == 1:
+        return 5 if b == ord("u") else 0 if b in _ESCAPES else None
+    if escape > 1:
+        return (0 if escape == 2 else escape - 1) if b in _HEX else None
+    if b == _BACKSLASH:
+        return 1
+    return 0 if b >= 0x20 else None  # control characters must be escaped
+
+
+def _string(t: Thread, b: int) -> list[Thread]:
+    (_, node, escape, n), parent, depth = t
+    if escape == 0 and b == _QUOTE:
+        return [_finish(parent)] if n >= node.low else []
+    after = _escape(escape, b)
+    if after is None:
+        return []
+    if escape == 0 and b & 0xC0 != 0x80:  # a character starts (an escape is one)
+        n += 1
+        if node.high is not None and n > node.high:
+            return []
+    return [(("s", node, after, n), parent, depth)]
+
+
+def _number(integer: bool, s: str, b: int) -> str | None:
+    """A number's state after byte b, or None where b does not go on it (an integer: no fraction, no exponent)."""
+    c = chr(b).lower()
+    nxt = {("", "-"): "minus", ("", "0"): "zero", ("minus", "0"): "zero", ("zero", "."): "dot", ("int", "."): "dot",
+           ("zero", "e"): "e", ("int", "e"): "e", ("frac", "e"): "e", ("e", "-"): "esign", ("e", "+"): "esign"}
+    if (s, c) in nxt:
+        state = nxt[(s, c)]
+        return None if integer and state in ("dot", "e") else state
+    if 0x30 <= b <= 0x39:
+        return {"": "int", "minus": "int", "int": "int", "dot": "frac", "frac": "frac", "e": "exp", "esign": "exp",
+                "exp": "exp"}.get(s)
+    return None
+
+
+def _escape_end(escape: int) -> bytes:
+    return {0: b"", 1: b"n"}.get(escape, b"0" * (escape - 1))
+
+
+def _closing(t: Thread) -> tuple[bytes, Thread]:
+    """The shortest text that completes one thread's value (each frame finished the shortest way, top down), and
+    the thread then."""
+    out = b""
+    while True:
+        frame, parent, depth = t
+        kind = frame[0]
+        if frame is _DONE:
+            return out, t
+        if kind == "n" and frame[2] in _NUMBER_END:  # a number ends where it is
+            t = _finish(parent)
+            continue
+        if kind == "v" and frame[1].kind == "union":  # the alternative with the shortest text
+            best = min((o for o in frame[1].options if o.shortest is not None), key=lambda o: len(o.shortest))
+            t = (("v", best), parent, depth)
+            continue
+        if kind == "a" and frame[2] == "open" and frame[3] < frame[1].low:  # the first item, as "[" and it would
+            t = (("v", frame[1].item(0)), (("a", frame[1], "after", 0), parent, depth), depth)
+            continue
+        piece = _piece(frame)
+        for b in piece:
+            t = _step(t, b)[0]  # (a piece goes on one way: no alternatives in it)
+        out += piece
+
+
+def _piece(frame: tuple) -> bytes:
+    """The next bytes towards finishing a thread's top frame."""
+    kind = frame[0]
+    if kind == "v":
+        node = frame[1]
+        return node.shortest[:1] if node.kind in ("object", "array", "string") else node.shortest
+    if kind == "s":
+        return _escape_end(frame[2]) + b" " * max(0, frame[1].low - frame[3]) + b'"'
+    if kind == "n":
+        return b"0"
+    if kind == "l":
+        return frame[1]
+    if kind == "a":
+        return b"," if frame[2] == "after" and frame[3] < frame[1].low else b"]"
+    _, node, phase, seen, key, escape = frame
+    if phase == "colon":
+        return b":"
+    if phase == "inkey":
+        if escape:
+            return _escape_end(escape)
+        ends = [(k[len(key):], node.props[k]) for k in _keys_left(node, seen) if k.startswith(key)]
+        if node.extra is not None:
+            ends.append((_other_key(node, key), node.extra))
+        return min(ends, key=lambda e: len(e[0]) + len(e[1].shortest))[0] + b'"'
+    missing = [k for k in node.required if k not in seen]
+    if phase in ("open", "after"):
+        if not missing:
+            return b"}"
+        return (b"," if phase == "after" else b"") + b'"' + missing[0] + b'":'
+    if missing:  # after a comma
+        return b'"' + missing[0] + b'":'
+    keys = [(k, node.props[k]) for k in _keys_left(node, seen)]
+    if node.extra is not None:
+        keys.append((_other_key(node, b""), node.extra))
+    return b'"' + min(keys, key=lambda e: len(e[0]) + len(e[1].shortest))[0] + b'":'
 
 
 def read_canvas(logits: RowLogits, length: int, state: JsonPrefix, tok: Tokenizer, eog: set[int],
                 budget: int, argmax: list[int] | None = None) -> list[int]:
-    """A finished canvas of `length` positions read out as the next part of a JSON object (state: the reply's so far,
+    """A finished canvas of `length` positions read out as the next part of a JSON value (state: the reply's so far,
     advanced), from the logits of its last pass. At most `budget` tokens count (the reply's max_tokens left): a
-    token is taken only where the text that would close the object after it still fits (one token per byte at most).
-    Once the object is closed the rest is an end-of-generation token (the engine cuts there); closing tokens past
-    the canvas's end go first in the next one (state.pending). argmax: the canvas as denoised; where the object is
-    not open yet and a later position of it opens one, what comes before (a code fence, a sentence) is read as
-    whitespace, so that the object starts where the model starts it (not at a lower-ranked "{" that shifts it)."""
+    token is taken only where the text that would complete the value after it still fits (one token per byte at
+    most). Once the value is complete the rest is an end-of-generation token (the engine cuts there); closing tokens
+    past the canvas's end go first in the next one (state.pending). argmax: the canvas as denoised; where the value
+    has not begun and a later position of it begins one, what comes before (a code fence, a sentence) is read as
+    whitespace, so that the value starts where the model starts it (not at a lower-ranked "{" that shifts it)."""
     end = min(eog) if eog else tok.eos_id
     out, state.pending = state.pending[:length], state.pending[length:]
     start = len(out)
@@ -198,15 +344,15 @@ def read_canvas(logits: RowLogits, length: int, state: JsonPrefix, tok: Tokenize
         rows = logits(slice(start, min(length, start + LOGPROB_ROWS)))  # [r, V]
         for ranked in rows.topk(min(CANDIDATES, rows.shape[-1]), dim=-1).indices.tolist():
             pick = None
-            if opens is not None and len(out) < opens and state.mode == "start" and \
-                    1 + len(state.closing()) <= budget - len(out):  # (room for it and "{}")
+            if opens is not None and len(out) < opens and not state.started and \
+                    1 + len(state.closing()) <= budget - len(out):  # (room for it and the shortest value)
                 pick = _whitespace(ranked, state, tok)
             pick = pick if pick is not None else _choose(ranked, state, tok, eog, budget - len(out))
-            if pick is None:  # nothing fits: close the object here
-                closing_text = state.closing()
-                closing = tok.encode(closing_text.decode(), parse_special=False)
-                state.feed(closing_text)
+            if pick is None:  # nothing fits: complete the value here
+                closing = tok.encode(state.close().decode(), parse_special=False)
                 out, state.pending = out + closing[: length - len(out)], closing[length - len(out):]
+            elif pick in eog:  # the value may end where it is (a number at the root): the reply does
+                state.close()
             else:
                 out.append(pick)
                 state.feed(tok.decode_bytes([pick]))
@@ -219,18 +365,18 @@ def read_canvas(logits: RowLogits, length: int, state: JsonPrefix, tok: Tokenize
 
 
 def _opening(argmax: list[int], start: int, state: JsonPrefix, tok: Tokenizer) -> int | None:
-    """Where the object is not open yet: the first position from `start` whose denoised token opens it, or None."""
-    if state.mode != "start":
+    """Where the value has not begun: the first position from `start` whose denoised token begins it, or None."""
+    if state.started:
         return None
     for p in range(start, len(argmax)):
         trial = _after(state, argmax[p], tok)
-        if trial is not None and trial.mode != "start":
+        if trial is not None and trial.started:
             return p
     return None
 
 
 def _whitespace(ranked: list[int], state: JsonPrefix, tok: Tokenizer) -> int | None:
-    """Before the object opens: the position's own token where it fits (whitespace), else its most likely
+    """Before the value begins: the position's own token where it fits (whitespace), else its most likely
     whitespace token, else a newline."""
     if _after(state, ranked[0], tok) is not None:
         return ranked[0]
@@ -243,16 +389,21 @@ def _whitespace(ranked: list[int], state: JsonPrefix, tok: Tokenizer) -> int | N
 
 
 def _choose(ranked: list[int], state: JsonPrefix, tok: Tokenizer, eog: set[int], room: int) -> int | None:
-    """The first of a position's ranked tokens that goes on with the object and leaves room (tokens) for the text
-    that would close it then (no end of generation before it is closed, no other special token), or None."""
+    """The first of a position's ranked tokens that goes on with the value and leaves room (tokens) for the text
+    that would complete it then (no other special token; an end of generation only where the value may end there,
+    as a number at the root may), or None."""
     for t in ranked:
-        trial = None if t in eog else _after(state, t, tok)
+        if t in eog:
+            if state.started and state.closing() == b"":
+                return t
+            continue
+        trial = _after(state, t, tok)
         if trial is not None and 1 + len(b"" if trial.complete else trial.closing()) <= room:
             return t
     return None
 
 
 def _after(state: JsonPrefix, token: int, tok: Tokenizer) -> JsonPrefix | None:
-    """The state after `token` where it is text (no special token) that goes on with the object, else None."""
+    """The state after `token` where it is text (no special token) that goes on with the value, else None."""
     trial = state.copy()
     return trial if tok.types[token] not in SPECIAL and trial.feed(tok.decode_bytes([token])) else None

@@ -7,6 +7,7 @@ import json
 import sys
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from dgemma.quant.planner import PLAN_CTX
@@ -15,6 +16,7 @@ from .engine import (BACKEND_CHOICES, KV_DTYPES, MATMULS, RNGS, DoneEvent, Engin
                      host_experts_choice)
 from .chat import template_features
 from .interactive import ThoughtPrinter, chat
+from .json_schema import Node, SchemaError, output_schema
 from .modelfile import ModelSettings
 from .registry import ModelNotFound, Registry, RegistryError
 from .sampler import StepInfo
@@ -34,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="turn the chat template's thinking mode on: the model reasons first, printed between "
                         "'Thinking...' and '...done thinking.' (as ollama run --think)")
     p.add_argument("--hidethinking", action="store_true", help="leave the model's thinking out of the output")
-    p.add_argument("--format", choices=["json"],
-                   help="json: the reply is one JSON object (JSON mode, docs/SERVER.md; as ollama run --format json)")
+    p.add_argument("--format", metavar="json|SCHEMA",
+                   help="json: the reply is one JSON object (JSON mode; as ollama run --format json); or a JSON schema "
+                        "(its text, or a .json file's path) the reply follows (docs/SERVER.md)")
     p.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids to use as the prompt, e.g. 2,10,11")
     p.add_argument("--stats", action="store_true", help="print timings, steps per canvas and tokens per forward")
     p.add_argument("--visualize", action="store_true", help="redraw the canvas at every denoising step")
@@ -67,6 +70,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-graphs", action="store_true",
                    help="cuda backend with --rng counter (its default): launch the decoder's kernels one by one "
                         "instead of replaying each canvas's pass from a CUDA graph")
+
+
+def _format(value: str | None) -> Node | None:
+    """--format: "json", a JSON schema's text, or a file holding one, compiled (EngineError where it is none)."""
+    if value is None or value == "json":
+        return output_schema(value)
+    text = value
+    if not value.lstrip().startswith(("{", "true", "false")):
+        try:
+            text = Path(value).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise EngineError(f"--format: expected json, a JSON schema or a file holding one; {value!r}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+    try:
+        return output_schema(json.loads(text), "--format")
+    except json.JSONDecodeError as e:
+        raise EngineError(f"--format: the schema is not JSON: {e}") from None
+    except SchemaError as e:
+        raise EngineError(str(e)) from None
 
 
 def _prompt(args: argparse.Namespace, settings: ModelSettings) -> str | list[Any]:
@@ -175,8 +197,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             flag = "--raw" if args.raw else "--json" if args.json else "--visualize"
             raise EngineError(f"{flag} needs a PROMPT (an argument or stdin); without one, at a terminal, "
                               "dgemma run opens a chat")
-        if args.think and args.format:
-            raise EngineError("--format json leaves out the thinking: not with --think")
+        fmt = _format(args.format)
+        if args.think and fmt:
+            raise EngineError("--format leaves out the thinking: not with --think")
         if args.think and (args.raw or args.prompt_ids):
             raise EngineError(f"--think needs the chat template; {'--raw' if args.raw else '--prompt-ids'} leaves it out")
         entry = Registry().resolve(args.model)
@@ -189,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.think and not template_features(engine.tokenizer).thinking:
             raise EngineError(f"--think: the chat template of {path.name} has no thinking mode")
         opts = run_options(engine, settings, args)
-        opts.format = args.format
+        opts.format = fmt
         if chatting:
             return chat(engine, opts, args.system or settings.system, stats=stats_lines if args.stats else None,
                         think=True if args.think else None, hide_thinking=args.hidethinking, history=settings.messages)

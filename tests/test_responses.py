@@ -95,7 +95,8 @@ def test_function_calls_and_outputs_become_the_chat_messages():
 
 @pytest.mark.parametrize("extra, needle", [
     ({"previous_response_id": "resp_1"}, "not stored"),
-    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"$ref": "#/$defs/y"}}}},
+     "text.format.schema: at #: $ref '#/$defs/y' names nothing"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "'input_image' is not"),
     ({"tools": ["web_search"]}, "tools[0]: expected an object"),
     ({"text": {"format": "text"}}, "text.format: expected an object"),

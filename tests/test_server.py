@@ -78,7 +78,7 @@ def test_errors(server):
     assert e.value.status_code == 404
     for path, body, needle in [
         ("/api/generate", {"model": "default", "prompt": "hi", "images": ["aGk="]}, "images"),
-        ("/api/generate", {"model": "default", "prompt": "hi", "format": {"type": "object"}}, "JSON schemas"),
+        ("/api/generate", {"model": "default", "prompt": "hi", "format": {"type": "objekt"}}, "format: at #: type"),
         ("/api/chat", {"model": "default", "messages": [{"role": "user", "content": "hi"}], "format": "xml"}, "format"),
         ("/api/generate", {"model": "default", "prompt": "hi", "keep_alive": "soon"}, "keep_alive"),
         ("/api/chat", {"model": "default", "messages": [{"role": "user", "content": "hi"}], "tools": [{}]}, "tools"),

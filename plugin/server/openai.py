@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import DoneEvent, EngineError, TextEvent
+from ..json_schema import Node
 from ..logprobs import MAX_COMPLETION_LOGPROBS, TextOffsets, completion_wire, wire
 from ..registry import ModelNotFound
 from ..reply import ReplyDelta
@@ -184,7 +185,7 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
 
 
 async def chat_prompt(request: Request, name: str, conv: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                      variables: dict[str, Any], truncate: bool = True, format: str | None = None,
+                      variables: dict[str, Any], truncate: bool = True, format: Node | None = None,
                       **limits: Any) -> tuple[Any, list[int], Any]:
     """A chat's model (loaded), prompt ids and GenerateOptions, for /v1/chat/completions and /v1/responses: the
     Modelfile's SYSTEM and MESSAGEs around the conversation and its PARAMETERs under the request's `limits`

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import DoneEvent, EngineError, TextEvent
+from ..json_schema import Node
 from ..reply import ReplyDelta, ToolCall
 from . import protocol as P
 from .conversation import openai_messages, tool_list
@@ -137,8 +138,8 @@ def _checked(req: P.ResponsesRequest) -> dict[str, Any]:
     return {"enable_thinking": effort != "none"}
 
 
-def _json(req: P.ResponsesRequest) -> str | None:
-    """text.format as GenerateOptions.format ("json" for json_object)."""
+def _json(req: P.ResponsesRequest) -> Node | None:
+    """text.format as GenerateOptions.format (serving.json_format)."""
     return json_format((req.text or {}).get("format"), openai="text.format")
 
 
@@ -175,13 +176,13 @@ def output_items(reply: ReplyDelta, cut: bool = False) -> list[dict[str, Any]]:
 class _Head:
     """The response object's fields that do not change as it is made."""
 
-    def __init__(self, req: P.ResponsesRequest, fmt: str | None = None) -> None:
+    def __init__(self, req: P.ResponsesRequest, fmt: Node | None = None) -> None:
         self.id, self.created = P.completion_id("resp"), int(time.time())
         self.fields = {"object": "response", "model": req.model, "instructions": req.instructions,
                        "max_output_tokens": req.max_output_tokens, "temperature": req.temperature,
                        "top_p": req.top_p if req.top_p is not None else 1.0, "tools": req.tools or [],
                        "tool_choice": req.tool_choice or "auto", "parallel_tool_calls": True, "store": False,
-                       "text": {"format": {"type": "json_object" if fmt else "text"}},
+                       "text": {"format": (req.text or {}).get("format") if fmt else {"type": "text"}},
                        "reasoning": req.reasoning, "truncation": req.truncation or "auto",
                        "previous_response_id": None, "metadata": req.metadata or {}, "error": None}
 

@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 
 from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, GpuMemoryError, MemoryShortageError
+from ..json_schema import Node, SchemaError, output_schema
 from ..kv_cache import DEFAULT_CACHE_RAM
 from ..logprobs import MAX_TOP_LOGPROBS
 from ..modelfile import MAXIMUM, MINIMUM
@@ -422,34 +423,36 @@ def logprobs_option(logprobs: bool | None, top: int | None, *, strict: bool = Fa
     return top or 0
 
 
-SCHEMAS_REFUSED = ("JSON schemas are not supported: dgemma's JSON mode makes the reply a JSON object, not one that "
-                   "follows a schema")
-
-
-def json_format(value: Any, openai: str | None = None) -> str | None:
-    """A request's ask for structured output as GenerateOptions.format ("json": plugin/json_format.py, or None):
-    Ollama's `format` ("json"; a JSON schema is a 400), or (openai: the field's name, for its errors) an OpenAI
-    response format's `type` ("json_object"; "json_schema" is a 400; "text" or none: None)."""
-    if openai:
-        kind = (value or {}).get("type") if isinstance(value, dict) else value
-        if kind in (None, "text"):
+def json_format(value: Any, openai: str | None = None) -> Node | None:
+    """A request's ask for structured output as GenerateOptions.format (plugin/json_format.py: the schema the reply
+    follows, compiled; None: free text). Ollama's `format`: "json" (any object) or a JSON schema; or (openai: the
+    field's name, for its errors) an OpenAI response format: type "json_object", "json_schema" (its schema under
+    json_schema.schema; text.format's flat: under schema; none given: any JSON value), or "text" / none. A schema
+    that cannot be followed is a 400 naming where in it."""
+    try:
+        if openai:
+            kind = value.get("type") if isinstance(value, dict) else value
+            if kind in (None, "text"):
+                return None
+            if kind == "json_object":
+                return output_schema("json")
+            if kind == "json_schema":
+                inner = value.get("json_schema", value) if openai == "response_format" else value
+                if not isinstance(inner, dict):
+                    raise ApiError(400, f"{openai}.json_schema: expected an object", code="invalid_request")
+                return output_schema(inner.get("schema", True), f"{openai}.schema")
+            raise ApiError(400, f"{openai}.type {str(kind)[:40]!r} is not supported (have: text, json_object, "
+                           "json_schema)", code="invalid_request")
+        if value is None or value == "":
             return None
-        if kind == "json_object":
-            return "json"
-        if kind == "json_schema":
-            raise ApiError(400, f"{openai}: {SCHEMAS_REFUSED} (json_object is)", code="unsupported_parameter")
-        raise ApiError(400, f"{openai}.type {str(kind)[:40]!r} is not supported (have: text, json_object)",
-                       code="invalid_request")
-    if value is None or value == "":
-        return None
-    if value == "json":
-        return "json"
-    if isinstance(value, dict):
-        raise ApiError(400, f"format: {SCHEMAS_REFUSED} (format \"json\" is)")
-    raise ApiError(400, f'invalid format: expected "json" (got {json.dumps(value)[:40]})')
+        if value == "json" or isinstance(value, dict):
+            return output_schema(value)
+        raise ApiError(400, f'invalid format: expected "json" or a JSON schema (got {json.dumps(value)[:40]})')
+    except SchemaError as e:
+        raise ApiError(400, str(e), code="invalid_request" if openai else None) from None
 
 
-def check_json_thinking(fmt: str | None, thinking: Any) -> None:
+def check_json_thinking(fmt: Node | None, thinking: Any) -> None:
     """JSON mode with thinking asked for (a truthy think, enable_thinking): a 400, before the model loads."""
     if fmt and thinking:
         raise ApiError(400, "JSON mode leaves out the thought channel: ask for it without thinking (think false)")

@@ -1,0 +1,249 @@
+"""JSON schemas for structured output (Ollama's `format: {schema}`, OpenAI's `json_schema` response format), compiled
+into the graph of `Node`s that plugin/json_format.py's automaton follows while it reads a canvas out.
+
+Enforced: `type` (one or a list), `properties` / `required` / `additionalProperties`, `items` / `prefixItems` /
+`minItems` / `maxItems`, `minLength` / `maxLength`, `enum`, `const`, `anyOf` / `oneOf` (as either alternative),
+`allOf` of one schema, and `$ref` into the schema itself ("#", "#/$defs/…", any JSON pointer; recursion
+included). An object's keys come in any order, each declared one once; where `properties` are given and
+`additionalProperties` is not, no other key is written (as llama.cpp's json-schema-to-grammar; a bare
+`{"type": "object"}` takes any keys). `prefixItems` without `items` is a tuple of exactly those. Left to the model
+(not enforced): `pattern`, `format`, `minimum` / `maximum`, `multipleOf`, `uniqueItems`, `minProperties` /
+`maxProperties`, `not`, `if` / `then` / `else`. The strings and numbers of `enum` and `const` values are written
+as Python's json.dumps writes them (non-ASCII as it is, 1.0 not 1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+class SchemaError(ValueError):
+    """A schema that cannot be followed; the message names where in it (a JSON pointer) and what was expected."""
+
+
+@dataclass(eq=False)  # (compared and hashed by identity: the automaton's states hold nodes)
+class Node:
+    kind: str  # any, object, array, string, number, integer, literal, union
+    props: dict[bytes, Node] = field(default_factory=dict)  # object: a key, as written between its quotes → value
+    required: tuple[bytes, ...] = ()  # object: keys it must have, in the schema's order
+    extra: Node | None = None  # object: the value of any other key (None: no other key)
+    prefix: tuple[Node, ...] = ()  # array: its first items
+    items: Node | None = None  # array: the items after prefix (None: none)
+    low: int = 0  # array: minItems; string: minLength
+    high: int | None = None  # array: maxItems; string: maxLength (None: no bound)
+    text: bytes = b""  # literal: its JSON text
+    options: tuple[Node, ...] = ()  # union: the alternatives
+    shortest: bytes | None = None  # the shortest JSON text it takes (None: none, e.g. endlessly recursive)
+
+    def item(self, index: int) -> Node | None:
+        """array: the schema of item `index` (None: there is none)."""
+        return self.prefix[index] if index < len(self.prefix) else self.items
+
+
+def literal(value: Any) -> Node:
+    text = json.dumps(value, ensure_ascii=False).encode()
+    return Node("literal", text=text, shortest=text)
+
+
+ANY = Node("any")  # any JSON value
+ANY_OBJECT = Node("object", extra=ANY)  # JSON mode: any object
+ANY_ARRAY = Node("array", items=ANY)
+ANY_STRING = Node("string")
+ANY.shortest, ANY_OBJECT.shortest, ANY_ARRAY.shortest, ANY_STRING.shortest = b"null", b"{}", b"[]", b'""'
+
+
+def key_text(name: str) -> bytes:
+    """A key as a schema's keys are written between quotes (and matched): json.dumps's escapes, UTF-8."""
+    return json.dumps(name, ensure_ascii=False)[1:-1].encode()
+
+
+def output_schema(fmt: Any, where: str = "format") -> Node | None:
+    """A structured-output ask as the automaton's root: None (free text), "json" (any object: JSON mode), a JSON
+    schema (dict or bool), or a Node already compiled."""
+    if fmt is None or isinstance(fmt, Node):
+        return fmt
+    if fmt == "json":
+        return ANY_OBJECT
+    if isinstance(fmt, (dict, bool)):
+        return compile_schema(fmt, where)
+    raise SchemaError(f'{where}: expected "json" or a JSON schema (an object), got {json.dumps(fmt)[:40]}')
+
+
+def compile_schema(schema: Any, where: str = "format") -> Node:
+    """The schema's graph of nodes; SchemaError naming where it cannot be followed."""
+    c = _Compiler(schema, where)
+    root = c.node(schema, "#")
+    _shortest(c.nodes)
+    if root.shortest is None:
+        raise SchemaError(f"{where}: no finite JSON value satisfies the schema (a required property or item that "
+                          "always recurses?)")
+    return root
+
+
+class _Compiler:
+    def __init__(self, root: Any, where: str):
+        self.root, self.where = root, where
+        self.refs: dict[str, Node] = {}
+        self.nodes: list[Node] = []
+
+    def fail(self, path: str, what: str) -> SchemaError:
+        return SchemaError(f"{self.where}: at {path}: {what}")
+
+    def new(self, kind: str, **kw) -> Node:
+        n = Node(kind, **kw)
+        self.nodes.append(n)
+        return n
+
+    def node(self, s: Any, path: str) -> Node:
+        if s is True:
+            return ANY
+        if s is False:
+            raise self.fail(path, "the schema false admits no value")
+        if not isinstance(s, dict):
+            raise self.fail(path, f"expected a schema (an object), got {json.dumps(s)[:40]}")
+        if "$ref" in s:
+            return self.ref(s["$ref"], path)
+        if "const" in s:
+            return self.const(s["const"])
+        if "enum" in s:
+            values = s["enum"]
+            if not isinstance(values, list) or not values:
+                raise self.fail(path, "enum: expected a non-empty array")
+            return self.union([self.const(v) for v in values])
+        for word in ("anyOf", "oneOf", "allOf"):
+            if word in s:
+                subs = s[word]
+                if not isinstance(subs, list) or not subs:
+                    raise self.fail(path, f"{word}: expected a non-empty array of schemas")
+                if word == "allOf" and len(subs) > 1:
+                    raise self.fail(path, "allOf of more than one schema is not supported (of one: it is)")
+                return self.union([self.node(x, f"{path}/{word}/{i}") for i, x in enumerate(subs)])
+        types = s.get("type")
+        if types is None:
+            types = "object" if {"properties", "additionalProperties", "required"} & s.keys() else \
+                "array" if {"items", "prefixItems"} & s.keys() else None
+        if types is None:
+            return ANY
+        if isinstance(types, str):
+            types = [types]
+        if not isinstance(types, list) or not types or any(t not in JSON_TYPES for t in types):
+            raise self.fail(path, f"type: expected one of {', '.join(JSON_TYPES)} or a list of them, "
+                            f"got {json.dumps(s['type'])[:40]}")
+        return self.union([self.typed(t, s, path) for t in types])
+
+    def const(self, value: Any) -> Node:
+        """Exactly `value`: an object's or array's structure (whitespace and key order free), a scalar's text."""
+        if isinstance(value, dict):
+            props = {key_text(k): self.const(v) for k, v in value.items()}
+            return self.new("object", props=props, required=tuple(props))
+        if isinstance(value, list):
+            return self.new("array", prefix=tuple(self.const(v) for v in value), low=len(value))
+        return literal(value)
+
+    def union(self, options: list[Node]) -> Node:
+        return options[0] if len(options) == 1 else self.new("union", options=tuple(options))
+
+    def typed(self, t: str, s: dict, path: str) -> Node:
+        if t == "null":
+            return literal(None)
+        if t == "boolean":
+            return self.union([literal(True), literal(False)])
+        if t in ("number", "integer"):
+            return self.new(t)
+        if t == "string":
+            low, high = self.bounds(s, "minLength", "maxLength", path)
+            return self.new("string", low=low, high=high)
+        if t == "array":
+            return self.array(s, path)
+        return self.object(s, path)
+
+    def bounds(self, s: dict, lo: str, hi: str, path: str) -> tuple[int, int | None]:
+        low, high = s.get(lo, 0), s.get(hi)
+        for name, v in ((lo, low), (hi, high)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise self.fail(path, f"{name}: expected a whole number ≥ 0, got {json.dumps(v)[:40]}")
+        if high is not None and low > high:
+            raise self.fail(path, f"{lo} {low} is more than {hi} {high}")
+        return low, high
+
+    def array(self, s: dict, path: str) -> Node:
+        low, high = self.bounds(s, "minItems", "maxItems", path)
+        prefix, items = s.get("prefixItems", []), s.get("items")
+        if isinstance(items, list):  # draft 4's tuples
+            prefix, items = items, s.get("additionalItems", True)
+        if not isinstance(prefix, list):
+            raise self.fail(path, "prefixItems: expected an array of schemas")
+        if items is None:
+            items = False if prefix else True
+        n = self.new("array", low=low, high=high)
+        n.prefix = tuple(self.node(x, f"{path}/prefixItems/{i}") for i, x in enumerate(prefix))
+        n.items = None if items is False else self.node(items, f"{path}/items")
+        return n
+
+    def object(self, s: dict, path: str) -> Node:
+        props, required = s.get("properties", {}), s.get("required", [])
+        if not isinstance(props, dict):
+            raise self.fail(path, "properties: expected an object of schemas")
+        if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
+            raise self.fail(path, "required: expected an array of strings")
+        extra = s.get("additionalProperties", False if "properties" in s else True)
+        n = self.new("object")
+        n.props = {key_text(k): self.node(v, f"{path}/properties/{k}") for k, v in props.items()}
+        n.extra = None if extra is False else self.node(extra, f"{path}/additionalProperties")
+        for k in required:  # a required key the properties do not give: any value (the extra one's)
+            n.props.setdefault(key_text(k), n.extra or ANY)
+        n.required = tuple(dict.fromkeys(key_text(k) for k in required))
+        return n
+
+    def ref(self, ref: Any, path: str) -> Node:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise self.fail(path, f"$ref: only references into the schema itself (#/…) are followed, got "
+                            f"{json.dumps(ref)[:60]}")
+        if ref not in self.refs:
+            self.refs[ref] = placeholder = self.new("union")  # (filled below: a reference may recurse)
+            target = self.root
+            for part in filter(None, ref[1:].split("/")):
+                part = part.replace("~1", "/").replace("~0", "~")
+                if isinstance(target, dict) and part in target:
+                    target = target[part]
+                elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                    target = target[int(part)]
+                else:
+                    raise self.fail(path, f"$ref {ref!r} names nothing in the schema")
+            placeholder.options = (self.node(target, ref),)
+        return self.refs[ref]
+
+
+def _shortest(nodes: list[Node]) -> None:
+    """Each node's shortest text, to a fixed point (references may recurse)."""
+    changed = True
+    while changed:
+        changed = False
+        for n in nodes:
+            text = _shortest_of(n)
+            if text is not None and (n.shortest is None or len(text) < len(n.shortest)):
+                n.shortest, changed = text, True
+
+
+def _shortest_of(n: Node) -> bytes | None:
+    if n.kind in ("number", "integer"):
+        return b"0"
+    if n.kind == "string":
+        return b'"' + b" " * n.low + b'"'
+    if n.kind == "union":
+        texts = [o.shortest for o in n.options if o.shortest is not None]
+        return min(texts, key=len) if texts else None
+    if n.kind == "array":
+        items = [n.item(i) for i in range(n.low)]
+        texts = [None if i is None else i.shortest for i in items]
+        return None if None in texts else b"[" + b",".join(texts) + b"]"
+    if n.kind == "object":
+        texts = [n.props[k].shortest for k in n.required]
+        if None in texts:
+            return None
+        return b"{" + b",".join(b'"' + k + b'":' + t for k, t in zip(n.required, texts)) + b"}"
+    return n.shortest  # any
