@@ -15,9 +15,11 @@ the model writes one, its own tokens.
 
 from __future__ import annotations
 
+import json
+
 from dgemma.convert import constants as C
 
-from .json_schema import ANY_ARRAY, ANY_OBJECT, ANY_STRING, Node, literal
+from .json_schema import ANY_ARRAY, ANY_OBJECT, ANY_STRING, Node, key_text, literal
 from .logprobs import LOGPROB_ROWS
 from .sampler import RowLogits
 from .tokenizer import Tokenizer
@@ -29,7 +31,7 @@ MAX_THREADS = 32  # a schema's alternatives followed side by side, at most
 SPECIAL = (C.TokenType.CONTROL, C.TokenType.USER_DEFINED)  # tokens that are markup, not text
 _NUMBER_END = {"int", "zero", "frac", "exp"}  # number states that may end here
 _NUMBER, _INTEGER = Node("number", shortest=b"0"), Node("integer", shortest=b"0")
-_WORDS = {w.text[0]: w for w in (literal(True), literal(False), literal(None))}
+_WORDS = {w.texts[0][0]: w for w in (literal(True), literal(False), literal(None))}
 _HEX, _ESCAPES = frozenset(b"0123456789abcdefABCDEF"), frozenset(b'"\\/bfnrt')
 _QUOTE, _BACKSLASH, _COLON, _COMMA = 0x22, 0x5C, 0x3A, 0x2C
 _DONE = ("done",)
@@ -37,8 +39,8 @@ _DONE = ("done",)
 # A thread: (frame, the stack under it or None, how many objects and arrays are open). Frames: ("v", node) a value
 # to come; ("o", node, phase, declared keys seen, key so far, escape) an object, phase open (after "{"), key (after
 # ","), inkey, colon, after (a value); ("a", node, phase, items) an array, phase open or after; ("s", node, escape,
-# characters) a string; ("n", integer, state) a number; ("l", rest) a literal; _DONE. Escape: 1 after a backslash,
-# 2..5 the \u's hex digits still to come + 1.
+# characters) a string; ("n", integer, state) a number; ("l", rests) a literal (what each text it may be still
+# needs); _DONE. Escape: 1 after a backslash, 2..5 the \u's hex digits still to come + 1.
 Thread = tuple
 
 
@@ -84,8 +86,9 @@ class JsonPrefix:
         return text
 
 
-def _step(t: Thread, b: int) -> list[Thread]:
-    """The threads a thread becomes on byte b (none: b does not go on it)."""
+def _step(t: Thread, b: int, deep: int = MAX_DEPTH) -> list[Thread]:
+    """The threads a thread becomes on byte b (none: b does not go on it); deep: the objects and arrays open at
+    most."""
     frame, parent, depth = t
     kind = frame[0]
     if kind == "s":
@@ -96,20 +99,17 @@ def _step(t: Thread, b: int) -> list[Thread]:
         state = _number(frame[1], frame[2], b)
         if state is not None:
             return [(("n", frame[1], state), parent, depth)]
-        return _step(_finish(parent), b) if frame[2] in _NUMBER_END else []
+        return _step(_finish(parent), b, deep) if frame[2] in _NUMBER_END else []
     if kind == "l":
-        rest = frame[1]
-        if b != rest[0]:
-            return []
-        return [_finish(parent) if len(rest) == 1 else (("l", rest[1:]), parent, depth)]
+        return _literal(frame[1], b, parent, depth)
     if b in WHITESPACE:
         return [t]
     if kind == "v":
-        return _value(frame[1], parent, depth, b, set())
+        return _value(frame[1], parent, depth, b, set(), deep)
     if kind == "o":
         return _object(t, b)
     if kind == "a":
-        return _array(t, b)
+        return _array(t, b, deep)
     return []  # done
 
 
@@ -123,7 +123,7 @@ def _finish(parent: Thread | None) -> Thread:
     return parent  # an object: after its value already
 
 
-def _value(node: Node, parent: Thread | None, depth: int, b: int, seen: set) -> list[Thread]:
+def _value(node: Node, parent: Thread | None, depth: int, b: int, seen: set, deep: int) -> list[Thread]:
     """A value of `node` starting with byte b."""
     kind = node.kind
     if node.shortest is None:  # (nothing that ends: not begun)
@@ -132,24 +132,29 @@ def _value(node: Node, parent: Thread | None, depth: int, b: int, seen: set) -> 
         if node in seen:  # (an alternative that is itself, through references)
             return []
         seen.add(node)
-        return [u for o in node.options for u in _value(o, parent, depth, b, seen)]
+        return [u for o in node.options for u in _value(o, parent, depth, b, seen, deep)]
     if kind == "any":
         sub = {0x7B: ANY_OBJECT, 0x5B: ANY_ARRAY, _QUOTE: ANY_STRING}.get(b) or _WORDS.get(b) or \
             (_NUMBER if b == 0x2D or 0x30 <= b <= 0x39 else None)
-        return [] if sub is None else _value(sub, parent, depth, b, seen)
+        return [] if sub is None else _value(sub, parent, depth, b, seen, deep)
     if kind == "object":
-        return [(("o", node, "open", frozenset(), b"", 0), parent, depth + 1)] if b == 0x7B and depth < MAX_DEPTH \
+        return [(("o", node, "open", frozenset(), b"", 0), parent, depth + 1)] if b == 0x7B and depth < deep \
             else []
     if kind == "array":
-        return [(("a", node, "open", 0), parent, depth + 1)] if b == 0x5B and depth < MAX_DEPTH else []
+        return [(("a", node, "open", 0), parent, depth + 1)] if b == 0x5B and depth < deep else []
     if kind == "string":
         return [(("s", node, 0, 0), parent, depth)] if b == _QUOTE else []
     if kind in ("number", "integer"):
         state = _number(kind == "integer", "", b)
         return [] if state is None else [(("n", kind == "integer", state), parent, depth)]
-    if b != node.text[0]:  # a literal
-        return []
-    return [_finish(parent) if len(node.text) == 1 else (("l", node.text[1:]), parent, depth)]
+    return _literal(node.texts, b, parent, depth)
+
+
+def _literal(texts: tuple[bytes, ...], b: int, parent: Thread | None, depth: int) -> list[Thread]:
+    """Byte b of one of a literal's texts: the value complete (where one of them ends), or going on."""
+    rests = tuple(t[1:] for t in texts if t[0] == b)
+    going = tuple(r for r in rests if r)
+    return ([_finish(parent)] if b"" in rests else []) + ([(("l", going), parent, depth)] if going else [])
 
 
 def _keys_left(node: Node, seen: frozenset) -> list[bytes]:
@@ -162,12 +167,22 @@ def _more_keys(node: Node, seen: frozenset) -> bool:
 
 
 def _other_key(node: Node, key: bytes) -> bytes:
-    """What makes `key` (so far) one of an object's other keys: nothing, or an underscore or more where it is a
-    declared one (had already)."""
+    """What makes `key` (so far, no escape open) one of an object's other keys: nothing, or an underscore or more
+    where it is a declared one (had already)."""
     end = b""
-    while key + end in node.props:
+    while _canonical(key + end) in node.props:
         end += b"_"
     return end
+
+
+def _canonical(key: bytes) -> bytes:
+    """A key as the schema's keys are written (json_schema.key_text): its escapes read (\\u0061 is a)."""
+    if b"\\" not in key:
+        return key
+    try:
+        return key_text(json.loads(b'"' + key + b'"'))
+    except ValueError:  # (a character cut by a byte token, before the escape)
+        return key
 
 
 def _object(t: Thread, b: int) -> list[Thread]:
@@ -189,6 +204,7 @@ def _key(t: Thread, b: int) -> list[Thread]:
     """A byte of an object's key: one it has not had of its declared keys, or (where it takes others) any other."""
     (_, node, _, seen, key, escape), parent, depth = t
     if escape == 0 and b == _QUOTE:
+        key = _canonical(key)
         if key in node.props:
             if key in seen or node.props[key].shortest is None:
                 return []
@@ -203,7 +219,7 @@ def _key(t: Thread, b: int) -> list[Thread]:
     return [(("o", node, "inkey", seen, key, escape), parent, depth)]
 
 
-def _array(t: Thread, b: int) -> list[Thread]:
+def _array(t: Thread, b: int, deep: int) -> list[Thread]:
     (_, node, phase, count), parent, depth = t
     if b == ord("]"):
         return [_finish(parent)] if count >= node.low else []
@@ -213,7 +229,7 @@ def _array(t: Thread, b: int) -> list[Thread]:
     if item is None:
         return []
     under = (("a", node, "after", count), parent, depth)
-    return [(("v", item), under, depth)] if phase == "after" else _value(item, under, depth, b, set())
+    return [(("v", item), under, depth)] if phase == "after" else _value(item, under, depth, b, set(), deep)
 
 
 def _next_item(node: Node, count: int) -> Node | None:
@@ -238,8 +254,8 @@ def _string(t: Thread, b: int) -> list[Thread]:
     if escape == 0 and b == _QUOTE:
         return [_finish(parent)] if n >= node.low else []
     after = _escape(escape, b)
-    if after is None:
-        return []
+    if after is None or (escape == 5 and b in b"dD" and (node.low or node.high is not None)):  # (\uD...: a
+        return []  # surrogate pair would count as two characters)
     if escape == 0 and b & 0xC0 != 0x80:  # a character starts (an escape is one)
         n += 1
         if node.high is not None and n > node.high:
@@ -278,15 +294,14 @@ def _closing(t: Thread) -> tuple[bytes, Thread]:
             t = _finish(parent)
             continue
         if kind == "v" and frame[1].kind == "union":  # the alternative with the shortest text
-            best = min((o for o in frame[1].options if o.shortest is not None), key=lambda o: len(o.shortest))
-            t = (("v", best), parent, depth)
+            t = (("v", frame[1].best), parent, depth)
             continue
         if kind == "a" and frame[2] == "open" and frame[3] < frame[1].low:  # the first item, as "[" and it would
             t = (("v", frame[1].item(0)), (("a", frame[1], "after", 0), parent, depth), depth)
             continue
         piece = _piece(frame)
-        for b in piece:
-            t = _step(t, b)[0]  # (a piece goes on one way: no alternatives in it)
+        for b in piece:  # (a piece goes on one way, the value complete first where a literal may end or go on; it
+            t = _step(t, b, deep=1 << 30)[0]  # may open a container at MAX_DEPTH: json.loads takes a few more)
         out += piece
 
 
@@ -301,18 +316,17 @@ def _piece(frame: tuple) -> bytes:
     if kind == "n":
         return b"0"
     if kind == "l":
-        return frame[1]
+        return min(frame[1], key=len)
     if kind == "a":
         return b"," if frame[2] == "after" and frame[3] < frame[1].low else b"]"
     _, node, phase, seen, key, escape = frame
     if phase == "colon":
         return b":"
-    if phase == "inkey":
-        if escape:
-            return _escape_end(escape)
+    if phase == "inkey":  # (a declared key's rest finishes an escape the declared way)
         ends = [(k[len(key):], node.props[k]) for k in _keys_left(node, seen) if k.startswith(key)]
         if node.extra is not None:
-            ends.append((_other_key(node, key), node.extra))
+            end = _escape_end(escape)
+            ends.append((end + _other_key(node, key + end), node.extra))
         return min(ends, key=lambda e: len(e[0]) + len(e[1].shortest))[0] + b'"'
     missing = [k for k in node.required if k not in seen]
     if phase in ("open", "after"):

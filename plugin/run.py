@@ -73,20 +73,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _format(value: str | None) -> Node | None:
-    """--format: "json", a JSON schema's text, or a file holding one, compiled (EngineError where it is none)."""
+    """--format: "json", a file holding a JSON schema, or a schema's text, compiled (EngineError where it is none)."""
     if value is None or value == "json":
         return output_schema(value)
     text = value
-    if not value.lstrip().startswith(("{", "true", "false")):
+    if Path(value).is_file():
         try:
             text = Path(value).read_text()
         except (OSError, UnicodeDecodeError) as e:
-            raise EngineError(f"--format: expected json, a JSON schema or a file holding one; {value!r}: "
-                              f"{getattr(e, 'strerror', None) or e}") from None
+            raise EngineError(f"--format: {value}: {getattr(e, 'strerror', None) or e}") from None
     try:
         return output_schema(json.loads(text), "--format")
     except json.JSONDecodeError as e:
-        raise EngineError(f"--format: the schema is not JSON: {e}") from None
+        raise EngineError(f"--format: expected json, a JSON schema or a file holding one; {value[:60]!r} is neither "
+                          f"a file nor JSON ({e})" if text is value else f"--format: {value}: not JSON ({e})") from None
     except SchemaError as e:
         raise EngineError(str(e)) from None
 

@@ -57,7 +57,23 @@ SCHEMAS = {
                    [[1, [2, [3, 4]], 5], [[0, 1], [2, 3]]]),
     "root number": ({"type": "number"}, [12.5, -3]),
     "any object": ({"type": "object"}, [{"a": [1, {"b": None}], "": "x"}, {}]),
+    # constraints beside a combinator apply to each alternative; a required key not in properties takes any value
+    "alternatives": ({"type": "object", "properties": {"a": {"type": "integer"}, "c": {"type": "string"}},
+                      "anyOf": [{"required": ["a"]}, {"required": ["b"], "properties": {"d": {"type": "null"}}}]},
+                     [{"a": 1, "c": "x"}, {"b": "x", "a": 2, "d": None}]),
+    # more alternatives than the automaton follows threads (an enum's scalars are one); the type beside it applies
+    "enum": ({"type": "string", "enum": [f"v{i:02}" for i in range(40)] + [1, None]}, ["v39", "v00"]),
+    # references round a loop of alternatives; a key with an escape in it
+    "cycle": ({"$defs": {"A": {"anyOf": [{"$ref": "#/$defs/B"}, {"type": "integer"}]},
+                         "B": {"anyOf": [{"$ref": "#/$defs/A"}, {"type": "string", "maxLength": 2}]}},
+               "type": "object", "properties": {"x": {"$ref": "#/$defs/A"}, "k\tey": {"type": "null"}},
+               "required": ["x"], "additionalProperties": {"type": "boolean"}},
+              [{"x": 1, "k\tey": None, "other": True}, {"x": "s"}]),
 }
+# what jsonschema checks instead where it would recurse without end (its anyOf loops round references)
+ORACLE = {"cycle": {"type": "object", "properties": {"x": {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 2}]},
+                                                      "k\tey": {"type": "null"}},
+                    "required": ["x"], "additionalProperties": {"type": "boolean"}}}
 
 
 def _check(schema: dict, text: str) -> bool:
@@ -81,7 +97,7 @@ def _texts(doc) -> list[str]:
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_valid_documents_are_taken_and_every_prefix_closes_into_a_valid_one(name):
     schema, docs = SCHEMAS[name]
-    root = compile_schema(schema)
+    root, schema = compile_schema(schema), ORACLE.get(name, schema)
     assert _check(schema, root.shortest.decode()), root.shortest
     for doc in docs:
         jsonschema.validate(doc, schema)  # (the examples themselves)
@@ -100,7 +116,7 @@ def test_what_the_automaton_takes_whole_is_valid(name):
     """Each example changed at random 600 times (a character changed, dropped or added): where the automaton takes
     the text whole, jsonschema finds it valid."""
     schema, docs = SCHEMAS[name]
-    root, rng = compile_schema(schema), random.Random(0)
+    root, rng, schema = compile_schema(schema), random.Random(0), ORACLE.get(name, schema)
     alphabet = list('{}[]",:. -+0123456789eEtrufalsn\\\n xabcé') + ['"a"', '"few"', '"name"', "null"]
     taken = 0
     for _ in range(600):
@@ -116,9 +132,10 @@ def test_random_walks_close_into_valid_documents(name):
     """200 walks of up to 60 pieces, each the first of a shuffled alphabet the automaton takes, then closed: every
     text so made is valid (the walks reach keys half-written, escapes, nested alternatives)."""
     schema, _ = SCHEMAS[name]
-    root, rng = compile_schema(schema), random.Random(1)
-    pieces = list('{}[]",:-.0123456789eE\\u ') + ["tr", "ue", "fals", "e", "nu", "ll", "é", "ab", '"few"', '"pair"',
-                                                  '"name"', '"age"', '"tags"', '"kind"', '"home"', '"street"', '"zip"']
+    root, rng, schema = compile_schema(schema), random.Random(1), ORACLE.get(name, schema)
+    pieces = list('{}[]",:-.0123456789eE\\ukvtd ') + [
+        "tr", "ue", "fals", "e", "nu", "ll", "é", "ab", '"few"', '"pair"', '"name"', '"age"', '"tags"', '"kind"', '"home"',
+        '"street"', '"zip"', '"k\\tey"', "\\t", "\\u006", "\\ud83d", "\\ude00"]
     for _ in range(200):
         state, text = JsonPrefix(root), b""
         for _ in range(rng.randrange(61)):
@@ -142,8 +159,19 @@ def test_random_walks_close_into_valid_documents(name):
     ({"allOf": [{"type": "string"}, {"minLength": 1}]}, "allOf of more than one schema"),
     ({"properties": {"a": False}, "required": ["a"]}, "at #/properties/a: the schema false admits no value"),
     ({"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}, "required": ["next"]}},
-      "$ref": "#/$defs/n"}, "no finite JSON value satisfies"),
+      "$ref": "#/$defs/n"}, "no JSON value of at most 65536 bytes satisfies"),
     ([1], "expected a schema (an object)"),
+    ({"type": "array", "minItems": 10 ** 12}, "minItems 1000000000000 is more than dgemma writes"),
+    ({"type": "string", "minLength": None}, "minLength: expected a whole number"),
+    ({"type": "array", "items": {"type": "array", "minItems": 4096, "items": {"type": "string", "minLength": 4096}},
+      "minItems": 1}, "no JSON value of at most 65536 bytes"),
+    (json.loads("[" * 400 + "]" * 400) and {"items": json.loads('{"items": ' * 400 + "{}" + "}" * 400)},
+     "nested too deeply"),
+    ({"type": "object", "required": ["a"], "additionalProperties": False}, "required property 'a' is not in properties"),
+    ({"$ref": "#/$defs/x", "maxLength": 2, "$defs": {"x": {"type": "string"}}}, "$ref with maxLength beside it"),
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "anyOf": [{"properties": {"a": {}}}]},
+     "properties both beside"),
+    ({"type": "string", "anyOf": [{"type": "integer"}]}, "no alternative of anyOf is of the type beside it"),
 ])
 def test_schemas_that_cannot_be_followed(schema, needle):
     with pytest.raises(SchemaError, match=needle.replace("$", r"\$").replace("(", r"\(").replace(")", r"\)")):
@@ -160,6 +188,30 @@ def test_recursion_and_unused_unsatisfiable_branches():
     endless = {"type": "object", "properties": {"loop": {"$ref": "#/$defs/e"}}, "required": ["loop"]}
     root = compile_schema({"$defs": {"e": endless}, "anyOf": [{"$ref": "#/$defs/e"}, {"type": "null"}]})
     assert root.shortest == b"null" and not JsonPrefix(root).feed(b"{")
+
+
+def test_what_the_review_found():
+    """Closings that end through loops of references, finish a key's escape the declared key's way, open a container
+    past MAX_DEPTH; escaped keys are the keys they read as; \\uD... escapes in a string with a length bound."""
+    from dgemma.plugin.json_format import MAX_DEPTH
+
+    for schema, fed in (({"anyOf": [{"$ref": "#"}, {"type": "null"}]}, " "),  # (checked as {"type": "null"})
+                        ({"properties": {"a\tb": {"type": "null"}}}, '{"a\\'),
+                        ({"properties": {"\u0001": {"type": "null"}}}, '{"\\u00'),
+                        ({"additionalProperties": {"type": "object", "required": ["x"],
+                                                   "properties": {"x": {"$ref": "#/additionalProperties"}}}}, "{"),
+                        ({"type": "array", "items": {"anyOf": [{"$ref": "#"}, {"type": "object", "required": ["k"],
+                                                                "properties": {"k": {"type": "object"}}}]}},
+                         "[" * (MAX_DEPTH - 1) + "{")):
+        state = JsonPrefix(compile_schema(schema))
+        assert state.feed(fed.encode()), fed
+        text = fed + state.close().decode()
+        assert _check({"type": "null"} if "anyOf" in schema else schema, text), text
+    root = compile_schema({"properties": {"a": {"type": "integer"}}, "additionalProperties": True})
+    assert not _takes(root, '{"\\u0061":"x"}') and not _takes(root, '{"a":1,"\\u0061":2}')
+    assert _takes(root, '{"\\u0061":1,"\\u0062":"x"}')
+    bounded = compile_schema({"type": "string", "minLength": 2})
+    assert not _takes(bounded, '"\\ud83d\\ude00"') and _takes(compile_schema({"type": "string"}), '"\\ud83d\\ude00"')
 
 
 def test_keys_come_in_any_order_once_and_only_declared_ones():
@@ -190,7 +242,7 @@ def test_the_read_out_follows_the_schema(tok, name):
     """The model's own document where it writes one (in canvases of 5), and random logits read out into valid
     documents within the budget."""
     schema, docs = SCHEMAS[name]
-    root = compile_schema(schema)
+    root, schema = compile_schema(schema), ORACLE.get(name, schema)
     eos = tok.eos_id
     wanted = tok.encode(_texts(docs[0])[0], parse_special=False)
     state, out = JsonPrefix(root), []
@@ -235,9 +287,10 @@ def test_the_server_follows_schemas(server):
     parsed = o.chat.completions.parse(model="default", messages=[{"role": "user", "content": "A person."}],
                                       response_format=Address, max_tokens=30, seed=3)
     assert isinstance(parsed.choices[0].message.parsed, Address)
-    with pytest.raises(openai.BadRequestError, match="response_format.schema: at #: enum"):
-        o.chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}], response_format={
-            "type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": []}}})
+    for schema, needle in (({"enum": []}, "at #: enum"), (None, "at #: expected a schema \\(an object\\), got null")):
+        with pytest.raises(openai.BadRequestError, match=f"response_format.schema: {needle}"):
+            o.chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}], response_format={
+                "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
     fmt = {"type": "json_schema", "name": "address", "schema": Address.model_json_schema(), "strict": False}
     resp = o.responses.create(model="default", input="An address.", text={"format": fmt}, max_output_tokens=30)
     Address.model_validate_json(resp.output_text)
@@ -261,4 +314,4 @@ def test_run_with_a_schema(models, tmp_path):
     bad = run_cli(models, "default", "x", "--format", '{"type": "objekt"}')
     assert bad.returncode != 0 and "--format: at #: type: expected one of" in bad.stderr
     missing = run_cli(models, "default", "x", "--format", str(tmp_path / "nope.json"))
-    assert missing.returncode != 0 and "No such file" in missing.stderr
+    assert missing.returncode != 0 and "is neither a file nor JSON" in missing.stderr

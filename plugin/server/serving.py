@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 
 from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, GpuMemoryError, MemoryShortageError
-from ..json_schema import Node, SchemaError, output_schema
+from ..json_schema import Node, SchemaError, compile_schema, output_schema
 from ..kv_cache import DEFAULT_CACHE_RAM
 from ..logprobs import MAX_TOP_LOGPROBS
 from ..modelfile import MAXIMUM, MINIMUM
@@ -440,7 +440,7 @@ def json_format(value: Any, openai: str | None = None) -> Node | None:
                 inner = value.get("json_schema", value) if openai == "response_format" else value
                 if not isinstance(inner, dict):
                     raise ApiError(400, f"{openai}.json_schema: expected an object", code="invalid_request")
-                return output_schema(inner.get("schema", True), f"{openai}.schema")
+                return compile_schema(inner.get("schema", True), f"{openai}.schema")
             raise ApiError(400, f"{openai}.type {str(kind)[:40]!r} is not supported (have: text, json_object, "
                            "json_schema)", code="invalid_request")
         if value is None or value == "":
