@@ -4,15 +4,16 @@ into the graph of `Node`s that plugin/json_format.py's automaton follows while i
 Enforced: `type` (one or a list), `properties` / `required` / `additionalProperties`, `items` / `prefixItems` /
 `minItems` / `maxItems`, `minLength` / `maxLength`, `enum`, `const`, `anyOf` / `oneOf` (as either alternative),
 `allOf` of one schema (a combinator's other constraints beside it apply to each alternative), and `$ref` into the
-schema itself ("#", "#/$defs/…", any JSON pointer; recursion
-included). An object's keys come in any order, each declared one once; where `properties` are given and
+schema itself ("#", "#/$defs/…", any JSON pointer; recursion included; only annotations beside it). An object's keys
+come in any order, each declared one once (an escaped key is the key it reads as); where `properties` are given and
 `additionalProperties` is not, no other key is written (as llama.cpp's json-schema-to-grammar; a bare
 `{"type": "object"}` takes any keys). `prefixItems` without `items` is a tuple of exactly those. Left to the model
 (not enforced): `pattern`, `format`, `minimum` / `maximum`, `multipleOf`, `uniqueItems`, `minProperties` /
 `maxProperties`, `not`, `if` / `then` / `else`; `oneOf` is not made to match only one. The strings and numbers of
 `enum` and `const` values are written as Python's json.dumps writes them (non-ASCII as it is, 1.0 not 1), those of
 another `type` beside them left out. A string with `minLength` or `maxLength` writes no `\\uD...` escape (a surrogate
-pair would count as two characters).
+pair would count as two characters). Refused (SchemaError): what cannot be followed or would never end, `minItems` /
+`minLength` over MAX_LOW, a shortest value over MAX_SHORTEST bytes.
 """
 
 from __future__ import annotations
