@@ -28,10 +28,19 @@ CANDIDATES = 64  # the most likely tokens of a position tried, in order, before 
 WHITESPACE = b" \t\n\r"
 MAX_DEPTH = 128  # nested objects and arrays (Python's json.loads gives up near 1000)
 MAX_THREADS = 32  # a schema's alternatives followed side by side, at most
+MAX_MEMO = 1 << 16  # closings kept (a state's copies share them), at most
 SPECIAL = (C.TokenType.CONTROL, C.TokenType.USER_DEFINED)  # tokens that are markup, not text
 _NUMBER_END = {"int", "zero", "frac", "exp"}  # number states that may end here
-_NUMBER, _INTEGER = Node("number", shortest=b"0"), Node("integer", shortest=b"0")
-_WORDS = {w.texts[0][0]: w for w in (literal(True), literal(False), literal(None))}
+# any value: the node its first byte begins
+_ANY_START = {0x7B: ANY_OBJECT, 0x5B: ANY_ARRAY, 0x22: ANY_STRING,
+              **dict.fromkeys(b"-0123456789", Node("number", shortest=b"0")),
+              **{w.texts[0][0]: w for w in (literal(True), literal(False), literal(None))}}
+# a number's state after a character (digits: _NUMBER_DIGIT); states: "", minus, zero, int, dot, frac, e, esign, exp
+_NUMBER_NEXT = {("", "-"): "minus", ("", "0"): "zero", ("minus", "0"): "zero", ("zero", "."): "dot",
+                ("int", "."): "dot", ("zero", "e"): "e", ("int", "e"): "e", ("frac", "e"): "e", ("e", "-"): "esign",
+                ("e", "+"): "esign"}
+_NUMBER_DIGIT = {"": "int", "minus": "int", "int": "int", "dot": "frac", "frac": "frac", "e": "exp", "esign": "exp",
+                 "exp": "exp"}
 _HEX, _ESCAPES = frozenset(b"0123456789abcdefABCDEF"), frozenset(b'"\\/bfnrt')
 _QUOTE, _BACKSLASH, _COLON, _COMMA = 0x22, 0x5C, 0x3A, 0x2C
 _DONE = ("done",)
@@ -54,10 +63,13 @@ class JsonPrefix:
         self.threads: list[Thread] = [(("v", self.schema), None, 0)]
         self.started = False  # a byte other than whitespace taken
         self.pending: list[int] = []  # read_canvas: closing tokens fed here, for the next canvas
+        # thread → its closing and the thread then: a thread's stack under its top frame is the one the positions
+        # before it closed through, so each closing walks only what changed
+        self.memo: dict[Thread, tuple[bytes, Thread]] = {}
 
     def copy(self) -> "JsonPrefix":
         c = JsonPrefix.__new__(JsonPrefix)  # (threads are never changed in place: shared)
-        c.schema, c.threads, c.started, c.pending = self.schema, self.threads, self.started, []
+        c.schema, c.threads, c.started, c.pending, c.memo = self.schema, self.threads, self.started, [], self.memo
         return c
 
     @property
@@ -77,11 +89,11 @@ class JsonPrefix:
 
     def closing(self) -> bytes:
         """The shortest bytes that complete the value from here (one thread's; none of them may be the shortest)."""
-        return min((_closing(t)[0] for t in self.threads), key=len)
+        return min((_closing(t, self.memo)[0] for t in self.threads), key=len)
 
     def close(self) -> bytes:
         """closing(), taken: the value is complete."""
-        text, done = min((_closing(t) for t in self.threads), key=lambda c: len(c[0]))
+        text, done = min((_closing(t, self.memo) for t in self.threads), key=lambda c: len(c[0]))
         self.threads, self.started = [done], True
         return text
 
@@ -134,8 +146,7 @@ def _value(node: Node, parent: Thread | None, depth: int, b: int, seen: set, dee
         seen.add(node)
         return [u for o in node.options for u in _value(o, parent, depth, b, seen, deep)]
     if kind == "any":
-        sub = {0x7B: ANY_OBJECT, 0x5B: ANY_ARRAY, _QUOTE: ANY_STRING}.get(b) or _WORDS.get(b) or \
-            (_NUMBER if b == 0x2D or 0x30 <= b <= 0x39 else None)
+        sub = _ANY_START.get(b)
         return [] if sub is None else _value(sub, parent, depth, b, seen, deep)
     if kind == "object":
         return [(("o", node, "open", frozenset(), b"", 0), parent, depth + 1)] if b == 0x7B and depth < deep \
@@ -265,31 +276,31 @@ def _string(t: Thread, b: int) -> list[Thread]:
 
 def _number(integer: bool, s: str, b: int) -> str | None:
     """A number's state after byte b, or None where b does not go on it (an integer: no fraction, no exponent)."""
-    c = chr(b).lower()
-    nxt = {("", "-"): "minus", ("", "0"): "zero", ("minus", "0"): "zero", ("zero", "."): "dot", ("int", "."): "dot",
-           ("zero", "e"): "e", ("int", "e"): "e", ("frac", "e"): "e", ("e", "-"): "esign", ("e", "+"): "esign"}
-    if (s, c) in nxt:
-        state = nxt[(s, c)]
+    state = _NUMBER_NEXT.get((s, chr(b).lower()))
+    if state is not None:
         return None if integer and state in ("dot", "e") else state
-    if 0x30 <= b <= 0x39:
-        return {"": "int", "minus": "int", "int": "int", "dot": "frac", "frac": "frac", "e": "exp", "esign": "exp",
-                "exp": "exp"}.get(s)
-    return None
+    return _NUMBER_DIGIT.get(s) if 0x30 <= b <= 0x39 else None
 
 
 def _escape_end(escape: int) -> bytes:
     return {0: b"", 1: b"n"}.get(escape, b"0" * (escape - 1))
 
 
-def _closing(t: Thread) -> tuple[bytes, Thread]:
+def _closing(t: Thread, memo: dict[Thread, tuple[bytes, Thread]]) -> tuple[bytes, Thread]:
     """The shortest text that completes one thread's value (each frame finished the shortest way, top down), and
-    the thread then."""
-    out = b""
+    the thread then; memo: the closings of threads met before (those on the way are added)."""
+    out, way = b"", []
     while True:
+        if t in memo:
+            text, done = memo[t]
+            out += text
+            break
         frame, parent, depth = t
         kind = frame[0]
         if frame is _DONE:
-            return out, t
+            done = t
+            break
+        way.append((t, len(out)))
         if kind == "n" and frame[2] in _NUMBER_END:  # a number ends where it is
             t = _finish(parent)
             continue
@@ -303,6 +314,10 @@ def _closing(t: Thread) -> tuple[bytes, Thread]:
         for b in piece:  # (a piece goes on one way, the value complete first where a literal may end or go on; it
             t = _step(t, b, deep=1 << 30)[0]  # may open a container at MAX_DEPTH: json.loads takes a few more)
         out += piece
+    if len(memo) > MAX_MEMO:
+        memo.clear()
+    memo.update((u, (out[at:], done)) for u, at in way)
+    return out, done
 
 
 def _piece(frame: tuple) -> bytes:
@@ -408,7 +423,7 @@ def _choose(ranked: list[int], state: JsonPrefix, tok: Tokenizer, eog: set[int],
     as a number at the root may), or None."""
     for t in ranked:
         if t in eog:
-            if state.started and state.closing() == b"":
+            if state.closing() == b"":
                 return t
             continue
         trial = _after(state, t, tok)

@@ -54,7 +54,11 @@ class Node:
 
 
 def literal(*values: Any) -> Node:
-    texts = tuple(dict.fromkeys(json.dumps(v, ensure_ascii=False).encode() for v in values))
+    return _literals(json.dumps(v, ensure_ascii=False).encode() for v in values)
+
+
+def _literals(texts: Any) -> Node:
+    texts = tuple(dict.fromkeys(texts))
     return Node("literal", texts=texts, shortest=min(texts, key=len))
 
 
@@ -79,11 +83,10 @@ def _types_meet(a: Any, b: Any) -> list[str] | Any:
             (t in b or (t == "integer" and "number" in b))]
 
 
-ANY = Node("any")  # any JSON value
-ANY_OBJECT = Node("object", extra=ANY)  # JSON mode: any object
-ANY_ARRAY = Node("array", items=ANY)
-ANY_STRING = Node("string")
-ANY.shortest, ANY_OBJECT.shortest, ANY_ARRAY.shortest, ANY_STRING.shortest = b"null", b"{}", b"[]", b'""'
+ANY = Node("any", shortest=b"null")  # any JSON value
+ANY_OBJECT = Node("object", extra=ANY, shortest=b"{}")  # JSON mode: any object
+ANY_ARRAY = Node("array", items=ANY, shortest=b"[]")
+ANY_STRING = Node("string", shortest=b'""')
 
 
 def key_text(name: str) -> bytes:
@@ -170,11 +173,12 @@ class _Compiler:
                 if word == "allOf" and len(subs) > 1:
                     raise self.fail(path, "allOf of more than one schema is not supported (of one: it is)")
                 beside = {k: v for k, v in s.items() if k in ENFORCED and k != word}
-                subs = [(self.merged(beside, x, f"{path}/{word}/{i}"), f"{path}/{word}/{i}") for i, x in enumerate(subs)]
-                subs = [(x, p) for x, p in subs if x is not None]
-                if not subs:
+                paths = [f"{path}/{word}/{i}" for i in range(len(subs))]
+                alts = [(self.merged(beside, x, p), p) for x, p in zip(subs, paths)]
+                alts = [(x, p) for x, p in alts if x is not None]
+                if not alts:
                     raise self.fail(path, f"no alternative of {word} is of the type beside it")
-                return self.union([self.node(x, p) for x, p in subs])
+                return self.union([self.node(x, p) for x, p in alts])
         if types is None:
             types = ["object"] if {"properties", "additionalProperties", "required"} & s.keys() else \
                 ["array"] if {"items", "prefixItems"} & s.keys() else None
@@ -223,7 +227,7 @@ class _Compiler:
 
     def union(self, options: list[Node]) -> Node:
         if len(options) > 1 and all(o.kind == "literal" for o in options):  # an enum's scalars: one node
-            return literal(*(json.loads(t) for o in options for t in o.texts))
+            return _literals(t for o in options for t in o.texts)
         return options[0] if len(options) == 1 else self.new("union", options=tuple(options))
 
     def typed(self, t: str, s: dict, path: str) -> Node:
@@ -334,4 +338,4 @@ def _shortest_of(n: Node) -> bytes | None:
         if None in texts:
             return None
         return b"{" + b",".join(b'"' + k + b'":' + t for k, t in zip(n.required, texts)) + b"}"
-    return n.shortest  # any
+    return n.shortest  # (any and literals: given where they are made)

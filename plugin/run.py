@@ -76,8 +76,9 @@ def _format(value: str | None) -> Node | None:
     """--format: "json", a file holding a JSON schema, or a schema's text, compiled (EngineError where it is none)."""
     if value is None or value == "json":
         return output_schema(value)
-    text = value
+    what, text = f"{value[:60]!r} is neither a file nor JSON", value
     if Path(value).is_file():
+        what = f"{value} is not JSON"
         try:
             text = Path(value).read_text()
         except (OSError, UnicodeDecodeError) as e:
@@ -85,8 +86,7 @@ def _format(value: str | None) -> Node | None:
     try:
         return output_schema(json.loads(text), "--format")
     except json.JSONDecodeError as e:
-        raise EngineError(f"--format: expected json, a JSON schema or a file holding one; {value[:60]!r} is neither "
-                          f"a file nor JSON ({e})" if text is value else f"--format: {value}: not JSON ({e})") from None
+        raise EngineError(f"--format: expected json, a JSON schema or a file holding one; {what} ({e})") from None
     except SchemaError as e:
         raise EngineError(str(e)) from None
 
