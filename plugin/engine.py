@@ -31,6 +31,7 @@ from .cuda.tune import CHOICES as MATMULS
 from .fast_decode import FastDecoder
 from .inspect import open_gguf
 from .fit import DEFAULT_NUM_KEEP, Fitted, fit_messages, fit_tokens, reply_room
+from .call_format import CallFormat
 from .json_format import JsonPrefix, read_canvas
 from .json_schema import Node, SchemaError, output_schema
 from .kv_cache import KVCache, PromptCache
@@ -167,7 +168,8 @@ class GenerateOptions:
     truncate: bool = False
     num_keep: int = DEFAULT_NUM_KEEP
     # "json" (any object: JSON mode), a JSON schema (dict) or one compiled (json_schema.Node): each canvas read out
-    # as the next part of one JSON value the schema takes (plugin/json_format.py); None: as denoised
+    # as the next part of one JSON value the schema takes (plugin/json_format.py); a call_format.CallFormat: the
+    # reply is tool calls (the prompt ends with the call's opening); None: as denoised
     format: Any = None
 
     def cancelled(self) -> bool:
@@ -460,27 +462,38 @@ class Engine:
         max_tokens = DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens
         return context - reply_room(context, max_tokens, self.cfg.canvas_length)
 
-    def settings(self, ids: list[int], o: GenerateOptions) -> tuple[SamplerDefaults, int, set[int], Node | None]:
-        """Check a request before generating: sampler settings, token budget, end-of-generation ids, the output's
-        schema (plugin/json_schema.py)."""
+    def prefill(self, o: GenerateOptions) -> list[int]:
+        """What the prompt ends with for a forced tool call (call_format.CallFormat.prefill), as tokens."""
+        return self.tokenizer.encode(o.format.prefill) if isinstance(o.format, CallFormat) else []
+
+    def settings(self, ids: list[int], o: GenerateOptions) -> tuple[SamplerDefaults, int, set[int],
+                                                                     Node | CallFormat | None]:
+        """Check a request before generating (ids: the prompt, without a forced call's prefill): sampler settings,
+        token budget, end-of-generation ids, the output's schema (plugin/json_schema.py) or forced call."""
         s = self.sampler_settings(o)
         context = self.context(o)
-        room = context - len(ids)
+        room = context - len(ids) - len(self.prefill(o))
         if room <= 0:
             raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {context}")
         if o.num_batch is not None and o.num_batch < 1:
             raise EngineError(f"num_batch must be at least 1 (got {o.num_batch})")
         try:
-            schema = output_schema(o.format)
+            schema = o.format if isinstance(o.format, CallFormat) else output_schema(o.format)
         except SchemaError as e:
             raise EngineError(str(e)) from None
         if o.logprobs is not None and not 0 <= o.logprobs <= MAX_TOP_LOGPROBS:
             raise EngineError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS} (got {o.logprobs})")
         max_tokens = min(DEFAULT_MAX_TOKENS if o.max_tokens is None else o.max_tokens, room)
-        least = len(self.tokenizer.encode(schema.shortest.decode(), parse_special=False)) if schema else 0
+        if isinstance(schema, CallFormat):
+            least, shortest, what = *schema.least(self.tokenizer), "a forced tool call"
+        elif schema is not None:
+            shortest, what = schema.shortest.decode(), "JSON mode"
+            least = len(self.tokenizer.encode(shortest, parse_special=False))
+        else:
+            least = 0
         if 0 < max_tokens < least:
-            raise EngineError(f"JSON mode needs room for {least} tokens at least (num_predict {max_tokens}, or the "
-                              f"context left), for {schema.shortest.decode()[:60]}")
+            raise EngineError(f"{what} needs room for {least} tokens at least (num_predict {max_tokens}, or the "
+                              f"context left), for {shortest[:60]}")
         eos = self.tokenizer.eog_ids if o.eos_ids is None else set(o.eos_ids)
         return s, max_tokens, eos, schema
 
@@ -489,13 +502,14 @@ class Engine:
         o = options or GenerateOptions()
         ids = self.fitted_ids(prompt, o, o.raw, **template_kwargs).ids
         s, max_tokens, eos, schema = self.settings(ids, o)
+        ids = ids + self.prefill(o)
         seed = o.seed if o.seed is not None else int.from_bytes(os.urandom(4), "little")
         with self._lock:
             yield from self._generate(ids, o, s, max_tokens, eos, seed, schema)
 
     @torch.inference_mode()  # on a generator: torch enters and leaves the mode around each resumption
     def _generate(self, ids: list[int], o: GenerateOptions, s: SamplerDefaults, max_tokens: int, eos: set[int],
-                  seed: int, schema: Node | None) -> Iterator[Event]:
+                  seed: int, schema: Node | CallFormat | None) -> Iterator[Event]:
         t_start = time.perf_counter_ns()
         C = self.cfg.canvas_length
         kept = self.prompt_cache
@@ -535,7 +549,8 @@ class Engine:
             held, whole = list(ids), True
             t_prompt = time.perf_counter_ns()
             sampler = self._steps(cache, seed, keep_logits=logprobs is not None or schema is not None)
-            json_state = JsonPrefix(schema) if schema is not None else None
+            json_state = schema.start(self.tokenizer) if isinstance(schema, CallFormat) else \
+                JsonPrefix(schema) if schema is not None else None
             for index in range(n_canvases):
                 if o.cancelled():
                     reason = "cancelled"

@@ -10,12 +10,14 @@ strings; JSON mode's schema: any object). The value complete, the next position 
 end-of-generation token). Where none of a position's candidates fits, or the reply's token budget would run out
 first, the shortest text that completes the value is written instead (`JsonPrefix.close`). The canvas so read is
 what the next canvas is encoded after. So the reply is always such a value (as with llama.cpp's grammars): where
-the model writes one, its own tokens.
+the model writes one, its own tokens. (read_canvas reads out a forced tool call the same way: plugin/call_format.py's
+CallPrefix has JsonPrefix's token-level interface.)
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from dgemma.convert import constants as C
 
@@ -86,6 +88,25 @@ class JsonPrefix:
             threads, started = list(after)[:MAX_THREADS], started or b not in WHITESPACE
         self.threads, self.started = threads, started
         return True
+
+    @property
+    def at_key(self) -> bool:
+        """Where an object's key may begin (after its "{" or a ",")."""
+        return any(t[0][0] == "o" and t[0][2] in ("open", "key") for t in self.threads)
+
+    # ---- a token at a time (read_canvas's interface, shared with plugin/call_format.py's CallPrefix) ----------
+    def take(self, token: int, tok: Tokenizer) -> bool:
+        """Take a token where it is text (no special token) that goes on with the value."""
+        return tok.types[token] not in SPECIAL and self.feed(tok.decode_bytes([token]))
+
+    def after(self, token: int, tok: Tokenizer) -> "JsonPrefix | None":
+        """A copy that took `token`, or None where it does not go on."""
+        trial = self.copy()
+        return trial if trial.take(token, tok) else None
+
+    def close_ids(self, tok: Tokenizer) -> list[int]:
+        """close(), as tokens."""
+        return tok.encode(self.close().decode(), parse_special=False)
 
     def closing(self) -> bytes:
         """The shortest bytes that complete the value from here (one thread's; none of them may be the shortest)."""
@@ -356,12 +377,12 @@ def _piece(frame: tuple) -> bytes:
     return b'"' + min(keys, key=lambda e: len(e[0]) + len(e[1].shortest))[0] + b'":'
 
 
-def read_canvas(logits: RowLogits, length: int, state: JsonPrefix, tok: Tokenizer, eog: set[int],
+def read_canvas(logits: RowLogits, length: int, state: Any, tok: Tokenizer, eog: set[int],
                 budget: int, argmax: list[int] | None = None) -> list[int]:
     """A finished canvas of `length` positions read out as the next part of a JSON value (state: the reply's so far,
-    advanced), from the logits of its last pass. At most `budget` tokens count (the reply's max_tokens left): a
-    token is taken only where the text that would complete the value after it still fits (one token per byte at
-    most). Once the value is complete the rest is an end-of-generation token (the engine cuts there); closing tokens
+    advanced; or call_format.CallPrefix), from the logits of its last pass. At most `budget` tokens count (the
+    reply's max_tokens left): a token is taken only where the text that would complete the value after it still
+    fits (one token per byte at most). Once the value is complete the rest is an end-of-generation token (the engine cuts there); closing tokens
     past the canvas's end go first in the next one (state.pending). argmax: the canvas as denoised; where the value
     has not begun and a later position of it begins one, what comes before (a code fence, a sentence) is read as
     whitespace, so that the value starts where the model starts it (not at a lower-ranked "{" that shifts it)."""
@@ -378,13 +399,13 @@ def read_canvas(logits: RowLogits, length: int, state: JsonPrefix, tok: Tokenize
                 pick = _whitespace(ranked, state, tok)
             pick = pick if pick is not None else _choose(ranked, state, tok, eog, budget - len(out))
             if pick is None:  # nothing fits: complete the value here
-                closing = tok.encode(state.close().decode(), parse_special=False)
+                closing = state.close_ids(tok)
                 out, state.pending = out + closing[: length - len(out)], closing[length - len(out):]
             elif pick in eog:  # the value may end where it is (a number at the root): the reply does
                 state.close()
             else:
                 out.append(pick)
-                state.feed(tok.decode_bytes([pick]))
+                state.take(pick, tok)
             if state.complete:
                 break
         start = len(out)
@@ -398,7 +419,7 @@ def _opening(argmax: list[int], start: int, state: JsonPrefix, tok: Tokenizer) -
     if state.started:
         return None
     for p in range(start, len(argmax)):
-        trial = _after(state, argmax[p], tok)
+        trial = state.after(argmax[p], tok)
         if trial is not None and trial.started:
             return p
     return None
@@ -407,7 +428,7 @@ def _opening(argmax: list[int], start: int, state: JsonPrefix, tok: Tokenizer) -
 def _whitespace(ranked: list[int], state: JsonPrefix, tok: Tokenizer) -> int | None:
     """Before the value begins: the position's own token where it fits (whitespace), else its most likely
     whitespace token, else a newline."""
-    if _after(state, ranked[0], tok) is not None:
+    if state.after(ranked[0], tok) is not None:
         return ranked[0]
     for t in ranked:
         data = tok.decode_bytes([t])
@@ -426,13 +447,8 @@ def _choose(ranked: list[int], state: JsonPrefix, tok: Tokenizer, eog: set[int],
             if state.closing() == b"":
                 return t
             continue
-        trial = _after(state, t, tok)
+        trial = state.after(t, tok)
         if trial is not None and 1 + len(b"" if trial.complete else trial.closing()) <= room:
             return t
     return None
 
-
-def _after(state: JsonPrefix, token: int, tok: Tokenizer) -> JsonPrefix | None:
-    """The state after `token` where it is text (no special token) that goes on with the value, else None."""
-    trial = state.copy()
-    return trial if tok.types[token] not in SPECIAL and trial.feed(tok.decode_bytes([token])) else None

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..call_format import CallFormat
 from ..engine import DoneEvent, EngineError, TextEvent
 from ..json_schema import Node
 from ..logprobs import MAX_COMPLETION_LOGPROBS, TextOffsets, completion_wire, wire
@@ -26,6 +27,7 @@ from .serving import (
     generate_options,
     generate_stream,
     fitted_ids,
+    forced_call,
     json_format,
     logprobs_option,
 )
@@ -135,10 +137,11 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
         return await state.upstream_openai_proxy(request, "/chat/completions", req.model)
     if not req.messages:
         raise ApiError(400, "[] is too short - 'messages'", code="invalid_request")
-    fmt = json_format(req.response_format, openai="response_format")
-    # tool_choice "none": no tools; any other (auto, required, a named function) as auto, since a diffusion canvas
-    # cannot be made to call one
+    # tool_choice "none": no tools; "required" or a function: the reply is a call (forced_call), whatever the
+    # response_format
     conv, tools = openai_messages(req.messages, _text), tool_list(req.tools) if req.tool_choice != "none" else None
+    fmt = forced_call(tools, req.tool_choice, req.parallel_tool_calls) or \
+        json_format(req.response_format, openai="response_format")
     variables = _template_variables(req)
     check_json_thinking(fmt, variables.get("enable_thinking"))
     logprobs = logprobs_option(req.logprobs, req.top_logprobs, strict=True)
@@ -185,13 +188,13 @@ async def chat_completions(request: Request, req: P.ChatCompletionRequest) -> Re
 
 
 async def chat_prompt(request: Request, name: str, conv: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                      variables: dict[str, Any], truncate: bool = True, format: Node | None = None,
+                      variables: dict[str, Any], truncate: bool = True, format: Node | CallFormat | None = None,
                       **limits: Any) -> tuple[Any, list[int], Any]:
     """A chat's model (loaded), prompt ids and GenerateOptions, for /v1/chat/completions and /v1/responses: the
     Modelfile's SYSTEM and MESSAGEs around the conversation and its PARAMETERs under the request's `limits`
     (generate_options' keywords), thinking and tools checked against the chat template, the whole checked
     against the model; the reply split into thinking, answer and tool calls. truncate and format: GenerateOptions'
-    (a prompt fitted into num_ctx, JSON mode)."""
+    (a prompt fitted into num_ctx; JSON mode, a schema or a forced call)."""
     model = await _load(request, name)
     opts = generate_options(model.engine, model.entry.settings.parameters, **limits)
     conv = model.entry.settings.chat(conv)

@@ -131,6 +131,7 @@ class ChatCompletionRequest(_Lenient):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # False: one call at most (under a forced tool_choice)
     reasoning_effort: str | None = None  # "none": thinking off; "minimal" ... "high": on (the template has one mode)
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -149,6 +150,7 @@ class ResponsesRequest(_Lenient):
     top_p: float | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     reasoning: dict[str, Any] | None = None
     text: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None

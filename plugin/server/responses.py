@@ -28,7 +28,7 @@ from ..reply import ReplyDelta, ToolCall
 from . import protocol as P
 from .conversation import openai_messages, tool_list
 from .openai import REASONING_EFFORTS, _state, chat_prompt
-from .serving import ApiError, check_json_thinking, collect, generate_stream, json_format
+from .serving import ApiError, check_json_thinking, collect, forced_call, generate_stream, json_format
 
 router = APIRouter(prefix="/v1")
 
@@ -181,7 +181,7 @@ class _Head:
         self.fields = {"object": "response", "model": req.model, "instructions": req.instructions,
                        "max_output_tokens": req.max_output_tokens, "temperature": req.temperature,
                        "top_p": req.top_p if req.top_p is not None else 1.0, "tools": req.tools or [],
-                       "tool_choice": req.tool_choice or "auto", "parallel_tool_calls": True, "store": False,
+                       "tool_choice": req.tool_choice or "auto", "parallel_tool_calls": req.parallel_tool_calls is not False, "store": False,
                        "text": {"format": (req.text or {}).get("format") if fmt else {"type": "text"}},
                        "reasoning": req.reasoning, "truncation": req.truncation or "auto",
                        "previous_response_id": None, "metadata": req.metadata or {}, "error": None}
@@ -200,15 +200,16 @@ async def responses(request: Request, req: P.ResponsesRequest) -> Response:
     if await state.upstream_owns(req.model, openai=True):
         return await state.upstream_openai_proxy(request, "/responses", req.model)
     variables = _checked(req)
-    fmt = _json(req)
-    check_json_thinking(fmt, variables.get("enable_thinking"))
     tools = function_tools(req)
+    json_fmt = _json(req)
+    fmt = forced_call(tools, req.tool_choice, req.parallel_tool_calls) or json_fmt
+    check_json_thinking(fmt, variables.get("enable_thinking"))
     conv = openai_messages(input_messages(req), lambda content: content or "")
     seed = (req.model_extra or {}).get("seed")  # (not the Responses API's: as vLLM takes it, in extra_body)
     model, ids, opts = await chat_prompt(request, req.model, conv, tools, variables, req.truncation != "disabled",
                                          fmt, max_tokens=req.max_output_tokens, temperature=req.temperature,
                                          seed=seed)
-    head = _Head(req, fmt)
+    head = _Head(req, json_fmt)
     events = generate_stream(state.manager, model, ids, opts, state.manager.default_keep_alive)
     if req.stream:
         return StreamingResponse(_typed_stream(_stream_events(head, events)), media_type="text/event-stream")

@@ -25,6 +25,7 @@ from typing import Any
 
 import anyio
 
+from ..call_format import CallFormat, call_format
 from ..engine import DoneEvent, Engine, EngineError, Event, GenerateOptions, GpuMemoryError, MemoryShortageError
 from ..json_schema import Node, SchemaError, compile_schema, output_schema
 from ..kv_cache import DEFAULT_CACHE_RAM
@@ -452,10 +453,21 @@ def json_format(value: Any, openai: str | None = None) -> Node | None:
         raise ApiError(400, str(e), code="invalid_request" if openai else None) from None
 
 
-def check_json_thinking(fmt: Node | None, thinking: Any) -> None:
-    """JSON mode with thinking asked for (a truthy think, enable_thinking): a 400, before the model loads."""
+def forced_call(tools: list[dict[str, Any]] | None, choice: Any, parallel: bool | None = None) -> CallFormat | None:
+    """OpenAI's tool_choice over the request's checked tools as GenerateOptions.format (plugin/call_format.py: a
+    forced call, "required" or a named function; None: the model calls a tool or not); a 400 naming the field."""
+    try:
+        return call_format(tools or [], choice, parallel)
+    except SchemaError as e:
+        raise ApiError(400, str(e), code="invalid_request") from None
+
+
+def check_json_thinking(fmt: Node | CallFormat | None, thinking: Any) -> None:
+    """JSON mode or a forced tool call with thinking asked for (a truthy think, enable_thinking): a 400, before the
+    model loads."""
     if fmt and thinking:
-        raise ApiError(400, "JSON mode leaves out the thought channel: ask for it without thinking (think false)")
+        what = "a forced tool call (tool_choice)" if isinstance(fmt, CallFormat) else "JSON mode"
+        raise ApiError(400, f"{what} leaves out the thought channel: ask for it without thinking (think false)")
 
 
 def fitted_ids(engine: Engine, prompt: Any, options: GenerateOptions, *, raw: bool = False,
