@@ -36,6 +36,7 @@ _BARE_STOP = frozenset(b'{}[],:"') | frozenset(range(0x20)) - frozenset(b"\t\n\r
 _SPACE = frozenset(b" \t\n\r")  # (a bare key neither begins nor ends with them: the parser strips them)
 _ESCAPED = {b: json.dumps(chr(b))[1:-1].encode() for b in range(0x80)}  # a string's byte as JSON writes it
 _QUOTE = None  # in a closing's pieces: the <|"|> token
+_QUOTE_TEXT = C.TOOL_QUOTE.encode()
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,7 +116,7 @@ class CallPrefix:
     def __init__(self, fmt: CallFormat, tok: Tokenizer) -> None:
         self.fmt, self.started, self.pending = fmt, True, []
         self.quote, self.open, self.end = (tok.ids[t] for t in (C.TOOL_QUOTE, C.TOOL_CALL_START, C.TOOL_CALL_END))
-        self.phase, self.text, self.args, self.mode, self.space = NAME, b"", None, OUT, False
+        self.phase, self.text, self.args, self.mode, self.space, self.tail = NAME, b"", None, OUT, False, b""
         if len(fmt.tools) == 1:  # (the prefill named it)
             self._begin(fmt.tools[0][1])
 
@@ -158,7 +159,7 @@ class CallPrefix:
             ok = False
         else:
             data = tok.decode_bytes([token])
-            ok = bool(data) and C.TOOL_QUOTE.encode() not in data and all(t._byte(b) for b in data)
+            ok = bool(data) and all(t._byte(b) for b in data)
         return t if ok else None
 
     def _quote(self) -> bool:
@@ -167,7 +168,7 @@ class CallPrefix:
             return False
         if not self.args.feed(b'"'):
             return False
-        self.mode = STR if self.mode == OUT else OUT
+        self.mode, self.tail = STR if self.mode == OUT else OUT, b""
         return True
 
     def _byte(self, b: int) -> bool:
@@ -188,8 +189,9 @@ class CallPrefix:
         if self.phase != ARGS:
             return False
         args = self.args
-        if self.mode == STR:
-            return args.feed(_ESCAPED.get(b, bytes([b])))
+        if self.mode == STR:  # (its text never writes <|"|>, which the parser would read as its end)
+            self.tail = (self.tail + bytes([b]))[-len(_QUOTE_TEXT):]
+            return self.tail != _QUOTE_TEXT and args.feed(_ESCAPED.get(b, bytes([b])))
         if self.mode == BARE:
             if b == 0x3A:  # the key ends at its ':'
                 self.mode = OUT
@@ -224,7 +226,7 @@ class CallPrefix:
         the reply may end here."""
         if self.phase in (AFTER, DONE):
             return b""
-        return b"".join(C.TOOL_QUOTE.encode() if p is _QUOTE else p for p in self._pieces()) + \
+        return b"".join(_QUOTE_TEXT if p is _QUOTE else p for p in self._pieces()) + \
             C.TOOL_CALL_END.encode()
 
     def close_ids(self, tok: Tokenizer) -> list[int]:

@@ -199,6 +199,13 @@ def test_the_call_syntax(tok):
     assert parse_call("call:get{ k y :1}").arguments == {"k y": 1}
     for text in (" k y :1}", 'a"b:1}', '"k":1}', "k:Paris}", "k:1,}", "k{:1}", "k\x01:1}", f"k:{q}a", "k:1}}"):
         assert not _takes(tok, free, text + end), text
+    # a string's text never spells <|"|> (which the parser would read as its end), in one token or across several
+    opened = tok.encode(f"k:{q}")
+    for pieces, taken in ((['a<|"|>b'], False), (["<|", '"|>'], False), (["<|"], True), (['"|>'], True)):
+        state = free.start(tok)
+        assert all(state.take(t, tok) for t in opened)
+        ids = [t for p in pieces for t in tok.encode(p, parse_special=False)]
+        assert all([state.take(t, tok) for t in ids]) == taken, pieces
     assert _takes(tok, weather, f"get_weather{{city:{q}Paris{q},unit:{q}celsius{q}}}{end}")
     for text in (f"get_weather{{city:{q}Paris{q}}}{end}",  # (unit is required)
                  f"get_weather{{city:{q}Paris{q},unit:{q}kelvin{q}}}{end}",
