@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from dgemma.convert import constants as C
@@ -51,6 +52,16 @@ class CallFormat:
         """What the prompt ends with: the call opened, and its name where there is one function."""
         one = self.tools[0][0] + "{" if len(self.tools) == 1 else ""
         return C.TOOL_CALL_START + CALL.decode() + one
+
+    @cached_property
+    def shortest(self) -> tuple[tuple[bytes, list[bytes | None]], ...]:
+        """Per function: `NAME{` and the shortest rest of its call (CallPrefix._pieces), worked out once."""
+        out = []
+        for name, params in self.tools:
+            fresh = JsonPrefix(params)
+            fresh.feed(b"{")
+            out.append((name.encode() + b"{", _dialect(fresh.closing(), OUT)))
+        return tuple(out)
 
     def start(self, tok: Tokenizer) -> "CallPrefix":
         return CallPrefix(self, tok)
@@ -212,14 +223,8 @@ class CallPrefix:
             return _dialect(self.args.closing(), self.mode)
         prefix = CALL[len(self.text):] if self.phase == PREFIX else b""
         typed = self.text if self.phase == NAME else b""
-        ends = []
-        for name, params in self.fmt.tools:
-            head = name.encode() + b"{"
-            if head.startswith(typed):
-                fresh = JsonPrefix(params)
-                fresh.feed(b"{")
-                ends.append([prefix + head[len(typed):]] + _dialect(fresh.closing(), OUT))
-        return min(ends, key=_length)
+        return min(([prefix + head[len(typed):]] + rest for head, rest in self.fmt.shortest if head.startswith(typed)),
+                   key=_length)
 
     def closing(self) -> bytes:
         """The shortest rest of the calls as text (an upper bound of its tokens: one per byte at most); b"" where

@@ -230,9 +230,8 @@ def test_tool_choice_errors_name_the_field():
              "tools\\[0\\].function.parameters: expected the schema of an object"),
             ([{"type": "function", "function": {"name": "s", "parameters": {"type": "objekt"}}}], "required",
              "tools\\[0\\].function.parameters: at #: type")):
-        with pytest.raises(SchemaError, match=f"tool_choice|{needle}") as e:
+        with pytest.raises(SchemaError, match=needle):
             call_format(tools, choice)
-        assert e.match(needle)
     for choice in (None, "auto", "none", {"type": "allowed_tools", "mode": "auto", "tools": []}):
         assert call_format([WEATHER], choice) is None
     # the Responses API's shapes: a flat function, allowed_tools
